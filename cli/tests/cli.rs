@@ -1,0 +1,140 @@
+//! The `ptune` binary against a real coordinator (real Postgres, gRPC over TCP).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ptune_coordinator::testing::fresh_database;
+use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn ptune(coordinator: &CoordinatorHandle, args: &[&str]) -> Run {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ptune"))
+        .arg("--coordinator")
+        .arg(format!("http://{}", coordinator.grpc_addr))
+        .args(args)
+        .output()
+        .await
+        .expect("ptune runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into(),
+        stderr: String::from_utf8_lossy(&output.stderr).into(),
+    }
+}
+
+async fn start() -> (ptune_coordinator::testing::TestDatabase, CoordinatorHandle) {
+    let db = fresh_database().await.expect("test database");
+    let config = Config {
+        database_url: db.url.clone(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        lease_timeout: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_millis(500),
+        default_max_attempts: 3,
+    };
+    let handle = Coordinator::start(config).await.expect("coordinator starts");
+    (db, handle)
+}
+
+fn sst2_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/sst2").canonicalize().expect("shared SST-2 data")
+}
+
+fn write_spec(dir: &Path, peft: &str, train: &Path, labels: &str) -> PathBuf {
+    let spec = format!(
+        r#"
+name = "cli-test"
+base_model = "all-MiniLM-L6-v2"
+task = "sequence_classification"
+method = "prompt_tuning"
+[peft]
+{peft}
+[data]
+train = "{}"
+eval = "{}"
+labels = {labels}
+max_seq_len = 64
+[training]
+learning_rate = 0.03
+"#,
+        train.display(),
+        sst2_dir().join("dev.jsonl").display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, spec).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_prints_the_job_id_last_and_the_job_can_be_listed_inspected_and_cancelled() {
+    let (_db, coordinator) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "num_virtual_tokens = 20", &sst2_dir().join("train.jsonl"), "[0, 1]");
+
+    let submitted = ptune(&coordinator, &["submit", spec.to_str().unwrap()]).await;
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let id = submitted.stdout.lines().last().expect("an id line").trim().to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "last line is not a job id: {:?}", submitted.stdout);
+
+    let listed = ptune(&coordinator, &["--output", "json", "jobs", "list", "--state", "queued"]).await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json listing");
+    assert_eq!(listing["jobs"][0]["id"], id.as_str());
+    assert_eq!(listing["jobs"][0]["method"], "prompt_tuning");
+
+    let shown = ptune(&coordinator, &["--output", "json", "jobs", "get", &id]).await;
+    let job: serde_json::Value = serde_json::from_str(&shown.stdout).expect("json job");
+    assert_eq!(job["state"], "queued");
+    assert_eq!(job["spec"]["peft"]["num_virtual_tokens"], 20);
+    assert!(job["spec"]["data"]["train"].as_str().unwrap().starts_with("sha256:"), "datasets are uploaded");
+
+    let cancelled = ptune(&coordinator, &["jobs", "cancel", &id]).await;
+    assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);
+    let waited = ptune(&coordinator, &["jobs", "wait", &id]).await;
+    assert_eq!(waited.code, 1, "wait exits non-zero for a job that did not succeed");
+    assert!(waited.stdout.contains("cancelled"), "{}", waited.stdout);
+
+    let refused = ptune(&coordinator, &["jobs", "cancel", &id]).await;
+    assert_ne!(refused.code, 0, "a finished job cannot be cancelled again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_refused_with_the_field_and_the_allowed_values() {
+    let (_db, coordinator) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let train = sst2_dir().join("train.jsonl");
+
+    let spec = write_spec(dir.path(), "num_virtual_tokens = 0", &train, "[0, 1]");
+    let run = ptune(&coordinator, &["submit", spec.to_str().unwrap()]).await;
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("peft.num_virtual_tokens"), "{}", run.stderr);
+    assert!(run.stderr.contains("between 1 and 512, got 0"), "{}", run.stderr);
+
+    let spec = write_spec(dir.path(), "num_virtual_tokens = 20", &dir.path().join("missing.jsonl"), "[0, 1]");
+    let run = ptune(&coordinator, &["submit", spec.to_str().unwrap()]).await;
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("data.train") && run.stderr.contains("missing.jsonl"), "{}", run.stderr);
+
+    let odd = dir.path().join("odd.jsonl");
+    std::fs::write(&odd, "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"what\", \"label\": 2}\n").unwrap();
+    let spec = write_spec(dir.path(), "num_virtual_tokens = 20", &odd, "[0, 1]");
+    let run = ptune(&coordinator, &["submit", spec.to_str().unwrap()]).await;
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("data.labels") && run.stderr.contains("\"2\""), "{}", run.stderr);
+
+    let spec = write_spec(dir.path(), "num_virtual_tokens = 20", &train, "[0, 1]");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("prompt_tuning", "adapterfusion");
+    std::fs::write(&spec, text).unwrap();
+    let run = ptune(&coordinator, &["submit", spec.to_str().unwrap()]).await;
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("unknown method \"adapterfusion\""), "{}", run.stderr);
+
+    let listed = ptune(&coordinator, &["--output", "json", "jobs", "list"]).await;
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listing["jobs"].as_array().unwrap().len(), 0, "nothing invalid was stored");
+}

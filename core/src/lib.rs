@@ -1,0 +1,13 @@
+//! Domain types shared by the coordinator, the worker and the CLI: job specs
+//! and their validation, ids, states and metrics. No networking, no storage.
+
+pub mod ids;
+pub mod spec;
+pub mod state;
+
+pub use ids::{JobId, WorkerId};
+pub use spec::{
+    DataConfig, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
+    TrainingConfig,
+};
+pub use state::{JobState, Metric, MetricKind};

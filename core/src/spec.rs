@@ -1,0 +1,544 @@
+//! Job specifications: what a user writes in a TOML file and what a worker
+//! trains. Validation names the offending field and the allowed values, so a
+//! bad spec is refused at submit time rather than failing on a worker.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Hard cap on virtual tokens and sequence length, whatever the model.
+pub const MAX_TOKENS: u32 = 512;
+/// Hard cap on examples per step.
+pub const MAX_BATCH_SIZE: u32 = 4096;
+/// Default attempts before a job whose leases keep getting lost fails.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Parameter-efficient fine-tuning method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    PromptTuning,
+    PTuning,
+    PrefixTuning,
+    PTuningV2,
+    Lora,
+    Full,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::PromptTuning,
+        Method::PTuning,
+        Method::PrefixTuning,
+        Method::PTuningV2,
+        Method::Lora,
+        Method::Full,
+    ];
+
+    /// Methods the engine trains today.
+    pub const SUPPORTED: [Method; 1] = [Method::PromptTuning];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::PromptTuning => "prompt_tuning",
+            Method::PTuning => "p_tuning",
+            Method::PrefixTuning => "prefix_tuning",
+            Method::PTuningV2 => "p_tuning_v2",
+            Method::Lora => "lora",
+            Method::Full => "full",
+        }
+    }
+
+    /// True for methods whose length is set by `peft.num_virtual_tokens`.
+    pub fn uses_virtual_tokens(self) -> bool {
+        !matches!(self, Method::Lora | Method::Full)
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase().replace('-', "_");
+        Method::ALL
+            .into_iter()
+            .find(|m| m.as_str() == wanted)
+            .ok_or_else(|| format!("unknown method {s:?}; allowed: {}", join(&Method::ALL)))
+    }
+}
+
+/// What the model learns to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    SequenceClassification,
+    TokenClassification,
+    CausalLm,
+}
+
+impl Task {
+    pub const ALL: [Task; 3] = [Task::SequenceClassification, Task::TokenClassification, Task::CausalLm];
+
+    /// Tasks the engine trains today.
+    pub const SUPPORTED: [Task; 1] = [Task::SequenceClassification];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::SequenceClassification => "sequence_classification",
+            Task::TokenClassification => "token_classification",
+            Task::CausalLm => "causal_lm",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase().replace('-', "_");
+        Task::ALL
+            .into_iter()
+            .find(|t| t.as_str() == wanted)
+            .ok_or_else(|| format!("unknown task {s:?}; allowed: {}", join(&Task::ALL)))
+    }
+}
+
+/// How a soft prompt is initialised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptInit {
+    #[default]
+    Random,
+    Vocab,
+    Text,
+}
+
+impl PromptInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptInit::Random => "random",
+            PromptInit::Vocab => "vocab",
+            PromptInit::Text => "text",
+        }
+    }
+}
+
+/// Method-specific settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeftConfig {
+    #[serde(default = "default_virtual_tokens")]
+    pub num_virtual_tokens: u32,
+    #[serde(default)]
+    pub init: PromptInit,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_text: Option<String>,
+}
+
+impl Default for PeftConfig {
+    fn default() -> Self {
+        Self { num_virtual_tokens: default_virtual_tokens(), init: PromptInit::Random, init_text: None }
+    }
+}
+
+/// Where the examples come from. `train` and `eval` are file paths in a spec
+/// file (relative to it) and `sha256:<hex>` dataset references once uploaded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub train: String,
+    pub eval: String,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    #[serde(default = "default_label_field")]
+    pub label_field: String,
+    #[serde(deserialize_with = "labels_as_strings")]
+    pub labels: Vec<String>,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: u32,
+    #[serde(default)]
+    pub max_train_examples: u64,
+    #[serde(default)]
+    pub max_eval_examples: u64,
+}
+
+/// Optimisation settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub learning_rate: f64,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_epochs")]
+    pub epochs: f64,
+    #[serde(default)]
+    pub max_steps: u64,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Learning rate of the classification head; the main rate when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_learning_rate: Option<f64>,
+}
+
+/// A complete, self-contained description of one training job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub base_model: String,
+    #[serde(deserialize_with = "parse_via_from_str")]
+    pub task: Task,
+    #[serde(deserialize_with = "parse_via_from_str")]
+    pub method: Method,
+    #[serde(default)]
+    pub peft: PeftConfig,
+    pub data: DataConfig,
+    pub training: TrainingConfig,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub owner: String,
+}
+
+/// What the coordinator knows about a base model from the workers serving it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Largest sequence length the model's position embeddings allow.
+    pub max_positions: u32,
+}
+
+/// A spec that cannot run, with the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl JobSpec {
+    /// Parses a TOML spec. Errors name the field serde stopped at.
+    pub fn from_toml(text: &str) -> Result<Self, SpecError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            SpecError::new("spec", message)
+        })
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("job spec serializes to json")
+    }
+
+    /// Checks every field that can be checked without reading the data.
+    /// `limits` adds the model-dependent checks when the model is known.
+    pub fn validate(&self, limits: Option<&ModelLimits>) -> Result<(), SpecError> {
+        let name_len = self.name.chars().count();
+        if name_len == 0 || name_len > 128 {
+            return Err(SpecError::new("name", format!("must be 1 to 128 characters, got {name_len}")));
+        }
+        if self.base_model.trim().is_empty() {
+            return Err(SpecError::new("base_model", "must name a base model served by a worker"));
+        }
+        if !Task::SUPPORTED.contains(&self.task) {
+            return Err(SpecError::new(
+                "task",
+                format!("{} is not supported yet; supported: {}", self.task, join(&Task::SUPPORTED)),
+            ));
+        }
+        if !Method::SUPPORTED.contains(&self.method) {
+            return Err(SpecError::new(
+                "method",
+                format!("{} is not supported yet; supported: {}", self.method, join(&Method::SUPPORTED)),
+            ));
+        }
+        self.validate_peft()?;
+        self.validate_data(limits)?;
+        self.validate_training()?;
+        if self.max_attempts == 0 || self.max_attempts > 100 {
+            return Err(SpecError::new(
+                "max_attempts",
+                format!("must be between 1 and 100, got {}", self.max_attempts),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_peft(&self) -> Result<(), SpecError> {
+        let nvt = self.peft.num_virtual_tokens;
+        if self.method.uses_virtual_tokens() && !(1..=MAX_TOKENS).contains(&nvt) {
+            return Err(SpecError::new(
+                "peft.num_virtual_tokens",
+                format!("prompt length must be between 1 and {MAX_TOKENS}, got {nvt}"),
+            ));
+        }
+        if self.peft.init == PromptInit::Text
+            && self.peft.init_text.as_deref().map_or(true, |t| t.trim().is_empty())
+        {
+            return Err(SpecError::new("peft.init_text", "must be a non-empty text when peft.init is \"text\""));
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self, limits: Option<&ModelLimits>) -> Result<(), SpecError> {
+        let data = &self.data;
+        if data.train.trim().is_empty() {
+            return Err(SpecError::new("data.train", "must name the training file"));
+        }
+        if data.eval.trim().is_empty() {
+            return Err(SpecError::new("data.eval", "must name the evaluation file"));
+        }
+        if data.labels.len() < 2 {
+            return Err(SpecError::new(
+                "data.labels",
+                format!("must list at least 2 labels, got {}", data.labels.len()),
+            ));
+        }
+        if let Some(dup) = data.labels.iter().enumerate().find(|(i, l)| data.labels[..*i].contains(l)) {
+            return Err(SpecError::new("data.labels", format!("label {:?} is listed twice", dup.1)));
+        }
+        if !(1..=MAX_TOKENS).contains(&data.max_seq_len) {
+            return Err(SpecError::new(
+                "data.max_seq_len",
+                format!("must be between 1 and {MAX_TOKENS}, got {}", data.max_seq_len),
+            ));
+        }
+        if let Some(limits) = limits {
+            let prompt = if self.method.uses_virtual_tokens() { self.peft.num_virtual_tokens } else { 0 };
+            let total = prompt + data.max_seq_len;
+            if total > limits.max_positions {
+                let allowed = limits.max_positions.saturating_sub(data.max_seq_len);
+                return Err(SpecError::new(
+                    "peft.num_virtual_tokens",
+                    format!(
+                        "prompt length {prompt} plus data.max_seq_len {} exceeds the {} positions of {}; \
+                         use at most {allowed} virtual tokens or a shorter max_seq_len",
+                        data.max_seq_len, limits.max_positions, self.base_model
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_training(&self) -> Result<(), SpecError> {
+        let t = &self.training;
+        let lr_ok = |lr: f64| lr.is_finite() && lr > 0.0 && lr <= 10.0;
+        if !lr_ok(t.learning_rate) {
+            return Err(SpecError::new(
+                "training.learning_rate",
+                format!("must be greater than 0 and at most 10, got {}", t.learning_rate),
+            ));
+        }
+        if let Some(head_lr) = t.head_learning_rate {
+            if !lr_ok(head_lr) {
+                return Err(SpecError::new(
+                    "training.head_learning_rate",
+                    format!("must be greater than 0 and at most 10, got {head_lr}"),
+                ));
+            }
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&t.batch_size) {
+            return Err(SpecError::new(
+                "training.batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE}, got {}", t.batch_size),
+            ));
+        }
+        if t.max_steps == 0 && !(t.epochs.is_finite() && t.epochs > 0.0 && t.epochs <= 1000.0) {
+            return Err(SpecError::new(
+                "training.epochs",
+                format!("must be greater than 0 and at most 1000 when max_steps is 0, got {}", t.epochs),
+            ));
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            return Err(SpecError::new(
+                "training.warmup_ratio",
+                format!("must be between 0 and 1, got {}", t.warmup_ratio),
+            ));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(SpecError::new(
+                "training.weight_decay",
+                format!("must be 0 or more, got {}", t.weight_decay),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps the job will run for `train_examples` training examples.
+    pub fn total_steps(&self, train_examples: u64) -> u64 {
+        if self.training.max_steps > 0 {
+            return self.training.max_steps;
+        }
+        let per_epoch = train_examples.div_ceil(u64::from(self.training.batch_size.max(1)));
+        ((per_epoch as f64) * self.training.epochs).ceil().max(1.0) as u64
+    }
+
+    /// Index of a label value from the data, if it is one of the declared labels.
+    pub fn label_index(&self, value: &serde_json::Value) -> Option<usize> {
+        let text = label_text(value)?;
+        self.data.labels.iter().position(|l| *l == text)
+    }
+}
+
+/// The text a JSON label value is matched by: strings as they are, integers
+/// and booleans in their JSON spelling.
+pub fn label_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn join<T: fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn parse_via_from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+fn labels_as_strings<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    let values = Vec::<toml_or_json::Scalar>::deserialize(deserializer)?;
+    Ok(values.into_iter().map(|v| v.0).collect())
+}
+
+mod toml_or_json {
+    use serde::{Deserialize, Deserializer};
+
+    /// A label written as a string, an integer or a boolean.
+    pub struct Scalar(pub String);
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            #[derive(Deserialize)]
+            #[serde(untagged)]
+            enum Raw {
+                S(String),
+                I(i64),
+                B(bool),
+            }
+            Ok(Scalar(match Raw::deserialize(deserializer)? {
+                Raw::S(s) => s,
+                Raw::I(i) => i.to_string(),
+                Raw::B(b) => b.to_string(),
+            }))
+        }
+    }
+}
+
+fn default_virtual_tokens() -> u32 {
+    20
+}
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_label_field() -> String {
+    "label".into()
+}
+fn default_max_seq_len() -> u32 {
+    128
+}
+fn default_batch_size() -> u32 {
+    32
+}
+fn default_epochs() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+        name = "sst2"
+        base_model = "all-MiniLM-L6-v2"
+        task = "sequence_classification"
+        method = "prompt_tuning"
+        [peft]
+        num_virtual_tokens = 20
+        [data]
+        train = "train.jsonl"
+        eval = "dev.jsonl"
+        labels = [0, 1]
+        max_seq_len = 64
+        [training]
+        learning_rate = 3e-2
+    "#;
+
+    fn field_of(spec: &JobSpec, limits: Option<&ModelLimits>) -> String {
+        spec.validate(limits).unwrap_err().field
+    }
+
+    #[test]
+    fn a_valid_spec_parses_with_defaults_and_numeric_labels() {
+        let spec = JobSpec::from_toml(SPEC).unwrap();
+        assert_eq!(spec.data.labels, ["0", "1"]);
+        assert_eq!(spec.training.batch_size, 32);
+        assert_eq!(spec.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        spec.validate(Some(&ModelLimits { max_positions: 512 })).unwrap();
+        assert_eq!(spec.label_index(&serde_json::json!(1)), Some(1));
+        assert_eq!(spec.label_index(&serde_json::json!(2)), None);
+    }
+
+    #[test]
+    fn bad_fields_are_named_with_the_allowed_range() {
+        let mut spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.peft.num_virtual_tokens = 0;
+        let err = spec.validate(None).unwrap_err();
+        assert_eq!(err.field, "peft.num_virtual_tokens");
+        assert!(err.message.contains("between 1 and 512, got 0"), "{err}");
+
+        let mut spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.peft.num_virtual_tokens = 500;
+        assert_eq!(field_of(&spec, Some(&ModelLimits { max_positions: 512 })), "peft.num_virtual_tokens");
+
+        let mut spec = JobSpec::from_toml(SPEC).unwrap();
+        spec.training.learning_rate = 0.0;
+        assert_eq!(field_of(&spec, None), "training.learning_rate");
+    }
+
+    #[test]
+    fn unknown_methods_are_refused_with_the_allowed_list() {
+        let text = SPEC.replace("\"prompt_tuning\"", "\"adapterfusion\"");
+        let err = JobSpec::from_toml(&text).unwrap_err();
+        assert!(err.message.contains("unknown method \"adapterfusion\""), "{err}");
+        assert!(err.message.contains("prompt_tuning, p_tuning, prefix_tuning"), "{err}");
+    }
+}

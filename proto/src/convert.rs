@@ -1,0 +1,220 @@
+//! `TryFrom` conversions between prost messages and domain types. A missing or
+//! bad field yields a [`SpecError`] that names it.
+
+use ptune_core::{
+    DataConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
+    TrainingConfig,
+};
+
+use crate::v1;
+
+impl From<Method> for v1::Method {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::PromptTuning => v1::Method::PromptTuning,
+            Method::PTuning => v1::Method::PTuning,
+            Method::PrefixTuning => v1::Method::PrefixTuning,
+            Method::PTuningV2 => v1::Method::PTuningV2,
+            Method::Lora => v1::Method::Lora,
+            Method::Full => v1::Method::Full,
+        }
+    }
+}
+
+/// The domain method of a wire value; `None` for unspecified.
+pub fn method_from_wire(value: i32) -> Result<Option<Method>, SpecError> {
+    let method = v1::Method::try_from(value)
+        .map_err(|_| SpecError::new("method", format!("unknown method number {value}")))?;
+    Ok(match method {
+        v1::Method::Unspecified => None,
+        v1::Method::PromptTuning => Some(Method::PromptTuning),
+        v1::Method::PTuning => Some(Method::PTuning),
+        v1::Method::PrefixTuning => Some(Method::PrefixTuning),
+        v1::Method::PTuningV2 => Some(Method::PTuningV2),
+        v1::Method::Lora => Some(Method::Lora),
+        v1::Method::Full => Some(Method::Full),
+    })
+}
+
+impl From<Task> for v1::Task {
+    fn from(t: Task) -> Self {
+        match t {
+            Task::SequenceClassification => v1::Task::SequenceClassification,
+            Task::TokenClassification => v1::Task::TokenClassification,
+            Task::CausalLm => v1::Task::CausalLm,
+        }
+    }
+}
+
+fn task_from_wire(value: i32) -> Result<Task, SpecError> {
+    match v1::Task::try_from(value) {
+        Ok(v1::Task::SequenceClassification) => Ok(Task::SequenceClassification),
+        Ok(v1::Task::TokenClassification) => Ok(Task::TokenClassification),
+        Ok(v1::Task::CausalLm) => Ok(Task::CausalLm),
+        _ => Err(SpecError::new(
+            "task",
+            "must be one of sequence_classification, token_classification, causal_lm",
+        )),
+    }
+}
+
+impl From<JobState> for v1::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => v1::JobState::Queued,
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+            JobState::Cancelled => v1::JobState::Cancelled,
+        }
+    }
+}
+
+/// The domain state of a wire value; `None` for unspecified.
+pub fn state_from_wire(value: i32) -> Result<Option<JobState>, SpecError> {
+    Ok(match v1::JobState::try_from(value) {
+        Ok(v1::JobState::Unspecified) => None,
+        Ok(v1::JobState::Queued) => Some(JobState::Queued),
+        Ok(v1::JobState::Running) => Some(JobState::Running),
+        Ok(v1::JobState::Succeeded) => Some(JobState::Succeeded),
+        Ok(v1::JobState::Failed) => Some(JobState::Failed),
+        Ok(v1::JobState::Cancelled) => Some(JobState::Cancelled),
+        Err(_) => return Err(SpecError::new("states", format!("unknown job state number {value}"))),
+    })
+}
+
+impl From<PromptInit> for v1::PromptInit {
+    fn from(p: PromptInit) -> Self {
+        match p {
+            PromptInit::Random => v1::PromptInit::Random,
+            PromptInit::Vocab => v1::PromptInit::Vocab,
+            PromptInit::Text => v1::PromptInit::Text,
+        }
+    }
+}
+
+impl From<&JobSpec> for v1::JobSpec {
+    fn from(s: &JobSpec) -> Self {
+        v1::JobSpec {
+            name: s.name.clone(),
+            base_model: s.base_model.clone(),
+            task: v1::Task::from(s.task) as i32,
+            method: v1::Method::from(s.method) as i32,
+            peft: Some(v1::PeftConfig {
+                num_virtual_tokens: s.peft.num_virtual_tokens,
+                init: v1::PromptInit::from(s.peft.init) as i32,
+                init_text: s.peft.init_text.clone().unwrap_or_default(),
+            }),
+            data: Some(v1::DataConfig {
+                train: s.data.train.clone(),
+                eval: s.data.eval.clone(),
+                text_field: s.data.text_field.clone(),
+                label_field: s.data.label_field.clone(),
+                labels: s.data.labels.clone(),
+                max_seq_len: s.data.max_seq_len,
+                max_train_examples: s.data.max_train_examples,
+                max_eval_examples: s.data.max_eval_examples,
+            }),
+            training: Some(v1::TrainingConfig {
+                learning_rate: s.training.learning_rate,
+                batch_size: s.training.batch_size,
+                epochs: s.training.epochs,
+                max_steps: s.training.max_steps,
+                warmup_ratio: s.training.warmup_ratio,
+                weight_decay: s.training.weight_decay,
+                eval_every: s.training.eval_every,
+                seed: s.training.seed,
+                head_learning_rate: s.training.head_learning_rate.unwrap_or(0.0),
+            }),
+            max_attempts: s.max_attempts,
+            owner: s.owner.clone(),
+        }
+    }
+}
+
+fn or_default<T: PartialEq + Default>(value: T, default: T) -> T {
+    if value == T::default() {
+        default
+    } else {
+        value
+    }
+}
+
+impl TryFrom<v1::JobSpec> for JobSpec {
+    type Error = SpecError;
+
+    /// Zero values stand for "use the default", as proto3 cannot tell them apart.
+    fn try_from(s: v1::JobSpec) -> Result<Self, SpecError> {
+        let method = method_from_wire(s.method)?.ok_or_else(|| {
+            SpecError::new("method", "must be set; allowed: prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, lora, full")
+        })?;
+        let task = task_from_wire(s.task)?;
+        let peft = s.peft.unwrap_or_default();
+        let data = s.data.ok_or_else(|| SpecError::new("data", "must be set"))?;
+        let training = s.training.ok_or_else(|| SpecError::new("training", "must be set"))?;
+        let init = match v1::PromptInit::try_from(peft.init) {
+            Ok(v1::PromptInit::Unspecified | v1::PromptInit::Random) => PromptInit::Random,
+            Ok(v1::PromptInit::Vocab) => PromptInit::Vocab,
+            Ok(v1::PromptInit::Text) => PromptInit::Text,
+            Err(_) => return Err(SpecError::new("peft.init", "must be random, vocab or text")),
+        };
+        let defaults = PeftConfig::default();
+        Ok(JobSpec {
+            name: s.name,
+            base_model: s.base_model,
+            task,
+            method,
+            peft: PeftConfig {
+                // 0 is kept: validation reports it rather than silently replacing it.
+                num_virtual_tokens: if method.uses_virtual_tokens() {
+                    peft.num_virtual_tokens
+                } else {
+                    or_default(peft.num_virtual_tokens, defaults.num_virtual_tokens)
+                },
+                init,
+                init_text: Some(peft.init_text).filter(|t| !t.is_empty()),
+            },
+            data: DataConfig {
+                train: data.train,
+                eval: data.eval,
+                text_field: or_default(data.text_field, "text".into()),
+                label_field: or_default(data.label_field, "label".into()),
+                labels: data.labels,
+                max_seq_len: or_default(data.max_seq_len, 128),
+                max_train_examples: data.max_train_examples,
+                max_eval_examples: data.max_eval_examples,
+            },
+            training: TrainingConfig {
+                learning_rate: training.learning_rate,
+                batch_size: or_default(training.batch_size, 32),
+                epochs: or_default(training.epochs, 1.0),
+                max_steps: training.max_steps,
+                warmup_ratio: training.warmup_ratio,
+                weight_decay: training.weight_decay,
+                eval_every: training.eval_every,
+                seed: training.seed,
+                head_learning_rate: Some(training.head_learning_rate).filter(|lr| *lr != 0.0),
+            },
+            max_attempts: or_default(s.max_attempts, ptune_core::spec::DEFAULT_MAX_ATTEMPTS),
+            owner: s.owner,
+        })
+    }
+}
+
+impl From<&Metric> for v1::Metric {
+    fn from(m: &Metric) -> Self {
+        v1::Metric { step: m.step, kind: m.kind.as_str().to_string(), name: m.name.clone(), value: m.value }
+    }
+}
+
+impl TryFrom<v1::Metric> for Metric {
+    type Error = SpecError;
+
+    fn try_from(m: v1::Metric) -> Result<Self, SpecError> {
+        let kind: MetricKind = m.kind.parse().map_err(|e: String| SpecError::new("metrics.kind", e))?;
+        if m.name.is_empty() || m.name.len() > 64 {
+            return Err(SpecError::new("metrics.name", "must be 1 to 64 characters"));
+        }
+        Ok(Metric { step: m.step, kind, name: m.name, value: m.value })
+    }
+}

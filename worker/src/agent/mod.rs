@@ -1,0 +1,234 @@
+//! The worker's side of the coordinator protocol: register, lease, heartbeat,
+//! report, complete. Training itself runs on engine threads ([`runner`]); this
+//! module only moves messages between them and the coordinator.
+
+mod datasets;
+mod job;
+mod models;
+mod runner;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use ptune_proto::v1::{self, worker_service_client::WorkerServiceClient};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+pub use models::{scan_models, ServedModel};
+
+/// Settings of one worker process.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub coordinator: String,
+    pub models_dir: PathBuf,
+    pub slots: u32,
+    /// Where datasets are cached and adapters are staged.
+    pub work_dir: PathBuf,
+    /// Threads libtorch may use per engine (0: all cores).
+    pub threads: u32,
+}
+
+/// Leases this worker holds, with the flag that stops each job's engine run.
+#[derive(Clone, Default)]
+struct Leases(Arc<Mutex<HashMap<(String, u64), Arc<AtomicBool>>>>);
+
+impl Leases {
+    fn insert(&self, job_id: &str, epoch: u64) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.0.lock().expect("leases lock").insert((job_id.to_string(), epoch), flag.clone());
+        flag
+    }
+
+    fn remove(&self, job_id: &str, epoch: u64) {
+        self.0.lock().expect("leases lock").remove(&(job_id.to_string(), epoch));
+    }
+
+    fn refs(&self) -> Vec<v1::LeaseRef> {
+        let leases = self.0.lock().expect("leases lock");
+        leases.keys().map(|(job_id, epoch)| v1::LeaseRef { job_id: job_id.clone(), epoch: *epoch }).collect()
+    }
+
+    fn stop(&self, job_id: &str, epoch: u64) {
+        if let Some(flag) = self.0.lock().expect("leases lock").get(&(job_id.to_string(), epoch)) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn stop_all(&self) {
+        for flag in self.0.lock().expect("leases lock").values() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().expect("leases lock").len()
+    }
+}
+
+/// Runs the worker until `shutdown` turns true: then it stops leasing, stops
+/// its running jobs at their next step and hands them back for a retry.
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let models = scan_models(&config.models_dir)?;
+    if models.is_empty() {
+        warn!(models_dir = %config.models_dir.display(), "no base models found; this worker will never get a job");
+    }
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("cannot create work dir {}", config.work_dir.display()))?;
+    let channel = connect(&config.coordinator).await?;
+    let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let worker_id = load_or_create_worker_id(&config)?;
+    let registration = register(&mut client, &worker_id, &config, &models).await?;
+    let heartbeat_every = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(100)));
+    info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
+
+    let engines = runner::EnginePool::start(config.slots as usize, config.threads);
+    let leases = Leases::default();
+    let context = job::JobContext {
+        client: client.clone(),
+        engines: engines.clone(),
+        models: Arc::new(models.clone()),
+        work_dir: config.work_dir.clone(),
+        leases: leases.clone(),
+    };
+    let heartbeats = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        worker_id.clone(),
+        config.clone(),
+        models.clone(),
+        leases.clone(),
+        heartbeat_every,
+    ));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.try_join_next().is_some() {}
+        if *shutdown.borrow() {
+            break;
+        }
+        let free = config.slots.saturating_sub(leases.len() as u32);
+        let mut leased = false;
+        if free > 0 {
+            let request = v1::LeaseJobRequest { worker_id: worker_id.clone(), free_slots: free };
+            match client.lease_job(request).await {
+                Ok(response) => {
+                    if let Some(lease) = response.into_inner().lease {
+                        info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt, "job leased");
+                        let stop = leases.insert(&lease.job_id, lease.epoch);
+                        running.spawn(job::run(context.clone(), lease, stop));
+                        leased = true;
+                    }
+                }
+                Err(status) => warn!(error = %status.message(), code = ?status.code(), "lease request failed"),
+            }
+        }
+        if !leased {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+    info!(running = leases.len(), "worker shutting down; handing running jobs back");
+    leases.stop_all();
+    while running.join_next().await.is_some() {}
+    heartbeats.abort();
+    engines.shutdown();
+    Ok(())
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
+    let endpoint = Channel::from_shared(url.clone()).with_context(|| format!("invalid coordinator address {url:?}"))?;
+    // Connect lazily: a coordinator that restarts is reconnected to on the next call.
+    Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+}
+
+fn load_or_create_worker_id(config: &AgentConfig) -> anyhow::Result<String> {
+    let path = config.work_dir.join("worker_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    let id = ptune_core::WorkerId::new().to_string();
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+async fn register(
+    client: &mut WorkerServiceClient<Channel>,
+    worker_id: &str,
+    config: &AgentConfig,
+    models: &[ServedModel],
+) -> anyhow::Result<v1::RegisterWorkerResponse> {
+    let request = v1::RegisterWorkerRequest {
+        worker_id: worker_id.to_string(),
+        hostname: hostname(),
+        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
+        slots: config.slots,
+        models: models.iter().map(ServedModel::to_wire).collect(),
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match client.register_worker(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                anyhow::bail!("coordinator refused registration: {}", status.message())
+            }
+            Err(status) => {
+                warn!(error = %status.message(), "coordinator not reachable; retrying registration");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    config: AgentConfig,
+    models: Vec<ServedModel>,
+    leases: Leases,
+    every: Duration,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), leases: leases.refs() };
+        match client.heartbeat(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                for stop in response.stop {
+                    info!(job_id = %stop.job_id, epoch = stop.epoch, "coordinator asked to stop job");
+                    leases.stop(&stop.job_id, stop.epoch);
+                }
+                if !response.known {
+                    warn!("coordinator does not know this worker; registering again");
+                    let _ = register(&mut client, &worker_id, &config, &models).await;
+                }
+            }
+            Err(status) => warn!(error = %status.message(), "heartbeat failed"),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn total_memory_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,164 @@
+//! The libtorch training engine: trains a PEFT adapter on a frozen base model
+//! and writes a Hugging Face PEFT-compatible export. No networking: the agent
+//! drives it from one dedicated thread (a tch `Tensor` is `Send`, not `Sync`).
+//!
+//! Layout: `models/` holds the base architectures, `peft/` the trainable
+//! adapters, `tasks/` the heads and losses, `data/` reading, tokenizing and
+//! batching, `optim.rs` AdamW with its schedule, `export.rs` the PEFT files and
+//! `train.rs` the loop that ties them together.
+
+mod data;
+mod export;
+mod models;
+mod optim;
+mod peft;
+mod tasks;
+mod train;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ptune_core::{JobSpec, Metric, SpecError};
+
+pub use data::tokenize::TextTokenizer;
+pub use models::bert::{BertConfig, BertModel};
+pub use models::{inspect_model, BaseModel, ModelInfo};
+pub use optim::{AdamW, LinearSchedule};
+pub use peft::prompt_tuning::{PromptInit, PromptTuning};
+pub use tasks::seq_cls::{ClassificationHead, PromptSeqCls};
+
+/// File names of a Hugging Face PEFT export, written into `TrainJob::out_dir`.
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Training provenance written beside the PEFT files (PEFT warns about unknown
+/// keys in `adapter_config.json`, so it is kept out of that file).
+pub const PROVENANCE_FILE: &str = "ptune.json";
+
+/// One job for the engine: the spec and where its data and export live.
+#[derive(Clone, Debug)]
+pub struct TrainJob {
+    pub spec: JobSpec,
+    /// Local JSON Lines file with the training examples.
+    pub train_file: PathBuf,
+    /// Local JSON Lines file with the evaluation examples.
+    pub eval_file: PathBuf,
+    /// How the training file is named in errors, e.g. the spec's `data.train`.
+    pub train_name: String,
+    /// How the evaluation file is named in errors.
+    pub eval_name: String,
+    /// Folder that receives `adapter_config.json` and `adapter_model.safetensors`.
+    pub out_dir: PathBuf,
+}
+
+/// What the caller of [`Engine::train`] wants after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Progress reported to the caller of [`Engine::train`].
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    /// After each optimizer step: train metrics of that step (loss, learning_rate, examples_per_second).
+    Step { step: u64, total_steps: u64, metrics: &'a [Metric] },
+    /// After each evaluation (every eval_every steps and at the end): eval metrics (loss, accuracy).
+    Eval { step: u64, metrics: &'a [Metric] },
+}
+
+/// How a training run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutcome {
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Optimizer steps the job would take if it ran to the end.
+    pub total_steps: u64,
+    /// Metrics of the last evaluation (empty if stopped before any).
+    pub final_metrics: Vec<Metric>,
+    /// True when the caller stopped training; no export was written then.
+    pub stopped: bool,
+}
+
+/// Why the engine could not train a job.
+#[derive(thiserror::Error, Debug)]
+pub enum EngineError {
+    /// Bad data: never retried.
+    #[error("{file} line {line}: {message}")]
+    Data { file: String, line: u64, message: String },
+    /// A data file that parses but cannot be trained on as a whole.
+    #[error("{file}: {message}")]
+    Dataset { file: String, message: String },
+    /// The spec asks for something this engine or model cannot do.
+    #[error("job spec cannot run: {0}")]
+    Spec(#[from] SpecError),
+    /// The model folder is unreadable or holds an unsupported model.
+    #[error("model: {0}")]
+    Model(String),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl EngineError {
+    /// True for failures another attempt (perhaps on another worker) may not
+    /// repeat; bad data, specs and models fail the same way every time.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, EngineError::Torch(_) | EngineError::Io { .. })
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        EngineError::Io { path: path.display().to_string(), source }
+    }
+}
+
+/// Owns the loaded base models and trains jobs on them.
+///
+/// A base model is loaded once and kept, keyed by its folder and the sha256 of
+/// its weights, so every job on the same model shares one frozen copy.
+pub struct Engine {
+    device: tch::Device,
+    models: HashMap<(PathBuf, String), BaseModel>,
+}
+
+impl Engine {
+    /// Creates an engine that trains on `device`, using every CPU core for
+    /// libtorch's intra-op parallelism.
+    pub fn new(device: tch::Device) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads(i32::try_from(cores).unwrap_or(1));
+        Self { device, models: HashMap::new() }
+    }
+
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+
+    /// Loads the base model in `model_dir`, or returns the copy already loaded
+    /// from the same folder with the same weights.
+    pub fn base_model(&mut self, model_dir: &Path) -> Result<&BaseModel, EngineError> {
+        let sha256 = models::weights_sha256(model_dir)?;
+        let key = (model_dir.to_path_buf(), sha256);
+        if !self.models.contains_key(&key) {
+            let model = BaseModel::load(model_dir, self.device)?;
+            tracing::info!(model_dir = %model_dir.display(), sha256 = %key.1, "base model loaded");
+            self.models.insert(key.clone(), model);
+        }
+        Ok(&self.models[&key])
+    }
+
+    /// Trains `job` on the base model in `model_dir`. Calls `on_event` after
+    /// every step and evaluation; when it returns [`Control::Stop`], training
+    /// stops at that step boundary, no export is written, and the outcome has
+    /// `stopped = true`.
+    pub fn train(
+        &mut self,
+        model_dir: &Path,
+        job: &TrainJob,
+        on_event: &mut dyn FnMut(Event<'_>) -> Control,
+    ) -> Result<TrainOutcome, EngineError> {
+        let device = self.device;
+        let base = self.base_model(model_dir)?;
+        train::run(base, device, job, on_event)
+    }
+}

