@@ -1,1 +1,25 @@
+//! The ptune coordinator: accepts jobs over gRPC, leases them to workers under
+//! fenced leases, requeues the work of workers that stop heartbeating, and
+//! keeps every decision in PostgreSQL.
+//!
+//! Layers, outermost first: [`grpc`] (thin tonic adapters) and [`dashboard`]
+//! (HTTP) call the domain in [`jobs`] (what users do) and [`scheduler`] (what
+//! workers do, leases, the reaper), which call [`store`] (all SQL).
 
+pub mod blob;
+pub mod config;
+pub mod dashboard;
+pub mod embedded_pg;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod jobs;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod testing;
+
+pub use config::Config;
+pub use error::Error;
+pub use server::{Coordinator, CoordinatorHandle};

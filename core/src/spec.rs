@@ -296,7 +296,7 @@ impl JobSpec {
             ));
         }
         if self.peft.init == PromptInit::Text
-            && self.peft.init_text.as_deref().map_or(true, |t| t.trim().is_empty())
+            && self.peft.init_text.as_deref().is_none_or(|t| t.trim().is_empty())
         {
             return Err(SpecError::new("peft.init_text", "must be a non-empty text when peft.init is \"text\""));
         }

@@ -118,6 +118,7 @@ impl EngineError {
 /// its weights, so every job on the same model shares one frozen copy.
 pub struct Engine {
     device: tch::Device,
+    threads: i32,
     models: HashMap<(PathBuf, String), BaseModel>,
 }
 
@@ -125,9 +126,18 @@ impl Engine {
     /// Creates an engine that trains on `device`, using every CPU core for
     /// libtorch's intra-op parallelism.
     pub fn new(device: tch::Device) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        tch::set_num_threads(i32::try_from(cores).unwrap_or(1));
-        Self { device, models: HashMap::new() }
+        Self::with_threads(device, 0)
+    }
+
+    /// Creates an engine whose libtorch work uses `threads` CPU threads
+    /// (0: every core). The setting is applied on the thread that trains,
+    /// since OpenMP keeps it per thread.
+    pub fn with_threads(device: tch::Device, threads: usize) -> Self {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Self { device, threads: i32::try_from(threads).unwrap_or(i32::MAX), models: HashMap::new() }
     }
 
     pub fn device(&self) -> tch::Device {
@@ -157,6 +167,7 @@ impl Engine {
         job: &TrainJob,
         on_event: &mut dyn FnMut(Event<'_>) -> Control,
     ) -> Result<TrainOutcome, EngineError> {
+        tch::set_num_threads(self.threads);
         let device = self.device;
         let base = self.base_model(model_dir)?;
         train::run(base, device, job, on_event)

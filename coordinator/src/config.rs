@@ -1,0 +1,42 @@
+//! Settings of a coordinator instance.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a coordinator needs to start. The binary fills it from flags
+/// and environment variables; tests build it with [`Config::new`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `postgres://` URL of the database holding all durable state.
+    pub database_url: String,
+    /// Address of the gRPC server; port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// Address of the dashboard, `/healthz` and `/metrics`; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// How long a lease lasts without a heartbeat or progress report.
+    pub lease_timeout: Duration,
+    /// How often workers are asked to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Attempts of a job whose spec leaves `max_attempts` at 0.
+    pub default_max_attempts: u32,
+}
+
+impl Config {
+    pub const DEFAULT_GRPC_ADDR: &'static str = "127.0.0.1:50051";
+    pub const DEFAULT_HTTP_ADDR: &'static str = "127.0.0.1:8080";
+    pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Defaults for everything but the database, listening on free local
+    /// ports (the bound addresses are in the [`crate::CoordinatorHandle`]).
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lease_timeout: Self::DEFAULT_LEASE_TIMEOUT,
+            heartbeat_interval: Self::DEFAULT_HEARTBEAT_INTERVAL,
+            default_max_attempts: ptune_core::spec::DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}

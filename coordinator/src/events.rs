@@ -1,0 +1,52 @@
+//! In-process fan-out of job events to `WatchJob` streams. The hub is a cache:
+//! a watcher that falls behind, or that misses events published by another
+//! coordinator, re-reads the job from the database.
+
+use ptune_core::{JobId, Metric};
+use tokio::sync::broadcast;
+
+/// Something that happened to a job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HubEvent {
+    pub job_id: JobId,
+    pub kind: HubEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum HubEventKind {
+    /// The job's row changed (state, cancellation): re-read it.
+    Changed,
+    Progress {
+        step: u64,
+        total_steps: u64,
+    },
+    Metrics(Vec<Metric>),
+}
+
+/// A broadcast channel shared by every publisher and watcher.
+#[derive(Clone, Debug)]
+pub struct EventHub {
+    tx: broadcast::Sender<HubEvent>,
+}
+
+impl EventHub {
+    pub fn new(capacity: usize) -> Self {
+        Self { tx: broadcast::channel(capacity).0 }
+    }
+
+    /// Publishes to the current subscribers; nobody listening is fine.
+    pub fn publish(&self, job_id: JobId, kind: HubEventKind) {
+        let _ = self.tx.send(HubEvent { job_id, kind });
+    }
+
+    /// Events published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self::new(1024)
+    }
+}

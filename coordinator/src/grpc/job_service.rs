@@ -1,0 +1,113 @@
+//! `ptune.v1.JobService`: decode, call [`Jobs`], encode.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use ptune_proto::v1::{self, job_service_server::JobService};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use super::convert;
+use crate::jobs::{DatasetUpload, Jobs};
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The gRPC face of [`Jobs`].
+pub struct JobApi {
+    jobs: Jobs,
+}
+
+impl JobApi {
+    pub fn new(jobs: Jobs) -> Self {
+        Self { jobs }
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    #[instrument(skip_all)]
+    async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let (spec, default_attempts) = convert::job_spec(req.into_inner().spec)?;
+        let job = self.jobs.submit(spec, default_attempts).await?;
+        Ok(Response::new(v1::SubmitJobResponse { job: Some(convert::job(&job)) }))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
+        let job = self.jobs.get(id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let (filter, page_size, after) = convert::list_query(req.into_inner())?;
+        let page = self.jobs.list(&filter, page_size, after).await?;
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: page.jobs.iter().map(convert::job).collect(),
+            next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
+        let job = self.jobs.cancel(id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    type WatchJobStream = EventStream<v1::JobEvent>;
+
+    #[instrument(skip_all)]
+    async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
+        let events = self.jobs.watch(id).await?;
+        let stream = events.map(|e| e.map(convert::job_event).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_metrics(
+        &self,
+        req: Request<v1::GetMetricsRequest>,
+    ) -> Result<Response<v1::GetMetricsResponse>, Status> {
+        let req = req.into_inner();
+        let id = convert::job_id(&req.job_id, "job_id")?;
+        let metrics = self.jobs.metrics(id, convert::metric_kind(&req.kind)?).await?;
+        Ok(Response::new(v1::GetMetricsResponse { metrics: metrics.iter().map(v1::Metric::from).collect() }))
+    }
+
+    type DownloadAdapterStream = EventStream<v1::AdapterChunk>;
+
+    #[instrument(skip_all)]
+    async fn download_adapter(
+        &self,
+        req: Request<v1::DownloadAdapterRequest>,
+    ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
+        let (info, chunks) = self.jobs.adapter(id).await?;
+        let stream = chunks.enumerate().map(move |(i, data)| {
+            let first = i == 0;
+            Ok(v1::AdapterChunk {
+                sha256: if first { info.sha256.clone() } else { String::new() },
+                total_size: if first { info.size } else { 0 },
+                data: data?,
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[instrument(skip_all)]
+    async fn upload_dataset(
+        &self,
+        req: Request<Streaming<v1::DatasetChunk>>,
+    ) -> Result<Response<v1::DatasetInfo>, Status> {
+        let mut chunks = req.into_inner();
+        let mut upload = DatasetUpload::default();
+        while let Some(chunk) = chunks.message().await? {
+            upload.push(&chunk.file_name, &chunk.data)?;
+        }
+        let info = self.jobs.store_dataset(upload).await?;
+        Ok(Response::new(convert::dataset_info(&info)))
+    }
+}

@@ -1,0 +1,36 @@
+//! gRPC adapters: each handler decodes the request (see [`convert`]), calls
+//! the domain in [`crate::jobs`] or [`crate::scheduler`], and encodes the
+//! answer. Domain errors become statuses in one place, below.
+
+pub mod convert;
+mod job_service;
+mod worker_service;
+
+use tonic::Status;
+use tracing::{error, warn};
+
+pub use job_service::JobApi;
+pub use worker_service::WorkerApi;
+
+use crate::error::Error;
+
+/// The one mapping from domain errors to gRPC statuses. Details of internal
+/// and database errors are logged, never sent.
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            Error::NotFound(message) => Status::not_found(message),
+            Error::FailedPrecondition(message) => Status::failed_precondition(message),
+            Error::ShuttingDown => Status::unavailable(e.to_string()),
+            Error::Unavailable(detail) => {
+                warn!(error = %detail, "database unavailable");
+                Status::unavailable("the coordinator cannot reach its database; retry shortly")
+            }
+            Error::Internal(detail) => {
+                error!(error = %detail, "internal error");
+                Status::internal("internal error; the coordinator log has the details")
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! `ptune.v1.WorkerService`: decode, call [`Scheduler`], encode.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use ptune_proto::v1::{self, complete_job_chunk::Part, worker_service_server::WorkerService};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use super::convert;
+use crate::error::Error;
+use crate::scheduler::Scheduler;
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::DatasetChunk, Status>> + Send + 'static>>;
+
+/// The gRPC face of [`Scheduler`].
+pub struct WorkerApi {
+    scheduler: Scheduler,
+}
+
+impl WorkerApi {
+    pub fn new(scheduler: Scheduler) -> Self {
+        Self { scheduler }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    #[instrument(skip_all)]
+    async fn register_worker(
+        &self,
+        req: Request<v1::RegisterWorkerRequest>,
+    ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let reg = convert::registration(req.into_inner())?;
+        let done = self.scheduler.register(reg).await?;
+        Ok(Response::new(v1::RegisterWorkerResponse {
+            worker_id: done.worker_id.to_string(),
+            heartbeat_interval_ms: u32::try_from(done.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+            lease_timeout_ms: u32::try_from(done.lease_timeout.as_millis()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let worker = convert::worker_id(&req.worker_id)?;
+        let leases = convert::lease_refs(req.leases)?;
+        let reply = self.scheduler.heartbeat(worker, &leases).await?;
+        Ok(Response::new(v1::HeartbeatResponse { stop: convert::lease_refs_to_wire(&reply.stop), known: reply.known }))
+    }
+
+    #[instrument(skip_all)]
+    async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
+        let req = req.into_inner();
+        let worker = convert::worker_id(&req.worker_id)?;
+        let lease = self.scheduler.lease(worker, req.free_slots).await?;
+        Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
+    }
+
+    #[instrument(skip_all)]
+    async fn report_progress(
+        &self,
+        req: Request<v1::ReportProgressRequest>,
+    ) -> Result<Response<v1::ReportProgressResponse>, Status> {
+        let report = convert::progress(req.into_inner())?;
+        let stop = self.scheduler.report_progress(report).await?;
+        Ok(Response::new(v1::ReportProgressResponse { stop }))
+    }
+
+    #[instrument(skip_all)]
+    async fn complete_job(
+        &self,
+        req: Request<Streaming<v1::CompleteJobChunk>>,
+    ) -> Result<Response<v1::CompleteJobResponse>, Status> {
+        let mut chunks = req.into_inner();
+        let Some(Part::Header(header)) = chunks.message().await?.and_then(|c| c.part) else {
+            return Err(Error::invalid("header", "the first message must carry the header").into());
+        };
+        let mut upload = self.scheduler.begin_completion(convert::completion(header)?).await?;
+        while let Some(chunk) = chunks.message().await? {
+            let Some(Part::Data(data)) = chunk.part else {
+                return Err(Error::invalid("header", "only the first message may carry a header").into());
+            };
+            upload.push(&data)?;
+        }
+        self.scheduler.complete(upload).await?;
+        Ok(Response::new(v1::CompleteJobResponse {}))
+    }
+
+    #[instrument(skip_all)]
+    async fn fail_job(&self, req: Request<v1::FailJobRequest>) -> Result<Response<v1::FailJobResponse>, Status> {
+        let failure = convert::failure(req.into_inner())?;
+        self.scheduler.fail(failure).await?;
+        Ok(Response::new(v1::FailJobResponse {}))
+    }
+
+    type DownloadDatasetStream = ChunkStream;
+
+    #[instrument(skip_all)]
+    async fn download_dataset(
+        &self,
+        req: Request<v1::DownloadDatasetRequest>,
+    ) -> Result<Response<Self::DownloadDatasetStream>, Status> {
+        let reference = convert::dataset_ref(&req.into_inner().reference)?;
+        let (info, chunks) = self.scheduler.dataset(reference).await?;
+        let stream = chunks.enumerate().map(move |(i, data)| {
+            let file_name = if i == 0 { info.file_name.clone() } else { String::new() };
+            Ok(v1::DatasetChunk { file_name, data: data? })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,200 @@
+//! Dataset uploads (hashed and counted while they arrive) and the label
+//! check a submitted job runs over its datasets.
+
+use ptune_core::{spec::label_text, JobSpec, SpecError};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::model::{DatasetInfo, DatasetRef};
+
+/// Largest dataset accepted. A Postgres `bytea` value holds at most 1 GiB
+/// minus its header, so the limit stays just under it.
+pub const MAX_DATASET_BYTES: u64 = 1_000_000_000;
+
+/// A dataset being received: bytes, their sha256 and line count so far.
+#[derive(Default)]
+pub struct DatasetUpload {
+    file_name: Option<String>,
+    content: Vec<u8>,
+    hasher: Sha256,
+    lines: LineCounter,
+}
+
+impl DatasetUpload {
+    /// Adds a chunk; the file name counts when it is the first one given.
+    pub fn push(&mut self, file_name: &str, data: &[u8]) -> Result<(), Error> {
+        if self.file_name.is_none() && !file_name.is_empty() {
+            self.file_name = Some(file_name.to_string());
+        }
+        if (self.content.len() + data.len()) as u64 > MAX_DATASET_BYTES {
+            return Err(Error::invalid(
+                "data",
+                format!("datasets must be at most {MAX_DATASET_BYTES} bytes; split or sample the file"),
+            ));
+        }
+        self.hasher.update(data);
+        self.lines.feed(data);
+        self.content.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// The finished upload's record and bytes.
+    pub fn finish(self) -> Result<(DatasetInfo, Vec<u8>), Error> {
+        if self.content.is_empty() {
+            return Err(Error::invalid(
+                "data",
+                "the dataset is empty; upload a JSON Lines file with at least one example",
+            ));
+        }
+        let info = DatasetInfo {
+            reference: DatasetRef::from_sha256(hex::encode(self.hasher.finalize())),
+            file_name: self.file_name.unwrap_or_else(|| "dataset.jsonl".to_string()),
+            size: self.content.len() as u64,
+            lines: self.lines.finish(),
+        };
+        Ok((info, self.content))
+    }
+}
+
+/// Counts lines with something other than whitespace on them.
+#[derive(Default)]
+struct LineCounter {
+    lines: u64,
+    current_has_content: bool,
+}
+
+impl LineCounter {
+    fn feed(&mut self, data: &[u8]) {
+        for &b in data {
+            if b == b'\n' {
+                self.lines += u64::from(self.current_has_content);
+                self.current_has_content = false;
+            } else if !b.is_ascii_whitespace() {
+                self.current_has_content = true;
+            }
+        }
+    }
+
+    fn finish(self) -> u64 {
+        self.lines + u64::from(self.current_has_content)
+    }
+}
+
+/// Checks, line by line, that every example of a dataset carries a declared
+/// label. Lines that are not JSON objects are left for the worker, which
+/// fails the job with their line number.
+pub struct LabelCheck<'a> {
+    spec: &'a JobSpec,
+    file_name: &'a str,
+    line_no: u64,
+    partial: Vec<u8>,
+}
+
+impl<'a> LabelCheck<'a> {
+    pub fn new(spec: &'a JobSpec, file_name: &'a str) -> Self {
+        Self { spec, file_name, line_no: 0, partial: Vec::new() }
+    }
+
+    /// Checks the complete lines of the next window of the file.
+    pub fn feed(&mut self, window: &[u8]) -> Result<(), SpecError> {
+        let mut rest = window;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = if self.partial.is_empty() {
+                &rest[..end]
+            } else {
+                self.partial.extend_from_slice(&rest[..end]);
+                &self.partial[..]
+            };
+            self.line_no += 1;
+            let result = check_line(self.spec, self.file_name, self.line_no, line);
+            self.partial.clear();
+            result?;
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// Checks the last line when the file does not end with a newline.
+    pub fn finish(mut self) -> Result<(), SpecError> {
+        if self.partial.is_empty() {
+            return Ok(());
+        }
+        self.line_no += 1;
+        check_line(self.spec, self.file_name, self.line_no, &self.partial)
+    }
+}
+
+fn check_line(spec: &JobSpec, file_name: &str, line_no: u64, line: &[u8]) -> Result<(), SpecError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let Ok(serde_json::Value::Object(example)) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Ok(());
+    };
+    let field = &spec.data.label_field;
+    let Some(value) = example.get(field) else {
+        return Err(SpecError::new(
+            "data.label_field",
+            format!("line {line_no} of {file_name} has no {field:?} field; set data.label_field to the field holding the label"),
+        ));
+    };
+    if spec.label_index(value).is_none() {
+        let shown = label_text(value).unwrap_or_else(|| value.to_string());
+        return Err(SpecError::new(
+            "data.labels",
+            format!(
+                "label {shown:?} on line {line_no} of {file_name} is not one of the declared labels {:?}",
+                spec.data.labels
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec::from_toml(
+            r#"
+            name = "t"
+            base_model = "m"
+            task = "sequence_classification"
+            method = "prompt_tuning"
+            [data]
+            train = "a"
+            eval = "b"
+            labels = [0, 1]
+            [training]
+            learning_rate = 0.1
+        "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_label_outside_the_declared_ones_is_reported_with_its_line_even_across_windows() {
+        let spec = spec();
+        let data = b"{\"text\": \"a\", \"label\": 0}\nnot json\n\n{\"text\": \"b\", \"label\": 1}\n{\"text\": \"c\", \"label\": 2}\n";
+        let mut check = LabelCheck::new(&spec, "train.jsonl");
+        let err = data.chunks(7).try_for_each(|w| check.feed(w)).unwrap_err();
+        assert_eq!(err.field, "data.labels");
+        assert_eq!(err.message, r#"label "2" on line 5 of train.jsonl is not one of the declared labels ["0", "1"]"#);
+    }
+
+    #[test]
+    fn the_last_line_without_a_newline_is_checked_and_lines_are_counted() {
+        let spec = spec();
+        let mut check = LabelCheck::new(&spec, "eval.jsonl");
+        check.feed(b"{\"label\": 1}\n{\"label\": \"x\"}").unwrap();
+        assert!(check.finish().unwrap_err().message.contains("label \"x\" on line 2"));
+
+        let mut upload = DatasetUpload::default();
+        upload.push("f.jsonl", b"{\"a\":1}\n\n  \n{\"a\"").unwrap();
+        upload.push("", b":2}").unwrap();
+        let (info, _) = upload.finish().unwrap();
+        assert_eq!((info.lines, info.file_name.as_str()), (2, "f.jsonl"));
+    }
+}

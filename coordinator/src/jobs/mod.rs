@@ -1,0 +1,165 @@
+//! What users do with jobs: submit (with every check that can run before a
+//! worker sees the job), inspect, list, cancel, watch, and fetch results.
+
+mod datasets;
+mod watch;
+
+use futures::Stream;
+use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, ModelLimits, Task};
+use tokio::sync::watch as signal;
+use tracing::info;
+
+pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
+
+use crate::blob;
+use crate::error::Error;
+use crate::events::{EventHub, HubEventKind};
+use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, PageToken};
+use crate::store::{CancelOutcome, Store};
+
+/// Jobs per page when the request does not say.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Most jobs per page.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Bytes of a dataset checked per database read at submit time.
+const CHECK_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The job-facing domain service. Cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    store: Store,
+    hub: EventHub,
+    default_max_attempts: u32,
+    shutdown: signal::Receiver<bool>,
+}
+
+impl Jobs {
+    pub fn new(store: Store, hub: EventHub, default_max_attempts: u32, shutdown: signal::Receiver<bool>) -> Self {
+        Self { store, hub, default_max_attempts, shutdown }
+    }
+
+    /// Validates and stores a job as queued. `default_attempts` replaces the
+    /// spec's `max_attempts` with the coordinator's default.
+    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool) -> Result<Job, Error> {
+        if default_attempts {
+            spec.max_attempts = self.default_max_attempts;
+        }
+        let limits =
+            self.store.model_max_positions(&spec.base_model).await?.map(|max_positions| ModelLimits { max_positions });
+        spec.validate(limits.as_ref())?;
+        let train = self.uploaded_dataset("data.train", &spec.data.train).await?;
+        let eval = self.uploaded_dataset("data.eval", &spec.data.eval).await?;
+        spec.data.train = train.reference.to_string();
+        spec.data.eval = eval.reference.to_string();
+        if spec.task == Task::SequenceClassification {
+            self.check_labels(&spec, &train).await?;
+            if eval.reference != train.reference {
+                self.check_labels(&spec, &eval).await?;
+            }
+        }
+        let examples = match spec.data.max_train_examples {
+            0 => train.lines,
+            limit => limit.min(train.lines),
+        };
+        let id = JobId::new();
+        self.store.insert_job(id, &spec, spec.total_steps(examples)).await?;
+        info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, "job submitted");
+        self.get(id).await
+    }
+
+    pub async fn get(&self, id: JobId) -> Result<Job, Error> {
+        self.store.get_job(id).await?.ok_or_else(|| not_found(id))
+    }
+
+    /// Jobs matching `filter`, newest first; `page_size` 0 means the default
+    /// and larger sizes are capped at [`MAX_PAGE_SIZE`].
+    pub async fn list(&self, filter: &JobFilter, page_size: u32, after: Option<PageToken>) -> Result<JobPage, Error> {
+        let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
+        Ok(self.store.list_jobs(filter, size, after).await?)
+    }
+
+    /// Cancels a queued job at once; asks the worker of a running job to stop.
+    pub async fn cancel(&self, id: JobId) -> Result<Job, Error> {
+        match self.store.cancel_job(id).await? {
+            CancelOutcome::NotFound => return Err(not_found(id)),
+            CancelOutcome::AlreadyFinished(state) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "job {id} already {state}; only queued or running jobs can be cancelled"
+                )))
+            }
+            CancelOutcome::Cancelled => info!(job_id = %id, "queued job cancelled"),
+            CancelOutcome::Requested => info!(job_id = %id, "cancellation requested; waiting for the worker"),
+        }
+        self.hub.publish(id, HubEventKind::Changed);
+        self.get(id).await
+    }
+
+    /// The job now, then its changes until it finishes (see [`watch`]).
+    pub async fn watch(
+        &self,
+        id: JobId,
+    ) -> Result<impl Stream<Item = Result<JobEvent, Error>> + Send + 'static, Error> {
+        watch::watch(self.store.clone(), &self.hub, self.shutdown.clone(), id).await
+    }
+
+    /// Every metric of a job, ordered by step.
+    pub async fn metrics(&self, id: JobId, kind: Option<MetricKind>) -> Result<Vec<Metric>, Error> {
+        self.get(id).await?;
+        Ok(self.store.metrics(id, kind).await?)
+    }
+
+    /// The adapter archive of a succeeded job: its hash and size, and its bytes in chunks.
+    pub async fn adapter(
+        &self,
+        id: JobId,
+    ) -> Result<(BlobInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
+        let job = self.get(id).await?;
+        if job.state != JobState::Succeeded {
+            return Err(Error::FailedPrecondition(format!(
+                "job {id} is {}; its adapter can be downloaded once it has succeeded",
+                job.state
+            )));
+        }
+        let info = job.adapter.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter row")))?;
+        let store = self.store.clone();
+        let chunks = blob::chunks(info.size, move |offset, len| {
+            let store = store.clone();
+            async move { Ok(store.adapter_window(id, offset, len).await?) }
+        });
+        Ok((info, chunks))
+    }
+
+    /// Stores a received dataset (once per content) and returns its reference.
+    pub async fn store_dataset(&self, upload: DatasetUpload) -> Result<DatasetInfo, Error> {
+        let (info, content) = upload.finish()?;
+        let stored = self.store.insert_dataset(&info, &content).await?;
+        info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
+        Ok(stored)
+    }
+
+    async fn uploaded_dataset(&self, field: &str, reference: &str) -> Result<DatasetInfo, Error> {
+        let parsed: DatasetRef = reference.parse().map_err(|e| Error::invalid(field, e))?;
+        self.store.dataset(&parsed).await?.ok_or_else(|| {
+            Error::invalid(field, format!("dataset {parsed} is not uploaded; upload it with UploadDataset first"))
+        })
+    }
+
+    /// Reads the dataset a window at a time and checks every example's label.
+    async fn check_labels(&self, spec: &JobSpec, dataset: &DatasetInfo) -> Result<(), Error> {
+        let mut check = LabelCheck::new(spec, &dataset.file_name);
+        let mut offset = 0;
+        while offset < dataset.size {
+            let window = self.store.dataset_window(&dataset.reference, offset, CHECK_WINDOW_BYTES).await?;
+            if window.is_empty() {
+                return Err(Error::Internal(format!("dataset {} ended at byte {offset}", dataset.reference)));
+            }
+            check.feed(&window)?;
+            offset += window.len() as u64;
+        }
+        Ok(check.finish()?)
+    }
+}
+
+fn not_found(id: JobId) -> Error {
+    Error::NotFound(format!("job {id} not found; list jobs with ListJobs"))
+}

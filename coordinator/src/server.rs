@@ -1,0 +1,140 @@
+//! Wiring: connects the store, applies migrations, starts the reaper, the
+//! gRPC server (with health and reflection) and the HTTP dashboard, and
+//! stops them all gracefully.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use ptune_proto::v1::job_service_server::JobServiceServer;
+use ptune_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dashboard;
+use crate::events::EventHub;
+use crate::grpc::{JobApi, WorkerApi};
+use crate::jobs::Jobs;
+use crate::scheduler::{spawn_reaper, Scheduler, Timing};
+use crate::store::Store;
+
+/// Largest gRPC message accepted (streamed uploads send many small ones).
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// How long shutdown waits for in-flight calls before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts coordinators.
+pub struct Coordinator;
+
+/// A running coordinator. Call [`CoordinatorHandle::shutdown`] to stop it;
+/// dropping the handle instead leaves it serving until the runtime ends.
+pub struct CoordinatorHandle {
+    /// The bound gRPC address (port 0 resolved).
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address (port 0 resolved).
+    pub http_addr: SocketAddr,
+    store: Store,
+    stop: watch::Sender<bool>,
+    health: tonic_health::server::HealthReporter,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: JoinHandle<std::io::Result<()>>,
+    reaper: JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Connects to the database, applies migrations, extends open leases (so
+    /// workers survive a coordinator restart) and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<CoordinatorHandle> {
+        let store = Store::connect(&config.database_url).await.context("connecting to the database")?;
+        store.migrate().await.context("migrating the database")?;
+        let extended = store.extend_open_leases(config.lease_timeout).await?;
+        if extended > 0 {
+            info!(leases = extended, "extended open leases so their workers can reconnect");
+        }
+
+        let (stop, stopped) = watch::channel(false);
+        let hub = EventHub::default();
+        let timing = Timing { lease_timeout: config.lease_timeout, heartbeat_interval: config.heartbeat_interval };
+        let scheduler = Scheduler::new(store.clone(), hub.clone(), timing);
+        let jobs = Jobs::new(store.clone(), hub, config.default_max_attempts, stopped.clone());
+        let reaper = spawn_reaper(scheduler.clone(), stopped.clone());
+
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding the grpc address {}", config.grpc_addr))?;
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the http address {}", config.http_addr))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<JobServiceServer<JobApi>>().await;
+        health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ptune_proto::v1::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let job_service = JobServiceServer::new(JobApi::new(jobs)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let worker_service =
+            WorkerServiceServer::new(WorkerApi::new(scheduler)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(job_service)
+                .add_service(worker_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
+        );
+        let router = dashboard::router(store.clone(), config.lease_timeout);
+        let http =
+            tokio::spawn(axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped)).into_future());
+        info!(addr = %grpc_addr, "grpc listening");
+        info!(addr = %http_addr, "http listening");
+        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper })
+    }
+}
+
+impl CoordinatorHandle {
+    /// Stops accepting calls, lets in-flight calls finish (watch streams end
+    /// with UNAVAILABLE), stops the reaper and closes the database pool.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        info!("shutting down");
+        self.health.set_not_serving::<JobServiceServer<JobApi>>().await;
+        self.health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
+        let _ = self.stop.send(true);
+        let grpc = finish("grpc server", self.grpc).await.map(|r| r.context("grpc server failed"));
+        let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));
+        let _ = finish("reaper", self.reaper).await;
+        self.store.close().await;
+        info!("shut down");
+        grpc.transpose()?;
+        http.transpose()?;
+        Ok(())
+    }
+}
+
+/// Waits for a task for [`SHUTDOWN_GRACE`], then aborts it; `None` if it had to be aborted.
+async fn finish<T>(what: &str, mut task: JoinHandle<T>) -> Option<T> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            warn!(task = what, error = %e, "task panicked during shutdown");
+            None
+        }
+        Err(_) => {
+            warn!(task = what, grace_secs = SHUTDOWN_GRACE.as_secs(), "task did not stop in time; aborting it");
+            task.abort();
+            None
+        }
+    }
+}
+
+async fn stop_signal(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,260 @@
+//! Jobs: insert, read, list, cancel, and the state counts of `/metrics`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use ptune_core::{JobId, JobSpec, JobState, Metric, WorkerId};
+use sqlx::types::Json;
+use sqlx::{PgExecutor, Postgres, Transaction};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{to_i64, to_u32, to_u64, Result, Store};
+use crate::model::{BlobInfo, Job, JobFilter, JobPage, PageToken};
+
+/// The `job_state` Postgres enum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "job_state", rename_all = "lowercase")]
+pub(super) enum DbJobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<DbJobState> for JobState {
+    fn from(s: DbJobState) -> Self {
+        match s {
+            DbJobState::Queued => JobState::Queued,
+            DbJobState::Running => JobState::Running,
+            DbJobState::Succeeded => JobState::Succeeded,
+            DbJobState::Failed => JobState::Failed,
+            DbJobState::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+impl From<JobState> for DbJobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => DbJobState::Queued,
+            JobState::Running => DbJobState::Running,
+            JobState::Succeeded => DbJobState::Succeeded,
+            JobState::Failed => DbJobState::Failed,
+            JobState::Cancelled => DbJobState::Cancelled,
+        }
+    }
+}
+
+/// The columns every job read selects; `WHERE`/`ORDER BY` are appended with `concat!`.
+macro_rules! job_select {
+    () => {
+        "SELECT j.id, j.spec, j.state, j.error, j.attempts, j.max_attempts, j.step, j.total_steps, \
+                j.cancel_requested, j.created_at, j.started_at, j.finished_at, \
+                (SELECT a.worker_id FROM job_attempts a WHERE a.job_id = j.id AND a.ended_at IS NULL) AS worker_id, \
+                ad.sha256 AS adapter_sha256, ad.size AS adapter_size \
+         FROM jobs j LEFT JOIN adapters ad ON ad.job_id = j.id "
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: Uuid,
+    spec: Json<JobSpec>,
+    state: DbJobState,
+    error: String,
+    attempts: i32,
+    max_attempts: i32,
+    step: i64,
+    total_steps: i64,
+    cancel_requested: bool,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    worker_id: Option<Uuid>,
+    adapter_sha256: Option<String>,
+    adapter_size: Option<i64>,
+}
+
+impl JobRow {
+    fn into_job(self, latest_metrics: Vec<Metric>) -> Result<Job> {
+        let adapter = match (self.adapter_sha256, self.adapter_size) {
+            (Some(sha256), Some(size)) => Some(BlobInfo { sha256, size: to_u64(size, "adapter size")? }),
+            _ => None,
+        };
+        Ok(Job {
+            id: JobId(self.id),
+            spec: self.spec.0,
+            state: self.state.into(),
+            error: self.error,
+            attempts: to_u32(self.attempts, "attempts")?,
+            max_attempts: to_u32(self.max_attempts, "max_attempts")?,
+            step: to_u64(self.step, "step")?,
+            total_steps: to_u64(self.total_steps, "total_steps")?,
+            latest_metrics,
+            worker_id: self.worker_id.map(WorkerId),
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            cancel_requested: self.cancel_requested,
+            adapter,
+        })
+    }
+}
+
+/// What a cancellation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Cancelled,
+    /// The job is running; its worker will be told to stop.
+    Requested,
+    /// The job had already finished in this state.
+    AlreadyFinished(JobState),
+    NotFound,
+}
+
+impl Store {
+    /// Stores a new queued job.
+    #[instrument(skip_all, fields(job_id = %id))]
+    pub async fn insert_job(&self, id: JobId, spec: &JobSpec, total_steps: u64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO jobs (id, name, owner, base_model, method, spec, state, max_attempts, total_steps) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8)",
+        )
+        .bind(id.0)
+        .bind(&spec.name)
+        .bind(&spec.owner)
+        .bind(&spec.base_model)
+        .bind(spec.method.as_str())
+        .bind(Json(spec))
+        .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
+        .bind(to_i64(total_steps))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One job with its latest metrics, or `None`.
+    #[instrument(skip_all, fields(job_id = %id))]
+    pub async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        let row: Option<JobRow> =
+            sqlx::query_as(concat!(job_select!(), "WHERE j.id = $1")).bind(id.0).fetch_optional(&self.pool).await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut metrics = latest_metrics(&self.pool, &[id.0]).await?;
+        row.into_job(metrics.remove(&id.0).unwrap_or_default()).map(Some)
+    }
+
+    /// Jobs matching `filter`, newest first, at most `limit`, after `after`.
+    #[instrument(skip_all, fields(limit))]
+    pub async fn list_jobs(&self, filter: &JobFilter, limit: u32, after: Option<PageToken>) -> Result<JobPage> {
+        let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
+        let rows: Vec<JobRow> = sqlx::query_as(concat!(
+            job_select!(),
+            "WHERE (cardinality($1::text[]) = 0 OR j.state = ANY($1::text[]::job_state[])) \
+               AND ($2::text IS NULL OR j.base_model = $2) \
+               AND ($3::text IS NULL OR j.method = $3) \
+               AND ($4::text IS NULL OR starts_with(j.name, $4)) \
+               AND ($5::text IS NULL OR j.owner = $5) \
+               AND ($6::timestamptz IS NULL OR (j.created_at, j.id) < ($6, $7::uuid)) \
+             ORDER BY j.created_at DESC, j.id DESC \
+             LIMIT $8"
+        ))
+        .bind(&states)
+        .bind(filter.base_model.as_deref())
+        .bind(filter.method.map(|m| m.as_str()))
+        .bind(filter.name_prefix.as_deref())
+        .bind(filter.owner.as_deref())
+        .bind(after.map(|t| t.created_at))
+        .bind(after.map(|t| t.id.0))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+
+        let more = rows.len() > limit as usize;
+        let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.id).collect();
+        let mut metrics = latest_metrics(&self.pool, &ids).await?;
+        let jobs = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|row| {
+                let latest = metrics.remove(&row.id).unwrap_or_default();
+                row.into_job(latest)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next = match jobs.last() {
+            Some(last) if more => Some(PageToken { created_at: last.created_at, id: last.id }),
+            _ => None,
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    /// Cancels a queued job at once, or flags a running one for its worker.
+    #[instrument(skip_all, fields(job_id = %id))]
+    pub async fn cancel_job(&self, id: JobId) -> Result<CancelOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let Some(state) = lock_job_state(&mut tx, id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let outcome = match JobState::from(state) {
+            JobState::Queued => {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', error = 'cancelled on request', \
+                     finished_at = now(), updated_at = now() WHERE id = $1",
+                )
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+                CancelOutcome::Cancelled
+            }
+            JobState::Running => {
+                sqlx::query("UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1")
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                CancelOutcome::Requested
+            }
+            finished => CancelOutcome::AlreadyFinished(finished),
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Number of jobs in every state (zero included).
+    pub async fn job_counts(&self) -> Result<Vec<(JobState, u64)>> {
+        let rows: Vec<(DbJobState, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await?;
+        let counts: HashMap<JobState, i64> = rows.into_iter().map(|(s, n)| (s.into(), n)).collect();
+        JobState::ALL.into_iter().map(|s| Ok((s, to_u64(counts.get(&s).copied().unwrap_or(0), "job count")?))).collect()
+    }
+}
+
+/// Locks a job row for the rest of the transaction and returns its state.
+pub(super) async fn lock_job_state(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<DbJobState>> {
+    let state: Option<DbJobState> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id.0)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(state)
+}
+
+/// Latest value of every (kind, name) metric of each job.
+async fn latest_metrics<'e>(db: impl PgExecutor<'e>, ids: &[Uuid]) -> Result<HashMap<Uuid, Vec<Metric>>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<super::metrics::MetricRow> = sqlx::query_as(
+        "SELECT DISTINCT ON (job_id, kind, name) job_id, step, kind, name, value FROM metrics \
+         WHERE job_id = ANY($1) ORDER BY job_id, kind, name, step DESC",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    let mut by_job: HashMap<Uuid, Vec<Metric>> = HashMap::new();
+    for row in rows {
+        let job_id = row.job_id;
+        by_job.entry(job_id).or_default().push(row.into_metric()?);
+    }
+    Ok(by_job)
+}

@@ -1,0 +1,429 @@
+//! Leases: taking a queued job, renewing, fenced reports, completion,
+//! failure, and reaping leases whose worker stopped heartbeating.
+//!
+//! Lock order is always job row, then attempt row; the reaper takes both with
+//! `SKIP LOCKED` and never waits, so these paths cannot deadlock.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ptune_core::{JobId, JobSpec, JobState, WorkerId};
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::jobs::DbJobState;
+use super::metrics::insert_metrics;
+use super::{millis, to_i64, to_u32, to_u64, Result, Store};
+use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport};
+
+/// The result of an operation that only the current lease holder may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fenced<T> {
+    Valid(T),
+    /// The job is not running under this epoch any more.
+    Stale {
+        state: JobState,
+        epoch: u64,
+    },
+    NotFound,
+}
+
+/// What `CompleteJob` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompleteOutcome {
+    Completed,
+    /// This epoch already completed the job with the same adapter: a retry.
+    AlreadyCompleted,
+    /// This epoch already completed the job with another adapter.
+    DifferentAdapter {
+        stored_sha256: String,
+    },
+}
+
+/// What `FailJob` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// The job is in this state now (queued again, failed or cancelled).
+    Ended(JobState),
+    /// This epoch had already ended the same way: a retry; the job is in this state.
+    Replayed(JobState),
+}
+
+/// A lease the reaper ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reaped {
+    pub job_id: JobId,
+    pub worker_id: WorkerId,
+    pub attempt: u32,
+    /// The job's state afterwards.
+    pub state: JobState,
+    pub reason: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct ExpiredLease {
+    job_id: Uuid,
+    attempt: i32,
+    worker_id: Uuid,
+    epoch: i64,
+    state: DbJobState,
+    attempts: i32,
+    max_attempts: i32,
+    cancel_requested: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedJob {
+    state: DbJobState,
+    lease_epoch: i64,
+    cancel_requested: bool,
+    attempts: i32,
+    max_attempts: i32,
+}
+
+impl LockedJob {
+    fn holds(&self, lease: LeaseRef) -> bool {
+        self.state == DbJobState::Running && self.lease_epoch == to_i64(lease.epoch)
+    }
+
+    fn stale<T>(&self) -> Result<Fenced<T>> {
+        Ok(Fenced::Stale { state: self.state.into(), epoch: to_u64(self.lease_epoch, "lease_epoch")? })
+    }
+}
+
+async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<LockedJob>> {
+    let row = sqlx::query_as(
+        "SELECT state, lease_epoch, cancel_requested, attempts, max_attempts FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+/// Closes the open attempt of a lease and returns its worker.
+async fn end_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    lease: LeaseRef,
+    outcome: &str,
+    reason: &str,
+) -> Result<Option<Uuid>> {
+    let worker = sqlx::query_scalar(
+        "UPDATE job_attempts SET ended_at = now(), outcome = $3, reason = $4 \
+         WHERE job_id = $1 AND epoch = $2 AND ended_at IS NULL RETURNING worker_id",
+    )
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .bind(outcome)
+    .bind(reason)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(worker)
+}
+
+async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef, timeout: Duration) -> Result<()> {
+    sqlx::query(
+        "UPDATE job_attempts SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+         WHERE job_id = $1 AND epoch = $2 AND ended_at IS NULL",
+    )
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .bind(millis(timeout))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Leases the oldest queued job on one of `models` to `worker`: the job
+    /// becomes running under a new epoch and a new attempt is opened.
+    #[instrument(skip_all, fields(worker_id = %worker))]
+    pub async fn lease_next_job(
+        &self,
+        worker: WorkerId,
+        models: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Lease>> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE state = 'queued' AND base_model = ANY($1) \
+             ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(models)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else { return Ok(None) };
+        let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
+                 cancel_requested = false, started_at = coalesce(started_at, now()), updated_at = now() \
+             WHERE id = $1 RETURNING spec, attempts, lease_epoch",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at) \
+             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond')",
+        )
+        .bind(id)
+        .bind(attempts)
+        .bind(worker.0)
+        .bind(epoch)
+        .bind(millis(timeout))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(Lease {
+            job_id: JobId(id),
+            epoch: to_u64(epoch, "lease_epoch")?,
+            spec: spec.0,
+            attempt: to_u32(attempts, "attempts")?,
+        }))
+    }
+
+    /// Whether a lease may still complete its job: the job runs under it, or
+    /// it already completed the job (a retried completion). Takes no lock.
+    #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
+    pub async fn check_lease(&self, lease: LeaseRef) -> Result<Fenced<()>> {
+        let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")
+            .bind(lease.job_id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            None => Fenced::NotFound,
+            Some((state, epoch))
+                if epoch == to_i64(lease.epoch) && matches!(state, DbJobState::Running | DbJobState::Succeeded) =>
+            {
+                Fenced::Valid(())
+            }
+            Some((state, epoch)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+        })
+    }
+
+    /// Renews the valid leases among `leases` held by `worker` and returns
+    /// those to stop: leases that are no longer valid, and cancelled jobs.
+    #[instrument(skip_all, fields(worker_id = %worker, leases = leases.len()))]
+    pub async fn renew_leases(
+        &self,
+        worker: WorkerId,
+        leases: &[LeaseRef],
+        timeout: Duration,
+    ) -> Result<Vec<LeaseRef>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id.0).collect();
+        let epochs: Vec<i64> = leases.iter().map(|l| to_i64(l.epoch)).collect();
+        let renewed: Vec<(Uuid, i64, bool)> = sqlx::query_as(
+            "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+             FROM jobs j, UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
+             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
+               AND j.id = a.job_id AND j.state = 'running' AND j.lease_epoch = a.epoch \
+             RETURNING a.job_id, a.epoch, j.cancel_requested",
+        )
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(worker.0)
+        .bind(millis(timeout))
+        .fetch_all(&self.pool)
+        .await?;
+        let keep: HashSet<(Uuid, i64)> =
+            renewed.into_iter().filter(|(_, _, cancel)| !cancel).map(|(id, epoch, _)| (id, epoch)).collect();
+        Ok(leases.iter().copied().filter(|l| !keep.contains(&(l.job_id.0, to_i64(l.epoch)))).collect())
+    }
+
+    /// Records progress and metrics of a lease and renews it. The value is
+    /// whether cancellation was requested.
+    #[instrument(skip_all, fields(job_id = %report.lease.job_id, epoch = report.lease.epoch, step = report.step))]
+    pub async fn report_progress(&self, report: &ProgressReport, timeout: Duration) -> Result<Fenced<bool>> {
+        let lease = report.lease;
+        let mut tx = self.pool.begin().await?;
+        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !job.holds(lease) {
+            return job.stale();
+        }
+        sqlx::query(
+            "UPDATE jobs SET step = $2, total_steps = CASE WHEN $3 > 0 THEN $3 ELSE total_steps END, \
+                 updated_at = now() WHERE id = $1",
+        )
+        .bind(lease.job_id.0)
+        .bind(to_i64(report.step))
+        .bind(to_i64(report.total_steps))
+        .execute(&mut *tx)
+        .await?;
+        renew_attempt(&mut tx, lease, timeout).await?;
+        insert_metrics(&mut *tx, lease.job_id, &report.metrics).await?;
+        tx.commit().await?;
+        Ok(Fenced::Valid(job.cancel_requested))
+    }
+
+    /// Stores the adapter of a lease and marks the job succeeded, all at once.
+    #[instrument(skip_all, fields(job_id = %done.lease.job_id, epoch = done.lease.epoch))]
+    pub async fn complete_job(&self, done: &Completion, adapter: &[u8]) -> Result<Fenced<CompleteOutcome>> {
+        let lease = done.lease;
+        let mut tx = self.pool.begin().await?;
+        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) {
+            let stored: String = sqlx::query_scalar("SELECT sha256 FROM adapters WHERE job_id = $1")
+                .bind(lease.job_id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+            return Ok(Fenced::Valid(if stored == done.adapter_sha256 {
+                CompleteOutcome::AlreadyCompleted
+            } else {
+                CompleteOutcome::DifferentAdapter { stored_sha256: stored }
+            }));
+        }
+        if !job.holds(lease) {
+            return job.stale();
+        }
+        sqlx::query("INSERT INTO adapters (job_id, sha256, size, content) VALUES ($1, $2, $3, $4)")
+            .bind(lease.job_id.0)
+            .bind(&done.adapter_sha256)
+            .bind(to_i64(done.adapter_size))
+            .bind(adapter)
+            .execute(&mut *tx)
+            .await?;
+        insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', step = $2, error = '', cancel_requested = false, \
+                 finished_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(lease.job_id.0)
+        .bind(to_i64(done.step))
+        .execute(&mut *tx)
+        .await?;
+        end_attempt(&mut tx, lease, "succeeded", "").await?;
+        tx.commit().await?;
+        Ok(Fenced::Valid(CompleteOutcome::Completed))
+    }
+
+    /// Ends a lease with an error or a cancellation acknowledgement: the job
+    /// is cancelled, queued again (retryable, attempts left) or failed.
+    #[instrument(skip_all, fields(job_id = %failure.lease.job_id, epoch = failure.lease.epoch))]
+    pub async fn fail_job(&self, failure: &Failure) -> Result<Fenced<FailOutcome>> {
+        let lease = failure.lease;
+        let mut tx = self.pool.begin().await?;
+        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !job.holds(lease) {
+            let ended: Option<Option<String>> =
+                sqlx::query_scalar("SELECT outcome FROM job_attempts WHERE job_id = $1 AND epoch = $2")
+                    .bind(lease.job_id.0)
+                    .bind(to_i64(lease.epoch))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let wanted = if failure.cancelled { "cancelled" } else { "failed" };
+            return match ended.flatten() {
+                Some(outcome) if outcome == wanted => Ok(Fenced::Valid(FailOutcome::Replayed(job.state.into()))),
+                _ => job.stale(),
+            };
+        }
+        let (state, outcome, reason, error) = if failure.cancelled || job.cancel_requested {
+            let reason = "cancelled on request".to_string();
+            (JobState::Cancelled, "cancelled", reason.clone(), reason)
+        } else if failure.retryable && job.attempts < job.max_attempts {
+            (JobState::Queued, "failed", failure.error.clone(), failure.error.clone())
+        } else if failure.retryable {
+            let error = format!("failed {} times; last: {}", job.attempts, failure.error);
+            (JobState::Failed, "failed", failure.error.clone(), error)
+        } else {
+            (JobState::Failed, "failed", failure.error.clone(), failure.error.clone())
+        };
+        end_attempt(&mut tx, lease, outcome, &reason).await?;
+        set_state_after_attempt(&mut tx, lease.job_id, state, &error).await?;
+        tx.commit().await?;
+        Ok(Fenced::Valid(FailOutcome::Ended(state)))
+    }
+
+    /// Ends up to `limit` leases that expired: each job is cancelled (if
+    /// cancellation was requested), queued again, or failed once its
+    /// attempts are used up. Rows another coordinator holds are skipped.
+    #[instrument(skip_all)]
+    pub async fn reap_expired_leases(&self, limit: u32) -> Result<Vec<Reaped>> {
+        let mut tx = self.pool.begin().await?;
+        let expired: Vec<ExpiredLease> = sqlx::query_as(
+            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch, j.state, j.attempts, j.max_attempts, j.cancel_requested \
+             FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.ended_at IS NULL AND a.lease_expires_at < now() \
+             ORDER BY a.lease_expires_at LIMIT $1 \
+             FOR UPDATE OF a, j SKIP LOCKED",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut reaped = Vec::with_capacity(expired.len());
+        for ExpiredLease { job_id, attempt, worker_id, epoch, state, attempts, max_attempts, cancel_requested } in
+            expired
+        {
+            let job = JobId(job_id);
+            let lease = LeaseRef { job_id: job, epoch: to_u64(epoch, "epoch")? };
+            let reason = format!("lease expired: worker {worker_id} stopped heartbeating");
+            end_attempt(&mut tx, lease, "lease_expired", &reason).await?;
+            let next = if state != DbJobState::Running {
+                // An open attempt of a job that is not running is a leftover: just close it.
+                state.into()
+            } else if cancel_requested {
+                set_state_after_attempt(&mut tx, job, JobState::Cancelled, "cancelled on request").await?;
+                JobState::Cancelled
+            } else if attempts < max_attempts {
+                set_state_after_attempt(&mut tx, job, JobState::Queued, &reason).await?;
+                JobState::Queued
+            } else {
+                let lost: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM job_attempts WHERE job_id = $1 AND outcome = 'lease_expired'",
+                )
+                .bind(job_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let error = format!("lease lost {lost} times; last: {reason}");
+                set_state_after_attempt(&mut tx, job, JobState::Failed, &error).await?;
+                JobState::Failed
+            };
+            reaped.push(Reaped {
+                job_id: job,
+                worker_id: WorkerId(worker_id),
+                attempt: to_u32(attempt, "attempt")?,
+                state: next,
+                reason,
+            });
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+
+    /// Gives every open lease a full timeout from now, so workers can
+    /// reconnect after a coordinator restart without losing their jobs.
+    #[instrument(skip_all)]
+    pub async fn extend_open_leases(&self, timeout: Duration) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE job_attempts SET lease_expires_at = greatest(lease_expires_at, now() + $1 * interval '1 millisecond') \
+             WHERE ended_at IS NULL",
+        )
+        .bind(millis(timeout))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Moves a job out of `running` after its attempt ended.
+async fn set_state_after_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    job: JobId,
+    state: JobState,
+    error: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = $2, error = $3, cancel_requested = false, updated_at = now(), \
+             finished_at = CASE WHEN $2 = 'queued'::job_state THEN NULL ELSE now() END \
+         WHERE id = $1",
+    )
+    .bind(job.0)
+    .bind(DbJobState::from(state))
+    .bind(error)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

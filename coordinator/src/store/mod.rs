@@ -1,0 +1,134 @@
+//! All SQL of the coordinator. Every state change is one transaction; rows
+//! that a change depends on are locked (`FOR UPDATE`, `SKIP LOCKED` for
+//! queues), so two coordinators on one database never double-handle a job.
+//! SQLSTATE codes are mapped to [`StoreError`] variants here and nowhere else.
+
+mod adapters;
+pub mod admin;
+mod datasets;
+mod jobs;
+mod leases;
+mod metrics;
+mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tracing::{info, instrument};
+
+pub use jobs::CancelOutcome;
+pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped};
+
+/// Embedded migrations from the top-level `migrations/` folder.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Failures of the store, already sorted by what a caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is shutting down; retry later.
+    #[error("{0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A unique constraint was violated (the named constraint).
+    #[error("conflict on {0}")]
+    Conflict(String),
+    /// A referenced row does not exist (the named constraint).
+    #[error("missing reference {0}")]
+    MissingReference(String),
+    /// A stored value cannot be represented in the domain (a bug or manual edits).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default().into_owned();
+                let constraint = db.constraint().unwrap_or_default().to_string();
+                match code.as_str() {
+                    "23505" => StoreError::Conflict(constraint),
+                    "23503" => StoreError::MissingReference(constraint),
+                    // Connection exceptions, shutdowns, too many connections,
+                    // serialization failures and deadlocks: all worth a retry.
+                    c if c.starts_with("08")
+                        || c.starts_with("57P")
+                        || c == "53300"
+                        || c == "40001"
+                        || c == "40P01" =>
+                    {
+                        StoreError::Unavailable(e)
+                    }
+                    _ => StoreError::Database(e),
+                }
+            }
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects a pool. Calls fail with [`StoreError::Unavailable`] after five
+    /// seconds without a connection rather than hanging.
+    #[instrument(skip_all)]
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool =
+            PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies pending migrations.
+    #[instrument(skip_all)]
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        info!(migrations = MIGRATOR.iter().count(), "database schema is up to date");
+        Ok(())
+    }
+
+    /// Round trip to the database.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Waits for checked-out connections to return, then closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Reads an unsigned domain number stored in a signed column.
+fn to_u64(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+fn to_u32(value: i32, what: &str) -> Result<u32> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+/// Domain numbers are checked to fit before they reach the store; this
+/// saturates rather than wrapping for the impossible rest.
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,213 @@
+//! Shared setup: a coordinator on a fresh database, real gRPC clients over
+//! TCP, and small builders for specs, datasets and workers.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use ptune_coordinator::testing::{fresh_database, TestDatabase};
+use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
+use ptune_proto::v1::job_service_client::JobServiceClient;
+use ptune_proto::v1::worker_service_client::WorkerServiceClient;
+use ptune_proto::v1::{self, complete_job_chunk::Part};
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+pub const MODEL: &str = "tiny-bert";
+
+pub const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n\n{\"text\": \"fine\", \"label\": 1}\n";
+pub const EVAL: &str = "{\"text\": \"superb\", \"label\": 1}\n{\"text\": \"awful\", \"label\": 0}\n";
+
+pub struct Env {
+    pub db: TestDatabase,
+    pub config: Config,
+    pub coordinator: Option<CoordinatorHandle>,
+    pub jobs: JobServiceClient<Channel>,
+    pub workers: WorkerServiceClient<Channel>,
+}
+
+/// A coordinator with the given lease timeout on a fresh database.
+pub async fn start(lease_timeout: Duration) -> Env {
+    let db = fresh_database().await.expect("a test database (is postgres running?)");
+    let mut config = Config::new(db.url.clone());
+    config.lease_timeout = lease_timeout;
+    config.heartbeat_interval = lease_timeout / 4;
+    let coordinator = Coordinator::start(config.clone()).await.expect("coordinator starts");
+    let (jobs, workers) = clients(&coordinator).await;
+    Env { db, config, coordinator: Some(coordinator), jobs, workers }
+}
+
+pub async fn clients(c: &CoordinatorHandle) -> (JobServiceClient<Channel>, WorkerServiceClient<Channel>) {
+    let channel = Channel::from_shared(format!("http://{}", c.grpc_addr)).unwrap().connect().await.unwrap();
+    (JobServiceClient::new(channel.clone()), WorkerServiceClient::new(channel))
+}
+
+impl Env {
+    /// Shuts the coordinator down and starts a new one on the same database.
+    pub async fn restart(&mut self) {
+        self.coordinator.take().unwrap().shutdown().await.expect("graceful shutdown");
+        let coordinator = Coordinator::start(self.config.clone()).await.expect("coordinator restarts");
+        (self.jobs, self.workers) = clients(&coordinator).await;
+        self.coordinator = Some(coordinator);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.shutdown().await.expect("graceful shutdown");
+        }
+    }
+
+    pub async fn upload(&mut self, file_name: &str, content: &str) -> v1::DatasetInfo {
+        let chunks: Vec<v1::DatasetChunk> = content
+            .as_bytes()
+            .chunks(16)
+            .enumerate()
+            .map(|(i, data)| v1::DatasetChunk {
+                file_name: if i == 0 { file_name.to_string() } else { String::new() },
+                data: data.to_vec(),
+            })
+            .collect();
+        self.jobs.upload_dataset(futures::stream::iter(chunks)).await.expect("upload").into_inner()
+    }
+
+    /// Uploads the standard datasets and returns a valid spec using them.
+    pub async fn spec(&mut self, name: &str) -> v1::JobSpec {
+        let train = self.upload("train.jsonl", TRAIN).await.reference;
+        let eval = self.upload("eval.jsonl", EVAL).await.reference;
+        spec(name, &train, &eval)
+    }
+
+    pub async fn submit(&mut self, spec: v1::JobSpec) -> v1::Job {
+        self.jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.expect("submit").into_inner().job.unwrap()
+    }
+
+    pub async fn get(&mut self, id: &str) -> v1::Job {
+        self.jobs.get_job(v1::GetJobRequest { job_id: id.to_string() }).await.expect("get job").into_inner()
+    }
+
+    /// Registers a worker serving [`MODEL`] and returns its id.
+    pub async fn register(&mut self) -> String {
+        let reply = self
+            .workers
+            .register_worker(v1::RegisterWorkerRequest {
+                worker_id: String::new(),
+                hostname: "test-host".into(),
+                devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+                slots: 2,
+                models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        reply.worker_id
+    }
+
+    pub async fn lease(&mut self, worker: &str) -> Option<v1::Lease> {
+        self.workers
+            .lease_job(v1::LeaseJobRequest { worker_id: worker.to_string(), free_slots: 1 })
+            .await
+            .expect("lease")
+            .into_inner()
+            .lease
+    }
+
+    pub async fn heartbeat(&mut self, worker: &str, leases: &[&v1::Lease]) -> v1::HeartbeatResponse {
+        let leases = leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.clone(), epoch: l.epoch }).collect();
+        self.workers
+            .heartbeat(v1::HeartbeatRequest { worker_id: worker.to_string(), leases })
+            .await
+            .expect("heartbeat")
+            .into_inner()
+    }
+
+    pub async fn report(
+        &mut self,
+        lease: &v1::Lease,
+        step: u64,
+        metrics: Vec<v1::Metric>,
+    ) -> Result<bool, tonic::Status> {
+        let req = v1::ReportProgressRequest {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            step,
+            total_steps: 10,
+            metrics,
+        };
+        self.workers.report_progress(req).await.map(|r| r.into_inner().stop)
+    }
+
+    pub async fn complete(&mut self, lease: &v1::Lease, adapter: &[u8]) -> Result<(), tonic::Status> {
+        let header = v1::CompleteJobHeader {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            adapter_sha256: sha256(adapter),
+            adapter_size: adapter.len() as u64,
+            metrics: vec![metric(10, "eval", "accuracy", 0.9)],
+            step: 10,
+        };
+        let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
+        parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));
+        self.workers.complete_job(futures::stream::iter(parts)).await.map(|_| ())
+    }
+
+    pub async fn fail(
+        &mut self,
+        lease: &v1::Lease,
+        error: &str,
+        cancelled: bool,
+        retryable: bool,
+    ) -> Result<(), tonic::Status> {
+        let req = v1::FailJobRequest {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            error: error.into(),
+            cancelled,
+            retryable,
+        };
+        self.workers.fail_job(req).await.map(|_| ())
+    }
+
+    /// Polls the job until `done` holds, for at most `secs` seconds.
+    pub async fn wait_for(&mut self, id: &str, secs: u64, done: impl Fn(&v1::Job) -> bool) -> v1::Job {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let job = self.get(id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job did not get there within {secs} s: {job:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn spec(name: &str, train: &str, eval: &str) -> v1::JobSpec {
+    v1::JobSpec {
+        name: name.into(),
+        base_model: MODEL.into(),
+        task: v1::Task::SequenceClassification as i32,
+        method: v1::Method::PromptTuning as i32,
+        peft: Some(v1::PeftConfig { num_virtual_tokens: 20, ..Default::default() }),
+        data: Some(v1::DataConfig {
+            train: train.into(),
+            eval: eval.into(),
+            labels: vec!["0".into(), "1".into()],
+            max_seq_len: 64,
+            ..Default::default()
+        }),
+        training: Some(v1::TrainingConfig { learning_rate: 0.03, batch_size: 2, ..Default::default() }),
+        max_attempts: 0,
+        owner: "alice".into(),
+    }
+}
+
+pub fn metric(step: u64, kind: &str, name: &str, value: f64) -> v1::Metric {
+    v1::Metric { step, kind: kind.into(), name: name.into(), value }
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn state(job: &v1::Job) -> v1::JobState {
+    v1::JobState::try_from(job.state).unwrap()
+}

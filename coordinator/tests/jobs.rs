@@ -1,0 +1,261 @@
+//! What a user sees through JobService: submitting, validation, listing,
+//! datasets, cancellation of queued jobs, and the health endpoints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{state, EVAL, MODEL, TRAIN};
+use ptune_proto::v1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+#[tokio::test]
+async fn submitted_jobs_can_be_fetched_and_listed_with_filters_and_pages() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let base = env.spec("sst2-a").await;
+    let a = env.submit(base.clone()).await;
+    let b = env.submit(v1::JobSpec { name: "sst2-b".into(), ..base.clone() }).await;
+    let c = env.submit(v1::JobSpec { name: "other".into(), owner: "bob".into(), ..base.clone() }).await;
+
+    assert_eq!(state(&a), v1::JobState::Queued);
+    assert_eq!((a.attempts, a.max_attempts), (0, 3), "max_attempts 0 takes the coordinator default");
+    assert_eq!(a.total_steps, 2, "3 examples in batches of 2 for one epoch");
+    let stored = a.spec.clone().unwrap();
+    assert_eq!((stored.name.as_str(), stored.owner.as_str()), ("sst2-a", "alice"));
+    assert_eq!(stored.data.as_ref().unwrap().train, base.data.as_ref().unwrap().train);
+    assert_eq!(env.get(&a.id).await, a, "GetJob returns what SubmitJob returned");
+
+    let list = |req: v1::ListJobsRequest| {
+        let mut client = env.jobs.clone();
+        async move { client.list_jobs(req).await.unwrap().into_inner() }
+    };
+    let names =
+        |r: &v1::ListJobsResponse| r.jobs.iter().map(|j| j.spec.as_ref().unwrap().name.clone()).collect::<Vec<_>>();
+    let all = list(v1::ListJobsRequest::default()).await;
+    assert_eq!(names(&all), ["other", "sst2-b", "sst2-a"], "newest first");
+    assert!(all.next_page_token.is_empty());
+    let prefix = list(v1::ListJobsRequest { name_prefix: "sst2".into(), ..Default::default() }).await;
+    assert_eq!(names(&prefix), ["sst2-b", "sst2-a"]);
+    let bob = list(v1::ListJobsRequest { owner: "bob".into(), ..Default::default() }).await;
+    assert_eq!(names(&bob), ["other"]);
+    let running = list(v1::ListJobsRequest { states: vec![v1::JobState::Running as i32], ..Default::default() }).await;
+    assert!(running.jobs.is_empty());
+    let queued = list(v1::ListJobsRequest {
+        states: vec![v1::JobState::Queued as i32],
+        method: v1::Method::PromptTuning as i32,
+        base_model: MODEL.into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(queued.jobs.len(), 3);
+
+    let first = list(v1::ListJobsRequest { page_size: 2, ..Default::default() }).await;
+    assert_eq!(names(&first), ["other", "sst2-b"]);
+    assert!(!first.next_page_token.is_empty());
+    let second =
+        list(v1::ListJobsRequest { page_size: 2, page_token: first.next_page_token, ..Default::default() }).await;
+    assert_eq!(names(&second), ["sst2-a"]);
+    assert!(second.next_page_token.is_empty(), "the last page has no token");
+    assert_eq!(
+        [&first.jobs[..], &second.jobs[..]].concat().iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&c.id, &b.id, &a.id]
+    );
+
+    let missing = env.jobs.get_job(v1::GetJobRequest { job_id: uuid_like() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let garbage = env.jobs.get_job(v1::GetJobRequest { job_id: "job-1".into() }).await.unwrap_err();
+    assert_eq!(garbage.code(), Code::InvalidArgument);
+    assert!(garbage.message().starts_with("job_id: "), "{}", garbage.message());
+    let bad_token =
+        env.jobs.list_jobs(v1::ListJobsRequest { page_token: "x".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(bad_token.code(), Code::InvalidArgument);
+    assert!(bad_token.message().starts_with("page_token: "), "{}", bad_token.message());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let good = env.spec("good").await;
+    let client = env.jobs.clone();
+    let submit = |spec: v1::JobSpec| {
+        let mut client = client.clone();
+        async move { client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap_err() }
+    };
+
+    let mut no_prompt = good.clone();
+    no_prompt.peft.as_mut().unwrap().num_virtual_tokens = 0;
+    let err = submit(no_prompt).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("peft.num_virtual_tokens: prompt length must be between 1 and 512"),
+        "{}",
+        err.message()
+    );
+
+    let mut no_rate = good.clone();
+    no_rate.training.as_mut().unwrap().learning_rate = 0.0;
+    let err = submit(no_rate).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("training.learning_rate: "), "{}", err.message());
+
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let mut not_uploaded = good.clone();
+    not_uploaded.data.as_mut().unwrap().train = unknown.clone();
+    let err = submit(not_uploaded).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        format!("data.train: dataset {unknown} is not uploaded; upload it with UploadDataset first")
+    );
+
+    let bad = env
+        .upload("bad.jsonl", "{\"text\": \"a\", \"label\": 0}\nnot json at all\n{\"text\": \"b\", \"label\": 2}\n")
+        .await;
+    let mut bad_label = good.clone();
+    bad_label.data.as_mut().unwrap().eval = bad.reference;
+    let err = submit(bad_label).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        r#"data.labels: label "2" on line 3 of bad.jsonl is not one of the declared labels ["0", "1"]"#
+    );
+
+    // Once a worker says how many positions the model has, prompts must fit them.
+    env.workers
+        .register_worker(v1::RegisterWorkerRequest {
+            hostname: "h".into(),
+            slots: 1,
+            models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 80, ..Default::default() }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = submit(good).await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("peft.num_virtual_tokens: prompt length 20 plus data.max_seq_len 64 exceeds the 80 positions"),
+        "{}",
+        err.message()
+    );
+
+    let jobs = env.jobs.list_jobs(v1::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert!(jobs.is_empty(), "refused specs store nothing");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn datasets_are_stored_once_per_content_and_served_back_to_workers() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let first = env.upload("train.jsonl", TRAIN).await;
+    let again = env.upload("copy.jsonl", TRAIN).await;
+    let other = env.upload("eval.jsonl", EVAL).await;
+    assert_eq!(first.reference, format!("sha256:{}", common::sha256(TRAIN.as_bytes())));
+    assert_eq!(again, first, "the same bytes give the same reference and record");
+    assert_eq!((first.lines, first.size_bytes, first.file_name.as_str()), (3, TRAIN.len() as u64, "train.jsonl"));
+    assert_ne!(other.reference, first.reference);
+
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM datasets").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 2);
+    pool.close().await;
+
+    let mut stream = env
+        .workers
+        .download_dataset(v1::DownloadDatasetRequest { reference: first.reference.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend(chunk.data);
+    }
+    assert_eq!(bytes, TRAIN.as_bytes());
+
+    let unknown = format!("sha256:{}", "1".repeat(64));
+    let err = env.workers.download_dataset(v1::DownloadDatasetRequest { reference: unknown }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let empty = env.jobs.upload_dataset(futures::stream::iter(Vec::<v1::DatasetChunk>::new())).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_job_is_cancelled_at_once_and_never_leased() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("to-cancel").await;
+    let job = env.submit(spec).await;
+    let cancelled = env.jobs.cancel_job(v1::CancelJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(state(&cancelled), v1::JobState::Cancelled);
+    assert!(!cancelled.finished_at.is_empty());
+
+    let worker = env.register().await;
+    assert!(env.lease(&worker).await.is_none(), "a cancelled job is not leased");
+    let again = env.jobs.cancel_job(v1::CancelJobRequest { job_id: job.id.clone() }).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert!(again.message().contains("already cancelled"), "{}", again.message());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn health_reflection_and_prometheus_metrics_are_served() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("counted").await;
+    env.submit(spec).await;
+    env.register().await;
+    let coordinator = env.coordinator.as_ref().unwrap();
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", coordinator.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let reply =
+        reflection.server_reflection_info(futures::stream::iter([list])).await.unwrap().into_inner().message().await;
+    let Some(MessageResponse::ListServicesResponse(services)) = reply.unwrap().unwrap().message_response else {
+        panic!("reflection did not list services");
+    };
+    let services: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
+    assert!(services.contains(&"ptune.v1.JobService".to_string()), "{services:?}");
+    assert!(services.contains(&"ptune.v1.WorkerService".to_string()), "{services:?}");
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["ptune.v1.JobService", "ptune.v1.WorkerService"] {
+        let reply =
+            health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(reply.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
+    }
+
+    let healthz = http_get(coordinator.http_addr, "/healthz").await;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(healthz.ends_with("ok"), "{healthz}");
+    let metrics = http_get(coordinator.http_addr, "/metrics").await;
+    assert!(metrics.contains("ptune_jobs{state=\"queued\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("ptune_jobs{state=\"running\"} 0\n"), "{metrics}");
+    assert!(metrics.contains("ptune_workers_online 1\n"), "{metrics}");
+    env.stop().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+fn uuid_like() -> String {
+    "00000000-0000-4000-8000-000000000000".into()
+}

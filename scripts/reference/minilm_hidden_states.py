@@ -1,0 +1,102 @@
+"""Writes worker/tests/fixtures/minilm_hidden_states.json: reference outputs of
+Hugging Face transformers (and PEFT prompt tuning) on all-MiniLM-L6-v2, which
+worker/tests/engine_parity.rs compares the Rust engine against.
+
+Usage (from the repository root, after `source scripts/env.sh`):
+    python scripts/reference/minilm_hidden_states.py [--model DIR] [--out FILE]
+
+The model folder defaults to $PTUNE_MINILM_DIR. Nothing is downloaded.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+SENTENCES = [
+    "a gripping, moving film.",
+    "the plot is thin and the jokes fall flat.",
+    "an uneven but often charming portrait of two sisters growing up in paris.",
+]
+TRUNCATION_TEXT = "this sentence is long enough to be cut by a short maximum length"
+TRUNCATION_MAX_LENGTH = 8
+PROMPT_TOKENS = 5
+PROMPT_LABELS = 3
+SEED = 1234
+
+
+def rounded(tensor):
+    """Nested lists of floats with 7 significant digits (keeps the file small)."""
+
+    def walk(x):
+        return [walk(v) for v in x] if isinstance(x, list) else float(f"{x:.7g}")
+
+    return walk(tensor.detach().tolist())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    root = Path(__file__).resolve().parents[2]
+    parser.add_argument("--model", default=os.environ.get("PTUNE_MINILM_DIR"))
+    parser.add_argument("--out", default=root / "worker/tests/fixtures/minilm_hidden_states.json")
+    args = parser.parse_args()
+    if not args.model:
+        parser.error("set PTUNE_MINILM_DIR or pass --model")
+
+    torch.manual_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    lengths = batch["attention_mask"].sum(1).tolist()
+
+    encoder = AutoModel.from_pretrained(args.model).eval()
+    with torch.no_grad():
+        out = encoder(**batch)
+    hidden = [out.last_hidden_state[i, :n] for i, n in enumerate(lengths)]
+
+    truncated = tokenizer(TRUNCATION_TEXT, truncation=True, max_length=TRUNCATION_MAX_LENGTH)["input_ids"]
+
+    # A prompt-tuned classifier as PEFT builds it, with a random prompt and a
+    # random (non-zero bias) head, evaluated in eval mode.
+    classifier = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=PROMPT_LABELS)
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=PROMPT_TOKENS,
+        prompt_tuning_init=PromptTuningInit.RANDOM,
+    )
+    model = get_peft_model(classifier, config).eval()
+    head = model.base_model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        head.bias.normal_(0, 0.1)
+        logits = model(**batch).logits
+    prompt = model.prompt_encoder["default"].embedding.weight
+
+    fixture = {
+        "generator": "scripts/reference/minilm_hidden_states.py",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "sentences": SENTENCES,
+        "input_ids": batch["input_ids"].tolist(),
+        "attention_mask": batch["attention_mask"].tolist(),
+        "last_hidden_state": [rounded(h) for h in hidden],
+        "pooler_output": rounded(out.pooler_output),
+        "truncation": {"text": TRUNCATION_TEXT, "max_length": TRUNCATION_MAX_LENGTH, "input_ids": truncated},
+        "prompt_tuning": {
+            "num_virtual_tokens": PROMPT_TOKENS,
+            "num_labels": PROMPT_LABELS,
+            "prompt_embeddings": rounded(prompt),
+            "classifier_weight": rounded(head.weight),
+            "classifier_bias": rounded(head.bias),
+            "logits": rounded(logits),
+        },
+    }
+    Path(args.out).write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()

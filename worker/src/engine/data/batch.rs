@@ -1,0 +1,95 @@
+//! Batching: seeded per-epoch shuffles for training, length-sorted batches
+//! for evaluation, and collation with padding to the longest example of the
+//! batch (dynamic padding).
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Device, Tensor};
+
+use super::Example;
+
+/// A padded batch on the training device.
+pub struct Batch {
+    /// `[batch, longest]` token ids, `pad_id` after each example's end.
+    pub input_ids: Tensor,
+    /// `[batch, longest]` 1 at real tokens, 0 at padding.
+    pub attention_mask: Tensor,
+    /// `[batch]` label indices.
+    pub labels: Tensor,
+    pub len: usize,
+}
+
+impl Batch {
+    pub fn collate(examples: &[Example], indices: &[usize], pad_id: i64, device: Device) -> Self {
+        let longest = indices.iter().map(|&i| examples[i].ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(indices.len() * longest);
+        let mut mask = Vec::with_capacity(indices.len() * longest);
+        for &i in indices {
+            let example = &examples[i].ids;
+            ids.extend_from_slice(example);
+            ids.extend(std::iter::repeat_n(pad_id, longest - example.len()));
+            mask.extend(std::iter::repeat_n(1i64, example.len()));
+            mask.extend(std::iter::repeat_n(0i64, longest - example.len()));
+        }
+        let shape = [indices.len() as i64, longest as i64];
+        let labels: Vec<i64> = indices.iter().map(|&i| examples[i].label).collect();
+        Self {
+            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+            attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+            labels: Tensor::from_slice(&labels).to_device(device),
+            len: indices.len(),
+        }
+    }
+}
+
+/// Training batches: each epoch visits every example once in an order drawn
+/// from a generator seeded by the job's seed; the last batch of an epoch may
+/// be smaller, as with a PyTorch `DataLoader` that keeps it.
+pub struct EpochBatches {
+    examples: usize,
+    batch_size: usize,
+    rng: StdRng,
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+}
+
+impl EpochBatches {
+    pub fn new(examples: usize, batch_size: usize, seed: u64) -> Self {
+        Self {
+            examples,
+            batch_size: batch_size.max(1),
+            rng: StdRng::seed_from_u64(seed),
+            order: Vec::new(),
+            cursor: 0,
+            epoch: 0,
+        }
+    }
+
+    /// Indices of the next batch, starting a new epoch when one ends.
+    pub fn next_batch(&mut self) -> &[usize] {
+        if self.cursor >= self.order.len() {
+            self.order = (0..self.examples).collect();
+            self.order.shuffle(&mut self.rng);
+            self.cursor = 0;
+            self.epoch += 1;
+        }
+        let start = self.cursor;
+        self.cursor = (start + self.batch_size).min(self.order.len());
+        &self.order[start..self.cursor]
+    }
+
+    /// 1-based epoch of the last batch returned.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+/// Evaluation batches: examples sorted by length so that each batch pads
+/// little; the order does not change the metrics.
+pub fn length_sorted_batches(examples: &[Example], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+}

@@ -1,0 +1,15 @@
+//! Examples for training and evaluation: JSON Lines files read into labelled
+//! texts, tokenized once, and batched with per-batch padding.
+
+pub mod batch;
+pub mod jsonl;
+pub mod tokenize;
+
+/// One tokenized example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    /// Token ids with special tokens, truncated to `data.max_seq_len`.
+    pub ids: Vec<i64>,
+    /// Index into the spec's `data.labels`.
+    pub label: i64,
+}

@@ -1,0 +1,67 @@
+//! Tokenization with the model's `tokenizer.json` (Hugging Face `tokenizers`).
+//! The file's own padding setting is switched off: batches are padded to
+//! their longest example instead (see `batch.rs`).
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::engine::EngineError;
+
+/// A model's tokenizer, producing ids with special tokens and no padding.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pad_id: i64,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Model(format!("cannot read tokenizer {}: {e}", path.display())))?;
+        let pad_id = inner
+            .get_padding()
+            .map(|padding| padding.pad_id)
+            .or_else(|| inner.token_to_id("[PAD]"))
+            .unwrap_or(0);
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| EngineError::Model(format!("tokenizer {}: {e}", path.display())))?;
+        Ok(Self { inner, pad_id: i64::from(pad_id) })
+    }
+
+    /// Id that fills padding positions.
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    /// Ids of `text` with special tokens, not truncated.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, EngineError> {
+        let encoding = self.inner.encode(text, true).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// Ids of each text with special tokens, truncated to `max_len` tokens in
+    /// all (special tokens included), as `tokenizer(text, truncation=True,
+    /// max_length=max_len)` does in Python.
+    pub fn encode_batch(&self, texts: Vec<&str>, max_len: usize) -> Result<Vec<Vec<i64>>, EngineError> {
+        let mut tokenizer = self.inner.clone();
+        let truncation = TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        };
+        tokenizer
+            .with_truncation(Some(truncation))
+            .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        let encodings = tokenizer
+            .encode_batch(texts, true)
+            .map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        Ok(encodings
+            .iter()
+            .map(|encoding| encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+            .collect())
+    }
+}

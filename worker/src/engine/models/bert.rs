@@ -1,0 +1,432 @@
+//! BERT encoder (Devlin et al. 2019, <https://arxiv.org/abs/1810.04805>) as
+//! Hugging Face `BertModel` computes it: embeddings (word + position + token
+//! type, LayerNorm), post-LayerNorm transformer layers and the tanh pooler.
+//! Variable names follow the checkpoint, so `model.safetensors` loads one to one.
+//!
+//! The forward works on the batch's real tokens only: attention masks mark
+//! padding, and every per-token operation (projections, feed-forward, layer
+//! norms) runs on the packed `[tokens, hidden]` rows, while attention scatters
+//! keys and values back into a padded `[batch, heads, seq, head_dim]` layout.
+//! Outputs at real positions equal the padded computation; only work on
+//! padding is skipped.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::CONFIG_FILE;
+use crate::engine::EngineError;
+
+/// The fields of a Hugging Face BERT `config.json` the encoder uses.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    pub model_type: String,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: i64,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+    #[serde(default = "default_position_embedding_type")]
+    pub position_embedding_type: String,
+    /// Dropout before a classification head; `hidden_dropout_prob` when absent.
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab_size() -> i64 {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+fn default_position_embedding_type() -> String {
+    "absolute".into()
+}
+
+impl BertConfig {
+    /// Model types whose checkpoints this encoder reads.
+    pub const MODEL_TYPES: [&'static str; 1] = ["bert"];
+
+    /// Reads and checks `config.json` in a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Model(format!("{} is not a BERT config: {e}", path.display())))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        if !Self::MODEL_TYPES.contains(&self.model_type.as_str()) {
+            return Err(EngineError::Model(format!(
+                "unsupported model_type {:?}; supported: {}",
+                self.model_type,
+                Self::MODEL_TYPES.join(", ")
+            )));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(EngineError::Model(format!(
+                "unsupported position_embedding_type {:?}; supported: absolute",
+                self.position_embedding_type
+            )));
+        }
+        Activation::parse(&self.hidden_act)?;
+        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(EngineError::Model(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Activation {
+    /// Exact GELU, `x * Φ(x)` with the error function (HF "gelu").
+    Gelu,
+    /// Tanh approximation of GELU (HF "gelu_new", "gelu_pytorch_tanh").
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Result<Self, EngineError> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => Err(EngineError::Model(format!(
+                "unsupported hidden_act {other:?}; supported: gelu, gelu_new, gelu_pytorch_tanh, relu"
+            ))),
+        }
+    }
+
+    fn apply(self, xs: &Tensor) -> Tensor {
+        match self {
+            Self::Gelu => xs.gelu("none"),
+            Self::GeluTanh => xs.gelu("tanh"),
+            Self::Relu => xs.relu(),
+        }
+    }
+}
+
+/// The real tokens of a right- or arbitrarily-padded batch, packed into rows.
+struct Packing {
+    batch: i64,
+    seq: i64,
+    /// `[tokens]` flat index `b * seq + s` of every real token, in order.
+    rows: Tensor,
+    /// `[batch]` row of each example's first position; valid when every
+    /// example's position 0 is a real token.
+    first_rows: Tensor,
+    /// `[batch, 1, 1, seq]` true where a key may be attended to.
+    key_mask: Tensor,
+}
+
+impl Packing {
+    fn new(attention_mask: &Tensor) -> Self {
+        let (batch, seq) = attention_mask.size2().expect("attention mask is [batch, seq]");
+        let mask = attention_mask.ne(0);
+        let rows = mask.reshape([-1]).nonzero().squeeze_dim(1);
+        let lengths = mask.sum_dim_intlist(1, false, Kind::Int64);
+        let first_rows = lengths.cumsum(0, Kind::Int64) - &lengths;
+        let key_mask = mask.view([batch, 1, 1, seq]);
+        Self { batch, seq, rows, first_rows, key_mask }
+    }
+
+    /// `[batch, seq, n]` -> `[tokens, n]`.
+    fn pack(&self, xs: &Tensor) -> Tensor {
+        let n = xs.size()[2];
+        xs.reshape([-1, n]).index_select(0, &self.rows)
+    }
+
+    /// `[tokens, n]` -> `[batch, seq, n]`, zeros at padding.
+    fn unpack(&self, xs: &Tensor) -> Tensor {
+        let n = xs.size()[1];
+        Tensor::zeros([self.batch * self.seq, n], (xs.kind(), xs.device()))
+            .index_copy(0, &self.rows, xs)
+            .view([self.batch, self.seq, n])
+    }
+}
+
+/// Which positions a layer computes outputs for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Queries {
+    /// Every real token: `[tokens, hidden]` out.
+    All,
+    /// Only each example's position 0: `[batch, hidden]` out. Keys and values
+    /// still come from every real token.
+    First,
+}
+
+struct BertEmbeddings {
+    word_embeddings: nn::Embedding,
+    position_embeddings: nn::Embedding,
+    token_type_embeddings: nn::Embedding,
+    layer_norm: nn::LayerNorm,
+    dropout: f64,
+}
+
+impl BertEmbeddings {
+    fn new(p: &nn::Path, cfg: &BertConfig) -> Self {
+        let embedding = |name: &str, rows: i64| nn::embedding(p / name, rows, cfg.hidden_size, Default::default());
+        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        Self {
+            word_embeddings: embedding("word_embeddings", cfg.vocab_size),
+            position_embeddings: embedding("position_embeddings", cfg.max_position_embeddings),
+            token_type_embeddings: embedding("token_type_embeddings", cfg.type_vocab_size),
+            layer_norm: nn::layer_norm(p / "LayerNorm", vec![cfg.hidden_size], ln),
+            dropout: cfg.hidden_dropout_prob,
+        }
+    }
+
+    /// Positions run 0..seq over whatever `inputs_embeds` holds, as HF does
+    /// when given `inputs_embeds`: a prepended prompt takes the first ones.
+    fn forward(&self, inputs_embeds: &Tensor, token_type_ids: Option<&Tensor>, train: bool) -> Tensor {
+        let seq = inputs_embeds.size()[1];
+        let positions = Tensor::arange(seq, (Kind::Int64, inputs_embeds.device()));
+        // [seq, hidden], broadcast over the batch
+        let position_embeds = self.position_embeddings.forward(&positions);
+        let token_type_embeds = match token_type_ids {
+            Some(ids) => self.token_type_embeddings.forward(ids),
+            None => self.token_type_embeddings.ws.get(0),
+        };
+        let embeds = inputs_embeds + position_embeds + token_type_embeds;
+        self.layer_norm.forward(&embeds).dropout(self.dropout, train)
+    }
+}
+
+struct BertSelfAttention {
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    heads: i64,
+    head_dim: i64,
+    dropout: f64,
+}
+
+impl BertSelfAttention {
+    fn new(p: &nn::Path, cfg: &BertConfig) -> Self {
+        let h = cfg.hidden_size;
+        Self {
+            query: nn::linear(p / "query", h, h, Default::default()),
+            key: nn::linear(p / "key", h, h, Default::default()),
+            value: nn::linear(p / "value", h, h, Default::default()),
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            dropout: cfg.attention_probs_dropout_prob,
+        }
+    }
+
+    /// `[tokens, hidden]` in; `[tokens, hidden]` or `[batch, hidden]` out.
+    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, train: bool) -> Tensor {
+        let (b, s) = (packing.batch, packing.seq);
+        // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
+        let split = |xs: Tensor, len: i64| xs.view([b, len, self.heads, self.head_dim]).transpose(1, 2);
+        let key = split(packing.unpack(&self.key.forward(hidden)), s);
+        let value = split(packing.unpack(&self.value.forward(hidden)), s);
+        let query = match queries {
+            Queries::All => split(packing.unpack(&self.query.forward(hidden)), s),
+            Queries::First => split(self.query.forward(&hidden.index_select(0, &packing.first_rows)), 1),
+        };
+        let dropout = if train { self.dropout } else { 0.0 };
+        // [batch, heads, queries, head_dim]
+        let context = Tensor::scaled_dot_product_attention(
+            &query,
+            &key,
+            &value,
+            Some(&packing.key_mask),
+            dropout,
+            false,
+            None,
+            false,
+        );
+        let hidden_size = self.heads * self.head_dim;
+        match queries {
+            Queries::All => packing.pack(&context.transpose(1, 2).reshape([b, s, hidden_size])),
+            Queries::First => context.reshape([b, hidden_size]),
+        }
+    }
+}
+
+/// A dense layer, dropout, residual and LayerNorm (`BertSelfOutput`, `BertOutput`).
+struct ResidualNorm {
+    dense: nn::Linear,
+    layer_norm: nn::LayerNorm,
+    dropout: f64,
+}
+
+impl ResidualNorm {
+    fn new(p: &nn::Path, cfg: &BertConfig, in_dim: i64) -> Self {
+        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        Self {
+            dense: nn::linear(p / "dense", in_dim, cfg.hidden_size, Default::default()),
+            layer_norm: nn::layer_norm(p / "LayerNorm", vec![cfg.hidden_size], ln),
+            dropout: cfg.hidden_dropout_prob,
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, residual: &Tensor, train: bool) -> Tensor {
+        let xs = self.dense.forward(xs).dropout(self.dropout, train);
+        self.layer_norm.forward(&(xs + residual))
+    }
+}
+
+struct BertLayer {
+    attention: BertSelfAttention,
+    attention_output: ResidualNorm,
+    intermediate: nn::Linear,
+    activation: Activation,
+    output: ResidualNorm,
+}
+
+impl BertLayer {
+    fn new(p: &nn::Path, cfg: &BertConfig) -> Self {
+        let attention = p / "attention";
+        Self {
+            attention: BertSelfAttention::new(&(&attention / "self"), cfg),
+            attention_output: ResidualNorm::new(&(&attention / "output"), cfg, cfg.hidden_size),
+            intermediate: nn::linear(p / "intermediate" / "dense", cfg.hidden_size, cfg.intermediate_size, Default::default()),
+            activation: Activation::parse(&cfg.hidden_act).expect("config checked on load"),
+            output: ResidualNorm::new(&(p / "output"), cfg, cfg.intermediate_size),
+        }
+    }
+
+    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, train: bool) -> Tensor {
+        let context = self.attention.forward(hidden, packing, queries, train);
+        let residual = match queries {
+            Queries::All => hidden.shallow_clone(),
+            Queries::First => hidden.index_select(0, &packing.first_rows),
+        };
+        let attended = self.attention_output.forward(&context, &residual, train);
+        let intermediate = self.activation.apply(&self.intermediate.forward(&attended));
+        self.output.forward(&intermediate, &attended, train)
+    }
+}
+
+struct BertPooler {
+    dense: nn::Linear,
+}
+
+impl BertPooler {
+    fn new(p: &nn::Path, cfg: &BertConfig) -> Self {
+        Self { dense: nn::linear(p / "dense", cfg.hidden_size, cfg.hidden_size, Default::default()) }
+    }
+
+    fn forward(&self, first: &Tensor) -> Tensor {
+        self.dense.forward(first).tanh()
+    }
+}
+
+/// The BERT encoder, optionally with its pooler.
+pub struct BertModel {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    pooler: Option<BertPooler>,
+    hidden_size: i64,
+}
+
+impl BertModel {
+    /// Declares the encoder's variables under `p` (`embeddings.*`,
+    /// `encoder.layer.N.*`, and `pooler.dense.*` when `with_pooler`).
+    pub fn new(p: &nn::Path, cfg: &BertConfig, with_pooler: bool) -> Self {
+        let layers_path = p / "encoder" / "layer";
+        Self {
+            embeddings: BertEmbeddings::new(&(p / "embeddings"), cfg),
+            layers: (0..cfg.num_hidden_layers).map(|i| BertLayer::new(&(&layers_path / i), cfg)).collect(),
+            pooler: with_pooler.then(|| BertPooler::new(&(p / "pooler"), cfg)),
+            hidden_size: cfg.hidden_size,
+        }
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        self.hidden_size
+    }
+
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
+    }
+
+    /// `[vocab, hidden]` word embedding table.
+    pub fn word_embeddings(&self) -> &Tensor {
+        &self.embeddings.word_embeddings.ws
+    }
+
+    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
+    pub fn embed_ids(&self, input_ids: &Tensor) -> Tensor {
+        self.embeddings.word_embeddings.forward(input_ids)
+    }
+
+    /// Last hidden state `[batch, seq, hidden]` for `inputs_embeds`
+    /// `[batch, seq, hidden]` and `attention_mask` `[batch, seq]` (1 real,
+    /// 0 padding); zeros at padding. Token types default to 0.
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let packing = Packing::new(attention_mask);
+        let mut hidden = packing.pack(&self.embeddings.forward(inputs_embeds, token_type_ids, train));
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, &packing, Queries::All, train);
+        }
+        packing.unpack(&hidden)
+    }
+
+    /// Last hidden state at position 0 only, `[batch, hidden]`: what a
+    /// pooled classifier needs. The last layer computes queries, attention
+    /// output and feed-forward for that position alone. Position 0 of every
+    /// example must be a real token.
+    pub fn forward_first(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let packing = Packing::new(attention_mask);
+        let mut hidden = packing.pack(&self.embeddings.forward(inputs_embeds, token_type_ids, train));
+        let Some((last, rest)) = self.layers.split_last() else {
+            return hidden.index_select(0, &packing.first_rows);
+        };
+        for layer in rest {
+            hidden = layer.forward(&hidden, &packing, Queries::All, train);
+        }
+        last.forward(&hidden, &packing, Queries::First, train)
+    }
+
+    /// Pooler output `[batch, hidden]` (dense + tanh) of the position-0
+    /// hidden state; `None` for checkpoints without a pooler.
+    pub fn pool(&self, first: &Tensor) -> Option<Tensor> {
+        self.pooler.as_ref().map(|pooler| pooler.forward(first))
+    }
+}

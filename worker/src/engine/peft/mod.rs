@@ -1,0 +1,5 @@
+//! Parameter-efficient adapters trained on a frozen base model. Each method
+//! matches the Hugging Face PEFT library, so exports load with
+//! `PeftModel.from_pretrained` and give the same outputs.
+
+pub mod prompt_tuning;

