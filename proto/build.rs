@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "ptune/v1/types.proto",
     "ptune/v1/job_service.proto",
     "ptune/v1/worker_service.proto",
+    "ptune/v1/sweep_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,9 +8,10 @@ mod view;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ptune_proto::v1::job_service_client::JobServiceClient;
+use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use tonic::transport::Channel;
 
-pub use commands::{adapter::AdapterCommand, jobs::JobsCommand};
+pub use commands::{adapter::AdapterCommand, jobs::JobsCommand, sweep::SweepCommand};
 
 /// Command-line client for the ptune coordinator.
 #[derive(Debug, Parser)]
@@ -49,24 +50,35 @@ pub enum Command {
     /// Download trained adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Hyperparameter sweeps: create, follow the leaderboard, get the best trial.
+    #[command(subcommand)]
+    Sweep(SweepCommand),
 }
 
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = connect(&cli.coordinator).await?;
+    let channel = connect(&cli.coordinator).await?;
+    let client = JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
     match cli.command {
         Command::Submit { file, watch } => commands::submit::run(client, cli.output, &file, watch).await,
         Command::Jobs(cmd) => commands::jobs::run(client, cli.output, cmd).await,
         Command::Adapter(cmd) => commands::adapter::run(client, cli.output, cmd).await,
+        Command::Sweep(cmd) => {
+            let sweeps = SweepServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            commands::sweep::run(sweeps, client, cli.output, cmd).await
+        }
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<JobServiceClient<Channel>> {
+/// Largest answer accepted (a big sweep's leaderboard, adapter chunks).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
     let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
     let channel = Channel::from_shared(url.clone())
         .with_context(|| format!("invalid coordinator address {url:?}"))?
         .connect()
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}; is ptune-coordinator running? (set --coordinator or PTUNE_COORDINATOR)"))?;
-    Ok(JobServiceClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(channel)
 }

@@ -1,7 +1,10 @@
 //! What the CLI shows of coordinator messages, in JSON and as text.
 
+use ptune_core::sweep::TrialState;
 use ptune_core::JobState;
-use ptune_proto::convert::{method_from_wire, state_from_wire};
+use ptune_proto::convert::{
+    algorithm_name, direction_from_wire, method_from_wire, state_from_wire, sweep_state_from_wire, trial_state_from_wire,
+};
 use ptune_proto::v1;
 use serde::Serialize;
 
@@ -88,4 +91,169 @@ impl JobView {
 /// Latest value of a metric of a kind, if reported.
 pub fn latest(job: &v1::Job, kind: &str, name: &str) -> Option<f64> {
     job.latest_metrics.iter().find(|m| m.kind == kind && m.name == name).map(|m| m.value)
+}
+
+/// A sweep as the CLI prints it with `--output json`.
+#[derive(Debug, Serialize)]
+pub struct SweepView {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub description: String,
+    pub state: String,
+    pub algorithm: String,
+    pub objective_metric: String,
+    pub objective_direction: String,
+    pub max_concurrent_trials: u32,
+    pub max_failed_trials: Option<u32>,
+    pub trial_budget: u32,
+    pub trials_created: u32,
+    pub counts: CountsView,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rung_steps: Vec<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    pub error: String,
+    pub created_at: String,
+    pub finished_at: String,
+    pub best_trial: Option<TrialView>,
+    /// Every trial, best first (`sweep status`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaderboard: Vec<TrialView>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CountsView {
+    pub queued: u32,
+    pub running: u32,
+    pub succeeded: u32,
+    pub early_stopped: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+    pub diverged: u32,
+}
+
+/// One trial of a sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrialView {
+    /// 1 for the best; `null` without an objective.
+    pub rank: Option<u32>,
+    pub trial: u32,
+    pub job_id: String,
+    pub params: serde_json::Value,
+    pub state: String,
+    /// The state as the leaderboard shows it: `stopped@rung 1`, `failed (diverged)`.
+    pub status: String,
+    pub failure_reason: Option<String>,
+    pub stopped_rung: Option<u32>,
+    pub objective: Option<f64>,
+    pub objective_step: Option<u64>,
+    pub step: u64,
+    pub total_steps: u64,
+    pub error: String,
+    pub adapter_sha256: String,
+    pub created_at: String,
+    pub finished_at: String,
+}
+
+impl TrialView {
+    pub fn new(t: &v1::Trial) -> Self {
+        let state = trial_state_from_wire(t.state);
+        let status = match state {
+            Some(TrialState::EarlyStopped) => match t.stopped_rung {
+                Some(rung) => format!("stopped@rung {rung}"),
+                None => "stopped early".to_string(),
+            },
+            Some(TrialState::Failed) if !t.failure_reason.is_empty() => format!("failed ({})", t.failure_reason),
+            Some(s) => s.to_string(),
+            None => "unknown".to_string(),
+        };
+        TrialView {
+            rank: (t.rank > 0).then_some(t.rank),
+            trial: t.index,
+            job_id: t.job_id.clone(),
+            params: serde_json::from_str(&t.params_json).unwrap_or(serde_json::Value::Null),
+            state: state.map_or_else(|| "unknown".to_string(), |s| s.to_string()),
+            status,
+            failure_reason: Some(t.failure_reason.clone()).filter(|r| !r.is_empty()),
+            stopped_rung: t.stopped_rung,
+            objective: t.objective,
+            objective_step: t.objective.map(|_| t.objective_step),
+            step: t.step,
+            total_steps: t.total_steps,
+            error: t.error.clone(),
+            adapter_sha256: t.adapter_sha256.clone(),
+            created_at: t.created_at.clone(),
+            finished_at: t.finished_at.clone(),
+        }
+    }
+
+    /// Parameters as `path=value` pairs, for tables.
+    pub fn params_text(&self) -> String {
+        match &self.params {
+            serde_json::Value::Object(map) => {
+                map.iter().map(|(k, v)| format!("{}={}", short_path(k), value_text(v))).collect::<Vec<_>>().join(" ")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The last segment of a spec path (`training.learning_rate` -> `learning_rate`).
+fn short_path(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+/// A parameter value without JSON quotes around strings.
+pub fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl SweepView {
+    pub fn new(s: &v1::Sweep) -> Self {
+        let counts = s.counts.unwrap_or_default();
+        let state = match sweep_state_from_wire(s.state) {
+            Ok(Some(state)) => state.to_string(),
+            _ => "unknown".into(),
+        };
+        SweepView {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            owner: s.owner.clone(),
+            description: s.description.clone(),
+            state,
+            algorithm: algorithm_name(s.algorithm).to_string(),
+            objective_metric: s.objective_metric.clone(),
+            objective_direction: direction_from_wire(s.objective_direction).map(|d| d.to_string()).unwrap_or_default(),
+            max_concurrent_trials: s.max_concurrent_trials,
+            max_failed_trials: s.max_failed_trials,
+            trial_budget: s.trial_budget,
+            trials_created: s.trials_created,
+            counts: CountsView {
+                queued: counts.queued,
+                running: counts.running,
+                succeeded: counts.succeeded,
+                early_stopped: counts.early_stopped,
+                failed: counts.failed,
+                cancelled: counts.cancelled,
+                diverged: counts.diverged,
+            },
+            rung_steps: s.rung_steps.clone(),
+            max_steps: (s.max_steps > 0).then_some(s.max_steps),
+            error: s.error.clone(),
+            created_at: s.created_at.clone(),
+            finished_at: s.finished_at.clone(),
+            best_trial: s.best_trial.as_ref().map(TrialView::new),
+            leaderboard: s.leaderboard.iter().map(TrialView::new).collect(),
+        }
+    }
+
+    /// Finished trials (any way) out of the budget.
+    pub fn finished(&self) -> u32 {
+        let c = &self.counts;
+        c.succeeded + c.early_stopped + c.failed + c.cancelled
+    }
 }

@@ -138,3 +138,104 @@ async fn invalid_specs_are_refused_with_the_field_and_the_allowed_values() {
     let listing: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
     assert_eq!(listing["jobs"].as_array().unwrap().len(), 0, "nothing invalid was stored");
 }
+
+fn write_sweep(dir: &Path, space: &str) -> PathBuf {
+    let sst2 = sst2_dir();
+    let definition = format!(
+        r#"
+name = "cli-sweep"
+max_concurrent_trials = 2
+
+[objective]
+metric = "accuracy"
+direction = "maximize"
+
+[algorithm]
+type = "grid"
+
+[template]
+base_model = "all-MiniLM-L6-v2"
+task = "sequence_classification"
+method = "prompt_tuning"
+[template.data]
+train = "{}"
+eval = "{}"
+labels = [0, 1]
+max_seq_len = 64
+[template.training]
+learning_rate = 0.03
+max_steps = 10
+
+{space}
+"#,
+        sst2.join("train.jsonl").display(),
+        sst2.join("dev.jsonl").display()
+    );
+    let path = dir.join("sweep.toml");
+    std::fs::write(&path, definition).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_create_prints_the_id_last_and_status_shows_the_leaderboard_as_json() {
+    let (_db, coordinator) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let space = r#"
+[space.peft.num_virtual_tokens]
+values = [5, 10]
+[space.training.learning_rate]
+values = [0.01, 0.03]
+"#;
+    let file = write_sweep(dir.path(), space);
+    let created = ptune(&coordinator, &["sweep", "create", file.to_str().unwrap()]).await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let id = created.stdout.lines().last().expect("an id line").trim().to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "last line is not a sweep id: {:?}", created.stdout);
+
+    // The engine creates trials up to max_concurrent_trials.
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        let run = ptune(&coordinator, &["--output", "json", "sweep", "status", &id]).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        status = serde_json::from_str(&run.stdout).expect("json status");
+        if status["trials_created"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((status["id"].as_str(), status["state"].as_str()), (Some(id.as_str()), Some("running")));
+    assert_eq!((status["algorithm"].as_str(), status["trial_budget"].as_u64()), (Some("grid"), Some(4)));
+    let board = status["leaderboard"].as_array().expect("a leaderboard");
+    assert_eq!(board.len(), 2, "{status:#}");
+    assert_eq!(board[0]["trial"], 0);
+    assert_eq!(board[0]["params"], serde_json::json!({ "peft.num_virtual_tokens": 5, "training.learning_rate": 0.01 }));
+    assert_eq!((board[1]["status"].as_str(), board[1]["rank"].is_null()), (Some("queued"), true));
+
+    let text = ptune(&coordinator, &["sweep", "status", &id]).await;
+    assert!(text.stdout.contains("RANK  TRIAL  JOB"), "{}", text.stdout);
+    assert!(text.stdout.contains("num_virtual_tokens=10 learning_rate=0.03") || text.stdout.contains("num_virtual_tokens=5 learning_rate=0.03"), "{}", text.stdout);
+
+    let trials = ptune(&coordinator, &["--output", "json", "jobs", "list", "--sweep", &id]).await;
+    let listing: serde_json::Value = serde_json::from_str(&trials.stdout).unwrap();
+    assert_eq!(listing["jobs"].as_array().unwrap().len(), 2);
+    let csv = ptune(&coordinator, &["sweep", "export", &id, "--format", "csv"]).await;
+    let header = csv.stdout.lines().next().unwrap().to_string();
+    assert!(header.contains("peft.num_virtual_tokens,training.learning_rate"), "{header}");
+    assert_eq!(csv.stdout.lines().count(), 3);
+    let best = ptune(&coordinator, &["sweep", "best", &id]).await;
+    assert_eq!(best.code, 1, "no trial has an adapter yet");
+
+    let cancelled = ptune(&coordinator, &["sweep", "cancel", &id]).await;
+    assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);
+    let waited = ptune(&coordinator, &["sweep", "wait", &id]).await;
+    assert_eq!(waited.code, 1, "wait exits non-zero for a sweep that did not complete");
+    assert!(waited.stdout.contains("cancelled"), "{}", waited.stdout);
+    let listed = ptune(&coordinator, &["--output", "json", "sweep", "list"]).await;
+    let sweeps: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(sweeps["sweeps"][0]["state"], "cancelled");
+
+    let bad = write_sweep(dir.path(), "[space.training.learning_rate]\ntype = \"log_uniform\"\nmin = 0\nmax = 0.1\n");
+    let refused = ptune(&coordinator, &["sweep", "create", bad.to_str().unwrap()]).await;
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("space.training.learning_rate: log-uniform bounds must be > 0, got 0"), "{}", refused.stderr);
+}

@@ -3,8 +3,9 @@
 //! keeps every decision in PostgreSQL.
 //!
 //! Layers, outermost first: [`grpc`] (thin tonic adapters) and [`dashboard`]
-//! (HTTP) call the domain in [`jobs`] (what users do) and [`scheduler`] (what
-//! workers do, leases, the reaper), which call [`store`] (all SQL).
+//! (HTTP) call the domain in [`jobs`] and [`sweep`] (what users do) and
+//! [`scheduler`] (what workers do, leases, the reaper), which call [`store`]
+//! (all SQL). The sweep engine drives running sweeps in the background.
 
 pub mod blob;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod sweep;
 pub mod testing;
 
 pub use config::Config;

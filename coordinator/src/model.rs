@@ -1,13 +1,15 @@
-//! Domain types of the coordinator: jobs as stored, workers, leases and
-//! datasets. No prost and no SQL types here; `grpc::convert` and `store`
-//! translate at the edges.
+//! Domain types of the coordinator: jobs as stored, sweeps and their trials,
+//! workers, leases and datasets. No prost and no SQL types here;
+//! `grpc::convert` and `store` translate at the edges.
 
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use ptune_core::{JobId, JobSpec, JobState, Method, Metric, WorkerId};
+use ptune_core::sweep::{AlgorithmKind, AshaPlan, FailureReason, Objective, Params, SweepState, TrialState};
+use ptune_core::{JobId, JobSpec, JobState, Method, Metric, SweepId, WorkerId};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// A job as the coordinator knows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +32,17 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
     pub adapter: Option<BlobInfo>,
+    /// The sweep and trial number, for a trial of a sweep.
+    pub trial: Option<TrialRef>,
+    /// The job ended before its last step because its sweep stopped it.
+    pub early_stopped: bool,
+}
+
+/// Which trial of which sweep a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrialRef {
+    pub sweep_id: SweepId,
+    pub index: u32,
 }
 
 /// Hash and size of a stored blob (an adapter archive).
@@ -48,30 +61,31 @@ pub struct JobFilter {
     pub method: Option<Method>,
     pub name_prefix: Option<String>,
     pub owner: Option<String>,
+    pub sweep_id: Option<SweepId>,
 }
 
-/// Position after the last job of a page: listings are ordered by
-/// `(created_at, id)` descending.
+/// Position after the last row of a page: listings (of jobs, of sweeps) are
+/// ordered by `(created_at, id)` descending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageToken {
+pub struct PageToken<I = JobId> {
     pub created_at: DateTime<Utc>,
-    pub id: JobId,
+    pub id: I,
 }
 
-impl fmt::Display for PageToken {
+impl<I: Copy + Into<Uuid>> fmt::Display for PageToken<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.created_at.timestamp_micros(), self.id.0.simple())
+        write!(f, "{}.{}", self.created_at.timestamp_micros(), self.id.into().simple())
     }
 }
 
-impl FromStr for PageToken {
+impl<I: FromStr> FromStr for PageToken<I> {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || "must be the next_page_token of a previous response".to_string();
         let (micros, id) = s.split_once('.').ok_or_else(bad)?;
         let created_at = micros.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?;
-        let id = id.parse::<JobId>().map_err(|_| bad())?;
+        let id = id.parse::<I>().map_err(|_| bad())?;
         Ok(PageToken { created_at, id })
     }
 }
@@ -199,8 +213,23 @@ pub struct Lease {
 pub struct HeartbeatReply {
     /// Leases to stop: cancelled jobs and leases that are no longer valid.
     pub stop: Vec<LeaseRef>,
+    /// Leases whose job its sweep stopped early: finish them with their adapter.
+    pub early_stop: Vec<LeaseRef>,
     /// False when the worker is not registered (it should register again).
     pub known: bool,
+}
+
+/// What a worker is told about a job it reports on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopSignal {
+    /// Keep training.
+    Continue,
+    /// Cancelled: stop and acknowledge.
+    Cancel,
+    /// Stopped early by its sweep: stop and complete with the adapter so far.
+    EarlyStop,
+    /// The coordinator failed the job because its loss diverged: stop at once.
+    Diverged,
 }
 
 /// A progress report of a leased job.
@@ -245,6 +274,115 @@ pub enum JobEvent {
         total_steps: u64,
     },
     Metrics(Vec<Metric>),
+}
+
+/// A sweep as the coordinator knows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sweep {
+    pub id: SweepId,
+    pub name: String,
+    pub owner: String,
+    pub description: String,
+    pub state: SweepState,
+    pub algorithm: AlgorithmKind,
+    pub objective: Objective,
+    pub max_concurrent_trials: u32,
+    pub max_failed_trials: Option<u32>,
+    /// Trials it creates in all, extensions included.
+    pub trial_budget: u32,
+    pub trials_created: u32,
+    pub counts: TrialCounts,
+    /// ASHA's rungs and full length, in steps.
+    pub plan: Option<AshaPlan>,
+    /// Why it failed; empty otherwise.
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The definition as created (JSON of the sweep file).
+    pub definition: serde_json::Value,
+}
+
+/// Number of trials in each state; `diverged` counts the failed trials whose loss diverged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrialCounts {
+    pub queued: u32,
+    pub running: u32,
+    pub succeeded: u32,
+    pub early_stopped: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+    pub diverged: u32,
+}
+
+impl TrialCounts {
+    pub fn add(&mut self, state: TrialState, reason: Option<FailureReason>) {
+        match state {
+            TrialState::Queued => self.queued += 1,
+            TrialState::Running => self.running += 1,
+            TrialState::Succeeded => self.succeeded += 1,
+            TrialState::EarlyStopped => self.early_stopped += 1,
+            TrialState::Failed => self.failed += 1,
+            TrialState::Cancelled => self.cancelled += 1,
+        }
+        if reason == Some(FailureReason::Diverged) {
+            self.diverged += 1;
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.queued + self.running + self.succeeded + self.early_stopped + self.failed + self.cancelled
+    }
+}
+
+/// One trial of a sweep, as its leaderboard shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trial {
+    pub index: u32,
+    pub job_id: JobId,
+    pub params: Params,
+    pub state: TrialState,
+    /// Why a failed trial failed.
+    pub failure_reason: Option<FailureReason>,
+    /// The rung an early-stopped trial stopped at.
+    pub stopped_rung: Option<u32>,
+    /// Latest value of the objective metric; for a trial stopped early, its
+    /// value at the rung it stopped at. `None` until evaluated.
+    pub objective: Option<f64>,
+    pub objective_step: Option<u64>,
+    pub step: u64,
+    pub total_steps: u64,
+    /// 1 for the best trial; `None` without an objective.
+    pub rank: Option<u32>,
+    pub error: String,
+    pub adapter: Option<BlobInfo>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A sweep with every trial, best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepReport {
+    pub sweep: Sweep,
+    pub leaderboard: Vec<Trial>,
+}
+
+impl SweepReport {
+    /// The best ranked trial that has an adapter.
+    pub fn best(&self) -> Option<&Trial> {
+        best_trial(&self.leaderboard)
+    }
+}
+
+/// The best ranked trial with an adapter in a leaderboard (best first).
+pub fn best_trial(leaderboard: &[Trial]) -> Option<&Trial> {
+    leaderboard.iter().find(|t| t.rank.is_some() && t.adapter.is_some())
+}
+
+/// One page of a sweep listing, each with its best trial.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepPage {
+    pub sweeps: Vec<(Sweep, Option<Trial>)>,
+    pub next: Option<PageToken<SweepId>>,
 }
 
 #[cfg(test)]

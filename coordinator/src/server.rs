@@ -1,16 +1,18 @@
 //! Wiring: connects the store, applies migrations, starts the reaper, the
-//! gRPC server (with health and reflection) and the HTTP dashboard, and
-//! stops them all gracefully.
+//! sweep engine, the gRPC server (with health and reflection) and the HTTP
+//! dashboard, and stops them all gracefully.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use ptune_proto::v1::job_service_server::JobServiceServer;
+use ptune_proto::v1::sweep_service_server::SweepServiceServer;
 use ptune_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
@@ -18,10 +20,11 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::dashboard;
 use crate::events::EventHub;
-use crate::grpc::{JobApi, WorkerApi};
+use crate::grpc::{JobApi, SweepApi, WorkerApi};
 use crate::jobs::Jobs;
 use crate::scheduler::{spawn_reaper, Scheduler, Timing};
 use crate::store::Store;
+use crate::sweep::{spawn_engine, SweepEngine, Sweeps};
 
 /// Largest gRPC message accepted (streamed uploads send many small ones).
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -44,6 +47,7 @@ pub struct CoordinatorHandle {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     reaper: JoinHandle<()>,
+    engine: JoinHandle<()>,
 }
 
 impl Coordinator {
@@ -61,8 +65,11 @@ impl Coordinator {
         let hub = EventHub::default();
         let timing = Timing { lease_timeout: config.lease_timeout, heartbeat_interval: config.heartbeat_interval };
         let scheduler = Scheduler::new(store.clone(), hub.clone(), timing);
-        let jobs = Jobs::new(store.clone(), hub, config.default_max_attempts, stopped.clone());
+        let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, stopped.clone());
+        let nudge = Arc::new(Notify::new());
+        let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
         let reaper = spawn_reaper(scheduler.clone(), stopped.clone());
+        let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -76,6 +83,7 @@ impl Coordinator {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<JobServiceServer<JobApi>>().await;
         health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+        health.set_serving::<SweepServiceServer<SweepApi>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ptune_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -83,12 +91,15 @@ impl Coordinator {
         let job_service = JobServiceServer::new(JobApi::new(jobs)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let worker_service =
             WorkerServiceServer::new(WorkerApi::new(scheduler)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let sweep_service =
+            SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(job_service)
                 .add_service(worker_service)
+                .add_service(sweep_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
         );
         let router = dashboard::router(store.clone(), config.lease_timeout);
@@ -96,21 +107,24 @@ impl Coordinator {
             tokio::spawn(axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped)).into_future());
         info!(addr = %grpc_addr, "grpc listening");
         info!(addr = %http_addr, "http listening");
-        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper })
+        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, engine })
     }
 }
 
 impl CoordinatorHandle {
     /// Stops accepting calls, lets in-flight calls finish (watch streams end
-    /// with UNAVAILABLE), stops the reaper and closes the database pool.
+    /// with UNAVAILABLE), stops the reaper and the sweep engine, and closes
+    /// the database pool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down");
         self.health.set_not_serving::<JobServiceServer<JobApi>>().await;
         self.health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
+        self.health.set_not_serving::<SweepServiceServer<SweepApi>>().await;
         let _ = self.stop.send(true);
         let grpc = finish("grpc server", self.grpc).await.map(|r| r.context("grpc server failed"));
         let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));
         let _ = finish("reaper", self.reaper).await;
+        let _ = finish("sweep engine", self.engine).await;
         self.store.close().await;
         info!("shut down");
         grpc.transpose()?;

@@ -31,6 +31,12 @@ macro_rules! id_type {
             }
         }
 
+        impl From<$name> for Uuid {
+            fn from(id: $name) -> Uuid {
+                id.0
+            }
+        }
+
         impl FromStr for $name {
             type Err = String;
 
@@ -45,3 +51,4 @@ macro_rules! id_type {
 
 id_type!(JobId, "job");
 id_type!(WorkerId, "worker");
+id_type!(SweepId, "sweep");

@@ -1,11 +1,13 @@
 //! Domain types shared by the coordinator, the worker and the CLI: job specs
-//! and their validation, ids, states and metrics. No networking, no storage.
+//! and their validation, sweep definitions and their search spaces, ids,
+//! states and metrics. No networking, no storage.
 
 pub mod ids;
 pub mod spec;
 pub mod state;
+pub mod sweep;
 
-pub use ids::{JobId, WorkerId};
+pub use ids::{JobId, SweepId, WorkerId};
 pub use spec::{
     DataConfig, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,

@@ -1,6 +1,7 @@
 //! `TryFrom` conversions between prost messages and domain types. A missing or
 //! bad field yields a [`SpecError`] that names it.
 
+use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
     DataConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,
@@ -216,5 +217,92 @@ impl TryFrom<v1::Metric> for Metric {
             return Err(SpecError::new("metrics.name", "must be 1 to 64 characters"));
         }
         Ok(Metric { step: m.step, kind, name: m.name, value: m.value })
+    }
+}
+
+impl From<SweepState> for v1::SweepState {
+    fn from(s: SweepState) -> Self {
+        match s {
+            SweepState::Running => v1::SweepState::Running,
+            SweepState::Completed => v1::SweepState::Completed,
+            SweepState::Cancelled => v1::SweepState::Cancelled,
+            SweepState::Failed => v1::SweepState::Failed,
+        }
+    }
+}
+
+/// The domain sweep state of a wire value; `None` for unspecified.
+pub fn sweep_state_from_wire(value: i32) -> Result<Option<SweepState>, SpecError> {
+    Ok(match v1::SweepState::try_from(value) {
+        Ok(v1::SweepState::Unspecified) => None,
+        Ok(v1::SweepState::Running) => Some(SweepState::Running),
+        Ok(v1::SweepState::Completed) => Some(SweepState::Completed),
+        Ok(v1::SweepState::Cancelled) => Some(SweepState::Cancelled),
+        Ok(v1::SweepState::Failed) => Some(SweepState::Failed),
+        Err(_) => return Err(SpecError::new("states", format!("unknown sweep state number {value}"))),
+    })
+}
+
+impl From<TrialState> for v1::TrialState {
+    fn from(s: TrialState) -> Self {
+        match s {
+            TrialState::Queued => v1::TrialState::Queued,
+            TrialState::Running => v1::TrialState::Running,
+            TrialState::Succeeded => v1::TrialState::Succeeded,
+            TrialState::EarlyStopped => v1::TrialState::EarlyStopped,
+            TrialState::Failed => v1::TrialState::Failed,
+            TrialState::Cancelled => v1::TrialState::Cancelled,
+        }
+    }
+}
+
+/// The domain trial state of a wire value; `None` for unspecified or unknown.
+pub fn trial_state_from_wire(value: i32) -> Option<TrialState> {
+    match v1::TrialState::try_from(value).ok()? {
+        v1::TrialState::Unspecified => None,
+        v1::TrialState::Queued => Some(TrialState::Queued),
+        v1::TrialState::Running => Some(TrialState::Running),
+        v1::TrialState::Succeeded => Some(TrialState::Succeeded),
+        v1::TrialState::EarlyStopped => Some(TrialState::EarlyStopped),
+        v1::TrialState::Failed => Some(TrialState::Failed),
+        v1::TrialState::Cancelled => Some(TrialState::Cancelled),
+    }
+}
+
+impl From<AlgorithmKind> for v1::SweepAlgorithm {
+    fn from(a: AlgorithmKind) -> Self {
+        match a {
+            AlgorithmKind::Grid => v1::SweepAlgorithm::Grid,
+            AlgorithmKind::Random => v1::SweepAlgorithm::Random,
+            AlgorithmKind::Asha => v1::SweepAlgorithm::Asha,
+        }
+    }
+}
+
+/// The algorithm's name for a wire value (`"unknown"` when unspecified).
+pub fn algorithm_name(value: i32) -> &'static str {
+    match v1::SweepAlgorithm::try_from(value) {
+        Ok(v1::SweepAlgorithm::Grid) => AlgorithmKind::Grid.as_str(),
+        Ok(v1::SweepAlgorithm::Random) => AlgorithmKind::Random.as_str(),
+        Ok(v1::SweepAlgorithm::Asha) => AlgorithmKind::Asha.as_str(),
+        _ => "unknown",
+    }
+}
+
+impl From<Direction> for v1::ObjectiveDirection {
+    fn from(d: Direction) -> Self {
+        match d {
+            Direction::Maximize => v1::ObjectiveDirection::Maximize,
+            Direction::Minimize => v1::ObjectiveDirection::Minimize,
+        }
+    }
+}
+
+/// The domain direction of a wire value; `None` for unspecified.
+pub fn direction_from_wire(value: i32) -> Option<Direction> {
+    match v1::ObjectiveDirection::try_from(value).ok()? {
+        v1::ObjectiveDirection::Maximize => Some(Direction::Maximize),
+        v1::ObjectiveDirection::Minimize => Some(Direction::Minimize),
+        v1::ObjectiveDirection::Unspecified => None,
     }
 }

@@ -28,6 +28,7 @@ TRUNCATION_TEXT = "this sentence is long enough to be cut by a short maximum len
 TRUNCATION_MAX_LENGTH = 8
 PROMPT_TOKENS = 5
 PROMPT_LABELS = 3
+PROMPT_BATCH_LABELS = [2, 0, 1]
 SEED = 1234
 
 
@@ -73,7 +74,10 @@ def main():
     head = model.base_model.classifier.modules_to_save["default"]
     with torch.no_grad():
         head.bias.normal_(0, 0.1)
-        logits = model(**batch).logits
+    labels = torch.tensor(PROMPT_BATCH_LABELS)
+    output = model(**batch, labels=labels)
+    output.loss.backward()
+    logits = output.logits
     prompt = model.prompt_encoder["default"].embedding.weight
 
     fixture = {
@@ -92,6 +96,12 @@ def main():
             "classifier_weight": rounded(head.weight),
             "classifier_bias": rounded(head.bias),
             "logits": rounded(logits),
+            # Mean cross-entropy against `labels` in eval mode, and its gradients.
+            "labels": PROMPT_BATCH_LABELS,
+            "loss": output.loss.item(),
+            "prompt_embeddings_grad": rounded(prompt.grad),
+            "classifier_weight_grad": rounded(head.weight.grad),
+            "classifier_bias_grad": rounded(head.bias.grad),
         },
     }
     Path(args.out).write_text(json.dumps(fixture, separators=(",", ":")) + "\n")

@@ -126,8 +126,27 @@ fn prompt_tuning_logits_match_peft() {
     });
 
     let (ids, mask) = fixture_batch(&fixture);
-    let logits = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
+    let logits = model.logits(&base.encoder, &ids, &mask, false);
     let expected = matrix(&reference["logits"]);
     let diff = max_abs_diff(&logits.to_kind(Kind::Float), &expected);
     assert!(diff < TOLERANCE, "prompt-tuning logits differ from PEFT by {diff}:\n{logits}\nvs\n{expected}");
+
+    // Gradients reach the prompt through the frozen encoder as in PyTorch.
+    let labels = Tensor::from_slice(&ints(&reference["labels"]));
+    let loss = logits.cross_entropy_for_logits(&labels);
+    let loss_diff = (f64::try_from(&loss).expect("a scalar") - reference["loss"].as_f64().expect("loss")).abs();
+    assert!(loss_diff < TOLERANCE, "loss differs from PEFT by {loss_diff}");
+    loss.backward();
+    let grads = [
+        ("prompt_embeddings_grad", model.prompt.embeddings().grad()),
+        ("classifier_weight_grad", model.head.weight().grad()),
+        ("classifier_bias_grad", model.head.bias().grad()),
+    ];
+    for (name, ours) in grads {
+        let ours = ours.reshape([-1]);
+        let expected = Tensor::from_slice(&floats(&reference[name]));
+        let scale = f64::try_from(expected.abs().max()).expect("a scalar");
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(diff <= 1e-3 * scale, "{name} differs from PyTorch by {diff} (largest entry {scale})");
+    }
 }

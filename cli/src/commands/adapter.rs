@@ -1,6 +1,6 @@
 //! `ptune adapter get ID -o DIR`: download and unpack a trained adapter.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Subcommand;
@@ -26,8 +26,28 @@ pub enum AdapterCommand {
 
 pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: AdapterCommand) -> anyhow::Result<i32> {
     let AdapterCommand::Get { id, out } = cmd;
+    let saved = download(&mut client, &id, &out).await?;
+    match format {
+        Format::Json => output::json(&serde_json::json!({
+            "job_id": id, "dir": out.display().to_string(), "sha256": saved.sha256,
+            "size_bytes": saved.size_bytes, "files": saved.files,
+        })),
+        Format::Text => println!("adapter of job {id} written to {} ({})", out.display(), saved.files.join(", ")),
+    }
+    Ok(0)
+}
+
+/// An adapter written to a folder.
+pub(crate) struct Saved {
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub files: Vec<String>,
+}
+
+/// Downloads a succeeded job's adapter, checks its sha256 and unpacks it into `out`.
+pub(crate) async fn download(client: &mut JobServiceClient<Channel>, id: &str, out: &Path) -> anyhow::Result<Saved> {
     let mut stream = client
-        .download_adapter(DownloadAdapterRequest { job_id: id.clone() })
+        .download_adapter(DownloadAdapterRequest { job_id: id.to_string() })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -47,7 +67,7 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: Ada
     if archive.len() as u64 != total || actual != expected_sha {
         bail!("adapter download of job {id} is corrupt: got {} bytes with sha256 {actual}, expected {total} bytes with sha256 {expected_sha}", archive.len());
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut files = Vec::new();
     let mut tar = tar::Archive::new(archive.as_slice());
     for entry in tar.entries()? {
@@ -59,11 +79,5 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: Ada
         entry.unpack(out.join(&path))?;
         files.push(path.display().to_string());
     }
-    match format {
-        Format::Json => output::json(&serde_json::json!({
-            "job_id": id, "dir": out.display().to_string(), "sha256": actual, "size_bytes": total, "files": files,
-        })),
-        Format::Text => println!("adapter of job {id} written to {} ({})", out.display(), files.join(", ")),
-    }
-    Ok(0)
+    Ok(Saved { sha256: actual, size_bytes: total, files })
 }

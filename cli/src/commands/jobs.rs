@@ -37,6 +37,9 @@ pub enum JobsCommand {
         /// Only jobs of this owner.
         #[arg(long)]
         owner: Option<String>,
+        /// Only the trials of this sweep.
+        #[arg(long)]
+        sweep: Option<String>,
         /// At most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -68,7 +71,7 @@ pub enum JobsCommand {
 
 pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: JobsCommand) -> anyhow::Result<i32> {
     match cmd {
-        JobsCommand::List { states, model, method, name, owner, limit, page_token } => {
+        JobsCommand::List { states, model, method, name, owner, sweep, limit, page_token } => {
             let request = ListJobsRequest {
                 states: states.into_iter().map(|s| v1::JobState::from(s) as i32).collect(),
                 base_model: model.unwrap_or_default(),
@@ -77,6 +80,7 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: Job
                 owner: owner.unwrap_or_default(),
                 page_size: limit,
                 page_token: page_token.unwrap_or_default(),
+                sweep_id: sweep.unwrap_or_default(),
             };
             let response = client.list_jobs(request).await.map_err(status_error)?.into_inner();
             print_list(format, &response);
@@ -259,7 +263,7 @@ pub async fn follow(client: &mut JobServiceClient<Channel>, format: Format, id: 
             Event::Job(job) => {
                 bar.set_length(job.total_steps);
                 bar.set_position(job.step);
-                bar.set_message(format!("{}", state_name(job.state)));
+                bar.set_message(state_name(job.state));
                 if let Some(acc) = latest(job, "eval", "accuracy") {
                     eval = format!("eval acc {:.4}", acc);
                 }

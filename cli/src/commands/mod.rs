@@ -1,6 +1,7 @@
 pub mod adapter;
 pub mod jobs;
 pub mod submit;
+pub mod sweep;
 
 /// A gRPC error as a user reads it: the server's message, not the transport's debug dump.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {

@@ -45,7 +45,7 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, file: &P
 
 /// Uploads a local dataset named in the spec and returns its `sha256:` reference.
 /// A value that is already a reference is kept as it is.
-async fn upload_referenced(
+pub(crate) async fn upload_referenced(
     client: &mut JobServiceClient<Channel>,
     format: Format,
     base: &Path,

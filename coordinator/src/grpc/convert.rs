@@ -2,14 +2,15 @@
 //! Decoding errors name the request field at fault.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use ptune_core::{JobId, JobSpec, Metric, MetricKind, WorkerId};
-use ptune_proto::convert::{method_from_wire, state_from_wire};
+use ptune_core::sweep::SweepState;
+use ptune_core::{JobId, JobSpec, Metric, MetricKind, SweepId, WorkerId};
+use ptune_proto::convert::{method_from_wire, state_from_wire, sweep_state_from_wire};
 use ptune_proto::v1;
 
 use crate::error::Error;
 use crate::model::{
     BaseModel, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent, JobFilter, Lease, LeaseRef,
-    PageToken, ProgressReport, WorkerRegistration,
+    PageToken, ProgressReport, StopSignal, Sweep, SweepReport, Trial, TrialCounts, WorkerRegistration,
 };
 
 /// Largest step or epoch the store can hold.
@@ -17,6 +18,10 @@ const MAX_COUNTER: u64 = i64::MAX as u64;
 
 pub fn job_id(value: &str, field: &str) -> Result<JobId, Error> {
     value.parse().map_err(|e| Error::invalid(field, e))
+}
+
+pub fn sweep_id(value: &str) -> Result<SweepId, Error> {
+    value.parse().map_err(|e| Error::invalid("sweep_id", e))
 }
 
 pub fn worker_id(value: &str) -> Result<WorkerId, Error> {
@@ -72,6 +77,10 @@ pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<Pa
         method: method_from_wire(req.method)?,
         name_prefix: non_empty(req.name_prefix),
         owner: non_empty(req.owner),
+        sweep_id: match req.sweep_id.as_str() {
+            "" => None,
+            id => Some(sweep_id(id)?),
+        },
     };
     let after = match req.page_token.as_str() {
         "" => None,
@@ -169,6 +178,9 @@ pub fn job(job: &Job) -> v1::Job {
         cancel_requested: job.cancel_requested,
         adapter_sha256: job.adapter.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
         adapter_size_bytes: job.adapter.as_ref().map_or(0, |a| a.size),
+        sweep_id: job.trial.map(|t| t.sweep_id.to_string()).unwrap_or_default(),
+        trial_index: job.trial.map_or(0, |t| t.index),
+        early_stopped: job.early_stopped,
     }
 }
 
@@ -204,4 +216,104 @@ pub fn lease(lease: &Lease) -> v1::Lease {
 
 pub fn lease_refs_to_wire(leases: &[LeaseRef]) -> Vec<v1::LeaseRef> {
     leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.to_string(), epoch: l.epoch }).collect()
+}
+
+pub fn stop_signal(signal: StopSignal) -> v1::ReportProgressResponse {
+    let reason = match signal {
+        StopSignal::Continue => v1::StopReason::Unspecified,
+        StopSignal::Cancel => v1::StopReason::Cancelled,
+        StopSignal::EarlyStop => v1::StopReason::EarlyStopped,
+        StopSignal::Diverged => v1::StopReason::Diverged,
+    };
+    v1::ReportProgressResponse { stop: signal != StopSignal::Continue, stop_reason: reason as i32 }
+}
+
+/// The definition JSON of a CreateSweep request.
+pub fn sweep_definition(json: &str) -> Result<serde_json::Value, Error> {
+    match serde_json::from_str(json) {
+        Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+        Ok(_) => Err(Error::invalid("definition_json", "must be a JSON object (the sweep file as JSON)")),
+        Err(e) => Err(Error::invalid("definition_json", format!("is not valid JSON: {e}"))),
+    }
+}
+
+/// States, page size and page position of a sweep listing.
+pub type SweepListQuery = (Vec<SweepState>, u32, Option<PageToken<SweepId>>);
+
+pub fn sweep_list_query(req: v1::ListSweepsRequest) -> Result<SweepListQuery, Error> {
+    let states =
+        req.states.iter().filter_map(|&s| sweep_state_from_wire(s).transpose()).collect::<Result<Vec<_>, _>>()?;
+    let after = match req.page_token.as_str() {
+        "" => None,
+        token => Some(token.parse().map_err(|e| Error::invalid("page_token", e))?),
+    };
+    Ok((states, req.page_size, after))
+}
+
+fn trial_counts(c: &TrialCounts) -> v1::TrialCounts {
+    v1::TrialCounts {
+        queued: c.queued,
+        running: c.running,
+        succeeded: c.succeeded,
+        early_stopped: c.early_stopped,
+        failed: c.failed,
+        cancelled: c.cancelled,
+        diverged: c.diverged,
+    }
+}
+
+pub fn trial(t: &Trial) -> v1::Trial {
+    v1::Trial {
+        index: t.index,
+        job_id: t.job_id.to_string(),
+        params_json: t.params.to_json().to_string(),
+        state: v1::TrialState::from(t.state) as i32,
+        failure_reason: t.failure_reason.map(|r| r.as_str().to_string()).unwrap_or_default(),
+        stopped_rung: t.stopped_rung,
+        objective: t.objective,
+        objective_step: t.objective_step.unwrap_or(0),
+        step: t.step,
+        total_steps: t.total_steps,
+        rank: t.rank.unwrap_or(0),
+        error: t.error.clone(),
+        adapter_sha256: t.adapter.as_ref().map(|a| a.sha256.clone()).unwrap_or_default(),
+        created_at: timestamp(Some(t.created_at)),
+        finished_at: timestamp(t.finished_at),
+    }
+}
+
+/// A sweep without its leaderboard, with its best trial.
+pub fn sweep_summary(s: &Sweep, best: Option<&Trial>) -> v1::Sweep {
+    v1::Sweep {
+        id: s.id.to_string(),
+        name: s.name.clone(),
+        owner: s.owner.clone(),
+        description: s.description.clone(),
+        state: v1::SweepState::from(s.state) as i32,
+        algorithm: v1::SweepAlgorithm::from(s.algorithm) as i32,
+        objective_metric: s.objective.metric.clone(),
+        objective_direction: v1::ObjectiveDirection::from(s.objective.direction) as i32,
+        max_concurrent_trials: s.max_concurrent_trials,
+        max_failed_trials: s.max_failed_trials,
+        trial_budget: s.trial_budget,
+        trials_created: s.trials_created,
+        counts: Some(trial_counts(&s.counts)),
+        rung_steps: s.plan.as_ref().map(|p| p.rungs.clone()).unwrap_or_default(),
+        max_steps: s.plan.as_ref().map_or(0, |p| p.max_steps),
+        error: s.error.clone(),
+        created_at: timestamp(Some(s.created_at)),
+        finished_at: timestamp(s.finished_at),
+        definition_json: s.definition.to_string(),
+        best_trial: best.map(trial),
+        leaderboard: Vec::new(),
+    }
+}
+
+/// A sweep with its best trial, and its leaderboard when `with_leaderboard`.
+pub fn sweep(report: &SweepReport, with_leaderboard: bool) -> v1::Sweep {
+    let mut wire = sweep_summary(&report.sweep, report.best());
+    if with_leaderboard {
+        wire.leaderboard = report.leaderboard.iter().map(trial).collect();
+    }
+    wire
 }

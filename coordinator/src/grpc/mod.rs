@@ -1,15 +1,17 @@
 //! gRPC adapters: each handler decodes the request (see [`convert`]), calls
-//! the domain in [`crate::jobs`] or [`crate::scheduler`], and encodes the
-//! answer. Domain errors become statuses in one place, below.
+//! the domain in [`crate::jobs`], [`crate::sweep`] or [`crate::scheduler`],
+//! and encodes the answer. Domain errors become statuses in one place, below.
 
 pub mod convert;
 mod job_service;
+mod sweep_service;
 mod worker_service;
 
 use tonic::Status;
 use tracing::{error, warn};
 
 pub use job_service::JobApi;
+pub use sweep_service::SweepApi;
 pub use worker_service::WorkerApi;
 
 use crate::error::Error;

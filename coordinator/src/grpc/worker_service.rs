@@ -46,7 +46,11 @@ impl WorkerService for WorkerApi {
         let worker = convert::worker_id(&req.worker_id)?;
         let leases = convert::lease_refs(req.leases)?;
         let reply = self.scheduler.heartbeat(worker, &leases).await?;
-        Ok(Response::new(v1::HeartbeatResponse { stop: convert::lease_refs_to_wire(&reply.stop), known: reply.known }))
+        Ok(Response::new(v1::HeartbeatResponse {
+            stop: convert::lease_refs_to_wire(&reply.stop),
+            known: reply.known,
+            early_stop: convert::lease_refs_to_wire(&reply.early_stop),
+        }))
     }
 
     #[instrument(skip_all)]
@@ -63,8 +67,8 @@ impl WorkerService for WorkerApi {
         req: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
         let report = convert::progress(req.into_inner())?;
-        let stop = self.scheduler.report_progress(report).await?;
-        Ok(Response::new(v1::ReportProgressResponse { stop }))
+        let signal = self.scheduler.report_progress(report).await?;
+        Ok(Response::new(convert::stop_signal(signal)))
     }
 
     #[instrument(skip_all)]

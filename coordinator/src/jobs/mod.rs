@@ -44,19 +44,9 @@ impl Jobs {
         if default_attempts {
             spec.max_attempts = self.default_max_attempts;
         }
-        let limits =
-            self.store.model_max_positions(&spec.base_model).await?.map(|max_positions| ModelLimits { max_positions });
+        let limits = self.model_limits(&spec.base_model).await?;
         spec.validate(limits.as_ref())?;
-        let train = self.uploaded_dataset("data.train", &spec.data.train).await?;
-        let eval = self.uploaded_dataset("data.eval", &spec.data.eval).await?;
-        spec.data.train = train.reference.to_string();
-        spec.data.eval = eval.reference.to_string();
-        if spec.task == Task::SequenceClassification {
-            self.check_labels(&spec, &train).await?;
-            if eval.reference != train.reference {
-                self.check_labels(&spec, &eval).await?;
-            }
-        }
+        let train = self.check_datasets(&mut spec).await?;
         let examples = match spec.data.max_train_examples {
             0 => train.lines,
             limit => limit.min(train.lines),
@@ -135,6 +125,28 @@ impl Jobs {
         let stored = self.store.insert_dataset(&info, &content).await?;
         info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
         Ok(stored)
+    }
+
+    /// Checks that a spec's datasets are uploaded and (for classification)
+    /// carry only declared labels, writes their canonical references into the
+    /// spec, and returns the training set's record.
+    pub(crate) async fn check_datasets(&self, spec: &mut JobSpec) -> Result<DatasetInfo, Error> {
+        let train = self.uploaded_dataset("data.train", &spec.data.train).await?;
+        let eval = self.uploaded_dataset("data.eval", &spec.data.eval).await?;
+        spec.data.train = train.reference.to_string();
+        spec.data.eval = eval.reference.to_string();
+        if spec.task == Task::SequenceClassification {
+            self.check_labels(spec, &train).await?;
+            if eval.reference != train.reference {
+                self.check_labels(spec, &eval).await?;
+            }
+        }
+        Ok(train)
+    }
+
+    /// Positions of a base model, when a worker has registered it.
+    pub(crate) async fn model_limits(&self, base_model: &str) -> Result<Option<ModelLimits>, Error> {
+        Ok(self.store.model_max_positions(base_model).await?.map(|max_positions| ModelLimits { max_positions }))
     }
 
     async fn uploaded_dataset(&self, field: &str, reference: &str) -> Result<DatasetInfo, Error> {

@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{
     Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef, ProgressReport, Registered,
-    WorkerRegistration,
+    StopSignal, WorkerRegistration,
 };
 use crate::store::{CompleteOutcome, FailOutcome, Fenced, Store};
 
@@ -64,11 +64,11 @@ impl Scheduler {
     /// Renews the worker's valid leases and names those it must stop.
     pub async fn heartbeat(&self, worker: WorkerId, leases: &[LeaseRef]) -> Result<HeartbeatReply, Error> {
         let known = self.store.touch_worker(worker).await?;
-        let stop = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
+        let (stop, early_stop) = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
         if !known {
             warn!(worker_id = %worker, "heartbeat from an unregistered worker; it should register again");
         }
-        Ok(HeartbeatReply { stop, known })
+        Ok(HeartbeatReply { stop, early_stop, known })
     }
 
     /// Leases the oldest queued job on a model the worker serves, if any.
@@ -89,15 +89,19 @@ impl Scheduler {
         Ok(lease)
     }
 
-    /// Records progress; the answer says whether the job should stop.
-    pub async fn report_progress(&self, report: ProgressReport) -> Result<bool, Error> {
+    /// Records progress; the answer says whether and why the job should stop.
+    pub async fn report_progress(&self, report: ProgressReport) -> Result<StopSignal, Error> {
         let lease = report.lease;
-        let stop = fenced(lease, self.store.report_progress(&report, self.timing.lease_timeout).await?)?;
+        let signal = fenced(lease, self.store.report_progress(&report, self.timing.lease_timeout).await?)?;
         self.hub.publish(lease.job_id, HubEventKind::Progress { step: report.step, total_steps: report.total_steps });
         if !report.metrics.is_empty() {
             self.hub.publish(lease.job_id, HubEventKind::Metrics(report.metrics));
         }
-        Ok(stop)
+        if signal == StopSignal::Diverged {
+            warn!(job_id = %lease.job_id, epoch = lease.epoch, step = report.step, "training loss diverged; job failed");
+            self.hub.publish(lease.job_id, HubEventKind::Changed);
+        }
+        Ok(signal)
     }
 
     /// Starts receiving the adapter of a completed lease. Refuses early when

@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use ptune_core::{JobId, JobSpec, JobState, Metric, WorkerId};
+use ptune_core::{JobId, JobSpec, JobState, Metric, SweepId, WorkerId};
 use sqlx::types::Json;
 use sqlx::{PgExecutor, Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::{to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{BlobInfo, Job, JobFilter, JobPage, PageToken};
+use crate::model::{BlobInfo, Job, JobFilter, JobPage, PageToken, TrialRef};
 
 /// The `job_state` Postgres enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::Type)]
@@ -52,6 +52,7 @@ macro_rules! job_select {
     () => {
         "SELECT j.id, j.spec, j.state, j.error, j.attempts, j.max_attempts, j.step, j.total_steps, \
                 j.cancel_requested, j.created_at, j.started_at, j.finished_at, \
+                j.sweep_id, j.trial_index, j.early_stopped, \
                 (SELECT a.worker_id FROM job_attempts a WHERE a.job_id = j.id AND a.ended_at IS NULL) AS worker_id, \
                 ad.sha256 AS adapter_sha256, ad.size AS adapter_size \
          FROM jobs j LEFT JOIN adapters ad ON ad.job_id = j.id "
@@ -75,6 +76,9 @@ struct JobRow {
     worker_id: Option<Uuid>,
     adapter_sha256: Option<String>,
     adapter_size: Option<i64>,
+    sweep_id: Option<Uuid>,
+    trial_index: Option<i32>,
+    early_stopped: bool,
 }
 
 impl JobRow {
@@ -99,6 +103,13 @@ impl JobRow {
             finished_at: self.finished_at,
             cancel_requested: self.cancel_requested,
             adapter,
+            trial: match (self.sweep_id, self.trial_index) {
+                (Some(sweep), Some(index)) => {
+                    Some(TrialRef { sweep_id: SweepId(sweep), index: to_u32(index, "trial_index")? })
+                }
+                _ => None,
+            },
+            early_stopped: self.early_stopped,
         })
     }
 }
@@ -158,6 +169,7 @@ impl Store {
                AND ($4::text IS NULL OR starts_with(j.name, $4)) \
                AND ($5::text IS NULL OR j.owner = $5) \
                AND ($6::timestamptz IS NULL OR (j.created_at, j.id) < ($6, $7::uuid)) \
+               AND ($9::uuid IS NULL OR j.sweep_id = $9) \
              ORDER BY j.created_at DESC, j.id DESC \
              LIMIT $8"
         ))
@@ -169,6 +181,7 @@ impl Store {
         .bind(after.map(|t| t.created_at))
         .bind(after.map(|t| t.id.0))
         .bind(i64::from(limit) + 1)
+        .bind(filter.sweep_id.map(|s| s.0))
         .fetch_all(&self.pool)
         .await?;
 

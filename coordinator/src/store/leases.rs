@@ -7,7 +7,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ptune_core::{JobId, JobSpec, JobState, WorkerId};
+use ptune_core::sweep::DIVERGED_PREFIX;
+use ptune_core::{JobId, JobSpec, JobState, MetricKind, WorkerId};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use tracing::instrument;
@@ -16,7 +17,7 @@ use uuid::Uuid;
 use super::jobs::DbJobState;
 use super::metrics::insert_metrics;
 use super::{millis, to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport};
+use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport, StopSignal};
 
 /// The result of an operation that only the current lease holder may do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +73,7 @@ struct ExpiredLease {
     attempts: i32,
     max_attempts: i32,
     cancel_requested: bool,
+    early_stop_requested: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -79,8 +81,10 @@ struct LockedJob {
     state: DbJobState,
     lease_epoch: i64,
     cancel_requested: bool,
+    early_stop_requested: bool,
     attempts: i32,
     max_attempts: i32,
+    total_steps: i64,
 }
 
 impl LockedJob {
@@ -95,7 +99,8 @@ impl LockedJob {
 
 async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<LockedJob>> {
     let row = sqlx::query_as(
-        "SELECT state, lease_epoch, cancel_requested, attempts, max_attempts FROM jobs WHERE id = $1 FOR UPDATE",
+        "SELECT state, lease_epoch, cancel_requested, early_stop_requested, attempts, max_attempts, total_steps \
+         FROM jobs WHERE id = $1 FOR UPDATE",
     )
     .bind(id.0)
     .fetch_optional(&mut **tx)
@@ -203,25 +208,26 @@ impl Store {
     }
 
     /// Renews the valid leases among `leases` held by `worker` and returns
-    /// those to stop: leases that are no longer valid, and cancelled jobs.
+    /// those to stop (leases that are no longer valid, and cancelled jobs),
+    /// then those whose sweep stopped them early.
     #[instrument(skip_all, fields(worker_id = %worker, leases = leases.len()))]
     pub async fn renew_leases(
         &self,
         worker: WorkerId,
         leases: &[LeaseRef],
         timeout: Duration,
-    ) -> Result<Vec<LeaseRef>> {
+    ) -> Result<(Vec<LeaseRef>, Vec<LeaseRef>)> {
         if leases.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id.0).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| to_i64(l.epoch)).collect();
-        let renewed: Vec<(Uuid, i64, bool)> = sqlx::query_as(
+        let renewed: Vec<(Uuid, i64, bool, bool)> = sqlx::query_as(
             "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
              FROM jobs j, UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
              WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
                AND j.id = a.job_id AND j.state = 'running' AND j.lease_epoch = a.epoch \
-             RETURNING a.job_id, a.epoch, j.cancel_requested",
+             RETURNING a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested",
         )
         .bind(&ids)
         .bind(&epochs)
@@ -230,14 +236,23 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let keep: HashSet<(Uuid, i64)> =
-            renewed.into_iter().filter(|(_, _, cancel)| !cancel).map(|(id, epoch, _)| (id, epoch)).collect();
-        Ok(leases.iter().copied().filter(|l| !keep.contains(&(l.job_id.0, to_i64(l.epoch)))).collect())
+            renewed.iter().filter(|(_, _, cancel, _)| !cancel).map(|(id, epoch, _, _)| (*id, *epoch)).collect();
+        let early: HashSet<(Uuid, i64)> = renewed
+            .iter()
+            .filter(|(_, _, cancel, early)| !cancel && *early)
+            .map(|(id, epoch, _, _)| (*id, *epoch))
+            .collect();
+        let key = |l: &LeaseRef| (l.job_id.0, to_i64(l.epoch));
+        let stop = leases.iter().copied().filter(|l| !keep.contains(&key(l))).collect();
+        let early_stop = leases.iter().copied().filter(|l| early.contains(&key(l))).collect();
+        Ok((stop, early_stop))
     }
 
-    /// Records progress and metrics of a lease and renews it. The value is
-    /// whether cancellation was requested.
+    /// Records progress and metrics of a lease and renews it; the answer says
+    /// whether the worker should stop. A training loss that is NaN or
+    /// infinite fails the job as diverged in the same transaction.
     #[instrument(skip_all, fields(job_id = %report.lease.job_id, epoch = report.lease.epoch, step = report.step))]
-    pub async fn report_progress(&self, report: &ProgressReport, timeout: Duration) -> Result<Fenced<bool>> {
+    pub async fn report_progress(&self, report: &ProgressReport, timeout: Duration) -> Result<Fenced<StopSignal>> {
         let lease = report.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
@@ -255,8 +270,25 @@ impl Store {
         .await?;
         renew_attempt(&mut tx, lease, timeout).await?;
         insert_metrics(&mut *tx, lease.job_id, &report.metrics).await?;
+        let diverged = report
+            .metrics
+            .iter()
+            .filter(|m| m.kind == MetricKind::Train && m.name == "loss" && !m.value.is_finite())
+            .min_by_key(|m| m.step);
+        let signal = if let Some(m) = diverged {
+            let error = format!("{DIVERGED_PREFIX} loss became {} at step {}", m.value, m.step);
+            end_attempt(&mut tx, lease, "failed", &error).await?;
+            set_state_after_attempt(&mut tx, lease.job_id, JobState::Failed, &error).await?;
+            StopSignal::Diverged
+        } else if job.cancel_requested {
+            StopSignal::Cancel
+        } else if job.early_stop_requested {
+            StopSignal::EarlyStop
+        } else {
+            StopSignal::Continue
+        };
         tx.commit().await?;
-        Ok(Fenced::Valid(job.cancel_requested))
+        Ok(Fenced::Valid(signal))
     }
 
     /// Stores the adapter of a lease and marks the job succeeded, all at once.
@@ -287,12 +319,16 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
+        // A job asked to stop early that completes before its planned last
+        // step stopped early; one that got there anyway did not.
+        let early_stopped = job.early_stop_requested && to_i64(done.step) < job.total_steps;
         sqlx::query(
             "UPDATE jobs SET state = 'succeeded', step = $2, error = '', cancel_requested = false, \
-                 finished_at = now(), updated_at = now() WHERE id = $1",
+                 early_stopped = $3, finished_at = now(), updated_at = now() WHERE id = $1",
         )
         .bind(lease.job_id.0)
         .bind(to_i64(done.step))
+        .bind(early_stopped)
         .execute(&mut *tx)
         .await?;
         end_attempt(&mut tx, lease, "succeeded", "").await?;
@@ -320,7 +356,21 @@ impl Store {
                 _ => job.stale(),
             };
         }
-        let (state, outcome, reason, error) = if failure.cancelled || job.cancel_requested {
+        let (state, outcome, reason, error) = if job.early_stop_requested
+            && !job.cancel_requested
+            && (failure.cancelled || failure.retryable)
+        {
+            // The worker stopped as asked but did not upload an adapter (a
+            // worker that predates early stops acknowledges them as
+            // cancellations): the trial ends here, its rung results stand.
+            let error = if failure.cancelled {
+                EARLY_STOP_WITHOUT_ADAPTER.to_string()
+            } else {
+                format!("{EARLY_STOP_WITHOUT_ADAPTER}: {}", failure.error)
+            };
+            mark_early_stopped(&mut tx, lease.job_id).await?;
+            (JobState::Cancelled, "cancelled", error.clone(), error)
+        } else if failure.cancelled || job.cancel_requested {
             let reason = "cancelled on request".to_string();
             (JobState::Cancelled, "cancelled", reason.clone(), reason)
         } else if failure.retryable && job.attempts < job.max_attempts {
@@ -344,7 +394,8 @@ impl Store {
     pub async fn reap_expired_leases(&self, limit: u32) -> Result<Vec<Reaped>> {
         let mut tx = self.pool.begin().await?;
         let expired: Vec<ExpiredLease> = sqlx::query_as(
-            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch, j.state, j.attempts, j.max_attempts, j.cancel_requested \
+            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch, j.state, j.attempts, j.max_attempts, j.cancel_requested, \
+                    j.early_stop_requested \
              FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
              WHERE a.ended_at IS NULL AND a.lease_expires_at < now() \
              ORDER BY a.lease_expires_at LIMIT $1 \
@@ -354,8 +405,17 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut reaped = Vec::with_capacity(expired.len());
-        for ExpiredLease { job_id, attempt, worker_id, epoch, state, attempts, max_attempts, cancel_requested } in
-            expired
+        for ExpiredLease {
+            job_id,
+            attempt,
+            worker_id,
+            epoch,
+            state,
+            attempts,
+            max_attempts,
+            cancel_requested,
+            early_stop_requested,
+        } in expired
         {
             let job = JobId(job_id);
             let lease = LeaseRef { job_id: job, epoch: to_u64(epoch, "epoch")? };
@@ -366,6 +426,11 @@ impl Store {
                 state.into()
             } else if cancel_requested {
                 set_state_after_attempt(&mut tx, job, JobState::Cancelled, "cancelled on request").await?;
+                JobState::Cancelled
+            } else if early_stop_requested {
+                let error = format!("{EARLY_STOP_WITHOUT_ADAPTER}: {reason}");
+                set_state_after_attempt(&mut tx, job, JobState::Cancelled, &error).await?;
+                mark_early_stopped(&mut tx, job).await?;
                 JobState::Cancelled
             } else if attempts < max_attempts {
                 set_state_after_attempt(&mut tx, job, JobState::Queued, &reason).await?;
@@ -406,6 +471,14 @@ impl Store {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The error of a trial stopped early whose worker uploaded no adapter.
+const EARLY_STOP_WITHOUT_ADAPTER: &str = "stopped early by its sweep; the worker uploaded no adapter";
+
+async fn mark_early_stopped(tx: &mut Transaction<'static, Postgres>, job: JobId) -> Result<()> {
+    sqlx::query("UPDATE jobs SET early_stopped = true WHERE id = $1").bind(job.0).execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Moves a job out of `running` after its attempt ended.

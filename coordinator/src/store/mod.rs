@@ -9,6 +9,8 @@ mod datasets;
 mod jobs;
 mod leases;
 mod metrics;
+mod sweep_drive;
+mod sweeps;
 mod workers;
 
 use std::time::Duration;
@@ -18,6 +20,8 @@ use tracing::{info, instrument};
 
 pub use jobs::CancelOutcome;
 pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped};
+pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
+pub use sweeps::{NewSweep, SweepChange};
 
 /// Embedded migrations from the top-level `migrations/` folder.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ptune_coordinator::testing::{fresh_database, TestDatabase};
 use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
 use ptune_proto::v1::job_service_client::JobServiceClient;
+use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
 use sha2::{Digest, Sha256};
@@ -23,6 +24,7 @@ pub struct Env {
     pub coordinator: Option<CoordinatorHandle>,
     pub jobs: JobServiceClient<Channel>,
     pub workers: WorkerServiceClient<Channel>,
+    pub sweeps: SweepServiceClient<Channel>,
 }
 
 /// A coordinator with the given lease timeout on a fresh database.
@@ -33,12 +35,18 @@ pub async fn start(lease_timeout: Duration) -> Env {
     config.heartbeat_interval = lease_timeout / 4;
     let coordinator = Coordinator::start(config.clone()).await.expect("coordinator starts");
     let (jobs, workers) = clients(&coordinator).await;
-    Env { db, config, coordinator: Some(coordinator), jobs, workers }
+    let sweeps = sweep_client(&coordinator).await;
+    Env { db, config, coordinator: Some(coordinator), jobs, workers, sweeps }
 }
 
 pub async fn clients(c: &CoordinatorHandle) -> (JobServiceClient<Channel>, WorkerServiceClient<Channel>) {
     let channel = Channel::from_shared(format!("http://{}", c.grpc_addr)).unwrap().connect().await.unwrap();
     (JobServiceClient::new(channel.clone()), WorkerServiceClient::new(channel))
+}
+
+pub async fn sweep_client(c: &CoordinatorHandle) -> SweepServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", c.grpc_addr)).unwrap().connect().await.unwrap();
+    SweepServiceClient::new(channel)
 }
 
 impl Env {
@@ -47,7 +55,15 @@ impl Env {
         self.coordinator.take().unwrap().shutdown().await.expect("graceful shutdown");
         let coordinator = Coordinator::start(self.config.clone()).await.expect("coordinator restarts");
         (self.jobs, self.workers) = clients(&coordinator).await;
+        self.sweeps = sweep_client(&coordinator).await;
         self.coordinator = Some(coordinator);
+    }
+
+    /// Like [`Env::restart`], but the new coordinator listens on the same
+    /// address, so clients held elsewhere (a worker task) reconnect to it.
+    pub async fn restart_in_place(&mut self) {
+        self.config.grpc_addr = self.coordinator.as_ref().unwrap().grpc_addr;
+        self.restart().await;
     }
 
     pub async fn stop(mut self) {
