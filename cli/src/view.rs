@@ -29,6 +29,12 @@ pub struct JobView {
     pub finished_at: String,
     pub adapter_sha256: String,
     pub adapter_size_bytes: u64,
+    /// The sweep this job is a trial of, and its trial number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trial_index: Option<u32>,
+    pub early_stopped: bool,
     pub metrics: Vec<MetricView>,
     pub spec: Option<serde_json::Value>,
 }
@@ -82,6 +88,9 @@ impl JobView {
             finished_at: job.finished_at.clone(),
             adapter_sha256: job.adapter_sha256.clone(),
             adapter_size_bytes: job.adapter_size_bytes,
+            sweep_id: Some(job.sweep_id.clone()).filter(|s| !s.is_empty()),
+            trial_index: (!job.sweep_id.is_empty()).then_some(job.trial_index),
+            early_stopped: job.early_stopped,
             metrics: job.latest_metrics.iter().map(MetricView::from).collect(),
             spec: domain_spec,
         }

@@ -1,6 +1,7 @@
 //! Local training without a coordinator: one TOML spec, one model folder, one
 //! output folder. Progress goes to stderr, every metric to
-//! `OUT/metrics.jsonl`, and the PEFT export to `OUT/adapter/`.
+//! `OUT/metrics.jsonl`, the final evaluation's predictions to
+//! `OUT/eval_predictions.jsonl`, and the PEFT export to `OUT/adapter/`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -15,6 +16,9 @@ use crate::engine::{Control, Engine, Event, TrainJob, TrainOutcome};
 pub const ADAPTER_DIR: &str = "adapter";
 /// File of the output folder that receives one JSON metric per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// File of the output folder that receives, per evaluation example in file
+/// order, `{"index": i, "prediction": label}`.
+pub const PREDICTIONS_FILE: &str = "eval_predictions.jsonl";
 
 /// Trains the job in the TOML file `spec_path` (data paths relative to it)
 /// on the model folder `model_dir`, on the GPU when there is one.
@@ -73,6 +77,17 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow
     let outcome = engine.train(model_dir, &job, &mut on_event)?;
     if let Some(e) = write_error {
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
+    }
+    if !outcome.stopped {
+        let labels = &job.spec.data.labels;
+        let lines: String = outcome
+            .eval_predictions
+            .iter()
+            .enumerate()
+            .map(|(index, &label)| serde_json::json!({"index": index, "prediction": labels[label]}).to_string() + "\n")
+            .collect();
+        let path = out_dir.join(PREDICTIONS_FILE);
+        std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!(
         "trained {} steps in {:.1}s; adapter in {}",

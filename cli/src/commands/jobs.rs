@@ -176,7 +176,15 @@ fn print_job(job: &v1::Job) {
     let view = JobView::new(job, true);
     println!("id:          {}", view.id);
     println!("name:        {}", view.name);
-    println!("state:       {}{}", view.state, if view.cancel_requested { " (cancel requested)" } else { "" });
+    let note = match (view.cancel_requested, view.early_stopped) {
+        (true, _) => " (cancel requested)",
+        (false, true) => " (stopped early by its sweep)",
+        _ => "",
+    };
+    println!("state:       {}{note}", view.state);
+    if let (Some(sweep), Some(trial)) = (&view.sweep_id, view.trial_index) {
+        println!("sweep:       {sweep} (trial {trial})");
+    }
     println!("method:      {}", view.method);
     println!("base model:  {}", view.base_model);
     println!("owner:       {}", view.owner);

@@ -691,6 +691,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_sweeps_plan_what_their_comments_say() {
+        let example = |text: &str| {
+            let value: toml::Value = toml::from_str(text).unwrap();
+            parse(serde_json::to_value(value).unwrap()).unwrap()
+        };
+        let grid = example(include_str!("../../../examples/sweeps/sst2-grid.toml"));
+        assert_eq!((grid.kind(), grid.budget()), (AlgorithmKind::Grid, 16));
+        let asha = example(include_str!("../../../examples/sweeps/sst2-asha.toml"));
+        assert_eq!((asha.kind(), asha.budget(), asha.distinct_configs()), (AlgorithmKind::Asha, 16, Some(16)));
+        let plan = asha.asha().unwrap().plan(None).unwrap();
+        assert_eq!((plan.rungs.as_slice(), plan.max_steps, plan.eval_every(0)), (&[6, 18][..], 54, 6));
+        let mut taken = HashSet::new();
+        for i in 0..16 {
+            taken.insert(asha.params_for(i, &taken).unwrap().key());
+        }
+        let grid_keys: HashSet<String> = (0..16).map(|i| grid.params_for(i, &HashSet::new()).unwrap().key()).collect();
+        assert_eq!(taken, grid_keys, "asha draws each of the grid's 16 configurations once");
+    }
+
+    #[test]
     fn conditions_see_the_template_and_the_spec_defaults() {
         let space = json!({
             "peft.init_text": { "values": ["great", "awful"], "when": { "peft.init": "text" } },

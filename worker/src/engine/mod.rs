@@ -75,6 +75,9 @@ pub struct TrainOutcome {
     pub total_steps: u64,
     /// Metrics of the last evaluation (empty if stopped before any).
     pub final_metrics: Vec<Metric>,
+    /// Predicted label index of each evaluation example, in file order, from
+    /// the final evaluation (empty when stopped).
+    pub eval_predictions: Vec<usize>,
     /// True when the caller stopped training; no export was written then.
     pub stopped: bool,
 }

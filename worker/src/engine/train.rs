@@ -61,11 +61,15 @@ pub fn run(
     let pad_id = base.tokenizer.pad_id();
     let eval_batch_size = (t.batch_size as usize).max(MIN_EVAL_BATCH_SIZE);
     let evaluate = |model: &PromptSeqCls, step: u64| {
-        let Evaluation { loss, accuracy } = model.evaluate(&base.encoder, &eval, eval_batch_size, pad_id);
-        vec![metric(step, MetricKind::Eval, "loss", loss), metric(step, MetricKind::Eval, "accuracy", accuracy)]
+        let Evaluation { loss, accuracy, predictions } =
+            model.evaluate(&base.encoder, &eval, eval_batch_size, pad_id);
+        let metrics =
+            vec![metric(step, MetricKind::Eval, "loss", loss), metric(step, MetricKind::Eval, "accuracy", accuracy)];
+        (metrics, predictions)
     };
 
     let mut last_eval = Vec::new();
+    let mut eval_predictions = Vec::new();
     let mut step = 0u64;
     while step < total_steps {
         let started = Instant::now();
@@ -95,7 +99,7 @@ pub fn run(
         }
         let periodic = t.eval_every > 0 && step.is_multiple_of(t.eval_every);
         if periodic || step == total_steps {
-            last_eval = evaluate(&model, step);
+            (last_eval, eval_predictions) = evaluate(&model, step);
             tracing::info!(step, loss = last_eval[0].value, accuracy = last_eval[1].value, "evaluated");
             if on_event(Event::Eval { step, metrics: &last_eval }) == Control::Stop {
                 return Ok(stopped(step, total_steps, last_eval));
@@ -114,7 +118,7 @@ pub fn run(
     });
     export::write_prompt_tuning(&job.out_dir, spec, &base.config, &model, &provenance)?;
     tracing::info!(job = %spec.name, out_dir = %job.out_dir.display(), "adapter exported");
-    Ok(TrainOutcome { steps: step, total_steps, final_metrics: last_eval, stopped: false })
+    Ok(TrainOutcome { steps: step, total_steps, final_metrics: last_eval, eval_predictions, stopped: false })
 }
 
 /// Refuses specs this engine cannot train on this model, naming the field.
@@ -168,5 +172,5 @@ fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Metric {
 }
 
 fn stopped(steps: u64, total_steps: u64, final_metrics: Vec<Metric>) -> TrainOutcome {
-    TrainOutcome { steps, total_steps, final_metrics, stopped: true }
+    TrainOutcome { steps, total_steps, final_metrics, eval_predictions: Vec::new(), stopped: true }
 }

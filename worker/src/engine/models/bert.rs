@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::CONFIG_FILE;
+use super::{dropout, CONFIG_FILE};
 use crate::engine::EngineError;
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
@@ -148,6 +148,9 @@ struct Packing {
     first_rows: Tensor,
     /// `[batch, 1, 1, seq]` true where a key may be attended to.
     key_mask: Tensor,
+    /// `[batch, 1, 1, seq]` 0 where a key may be attended to, the lowest
+    /// float elsewhere (HF's extended attention mask).
+    additive_mask: Tensor,
 }
 
 impl Packing {
@@ -158,7 +161,8 @@ impl Packing {
         let lengths = mask.sum_dim_intlist(1, false, Kind::Int64);
         let first_rows = lengths.cumsum(0, Kind::Int64) - &lengths;
         let key_mask = mask.view([batch, 1, 1, seq]);
-        Self { batch, seq, rows, first_rows, key_mask }
+        let additive_mask = key_mask.logical_not().to_kind(Kind::Float) * f64::from(f32::MIN);
+        Self { batch, seq, rows, first_rows, key_mask, additive_mask }
     }
 
     /// `[batch, seq, n]` -> `[tokens, n]`.
@@ -207,9 +211,10 @@ impl BertEmbeddings {
         }
     }
 
-    /// Positions run 0..seq over whatever `inputs_embeds` holds, as HF does
-    /// when given `inputs_embeds`: a prepended prompt takes the first ones.
-    fn forward(&self, inputs_embeds: &Tensor, token_type_ids: Option<&Tensor>, train: bool) -> Tensor {
+    /// Packed `[tokens, hidden]` embeddings. Positions run 0..seq over
+    /// whatever `inputs_embeds` holds, as HF does when given `inputs_embeds`:
+    /// a prepended prompt takes the first ones.
+    fn forward(&self, inputs_embeds: &Tensor, token_type_ids: Option<&Tensor>, packing: &Packing, train: bool) -> Tensor {
         let seq = inputs_embeds.size()[1];
         let positions = Tensor::arange(seq, (Kind::Int64, inputs_embeds.device()));
         // [seq, hidden], broadcast over the batch
@@ -219,7 +224,7 @@ impl BertEmbeddings {
             None => self.token_type_embeddings.ws.get(0),
         };
         let embeds = inputs_embeds + position_embeds + token_type_embeds;
-        self.layer_norm.forward(&embeds).dropout(self.dropout, train)
+        dropout(&packing.pack(&self.layer_norm.forward(&embeds)), self.dropout, train)
     }
 }
 
@@ -256,18 +261,18 @@ impl BertSelfAttention {
             Queries::All => split(packing.unpack(&self.query.forward(hidden)), s),
             Queries::First => split(self.query.forward(&hidden.index_select(0, &packing.first_rows)), 1),
         };
-        let dropout = if train { self.dropout } else { 0.0 };
         // [batch, heads, queries, head_dim]
-        let context = Tensor::scaled_dot_product_attention(
-            &query,
-            &key,
-            &value,
-            Some(&packing.key_mask),
-            dropout,
-            false,
-            None,
-            false,
-        );
+        let context = if train && self.dropout > 0.0 {
+            // Written out so that attention-probability dropout uses the fast
+            // mask; libtorch's fused attention draws Bernoulli samples.
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            // [batch, heads, queries, seq]
+            let scores = query.matmul(&key.transpose(-1, -2)) * scale + &packing.additive_mask;
+            dropout(&scores.softmax(-1, scores.kind()), self.dropout, train).matmul(&value)
+        } else {
+            let mask = Some(&packing.key_mask);
+            Tensor::scaled_dot_product_attention(&query, &key, &value, mask, 0.0, false, None, false)
+        };
         let hidden_size = self.heads * self.head_dim;
         match queries {
             Queries::All => packing.pack(&context.transpose(1, 2).reshape([b, s, hidden_size])),
@@ -294,7 +299,7 @@ impl ResidualNorm {
     }
 
     fn forward(&self, xs: &Tensor, residual: &Tensor, train: bool) -> Tensor {
-        let xs = self.dense.forward(xs).dropout(self.dropout, train);
+        let xs = dropout(&self.dense.forward(xs), self.dropout, train);
         self.layer_norm.forward(&(xs + residual))
     }
 }
@@ -395,7 +400,7 @@ impl BertModel {
         train: bool,
     ) -> Tensor {
         let packing = Packing::new(attention_mask);
-        let mut hidden = packing.pack(&self.embeddings.forward(inputs_embeds, token_type_ids, train));
+        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, &packing, train);
         for layer in &self.layers {
             hidden = layer.forward(&hidden, &packing, Queries::All, train);
         }
@@ -414,7 +419,7 @@ impl BertModel {
         train: bool,
     ) -> Tensor {
         let packing = Packing::new(attention_mask);
-        let mut hidden = packing.pack(&self.embeddings.forward(inputs_embeds, token_type_ids, train));
+        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, &packing, train);
         let Some((last, rest)) = self.layers.split_last() else {
             return hidden.index_select(0, &packing.first_rows);
         };

@@ -9,6 +9,7 @@ use tch::{Kind, Reduction, Tensor};
 use crate::engine::data::batch::{length_sorted_batches, Batch};
 use crate::engine::data::Example;
 use crate::engine::models::bert::BertModel;
+use crate::engine::models::dropout;
 use crate::engine::peft::prompt_tuning::PromptTuning;
 
 /// The trainable classifier, `classifier.weight` `[labels, hidden]` and
@@ -44,7 +45,7 @@ impl ClassificationHead {
 
     /// `[batch, hidden]` pooled -> `[batch, labels]` logits.
     pub fn forward(&self, pooled: &Tensor, train: bool) -> Tensor {
-        self.classifier.forward(&pooled.dropout(self.dropout, train))
+        self.classifier.forward(&dropout(pooled, self.dropout, train))
     }
 }
 
@@ -55,11 +56,13 @@ pub struct PromptSeqCls {
     pub head: ClassificationHead,
 }
 
-/// Eval loss (mean cross-entropy) and accuracy over a dataset.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Eval loss (mean cross-entropy), accuracy and predictions over a dataset.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Evaluation {
     pub loss: f64,
     pub accuracy: f64,
+    /// Predicted label index of each example, in dataset order.
+    pub predictions: Vec<usize>,
 }
 
 impl PromptSeqCls {
@@ -81,26 +84,24 @@ impl PromptSeqCls {
 
     /// Loss and accuracy over `examples` in eval mode, without gradients.
     pub fn evaluate(&self, encoder: &BertModel, examples: &[Example], batch_size: usize, pad_id: i64) -> Evaluation {
-        if examples.is_empty() {
-            return Evaluation { loss: f64::NAN, accuracy: f64::NAN };
-        }
         let device = self.prompt.embeddings().device();
-        let (loss_sum, correct) = tch::no_grad(|| {
+        let mut predictions = vec![0; examples.len()];
+        let loss_sum = tch::no_grad(|| {
             let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-            let mut correct = Tensor::zeros([], (Kind::Int64, device));
             for indices in length_sorted_batches(examples, batch_size) {
                 let batch = Batch::collate(examples, &indices, pad_id, device);
                 let logits = self.logits(encoder, &batch.input_ids, &batch.attention_mask, false);
                 let loss = logits.cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0);
                 loss_sum += loss.to_kind(Kind::Double);
-                correct += logits.argmax(-1, false).eq_tensor(&batch.labels).sum(Kind::Int64);
+                let predicted = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("label indices");
+                for (&i, p) in indices.iter().zip(predicted) {
+                    predictions[i] = p as usize;
+                }
             }
-            (f64::try_from(loss_sum), i64::try_from(correct))
+            f64::try_from(loss_sum).expect("a scalar loss")
         });
+        let correct = predictions.iter().zip(examples).filter(|(&p, e)| p as i64 == e.label).count();
         let n = examples.len() as f64;
-        Evaluation {
-            loss: loss_sum.expect("scalar loss") / n,
-            accuracy: correct.expect("scalar count") as f64 / n,
-        }
+        Evaluation { loss: loss_sum / n, accuracy: correct as f64 / n, predictions }
     }
 }
