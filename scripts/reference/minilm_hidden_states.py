@@ -17,7 +17,12 @@ import peft
 import torch
 import transformers
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    get_linear_schedule_with_warmup,
+)
 
 SENTENCES = [
     "a gripping, moving film.",
@@ -29,6 +34,7 @@ TRUNCATION_MAX_LENGTH = 8
 PROMPT_TOKENS = 5
 PROMPT_LABELS = 3
 PROMPT_BATCH_LABELS = [2, 0, 1]
+OPTIM = {"lr": 3e-2, "head_lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 2, "steps": 8}
 SEED = 1234
 
 
@@ -79,6 +85,39 @@ def main():
     output.loss.backward()
     logits = output.logits
     prompt = model.prompt_encoder["default"].embedding.weight
+    reference = {
+        "prompt_embeddings": rounded(prompt),
+        "classifier_weight": rounded(head.weight),
+        "classifier_bias": rounded(head.bias),
+        "logits": rounded(logits),
+        # Mean cross-entropy against `labels` in eval mode, and its gradients.
+        "labels": PROMPT_BATCH_LABELS,
+        "loss": output.loss.item(),
+        "prompt_embeddings_grad": rounded(prompt.grad),
+        "classifier_weight_grad": rounded(head.weight.grad),
+        "classifier_bias_grad": rounded(head.bias.grad),
+    }
+
+    # Eight AdamW steps from those weights on the same batch, without dropout:
+    # two warmup steps, then linear decay; head with its own rate, bias
+    # without weight decay (the groups the engine uses).
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [prompt], "lr": OPTIM["lr"], "weight_decay": OPTIM["weight_decay"]},
+            {"params": [head.weight], "lr": OPTIM["head_lr"], "weight_decay": OPTIM["weight_decay"]},
+            {"params": [head.bias], "lr": OPTIM["head_lr"], "weight_decay": 0.0},
+        ]
+    )
+    schedule = get_linear_schedule_with_warmup(optimizer, OPTIM["warmup_steps"], OPTIM["steps"])
+    optimizer.zero_grad()
+    losses = []
+    for _ in range(OPTIM["steps"]):
+        loss = model(**batch, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
 
     fixture = {
         "generator": "scripts/reference/minilm_hidden_states.py",
@@ -92,16 +131,8 @@ def main():
         "prompt_tuning": {
             "num_virtual_tokens": PROMPT_TOKENS,
             "num_labels": PROMPT_LABELS,
-            "prompt_embeddings": rounded(prompt),
-            "classifier_weight": rounded(head.weight),
-            "classifier_bias": rounded(head.bias),
-            "logits": rounded(logits),
-            # Mean cross-entropy against `labels` in eval mode, and its gradients.
-            "labels": PROMPT_BATCH_LABELS,
-            "loss": output.loss.item(),
-            "prompt_embeddings_grad": rounded(prompt.grad),
-            "classifier_weight_grad": rounded(head.weight.grad),
-            "classifier_bias_grad": rounded(head.bias.grad),
+            **reference,
+            "training": {**OPTIM, "losses": losses},
         },
     }
     Path(args.out).write_text(json.dumps(fixture, separators=(",", ":")) + "\n")

@@ -4,7 +4,6 @@
 //! run stops without reporting anything more.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use tracing::{error, info, warn};
 use super::datasets;
 use super::models::ServedModel;
 use super::runner::{EnginePool, RunRequest, RunUpdate};
-use super::Leases;
+use super::{Directive, Leases};
 use crate::engine::TrainJob;
 
 const UPLOAD_CHUNK: usize = 256 << 10;
@@ -42,7 +41,7 @@ enum Ending {
     LeaseLost,
 }
 
-pub async fn run(mut ctx: JobContext, lease: v1::Lease, stop: Arc<AtomicBool>) {
+pub async fn run(mut ctx: JobContext, lease: v1::Lease, stop: Directive) {
     let job_id = lease.job_id.clone();
     let epoch = lease.epoch;
     let stage = ctx.work_dir.join("jobs").join(format!("{job_id}-{epoch}"));
@@ -55,7 +54,7 @@ pub async fn run(mut ctx: JobContext, lease: v1::Lease, stop: Arc<AtomicBool>) {
     let _ = tokio::fs::remove_dir_all(&stage).await;
 }
 
-async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Arc<AtomicBool>, stage: &Path) -> anyhow::Result<Ending> {
+async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Directive, stage: &Path) -> anyhow::Result<Ending> {
     let spec = JobSpec::try_from(lease.spec.clone().unwrap_or_default()).context("lease carried an invalid spec")?;
     let Some(model) = ctx.models.iter().find(|m| m.name == spec.base_model) else {
         return Ok(Ending::Failed {
@@ -75,7 +74,7 @@ async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Arc<AtomicBool>, 
         out_dir: stage.join("adapter"),
     };
     let (updates, mut receiver) = mpsc::unbounded_channel();
-    ctx.engines.submit(RunRequest { model_dir: model.dir.clone(), job, stop: stop.clone(), updates });
+    ctx.engines.submit(RunRequest { model_dir: model.dir.clone(), job, directive: stop.clone(), updates });
 
     let mut lease_lost = false;
     loop {
@@ -105,12 +104,24 @@ async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Arc<AtomicBool>, 
         }
         if !lease_lost && (report.step > 0 || !report.metrics.is_empty()) {
             match ctx.client.report_progress(report).await {
-                Ok(response) if response.get_ref().stop => stop.store(true, Ordering::SeqCst),
-                Ok(_) => {}
+                Ok(response) => match response.get_ref().stop_reason() {
+                    v1::StopReason::EarlyStopped => {
+                        info!(job_id = %lease.job_id, "sweep stopped the job early; exporting what it learned");
+                        stop.finish();
+                    }
+                    v1::StopReason::Diverged => {
+                        warn!(job_id = %lease.job_id, "coordinator failed the job as diverged; stopping");
+                        lease_lost = true;
+                        stop.stop();
+                    }
+                    v1::StopReason::Cancelled => stop.stop(),
+                    v1::StopReason::Unspecified if response.get_ref().stop => stop.stop(),
+                    v1::StopReason::Unspecified => {}
+                },
                 Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                     warn!(job_id = %lease.job_id, error = %status.message(), "lease lost; stopping");
                     lease_lost = true;
-                    stop.store(true, Ordering::SeqCst);
+                    stop.stop();
                 }
                 Err(status) => warn!(job_id = %lease.job_id, error = %status.message(), "progress report failed"),
             }

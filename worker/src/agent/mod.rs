@@ -9,7 +9,7 @@ mod runner;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,13 +33,41 @@ pub struct AgentConfig {
     pub threads: u32,
 }
 
-/// Leases this worker holds, with the flag that stops each job's engine run.
+/// What the coordinator wants a running job to do next.
+#[derive(Clone, Debug, Default)]
+pub struct Directive(Arc<AtomicU8>);
+
+impl Directive {
+    const CONTINUE: u8 = 0;
+    const FINISH: u8 = 1;
+    const STOP: u8 = 2;
+
+    /// Stop at the next step and export what was trained (an early stop).
+    pub fn finish(&self) {
+        let _ = self.0.compare_exchange(Self::CONTINUE, Self::FINISH, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Stop at the next step without an export (cancellation, lost lease, shutdown).
+    pub fn stop(&self) {
+        self.0.store(Self::STOP, Ordering::SeqCst);
+    }
+
+    pub fn control(&self) -> crate::engine::Control {
+        match self.0.load(Ordering::SeqCst) {
+            Self::CONTINUE => crate::engine::Control::Continue,
+            Self::FINISH => crate::engine::Control::Finish,
+            _ => crate::engine::Control::Stop,
+        }
+    }
+}
+
+/// Leases this worker holds, with the directive each job's engine run obeys.
 #[derive(Clone, Default)]
-struct Leases(Arc<Mutex<HashMap<(String, u64), Arc<AtomicBool>>>>);
+struct Leases(Arc<Mutex<HashMap<(String, u64), Directive>>>);
 
 impl Leases {
-    fn insert(&self, job_id: &str, epoch: u64) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(false));
+    fn insert(&self, job_id: &str, epoch: u64) -> Directive {
+        let flag = Directive::default();
         self.0.lock().expect("leases lock").insert((job_id.to_string(), epoch), flag.clone());
         flag
     }
@@ -53,15 +81,13 @@ impl Leases {
         leases.keys().map(|(job_id, epoch)| v1::LeaseRef { job_id: job_id.clone(), epoch: *epoch }).collect()
     }
 
-    fn stop(&self, job_id: &str, epoch: u64) {
-        if let Some(flag) = self.0.lock().expect("leases lock").get(&(job_id.to_string(), epoch)) {
-            flag.store(true, Ordering::SeqCst);
-        }
+    fn get(&self, job_id: &str, epoch: u64) -> Option<Directive> {
+        self.0.lock().expect("leases lock").get(&(job_id.to_string(), epoch)).cloned()
     }
 
     fn stop_all(&self) {
         for flag in self.0.lock().expect("leases lock").values() {
-            flag.store(true, Ordering::SeqCst);
+            flag.stop();
         }
     }
 
@@ -206,7 +232,15 @@ async fn heartbeat_loop(
                 let response = response.into_inner();
                 for stop in response.stop {
                     info!(job_id = %stop.job_id, epoch = stop.epoch, "coordinator asked to stop job");
-                    leases.stop(&stop.job_id, stop.epoch);
+                    if let Some(directive) = leases.get(&stop.job_id, stop.epoch) {
+                        directive.stop();
+                    }
+                }
+                for early in response.early_stop {
+                    info!(job_id = %early.job_id, epoch = early.epoch, "sweep stopped job early");
+                    if let Some(directive) = leases.get(&early.job_id, early.epoch) {
+                        directive.finish();
+                    }
                 }
                 if !response.known {
                     warn!("coordinator does not know this worker; registering again");

@@ -3,14 +3,13 @@
 //! training run at a time from a shared queue.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use ptune_core::Metric;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Control, Engine, EngineError, Event, TrainJob, TrainOutcome};
+use crate::engine::{Engine, EngineError, Event, TrainJob, TrainOutcome};
 
 /// What an engine thread tells the async side about a run.
 #[derive(Debug)]
@@ -24,7 +23,7 @@ pub enum RunUpdate {
 pub struct RunRequest {
     pub model_dir: PathBuf,
     pub job: TrainJob,
-    pub stop: Arc<AtomicBool>,
+    pub directive: super::Directive,
     pub updates: UnboundedSender<RunUpdate>,
 }
 
@@ -70,7 +69,7 @@ fn engine_thread(receiver: Arc<Mutex<mpsc::Receiver<Option<RunRequest>>>>) {
         let next = receiver.lock().expect("engine queue lock").recv();
         let Ok(Some(request)) = next else { return };
         let updates = request.updates.clone();
-        let stop = request.stop.clone();
+        let directive = request.directive.clone();
         let mut on_event = |event: Event<'_>| {
             let update = match event {
                 Event::Step { step, total_steps, metrics } => {
@@ -79,11 +78,7 @@ fn engine_thread(receiver: Arc<Mutex<mpsc::Receiver<Option<RunRequest>>>>) {
                 Event::Eval { step, metrics } => RunUpdate::Eval { step, metrics: metrics.to_vec() },
             };
             let _ = updates.send(update);
-            if stop.load(Ordering::SeqCst) {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
+            directive.control()
         };
         let result = engine.train(&request.model_dir, &request.job, &mut on_event);
         let _ = request.updates.send(RunUpdate::Done(result));

@@ -54,7 +54,11 @@ pub struct TrainJob {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
     Continue,
+    /// Stop now without an export (cancellation).
     Stop,
+    /// Stop at this step boundary but finish like a completed run: evaluate
+    /// (unless the last evaluation is at this step) and export (an early stop).
+    Finish,
 }
 
 /// Progress reported to the caller of [`Engine::train`].
@@ -97,6 +101,9 @@ pub enum EngineError {
     /// The model folder is unreadable or holds an unsupported model.
     #[error("model: {0}")]
     Model(String),
+    /// The training loss became NaN or infinite: the run cannot recover.
+    #[error("diverged: loss became {loss} at step {step}")]
+    Diverged { step: u64, loss: f64 },
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]

@@ -94,16 +94,29 @@ pub fn run(
             metric(step, MetricKind::Train, "examples_per_second", batch.len as f64 / seconds.max(1e-9)),
         ];
         tracing::debug!(step, total_steps, loss, epoch = batches.epoch(), "step");
-        if on_event(Event::Step { step, total_steps, metrics: &metrics }) == Control::Stop {
+        if !loss.is_finite() {
+            return Err(EngineError::Diverged { step, loss });
+        }
+        let mut control = on_event(Event::Step { step, total_steps, metrics: &metrics });
+        if control == Control::Stop {
             return Ok(stopped(step, total_steps, last_eval));
         }
         let periodic = t.eval_every > 0 && step.is_multiple_of(t.eval_every);
-        if periodic || step == total_steps {
+        if periodic || step == total_steps || control == Control::Finish {
             (last_eval, eval_predictions) = evaluate(&model, step);
             tracing::info!(step, loss = last_eval[0].value, accuracy = last_eval[1].value, "evaluated");
-            if on_event(Event::Eval { step, metrics: &last_eval }) == Control::Stop {
+            control = on_event(Event::Eval { step, metrics: &last_eval });
+            if control == Control::Stop {
                 return Ok(stopped(step, total_steps, last_eval));
             }
+        }
+        if control == Control::Finish {
+            if last_eval.first().is_none_or(|m| m.step != step) {
+                (last_eval, eval_predictions) = evaluate(&model, step);
+                let _ = on_event(Event::Eval { step, metrics: &last_eval });
+            }
+            tracing::info!(step, total_steps, "stopping early on request; exporting");
+            break;
         }
     }
 

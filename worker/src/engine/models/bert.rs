@@ -224,7 +224,7 @@ impl BertEmbeddings {
             None => self.token_type_embeddings.ws.get(0),
         };
         let embeds = inputs_embeds + position_embeds + token_type_embeds;
-        dropout(&packing.pack(&self.layer_norm.forward(&embeds)), self.dropout, train)
+        dropout(&self.layer_norm.forward(&packing.pack(&embeds)), self.dropout, train)
     }
 }
 
