@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use ptune_worker::engine::{BaseModel, ClassificationHead, PromptInit, PromptSeqCls, PromptTuning};
+use ptune_worker::engine::{
+    AdamW, BaseModel, ClassificationHead, LinearSchedule, PromptInit, PromptSeqCls, PromptTuning,
+};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -106,12 +108,8 @@ fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
     assert!(diff < TOLERANCE, "pooler output differs by {diff}");
 }
 
-#[test]
-fn prompt_tuning_logits_match_peft() {
-    let fixture = fixture();
-    let reference = &fixture["prompt_tuning"];
-    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
-
+/// The fixture's prompt-tuned classifier: PEFT's random prompt and head.
+fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, PromptSeqCls) {
     let nvt = reference["num_virtual_tokens"].as_i64().expect("num_virtual_tokens");
     let labels = reference["num_labels"].as_i64().expect("num_labels");
     let adapter = nn::VarStore::new(Device::Cpu);
@@ -124,6 +122,15 @@ fn prompt_tuning_logits_match_peft() {
         model.head.weight().shallow_clone().copy_(&matrix(&reference["classifier_weight"]));
         model.head.bias().shallow_clone().copy_(&Tensor::from_slice(&floats(&reference["classifier_bias"])));
     });
+    (adapter, model)
+}
+
+#[test]
+fn prompt_tuning_logits_and_gradients_match_peft() {
+    let fixture = fixture();
+    let reference = &fixture["prompt_tuning"];
+    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let (_adapter, model) = fixture_model(&base, reference);
 
     let (ids, mask) = fixture_batch(&fixture);
     let logits = model.logits(&base.encoder, &ids, &mask, false);
@@ -149,4 +156,36 @@ fn prompt_tuning_logits_match_peft() {
         let diff = max_abs_diff(&ours, &expected);
         assert!(diff <= 1e-3 * scale, "{name} differs from PyTorch by {diff} (largest entry {scale})");
     }
+}
+
+#[test]
+fn adamw_steps_with_warmup_and_decay_follow_torch() {
+    let fixture = fixture();
+    let reference = &fixture["prompt_tuning"];
+    let training = &reference["training"];
+    let number = |key: &str| training[key].as_f64().unwrap_or_else(|| panic!("training.{key}"));
+    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let (_adapter, model) = fixture_model(&base, reference);
+
+    let (lr, head_lr, weight_decay) = (number("lr"), number("head_lr"), number("weight_decay"));
+    let mut optimizer = AdamW::default();
+    optimizer.add_group(vec![model.prompt.embeddings().shallow_clone()], lr, weight_decay);
+    optimizer.add_group(vec![model.head.weight().shallow_clone()], head_lr, weight_decay);
+    optimizer.add_group(vec![model.head.bias().shallow_clone()], head_lr, 0.0);
+    let steps = number("steps") as u64;
+    let schedule = LinearSchedule::new(steps, number("warmup_steps") / steps as f64);
+
+    let (ids, mask) = fixture_batch(&fixture);
+    let labels = Tensor::from_slice(&ints(&reference["labels"]));
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        optimizer.zero_grad();
+        let loss = model.logits(&base.encoder, &ids, &mask, false).cross_entropy_for_logits(&labels);
+        losses.push(f64::try_from(&loss).expect("a scalar"));
+        loss.backward();
+        optimizer.step(schedule.factor(step));
+    }
+    let expected: Vec<f64> = floats(&training["losses"]).into_iter().map(f64::from).collect();
+    let worst = losses.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(worst < TOLERANCE, "losses {losses:?} differ from torch's {expected:?} by up to {worst}");
 }
