@@ -7,7 +7,11 @@
 //! When a trial's objective at a rung arrives, it is compared with every value
 //! recorded at that rung so far, its own included: it continues if it ranks in
 //! the top `max(1, ⌊n / η⌋)` of those `n` values, and is stopped otherwise.
-//! Decisions are final: a trial is never compared twice at one rung.
+//! Values recorded earlier win ties, as in the paper's `top_k` over a stably
+//! sorted rung: a newcomer that merely equals them has shown nothing (on a
+//! plateau such as the majority-class accuracy every trial starts on,
+//! ties going to newcomers would promote them all). Decisions are final: a
+//! trial is never compared twice at one rung.
 
 use serde::{Deserialize, Serialize};
 
@@ -196,16 +200,17 @@ impl Decision {
 }
 
 /// The ASHA rule: `value` continues if fewer than `max(1, ⌊n/η⌋)` of the `n`
-/// values at the rung (`recorded` plus itself) are strictly better, so ties
-/// favour the newcomer. A value that is not a number never continues.
+/// values at the rung (`recorded` plus itself) rank ahead of it; a recorded
+/// value ranks ahead when it is better or equal (earlier values win ties).
+/// A value that is not a number never continues, and never ranks ahead.
 pub fn decide(recorded: &[f64], value: f64, reduction_factor: u32, direction: Direction) -> Decision {
     if value.is_nan() {
         return Decision::Stop;
     }
     let n = recorded.len() + 1;
     let keep = (n / reduction_factor.max(1) as usize).max(1);
-    let better = recorded.iter().filter(|&&r| direction.better(r, value)).count();
-    if better < keep {
+    let ahead = recorded.iter().filter(|&&r| !direction.better(value, r)).count();
+    if ahead < keep {
         Decision::Promote
     } else {
         Decision::Stop
@@ -255,7 +260,8 @@ mod tests {
         assert_eq!(decide(&[], 0.1, 3, max), Decision::Promote, "the first arrival has nothing to beat");
         assert_eq!(decide(&[0.5], 0.6, 3, max), Decision::Promote);
         assert_eq!(decide(&[0.5], 0.4, 3, max), Decision::Stop);
-        assert_eq!(decide(&[0.5], 0.5, 3, max), Decision::Promote, "ties favour the newcomer");
+        assert_eq!(decide(&[0.5], 0.5, 3, max), Decision::Stop, "the earlier value wins a tie");
+        assert_eq!(decide(&[0.52, 0.52, 0.52, 0.52, 0.52], 0.52, 3, max), Decision::Stop, "a plateau promotes nobody new");
         // n = 6, η = 3: the top 2 continue.
         assert_eq!(decide(&[0.9, 0.1, 0.2, 0.3, 0.4], 0.5, 3, max), Decision::Promote);
         assert_eq!(decide(&[0.9, 0.8, 0.2, 0.3, 0.4], 0.5, 3, max), Decision::Stop);
