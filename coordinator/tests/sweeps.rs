@@ -474,10 +474,10 @@ async fn random_sweeps_are_reproducible_from_their_seed() {
 }
 
 /// Nine trials in grid order, one at a time, final accuracies
-/// 0.5 0.7 0.6 0.9 0.4 0.8 0.3 0.95 0.65, reported as `final * step / 18`.
+/// 0.5 0.7 0.7 0.9 0.4 0.8 0.3 0.95 0.65, reported as `final * step / 18`.
 /// Rungs at steps 2 and 6 (η = 3, maximum 18). With n values at a rung, the
-/// top max(1, ⌊n/3⌋) continue:
-///   rung 0: t0 t1 go on (first, best of 2); t2 stops (0.6 < 0.7); t3 goes on;
+/// top max(1, ⌊n/3⌋) continue, earlier values winning ties:
+///   rung 0: t0 t1 go on (first, best of 2); t2 stops (it only ties t1); t3 goes on;
 ///           t4 stops; t5 goes on (2nd of 6, top 2); t6 stops; t7 goes on;
 ///           t8 stops (5th of 9, top 3).
 ///   rung 1: t0 t1 t3 go on (each best so far); t5 stops (2nd of 4, top 1); t7 goes on.
@@ -485,7 +485,7 @@ async fn random_sweeps_are_reproducible_from_their_seed() {
 async fn asha_stops_and_promotes_trials_by_the_rule_on_synthetic_curves() {
     let mut env = common::start(Duration::from_secs(10)).await;
     let data = datasets(&mut env).await;
-    let finals = [0.5, 0.7, 0.6, 0.9, 0.4, 0.8, 0.3, 0.95, 0.65];
+    let finals = [0.5, 0.7, 0.7, 0.9, 0.4, 0.8, 0.3, 0.95, 0.65];
     let lrs: Vec<f64> = (1..=9).map(|i| f64::from(i) / 100.0).collect();
     let mut def = definition(
         "asha",

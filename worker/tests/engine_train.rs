@@ -40,6 +40,7 @@ fn spec(training: &str) -> JobSpec {
         method = "prompt_tuning"
         [peft]
         num_virtual_tokens = 8
+        init = "vocab"
         [data]
         train = "train.jsonl"
         eval = "dev.jsonl"
