@@ -244,6 +244,7 @@ async fn health_reflection_and_prometheus_metrics_are_served() {
     assert!(metrics.contains("ptune_jobs{state=\"queued\"} 1\n"), "{metrics}");
     assert!(metrics.contains("ptune_jobs{state=\"running\"} 0\n"), "{metrics}");
     assert!(metrics.contains("ptune_workers_online 1\n"), "{metrics}");
+    assert!(metrics.contains("ptune_sweeps{state=\"running\"} 0\n"), "{metrics}");
     env.stop().await;
 }
 

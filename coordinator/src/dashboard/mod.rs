@@ -42,9 +42,10 @@ async fn healthz(State(d): State<Dashboard>) -> Response {
 async fn metrics(State(d): State<Dashboard>) -> Response {
     let counts = d.store.job_counts().await;
     let online = d.store.workers_online(d.online_window).await;
-    let (counts, online) = match (counts, online) {
-        (Ok(c), Ok(o)) => (c, o),
-        (Err(e), _) | (_, Err(e)) => {
+    let sweeps = d.store.sweep_counts().await;
+    let (counts, online, sweeps) = match (counts, online, sweeps) {
+        (Ok(c), Ok(o), Ok(s)) => (c, o, s),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             warn!(error = %e, "reading metrics failed");
             return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response();
         }
@@ -57,5 +58,9 @@ async fn metrics(State(d): State<Dashboard>) -> Response {
     text.push_str("# HELP ptune_workers_online Workers that heartbeated within the lease timeout.\n");
     text.push_str("# TYPE ptune_workers_online gauge\n");
     let _ = writeln!(text, "ptune_workers_online {online}");
+    text.push_str("# HELP ptune_sweeps Sweeps by state.\n# TYPE ptune_sweeps gauge\n");
+    for (state, n) in sweeps {
+        let _ = writeln!(text, "ptune_sweeps{{state=\"{state}\"}} {n}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -369,6 +369,17 @@ impl Store {
         row.into_sweep(counts.remove(&id.0).unwrap_or_default()).map(Some)
     }
 
+    /// Number of sweeps in every state (zero included).
+    pub async fn sweep_counts(&self) -> Result<Vec<(SweepState, u64)>> {
+        let rows: Vec<(DbSweepState, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM sweeps GROUP BY state").fetch_all(&self.pool).await?;
+        let counts: HashMap<SweepState, i64> = rows.into_iter().map(|(s, n)| (s.into(), n)).collect();
+        SweepState::ALL
+            .into_iter()
+            .map(|s| Ok((s, to_u64(counts.get(&s).copied().unwrap_or(0), "sweep count")?)))
+            .collect()
+    }
+
     /// The sweep's trials, best first (see the `leaderboard` query).
     #[instrument(skip_all, fields(sweep_id = %id))]
     pub async fn leaderboard(&self, id: SweepId, objective: &Objective) -> Result<Vec<Trial>> {

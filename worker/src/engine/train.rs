@@ -76,14 +76,10 @@ pub fn run(
         let batch = Batch::collate(&train, batches.next_batch(), pad_id, device);
         let lr_factor = schedule.factor(step);
         optimizer.zero_grad();
-        let t0 = Instant::now();
         let loss = model.train_loss(&base.encoder, &batch);
         let _ = f64::try_from(&loss)?;
-        let t1 = Instant::now();
         loss.backward();
-        let t2 = Instant::now();
         optimizer.step(lr_factor);
-        eprintln!("PROFILE fwd {:.3} bwd {:.3} opt {:.4} collate {:.4}", (t1-t0).as_secs_f64(), (t2-t1).as_secs_f64(), t2.elapsed().as_secs_f64(), (t0-started).as_secs_f64());
         step += 1;
 
         let loss = f64::try_from(&loss)?;

@@ -76,7 +76,7 @@ impl Cluster {
             .arg(&self.models_dir)
             .arg("--work-dir")
             .arg(&work_dir)
-            .args(["--slots", "1", "--threads", "2"])
+            .args(["--slots", "1", "--threads", "1"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
