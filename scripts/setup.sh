@@ -20,3 +20,13 @@ mkdir -p models
 if [ ! -e models/all-MiniLM-L6-v2 ]; then
   ln -s "$PTUNE_MINILM_DIR" models/all-MiniLM-L6-v2
 fi
+
+# Headless Chromium for the dashboard's browser test (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+   && [ -z "${PTUNE_CHROMIUM:-}" ]; then
+  echo "setup: installing chromium (for the dashboard's browser test)"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium >/dev/null
+fi

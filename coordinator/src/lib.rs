@@ -3,7 +3,7 @@
 //! keeps every decision in PostgreSQL.
 //!
 //! Layers, outermost first: [`grpc`] (thin tonic adapters) and [`dashboard`]
-//! (HTTP) call the domain in [`jobs`] and [`sweep`] (what users do) and
+//! (HTTP, with [`metrics`]) call the domain in [`jobs`] and [`sweep`] (what users do) and
 //! [`scheduler`] (what workers do, leases, the reaper), which call [`store`]
 //! (all SQL). The sweep engine drives running sweeps in the background.
 
@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod jobs;
+pub mod metrics;
 pub mod model;
 pub mod scheduler;
 pub mod server;

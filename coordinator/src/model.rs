@@ -163,6 +163,23 @@ pub struct BaseModel {
     pub num_layers: u32,
     pub num_attention_heads: u32,
     pub parameters: u64,
+    /// Set when the worker found this model but cannot train it: why, and
+    /// what is supported. Only `name` and `model_type` are meaningful then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsupported_reason: Option<String>,
+}
+
+/// What the registered workers say about a base model, for admitting jobs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSupport {
+    /// No worker has registered the model (one may register it later).
+    Unknown,
+    /// At least one worker trains it; `max_positions` is the smallest known
+    /// position limit among them, `model_types` the distinct types they
+    /// reported (empty when none did).
+    Served { max_positions: Option<u32>, model_types: Vec<String> },
+    /// Workers have it, but none can train it.
+    Unsupported { model_type: String, reason: String },
 }
 
 /// What a worker says about itself when it registers.

@@ -1,6 +1,6 @@
 //! Wiring: connects the store, applies migrations, starts the reaper, the
-//! sweep engine, the gRPC server (with health and reflection) and the HTTP
-//! dashboard, and stops them all gracefully.
+//! sweep engine, the gRPC server (with health, reflection and a metrics
+//! layer on every call) and the HTTP dashboard, and stops them all gracefully.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -18,10 +18,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::dashboard;
+use crate::dashboard::{self, Dashboard};
 use crate::events::EventHub;
 use crate::grpc::{JobApi, SweepApi, WorkerApi};
 use crate::jobs::Jobs;
+use crate::metrics::GrpcMetricsLayer;
 use crate::scheduler::{spawn_reaper, Scheduler, Timing};
 use crate::store::Store;
 use crate::sweep::{spawn_engine, SweepEngine, Sweeps};
@@ -69,7 +70,7 @@ impl Coordinator {
         let nudge = Arc::new(Notify::new());
         let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
         let reaper = spawn_reaper(scheduler.clone(), stopped.clone());
-        let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
+        let engine = spawn_engine(SweepEngine::new(store.clone(), hub.clone()), nudge, stopped.clone());
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -95,6 +96,7 @@ impl Coordinator {
             SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(GrpcMetricsLayer::new(store.prometheus().clone()))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(job_service)
@@ -102,7 +104,7 @@ impl Coordinator {
                 .add_service(sweep_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
         );
-        let router = dashboard::router(store.clone(), config.lease_timeout);
+        let router = dashboard::router(Dashboard::new(store.clone(), hub, config.lease_timeout, stopped.clone()));
         let http =
             tokio::spawn(axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped)).into_future());
         info!(addr = %grpc_addr, "grpc listening");
@@ -120,6 +122,8 @@ impl CoordinatorHandle {
         self.health.set_not_serving::<JobServiceServer<JobApi>>().await;
         self.health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
         self.health.set_not_serving::<SweepServiceServer<SweepApi>>().await;
+        // The empty name stands for the whole server.
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = self.stop.send(true);
         let grpc = finish("grpc server", self.grpc).await.map(|r| r.context("grpc server failed"));
         let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));

@@ -37,7 +37,7 @@ impl Method {
     ];
 
     /// Methods the engine trains today.
-    pub const SUPPORTED: [Method; 1] = [Method::PromptTuning];
+    pub const SUPPORTED: [Method; 6] = Method::ALL;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +53,12 @@ impl Method {
     /// True for methods whose length is set by `peft.num_virtual_tokens`.
     pub fn uses_virtual_tokens(self) -> bool {
         !matches!(self, Method::Lora | Method::Full)
+    }
+
+    /// True for methods that add key/value prefixes at every layer rather
+    /// than virtual tokens at the input.
+    pub fn uses_prefixes(self) -> bool {
+        matches!(self, Method::PrefixTuning | Method::PTuningV2)
     }
 }
 
@@ -136,21 +142,145 @@ impl PromptInit {
     }
 }
 
-/// Method-specific settings.
+/// The network that produces P-tuning's virtual tokens from a learned table
+/// (PEFT `encoder_reparameterization_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderType {
+    /// Linear, ReLU, Linear, ReLU, Linear.
+    #[default]
+    Mlp,
+    /// A bidirectional LSTM followed by Linear, ReLU, Linear.
+    Lstm,
+}
+
+impl EncoderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncoderType::Mlp => "mlp",
+            EncoderType::Lstm => "lstm",
+        }
+    }
+}
+
+/// Default LoRA rank, as in PEFT's `LoraConfig`.
+pub const DEFAULT_LORA_R: u32 = 8;
+/// Default LoRA scaling numerator, as in PEFT's `LoraConfig`.
+pub const DEFAULT_LORA_ALPHA: f64 = 8.0;
+/// Default LSTM depth of a P-tuning encoder, as in PEFT's `PromptEncoderConfig`.
+pub const DEFAULT_ENCODER_NUM_LAYERS: u32 = 2;
+/// Largest encoder hidden size and LoRA rank accepted.
+pub const MAX_ENCODER_HIDDEN_SIZE: u32 = 65_536;
+pub const MAX_LORA_R: u32 = 1024;
+
+/// Method-specific settings. Fields that only apply to some methods are
+/// optional and refused for the others, so a spec never carries a setting
+/// that silently does nothing. Names follow Hugging Face PEFT's configs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeftConfig {
+    /// Prompt or prefix length (every method but lora and full).
     #[serde(default = "default_virtual_tokens")]
     pub num_virtual_tokens: u32,
+    /// Prompt initialisation (prompt_tuning).
     #[serde(default)]
     pub init: PromptInit,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_text: Option<String>,
+    /// P-tuning's encoder; mlp when absent (p_tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_reparameterization_type: Option<EncoderType>,
+    /// Hidden size of the P-tuning encoder or of the prefix projection; the
+    /// model's hidden size when absent (p_tuning, prefix_tuning with
+    /// prefix_projection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_hidden_size: Option<u32>,
+    /// LSTM layers of the P-tuning encoder; 2 when absent (p_tuning with lstm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_num_layers: Option<u32>,
+    /// Dropout between the LSTM layers in training; 0 when absent (p_tuning with lstm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_dropout: Option<f64>,
+    /// Reparameterizes the prefixes through embedding, Linear, Tanh, Linear;
+    /// false when absent (prefix_tuning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_projection: Option<bool>,
+    /// Dropout on the key/value prefixes in training; 0 when absent (p_tuning_v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_dropout: Option<f64>,
+    /// LoRA rank; 8 when absent (lora).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<u32>,
+    /// LoRA scaling numerator (the update is scaled by `lora_alpha / r`);
+    /// 8 when absent (lora).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the input of the LoRA update in training; 0 when absent (lora).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// Linear layers that get a LoRA update, matched as PEFT matches them (a
+    /// module whose name is the entry or ends with `.` and the entry); the
+    /// architecture's attention query and value when absent (lora).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<Vec<String>>,
 }
 
 impl Default for PeftConfig {
     fn default() -> Self {
-        Self { num_virtual_tokens: default_virtual_tokens(), init: PromptInit::Random, init_text: None }
+        Self {
+            num_virtual_tokens: default_virtual_tokens(),
+            init: PromptInit::Random,
+            init_text: None,
+            encoder_reparameterization_type: None,
+            encoder_hidden_size: None,
+            encoder_num_layers: None,
+            encoder_dropout: None,
+            prefix_projection: None,
+            prefix_dropout: None,
+            r: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            target_modules: None,
+        }
+    }
+}
+
+impl PeftConfig {
+    pub fn encoder_type(&self) -> EncoderType {
+        self.encoder_reparameterization_type.unwrap_or_default()
+    }
+
+    /// The encoder's hidden size for a model of hidden size `token_dim`.
+    pub fn encoder_hidden_size_for(&self, token_dim: u32) -> u32 {
+        self.encoder_hidden_size.unwrap_or(token_dim)
+    }
+
+    pub fn encoder_num_layers(&self) -> u32 {
+        self.encoder_num_layers.unwrap_or(DEFAULT_ENCODER_NUM_LAYERS)
+    }
+
+    pub fn encoder_dropout(&self) -> f64 {
+        self.encoder_dropout.unwrap_or(0.0)
+    }
+
+    pub fn prefix_projection(&self) -> bool {
+        self.prefix_projection.unwrap_or(false)
+    }
+
+    pub fn prefix_dropout(&self) -> f64 {
+        self.prefix_dropout.unwrap_or(0.0)
+    }
+
+    pub fn lora_r(&self) -> u32 {
+        self.r.unwrap_or(DEFAULT_LORA_R)
+    }
+
+    pub fn lora_alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(DEFAULT_LORA_ALPHA)
+    }
+
+    pub fn lora_dropout(&self) -> f64 {
+        self.lora_dropout.unwrap_or(0.0)
     }
 }
 
@@ -288,17 +418,103 @@ impl JobSpec {
     }
 
     fn validate_peft(&self) -> Result<(), SpecError> {
-        let nvt = self.peft.num_virtual_tokens;
-        if self.method.uses_virtual_tokens() && !(1..=MAX_TOKENS).contains(&nvt) {
+        let peft = &self.peft;
+        let method = self.method;
+        let nvt = peft.num_virtual_tokens;
+        if method.uses_virtual_tokens() && !(1..=MAX_TOKENS).contains(&nvt) {
             return Err(SpecError::new(
                 "peft.num_virtual_tokens",
                 format!("prompt length must be between 1 and {MAX_TOKENS}, got {nvt}"),
             ));
         }
-        if self.peft.init == PromptInit::Text
-            && self.peft.init_text.as_deref().is_none_or(|t| t.trim().is_empty())
-        {
+        let only_for = |field: &str, set: bool, methods: &[Method]| {
+            if set && !methods.contains(&method) {
+                return Err(SpecError::new(
+                    format!("peft.{field}"),
+                    format!("only applies to method {}; this job's method is {method}", join_or(methods)),
+                ));
+            }
+            Ok(())
+        };
+        only_for("init", peft.init != PromptInit::Random, &[Method::PromptTuning])?;
+        only_for("init_text", peft.init_text.is_some(), &[Method::PromptTuning])?;
+        if peft.init == PromptInit::Text && peft.init_text.as_deref().is_none_or(|t| t.trim().is_empty()) {
             return Err(SpecError::new("peft.init_text", "must be a non-empty text when peft.init is \"text\""));
+        }
+
+        only_for("encoder_reparameterization_type", peft.encoder_reparameterization_type.is_some(), &[Method::PTuning])?;
+        only_for("encoder_hidden_size", peft.encoder_hidden_size.is_some(), &[Method::PTuning, Method::PrefixTuning])?;
+        only_for("prefix_projection", peft.prefix_projection.is_some(), &[Method::PrefixTuning])?;
+        if method == Method::PrefixTuning && peft.encoder_hidden_size.is_some() && !peft.prefix_projection() {
+            return Err(SpecError::new(
+                "peft.encoder_hidden_size",
+                "only applies with peft.prefix_projection = true; without it the prefixes are learned directly",
+            ));
+        }
+        if let Some(size) = peft.encoder_hidden_size {
+            check_range("peft.encoder_hidden_size", size, 1, MAX_ENCODER_HIDDEN_SIZE)?;
+        }
+        for (field, set) in [
+            ("encoder_num_layers", peft.encoder_num_layers.is_some()),
+            ("encoder_dropout", peft.encoder_dropout.is_some()),
+        ] {
+            only_for(field, set, &[Method::PTuning])?;
+            if set && peft.encoder_type() != EncoderType::Lstm {
+                return Err(SpecError::new(
+                    format!("peft.{field}"),
+                    "only applies with peft.encoder_reparameterization_type = \"lstm\"",
+                ));
+            }
+        }
+        if let Some(layers) = peft.encoder_num_layers {
+            check_range("peft.encoder_num_layers", layers, 1, 8)?;
+        }
+        if let Some(p) = peft.encoder_dropout {
+            check_probability("peft.encoder_dropout", p)?;
+        }
+
+        only_for("prefix_dropout", peft.prefix_dropout.is_some(), &[Method::PTuningV2])?;
+        if let Some(p) = peft.prefix_dropout {
+            check_probability("peft.prefix_dropout", p)?;
+        }
+
+        only_for("r", peft.r.is_some(), &[Method::Lora])?;
+        only_for("lora_alpha", peft.lora_alpha.is_some(), &[Method::Lora])?;
+        only_for("lora_dropout", peft.lora_dropout.is_some(), &[Method::Lora])?;
+        only_for("target_modules", peft.target_modules.is_some(), &[Method::Lora])?;
+        if let Some(r) = peft.r {
+            check_range("peft.r", r, 1, MAX_LORA_R)?;
+        }
+        if let Some(alpha) = peft.lora_alpha {
+            if !(alpha.is_finite() && alpha > 0.0 && alpha <= 1e5) {
+                return Err(SpecError::new("peft.lora_alpha", format!("must be greater than 0 and at most 100000, got {alpha}")));
+            }
+        }
+        if let Some(p) = peft.lora_dropout {
+            check_probability("peft.lora_dropout", p)?;
+        }
+        if let Some(targets) = &peft.target_modules {
+            if targets.is_empty() || targets.len() > 32 {
+                return Err(SpecError::new(
+                    "peft.target_modules",
+                    format!("must list 1 to 32 module names, got {}", targets.len()),
+                ));
+            }
+            for (i, target) in targets.iter().enumerate() {
+                let valid = !target.is_empty()
+                    && target.split('.').all(|part| {
+                        !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    });
+                if !valid {
+                    return Err(SpecError::new(
+                        "peft.target_modules",
+                        format!("{target:?} is not a module name such as \"query\" or \"attention.output.dense\""),
+                    ));
+                }
+                if targets[..i].contains(target) {
+                    return Err(SpecError::new("peft.target_modules", format!("{target:?} is listed twice")));
+                }
+            }
         }
         Ok(())
     }
@@ -412,6 +628,29 @@ pub fn label_text(value: &serde_json::Value) -> Option<String> {
         serde_json::Value::Number(n) => Some(n.to_string()),
         serde_json::Value::Bool(b) => Some(b.to_string()),
         _ => None,
+    }
+}
+
+fn check_range(field: &str, value: u32, min: u32, max: u32) -> Result<(), SpecError> {
+    if !(min..=max).contains(&value) {
+        return Err(SpecError::new(field, format!("must be between {min} and {max}, got {value}")));
+    }
+    Ok(())
+}
+
+fn check_probability(field: &str, p: f64) -> Result<(), SpecError> {
+    if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+        return Err(SpecError::new(field, format!("must be at least 0 and less than 1, got {p}")));
+    }
+    Ok(())
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn join_or<T: fmt::Display>(items: &[T]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", join(rest)),
     }
 }
 
@@ -540,5 +779,68 @@ mod tests {
         let err = JobSpec::from_toml(&text).unwrap_err();
         assert!(err.message.contains("unknown method \"adapterfusion\""), "{err}");
         assert!(err.message.contains("prompt_tuning, p_tuning, prefix_tuning"), "{err}");
+    }
+
+    fn with_method(method: &str, peft: &str) -> Result<JobSpec, SpecError> {
+        let text = SPEC.replace("\"prompt_tuning\"", &format!("{method:?}")).replace(
+            "[peft]\n        num_virtual_tokens = 20",
+            &format!("[peft]\n        num_virtual_tokens = 20\n{peft}"),
+        );
+        let spec = JobSpec::from_toml(&text)?;
+        spec.validate(Some(&ModelLimits { max_positions: 512 }))?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn method_settings_are_accepted_only_where_they_apply() {
+        let spec = with_method("p_tuning", "encoder_reparameterization_type = \"lstm\"\nencoder_hidden_size = 64").unwrap();
+        assert_eq!((spec.peft.encoder_type(), spec.peft.encoder_hidden_size_for(384)), (EncoderType::Lstm, 64));
+        assert_eq!(spec.peft.encoder_num_layers(), DEFAULT_ENCODER_NUM_LAYERS);
+        let spec = with_method("prefix_tuning", "prefix_projection = true\nencoder_hidden_size = 128").unwrap();
+        assert!(spec.peft.prefix_projection());
+        let spec = with_method("lora", "r = 4\nlora_alpha = 16\ntarget_modules = [\"query\", \"attention.output.dense\"]").unwrap();
+        assert_eq!((spec.peft.lora_r(), spec.peft.lora_alpha()), (4, 16.0));
+        with_method("p_tuning_v2", "prefix_dropout = 0.1").unwrap();
+        with_method("full", "").unwrap();
+
+        let refused = |method: &str, peft: &str| with_method(method, peft).unwrap_err();
+        let err = refused("prompt_tuning", "encoder_hidden_size = 64");
+        assert_eq!(err.to_string(), "peft.encoder_hidden_size: only applies to method p_tuning or prefix_tuning; this job's method is prompt_tuning");
+        let err = refused("prefix_tuning", "encoder_hidden_size = 64");
+        assert_eq!(err.field, "peft.encoder_hidden_size");
+        assert!(err.message.contains("prefix_projection = true"), "{err}");
+        assert_eq!(refused("p_tuning", "encoder_num_layers = 3").field, "peft.encoder_num_layers");
+        assert_eq!(refused("lora", "prefix_dropout = 0.1").field, "peft.prefix_dropout");
+        assert_eq!(refused("p_tuning", "init = \"vocab\"").field, "peft.init");
+        let err = refused("lora", "r = 0");
+        assert_eq!(err.to_string(), "peft.r: must be between 1 and 1024, got 0");
+        let err = refused("lora", "lora_dropout = 1.0");
+        assert_eq!(err.to_string(), "peft.lora_dropout: must be at least 0 and less than 1, got 1");
+        assert_eq!(refused("lora", "target_modules = []").field, "peft.target_modules");
+        assert_eq!(refused("lora", "target_modules = [\"query\", \"query\"]").field, "peft.target_modules");
+        let err = refused("p_tuning", "encoder_reparameterization_type = \"gru\"");
+        assert_eq!(err.field, "spec");
+        assert!(err.message.contains("mlp") && err.message.contains("lstm"), "{err}");
+    }
+
+    /// Every example job in `examples/jobs/` parses and validates as written.
+    #[test]
+    fn every_example_job_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+        let mut methods = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("examples/jobs exists") {
+            let path = entry.expect("a directory entry").path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("readable");
+            let spec = JobSpec::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            spec.validate(Some(&ModelLimits { max_positions: 512 }))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            methods.push(spec.method);
+        }
+        for method in Method::ALL {
+            assert!(methods.contains(&method), "no example job in {} uses method {method}", dir.display());
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
-    DataConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 
@@ -105,6 +105,16 @@ impl From<&JobSpec> for v1::JobSpec {
                 num_virtual_tokens: s.peft.num_virtual_tokens,
                 init: v1::PromptInit::from(s.peft.init) as i32,
                 init_text: s.peft.init_text.clone().unwrap_or_default(),
+                encoder_reparameterization_type: s.peft.encoder_reparameterization_type.map(|e| e.as_str().to_string()),
+                encoder_hidden_size: s.peft.encoder_hidden_size,
+                encoder_num_layers: s.peft.encoder_num_layers,
+                encoder_dropout: s.peft.encoder_dropout,
+                prefix_projection: s.peft.prefix_projection,
+                prefix_dropout: s.peft.prefix_dropout,
+                r: s.peft.r,
+                lora_alpha: s.peft.lora_alpha,
+                lora_dropout: s.peft.lora_dropout,
+                target_modules: s.peft.target_modules.clone().unwrap_or_default(),
             }),
             data: Some(v1::DataConfig {
                 train: s.data.train.clone(),
@@ -159,7 +169,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             Ok(v1::PromptInit::Text) => PromptInit::Text,
             Err(_) => return Err(SpecError::new("peft.init", "must be random, vocab or text")),
         };
-        let defaults = PeftConfig::default();
+        let default_tokens = PeftConfig::default().num_virtual_tokens;
         Ok(JobSpec {
             name: s.name,
             base_model: s.base_model,
@@ -170,10 +180,30 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 num_virtual_tokens: if method.uses_virtual_tokens() {
                     peft.num_virtual_tokens
                 } else {
-                    or_default(peft.num_virtual_tokens, defaults.num_virtual_tokens)
+                    or_default(peft.num_virtual_tokens, default_tokens)
                 },
                 init,
                 init_text: Some(peft.init_text).filter(|t| !t.is_empty()),
+                encoder_reparameterization_type: peft
+                    .encoder_reparameterization_type
+                    .map(|e| match e.trim().to_ascii_lowercase().as_str() {
+                        "mlp" => Ok(EncoderType::Mlp),
+                        "lstm" => Ok(EncoderType::Lstm),
+                        _ => Err(SpecError::new(
+                            "peft.encoder_reparameterization_type",
+                            format!("must be mlp or lstm, got {e:?}"),
+                        )),
+                    })
+                    .transpose()?,
+                encoder_hidden_size: peft.encoder_hidden_size,
+                encoder_num_layers: peft.encoder_num_layers,
+                encoder_dropout: peft.encoder_dropout,
+                prefix_projection: peft.prefix_projection,
+                prefix_dropout: peft.prefix_dropout,
+                r: peft.r,
+                lora_alpha: peft.lora_alpha,
+                lora_dropout: peft.lora_dropout,
+                target_modules: Some(peft.target_modules).filter(|m| !m.is_empty()),
             },
             data: DataConfig {
                 train: data.train,
@@ -304,5 +334,44 @@ pub fn direction_from_wire(value: i32) -> Option<Direction> {
         v1::ObjectiveDirection::Maximize => Some(Direction::Maximize),
         v1::ObjectiveDirection::Minimize => Some(Direction::Minimize),
         v1::ObjectiveDirection::Unspecified => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example job, and so every method's settings, survives the trip
+    /// through the wire format unchanged: a submitted job trains with the
+    /// settings its author wrote.
+    #[test]
+    fn every_example_job_round_trips_through_the_wire_format() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/jobs") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read example");
+            let spec = JobSpec::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let back = JobSpec::try_from(v1::JobSpec::from(&spec)).expect("back from the wire");
+            assert_eq!(back.peft, spec.peft, "{}", path.display());
+            assert_eq!(back.method, spec.method, "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked >= 7, "expected a spec per method in {}", dir.display());
+    }
+
+    #[test]
+    fn an_unknown_encoder_type_names_the_field() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/sst2-p-tuning-lstm.toml"),
+        )
+        .expect("read example");
+        let mut wire = v1::JobSpec::from(&JobSpec::from_toml(&text).expect("valid example"));
+        wire.peft.as_mut().expect("peft").encoder_reparameterization_type = Some("gru".into());
+        let err = JobSpec::try_from(wire).expect_err("gru is not an encoder");
+        assert!(err.to_string().contains("peft.encoder_reparameterization_type"), "{err}");
     }
 }

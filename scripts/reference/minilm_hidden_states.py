@@ -9,7 +9,9 @@ The model folder defaults to $PTUNE_MINILM_DIR. Nothing is downloaded.
 """
 
 import argparse
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import peft
 import torch
 import transformers
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from safetensors import safe_open
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -119,8 +122,14 @@ def main():
         schedule.step()
         optimizer.zero_grad()
 
+    weights = Path(args.model) / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        floats = [k for k in f.keys() if f.get_slice(k).get_dtype().startswith(("F", "BF"))]
+        parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in floats)
+
     fixture = {
         "generator": "scripts/reference/minilm_hidden_states.py",
+        "model_info": {"parameters": parameters, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "sentences": SENTENCES,
         "input_ids": batch["input_ids"].tolist(),

@@ -1,7 +1,8 @@
 //! Local training without a coordinator: one TOML spec, one model folder, one
 //! output folder. Progress goes to stderr, every metric to
 //! `OUT/metrics.jsonl`, the final evaluation's predictions to
-//! `OUT/eval_predictions.jsonl`, and the PEFT export to `OUT/adapter/`.
+//! `OUT/eval_predictions.jsonl`, and the PEFT export to `OUT/adapter/` (for
+//! full fine-tuning, a Hugging Face model folder).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -90,9 +91,10 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow
         std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!(
-        "trained {} steps in {:.1}s; adapter in {}",
+        "trained {} steps in {:.1}s; {} in {}",
         outcome.steps,
         started.elapsed().as_secs_f64(),
+        if job.spec.method == ptune_core::Method::Full { "model" } else { "adapter" },
         job.out_dir.display()
     );
     Ok(outcome)

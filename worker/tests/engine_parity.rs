@@ -1,12 +1,15 @@
-//! The engine against the reference library: all-MiniLM-L6-v2 hidden states,
-//! pooler output, tokenizer ids and PEFT prompt-tuning logits, recorded by
+//! The engine against the reference libraries: all-MiniLM-L6-v2 hidden
+//! states, pooler output and tokenizer ids, PEFT prompt-tuning logits and
+//! gradients, and torch AdamW steps, recorded by
 //! `scripts/reference/minilm_hidden_states.py` into
-//! `tests/fixtures/minilm_hidden_states.json`.
+//! `tests/fixtures/minilm_hidden_states.json`; and a tiny random BERT
+//! classifier checkpoint written by `scripts/reference/tiny_bert.py`.
 
 use std::path::PathBuf;
 
 use ptune_worker::engine::{
-    AdamW, BaseModel, ClassificationHead, LinearSchedule, PromptInit, PromptSeqCls, PromptTuning,
+    inspect_model, AdamW, Adapter, BaseModel, ClassificationHead, LinearSchedule, NoHooks, PromptInit, PromptTuning,
+    SeqClsModel,
 };
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
@@ -28,8 +31,8 @@ fn minilm_dir() -> PathBuf {
     dir
 }
 
-fn fixture() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_hidden_states.json");
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture is json")
 }
@@ -69,68 +72,103 @@ fn fixture_batch(fixture: &Value) -> (Tensor, Tensor) {
     (ids, mask)
 }
 
-#[test]
-fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
-    let fixture = fixture();
-    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
-
+/// Checks tokenization, the last hidden state at real tokens, the position-0
+/// shortcut and the pooler against a transformers fixture.
+fn assert_encoder_matches(base: &BaseModel, fixture: &Value, tolerance: f64) {
     let sentences: Vec<&str> =
         fixture["sentences"].as_array().expect("sentences").iter().map(|s| s.as_str().expect("text")).collect();
     let ours = base.tokenizer.encode_batch(sentences, 512).expect("tokenizes");
-    for (ours, theirs) in ours.iter().zip(fixture["input_ids"].as_array().expect("input_ids")) {
-        let theirs: Vec<i64> = ints(theirs).into_iter().filter(|&id| id != base.tokenizer.pad_id()).collect();
-        assert_eq!(ours, &theirs, "token ids differ from the Hugging Face tokenizer");
+    let (ids, mask) = fixture_batch(fixture);
+    for (i, ours) in ours.iter().enumerate() {
+        let length = i64::try_from(mask.get(i as i64).sum(Kind::Int64)).expect("a length");
+        let theirs = Vec::<i64>::try_from(ids.get(i as i64).narrow(0, 0, length)).expect("ids");
+        assert_eq!(ours, &theirs, "sentence {i}: token ids differ from the Hugging Face tokenizer");
     }
+
+    let encoder = &base.encoder;
+    let (hidden, first) = tch::no_grad(|| {
+        let embeds = encoder.embed_ids(&ids);
+        (
+            encoder.forward(&embeds, &mask, None, &NoHooks, false),
+            encoder.forward_first(&embeds, &mask, None, &NoHooks, false),
+        )
+    });
+    for (i, expected) in fixture["last_hidden_state"].as_array().expect("last_hidden_state").iter().enumerate() {
+        let expected = matrix(expected);
+        let ours = hidden.get(i as i64).narrow(0, 0, expected.size()[0]);
+        let diff = max_abs_diff(&ours, &expected);
+        assert!(diff < tolerance, "sentence {i}: last hidden state differs by {diff}");
+    }
+    let shortcut = max_abs_diff(&first, &hidden.select(1, 0));
+    assert!(shortcut < 1e-5, "the position-0 shortcut differs from the full forward by {shortcut}");
+    let pooled = encoder.pool(&first).expect("the checkpoint has a pooler");
+    let diff = max_abs_diff(&pooled, &matrix(&fixture["pooler_output"]));
+    assert!(diff < tolerance, "pooler output differs by {diff}");
+}
+
+#[test]
+fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
+    let fixture = fixture("minilm_hidden_states.json");
+    let dir = minilm_dir();
+    let base = BaseModel::load(&dir, Device::Cpu).expect("MiniLM loads");
+    assert_encoder_matches(&base, &fixture, TOLERANCE);
+
     let truncation = &fixture["truncation"];
     let text = truncation["text"].as_str().expect("text");
     let max_length = truncation["max_length"].as_u64().expect("max_length") as usize;
     let ours = base.tokenizer.encode_batch(vec![text], max_length).expect("tokenizes");
     assert_eq!(ours[0], ints(&truncation["input_ids"]), "truncation differs from the Hugging Face tokenizer");
 
-    let (ids, mask) = fixture_batch(&fixture);
-    let encoder = &base.encoder;
-    let (hidden, first) = tch::no_grad(|| {
-        let embeds = encoder.embed_ids(&ids);
-        (encoder.forward(&embeds, &mask, None, false), encoder.forward_first(&embeds, &mask, None, false))
-    });
-    for (i, expected) in fixture["last_hidden_state"].as_array().expect("last_hidden_state").iter().enumerate() {
-        let expected = matrix(expected);
-        let ours = hidden.get(i as i64).narrow(0, 0, expected.size()[0]);
-        let diff = max_abs_diff(&ours, &expected);
-        assert!(diff < TOLERANCE, "sentence {i}: last hidden state differs by {diff}");
-    }
-    assert!(
-        max_abs_diff(&first, &hidden.select(1, 0)) < 1e-5,
-        "the position-0 shortcut differs from the full forward"
-    );
-    let pooled = encoder.pool(&first).expect("MiniLM has a pooler");
-    let diff = max_abs_diff(&pooled, &matrix(&fixture["pooler_output"]));
-    assert!(diff < TOLERANCE, "pooler output differs by {diff}");
+    let info = inspect_model(&dir).expect("MiniLM inspects");
+    let expected = &fixture["model_info"];
+    assert_eq!((info.model_type.as_str(), info.max_positions, info.hidden_size), ("bert", 512, 384));
+    assert_eq!((info.num_layers, info.num_attention_heads), (6, 12));
+    assert_eq!(info.parameters, expected["parameters"].as_u64().expect("parameters"));
+    assert_eq!(info.sha256, expected["sha256"].as_str().expect("sha256"));
 }
 
-/// The fixture's prompt-tuned classifier: PEFT's random prompt and head.
-fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, PromptSeqCls) {
+/// A `BertForSequenceClassification` checkpoint (weights under `bert.`, a
+/// classifier to ignore, tanh GELU, a tokenizer with fixed padding) of other
+/// dimensions than MiniLM's.
+#[test]
+fn a_tiny_bert_classifier_checkpoint_loads_and_matches_transformers() {
+    let fixture = fixture("tiny_bert_outputs.json");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert");
+    let base = BaseModel::load(&dir, Device::Cpu).expect("the tiny checkpoint loads");
+    assert_encoder_matches(&base, &fixture, 1e-5);
+
+    let info = inspect_model(&dir).expect("the tiny checkpoint inspects");
+    assert_eq!((info.hidden_size, info.num_layers, info.num_attention_heads, info.max_positions), (32, 2, 4, 40));
+    assert_eq!(info.parameters, fixture["parameters"].as_u64().expect("parameters"));
+    assert_eq!(info.sha256, fixture["sha256"].as_str().expect("sha256"));
+}
+
+/// The fixture's prompt-tuned classifier: PEFT's random prompt and head,
+/// and the prompt table.
+fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, SeqClsModel, Tensor) {
     let nvt = reference["num_virtual_tokens"].as_i64().expect("num_virtual_tokens");
     let labels = reference["num_labels"].as_i64().expect("num_labels");
     let adapter = nn::VarStore::new(Device::Cpu);
-    let model = PromptSeqCls {
-        prompt: PromptTuning::new(&adapter.root(), nvt, &PromptInit::Random, base.encoder.word_embeddings()),
+    let prompt = PromptTuning::new(&adapter.root(), nvt, &PromptInit::Random, base.encoder.word_embeddings());
+    let table = prompt.embeddings().shallow_clone();
+    let model = SeqClsModel {
+        adapter: Adapter::PromptTuning(prompt),
         head: ClassificationHead::new(&adapter.root(), base.config.hidden_size, labels, 0.02, 0.1),
     };
     tch::no_grad(|| {
-        model.prompt.embeddings().shallow_clone().copy_(&matrix(&reference["prompt_embeddings"]));
+        table.shallow_clone().copy_(&matrix(&reference["prompt_embeddings"]));
         model.head.weight().shallow_clone().copy_(&matrix(&reference["classifier_weight"]));
         model.head.bias().shallow_clone().copy_(&Tensor::from_slice(&floats(&reference["classifier_bias"])));
     });
-    (adapter, model)
+    (adapter, model, table)
 }
 
 #[test]
 fn prompt_tuning_logits_and_gradients_match_peft() {
-    let fixture = fixture();
+    let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
     let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
-    let (_adapter, model) = fixture_model(&base, reference);
+    let (_adapter, model, table) = fixture_model(&base, reference);
 
     let (ids, mask) = fixture_batch(&fixture);
     let logits = model.logits(&base.encoder, &ids, &mask, false);
@@ -145,7 +183,7 @@ fn prompt_tuning_logits_and_gradients_match_peft() {
     assert!(loss_diff < TOLERANCE, "loss differs from PEFT by {loss_diff}");
     loss.backward();
     let grads = [
-        ("prompt_embeddings_grad", model.prompt.embeddings().grad()),
+        ("prompt_embeddings_grad", table.grad()),
         ("classifier_weight_grad", model.head.weight().grad()),
         ("classifier_bias_grad", model.head.bias().grad()),
     ];
@@ -160,16 +198,16 @@ fn prompt_tuning_logits_and_gradients_match_peft() {
 
 #[test]
 fn adamw_steps_with_warmup_and_decay_follow_torch() {
-    let fixture = fixture();
+    let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
     let training = &reference["training"];
     let number = |key: &str| training[key].as_f64().unwrap_or_else(|| panic!("training.{key}"));
     let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
-    let (_adapter, model) = fixture_model(&base, reference);
+    let (_adapter, model, table) = fixture_model(&base, reference);
 
     let (lr, head_lr, weight_decay) = (number("lr"), number("head_lr"), number("weight_decay"));
     let mut optimizer = AdamW::default();
-    optimizer.add_group(vec![model.prompt.embeddings().shallow_clone()], lr, weight_decay);
+    optimizer.add_group(vec![table.shallow_clone()], lr, weight_decay);
     optimizer.add_group(vec![model.head.weight().shallow_clone()], head_lr, weight_decay);
     optimizer.add_group(vec![model.head.bias().shallow_clone()], head_lr, 0.0);
     let steps = number("steps") as u64;

@@ -64,17 +64,17 @@ fn job(spec: JobSpec, train_file: PathBuf, eval_file: PathBuf, out_dir: &Path) -
     }
 }
 
-/// Trains and returns the outcome with every step's and evaluation's metrics.
-fn train(job: &TrainJob, stop_after: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
+/// Trains and returns the outcome with every step's and evaluation's
+/// metrics; `at_step` is answered to the step event of that step.
+fn train(job: &TrainJob, at_step: Option<(u64, Control)>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
     let mut engine = Engine::new(Device::Cpu);
     let mut seen = Vec::new();
     let mut on_event = |event: Event<'_>| match event {
         Event::Step { step, metrics, .. } => {
             seen.extend_from_slice(metrics);
-            if stop_after == Some(step) {
-                Control::Stop
-            } else {
-                Control::Continue
+            match at_step {
+                Some((at, control)) if at == step => control,
+                _ => Control::Continue,
             }
         }
         Event::Eval { metrics, .. } => {
@@ -144,7 +144,7 @@ fn a_malformed_line_names_the_file_and_line() {
 }
 
 #[test]
-fn a_stop_ends_training_at_the_step_without_an_export() {
+fn a_stop_ends_training_without_an_export_and_a_finish_exports_early() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     let mut spec = spec("learning_rate = 3e-2\nbatch_size = 8\nmax_steps = 10");
@@ -152,12 +152,22 @@ fn a_stop_ends_training_at_the_step_without_an_export() {
     spec.data.max_eval_examples = 16;
     let adapter = out.path().join("adapter");
     let job = job(spec, sst2().join("train.jsonl"), sst2().join("dev.jsonl"), &adapter);
-    let (outcome, metrics) = train(&job, Some(3));
+    let (outcome, metrics) = train(&job, Some((3, Control::Stop)));
     let outcome = outcome.expect("a stopped run is not an error");
     assert!(outcome.stopped);
     assert_eq!((outcome.steps, outcome.total_steps), (3, 10));
     assert_eq!(values(&metrics, MetricKind::Train, "loss").len(), 3);
+    assert!(values(&metrics, MetricKind::Eval, "accuracy").is_empty(), "a stopped run does not evaluate");
     assert!(!adapter.exists(), "a stopped run must not write an export");
+
+    // An early finish (a sweep cutting a trial) evaluates and exports instead.
+    let (outcome, metrics) = train(&job, Some((3, Control::Finish)));
+    let outcome = outcome.expect("an early finish is not an error");
+    assert!(!outcome.stopped);
+    assert_eq!((outcome.steps, outcome.total_steps), (3, 10));
+    assert_eq!(values(&metrics, MetricKind::Eval, "accuracy").len(), 1);
+    assert!(outcome.final_metrics.iter().all(|m| m.step == 3 && m.kind == MetricKind::Eval));
+    assert!(adapter.join("adapter_model.safetensors").is_file(), "an early finish writes the export");
 }
 
 /// About 50 s on two cores in a debug build (the engine's heavy lifting is

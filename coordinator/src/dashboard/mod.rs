@@ -1,7 +1,15 @@
-//! HTTP side of the coordinator: `/healthz` and Prometheus `/metrics`. A
-//! richer dashboard comes later, here.
+//! HTTP side of the coordinator: the operator dashboard (a page and its
+//! assets, all embedded in the binary), its JSON API under `/api/`, live
+//! updates as server-sent events, `/healthz` and Prometheus `/metrics`.
+//!
+//! Every figure comes from PostgreSQL, so several coordinators on one
+//! database show the same dashboard; the event stream only says when to
+//! read again.
 
-use std::fmt::Write;
+mod api;
+mod assets;
+mod events;
+
 use std::time::Duration;
 
 use axum::extract::State;
@@ -9,24 +17,41 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use tokio::sync::watch;
 use tracing::warn;
 
+use crate::events::EventHub;
+use crate::metrics;
 use crate::store::Store;
 
+/// What the HTTP handlers share. Cheap to clone.
 #[derive(Clone)]
-struct Dashboard {
+pub struct Dashboard {
     store: Store,
+    hub: EventHub,
     /// A worker counts as online if it heartbeated within this window.
     online_window: Duration,
+    /// Turns true when the coordinator stops; event streams end then.
+    stopped: watch::Receiver<bool>,
 }
 
-/// The HTTP routes; `online_window` is how recent a worker's last heartbeat
-/// must be for it to count as online.
-pub fn router(store: Store, online_window: Duration) -> Router {
+impl Dashboard {
+    /// `online_window` is how recent a worker's last heartbeat must be for
+    /// it to count as online; event streams end when `stopped` turns true.
+    pub fn new(store: Store, hub: EventHub, online_window: Duration, stopped: watch::Receiver<bool>) -> Self {
+        Self { store, hub, online_window, stopped }
+    }
+}
+
+/// The HTTP routes.
+pub fn router(dashboard: Dashboard) -> Router {
     Router::new()
+        .route("/", get(assets::index))
+        .route("/assets/{*path}", get(assets::asset))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .with_state(Dashboard { store, online_window })
+        .route("/metrics", get(prometheus))
+        .nest("/api", api::routes())
+        .with_state(dashboard)
 }
 
 async fn healthz(State(d): State<Dashboard>) -> Response {
@@ -39,28 +64,15 @@ async fn healthz(State(d): State<Dashboard>) -> Response {
     }
 }
 
-async fn metrics(State(d): State<Dashboard>) -> Response {
-    let counts = d.store.job_counts().await;
-    let online = d.store.workers_online(d.online_window).await;
-    let sweeps = d.store.sweep_counts().await;
-    let (counts, online, sweeps) = match (counts, online, sweeps) {
-        (Ok(c), Ok(o), Ok(s)) => (c, o, s),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            warn!(error = %e, "reading metrics failed");
-            return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response();
+async fn prometheus(State(d): State<Dashboard>) -> Response {
+    match d.store.fleet_levels(d.online_window).await {
+        Ok(levels) => {
+            let text = d.store.prometheus().encode(levels);
+            ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
         }
-    };
-    let mut text = String::new();
-    text.push_str("# HELP ptune_jobs Jobs by state.\n# TYPE ptune_jobs gauge\n");
-    for (state, n) in counts {
-        let _ = writeln!(text, "ptune_jobs{{state=\"{state}\"}} {n}");
+        Err(e) => {
+            warn!(error = %e, "reading metrics failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
     }
-    text.push_str("# HELP ptune_workers_online Workers that heartbeated within the lease timeout.\n");
-    text.push_str("# TYPE ptune_workers_online gauge\n");
-    let _ = writeln!(text, "ptune_workers_online {online}");
-    text.push_str("# HELP ptune_sweeps Sweeps by state.\n# TYPE ptune_sweeps gauge\n");
-    for (state, n) in sweeps {
-        let _ = writeln!(text, "ptune_sweeps{{state=\"{state}\"}} {n}");
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -111,6 +111,7 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
                 num_layers: m.num_layers,
                 num_attention_heads: m.num_attention_heads,
                 parameters: m.parameters,
+                unsupported_reason: Some(m.unsupported_reason).filter(|r| !r.trim().is_empty()),
             })
             .collect(),
     })

@@ -32,7 +32,7 @@ impl JobService for JobApi {
         Ok(Response::new(v1::SubmitJobResponse { job: Some(convert::job(&job)) }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.get(id).await?;
@@ -49,7 +49,7 @@ impl JobService for JobApi {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.cancel(id).await?;
@@ -58,7 +58,7 @@ impl JobService for JobApi {
 
     type WatchJobStream = EventStream<v1::JobEvent>;
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let events = self.jobs.watch(id).await?;
@@ -66,7 +66,7 @@ impl JobService for JobApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn get_metrics(
         &self,
         req: Request<v1::GetMetricsRequest>,
@@ -79,7 +79,7 @@ impl JobService for JobApi {
 
     type DownloadAdapterStream = EventStream<v1::AdapterChunk>;
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn download_adapter(
         &self,
         req: Request<v1::DownloadAdapterRequest>,

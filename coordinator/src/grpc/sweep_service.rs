@@ -27,7 +27,7 @@ impl SweepService for SweepApi {
         Ok(Response::new(convert::sweep(&report, true)))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sweep_id = %req.get_ref().sweep_id))]
     async fn get_sweep(&self, req: Request<v1::GetSweepRequest>) -> Result<Response<v1::Sweep>, Status> {
         let id = convert::sweep_id(&req.into_inner().sweep_id)?;
         let report = self.sweeps.get(id).await?;
@@ -47,14 +47,14 @@ impl SweepService for SweepApi {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sweep_id = %req.get_ref().sweep_id))]
     async fn cancel_sweep(&self, req: Request<v1::CancelSweepRequest>) -> Result<Response<v1::Sweep>, Status> {
         let id = convert::sweep_id(&req.into_inner().sweep_id)?;
         let report = self.sweeps.cancel(id).await?;
         Ok(Response::new(convert::sweep(&report, true)))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sweep_id = %req.get_ref().sweep_id))]
     async fn extend_sweep(&self, req: Request<v1::ExtendSweepRequest>) -> Result<Response<v1::Sweep>, Status> {
         let req = req.into_inner();
         let id = convert::sweep_id(&req.sweep_id)?;
@@ -62,7 +62,7 @@ impl SweepService for SweepApi {
         Ok(Response::new(convert::sweep(&report, true)))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(sweep_id = %req.get_ref().sweep_id))]
     async fn update_sweep(&self, req: Request<v1::UpdateSweepRequest>) -> Result<Response<v1::Sweep>, Status> {
         let req = req.into_inner();
         let id = convert::sweep_id(&req.sweep_id)?;

@@ -26,7 +26,7 @@ impl WorkerApi {
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id, hostname = %req.get_ref().hostname))]
     async fn register_worker(
         &self,
         req: Request<v1::RegisterWorkerRequest>,
@@ -40,7 +40,7 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let worker = convert::worker_id(&req.worker_id)?;
@@ -53,7 +53,7 @@ impl WorkerService for WorkerApi {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
         let req = req.into_inner();
         let worker = convert::worker_id(&req.worker_id)?;
@@ -61,7 +61,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
     async fn report_progress(
         &self,
         req: Request<v1::ReportProgressRequest>,
@@ -91,7 +91,7 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(v1::CompleteJobResponse {}))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
     async fn fail_job(&self, req: Request<v1::FailJobRequest>) -> Result<Response<v1::FailJobResponse>, Status> {
         let failure = convert::failure(req.into_inner())?;
         self.scheduler.fail(failure).await?;

@@ -1,20 +1,22 @@
 //! What users do with jobs: submit (with every check that can run before a
 //! worker sees the job), inspect, list, cancel, watch, and fetch results.
 
+mod admission;
 mod datasets;
 mod watch;
 
 use futures::Stream;
-use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, ModelLimits, Task};
+use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, Task};
 use tokio::sync::watch as signal;
 use tracing::info;
 
+pub(crate) use admission::admit;
 pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
 
 use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, PageToken};
+use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, ModelSupport, PageToken};
 use crate::store::{CancelOutcome, Store};
 
 /// Jobs per page when the request does not say.
@@ -44,7 +46,8 @@ impl Jobs {
         if default_attempts {
             spec.max_attempts = self.default_max_attempts;
         }
-        let limits = self.model_limits(&spec.base_model).await?;
+        let support = self.model_support(&spec.base_model).await?;
+        let limits = admission::admit(&spec, &support)?;
         spec.validate(limits.as_ref())?;
         let train = self.check_datasets(&mut spec).await?;
         let examples = match spec.data.max_train_examples {
@@ -144,9 +147,9 @@ impl Jobs {
         Ok(train)
     }
 
-    /// Positions of a base model, when a worker has registered it.
-    pub(crate) async fn model_limits(&self, base_model: &str) -> Result<Option<ModelLimits>, Error> {
-        Ok(self.store.model_max_positions(base_model).await?.map(|max_positions| ModelLimits { max_positions }))
+    /// What the registered workers say about a base model.
+    pub(crate) async fn model_support(&self, base_model: &str) -> Result<ModelSupport, Error> {
+        Ok(self.store.model_support(base_model).await?)
     }
 
     async fn uploaded_dataset(&self, field: &str, reference: &str) -> Result<DatasetInfo, Error> {

@@ -5,7 +5,7 @@
 //! `SKIP LOCKED` and never waits, so these paths cannot deadlock.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ptune_core::sweep::DIVERGED_PREFIX;
 use ptune_core::{JobId, JobSpec, JobState, MetricKind, WorkerId};
@@ -151,15 +151,21 @@ impl Store {
         models: &[String],
         timeout: Duration,
     ) -> Result<Option<Lease>> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let id: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE state = 'queued' AND base_model = ANY($1) \
+        // A queued job's updated_at is when it was queued (submitted or requeued).
+        let picked: Option<(Uuid, f64)> = sqlx::query_as(
+            "SELECT id, extract(epoch FROM now() - updated_at)::float8 FROM jobs \
+             WHERE state = 'queued' AND base_model = ANY($1) \
              ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .bind(models)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(id) = id else { return Ok(None) };
+        let Some((id, queued_secs)) = picked else {
+            self.metrics.observe_lease(started.elapsed(), None);
+            return Ok(None);
+        };
         let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
                  cancel_requested = false, started_at = coalesce(started_at, now()), updated_at = now() \
@@ -180,6 +186,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        let queued_for = Duration::try_from_secs_f64(queued_secs).unwrap_or_default();
+        self.metrics.observe_lease(started.elapsed(), Some(queued_for));
         Ok(Some(Lease {
             job_id: JobId(id),
             epoch: to_u64(epoch, "lease_epoch")?,
@@ -455,6 +463,7 @@ impl Store {
             });
         }
         tx.commit().await?;
+        self.metrics.leases_expired(reaped.len());
         Ok(reaped)
     }
 

@@ -5,6 +5,7 @@
 
 mod adapters;
 pub mod admin;
+mod dashboard;
 mod datasets;
 mod jobs;
 mod leases;
@@ -13,11 +14,18 @@ mod sweep_drive;
 mod sweeps;
 mod workers;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tracing::{info, instrument};
 
+use crate::metrics::Metrics;
+
+pub use dashboard::{
+    AshaDecisionView, AttemptView, FleetLevels, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
+    TrialPoint, WorkerThroughput, WorkerView, MAX_SERIES_POINTS,
+};
 pub use jobs::CancelOutcome;
 pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
@@ -82,10 +90,13 @@ impl From<sqlx::Error> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Handle to the database; cheap to clone.
+/// Handle to the database; cheap to clone. It also records, in
+/// [`Metrics`], what only it sees: queue waits and lease latencies when it
+/// leases, and leases it ends as expired.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
@@ -95,7 +106,12 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let pool =
             PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, metrics: Arc::default() })
+    }
+
+    /// The metrics this store's coordinator exposes.
+    pub fn prometheus(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Applies pending migrations.

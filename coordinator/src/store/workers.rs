@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use tracing::instrument;
 
 use super::{millis, Result, Store};
-use crate::model::WorkerRegistration;
+use crate::model::{ModelSupport, WorkerRegistration};
 
 impl Store {
     /// Inserts or replaces a worker's registration and marks it alive.
@@ -38,11 +38,13 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Names of the base models a worker registered, or `None` for an unknown worker.
+    /// Names of the base models a worker registered as trainable (not those
+    /// it advertised as unsupported), or `None` for an unknown worker.
     #[instrument(skip_all, fields(worker_id = %id))]
     pub async fn worker_models(&self, id: WorkerId) -> Result<Option<Vec<String>>> {
         let names: Option<Vec<String>> = sqlx::query_scalar(
-            "SELECT coalesce(array_agg(m->>'name') FILTER (WHERE m IS NOT NULL), '{}') \
+            "SELECT coalesce(array_agg(m->>'name') \
+                 FILTER (WHERE m IS NOT NULL AND coalesce(m->>'unsupported_reason', '') = ''), '{}') \
              FROM workers w LEFT JOIN LATERAL jsonb_array_elements(w.models) m ON true \
              WHERE w.id = $1 GROUP BY w.id",
         )
@@ -52,18 +54,38 @@ impl Store {
         Ok(names)
     }
 
-    /// The smallest `max_positions` any worker reported for a base model, or
-    /// `None` when no worker has registered it with a known limit.
+    /// What the registered workers say about a base model: served (with the
+    /// smallest `max_positions` and the types they reported), known only as
+    /// a model none of them can train (with one worker's reason), or unknown.
     #[instrument(skip_all, fields(base_model = name))]
-    pub async fn model_max_positions(&self, name: &str) -> Result<Option<u32>> {
-        let value: Option<i64> = sqlx::query_scalar(
-            "SELECT min((m->>'max_positions')::bigint) FROM workers w, jsonb_array_elements(w.models) m \
-             WHERE m->>'name' = $1 AND (m->>'max_positions')::bigint > 0",
+    pub async fn model_support(&self, name: &str) -> Result<ModelSupport> {
+        // One row whatever matches; the unsupported type and reason come
+        // from the same worker (the first by id).
+        let row: SupportRow = sqlx::query_as(
+            "WITH m AS ( \
+                 SELECT w.id, e->>'model_type' AS model_type, e->>'max_positions' AS max_positions, \
+                        nullif(e->>'unsupported_reason', '') AS reason \
+                 FROM workers w, jsonb_array_elements(w.models) e WHERE e->>'name' = $1) \
+             SELECT bool_or(reason IS NULL) AS served, \
+                    min(max_positions::bigint) FILTER (WHERE reason IS NULL AND max_positions::bigint > 0) \
+                        AS max_positions, \
+                    array_agg(DISTINCT model_type) FILTER (WHERE reason IS NULL AND model_type <> '') \
+                        AS served_types, \
+                    (array_agg(model_type ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS model_type, \
+                    (array_agg(reason ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS reason \
+             FROM m",
         )
         .bind(name)
         .fetch_one(&self.pool)
         .await?;
-        Ok(value.map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
+        Ok(match (row.served, row.reason) {
+            (Some(true), _) => ModelSupport::Served {
+                max_positions: row.max_positions.map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+                model_types: row.served_types.unwrap_or_default(),
+            },
+            (_, Some(reason)) => ModelSupport::Unsupported { model_type: row.model_type.unwrap_or_default(), reason },
+            _ => ModelSupport::Unknown,
+        })
     }
 
     /// Workers that heartbeated within `window`.
@@ -76,4 +98,14 @@ impl Store {
         .await?;
         super::to_u64(n, "worker count")
     }
+}
+
+/// What [`Store::model_support`] aggregates over the workers' entries for a name.
+#[derive(sqlx::FromRow)]
+struct SupportRow {
+    served: Option<bool>,
+    max_positions: Option<i64>,
+    served_types: Option<Vec<String>>,
+    model_type: Option<String>,
+    reason: Option<String>,
 }

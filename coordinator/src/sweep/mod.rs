@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ptune_core::sweep::{trial_error, Params, SweepDefinition, SweepState, MAX_CONCURRENT_TRIALS};
-use ptune_core::{JobId, ModelLimits, SpecError, SweepId};
+use ptune_core::{JobId, SpecError, SweepId};
 use serde_json::Value;
 use tokio::sync::Notify;
 use tracing::info;
@@ -17,8 +17,8 @@ pub use engine::{spawn_engine, SweepEngine, DRIVE_INTERVAL};
 
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::jobs::{Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
-use crate::model::{PageToken, SweepPage, SweepReport};
+use crate::jobs::{admit, Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::model::{ModelSupport, PageToken, SweepPage, SweepReport};
 use crate::store::{NewSweep, Store, SweepChange};
 
 /// The sweep-facing domain service. Cheap to clone.
@@ -46,15 +46,16 @@ impl Sweeps {
             template.entry("max_attempts").or_insert_with(|| Value::from(self.default_max_attempts));
         }
         let def = SweepDefinition::from_json(&definition)?;
-        let mut limits: HashMap<String, Option<ModelLimits>> = HashMap::new();
+        let mut support: HashMap<String, ModelSupport> = HashMap::new();
         let mut checked: HashMap<String, u64> = HashMap::new();
         let mut steps_per_epoch = None;
         for params in def.validation_configs() {
             let mut spec = def.trial_spec(0, &params, None)?;
-            if !limits.contains_key(&spec.base_model) {
-                limits.insert(spec.base_model.clone(), self.jobs.model_limits(&spec.base_model).await?);
+            if !support.contains_key(&spec.base_model) {
+                support.insert(spec.base_model.clone(), self.jobs.model_support(&spec.base_model).await?);
             }
-            spec.validate(limits[&spec.base_model].as_ref()).map_err(|e| trial_error(e, &params))?;
+            let limits = admit(&spec, &support[&spec.base_model]).map_err(|e| in_trial(e, &params))?;
+            spec.validate(limits.as_ref()).map_err(|e| trial_error(e, &params))?;
             let key = serde_json::json!([spec.task, spec.data.train, spec.data.eval, spec.data.label_field, spec.data.labels])
                 .to_string();
             let lines = match checked.get(&key) {

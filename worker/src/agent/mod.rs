@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-pub use models::{scan_models, ServedModel};
+pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
 
 /// Settings of one worker process.
 #[derive(Clone, Debug)]
@@ -99,7 +99,9 @@ impl Leases {
 /// Runs the worker until `shutdown` turns true: then it stops leasing, stops
 /// its running jobs at their next step and hands them back for a retry.
 pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let models = scan_models(&config.models_dir)?;
+    let scan = scan_models(&config.models_dir)?;
+    let advertised = scan.to_wire();
+    let models = scan.served;
     if models.is_empty() {
         warn!(models_dir = %config.models_dir.display(), "no base models found; this worker will never get a job");
     }
@@ -108,7 +110,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let channel = connect(&config.coordinator).await?;
     let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let worker_id = load_or_create_worker_id(&config)?;
-    let registration = register(&mut client, &worker_id, &config, &models).await?;
+    let registration = register(&mut client, &worker_id, &config, &advertised).await?;
     let heartbeat_every = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(100)));
     info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
 
@@ -125,7 +127,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         client.clone(),
         worker_id.clone(),
         config.clone(),
-        models.clone(),
+        advertised,
         leases.clone(),
         heartbeat_every,
     ));
@@ -189,14 +191,14 @@ async fn register(
     client: &mut WorkerServiceClient<Channel>,
     worker_id: &str,
     config: &AgentConfig,
-    models: &[ServedModel],
+    models: &[v1::BaseModel],
 ) -> anyhow::Result<v1::RegisterWorkerResponse> {
     let request = v1::RegisterWorkerRequest {
         worker_id: worker_id.to_string(),
         hostname: hostname(),
         devices: vec![v1::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
         slots: config.slots,
-        models: models.iter().map(ServedModel::to_wire).collect(),
+        models: models.to_vec(),
     };
     let mut delay = Duration::from_millis(200);
     loop {
@@ -218,7 +220,7 @@ async fn heartbeat_loop(
     mut client: WorkerServiceClient<Channel>,
     worker_id: String,
     config: AgentConfig,
-    models: Vec<ServedModel>,
+    models: Vec<v1::BaseModel>,
     leases: Leases,
     every: Duration,
 ) {

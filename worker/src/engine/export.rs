@@ -1,21 +1,40 @@
-//! Hugging Face PEFT export: `adapter_config.json` and
-//! `adapter_model.safetensors` as PEFT's `save_pretrained` writes them for a
-//! prompt-tuned sequence classifier, so `PeftModel.from_pretrained` loads
-//! them. Key names and config fields were checked against PEFT 0.21.2
-//! (`scripts/reference/check_peft_adapter.py` loads an export back).
+//! Hugging Face exports. Adapters are written as PEFT's `save_pretrained`
+//! writes them for a BERT sequence classifier (`adapter_config.json` and
+//! `adapter_model.safetensors`), so `PeftModel.from_pretrained` loads them;
+//! full fine-tuning writes a `BertForSequenceClassification` model folder
+//! (`config.json` and `model.safetensors`). Key names and config fields were
+//! checked against PEFT 0.21.2 (`scripts/reference/peft_methods.py` saves
+//! the reference adapters and loads the engine's exports back).
+//!
+//! PEFT keeps no reparameterization encoder in an export: P-tuning saves its
+//! encoder's output and prefix tuning its projection's output as
+//! `prompt_embeddings`. [`load_adapter`] reads such an export back into the
+//! engine (as inference-time tables).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use ptune_core::{JobSpec, PromptInit};
+use ptune_core::spec::EncoderType;
+use ptune_core::{JobSpec, Method, PromptInit};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
-use tch::{Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
-use super::models::bert::BertConfig;
-use super::tasks::seq_cls::PromptSeqCls;
+use super::models::bert::{module_path, BertConfig, LINEAR_MODULES};
+use super::models::BaseModel;
+use super::peft::lora::{Lora, LoraConfig};
+use super::peft::prefix::{PrefixShape, PrefixTuning};
+use super::peft::prompt_tuning::PromptTuning;
+use super::tasks::seq_cls::{Adapter, ClassificationHead, SeqClsModel};
 use super::{EngineError, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PROVENANCE_FILE};
+
+/// File names of a full fine-tuning export (a Hugging Face model folder).
+pub const MODEL_CONFIG_FILE: &str = "config.json";
+pub const MODEL_WEIGHTS_FILE: &str = "model.safetensors";
+
+/// PEFT's key of the saved prompt or prefixes.
+const PROMPT_KEY: &str = "prompt_embeddings";
 
 /// PEFT's name for a prompt initialisation.
 fn peft_init_name(init: PromptInit) -> &'static str {
@@ -26,59 +45,252 @@ fn peft_init_name(init: PromptInit) -> &'static str {
     }
 }
 
-/// The `adapter_config.json` of a prompt-tuned sequence classifier.
-pub fn prompt_tuning_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
-    let init_text = match spec.peft.init {
-        PromptInit::Text => spec.peft.init_text.clone(),
-        _ => None,
-    };
-    json!({
+/// PEFT's `peft_type` of a method's export.
+pub fn peft_type(method: Method) -> Option<&'static str> {
+    match method {
+        Method::PromptTuning => Some("PROMPT_TUNING"),
+        Method::PTuning => Some("P_TUNING"),
+        Method::PrefixTuning | Method::PTuningV2 => Some("PREFIX_TUNING"),
+        Method::Lora => Some("LORA"),
+        Method::Full => None,
+    }
+}
+
+/// Where the head's tensors go: prompt-learning models wrap the transformers
+/// model directly (`base_model.classifier.*`), LoRA wraps it in a tuner
+/// (`base_model.model.classifier.*`).
+fn head_prefix(method: Method) -> &'static str {
+    match method {
+        Method::Lora => "base_model.model.",
+        _ => "base_model.",
+    }
+}
+
+/// The `adapter_config.json` of an adapter-trained sequence classifier.
+pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) -> serde_json::Value {
+    let peft = &spec.peft;
+    let mut config = json!({
         "auto_mapping": null,
         "base_model_name_or_path": spec.base_model,
         "inference_mode": true,
-        // PEFT adds both names for SEQ_CLS; BERT's head is `classifier`.
-        "modules_to_save": ["classifier", "score"],
-        "num_attention_heads": base.num_attention_heads,
-        "num_layers": base.num_hidden_layers,
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": spec.peft.num_virtual_tokens,
-        "peft_type": "PROMPT_TUNING",
-        "prompt_tuning_init": peft_init_name(spec.peft.init),
-        "prompt_tuning_init_text": init_text,
+        "peft_type": peft_type(spec.method),
         "revision": null,
         "task_type": "SEQ_CLS",
-        "token_dim": base.hidden_size,
-        "tokenizer_kwargs": null,
-        // PEFT requires it for TEXT init; loading in inference mode never reads it.
-        "tokenizer_name_or_path": spec.base_model,
+    });
+    let fields = config.as_object_mut().expect("an object");
+    let mut set = |key: &str, value: serde_json::Value| {
+        fields.insert(key.to_string(), value);
+    };
+    // PEFT adds both names for SEQ_CLS; BERT's head is `classifier`. The
+    // PEFT versions that run prefix tuning on BERT (transformers 4.x) refuse
+    // the field in a PREFIX_TUNING config, and every version adds it on load.
+    if !spec.method.uses_prefixes() {
+        set("modules_to_save", json!([ClassificationHead::MODULE, "score"]));
+    }
+    if spec.method.uses_virtual_tokens() {
+        set("num_virtual_tokens", json!(peft.num_virtual_tokens));
+        set("token_dim", json!(base.hidden_size));
+        set("num_layers", json!(base.num_hidden_layers));
+        set("num_attention_heads", json!(base.num_attention_heads));
+        set("num_transformer_submodules", json!(1));
+    }
+    match (&model.adapter, spec.method) {
+        (_, Method::PromptTuning) => {
+            let init_text = match peft.init {
+                PromptInit::Text => peft.init_text.clone(),
+                _ => None,
+            };
+            set("prompt_tuning_init", json!(peft_init_name(peft.init)));
+            set("prompt_tuning_init_text", json!(init_text));
+            set("tokenizer_kwargs", json!(null));
+            // PEFT requires it for TEXT init; loading in inference mode never reads it.
+            set("tokenizer_name_or_path", json!(spec.base_model));
+        }
+        (_, Method::PTuning) => {
+            let encoder_type = match peft.encoder_type() {
+                EncoderType::Mlp => "MLP",
+                EncoderType::Lstm => "LSTM",
+            };
+            set("encoder_reparameterization_type", json!(encoder_type));
+            set("encoder_hidden_size", json!(peft.encoder_hidden_size_for(base.hidden_size as u32)));
+            set("encoder_num_layers", json!(peft.encoder_num_layers()));
+            set("encoder_dropout", json!(peft.encoder_dropout()));
+        }
+        (Adapter::Prefix(prefix), Method::PrefixTuning | Method::PTuningV2) => {
+            set("prefix_projection", json!(prefix.projection_hidden().is_some()));
+            set("encoder_hidden_size", json!(prefix.projection_hidden().unwrap_or(base.hidden_size)));
+        }
+        (Adapter::Lora(lora), Method::Lora) => {
+            let c = lora.config();
+            set("r", json!(c.r));
+            set("lora_alpha", json!(c.alpha));
+            set("lora_dropout", json!(c.dropout));
+            set("target_modules", json!(c.modules.iter().map(|m| module_path(m)).collect::<Vec<_>>()));
+            set("bias", json!("none"));
+            set("fan_in_fan_out", json!(false));
+            set("use_rslora", json!(false));
+            set("use_dora", json!(false));
+            set("init_lora_weights", json!(true));
+            set("layers_to_transform", json!(null));
+            set("layers_pattern", json!(null));
+            set("rank_pattern", json!({}));
+            set("alpha_pattern", json!({}));
+        }
+        _ => {}
+    }
+    config
+}
+
+/// The adapter tensors under PEFT's key names: the prompt or prefixes as
+/// `prompt_embeddings` (an encoder's output, computed in eval mode), or the
+/// LoRA updates; and `base_model[.model].classifier.{weight,bias}`.
+pub fn adapter_tensors(spec: &JobSpec, model: &SeqClsModel) -> Vec<(String, Tensor)> {
+    let mut tensors = tch::no_grad(|| match &model.adapter {
+        Adapter::PromptTuning(_) | Adapter::PTuning(_) => {
+            vec![(PROMPT_KEY.to_string(), model.input_prompt(false).expect("an input prompt"))]
+        }
+        Adapter::Prefix(prefix) => vec![(PROMPT_KEY.to_string(), prefix.prefixes())],
+        Adapter::Lora(lora) => lora.named_tensors(),
+        Adapter::Full(_) => Vec::new(),
+    });
+    let head = format!("{}{}", head_prefix(spec.method), ClassificationHead::MODULE);
+    tensors.push((format!("{head}.weight"), model.head.weight().shallow_clone()));
+    tensors.push((format!("{head}.bias"), model.head.bias().shallow_clone()));
+    tensors
+}
+
+/// The `config.json` of a full fine-tuning export: the base's architecture as
+/// `BertForSequenceClassification` with the job's labels.
+pub fn model_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
+    let labels = &spec.data.labels;
+    json!({
+        "architectures": ["BertForSequenceClassification"],
+        "model_type": base.model_type,
+        "vocab_size": base.vocab_size,
+        "hidden_size": base.hidden_size,
+        "num_hidden_layers": base.num_hidden_layers,
+        "num_attention_heads": base.num_attention_heads,
+        "intermediate_size": base.intermediate_size,
+        "hidden_act": base.hidden_act,
+        "hidden_dropout_prob": base.hidden_dropout_prob,
+        "attention_probs_dropout_prob": base.attention_probs_dropout_prob,
+        "max_position_embeddings": base.max_position_embeddings,
+        "type_vocab_size": base.type_vocab_size,
+        "layer_norm_eps": base.layer_norm_eps,
+        "initializer_range": base.initializer_range,
+        "position_embedding_type": base.position_embedding_type,
+        "classifier_dropout": base.classifier_dropout,
+        "pad_token_id": 0,
+        "id2label": labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>(),
+        "label2id": labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>(),
     })
 }
 
-/// The adapter tensors under PEFT's key names: `prompt_embeddings`
-/// `[nvt, hidden]` and `base_model.classifier.{weight,bias}`.
-pub fn prompt_tuning_tensors(model: &PromptSeqCls) -> Vec<(String, Tensor)> {
-    let head = super::tasks::seq_cls::ClassificationHead::MODULE;
-    vec![
-        ("prompt_embeddings".to_string(), model.prompt.embeddings().shallow_clone()),
-        (format!("base_model.{head}.weight"), model.head.weight().shallow_clone()),
-        (format!("base_model.{head}.bias"), model.head.bias().shallow_clone()),
-    ]
-}
-
-/// Writes the PEFT export into `out_dir` (created if missing), plus
-/// `ptune.json` with how it was trained. Each file is written beside its
-/// final name and renamed into place, so a reader never sees half a file.
-pub fn write_prompt_tuning(
+/// Writes the job's export into `out_dir` (created if missing), plus
+/// `ptune.json` with how it was trained: a PEFT adapter, or for full
+/// fine-tuning a model folder with every variable of `vars` (the job's own
+/// encoder under `bert.` and the head under `classifier.`). Each file is
+/// written beside its final name and renamed into place, so a reader never
+/// sees half a file.
+pub fn write(
     out_dir: &Path,
     spec: &JobSpec,
     base: &BertConfig,
-    model: &PromptSeqCls,
+    model: &SeqClsModel,
+    vars: &nn::VarStore,
     provenance: &serde_json::Value,
 ) -> Result<(), EngineError> {
     std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
-    write_safetensors(&out_dir.join(ADAPTER_WEIGHTS_FILE), &prompt_tuning_tensors(model))?;
-    write_json(&out_dir.join(ADAPTER_CONFIG_FILE), &prompt_tuning_config(spec, base))?;
+    if spec.method == Method::Full {
+        let mut tensors: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        write_safetensors(&out_dir.join(MODEL_WEIGHTS_FILE), &tensors)?;
+        write_json(&out_dir.join(MODEL_CONFIG_FILE), &model_config(spec, base))?;
+    } else {
+        write_safetensors(&out_dir.join(ADAPTER_WEIGHTS_FILE), &adapter_tensors(spec, model))?;
+        write_json(&out_dir.join(ADAPTER_CONFIG_FILE), &adapter_config(spec, base, model))?;
+    }
     write_json(&out_dir.join(PROVENANCE_FILE), provenance)
+}
+
+/// Reads a PEFT export of a BERT sequence classifier (`PROMPT_TUNING`,
+/// `P_TUNING`, `PREFIX_TUNING` or `LORA`, as PEFT or this engine saves it)
+/// into a model whose variables are declared under `p`. Prompts and prefixes
+/// come back as the saved tables.
+pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<SeqClsModel, EngineError> {
+    let config_path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Model(format!("{} is not json: {e}", config_path.display())))?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights_path)
+        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", weights_path.display())))?
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_kind(Kind::Float).to_device(p.device())))
+        .collect();
+    let bad = |message: String| EngineError::Model(format!("{}: {message}", dir.display()));
+    let tensor = |key: &str| tensors.get(key).ok_or_else(|| bad(format!("no tensor {key}")));
+    let peft_type = config["peft_type"].as_str().unwrap_or_default();
+    let cfg = &base.config;
+    let method = match peft_type {
+        "PROMPT_TUNING" | "P_TUNING" => Method::PromptTuning,
+        "PREFIX_TUNING" => Method::PrefixTuning,
+        "LORA" => Method::Lora,
+        other => return Err(bad(format!("unsupported peft_type {other:?}"))),
+    };
+    let adapter = match method {
+        Method::PromptTuning => Adapter::PromptTuning(PromptTuning::from_table(p, tensor(PROMPT_KEY)?)),
+        Method::PrefixTuning => {
+            let prefixes = tensor(PROMPT_KEY)?;
+            let shape = PrefixShape {
+                num_virtual_tokens: prefixes.size()[0],
+                num_layers: cfg.num_hidden_layers,
+                num_heads: cfg.num_attention_heads,
+                token_dim: cfg.hidden_size,
+            };
+            if prefixes.size() != [shape.num_virtual_tokens, shape.width()] {
+                return Err(bad(format!("prompt_embeddings has shape {:?}, expected [nvt, {}]", prefixes.size(), shape.width())));
+            }
+            let prefix = PrefixTuning::new(&(p / "prompt_encoder"), shape, None, 0.0);
+            tch::no_grad(|| prefix.prefixes().copy_(prefixes));
+            Adapter::Prefix(prefix)
+        }
+        _ => {
+            let number = |key: &str| config[key].as_f64().ok_or_else(|| bad(format!("adapter_config.json has no {key}")));
+            let r = number("r")? as i64;
+            let layer_of = |module: &str| Lora::key(0, module, "lora_A");
+            let modules: Vec<&'static str> =
+                LINEAR_MODULES.into_iter().filter(|&m| tensors.contains_key(&layer_of(m))).collect();
+            let lora_config = LoraConfig { r, alpha: number("lora_alpha")?, dropout: 0.0, modules };
+            let lora = Lora::new(p, lora_config, cfg.num_hidden_layers, |module| {
+                let a = &tensors[&Lora::key(0, module, "lora_A")];
+                let b = &tensors[&Lora::key(0, module, "lora_B")];
+                (a.size()[1], b.size()[0])
+            });
+            tch::no_grad(|| {
+                for (key, mut variable) in lora.named_tensors() {
+                    variable.copy_(tensor(&key)?);
+                }
+                Ok::<_, EngineError>(())
+            })?;
+            Adapter::Lora(lora)
+        }
+    };
+    // PEFT versions before 0.14 kept `modules_to_save` in the saved key.
+    let head_key = format!("{}{}", head_prefix(method), ClassificationHead::MODULE);
+    let head_key = [head_key.clone(), format!("{head_key}.modules_to_save")]
+        .into_iter()
+        .find(|key| tensors.contains_key(&format!("{key}.weight")))
+        .ok_or_else(|| bad(format!("no tensor {head_key}.weight")))?;
+    let weight = tensor(&format!("{head_key}.weight"))?;
+    let dropout = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
+    let head = ClassificationHead::new(p, cfg.hidden_size, weight.size()[0], cfg.initializer_range, dropout);
+    tch::no_grad(|| {
+        head.weight().shallow_clone().copy_(weight);
+        head.bias().shallow_clone().copy_(tensor(&format!("{head_key}.bias"))?);
+        Ok::<_, EngineError>(())
+    })?;
+    Ok(SeqClsModel { adapter, head })
 }
 
 /// Writes float32 tensors with the `{"format": "pt"}` metadata PyTorch

@@ -1,10 +1,12 @@
-//! The libtorch training engine: trains a PEFT adapter on a frozen base model
-//! and writes a Hugging Face PEFT-compatible export. No networking: the agent
-//! drives it from one dedicated thread (a tch `Tensor` is `Send`, not `Sync`).
+//! The libtorch training engine: trains a PEFT adapter (prompt tuning,
+//! P-tuning, prefix tuning, P-tuning v2, LoRA) on a frozen base model, or a
+//! job's own copy of it (full fine-tuning), and writes a Hugging Face export.
+//! No networking: the agent drives it from one dedicated thread (a tch
+//! `Tensor` is `Send`, not `Sync`).
 //!
 //! Layout: `models/` holds the base architectures, `peft/` the trainable
 //! adapters, `tasks/` the heads and losses, `data/` reading, tokenizing and
-//! batching, `optim.rs` AdamW with its schedule, `export.rs` the PEFT files and
+//! batching, `optim.rs` AdamW with its schedule, `export.rs` the exports and
 //! `train.rs` the loop that ties them together.
 
 mod data;
@@ -20,14 +22,26 @@ use std::path::{Path, PathBuf};
 
 use ptune_core::{JobSpec, Metric, SpecError};
 
+pub use data::{ner, seq2seq};
 pub use data::tokenize::TextTokenizer;
+pub use export::{load_adapter, write as write_export, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE};
 pub use models::bert::{BertConfig, BertModel};
+pub use models::hooks::{Hooks, NoHooks};
+pub use models::{decoder, gpt2, llama};
+pub use models::registry;
 pub use models::{inspect_model, BaseModel, ModelInfo};
 pub use optim::{AdamW, LinearSchedule};
+pub use peft::lora::{Lora, LoraConfig};
+pub use peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
+pub use peft::prefix::{PrefixShape, PrefixTuning};
 pub use peft::prompt_tuning::{PromptInit, PromptTuning};
-pub use tasks::seq_cls::{ClassificationHead, PromptSeqCls};
+pub use tasks::seq_cls::{Adapter, ClassificationHead, SeqClsModel};
+pub use tasks::{bleu, causal_lm, token_cls};
+pub use train::{build_model, optimizer_for};
 
-/// File names of a Hugging Face PEFT export, written into `TrainJob::out_dir`.
+/// File names of a Hugging Face PEFT export, written into `TrainJob::out_dir`
+/// (full fine-tuning writes a model folder instead: [`MODEL_CONFIG_FILE`]
+/// and [`MODEL_WEIGHTS_FILE`]).
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// Training provenance written beside the PEFT files (PEFT warns about unknown

@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod jsonl;
+pub mod ner;
+pub mod seq2seq;
 pub mod tokenize;
 
 /// One tokenized example.

@@ -9,6 +9,11 @@
 //! keys and values back into a padded `[batch, heads, seq, head_dim]` layout.
 //! Outputs at real positions equal the padded computation; only work on
 //! padding is skipped.
+//!
+//! A job's [`Hooks`] ride along with the forward: key/value prefixes are
+//! placed before every layer's keys and values (as Hugging Face's
+//! `past_key_values`, real tokens' positions then start after the prefix),
+//! and low-rank deltas are added to the layer's linears.
 
 use std::path::Path;
 
@@ -16,6 +21,7 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use super::hooks::{linear_with_delta, Hooks};
 use super::{dropout, CONFIG_FILE};
 use crate::engine::EngineError;
 
@@ -146,10 +152,10 @@ struct Packing {
     /// `[batch]` row of each example's first position; valid when every
     /// example's position 0 is a real token.
     first_rows: Tensor,
-    /// `[batch, 1, 1, seq]` true where a key may be attended to.
+    /// `[batch, 1, 1, prefix + seq]` true where a key may be attended to.
     key_mask: Tensor,
-    /// `[batch, 1, 1, seq]` 0 where a key may be attended to, the lowest
-    /// float elsewhere (HF's extended attention mask).
+    /// `[batch, 1, 1, prefix + seq]` 0 where a key may be attended to, the
+    /// lowest float elsewhere (HF's extended attention mask).
     additive_mask: Tensor,
 }
 
@@ -163,6 +169,19 @@ impl Packing {
         let key_mask = mask.view([batch, 1, 1, seq]);
         let additive_mask = key_mask.logical_not().to_kind(Kind::Float) * f64::from(f32::MIN);
         Self { batch, seq, rows, first_rows, key_mask, additive_mask }
+    }
+
+    /// Lets every query attend to `prefix` keys placed before the sequence's
+    /// own (the attention mask extended with ones, as PEFT does).
+    fn with_prefix(mut self, prefix: i64) -> Self {
+        if prefix > 0 {
+            let device = self.key_mask.device();
+            let ones = Tensor::ones([self.batch, 1, 1, prefix], (Kind::Bool, device));
+            self.key_mask = Tensor::cat(&[ones, self.key_mask], 3);
+            let zeros = Tensor::zeros([self.batch, 1, 1, prefix], (self.additive_mask.kind(), device));
+            self.additive_mask = Tensor::cat(&[zeros, self.additive_mask], 3);
+        }
+        self
     }
 
     /// `[batch, seq, n]` -> `[tokens, n]`.
@@ -211,12 +230,20 @@ impl BertEmbeddings {
         }
     }
 
-    /// Packed `[tokens, hidden]` embeddings. Positions run 0..seq over
-    /// whatever `inputs_embeds` holds, as HF does when given `inputs_embeds`:
-    /// a prepended prompt takes the first ones.
-    fn forward(&self, inputs_embeds: &Tensor, token_type_ids: Option<&Tensor>, packing: &Packing, train: bool) -> Tensor {
+    /// Packed `[tokens, hidden]` embeddings. Positions run from
+    /// `past_len` (the key/value prefix length, as HF counts
+    /// `past_key_values`) over whatever `inputs_embeds` holds, as HF does
+    /// when given `inputs_embeds`: a prepended prompt takes the first ones.
+    fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        past_len: i64,
+        packing: &Packing,
+        train: bool,
+    ) -> Tensor {
         let seq = inputs_embeds.size()[1];
-        let positions = Tensor::arange(seq, (Kind::Int64, inputs_embeds.device()));
+        let positions = Tensor::arange_start(past_len, past_len + seq, (Kind::Int64, inputs_embeds.device()));
         // [seq, hidden], broadcast over the batch
         let position_embeds = self.position_embeddings.forward(&positions);
         let token_type_embeds = match token_type_ids {
@@ -251,22 +278,33 @@ impl BertSelfAttention {
     }
 
     /// `[tokens, hidden]` in; `[tokens, hidden]` or `[batch, hidden]` out.
-    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, train: bool) -> Tensor {
+    /// `prefix` keys and values (`[batch, heads, prefix, head_dim]`) go
+    /// before the sequence's own; `packing` must have been extended by
+    /// their length.
+    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, layer: Layer<'_>, train: bool) -> Tensor {
         let (b, s) = (packing.batch, packing.seq);
+        let linear = |module: &nn::Linear, name: &str, xs: &Tensor| {
+            linear_with_delta(module, layer.hooks, layer.index, name, xs)
+        };
         // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
         let split = |xs: Tensor, len: i64| xs.view([b, len, self.heads, self.head_dim]).transpose(1, 2);
-        let key = split(packing.unpack(&self.key.forward(hidden)), s);
-        let value = split(packing.unpack(&self.value.forward(hidden)), s);
+        let mut key = split(packing.unpack(&linear(&self.key, "key", hidden)), s);
+        let mut value = split(packing.unpack(&linear(&self.value, "value", hidden)), s);
+        if let Some((prefix_key, prefix_value)) = layer.prefix {
+            // [batch, heads, prefix + seq, head_dim]
+            key = Tensor::cat(&[prefix_key, &key], 2);
+            value = Tensor::cat(&[prefix_value, &value], 2);
+        }
         let query = match queries {
-            Queries::All => split(packing.unpack(&self.query.forward(hidden)), s),
-            Queries::First => split(self.query.forward(&hidden.index_select(0, &packing.first_rows)), 1),
+            Queries::All => split(packing.unpack(&linear(&self.query, "query", hidden)), s),
+            Queries::First => split(linear(&self.query, "query", &hidden.index_select(0, &packing.first_rows)), 1),
         };
         // [batch, heads, queries, head_dim]
         let context = if train && self.dropout > 0.0 {
             // Written out so that attention-probability dropout uses the fast
             // mask; libtorch's fused attention draws Bernoulli samples.
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            // [batch, heads, queries, seq]
+            // [batch, heads, queries, prefix + seq]
             let scores = query.matmul(&key.transpose(-1, -2)) * scale + &packing.additive_mask;
             dropout(&scores.softmax(-1, scores.kind()), self.dropout, train).matmul(&value)
         } else {
@@ -298,8 +336,8 @@ impl ResidualNorm {
         }
     }
 
-    fn forward(&self, xs: &Tensor, residual: &Tensor, train: bool) -> Tensor {
-        let xs = dropout(&self.dense.forward(xs), self.dropout, train);
+    fn forward(&self, xs: &Tensor, residual: &Tensor, layer: Layer<'_>, module: &str, train: bool) -> Tensor {
+        let xs = dropout(&linear_with_delta(&self.dense, layer.hooks, layer.index, module, xs), self.dropout, train);
         self.layer_norm.forward(&(xs + residual))
     }
 }
@@ -324,15 +362,62 @@ impl BertLayer {
         }
     }
 
-    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, train: bool) -> Tensor {
-        let context = self.attention.forward(hidden, packing, queries, train);
+    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, layer: Layer<'_>, train: bool) -> Tensor {
+        let context = self.attention.forward(hidden, packing, queries, layer, train);
         let residual = match queries {
             Queries::All => hidden.shallow_clone(),
             Queries::First => hidden.index_select(0, &packing.first_rows),
         };
-        let attended = self.attention_output.forward(&context, &residual, train);
-        let intermediate = self.activation.apply(&self.intermediate.forward(&attended));
-        self.output.forward(&intermediate, &attended, train)
+        let attended = self.attention_output.forward(&context, &residual, layer, "attention.output.dense", train);
+        let intermediate =
+            linear_with_delta(&self.intermediate, layer.hooks, layer.index, "intermediate.dense", &attended);
+        let intermediate = self.activation.apply(&intermediate);
+        self.output.forward(&intermediate, &attended, layer, "output.dense", train)
+    }
+
+    /// The layer's tensors in declaration order.
+    fn tensors(&self) -> Vec<&Tensor> {
+        let a = &self.attention;
+        let mut tensors = Vec::new();
+        for linear in [&a.query, &a.key, &a.value, &self.attention_output.dense] {
+            tensors.extend(linear_tensors(linear));
+        }
+        tensors.extend(layer_norm_tensors(&self.attention_output.layer_norm));
+        tensors.extend(linear_tensors(&self.intermediate));
+        tensors.extend(linear_tensors(&self.output.dense));
+        tensors.extend(layer_norm_tensors(&self.output.layer_norm));
+        tensors
+    }
+}
+
+/// What one layer's forward needs from the job: its index, the hooks, and
+/// the key/value prefix already fetched for it.
+#[derive(Clone, Copy)]
+struct Layer<'a> {
+    index: usize,
+    hooks: &'a dyn Hooks,
+    prefix: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+fn linear_tensors(linear: &nn::Linear) -> impl Iterator<Item = &Tensor> {
+    std::iter::once(&linear.ws).chain(linear.bs.as_ref())
+}
+
+fn layer_norm_tensors(norm: &nn::LayerNorm) -> impl Iterator<Item = &Tensor> {
+    norm.ws.iter().chain(norm.bs.as_ref())
+}
+
+/// Module names a LoRA update can target in every BERT layer, relative to
+/// the layer, as [`Hooks::linear_delta`] receives them.
+pub const LINEAR_MODULES: [&str; 6] =
+    ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+
+/// Path of a linear module inside a layer of the checkpoint, as PEFT names it
+/// (`query` lives in `attention.self`).
+pub fn module_path(module: &str) -> String {
+    match module {
+        "query" | "key" | "value" => format!("attention.self.{module}"),
+        other => other.to_string(),
     }
 }
 
@@ -391,19 +476,17 @@ impl BertModel {
 
     /// Last hidden state `[batch, seq, hidden]` for `inputs_embeds`
     /// `[batch, seq, hidden]` and `attention_mask` `[batch, seq]` (1 real,
-    /// 0 padding); zeros at padding. Token types default to 0.
+    /// 0 padding); zeros at padding. Token types default to 0. `hooks` adds
+    /// the job's prefixes and linear deltas.
     pub fn forward(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
+        hooks: &dyn Hooks,
         train: bool,
     ) -> Tensor {
-        let packing = Packing::new(attention_mask);
-        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, &packing, train);
-        for layer in &self.layers {
-            hidden = layer.forward(&hidden, &packing, Queries::All, train);
-        }
+        let (packing, hidden) = self.run(inputs_embeds, attention_mask, token_type_ids, hooks, false, train);
         packing.unpack(&hidden)
     }
 
@@ -416,17 +499,73 @@ impl BertModel {
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
+        hooks: &dyn Hooks,
         train: bool,
     ) -> Tensor {
-        let packing = Packing::new(attention_mask);
-        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, &packing, train);
-        let Some((last, rest)) = self.layers.split_last() else {
-            return hidden.index_select(0, &packing.first_rows);
-        };
-        for layer in rest {
-            hidden = layer.forward(&hidden, &packing, Queries::All, train);
+        self.run(inputs_embeds, attention_mask, token_type_ids, hooks, true, train).1
+    }
+
+    /// Runs the layers; with `first_only` the last layer computes position 0
+    /// only and `[batch, hidden]` comes back, else packed `[tokens, hidden]`.
+    fn run(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        hooks: &dyn Hooks,
+        first_only: bool,
+        train: bool,
+    ) -> (Packing, Tensor) {
+        // Layer 0's prefix is fetched first: its length shifts the positions.
+        let mut next_prefix = hooks.prefix(0);
+        let past_len = next_prefix.as_ref().map_or(0, |(key, _)| key.size()[2]);
+        let packing = Packing::new(attention_mask).with_prefix(past_len);
+        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, past_len, &packing, train);
+        let last = self.layers.len().saturating_sub(1);
+        if first_only && self.layers.is_empty() {
+            let first = hidden.index_select(0, &packing.first_rows);
+            return (packing, first);
         }
-        last.forward(&hidden, &packing, Queries::First, train)
+        for (index, layer) in self.layers.iter().enumerate() {
+            let prefix = if index == 0 { next_prefix.take() } else { hooks.prefix(index) };
+            if let Some((key, _)) = &prefix {
+                assert_eq!(key.size()[2], past_len, "every layer's prefix has the same length");
+            }
+            let queries = if first_only && index == last { Queries::First } else { Queries::All };
+            let context = Layer { index, hooks, prefix: prefix.as_ref().map(|(k, v)| (k, v)) };
+            hidden = layer.forward(&hidden, &packing, queries, context, train);
+        }
+        (packing, hidden)
+    }
+
+    /// Every weight of the encoder, in declaration order (embeddings, layers,
+    /// pooler): what a full fine-tuning copy starts from, and what must stay
+    /// unchanged in a frozen base.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let e = &self.embeddings;
+        let mut tensors: Vec<&Tensor> =
+            vec![&e.word_embeddings.ws, &e.position_embeddings.ws, &e.token_type_embeddings.ws];
+        tensors.extend(layer_norm_tensors(&e.layer_norm));
+        for layer in &self.layers {
+            tensors.extend(layer.tensors());
+        }
+        if let Some(pooler) = &self.pooler {
+            tensors.extend(linear_tensors(&pooler.dense));
+        }
+        tensors.into_iter().map(Tensor::shallow_clone).collect()
+    }
+
+    /// A trainable copy of this encoder declared under `p` (with the same
+    /// variable names as [`BertModel::new`]), for full fine-tuning: the copy
+    /// gets gradients and optimizer state, this encoder stays as it is.
+    pub fn trainable_copy(&self, p: &nn::Path, cfg: &BertConfig) -> BertModel {
+        let copy = BertModel::new(p, cfg, self.pooler.is_some());
+        tch::no_grad(|| {
+            for (mut to, from) in copy.tensors().into_iter().zip(self.tensors()) {
+                to.copy_(&from);
+            }
+        });
+        copy
     }
 
     /// Pooler output `[batch, hidden]` (dense + tanh) of the position-0

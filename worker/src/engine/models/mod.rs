@@ -2,6 +2,11 @@
 //! `model.safetensors`, `tokenizer.json`) into a frozen encoder.
 
 pub mod bert;
+pub mod decoder;
+pub mod gpt2;
+pub mod hooks;
+pub mod llama;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::fs::File;

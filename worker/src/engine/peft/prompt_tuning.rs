@@ -71,6 +71,12 @@ impl PromptTuning {
         Self { embeddings }
     }
 
+    /// A prompt whose table is a copy of `table` `[num_virtual_tokens,
+    /// hidden]`: an exported prompt (PEFT's `prompt_embeddings`) loaded back.
+    pub fn from_table(p: &nn::Path, table: &Tensor) -> Self {
+        Self { embeddings: p.var_copy(Self::WEIGHTS_KEY, table) }
+    }
+
     pub fn num_virtual_tokens(&self) -> i64 {
         self.embeddings.size()[0]
     }
@@ -80,25 +86,36 @@ impl PromptTuning {
         &self.embeddings
     }
 
-    /// Prepends the prompt: `[batch, seq, hidden]` embeddings and `[batch,
-    /// seq]` attention mask become `[batch, nvt + seq, ...]`. Token types,
-    /// when given, get zeros over the prompt.
+    /// Prepends the prompt; see [`prepend`].
     pub fn prepend(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
     ) -> (Tensor, Tensor, Option<Tensor>) {
-        let batch = inputs_embeds.size()[0];
-        let nvt = self.num_virtual_tokens();
-        let prompt = self.embeddings.unsqueeze(0).expand([batch, nvt, -1], false);
-        let embeds = Tensor::cat(&[prompt, inputs_embeds.shallow_clone()], 1);
-        let ones = Tensor::ones([batch, nvt], (attention_mask.kind(), attention_mask.device()));
-        let mask = Tensor::cat(&[ones, attention_mask.shallow_clone()], 1);
-        let token_types = token_type_ids.map(|types| {
-            let zeros = Tensor::zeros([batch, nvt], (types.kind(), types.device()));
-            Tensor::cat(&[zeros, types.shallow_clone()], 1)
-        });
-        (embeds, mask, token_types)
+        prepend(&self.embeddings, inputs_embeds, attention_mask, token_type_ids)
     }
+}
+
+/// Prepends `prompt` `[nvt, hidden]` to every example, as PEFT does for
+/// prompt tuning and P-tuning: `[batch, seq, hidden]` embeddings and `[batch,
+/// seq]` attention mask become `[batch, nvt + seq, ...]`, the mask with ones
+/// over the prompt. Token types, when given, get zeros over the prompt.
+pub fn prepend(
+    prompt: &Tensor,
+    inputs_embeds: &Tensor,
+    attention_mask: &Tensor,
+    token_type_ids: Option<&Tensor>,
+) -> (Tensor, Tensor, Option<Tensor>) {
+    let batch = inputs_embeds.size()[0];
+    let nvt = prompt.size()[0];
+    let prompt = prompt.unsqueeze(0).expand([batch, nvt, -1], false);
+    let embeds = Tensor::cat(&[prompt, inputs_embeds.shallow_clone()], 1);
+    let ones = Tensor::ones([batch, nvt], (attention_mask.kind(), attention_mask.device()));
+    let mask = Tensor::cat(&[ones, attention_mask.shallow_clone()], 1);
+    let token_types = token_type_ids.map(|types| {
+        let zeros = Tensor::zeros([batch, nvt], (types.kind(), types.device()));
+        Tensor::cat(&[zeros, types.shallow_clone()], 1)
+    });
+    (embeds, mask, token_types)
 }

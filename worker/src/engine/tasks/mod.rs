@@ -1,3 +1,6 @@
 //! Tasks: the head on top of the encoder, its loss and its evaluation.
 
+pub mod bleu;
+pub mod causal_lm;
 pub mod seq_cls;
+pub mod token_cls;

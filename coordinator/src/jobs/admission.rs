@@ -1,0 +1,128 @@
+//! Whether a job's base model and task can run, from what workers advertise
+//! about the model: a model only workers that cannot train it have
+//! registered is refused, and so is a task its architecture cannot serve
+//! (classification pools an encoder; causal language modelling needs a
+//! decoder). A model no worker has registered is admitted: one may come.
+
+use ptune_core::{JobSpec, ModelLimits, Task};
+
+use crate::error::Error;
+use crate::model::ModelSupport;
+
+/// Encoder `model_type`s the engine trains (classification heads pool them).
+const ENCODER_TYPES: [&str; 1] = ["bert"];
+/// Decoder-only `model_type`s the engine trains (causal language modelling).
+const DECODER_TYPES: [&str; 4] = ["gpt2", "llama", "mistral", "qwen2"];
+
+/// Refuses `spec` when its base model cannot serve it, naming the field;
+/// otherwise returns the model's limits, when a worker reported them.
+pub(crate) fn admit(spec: &JobSpec, support: &ModelSupport) -> Result<Option<ModelLimits>, Error> {
+    let base_model = &spec.base_model;
+    match support {
+        ModelSupport::Unknown => Ok(None),
+        ModelSupport::Unsupported { model_type, reason } => Err(Error::invalid(
+            "base_model",
+            format!("{base_model:?} has model_type {model_type:?}, which ptune cannot train; {reason}"),
+        )),
+        ModelSupport::Served { max_positions, model_types } => {
+            check_task(spec.task, base_model, model_types)?;
+            Ok(max_positions.map(|max_positions| ModelLimits { max_positions }))
+        }
+    }
+}
+
+/// Refuses a task that no architecture serving the model can run. Types this
+/// coordinator does not know (a newer worker's) are given the benefit of the
+/// doubt, and so are models registered without a type.
+fn check_task(task: Task, base_model: &str, model_types: &[String]) -> Result<(), Error> {
+    let (wanted, kind): (&[&str], &str) = match task {
+        Task::SequenceClassification | Task::TokenClassification => (&ENCODER_TYPES, "an encoder"),
+        Task::CausalLm => (&DECODER_TYPES, "a decoder-only"),
+    };
+    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
+    let fits = |t: &String| wanted.contains(&t.as_str());
+    if model_types.is_empty() || !model_types.iter().all(known) || model_types.iter().any(fits) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "task",
+        format!(
+            "{task} needs {kind} model ({}), but base_model {base_model:?} has model_type {:?}",
+            wanted.join(", "),
+            model_types.join(", ")
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(base_model: &str, task: Task) -> JobSpec {
+        let mut spec = JobSpec::from_toml(
+            r#"
+            name = "j"
+            base_model = "m"
+            task = "sequence_classification"
+            method = "prompt_tuning"
+            [peft]
+            num_virtual_tokens = 8
+            [data]
+            train = "train.jsonl"
+            eval = "eval.jsonl"
+            labels = [0, 1]
+            [training]
+            learning_rate = 3e-2
+            "#,
+        )
+        .unwrap();
+        spec.base_model = base_model.into();
+        spec.task = task;
+        spec
+    }
+
+    fn served(types: &[&str]) -> ModelSupport {
+        ModelSupport::Served { max_positions: Some(512), model_types: types.iter().map(|t| t.to_string()).collect() }
+    }
+
+    fn message(result: Result<Option<ModelLimits>, Error>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_models_wait_and_served_ones_carry_their_limits() {
+        let s = spec("future-model", Task::SequenceClassification);
+        assert_eq!(admit(&s, &ModelSupport::Unknown).unwrap(), None);
+        assert_eq!(admit(&s, &served(&["bert"])).unwrap(), Some(ModelLimits { max_positions: 512 }));
+        assert_eq!(admit(&s, &served(&[])).unwrap(), Some(ModelLimits { max_positions: 512 }), "no type: no check");
+        assert!(admit(&s, &served(&["roberta"])).is_ok(), "a type this coordinator does not know");
+    }
+
+    #[test]
+    fn an_unsupported_model_names_its_type_and_the_reason() {
+        let support = ModelSupport::Unsupported {
+            model_type: "t5".into(),
+            reason: "supported model types: bert, gpt2, llama, mistral, qwen2".into(),
+        };
+        assert_eq!(
+            message(admit(&spec("t5-small", Task::SequenceClassification), &support)),
+            "base_model: \"t5-small\" has model_type \"t5\", which ptune cannot train; \
+             supported model types: bert, gpt2, llama, mistral, qwen2"
+        );
+    }
+
+    #[test]
+    fn tasks_need_an_architecture_that_serves_them() {
+        assert_eq!(
+            message(admit(&spec("tiny-gpt2", Task::SequenceClassification), &served(&["gpt2"]))),
+            "task: sequence_classification needs an encoder model (bert), \
+             but base_model \"tiny-gpt2\" has model_type \"gpt2\""
+        );
+        assert_eq!(
+            message(admit(&spec("tiny-bert", Task::CausalLm), &served(&["bert"]))),
+            "task: causal_lm needs a decoder-only model (gpt2, llama, mistral, qwen2), \
+             but base_model \"tiny-bert\" has model_type \"bert\""
+        );
+        assert!(admit(&spec("tiny-llama", Task::CausalLm), &served(&["llama"])).is_ok());
+    }
+}

@@ -1,0 +1,122 @@
+//! Admission by base model: a model that workers found but cannot train, or
+//! a task its architecture cannot serve, is refused at submit and at sweep
+//! create with the reason, through the real gRPC services on a real
+//! database; models no worker has registered yet are still accepted.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{state, MODEL};
+use ptune_proto::v1;
+use serde_json::json;
+use tonic::Code;
+
+const T5: &str = "t5-small";
+const T5_REFUSED: &str = "base_model: \"t5-small\" has model_type \"t5\", which ptune cannot train; \
+                          supported model types: bert, gpt2, llama, mistral, qwen2";
+
+/// What a worker advertises for a folder whose architecture it cannot train.
+fn unsupported_t5() -> v1::BaseModel {
+    v1::BaseModel {
+        name: T5.into(),
+        model_type: "t5".into(),
+        unsupported_reason: "supported model types: bert, gpt2, llama, mistral, qwen2".into(),
+        ..Default::default()
+    }
+}
+
+async fn register(env: &mut common::Env, models: Vec<v1::BaseModel>) -> String {
+    env.workers
+        .register_worker(v1::RegisterWorkerRequest {
+            hostname: "test-host".into(),
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+            slots: 2,
+            models,
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .worker_id
+}
+
+#[tokio::test]
+async fn a_model_no_worker_can_train_is_refused_with_its_type_and_what_is_supported() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("on-bert").await;
+    let on_t5 = v1::JobSpec { name: "on-t5".into(), base_model: T5.into(), ..spec.clone() };
+
+    // Before any worker knows the name, a job on it waits for one.
+    let early = env.submit(v1::JobSpec { name: "early-t5".into(), ..on_t5.clone() }).await;
+    assert_eq!(state(&early), v1::JobState::Queued);
+    env.jobs.cancel_job(v1::CancelJobRequest { job_id: early.id.clone() }).await.expect("cancel");
+
+    let bert = v1::BaseModel {
+        name: MODEL.into(),
+        model_type: "bert".into(),
+        max_positions: 512,
+        sha256: "ab".repeat(32),
+        ..Default::default()
+    };
+    let gpt2 =
+        v1::BaseModel { name: "tiny-gpt2".into(), model_type: "gpt2".into(), max_positions: 48, ..Default::default() };
+    let worker = register(&mut env, vec![bert, gpt2, unsupported_t5()]).await;
+
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(on_t5.clone()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), T5_REFUSED);
+
+    // A served decoder cannot take a classification job: it has no pooler.
+    let on_gpt2 = v1::JobSpec { name: "on-gpt2".into(), base_model: "tiny-gpt2".into(), ..spec.clone() };
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(on_gpt2) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "task: sequence_classification needs an encoder model (bert), \
+         but base_model \"tiny-gpt2\" has model_type \"gpt2\""
+    );
+
+    let train = spec.data.as_ref().unwrap().train.clone();
+    let eval = spec.data.as_ref().unwrap().eval.clone();
+    let sweep = json!({
+        "name": "t5-sweep",
+        "objective": { "metric": "accuracy", "direction": "maximize" },
+        "algorithm": { "type": "grid" },
+        "template": {
+            "base_model": T5,
+            "task": "sequence_classification",
+            "method": "prompt_tuning",
+            "peft": { "num_virtual_tokens": 10 },
+            "data": { "train": train, "eval": eval, "labels": [0, 1], "max_seq_len": 64 },
+            "training": { "batch_size": 2, "max_steps": 4 },
+        },
+        "space": { "training": { "learning_rate": { "values": [0.01, 0.1] } } },
+    });
+    let err = env
+        .sweeps
+        .create_sweep(v1::CreateSweepRequest { definition_json: sweep.to_string() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().starts_with("template.base_model: \"t5-small\" has model_type \"t5\", which ptune cannot train"),
+        "{}",
+        err.message()
+    );
+
+    // The model the worker trains is accepted, and is the only one it is leased.
+    let job = env.submit(spec).await;
+    assert_eq!(state(&job), v1::JobState::Queued);
+    let lease = env.lease(&worker).await.expect("the bert job is leased");
+    assert_eq!(lease.job_id, job.id);
+
+    // A worker that can train the name makes it admissible again.
+    register(&mut env, vec![v1::BaseModel { name: T5.into(), model_type: "t5".into(), ..Default::default() }]).await;
+    let accepted = env.submit(on_t5).await;
+    assert_eq!(state(&accepted), v1::JobState::Queued);
+
+    let jobs = env.jobs.list_jobs(v1::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert_eq!(jobs.len(), 3, "the refused job and sweep stored nothing: {jobs:?}");
+    env.stop().await;
+}

@@ -1,0 +1,204 @@
+//! Text-to-text data for causal language models, as the E2E NLG set comes:
+//! training pairs `{"source", "target"}` and evaluation inputs
+//! `{"source", "references": [..]}` in JSON Lines. A training example is
+//! the tokenization of `source + separator + " " + target` followed by EOS,
+//! labelled on the target (and EOS) only; a generation prompt is the
+//! tokenization of `source + separator`, which is the same token prefix,
+//! since the space before the target starts a new pre-token.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde_json::{Map, Value};
+use tokenizers::Tokenizer;
+
+use crate::engine::EngineError;
+
+/// A source text and its one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceTarget {
+    pub source: String,
+    pub target: String,
+}
+
+/// A source text and every reference output for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceReferences {
+    pub source: String,
+    pub references: Vec<String>,
+}
+
+/// One causal-LM example: token ids and, per position, the id the model
+/// should produce there or -100 where nothing is predicted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LmExample {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+/// Reads up to `limit` (0: all) `{"source", "target"}` pairs from `path`,
+/// naming the file `name` in errors.
+pub fn read_source_targets(path: &Path, name: &str, limit: u64) -> Result<Vec<SourceTarget>, EngineError> {
+    read_objects(path, name, limit, |object| {
+        Ok(SourceTarget { source: string_field(object, "source")?, target: string_field(object, "target")? })
+    })
+}
+
+/// Reads up to `limit` (0: all) `{"source", "references": [..]}` inputs
+/// from `path`; a line with a single `"target"` instead counts as one reference.
+pub fn read_source_references(path: &Path, name: &str, limit: u64) -> Result<Vec<SourceReferences>, EngineError> {
+    read_objects(path, name, limit, |object| {
+        let source = string_field(object, "source")?;
+        let references = match (object.get("references"), object.get("target")) {
+            (Some(Value::Array(items)), _) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_string).ok_or("expected strings in field \"references\""))
+                .collect::<Result<Vec<_>, _>>()?,
+            (Some(_), _) => return Err("expected a list of strings in field \"references\"".into()),
+            (None, Some(Value::String(target))) => vec![target.clone()],
+            (None, _) => return Err("missing field \"references\"".into()),
+        };
+        if references.is_empty() {
+            return Err("field \"references\" is empty".into());
+        }
+        Ok(SourceReferences { source, references })
+    })
+}
+
+fn string_field(object: &Map<String, Value>, field: &str) -> Result<String, String> {
+    match object.get(field) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(_) => Err(format!("expected a string in field {field:?}")),
+        None => Err(format!("missing field {field:?}")),
+    }
+}
+
+/// One JSON object per line; blank lines are skipped but counted, and a
+/// bad line fails with the file name and 1-based line number.
+fn read_objects<T>(
+    path: &Path,
+    name: &str,
+    limit: u64,
+    parse: impl Fn(&Map<String, Value>) -> Result<T, String>,
+) -> Result<Vec<T>, EngineError> {
+    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut items = Vec::new();
+    let mut buffer = Vec::new();
+    let mut line_number = 0u64;
+    while limit == 0 || (items.len() as u64) < limit {
+        buffer.clear();
+        if reader.read_until(b'\n', &mut buffer).map_err(|e| EngineError::io(path, e))? == 0 {
+            break;
+        }
+        line_number += 1;
+        let bad_line = |message: String| EngineError::Data { file: name.to_string(), line: line_number, message };
+        let line = std::str::from_utf8(&buffer).map_err(|_| bad_line("not valid utf-8".into()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| bad_line(format!("invalid json at column {}: {}", e.column(), category(&e))))?;
+        let Value::Object(object) = value else {
+            return Err(bad_line("expected a json object".into()));
+        };
+        items.push(parse(&object).map_err(bad_line)?);
+    }
+    Ok(items)
+}
+
+fn category(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Eof => "unexpected end of line",
+        _ => "syntax error",
+    }
+}
+
+/// A model's `tokenizer.json` for generation: encodes with or without the
+/// template's special tokens (padding and truncation off) and decodes ids
+/// back to text.
+#[derive(Clone)]
+pub struct LmTokenizer {
+    inner: Tokenizer,
+}
+
+impl LmTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Model(format!("cannot read tokenizer {}: {e}", path.display())))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| EngineError::Model(format!("tokenizer {}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Ids of `text`, with the template's special tokens (e.g. a BOS) when
+    /// `special_tokens`.
+    pub fn encode(&self, text: &str, special_tokens: bool) -> Result<Vec<i64>, EngineError> {
+        let encoding =
+            self.inner.encode(text, special_tokens).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, EngineError> {
+        let ids: Vec<u32> = ids.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
+        self.inner.decode(&ids, true).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))
+    }
+
+    /// Id of a token of the vocabulary, e.g. `<|endoftext|>` or `</s>`.
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+}
+
+/// How source and target become one token sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seq2SeqFormat {
+    /// Appended to the source; the target follows after one space.
+    pub separator: String,
+    /// Ends every target, so that the model learns to stop.
+    pub eos_id: i64,
+    /// Longest example in tokens (EOS included); longer ones lose their end.
+    pub max_len: usize,
+}
+
+impl Seq2SeqFormat {
+    /// Separator used by default: ` ||` as in the prefix-tuning paper's E2E format.
+    pub const DEFAULT_SEPARATOR: &'static str = " ||";
+
+    /// Ids of `source + separator`, with the template's leading special
+    /// tokens (e.g. a BOS) and without any it appends (e.g. an EOS).
+    pub fn prompt_ids(&self, tokenizer: &LmTokenizer, source: &str) -> Result<Vec<i64>, EngineError> {
+        leading_specials_only(tokenizer, &format!("{source}{}", self.separator))
+    }
+
+    /// The training example of one pair: labels are -100 over the prompt
+    /// tokens and the ids themselves over the target and the final EOS.
+    pub fn training_example(&self, tokenizer: &LmTokenizer, source: &str, target: &str) -> Result<LmExample, EngineError> {
+        let prompt = self.prompt_ids(tokenizer, source)?;
+        let mut ids = leading_specials_only(tokenizer, &format!("{source}{} {target}", self.separator))?;
+        ids.push(self.eos_id);
+        let shared = prompt.iter().zip(&ids).take_while(|(a, b)| a == b).count();
+        let mut labels = vec![-100; shared];
+        labels.extend_from_slice(&ids[shared..]);
+        ids.truncate(self.max_len);
+        labels.truncate(self.max_len);
+        Ok(LmExample { ids, labels })
+    }
+}
+
+/// Ids of `text` with the special tokens the template puts before it but
+/// none of those it puts after it.
+fn leading_specials_only(tokenizer: &LmTokenizer, text: &str) -> Result<Vec<i64>, EngineError> {
+    let mut full = tokenizer.encode(text, true)?;
+    let plain = tokenizer.encode(text, false)?;
+    if !plain.is_empty() && plain.len() <= full.len() {
+        if let Some(start) = (0..=full.len() - plain.len()).find(|&k| full[k..k + plain.len()] == plain[..]) {
+            full.truncate(start + plain.len());
+        }
+    }
+    Ok(full)
+}

@@ -1,0 +1,523 @@
+//! What the causal (decoder-only) language models share: the
+//! [`CausalDecoder`] interface the causal-LM task drives, the key/value cache
+//! used while decoding, the attention mask and position ids derived from a
+//! padding mask, and reading Hugging Face checkpoints that are single files
+//! or sharded (`model.safetensors.index.json`).
+//!
+//! Positions and masks follow what Hugging Face computes for a given
+//! attention mask: the position of a real token is the number of real
+//! tokens before it (prefix and prompt included), as `generate` derives them
+//! from the mask; for batches without left padding this equals the
+//! `arange` that a plain forward uses. A query sees every earlier real key
+//! and every prefix position.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::hooks::Hooks;
+use super::{dropout, CONFIG_FILE, WEIGHTS_FILE};
+use crate::engine::EngineError;
+
+/// Index of a sharded checkpoint, naming the shard of every tensor.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A frozen causal language model: a stack of decoder layers over input
+/// embeddings, with a language-modelling head.
+pub trait CausalDecoder: Send {
+    /// Hugging Face `model_type` of the checkpoint, e.g. `gpt2`, `llama`.
+    fn model_type(&self) -> &str;
+    fn hidden_size(&self) -> i64;
+    fn vocab_size(&self) -> i64;
+    fn num_layers(&self) -> usize;
+    fn num_attention_heads(&self) -> i64;
+    /// Heads of keys and values (fewer than query heads with grouped-query
+    /// attention); prefixes from [`Hooks::prefix`] have this many heads.
+    fn num_kv_heads(&self) -> i64;
+    fn head_dim(&self) -> i64;
+    /// Largest position the model has embeddings for (GPT-2), or was
+    /// trained with (rotary models), plus one.
+    fn max_positions(&self) -> i64;
+    /// Token ids that end a generated sequence (`eos_token_id` of the config).
+    fn eos_token_ids(&self) -> &[i64];
+
+    /// `[vocab, hidden]` word embedding table.
+    fn word_embeddings(&self) -> &Tensor;
+
+    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
+    fn embed_ids(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(self.word_embeddings(), input_ids, -1, false, false)
+    }
+
+    /// Last hidden state (after the final norm) `[batch, seq, hidden]` for
+    /// `inputs_embeds` `[batch, seq, hidden]` and `attention_mask` `[batch,
+    /// seq]` (1 real, 0 padding, on either side), after the keys and values
+    /// of `past` (or, without `past`, of the hooks' prefixes). Also returns
+    /// the cache extended by this call's keys and values.
+    fn forward_with_cache(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        hooks: &dyn Hooks,
+        past: Option<&KvCache>,
+        train: bool,
+    ) -> (Tensor, KvCache);
+
+    /// Last hidden state `[batch, seq, hidden]`; see [`Self::forward_with_cache`].
+    fn forward(&self, inputs_embeds: &Tensor, attention_mask: &Tensor, hooks: &dyn Hooks, train: bool) -> Tensor {
+        self.forward_with_cache(inputs_embeds, attention_mask, hooks, None, train).0
+    }
+
+    /// `[..., hidden]` hidden states -> `[..., vocab]` next-token logits.
+    fn logits(&self, hidden: &Tensor) -> Tensor;
+}
+
+/// Loads the causal LM in `dir`, choosing the architecture by the config's
+/// `model_type` (`gpt2`; `llama`, `mistral`, `qwen2`).
+pub fn load_causal_lm(dir: &Path, device: Device) -> Result<Box<dyn CausalDecoder>, EngineError> {
+    #[derive(Deserialize)]
+    struct ModelType {
+        model_type: String,
+    }
+    let ModelType { model_type } = read_config(dir, "a model")?;
+    if super::gpt2::Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
+        Ok(Box::new(super::gpt2::Gpt2Model::load(dir, device)?))
+    } else if super::llama::LlamaConfig::MODEL_TYPES.contains(&model_type.as_str()) {
+        Ok(Box::new(super::llama::LlamaModel::load(dir, device)?))
+    } else {
+        Err(EngineError::Model(format!(
+            "unsupported causal lm model_type {model_type:?}; supported: {}, {}",
+            super::gpt2::Gpt2Config::MODEL_TYPES.join(", "),
+            super::llama::LlamaConfig::MODEL_TYPES.join(", ")
+        )))
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer, for decoding
+/// one token at a time.
+pub struct KvCache {
+    /// Per layer `[batch, kv_heads, past, head_dim]` keys (rotated, for
+    /// rotary models) and values; `None` for a layer that has seen nothing.
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch, past]` true at real positions (prefix positions included).
+    pub(crate) mask: Tensor,
+}
+
+impl KvCache {
+    /// Positions cached, prefix included.
+    pub fn len(&self) -> i64 {
+        self.mask.size()[1]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `[batch, past]` true at real positions.
+    pub fn mask(&self) -> &Tensor {
+        &self.mask
+    }
+
+    /// The cache of the batch rows `indices` (`[rows]` int64), in that
+    /// order: how beam search follows the beams it keeps.
+    pub fn select(&self, indices: &Tensor) -> KvCache {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|kv| kv.as_ref().map(|(k, v)| (k.index_select(0, indices), v.index_select(0, indices))))
+                .collect(),
+            mask: self.mask.index_select(0, indices),
+        }
+    }
+}
+
+/// Ids in a config field that holds one id, a list, or null.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenIds(pub Vec<i64>);
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(i64),
+            Many(Vec<i64>),
+        }
+        Ok(TokenIds(match Option::<OneOrMany>::deserialize(deserializer)? {
+            None => Vec::new(),
+            Some(OneOrMany::One(id)) => vec![id],
+            Some(OneOrMany::Many(ids)) => ids,
+        }))
+    }
+}
+
+/// Reads `config.json` of a model folder as `T`; `what` names the expected
+/// kind of config in errors.
+pub(crate) fn read_config<T: DeserializeOwned>(dir: &Path, what: &str) -> Result<T, EngineError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Model(format!("{} is not {what} config: {e}", path.display())))
+}
+
+/// Feed-forward activations of the decoder configs (`hidden_act`,
+/// `activation_function`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Exact GELU (HF "gelu").
+    Gelu,
+    /// Tanh approximation of GELU (HF "gelu_new", "gelu_pytorch_tanh", "gelu_fast").
+    GeluTanh,
+    Relu,
+    /// `x * sigmoid(x)` (HF "silu", "swish").
+    Silu,
+}
+
+impl Activation {
+    pub(crate) fn parse(name: &str) -> Result<Self, EngineError> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            "silu" | "swish" => Ok(Self::Silu),
+            other => Err(EngineError::Model(format!(
+                "unsupported activation {other:?}; supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu"
+            ))),
+        }
+    }
+
+    pub(crate) fn apply(self, xs: &Tensor) -> Tensor {
+        match self {
+            Self::Gelu => xs.gelu("none"),
+            Self::GeluTanh => xs.gelu("tanh"),
+            Self::Relu => xs.relu(),
+            Self::Silu => xs.silu(),
+        }
+    }
+}
+
+/// What every layer of one forward shares: positions of the new tokens and
+/// which keys each of them may attend to.
+pub(crate) struct AttentionContext {
+    /// `[batch, seq]` int64 position of each new token (0 at padding).
+    pub positions: Tensor,
+    /// `[batch, 1, seq, total]` true where a query may attend to a key;
+    /// keys are the cached (or prefix) positions followed by the new ones.
+    pub allowed: Tensor,
+    /// `[batch, total]` true at real keys: the mask of the extended cache.
+    pub key_mask: Tensor,
+    pub total: i64,
+}
+
+impl AttentionContext {
+    /// Context for `attention_mask` `[batch, seq]` after `past_mask`
+    /// `[batch, past]` (the cache's, or ones over a prefix). With a
+    /// `sliding_window`, a query sees only the last `window` key indices,
+    /// as Hugging Face's sliding-window mask.
+    pub fn new(attention_mask: &Tensor, past_mask: Option<&Tensor>, sliding_window: Option<i64>) -> Self {
+        let seq = attention_mask.size()[1];
+        let device = attention_mask.device();
+        let mask = attention_mask.ne(0);
+        let key_mask = match past_mask {
+            Some(past) => Tensor::cat(&[past.ne(0), mask.shallow_clone()], 1),
+            None => mask.shallow_clone(),
+        };
+        let total = key_mask.size()[1];
+        let past = total - seq;
+        let counts = key_mask.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
+        let positions = counts.narrow(1, past, seq).masked_fill(&mask.logical_not(), 0);
+
+        // [seq, 1] and [1, total] indices in the full key sequence
+        let query_index = (Tensor::arange(seq, (Kind::Int64, device)) + past).unsqueeze(1);
+        let key_index = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+        let mut visible = key_index.le_tensor(&query_index);
+        if let Some(window) = sliding_window {
+            visible = visible.logical_and(&key_index.gt_tensor(&(&query_index - window)));
+        }
+        // [batch, seq, total]
+        let mut allowed = visible.unsqueeze(0).logical_and(&key_mask.unsqueeze(1));
+        // A padding query always sees itself, so that no row is fully masked
+        // (attention kernels differ in what they make of an empty row, and a
+        // NaN there would reach real rows through later layers); real
+        // queries never see padding keys.
+        allowed = allowed.logical_or(&key_index.eq_tensor(&query_index).unsqueeze(0));
+        Self { positions, allowed: allowed.unsqueeze(1), key_mask, total }
+    }
+
+    /// `[batch, 1, seq, keys]` mask for a layer whose keys are the last
+    /// `keys` of the full key sequence (a layer without the prefix others have).
+    pub fn allowed_for(&self, keys: i64) -> Tensor {
+        if keys == self.total {
+            self.allowed.shallow_clone()
+        } else {
+            self.allowed.narrow(3, self.total - keys, keys)
+        }
+    }
+}
+
+/// Prefixes of every layer, each expanded to `batch` rows, or nothing when
+/// decoding continues from a cache (which holds them already).
+pub(crate) fn layer_prefixes(
+    hooks: &dyn Hooks,
+    num_layers: usize,
+    batch: i64,
+    past: Option<&KvCache>,
+) -> Vec<Option<(Tensor, Tensor)>> {
+    if past.is_some() {
+        return (0..num_layers).map(|_| None).collect();
+    }
+    (0..num_layers)
+        .map(|layer| hooks.prefix(layer).map(|(k, v)| (expand_rows(&k, batch), expand_rows(&v, batch))))
+        .collect()
+}
+
+/// `[rows, ...]` -> `[batch, ...]`: as is, broadcast from one row, or each row
+/// repeated `batch / rows` times in place (the layout beam search uses).
+fn expand_rows(xs: &Tensor, batch: i64) -> Tensor {
+    let rows = xs.size()[0];
+    if rows == batch {
+        xs.shallow_clone()
+    } else if rows == 1 {
+        let mut shape = xs.size();
+        shape[0] = batch;
+        xs.expand(shape.as_slice(), false)
+    } else {
+        assert!(batch % rows == 0, "a prefix for {rows} examples cannot serve a batch of {batch}");
+        xs.repeat_interleave_self_int(batch / rows, 0, None)
+    }
+}
+
+/// The mask of what comes before the new tokens: the cache's, or ones over
+/// the longest prefix; `None` when there is neither.
+pub(crate) fn past_mask(prefixes: &[Option<(Tensor, Tensor)>], past: Option<&KvCache>, batch: i64, device: Device) -> Option<Tensor> {
+    if let Some(past) = past {
+        return Some(past.mask.shallow_clone());
+    }
+    let prefix_len = prefixes.iter().flatten().map(|(k, _)| k.size()[2]).max()?;
+    Some(Tensor::ones([batch, prefix_len], (Kind::Bool, device)))
+}
+
+/// Scaled dot-product attention of `query` `[batch, heads, seq, head_dim]`
+/// over `key`/`value` `[batch, kv_heads, keys, head_dim]` (each key/value head
+/// serves `heads / kv_heads` query heads, as Hugging Face's `repeat_kv`),
+/// masked by `allowed` `[batch, 1, seq, keys]`; `[batch, seq, heads * head_dim]` out.
+pub(crate) fn attend(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    allowed: &Tensor,
+    scale: f64,
+    dropout_p: f64,
+    train: bool,
+) -> Tensor {
+    let (batch, heads, seq, head_dim) = query.size4().expect("query is [batch, heads, seq, head_dim]");
+    let key = repeat_kv(key, heads);
+    let value = repeat_kv(value, heads);
+    let context = if train && dropout_p > 0.0 {
+        // Written out so that attention-probability dropout uses the fast mask.
+        let scores = query.matmul(&key.transpose(-1, -2)) * scale;
+        let scores = scores.masked_fill(&allowed.logical_not(), f64::from(f32::MIN));
+        dropout(&scores.softmax(-1, scores.kind()), dropout_p, train).matmul(&value)
+    } else {
+        Tensor::scaled_dot_product_attention(query, &key, &value, Some(allowed), 0.0, false, scale, false)
+    };
+    // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
+    context.transpose(1, 2).reshape([batch, seq, heads * head_dim])
+}
+
+fn repeat_kv(xs: &Tensor, heads: i64) -> Tensor {
+    let (batch, kv_heads, len, head_dim) = xs.size4().expect("keys are [batch, kv_heads, len, head_dim]");
+    if kv_heads == heads {
+        return xs.shallow_clone();
+    }
+    xs.unsqueeze(2).expand([batch, kv_heads, heads / kv_heads, len, head_dim], false).reshape([batch, heads, len, head_dim])
+}
+
+/// Concatenates cached (or prefix) keys/values before the new ones.
+pub(crate) fn extend_kv(past: Option<&(Tensor, Tensor)>, key: Tensor, value: Tensor) -> (Tensor, Tensor) {
+    match past {
+        Some((past_key, past_value)) => (Tensor::cat(&[past_key, &key], 2), Tensor::cat(&[past_value, &value], 2)),
+        None => (key, value),
+    }
+}
+
+/// The safetensors files of a checkpoint: the shards named by
+/// `model.safetensors.index.json` when present, else `model.safetensors`.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        let files: BTreeSet<String> = read_weight_map(&index)?.into_values().collect();
+        return Ok(files.into_iter().map(|file| dir.join(file)).collect());
+    }
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(EngineError::Model(format!("{} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}", dir.display())))
+}
+
+/// Names of every tensor in the checkpoint, read from the index or the
+/// file header without loading weights.
+pub fn checkpoint_tensor_names(dir: &Path) -> Result<BTreeSet<String>, EngineError> {
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        return Ok(read_weight_map(&index)?.into_keys().collect());
+    }
+    let mut names = BTreeSet::new();
+    for file in checkpoint_files(dir)? {
+        names.extend(read_header(&file)?.into_keys());
+    }
+    Ok(names)
+}
+
+/// Floating-point weights across the checkpoint's files, from their headers.
+pub fn checkpoint_float_parameters(dir: &Path) -> Result<u64, EngineError> {
+    let mut total = 0;
+    for file in checkpoint_files(dir)? {
+        for entry in read_header(&file)?.values() {
+            if matches!(entry.dtype.as_str(), "F16" | "BF16" | "F32" | "F64") {
+                total += entry.shape.iter().product::<u64>();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Hex sha256 of the checkpoint's weights: of `model.safetensors`, or of
+/// the shards' bytes one after the other in file-name order.
+pub fn checkpoint_sha256(dir: &Path) -> Result<String, EngineError> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in checkpoint_files(dir)? {
+        let mut file = File::open(&path).map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
+        loop {
+            let n = file.read(&mut buffer).map_err(|e| EngineError::io(&path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, EngineError> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", index.display())))?;
+    let index_file: Index = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Model(format!("{} is not a safetensors index: {e}", index.display())))?;
+    for file in index_file.weight_map.values() {
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(EngineError::Model(format!("{} names a shard outside its folder: {file}", index.display())));
+        }
+    }
+    Ok(index_file.weight_map)
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<u64>,
+}
+
+/// The tensors a safetensors file declares, from its JSON header.
+fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, EngineError> {
+    const MAX_HEADER: u64 = 100_000_000;
+    let mut file = File::open(path).map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| EngineError::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(EngineError::Model(format!("{} is not a safetensors file", path.display())));
+    }
+    let mut json = vec![0u8; len as usize];
+    file.read_exact(&mut json).map_err(|e| EngineError::io(path, e))?;
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
+        .map_err(|e| EngineError::Model(format!("{} has an unreadable header: {e}", path.display())))?;
+    header.remove("__metadata__");
+    header
+        .into_iter()
+        .map(|(name, value)| {
+            let entry = serde_json::from_value(value)
+                .map_err(|e| EngineError::Model(format!("{} has a bad entry for {name}: {e}", path.display())))?;
+            Ok((name, entry))
+        })
+        .collect()
+}
+
+/// Copies every variable of `weights` from the checkpoint in `dir`, where
+/// the variable named `v` is stored as `checkpoint_name(v)`, converting
+/// dtypes (e.g. bf16 shards into f32 variables). Shards are read one at a
+/// time; tensors the model does not use are ignored.
+pub(crate) fn load_checkpoint(
+    weights: &nn::VarStore,
+    dir: &Path,
+    checkpoint_name: &dyn Fn(&str) -> String,
+) -> Result<(), EngineError> {
+    let variables = weights.variables();
+    let mut wanted: HashMap<String, String> =
+        variables.keys().map(|name| (checkpoint_name(name), name.clone())).collect();
+    for file in checkpoint_files(dir)? {
+        let tensors = Tensor::read_safetensors(&file)
+            .map_err(|e| EngineError::Model(format!("cannot load {}: {e}", file.display())))?;
+        for (stored, tensor) in tensors {
+            let Some(name) = wanted.remove(&stored) else { continue };
+            let mut variable = variables[&name].shallow_clone();
+            if variable.size() != tensor.size() {
+                return Err(EngineError::Model(format!(
+                    "{} holds {stored} with shape {:?}, expected {:?}",
+                    file.display(),
+                    tensor.size(),
+                    variable.size()
+                )));
+            }
+            tch::no_grad(|| variable.f_copy_(&tensor))?;
+        }
+    }
+    if let Some(missing) = wanted.keys().min() {
+        return Err(EngineError::Model(format!(
+            "the checkpoint in {} has no tensor {missing} ({} missing in all)",
+            dir.display(),
+            wanted.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Joins a checkpoint prefix (`""`, `"transformer."`, `"model."`) and a name.
+pub(crate) fn prefixed(prefix: &str, name: &str) -> String {
+    format!("{prefix}{name}")
+}
+
+/// A linear layer stored as Hugging Face `Conv1D` (GPT-2): `weight`
+/// `[in, out]`, `bias` `[out]`.
+pub(crate) struct Conv1d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Conv1d {
+    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64) -> Self {
+        Self { weight: p.zeros_no_train("weight", &[in_dim, out_dim]), bias: p.zeros_no_train("bias", &[out_dim]) }
+    }
+
+    /// `[..., in]` -> `[..., out]`, plus the hooks' delta for `module` of `layer`.
+    pub fn forward(&self, hooks: &dyn Hooks, layer: usize, module: &str, xs: &Tensor) -> Tensor {
+        let out = xs.matmul(&self.weight) + &self.bias;
+        match hooks.linear_delta(layer, module, xs) {
+            Some(delta) => out + delta,
+            None => out,
+        }
+    }
+}

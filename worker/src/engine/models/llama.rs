@@ -1,0 +1,579 @@
+//! The Llama family of decoders (Touvron et al. 2023,
+//! <https://arxiv.org/abs/2302.13971>) as Hugging Face `LlamaForCausalLM`,
+//! `MistralForCausalLM` and `Qwen2ForCausalLM` compute them: rotary position
+//! embeddings (Su et al. 2021, <https://arxiv.org/abs/2104.09864>, with HF's
+//! `rotate_half` layout), RMSNorm before attention and feed-forward, a SwiGLU
+//! feed-forward, grouped-query attention (`num_key_value_heads`), biases on
+//! q/k/v for Qwen2, and an LM head that is tied to the embeddings or not.
+//! Variable names follow the checkpoint (`model.layers.N.self_attn.q_proj`,
+//! `lm_head`).
+//!
+//! Hooks see the linears as `self_attn.q_proj`, `self_attn.k_proj`,
+//! `self_attn.v_proj`, `self_attn.o_proj`, `mlp.gate_proj`, `mlp.up_proj` and
+//! `mlp.down_proj` (their path inside a layer). Prefix keys are used as
+//! given (not rotated), as Hugging Face treats `past_key_values`.
+//!
+//! Configs this model refuses with [`EngineError::Model`]: a `model_type`
+//! other than llama, mistral or qwen2; RoPE types other than `default`,
+//! `linear` and `llama3` (e.g. `dynamic`, `yarn`, `longrope`); per-layer
+//! RoPE parameters; `partial_rotary_factor` below 1; Qwen2 sliding-window
+//! layers (`use_sliding_window`); `pretraining_tp` above 1; head counts
+//! that do not divide.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tch::nn;
+use tch::{Device, Kind, Tensor};
+
+use super::decoder::{
+    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, past_mask, prefixed, read_config,
+    Activation, AttentionContext, CausalDecoder, KvCache, TokenIds,
+};
+use super::hooks::{linear_with_delta, Hooks};
+use crate::engine::EngineError;
+
+/// The fields of a Hugging Face Llama, Mistral or Qwen2 `config.json` the
+/// model uses.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    /// Heads of keys and values; `num_attention_heads` when absent.
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    /// Per-head width; `hidden_size / num_attention_heads` when absent.
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// RoPE base (transformers 4 layout); `rope_parameters.rope_theta` in
+    /// transformers 5 configs.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling (transformers 4 layout).
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// RoPE type, base and scaling (transformers 5 layout).
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    /// Biases on q/k/v/o (Llama); Qwen2 always has q/k/v biases and no o bias.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Mistral's attention window; Qwen2's applies only with `use_sliding_window`.
+    #[serde(default)]
+    pub sliding_window: Option<i64>,
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub pretraining_tp: Option<i64>,
+    #[serde(default)]
+    pub bos_token_id: TokenIds,
+    #[serde(default)]
+    pub eos_token_id: TokenIds,
+    #[serde(default)]
+    pub pad_token_id: TokenIds,
+}
+
+fn default_hidden_act() -> String {
+    "silu".into()
+}
+fn default_max_position_embeddings() -> i64 {
+    2048
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+/// How rotary frequencies are derived from the base (HF `rope_type`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `1 / theta^(2i / dim)`.
+    Default,
+    /// Default frequencies divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent interpolation.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The resolved rotary embedding settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// `[dim / 2]` float32 inverse frequencies, computed as transformers does
+    /// (float32 powers of the base, then the type's scaling).
+    pub fn inv_freq(&self, dim: i64) -> Tensor {
+        let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim as f64;
+        let inv_freq = Tensor::pow_scalar(self.theta, &exponents).reciprocal();
+        match self.scaling {
+            RopeScaling::Default => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let low_freq_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_freq_wavelen = original_max_position_embeddings / high_freq_factor;
+                let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+                let low = wavelen.gt(low_freq_wavelen);
+                let scaled = inv_freq.where_self(&low.logical_not(), &(&inv_freq / factor));
+                let smooth = (wavelen.reciprocal() * original_max_position_embeddings - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
+                let smoothed: Tensor = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen.ge(high_freq_wavelen).logical_and(&low.logical_not());
+                smoothed.where_self(&medium, &scaled)
+            }
+        }
+    }
+}
+
+impl LlamaConfig {
+    /// Model types whose checkpoints this model reads.
+    pub const MODEL_TYPES: [&'static str; 3] = ["llama", "mistral", "qwen2"];
+
+    /// Reads and checks `config.json` in a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
+        let config: Self = read_config(dir, "a Llama-family")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        if !Self::MODEL_TYPES.contains(&self.model_type.as_str()) {
+            return Err(EngineError::Model(format!(
+                "unsupported model_type {:?} for the Llama family; supported: {}",
+                self.model_type,
+                Self::MODEL_TYPES.join(", ")
+            )));
+        }
+        Activation::parse(&self.hidden_act)?;
+        let heads = self.num_attention_heads;
+        if heads <= 0 || (self.head_dim.is_none() && self.hidden_size % heads != 0) {
+            return Err(EngineError::Model(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {heads}",
+                self.hidden_size
+            )));
+        }
+        let kv_heads = self.num_kv_heads();
+        if kv_heads <= 0 || heads % kv_heads != 0 {
+            return Err(EngineError::Model(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(EngineError::Model(format!("rotary embeddings need an even head_dim, got {}", self.head_dim())));
+        }
+        if self.pretraining_tp.unwrap_or(1) > 1 {
+            return Err(EngineError::Model(format!(
+                "unsupported pretraining_tp {}; supported: 1",
+                self.pretraining_tp.unwrap_or(1)
+            )));
+        }
+        if self.model_type == "qwen2" {
+            let sliding_layers = self.layer_types.iter().flatten().any(|t| t == "sliding_attention");
+            if self.use_sliding_window || sliding_layers {
+                return Err(EngineError::Model(
+                    "unsupported use_sliding_window = true for qwen2; supported: full attention in every layer".into(),
+                ));
+            }
+        } else if let Some(types) = &self.layer_types {
+            if let Some(other) = types.iter().find(|t| *t != "full_attention" && *t != "sliding_attention") {
+                return Err(EngineError::Model(format!(
+                    "unsupported layer type {other:?}; supported: full_attention, sliding_attention"
+                )));
+            }
+        }
+        self.rope()?;
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Biases of q/k/v and of o.
+    fn attention_biases(&self) -> (bool, bool) {
+        if self.model_type == "qwen2" {
+            (true, false)
+        } else {
+            (self.attention_bias, self.attention_bias)
+        }
+    }
+
+    /// The attention window of every layer, if any (Mistral).
+    fn sliding_window(&self) -> Option<i64> {
+        match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// Resolves the RoPE settings from `rope_parameters` (transformers 5),
+    /// `rope_scaling` (transformers 4) and `rope_theta`, with transformers'
+    /// priorities and its 10000 default base.
+    pub fn rope(&self) -> Result<RopeConfig, EngineError> {
+        let empty = serde_json::Map::new();
+        let params = match self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()) {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(map)) => map,
+            Some(other) => return Err(EngineError::Model(format!("rope_parameters must be an object, got {other}"))),
+        };
+        if params.values().any(Value::is_object) {
+            return Err(EngineError::Model("unsupported per-layer rope_parameters; supported: one setting for every layer".into()));
+        }
+        let number = |key: &str| params.get(key).and_then(Value::as_f64);
+        let partial = number("partial_rotary_factor").or(self.partial_rotary_factor).unwrap_or(1.0);
+        if partial != 1.0 {
+            return Err(EngineError::Model(format!("unsupported partial_rotary_factor {partial}; supported: 1.0")));
+        }
+        let theta = number("rope_theta").or(self.rope_theta).unwrap_or(10_000.0);
+        let rope_type = params.get("rope_type").or_else(|| params.get("type")).and_then(Value::as_str).unwrap_or("default");
+        let required = |key: &str| {
+            number(key).ok_or_else(|| EngineError::Model(format!("rope type {rope_type:?} needs a numeric {key}")))
+        };
+        let scaling = match rope_type {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: required("factor")? },
+            "llama3" => RopeScaling::Llama3 {
+                factor: required("factor")?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: number("original_max_position_embeddings")
+                    .unwrap_or(self.max_position_embeddings as f64),
+            },
+            other => {
+                return Err(EngineError::Model(format!(
+                    "unsupported rope type {other:?}; supported: default, linear, llama3"
+                )))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}
+
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: &nn::Path, size: i64, eps: f64) -> Self {
+        Self { weight: p.ones_no_train("weight", &[size]), eps }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let variance = xs.square().mean_dim(-1, true, Kind::Float);
+        xs * (variance + self.eps).rsqrt() * &self.weight
+    }
+}
+
+/// Rotary position embeddings for given positions.
+struct Rotary {
+    /// `[head_dim / 2]` float32.
+    inv_freq: Tensor,
+}
+
+impl Rotary {
+    /// `cos` and `sin`, each `[batch, 1, seq, head_dim]`, for `[batch, seq]` positions.
+    fn cos_sin(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        let inv_freq = self.inv_freq.to_device(positions.device());
+        // [batch, seq, head_dim / 2]
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos(), emb.sin())
+    }
+
+    /// Rotates `[batch, heads, seq, head_dim]` queries or keys.
+    fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = xs.size()[3] / 2;
+        let rotated = Tensor::cat(&[-xs.narrow(3, half, half), xs.narrow(3, 0, half)], 3);
+        xs * cos + rotated * sin
+    }
+}
+
+struct LlamaAttention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    dropout: f64,
+}
+
+impl LlamaAttention {
+    fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        let (qkv_bias, o_bias) = cfg.attention_biases();
+        let linear = |name: &str, in_dim: i64, out_dim: i64, bias: bool| {
+            nn::linear(p / name, in_dim, out_dim, nn::LinearConfig { bias, ..Default::default() })
+        };
+        let (h, d) = (cfg.hidden_size, cfg.head_dim());
+        Self {
+            q_proj: linear("q_proj", h, cfg.num_attention_heads * d, qkv_bias),
+            k_proj: linear("k_proj", h, cfg.num_kv_heads() * d, qkv_bias),
+            v_proj: linear("v_proj", h, cfg.num_kv_heads() * d, qkv_bias),
+            o_proj: linear("o_proj", cfg.num_attention_heads * d, h, o_bias),
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_kv_heads(),
+            head_dim: d,
+            dropout: cfg.attention_dropout,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &AttentionContext,
+        rope: &(Tensor, Tensor),
+        past: Option<&(Tensor, Tensor)>,
+        hooks: &dyn Hooks,
+        layer: usize,
+        train: bool,
+    ) -> (Tensor, (Tensor, Tensor)) {
+        let (batch, seq, _) = xs.size3().expect("hidden states are [batch, seq, hidden]");
+        // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
+        let split = |t: Tensor, heads: i64| t.view([batch, seq, heads, self.head_dim]).transpose(1, 2);
+        let query = split(linear_with_delta(&self.q_proj, hooks, layer, "self_attn.q_proj", xs), self.heads);
+        let key = split(linear_with_delta(&self.k_proj, hooks, layer, "self_attn.k_proj", xs), self.kv_heads);
+        let value = split(linear_with_delta(&self.v_proj, hooks, layer, "self_attn.v_proj", xs), self.kv_heads);
+        let (cos, sin) = rope;
+        let query = Rotary::apply(&query, cos, sin);
+        let key = Rotary::apply(&key, cos, sin);
+        let (key, value) = extend_kv(past, key, value);
+        let allowed = ctx.allowed_for(key.size()[2]);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let context = attend(&query, &key, &value, &allowed, scale, self.dropout, train);
+        (linear_with_delta(&self.o_proj, hooks, layer, "self_attn.o_proj", &context), (key, value))
+    }
+}
+
+struct LlamaMlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+    activation: Activation,
+}
+
+impl LlamaMlp {
+    fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        let config = nn::LinearConfig { bias: cfg.mlp_bias, ..Default::default() };
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Self {
+            gate_proj: nn::linear(p / "gate_proj", h, i, config),
+            up_proj: nn::linear(p / "up_proj", h, i, config),
+            down_proj: nn::linear(p / "down_proj", i, h, config),
+            activation: Activation::parse(&cfg.hidden_act).expect("config checked on load"),
+        }
+    }
+
+    fn forward(&self, xs: &Tensor, hooks: &dyn Hooks, layer: usize) -> Tensor {
+        let gate = self.activation.apply(&linear_with_delta(&self.gate_proj, hooks, layer, "mlp.gate_proj", xs));
+        let up = linear_with_delta(&self.up_proj, hooks, layer, "mlp.up_proj", xs);
+        linear_with_delta(&self.down_proj, hooks, layer, "mlp.down_proj", &(gate * up))
+    }
+}
+
+struct LlamaLayer {
+    input_layernorm: RmsNorm,
+    self_attn: LlamaAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: LlamaMlp,
+}
+
+impl LlamaLayer {
+    fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        Self {
+            input_layernorm: RmsNorm::new(&(p / "input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps),
+            self_attn: LlamaAttention::new(&(p / "self_attn"), cfg),
+            post_attention_layernorm: RmsNorm::new(&(p / "post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps),
+            mlp: LlamaMlp::new(&(p / "mlp"), cfg),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &AttentionContext,
+        rope: &(Tensor, Tensor),
+        past: Option<&(Tensor, Tensor)>,
+        hooks: &dyn Hooks,
+        layer: usize,
+        train: bool,
+    ) -> (Tensor, (Tensor, Tensor)) {
+        let (attended, kv) =
+            self.self_attn.forward(&self.input_layernorm.forward(xs), ctx, rope, past, hooks, layer, train);
+        let xs = xs + attended;
+        let out = &xs + self.mlp.forward(&self.post_attention_layernorm.forward(&xs), hooks, layer);
+        (out, kv)
+    }
+}
+
+/// The decoder body (`LlamaModel`): embeddings, layers and the final norm.
+struct LlamaBody {
+    embed_tokens: nn::Embedding,
+    layers: Vec<LlamaLayer>,
+    norm: RmsNorm,
+}
+
+impl LlamaBody {
+    /// Declares `embed_tokens`, `layers.N.*` and `norm` under `p`.
+    fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        let layers_path = p / "layers";
+        Self {
+            embed_tokens: nn::embedding(p / "embed_tokens", cfg.vocab_size, cfg.hidden_size, Default::default()),
+            layers: (0..cfg.num_hidden_layers).map(|i| LlamaLayer::new(&(&layers_path / i), cfg)).collect(),
+            norm: RmsNorm::new(&(p / "norm"), cfg.hidden_size, cfg.rms_norm_eps),
+        }
+    }
+}
+
+/// A Llama-family causal LM, frozen.
+pub struct LlamaModel {
+    config: LlamaConfig,
+    model: LlamaBody,
+    rotary: Rotary,
+    /// `[vocab, hidden]` untied head (`lm_head.weight`); `None` when tied.
+    lm_head: Option<Tensor>,
+    /// Owns the tensors above; frozen (no gradients, no optimizer state).
+    _weights: nn::VarStore,
+}
+
+impl LlamaModel {
+    /// Loads a Llama, Mistral or Qwen2 folder (`config.json` and
+    /// `model.safetensors` or a sharded checkpoint with
+    /// `model.safetensors.index.json`) onto `device` as float32, frozen.
+    /// Weights may be stored under `model.` (`*ForCausalLM`) or bare
+    /// (`LlamaModel`); bf16 and f16 checkpoints are converted.
+    pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let rope = config.rope()?;
+        let names = checkpoint_tensor_names(dir)?;
+        let prefix = ["model.", ""]
+            .into_iter()
+            .find(|prefix| names.contains(&prefixed(prefix, "embed_tokens.weight")))
+            .ok_or_else(|| {
+                EngineError::Model(format!(
+                    "{} has no model.embed_tokens.weight; expected a Llama-family checkpoint",
+                    dir.display()
+                ))
+            })?;
+        let mut weights = nn::VarStore::new(device);
+        let root = weights.root();
+        let model = LlamaBody::new(&(&root / "model"), &config);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| (&root / "lm_head").zeros_no_train("weight", &[config.vocab_size, config.hidden_size]));
+        load_checkpoint(&weights, dir, &|name: &str| match name.strip_prefix("model.") {
+            Some(rest) => prefixed(prefix, rest),
+            None => name.to_string(),
+        })?;
+        weights.freeze();
+        let rotary = Rotary { inv_freq: rope.inv_freq(config.head_dim()).to_device(device) };
+        Ok(Self { config, model, rotary, lm_head, _weights: weights })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+impl CausalDecoder for LlamaModel {
+    fn model_type(&self) -> &str {
+        &self.config.model_type
+    }
+
+    fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    fn num_attention_heads(&self) -> i64 {
+        self.config.num_attention_heads
+    }
+
+    fn num_kv_heads(&self) -> i64 {
+        self.config.num_kv_heads()
+    }
+
+    fn head_dim(&self) -> i64 {
+        self.config.head_dim()
+    }
+
+    fn max_positions(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    fn eos_token_ids(&self) -> &[i64] {
+        &self.config.eos_token_id.0
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.model.embed_tokens.ws
+    }
+
+    fn forward_with_cache(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        hooks: &dyn Hooks,
+        past: Option<&KvCache>,
+        train: bool,
+    ) -> (Tensor, KvCache) {
+        let batch = inputs_embeds.size()[0];
+        let prefixes = layer_prefixes(hooks, self.model.layers.len(), batch, past);
+        let past_mask = past_mask(&prefixes, past, batch, inputs_embeds.device());
+        let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), self.config.sliding_window());
+        let rope = self.rotary.cos_sin(&ctx.positions);
+        let mut hidden = inputs_embeds.shallow_clone();
+        let mut layers = Vec::with_capacity(self.model.layers.len());
+        for (index, layer) in self.model.layers.iter().enumerate() {
+            let layer_past = match past {
+                Some(cache) => cache.layers[index].as_ref(),
+                None => prefixes[index].as_ref(),
+            };
+            let (out, kv) = layer.forward(&hidden, &ctx, &rope, layer_past, hooks, index, train);
+            hidden = out;
+            layers.push(Some(kv));
+        }
+        (self.model.norm.forward(&hidden), KvCache { layers, mask: ctx.key_mask })
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.model.embed_tokens.ws);
+        hidden.matmul(&head.tr())
+    }
+}
