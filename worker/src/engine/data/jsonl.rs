@@ -26,12 +26,25 @@ pub fn read_labelled_texts(
     spec: &JobSpec,
     limit: u64,
 ) -> Result<Vec<LabelledText>, EngineError> {
+    read_lines(path, name, limit, |_, line| parse_line(line, spec))
+}
+
+/// Parses up to `limit` non-blank lines (0: all) of `path` with `parse`,
+/// which gets the 1-based line number and the line. Blank lines are skipped
+/// but counted; a line that is not UTF-8 or that `parse` refuses fails with
+/// the file named `name` and the line number.
+pub fn read_lines<T>(
+    path: &Path,
+    name: &str,
+    limit: u64,
+    mut parse: impl FnMut(u64, &str) -> Result<T, String>,
+) -> Result<Vec<T>, EngineError> {
     let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut reader = BufReader::new(file);
-    let mut examples = Vec::new();
+    let mut items = Vec::new();
     let mut buffer = Vec::new();
     let mut line_number = 0u64;
-    while limit == 0 || (examples.len() as u64) < limit {
+    while limit == 0 || (items.len() as u64) < limit {
         buffer.clear();
         if reader.read_until(b'\n', &mut buffer).map_err(|e| EngineError::io(path, e))? == 0 {
             break;
@@ -42,9 +55,9 @@ pub fn read_labelled_texts(
         if line.trim().is_empty() {
             continue;
         }
-        examples.push(parse_line(line, spec).map_err(bad_line)?);
+        items.push(parse(line_number, line).map_err(bad_line)?);
     }
-    Ok(examples)
+    Ok(items)
 }
 
 fn parse_line(line: &str, spec: &JobSpec) -> Result<LabelledText, String> {

@@ -9,14 +9,13 @@
 //! (`run_ner.py`, `label_all_tokens=False`), built on the encoding's word ids.
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde_json::Value;
 use tch::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use super::jsonl::read_lines;
 use crate::engine::EngineError;
 
 /// Label at positions that carry no tag: PyTorch's cross-entropy
@@ -54,26 +53,10 @@ pub fn read_tagged_sentences(
     fields: &TaggedFields,
     limit: u64,
 ) -> Result<Vec<TaggedSentence>, EngineError> {
-    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let mut sentences = Vec::new();
-    let mut buffer = Vec::new();
-    let mut line_number = 0u64;
-    while limit == 0 || (sentences.len() as u64) < limit {
-        buffer.clear();
-        if reader.read_until(b'\n', &mut buffer).map_err(|e| EngineError::io(path, e))? == 0 {
-            break;
-        }
-        line_number += 1;
-        let bad_line = |message: String| EngineError::Data { file: name.to_string(), line: line_number, message };
-        let line = std::str::from_utf8(&buffer).map_err(|_| bad_line("not valid utf-8".into()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let (words, tags) = parse_line(line, fields).map_err(bad_line)?;
-        sentences.push(TaggedSentence { line: line_number, words, tags });
-    }
-    Ok(sentences)
+    read_lines(path, name, limit, |line_number, line| {
+        let (words, tags) = parse_line(line, fields)?;
+        Ok(TaggedSentence { line: line_number, words, tags })
+    })
 }
 
 fn parse_line(line: &str, fields: &TaggedFields) -> Result<(Vec<String>, Vec<String>), String> {

@@ -6,13 +6,12 @@
 //! tokenization of `source + separator`, which is the same token prefix,
 //! since the space before the target starts a new pre-token.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
+use super::jsonl::read_lines;
 use crate::engine::EngineError;
 
 /// A source text and its one target.
@@ -82,30 +81,14 @@ fn read_objects<T>(
     limit: u64,
     parse: impl Fn(&Map<String, Value>) -> Result<T, String>,
 ) -> Result<Vec<T>, EngineError> {
-    let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let mut reader = BufReader::new(file);
-    let mut items = Vec::new();
-    let mut buffer = Vec::new();
-    let mut line_number = 0u64;
-    while limit == 0 || (items.len() as u64) < limit {
-        buffer.clear();
-        if reader.read_until(b'\n', &mut buffer).map_err(|e| EngineError::io(path, e))? == 0 {
-            break;
-        }
-        line_number += 1;
-        let bad_line = |message: String| EngineError::Data { file: name.to_string(), line: line_number, message };
-        let line = std::str::from_utf8(&buffer).map_err(|_| bad_line("not valid utf-8".into()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    read_lines(path, name, limit, |_, line| {
         let value: Value = serde_json::from_str(line)
-            .map_err(|e| bad_line(format!("invalid json at column {}: {}", e.column(), category(&e))))?;
+            .map_err(|e| format!("invalid json at column {}: {}", e.column(), category(&e)))?;
         let Value::Object(object) = value else {
-            return Err(bad_line("expected a json object".into()));
+            return Err("expected a json object".into());
         };
-        items.push(parse(&object).map_err(bad_line)?);
-    }
-    Ok(items)
+        parse(&object)
+    })
 }
 
 fn category(e: &serde_json::Error) -> &'static str {
