@@ -102,6 +102,24 @@ pub fn latest(job: &v1::Job, kind: &str, name: &str) -> Option<f64> {
     job.latest_metrics.iter().find(|m| m.kind == kind && m.name == name).map(|m| m.value)
 }
 
+/// The evaluation metric a job's task is judged by, and how to label it:
+/// accuracy for sequence classification, entity F1 for token
+/// classification, BLEU for causal LM.
+pub fn headline_metric(job: &v1::Job) -> (&'static str, &'static str) {
+    let task = job.spec.as_ref().map_or(0, |spec| spec.task);
+    match v1::Task::try_from(task) {
+        Ok(v1::Task::TokenClassification) => ("f1", "f1"),
+        Ok(v1::Task::CausalLm) => ("bleu", "bleu"),
+        _ => ("accuracy", "acc"),
+    }
+}
+
+/// The latest value of the job's headline eval metric, labelled, e.g. `acc 0.8125`.
+pub fn headline(job: &v1::Job) -> Option<String> {
+    let (name, label) = headline_metric(job);
+    latest(job, "eval", name).map(|value| format!("{label} {value:.4}"))
+}
+
 /// A sweep as the CLI prints it with `--output json`.
 #[derive(Debug, Serialize)]
 pub struct SweepView {

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use common::{metric, Env, EVAL, MODEL, TRAIN};
-use ptune_core::sweep::{decide, Decision, Direction, SweepDefinition};
+use ptune_core::sweep::{decide, Decision, Direction, RungValue, SweepDefinition};
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
@@ -126,6 +126,9 @@ enum Script {
     NanLossAt(u64),
     /// It fails itself at this step as diverged, as a worker reports it.
     FailsDivergedAt(u64),
+    /// Eval accuracy stuck at the majority class (0.52) at every evaluation,
+    /// with this eval loss.
+    Plateau { eval_loss: f64 },
 }
 
 impl Script {
@@ -133,8 +136,17 @@ impl Script {
         let last = match self {
             Script::Learn { final_accuracy } => final_accuracy,
             Script::NanLossAt(_) | Script::FailsDivergedAt(_) => 0.5,
+            Script::Plateau { .. } => return 0.52,
         };
         last * step as f64 / max as f64
+    }
+
+    /// The eval loss it reports beside the accuracy, if any.
+    fn eval_loss(self) -> Option<f64> {
+        match self {
+            Script::Plateau { eval_loss } => Some(eval_loss),
+            _ => None,
+        }
     }
 }
 
@@ -225,6 +237,7 @@ impl FakeWorker {
             let evaluated = (every > 0 && step % every == 0) || step == max;
             if evaluated {
                 metrics.push(metric(step, "eval", "accuracy", script.accuracy(step, max)));
+                metrics.extend(script.eval_loss().map(|loss| metric(step, "eval", "loss", loss)));
             }
             let reply = self.report(lease, step, max, metrics).await;
             match v1::StopReason::try_from(reply.stop_reason).unwrap() {
@@ -558,6 +571,47 @@ async fn asha_stops_and_promotes_trials_by_the_rule_on_synthetic_curves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asha_breaks_ties_on_a_plateau_with_the_eval_loss() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let data = datasets(&mut env).await;
+    // Every trial's accuracy is the majority class at the rung; only the
+    // eval loss tells them apart.
+    let losses = [0.70, 0.69, 0.60, 0.71, 0.50, 0.65];
+    let lrs: Vec<f64> = (1..=6).map(|i| f64::from(i) / 100.0).collect();
+    let mut def = definition(
+        "plateau",
+        &data,
+        json!({ "type": "asha", "sampler": "grid", "min_resource": 2, "max_resource": 6, "reduction_factor": 3 }),
+        json!({ "training.learning_rate": { "values": lrs } }),
+    );
+    def["max_concurrent_trials"] = json!(1);
+    let created = create(&mut env, &def).await.unwrap();
+    assert_eq!(created.rung_steps, [2]);
+    let mut worker = FakeWorker::register(&mut env).await;
+    worker.rungs = vec![2];
+    worker
+        .work(&created.id, |spec| Script::Plateau { eval_loss: losses[(learning_rate(spec) * 100.0).round() as usize - 1] })
+        .await;
+    wait_sweep(&mut env, &created.id, 10, |s| sweep_state(s) == v1::SweepState::Completed).await;
+    let decisions: Vec<(i32, String, Option<f64>)> = sqlx::query_as(
+        "SELECT trial_index, decision, tiebreak FROM asha_decisions WHERE sweep_id = $1::uuid ORDER BY trial_index",
+    )
+    .bind(&created.id)
+    .fetch_all(&worker.db)
+    .await
+    .unwrap();
+    // A lower loss than every value ahead promotes (0, 1, 2, 4); without the
+    // tie-breaker the first trial alone would have gone on.
+    let expected: Vec<(i32, String, Option<f64>)> = ["promote", "promote", "promote", "stop", "promote", "stop"]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (i as i32, d.to_string(), Some(losses[i])))
+        .collect();
+    assert_eq!(decisions, expected);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_restart_mid_sweep_loses_and_duplicates_nothing() {
     let mut env = common::start(Duration::from_secs(10)).await;
     let data = datasets(&mut env).await;
@@ -609,19 +663,20 @@ async fn a_coordinator_restart_mid_sweep_loses_and_duplicates_nothing() {
 
     // Every decision, replayed in the order taken, follows the rule; each
     // (trial, rung) has exactly one, and none follows a stop.
-    let rows: Vec<(i32, i32, String, f64)> = sqlx::query_as(
-        "SELECT trial_index, rung, decision, value FROM asha_decisions WHERE sweep_id = $1::uuid ORDER BY decided_at",
+    let rows: Vec<(i32, i32, String, f64, Option<f64>)> = sqlx::query_as(
+        "SELECT trial_index, rung, decision, value, tiebreak FROM asha_decisions WHERE sweep_id = $1::uuid ORDER BY decided_at",
     )
     .bind(&created.id)
     .fetch_all(&PgPool::connect(&env.db.url).await.unwrap())
     .await
     .unwrap();
-    let mut at_rung: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut at_rung: Vec<Vec<RungValue>> = vec![Vec::new(); 3];
     let mut per_trial: HashMap<i32, Vec<(i32, String)>> = HashMap::new();
-    for (trial, rung, decision, value) in &rows {
-        let expected = decide(&at_rung[*rung as usize], *value, 2, Direction::Maximize);
+    for (trial, rung, decision, value, tiebreak) in &rows {
+        let value = RungValue::new(*value, *tiebreak);
+        let expected = decide(&at_rung[*rung as usize], value, 2, Direction::Maximize);
         assert_eq!(decision, if expected == Decision::Stop { "stop" } else { "promote" }, "trial {trial} rung {rung}");
-        at_rung[*rung as usize].push(*value);
+        at_rung[*rung as usize].push(value);
         per_trial.entry(*trial).or_default().push((*rung, decision.clone()));
     }
     for t in &trials {

@@ -9,7 +9,7 @@ pub mod sweep;
 
 pub use ids::{JobId, SweepId, WorkerId};
 pub use spec::{
-    DataConfig, EncoderType, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 pub use state::{JobState, Metric, MetricKind};

@@ -50,6 +50,9 @@ impl Method {
         }
     }
 
+    /// Methods the engine trains for causal language modelling.
+    pub const CAUSAL_LM: [Method; 4] = [Method::PromptTuning, Method::PTuning, Method::PrefixTuning, Method::PTuningV2];
+
     /// True for methods whose length is set by `peft.num_virtual_tokens`.
     pub fn uses_virtual_tokens(self) -> bool {
         !matches!(self, Method::Lora | Method::Full)
@@ -93,7 +96,7 @@ impl Task {
     pub const ALL: [Task; 3] = [Task::SequenceClassification, Task::TokenClassification, Task::CausalLm];
 
     /// Tasks the engine trains today.
-    pub const SUPPORTED: [Task; 1] = [Task::SequenceClassification];
+    pub const SUPPORTED: [Task; 3] = Task::ALL;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -286,6 +289,14 @@ impl PeftConfig {
 
 /// Where the examples come from. `train` and `eval` are file paths in a spec
 /// file (relative to it) and `sha256:<hex>` dataset references once uploaded.
+///
+/// The fields name the JSON Lines fields by task:
+/// - sequence classification: `text_field` a string, `label_field` one of `labels`;
+/// - token classification: `text_field` a list of words, `label_field` one
+///   tag per word, every tag among `labels`;
+/// - causal LM: `text_field` the source (prompt) text, `label_field` the
+///   target text; evaluation rows carry their reference outputs as a list in
+///   `references_field` (or one in `label_field`); no `labels`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
@@ -295,8 +306,12 @@ pub struct DataConfig {
     pub text_field: String,
     #[serde(default = "default_label_field")]
     pub label_field: String,
-    #[serde(deserialize_with = "labels_as_strings")]
+    #[serde(default, deserialize_with = "labels_as_strings")]
     pub labels: Vec<String>,
+    /// Causal LM: the evaluation rows' field with a list of references;
+    /// `references` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub references_field: Option<String>,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: u32,
     #[serde(default)]
@@ -304,6 +319,27 @@ pub struct DataConfig {
     #[serde(default)]
     pub max_eval_examples: u64,
 }
+
+/// How a causal-LM job decodes its evaluation inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationConfig {
+    /// Most tokens generated per input (EOS included), 1 to 512.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+    /// 1: greedy search; 2 to 16: beam search with this many beams.
+    #[serde(default = "default_num_beams")]
+    pub num_beams: u32,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: default_max_new_tokens(), num_beams: default_num_beams() }
+    }
+}
+
+/// Largest `generation.num_beams`.
+pub const MAX_BEAMS: u32 = 16;
 
 /// Optimisation settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -343,6 +379,9 @@ pub struct JobSpec {
     pub peft: PeftConfig,
     pub data: DataConfig,
     pub training: TrainingConfig,
+    /// Decoding settings (causal_lm only); defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationConfig>,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     #[serde(default)]
@@ -405,6 +444,17 @@ impl JobSpec {
                 format!("{} is not supported yet; supported: {}", self.method, join(&Method::SUPPORTED)),
             ));
         }
+        if self.task == Task::CausalLm && !Method::CAUSAL_LM.contains(&self.method) {
+            return Err(SpecError::new(
+                "method",
+                format!(
+                    "{} is not supported for causal_lm yet; supported: {}",
+                    self.method,
+                    join(&Method::CAUSAL_LM)
+                ),
+            ));
+        }
+        self.validate_generation()?;
         self.validate_peft()?;
         self.validate_data(limits)?;
         self.validate_training()?;
@@ -415,6 +465,20 @@ impl JobSpec {
             ));
         }
         Ok(())
+    }
+
+    fn validate_generation(&self) -> Result<(), SpecError> {
+        let Some(generation) = &self.generation else { return Ok(()) };
+        if self.task != Task::CausalLm {
+            return Err(SpecError::new("generation", format!("only applies to task causal_lm; this job's task is {}", self.task)));
+        }
+        check_range("generation.max_new_tokens", generation.max_new_tokens, 1, MAX_TOKENS)?;
+        check_range("generation.num_beams", generation.num_beams, 1, MAX_BEAMS)
+    }
+
+    /// The job's decoding settings (defaults when the spec has none).
+    pub fn generation(&self) -> GenerationConfig {
+        self.generation.clone().unwrap_or_default()
     }
 
     fn validate_peft(&self) -> Result<(), SpecError> {
@@ -527,14 +591,45 @@ impl JobSpec {
         if data.eval.trim().is_empty() {
             return Err(SpecError::new("data.eval", "must name the evaluation file"));
         }
-        if data.labels.len() < 2 {
+        if self.task == Task::CausalLm {
+            if !data.labels.is_empty() {
+                return Err(SpecError::new(
+                    "data.labels",
+                    "causal_lm jobs have no labels (the target text is what is learned); remove data.labels",
+                ));
+            }
+        } else if data.labels.len() < 2 {
             return Err(SpecError::new(
                 "data.labels",
                 format!("must list at least 2 labels, got {}", data.labels.len()),
             ));
         }
+        if self.task != Task::CausalLm && data.references_field.is_some() {
+            return Err(SpecError::new("data.references_field", format!("only applies to task causal_lm; this job's task is {}", self.task)));
+        }
+        if let Some(field) = &data.references_field {
+            if field.trim().is_empty() {
+                return Err(SpecError::new("data.references_field", "must name a field"));
+            }
+        }
         if let Some(dup) = data.labels.iter().enumerate().find(|(i, l)| data.labels[..*i].contains(l)) {
             return Err(SpecError::new("data.labels", format!("label {:?} is listed twice", dup.1)));
+        }
+        if self.task == Task::TokenClassification {
+            let is_tag = |tag: &str| {
+                tag == "O"
+                    || ["B-", "I-", "E-", "S-"]
+                        .iter()
+                        .any(|scheme| tag.strip_prefix(scheme).is_some_and(|kind| !kind.trim().is_empty()))
+            };
+            if let Some(bad) = data.labels.iter().find(|tag| !is_tag(tag)) {
+                return Err(SpecError::new(
+                    "data.labels",
+                    format!(
+                        "token_classification tags are O or B-, I-, E-, S- and an entity type (e.g. \"B-person\"); got {bad:?}"
+                    ),
+                ));
+            }
         }
         if !(1..=MAX_TOKENS).contains(&data.max_seq_len) {
             return Err(SpecError::new(
@@ -543,14 +638,23 @@ impl JobSpec {
             ));
         }
         if let Some(limits) = limits {
+            // Virtual tokens take positions (prefixes too: the real tokens'
+            // positions start after them, as in transformers), and so do the
+            // tokens a causal LM generates after its input.
             let prompt = if self.method.uses_virtual_tokens() { self.peft.num_virtual_tokens } else { 0 };
-            let total = prompt + data.max_seq_len;
+            let generated = if self.task == Task::CausalLm { self.generation().max_new_tokens } else { 0 };
+            let total = prompt + data.max_seq_len + generated;
             if total > limits.max_positions {
-                let allowed = limits.max_positions.saturating_sub(data.max_seq_len);
+                let allowed = limits.max_positions.saturating_sub(data.max_seq_len + generated);
+                let and_generated = if generated > 0 {
+                    format!(" plus generation.max_new_tokens {generated}")
+                } else {
+                    String::new()
+                };
                 return Err(SpecError::new(
-                    "peft.num_virtual_tokens",
+                    if prompt > 0 { "peft.num_virtual_tokens" } else { "data.max_seq_len" },
                     format!(
-                        "prompt length {prompt} plus data.max_seq_len {} exceeds the {} positions of {}; \
+                        "prompt length {prompt} plus data.max_seq_len {}{and_generated} exceeds the {} positions of {}; \
                          use at most {allowed} virtual tokens or a shorter max_seq_len",
                         data.max_seq_len, limits.max_positions, self.base_model
                     ),
@@ -705,6 +809,12 @@ fn default_text_field() -> String {
 fn default_label_field() -> String {
     "label".into()
 }
+fn default_max_new_tokens() -> u32 {
+    64
+}
+fn default_num_beams() -> u32 {
+    1
+}
 fn default_max_seq_len() -> u32 {
     128
 }
@@ -827,7 +937,7 @@ mod tests {
     #[test]
     fn every_example_job_is_valid() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs");
-        let mut methods = Vec::new();
+        let (mut methods, mut tasks) = (Vec::new(), Vec::new());
         for entry in std::fs::read_dir(&dir).expect("examples/jobs exists") {
             let path = entry.expect("a directory entry").path();
             if path.extension().is_none_or(|e| e != "toml") {
@@ -838,9 +948,65 @@ mod tests {
             spec.validate(Some(&ModelLimits { max_positions: 512 }))
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             methods.push(spec.method);
+            tasks.push(spec.task);
         }
         for method in Method::ALL {
             assert!(methods.contains(&method), "no example job in {} uses method {method}", dir.display());
         }
+        for task in Task::ALL {
+            assert!(tasks.contains(&task), "no example job in {} has task {task}", dir.display());
+        }
+    }
+
+    /// The spec with `task`, its `labels` line replaced by `lines`; a
+    /// `[generation]` section in `lines` moves to the end.
+    fn with_task(task: &str, lines: &str) -> Result<JobSpec, SpecError> {
+        let (data, generation) = lines.split_once("[generation]").map_or((lines, ""), |(d, g)| (d, g));
+        let mut text = SPEC.replace("\"sequence_classification\"", &format!("{task:?}")).replace("labels = [0, 1]\n", data);
+        if !generation.is_empty() {
+            text.push_str(&format!("[generation]{generation}"));
+        }
+        let spec = JobSpec::from_toml(&text)?;
+        spec.validate(Some(&ModelLimits { max_positions: 512 }))?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn token_classification_takes_bio_tags() {
+        let spec = with_task("token_classification", "labels = [\"O\", \"B-person\", \"I-person\"]\n").unwrap();
+        assert_eq!(spec.data.labels.len(), 3);
+        let err = with_task("token_classification", "labels = [\"O\", \"person\"]\n").unwrap_err();
+        assert_eq!(err.field, "data.labels");
+        assert!(err.message.contains("\"person\""), "{err}");
+        assert_eq!(with_task("token_classification", "labels = [\"O\"]\n").unwrap_err().field, "data.labels");
+    }
+
+    #[test]
+    fn causal_lm_has_no_labels_and_counts_generated_tokens() {
+        let spec = with_task("causal_lm", "\n[generation]\nmax_new_tokens = 32\nnum_beams = 4\n").unwrap();
+        assert_eq!(spec.generation().num_beams, 4);
+        assert!(spec.data.labels.is_empty());
+        assert_eq!(with_task("sequence_classification", "").unwrap_err().field, "data.labels");
+        let err = with_task("causal_lm", "labels = [0, 1]\n").unwrap_err();
+        assert_eq!(err.field, "data.labels");
+        assert_eq!(with_task("causal_lm", "\n[generation]\nnum_beams = 0\n").unwrap_err().field, "generation.num_beams");
+        let err = with_task("sequence_classification", "labels = [0, 1]\n[generation]\nnum_beams = 2\n").unwrap_err();
+        assert_eq!(err.to_string(), "generation: only applies to task causal_lm; this job's task is sequence_classification");
+        let err = with_task("sequence_classification", "labels = [0, 1]\nreferences_field = \"refs\"\n").unwrap_err();
+        assert_eq!(err.field, "data.references_field");
+
+        // 20 virtual tokens + 64 + 64 generated = 148 positions.
+        let spec = with_task("causal_lm", "\n[generation]\nmax_new_tokens = 64\n").unwrap();
+        spec.validate(Some(&ModelLimits { max_positions: 148 })).unwrap();
+        let err = spec.validate(Some(&ModelLimits { max_positions: 147 })).unwrap_err();
+        assert_eq!(err.field, "peft.num_virtual_tokens");
+        assert!(err.message.contains("plus generation.max_new_tokens 64 exceeds the 147 positions"), "{err}");
+
+        let err = with_method("lora", "").map(|_| ()).and_then(|()| {
+            let text = SPEC.replace("\"prompt_tuning\"", "\"lora\"").replace("\"sequence_classification\"", "\"causal_lm\"")
+                .replace("num_virtual_tokens = 20", "").replace("labels = [0, 1]\n", "");
+            JobSpec::from_toml(&text)?.validate(None)
+        });
+        assert_eq!(err.unwrap_err().to_string(), "method: lora is not supported for causal_lm yet; supported: prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2");
     }
 }

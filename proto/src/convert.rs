@@ -3,7 +3,7 @@
 
 use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
-    DataConfig, EncoderType, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 
@@ -125,6 +125,11 @@ impl From<&JobSpec> for v1::JobSpec {
                 max_seq_len: s.data.max_seq_len,
                 max_train_examples: s.data.max_train_examples,
                 max_eval_examples: s.data.max_eval_examples,
+                references_field: s.data.references_field.clone(),
+            }),
+            generation: s.generation.as_ref().map(|g| v1::GenerationConfig {
+                max_new_tokens: Some(g.max_new_tokens),
+                num_beams: Some(g.num_beams),
             }),
             training: Some(v1::TrainingConfig {
                 learning_rate: s.training.learning_rate,
@@ -214,7 +219,15 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 max_seq_len: or_default(data.max_seq_len, 128),
                 max_train_examples: data.max_train_examples,
                 max_eval_examples: data.max_eval_examples,
+                references_field: data.references_field,
             },
+            generation: s.generation.map(|g| {
+                let defaults = GenerationConfig::default();
+                GenerationConfig {
+                    max_new_tokens: g.max_new_tokens.unwrap_or(defaults.max_new_tokens),
+                    num_beams: g.num_beams.unwrap_or(defaults.num_beams),
+                }
+            }),
             training: TrainingConfig {
                 learning_rate: training.learning_rate,
                 batch_size: or_default(training.batch_size, 32),

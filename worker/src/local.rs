@@ -1,29 +1,36 @@
 //! Local training without a coordinator: one TOML spec, one model folder, one
 //! output folder. Progress goes to stderr, every metric to
 //! `OUT/metrics.jsonl`, the final evaluation's predictions to
-//! `OUT/eval_predictions.jsonl`, and the PEFT export to `OUT/adapter/` (for
-//! full fine-tuning, a Hugging Face model folder).
+//! `OUT/eval_predictions.jsonl`, the PEFT export to `OUT/adapter/` (for
+//! full fine-tuning, a Hugging Face model folder), and a resume checkpoint,
+//! refreshed at every evaluation, to `OUT/checkpoint/`. With `resume`, a run
+//! continues from that checkpoint: `metrics.jsonl` keeps the lines up to the
+//! checkpoint's step and the run appends the rest.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ptune_core::JobSpec;
+use ptune_core::{JobSpec, Metric};
 
-use crate::engine::{Control, Engine, Event, TrainJob, TrainOutcome};
+use crate::engine::{Control, Engine, Event, Resume, TrainJob, TrainOutcome, TrainerState, TRAINER_STATE_FILE};
 
 /// Subfolder of the output folder that receives the PEFT export.
 pub const ADAPTER_DIR: &str = "adapter";
 /// File of the output folder that receives one JSON metric per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// File of the output folder that receives, per evaluation example in file
-/// order, `{"index": i, "prediction": label}`.
+/// order, `{"index": i, "prediction": label}` (a list of tags for token
+/// classification).
 pub const PREDICTIONS_FILE: &str = "eval_predictions.jsonl";
+/// Subfolder of the output folder that receives the resume checkpoint.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// Trains the job in the TOML file `spec_path` (data paths relative to it)
-/// on the model folder `model_dir`, on the GPU when there is one.
-pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow::Result<TrainOutcome> {
+/// on the model folder `model_dir`, on the GPU when there is one; with
+/// `resume`, continues from the checkpoint in `out_dir`.
+pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path, resume: bool) -> anyhow::Result<TrainOutcome> {
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec = JobSpec::from_toml(&text).with_context(|| format!("{} is not a valid spec", spec_path.display()))?;
     spec.validate(None).with_context(|| format!("{} is not a valid spec", spec_path.display()))?;
@@ -34,13 +41,17 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow
         train_name: spec.data.train.clone(),
         eval_name: spec.data.eval.clone(),
         out_dir: out_dir.join(ADAPTER_DIR),
+        checkpoint_dir: Some(out_dir.join(CHECKPOINT_DIR)),
+        resume: if resume { Resume::Required } else { Resume::Never },
         spec,
     };
     std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let metrics_path = out_dir.join(METRICS_FILE);
+    let kept = if resume { metrics_up_to_checkpoint(out_dir)? } else { String::new() };
     let mut metrics = BufWriter::new(
         File::create(&metrics_path).with_context(|| format!("cannot create {}", metrics_path.display()))?,
     );
+    metrics.write_all(kept.as_bytes()).with_context(|| format!("cannot write {}", metrics_path.display()))?;
 
     let started = std::time::Instant::now();
     let mut engine = Engine::new(tch::Device::cuda_if_available());
@@ -80,12 +91,11 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
     }
     if !outcome.stopped {
-        let labels = &job.spec.data.labels;
         let lines: String = outcome
             .eval_predictions
             .iter()
             .enumerate()
-            .map(|(index, &label)| serde_json::json!({"index": index, "prediction": labels[label]}).to_string() + "\n")
+            .map(|(index, prediction)| serde_json::json!({"index": index, "prediction": prediction}).to_string() + "\n")
             .collect();
         let path = out_dir.join(PREDICTIONS_FILE);
         std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;
@@ -98,6 +108,27 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path) -> anyhow
         job.out_dir.display()
     );
     Ok(outcome)
+}
+
+/// The lines of `OUT/metrics.jsonl` up to the step of the checkpoint a run
+/// resumes from: later ones are written again as the run repeats those steps.
+fn metrics_up_to_checkpoint(out_dir: &Path) -> anyhow::Result<String> {
+    let state_path = out_dir.join(CHECKPOINT_DIR).join(TRAINER_STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("no checkpoint to resume from: cannot read {}", state_path.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", state_path.display()))?;
+    let metrics_path = out_dir.join(METRICS_FILE);
+    let text = match std::fs::read_to_string(&metrics_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", metrics_path.display())),
+    };
+    Ok(text
+        .lines()
+        .filter(|line| serde_json::from_str::<Metric>(line).is_ok_and(|m| m.step <= state.step))
+        .map(|line| format!("{line}\n"))
+        .collect())
 }
 
 /// A spec's data path: as written when absolute, else relative to the spec.

@@ -39,9 +39,13 @@ enum Command {
         /// Job spec (TOML); dataset paths are relative to it.
         #[arg(long)]
         spec: PathBuf,
-        /// Output folder: adapter/ (Hugging Face PEFT export) and metrics.jsonl.
+        /// Output folder: adapter/ (Hugging Face PEFT export), checkpoint/ (resume state), metrics.jsonl
+        /// and eval_predictions.jsonl.
         #[arg(long)]
         out: PathBuf,
+        /// Continue from OUT/checkpoint (written at every evaluation of an earlier run of the same spec).
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -49,11 +53,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format);
     match args.command {
-        Some(Command::Train { spec, out }) => {
+        Some(Command::Train { spec, out, resume }) => {
             let text = std::fs::read_to_string(&spec)?;
             let base_model = ptune_core::JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?.base_model;
             let model_dir = args.models_dir.join(&base_model);
-            let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out)?;
+            let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out, resume)?;
             for metric in &outcome.final_metrics {
                 println!("{} {} = {:.4} (step {})", metric.kind.as_str(), metric.name, metric.value, metric.step);
             }

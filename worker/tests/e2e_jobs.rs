@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
+use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::{self, JobState};
 use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_goes_queued_running_succeeded_with_metrics_and_a_verifiable_adapter() {
@@ -128,15 +130,7 @@ async fn a_cancelled_running_job_stops_and_the_worker_takes_the_next_one() {
 async fn a_worker_killed_mid_job_loses_its_lease_and_another_worker_completes_the_job() {
     let cluster = Cluster::start(Duration::from_secs(2)).await;
     let mut client = cluster.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let job = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, 40)) })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let job = submit_sst2(&mut client, 40).await;
     let mut first = cluster.spawn_worker("doomed");
     let running = wait_for(&mut client, &job.id, Duration::from_secs(120), "running with progress", |j| {
         state(j) == JobState::Running && j.step >= 2
@@ -156,6 +150,38 @@ async fn a_worker_killed_mid_job_loses_its_lease_and_another_worker_completes_th
     assert_eq!(done.attempts, 2);
     assert_ne!(done.worker_id, doomed_worker, "the dead worker cannot have finished it");
     assert_eq!(done.step, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_after_a_crash_resumes_its_job_from_the_last_checkpoint() {
+    let cluster = Cluster::start(Duration::from_secs(2)).await;
+    let mut client = cluster.client().await;
+    let job = submit_sst2(&mut client, 40).await;
+    let mut worker = cluster.spawn_worker("crashing");
+    // Evaluations (and checkpoints) come every 10 steps.
+    wait_for(&mut client, &job.id, Duration::from_secs(180), "past the first checkpoint", |j| {
+        state(j) == JobState::Running && j.step >= 12
+    })
+    .await;
+    worker.kill();
+    wait_for(&mut client, &job.id, Duration::from_secs(30), "requeued", |j| state(j) == JobState::Queued).await;
+
+    // The same worker (same work directory) comes back and leases the job again.
+    let _back = cluster.spawn_worker("crashing");
+    let done =
+        wait_for(&mut client, &job.id, Duration::from_secs(180), "succeeded", |j| state(j).is_terminal()).await;
+    let log = cluster.worker_log("crashing");
+    assert_eq!(state(&done), JobState::Succeeded, "worker log:\n{log}");
+    assert_eq!((done.attempts, done.step), (2, 40));
+    assert!(
+        log.lines().map(without_colours).any(|line| line.contains("resumed from checkpoint") && line.contains("step=10")),
+        "the second attempt starts from the checkpoint at step 10:\n{log}"
+    );
+    let checkpoints = cluster.worker_dir("crashing").join("checkpoints");
+    assert!(
+        std::fs::read_dir(&checkpoints).map_or(true, |mut entries| entries.next().is_none()),
+        "a finished job's checkpoint is removed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,4 +219,31 @@ impl Terminal for JobState {
     fn is_terminal(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
+}
+
+/// Uploads SST-2 and submits a prompt-tuning job of `max_steps` on it.
+async fn submit_sst2(client: &mut JobServiceClient<Channel>, max_steps: u64) -> v1::Job {
+    let train = upload(client, &sst2("train.jsonl")).await;
+    let eval = upload(client, &sst2("dev.jsonl")).await;
+    client
+        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, max_steps)) })
+        .await
+        .expect("valid spec is accepted")
+        .into_inner()
+        .job
+        .unwrap()
+}
+
+/// A log line without its ANSI colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().take_while(|&c| c != 'm').for_each(drop);
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
-    build_model, load_adapter, write_export, BaseModel, Control, Engine, Event, SeqClsModel, TrainJob,
+    build_model, load_adapter, write_export, BaseModel, Classifier, Control, Engine, Event, Resume, TrainJob,
 };
 use serde_json::{json, Value};
 use tch::{nn, Device, Tensor};
@@ -113,7 +113,7 @@ fn load_variables(vars: &nn::VarStore, path: &Path) {
 }
 
 /// The tiny checkpoint's own classifier, copied into the model's head.
-fn load_checkpoint_head(model: &SeqClsModel) {
+fn load_checkpoint_head(model: &Classifier) {
     let weights: HashMap<String, Tensor> =
         Tensor::read_safetensors(tiny_bert().join("model.safetensors")).expect("readable").into_iter().collect();
     tch::no_grad(|| {
@@ -124,9 +124,9 @@ fn load_checkpoint_head(model: &SeqClsModel) {
 
 /// The engine's model of a case as PEFT had it before saving: the trainable
 /// form with PEFT's weights (full: the checkpoint with its classifier).
-fn trainable_model(base: &BaseModel, name: &str, case: &Value) -> (nn::VarStore, SeqClsModel) {
+fn trainable_model(base: &BaseModel, name: &str, case: &Value) -> (nn::VarStore, Classifier) {
     let vars = nn::VarStore::new(Device::Cpu);
-    let model = build_model(&case_spec(case), base, &vars.root()).expect("the case builds");
+    let model = build_model(&case_spec(case), base, &vars.root(), 2).expect("the case builds");
     if name == "full" {
         load_checkpoint_head(&model);
     } else {
@@ -328,6 +328,8 @@ fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
             train_name: "train.jsonl".into(),
             eval_name: "dev.jsonl".into(),
             out_dir: out_dir.clone(),
+            checkpoint_dir: None,
+            resume: Resume::Never,
         };
         let mut metrics: Vec<Metric> = Vec::new();
         let mut on_event = |event: Event<'_>| {
@@ -426,6 +428,8 @@ fn minilm_exports_predict_like_the_engine_on_sst2_dev() {
             train_name: "train.jsonl".into(),
             eval_name: "dev.jsonl".into(),
             out_dir: out_dir.clone(),
+            checkpoint_dir: None,
+            resume: Resume::Never,
         };
         let outcome =
             engine.train(&minilm, &job, &mut |_| Control::Continue).unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -435,7 +439,11 @@ fn minilm_exports_predict_like_the_engine_on_sst2_dev() {
         };
         let logits = logits_in_python(&python, &minilm, &out_dir, &inputs_file);
         let theirs: Vec<i64> = Vec::try_from(logits.argmax(-1, false)).expect("labels");
-        let ours: Vec<i64> = outcome.eval_predictions.iter().map(|&p| p as i64).collect();
+        let ours: Vec<i64> = outcome
+            .eval_predictions
+            .iter()
+            .map(|p| p.as_str().and_then(|label| label.parse().ok()).expect("a label of [0, 1]"))
+            .collect();
         assert_eq!(ours, theirs, "{method} {i}: PEFT's predictions of the export differ from the engine's");
         checked.push(method);
     }

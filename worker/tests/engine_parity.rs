@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use ptune_worker::engine::{
     inspect_model, AdamW, Adapter, BaseModel, ClassificationHead, LinearSchedule, NoHooks, PromptInit, PromptTuning,
-    SeqClsModel,
+    Classifier, Level,
 };
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
@@ -145,15 +145,16 @@ fn a_tiny_bert_classifier_checkpoint_loads_and_matches_transformers() {
 
 /// The fixture's prompt-tuned classifier: PEFT's random prompt and head,
 /// and the prompt table.
-fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, SeqClsModel, Tensor) {
+fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, Classifier, Tensor) {
     let nvt = reference["num_virtual_tokens"].as_i64().expect("num_virtual_tokens");
     let labels = reference["num_labels"].as_i64().expect("num_labels");
     let adapter = nn::VarStore::new(Device::Cpu);
     let prompt = PromptTuning::new(&adapter.root(), nvt, &PromptInit::Random, base.encoder.word_embeddings());
     let table = prompt.embeddings().shallow_clone();
-    let model = SeqClsModel {
+    let model = Classifier {
         adapter: Adapter::PromptTuning(prompt),
         head: ClassificationHead::new(&adapter.root(), base.config.hidden_size, labels, 0.02, 0.1),
+        level: Level::Sequence,
     };
     tch::no_grad(|| {
         table.shallow_clone().copy_(&matrix(&reference["prompt_embeddings"]));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
-use ptune_worker::engine::{Control, Engine, EngineError, Event, TrainJob, TrainOutcome};
+use ptune_worker::engine::{Control, Engine, EngineError, Event, Resume, TrainJob, TrainOutcome};
 use tch::Device;
 
 /// Training uses libtorch's process-wide generator and every core: tests
@@ -61,6 +61,8 @@ fn job(spec: JobSpec, train_file: PathBuf, eval_file: PathBuf, out_dir: &Path) -
         train_name: "train.jsonl".into(),
         eval_name: "dev.jsonl".into(),
         out_dir: out_dir.to_path_buf(),
+        checkpoint_dir: None,
+        resume: Resume::Never,
     }
 }
 
@@ -176,7 +178,8 @@ fn a_stop_ends_training_without_an_export_and_a_finish_exports_early() {
 fn a_short_run_on_sst2_learns_and_exports_a_peft_adapter() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
-    let training = "learning_rate = 3e-2\nbatch_size = 32\nmax_steps = 120\neval_every = 60\nseed = 42";
+    // The demo's setting: the head from scratch at a faster rate, 10% warmup.
+    let training = "learning_rate = 3e-2\nhead_learning_rate = 1e-1\nwarmup_ratio = 0.1\nbatch_size = 32\nmax_steps = 120\neval_every = 60\nseed = 42";
     let mut spec = spec(training);
     spec.peft.num_virtual_tokens = 20;
     spec.data.max_seq_len = 64;

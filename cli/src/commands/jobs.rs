@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use super::status_error;
 use crate::output;
-use crate::view::{job_state, latest, state_name, JobView, MetricView};
+use crate::view::{headline, headline_metric, job_state, latest, state_name, JobView, MetricView};
 use crate::Format;
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +153,7 @@ fn print_list(format: Format, response: &v1::ListJobsResponse) {
         .iter()
         .map(|job| {
             let view = JobView::new(job, false);
-            let accuracy = latest(job, "eval", "accuracy").map(output::num).unwrap_or_else(|| "-".into());
+            let eval = headline(job).unwrap_or_else(|| "-".into());
             vec![
                 view.id,
                 view.name,
@@ -161,12 +161,12 @@ fn print_list(format: Format, response: &v1::ListJobsResponse) {
                 view.method,
                 view.base_model,
                 format!("{}/{}", view.step, view.total_steps),
-                accuracy,
+                eval,
                 view.created_at,
             ]
         })
         .collect();
-    output::table(&["ID", "NAME", "STATE", "METHOD", "BASE MODEL", "STEP", "EVAL ACC", "CREATED"], &rows);
+    output::table(&["ID", "NAME", "STATE", "METHOD", "BASE MODEL", "STEP", "EVAL", "CREATED"], &rows);
     if !response.next_page_token.is_empty() {
         println!("more: --page-token {}", response.next_page_token);
     }
@@ -265,6 +265,7 @@ pub async fn follow(client: &mut JobServiceClient<Channel>, format: Format, id: 
     );
     let mut loss = None;
     let mut eval = String::new();
+    let mut headline_name = ("accuracy", "acc");
     let job = stream_until_done(client, id, |event| match format {
         Format::Json => output::json_line(&event_json(event)),
         Format::Text => match event {
@@ -272,9 +273,10 @@ pub async fn follow(client: &mut JobServiceClient<Channel>, format: Format, id: 
                 bar.set_length(job.total_steps);
                 bar.set_position(job.step);
                 bar.set_message(state_name(job.state));
-                if let Some(acc) = latest(job, "eval", "accuracy") {
-                    eval = format!("eval acc {:.4}", acc);
+                if let Some(headline) = headline(job) {
+                    eval = format!("eval {headline}");
                 }
+                headline_name = headline_metric(job);
             }
             Event::Progress(p) => {
                 bar.set_length(p.total_steps);
@@ -284,7 +286,9 @@ pub async fn follow(client: &mut JobServiceClient<Channel>, format: Format, id: 
                 for m in &batch.metrics {
                     match (m.kind.as_str(), m.name.as_str()) {
                         ("train", "loss") => loss = Some(m.value),
-                        ("eval", "accuracy") => eval = format!("eval acc {:.4}", m.value),
+                        ("eval", name) if name == headline_name.0 => {
+                            eval = format!("eval {} {:.4}", headline_name.1, m.value)
+                        }
                         _ => {}
                     }
                 }
@@ -315,8 +319,9 @@ fn finish(format: Format, job: &v1::Job) -> anyhow::Result<i32> {
         Format::Json => output::json(&JobView::new(job, false)),
         Format::Text => {
             let mut line = format!("job {} {}", job.id, state);
-            if let Some(acc) = latest(job, "eval", "accuracy") {
-                line.push_str(&format!("; eval accuracy {:.4}", acc));
+            let (name, _) = headline_metric(job);
+            if let Some(value) = latest(job, "eval", name) {
+                line.push_str(&format!("; eval {name} {value:.4}"));
             }
             if !job.error.is_empty() {
                 line.push_str(&format!("; {}", job.error));

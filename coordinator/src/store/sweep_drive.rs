@@ -48,6 +48,8 @@ pub struct RungResult {
     pub job_id: JobId,
     pub step: u64,
     pub value: f64,
+    /// The trial's eval loss at the step, which breaks ties of `value`.
+    pub tiebreak: Option<f64>,
 }
 
 /// A decision taken earlier.
@@ -57,6 +59,7 @@ pub struct Recorded {
     pub rung: u32,
     pub decision: Decision,
     pub value: f64,
+    pub tiebreak: Option<f64>,
 }
 
 /// A trial job to create.
@@ -155,8 +158,12 @@ impl SweepDrive {
     /// arrival order, skipping trials already stopped.
     pub async fn pending_rung_results(&mut self, rungs: &[u64]) -> Result<Vec<RungResult>> {
         let steps: Vec<i64> = rungs.iter().map(|&r| to_i64(r)).collect();
-        let rows: Vec<(i32, Uuid, i64, f64)> = sqlx::query_as(
-            "SELECT j.trial_index, j.id, m.step, m.value FROM jobs j JOIN metrics m ON m.job_id = j.id \
+        // The eval loss breaks ties of any other objective; both arrive in
+        // the same evaluation report.
+        let rows: Vec<(i32, Uuid, i64, f64, Option<f64>)> = sqlx::query_as(
+            "SELECT j.trial_index, j.id, m.step, m.value, l.value FROM jobs j JOIN metrics m ON m.job_id = j.id \
+             LEFT JOIN metrics l ON l.job_id = j.id AND l.kind = 'eval' AND l.name = 'loss' AND l.step = m.step \
+                                  AND $2 <> 'loss' \
              WHERE j.sweep_id = $1 AND m.kind = 'eval' AND m.name = $2 AND m.step = ANY($3) \
                AND NOT EXISTS ( \
                    SELECT 1 FROM asha_decisions d WHERE d.sweep_id = j.sweep_id AND d.trial_index = j.trial_index \
@@ -169,27 +176,33 @@ impl SweepDrive {
         .fetch_all(&mut *self.tx)
         .await?;
         rows.into_iter()
-            .map(|(index, id, step, value)| {
-                Ok(RungResult { index: to_u32(index, "trial_index")?, job_id: JobId(id), step: to_u64(step, "step")?, value })
+            .map(|(index, id, step, value, tiebreak)| {
+                Ok(RungResult {
+                    index: to_u32(index, "trial_index")?,
+                    job_id: JobId(id),
+                    step: to_u64(step, "step")?,
+                    value,
+                    tiebreak,
+                })
             })
             .collect()
     }
 
     /// Every decision taken so far.
     pub async fn recorded(&mut self) -> Result<Vec<Recorded>> {
-        let rows: Vec<(i32, i32, String, f64)> =
-            sqlx::query_as("SELECT trial_index, rung, decision, value FROM asha_decisions WHERE sweep_id = $1")
+        let rows: Vec<(i32, i32, String, f64, Option<f64>)> =
+            sqlx::query_as("SELECT trial_index, rung, decision, value, tiebreak FROM asha_decisions WHERE sweep_id = $1")
                 .bind(self.sweep.id.0)
                 .fetch_all(&mut *self.tx)
                 .await?;
         rows.into_iter()
-            .map(|(index, rung, decision, value)| {
+            .map(|(index, rung, decision, value, tiebreak)| {
                 let decision = match decision.as_str() {
                     "promote" => Decision::Promote,
                     "stop" => Decision::Stop,
                     other => return Err(StoreError::Corrupt(format!("unknown asha decision {other:?}"))),
                 };
-                Ok(Recorded { index: to_u32(index, "trial_index")?, rung: to_u32(rung, "rung")?, decision, value })
+                Ok(Recorded { index: to_u32(index, "trial_index")?, rung: to_u32(rung, "rung")?, decision, value, tiebreak })
             })
             .collect()
     }
@@ -200,8 +213,8 @@ impl SweepDrive {
     #[instrument(skip_all, fields(sweep_id = %self.sweep.id, trial = result.index, rung))]
     pub async fn record_decision(&mut self, result: &RungResult, rung: u32, decision: Decision) -> Result<bool> {
         sqlx::query(
-            "INSERT INTO asha_decisions (sweep_id, trial_index, rung, rung_step, decision, value) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO asha_decisions (sweep_id, trial_index, rung, rung_step, decision, value, tiebreak) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(self.sweep.id.0)
         .bind(i32::try_from(result.index).unwrap_or(i32::MAX))
@@ -209,6 +222,7 @@ impl SweepDrive {
         .bind(to_i64(result.step))
         .bind(decision.as_str())
         .bind(result.value)
+        .bind(result.tiebreak)
         .execute(&mut *self.tx)
         .await?;
         if decision == Decision::Promote {

@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ptune_core::sweep::{decide, AshaPlan, Decision, SweepDefinition, SweepState, TrialState};
+use ptune_core::sweep::{decide, AshaPlan, Decision, RungValue, SweepDefinition, SweepState, TrialState};
 use ptune_core::{JobId, MetricKind, SweepId};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
@@ -138,12 +138,12 @@ async fn decide_rungs(drive: &mut SweepDrive, plan: &AshaPlan) -> Result<Vec<Job
     if pending.is_empty() {
         return Ok(Vec::new());
     }
-    let mut at_rung: Vec<Vec<f64>> = vec![Vec::new(); plan.rungs.len()];
+    let mut at_rung: Vec<Vec<RungValue>> = vec![Vec::new(); plan.rungs.len()];
     let mut decided = HashSet::new();
     let mut stopped = HashSet::new();
     for r in drive.recorded().await? {
         if let Some(values) = at_rung.get_mut(r.rung as usize) {
-            values.push(r.value);
+            values.push(RungValue::new(r.value, r.tiebreak));
         }
         decided.insert((r.index, r.rung));
         if r.decision == Decision::Stop {
@@ -157,11 +157,12 @@ async fn decide_rungs(drive: &mut SweepDrive, plan: &AshaPlan) -> Result<Vec<Job
         if stopped.contains(&result.index) || !decided.insert((result.index, rung as u32)) {
             continue;
         }
-        let decision = decide(&at_rung[rung], result.value, plan.reduction_factor, direction);
-        at_rung[rung].push(result.value);
+        let value = RungValue::new(result.value, result.tiebreak);
+        let decision = decide(&at_rung[rung], value, plan.reduction_factor, direction);
+        at_rung[rung].push(value);
         let job_changed = drive.record_decision(&result, rung as u32, decision).await?;
         info!(sweep_id = %drive.sweep.id, trial = result.index, job_id = %result.job_id, rung, step = result.step,
-              value = result.value, recorded = at_rung[rung].len(), decision = decision.as_str(), "asha decision");
+              value = result.value, tiebreak = ?result.tiebreak, recorded = at_rung[rung].len(), decision = decision.as_str(), "asha decision");
         if decision == Decision::Stop {
             stopped.insert(result.index);
             if job_changed {

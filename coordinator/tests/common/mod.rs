@@ -211,6 +211,7 @@ pub fn spec(name: &str, train: &str, eval: &str) -> v1::JobSpec {
             ..Default::default()
         }),
         training: Some(v1::TrainingConfig { learning_rate: 0.03, batch_size: 2, ..Default::default() }),
+        generation: None,
         max_attempts: 0,
         owner: "alice".into(),
     }

@@ -7,11 +7,14 @@
 //! When a trial's objective at a rung arrives, it is compared with every value
 //! recorded at that rung so far, its own included: it continues if it ranks in
 //! the top `max(1, ⌊n / η⌋)` of those `n` values, and is stopped otherwise.
-//! Values recorded earlier win ties, as in the paper's `top_k` over a stably
-//! sorted rung: a newcomer that merely equals them has shown nothing (on a
-//! plateau such as the majority-class accuracy every trial starts on,
-//! ties going to newcomers would promote them all). Decisions are final: a
-//! trial is never compared twice at one rung.
+//! Ties of the objective are broken by the evaluation loss at the rung (lower
+//! ranks ahead) when both values have one and the objective is not the loss
+//! itself: a discrete metric such as accuracy often ties on a plateau (every
+//! trial predicting the majority class early on), where the loss still tells
+//! trials apart. Remaining ties go to the value recorded earlier, as in the
+//! paper's `top_k` over a stably sorted rung: a newcomer that merely equals
+//! them has shown nothing (ties going to newcomers would promote them all).
+//! Decisions are final: a trial is never compared twice at one rung.
 
 use serde::{Deserialize, Serialize};
 
@@ -199,17 +202,47 @@ impl Decision {
     }
 }
 
+/// A trial's result at a rung: its objective and, to break ties of the
+/// objective, its evaluation loss at the same step (lower is better).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RungValue {
+    pub objective: f64,
+    pub tiebreak: Option<f64>,
+}
+
+impl RungValue {
+    pub fn new(objective: f64, tiebreak: Option<f64>) -> Self {
+        Self { objective, tiebreak }
+    }
+
+    /// True when `self`, recorded earlier, ranks ahead of `value`: it is
+    /// better, or equal and not beaten on the tie-breaker. A value that is
+    /// not a number never ranks ahead.
+    fn ranks_ahead_of(&self, value: &RungValue, direction: Direction) -> bool {
+        if direction.better(value.objective, self.objective) {
+            return false;
+        }
+        if self.objective == value.objective {
+            if let (Some(recorded), Some(new)) = (self.tiebreak, value.tiebreak) {
+                return !(new < recorded);
+            }
+        }
+        true
+    }
+}
+
 /// The ASHA rule: `value` continues if fewer than `max(1, ⌊n/η⌋)` of the `n`
 /// values at the rung (`recorded` plus itself) rank ahead of it; a recorded
-/// value ranks ahead when it is better or equal (earlier values win ties).
-/// A value that is not a number never continues, and never ranks ahead.
-pub fn decide(recorded: &[f64], value: f64, reduction_factor: u32, direction: Direction) -> Decision {
-    if value.is_nan() {
+/// value ranks ahead when it is better, or equal without a lower
+/// tie-breaker (earlier values win remaining ties). A value whose objective
+/// is not a number never continues, and never ranks ahead.
+pub fn decide(recorded: &[RungValue], value: RungValue, reduction_factor: u32, direction: Direction) -> Decision {
+    if value.objective.is_nan() {
         return Decision::Stop;
     }
     let n = recorded.len() + 1;
     let keep = (n / reduction_factor.max(1) as usize).max(1);
-    let ahead = recorded.iter().filter(|&&r| !direction.better(value, r)).count();
+    let ahead = recorded.iter().filter(|r| r.ranks_ahead_of(&value, direction)).count();
     if ahead < keep {
         Decision::Promote
     } else {
@@ -254,19 +287,41 @@ mod tests {
         assert!(err.message.contains("between 1 and 2"), "{err}");
     }
 
+    fn values(objectives: &[f64]) -> Vec<RungValue> {
+        objectives.iter().map(|&o| RungValue::new(o, None)).collect()
+    }
+
+    fn one(objective: f64) -> RungValue {
+        RungValue::new(objective, None)
+    }
+
     #[test]
     fn a_trial_continues_only_in_the_top_fraction_of_its_rung() {
         let max = Direction::Maximize;
-        assert_eq!(decide(&[], 0.1, 3, max), Decision::Promote, "the first arrival has nothing to beat");
-        assert_eq!(decide(&[0.5], 0.6, 3, max), Decision::Promote);
-        assert_eq!(decide(&[0.5], 0.4, 3, max), Decision::Stop);
-        assert_eq!(decide(&[0.5], 0.5, 3, max), Decision::Stop, "the earlier value wins a tie");
-        assert_eq!(decide(&[0.52, 0.52, 0.52, 0.52, 0.52], 0.52, 3, max), Decision::Stop, "a plateau promotes nobody new");
+        assert_eq!(decide(&[], one(0.1), 3, max), Decision::Promote, "the first arrival has nothing to beat");
+        assert_eq!(decide(&values(&[0.5]), one(0.6), 3, max), Decision::Promote);
+        assert_eq!(decide(&values(&[0.5]), one(0.4), 3, max), Decision::Stop);
+        assert_eq!(decide(&values(&[0.5]), one(0.5), 3, max), Decision::Stop, "the earlier value wins a tie");
+        assert_eq!(decide(&values(&[0.52; 5]), one(0.52), 3, max), Decision::Stop, "a plateau promotes nobody new");
         // n = 6, η = 3: the top 2 continue.
-        assert_eq!(decide(&[0.9, 0.1, 0.2, 0.3, 0.4], 0.5, 3, max), Decision::Promote);
-        assert_eq!(decide(&[0.9, 0.8, 0.2, 0.3, 0.4], 0.5, 3, max), Decision::Stop);
-        assert_eq!(decide(&[0.3], 0.2, 2, Direction::Minimize), Decision::Promote);
-        assert_eq!(decide(&[0.3], f64::NAN, 2, max), Decision::Stop);
-        assert_eq!(decide(&[f64::NAN], 0.0, 2, max), Decision::Promote, "a NaN is never better");
+        assert_eq!(decide(&values(&[0.9, 0.1, 0.2, 0.3, 0.4]), one(0.5), 3, max), Decision::Promote);
+        assert_eq!(decide(&values(&[0.9, 0.8, 0.2, 0.3, 0.4]), one(0.5), 3, max), Decision::Stop);
+        assert_eq!(decide(&values(&[0.3]), one(0.2), 2, Direction::Minimize), Decision::Promote);
+        assert_eq!(decide(&values(&[0.3]), one(f64::NAN), 2, max), Decision::Stop);
+        assert_eq!(decide(&values(&[f64::NAN]), one(0.0), 2, max), Decision::Promote, "a NaN is never better");
+    }
+
+    #[test]
+    fn the_eval_loss_breaks_ties_of_the_objective() {
+        let max = Direction::Maximize;
+        // Every trial at the majority-class accuracy: the lower loss goes on.
+        let plateau = [RungValue::new(0.52, Some(0.69)), RungValue::new(0.52, Some(0.71))];
+        assert_eq!(decide(&plateau, RungValue::new(0.52, Some(0.60)), 3, max), Decision::Promote);
+        assert_eq!(decide(&plateau, RungValue::new(0.52, Some(0.70)), 3, max), Decision::Stop);
+        assert_eq!(decide(&plateau[..1], RungValue::new(0.52, Some(0.69)), 2, max), Decision::Stop, "an equal loss is still a tie");
+        assert_eq!(decide(&plateau[..1], RungValue::new(0.52, None), 2, max), Decision::Stop, "no loss: the earlier value wins");
+        // The objective still comes first.
+        assert_eq!(decide(&plateau[..1], RungValue::new(0.51, Some(0.1)), 2, max), Decision::Stop);
+        assert_eq!(decide(&plateau[..1], RungValue::new(0.53, Some(0.9)), 2, max), Decision::Promote);
     }
 }

@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use asha::{decide, AshaConfig, AshaPlan, Decision, ResourceUnit, MAX_REDUCTION_FACTOR};
+pub use asha::{decide, AshaConfig, AshaPlan, Decision, ResourceUnit, RungValue, MAX_REDUCTION_FACTOR};
 pub use definition::{
     trial_error, Algorithm, AlgorithmKind, Objective, Sampler, SweepDefinition, DEFAULT_CONCURRENT_TRIALS,
     DEFAULT_GRID_CAP, MAX_CONCURRENT_TRIALS, MAX_TRIALS,

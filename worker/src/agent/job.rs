@@ -19,7 +19,7 @@ use super::datasets;
 use super::models::ServedModel;
 use super::runner::{EnginePool, RunRequest, RunUpdate};
 use super::{Directive, Leases};
-use crate::engine::TrainJob;
+use crate::engine::{Resume, TrainJob};
 
 const UPLOAD_CHUNK: usize = 256 << 10;
 
@@ -45,16 +45,36 @@ pub async fn run(mut ctx: JobContext, lease: v1::Lease, stop: Directive) {
     let job_id = lease.job_id.clone();
     let epoch = lease.epoch;
     let stage = ctx.work_dir.join("jobs").join(format!("{job_id}-{epoch}"));
-    let ending = match train(&mut ctx, &lease, &stop, &stage).await {
+    let checkpoint = checkpoint_dir(&ctx.work_dir, &job_id);
+    let ending = match train(&mut ctx, &lease, &stop, &stage, &checkpoint).await {
         Ok(ending) => ending,
         Err(err) => Ending::Failed { error: format!("{err:#}"), retryable: true },
     };
+    // A later attempt on this worker resumes from the checkpoint; once the
+    // job can have no later attempt, the checkpoint has served its purpose.
+    let final_ending = matches!(ending, Ending::Succeeded { .. } | Ending::Cancelled | Ending::Failed { retryable: false, .. });
     finish(&mut ctx.client, &job_id, epoch, ending).await;
     ctx.leases.remove(&job_id, epoch);
     let _ = tokio::fs::remove_dir_all(&stage).await;
+    if final_ending {
+        let _ = tokio::fs::remove_dir_all(&checkpoint).await;
+    }
 }
 
-async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Directive, stage: &Path) -> anyhow::Result<Ending> {
+/// Where a job's resume checkpoint lives on this worker: one folder per job,
+/// shared by its attempts, so a retry (after a crash of this process, say)
+/// continues from the last evaluation instead of step 0.
+pub fn checkpoint_dir(work_dir: &Path, job_id: &str) -> PathBuf {
+    work_dir.join("checkpoints").join(job_id)
+}
+
+async fn train(
+    ctx: &mut JobContext,
+    lease: &v1::Lease,
+    stop: &Directive,
+    stage: &Path,
+    checkpoint: &Path,
+) -> anyhow::Result<Ending> {
     let spec = JobSpec::try_from(lease.spec.clone().unwrap_or_default()).context("lease carried an invalid spec")?;
     let Some(model) = ctx.models.iter().find(|m| m.name == spec.base_model) else {
         return Ok(Ending::Failed {
@@ -72,6 +92,8 @@ async fn train(ctx: &mut JobContext, lease: &v1::Lease, stop: &Directive, stage:
         train_file: train_file.path,
         eval_file: eval_file.path,
         out_dir: stage.join("adapter"),
+        checkpoint_dir: Some(checkpoint.to_path_buf()),
+        resume: Resume::IfPossible,
     };
     let (updates, mut receiver) = mpsc::unbounded_channel();
     ctx.engines.submit(RunRequest { model_dir: model.dir.clone(), job, directive: stop.clone(), updates });

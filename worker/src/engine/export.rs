@@ -1,8 +1,9 @@
 //! Hugging Face exports. Adapters are written as PEFT's `save_pretrained`
-//! writes them for a BERT sequence classifier (`adapter_config.json` and
-//! `adapter_model.safetensors`), so `PeftModel.from_pretrained` loads them;
-//! full fine-tuning writes a `BertForSequenceClassification` model folder
-//! (`config.json` and `model.safetensors`). Key names and config fields were
+//! writes them for a BERT sequence or token classifier (`adapter_config.json`
+//! and `adapter_model.safetensors`, `task_type` `SEQ_CLS` or `TOKEN_CLS`), so
+//! `PeftModel.from_pretrained` loads them; full fine-tuning writes a
+//! `BertFor{Sequence,Token}Classification` model folder (`config.json` and
+//! `model.safetensors`). Key names and config fields were
 //! checked against PEFT 0.21.2 (`scripts/reference/peft_methods.py` saves
 //! the reference adapters and loads the engine's exports back).
 //!
@@ -26,7 +27,7 @@ use super::models::BaseModel;
 use super::peft::lora::{Lora, LoraConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::PromptTuning;
-use super::tasks::seq_cls::{Adapter, ClassificationHead, SeqClsModel};
+use super::tasks::classifier::{Adapter, ClassificationHead, Classifier, Level};
 use super::{EngineError, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PROVENANCE_FILE};
 
 /// File names of a full fine-tuning export (a Hugging Face model folder).
@@ -66,8 +67,47 @@ fn head_prefix(method: Method) -> &'static str {
     }
 }
 
-/// The `adapter_config.json` of an adapter-trained sequence classifier.
-pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) -> serde_json::Value {
+/// PEFT's `task_type` of a classifier.
+pub fn peft_task_type(level: Level) -> &'static str {
+    match level {
+        Level::Sequence => "SEQ_CLS",
+        Level::Token => "TOKEN_CLS",
+    }
+}
+
+/// What an `adapter_config.json` says about the model around the adapter.
+pub struct AdapterShape {
+    /// PEFT `task_type`: `SEQ_CLS`, `TOKEN_CLS` or `CAUSAL_LM`.
+    pub task_type: &'static str,
+    /// Width of a virtual token (of a layer's keys for prefix methods).
+    pub token_dim: i64,
+    pub num_layers: i64,
+    /// Attention heads (key/value heads for prefix methods).
+    pub num_attention_heads: i64,
+    /// The trained head's module name, saved beside the adapter.
+    pub head_module: Option<&'static str>,
+}
+
+impl AdapterShape {
+    /// A BERT classifier's.
+    pub fn classifier(base: &BertConfig, level: Level) -> Self {
+        Self {
+            task_type: peft_task_type(level),
+            token_dim: base.hidden_size,
+            num_layers: base.num_hidden_layers,
+            num_attention_heads: base.num_attention_heads,
+            head_module: Some(ClassificationHead::MODULE),
+        }
+    }
+}
+
+/// The `adapter_config.json` of an adapter-trained classifier.
+pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &Classifier) -> serde_json::Value {
+    peft_config(spec, &AdapterShape::classifier(base, model.level), &model.adapter)
+}
+
+/// The `adapter_config.json` of `adapter`, trained for `spec` on a model of `shape`.
+pub fn peft_config(spec: &JobSpec, shape: &AdapterShape, adapter: &Adapter) -> serde_json::Value {
     let peft = &spec.peft;
     let mut config = json!({
         "auto_mapping": null,
@@ -75,7 +115,7 @@ pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) ->
         "inference_mode": true,
         "peft_type": peft_type(spec.method),
         "revision": null,
-        "task_type": "SEQ_CLS",
+        "task_type": shape.task_type,
     });
     let fields = config.as_object_mut().expect("an object");
     let mut set = |key: &str, value: serde_json::Value| {
@@ -84,17 +124,17 @@ pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) ->
     // PEFT adds both names for SEQ_CLS; BERT's head is `classifier`. The
     // PEFT versions that run prefix tuning on BERT (transformers 4.x) refuse
     // the field in a PREFIX_TUNING config, and every version adds it on load.
-    if !spec.method.uses_prefixes() {
-        set("modules_to_save", json!([ClassificationHead::MODULE, "score"]));
+    if let Some(head) = shape.head_module.filter(|_| !spec.method.uses_prefixes()) {
+        set("modules_to_save", json!([head, "score"]));
     }
     if spec.method.uses_virtual_tokens() {
         set("num_virtual_tokens", json!(peft.num_virtual_tokens));
-        set("token_dim", json!(base.hidden_size));
-        set("num_layers", json!(base.num_hidden_layers));
-        set("num_attention_heads", json!(base.num_attention_heads));
+        set("token_dim", json!(shape.token_dim));
+        set("num_layers", json!(shape.num_layers));
+        set("num_attention_heads", json!(shape.num_attention_heads));
         set("num_transformer_submodules", json!(1));
     }
-    match (&model.adapter, spec.method) {
+    match (adapter, spec.method) {
         (_, Method::PromptTuning) => {
             let init_text = match peft.init {
                 PromptInit::Text => peft.init_text.clone(),
@@ -112,13 +152,13 @@ pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) ->
                 EncoderType::Lstm => "LSTM",
             };
             set("encoder_reparameterization_type", json!(encoder_type));
-            set("encoder_hidden_size", json!(peft.encoder_hidden_size_for(base.hidden_size as u32)));
+            set("encoder_hidden_size", json!(peft.encoder_hidden_size_for(shape.token_dim as u32)));
             set("encoder_num_layers", json!(peft.encoder_num_layers()));
             set("encoder_dropout", json!(peft.encoder_dropout()));
         }
         (Adapter::Prefix(prefix), Method::PrefixTuning | Method::PTuningV2) => {
             set("prefix_projection", json!(prefix.projection_hidden().is_some()));
-            set("encoder_hidden_size", json!(prefix.projection_hidden().unwrap_or(base.hidden_size)));
+            set("encoder_hidden_size", json!(prefix.projection_hidden().unwrap_or(shape.token_dim)));
         }
         (Adapter::Lora(lora), Method::Lora) => {
             let c = lora.config();
@@ -144,27 +184,55 @@ pub fn adapter_config(spec: &JobSpec, base: &BertConfig, model: &SeqClsModel) ->
 /// The adapter tensors under PEFT's key names: the prompt or prefixes as
 /// `prompt_embeddings` (an encoder's output, computed in eval mode), or the
 /// LoRA updates; and `base_model[.model].classifier.{weight,bias}`.
-pub fn adapter_tensors(spec: &JobSpec, model: &SeqClsModel) -> Vec<(String, Tensor)> {
-    let mut tensors = tch::no_grad(|| match &model.adapter {
-        Adapter::PromptTuning(_) | Adapter::PTuning(_) => {
-            vec![(PROMPT_KEY.to_string(), model.input_prompt(false).expect("an input prompt"))]
-        }
-        Adapter::Prefix(prefix) => vec![(PROMPT_KEY.to_string(), prefix.prefixes())],
-        Adapter::Lora(lora) => lora.named_tensors(),
-        Adapter::Full(_) => Vec::new(),
-    });
+pub fn adapter_tensors(spec: &JobSpec, model: &Classifier) -> Vec<(String, Tensor)> {
+    let mut tensors = model.adapter.peft_tensors();
     let head = format!("{}{}", head_prefix(spec.method), ClassificationHead::MODULE);
     tensors.push((format!("{head}.weight"), model.head.weight().shallow_clone()));
     tensors.push((format!("{head}.bias"), model.head.bias().shallow_clone()));
     tensors
 }
 
+impl Adapter {
+    /// The adapter's tensors under PEFT's key names: the prompt or prefixes
+    /// as `prompt_embeddings` (an encoder's output, computed in eval mode),
+    /// or the LoRA updates; none for full fine-tuning.
+    pub fn peft_tensors(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| match self {
+            Adapter::PromptTuning(prompt) => vec![(PROMPT_KEY.to_string(), prompt.embeddings().shallow_clone())],
+            Adapter::PTuning(encoder) => vec![(PROMPT_KEY.to_string(), encoder.prompt(false))],
+            Adapter::Prefix(prefix) => vec![(PROMPT_KEY.to_string(), prefix.prefixes())],
+            Adapter::Lora(lora) => lora.named_tensors(),
+            Adapter::Full(_) => Vec::new(),
+        })
+    }
+}
+
+/// Writes a PEFT export of `adapter` (no head) into `out_dir`, plus
+/// `ptune.json`: what a causal-LM job saves.
+pub fn write_adapter(
+    out_dir: &Path,
+    spec: &JobSpec,
+    shape: &AdapterShape,
+    adapter: &Adapter,
+    provenance: &serde_json::Value,
+) -> Result<(), EngineError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
+    write_safetensors(&out_dir.join(ADAPTER_WEIGHTS_FILE), &adapter.peft_tensors())?;
+    write_json(&out_dir.join(ADAPTER_CONFIG_FILE), &peft_config(spec, shape, adapter))?;
+    write_json(&out_dir.join(PROVENANCE_FILE), provenance)
+}
+
 /// The `config.json` of a full fine-tuning export: the base's architecture as
-/// `BertForSequenceClassification` with the job's labels.
+/// `BertForSequenceClassification` (or `BertForTokenClassification`) with
+/// the job's labels.
 pub fn model_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
     let labels = &spec.data.labels;
+    let architecture = match spec.task {
+        ptune_core::Task::TokenClassification => "BertForTokenClassification",
+        _ => "BertForSequenceClassification",
+    };
     json!({
-        "architectures": ["BertForSequenceClassification"],
+        "architectures": [architecture],
         "model_type": base.model_type,
         "vocab_size": base.vocab_size,
         "hidden_size": base.hidden_size,
@@ -196,7 +264,7 @@ pub fn write(
     out_dir: &Path,
     spec: &JobSpec,
     base: &BertConfig,
-    model: &SeqClsModel,
+    model: &Classifier,
     vars: &nn::VarStore,
     provenance: &serde_json::Value,
 ) -> Result<(), EngineError> {
@@ -217,7 +285,7 @@ pub fn write(
 /// `P_TUNING`, `PREFIX_TUNING` or `LORA`, as PEFT or this engine saves it)
 /// into a model whose variables are declared under `p`. Prompts and prefixes
 /// come back as the saved tables.
-pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<SeqClsModel, EngineError> {
+pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classifier, EngineError> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text)
@@ -290,7 +358,11 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<SeqCls
         head.bias().shallow_clone().copy_(tensor(&format!("{head_key}.bias"))?);
         Ok::<_, EngineError>(())
     })?;
-    Ok(SeqClsModel { adapter, head })
+    let level = match config["task_type"].as_str() {
+        Some("TOKEN_CLS") => Level::Token,
+        _ => Level::Sequence,
+    };
+    Ok(Classifier { adapter, head, level })
 }
 
 /// Writes float32 tensors with the `{"format": "pt"}` metadata PyTorch

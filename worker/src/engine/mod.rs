@@ -9,11 +9,14 @@
 //! batching, `optim.rs` AdamW with its schedule, `export.rs` the exports and
 //! `train.rs` the loop that ties them together.
 
+mod checkpoint;
 mod data;
 mod export;
+mod lm;
 mod models;
 mod optim;
 mod peft;
+mod task_data;
 mod tasks;
 mod train;
 
@@ -29,15 +32,17 @@ pub use models::bert::{BertConfig, BertModel};
 pub use models::hooks::{Hooks, NoHooks};
 pub use models::{decoder, gpt2, llama};
 pub use models::registry;
+pub use lm::DecoderBase;
 pub use models::{inspect_model, BaseModel, ModelInfo};
 pub use optim::{AdamW, LinearSchedule};
 pub use peft::lora::{Lora, LoraConfig};
 pub use peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 pub use peft::prefix::{PrefixShape, PrefixTuning};
 pub use peft::prompt_tuning::{PromptInit, PromptTuning};
-pub use tasks::seq_cls::{Adapter, ClassificationHead, SeqClsModel};
+pub use checkpoint::{TrainerState, STATE_FILE as CHECKPOINT_STATE_FILE, TRAINER_STATE_FILE};
+pub use tasks::classifier::{macro_f1, Adapter, ClassificationHead, Classifier, Level};
 pub use tasks::{bleu, causal_lm, token_cls};
-pub use train::{build_model, optimizer_for};
+pub use train::{build_model, optimizer_for, step_seed};
 
 /// File names of a Hugging Face PEFT export, written into `TrainJob::out_dir`
 /// (full fine-tuning writes a model folder instead: [`MODEL_CONFIG_FILE`]
@@ -62,6 +67,25 @@ pub struct TrainJob {
     pub eval_name: String,
     /// Folder that receives `adapter_config.json` and `adapter_model.safetensors`.
     pub out_dir: PathBuf,
+    /// Folder that receives a resume checkpoint at every evaluation (see
+    /// `checkpoint.rs`); none is written when absent.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Whether to continue from the checkpoint in `checkpoint_dir`.
+    pub resume: Resume,
+}
+
+/// Whether a run continues from a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// Start from step 0 (an existing checkpoint is replaced).
+    Never,
+    /// Continue from the checkpoint when there is one that fits the spec;
+    /// start from step 0, with a warning, when there is none or it does not
+    /// fit (a worker retrying a job it may or may not have started).
+    IfPossible,
+    /// Continue from the checkpoint; fail when there is none or it does not
+    /// fit (a user asking to resume).
+    Required,
 }
 
 /// What the caller of [`Engine::train`] wants after an event.
@@ -80,7 +104,10 @@ pub enum Control {
 pub enum Event<'a> {
     /// After each optimizer step: train metrics of that step (loss, learning_rate, examples_per_second).
     Step { step: u64, total_steps: u64, metrics: &'a [Metric] },
-    /// After each evaluation (every eval_every steps and at the end): eval metrics (loss, accuracy).
+    /// After each evaluation (every eval_every steps and at the end): the
+    /// task's eval metrics (loss, accuracy, macro_f1; or loss, f1, precision,
+    /// recall, accuracy for token classification). A checkpoint of this step
+    /// is on disk by then when the job has a checkpoint folder.
     Eval { step: u64, metrics: &'a [Metric] },
 }
 
@@ -93,9 +120,11 @@ pub struct TrainOutcome {
     pub total_steps: u64,
     /// Metrics of the last evaluation (empty if stopped before any).
     pub final_metrics: Vec<Metric>,
-    /// Predicted label index of each evaluation example, in file order, from
-    /// the final evaluation (empty when stopped).
-    pub eval_predictions: Vec<usize>,
+    /// Prediction for each evaluation example, in file order, from the final
+    /// evaluation (empty when stopped): the label (sequence classification)
+    /// or the tag of each word, `null` for words cut by truncation (token
+    /// classification).
+    pub eval_predictions: Vec<serde_json::Value>,
     /// True when the caller stopped training; no export was written then.
     pub stopped: bool,
 }
@@ -144,6 +173,7 @@ pub struct Engine {
     device: tch::Device,
     threads: i32,
     models: HashMap<(PathBuf, String), BaseModel>,
+    decoders: HashMap<(PathBuf, String), DecoderBase>,
 }
 
 impl Engine {
@@ -161,7 +191,12 @@ impl Engine {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        Self { device, threads: i32::try_from(threads).unwrap_or(i32::MAX), models: HashMap::new() }
+        Self {
+            device,
+            threads: i32::try_from(threads).unwrap_or(i32::MAX),
+            models: HashMap::new(),
+            decoders: HashMap::new(),
+        }
     }
 
     pub fn device(&self) -> tch::Device {
@@ -181,6 +216,19 @@ impl Engine {
         Ok(&self.models[&key])
     }
 
+    /// Loads the decoder-only model in `model_dir`, or returns the copy
+    /// already loaded from the same folder with the same weights.
+    pub fn decoder_model(&mut self, model_dir: &Path) -> Result<&DecoderBase, EngineError> {
+        let sha256 = models::decoder::checkpoint_sha256(model_dir)?;
+        let key = (model_dir.to_path_buf(), sha256);
+        if !self.decoders.contains_key(&key) {
+            let model = DecoderBase::load(model_dir, self.device)?;
+            tracing::info!(model_dir = %model_dir.display(), sha256 = %key.1, "decoder model loaded");
+            self.decoders.insert(key.clone(), model);
+        }
+        Ok(&self.decoders[&key])
+    }
+
     /// Trains `job` on the base model in `model_dir`. Calls `on_event` after
     /// every step and evaluation; when it returns [`Control::Stop`], training
     /// stops at that step boundary, no export is written, and the outcome has
@@ -193,7 +241,38 @@ impl Engine {
     ) -> Result<TrainOutcome, EngineError> {
         tch::set_num_threads(self.threads);
         let device = self.device;
+        check_architecture(&job.spec, model_dir)?;
+        if job.spec.task == ptune_core::Task::CausalLm {
+            let base = self.decoder_model(model_dir)?;
+            return lm::run(base, device, job, on_event);
+        }
         let base = self.base_model(model_dir)?;
         train::run(base, device, job, on_event)
     }
+}
+
+/// Refuses a task the model's architecture cannot serve (classification
+/// pools an encoder, causal LM needs a decoder), naming the task, before
+/// anything is loaded.
+fn check_architecture(spec: &JobSpec, model_dir: &Path) -> Result<(), EngineError> {
+    #[derive(serde::Deserialize)]
+    struct ModelType {
+        model_type: String,
+    }
+    let ModelType { model_type } = models::decoder::read_config(model_dir, "a Hugging Face model")?;
+    let decoder = models::gpt2::Gpt2Config::MODEL_TYPES.contains(&model_type.as_str())
+        || models::llama::LlamaConfig::MODEL_TYPES.contains(&model_type.as_str());
+    let encoder = models::bert::BertConfig::MODEL_TYPES.contains(&model_type.as_str());
+    let wanted = match spec.task {
+        ptune_core::Task::CausalLm if encoder => "a decoder-only model (gpt2, llama, mistral, qwen2)",
+        ptune_core::Task::SequenceClassification | ptune_core::Task::TokenClassification if decoder => {
+            "an encoder model (bert)"
+        }
+        _ => return Ok(()),
+    };
+    Err(SpecError::new(
+        "task",
+        format!("{} needs {wanted}, but base_model {:?} has model_type {model_type:?}", spec.task, spec.base_model),
+    )
+    .into())
 }

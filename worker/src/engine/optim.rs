@@ -6,6 +6,8 @@
 //! state (moments and step) stays reachable for checkpoints, and so that only
 //! the adapter's tensors ever get state: the frozen base never appears here.
 
+use std::collections::HashMap;
+
 use tch::Tensor;
 
 /// Learning-rate multiplier: linear warmup from 0 over `warmup_steps`, then
@@ -81,6 +83,49 @@ impl AdamW {
     /// Optimizer steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The optimizer's state for a checkpoint: every tensor's first and
+    /// second moments, named `optimizer.{group}.{index}.exp_avg|exp_avg_sq`
+    /// in the order the groups and tensors were added.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            for (i, slot) in group.params.iter().enumerate() {
+                tensors.push((format!("optimizer.{g}.{i}.exp_avg"), slot.exp_avg.shallow_clone()));
+                tensors.push((format!("optimizer.{g}.{i}.exp_avg_sq"), slot.exp_avg_sq.shallow_clone()));
+            }
+        }
+        tensors
+    }
+
+    /// Checks that `tensors` hold every moment [`AdamW::state_tensors`]
+    /// would save for this optimizer, with the right shapes, and no others.
+    pub fn check_state(&self, tensors: &HashMap<String, Tensor>) -> Result<(), String> {
+        for (name, moment) in self.state_tensors() {
+            let saved = tensors.get(&name).ok_or_else(|| format!("no tensor {name}"))?;
+            if saved.size() != moment.size() {
+                return Err(format!("{name} has shape {:?}, expected {:?}", saved.size(), moment.size()));
+            }
+        }
+        let expected = self.groups.iter().map(|g| 2 * g.params.len()).sum::<usize>();
+        let saved = tensors.keys().filter(|k| k.starts_with("optimizer.")).count();
+        if saved != expected {
+            return Err(format!("{saved} optimizer tensors saved, expected {expected}"));
+        }
+        Ok(())
+    }
+
+    /// Restores what [`AdamW::state_tensors`] saved, after `steps` updates,
+    /// into an optimizer built with the same groups and tensors; names a
+    /// missing or misshapen moment and then changes nothing.
+    pub fn load_state(&mut self, steps: u64, tensors: &HashMap<String, Tensor>) -> Result<(), String> {
+        self.check_state(tensors)?;
+        for (name, mut moment) in self.state_tensors() {
+            tch::no_grad(|| moment.copy_(&tensors[&name]));
+        }
+        self.steps = steps;
+        Ok(())
     }
 
     /// Clears the gradients of every tensor this optimizer updates.

@@ -1,6 +1,8 @@
 //! The training loop: reads and tokenizes the data, builds the job's adapter
-//! on the shared frozen encoder, runs AdamW steps with periodic evaluation,
-//! reports every step and evaluation to the caller, and writes the export.
+//! on the shared frozen model, runs AdamW steps with periodic evaluation and
+//! checkpoints, reports every step and evaluation to the caller, and writes
+//! the export. [`drive`] is the loop every task shares; [`run`] sets up a
+//! classification job for it (`lm.rs` sets up causal-LM jobs).
 //!
 //! Only the job's own variables (adapter, head, and for full fine-tuning its
 //! copy of the encoder) get gradients and optimizer state; the shared base's
@@ -10,25 +12,25 @@ use std::path::Path;
 use std::time::Instant;
 
 use ptune_core::{JobSpec, Method, Metric, MetricKind, ModelLimits, SpecError, Task};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
-use super::data::batch::{Batch, EpochBatches};
-use super::data::jsonl::read_labelled_texts;
-use super::data::tokenize::TextTokenizer;
-use super::data::Example;
+use super::checkpoint::{self, TrainerState};
+use super::data::batch::EpochBatches;
 use super::models::BaseModel;
 use super::optim::{AdamW, LinearSchedule};
 use super::peft::lora::{resolve_targets, Lora, LoraConfig, DEFAULT_TARGETS};
 use super::peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::{PromptInit, PromptTuning};
-use super::tasks::seq_cls::{Adapter, ClassificationHead, Evaluation, SeqClsModel};
-use super::{export, Control, EngineError, Event, TrainJob, TrainOutcome};
+use super::task_data::{TaskData, TaskEvaluation};
+use super::tasks::classifier::{Adapter, ClassificationHead, Classifier, Level};
+use super::{export, Control, EngineError, Event, Resume, TrainJob, TrainOutcome};
 
 /// Smallest evaluation batch: evaluation keeps no activations for a
 /// backward pass, so it can take larger batches than training.
 const MIN_EVAL_BATCH_SIZE: usize = 64;
 
+/// Trains a classification job (sequence or token level) on an encoder.
 pub fn run(
     base: &BaseModel,
     device: Device,
@@ -37,48 +39,125 @@ pub fn run(
 ) -> Result<TrainOutcome, EngineError> {
     let spec = &job.spec;
     check_supported(spec, base)?;
-    let data = &spec.data;
-    let train = load_examples(&job.train_file, &job.train_name, spec, data.max_train_examples, &base.tokenizer)?;
-    let eval = load_examples(&job.eval_file, &job.eval_name, spec, data.max_eval_examples, &base.tokenizer)?;
+    let data = TaskData::load(job, base)?;
+    // Initialisation draws from libtorch's generator seeded with the job's seed.
+    tch::manual_seed(spec.training.seed as i64);
+    let vars = nn::VarStore::new(device);
+    let model = build_model(spec, base, &vars.root(), data.num_labels())?;
+    let eval_batch_size = eval_batch_size(spec);
+    let task = ClassifierRun { base, model, data, device, eval_batch_size, spec };
+    drive(job, &base.info.sha256, &vars, &task, on_event)
+}
+
+/// Batch size of evaluations: at least [`MIN_EVAL_BATCH_SIZE`].
+pub(crate) fn eval_batch_size(spec: &JobSpec) -> usize {
+    (spec.training.batch_size as usize).max(MIN_EVAL_BATCH_SIZE)
+}
+
+/// What the training loop needs of a job's model and data, whatever the task.
+pub(crate) trait TaskRun {
+    fn train_len(&self) -> usize;
+    fn eval_len(&self) -> usize;
+    /// Mean loss of the training examples at `indices`, in training mode.
+    fn train_loss(&self, indices: &[usize]) -> Tensor;
+    /// Evaluates every evaluation example, without gradients.
+    fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError>;
+    /// Writes the export of the job's variables `vars` into `out_dir`.
+    fn export(&self, out_dir: &Path, vars: &nn::VarStore, provenance: &serde_json::Value) -> Result<(), EngineError>;
+}
+
+/// A classifier and its data.
+struct ClassifierRun<'a> {
+    base: &'a BaseModel,
+    model: Classifier,
+    data: TaskData,
+    device: Device,
+    eval_batch_size: usize,
+    spec: &'a JobSpec,
+}
+
+impl TaskRun for ClassifierRun<'_> {
+    fn train_len(&self) -> usize {
+        self.data.train_len()
+    }
+
+    fn eval_len(&self) -> usize {
+        self.data.eval_len()
+    }
+
+    fn train_loss(&self, indices: &[usize]) -> Tensor {
+        self.data.train_loss(&self.model, self.base, indices, self.device)
+    }
+
+    fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError> {
+        Ok(self.data.evaluate(&self.model, self.base, self.eval_batch_size, self.device, step))
+    }
+
+    fn export(&self, out_dir: &Path, vars: &nn::VarStore, provenance: &serde_json::Value) -> Result<(), EngineError> {
+        export::write(out_dir, self.spec, &self.base.config, &self.model, vars, provenance)
+    }
+}
+
+/// The training loop shared by every task: resumes from the job's
+/// checkpoint when asked, runs AdamW steps on `vars` (the job's variables
+/// only) with the spec's schedule, evaluates every `eval_every` steps and at
+/// the end, writes a checkpoint after every evaluation, reports every step
+/// and evaluation to `on_event`, and exports at the end.
+///
+/// Every step reseeds libtorch's generator from (seed, step), so the
+/// dropout of a step does not depend on whether the run was resumed before
+/// it. The data order has its own generator.
+pub(crate) fn drive(
+    job: &TrainJob,
+    base_sha256: &str,
+    vars: &nn::VarStore,
+    task: &dyn TaskRun,
+    on_event: &mut dyn FnMut(Event<'_>) -> Control,
+) -> Result<TrainOutcome, EngineError> {
+    let spec = &job.spec;
     let t = &spec.training;
+    let total_steps = spec.total_steps(task.train_len() as u64);
     tracing::info!(
         job = %spec.name,
-        train_examples = train.len(),
-        eval_examples = eval.len(),
-        total_steps = spec.total_steps(train.len() as u64),
+        task = %spec.task,
+        train_examples = task.train_len(),
+        eval_examples = task.eval_len(),
+        total_steps,
         "training started"
     );
-
-    // Every random draw of the job (prompt init, head init, dropout) comes
-    // from libtorch's generator seeded here; the data order has its own.
-    tch::manual_seed(t.seed as i64);
-    let adapter = nn::VarStore::new(device);
-    let model = build_model(spec, base, &adapter.root())?;
-
-    let optimizer = &mut optimizer_for(&adapter, spec);
-
-    let total_steps = spec.total_steps(train.len() as u64);
+    let optimizer = &mut optimizer_for(vars, spec);
     let schedule = LinearSchedule::new(total_steps, t.warmup_ratio);
-    let mut batches = EpochBatches::new(train.len(), t.batch_size as usize, t.seed);
-    let pad_id = base.tokenizer.pad_id();
-    let eval_batch_size = (t.batch_size as usize).max(MIN_EVAL_BATCH_SIZE);
-    let evaluate = |model: &SeqClsModel, step: u64| {
-        let Evaluation { loss, accuracy, predictions } =
-            model.evaluate(&base.encoder, &eval, eval_batch_size, pad_id);
-        let metrics =
-            vec![metric(step, MetricKind::Eval, "loss", loss), metric(step, MetricKind::Eval, "accuracy", accuracy)];
-        (metrics, predictions)
-    };
-
+    let mut batches = EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed);
+    let mut step = 0u64;
     let mut last_eval = Vec::new();
     let mut eval_predictions = Vec::new();
-    let mut step = 0u64;
+    if let Some(state) = resume_state(job, vars, optimizer)? {
+        step = state.step.min(total_steps);
+        last_eval = state.last_eval;
+        batches.skip(step);
+        tracing::info!(job = %spec.name, step, total_steps, "resumed from checkpoint");
+    }
+    let save_checkpoint = |step: u64, last_eval: &[Metric], optimizer: &AdamW| match &job.checkpoint_dir {
+        Some(dir) => {
+            let state = TrainerState {
+                format: checkpoint::FORMAT,
+                step,
+                total_steps,
+                spec_sha256: checkpoint::spec_digest(spec),
+                last_eval: last_eval.to_vec(),
+            };
+            checkpoint::save(dir, &state, vars, optimizer)
+        }
+        None => Ok(()),
+    };
+
     while step < total_steps {
         let started = Instant::now();
-        let batch = Batch::collate(&train, batches.next_batch(), pad_id, device);
+        tch::manual_seed(step_seed(t.seed, step));
+        let indices = batches.next_batch().to_vec();
         let lr_factor = schedule.factor(step);
         optimizer.zero_grad();
-        let loss = model.train_loss(&base.encoder, &batch);
+        let loss = task.train_loss(&indices);
         loss.backward();
         optimizer.step(lr_factor);
         step += 1;
@@ -88,7 +167,7 @@ pub fn run(
         let metrics = [
             metric(step, MetricKind::Train, "loss", loss),
             metric(step, MetricKind::Train, "learning_rate", t.learning_rate * lr_factor),
-            metric(step, MetricKind::Train, "examples_per_second", batch.len as f64 / seconds.max(1e-9)),
+            metric(step, MetricKind::Train, "examples_per_second", indices.len() as f64 / seconds.max(1e-9)),
         ];
         tracing::debug!(step, total_steps, loss, epoch = batches.epoch(), "step");
         if !loss.is_finite() {
@@ -100,8 +179,10 @@ pub fn run(
         };
         let periodic = t.eval_every > 0 && step.is_multiple_of(t.eval_every);
         if periodic || step == total_steps || finish {
-            (last_eval, eval_predictions) = evaluate(&model, step);
-            tracing::info!(step, loss = last_eval[0].value, accuracy = last_eval[1].value, "evaluated");
+            let evaluation = task.evaluate(step)?;
+            (last_eval, eval_predictions) = (evaluation.metrics, evaluation.predictions);
+            tracing::info!(step, metrics = %summary(&last_eval), "evaluated");
+            save_checkpoint(step, &last_eval, optimizer)?;
             match on_event(Event::Eval { step, metrics: &last_eval }) {
                 Control::Stop => return Ok(stopped(step, total_steps, last_eval)),
                 control => finish |= control == Control::Finish,
@@ -112,31 +193,79 @@ pub fn run(
             break;
         }
     }
+    if eval_predictions.is_empty() {
+        // Resumed from a checkpoint taken at the end: the predictions were not saved.
+        let evaluation = task.evaluate(step)?;
+        (last_eval, eval_predictions) = (evaluation.metrics, evaluation.predictions);
+    }
 
     let provenance = serde_json::json!({
         "engine": concat!("ptune-worker ", env!("CARGO_PKG_VERSION")),
-        "base_model_sha256": base.info.sha256,
+        "base_model_sha256": base_sha256,
         "steps": step,
-        "train_examples": train.len(),
-        "eval_examples": eval.len(),
+        "train_examples": task.train_len(),
+        "eval_examples": task.eval_len(),
         "final_metrics": last_eval
             .iter()
             .map(|m| (m.name.clone(), serde_json::Value::from(m.value)))
             .collect::<serde_json::Map<_, _>>(),
         "spec": spec.to_json(),
     });
-    export::write(&job.out_dir, spec, &base.config, &model, &adapter, &provenance)?;
+    task.export(&job.out_dir, vars, &provenance)?;
     tracing::info!(job = %spec.name, out_dir = %job.out_dir.display(), "adapter exported");
     Ok(TrainOutcome { steps: step, total_steps, final_metrics: last_eval, eval_predictions, stopped: false })
+}
+
+/// Loads the job's checkpoint into `vars` and `optimizer` as `job.resume`
+/// asks; `None` when the run starts from step 0.
+fn resume_state(job: &TrainJob, vars: &nn::VarStore, optimizer: &mut AdamW) -> Result<Option<TrainerState>, EngineError> {
+    let dir = match (&job.checkpoint_dir, job.resume) {
+        (_, Resume::Never) => return Ok(None),
+        (Some(dir), _) => dir,
+        (None, _) => return Err(EngineError::Model("resuming needs a checkpoint folder".into())),
+    };
+    if !checkpoint::exists(dir) {
+        if job.resume == Resume::Required {
+            return Err(EngineError::Model(format!("no checkpoint to resume from in {}", dir.display())));
+        }
+        return Ok(None);
+    }
+    match checkpoint::load(dir, &job.spec, vars, optimizer) {
+        Ok(state) => Ok(Some(state)),
+        Err(e) if job.resume == Resume::IfPossible => {
+            tracing::warn!(error = %e, "checkpoint not usable; starting from step 0");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The seed of libtorch's generator for the step after `completed` steps:
+/// SplitMix64 of the job's seed and the step, so neighbouring steps and
+/// seeds get unrelated streams.
+pub fn step_seed(seed: u64, completed: u64) -> i64 {
+    let mut z = seed ^ completed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// `name value` pairs of a metric list, for the log.
+fn summary(metrics: &[Metric]) -> String {
+    metrics.iter().map(|m| format!("{} {:.4}", m.name, m.value)).collect::<Vec<_>>().join(" ")
 }
 
 /// Refuses specs this engine cannot train on this model, naming the field.
 fn check_supported(spec: &JobSpec, base: &BaseModel) -> Result<(), EngineError> {
     spec.validate(Some(&ModelLimits { max_positions: base.info.max_positions }))?;
-    if spec.task != Task::SequenceClassification {
-        return Err(SpecError::new("task", format!("{} is not supported by this engine yet", spec.task)).into());
+    if spec.task == Task::CausalLm {
+        return Err(SpecError::new(
+            "task",
+            format!("causal_lm needs a decoder-only model; {} is a {} encoder", spec.base_model, base.info.model_type),
+        )
+        .into());
     }
-    if !base.encoder.has_pooler() {
+    if spec.task == Task::SequenceClassification && !base.encoder.has_pooler() {
         return Err(EngineError::Model(
             "the checkpoint has no pooler.dense weights, which sequence classification pools through".into(),
         ));
@@ -175,7 +304,9 @@ pub fn optimizer_for(vars: &nn::VarStore, spec: &JobSpec) -> AdamW {
 
 /// The job's adapter and classification head, under `p`, drawn from the
 /// already seeded generator.
-pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path) -> Result<SeqClsModel, EngineError> {
+/// `num_labels` is the number of classes (sequence classification) or tags
+/// (token classification).
+pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: usize) -> Result<Classifier, EngineError> {
     let config = &base.config;
     let peft = &spec.peft;
     let nvt = i64::from(peft.num_virtual_tokens);
@@ -189,7 +320,8 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path) -> Result<Seq
     };
     let adapter = match spec.method {
         Method::PromptTuning => {
-            let init = PromptInit::from_spec(peft, &base.tokenizer, config.vocab_size)?;
+            let encode = |text: &str| base.tokenizer.encode(text);
+            let init = PromptInit::from_spec(peft, &encode, config.vocab_size)?;
             Adapter::PromptTuning(PromptTuning::new(p, nvt, &init, base.encoder.word_embeddings()))
         }
         Method::PTuning => Adapter::PTuning(PromptEncoder::new(
@@ -231,28 +363,15 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path) -> Result<Seq
         Method::Full => Adapter::Full(base.encoder.trainable_copy(&(p / "bert"), config)),
     };
     let dropout = config.classifier_dropout.unwrap_or(config.hidden_dropout_prob);
-    let labels = spec.data.labels.len() as i64;
-    let head = ClassificationHead::new(p, hidden, labels, config.initializer_range, dropout);
-    Ok(SeqClsModel { adapter, head })
+    let head = ClassificationHead::new(p, hidden, num_labels as i64, config.initializer_range, dropout);
+    let level = match spec.task {
+        Task::TokenClassification => Level::Token,
+        _ => Level::Sequence,
+    };
+    Ok(Classifier { adapter, head, level })
 }
 
-/// Reads and tokenizes one data file; an empty file is an error.
-fn load_examples(
-    path: &Path,
-    name: &str,
-    spec: &JobSpec,
-    limit: u64,
-    tokenizer: &TextTokenizer,
-) -> Result<Vec<Example>, EngineError> {
-    let texts = read_labelled_texts(path, name, spec, limit)?;
-    if texts.is_empty() {
-        return Err(EngineError::Dataset { file: name.to_string(), message: "has no examples".into() });
-    }
-    let ids = tokenizer.encode_batch(texts.iter().map(|t| t.text.as_str()).collect(), spec.data.max_seq_len as usize)?;
-    Ok(ids.into_iter().zip(&texts).map(|(ids, t)| Example { ids, label: t.label as i64 }).collect())
-}
-
-fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Metric {
+pub(crate) fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Metric {
     Metric { step, kind, name: name.to_string(), value }
 }
 

@@ -84,6 +84,11 @@ impl Cluster {
         WorkerProcess { child, log: self.dir.path().join(format!("{name}.log")) }
     }
 
+    /// The work directory of the worker spawned as `name`.
+    pub fn worker_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     pub fn worker_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }

@@ -80,6 +80,14 @@ impl EpochBatches {
         &self.order[start..self.cursor]
     }
 
+    /// Moves past the first `batches` batches, as if they had been taken:
+    /// a resumed run continues with the batch an uninterrupted one would take.
+    pub fn skip(&mut self, batches: u64) {
+        for _ in 0..batches {
+            self.next_batch();
+        }
+    }
+
     /// 1-based epoch of the last batch returned.
     pub fn epoch(&self) -> u64 {
         self.epoch

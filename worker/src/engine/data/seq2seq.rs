@@ -36,30 +36,67 @@ pub struct LmExample {
     pub labels: Vec<i64>,
 }
 
+/// The JSON fields of text-to-text rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seq2SeqFields {
+    pub source: String,
+    pub target: String,
+    /// An evaluation row's list of reference outputs.
+    pub references: String,
+}
+
+impl Default for Seq2SeqFields {
+    /// E2E's names: `source`, `target`, `references`.
+    fn default() -> Self {
+        Self { source: "source".into(), target: "target".into(), references: "references".into() }
+    }
+}
+
 /// Reads up to `limit` (0: all) `{"source", "target"}` pairs from `path`,
 /// naming the file `name` in errors.
 pub fn read_source_targets(path: &Path, name: &str, limit: u64) -> Result<Vec<SourceTarget>, EngineError> {
+    read_source_targets_in(path, name, limit, &Seq2SeqFields::default())
+}
+
+/// [`read_source_targets`] with the fields named by `fields`.
+pub fn read_source_targets_in(
+    path: &Path,
+    name: &str,
+    limit: u64,
+    fields: &Seq2SeqFields,
+) -> Result<Vec<SourceTarget>, EngineError> {
     read_objects(path, name, limit, |object| {
-        Ok(SourceTarget { source: string_field(object, "source")?, target: string_field(object, "target")? })
+        Ok(SourceTarget { source: string_field(object, &fields.source)?, target: string_field(object, &fields.target)? })
     })
 }
 
 /// Reads up to `limit` (0: all) `{"source", "references": [..]}` inputs
 /// from `path`; a line with a single `"target"` instead counts as one reference.
 pub fn read_source_references(path: &Path, name: &str, limit: u64) -> Result<Vec<SourceReferences>, EngineError> {
+    read_source_references_in(path, name, limit, &Seq2SeqFields::default())
+}
+
+/// [`read_source_references`] with the fields named by `fields`.
+pub fn read_source_references_in(
+    path: &Path,
+    name: &str,
+    limit: u64,
+    fields: &Seq2SeqFields,
+) -> Result<Vec<SourceReferences>, EngineError> {
+    let (references_field, target_field) = (fields.references.as_str(), fields.target.as_str());
     read_objects(path, name, limit, |object| {
-        let source = string_field(object, "source")?;
-        let references = match (object.get("references"), object.get("target")) {
+        let source = string_field(object, &fields.source)?;
+        let references = match (object.get(references_field), object.get(target_field)) {
             (Some(Value::Array(items)), _) => items
                 .iter()
-                .map(|item| item.as_str().map(str::to_string).ok_or("expected strings in field \"references\""))
+                .map(|item| item.as_str().map(str::to_string).ok_or(format!("expected strings in field {references_field:?}")))
                 .collect::<Result<Vec<_>, _>>()?,
-            (Some(_), _) => return Err("expected a list of strings in field \"references\"".into()),
+            (Some(_), _) => return Err(format!("expected a list of strings in field {references_field:?}")),
             (None, Some(Value::String(target))) => vec![target.clone()],
-            (None, _) => return Err("missing field \"references\"".into()),
+            (None, _) => return Err(format!("missing field {references_field:?} (or {target_field:?})")),
         };
         if references.is_empty() {
-            return Err("field \"references\" is empty".into());
+            return Err(format!("field {references_field:?} is empty"));
         }
         Ok(SourceReferences { source, references })
     })

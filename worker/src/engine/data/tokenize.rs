@@ -31,6 +31,11 @@ impl TextTokenizer {
         Ok(Self { inner, pad_id: i64::from(pad_id) })
     }
 
+    /// The underlying tokenizer (padding and truncation off).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     /// Id that fills padding positions.
     pub fn pad_id(&self) -> i64 {
         self.pad_id

@@ -6,7 +6,6 @@
 use ptune_core::PeftConfig;
 use tch::{nn, Kind, Tensor};
 
-use crate::engine::data::tokenize::TextTokenizer;
 use crate::engine::EngineError;
 
 /// How the prompt table starts, resolved to what it is copied from.
@@ -21,12 +20,13 @@ pub enum PromptInit {
 impl PromptInit {
     /// Resolves the spec's init. `vocab` draws token ids uniformly from the
     /// `vocab_size` word embeddings with libtorch's generator (seeded by the
-    /// job), as PEFT's `torch.randint` does; `text` takes the ids of the init
-    /// text with special tokens, repeated or cut to the prompt length, as
+    /// job), as PEFT's `torch.randint` does; `text` takes the ids `encode`
+    /// gives the init text (with the tokenizer's special tokens, as PEFT's
+    /// `tokenizer(init_text)`), repeated or cut to the prompt length, as
     /// PEFT's `TEXT` init does.
     pub fn from_spec(
         peft: &PeftConfig,
-        tokenizer: &TextTokenizer,
+        encode: &dyn Fn(&str) -> Result<Vec<i64>, EngineError>,
         vocab_size: i64,
     ) -> Result<Self, EngineError> {
         let nvt = i64::from(peft.num_virtual_tokens);
@@ -38,7 +38,7 @@ impl PromptInit {
             }
             ptune_core::PromptInit::Text => {
                 let text = peft.init_text.as_deref().unwrap_or_default();
-                let ids = tokenizer.encode(text)?;
+                let ids = encode(text)?;
                 if ids.is_empty() {
                     return Err(ptune_core::SpecError::new("peft.init_text", "tokenizes to no tokens").into());
                 }

@@ -239,7 +239,8 @@ pub struct BleuEvaluation {
     pub hypotheses: Vec<String>,
 }
 
-/// Decodes every input's `source + separator` prompt in batches of
+/// Decodes every input's `source + separator` prompt (at most
+/// `format.max_len` tokens) in batches of
 /// `batch_size` (inputs of similar length together) and scores the texts
 /// with corpus BLEU against the references.
 #[allow(clippy::too_many_arguments)]
@@ -253,8 +254,16 @@ pub fn evaluate_bleu(
     config: &GenerationConfig,
     device: Device,
 ) -> Result<BleuEvaluation, EngineError> {
-    let prompts =
-        inputs.iter().map(|input| format.prompt_ids(tokenizer, &input.source)).collect::<Result<Vec<_>, _>>()?;
+    // A prompt longer than the format's limit keeps its first tokens, as a
+    // training example does.
+    let prompts = inputs
+        .iter()
+        .map(|input| {
+            let mut ids = format.prompt_ids(tokenizer, &input.source)?;
+            ids.truncate(format.max_len);
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>, EngineError>>()?;
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let mut hypotheses = vec![String::new(); inputs.len()];

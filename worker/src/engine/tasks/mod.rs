@@ -2,5 +2,5 @@
 
 pub mod bleu;
 pub mod causal_lm;
-pub mod seq_cls;
+pub mod classifier;
 pub mod token_cls;

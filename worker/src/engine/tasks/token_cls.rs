@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::seq_cls::ClassificationHead;
+use super::classifier::ClassificationHead;
 use crate::engine::data::ner::{length_sorted_batches, NerBatch, NerExample, TagSet, IGNORE_INDEX};
 
 /// The trainable per-token classifier, `classifier.weight` `[tags, hidden]`

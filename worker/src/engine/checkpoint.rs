@@ -1,0 +1,138 @@
+//! Resume checkpoints, kept apart from exports: everything a run needs to
+//! continue exactly where it was, in a folder of two files.
+//!
+//! - `state.safetensors`: the job's variables (`model.` + their names: the
+//!   adapter, its encoder, the head) and AdamW's moments (`optimizer.`).
+//! - `trainer_state.json`: the step reached (which fixes the scheduler's
+//!   position and the data order position: batches are drawn from a
+//!   generator seeded by the job's seed, so a resumed run skips the batches
+//!   already taken), the last evaluation, and a digest of the spec.
+//!
+//! The random state needs no capture: the training loop reseeds libtorch's
+//! generator from (seed, step) before every step, so dropout at step k+1 is
+//! the same whether or not the run stopped at step k.
+//!
+//! A checkpoint is written into a sibling folder and renamed into place, so a
+//! process killed while saving leaves the previous checkpoint whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ptune_core::{JobSpec, Metric};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{nn, Kind, Tensor};
+
+use super::export::write_safetensors;
+use super::optim::AdamW;
+use super::EngineError;
+
+pub const STATE_FILE: &str = "state.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const FORMAT: u32 = 1;
+
+/// What `trainer_state.json` holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: u32,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub total_steps: u64,
+    /// sha256 of the spec's training-relevant fields ([`spec_digest`]): a
+    /// checkpoint only resumes the job it was written for.
+    pub spec_sha256: String,
+    /// Metrics of the last evaluation, at or before `step`.
+    pub last_eval: Vec<Metric>,
+}
+
+/// Digest of everything in `spec` that changes the computation: all but the
+/// name, owner and attempt limit.
+pub fn spec_digest(spec: &JobSpec) -> String {
+    let mut json = spec.to_json();
+    if let Some(fields) = json.as_object_mut() {
+        for key in ["name", "owner", "max_attempts"] {
+            fields.remove(key);
+        }
+    }
+    hex::encode(Sha256::digest(json.to_string().as_bytes()))
+}
+
+/// True when `dir` holds a complete checkpoint.
+pub fn exists(dir: &Path) -> bool {
+    dir.join(STATE_FILE).is_file() && dir.join(TRAINER_STATE_FILE).is_file()
+}
+
+/// Writes a checkpoint of `vars` and `optimizer` at `state.step` into `dir`,
+/// replacing the one there.
+pub fn save(dir: &Path, state: &TrainerState, vars: &nn::VarStore, optimizer: &AdamW) -> Result<(), EngineError> {
+    let staging = sibling(dir, "saving");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| EngineError::io(&staging, e))?;
+    let mut tensors: Vec<(String, Tensor)> =
+        vars.variables().into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors.extend(optimizer.state_tensors());
+    write_safetensors(&staging.join(STATE_FILE), &tensors)?;
+    let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
+    let path = staging.join(TRAINER_STATE_FILE);
+    std::fs::write(&path, json).map_err(|e| EngineError::io(&path, e))?;
+
+    let previous = sibling(dir, "previous");
+    let _ = std::fs::remove_dir_all(&previous);
+    if dir.exists() {
+        std::fs::rename(dir, &previous).map_err(|e| EngineError::io(dir, e))?;
+    }
+    std::fs::rename(&staging, dir).map_err(|e| EngineError::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(&previous);
+    Ok(())
+}
+
+/// Reads the checkpoint in `dir` into `vars` and `optimizer` (built for
+/// `spec` the same way as when it was saved) and returns its state. A
+/// checkpoint of another spec, or one whose tensors do not fit, is refused
+/// with the reason.
+pub fn load(dir: &Path, spec: &JobSpec, vars: &nn::VarStore, optimizer: &mut AdamW) -> Result<TrainerState, EngineError> {
+    let refuse = |message: String| EngineError::Model(format!("checkpoint {}: {message}", dir.display()));
+    let path = dir.join(TRAINER_STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| refuse(format!("{TRAINER_STATE_FILE}: {e}")))?;
+    if state.format != FORMAT {
+        return Err(refuse(format!("format {} is not {FORMAT}", state.format)));
+    }
+    if state.spec_sha256 != spec_digest(spec) {
+        return Err(refuse("it was written for a different job spec; resume with the spec that wrote it".into()));
+    }
+    let path = dir.join(STATE_FILE);
+    let device = vars.device();
+    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .map_err(|e| refuse(format!("cannot read {STATE_FILE}: {e}")))?
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_kind(Kind::Float).to_device(device)))
+        .collect();
+    // Everything is checked before anything is copied, so a refused
+    // checkpoint leaves the freshly initialised run untouched.
+    let variables = vars.variables();
+    for (name, variable) in &variables {
+        let key = format!("model.{name}");
+        let tensor = saved.get(&key).ok_or_else(|| refuse(format!("no tensor {key}")))?;
+        if tensor.size() != variable.size() {
+            return Err(refuse(format!("{key} has shape {:?}, expected {:?}", tensor.size(), variable.size())));
+        }
+    }
+    let model_tensors = saved.keys().filter(|k| k.starts_with("model.")).count();
+    if model_tensors != variables.len() {
+        return Err(refuse(format!("{model_tensors} model tensors saved, expected {}", variables.len())));
+    }
+    optimizer.check_state(&saved).map_err(refuse)?;
+    for (name, variable) in &variables {
+        let mut variable = variable.shallow_clone();
+        tch::no_grad(|| variable.copy_(&saved[&format!("model.{name}")]));
+    }
+    optimizer.load_state(state.step, &saved).map_err(refuse)?;
+    Ok(state)
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir.file_name().map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    dir.with_file_name(format!(".{name}.{suffix}"))
+}

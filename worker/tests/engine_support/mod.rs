@@ -1,0 +1,38 @@
+//! What the engine tests share: training a job on a model folder, runs
+//! taking turns with libtorch's process-wide generator, and every metric
+//! recorded.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ptune_core::Metric;
+use ptune_worker::engine::{Control, Engine, EngineError, Event, TrainJob, TrainOutcome};
+use tch::Device;
+
+/// Training seeds libtorch's process-wide generator: runs take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Trains `job` on the model in `model_dir`, stopping (as a crash would: no
+/// export) after step `stop_at`; returns the outcome and every step's and
+/// evaluation's metrics.
+pub fn train_on(model_dir: &Path, job: &TrainJob, stop_at: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut engine = Engine::new(Device::Cpu);
+    let mut seen = Vec::new();
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Step { step, metrics, .. } => {
+            seen.extend_from_slice(metrics);
+            if stop_at == Some(step) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        }
+        Event::Eval { metrics, .. } => {
+            seen.extend_from_slice(metrics);
+            Control::Continue
+        }
+    };
+    let outcome = engine.train(model_dir, job, &mut on_event);
+    (outcome, seen)
+}
