@@ -32,21 +32,8 @@ fi
 rm -rf "$work"
 mkdir -p "$work"
 
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-"$bin/ptune-coordinator" --grpc-addr "127.0.0.1:$grpc_port" --http-addr "127.0.0.1:$http_port" \
-  --data-dir "$work/coordinator" >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 120); do
-  "$bin/ptune" sweep list --limit 1 >/dev/null 2>&1 && break
-  kill -0 "${pids[0]}" 2>/dev/null || { cat "$work/coordinator.log" >&2; exit 1; }
-  sleep 0.5
-done
+source bench/coordinator.sh
+start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
 "$bin/ptune-worker" --models-dir "$models" --work-dir "$work/worker" --slots 1 >"$work/worker.log" 2>&1 &
 pids+=($!)
 

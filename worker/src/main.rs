@@ -25,6 +25,10 @@ struct Args {
     /// Threads libtorch uses (0: all cores).
     #[arg(long, env = "PTUNE_THREADS", default_value_t = 0)]
     threads: u32,
+    /// Most MiB of base-model weights kept loaded; models no running job uses are evicted least recently used
+    /// first (0: no limit). Every slot shares one copy of each model either way.
+    #[arg(long, env = "PTUNE_MODEL_MEMORY_MIB", default_value_t = 0)]
+    model_memory_mib: u64,
     /// Log format.
     #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
                 slots: args.slots.max(1),
                 work_dir: args.work_dir,
                 threads: args.threads,
+                model_memory: (args.model_memory_mib > 0).then(|| args.model_memory_mib << 20),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {

@@ -185,6 +185,31 @@ async fn a_worker_restarted_after_a_crash_resumes_its_job_from_the_last_checkpoi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_every_slot_of_a_worker_share_one_copy_of_the_base_model() {
+    let cluster = Cluster::start(Duration::from_secs(2)).await;
+    let mut client = cluster.client().await;
+    let first = submit_sst2(&mut client, 30).await;
+    let second = submit_sst2(&mut client, 30).await;
+    let _worker = cluster.spawn_worker_with_slots("shared", 2);
+    let mut done = Vec::new();
+    for job in [&first, &second] {
+        let finished =
+            wait_for(&mut client, &job.id, Duration::from_secs(240), "finished", |j| state(j).is_terminal()).await;
+        assert_eq!(state(&finished), JobState::Succeeded);
+        done.push(finished);
+    }
+    // RFC 3339 UTC times of one format compare as text.
+    assert!(
+        done[1].started_at < done[0].finished_at && done[0].started_at < done[1].finished_at,
+        "the two slots trained at the same time: {:?}",
+        done.iter().map(|j| (&j.started_at, &j.finished_at)).collect::<Vec<_>>()
+    );
+    let log = cluster.worker_log("shared");
+    let loads = log.lines().map(without_colours).filter(|line| line.contains("base model loaded")).count();
+    assert_eq!(loads, 1, "two jobs, one copy of MiniLM:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_dataset_line_fails_the_job_with_the_file_and_line_number() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;

@@ -299,7 +299,7 @@ fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
     let model_dir = minilm_dir();
     let mut engine = Engine::new(Device::Cpu);
     let before: Vec<Tensor> =
-        engine.base_model(&model_dir).expect("tiny-bert loads").encoder.tensors().iter().map(Tensor::copy).collect();
+        engine.base_model(&model_dir).expect("MiniLM loads").encoder().unwrap().encoder.tensors().iter().map(Tensor::copy).collect();
     let methods = [
         ("prompt_tuning", json!({ "num_virtual_tokens": 4 }), 3e-2),
         ("p_tuning", json!({ "num_virtual_tokens": 4, "encoder_hidden_size": 16 }), 1e-2),
@@ -346,7 +346,7 @@ fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
         let (first, last) = (mean(&losses[..3]), mean(&losses[12..]));
         assert!(last < first - 0.05, "{method} {i}: loss did not go down: {first:.4} -> {last:.4}: {losses:?}");
 
-        let after = engine.base_model(&model_dir).expect("still loaded").encoder.tensors();
+        let after = engine.base_model(&model_dir).expect("still loaded").encoder().unwrap().encoder.tensors();
         for (a, b) in before.iter().zip(&after) {
             assert!(!b.requires_grad() && !b.grad().defined(), "{method}: the shared base got a gradient");
             assert_eq!(max_abs_diff(a, b), 0.0, "{method}: the shared base changed");
@@ -388,7 +388,8 @@ fn minilm_exports_predict_like_the_engine_on_sst2_dev() {
 
     let minilm = minilm_dir();
     let mut engine = Engine::new(Device::Cpu);
-    let base = engine.base_model(&minilm).expect("MiniLM loads");
+    let shared = engine.base_model(&minilm).expect("MiniLM loads");
+    let base = shared.encoder().expect("an encoder");
     let texts: Vec<String> = dev_lines
         .iter()
         .map(|l| serde_json::from_str::<Value>(l).expect("json")["text"].as_str().expect("text").to_string())

@@ -701,7 +701,7 @@ mod tests {
         let asha = example(include_str!("../../../examples/sweeps/sst2-asha.toml"));
         assert_eq!((asha.kind(), asha.budget(), asha.distinct_configs()), (AlgorithmKind::Asha, 16, Some(16)));
         let plan = asha.asha().unwrap().plan(None).unwrap();
-        assert_eq!((plan.rungs.as_slice(), plan.max_steps, plan.eval_every(0)), (&[9, 27][..], 81, 9));
+        assert_eq!((plan.rungs.as_slice(), plan.max_steps, plan.eval_every(0)), (&[27, 81][..], 243, 27));
         let mut taken = HashSet::new();
         for i in 0..16 {
             taken.insert(asha.params_for(i, &taken).unwrap().key());

@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Threads libtorch may use per engine (0: all cores).
     pub threads: u32,
+    /// Most bytes of base-model weights to keep loaded; unused models are
+    /// evicted least recently used first (`None`: no limit).
+    pub model_memory: Option<u64>,
 }
 
 /// What the coordinator wants a running job to do next.
@@ -114,7 +117,8 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     let heartbeat_every = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(100)));
     info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
 
-    let engines = runner::EnginePool::start(config.slots as usize, config.threads);
+    let cache = Arc::new(crate::engine::ModelCache::new(tch::Device::Cpu, config.model_memory));
+    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache);
     let leases = Leases::default();
     let context = job::JobContext {
         client: client.clone(),

@@ -1,6 +1,7 @@
 //! Engine threads: libtorch work never runs on the async runtime. Each thread
-//! owns an [`Engine`] (and its cache of frozen base models) and takes one
-//! training run at a time from a shared queue.
+//! owns an [`Engine`] and takes one training run at a time from a shared
+//! queue; all of them share one [`ModelCache`], so the process holds each
+//! frozen base model once whatever the number of slots.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use ptune_core::Metric;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::{Engine, EngineError, Event, TrainJob, TrainOutcome};
+use crate::engine::{Engine, EngineError, Event, ModelCache, TrainJob, TrainOutcome};
 
 /// What an engine thread tells the async side about a run.
 #[derive(Debug)]
@@ -35,17 +36,17 @@ pub struct EnginePool {
 }
 
 impl EnginePool {
-    pub fn start(threads: usize, torch_threads: u32) -> Self {
+    /// Starts `threads` engine threads whose libtorch work uses
+    /// `torch_threads` threads each (0: every core), sharing `cache`.
+    pub fn start(threads: usize, torch_threads: u32, cache: Arc<ModelCache>) -> Self {
         let (queue, receiver) = mpsc::channel::<Option<RunRequest>>();
         let receiver = Arc::new(Mutex::new(receiver));
-        if torch_threads > 0 {
-            tch::set_num_threads(torch_threads as i32);
-        }
         for index in 0..threads.max(1) {
             let receiver = receiver.clone();
+            let engine = Engine::with_cache(cache.clone(), torch_threads as usize);
             std::thread::Builder::new()
                 .name(format!("engine-{index}"))
-                .spawn(move || engine_thread(receiver))
+                .spawn(move || engine_thread(engine, receiver))
                 .expect("engine thread starts");
         }
         Self { queue, threads: threads.max(1) }
@@ -63,8 +64,7 @@ impl EnginePool {
     }
 }
 
-fn engine_thread(receiver: Arc<Mutex<mpsc::Receiver<Option<RunRequest>>>>) {
-    let mut engine = Engine::new(tch::Device::Cpu);
+fn engine_thread(mut engine: Engine, receiver: Arc<Mutex<mpsc::Receiver<Option<RunRequest>>>>) {
     loop {
         let next = receiver.lock().expect("engine queue lock").recv();
         let Ok(Some(request)) = next else { return };

@@ -9,6 +9,7 @@
 //! batching, `optim.rs` AdamW with its schedule, `export.rs` the exports and
 //! `train.rs` the loop that ties them together.
 
+mod cache;
 mod checkpoint;
 mod data;
 mod export;
@@ -20,8 +21,8 @@ mod task_data;
 mod tasks;
 mod train;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ptune_core::{JobSpec, Metric, SpecError};
 
@@ -39,6 +40,7 @@ pub use peft::lora::{Lora, LoraConfig};
 pub use peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 pub use peft::prefix::{PrefixShape, PrefixTuning};
 pub use peft::prompt_tuning::{PromptInit, PromptTuning};
+pub use cache::{CacheStats, LoadedModel, ModelCache, SharedModel};
 pub use checkpoint::{TrainerState, STATE_FILE as CHECKPOINT_STATE_FILE, TRAINER_STATE_FILE};
 pub use tasks::classifier::{macro_f1, Adapter, ClassificationHead, Classifier, Level};
 pub use tasks::{bleu, causal_lm, token_cls};
@@ -165,68 +167,49 @@ impl EngineError {
     }
 }
 
-/// Owns the loaded base models and trains jobs on them.
-///
-/// A base model is loaded once and kept, keyed by its folder and the sha256 of
-/// its weights, so every job on the same model shares one frozen copy.
+/// Trains jobs on base models from a [`ModelCache`], which may be shared
+/// with other engines (one per engine thread of a worker): every job on the
+/// same model, on any thread, reads one frozen copy.
 pub struct Engine {
     device: tch::Device,
     threads: i32,
-    models: HashMap<(PathBuf, String), BaseModel>,
-    decoders: HashMap<(PathBuf, String), DecoderBase>,
+    cache: Arc<ModelCache>,
 }
 
 impl Engine {
-    /// Creates an engine that trains on `device`, using every CPU core for
-    /// libtorch's intra-op parallelism.
+    /// Creates an engine that trains on `device` with its own unbounded
+    /// model cache, using every CPU core for libtorch's intra-op parallelism.
     pub fn new(device: tch::Device) -> Self {
         Self::with_threads(device, 0)
     }
 
     /// Creates an engine whose libtorch work uses `threads` CPU threads
-    /// (0: every core). The setting is applied on the thread that trains,
-    /// since OpenMP keeps it per thread.
+    /// (0: every core), with its own unbounded model cache.
     pub fn with_threads(device: tch::Device, threads: usize) -> Self {
+        Self::with_cache(Arc::new(ModelCache::new(device, None)), threads)
+    }
+
+    /// Creates an engine on `cache`'s device and models. The thread setting
+    /// is applied on the thread that trains, since OpenMP keeps it per thread.
+    pub fn with_cache(cache: Arc<ModelCache>, threads: usize) -> Self {
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        Self {
-            device,
-            threads: i32::try_from(threads).unwrap_or(i32::MAX),
-            models: HashMap::new(),
-            decoders: HashMap::new(),
-        }
+        Self { device: cache.device(), threads: i32::try_from(threads).unwrap_or(i32::MAX), cache }
     }
 
     pub fn device(&self) -> tch::Device {
         self.device
     }
 
-    /// Loads the base model in `model_dir`, or returns the copy already loaded
-    /// from the same folder with the same weights.
-    pub fn base_model(&mut self, model_dir: &Path) -> Result<&BaseModel, EngineError> {
-        let sha256 = models::weights_sha256(model_dir)?;
-        let key = (model_dir.to_path_buf(), sha256);
-        if !self.models.contains_key(&key) {
-            let model = BaseModel::load(model_dir, self.device)?;
-            tracing::info!(model_dir = %model_dir.display(), sha256 = %key.1, "base model loaded");
-            self.models.insert(key.clone(), model);
-        }
-        Ok(&self.models[&key])
+    pub fn cache(&self) -> &Arc<ModelCache> {
+        &self.cache
     }
 
-    /// Loads the decoder-only model in `model_dir`, or returns the copy
-    /// already loaded from the same folder with the same weights.
-    pub fn decoder_model(&mut self, model_dir: &Path) -> Result<&DecoderBase, EngineError> {
-        let sha256 = models::decoder::checkpoint_sha256(model_dir)?;
-        let key = (model_dir.to_path_buf(), sha256);
-        if !self.decoders.contains_key(&key) {
-            let model = DecoderBase::load(model_dir, self.device)?;
-            tracing::info!(model_dir = %model_dir.display(), sha256 = %key.1, "decoder model loaded");
-            self.decoders.insert(key.clone(), model);
-        }
-        Ok(&self.decoders[&key])
+    /// The encoder in `model_dir`, loaded once per cache.
+    pub fn base_model(&self, model_dir: &Path) -> Result<Arc<SharedModel>, EngineError> {
+        self.cache.get(model_dir, ptune_core::Task::SequenceClassification)
     }
 
     /// Trains `job` on the base model in `model_dir`. Calls `on_event` after
@@ -242,12 +225,11 @@ impl Engine {
         tch::set_num_threads(self.threads);
         let device = self.device;
         check_architecture(&job.spec, model_dir)?;
-        if job.spec.task == ptune_core::Task::CausalLm {
-            let base = self.decoder_model(model_dir)?;
-            return lm::run(base, device, job, on_event);
+        let model = self.cache.get(model_dir, job.spec.task)?;
+        match &model.model {
+            LoadedModel::Decoder(base) => lm::run(base, device, job, on_event),
+            LoadedModel::Encoder(base) => train::run(base, device, job, on_event),
         }
-        let base = self.base_model(model_dir)?;
-        train::run(base, device, job, on_event)
     }
 }
 

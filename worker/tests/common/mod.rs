@@ -68,6 +68,11 @@ impl Cluster {
 
     /// Starts a `ptune-worker` process with its own work dir.
     pub fn spawn_worker(&self, name: &str) -> WorkerProcess {
+        self.spawn_worker_with_slots(name, 1)
+    }
+
+    /// A worker process training up to `slots` jobs at once.
+    pub fn spawn_worker_with_slots(&self, name: &str, slots: u32) -> WorkerProcess {
         let work_dir = self.dir.path().join(name);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ptune-worker"))
@@ -76,7 +81,7 @@ impl Cluster {
             .arg(&self.models_dir)
             .arg("--work-dir")
             .arg(&work_dir)
-            .args(["--slots", "1", "--threads", "1"])
+            .args(["--slots", &slots.to_string(), "--threads", "1"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

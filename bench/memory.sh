@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Peak resident memory of training many jobs on one frozen MiniLM:
+#   1. one worker process (coordinator + worker, --slots 16) running 16
+#      prompt-tuning jobs at once: every job reads the worker's one copy of
+#      the model;
+#   2. the same worker setup running 1 job (--slots 1);
+#   3. 16 separate `ptune-worker train` processes at once, each with its own
+#      copy (the one-adapter-per-process way): the sum of their peaks.
+# Jobs: prompt tuning, 20 virtual tokens, batch 8, 64 tokens, 24 steps,
+# evaluation at the end on 64 dev examples. Peaks are VmHWM of the worker
+# (/proc) and GNU time's maximum RSS of each train process.
+#
+#   bench/memory.sh        # PTUNE_BENCH_BIN: prebuilt binaries (default target/release)
+#
+# Writes target/bench/memory.md; logs under .ptune/bench-memory/.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/env.sh"
+cd "$PTUNE_ROOT"
+bin="${PTUNE_BENCH_BIN:-target/release}"
+jobs="${JOBS:-16}"
+work=.ptune/bench-memory
+grpc_port=50171
+http_port=8191
+export PTUNE_COORDINATOR="http://127.0.0.1:$grpc_port"
+rm -rf "$work"
+mkdir -p "$work" target/bench
+
+spec="$work/job.toml"
+cat >"$spec" <<TOML
+name = "memory"
+base_model = "all-MiniLM-L6-v2"
+task = "sequence_classification"
+method = "prompt_tuning"
+[peft]
+num_virtual_tokens = 20
+init = "vocab"
+[data]
+train = "$PTUNE_ROOT/../shared/data/sst2/train.jsonl"
+eval = "$PTUNE_ROOT/../shared/data/sst2/dev.jsonl"
+labels = [0, 1]
+max_seq_len = 64
+max_train_examples = 192
+max_eval_examples = 64
+[training]
+learning_rate = 3e-2
+batch_size = 8
+max_steps = 24
+seed = 1
+TOML
+
+source bench/coordinator.sh
+start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
+
+# Runs N jobs on a fresh worker with N slots; prints its peak RSS in KiB.
+worker_peak() {
+  local n="$1" ids=() wpid
+  "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$n" --slots "$n" --threads 1 \
+    >"$work/worker-$n.log" 2>&1 &
+  wpid=$!
+  for i in $(seq 1 "$n"); do
+    ids+=("$("$bin/ptune" submit "$spec" | tail -n 1)")
+  done
+  for id in "${ids[@]}"; do "$bin/ptune" jobs wait "$id" --timeout 1800 >/dev/null; done
+  sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$wpid/status"
+  kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
+}
+
+echo "bench: $jobs jobs on one worker" >&2
+many=$(worker_peak "$jobs")
+echo "bench: 1 job on one worker" >&2
+one=$(worker_peak 1)
+
+echo "bench: $jobs separate processes" >&2
+trainers=()
+for i in $(seq 1 "$jobs"); do
+  /usr/bin/time -f "%M" -o "$work/process-$i.rss" "$bin/ptune-worker" --models-dir models --threads 1 \
+    train --spec "$spec" --out "$work/process-$i" >/dev/null 2>"$work/process-$i.log" &
+  trainers+=($!)
+done
+for pid in "${trainers[@]}"; do wait "$pid" || true; done
+separate=$(cat "$work"/process-*.rss | awk '{ s += $1 } END { print s }')
+single=$(head -n 1 "$work/process-1.rss")
+
+python3 - "$jobs" "$many" "$one" "$separate" "$single" <<'PY' | tee target/bench/memory.md
+import sys
+n, many, one, separate, single = sys.argv[1], *map(int, sys.argv[2:])
+mib = lambda kib: f"{kib / 1024:.0f} MiB"
+print(f"Peak resident memory, prompt tuning on all-MiniLM-L6-v2 (batch 8, 64 tokens, 20 virtual tokens).")
+print()
+print("| setup | peak RSS | vs one job on one worker |")
+print("|---|---|---|")
+print(f"| one worker, 1 job | {mib(one)} | 1.00x |")
+print(f"| one worker, {n} jobs at once (one shared copy of the model) | {mib(many)} | {many / one:.2f}x |")
+print(f"| {n} separate train processes at once (sum) | {mib(separate)} | {separate / one:.2f}x |")
+print(f"| one train process (for scale) | {mib(single)} | {single / one:.2f}x |")
+PY
