@@ -35,6 +35,9 @@ pub struct JobView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trial_index: Option<u32>,
     pub early_stopped: bool,
+    /// Why a queued job is not being trained (empty when it merely waits for a slot).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub waiting_reason: String,
     pub metrics: Vec<MetricView>,
     pub spec: Option<serde_json::Value>,
 }
@@ -91,6 +94,7 @@ impl JobView {
             sweep_id: Some(job.sweep_id.clone()).filter(|s| !s.is_empty()),
             trial_index: (!job.sweep_id.is_empty()).then_some(job.trial_index),
             early_stopped: job.early_stopped,
+            waiting_reason: job.waiting_reason.clone(),
             metrics: job.latest_metrics.iter().map(MetricView::from).collect(),
             spec: domain_spec,
         }

@@ -66,7 +66,7 @@ impl Coordinator {
         let hub = EventHub::default();
         let timing = Timing { lease_timeout: config.lease_timeout, heartbeat_interval: config.heartbeat_interval };
         let scheduler = Scheduler::new(store.clone(), hub.clone(), timing);
-        let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, stopped.clone());
+        let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, config.lease_timeout, stopped.clone());
         let nudge = Arc::new(Notify::new());
         let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
         let reaper = spawn_reaper(scheduler.clone(), stopped.clone());

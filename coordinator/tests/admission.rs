@@ -120,3 +120,35 @@ async fn a_model_no_worker_can_train_is_refused_with_its_type_and_what_is_suppor
     assert_eq!(jobs.len(), 3, "the refused job and sweep stored nothing: {jobs:?}");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_queued_job_says_why_no_worker_takes_it() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("on-bert").await;
+    let reason = |env: &mut common::Env, id: String| {
+        let mut jobs = env.jobs.clone();
+        async move { jobs.get_job(v1::GetJobRequest { job_id: id }).await.unwrap().into_inner().waiting_reason }
+    };
+
+    // Queued before any worker knows its model: unschedulable, with the reason.
+    let early = env.submit(v1::JobSpec { name: "early-t5".into(), base_model: T5.into(), ..spec.clone() }).await;
+    let on_bert = env.submit(spec.clone()).await;
+    assert_eq!(
+        reason(&mut env, early.id.clone()).await,
+        "unschedulable: no registered worker serves base model \"t5-small\"; it waits until one does"
+    );
+    let listed = env.jobs.list_jobs(v1::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert!(listed.iter().all(|j| j.waiting_reason.starts_with("unschedulable: no registered worker")), "{listed:?}");
+
+    // A worker that finds the model but cannot train it: the reason says so.
+    let bert = v1::BaseModel { name: MODEL.into(), model_type: "bert".into(), max_positions: 512, ..Default::default() };
+    register(&mut env, vec![bert, unsupported_t5()]).await;
+    assert_eq!(
+        reason(&mut env, early.id.clone()).await,
+        "unschedulable: base model \"t5-small\" has model_type \"t5\", which ptune cannot train; \
+         supported model types: bert, gpt2, llama, mistral, qwen2"
+    );
+    // The job on the served model only waits for a slot: no reason.
+    assert_eq!(reason(&mut env, on_bert.id.clone()).await, "");
+    env.stop().await;
+}

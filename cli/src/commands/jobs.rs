@@ -182,6 +182,9 @@ fn print_job(job: &v1::Job) {
         _ => "",
     };
     println!("state:       {}{note}", view.state);
+    if !view.waiting_reason.is_empty() {
+        println!("waiting:     {}", view.waiting_reason);
+    }
     if let (Some(sweep), Some(trial)) = (&view.sweep_id, view.trial_index) {
         println!("sweep:       {sweep} (trial {trial})");
     }

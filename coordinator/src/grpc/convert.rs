@@ -182,6 +182,7 @@ pub fn job(job: &Job) -> v1::Job {
         sweep_id: job.trial.map(|t| t.sweep_id.to_string()).unwrap_or_default(),
         trial_index: job.trial.map_or(0, |t| t.index),
         early_stopped: job.early_stopped,
+        waiting_reason: String::new(),
     }
 }
 

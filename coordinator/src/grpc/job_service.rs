@@ -36,15 +36,23 @@ impl JobService for JobApi {
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.get(id).await?;
-        Ok(Response::new(convert::job(&job)))
+        let mut reasons = self.jobs.waiting_reasons(std::slice::from_ref(&job)).await?;
+        let mut wire = convert::job(&job);
+        wire.waiting_reason = reasons.remove(&job.id).unwrap_or_default();
+        Ok(Response::new(wire))
     }
 
     #[instrument(skip_all)]
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         let (filter, page_size, after) = convert::list_query(req.into_inner())?;
         let page = self.jobs.list(&filter, page_size, after).await?;
+        let mut reasons = self.jobs.waiting_reasons(&page.jobs).await?;
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: page.jobs.iter().map(convert::job).collect(),
+            jobs: page
+                .jobs
+                .iter()
+                .map(|job| v1::Job { waiting_reason: reasons.remove(&job.id).unwrap_or_default(), ..convert::job(job) })
+                .collect(),
             next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }

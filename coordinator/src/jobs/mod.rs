@@ -5,6 +5,9 @@ mod admission;
 mod datasets;
 mod watch;
 
+use std::collections::HashMap;
+use std::time::Duration;
+
 use futures::Stream;
 use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, Task};
 use tokio::sync::watch as signal;
@@ -17,7 +20,7 @@ use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, ModelSupport, PageToken};
-use crate::store::{CancelOutcome, Store};
+use crate::store::{Availability, CancelOutcome, Store};
 
 /// Jobs per page when the request does not say.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -32,12 +35,56 @@ pub struct Jobs {
     store: Store,
     hub: EventHub,
     default_max_attempts: u32,
+    /// How recent a worker's last heartbeat must be for it to count as online.
+    online_window: Duration,
     shutdown: signal::Receiver<bool>,
 }
 
 impl Jobs {
-    pub fn new(store: Store, hub: EventHub, default_max_attempts: u32, shutdown: signal::Receiver<bool>) -> Self {
-        Self { store, hub, default_max_attempts, shutdown }
+    pub fn new(
+        store: Store,
+        hub: EventHub,
+        default_max_attempts: u32,
+        online_window: Duration,
+        shutdown: signal::Receiver<bool>,
+    ) -> Self {
+        Self { store, hub, default_max_attempts, online_window, shutdown }
+    }
+
+    /// Why each queued job of `jobs` is not being trained, when the workers
+    /// registered so far explain it: no worker serves its base model (it
+    /// waits until one registers), the only workers that know the model
+    /// cannot train it, or every worker serving it is offline. Jobs that
+    /// are simply waiting for a free slot have no entry.
+    pub async fn waiting_reasons(&self, jobs: &[Job]) -> Result<HashMap<JobId, String>, Error> {
+        let queued: Vec<&Job> = jobs.iter().filter(|j| j.state == JobState::Queued).collect();
+        if queued.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut names: Vec<String> = queued.iter().map(|j| j.spec.base_model.clone()).collect();
+        names.sort();
+        names.dedup();
+        let availability = self.store.model_availability(&names, self.online_window).await?;
+        Ok(queued
+            .into_iter()
+            .filter_map(|job| {
+                let model = &job.spec.base_model;
+                let reason = match availability.get(model) {
+                    None => format!("unschedulable: no registered worker serves base model {model:?}; it waits until one does"),
+                    Some(Availability { served: false, unsupported: Some((model_type, reason)), .. }) => format!(
+                        "unschedulable: base model {model:?} has model_type {model_type:?}, which ptune cannot train; {reason}"
+                    ),
+                    Some(Availability { served: false, .. }) => {
+                        format!("unschedulable: no registered worker can train base model {model:?}")
+                    }
+                    Some(Availability { online: false, .. }) => {
+                        format!("waiting: every worker serving base model {model:?} is offline")
+                    }
+                    Some(_) => return None,
+                };
+                Some((job.id, reason))
+            })
+            .collect())
     }
 
     /// Validates and stores a job as queued. `default_attempts` replaces the

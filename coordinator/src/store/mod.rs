@@ -27,6 +27,7 @@ pub use dashboard::{
     TrialPoint, WorkerThroughput, WorkerView, MAX_SERIES_POINTS,
 };
 pub use jobs::CancelOutcome;
+pub use workers::Availability;
 pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};

@@ -1,5 +1,6 @@
 //! Workers: registration, liveness and the models they serve.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ptune_core::WorkerId;
@@ -88,6 +89,36 @@ impl Store {
         })
     }
 
+    /// For each of `names`, what the registered workers say about it: served
+    /// by a worker at all, served by one that heartbeated within `window`,
+    /// and one worker's reason when only workers that cannot train it know
+    /// it. Names no worker knows are missing from the map.
+    #[instrument(skip_all)]
+    pub async fn model_availability(&self, names: &[String], window: Duration) -> Result<HashMap<String, Availability>> {
+        let rows: Vec<(String, bool, bool, Option<String>, Option<String>)> = sqlx::query_as(
+            "WITH m AS ( \
+                 SELECT w.id, w.last_heartbeat > now() - $2 * interval '1 millisecond' AS online, \
+                        e->>'name' AS name, e->>'model_type' AS model_type, \
+                        nullif(e->>'unsupported_reason', '') AS reason \
+                 FROM workers w, jsonb_array_elements(w.models) e WHERE e->>'name' = ANY($1)) \
+             SELECT name, bool_or(reason IS NULL), bool_or(reason IS NULL AND online), \
+                    (array_agg(model_type ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1], \
+                    (array_agg(reason ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] \
+             FROM m GROUP BY name",
+        )
+        .bind(names)
+        .bind(millis(window))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, served, online, model_type, reason)| {
+                let unsupported = reason.map(|reason| (model_type.unwrap_or_default(), reason));
+                (name, Availability { served, online, unsupported })
+            })
+            .collect())
+    }
+
     /// Workers that heartbeated within `window`.
     pub async fn workers_online(&self, window: Duration) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
@@ -108,4 +139,15 @@ struct SupportRow {
     served_types: Option<Vec<String>>,
     model_type: Option<String>,
     reason: Option<String>,
+}
+
+/// What the registered workers say about one base model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Availability {
+    /// Some registered worker can train on it.
+    pub served: bool,
+    /// Some worker that can train on it is online.
+    pub online: bool,
+    /// A worker's `(model_type, reason)` when it knows the model but cannot train it.
+    pub unsupported: Option<(String, String)>,
 }
