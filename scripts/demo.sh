@@ -2,7 +2,10 @@
 # The main job, end to end on this machine: installs what is missing, builds,
 # starts a coordinator (with its own private PostgreSQL) and a worker serving
 # MiniLM, submits prompt tuning on SST-2, follows it live, and prints the dev
-# accuracy and where the adapter was written.
+# accuracy and where the adapter was written. Then it runs a real sweep:
+# ASHA over prompt length x learning rate (examples/sweeps/sst2-asha.toml,
+# about 5 minutes on two cores), prints its leaderboard and downloads the
+# best trial's adapter. PTUNE_DEMO_SWEEP=0 skips the sweep.
 #
 #   scripts/demo.sh [SPEC]     (default: examples/jobs/sst2-prompt-tuning.toml)
 set -euo pipefail
@@ -59,3 +62,22 @@ accuracy=$("$bin/ptune" --output json jobs get "$job" | python3 -c \
 python3 -c "print('demo: dev accuracy %.4f, submit to finish %.1f s' % ($accuracy, $end - $start))"
 echo "demo: adapter (Hugging Face PEFT format) written to $out"
 ls -l "$out"
+
+if [ "${PTUNE_DEMO_SWEEP:-1}" = 1 ]; then
+  echo
+  echo "demo: ASHA sweep over prompt length x learning rate (examples/sweeps/sst2-asha.toml)"
+  echo "demo: follow it live at http://127.0.0.1:$http_port/ (dashboard) or with: ptune sweep status ID"
+  start=$(date +%s.%N)
+  sweep=$("$bin/ptune" sweep create examples/sweeps/sst2-asha.toml | tail -n 1)
+  status=0
+  "$bin/ptune" sweep wait "$sweep" || status=$?
+  end=$(date +%s.%N)
+  "$bin/ptune" sweep status "$sweep" --top 8
+  if [ "$status" -ne 0 ]; then
+    echo "demo: the sweep did not complete; see $demo/coordinator.log and $demo/worker.log" >&2
+    exit "$status"
+  fi
+  "$bin/ptune" sweep best "$sweep" --download "$demo/best-adapter"
+  python3 -c "print('demo: sweep finished in %.1f min' % (($end - $start) / 60))"
+  echo "demo: best trial's adapter written to $demo/best-adapter"
+fi

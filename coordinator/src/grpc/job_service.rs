@@ -21,6 +21,19 @@ impl JobApi {
     pub fn new(jobs: Jobs) -> Self {
         Self { jobs }
     }
+
+    /// The wire form of `jobs`, each queued one with its waiting reason.
+    async fn to_wire(&self, jobs: &[crate::model::Job]) -> Result<Vec<v1::Job>, Status> {
+        let mut reasons = self.jobs.waiting_reasons(jobs).await?;
+        Ok(jobs
+            .iter()
+            .map(|job| v1::Job { waiting_reason: reasons.remove(&job.id).unwrap_or_default(), ..convert::job(job) })
+            .collect())
+    }
+
+    async fn one_to_wire(&self, job: crate::model::Job) -> Result<v1::Job, Status> {
+        Ok(self.to_wire(std::slice::from_ref(&job)).await?.remove(0))
+    }
 }
 
 #[tonic::async_trait]
@@ -29,30 +42,22 @@ impl JobService for JobApi {
     async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
         let (spec, default_attempts) = convert::job_spec(req.into_inner().spec)?;
         let job = self.jobs.submit(spec, default_attempts).await?;
-        Ok(Response::new(v1::SubmitJobResponse { job: Some(convert::job(&job)) }))
+        Ok(Response::new(v1::SubmitJobResponse { job: Some(self.one_to_wire(job).await?) }))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.get(id).await?;
-        let mut reasons = self.jobs.waiting_reasons(std::slice::from_ref(&job)).await?;
-        let mut wire = convert::job(&job);
-        wire.waiting_reason = reasons.remove(&job.id).unwrap_or_default();
-        Ok(Response::new(wire))
+        Ok(Response::new(self.one_to_wire(job).await?))
     }
 
     #[instrument(skip_all)]
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         let (filter, page_size, after) = convert::list_query(req.into_inner())?;
         let page = self.jobs.list(&filter, page_size, after).await?;
-        let mut reasons = self.jobs.waiting_reasons(&page.jobs).await?;
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: page
-                .jobs
-                .iter()
-                .map(|job| v1::Job { waiting_reason: reasons.remove(&job.id).unwrap_or_default(), ..convert::job(job) })
-                .collect(),
+            jobs: self.to_wire(&page.jobs).await?,
             next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }
