@@ -4,7 +4,7 @@
 # MiniLM, submits prompt tuning on SST-2, follows it live, and prints the dev
 # accuracy and where the adapter was written. Then it runs a real sweep:
 # ASHA over prompt length x learning rate (examples/sweeps/sst2-asha.toml,
-# about 5 minutes on two cores), prints its leaderboard and downloads the
+# about 6 minutes on two cores), prints its leaderboard and downloads the
 # best trial's adapter. PTUNE_DEMO_SWEEP=0 skips the sweep.
 #
 #   scripts/demo.sh [SPEC]     (default: examples/jobs/sst2-prompt-tuning.toml)
