@@ -101,3 +101,26 @@ pub fn length_sorted_batches(examples: &[Example], batch_size: usize) -> Vec<Vec
     order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
     order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
 }
+
+/// Right-padded `[rows, longest]` token ids (`pad_id` after each row's end),
+/// attention mask (1 at real tokens) and labels (-100, the loss's ignore
+/// index, after each row's end) of rows given as `(ids, labels)` of equal
+/// lengths: what token classification and causal LM batches hold.
+pub fn pad_labelled_rows(rows: &[(&[i64], &[i64])], pad_id: i64, device: Device) -> (Tensor, Tensor, Tensor) {
+    const IGNORE_INDEX: i64 = -100;
+    let longest = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    let size = rows.len() * longest;
+    let (mut ids, mut mask, mut labels) = (Vec::with_capacity(size), Vec::with_capacity(size), Vec::with_capacity(size));
+    for (row_ids, row_labels) in rows {
+        let padding = longest - row_ids.len();
+        ids.extend_from_slice(row_ids);
+        ids.extend(std::iter::repeat_n(pad_id, padding));
+        mask.extend(std::iter::repeat_n(1i64, row_ids.len()));
+        mask.extend(std::iter::repeat_n(0i64, padding));
+        labels.extend_from_slice(row_labels);
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, padding));
+    }
+    let shape = [rows.len() as i64, longest as i64];
+    let tensor = |values: &[i64]| Tensor::from_slice(values).view(shape).to_device(device);
+    (tensor(&ids), tensor(&mask), tensor(&labels))
+}

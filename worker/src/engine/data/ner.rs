@@ -15,6 +15,7 @@ use serde_json::Value;
 use tch::{Device, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use super::batch::pad_labelled_rows;
 use super::jsonl::read_lines;
 use crate::engine::EngineError;
 
@@ -318,26 +319,13 @@ pub struct NerBatch {
 
 impl NerBatch {
     pub fn collate(examples: &[NerExample], indices: &[usize], pad_id: i64, device: Device) -> Self {
-        let longest = indices.iter().map(|&i| examples[i].ids.len()).max().unwrap_or(0);
-        let size = indices.len() * longest;
-        let (mut ids, mut mask, mut labels) =
-            (Vec::with_capacity(size), Vec::with_capacity(size), Vec::with_capacity(size));
-        for &i in indices {
-            let example = &examples[i];
-            let padding = longest - example.ids.len();
-            ids.extend_from_slice(&example.ids);
-            ids.extend(std::iter::repeat_n(pad_id, padding));
-            mask.extend(std::iter::repeat_n(1i64, example.ids.len()));
-            mask.extend(std::iter::repeat_n(0i64, padding));
-            labels.extend_from_slice(&example.labels);
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, padding));
-        }
-        let shape = [indices.len() as i64, longest as i64];
-        let tensor = |values: &[i64]| Tensor::from_slice(values).view(shape).to_device(device);
+        let rows: Vec<(&[i64], &[i64])> =
+            indices.iter().map(|&i| (examples[i].ids.as_slice(), examples[i].labels.as_slice())).collect();
+        let (input_ids, attention_mask, labels) = pad_labelled_rows(&rows, pad_id, device);
         Self {
-            input_ids: tensor(&ids),
-            attention_mask: tensor(&mask),
-            labels: tensor(&labels),
+            input_ids,
+            attention_mask,
+            labels,
             word_index: indices.iter().map(|&i| examples[i].word_index.clone()).collect(),
             indices: indices.to_vec(),
         }

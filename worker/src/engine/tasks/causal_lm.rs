@@ -8,6 +8,7 @@
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::bleu::corpus_bleu;
+use crate::engine::data::batch::pad_labelled_rows;
 use crate::engine::data::seq2seq::{LmExample, LmTokenizer, Seq2SeqFormat, SourceReferences};
 use crate::engine::models::decoder::{CausalDecoder, KvCache};
 use crate::engine::models::hooks::{Hooks, NoHooks};
@@ -69,23 +70,10 @@ pub struct LmBatch {
 
 impl LmBatch {
     pub fn collate(examples: &[LmExample], indices: &[usize], pad_id: i64, device: Device) -> Self {
-        let longest = indices.iter().map(|&i| examples[i].ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(indices.len() * longest);
-        let mut mask = Vec::with_capacity(indices.len() * longest);
-        let mut labels = Vec::with_capacity(indices.len() * longest);
-        for &i in indices {
-            let example = &examples[i];
-            let padding = longest - example.ids.len();
-            ids.extend_from_slice(&example.ids);
-            ids.extend(std::iter::repeat_n(pad_id, padding));
-            mask.extend(std::iter::repeat_n(1i64, example.ids.len()));
-            mask.extend(std::iter::repeat_n(0i64, padding));
-            labels.extend_from_slice(&example.labels);
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, padding));
-        }
-        let shape = [indices.len() as i64, longest as i64];
-        let tensor = |values: &[i64]| Tensor::from_slice(values).view(shape).to_device(device);
-        Self { input_ids: tensor(&ids), attention_mask: tensor(&mask), labels: tensor(&labels), len: indices.len() }
+        let rows: Vec<(&[i64], &[i64])> =
+            indices.iter().map(|&i| (examples[i].ids.as_slice(), examples[i].labels.as_slice())).collect();
+        let (input_ids, attention_mask, labels) = pad_labelled_rows(&rows, pad_id, device);
+        Self { input_ids, attention_mask, labels, len: indices.len() }
     }
 }
 
