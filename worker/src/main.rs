@@ -29,6 +29,14 @@ struct Args {
     /// first (0: no limit). Every slot shares one copy of each model either way.
     #[arg(long, env = "PTUNE_MODEL_MEMORY_MIB", default_value_t = 0)]
     model_memory_mib: u64,
+    /// Most classification jobs on one base model that train in one pack, sharing every step's forward and
+    /// backward passes through the frozen model (0: as many as there are slots; 1: every job alone).
+    #[arg(long, env = "PTUNE_PACK_JOBS", default_value_t = 0)]
+    pack_jobs: u32,
+    /// Most token positions (virtual tokens and padding included) in one packed forward pass; a step whose jobs
+    /// hold more runs as several passes. Bounds the activation memory of a pack.
+    #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 4096)]
+    pack_tokens: u32,
     /// Log format.
     #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -76,6 +84,13 @@ fn main() -> anyhow::Result<()> {
                 work_dir: args.work_dir,
                 threads: args.threads,
                 model_memory: (args.model_memory_mib > 0).then(|| args.model_memory_mib << 20),
+                pack: ptune_worker::engine::PackLimits {
+                    max_jobs: match args.pack_jobs {
+                        0 => args.slots.max(1) as usize,
+                        n => n as usize,
+                    },
+                    max_tokens: args.pack_tokens.max(1) as usize,
+                },
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {

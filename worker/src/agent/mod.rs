@@ -34,6 +34,8 @@ pub struct AgentConfig {
     /// Most bytes of base-model weights to keep loaded; unused models are
     /// evicted least recently used first (`None`: no limit).
     pub model_memory: Option<u64>,
+    /// How classification jobs on one base model share steps and passes.
+    pub pack: crate::engine::PackLimits,
 }
 
 /// What the coordinator wants a running job to do next.
@@ -118,7 +120,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
 
     let cache = Arc::new(crate::engine::ModelCache::new(tch::Device::Cpu, config.model_memory));
-    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache);
+    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache, config.pack);
     let leases = Leases::default();
     let context = job::JobContext {
         client: client.clone(),

@@ -237,7 +237,7 @@ impl TaskRun for LmRun<'_> {
         self.eval_inputs.len()
     }
 
-    fn train_loss(&self, indices: &[usize]) -> Tensor {
+    fn train_loss(&self, indices: &[usize], _stream: &crate::engine::rng::DropoutStream) -> Tensor {
         let batch = LmBatch::collate(&self.train, indices, self.pad_id, self.device);
         self.with_adapter(batch.len as i64, true, |adapter| {
             causal_lm::train_loss(self.base.model.as_ref(), adapter, &batch, true)

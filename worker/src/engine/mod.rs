@@ -16,7 +16,9 @@ mod export;
 mod lm;
 mod models;
 mod optim;
+mod pack;
 mod peft;
+pub mod rng;
 mod task_data;
 mod tasks;
 mod train;
@@ -45,6 +47,7 @@ pub use checkpoint::{TrainerState, STATE_FILE as CHECKPOINT_STATE_FILE, TRAINER_
 pub use tasks::classifier::{macro_f1, Adapter, ClassificationHead, Classifier, Level};
 pub use tasks::{bleu, causal_lm, token_cls};
 pub use train::{build_model, optimizer_for, step_seed};
+pub use pack::{PackJob, PackLimits};
 
 /// File names of a Hugging Face PEFT export, written into `TrainJob::out_dir`
 /// (full fine-tuning writes a model folder instead: [`MODEL_CONFIG_FILE`]
@@ -230,6 +233,40 @@ impl Engine {
             LoadedModel::Decoder(base) => lm::run(base, device, job, on_event),
             LoadedModel::Encoder(base) => train::run(base, device, job, on_event),
         }
+    }
+
+    /// Trains classification jobs on the encoder in `model_dir` in packed
+    /// steps (see `pack.rs`): `first`, then whatever `admit(room)` hands over
+    /// between steps, until none is left. Each job hears of its steps,
+    /// evaluations and ending through its own callbacks, as with
+    /// [`Engine::train`].
+    pub fn train_pack(
+        &mut self,
+        model_dir: &Path,
+        limits: PackLimits,
+        first: PackJob,
+        admit: &mut dyn FnMut(usize) -> Vec<PackJob>,
+    ) {
+        tch::set_num_threads(self.threads);
+        let loaded = check_architecture(&first.job.spec, model_dir)
+            .and_then(|()| self.cache.get(model_dir, first.job.spec.task));
+        let model = match loaded {
+            Ok(model) => model,
+            Err(err) => return (first.on_done)(Err(err)),
+        };
+        let LoadedModel::Encoder(base) = &model.model else {
+            let message = "packed training needs an encoder model".to_string();
+            return (first.on_done)(Err(EngineError::Model(message)));
+        };
+        let mut first = Some(first);
+        let mut admit_all = |room: usize| -> Vec<PackJob> {
+            match first.take() {
+                Some(job) if room > 1 => std::iter::once(job).chain(admit(room - 1)).collect(),
+                Some(job) => vec![job],
+                None => admit(room),
+            }
+        };
+        pack::run_pack(base, self.device, limits, &mut admit_all);
     }
 }
 

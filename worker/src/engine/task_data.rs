@@ -29,6 +29,14 @@ pub enum TaskData {
     Token { train: Vec<NerExample>, eval: Vec<NerExample>, tags: TagSet, pad_id: i64 },
 }
 
+/// A padded training batch of either level: `labels` is `[batch]` classes
+/// or `[batch, seq]` tags.
+pub struct TrainBatch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+}
+
 /// Metrics of one evaluation, and the prediction for each evaluation example
 /// in file order (a label, or a list of tags with `null` for words cut by
 /// truncation).
@@ -94,16 +102,28 @@ impl TaskData {
         }
     }
 
-    /// Mean loss of the training examples at `indices`, in training mode.
-    pub fn train_loss(&self, model: &Classifier, base: &BaseModel, indices: &[usize], device: Device) -> Tensor {
+    /// The training examples at `indices`, padded, on `device`.
+    pub fn train_batch(&self, indices: &[usize], device: Device) -> TrainBatch {
         match self {
             TaskData::Sequence { train, pad_id, .. } => {
-                model.train_loss(&base.encoder, &Batch::collate(train, indices, *pad_id, device))
+                let batch = Batch::collate(train, indices, *pad_id, device);
+                TrainBatch { input_ids: batch.input_ids, attention_mask: batch.attention_mask, labels: batch.labels }
             }
             TaskData::Token { train, pad_id, .. } => {
                 let batch = NerBatch::collate(train, indices, *pad_id, device);
-                token_loss(&model.logits(&base.encoder, &batch.input_ids, &batch.attention_mask, true), &batch.labels)
+                TrainBatch { input_ids: batch.input_ids, attention_mask: batch.attention_mask, labels: batch.labels }
             }
+        }
+    }
+
+    /// Mean loss of a batch's logits: cross-entropy over the examples, or
+    /// over the labelled tokens.
+    pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        match self {
+            TaskData::Sequence { .. } => {
+                logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, 0.0)
+            }
+            TaskData::Token { .. } => token_loss(logits, labels),
         }
     }
 

@@ -22,8 +22,9 @@ use super::peft::lora::{resolve_targets, Lora, LoraConfig, DEFAULT_TARGETS};
 use super::peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::{PromptInit, PromptTuning};
-use super::task_data::{TaskData, TaskEvaluation};
-use super::tasks::classifier::{Adapter, ClassificationHead, Classifier, Level};
+use super::rng::DropoutStream;
+use super::task_data::{TaskData, TaskEvaluation, TrainBatch};
+use super::tasks::classifier::{Adapter, ClassificationHead, Classifier, ClassifierInput, Level};
 use super::{export, Control, EngineError, Event, Resume, TrainJob, TrainOutcome};
 
 /// Smallest evaluation batch: evaluation keeps no activations for a
@@ -37,6 +38,16 @@ pub fn run(
     job: &TrainJob,
     on_event: &mut dyn FnMut(Event<'_>) -> Control,
 ) -> Result<TrainOutcome, EngineError> {
+    let (vars, task) = prepare_classifier(base, device, job)?;
+    drive(job, &base.info.sha256, &vars, &task, on_event)
+}
+
+/// Reads a classification job's data and builds its adapter and head.
+pub(crate) fn prepare_classifier<'a>(
+    base: &'a BaseModel,
+    device: Device,
+    job: &TrainJob,
+) -> Result<(nn::VarStore, ClassifierRun<'a>), EngineError> {
     let spec = &job.spec;
     check_supported(spec, base)?;
     let data = TaskData::load(job, base)?;
@@ -45,8 +56,7 @@ pub fn run(
     let vars = nn::VarStore::new(device);
     let model = build_model(spec, base, &vars.root(), data.num_labels())?;
     let eval_batch_size = eval_batch_size(spec);
-    let task = ClassifierRun { base, model, data, device, eval_batch_size, spec };
-    drive(job, &base.info.sha256, &vars, &task, on_event)
+    Ok((vars, ClassifierRun { base, model, data, device, eval_batch_size, spec: spec.clone() }))
 }
 
 /// Batch size of evaluations: at least [`MIN_EVAL_BATCH_SIZE`].
@@ -58,8 +68,9 @@ pub(crate) fn eval_batch_size(spec: &JobSpec) -> usize {
 pub(crate) trait TaskRun {
     fn train_len(&self) -> usize;
     fn eval_len(&self) -> usize;
-    /// Mean loss of the training examples at `indices`, in training mode.
-    fn train_loss(&self, indices: &[usize]) -> Tensor;
+    /// Mean loss of the training examples at `indices`, in training mode,
+    /// with dropout drawn from `stream` where the task supports it.
+    fn train_loss(&self, indices: &[usize], stream: &DropoutStream) -> Tensor;
     /// Evaluates every evaluation example, without gradients.
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError>;
     /// Writes the export of the job's variables `vars` into `out_dir`.
@@ -67,13 +78,25 @@ pub(crate) trait TaskRun {
 }
 
 /// A classifier and its data.
-struct ClassifierRun<'a> {
+pub(crate) struct ClassifierRun<'a> {
     base: &'a BaseModel,
-    model: Classifier,
-    data: TaskData,
+    pub(crate) model: Classifier,
+    pub(crate) data: TaskData,
     device: Device,
     eval_batch_size: usize,
-    spec: &'a JobSpec,
+    spec: JobSpec,
+}
+
+impl ClassifierRun<'_> {
+    /// One batch of the job, with its stream, for a shared pass.
+    pub(crate) fn input<'s>(&'s self, batch: &TrainBatch, stream: &'s DropoutStream) -> ClassifierInput<'s> {
+        ClassifierInput {
+            model: &self.model,
+            input_ids: batch.input_ids.shallow_clone(),
+            attention_mask: batch.attention_mask.shallow_clone(),
+            stream: Some(stream),
+        }
+    }
 }
 
 impl TaskRun for ClassifierRun<'_> {
@@ -85,8 +108,11 @@ impl TaskRun for ClassifierRun<'_> {
         self.data.eval_len()
     }
 
-    fn train_loss(&self, indices: &[usize]) -> Tensor {
-        self.data.train_loss(&self.model, self.base, indices, self.device)
+    fn train_loss(&self, indices: &[usize], stream: &DropoutStream) -> Tensor {
+        // Alone, the job takes the same path as in a pack: a pass of one.
+        let batch = self.data.train_batch(indices, self.device);
+        let logits = Classifier::packed_logits(&self.base.encoder, &[self.input(&batch, stream)], true);
+        self.data.loss(&logits[0], &batch.labels)
     }
 
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError> {
@@ -94,7 +120,7 @@ impl TaskRun for ClassifierRun<'_> {
     }
 
     fn export(&self, out_dir: &Path, vars: &nn::VarStore, provenance: &serde_json::Value) -> Result<(), EngineError> {
-        export::write(out_dir, self.spec, &self.base.config, &self.model, vars, provenance)
+        export::write(out_dir, &self.spec, &self.base.config, &self.model, vars, provenance)
     }
 }
 
@@ -104,9 +130,10 @@ impl TaskRun for ClassifierRun<'_> {
 /// the end, writes a checkpoint after every evaluation, reports every step
 /// and evaluation to `on_event`, and exports at the end.
 ///
-/// Every step reseeds libtorch's generator from (seed, step), so the
-/// dropout of a step does not depend on whether the run was resumed before
-/// it. The data order has its own generator.
+/// Every step reseeds libtorch's generator from (seed, step), and draws
+/// dropout from a stream seeded the same way, so the dropout of a step
+/// depends neither on whether the run was resumed before it nor on which
+/// jobs share its pass. The data order has its own generator.
 pub(crate) fn drive(
     job: &TrainJob,
     base_sha256: &str,
@@ -114,106 +141,198 @@ pub(crate) fn drive(
     task: &dyn TaskRun,
     on_event: &mut dyn FnMut(Event<'_>) -> Control,
 ) -> Result<TrainOutcome, EngineError> {
-    let spec = &job.spec;
-    let t = &spec.training;
-    let total_steps = spec.total_steps(task.train_len() as u64);
-    tracing::info!(
-        job = %spec.name,
-        task = %spec.task,
-        train_examples = task.train_len(),
-        eval_examples = task.eval_len(),
-        total_steps,
-        "training started"
-    );
-    let optimizer = &mut optimizer_for(vars, spec);
-    let schedule = LinearSchedule::new(total_steps, t.warmup_ratio);
-    let mut batches = EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed);
-    let mut step = 0u64;
-    let mut last_eval = Vec::new();
-    let mut eval_predictions = Vec::new();
-    if let Some(state) = resume_state(job, vars, optimizer)? {
-        step = state.step.min(total_steps);
-        last_eval = state.last_eval;
-        batches.skip(step);
-        tracing::info!(job = %spec.name, step, total_steps, "resumed from checkpoint");
-    }
-    let save_checkpoint = |step: u64, last_eval: &[Metric], optimizer: &AdamW| match &job.checkpoint_dir {
-        Some(dir) => {
-            let state = TrainerState {
-                format: checkpoint::FORMAT,
-                step,
-                total_steps,
-                spec_sha256: checkpoint::spec_digest(spec),
-                last_eval: last_eval.to_vec(),
-            };
-            checkpoint::save(dir, &state, vars, optimizer)
-        }
-        None => Ok(()),
-    };
-
-    while step < total_steps {
+    let mut progress = Progress::start(job, vars, task)?;
+    while !progress.done() {
         let started = Instant::now();
-        tch::manual_seed(step_seed(t.seed, step));
-        let indices = batches.next_batch().to_vec();
-        let lr_factor = schedule.factor(step);
-        optimizer.zero_grad();
-        let loss = task.train_loss(&indices);
+        let planned = progress.begin_step();
+        let loss = task.train_loss(&planned.indices, &planned.stream);
         loss.backward();
-        optimizer.step(lr_factor);
-        step += 1;
-
-        let loss = f64::try_from(&loss)?;
         let seconds = started.elapsed().as_secs_f64();
+        match progress.end_step(&planned, &loss, seconds, vars, task, on_event)? {
+            Flow::Continue => {}
+            Flow::Finish => break,
+            Flow::Stopped(outcome) => return Ok(outcome),
+        }
+    }
+    progress.finish(base_sha256, vars, task)
+}
+
+/// What the loop does after a step.
+pub(crate) enum Flow {
+    Continue,
+    /// Finish like a completed run (export) at this step.
+    Finish,
+    /// Stopped on request, without an export.
+    Stopped(TrainOutcome),
+}
+
+/// One step's plan: its examples, learning-rate factor and dropout stream.
+pub(crate) struct PlannedStep {
+    pub indices: Vec<usize>,
+    lr_factor: f64,
+    pub stream: DropoutStream,
+}
+
+/// A job's place in the loop, kept between steps: its optimizer, schedule,
+/// data order, step and last evaluation.
+pub(crate) struct Progress {
+    job: TrainJob,
+    optimizer: AdamW,
+    schedule: LinearSchedule,
+    batches: EpochBatches,
+    step: u64,
+    total_steps: u64,
+    last_eval: Vec<Metric>,
+    eval_predictions: Vec<serde_json::Value>,
+}
+
+impl Progress {
+    /// Sets up the optimizer and schedule, and resumes from the job's
+    /// checkpoint as `job.resume` asks.
+    pub(crate) fn start(job: &TrainJob, vars: &nn::VarStore, task: &dyn TaskRun) -> Result<Self, EngineError> {
+        let spec = &job.spec;
+        let t = &spec.training;
+        let total_steps = spec.total_steps(task.train_len() as u64);
+        tracing::info!(
+            job = %spec.name,
+            task = %spec.task,
+            train_examples = task.train_len(),
+            eval_examples = task.eval_len(),
+            total_steps,
+            "training started"
+        );
+        let mut optimizer = optimizer_for(vars, spec);
+        let mut progress = Self {
+            job: job.clone(),
+            optimizer: AdamW::default(),
+            schedule: LinearSchedule::new(total_steps, t.warmup_ratio),
+            batches: EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed),
+            step: 0,
+            total_steps,
+            last_eval: Vec::new(),
+            eval_predictions: Vec::new(),
+        };
+        if let Some(state) = resume_state(job, vars, &mut optimizer)? {
+            progress.step = state.step.min(total_steps);
+            progress.last_eval = state.last_eval;
+            progress.batches.skip(progress.step);
+            tracing::info!(job = %spec.name, step = progress.step, total_steps, "resumed from checkpoint");
+        }
+        progress.optimizer = optimizer;
+        Ok(progress)
+    }
+
+    pub(crate) fn done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.job.spec.name
+    }
+
+    /// Clears the gradients and picks the next step's examples.
+    pub(crate) fn begin_step(&mut self) -> PlannedStep {
+        let seed = step_seed(self.job.spec.training.seed, self.step);
+        tch::manual_seed(seed);
+        self.optimizer.zero_grad();
+        let indices = self.batches.next_batch().to_vec();
+        PlannedStep { indices, lr_factor: self.schedule.factor(self.step), stream: DropoutStream::new(seed) }
+    }
+
+    /// Applies the step whose `loss` has been backpropagated, reports it,
+    /// and evaluates and checkpoints when due.
+    pub(crate) fn end_step(
+        &mut self,
+        planned: &PlannedStep,
+        loss: &Tensor,
+        seconds: f64,
+        vars: &nn::VarStore,
+        task: &dyn TaskRun,
+        on_event: &mut dyn FnMut(Event<'_>) -> Control,
+    ) -> Result<Flow, EngineError> {
+        let t = &self.job.spec.training;
+        self.optimizer.step(planned.lr_factor);
+        self.step += 1;
+        let (step, total_steps) = (self.step, self.total_steps);
+        let loss = f64::try_from(loss)?;
         let metrics = [
             metric(step, MetricKind::Train, "loss", loss),
-            metric(step, MetricKind::Train, "learning_rate", t.learning_rate * lr_factor),
-            metric(step, MetricKind::Train, "examples_per_second", indices.len() as f64 / seconds.max(1e-9)),
+            metric(step, MetricKind::Train, "learning_rate", t.learning_rate * planned.lr_factor),
+            metric(step, MetricKind::Train, "examples_per_second", planned.indices.len() as f64 / seconds.max(1e-9)),
         ];
-        tracing::debug!(step, total_steps, loss, epoch = batches.epoch(), "step");
+        tracing::debug!(step, total_steps, loss, epoch = self.batches.epoch(), "step");
         if !loss.is_finite() {
             return Err(EngineError::Diverged { step, loss });
         }
         let mut finish = match on_event(Event::Step { step, total_steps, metrics: &metrics }) {
-            Control::Stop => return Ok(stopped(step, total_steps, last_eval)),
+            Control::Stop => return Ok(Flow::Stopped(stopped(step, total_steps, self.last_eval.clone()))),
             control => control == Control::Finish,
         };
         let periodic = t.eval_every > 0 && step.is_multiple_of(t.eval_every);
         if periodic || step == total_steps || finish {
             let evaluation = task.evaluate(step)?;
-            (last_eval, eval_predictions) = (evaluation.metrics, evaluation.predictions);
-            tracing::info!(step, metrics = %summary(&last_eval), "evaluated");
-            save_checkpoint(step, &last_eval, optimizer)?;
-            match on_event(Event::Eval { step, metrics: &last_eval }) {
-                Control::Stop => return Ok(stopped(step, total_steps, last_eval)),
+            (self.last_eval, self.eval_predictions) = (evaluation.metrics, evaluation.predictions);
+            tracing::info!(job = %self.job.spec.name, step, metrics = %summary(&self.last_eval), "evaluated");
+            self.save_checkpoint(vars)?;
+            match on_event(Event::Eval { step, metrics: &self.last_eval }) {
+                Control::Stop => return Ok(Flow::Stopped(stopped(step, total_steps, self.last_eval.clone()))),
                 control => finish |= control == Control::Finish,
             }
         }
         if finish {
             tracing::info!(step, total_steps, "stopping early on request; exporting");
-            break;
+            return Ok(Flow::Finish);
         }
-    }
-    if eval_predictions.is_empty() {
-        // Resumed from a checkpoint taken at the end: the predictions were not saved.
-        let evaluation = task.evaluate(step)?;
-        (last_eval, eval_predictions) = (evaluation.metrics, evaluation.predictions);
+        Ok(Flow::Continue)
     }
 
-    let provenance = serde_json::json!({
-        "engine": concat!("ptune-worker ", env!("CARGO_PKG_VERSION")),
-        "base_model_sha256": base_sha256,
-        "steps": step,
-        "train_examples": task.train_len(),
-        "eval_examples": task.eval_len(),
-        "final_metrics": last_eval
-            .iter()
-            .map(|m| (m.name.clone(), serde_json::Value::from(m.value)))
-            .collect::<serde_json::Map<_, _>>(),
-        "spec": spec.to_json(),
-    });
-    task.export(&job.out_dir, vars, &provenance)?;
-    tracing::info!(job = %spec.name, out_dir = %job.out_dir.display(), "adapter exported");
-    Ok(TrainOutcome { steps: step, total_steps, final_metrics: last_eval, eval_predictions, stopped: false })
+    fn save_checkpoint(&self, vars: &nn::VarStore) -> Result<(), EngineError> {
+        let Some(dir) = &self.job.checkpoint_dir else { return Ok(()) };
+        let state = TrainerState {
+            format: checkpoint::FORMAT,
+            step: self.step,
+            total_steps: self.total_steps,
+            spec_sha256: checkpoint::spec_digest(&self.job.spec),
+            last_eval: self.last_eval.clone(),
+        };
+        checkpoint::save(dir, &state, vars, &self.optimizer)
+    }
+
+    /// Evaluates if the predictions of the end are missing, and exports.
+    pub(crate) fn finish(
+        mut self,
+        base_sha256: &str,
+        vars: &nn::VarStore,
+        task: &dyn TaskRun,
+    ) -> Result<TrainOutcome, EngineError> {
+        let (job, step) = (&self.job, self.step);
+        if self.eval_predictions.is_empty() {
+            // Resumed from a checkpoint taken at the end: the predictions were not saved.
+            let evaluation = task.evaluate(step)?;
+            (self.last_eval, self.eval_predictions) = (evaluation.metrics, evaluation.predictions);
+        }
+        let provenance = serde_json::json!({
+            "engine": concat!("ptune-worker ", env!("CARGO_PKG_VERSION")),
+            "base_model_sha256": base_sha256,
+            "steps": step,
+            "train_examples": task.train_len(),
+            "eval_examples": task.eval_len(),
+            "final_metrics": self.last_eval
+                .iter()
+                .map(|m| (m.name.clone(), serde_json::Value::from(m.value)))
+                .collect::<serde_json::Map<_, _>>(),
+            "spec": job.spec.to_json(),
+        });
+        task.export(&job.out_dir, vars, &provenance)?;
+        tracing::info!(job = %job.spec.name, out_dir = %job.out_dir.display(), "adapter exported");
+        Ok(TrainOutcome {
+            steps: step,
+            total_steps: self.total_steps,
+            final_metrics: self.last_eval,
+            eval_predictions: self.eval_predictions,
+            stopped: false,
+        })
+    }
 }
 
 /// Loads the job's checkpoint into `vars` and `optimizer` as `job.resume`
@@ -244,10 +363,7 @@ fn resume_state(job: &TrainJob, vars: &nn::VarStore, optimizer: &mut AdamW) -> R
 /// SplitMix64 of the job's seed and the step, so neighbouring steps and
 /// seeds get unrelated streams.
 pub fn step_seed(seed: u64, completed: u64) -> i64 {
-    let mut z = seed ^ completed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+    super::rng::mix(seed, completed)
 }
 
 /// `name value` pairs of a metric list, for the log.

@@ -10,7 +10,7 @@ use ptune_worker::engine::{Control, Engine, EngineError, Event, TrainJob, TrainO
 use tch::Device;
 
 /// Training seeds libtorch's process-wide generator: runs take turns.
-static SERIAL: Mutex<()> = Mutex::new(());
+pub static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Trains `job` on the model in `model_dir`, stopping (as a crash would: no
 /// export) after step `stop_at`; returns the outcome and every step's and

@@ -17,7 +17,6 @@ pub struct Batch {
     pub attention_mask: Tensor,
     /// `[batch]` label indices.
     pub labels: Tensor,
-    pub len: usize,
 }
 
 impl Batch {
@@ -38,7 +37,6 @@ impl Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             attention_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
             labels: Tensor::from_slice(&labels).to_device(device),
-            len: indices.len(),
         }
     }
 }

@@ -14,6 +14,13 @@
 //! placed before every layer's keys and values (as Hugging Face's
 //! `past_key_values`, real tokens' positions then start after the prefix),
 //! and low-rank deltas are added to the layer's linears.
+//!
+//! Several jobs can share one pass ([`BertModel::forward_members`]): their
+//! real tokens are stacked into one set of rows, so the frozen linears and
+//! layer norms run once over all of them, while each job's attention (with
+//! its own padding, prompt length and prefix), its low-rank deltas and its
+//! dropout (from its own stream) run on its own rows. A job's outputs are
+//! then the same as when it runs alone, up to float rounding.
 
 use std::path::Path;
 
@@ -21,8 +28,9 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::hooks::{linear_with_delta, Hooks};
+use super::hooks::Hooks;
 use super::{dropout, CONFIG_FILE};
+use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
@@ -230,28 +238,30 @@ impl BertEmbeddings {
         }
     }
 
-    /// Packed `[tokens, hidden]` embeddings. Positions run from
-    /// `past_len` (the key/value prefix length, as HF counts
-    /// `past_key_values`) over whatever `inputs_embeds` holds, as HF does
-    /// when given `inputs_embeds`: a prepended prompt takes the first ones.
-    fn forward(
-        &self,
-        inputs_embeds: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        past_len: i64,
-        packing: &Packing,
-        train: bool,
-    ) -> Tensor {
-        let seq = inputs_embeds.size()[1];
-        let positions = Tensor::arange_start(past_len, past_len + seq, (Kind::Int64, inputs_embeds.device()));
-        // [seq, hidden], broadcast over the batch
-        let position_embeds = self.position_embeddings.forward(&positions);
-        let token_type_embeds = match token_type_ids {
-            Some(ids) => self.token_type_embeddings.forward(ids),
-            None => self.token_type_embeddings.ws.get(0),
-        };
-        let embeds = inputs_embeds + position_embeds + token_type_embeds;
-        dropout(&self.layer_norm.forward(&packing.pack(&embeds)), self.dropout, train)
+    /// Packed `[tokens, hidden]` embeddings of every member. A member's
+    /// positions run from its `past_len` (the key/value prefix length, as HF
+    /// counts `past_key_values`) over whatever its `inputs_embeds` holds, as
+    /// HF does when given `inputs_embeds`: a prepended prompt takes the
+    /// first ones.
+    fn forward(&self, parts: &[Part<'_>], train: bool) -> Tensor {
+        let packed: Vec<Tensor> = parts
+            .iter()
+            .map(|part| {
+                let member = part.member;
+                let seq = member.inputs_embeds.size()[1];
+                let device = member.inputs_embeds.device();
+                let positions = Tensor::arange_start(part.past_len, part.past_len + seq, (Kind::Int64, device));
+                // [seq, hidden], broadcast over the batch
+                let position_embeds = self.position_embeddings.forward(&positions);
+                let token_type_embeds = match &member.token_type_ids {
+                    Some(ids) => self.token_type_embeddings.forward(ids),
+                    None => self.token_type_embeddings.ws.get(0),
+                };
+                part.packing.pack(&(&member.inputs_embeds + position_embeds + token_type_embeds))
+            })
+            .collect();
+        let packed = if packed.len() == 1 { packed[0].shallow_clone() } else { Tensor::cat(&packed, 0) };
+        member_dropout(&self.layer_norm.forward(&packed), self.dropout, parts, Queries::All, train)
     }
 }
 
@@ -277,27 +287,65 @@ impl BertSelfAttention {
         }
     }
 
-    /// `[tokens, hidden]` in; `[tokens, hidden]` or `[batch, hidden]` out.
-    /// `prefix` keys and values (`[batch, heads, prefix, head_dim]`) go
-    /// before the sequence's own; `packing` must have been extended by
-    /// their length.
-    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, layer: Layer<'_>, train: bool) -> Tensor {
-        let (b, s) = (packing.batch, packing.seq);
-        let linear = |module: &nn::Linear, name: &str, xs: &Tensor| {
-            linear_with_delta(module, layer.hooks, layer.index, name, xs)
+    /// `[tokens, hidden]` rows of every member in; `[tokens, hidden]` or
+    /// `[batch, hidden]` out. Each member attends over its own keys, with
+    /// its `prefix` keys and values (`[batch, heads, prefix, head_dim]`)
+    /// before the sequence's own.
+    fn forward(&self, hidden: &Tensor, parts: &[Part<'_>], queries: Queries, layer: &Layer, train: bool) -> Tensor {
+        let key = member_linear(&self.key, parts, Queries::All, layer.index, "key", hidden);
+        let value = member_linear(&self.value, parts, Queries::All, layer.index, "value", hidden);
+        let query = match queries {
+            Queries::All => member_linear(&self.query, parts, queries, layer.index, "query", hidden),
+            Queries::First => {
+                let first = hidden.index_select(0, &layer.first_rows);
+                member_linear(&self.query, parts, queries, layer.index, "query", &first)
+            }
         };
+        let (mut token_offset, mut query_offset) = (0, 0);
+        let contexts: Vec<Tensor> = parts
+            .iter()
+            .zip(&layer.prefixes)
+            .map(|(part, prefix)| {
+                let rows = |xs: &Tensor| xs.narrow(0, token_offset, part.tokens);
+                let key = rows(&key);
+                let value = rows(&value);
+                let query_rows = part.rows(queries);
+                let query = query.narrow(0, query_offset, query_rows);
+                token_offset += part.tokens;
+                query_offset += query_rows;
+                with_stream(part.member.stream, || self.attend(&query, &key, &value, part, prefix.as_ref(), queries, train))
+            })
+            .collect();
+        if contexts.len() == 1 { contexts[0].shallow_clone() } else { Tensor::cat(&contexts, 0) }
+    }
+
+    /// One member's attention: packed query, key and value rows in, packed
+    /// context rows out.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        part: &Part<'_>,
+        prefix: Option<&(Tensor, Tensor)>,
+        queries: Queries,
+        train: bool,
+    ) -> Tensor {
+        let packing = &part.packing;
+        let (b, s) = (packing.batch, packing.seq);
         // [batch, seq, hidden] -> [batch, heads, seq, head_dim]
         let split = |xs: Tensor, len: i64| xs.view([b, len, self.heads, self.head_dim]).transpose(1, 2);
-        let mut key = split(packing.unpack(&linear(&self.key, "key", hidden)), s);
-        let mut value = split(packing.unpack(&linear(&self.value, "value", hidden)), s);
-        if let Some((prefix_key, prefix_value)) = layer.prefix {
+        let mut key = split(packing.unpack(key), s);
+        let mut value = split(packing.unpack(value), s);
+        if let Some((prefix_key, prefix_value)) = prefix {
             // [batch, heads, prefix + seq, head_dim]
             key = Tensor::cat(&[prefix_key, &key], 2);
             value = Tensor::cat(&[prefix_value, &value], 2);
         }
         let query = match queries {
-            Queries::All => split(packing.unpack(&linear(&self.query, "query", hidden)), s),
-            Queries::First => split(linear(&self.query, "query", &hidden.index_select(0, &packing.first_rows)), 1),
+            Queries::All => split(packing.unpack(query), s),
+            Queries::First => split(query.shallow_clone(), 1),
         };
         // [batch, heads, queries, head_dim]
         let context = if train && self.dropout > 0.0 {
@@ -336,8 +384,19 @@ impl ResidualNorm {
         }
     }
 
-    fn forward(&self, xs: &Tensor, residual: &Tensor, layer: Layer<'_>, module: &str, train: bool) -> Tensor {
-        let xs = dropout(&linear_with_delta(&self.dense, layer.hooks, layer.index, module, xs), self.dropout, train);
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        xs: &Tensor,
+        residual: &Tensor,
+        parts: &[Part<'_>],
+        queries: Queries,
+        layer: &Layer,
+        module: &str,
+        train: bool,
+    ) -> Tensor {
+        let xs = member_linear(&self.dense, parts, queries, layer.index, module, xs);
+        let xs = member_dropout(&xs, self.dropout, parts, queries, train);
         self.layer_norm.forward(&(xs + residual))
     }
 }
@@ -362,17 +421,18 @@ impl BertLayer {
         }
     }
 
-    fn forward(&self, hidden: &Tensor, packing: &Packing, queries: Queries, layer: Layer<'_>, train: bool) -> Tensor {
-        let context = self.attention.forward(hidden, packing, queries, layer, train);
+    fn forward(&self, hidden: &Tensor, parts: &[Part<'_>], queries: Queries, layer: &Layer, train: bool) -> Tensor {
+        let context = self.attention.forward(hidden, parts, queries, layer, train);
         let residual = match queries {
             Queries::All => hidden.shallow_clone(),
-            Queries::First => hidden.index_select(0, &packing.first_rows),
+            Queries::First => hidden.index_select(0, &layer.first_rows),
         };
-        let attended = self.attention_output.forward(&context, &residual, layer, "attention.output.dense", train);
+        let attended =
+            self.attention_output.forward(&context, &residual, parts, queries, layer, "attention.output.dense", train);
         let intermediate =
-            linear_with_delta(&self.intermediate, layer.hooks, layer.index, "intermediate.dense", &attended);
+            member_linear(&self.intermediate, parts, queries, layer.index, "intermediate.dense", &attended);
         let intermediate = self.activation.apply(&intermediate);
-        self.output.forward(&intermediate, &attended, layer, "output.dense", train)
+        self.output.forward(&intermediate, &attended, parts, queries, layer, "output.dense", train)
     }
 
     /// The layer's tensors in declaration order.
@@ -390,13 +450,114 @@ impl BertLayer {
     }
 }
 
-/// What one layer's forward needs from the job: its index, the hooks, and
-/// the key/value prefix already fetched for it.
-#[derive(Clone, Copy)]
-struct Layer<'a> {
+/// What one layer's forward needs besides its input: its index, each
+/// member's key/value prefix for it, and (for [`Queries::First`]) the row
+/// of every member's position 0.
+struct Layer {
     index: usize,
-    hooks: &'a dyn Hooks,
-    prefix: Option<(&'a Tensor, &'a Tensor)>,
+    prefixes: Vec<Option<(Tensor, Tensor)>>,
+    first_rows: Tensor,
+}
+
+/// One job's share of a forward pass through a shared encoder.
+pub struct Member<'a> {
+    /// `[batch, seq, hidden]` input embeddings, a prepended prompt included.
+    pub inputs_embeds: Tensor,
+    /// `[batch, seq]`: 1 at real tokens, 0 at padding.
+    pub attention_mask: Tensor,
+    /// `[batch, seq]` token types; all 0 when absent.
+    pub token_type_ids: Option<Tensor>,
+    /// The job's prefixes and linear deltas.
+    pub hooks: &'a dyn Hooks,
+    /// The job's dropout stream; `None` draws from the global generator.
+    pub stream: Option<&'a DropoutStream>,
+}
+
+/// A member with its real-token layout.
+struct Part<'a> {
+    member: &'a Member<'a>,
+    packing: Packing,
+    /// Key/value prefix length: real tokens' positions start after it.
+    past_len: i64,
+    /// Real tokens of the member: its rows in the stacked `[tokens, hidden]`.
+    tokens: i64,
+}
+
+impl Part<'_> {
+    /// The member's rows in a stacked tensor of `queries` layout.
+    fn rows(&self, queries: Queries) -> i64 {
+        match queries {
+            Queries::All => self.tokens,
+            Queries::First => self.packing.batch,
+        }
+    }
+}
+
+/// Applies `f` to each member's rows of the stacked `xs` (`queries` layout)
+/// with the member's dropout stream active, and stacks the results.
+fn per_member(xs: &Tensor, parts: &[Part<'_>], queries: Queries, mut f: impl FnMut(&Part<'_>, &Tensor) -> Tensor) -> Tensor {
+    if let [part] = parts {
+        return with_stream(part.member.stream, || f(part, xs));
+    }
+    let mut offset = 0;
+    let outs: Vec<Tensor> = parts
+        .iter()
+        .map(|part| {
+            let rows = xs.narrow(0, offset, part.rows(queries));
+            offset += part.rows(queries);
+            with_stream(part.member.stream, || f(part, &rows))
+        })
+        .collect();
+    Tensor::cat(&outs, 0)
+}
+
+/// Dropout with each member's rows masked from its own stream.
+fn member_dropout(xs: &Tensor, p: f64, parts: &[Part<'_>], queries: Queries, train: bool) -> Tensor {
+    if !train || p <= 0.0 {
+        return xs.shallow_clone();
+    }
+    per_member(xs, parts, queries, |_, rows| dropout(rows, p, train))
+}
+
+/// A frozen linear over every member's rows, plus each member's delta for
+/// it (LoRA) on its own rows.
+fn member_linear(
+    linear: &nn::Linear,
+    parts: &[Part<'_>],
+    queries: Queries,
+    layer: usize,
+    module: &str,
+    xs: &Tensor,
+) -> Tensor {
+    let out = linear.forward(xs);
+    let mut any = false;
+    let mut offset = 0;
+    let deltas: Vec<Option<Tensor>> = parts
+        .iter()
+        .map(|part| {
+            let len = part.rows(queries);
+            let rows = if parts.len() == 1 { xs.shallow_clone() } else { xs.narrow(0, offset, len) };
+            offset += len;
+            let delta = with_stream(part.member.stream, || part.member.hooks.linear_delta(layer, module, &rows));
+            any |= delta.is_some();
+            delta
+        })
+        .collect();
+    if !any {
+        return out;
+    }
+    if let [Some(delta)] = deltas.as_slice() {
+        return out + delta;
+    }
+    let width = out.size()[1];
+    let deltas: Vec<Tensor> = parts
+        .iter()
+        .zip(deltas)
+        .map(|(part, delta)| {
+            delta.unwrap_or_else(|| Tensor::zeros([part.rows(queries), width], (out.kind(), out.device())))
+        })
+        .collect();
+    out + Tensor::cat(&deltas, 0)
 }
 
 fn linear_tensors(linear: &nn::Linear) -> impl Iterator<Item = &Tensor> {
@@ -486,8 +647,8 @@ impl BertModel {
         hooks: &dyn Hooks,
         train: bool,
     ) -> Tensor {
-        let (packing, hidden) = self.run(inputs_embeds, attention_mask, token_type_ids, hooks, false, train);
-        packing.unpack(&hidden)
+        let member = single(inputs_embeds, attention_mask, token_type_ids, hooks);
+        self.forward_members(std::slice::from_ref(&member), false, train).remove(0)
     }
 
     /// Last hidden state at position 0 only, `[batch, hidden]`: what a
@@ -502,40 +663,70 @@ impl BertModel {
         hooks: &dyn Hooks,
         train: bool,
     ) -> Tensor {
-        self.run(inputs_embeds, attention_mask, token_type_ids, hooks, true, train).1
+        let member = single(inputs_embeds, attention_mask, token_type_ids, hooks);
+        self.forward_members(std::slice::from_ref(&member), true, train).remove(0)
     }
 
-    /// Runs the layers; with `first_only` the last layer computes position 0
-    /// only and `[batch, hidden]` comes back, else packed `[tokens, hidden]`.
-    fn run(
-        &self,
-        inputs_embeds: &Tensor,
-        attention_mask: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        hooks: &dyn Hooks,
-        first_only: bool,
-        train: bool,
-    ) -> (Packing, Tensor) {
-        // Layer 0's prefix is fetched first: its length shifts the positions.
-        let mut next_prefix = hooks.prefix(0);
-        let past_len = next_prefix.as_ref().map_or(0, |(key, _)| key.size()[2]);
-        let packing = Packing::new(attention_mask).with_prefix(past_len);
-        let mut hidden = self.embeddings.forward(inputs_embeds, token_type_ids, past_len, &packing, train);
+    /// One pass for several jobs' batches: each member's last hidden state,
+    /// `[batch, seq, hidden]` with zeros at padding, or with `first_only`
+    /// `[batch, hidden]` at position 0 (see [`BertModel::forward_first`]).
+    pub fn forward_members(&self, members: &[Member<'_>], first_only: bool, train: bool) -> Vec<Tensor> {
+        // Layer 0's prefixes are fetched first: their lengths shift the positions.
+        let mut prefixes: Vec<Option<(Tensor, Tensor)>> = members.iter().map(|m| m.hooks.prefix(0)).collect();
+        let parts: Vec<Part<'_>> = members
+            .iter()
+            .zip(&prefixes)
+            .map(|(member, prefix)| {
+                let past_len = prefix.as_ref().map_or(0, |(key, _)| key.size()[2]);
+                let packing = Packing::new(&member.attention_mask).with_prefix(past_len);
+                let tokens = packing.rows.size()[0];
+                Part { member, packing, past_len, tokens }
+            })
+            .collect();
+        let mut offset = 0;
+        let first_rows: Vec<Tensor> = parts
+            .iter()
+            .map(|part| {
+                let rows = &part.packing.first_rows + offset;
+                offset += part.tokens;
+                rows
+            })
+            .collect();
+        let first_rows = Tensor::cat(&first_rows, 0);
+        let mut hidden = self.embeddings.forward(&parts, train);
         let last = self.layers.len().saturating_sub(1);
+        let mut queries = Queries::All;
         if first_only && self.layers.is_empty() {
-            let first = hidden.index_select(0, &packing.first_rows);
-            return (packing, first);
+            hidden = hidden.index_select(0, &first_rows);
+            queries = Queries::First;
         }
         for (index, layer) in self.layers.iter().enumerate() {
-            let prefix = if index == 0 { next_prefix.take() } else { hooks.prefix(index) };
-            if let Some((key, _)) = &prefix {
-                assert_eq!(key.size()[2], past_len, "every layer's prefix has the same length");
+            if index > 0 {
+                prefixes = members.iter().map(|m| m.hooks.prefix(index)).collect();
             }
-            let queries = if first_only && index == last { Queries::First } else { Queries::All };
-            let context = Layer { index, hooks, prefix: prefix.as_ref().map(|(k, v)| (k, v)) };
-            hidden = layer.forward(&hidden, &packing, queries, context, train);
+            for (part, prefix) in parts.iter().zip(&prefixes) {
+                let len = prefix.as_ref().map_or(0, |(key, _)| key.size()[2]);
+                assert_eq!(len, part.past_len, "every layer's prefix has the same length");
+            }
+            if first_only && index == last {
+                queries = Queries::First;
+            }
+            let context = Layer { index, prefixes: std::mem::take(&mut prefixes), first_rows: first_rows.shallow_clone() };
+            hidden = layer.forward(&hidden, &parts, queries, &context, train);
         }
-        (packing, hidden)
+        let mut offset = 0;
+        parts
+            .iter()
+            .map(|part| {
+                let len = part.rows(queries);
+                let rows = if parts.len() == 1 { hidden.shallow_clone() } else { hidden.narrow(0, offset, len) };
+                offset += len;
+                match queries {
+                    Queries::All => part.packing.unpack(&rows),
+                    Queries::First => rows,
+                }
+            })
+            .collect()
     }
 
     /// Every weight of the encoder, in declaration order (embeddings, layers,
@@ -572,5 +763,21 @@ impl BertModel {
     /// hidden state; `None` for checkpoints without a pooler.
     pub fn pool(&self, first: &Tensor) -> Option<Tensor> {
         self.pooler.as_ref().map(|pooler| pooler.forward(first))
+    }
+}
+
+/// A lone member drawing dropout from the global generator.
+fn single<'a>(
+    inputs_embeds: &Tensor,
+    attention_mask: &Tensor,
+    token_type_ids: Option<&Tensor>,
+    hooks: &'a dyn Hooks,
+) -> Member<'a> {
+    Member {
+        inputs_embeds: inputs_embeds.shallow_clone(),
+        attention_mask: attention_mask.shallow_clone(),
+        token_type_ids: token_type_ids.map(Tensor::shallow_clone),
+        hooks,
+        stream: None,
     }
 }

@@ -174,11 +174,13 @@ impl SafetensorsHeader {
 /// random integers compared with `p * 2^31`: the same distribution as
 /// `Tensor::dropout`'s Bernoulli draws, which libtorch's CPU generator
 /// produces about twice as slowly, and dropout dominates the non-matmul time
-/// of a training step.
+/// of a training step. The mask comes from the thread's active
+/// [`DropoutStream`](crate::engine::rng::DropoutStream), if any.
 pub(crate) fn dropout(xs: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 {
         return xs.shallow_clone();
     }
+    crate::engine::rng::before_draw();
     let threshold = (p * 2f64.powi(31)).round() as i64;
     let mut draws = Tensor::empty(xs.size(), (Kind::Int, xs.device()));
     let keep = draws.random_().ge(threshold);

