@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Peak resident memory of training many jobs on one frozen MiniLM:
 #   1. one worker process (coordinator + worker, --slots 16) running 16
-#      prompt-tuning jobs at once: every job reads the worker's one copy of
-#      the model;
-#   2. the same worker setup running 1 job (--slots 1);
-#   3. 16 separate `ptune-worker train` processes at once, each with its own
+#      prompt-tuning jobs at once as one pack: every job reads the worker's
+#      one copy of the model, and activations exist for one pass of at most
+#      --pack-tokens positions (the default 4096, then PACK_TOKENS_SMALL);
+#   2. the same with packing off (--pack-jobs 1): 16 jobs stepping at once,
+#      each with its own activations;
+#   3. the same worker setup running 1 job (--slots 1);
+#   4. 16 separate `ptune-worker train` processes at once, each with its own
 #      copy (the one-adapter-per-process way): the sum of their peaks.
 # Jobs: prompt tuning, 20 virtual tokens, batch 8, 64 tokens, 24 steps,
 # evaluation at the end on 64 dev examples. Peaks are VmHWM of the worker
@@ -51,11 +54,14 @@ TOML
 source bench/coordinator.sh
 start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
 
-# Runs N jobs on a fresh worker with N slots; prints its peak RSS in KiB.
+# Runs N jobs on a fresh worker with N slots (and the worker flags that
+# follow); prints its peak RSS in KiB.
 worker_peak() {
   local n="$1" ids=() wpid
-  "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$n" --slots "$n" --threads 1 \
-    >"$work/worker-$n.log" 2>&1 &
+  shift
+  local name="$n${*// /}"
+  "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$name" --slots "$n" --threads 1 "$@" \
+    >"$work/worker-$name.log" 2>&1 &
   wpid=$!
   for i in $(seq 1 "$n"); do
     ids+=("$("$bin/ptune" submit "$spec" | tail -n 1)")
@@ -65,8 +71,13 @@ worker_peak() {
   kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
 }
 
-echo "bench: $jobs jobs on one worker" >&2
+small_tokens="${PACK_TOKENS_SMALL:-1024}"
+echo "bench: $jobs jobs on one worker, packed" >&2
 many=$(worker_peak "$jobs")
+echo "bench: $jobs jobs on one worker, packed, $small_tokens tokens per pass" >&2
+many_small=$(worker_peak "$jobs" --pack-tokens "$small_tokens")
+echo "bench: $jobs jobs on one worker, not packed" >&2
+unpacked=$(worker_peak "$jobs" --pack-jobs 1)
 echo "bench: 1 job on one worker" >&2
 one=$(worker_peak 1)
 
@@ -81,16 +92,19 @@ for pid in "${trainers[@]}"; do wait "$pid" || true; done
 separate=$(cat "$work"/process-*.rss | awk '{ s += $1 } END { print s }')
 single=$(head -n 1 "$work/process-1.rss")
 
-python3 - "$jobs" "$many" "$one" "$separate" "$single" <<'PY' | tee target/bench/memory.md
+python3 - "$jobs" "$small_tokens" "$many" "$many_small" "$unpacked" "$one" "$separate" "$single" <<'PY' | tee target/bench/memory.md
 import sys
-n, many, one, separate, single = sys.argv[1], *map(int, sys.argv[2:])
+n, small_tokens = sys.argv[1:3]
+many, many_small, unpacked, one, separate, single = map(int, sys.argv[3:])
 mib = lambda kib: f"{kib / 1024:.0f} MiB"
 print(f"Peak resident memory, prompt tuning on all-MiniLM-L6-v2 (batch 8, 64 tokens, 20 virtual tokens).")
 print()
 print("| setup | peak RSS | vs one job on one worker |")
 print("|---|---|---|")
 print(f"| one worker, 1 job | {mib(one)} | 1.00x |")
-print(f"| one worker, {n} jobs at once (one shared copy of the model) | {mib(many)} | {many / one:.2f}x |")
+print(f"| one worker, {n} jobs at once, one pack, 4096 tokens per pass | {mib(many)} | {many / one:.2f}x |")
+print(f"| one worker, {n} jobs at once, one pack, {small_tokens} tokens per pass | {mib(many_small)} | {many_small / one:.2f}x |")
+print(f"| one worker, {n} jobs at once, not packed (`--pack-jobs 1`) | {mib(unpacked)} | {unpacked / one:.2f}x |")
 print(f"| {n} separate train processes at once (sum) | {mib(separate)} | {separate / one:.2f}x |")
 print(f"| one train process (for scale) | {mib(single)} | {single / one:.2f}x |")
 PY

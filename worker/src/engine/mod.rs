@@ -107,7 +107,9 @@ pub enum Control {
 /// Progress reported to the caller of [`Engine::train`].
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
-    /// After each optimizer step: train metrics of that step (loss, learning_rate, examples_per_second).
+    /// After each optimizer step: train metrics of that step (loss,
+    /// learning_rate, examples_per_second, and pack_jobs: how many jobs
+    /// shared the step's passes through the base model, 1 alone).
     Step { step: u64, total_steps: u64, metrics: &'a [Metric] },
     /// After each evaluation (every eval_every steps and at the end): the
     /// task's eval metrics (loss, accuracy, macro_f1; or loss, f1, precision,

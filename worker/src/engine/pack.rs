@@ -121,10 +121,12 @@ fn step<'a>(base: &'a BaseModel, device: Device, limits: PackLimits, mut members
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut training = Vec::with_capacity(members.len());
+    let pack_jobs = members.len();
+    let mut training = Vec::with_capacity(pack_jobs);
     for ((mut member, plan), loss) in members.drain(..).zip(&plans).zip(losses) {
         let loss = loss.expect("every member is in one pass");
-        let flow = member.progress.end_step(plan, &loss, seconds, &member.vars, &member.task, &mut member.on_event);
+        let progress = &mut member.progress;
+        let flow = progress.end_step(plan, &loss, seconds, pack_jobs, &member.vars, &member.task, &mut member.on_event);
         match flow {
             Ok(Flow::Continue) if !member.progress.done() => training.push(member),
             Ok(Flow::Continue | Flow::Finish) => {

