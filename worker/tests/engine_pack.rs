@@ -3,8 +3,9 @@
 //! every step's loss matches the job's unpacked run within 1e-5, and so do
 //! the evaluations and the exported adapter, for jobs with different
 //! methods, prompt lengths, learning rates and batch sizes, a job that
-//! leaves early and one that joins late; also when a step's jobs are split
-//! over several passes by the token budget.
+//! leaves early and one that joins late, at both classification levels;
+//! also when a step's jobs are split over several passes by the token
+//! budget.
 
 mod engine_support;
 
@@ -23,16 +24,30 @@ use tch::{Device, Tensor};
 
 const TOLERANCE: f64 = 1e-5;
 
-/// A job on SST-2: `method` with `peft`, learning rate `lr`, batch size
-/// `batch`, `steps` steps, evaluated every 4 steps on 32 dev sentences.
+/// A job on SST-2 (or WNUT-17 entity tagging when `name` starts with
+/// `ner`): `method` with `peft`, learning rate `lr`, batch size `batch`,
+/// `steps` steps, evaluated every 4 steps on 32 dev examples.
 fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, out: &Path) -> TrainJob {
-    let spec = json!({
-        "name": name, "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
-        "method": method, "peft": peft,
-        "data": {
+    let ner = name.starts_with("ner");
+    let (task, dataset, data) = if ner {
+        let labels = ["O", "B-corporation", "B-creative-work", "B-group", "B-location", "B-person", "B-product",
+                      "I-corporation", "I-creative-work", "I-group", "I-location", "I-person", "I-product"];
+        let data = json!({
+            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "tokens", "label_field": "tags",
+            "labels": labels, "max_seq_len": 48, "max_train_examples": 96, "max_eval_examples": 32,
+        });
+        ("token_classification", "ner", data)
+    } else {
+        let data = json!({
             "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 48,
             "max_train_examples": 96, "max_eval_examples": 32,
-        },
+        });
+        ("sequence_classification", "sst2", data)
+    };
+    let spec = json!({
+        "name": name, "base_model": "all-MiniLM-L6-v2", "task": task,
+        "method": method, "peft": peft,
+        "data": data,
         "training": {
             "learning_rate": lr, "head_learning_rate": 2e-2, "batch_size": batch, "max_steps": steps,
             "warmup_ratio": 0.1, "eval_every": 4, "seed": 5,
@@ -40,7 +55,7 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, o
     });
     let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
     spec.validate(None).expect("spec is valid");
-    let data = workspace().join("../shared/data/sst2");
+    let data = workspace().join("../shared/data").join(dataset);
     TrainJob {
         spec,
         train_file: data.join("train.jsonl"),
@@ -54,8 +69,9 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, o
 }
 
 /// The pack's jobs: soft prompts of 4, 12 and 20 tokens, a P-tuning
-/// encoder, P-tuning v2 prefixes and LoRA, at different rates and batch
-/// sizes. `prompt-12` stops after 6 steps; `lora` joins at the fourth step.
+/// encoder, P-tuning v2 prefixes (one of them tagging entities, so a step
+/// has passes at both levels) and LoRA, at different rates and batch sizes.
+/// `prompt-12` stops after 6 steps; `lora` joins at the fourth step.
 fn jobs(out: &Path) -> Vec<TrainJob> {
     vec![
         job("prompt-4", "prompt_tuning", json!({"num_virtual_tokens": 4}), 3e-2, 8, 10, out),
@@ -63,6 +79,7 @@ fn jobs(out: &Path) -> Vec<TrainJob> {
         job("prompt-20", "prompt_tuning", json!({"num_virtual_tokens": 20}), 5e-2, 6, 10, out),
         job("p-tuning", "p_tuning", json!({"num_virtual_tokens": 8, "encoder_reparameterization_type": "mlp"}), 1e-3, 8, 10, out),
         job("p-tuning-v2", "p_tuning_v2", json!({"num_virtual_tokens": 10}), 1e-2, 8, 10, out),
+        job("ner-p-tuning-v2", "p_tuning_v2", json!({"num_virtual_tokens": 6}), 2e-2, 8, 10, out),
         job("lora", "lora", json!({"r": 4}), 1e-3, 8, 10, out),
     ]
 }
@@ -78,7 +95,7 @@ fn comparable(metrics: &[Metric]) -> Vec<(u64, MetricKind, String, f64)> {
 
 type Ending = Rc<RefCell<Option<Result<TrainOutcome, EngineError>>>>;
 
-/// Trains `jobs` as one pack: the first five start together, the last joins
+/// Trains `jobs` as one pack: all but the last start together, the last joins
 /// once the pack has taken three steps. Returns each job's metrics and ending.
 fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Ending)> {
     let records: Vec<(Rc<RefCell<Vec<Metric>>>, Ending)> =
