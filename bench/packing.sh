@@ -92,6 +92,26 @@ print(next((m["value"] for m in job["metrics"] if m["kind"] == "eval" and m["nam
   echo "$best"
 }
 
+# Seconds spent in training steps by the given jobs: each step's batch over
+# its examples_per_second, divided among the jobs that shared the step
+# (pack_jobs), so a packed step is counted once.
+train_seconds() {
+  for id in "$@"; do "$bin/ptune" --output json jobs metrics "$id" --kind train; done | python3 -c '
+import json, sys
+from collections import defaultdict
+text, decoder, at, total = sys.stdin.read(), json.JSONDecoder(), 0, 0.0
+batch = int(sys.argv[1])
+while text[at:].strip():
+    rows, end = decoder.raw_decode(text[at:].lstrip())
+    at += len(text[at:]) - len(text[at:].lstrip()) + end
+    steps = defaultdict(dict)
+    for m in rows:
+        steps[m["step"]][m["name"]] = m["value"]
+    for m in steps.values():
+        total += batch / m["examples_per_second"] / m.get("pack_jobs", 1)
+print(total)' "$batch"
+}
+
 echo "bench: $jobs jobs one after another" >&2
 start_worker sequential 4096
 warm_up
@@ -105,6 +125,19 @@ done
 t1=$(now)
 sequential=$(python3 -c "print($t1 - $t0)")
 seq_best=$(best_accuracy "${seq_ids[@]}")
+# Seconds the jobs themselves ran (started to finished), without the gaps
+# between one job's end and the next one's lease.
+seq_busy=$(for id in "${seq_ids[@]}"; do "$bin/ptune" --output json jobs get "$id"; done | python3 -c '
+import json, sys
+from datetime import datetime
+text, decoder, at, total = sys.stdin.read(), json.JSONDecoder(), 0, 0.0
+t = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
+while text[at:].strip():
+    job, end = decoder.raw_decode(text[at:].lstrip())
+    at += len(text[at:]) - len(text[at:].lstrip()) + end
+    total += (t(job["finished_at"]) - t(job["started_at"])).total_seconds()
+print(total)')
+seq_train=$(train_seconds "${seq_ids[@]}")
 stop_worker
 
 run_packed() {
@@ -122,6 +155,7 @@ run_packed() {
   grep -c "joined the pack" "$work/worker-$name.log" >"$work/$name.joined" || true
   python3 -c "print($end - $start)"
   best_accuracy "${ids[@]}" >"$work/$name.best"
+  train_seconds "${ids[@]}" >"$work/$name.train"
 }
 
 echo "bench: $jobs jobs packed" >&2
@@ -129,15 +163,18 @@ packed=$(run_packed packed 4096)
 echo "bench: $jobs jobs packed, $small_tokens tokens per pass" >&2
 packed_small=$(run_packed packed-small "$small_tokens")
 
-python3 - "$jobs" "$steps" "$batch" "$sequential" "$packed" "$packed_small" "$small_tokens" \
+python3 - "$jobs" "$steps" "$batch" "$sequential" "$packed" "$packed_small" "$small_tokens" "$seq_busy" \
   "$seq_best" "$(cat "$work/packed.best")" "$(cat "$work/packed-small.best")" \
-  "$(cat "$work/packed.joined")" <<'PY' | tee target/bench/packing.md
+  "$(cat "$work/packed.joined")" "$seq_train" "$(cat "$work/packed.train")" "$(cat "$work/packed-small.train")" \
+  <<'PY' | tee target/bench/packing.md
 import sys
 jobs, steps, batch = map(int, sys.argv[1:4])
 sequential, packed, packed_small = map(float, sys.argv[4:7])
 small_tokens = sys.argv[7]
-seq_best, packed_best, small_best = map(float, sys.argv[8:11])
-joined = sys.argv[11]
+seq_busy = float(sys.argv[8])
+seq_best, packed_best, small_best = map(float, sys.argv[9:12])
+joined = sys.argv[12]
+seq_train, packed_train, small_train = map(float, sys.argv[13:16])
 examples = jobs * steps * batch
 print(f"{jobs} prompt-tuning jobs on all-MiniLM-L6-v2, batch {batch}, {steps} steps each, "
       f"20 virtual tokens, SST-2 (evaluation on 128 dev sentences at the end); one worker, 8 slots.")
@@ -145,9 +182,19 @@ print()
 print("| run | wall time | train examples/s | vs one after another | best dev accuracy |")
 print("|---|---|---|---|---|")
 print(f"| one after another | {sequential:.1f} s | {examples / sequential:.1f} | 1.00x | {seq_best:.4f} |")
+print(f"| one after another, time inside the jobs only (started to finished, summed) | {seq_busy:.1f} s | "
+      f"{examples / seq_busy:.1f} | {sequential / seq_busy:.2f}x | |")
 print(f"| packed (4096 tokens per pass) | {packed:.1f} s | {examples / packed:.1f} | {sequential / packed:.2f}x | {packed_best:.4f} |")
 print(f"| packed ({small_tokens} tokens per pass) | {packed_small:.1f} s | {examples / packed_small:.1f} | "
       f"{sequential / packed_small:.2f}x | {small_best:.4f} |")
+print()
+print("Training steps only (each step's time from its examples_per_second, a packed step counted once):")
+print()
+print("| run | seconds in steps | train examples/s | vs one after another |")
+print("|---|---|---|---|")
+print(f"| one after another | {seq_train:.1f} s | {examples / seq_train:.1f} | 1.00x |")
+print(f"| packed (4096 tokens per pass) | {packed_train:.1f} s | {examples / packed_train:.1f} | {seq_train / packed_train:.2f}x |")
+print(f"| packed ({small_tokens} tokens per pass) | {small_train:.1f} s | {examples / small_train:.1f} | {seq_train / small_train:.2f}x |")
 print()
 print(f"Jobs that joined the 4096-token pack: {joined} of {jobs} (the warm-up job included).")
 PY

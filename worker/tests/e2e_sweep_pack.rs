@@ -1,0 +1,84 @@
+//! End to end: a sweep's trials on one worker train as one pack. A real
+//! coordinator on real Postgres creates four trials with different prompt
+//! lengths and learning rates; a `ptune-worker` with four slots trains them
+//! over gRPC, and every trial reports steps shared by all four.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ptune_proto::v1::{self, sweep_service_client::SweepServiceClient, JobState, SweepState};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trials_of_a_sweep_train_as_one_pack() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let train = upload(&mut client, &sst2("train.jsonl")).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let definition = json!({
+        "name": "packed-sweep",
+        "max_concurrent_trials": 4,
+        "objective": { "metric": "accuracy", "direction": "maximize" },
+        "algorithm": { "type": "grid" },
+        "template": {
+            "base_model": MODEL,
+            "task": "sequence_classification",
+            "method": "prompt_tuning",
+            "data": { "train": train, "eval": eval, "labels": [0, 1], "max_seq_len": 32,
+                      "max_train_examples": 320, "max_eval_examples": 64 },
+            "training": { "batch_size": 8, "max_steps": 30, "eval_every": 10, "seed": 3 },
+        },
+        "space": {
+            "peft.num_virtual_tokens": { "values": [4, 16] },
+            "training.learning_rate": { "values": [1e-2, 3e-2] },
+        },
+    });
+    let mut sweeps = SweepServiceClient::connect(cluster.url()).await.expect("coordinator answers");
+    let sweep = sweeps
+        .create_sweep(v1::CreateSweepRequest { definition_json: definition.to_string() })
+        .await
+        .expect("the sweep is valid")
+        .into_inner();
+
+    // All four trials are queued before the worker starts.
+    let list = v1::ListJobsRequest { sweep_id: sweep.id.clone(), page_size: 10, ..Default::default() };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.list_jobs(list.clone()).await.unwrap().into_inner().jobs.len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "the sweep did not queue its four trials");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _worker = cluster.spawn_worker_with_slots("packer", 4);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let state = sweeps
+            .get_sweep(v1::GetSweepRequest { sweep_id: sweep.id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .state();
+        if state != SweepState::Running {
+            assert_eq!(state, SweepState::Completed, "worker log:\n{}", cluster.worker_log("packer"));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sweep still running:\n{}", cluster.worker_log("packer"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let trials = client.list_jobs(list).await.unwrap().into_inner().jobs;
+    assert_eq!(trials.len(), 4);
+    for trial in &trials {
+        assert_eq!(trial.state(), JobState::Succeeded, "{}: {}", trial.id, trial.error);
+        let metrics = client
+            .get_metrics(v1::GetMetricsRequest { job_id: trial.id.clone(), kind: "train".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .metrics;
+        let steps = metrics.iter().filter(|m| m.name == "loss").count();
+        assert_eq!(steps, 30, "{}", trial.id);
+        let shared = metrics.iter().filter(|m| m.name == "pack_jobs" && m.value == 4.0).count();
+        assert!(shared >= 20, "trial {} shared only {shared} of 30 steps with all four:\n{}", trial.id, cluster.worker_log("packer"));
+    }
+}
