@@ -3,7 +3,8 @@
 //! every step's loss matches the job's unpacked run within 1e-5, and so do
 //! the evaluations and the exported adapter, for jobs with different
 //! methods, prompt lengths, learning rates and batch sizes, a job that
-//! leaves early and one that joins late, at both classification levels;
+//! leaves early and one that joins late, at both classification levels,
+//! while others in the pack are cancelled or stopped early (as ASHA does);
 //! also when a step's jobs are split over several passes by the token
 //! budget.
 
@@ -95,22 +96,37 @@ fn comparable(metrics: &[Metric]) -> Vec<(u64, MetricKind, String, f64)> {
 
 type Ending = Rc<RefCell<Option<Result<TrainOutcome, EngineError>>>>;
 
+/// What the caller tells a job after a step, as the worker does for a
+/// cancellation (`Stop`) or an ASHA early stop (`Finish`): `(job, step, control)`.
+const CONTROLS: [(&str, u64, Control); 2] = [("p-tuning", 3, Control::Stop), ("prompt-20", 5, Control::Finish)];
+
+fn control_of(name: &str) -> Option<(u64, Control)> {
+    CONTROLS.iter().find(|(job, _, _)| *job == name).map(|&(_, step, control)| (step, control))
+}
+
 /// Trains `jobs` as one pack: all but the last start together, the last joins
-/// once the pack has taken three steps. Returns each job's metrics and ending.
+/// once the pack has taken three steps; [`CONTROLS`] stop two of them
+/// early. Returns each job's metrics and ending.
 fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Ending)> {
     let records: Vec<(Rc<RefCell<Vec<Metric>>>, Ending)> =
         jobs.iter().map(|_| (Rc::default(), Rc::default())).collect();
     let pack_job = |i: usize| {
         let (seen, ending) = (records[i].0.clone(), records[i].1.clone());
+        let control = control_of(&jobs[i].spec.name);
         PackJob {
             job: jobs[i].clone(),
-            on_event: Box::new(move |event: Event<'_>| {
-                match event {
-                    Event::Step { metrics, .. } | Event::Eval { metrics, .. } => {
-                        seen.borrow_mut().extend_from_slice(metrics)
+            on_event: Box::new(move |event: Event<'_>| match event {
+                Event::Step { step, metrics, .. } => {
+                    seen.borrow_mut().extend_from_slice(metrics);
+                    match control {
+                        Some((at, control)) if at == step => control,
+                        _ => Control::Continue,
                     }
                 }
-                Control::Continue
+                Event::Eval { metrics, .. } => {
+                    seen.borrow_mut().extend_from_slice(metrics);
+                    Control::Continue
+                }
             }),
             on_done: Box::new(move |result| *ending.borrow_mut() = Some(result)),
         }
@@ -151,6 +167,24 @@ fn check_packed_matches_alone(limits: PackLimits) {
         let alone = alone.unwrap_or_else(|e| panic!("{name} alone: {e}"));
         let packed = ending.borrow_mut().take().expect("every packed job ends");
         let packed = packed.unwrap_or_else(|e| panic!("{name} packed: {e}"));
+        if let Some((at, control)) = control_of(name) {
+            // Left the pack early: it matches the run alone up to there.
+            assert_eq!(packed.steps, at, "{name}");
+            assert_eq!(packed.stopped, control == Control::Stop, "{name}");
+            let upto = |metrics: &[Metric]| {
+                comparable(metrics).into_iter().filter(|m| m.0 < at || (m.0 == at && m.1 == MetricKind::Train)).collect::<Vec<_>>()
+            };
+            let (a, b) = (upto(&alone_metrics), upto(&packed_metrics));
+            assert_eq!(a.len(), b.len(), "{name}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x.3 - y.3).abs() <= TOLERANCE, "{name}: step {} {}: alone {} packed {}", x.0, x.2, x.3, y.3);
+            }
+            if control == Control::Finish {
+                assert!(packed.final_metrics.iter().all(|m| m.step == at), "{name}: evaluated where it stopped");
+                assert!(packed_dir.path().join(name).join(ADAPTER_WEIGHTS_FILE).is_file(), "{name}: exported");
+            }
+            continue;
+        }
         assert_eq!(packed.steps, job.spec.training.max_steps, "{name}");
         assert_eq!(packed.eval_predictions, alone.eval_predictions, "{name}: predictions differ");
 
