@@ -203,7 +203,15 @@ fn engine_thread(mut engine: Engine, shared: &Shared) {
                 let mut admit = |room: usize| -> Vec<PackJob> {
                     shared.admit(id, &key, room).into_iter().map(RunRequest::into_pack_job).collect()
                 };
-                engine.train_pack(&model_dir, shared.limits, request.into_pack_job(), &mut admit);
+                // A panic in libtorch ends the pack's runs (their channels
+                // close, so each job fails as retryable and resumes from its
+                // checkpoint), not the thread.
+                let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.train_pack(&model_dir, shared.limits, request.into_pack_job(), &mut admit)
+                }));
+                if trained.is_err() {
+                    tracing::error!(model = %model_dir.display(), "a packed run panicked; its jobs will be retried");
+                }
                 shared.close(id);
             }
             _ => {
