@@ -146,7 +146,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let free = config.slots.saturating_sub(leases.len() as u32);
         let mut leased = false;
         if free > 0 {
-            let request = v1::LeaseJobRequest { worker_id: worker_id.clone(), free_slots: free };
+            let request = v1::LeaseJobRequest { worker_id: worker_id.clone(), free_slots: free, loaded_models: Vec::new() };
             match client.lease_job(request).await {
                 Ok(response) => {
                     if let Some(lease) = response.into_inner().lease {
@@ -205,6 +205,7 @@ async fn register(
         devices: vec![v1::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
         slots: config.slots,
         models: models.to_vec(),
+        memory_bytes: 0,
     };
     let mut delay = Duration::from_millis(200);
     loop {
