@@ -9,25 +9,12 @@ mod common;
 use std::time::Duration;
 
 use common::{metric, sha256, state, MODEL};
+use ptune_coordinator::testing::minilm_model;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 const OTHER_MODEL: &str = "other-bert";
-
-/// all-MiniLM-L6-v2's shape under another name.
-fn minilm(name: &str) -> v1::BaseModel {
-    v1::BaseModel {
-        name: name.into(),
-        model_type: "bert".into(),
-        max_positions: 512,
-        hidden_size: 384,
-        num_layers: 6,
-        num_attention_heads: 12,
-        parameters: 22_713_216,
-        ..Default::default()
-    }
-}
 
 async fn register(env: &mut common::Env, models: Vec<v1::BaseModel>, memory_bytes: u64) -> String {
     env.workers
@@ -61,7 +48,7 @@ async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_l
     let big = env.submit(spec.clone()).await;
     assert_eq!(big.memory_estimate_bytes, 0);
 
-    let small = register(&mut env, vec![minilm(MODEL)], 100 * MIB).await;
+    let small = register(&mut env, vec![minilm_model(MODEL)], 100 * MIB).await;
     // Prompt tuning, 20 virtual tokens, batch 2 of 64 tokens (hand-checked
     // in ptune-core's memory tests): weights 90,852,864 bytes, job 135,200,
     // activations 2 * 84 * 6 * 4 * (18 * 384 + 3 * 12 * 84) = 40,061,952.
@@ -85,7 +72,7 @@ async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_l
 
     // A worker that does not say how much memory it has might fit it: the
     // job no longer says it cannot run, and that worker gets it.
-    let unknown = register(&mut env, vec![minilm(MODEL)], 0).await;
+    let unknown = register(&mut env, vec![minilm_model(MODEL)], 0).await;
     assert_eq!(env.get(&big.id).await.waiting_reason, "");
     assert_eq!(lease(&mut env, &unknown, &[]).await.map(|l| l.job_id), Some(big.id.clone()));
     env.stop().await;
@@ -94,7 +81,7 @@ async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_l
 #[tokio::test]
 async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_kept() {
     let mut env = common::start(Duration::from_secs(10)).await;
-    let worker = register(&mut env, vec![minilm(MODEL), minilm(OTHER_MODEL)], 1 << 30).await;
+    let worker = register(&mut env, vec![minilm_model(MODEL), minilm_model(OTHER_MODEL)], 1 << 30).await;
     let spec = env.spec("on-other").await;
     let older = env.submit(v1::JobSpec { base_model: OTHER_MODEL.into(), ..spec.clone() }).await;
     let newer = env.submit(v1::JobSpec { name: "on-tiny-bert".into(), ..spec }).await;
