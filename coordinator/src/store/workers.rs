@@ -119,8 +119,9 @@ impl Store {
 
     /// For each of `names`, what the registered workers say about it: served
     /// by a worker at all, served by one that heartbeated within `window`,
-    /// and one worker's reason when only workers that cannot train it know
-    /// it. Names no worker knows are missing from the map.
+    /// one worker's reason when only workers that cannot train it know it,
+    /// and the most memory an online worker serving it may use. Names no
+    /// worker knows are missing from the map.
     #[instrument(skip_all)]
     pub async fn model_availability(&self, names: &[String], window: Duration) -> Result<HashMap<String, Availability>> {
         let rows: Vec<AvailabilityRow> = sqlx::query_as(
