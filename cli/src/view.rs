@@ -38,6 +38,10 @@ pub struct JobView {
     /// Why a queued job is not being trained (empty when it merely waits for a slot).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub waiting_reason: String,
+    /// The coordinator's estimate of the memory the job needs, once known.
+    pub memory_estimate_bytes: Option<u64>,
+    /// Peak resident memory of the worker process that completed the job.
+    pub worker_peak_rss_bytes: Option<u64>,
     pub metrics: Vec<MetricView>,
     pub spec: Option<serde_json::Value>,
 }
@@ -95,10 +99,21 @@ impl JobView {
             trial_index: (!job.sweep_id.is_empty()).then_some(job.trial_index),
             early_stopped: job.early_stopped,
             waiting_reason: job.waiting_reason.clone(),
+            memory_estimate_bytes: Some(job.memory_estimate_bytes).filter(|&b| b > 0),
+            worker_peak_rss_bytes: Some(job.worker_peak_rss_bytes).filter(|&b| b > 0),
             metrics: job.latest_metrics.iter().map(MetricView::from).collect(),
             spec: domain_spec,
         }
     }
+}
+
+/// `estimate 125 MiB, worker peak 321 MiB`, each part when known.
+pub fn memory_line(view: &JobView) -> Option<String> {
+    let parts: Vec<String> = [("estimate", view.memory_estimate_bytes), ("worker peak", view.worker_peak_rss_bytes)]
+        .into_iter()
+        .filter_map(|(what, bytes)| Some(format!("{what} {} MiB", ptune_core::memory::mib(bytes?))))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// Latest value of a metric of a kind, if reported.

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ptune_coordinator::testing::fresh_database;
+use ptune_coordinator::testing::{fresh_database, minilm_model};
 use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
 
 struct Run {
@@ -70,9 +70,19 @@ learning_rate = 0.03
     path
 }
 
+/// Registers a worker serving all-MiniLM-L6-v2 with the shape it reports.
+async fn register_minilm(coordinator: &CoordinatorHandle) {
+    use ptune_proto::v1::{self, worker_service_client::WorkerServiceClient};
+    let mut client = WorkerServiceClient::connect(format!("http://{}", coordinator.grpc_addr)).await.unwrap();
+    let models = vec![minilm_model("all-MiniLM-L6-v2")];
+    let request = v1::RegisterWorkerRequest { hostname: "h".into(), slots: 1, models, ..Default::default() };
+    client.register_worker(request).await.expect("register");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_prints_the_job_id_last_and_the_job_can_be_listed_inspected_and_cancelled() {
     let (_db, coordinator) = start().await;
+    register_minilm(&coordinator).await;
     let dir = tempfile::tempdir().unwrap();
     let spec = write_spec(dir.path(), "num_virtual_tokens = 20", &sst2_dir().join("train.jsonl"), "[0, 1]");
 
@@ -92,6 +102,11 @@ async fn submit_prints_the_job_id_last_and_the_job_can_be_listed_inspected_and_c
     assert_eq!(job["state"], "queued");
     assert_eq!(job["spec"]["peft"]["num_virtual_tokens"], 20);
     assert!(job["spec"]["data"]["train"].as_str().unwrap().starts_with("sha256:"), "datasets are uploaded");
+    // Weights 90,852,864 bytes, job (20 * 384 + 770) * 16, activations 32 * 84 * 6 * 4 * (18 * 384 + 3 * 12 * 84).
+    assert_eq!(job["memory_estimate_bytes"], 90_852_864 + 135_200 + 640_991_232);
+    assert_eq!(job["worker_peak_rss_bytes"], serde_json::Value::Null, "not completed");
+    let text = ptune(&coordinator, &["jobs", "get", &id]).await;
+    assert!(text.stdout.contains("\nmemory:      estimate 698 MiB\n"), "{}", text.stdout);
 
     let cancelled = ptune(&coordinator, &["jobs", "cancel", &id]).await;
     assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);

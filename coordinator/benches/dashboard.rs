@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ptune_coordinator::model::{BaseModel, Device, LeaseRef, ProgressReport, WorkerRegistration};
+use ptune_coordinator::model::{BaseModel, Device, LeaseRef, ProgressReport, WorkerOffer, WorkerRegistration};
 use ptune_coordinator::store::Store;
 use ptune_coordinator::testing::fresh_database;
 use ptune_coordinator::{Config, Coordinator};
@@ -40,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
         spec.owner = OWNERS[i % OWNERS.len()].to_string();
         spec.base_model = MODELS[i % MODELS.len()].to_string();
         spec.method = METHODS[i % METHODS.len()].parse().map_err(anyhow::Error::msg)?;
-        store.insert_job(JobId::new(), &spec, 100).await?;
+        store.insert_job(JobId::new(), &spec, 100, None).await?;
     }
     let inserted = started.elapsed();
 
@@ -54,11 +54,12 @@ async fn main() -> anyhow::Result<()> {
             devices: vec![Device { name: "cuda:0".into(), memory_bytes: 80 << 30 }],
             slots: 16,
             models: MODELS.iter().map(|m| BaseModel { name: m.to_string(), ..Default::default() }).collect(),
+            memory_bytes: None,
         };
         store.upsert_worker(worker, &registration).await?;
-        let models: Vec<String> = MODELS.iter().map(|m| m.to_string()).collect();
+        let offer = WorkerOffer { models: MODELS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
         for _ in 0..10 {
-            if let Some(lease) = store.lease_next_job(worker, &models, Duration::from_secs(600)).await? {
+            if let Some(lease) = store.lease_next_job(worker, &offer, Duration::from_secs(600)).await? {
                 leases.push(LeaseRef { job_id: lease.job_id, epoch: lease.epoch });
             }
         }

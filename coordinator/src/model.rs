@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use ptune_core::sweep::{AlgorithmKind, AshaPlan, FailureReason, Objective, Params, SweepState, TrialState};
-use ptune_core::{JobId, JobSpec, JobState, Method, Metric, SweepId, WorkerId};
+use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Method, Metric, ModelShape, SweepId, WorkerId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -36,6 +36,10 @@ pub struct Job {
     pub trial: Option<TrialRef>,
     /// The job ended before its last step because its sweep stopped it.
     pub early_stopped: bool,
+    /// The memory it needs on a worker, once a worker reported its model's shape.
+    pub memory_estimate: Option<MemoryEstimate>,
+    /// Peak resident memory of the worker process that completed it.
+    pub worker_peak_rss_bytes: Option<u64>,
 }
 
 /// Which trial of which sweep a job is.
@@ -169,6 +173,19 @@ pub struct BaseModel {
     pub unsupported_reason: Option<String>,
 }
 
+impl BaseModel {
+    /// What the memory estimate needs of the model, when the worker reported all of it.
+    pub fn shape(&self) -> Option<ModelShape> {
+        let shape = ModelShape {
+            parameters: self.parameters,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            num_attention_heads: self.num_attention_heads,
+        };
+        (self.unsupported_reason.is_none() && shape.is_known()).then_some(shape)
+    }
+}
+
 /// What the registered workers say about a base model, for admitting jobs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModelSupport {
@@ -191,6 +208,19 @@ pub struct WorkerRegistration {
     pub devices: Vec<Device>,
     pub slots: u32,
     pub models: Vec<BaseModel>,
+    /// Bytes it may use for training; `None` when it did not say.
+    pub memory_bytes: Option<u64>,
+}
+
+/// What a worker asking for a job can take.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerOffer {
+    /// Base models it trains.
+    pub models: Vec<String>,
+    /// Those it holds in memory now: their jobs go first.
+    pub loaded: Vec<String>,
+    /// Bytes it may use for training; `None` when unknown (no job is held back).
+    pub memory_bytes: Option<u64>,
 }
 
 /// The coordinator's answer to a registration.
@@ -268,6 +298,8 @@ pub struct Completion {
     pub adapter_size: u64,
     pub metrics: Vec<Metric>,
     pub step: u64,
+    /// The worker process's peak resident memory, when it reported one.
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// The end of an unsuccessful attempt.

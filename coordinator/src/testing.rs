@@ -4,6 +4,21 @@ use anyhow::Context;
 
 use crate::store::admin;
 
+/// What a worker registers for all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M
+/// parameters), served under `name`.
+pub fn minilm_model(name: &str) -> ptune_proto::v1::BaseModel {
+    ptune_proto::v1::BaseModel {
+        name: name.into(),
+        model_type: "bert".into(),
+        max_positions: 512,
+        hidden_size: 384,
+        num_layers: 6,
+        num_attention_heads: 12,
+        parameters: 22_713_216,
+        ..Default::default()
+    }
+}
+
 /// Server that test databases are created on, unless
 /// `$PTUNE_TEST_DATABASE_URL` names another.
 pub const DEFAULT_TEST_SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

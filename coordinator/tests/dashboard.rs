@@ -135,6 +135,7 @@ async fn complete(env: &mut Env, lease: &v1::Lease, step: u64, metrics: Vec<v1::
         adapter_size: adapter.len() as u64,
         metrics,
         step,
+        ..Default::default()
     };
     let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
     parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));

@@ -124,7 +124,8 @@ async fn concurrent_lease_calls_never_hand_out_the_same_job() {
         let mut client = env.workers.clone();
         let worker_id = workers[i % 3].clone();
         tokio::spawn(async move {
-            client.lease_job(v1::LeaseJobRequest { worker_id, free_slots: 1 }).await.unwrap().into_inner().lease
+            let request = v1::LeaseJobRequest { worker_id, free_slots: 1, ..Default::default() };
+            client.lease_job(request).await.unwrap().into_inner().lease
         })
     });
     let leases: Vec<v1::Lease> =

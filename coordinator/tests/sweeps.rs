@@ -194,7 +194,7 @@ impl FakeWorker {
     async fn work(&mut self, sweep_id: &str, script: impl Fn(&v1::JobSpec) -> Script) -> Vec<(u32, Ended)> {
         let mut log = Vec::new();
         loop {
-            let request = v1::LeaseJobRequest { worker_id: self.id.clone(), free_slots: 1 };
+            let request = v1::LeaseJobRequest { worker_id: self.id.clone(), free_slots: 1, ..Default::default() };
             let client = self.client.clone();
             let lease = retry(|| {
                 let (mut client, request) = (client.clone(), request.clone());
@@ -331,6 +331,7 @@ impl FakeWorker {
             adapter_size: adapter.len() as u64,
             metrics: vec![metric(step, "eval", "accuracy", accuracy)],
             step,
+            ..Default::default()
         };
         let client = self.client.clone();
         retry(|| {

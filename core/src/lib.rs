@@ -1,13 +1,15 @@
 //! Domain types shared by the coordinator, the worker and the CLI: job specs
-//! and their validation, sweep definitions and their search spaces, ids,
-//! states and metrics. No networking, no storage.
+//! and their validation, sweep definitions and their search spaces, memory
+//! estimates, ids, states and metrics. No networking, no storage.
 
 pub mod ids;
+pub mod memory;
 pub mod spec;
 pub mod state;
 pub mod sweep;
 
 pub use ids::{JobId, SweepId, WorkerId};
+pub use memory::{MemoryEstimate, ModelShape};
 pub use spec::{
     DataConfig, EncoderType, GenerationConfig, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
     TrainingConfig,

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ptune_worker::agent::{self, AgentConfig};
 use tracing_subscriber::EnvFilter;
@@ -37,6 +38,10 @@ struct Args {
     /// hold more runs as several passes. Bounds the activation memory of a pack.
     #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 4096)]
     pack_tokens: u32,
+    /// MiB of memory this worker may use for training, told to the coordinator, which leases it no job estimated
+    /// to need more (0: the machine's total memory).
+    #[arg(long, env = "PTUNE_MEMORY_MIB", default_value_t = 0)]
+    memory_mib: u64,
     /// Log format.
     #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -59,6 +64,15 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Print the memory a job spec needs on its base model under --models-dir, as the coordinator estimates it.
+    Estimate {
+        /// Job spec (TOML).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Print the estimate as JSON, in bytes.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,14 +80,30 @@ fn main() -> anyhow::Result<()> {
     init_logging(&args.log_format);
     match args.command {
         Some(Command::Train { spec, out, resume }) => {
-            let text = std::fs::read_to_string(&spec)?;
-            let base_model = ptune_core::JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", spec.display()))?.base_model;
+            let base_model = read_spec(&spec)?.base_model;
             let model_dir = args.models_dir.join(&base_model);
             let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out, resume)?;
             for metric in &outcome.final_metrics {
                 println!("{} {} = {:.4} (step {})", metric.kind.as_str(), metric.name, metric.value, metric.step);
             }
             println!("adapter written to {}", out.join("adapter").display());
+            Ok(())
+        }
+        Some(Command::Estimate { spec, json }) => {
+            let spec = read_spec(&spec)?;
+            let scan = agent::scan_models(&args.models_dir)?;
+            let Some(model) = scan.served.iter().find(|m| m.name == spec.base_model) else {
+                anyhow::bail!("base_model {:?} is not a model this worker trains under {}", spec.base_model, args.models_dir.display());
+            };
+            let estimate = ptune_core::memory::estimate(&spec, &model.shape());
+            if json {
+                let mut value = serde_json::to_value(estimate)?;
+                value["total_bytes"] = estimate.total_bytes().into();
+                value["base_model"] = spec.base_model.into();
+                println!("{value}");
+            } else {
+                println!("{}: {estimate}", spec.base_model);
+            }
             Ok(())
         }
         None => {
@@ -84,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                 work_dir: args.work_dir,
                 threads: args.threads,
                 model_memory: (args.model_memory_mib > 0).then(|| args.model_memory_mib << 20),
+                memory_bytes: (args.memory_mib > 0).then(|| args.memory_mib << 20),
                 pack: ptune_worker::engine::PackLimits {
                     max_jobs: match args.pack_jobs {
                         0 => args.slots.max(1) as usize,
@@ -104,6 +135,11 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn read_spec(path: &std::path::Path) -> anyhow::Result<ptune_core::JobSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    ptune_core::JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 async fn shutdown_signal() {

@@ -48,6 +48,10 @@ async fn a_job_goes_queued_running_succeeded_with_metrics_and_a_verifiable_adapt
     let done = get(&mut client, &job.id).await;
     assert_eq!(done.step, 20);
     assert_eq!(done.attempts, 1);
+    // The worker registered MiniLM's shape, so the job has an estimate; its
+    // measured peak holds at least MiniLM's 90.9 MB of weights.
+    assert!(done.memory_estimate_bytes > 90_852_864, "{}", done.memory_estimate_bytes);
+    assert!(done.worker_peak_rss_bytes > 90_852_864, "{}", done.worker_peak_rss_bytes);
     let metrics = client
         .get_metrics(v1::GetMetricsRequest { job_id: job.id.clone(), kind: String::new() })
         .await

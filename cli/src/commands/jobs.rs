@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 use super::status_error;
 use crate::output;
-use crate::view::{headline, headline_metric, job_state, latest, state_name, JobView, MetricView};
+use crate::view::{headline, headline_metric, job_state, latest, memory_line, state_name, JobView, MetricView};
 use crate::Format;
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +208,9 @@ fn print_job(job: &v1::Job) {
     }
     if !view.adapter_sha256.is_empty() {
         println!("adapter:     sha256 {} ({} bytes)", view.adapter_sha256, view.adapter_size_bytes);
+    }
+    if let Some(memory) = memory_line(&view) {
+        println!("memory:      {memory}");
     }
     for m in &view.metrics {
         println!("metric:      {:<5} {:<20} {:>12}  (step {})", m.kind, m.name, output::num(m.value), m.step);

@@ -114,7 +114,22 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
                 unsupported_reason: Some(m.unsupported_reason).filter(|r| !r.trim().is_empty()),
             })
             .collect(),
+        memory_bytes: known(counter(req.memory_bytes, "memory_bytes")?),
     })
+}
+
+/// `None` for a size the sender left at 0 (unknown).
+fn known(bytes: u64) -> Option<u64> {
+    (bytes > 0).then_some(bytes)
+}
+
+/// The worker, its free slots and the models it holds in memory.
+pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<String>), Error> {
+    let worker = worker_id(&req.worker_id)?;
+    if let Some(i) = req.loaded_models.iter().position(|m| m.trim().is_empty()) {
+        return Err(Error::invalid(format!("loaded_models[{i}]"), "must name a model folder, as BaseModel.name"));
+    }
+    Ok((worker, req.free_slots, req.loaded_models))
 }
 
 pub fn lease_ref(job: &str, epoch: u64, field: &str) -> Result<LeaseRef, Error> {
@@ -145,6 +160,7 @@ pub fn completion(header: v1::CompleteJobHeader) -> Result<Completion, Error> {
         adapter_size: header.adapter_size,
         metrics: metrics(header.metrics)?,
         step: counter(header.step, "step")?,
+        peak_rss_bytes: known(counter(header.peak_rss_bytes, "peak_rss_bytes")?),
     })
 }
 
@@ -183,6 +199,8 @@ pub fn job(job: &Job) -> v1::Job {
         trial_index: job.trial.map_or(0, |t| t.index),
         early_stopped: job.early_stopped,
         waiting_reason: String::new(),
+        memory_estimate_bytes: job.memory_estimate.map_or(0, |e| e.total_bytes()),
+        worker_peak_rss_bytes: job.worker_peak_rss_bytes.unwrap_or(0),
     }
 }
 

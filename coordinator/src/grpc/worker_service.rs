@@ -55,9 +55,8 @@ impl WorkerService for WorkerApi {
 
     #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
-        let req = req.into_inner();
-        let worker = convert::worker_id(&req.worker_id)?;
-        let lease = self.scheduler.lease(worker, req.free_slots).await?;
+        let (worker, free_slots, loaded) = convert::lease_request(req.into_inner())?;
+        let lease = self.scheduler.lease(worker, free_slots, loaded).await?;
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 

@@ -20,6 +20,7 @@ use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, ModelSupport, PageToken};
+use crate::scheduler::memory;
 use crate::store::{Availability, CancelOutcome, Store};
 
 /// Jobs per page when the request does not say.
@@ -54,16 +55,15 @@ impl Jobs {
     /// Why each queued job of `jobs` is not being trained, when the workers
     /// registered so far explain it: no worker serves its base model (it
     /// waits until one registers), the only workers that know the model
-    /// cannot train it, or every worker serving it is offline. Jobs that
-    /// are simply waiting for a free slot have no entry.
+    /// cannot train it, every worker serving it is offline, or it needs more
+    /// memory than any online worker serving it has. Jobs that are simply
+    /// waiting for a free slot have no entry.
     pub async fn waiting_reasons(&self, jobs: &[Job]) -> Result<HashMap<JobId, String>, Error> {
         let queued: Vec<&Job> = jobs.iter().filter(|j| j.state == JobState::Queued).collect();
         if queued.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut names: Vec<String> = queued.iter().map(|j| j.spec.base_model.clone()).collect();
-        names.sort();
-        names.dedup();
+        let names = memory::model_names(queued.iter().map(|j| &j.spec));
         let availability = self.store.model_availability(&names, self.online_window).await?;
         Ok(queued
             .into_iter()
@@ -80,7 +80,7 @@ impl Jobs {
                     Some(Availability { online: false, .. }) => {
                         format!("waiting: every worker serving base model {model:?} is offline")
                     }
-                    Some(_) => return None,
+                    Some(availability) => memory::too_large(job, availability)?,
                 };
                 Some((job.id, reason))
             })
@@ -101,21 +101,28 @@ impl Jobs {
             0 => train.lines,
             limit => limit.min(train.lines),
         };
+        let estimate = memory::estimate_spec(&self.store, &spec).await?;
         let id = JobId::new();
-        self.store.insert_job(id, &spec, spec.total_steps(examples)).await?;
+        self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
         info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, "job submitted");
         self.get(id).await
     }
 
+    /// One job; its memory estimate is taken now if it had none and a
+    /// worker has reported its model's shape since it was submitted.
     pub async fn get(&self, id: JobId) -> Result<Job, Error> {
-        self.store.get_job(id).await?.ok_or_else(|| not_found(id))
+        let mut job = self.store.get_job(id).await?.ok_or_else(|| not_found(id))?;
+        memory::fill_estimates(&self.store, std::slice::from_mut(&mut job)).await?;
+        Ok(job)
     }
 
     /// Jobs matching `filter`, newest first; `page_size` 0 means the default
     /// and larger sizes are capped at [`MAX_PAGE_SIZE`].
     pub async fn list(&self, filter: &JobFilter, page_size: u32, after: Option<PageToken>) -> Result<JobPage, Error> {
         let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
-        Ok(self.store.list_jobs(filter, size, after).await?)
+        let mut page = self.store.list_jobs(filter, size, after).await?;
+        memory::fill_estimates(&self.store, &mut page.jobs).await?;
+        Ok(page)
     }
 
     /// Cancels a queued job at once; asks the worker of a running job to stop.

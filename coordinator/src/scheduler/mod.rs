@@ -2,6 +2,7 @@
 //! fail them. Every call about a job is fenced by its lease epoch, so a
 //! worker whose lease was lost and re-leased can no longer change the job.
 
+pub(crate) mod memory;
 mod reaper;
 
 use std::time::Duration;
@@ -53,7 +54,11 @@ impl Scheduler {
         let worker_id = reg.worker_id.unwrap_or_default();
         self.store.upsert_worker(worker_id, &reg).await?;
         let models: Vec<&str> = reg.models.iter().map(|m| m.name.as_str()).collect();
-        info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models, "worker registered");
+        info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models,
+              memory_bytes = reg.memory_bytes, "worker registered");
+        // Jobs that waited for a worker to report their model's shape get their estimate now.
+        let shaped: Vec<String> = reg.models.iter().filter(|m| m.shape().is_some()).map(|m| m.name.clone()).collect();
+        memory::estimate_queued(&self.store, &shaped).await?;
         Ok(Registered {
             worker_id,
             heartbeat_interval: self.timing.heartbeat_interval,
@@ -71,17 +76,21 @@ impl Scheduler {
         Ok(HeartbeatReply { stop, early_stop, known })
     }
 
-    /// Leases the oldest queued job on a model the worker serves, if any.
-    pub async fn lease(&self, worker: WorkerId, free_slots: u32) -> Result<Option<Lease>, Error> {
-        let models =
-            self.store.worker_models(worker).await?.ok_or_else(|| {
+    /// Leases a queued job on a model the worker serves and that fits its
+    /// memory, if any: the oldest on one of the `loaded` models it holds in
+    /// memory, else the oldest.
+    pub async fn lease(&self, worker: WorkerId, free_slots: u32, loaded: Vec<String>) -> Result<Option<Lease>, Error> {
+        let mut offer =
+            self.store.worker_offer(worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
         self.store.touch_worker(worker).await?;
-        if free_slots == 0 || models.is_empty() {
+        if free_slots == 0 || offer.models.is_empty() {
             return Ok(None);
         }
-        let lease = self.store.lease_next_job(worker, &models, self.timing.lease_timeout).await?;
+        offer.loaded = loaded;
+        memory::estimate_queued(&self.store, &offer.models).await?;
+        let lease = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await?;
         if let Some(lease) = &lease {
             info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
             self.hub.publish(lease.job_id, HubEventKind::Changed);

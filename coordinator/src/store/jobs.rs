@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use ptune_core::{JobId, JobSpec, JobState, Metric, SweepId, WorkerId};
+use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Metric, SweepId, WorkerId};
 use sqlx::types::Json;
 use sqlx::{PgExecutor, Postgres, Transaction};
 use tracing::instrument;
@@ -52,7 +52,8 @@ macro_rules! job_select {
     () => {
         "SELECT j.id, j.spec, j.state, j.error, j.attempts, j.max_attempts, j.step, j.total_steps, \
                 j.cancel_requested, j.created_at, j.started_at, j.finished_at, \
-                j.sweep_id, j.trial_index, j.early_stopped, \
+                j.sweep_id, j.trial_index, j.early_stopped, j.memory_weights_bytes, j.memory_job_bytes, \
+                j.memory_activation_bytes, j.worker_peak_rss_bytes, \
                 (SELECT a.worker_id FROM job_attempts a WHERE a.job_id = j.id AND a.ended_at IS NULL) AS worker_id, \
                 ad.sha256 AS adapter_sha256, ad.size AS adapter_size \
          FROM jobs j LEFT JOIN adapters ad ON ad.job_id = j.id "
@@ -79,6 +80,10 @@ struct JobRow {
     sweep_id: Option<Uuid>,
     trial_index: Option<i32>,
     early_stopped: bool,
+    memory_weights_bytes: Option<i64>,
+    memory_job_bytes: Option<i64>,
+    memory_activation_bytes: Option<i64>,
+    worker_peak_rss_bytes: Option<i64>,
 }
 
 impl JobRow {
@@ -110,6 +115,15 @@ impl JobRow {
                 _ => None,
             },
             early_stopped: self.early_stopped,
+            memory_estimate: match (self.memory_weights_bytes, self.memory_job_bytes, self.memory_activation_bytes) {
+                (Some(weights), Some(job), Some(activations)) => Some(MemoryEstimate {
+                    weights_bytes: to_u64(weights, "memory_weights_bytes")?,
+                    job_bytes: to_u64(job, "memory_job_bytes")?,
+                    activation_bytes: to_u64(activations, "memory_activation_bytes")?,
+                }),
+                _ => None,
+            },
+            worker_peak_rss_bytes: self.worker_peak_rss_bytes.map(|b| to_u64(b, "worker_peak_rss_bytes")).transpose()?,
         })
     }
 }
@@ -127,12 +141,19 @@ pub enum CancelOutcome {
 }
 
 impl Store {
-    /// Stores a new queued job.
+    /// Stores a new queued job, with its memory estimate when there is one.
     #[instrument(skip_all, fields(job_id = %id))]
-    pub async fn insert_job(&self, id: JobId, spec: &JobSpec, total_steps: u64) -> Result<()> {
+    pub async fn insert_job(
+        &self,
+        id: JobId,
+        spec: &JobSpec,
+        total_steps: u64,
+        estimate: Option<&MemoryEstimate>,
+    ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO jobs (id, name, owner, base_model, method, spec, state, max_attempts, total_steps) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8)",
+            "INSERT INTO jobs (id, name, owner, base_model, method, spec, state, max_attempts, total_steps, \
+                 memory_weights_bytes, memory_job_bytes, memory_activation_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11)",
         )
         .bind(id.0)
         .bind(&spec.name)
@@ -142,6 +163,51 @@ impl Store {
         .bind(Json(spec))
         .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
         .bind(to_i64(total_steps))
+        .bind(estimate.map(|e| to_i64(e.weights_bytes)))
+        .bind(estimate.map(|e| to_i64(e.job_bytes)))
+        .bind(estimate.map(|e| to_i64(e.activation_bytes)))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Up to `limit` jobs on one of `models` that have no memory estimate
+    /// yet and may still be leased (queued), oldest first.
+    #[instrument(skip_all)]
+    pub async fn queued_without_estimate(&self, models: &[String], limit: u32) -> Result<Vec<(JobId, JobSpec)>> {
+        let rows: Vec<(Uuid, Json<JobSpec>)> = sqlx::query_as(
+            "SELECT id, spec FROM jobs \
+             WHERE state = 'queued' AND base_model = ANY($1) AND memory_weights_bytes IS NULL \
+             ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(models)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, spec)| (JobId(id), spec.0)).collect())
+    }
+
+    /// Records the memory estimates of jobs that have none yet (an estimate
+    /// is taken once and kept, like the spec it comes from).
+    #[instrument(skip_all, fields(jobs = estimates.len()))]
+    pub async fn set_memory_estimates(&self, estimates: &[(JobId, MemoryEstimate)]) -> Result<()> {
+        if estimates.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = estimates.iter().map(|(id, _)| id.0).collect();
+        let column = |part: fn(&MemoryEstimate) -> u64| -> Vec<i64> {
+            estimates.iter().map(|(_, e)| to_i64(part(e))).collect()
+        };
+        sqlx::query(
+            "UPDATE jobs j SET memory_weights_bytes = e.weights, memory_job_bytes = e.job, \
+                 memory_activation_bytes = e.activations \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[]) AS e(id, weights, job, activations) \
+             WHERE j.id = e.id AND j.memory_weights_bytes IS NULL",
+        )
+        .bind(&ids)
+        .bind(column(|e| e.weights_bytes))
+        .bind(column(|e| e.job_bytes))
+        .bind(column(|e| e.activation_bytes))
         .execute(&self.pool)
         .await?;
         Ok(())

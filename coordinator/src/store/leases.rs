@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::jobs::DbJobState;
 use super::metrics::insert_metrics;
 use super::{millis, to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport, StopSignal};
+use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport, StopSignal, WorkerOffer};
 
 /// The result of an operation that only the current lease holder may do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,13 +142,16 @@ async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef,
 }
 
 impl Store {
-    /// Leases the oldest queued job on one of `models` to `worker`: the job
-    /// becomes running under a new epoch and a new attempt is opened.
+    /// Leases a queued job on one of the offer's models to `worker`: the
+    /// oldest on a model the worker holds in memory, else the oldest. A job
+    /// whose memory estimate exceeds the worker's memory is never leased to
+    /// it (when both are known). The job becomes running under a new epoch
+    /// and a new attempt is opened.
     #[instrument(skip_all, fields(worker_id = %worker))]
     pub async fn lease_next_job(
         &self,
         worker: WorkerId,
-        models: &[String],
+        offer: &WorkerOffer,
         timeout: Duration,
     ) -> Result<Option<Lease>> {
         let started = Instant::now();
@@ -157,9 +160,12 @@ impl Store {
         let picked: Option<(Uuid, f64)> = sqlx::query_as(
             "SELECT id, extract(epoch FROM now() - updated_at)::float8 FROM jobs \
              WHERE state = 'queued' AND base_model = ANY($1) \
-             ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+               AND ($3::bigint IS NULL OR memory_estimate_bytes IS NULL OR memory_estimate_bytes <= $3) \
+             ORDER BY base_model = ANY($2) DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
-        .bind(models)
+        .bind(&offer.models)
+        .bind(&offer.loaded)
+        .bind(offer.memory_bytes.map(to_i64))
         .fetch_optional(&mut *tx)
         .await?;
         let Some((id, queued_secs)) = picked else {
@@ -332,11 +338,13 @@ impl Store {
         let early_stopped = job.early_stop_requested && to_i64(done.step) < job.total_steps;
         sqlx::query(
             "UPDATE jobs SET state = 'succeeded', step = $2, error = '', cancel_requested = false, \
-                 early_stopped = $3, finished_at = now(), updated_at = now() WHERE id = $1",
+                 early_stopped = $3, worker_peak_rss_bytes = $4, finished_at = now(), updated_at = now() \
+             WHERE id = $1",
         )
         .bind(lease.job_id.0)
         .bind(to_i64(done.step))
         .bind(early_stopped)
+        .bind(done.peak_rss_bytes.map(to_i64))
         .execute(&mut *tx)
         .await?;
         end_attempt(&mut tx, lease, "succeeded", "").await?;

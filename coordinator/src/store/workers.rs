@@ -3,27 +3,29 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ptune_core::WorkerId;
+use ptune_core::{ModelShape, WorkerId};
 use sqlx::types::Json;
 use tracing::instrument;
 
-use super::{millis, Result, Store};
-use crate::model::{ModelSupport, WorkerRegistration};
+use super::{millis, to_i64, to_u64, Result, Store};
+use crate::model::{BaseModel, ModelSupport, WorkerOffer, WorkerRegistration};
 
 impl Store {
     /// Inserts or replaces a worker's registration and marks it alive.
     #[instrument(skip_all, fields(worker_id = %id))]
     pub async fn upsert_worker(&self, id: WorkerId, reg: &WorkerRegistration) -> Result<()> {
         sqlx::query(
-            "INSERT INTO workers (id, hostname, devices, slots, models) VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO workers (id, hostname, devices, slots, models, memory_bytes) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname, devices = EXCLUDED.devices, \
-                 slots = EXCLUDED.slots, models = EXCLUDED.models, registered_at = now(), last_heartbeat = now()",
+                 slots = EXCLUDED.slots, models = EXCLUDED.models, memory_bytes = EXCLUDED.memory_bytes, \
+                 registered_at = now(), last_heartbeat = now()",
         )
         .bind(id.0)
         .bind(&reg.hostname)
         .bind(Json(&reg.devices))
         .bind(i32::try_from(reg.slots).unwrap_or(i32::MAX))
         .bind(Json(&reg.models))
+        .bind(to_i64(reg.memory_bytes.unwrap_or(0)))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -39,20 +41,46 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Names of the base models a worker registered as trainable (not those
-    /// it advertised as unsupported), or `None` for an unknown worker.
+    /// What a worker registered that leasing needs: the base models it can
+    /// train (not those it advertised as unsupported) and the memory it may
+    /// use, or `None` for an unknown worker. `loaded` is left empty.
     #[instrument(skip_all, fields(worker_id = %id))]
-    pub async fn worker_models(&self, id: WorkerId) -> Result<Option<Vec<String>>> {
-        let names: Option<Vec<String>> = sqlx::query_scalar(
+    pub async fn worker_offer(&self, id: WorkerId) -> Result<Option<WorkerOffer>> {
+        let row: Option<(Vec<String>, i64)> = sqlx::query_as(
             "SELECT coalesce(array_agg(m->>'name') \
-                 FILTER (WHERE m IS NOT NULL AND coalesce(m->>'unsupported_reason', '') = ''), '{}') \
+                 FILTER (WHERE m IS NOT NULL AND coalesce(m->>'unsupported_reason', '') = ''), '{}'), \
+                 w.memory_bytes \
              FROM workers w LEFT JOIN LATERAL jsonb_array_elements(w.models) m ON true \
              WHERE w.id = $1 GROUP BY w.id",
         )
         .bind(id.0)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(names)
+        let Some((models, memory)) = row else { return Ok(None) };
+        let memory = to_u64(memory, "worker memory_bytes")?;
+        Ok(Some(WorkerOffer { models, loaded: Vec::new(), memory_bytes: (memory > 0).then_some(memory) }))
+    }
+
+    /// The shape of each of `names` that some worker trains and reported in
+    /// full; when workers disagree, the one with the most parameters, so that
+    /// estimates err on the large side.
+    #[instrument(skip_all)]
+    pub async fn model_shapes(&self, names: &[String]) -> Result<HashMap<String, ModelShape>> {
+        let models: Vec<Json<BaseModel>> = sqlx::query_scalar(
+            "SELECT DISTINCT ON (e->>'name') e FROM workers w, jsonb_array_elements(w.models) e \
+             WHERE e->>'name' = ANY($1) AND coalesce(e->>'unsupported_reason', '') = '' \
+             ORDER BY e->>'name', coalesce((e->>'parameters')::bigint, 0) DESC, w.id",
+        )
+        .bind(names)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(models
+            .into_iter()
+            .filter_map(|Json(model)| {
+                let shape = model.shape()?;
+                Some((model.name, shape))
+            })
+            .collect())
     }
 
     /// What the registered workers say about a base model: served (with the
@@ -91,32 +119,35 @@ impl Store {
 
     /// For each of `names`, what the registered workers say about it: served
     /// by a worker at all, served by one that heartbeated within `window`,
-    /// and one worker's reason when only workers that cannot train it know
-    /// it. Names no worker knows are missing from the map.
+    /// one worker's reason when only workers that cannot train it know it,
+    /// and the most memory an online worker serving it may use. Names no
+    /// worker knows are missing from the map.
     #[instrument(skip_all)]
     pub async fn model_availability(&self, names: &[String], window: Duration) -> Result<HashMap<String, Availability>> {
-        let rows: Vec<(String, bool, bool, Option<String>, Option<String>)> = sqlx::query_as(
+        let rows: Vec<AvailabilityRow> = sqlx::query_as(
             "WITH m AS ( \
-                 SELECT w.id, w.last_heartbeat > now() - $2 * interval '1 millisecond' AS online, \
+                 SELECT w.id, w.last_heartbeat > now() - $2 * interval '1 millisecond' AS online, w.memory_bytes, \
                         e->>'name' AS name, e->>'model_type' AS model_type, \
                         nullif(e->>'unsupported_reason', '') AS reason \
                  FROM workers w, jsonb_array_elements(w.models) e WHERE e->>'name' = ANY($1)) \
-             SELECT name, bool_or(reason IS NULL), bool_or(reason IS NULL AND online), \
-                    (array_agg(model_type ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1], \
-                    (array_agg(reason ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] \
+             SELECT name, bool_or(reason IS NULL) AS served, bool_or(reason IS NULL AND online) AS online, \
+                    (array_agg(model_type ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS model_type, \
+                    (array_agg(reason ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS reason, \
+                    CASE WHEN bool_or(reason IS NULL AND online AND memory_bytes = 0) THEN NULL \
+                         ELSE max(memory_bytes) FILTER (WHERE reason IS NULL AND online) END AS largest_memory \
              FROM m GROUP BY name",
         )
         .bind(names)
         .bind(millis(window))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(name, served, online, model_type, reason)| {
-                let unsupported = reason.map(|reason| (model_type.unwrap_or_default(), reason));
-                (name, Availability { served, online, unsupported })
+        rows.into_iter()
+            .map(|row| {
+                let unsupported = row.reason.map(|reason| (row.model_type.unwrap_or_default(), reason));
+                let largest_memory = row.largest_memory.map(|m| to_u64(m, "worker memory_bytes")).transpose()?;
+                Ok((row.name, Availability { served: row.served, online: row.online, unsupported, largest_memory }))
             })
-            .collect())
+            .collect()
     }
 
     /// Workers that heartbeated within `window`.
@@ -141,6 +172,17 @@ struct SupportRow {
     reason: Option<String>,
 }
 
+/// What [`Store::model_availability`] aggregates per name.
+#[derive(sqlx::FromRow)]
+struct AvailabilityRow {
+    name: String,
+    served: bool,
+    online: bool,
+    model_type: Option<String>,
+    reason: Option<String>,
+    largest_memory: Option<i64>,
+}
+
 /// What the registered workers say about one base model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Availability {
@@ -150,4 +192,7 @@ pub struct Availability {
     pub online: bool,
     /// A worker's `(model_type, reason)` when it knows the model but cannot train it.
     pub unsupported: Option<(String, String)>,
+    /// The most memory an online worker that trains it may use, when every
+    /// such worker reported its memory (`None` otherwise, or with none online).
+    pub largest_memory: Option<u64>,
 }

@@ -110,6 +110,7 @@ impl Env {
                 devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
                 slots: 2,
                 models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
+                ..Default::default()
             })
             .await
             .expect("register")
@@ -119,7 +120,7 @@ impl Env {
 
     pub async fn lease(&mut self, worker: &str) -> Option<v1::Lease> {
         self.workers
-            .lease_job(v1::LeaseJobRequest { worker_id: worker.to_string(), free_slots: 1 })
+            .lease_job(v1::LeaseJobRequest { worker_id: worker.to_string(), free_slots: 1, ..Default::default() })
             .await
             .expect("lease")
             .into_inner()
@@ -159,6 +160,7 @@ impl Env {
             adapter_size: adapter.len() as u64,
             metrics: vec![metric(10, "eval", "accuracy", 0.9)],
             step: 10,
+            ..Default::default()
         };
         let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
         parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));

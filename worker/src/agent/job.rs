@@ -216,6 +216,7 @@ async fn complete(client: &mut WorkerServiceClient<Channel>, job_id: &str, epoch
         adapter_size: bytes.len() as u64,
         metrics: metrics.iter().map(v1::Metric::from).collect(),
         step,
+        peak_rss_bytes: super::peak_rss_bytes(),
     };
     with_retry("completion", job_id, || {
         let mut parts = vec![v1::CompleteJobChunk { part: Some(v1::complete_job_chunk::Part::Header(header.clone())) }];

@@ -34,6 +34,10 @@ pub struct AgentConfig {
     /// Most bytes of base-model weights to keep loaded; unused models are
     /// evicted least recently used first (`None`: no limit).
     pub model_memory: Option<u64>,
+    /// Bytes this worker may use for training, told to the coordinator,
+    /// which leases it no job estimated to need more (`None`: the machine's
+    /// total memory).
+    pub memory_bytes: Option<u64>,
     /// How classification jobs on one base model share steps and passes.
     pub pack: crate::engine::PackLimits,
 }
@@ -120,7 +124,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
 
     let cache = Arc::new(crate::engine::ModelCache::new(tch::Device::Cpu, config.model_memory));
-    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache, config.pack);
+    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache.clone(), config.pack);
     let leases = Leases::default();
     let context = job::JobContext {
         client: client.clone(),
@@ -146,7 +150,11 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
         let free = config.slots.saturating_sub(leases.len() as u32);
         let mut leased = false;
         if free > 0 {
-            let request = v1::LeaseJobRequest { worker_id: worker_id.clone(), free_slots: free };
+            let request = v1::LeaseJobRequest {
+                worker_id: worker_id.clone(),
+                free_slots: free,
+                loaded_models: loaded_models(&cache, &models),
+            };
             match client.lease_job(request).await {
                 Ok(response) => {
                     if let Some(lease) = response.into_inner().lease {
@@ -205,6 +213,7 @@ async fn register(
         devices: vec![v1::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
         slots: config.slots,
         models: models.to_vec(),
+        memory_bytes: config.memory_bytes.unwrap_or_else(total_memory_bytes),
     };
     let mut delay = Duration::from_millis(200);
     loop {
@@ -266,11 +275,26 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Names of the served models the engines hold in memory now.
+fn loaded_models(cache: &crate::engine::ModelCache, models: &[ServedModel]) -> Vec<String> {
+    let loaded = cache.loaded_dirs();
+    models.iter().filter(|m| loaded.contains(&m.dir)).map(|m| m.name.clone()).collect()
+}
+
 fn total_memory_bytes() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+    proc_bytes("/proc/meminfo", "MemTotal:")
+}
+
+/// This process's peak resident memory so far (VmHWM); 0 when unknown.
+fn peak_rss_bytes() -> u64 {
+    proc_bytes("/proc/self/status", "VmHWM:")
+}
+
+/// A `key   N kB` line of a /proc file, in bytes; 0 when missing.
+fn proc_bytes(path: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }

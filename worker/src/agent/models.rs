@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use ptune_core::ModelShape;
 use ptune_proto::v1;
 use tracing::{info, warn};
 
@@ -22,6 +23,16 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
+    /// What a job's memory estimate needs of the model.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            parameters: self.info.parameters,
+            hidden_size: self.info.hidden_size,
+            num_layers: self.info.num_layers,
+            num_attention_heads: self.info.num_attention_heads,
+        }
+    }
+
     pub fn to_wire(&self) -> v1::BaseModel {
         v1::BaseModel {
             name: self.name.clone(),

@@ -135,6 +135,16 @@ impl ModelCache {
         Ok(shared)
     }
 
+    /// Folders of the models loaded now, sorted (a folder loaded with two
+    /// versions of its weights appears once).
+    pub fn loaded_dirs(&self) -> Vec<PathBuf> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dirs: Vec<PathBuf> = inner.entries.keys().map(|(dir, _)| dir.clone()).collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
     pub fn stats(&self) -> CacheStats {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         CacheStats {
@@ -217,6 +227,7 @@ mod tests {
         assert_eq!((stats.models, stats.loads, stats.evictions), (1, 1, 0));
         assert!(first.encoder().is_some() && first.decoder().is_none());
         assert_eq!(stats.bytes, first.bytes);
+        assert_eq!(cache.loaded_dirs(), [fixture("tiny-bert")]);
     }
 
     #[test]

@@ -1,0 +1,120 @@
+//! Memory-aware scheduling through the real gRPC services on a real
+//! database: a job's memory estimate, the waiting reason of a job too large
+//! for every worker serving its model (which is never leased to them),
+//! workers getting jobs on the models they hold first, and the peak memory a
+//! worker reports at completion.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{metric, sha256, state, MODEL};
+use ptune_coordinator::testing::minilm_model;
+use ptune_proto::v1::{self, complete_job_chunk::Part};
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+const OTHER_MODEL: &str = "other-bert";
+
+async fn register(env: &mut common::Env, models: Vec<v1::BaseModel>, memory_bytes: u64) -> String {
+    env.workers
+        .register_worker(v1::RegisterWorkerRequest {
+            hostname: "test-host".into(),
+            slots: 1,
+            models,
+            memory_bytes,
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .worker_id
+}
+
+async fn lease(env: &mut common::Env, worker: &str, loaded: &[&str]) -> Option<v1::Lease> {
+    let request = v1::LeaseJobRequest {
+        worker_id: worker.into(),
+        free_slots: 1,
+        loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
+    };
+    env.workers.lease_job(request).await.expect("lease").into_inner().lease
+}
+
+#[tokio::test]
+async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_leased_to_them() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("big").await;
+    // Submitted before any worker reported the model's shape: no estimate yet.
+    let big = env.submit(spec.clone()).await;
+    assert_eq!(big.memory_estimate_bytes, 0);
+
+    let small = register(&mut env, vec![minilm_model(MODEL)], 100 * MIB).await;
+    // Prompt tuning, 20 virtual tokens, batch 2 of 64 tokens (hand-checked
+    // in ptune-core's memory tests): weights 90,852,864 bytes, job 135,200,
+    // activations 2 * 84 * 6 * 4 * (18 * 384 + 3 * 12 * 84) = 40,061,952.
+    let job = env.get(&big.id).await;
+    assert_eq!(job.memory_estimate_bytes, 90_852_864 + 135_200 + 40_061_952);
+    assert_eq!(
+        job.waiting_reason,
+        "unschedulable: needs about 125 MiB (weights 87, job 0, activations 38); \
+         the largest online worker serving base model \"tiny-bert\" has 100 MiB"
+    );
+    assert_eq!(lease(&mut env, &small, &[MODEL]).await, None, "too large for this worker");
+
+    // A smaller job, submitted later, is leased to it meanwhile.
+    let mut fits = spec.clone();
+    fits.name = "fits".into();
+    fits.peft.as_mut().unwrap().num_virtual_tokens = 4;
+    fits.data.as_mut().unwrap().max_seq_len = 8;
+    let fits = env.submit(fits).await;
+    assert!(fits.memory_estimate_bytes > 0 && fits.memory_estimate_bytes < 100 * MIB, "{fits:?}");
+    assert_eq!(lease(&mut env, &small, &[]).await.map(|l| l.job_id), Some(fits.id.clone()));
+
+    // A worker that does not say how much memory it has might fit it: the
+    // job no longer says it cannot run, and that worker gets it.
+    let unknown = register(&mut env, vec![minilm_model(MODEL)], 0).await;
+    assert_eq!(env.get(&big.id).await.waiting_reason, "");
+    assert_eq!(lease(&mut env, &unknown, &[]).await.map(|l| l.job_id), Some(big.id.clone()));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_kept() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let worker = register(&mut env, vec![minilm_model(MODEL), minilm_model(OTHER_MODEL)], 1 << 30).await;
+    let spec = env.spec("on-other").await;
+    let older = env.submit(v1::JobSpec { base_model: OTHER_MODEL.into(), ..spec.clone() }).await;
+    let newer = env.submit(v1::JobSpec { name: "on-tiny-bert".into(), ..spec }).await;
+    assert_eq!(newer.memory_estimate_bytes, 90_852_864 + 135_200 + 40_061_952, "estimated at submit");
+
+    let request = v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![" ".into()] };
+    let err = env.workers.lease_job(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "loaded_models[0]: must name a model folder, as BaseModel.name");
+
+    // The worker holds tiny-bert: its job goes first, though it is newer.
+    let first = lease(&mut env, &worker, &[MODEL]).await.expect("a lease");
+    assert_eq!(first.job_id, newer.id);
+    let second = lease(&mut env, &worker, &[MODEL]).await.expect("a lease");
+    assert_eq!(second.job_id, older.id, "then the others, oldest first");
+
+    let adapter = b"adapter".to_vec();
+    let header = v1::CompleteJobHeader {
+        job_id: first.job_id.clone(),
+        epoch: first.epoch,
+        adapter_sha256: sha256(&adapter),
+        adapter_size: adapter.len() as u64,
+        metrics: vec![metric(10, "eval", "accuracy", 0.9)],
+        step: 10,
+        peak_rss_bytes: 321 * MIB,
+    };
+    let parts = vec![
+        v1::CompleteJobChunk { part: Some(Part::Header(header)) },
+        v1::CompleteJobChunk { part: Some(Part::Data(adapter)) },
+    ];
+    env.workers.complete_job(futures::stream::iter(parts)).await.expect("complete");
+    let done = env.get(&first.job_id).await;
+    assert_eq!(state(&done), v1::JobState::Succeeded);
+    assert_eq!((done.memory_estimate_bytes, done.worker_peak_rss_bytes), (newer.memory_estimate_bytes, 321 * MIB));
+    env.stop().await;
+}

@@ -1,0 +1,315 @@
+//! How much memory a job needs on a worker, estimated from its spec and the
+//! shape of its base model, so that the scheduler can leave a job to a
+//! worker that has room for it and say when no worker ever will.
+//!
+//! Everything is float32 (4 bytes per number), as the engine trains. The
+//! estimate has three parts:
+//!
+//! - **weights**: the frozen base model, `parameters * 4`. A worker holds one
+//!   copy per model whatever the number of jobs on it.
+//! - **job**: the job's trainable parameters times 4 bytes times 4 copies:
+//!   the weights, their gradients and AdamW's two moments. Full fine-tuning
+//!   trains a copy of the whole model; the other methods train their prompt,
+//!   prefixes, prompt encoder or low-rank updates. Classification jobs add
+//!   their head (`hidden * labels + labels`).
+//! - **activations**: what one training step keeps for the backward pass,
+//!   `batch * S * layers * 4 * (18 * hidden + 3 * heads * S)` bytes, with `S`
+//!   the longest sequence a step sees (`max_seq_len`, plus the virtual
+//!   tokens, plus `generation.max_new_tokens` for causal LM). Per token and
+//!   layer, autograd keeps (after Korthikanti et al. 2022, section 4.1,
+//!   <https://arxiv.org/abs/2205.05198>, counted in float32 numbers with
+//!   dropout masks kept as float32 noise, as libtorch does on the CPU):
+//!   - attention, `7 * hidden`: the layer's input, queries and keys, values,
+//!     the context entering the output projection, its dropout noise, and
+//!     the LayerNorm's input;
+//!   - attention scores, `3 * heads * S`: the softmax output, its dropout
+//!     noise and the dropped probabilities;
+//!   - feed-forward, `11 * hidden` (an intermediate of `4 * hidden`): its
+//!     input, the intermediate before and after the activation, the dropout
+//!     noise and the LayerNorm's input.
+//!
+//! Encoders pack real tokens without padding, so shorter examples need less.
+//! The estimate leaves out the process's own footprint (the libtorch
+//! runtime, the tokenizer, the datasets) and, for causal LM, the logits over
+//! the vocabulary. Against measured peaks (`docs/benchmarks.md`, "Memory
+//! estimate against measured peak") it is within 10% for the methods that
+//! train nothing inside the model, and low by about a quarter for LoRA and
+//! a half for full fine-tuning, whose weight gradients keep their linears'
+//! inputs: that is not modelled yet.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{EncoderType, JobSpec, Method, Task};
+
+/// Bytes of one float32.
+const FLOAT: u64 = 4;
+/// Copies of every trainable number: weights, gradients, AdamW's two moments.
+const TRAINABLE_COPIES: u64 = 4;
+/// The feed-forward intermediate size, in hidden sizes (BERT, GPT-2).
+const INTERMEDIATE: u64 = 4;
+/// Float32 numbers kept per token and layer, in hidden sizes (see the module docs).
+const HIDDEN_ACTIVATIONS: u64 = 18;
+/// Float32 numbers kept per attention score (see the module docs).
+const SCORE_ACTIVATIONS: u64 = 3;
+
+/// What the estimate needs to know of a base model: what workers report of
+/// it when they register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub parameters: u64,
+    pub hidden_size: u32,
+    pub num_layers: u32,
+    pub num_attention_heads: u32,
+}
+
+impl ModelShape {
+    /// A shape with every number known; workers that could not inspect a
+    /// model report zeros.
+    pub fn is_known(&self) -> bool {
+        self.parameters > 0 && self.hidden_size > 0 && self.num_layers > 0 && self.num_attention_heads > 0
+    }
+}
+
+/// The memory a job needs on a worker, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryEstimate {
+    /// The frozen base model (shared by every job on it).
+    pub weights_bytes: u64,
+    /// The job's trainable parameters, gradients and optimizer moments.
+    pub job_bytes: u64,
+    /// What one training step keeps for the backward pass.
+    pub activation_bytes: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total_bytes(&self) -> u64 {
+        self.weights_bytes.saturating_add(self.job_bytes).saturating_add(self.activation_bytes)
+    }
+}
+
+/// `about 5,120 MiB (weights 420, job 80, activations 4,620)`.
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "about {} MiB (weights {}, job {}, activations {})",
+            mib(self.total_bytes()),
+            mib(self.weights_bytes),
+            mib(self.job_bytes),
+            mib(self.activation_bytes)
+        )
+    }
+}
+
+/// The memory `spec` needs on a base model of shape `model`.
+pub fn estimate(spec: &JobSpec, model: &ModelShape) -> MemoryEstimate {
+    let trainable = trainable_parameters(spec, model);
+    MemoryEstimate {
+        weights_bytes: model.parameters.saturating_mul(FLOAT),
+        job_bytes: trainable.saturating_mul(FLOAT * TRAINABLE_COPIES),
+        activation_bytes: activation_bytes(spec, model),
+    }
+}
+
+/// Numbers the job trains: its method's parameters and its head.
+pub fn trainable_parameters(spec: &JobSpec, model: &ModelShape) -> u64 {
+    let h = u64::from(model.hidden_size);
+    let layers = u64::from(model.num_layers);
+    let nvt = u64::from(spec.peft.num_virtual_tokens);
+    let peft = &spec.peft;
+    let linear = |inputs: u64, outputs: u64| inputs * outputs + outputs;
+    let method = match spec.method {
+        Method::PromptTuning => nvt * h,
+        Method::PTuning => {
+            let e = u64::from(peft.encoder_hidden_size_for(model.hidden_size));
+            let encoder = match peft.encoder_type() {
+                EncoderType::Mlp => linear(h, e) + linear(e, e) + linear(e, h),
+                EncoderType::Lstm => {
+                    // A bidirectional LSTM (per layer and direction: input and
+                    // hidden weights of four gates, two biases), then two linears.
+                    let lstm: u64 = (0..u64::from(peft.encoder_num_layers()))
+                        .map(|layer| {
+                            let input = if layer == 0 { h } else { 2 * e };
+                            2 * (4 * e * input + 4 * e * e + 8 * e)
+                        })
+                        .sum();
+                    lstm + linear(2 * e, 2 * e) + linear(2 * e, h)
+                }
+            };
+            nvt * h + encoder
+        }
+        Method::PrefixTuning if peft.prefix_projection() => {
+            let e = u64::from(peft.encoder_hidden_size_for(model.hidden_size));
+            nvt * h + linear(h, e) + linear(e, layers * 2 * h)
+        }
+        Method::PrefixTuning | Method::PTuningV2 => nvt * layers * 2 * h,
+        Method::Lora => {
+            let per_layer: u64 = lora_modules(spec).iter().map(|&(inputs, outputs)| inputs + outputs).sum();
+            u64::from(peft.lora_r()) * per_layer * h * layers
+        }
+        Method::Full => model.parameters,
+    };
+    let head = match spec.task {
+        Task::SequenceClassification | Task::TokenClassification => linear(h, spec.data.labels.len() as u64),
+        Task::CausalLm => 0,
+    };
+    method + head
+}
+
+/// The (input, output) sizes, in hidden sizes, of every linear of a layer
+/// that gets a LoRA update, matched as PEFT matches `target_modules` (a
+/// module whose path is the target or ends with `.` and the target); query
+/// and value when the spec names none.
+fn lora_modules(spec: &JobSpec) -> Vec<(u64, u64)> {
+    // BERT's per-layer linears, by path inside the layer.
+    const LINEARS: [(&str, u64, u64); 6] = [
+        ("attention.self.query", 1, 1),
+        ("attention.self.key", 1, 1),
+        ("attention.self.value", 1, 1),
+        ("attention.output.dense", 1, 1),
+        ("intermediate.dense", 1, INTERMEDIATE),
+        ("output.dense", INTERMEDIATE, 1),
+    ];
+    let defaults = ["query".to_string(), "value".to_string()];
+    let targets = spec.peft.target_modules.as_deref().unwrap_or(&defaults);
+    let matches = |path: &str| targets.iter().any(|t| path == t || path.ends_with(&format!(".{t}")));
+    LINEARS.iter().filter(|(path, _, _)| matches(path)).map(|&(_, inputs, outputs)| (inputs, outputs)).collect()
+}
+
+/// What one training step keeps for the backward pass (see the module docs).
+fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
+    let mut seq = u64::from(spec.data.max_seq_len);
+    if spec.method.uses_virtual_tokens() {
+        seq += u64::from(spec.peft.num_virtual_tokens);
+    }
+    if spec.task == Task::CausalLm {
+        seq += u64::from(spec.generation().max_new_tokens);
+    }
+    let per_token_layer = FLOAT
+        * (HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
+            + SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq);
+    u64::from(spec.training.batch_size)
+        .saturating_mul(seq)
+        .saturating_mul(u64::from(model.num_layers))
+        .saturating_mul(per_token_layer)
+}
+
+/// Bytes as whole MiB (rounded to the nearest) with thousands separators: `5,120`.
+pub fn mib(bytes: u64) -> String {
+    let whole = (bytes + (1 << 19)) >> 20;
+    let digits = whole.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// all-MiniLM-L6-v2 as its worker reports it.
+    const MINILM: ModelShape =
+        ModelShape { parameters: 22_713_216, hidden_size: 384, num_layers: 6, num_attention_heads: 12 };
+
+    fn spec(method: &str, peft: &str, batch: u32, seq: u32) -> JobSpec {
+        JobSpec::from_toml(&format!(
+            r#"
+            name = "j"
+            base_model = "all-MiniLM-L6-v2"
+            task = "sequence_classification"
+            method = "{method}"
+            [peft]
+            {peft}
+            [data]
+            train = "train.jsonl"
+            eval = "eval.jsonl"
+            labels = [0, 1]
+            max_seq_len = {seq}
+            [training]
+            learning_rate = 3e-2
+            batch_size = {batch}
+            "#
+        ))
+        .unwrap()
+    }
+
+    const HEAD: u64 = 384 * 2 + 2;
+
+    #[test]
+    fn prompt_tuning_counts_the_prompt_the_head_and_the_longer_sequence() {
+        let spec = spec("prompt_tuning", "num_virtual_tokens = 20", 8, 64);
+        let estimate = estimate(&spec, &MINILM);
+        assert_eq!(estimate.weights_bytes, 90_852_864);
+        // 20 * 384 prompt numbers and the 770 of the head, 16 bytes each.
+        assert_eq!(estimate.job_bytes, (7_680 + HEAD) * 16);
+        // 8 sequences of 64 + 20 tokens, 6 layers, 4 * (18 * 384 + 3 * 12 * 84) bytes each.
+        assert_eq!(estimate.activation_bytes, 8 * 84 * 6 * 4 * (6_912 + 3_024));
+        assert_eq!(estimate.activation_bytes, 160_247_808);
+        assert_eq!(estimate.total_bytes(), 90_852_864 + 135_200 + 160_247_808);
+        assert_eq!(estimate.to_string(), "about 240 MiB (weights 87, job 0, activations 153)");
+    }
+
+    #[test]
+    fn every_method_counts_what_it_trains() {
+        let count = |method: &str, peft: &str| trainable_parameters(&spec(method, peft, 8, 64), &MINILM) - HEAD;
+        // Two per-layer key/value prefixes of 384 per virtual token.
+        assert_eq!(count("p_tuning_v2", "num_virtual_tokens = 10"), 10 * 6 * 2 * 384);
+        assert_eq!(count("prefix_tuning", "num_virtual_tokens = 10"), 46_080);
+        // The table, then 384 -> 128 -> 4,608 with biases.
+        assert_eq!(
+            count("prefix_tuning", "num_virtual_tokens = 10\nprefix_projection = true\nencoder_hidden_size = 128"),
+            3_840 + (384 * 128 + 128) + (128 * 4_608 + 4_608)
+        );
+        // The table, then 384 -> 384 -> 384 -> 384 with biases.
+        assert_eq!(count("p_tuning", "num_virtual_tokens = 10"), 3_840 + 3 * (384 * 384 + 384));
+        // Two bidirectional layers of 16 (input 384, then 32), then 32 -> 32 -> 384.
+        let lstm = 2 * (4 * 16 * 384 + 4 * 16 * 16 + 8 * 16) + 2 * (4 * 16 * 32 + 4 * 16 * 16 + 8 * 16);
+        assert_eq!(
+            count("p_tuning", "num_virtual_tokens = 10\nencoder_reparameterization_type = \"lstm\"\nencoder_hidden_size = 16"),
+            3_840 + lstm + (32 * 32 + 32) + (32 * 384 + 384)
+        );
+        // Rank 8 on query and value: A [8, 384] and B [384, 8] each, 6 layers.
+        assert_eq!(count("lora", ""), 6 * 2 * (8 * 384 + 384 * 8));
+        // "dense" is three linears; "output.dense" two of them (PEFT's suffix rule).
+        assert_eq!(count("lora", "r = 4\ntarget_modules = [\"dense\"]"), 6 * 4 * (2 * 384 + 5 * 384 + 5 * 384));
+        assert_eq!(count("lora", "r = 4\ntarget_modules = [\"output.dense\"]"), 6 * 4 * (2 * 384 + 5 * 384));
+        assert_eq!(count("full", ""), 22_713_216);
+    }
+
+    #[test]
+    fn lora_and_full_sequences_have_no_virtual_tokens() {
+        let estimate = estimate(&spec("full", "", 16, 64), &MINILM);
+        assert_eq!(estimate.job_bytes, (22_713_216 + HEAD) * 16);
+        assert_eq!(estimate.activation_bytes, 16 * 64 * 6 * 4 * (6_912 + 3 * 12 * 64));
+        assert_eq!(estimate.to_string(), "about 649 MiB (weights 87, job 347, activations 216)");
+    }
+
+    #[test]
+    fn causal_lm_sequences_include_the_generated_tokens() {
+        let mut spec = spec("prefix_tuning", "num_virtual_tokens = 10", 4, 100);
+        spec.task = Task::CausalLm;
+        spec.data.labels.clear();
+        spec.generation = Some(crate::spec::GenerationConfig { max_new_tokens: 30, num_beams: 1 });
+        let gpt2 = ModelShape { parameters: 124_439_808, hidden_size: 768, num_layers: 12, num_attention_heads: 12 };
+        let estimate = estimate(&spec, &gpt2);
+        assert_eq!(estimate.job_bytes, 10 * 12 * 2 * 768 * 16, "no head");
+        // 100 + 10 + 30 tokens.
+        assert_eq!(estimate.activation_bytes, 4 * 140 * 12 * 4 * (18 * 768 + 3 * 12 * 140));
+    }
+
+    #[test]
+    fn mebibytes_round_to_the_nearest_and_group_thousands() {
+        assert_eq!(mib(0), "0");
+        assert_eq!(mib((1 << 20) / 2 - 1), "0");
+        assert_eq!(mib((1 << 20) / 2), "1");
+        assert_eq!(mib(4_096 << 20), "4,096");
+        assert_eq!(mib(1_234_567 << 20), "1,234,567");
+    }
+}

@@ -1,0 +1,122 @@
+//! The engine alone, without coordinator or worker: N prompt-tuning jobs on
+//! all-MiniLM-L6-v2 trained one after another, then as one pack at each
+//! token budget given, in one process, repeated ROUNDS times in alternation
+//! so that drift in the machine's load hits every mode alike. Prints a
+//! markdown table of training examples per second (evaluation and setup
+//! excluded: each job evaluates 8 dev sentences once, at the end).
+//!
+//! `cargo run --release -p ptune-worker --example pack_bench -- MODEL_DIR SST2_DIR [JOBS] [STEPS] [ROUNDS] [TOKENS...]`
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ptune_core::JobSpec;
+use ptune_worker::engine::{Control, Engine, Event, PackJob, PackLimits, Resume, TrainJob};
+
+fn job(i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
+    let lrs = [3e-2, 1e-2, 3e-3, 5e-2, 2e-2, 8e-3, 4e-2, 1.5e-2];
+    let spec = serde_json::json!({
+        "name": format!("pack-{i}"), "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
+        "method": "prompt_tuning", "peft": {"num_virtual_tokens": 20, "init": "vocab"},
+        "data": {"train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 64,
+                 "max_train_examples": 2000, "max_eval_examples": 8},
+        "training": {"learning_rate": lrs[i % lrs.len()], "head_learning_rate": 3e-2, "batch_size": 8,
+                     "max_steps": steps, "warmup_ratio": 0.0, "seed": i as u64 + 1},
+    });
+    let spec: JobSpec = serde_json::from_value(spec).expect("spec");
+    TrainJob {
+        spec,
+        train_file: data.join("train.jsonl"),
+        eval_file: data.join("dev.jsonl"),
+        train_name: "train.jsonl".into(),
+        eval_name: "dev.jsonl".into(),
+        out_dir: out.join(format!("pack-{i}")),
+        checkpoint_dir: None,
+        resume: Resume::Never,
+    }
+}
+
+/// Seconds spent in training steps, from each step's examples_per_second
+/// divided among the jobs that shared it.
+fn step_seconds(on: &mut dyn FnMut(&mut dyn FnMut(Event<'_>) -> Control)) -> f64 {
+    let mut seconds = 0.0;
+    let mut record = |event: Event<'_>| {
+        if let Event::Step { metrics, .. } = event {
+            let value = |name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
+            let (eps, jobs) = (value("examples_per_second").unwrap(), value("pack_jobs").unwrap_or(1.0));
+            seconds += 8.0 / eps / jobs;
+        }
+        Control::Continue
+    };
+    on(&mut record);
+    seconds
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let model_dir = PathBuf::from(args.first().expect("MODEL_DIR"));
+    let data = PathBuf::from(args.get(1).expect("SST2_DIR"));
+    let jobs: usize = args.get(2).map_or(8, |s| s.parse().unwrap());
+    let steps: u64 = args.get(3).map_or(30, |s| s.parse().unwrap());
+    let rounds: usize = args.get(4).map_or(2, |s| s.parse().unwrap());
+    let budgets: Vec<usize> = if args.len() > 5 { args[5..].iter().map(|s| s.parse().unwrap()).collect() } else { vec![4096, 1024] };
+    let out = tempfile::tempdir()?;
+    let mut engine = Engine::new(tch::Device::Cpu);
+    let examples = (jobs as u64 * steps * 8) as f64;
+    let mut rows: Vec<(String, Vec<f64>)> = vec![("one after another".into(), Vec::new())];
+    rows.extend(budgets.iter().map(|b| (format!("one pack, {b} tokens per pass"), Vec::new())));
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let seconds: f64 = (0..jobs)
+            .map(|i| {
+                let job = job(i, steps, &data, out.path());
+                step_seconds(&mut |record| {
+                    engine.train(&model_dir, &job, record).expect("trains");
+                })
+            })
+            .sum();
+        eprintln!("sequential: {seconds:.1} s in steps, {:.1} s in all", started.elapsed().as_secs_f64());
+        rows[0].1.push(seconds);
+        for (b, &max_tokens) in budgets.iter().enumerate() {
+            let started = Instant::now();
+            let total = std::rc::Rc::new(std::cell::Cell::new(0.0));
+            let pack_job = |i: usize| {
+                let total = total.clone();
+                PackJob {
+                    job: job(i, steps, &data, out.path()),
+                    on_event: Box::new(move |event: Event<'_>| {
+                        if let Event::Step { metrics, .. } = event {
+                            let value = |name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
+                            total.set(total.get() + 8.0 / value("examples_per_second").unwrap() / value("pack_jobs").unwrap());
+                        }
+                        Control::Continue
+                    }),
+                    on_done: Box::new(|result| {
+                        result.expect("trains");
+                    }),
+                }
+            };
+            let mut rest: Vec<PackJob> = (1..jobs).map(pack_job).collect();
+            let mut admit = |_room: usize| std::mem::take(&mut rest);
+            engine.train_pack(&model_dir, PackLimits { max_jobs: jobs, max_tokens }, pack_job(0), &mut admit);
+            eprintln!("packed {max_tokens}: {:.1} s in steps, {:.1} s in all", total.get(), started.elapsed().as_secs_f64());
+            rows[b + 1].1.push(total.get());
+        }
+    }
+    let median = |xs: &[f64]| {
+        let mut xs = xs.to_vec();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let base = median(&rows[0].1);
+    println!("{jobs} prompt-tuning jobs, batch 8, {steps} steps, 20 virtual tokens, SST-2, all-MiniLM-L6-v2; median of {rounds} alternating rounds.");
+    println!();
+    println!("| run | seconds in steps (each round) | train examples/s | vs one after another |");
+    println!("|---|---|---|---|");
+    for (name, seconds) in &rows {
+        let m = median(seconds);
+        let each = seconds.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(", ");
+        println!("| {name} | {each} | {:.1} | {:.2}x |", examples / m, base / m);
+    }
+    Ok(())
+}
