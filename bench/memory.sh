@@ -3,7 +3,7 @@
 #   1. one worker process (coordinator + worker, --slots 16) running 16
 #      prompt-tuning jobs at once as one pack: every job reads the worker's
 #      one copy of the model, and activations exist for one pass of at most
-#      --pack-tokens positions (the default 4096, then PACK_TOKENS_SMALL);
+#      --pack-tokens positions (4096, then PACK_TOKENS_SMALL: the default 1024);
 #   2. the same with packing off (--pack-jobs 1): 16 jobs stepping at once,
 #      each with its own activations;
 #   3. the same worker setup running 1 job (--slots 1);
@@ -59,7 +59,8 @@ start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
 worker_peak() {
   local n="$1" ids=() wpid
   shift
-  local name="$n${*// /}"
+  local name
+  name="$n$(printf '%s' "$@")"
   "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$name" --slots "$n" --threads 1 "$@" \
     >"$work/worker-$name.log" 2>&1 &
   wpid=$!
@@ -73,7 +74,7 @@ worker_peak() {
 
 small_tokens="${PACK_TOKENS_SMALL:-1024}"
 echo "bench: $jobs jobs on one worker, packed" >&2
-many=$(worker_peak "$jobs")
+many=$(worker_peak "$jobs" --pack-tokens 4096)
 echo "bench: $jobs jobs on one worker, packed, $small_tokens tokens per pass" >&2
 many_small=$(worker_peak "$jobs" --pack-tokens "$small_tokens")
 echo "bench: $jobs jobs on one worker, not packed" >&2

@@ -196,5 +196,5 @@ print(f"| one after another | {seq_train:.1f} s | {examples / seq_train:.1f} | 1
 print(f"| packed (4096 tokens per pass) | {packed_train:.1f} s | {examples / packed_train:.1f} | {seq_train / packed_train:.2f}x |")
 print(f"| packed ({small_tokens} tokens per pass) | {small_train:.1f} s | {examples / small_train:.1f} | {seq_train / small_train:.2f}x |")
 print()
-print(f"Jobs that joined the 4096-token pack: {joined} of {jobs} (the warm-up job included).")
+print(f"{int(joined) - 1} of the {jobs} jobs joined the 4096-token pack (the warm-up job left it before they came).")
 PY

@@ -28,9 +28,16 @@ pub const PREDICTIONS_FILE: &str = "eval_predictions.jsonl";
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// Trains the job in the TOML file `spec_path` (data paths relative to it)
-/// on the model folder `model_dir`, on the GPU when there is one; with
-/// `resume`, continues from the checkpoint in `out_dir`.
-pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path, resume: bool) -> anyhow::Result<TrainOutcome> {
+/// on the model folder `model_dir`, on the GPU when there is one, with
+/// `threads` CPU threads for libtorch (0: every core); with `resume`,
+/// continues from the checkpoint in `out_dir`.
+pub fn train_local(
+    spec_path: &Path,
+    model_dir: &Path,
+    out_dir: &Path,
+    resume: bool,
+    threads: usize,
+) -> anyhow::Result<TrainOutcome> {
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec = JobSpec::from_toml(&text).with_context(|| format!("{} is not a valid spec", spec_path.display()))?;
     spec.validate(None).with_context(|| format!("{} is not a valid spec", spec_path.display()))?;
@@ -54,7 +61,7 @@ pub fn train_local(spec_path: &Path, model_dir: &Path, out_dir: &Path, resume: b
     metrics.write_all(kept.as_bytes()).with_context(|| format!("cannot write {}", metrics_path.display()))?;
 
     let started = std::time::Instant::now();
-    let mut engine = Engine::new(tch::Device::cuda_if_available());
+    let mut engine = Engine::with_threads(tch::Device::cuda_if_available(), threads);
     let mut write_error = None;
     let mut on_event = |event: Event<'_>| {
         let metrics_of_event = match event {

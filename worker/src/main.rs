@@ -36,7 +36,7 @@ struct Args {
     pack_jobs: u32,
     /// Most token positions (virtual tokens and padding included) in one packed forward pass; a step whose jobs
     /// hold more runs as several passes. Bounds the activation memory of a pack.
-    #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 4096)]
+    #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 1024)]
     pack_tokens: u32,
     /// MiB of memory this worker may use for training, told to the coordinator, which leases it no job estimated
     /// to need more (0: the machine's total memory).
@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Train { spec, out, resume }) => {
             let base_model = read_spec(&spec)?.base_model;
             let model_dir = args.models_dir.join(&base_model);
-            let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out, resume)?;
+            let outcome = ptune_worker::local::train_local(&spec, &model_dir, &out, resume, args.threads as usize)?;
             for metric in &outcome.final_metrics {
                 println!("{} {} = {:.4} (step {})", metric.kind.as_str(), metric.name, metric.value, metric.step);
             }

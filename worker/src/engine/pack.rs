@@ -45,7 +45,7 @@ pub struct PackLimits {
 
 impl Default for PackLimits {
     fn default() -> Self {
-        Self { max_jobs: 16, max_tokens: 4096 }
+        Self { max_jobs: 16, max_tokens: 1024 }
     }
 }
 
