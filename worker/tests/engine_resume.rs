@@ -216,7 +216,7 @@ fn the_cli_writes_export_checkpoint_and_metrics_and_resumes() {
     assert_eq!(trainer_state(&out).step, STEPS);
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics file");
     let lines = metrics.lines().count();
-    assert_eq!(lines, STEPS as usize * 3 + 3 * 5, "3 train metrics per step, 5 eval metrics per evaluation");
+    assert_eq!(lines, STEPS as usize * 4 + 3 * 5, "4 train metrics per step, 5 eval metrics per evaluation");
     let predictions = std::fs::read_to_string(out.join("eval_predictions.jsonl")).expect("predictions");
     let first: Value = serde_json::from_str(predictions.lines().next().unwrap()).unwrap();
     assert!(first["prediction"].as_array().is_some_and(|tags| !tags.is_empty()), "{first}");
