@@ -225,6 +225,43 @@ async fn jobs_in_every_slot_of_a_worker_train_as_one_pack_on_one_copy_of_the_bas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_in_a_pack_leaves_it_and_the_others_train_to_the_end() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let train = upload(&mut client, &sst2("train.jsonl")).await;
+    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let submit = |steps| v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, steps)) };
+    let long = client.submit_job(submit(100_000)).await.unwrap().into_inner().job.unwrap();
+    let short = client.submit_job(submit(40)).await.unwrap().into_inner().job.unwrap();
+    let _worker = cluster.spawn_worker_with_slots("pack", 2);
+    wait_for(&mut client, &short.id, Duration::from_secs(120), "running with progress", |j| {
+        state(j) == JobState::Running && j.step >= 2
+    })
+    .await;
+
+    let answer = client.cancel_job(v1::CancelJobRequest { job_id: long.id.clone() }).await.unwrap().into_inner();
+    assert!(answer.cancel_requested);
+    wait_for(&mut client, &long.id, Duration::from_secs(20), "cancelled", |j| state(j) == JobState::Cancelled).await;
+    let done =
+        wait_for(&mut client, &short.id, Duration::from_secs(120), "finished", |j| !j.finished_at.is_empty()).await;
+    assert_eq!(state(&done), JobState::Succeeded, "{}\n{}", done.error, cluster.worker_log("pack"));
+    assert_eq!(done.step, 40);
+
+    let metrics = client
+        .get_metrics(v1::GetMetricsRequest { job_id: short.id.clone(), kind: "train".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics;
+    let pack_jobs = |step: u64| metrics.iter().find(|m| m.name == "pack_jobs" && m.step == step).map(|m| m.value);
+    let losses: Vec<u64> = metrics.iter().filter(|m| m.name == "loss").map(|m| m.step).collect();
+    assert_eq!(losses, (1..=40).collect::<Vec<_>>(), "every step of the remaining job, once");
+    // It shared its early steps with the cancelled job and trained on alone after.
+    assert_eq!(pack_jobs(2), Some(2.0), "{}", cluster.worker_log("pack"));
+    assert_eq!(pack_jobs(40), Some(1.0), "the cancelled job left the pack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_dataset_line_fails_the_job_with_the_file_and_line_number() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;
