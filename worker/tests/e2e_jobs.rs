@@ -228,11 +228,8 @@ async fn jobs_in_every_slot_of_a_worker_train_as_one_pack_on_one_copy_of_the_bas
 async fn a_job_cancelled_in_a_pack_leaves_it_and_the_others_train_to_the_end() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let submit = |steps| v1::SubmitJobRequest { spec: Some(sst2_spec(&train, &eval, steps)) };
-    let long = client.submit_job(submit(100_000)).await.unwrap().into_inner().job.unwrap();
-    let short = client.submit_job(submit(40)).await.unwrap().into_inner().job.unwrap();
+    let long = submit_sst2(&mut client, 100_000).await;
+    let short = submit_sst2(&mut client, 40).await;
     let _worker = cluster.spawn_worker_with_slots("pack", 2);
     wait_for(&mut client, &short.id, Duration::from_secs(120), "running with progress", |j| {
         state(j) == JobState::Running && j.step >= 2
