@@ -14,14 +14,14 @@ use tonic::Code;
 
 const T5: &str = "t5-small";
 const T5_REFUSED: &str = "base_model: \"t5-small\" has model_type \"t5\", which ptune cannot train; \
-                          supported model types: bert, gpt2, llama, mistral, qwen2";
+                          supported model types: bert, gpt2, llama, mistral, qwen2, roberta";
 
 /// What a worker advertises for a folder whose architecture it cannot train.
 fn unsupported_t5() -> v1::BaseModel {
     v1::BaseModel {
         name: T5.into(),
         model_type: "t5".into(),
-        unsupported_reason: "supported model types: bert, gpt2, llama, mistral, qwen2".into(),
+        unsupported_reason: "supported model types: bert, gpt2, llama, mistral, qwen2, roberta".into(),
         ..Default::default()
     }
 }
@@ -73,7 +73,7 @@ async fn a_model_no_worker_can_train_is_refused_with_its_type_and_what_is_suppor
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(
         err.message(),
-        "task: sequence_classification needs an encoder model (bert), \
+        "task: sequence_classification needs an encoder model (bert, roberta), \
          but base_model \"tiny-gpt2\" has model_type \"gpt2\""
     );
 
@@ -146,7 +146,7 @@ async fn a_queued_job_says_why_no_worker_takes_it() {
     assert_eq!(
         reason(&mut env, early.id.clone()).await,
         "unschedulable: base model \"t5-small\" has model_type \"t5\", which ptune cannot train; \
-         supported model types: bert, gpt2, llama, mistral, qwen2"
+         supported model types: bert, gpt2, llama, mistral, qwen2, roberta"
     );
     // The job on the served model only waits for a slot: no reason.
     assert_eq!(reason(&mut env, on_bert.id.clone()).await, "");

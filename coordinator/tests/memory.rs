@@ -118,3 +118,36 @@ async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_k
     assert_eq!((done.memory_estimate_bytes, done.worker_peak_rss_bytes), (newer.memory_estimate_bytes, 321 * MIB));
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_takes_jobs_while_they_fit_next_to_the_ones_it_runs_sharing_their_base_weights() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    // Each job alone: weights 90,852,864 + job 135,200 + activations
+    // 40,061,952 (as above). Two on the same model share the weights:
+    // 90,852,864 + 2 * 40,197,152 = 171,247,168 bytes fit in 172,000,000;
+    // a third, or a job on another model (its own weights), does not.
+    let worker = register(&mut env, vec![minilm_model(MODEL), minilm_model(OTHER_MODEL)], 172_000_000).await;
+    let spec = env.spec("packed").await;
+    let mut jobs = Vec::new();
+    for name in ["first", "second", "third"] {
+        jobs.push(env.submit(v1::JobSpec { name: name.into(), ..spec.clone() }).await.id);
+    }
+    let other = env.submit(v1::JobSpec { name: "other".into(), base_model: OTHER_MODEL.into(), ..spec }).await.id;
+
+    let first = lease(&mut env, &worker, &[MODEL]).await.expect("the first job fits");
+    let second = lease(&mut env, &worker, &[MODEL]).await.expect("the second fits next to it, sharing its weights");
+    assert_eq!((first.job_id.as_str(), second.job_id.as_str()), (jobs[0].as_str(), jobs[1].as_str()));
+    assert_eq!(lease(&mut env, &worker, &[MODEL]).await, None, "a third would need 211 MB, another model 302 MB");
+    // They wait for memory on the worker, which they would fit alone: that is no reason to call them unschedulable.
+    assert_eq!(env.get(&jobs[2]).await.waiting_reason, "");
+    assert_eq!(env.get(&other).await.waiting_reason, "");
+
+    env.complete(&first, b"adapter").await.expect("complete");
+    let third = lease(&mut env, &worker, &[MODEL]).await.expect("the first job's share is free again");
+    assert_eq!(third.job_id, jobs[2]);
+    env.complete(&second, b"adapter").await.expect("complete");
+    env.complete(&third, b"adapter").await.expect("complete");
+    let last = lease(&mut env, &worker, &[MODEL]).await.expect("alone, the other model's job fits");
+    assert_eq!(last.job_id, other);
+    env.stop().await;
+}

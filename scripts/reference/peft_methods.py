@@ -1,9 +1,12 @@
 """Reference adapters for every PEFT method ptune trains, built with Hugging
 Face PEFT on the tiny random BERT classifier in worker/tests/fixtures/tiny-bert/
-(made by scripts/reference/tiny_bert.py), and a loader that checks ptune's
-exports with `PeftModel.from_pretrained`.
+(made by scripts/reference/tiny_bert.py) or, with `--arch roberta`, the tiny
+RoBERTa classifier in worker/tests/fixtures/tiny-roberta/ (made by
+scripts/reference/tiny_roberta.py), and a loader that checks ptune's exports
+with `PeftModel.from_pretrained`.
 
-`generate` writes worker/tests/fixtures/peft-methods/: one folder per case
+`generate` writes worker/tests/fixtures/peft-methods/ (peft-methods-roberta/
+for RoBERTa): one folder per case
 with PEFT's own `save_pretrained` output (adapter_config.json,
 adapter_model.safetensors) and, for methods with trainable weights PEFT does
 not save (P-tuning encoders, the prefix projection) or to check gradients,
@@ -14,7 +17,7 @@ loads every adapter into the engine and compares.
 
 Versions. Prompt tuning, P-tuning (MLP and LSTM encoders), LoRA and the full
 model use the project's .venv (torch 2.13.0, transformers 5.24.0, peft 0.21.2).
-BERT does not take PEFT's key/value prefixes in transformers 5.x, so prefix
+BERT (and RoBERTa) do not take PEFT's key/value prefixes in transformers 5.x, so prefix
 tuning (with and without the projection) and P-tuning v2 (prefix tuning
 without projection, as PEFT exports it) are made with transformers 4.46.3 and
 peft 0.12.0 (0.13.2 cannot build SEQ_CLS models: its add_adapter rejects
@@ -31,6 +34,7 @@ The exact versions used are recorded per case in reference.json.
 
 Usage (from the repository root, after `source scripts/env.sh`):
     python scripts/reference/peft_methods.py generate
+    python scripts/reference/peft_methods.py --arch roberta generate
     python scripts/reference/peft_methods.py check --model DIR --inputs INPUTS.json EXPORT_DIR
 `check` prints `{"logits": [[...], ...]}` for the ids and masks in INPUTS.json
 (keys input_ids, attention_mask): a PEFT adapter folder is loaded with
@@ -50,8 +54,12 @@ import transformers
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "worker/tests/fixtures/tiny-bert"
-OUT = ROOT / "worker/tests/fixtures/peft-methods"
+# --arch -> (tiny model, fixture folder, padding id)
+ARCHES = {
+    "bert": (ROOT / "worker/tests/fixtures/tiny-bert", ROOT / "worker/tests/fixtures/peft-methods", 0),
+    "roberta": (ROOT / "worker/tests/fixtures/tiny-roberta", ROOT / "worker/tests/fixtures/peft-methods-roberta", 1),
+}
+TINY, OUT, PAD_ID = ARCHES["bert"]
 REF4_PYTHON = ROOT / ".venv-ref4/bin/python"
 SEED = 11
 SENTENCES = [
@@ -113,7 +121,7 @@ def batch(tokenizer_path, sentences):
     tokenizer.no_padding()
     encodings = [tokenizer.encode(s).ids for s in sentences]
     longest = max(len(e) for e in encodings)
-    ids = [e + [0] * (longest - len(e)) for e in encodings]
+    ids = [e + [PAD_ID] * (longest - len(e)) for e in encodings]
     mask = [[1] * len(e) + [0] * (longest - len(e)) for e in encodings]
     return torch.tensor(ids), torch.tensor(mask)
 
@@ -155,7 +163,7 @@ def generate_case(name):
 
     folder = OUT / name
     folder.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = "tiny-bert"
+    model.peft_config["default"].base_model_name_or_path = TINY.name
     model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)
     save_file({engine_name(method, n): p.detach().contiguous() for n, p in trainable.items()}, folder / "trainable.safetensors")
@@ -201,7 +209,8 @@ def generate(args):
         sys.exit(f"{REF4_PYTHON} not found; see this script's docstring for the environment prefix tuning needs")
     partial = OUT / "ref4.partial.json"
     subprocess.run(
-        [str(REF4_PYTHON), __file__, "generate", "--cases", ",".join(ref4_cases), "--json-out", str(partial)],
+        [str(REF4_PYTHON), __file__, "--arch", args.arch, "generate", "--cases", ",".join(ref4_cases),
+         "--json-out", str(partial)],
         check=True,
     )
     cases.update(json.loads(partial.read_text()))
@@ -209,7 +218,7 @@ def generate(args):
     ids, mask = batch(TINY / "tokenizer.json", SENTENCES)
     reference = {
         "generator": "scripts/reference/peft_methods.py",
-        "model": "worker/tests/fixtures/tiny-bert",
+        "model": str(TINY.relative_to(ROOT)),
         "sentences": SENTENCES,
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
@@ -243,15 +252,20 @@ def check(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="bert", help="the tiny model: BERT or RoBERTa")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="write the fixture")
     gen.add_argument("--cases", help=argparse.SUPPRESS)
     gen.add_argument("--json-out", help=argparse.SUPPRESS)
     chk = commands.add_parser("check", help="print the logits of an export loaded with PEFT or transformers")
-    chk.add_argument("--model", default=str(TINY), help="base model folder of an adapter export")
+    chk.add_argument("--model", help="base model folder of an adapter export (default: the tiny model of --arch)")
     chk.add_argument("--inputs", required=True, help="json with input_ids and attention_mask")
     chk.add_argument("export", help="export folder")
     args = parser.parse_args()
+    global TINY, OUT, PAD_ID
+    TINY, OUT, PAD_ID = ARCHES[args.arch]
+    if args.command == "check" and args.model is None:
+        args.model = str(TINY)
     generate(args) if args.command == "generate" else check(args)
 
 

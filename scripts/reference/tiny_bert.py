@@ -42,6 +42,16 @@ def build_tokenizer():
     return tokenizer, len(vocab)
 
 
+def save_with_nontrivial_biases(model, folder):
+    """Shifts every bias and norm weight by noise (they start at 0 and 1), then
+    saves the model as safetensors into `folder`."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
 def main():
     root = Path(__file__).resolve().parents[2] / "worker/tests/fixtures"
     folder = root / "tiny-bert"
@@ -62,11 +72,7 @@ def main():
         num_labels=2,
     )
     model = BertForSequenceClassification(config).eval()
-    with torch.no_grad():  # make biases and norms non-trivial
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
+    save_with_nontrivial_biases(model, folder)
 
     unpadded = tokenizer.encode_batch(SENTENCES)
     longest = max(sum(e.attention_mask) for e in unpadded)

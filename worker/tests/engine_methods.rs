@@ -1,5 +1,5 @@
-//! Every PEFT method against Hugging Face PEFT on the tiny random BERT
-//! classifier (`tests/fixtures/tiny-bert`): adapters saved by PEFT load into
+//! Every PEFT method against Hugging Face PEFT on the tiny random BERT and
+//! RoBERTa classifiers (`tests/fixtures/tiny-bert`, `tiny-roberta`): adapters saved by PEFT load into
 //! the engine and give PEFT's logits; the engine's trainable forms (P-tuning
 //! encoders, the prefix projection, LoRA) give PEFT's logits and gradients
 //! with PEFT's weights; the engine's exports load with
@@ -8,7 +8,7 @@
 //! steps on SST-2 with MiniLM; and a short run of each method on MiniLM lowers
 //! the loss while the shared base stays as it was. The references come from
 //! `scripts/reference/peft_methods.py` (versions in
-//! `tests/fixtures/peft-methods/reference.json`).
+//! `tests/fixtures/peft-methods*/reference.json`).
 
 mod engine_support;
 
@@ -32,12 +32,43 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn tiny_bert() -> PathBuf {
-    fixtures().join("tiny-bert")
+/// A tiny random classifier of one architecture and PEFT's references on it.
+#[derive(Clone, Copy, Debug)]
+enum Arch {
+    Bert,
+    Roberta,
 }
 
-fn reference() -> Value {
-    let path = fixtures().join("peft-methods/reference.json");
+const ARCHES: [Arch; 2] = [Arch::Bert, Arch::Roberta];
+
+impl Arch {
+    /// The model folder's name under the fixtures.
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Bert => "tiny-bert",
+            Arch::Roberta => "tiny-roberta",
+        }
+    }
+
+    fn model(self) -> PathBuf {
+        fixtures().join(self.name())
+    }
+
+    /// PEFT's saved adapters and reference.json.
+    fn references(self) -> PathBuf {
+        fixtures().join(match self {
+            Arch::Bert => "peft-methods",
+            Arch::Roberta => "peft-methods-roberta",
+        })
+    }
+
+    fn load(self) -> BaseModel {
+        BaseModel::load(&self.model(), Device::Cpu).unwrap_or_else(|e| panic!("{} loads: {e}", self.name()))
+    }
+}
+
+fn reference(arch: Arch) -> Value {
+    let path = arch.references().join("reference.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference.json is json")
 }
@@ -77,10 +108,10 @@ fn inputs(reference: &Value) -> (Tensor, Tensor, Tensor) {
 }
 
 /// A spec for a fixture case: its method and `[peft]` settings on the tiny model.
-fn case_spec(case: &Value) -> JobSpec {
+fn case_spec(arch: Arch, case: &Value) -> JobSpec {
     let method = case["method"].as_str().expect("method");
     let mut spec = json!({
-        "name": "tiny", "base_model": "tiny-bert", "task": "sequence_classification", "method": method,
+        "name": "tiny", "base_model": arch.name(), "task": "sequence_classification", "method": method,
         "peft": case["peft"],
         "data": { "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 24 },
         "training": { "learning_rate": 1e-2 },
@@ -109,24 +140,25 @@ fn load_variables(vars: &nn::VarStore, path: &Path) {
 }
 
 /// The tiny checkpoint's own classifier, copied into the model's head.
-fn load_checkpoint_head(model: &Classifier) {
+fn load_checkpoint_head(arch: Arch, model: &Classifier) {
     let weights: HashMap<String, Tensor> =
-        Tensor::read_safetensors(tiny_bert().join("model.safetensors")).expect("readable").into_iter().collect();
+        Tensor::read_safetensors(arch.model().join("model.safetensors")).expect("readable").into_iter().collect();
     tch::no_grad(|| {
-        model.head.weight().shallow_clone().copy_(&weights["classifier.weight"]);
-        model.head.bias().shallow_clone().copy_(&weights["classifier.bias"]);
+        for (name, mut variable) in model.head.named_tensors() {
+            variable.copy_(&weights[&format!("classifier.{name}")]);
+        }
     });
 }
 
 /// The engine's model of a case as PEFT had it before saving: the trainable
 /// form with PEFT's weights (full: the checkpoint with its classifier).
-fn trainable_model(base: &BaseModel, name: &str, case: &Value) -> (nn::VarStore, Classifier) {
+fn trainable_model(arch: Arch, base: &BaseModel, name: &str, case: &Value) -> (nn::VarStore, Classifier) {
     let vars = nn::VarStore::new(Device::Cpu);
-    let model = build_model(&case_spec(case), base, &vars.root(), 2).expect("the case builds");
+    let model = build_model(&case_spec(arch, case), base, &vars.root(), 2).expect("the case builds");
     if name == "full" {
-        load_checkpoint_head(&model);
+        load_checkpoint_head(arch, &model);
     } else {
-        load_variables(&vars, &fixtures().join("peft-methods").join(name).join("trainable.safetensors"));
+        load_variables(&vars, &arch.references().join(name).join("trainable.safetensors"));
     }
     (vars, model)
 }
@@ -143,47 +175,57 @@ fn cases(reference: &Value) -> Vec<(String, Value)> {
 
 #[test]
 fn adapters_saved_by_peft_give_peft_logits() {
-    let reference = reference();
-    let base = BaseModel::load(&tiny_bert(), Device::Cpu).expect("tiny-bert loads");
-    let (ids, mask, _) = inputs(&reference);
-    for (name, case) in cases(&reference) {
-        if name == "full" {
-            continue;
+    for arch in ARCHES {
+        let reference = reference(arch);
+        let base = arch.load();
+        let (ids, mask, _) = inputs(&reference);
+        for (name, case) in cases(&reference) {
+            if name == "full" {
+                continue;
+            }
+            let vars = nn::VarStore::new(Device::Cpu);
+            let dir = arch.references().join(&name);
+            let model = load_adapter(&dir, &base, &vars.root()).unwrap_or_else(|e| panic!("{arch:?} {name}: {e}"));
+            let logits = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
+            let diff = max_abs_diff(&logits, &matrix(&case["logits"]));
+            assert!(diff < TOLERANCE, "{arch:?} {name}: logits differ from PEFT ({}) by {diff}", case["versions"]);
         }
-        let vars = nn::VarStore::new(Device::Cpu);
-        let dir = fixtures().join("peft-methods").join(&name);
-        let model = load_adapter(&dir, &base, &vars.root()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let logits = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
-        let diff = max_abs_diff(&logits, &matrix(&case["logits"]));
-        assert!(diff < TOLERANCE, "{name}: logits differ from PEFT ({}) by {diff}", case["versions"]);
     }
 }
 
 #[test]
 fn trainable_adapters_give_peft_logits_and_gradients() {
-    let reference = reference();
-    let base = BaseModel::load(&tiny_bert(), Device::Cpu).expect("tiny-bert loads");
-    let (ids, mask, labels) = inputs(&reference);
-    for (name, case) in cases(&reference) {
-        let (vars, model) = trainable_model(&base, &name, &case);
-        let logits = model.logits(&base.encoder, &ids, &mask, false);
-        let diff = max_abs_diff(&logits, &matrix(&case["logits"]));
-        assert!(diff < TOLERANCE, "{name}: logits differ from PEFT ({}) by {diff}", case["versions"]);
-        let Some(grads) = case["grads"].as_object() else { continue };
-        let loss = logits.cross_entropy_for_logits(&labels);
-        let loss_diff = (f64::try_from(&loss).expect("a scalar") - case["loss"].as_f64().expect("loss")).abs();
-        assert!(loss_diff < TOLERANCE, "{name}: loss differs from PEFT by {loss_diff}");
-        loss.backward();
-        let variables = vars.variables();
-        for (var, expected) in grads {
-            let ours = variables[var].grad().reshape([-1]);
-            let expected = Tensor::from_slice(&floats(expected));
-            let scale = f64::try_from(expected.abs().max()).expect("a scalar").max(1e-6);
-            let diff = max_abs_diff(&ours, &expected);
-            assert!(diff <= 1e-3 * scale, "{name}: gradient of {var} differs from PEFT by {diff} (largest {scale})");
+    for arch in ARCHES {
+        let reference = reference(arch);
+        let base = arch.load();
+        let (ids, mask, labels) = inputs(&reference);
+        for (name, case) in cases(&reference) {
+            let (vars, model) = trainable_model(arch, &base, &name, &case);
+            let logits = model.logits(&base.encoder, &ids, &mask, false);
+            let diff = max_abs_diff(&logits, &matrix(&case["logits"]));
+            assert!(diff < TOLERANCE, "{arch:?} {name}: logits differ from PEFT ({}) by {diff}", case["versions"]);
+            let Some(grads) = case["grads"].as_object() else { continue };
+            let loss = logits.cross_entropy_for_logits(&labels);
+            let loss_diff = (f64::try_from(&loss).expect("a scalar") - case["loss"].as_f64().expect("loss")).abs();
+            assert!(loss_diff < TOLERANCE, "{arch:?} {name}: loss differs from PEFT by {loss_diff}");
+            loss.backward();
+            let variables = vars.variables();
+            for (var, expected) in grads {
+                let ours = variables[var].grad().reshape([-1]);
+                let expected = Tensor::from_slice(&floats(expected));
+                let scale = f64::try_from(expected.abs().max()).expect("a scalar").max(1e-6);
+                let diff = max_abs_diff(&ours, &expected);
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "{arch:?} {name}: gradient of {var} differs from PEFT by {diff} (largest {scale})"
+                );
+            }
+            // The frozen base gets no gradient.
+            assert!(
+                base.encoder.tensors().iter().all(|t| !t.requires_grad() && !t.grad().defined()),
+                "{arch:?} {name}"
+            );
         }
-        // The frozen base gets no gradient.
-        assert!(base.encoder.tensors().iter().all(|t| !t.requires_grad() && !t.grad().defined()), "{name}");
     }
 }
 
@@ -217,8 +259,14 @@ fn safetensors_shapes(path: &Path) -> BTreeMap<String, Vec<i64>> {
 
 #[test]
 fn exports_load_in_peft_with_the_engine_logits() {
-    let reference = reference();
-    let base = BaseModel::load(&tiny_bert(), Device::Cpu).expect("tiny-bert loads");
+    for arch in ARCHES {
+        exports_of_arch_load_in_peft_with_the_engine_logits(arch);
+    }
+}
+
+fn exports_of_arch_load_in_peft_with_the_engine_logits(arch: Arch) {
+    let reference = reference(arch);
+    let base = arch.load();
     let (ids, mask, _) = inputs(&reference);
     let out = tempfile::tempdir().expect("temp dir");
     let inputs_file = out.path().join("inputs.json");
@@ -226,8 +274,8 @@ fn exports_load_in_peft_with_the_engine_logits() {
     std::fs::write(&inputs_file, inputs_json.to_string()).expect("writes");
     let mut checked_in_python = Vec::new();
     for (name, case) in cases(&reference) {
-        let (vars, model) = trainable_model(&base, &name, &case);
-        let spec = case_spec(&case);
+        let (vars, model) = trainable_model(arch, &base, &name, &case);
+        let spec = case_spec(arch, &case);
         let export = out.path().join(&name);
         let provenance = json!({ "spec": spec.to_json() });
         write_export(&export, &spec, &base.config, &model, &vars, &provenance).expect("export written");
@@ -235,7 +283,7 @@ fn exports_load_in_peft_with_the_engine_logits() {
 
         if name != "full" {
             // The same files, names and shapes as PEFT's own save of this adapter.
-            let peft_dir = fixtures().join("peft-methods").join(&name);
+            let peft_dir = arch.references().join(&name);
             // PEFT before 0.14 (the prefix references) kept `modules_to_save`
             // in the head's key; 0.21.2 and the engine do not.
             let peft_shapes: BTreeMap<String, Vec<i64>> = safetensors_shapes(&peft_dir.join("adapter_model.safetensors"))
@@ -245,7 +293,7 @@ fn exports_load_in_peft_with_the_engine_logits() {
             assert_eq!(
                 safetensors_shapes(&export.join("adapter_model.safetensors")),
                 peft_shapes,
-                "{name}: exported tensors differ from PEFT's"
+                "{arch:?} {name}: exported tensors differ from PEFT's"
             );
             let config: Value =
                 serde_json::from_str(&std::fs::read_to_string(export.join("adapter_config.json")).expect("config"))
@@ -259,14 +307,14 @@ fn exports_load_in_peft_with_the_engine_logits() {
             ] {
                 let (a, b) = (&config[key], &peft_config[key]);
                 let same = a == b || (a.as_f64().is_some() && a.as_f64() == b.as_f64());
-                assert!(same, "{name}: adapter_config.json {key} is {a}, PEFT wrote {b}");
+                assert!(same, "{arch:?} {name}: adapter_config.json {key} is {a}, PEFT wrote {b}");
             }
             assert_eq!(config["task_type"], "SEQ_CLS");
             // And it loads back into the engine unchanged.
             let reloaded_vars = nn::VarStore::new(Device::Cpu);
             let reloaded = load_adapter(&export, &base, &reloaded_vars.root()).expect("the export loads back");
             let again = tch::no_grad(|| reloaded.logits(&base.encoder, &ids, &mask, false));
-            assert!(max_abs_diff(&again, &ours) < 1e-5, "{name}: the export loaded back gives other logits");
+            assert!(max_abs_diff(&again, &ours) < 1e-5, "{arch:?} {name}: the export loaded back gives other logits");
         }
 
         let method = case["method"].as_str().expect("method");
@@ -274,13 +322,19 @@ fn exports_load_in_peft_with_the_engine_logits() {
             eprintln!("{name}: no Python environment for {method} exports; checked the files against PEFT's only");
             continue;
         };
-        let theirs = logits_in_python(&python, &tiny_bert(), &export, &inputs_file);
+        let theirs = logits_in_python(&python, &arch.model(), &export, &inputs_file);
         let diff = max_abs_diff(&ours, &theirs);
-        assert!(diff < TOLERANCE, "{name}: the export loaded in Python gives logits {diff} away from the engine's");
+        assert!(
+            diff < TOLERANCE,
+            "{arch:?} {name}: the export loaded in Python gives logits {diff} away from the engine's"
+        );
         checked_in_python.push(name);
     }
     for name in ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "lora", "full"] {
-        assert!(checked_in_python.iter().any(|n| n == name), "{name} was not checked with PEFT; is .venv set up?");
+        assert!(
+            checked_in_python.iter().any(|n| n == name),
+            "{arch:?} {name} was not checked with PEFT; is .venv set up?"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Resume checkpoints: a run stopped after step k and resumed from its last
 //! checkpoint gives the same losses, evaluations and export as a run that
-//! was never interrupted, for every method and both classification tasks;
+//! was never interrupted, for every method and both classification tasks
+//! (on BERT, and on RoBERTa for a few);
 //! a checkpoint of another spec is refused; `ptune-worker train` writes the
 //! export, the checkpoint and the metrics file and resumes with `--resume`.
 
@@ -35,6 +36,11 @@ fn shared_data(path: &str) -> PathBuf {
 /// A job on the tiny BERT fixture: `method` with `peft` settings, and a
 /// token-classification job on WNUT-17 when `ner`.
 fn spec(method: &str, peft: Value, ner: bool) -> JobSpec {
+    spec_on("tiny-bert", method, peft, ner)
+}
+
+/// [`spec`] on the fixture model `model`.
+fn spec_on(model: &str, method: &str, peft: Value, ner: bool) -> JobSpec {
     let data = if ner {
         json!({
             "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "tokens", "label_field": "tags",
@@ -49,7 +55,7 @@ fn spec(method: &str, peft: Value, ner: bool) -> JobSpec {
         })
     };
     let spec = json!({
-        "name": format!("resume-{method}"), "base_model": "tiny-bert",
+        "name": format!("resume-{method}"), "base_model": model,
         "task": if ner { "token_classification" } else { "sequence_classification" },
         "method": method, "peft": peft, "data": data,
         "training": {
@@ -68,7 +74,7 @@ fn job(spec: JobSpec, out: &Path, resume: Resume) -> TrainJob {
 }
 
 fn train(job: &TrainJob, stop_at: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
-    train_on(&fixtures().join("tiny-bert"), job, stop_at)
+    train_on(&fixtures().join(&job.spec.base_model), job, stop_at)
 }
 
 /// The metrics a user reads: loss and learning rate of every step, every
@@ -93,7 +99,11 @@ fn trainer_state(out: &Path) -> TrainerState {
 }
 
 fn check_resume_matches(method: &str, peft: Value, ner: bool) {
-    let spec = spec(method, peft, ner);
+    check_resume_matches_on("tiny-bert", method, peft, ner);
+}
+
+fn check_resume_matches_on(model: &str, method: &str, peft: Value, ner: bool) {
+    let spec = spec_on(model, method, peft, ner);
     let whole = tempfile::tempdir().expect("temp dir");
     let (outcome, uninterrupted) = train(&job(spec.clone(), whole.path(), Resume::Never), None);
     let outcome = outcome.unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -149,6 +159,15 @@ fn lora_and_full_fine_tuning_resume_exactly() {
 #[test]
 fn p_tuning_v2_for_token_classification_resumes_exactly() {
     check_resume_matches("p_tuning_v2", json!({"num_virtual_tokens": 6, "prefix_dropout": 0.1}), true);
+}
+
+/// RoBERTa trains end to end: its own sequence head (and, for full
+/// fine-tuning, its own encoder copy) and the token-level head.
+#[test]
+fn roberta_classifiers_resume_exactly() {
+    check_resume_matches_on("tiny-roberta", "prompt_tuning", json!({"num_virtual_tokens": 6, "init": "vocab"}), false);
+    check_resume_matches_on("tiny-roberta", "full", json!({}), false);
+    check_resume_matches_on("tiny-roberta", "p_tuning_v2", json!({"num_virtual_tokens": 6, "prefix_dropout": 0.1}), true);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::model::ModelSupport;
 
 /// Encoder `model_type`s the engine trains (classification heads pool them).
-const ENCODER_TYPES: [&str; 1] = ["bert"];
+const ENCODER_TYPES: [&str; 2] = ["bert", "roberta"];
 /// Decoder-only `model_type`s the engine trains (causal language modelling).
 const DECODER_TYPES: [&str; 4] = ["gpt2", "llama", "mistral", "qwen2"];
 
@@ -95,19 +95,20 @@ mod tests {
         assert_eq!(admit(&s, &ModelSupport::Unknown).unwrap(), None);
         assert_eq!(admit(&s, &served(&["bert"])).unwrap(), Some(ModelLimits { max_positions: 512 }));
         assert_eq!(admit(&s, &served(&[])).unwrap(), Some(ModelLimits { max_positions: 512 }), "no type: no check");
-        assert!(admit(&s, &served(&["roberta"])).is_ok(), "a type this coordinator does not know");
+        assert!(admit(&s, &served(&["roberta"])).is_ok(), "RoBERTa classifies");
+        assert!(admit(&s, &served(&["deberta-v2"])).is_ok(), "a type this coordinator does not know");
     }
 
     #[test]
     fn an_unsupported_model_names_its_type_and_the_reason() {
         let support = ModelSupport::Unsupported {
             model_type: "t5".into(),
-            reason: "supported model types: bert, gpt2, llama, mistral, qwen2".into(),
+            reason: "supported model types: bert, gpt2, llama, mistral, qwen2, roberta".into(),
         };
         assert_eq!(
             message(admit(&spec("t5-small", Task::SequenceClassification), &support)),
             "base_model: \"t5-small\" has model_type \"t5\", which ptune cannot train; \
-             supported model types: bert, gpt2, llama, mistral, qwen2"
+             supported model types: bert, gpt2, llama, mistral, qwen2, roberta"
         );
     }
 
@@ -115,7 +116,7 @@ mod tests {
     fn tasks_need_an_architecture_that_serves_them() {
         assert_eq!(
             message(admit(&spec("tiny-gpt2", Task::SequenceClassification), &served(&["gpt2"]))),
-            "task: sequence_classification needs an encoder model (bert), \
+            "task: sequence_classification needs an encoder model (bert, roberta), \
              but base_model \"tiny-gpt2\" has model_type \"gpt2\""
         );
         assert_eq!(

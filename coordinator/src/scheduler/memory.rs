@@ -2,8 +2,9 @@
 //! the shape of its base model that workers report), taken as soon as a
 //! worker has reported that shape and kept with the job; and the reason a
 //! queued job gives when no online worker serving its model has room for it.
-//! The lease query itself compares the estimate with the worker's memory
-//! (`Store::lease_next_job`).
+//! The lease query itself compares the estimate, added to those of the jobs
+//! the worker already runs (each base model's weights once), with the
+//! worker's memory (`Store::lease_next_job`).
 
 use std::collections::HashMap;
 

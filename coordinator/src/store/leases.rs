@@ -143,10 +143,15 @@ async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef,
 
 impl Store {
     /// Leases a queued job on one of the offer's models to `worker`: the
-    /// oldest on a model the worker holds in memory, else the oldest. A job
-    /// whose memory estimate exceeds the worker's memory is never leased to
-    /// it (when both are known). The job becomes running under a new epoch
-    /// and a new attempt is opened.
+    /// oldest on a model the worker holds in memory, else the oldest. When
+    /// the worker's memory is known, a job is leased only if it fits next to
+    /// the jobs the worker already runs: their estimates are summed, each
+    /// base model's weights counted once (the worker shares them), and a job
+    /// on a model none of them uses adds its weights. Activations are summed
+    /// too, although packed jobs share a pass bounded by the worker's token
+    /// budget: the sum is an upper bound. Jobs without an estimate count as
+    /// zero. The job becomes running under a new epoch and a new attempt is
+    /// opened.
     #[instrument(skip_all, fields(worker_id = %worker))]
     pub async fn lease_next_job(
         &self,
@@ -158,14 +163,26 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // A queued job's updated_at is when it was queued (submitted or requeued).
         let picked: Option<(Uuid, f64)> = sqlx::query_as(
-            "SELECT id, extract(epoch FROM now() - updated_at)::float8 FROM jobs \
-             WHERE state = 'queued' AND base_model = ANY($1) \
-               AND ($3::bigint IS NULL OR memory_estimate_bytes IS NULL OR memory_estimate_bytes <= $3) \
-             ORDER BY base_model = ANY($2) DESC, created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            "WITH held AS ( \
+                 SELECT j.base_model, j.memory_weights_bytes, j.memory_job_bytes + j.memory_activation_bytes AS own \
+                 FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.epoch = j.lease_epoch \
+                 WHERE a.worker_id = $4 AND a.ended_at IS NULL AND j.state = 'running'), \
+             used AS ( \
+                 SELECT coalesce((SELECT sum(own) FROM held), 0) \
+                      + coalesce((SELECT sum(w) FROM (SELECT max(memory_weights_bytes) AS w FROM held GROUP BY base_model) m), 0) \
+                        AS bytes, \
+                        coalesce((SELECT array_agg(DISTINCT base_model) FROM held), '{}') AS models) \
+             SELECT q.id, extract(epoch FROM now() - q.updated_at)::float8 FROM jobs q, used u \
+             WHERE q.state = 'queued' AND q.base_model = ANY($1) \
+               AND ($3::bigint IS NULL OR q.memory_estimate_bytes IS NULL \
+                    OR u.bytes + q.memory_job_bytes + q.memory_activation_bytes \
+                       + CASE WHEN q.base_model = ANY(u.models) THEN 0 ELSE q.memory_weights_bytes END <= $3) \
+             ORDER BY q.base_model = ANY($2) DESC, q.created_at, q.id LIMIT 1 FOR UPDATE OF q SKIP LOCKED",
         )
         .bind(&offer.models)
         .bind(&offer.loaded)
         .bind(offer.memory_bytes.map(to_i64))
+        .bind(worker.0)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((id, queued_secs)) = picked else {

@@ -1,9 +1,9 @@
 //! Hugging Face exports. Adapters are written as PEFT's `save_pretrained`
-//! writes them for a BERT sequence or token classifier (`adapter_config.json`
-//! and `adapter_model.safetensors`, `task_type` `SEQ_CLS` or `TOKEN_CLS`), so
-//! `PeftModel.from_pretrained` loads them; full fine-tuning writes a
-//! `BertFor{Sequence,Token}Classification` model folder (`config.json` and
-//! `model.safetensors`). Key names and config fields were
+//! writes them for a BERT or RoBERTa sequence or token classifier
+//! (`adapter_config.json` and `adapter_model.safetensors`, `task_type`
+//! `SEQ_CLS` or `TOKEN_CLS`), so `PeftModel.from_pretrained` loads them;
+//! full fine-tuning writes a `{Bert,Roberta}For{Sequence,Token}Classification`
+//! model folder (`config.json` and `model.safetensors`). Key names and config fields were
 //! checked against PEFT 0.21.2 (`scripts/reference/peft_methods.py` saves
 //! the reference adapters and loads the engine's exports back).
 //!
@@ -187,8 +187,7 @@ pub fn peft_config(spec: &JobSpec, shape: &AdapterShape, adapter: &Adapter) -> s
 pub fn adapter_tensors(spec: &JobSpec, model: &Classifier) -> Vec<(String, Tensor)> {
     let mut tensors = model.adapter.peft_tensors();
     let head = format!("{}{}", head_prefix(spec.method), ClassificationHead::MODULE);
-    tensors.push((format!("{head}.weight"), model.head.weight().shallow_clone()));
-    tensors.push((format!("{head}.bias"), model.head.bias().shallow_clone()));
+    tensors.extend(model.head.named_tensors().into_iter().map(|(name, tensor)| (format!("{head}.{name}"), tensor)));
     tensors
 }
 
@@ -223,13 +222,14 @@ pub fn write_adapter(
 }
 
 /// The `config.json` of a full fine-tuning export: the base's architecture as
-/// `BertForSequenceClassification` (or `BertForTokenClassification`) with
-/// the job's labels.
+/// `BertForSequenceClassification` (or `BertForTokenClassification`, or
+/// RoBERTa's) with the job's labels.
 pub fn model_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
     let labels = &spec.data.labels;
+    let family = if base.is_roberta() { "Roberta" } else { "Bert" };
     let architecture = match spec.task {
-        ptune_core::Task::TokenClassification => "BertForTokenClassification",
-        _ => "BertForSequenceClassification",
+        ptune_core::Task::TokenClassification => format!("{family}ForTokenClassification"),
+        _ => format!("{family}ForSequenceClassification"),
     };
     json!({
         "architectures": [architecture],
@@ -248,7 +248,7 @@ pub fn model_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
         "initializer_range": base.initializer_range,
         "position_embedding_type": base.position_embedding_type,
         "classifier_dropout": base.classifier_dropout,
-        "pad_token_id": 0,
+        "pad_token_id": base.pad_token_id.unwrap_or(if base.is_roberta() { 1 } else { 0 }),
         "id2label": labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>(),
         "label2id": labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>(),
     })
@@ -257,7 +257,7 @@ pub fn model_config(spec: &JobSpec, base: &BertConfig) -> serde_json::Value {
 /// Writes the job's export into `out_dir` (created if missing), plus
 /// `ptune.json` with how it was trained: a PEFT adapter, or for full
 /// fine-tuning a model folder with every variable of `vars` (the job's own
-/// encoder under `bert.` and the head under `classifier.`). Each file is
+/// encoder under `bert.` or `roberta.` and the head under `classifier.`). Each file is
 /// written beside its final name and renamed into place, so a reader never
 /// sees half a file.
 pub fn write(
@@ -326,13 +326,17 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
         _ => {
             let number = |key: &str| config[key].as_f64().ok_or_else(|| bad(format!("adapter_config.json has no {key}")));
             let r = number("r")? as i64;
-            let layer_of = |module: &str| Lora::key(0, module, "lora_A");
+            let encoder = cfg.module_name();
+            let layer_of = |module: &str| Lora::key(encoder, 0, module, "lora_A");
             let modules: Vec<&'static str> =
                 LINEAR_MODULES.into_iter().filter(|&m| tensors.contains_key(&layer_of(m))).collect();
-            let lora_config = LoraConfig { r, alpha: number("lora_alpha")?, dropout: 0.0, modules };
+            if modules.is_empty() {
+                return Err(bad(format!("no LoRA weights of a {} encoder (no {})", cfg.model_type, layer_of("query"))));
+            }
+            let lora_config = LoraConfig { r, alpha: number("lora_alpha")?, dropout: 0.0, modules, encoder };
             let lora = Lora::new(p, lora_config, cfg.num_hidden_layers, |module| {
-                let a = &tensors[&Lora::key(0, module, "lora_A")];
-                let b = &tensors[&Lora::key(0, module, "lora_B")];
+                let a = &tensors[&Lora::key(encoder, 0, module, "lora_A")];
+                let b = &tensors[&Lora::key(encoder, 0, module, "lora_B")];
                 (a.size()[1], b.size()[0])
             });
             tch::no_grad(|| {
@@ -344,24 +348,27 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
             Adapter::Lora(lora)
         }
     };
-    // PEFT versions before 0.14 kept `modules_to_save` in the saved key.
-    let head_key = format!("{}{}", head_prefix(method), ClassificationHead::MODULE);
-    let head_key = [head_key.clone(), format!("{head_key}.modules_to_save")]
-        .into_iter()
-        .find(|key| tensors.contains_key(&format!("{key}.weight")))
-        .ok_or_else(|| bad(format!("no tensor {head_key}.weight")))?;
-    let weight = tensor(&format!("{head_key}.weight"))?;
-    let dropout = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
-    let head = ClassificationHead::new(p, cfg.hidden_size, weight.size()[0], cfg.initializer_range, dropout);
-    tch::no_grad(|| {
-        head.weight().shallow_clone().copy_(weight);
-        head.bias().shallow_clone().copy_(tensor(&format!("{head_key}.bias"))?);
-        Ok::<_, EngineError>(())
-    })?;
     let level = match config["task_type"].as_str() {
         Some("TOKEN_CLS") => Level::Token,
         _ => Level::Sequence,
     };
+    // The label count comes from the projection's weight: `classifier.weight`
+    // or, for RoBERTa's sequence head, `classifier.out_proj.weight`.
+    let projection = if level == Level::Sequence && cfg.is_roberta() { "out_proj.weight" } else { "weight" };
+    // PEFT versions before 0.14 kept `modules_to_save` in the saved key.
+    let head_key = format!("{}{}", head_prefix(method), ClassificationHead::MODULE);
+    let head_key = [head_key.clone(), format!("{head_key}.modules_to_save")]
+        .into_iter()
+        .find(|key| tensors.contains_key(&format!("{key}.{projection}")))
+        .ok_or_else(|| bad(format!("no tensor {head_key}.{projection}")))?;
+    let labels = tensor(&format!("{head_key}.{projection}"))?.size()[0];
+    let head = ClassificationHead::for_model(p, cfg, level, labels);
+    tch::no_grad(|| {
+        for (name, mut variable) in head.named_tensors() {
+            variable.copy_(tensor(&format!("{head_key}.{name}"))?);
+        }
+        Ok::<_, EngineError>(())
+    })?;
     Ok(Classifier { adapter, head, level })
 }
 

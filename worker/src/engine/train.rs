@@ -388,7 +388,7 @@ fn check_supported(spec: &JobSpec, base: &BaseModel) -> Result<(), EngineError> 
         )
         .into());
     }
-    if spec.task == Task::SequenceClassification && !base.encoder.has_pooler() {
+    if spec.task == Task::SequenceClassification && !base.config.is_roberta() && !base.encoder.has_pooler() {
         return Err(EngineError::Model(
             "the checkpoint has no pooler.dense weights, which sequence classification pools through".into(),
         ));
@@ -475,6 +475,7 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: u
                 alpha: peft.lora_alpha(),
                 dropout: peft.lora_dropout(),
                 modules: targets,
+                encoder: config.module_name(),
             };
             let dims = |module: &str| match module {
                 "intermediate.dense" => (hidden, config.intermediate_size),
@@ -483,14 +484,13 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: u
             };
             Adapter::Lora(Lora::new(p, lora_config, config.num_hidden_layers, dims))
         }
-        Method::Full => Adapter::Full(base.encoder.trainable_copy(&(p / "bert"), config)),
+        Method::Full => Adapter::Full(base.encoder.trainable_copy(&(p / config.module_name()), config)),
     };
-    let dropout = config.classifier_dropout.unwrap_or(config.hidden_dropout_prob);
-    let head = ClassificationHead::new(p, hidden, num_labels as i64, config.initializer_range, dropout);
     let level = match spec.task {
         Task::TokenClassification => Level::Token,
         _ => Level::Sequence,
     };
+    let head = ClassificationHead::for_model(p, config, level, num_labels as i64);
     Ok(Classifier { adapter, head, level })
 }
 

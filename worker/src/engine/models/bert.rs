@@ -2,6 +2,8 @@
 //! Hugging Face `BertModel` computes it: embeddings (word + position + token
 //! type, LayerNorm), post-LayerNorm transformer layers and the tanh pooler.
 //! Variable names follow the checkpoint, so `model.safetensors` loads one to one.
+//! RoBERTa (`RobertaModel`) is the same network with positions counted from
+//! `pad_token_id + 1` ([`BertConfig::position_offset`]).
 //!
 //! The forward works on the batch's real tokens only: attention masks mark
 //! padding, and every per-token operation (projections, feed-forward, layer
@@ -60,6 +62,9 @@ pub struct BertConfig {
     /// Dropout before a classification head; `hidden_dropout_prob` when absent.
     #[serde(default)]
     pub classifier_dropout: Option<f64>,
+    /// Id of the padding token; RoBERTa's position ids start after it.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
 }
 
 fn default_hidden_act() -> String {
@@ -83,7 +88,31 @@ fn default_position_embedding_type() -> String {
 
 impl BertConfig {
     /// Model types whose checkpoints this encoder reads.
-    pub const MODEL_TYPES: [&'static str; 1] = ["bert"];
+    pub const MODEL_TYPES: [&'static str; 2] = ["bert", "roberta"];
+
+    /// RoBERTa (Liu et al. 2019): BERT's layers, with positions counted from
+    /// `pad_token_id + 1` and a sequence classification head of its own
+    /// (dense, tanh, projection) instead of the pooler.
+    pub fn is_roberta(&self) -> bool {
+        self.model_type == "roberta"
+    }
+
+    /// The encoder's module name in a Hugging Face `*For*` model (`bert`,
+    /// `roberta`): its weights' prefix in such checkpoints and in exports.
+    pub fn module_name(&self) -> &'static str {
+        if self.is_roberta() { "roberta" } else { "bert" }
+    }
+
+    /// Position id of a sequence's first token: 0 for BERT; for RoBERTa
+    /// `pad_token_id + 1`, as `create_position_ids_from_input_ids` counts.
+    pub fn position_offset(&self) -> i64 {
+        if self.is_roberta() { self.pad_token_id.unwrap_or(1) + 1 } else { 0 }
+    }
+
+    /// Longest sequence (virtual tokens included) the position table covers.
+    pub fn max_positions(&self) -> i64 {
+        self.max_position_embeddings - self.position_offset()
+    }
 
     /// Reads and checks `config.json` in a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
@@ -111,6 +140,13 @@ impl BertConfig {
             )));
         }
         Activation::parse(&self.hidden_act)?;
+        if self.max_positions() <= 0 {
+            return Err(EngineError::Model(format!(
+                "max_position_embeddings {} leaves no position after the padding offset {}",
+                self.max_position_embeddings,
+                self.position_offset()
+            )));
+        }
         if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(EngineError::Model(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -223,6 +259,8 @@ struct BertEmbeddings {
     token_type_embeddings: nn::Embedding,
     layer_norm: nn::LayerNorm,
     dropout: f64,
+    /// Position id of the first token ([`BertConfig::position_offset`]).
+    position_offset: i64,
 }
 
 impl BertEmbeddings {
@@ -235,6 +273,7 @@ impl BertEmbeddings {
             token_type_embeddings: embedding("token_type_embeddings", cfg.type_vocab_size),
             layer_norm: nn::layer_norm(p / "LayerNorm", vec![cfg.hidden_size], ln),
             dropout: cfg.hidden_dropout_prob,
+            position_offset: cfg.position_offset(),
         }
     }
 
@@ -242,7 +281,9 @@ impl BertEmbeddings {
     /// positions run from its `past_len` (the key/value prefix length, as HF
     /// counts `past_key_values`) over whatever its `inputs_embeds` holds, as
     /// HF does when given `inputs_embeds`: a prepended prompt takes the
-    /// first ones.
+    /// first ones. RoBERTa's start `pad_token_id + 1` later (with a prefix,
+    /// PEFT passes input ids, from which RoBERTa counts past the prefix
+    /// too; prompts come with `past_len` 0).
     fn forward(&self, parts: &[Part<'_>], train: bool) -> Tensor {
         let packed: Vec<Tensor> = parts
             .iter()
@@ -250,7 +291,8 @@ impl BertEmbeddings {
                 let member = part.member;
                 let seq = member.inputs_embeds.size()[1];
                 let device = member.inputs_embeds.device();
-                let positions = Tensor::arange_start(part.past_len, part.past_len + seq, (Kind::Int64, device));
+                let start = self.position_offset + part.past_len;
+                let positions = Tensor::arange_start(start, start + seq, (Kind::Int64, device));
                 // [seq, hidden], broadcast over the batch
                 let position_embeds = self.position_embeddings.forward(&positions);
                 let token_type_embeds = match &member.token_type_ids {
@@ -749,8 +791,10 @@ impl BertModel {
     /// A trainable copy of this encoder declared under `p` (with the same
     /// variable names as [`BertModel::new`]), for full fine-tuning: the copy
     /// gets gradients and optimizer state, this encoder stays as it is.
+    /// RoBERTa's copy has no pooler: its classifiers do not use one.
     pub fn trainable_copy(&self, p: &nn::Path, cfg: &BertConfig) -> BertModel {
-        let copy = BertModel::new(p, cfg, self.pooler.is_some());
+        // The pooler comes last in `tensors()`, so the copy's may run out first.
+        let copy = BertModel::new(p, cfg, self.pooler.is_some() && !cfg.is_roberta());
         tch::no_grad(|| {
             for (mut to, from) in copy.tensors().into_iter().zip(self.tensors()) {
                 to.copy_(&from);

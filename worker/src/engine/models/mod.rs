@@ -84,15 +84,18 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads a BERT-family model folder onto `device`. Weight names may carry
-    /// a `bert.` prefix (as `BertFor*` checkpoints do); other heads in the
-    /// checkpoint are ignored.
+    /// Loads a BERT-family model folder (BERT, MiniLM, RoBERTa) onto
+    /// `device`. Weight names may carry the encoder's module prefix (`bert.`,
+    /// `roberta.`, as `*For*` checkpoints do); other heads in the checkpoint
+    /// are ignored.
     pub fn load(dir: &Path, device: tch::Device) -> Result<Self, EngineError> {
         let info = inspect_model(dir)?;
         let config = BertConfig::from_dir(dir)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let header = SafetensorsHeader::read(&weights_path)?;
-        let prefix = ["", "bert."]
+        let module = config.module_name();
+        let module_prefix = format!("{module}.");
+        let prefix = ["", module_prefix.as_str()]
             .into_iter()
             .find(|prefix| header.tensors.contains_key(&format!("{prefix}embeddings.word_embeddings.weight")))
             .ok_or_else(|| {
@@ -105,7 +108,7 @@ impl BaseModel {
 
         let mut weights = nn::VarStore::new(device);
         let root = weights.root();
-        let path = if prefix.is_empty() { root } else { root / "bert" };
+        let path = if prefix.is_empty() { root } else { root / module };
         let encoder = BertModel::new(&path, &config, with_pooler);
         weights.load(&weights_path).map_err(|e| match e {
             tch::TchError::TensorNameNotFound(name, _) => {

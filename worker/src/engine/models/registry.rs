@@ -21,7 +21,7 @@ use crate::engine::EngineError;
 
 /// Every `model_type` the engine trains on: the union of the types the
 /// BERT, GPT-2 and Llama-family configs accept.
-pub const SUPPORTED_MODEL_TYPES: [&str; 5] = ["bert", "gpt2", "llama", "mistral", "qwen2"];
+pub const SUPPORTED_MODEL_TYPES: [&str; 6] = ["bert", "gpt2", "llama", "mistral", "qwen2", "roberta"];
 
 /// Why a folder cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub fn inspect_any(dir: &Path) -> Result<ModelInfo, InspectError> {
                     reason: format!("BERT checkpoints must be a single {WEIGHTS_FILE}, not shards"),
                 });
             }
-            (config.max_position_embeddings, config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
+            (config.max_positions(), config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
         } else if Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
             let config = Gpt2Config::from_dir(dir).map_err(unsupported_config)?;
             (config.n_positions, config.n_embd, config.n_layer, config.n_head)
@@ -126,11 +126,15 @@ mod tests {
     }
 
     #[test]
-    fn reads_bert_gpt2_and_sharded_llama_fixtures() {
+    fn reads_bert_roberta_gpt2_and_sharded_llama_fixtures() {
         let bert = inspect_any(&fixture("tiny-bert")).unwrap();
         // The BERT-only reader is the reference for a single-file checkpoint.
         assert_eq!(bert, super::super::inspect_model(&fixture("tiny-bert")).unwrap());
         assert_eq!((bert.model_type.as_str(), bert.max_positions, bert.hidden_size), ("bert", 40, 32));
+
+        // RoBERTa's 42 position rows hold pad_token_id + 1 = 2 it never uses.
+        let roberta = inspect_any(&fixture("tiny-roberta")).unwrap();
+        assert_eq!((roberta.model_type.as_str(), roberta.max_positions, roberta.hidden_size), ("roberta", 40, 32));
 
         let gpt2 = inspect_any(&fixture("tiny-gpt2")).unwrap();
         assert_eq!(
@@ -165,7 +169,7 @@ mod tests {
         match inspect_any(dir.path()) {
             Err(InspectError::Unsupported { model_type, reason }) => {
                 assert_eq!(model_type, "t5");
-                assert_eq!(reason, "supported model types: bert, gpt2, llama, mistral, qwen2");
+                assert_eq!(reason, "supported model types: bert, gpt2, llama, mistral, qwen2, roberta");
             }
             other => panic!("expected an unsupported model, got {other:?}"),
         }

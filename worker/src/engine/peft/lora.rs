@@ -5,7 +5,8 @@
 //! base model. Dropout applies to the update's input in training.
 //!
 //! Variables are named as PEFT saves them for a BERT sequence classifier:
-//! `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`.
+//! `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`
+//! (`roberta` in place of `bert` for RoBERTa).
 
 use std::collections::BTreeMap;
 
@@ -17,8 +18,11 @@ use crate::engine::models::bert::{module_path, LINEAR_MODULES};
 use crate::engine::models::dropout;
 use crate::engine::models::hooks::Hooks;
 
-/// Where BERT's layers live in a PEFT-wrapped sequence classifier.
-pub const LAYERS_PREFIX: &str = "base_model.model.bert.encoder.layer";
+/// Where the layers of an encoder whose module is `encoder` (`bert`,
+/// `roberta`) live in a PEFT-wrapped classifier.
+fn layers_prefix(encoder: &str) -> String {
+    format!("base_model.model.{encoder}.encoder.layer")
+}
 
 /// Default targets for BERT, as PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`.
 pub const DEFAULT_TARGETS: [&str; 2] = ["query", "value"];
@@ -59,6 +63,9 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Modules of [`LINEAR_MODULES`] that get an update.
     pub modules: Vec<&'static str>,
+    /// The encoder's module name in the classifier (`bert`, `roberta`),
+    /// part of every PEFT key.
+    pub encoder: &'static str,
 }
 
 /// One low-rank update: `A` `[r, in]` and `B` `[out, r]`.
@@ -85,7 +92,7 @@ impl Lora {
                     .iter()
                     .map(|&module| {
                         let (in_dim, out_dim) = dims(module);
-                        let path = module_var_path(p, layer, module);
+                        let path = module_var_path(p, config.encoder, layer, module);
                         let bound = 1.0 / (in_dim as f64).sqrt();
                         let a = (&path / "lora_A").uniform("weight", &[config.r, in_dim], -bound, bound);
                         let b = (&path / "lora_B").zeros("weight", &[out_dim, config.r]);
@@ -106,9 +113,10 @@ impl Lora {
         self.layers.get(layer)?.get(module)
     }
 
-    /// PEFT's key of a module's `lora_A` or `lora_B` weight.
-    pub fn key(layer: usize, module: &str, which: &str) -> String {
-        format!("{LAYERS_PREFIX}.{layer}.{}.{which}.weight", module_path(module))
+    /// PEFT's key of a module's `lora_A` or `lora_B` weight in an encoder
+    /// whose module is `encoder`.
+    pub fn key(encoder: &str, layer: usize, module: &str, which: &str) -> String {
+        format!("{}.{layer}.{}.{which}.weight", layers_prefix(encoder), module_path(module))
     }
 
     /// Every update with its PEFT keys.
@@ -116,8 +124,9 @@ impl Lora {
         let mut tensors = Vec::new();
         for (layer, modules) in self.layers.iter().enumerate() {
             for (module, pair) in modules {
-                tensors.push((Self::key(layer, module, "lora_A"), pair.a.shallow_clone()));
-                tensors.push((Self::key(layer, module, "lora_B"), pair.b.shallow_clone()));
+                let encoder = self.config.encoder;
+                tensors.push((Self::key(encoder, layer, module, "lora_A"), pair.a.shallow_clone()));
+                tensors.push((Self::key(encoder, layer, module, "lora_B"), pair.b.shallow_clone()));
             }
         }
         tensors
@@ -129,9 +138,9 @@ impl Lora {
 }
 
 /// The variable path of a module's updates: PEFT's key without `.lora_A.weight`.
-fn module_var_path<'a>(p: &nn::Path<'a>, layer: i64, module: &str) -> nn::Path<'a> {
+fn module_var_path<'a>(p: &nn::Path<'a>, encoder: &str, layer: i64, module: &str) -> nn::Path<'a> {
     let mut path = p.clone();
-    for part in LAYERS_PREFIX.split('.') {
+    for part in layers_prefix(encoder).split('.') {
         path = path / part;
     }
     path = path / layer;
