@@ -84,7 +84,7 @@ impl Scheduler {
             self.store.worker_offer(worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
             })?;
-        self.store.touch_worker(worker).await?;
+        self.store.record_poll(worker, free_slots, &loaded).await?;
         if free_slots == 0 || offer.models.is_empty() {
             return Ok(None);
         }

@@ -141,6 +141,15 @@ async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef,
     Ok(())
 }
 
+/// How long a newly queued job may wait for a better placed worker (see
+/// [`Store::lease_next_job`]) before any worker serving its model takes it.
+pub const SPREAD_WINDOW: Duration = Duration::from_secs(2);
+
+/// A worker that asked for a job this recently, with slots free, counts as
+/// asking still (idle workers ask every 250 ms). Longer than the window, so
+/// a job is held back by the window, never by a stale request alone.
+pub const POLL_FRESH: Duration = Duration::from_secs(5);
+
 impl Store {
     /// Leases a queued job on one of the offer's models to `worker`: the
     /// oldest on a model the worker holds in memory, else the oldest. When
@@ -150,7 +159,17 @@ impl Store {
     /// on a model none of them uses adds its weights. Activations are summed
     /// too, although packed jobs share a pass bounded by the worker's token
     /// budget: the sum is an upper bound. Jobs without an estimate count as
-    /// zero. The job becomes running under a new epoch and a new attempt is
+    /// zero.
+    ///
+    /// Load is spread: for [`SPREAD_WINDOW`] after it was queued, a job is
+    /// left to another worker better placed for it, one that asked for work
+    /// within [`POLL_FRESH`] with a slot free and serves its model, and
+    /// either holds the model in memory while this worker does not, or
+    /// holds it as this worker does (or not) and runs fewer jobs. After the
+    /// window any worker serving the model takes it, so a worker that asked
+    /// and went away delays a job by the window at most.
+    ///
+    /// The job becomes running under a new epoch and a new attempt is
     /// opened.
     #[instrument(skip_all, fields(worker_id = %worker))]
     pub async fn lease_next_job(
@@ -171,18 +190,34 @@ impl Store {
                  SELECT coalesce((SELECT sum(own) FROM held), 0) \
                       + coalesce((SELECT sum(w) FROM (SELECT max(memory_weights_bytes) AS w FROM held GROUP BY base_model) m), 0) \
                         AS bytes, \
-                        coalesce((SELECT array_agg(DISTINCT base_model) FROM held), '{}') AS models) \
+                        coalesce((SELECT array_agg(DISTINCT base_model) FROM held), '{}') AS models, \
+                        (SELECT count(*) FROM held) AS running), \
+             others AS ( \
+                 SELECT o.loaded_models, \
+                        ARRAY(SELECT m->>'name' FROM jsonb_array_elements(o.models) m \
+                              WHERE coalesce(m->>'unsupported_reason', '') = '') AS serves, \
+                        (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id AND j.lease_epoch = a.epoch \
+                         WHERE a.worker_id = o.id AND a.ended_at IS NULL AND j.state = 'running') AS running \
+                 FROM workers o \
+                 WHERE o.id <> $4 AND o.free_slots > 0 AND o.polled_at > now() - $6 * interval '1 millisecond') \
              SELECT q.id, extract(epoch FROM now() - q.updated_at)::float8 FROM jobs q, used u \
              WHERE q.state = 'queued' AND q.base_model = ANY($1) \
                AND ($3::bigint IS NULL OR q.memory_estimate_bytes IS NULL \
                     OR u.bytes + q.memory_job_bytes + q.memory_activation_bytes \
                        + CASE WHEN q.base_model = ANY(u.models) THEN 0 ELSE q.memory_weights_bytes END <= $3) \
+               AND (q.updated_at <= now() - $5 * interval '1 millisecond' OR NOT EXISTS ( \
+                    SELECT 1 FROM others o WHERE q.base_model = ANY(o.serves) \
+                      AND ((q.base_model = ANY(o.loaded_models) AND NOT q.base_model = ANY($2)) \
+                           OR ((q.base_model = ANY(o.loaded_models)) = (q.base_model = ANY($2)) \
+                               AND o.running < u.running)))) \
              ORDER BY q.base_model = ANY($2) DESC, q.created_at, q.id LIMIT 1 FOR UPDATE OF q SKIP LOCKED",
         )
         .bind(&offer.models)
         .bind(&offer.loaded)
         .bind(offer.memory_bytes.map(to_i64))
         .bind(worker.0)
+        .bind(millis(SPREAD_WINDOW))
+        .bind(millis(POLL_FRESH))
         .fetch_optional(&mut *tx)
         .await?;
         let Some((id, queued_secs)) = picked else {
@@ -208,6 +243,10 @@ impl Store {
         .bind(millis(timeout))
         .execute(&mut *tx)
         .await?;
+        sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1")
+            .bind(worker.0)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         let queued_for = Duration::try_from_secs_f64(queued_secs).unwrap_or_default();
         self.metrics.observe_lease(started.elapsed(), Some(queued_for));

@@ -28,7 +28,7 @@ pub use dashboard::{
 };
 pub use jobs::CancelOutcome;
 pub use workers::Availability;
-pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped};
+pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped, POLL_FRESH, SPREAD_WINDOW};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
 

@@ -41,6 +41,24 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records a worker's lease request: it is alive, has `free_slots`
+    /// free and holds `loaded` in memory. Other workers' leases read this to
+    /// leave it the jobs it is better placed for. False when it is not
+    /// registered.
+    #[instrument(skip_all, fields(worker_id = %id))]
+    pub async fn record_poll(&self, id: WorkerId, free_slots: u32, loaded: &[String]) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE workers SET last_heartbeat = now(), polled_at = now(), free_slots = $2, loaded_models = $3 \
+             WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(i32::try_from(free_slots).unwrap_or(i32::MAX))
+        .bind(loaded)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// What a worker registered that leasing needs: the base models it can
     /// train (not those it advertised as unsupported) and the memory it may
     /// use, or `None` for an unknown worker. `loaded` is left empty.
