@@ -3,9 +3,11 @@
 # starts a coordinator (with its own private PostgreSQL) and a worker serving
 # MiniLM, submits prompt tuning on SST-2, follows it live, and prints the dev
 # accuracy and where the adapter was written. Then it runs a real sweep:
-# ASHA over prompt length x learning rate (examples/sweeps/sst2-asha.toml,
-# about 6 minutes on two cores), prints its leaderboard and downloads the
-# best trial's adapter. PTUNE_DEMO_SWEEP=0 skips the sweep.
+# ASHA over prompt length x learning rate (examples/sweeps/sst2-asha.toml),
+# whose concurrent trials the worker trains as packs through one copy of
+# MiniLM (PTUNE_DEMO_SLOTS, default 4, the sweep's max_concurrent_trials),
+# prints its leaderboard and downloads the best trial's adapter.
+# PTUNE_DEMO_SWEEP=0 skips the sweep.
 #
 #   scripts/demo.sh [SPEC]     (default: examples/jobs/sst2-prompt-tuning.toml)
 set -euo pipefail
@@ -40,8 +42,9 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-echo "demo: starting worker serving models/ (logs: $demo/worker.log)"
-"$bin/ptune-worker" --models-dir models --work-dir "$demo/worker" --slots 1 >"$demo/worker.log" 2>&1 &
+slots="${PTUNE_DEMO_SLOTS:-4}"
+echo "demo: starting worker serving models/ with $slots slots (logs: $demo/worker.log)"
+"$bin/ptune-worker" --models-dir models --work-dir "$demo/worker" --slots "$slots" >"$demo/worker.log" 2>&1 &
 pids+=($!)
 
 start=$(date +%s.%N)

@@ -6,6 +6,9 @@
 //! refreshed at every evaluation, to `OUT/checkpoint/`. With `resume`, a run
 //! continues from that checkpoint: `metrics.jsonl` keeps the lines up to the
 //! checkpoint's step and the run appends the rest.
+//!
+//! Local evaluation ([`eval_local`]) loads an exported classifier adapter,
+//! this engine's or Hugging Face PEFT's, and evaluates it on labelled data.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -14,7 +17,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use ptune_core::{JobSpec, Metric};
 
-use crate::engine::{Control, Engine, Event, Resume, TrainJob, TrainOutcome, TrainerState, TRAINER_STATE_FILE};
+use crate::engine::{
+    evaluate_export, export_info, BaseModel, Control, Engine, Event, Resume, TaskEvaluation, TrainJob, TrainOutcome,
+    TrainerState, TRAINER_STATE_FILE,
+};
 
 /// Subfolder of the output folder that receives the PEFT export.
 pub const ADAPTER_DIR: &str = "adapter";
@@ -98,14 +104,7 @@ pub fn train_local(
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
     }
     if !outcome.stopped {
-        let lines: String = outcome
-            .eval_predictions
-            .iter()
-            .enumerate()
-            .map(|(index, prediction)| serde_json::json!({"index": index, "prediction": prediction}).to_string() + "\n")
-            .collect();
-        let path = out_dir.join(PREDICTIONS_FILE);
-        std::fs::write(&path, lines).with_context(|| format!("cannot write {}", path.display()))?;
+        write_predictions(&out_dir.join(PREDICTIONS_FILE), &outcome.eval_predictions)?;
     }
     eprintln!(
         "trained {} steps in {:.1}s; {} in {}",
@@ -146,4 +145,115 @@ fn resolve(spec_dir: &Path, path: &str) -> PathBuf {
     } else {
         spec_dir.join(path)
     }
+}
+
+/// What `ptune-worker eval` evaluates, and how (its command-line flags).
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalOptions {
+    /// Adapter folder (adapter_config.json, adapter_model.safetensors; ptune.json when ptune trained it).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Labelled JSON Lines to evaluate on.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the base model's folder is (the worker's --models-dir).
+    #[arg(skip)]
+    pub models_dir: PathBuf,
+    /// Base model folder name under --models-dir (default: the one the adapter names).
+    #[arg(long)]
+    pub base_model: Option<String>,
+    /// Labels (tags, for token classification) in the head's order, comma-separated (default: the
+    /// adapter's spec, or 0..n-1 for a sequence classifier saved by PEFT).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+    /// JSON field of the text (words, for token classification) (default: the adapter's spec, or "text").
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// JSON field of the label (tags) (default: the adapter's spec, or "label").
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// Tokens kept per example (default: the adapter's spec, or 128 within the model's positions).
+    #[arg(long)]
+    pub max_seq_len: Option<u32>,
+    /// Most examples evaluated (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub max_examples: u64,
+    /// Write {"index": i, "prediction": label} per example, in file order, to this file.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// CPU threads for libtorch (0: every core; the worker's --threads).
+    #[arg(skip)]
+    pub threads: usize,
+}
+
+/// Loads the adapter in `options.adapter` onto its base model and evaluates it
+/// on `options.data` with the metrics training reports. Returns the spec
+/// used and the evaluation.
+pub fn eval_local(options: &EvalOptions) -> anyhow::Result<(JobSpec, TaskEvaluation)> {
+    let info = export_info(&options.adapter)?;
+    let mut spec = info.spec.clone();
+    let data = &mut spec.data;
+    if let Some(base_model) = &options.base_model {
+        spec.base_model = base_model.clone();
+    }
+    if let Some(labels) = &options.labels {
+        data.labels = labels.clone();
+    }
+    if let Some(field) = &options.text_field {
+        data.text_field = field.clone();
+    }
+    if let Some(field) = &options.label_field {
+        data.label_field = field.clone();
+    }
+    if let Some(len) = options.max_seq_len {
+        data.max_seq_len = len;
+    }
+    data.max_eval_examples = options.max_examples;
+    let data_name = options.data.display().to_string();
+    data.train = data_name.clone();
+    data.eval = data_name.clone();
+    if data.labels.is_empty() {
+        anyhow::bail!(
+            "--labels: {} has no ptune.json naming its tags; give them in the order the adapter was trained with",
+            options.adapter.display()
+        );
+    }
+    if spec.base_model.is_empty() {
+        anyhow::bail!("--base-model: {} does not name its base model", options.adapter.display());
+    }
+    let model_dir = options.models_dir.join(&spec.base_model);
+    if !model_dir.is_dir() {
+        anyhow::bail!(
+            "--base-model: no folder {:?} under {}; the adapter names base model {:?}",
+            spec.base_model,
+            options.models_dir.display(),
+            spec.base_model
+        );
+    }
+    if options.threads > 0 {
+        tch::set_num_threads(options.threads as i32);
+    }
+    let device = tch::Device::cuda_if_available();
+    let base = BaseModel::load(&model_dir, device)?;
+    if !info.trained_here && options.max_seq_len.is_none() {
+        // 128 tokens, or what the model's positions leave beside the virtual tokens.
+        let virtual_tokens = if spec.method.uses_virtual_tokens() { spec.peft.num_virtual_tokens } else { 0 };
+        spec.data.max_seq_len = 128.min(base.info.max_positions.saturating_sub(virtual_tokens)).max(1);
+    }
+    spec.validate(Some(&ptune_core::ModelLimits { max_positions: base.info.max_positions }))?;
+    let evaluation = evaluate_export(&options.adapter, &base, &spec, &options.data, &data_name, device)?;
+    if let Some(path) = &options.predictions {
+        write_predictions(path, &evaluation.predictions)?;
+    }
+    Ok((spec, evaluation))
+}
+
+/// Writes `{"index": i, "prediction": p}` per prediction, one per line.
+fn write_predictions(path: &Path, predictions: &[serde_json::Value]) -> anyhow::Result<()> {
+    let lines: String = predictions
+        .iter()
+        .enumerate()
+        .map(|(index, prediction)| serde_json::json!({"index": index, "prediction": prediction}).to_string() + "\n")
+        .collect();
+    std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -64,6 +64,15 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Evaluate an exported classifier adapter (this engine's, or one Hugging Face PEFT saved) on labelled
+    /// JSON Lines: loads it onto its base model under --models-dir and prints the metrics training reports.
+    Eval {
+        #[command(flatten)]
+        options: ptune_worker::local::EvalOptions,
+        /// Print the metrics as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the memory a job spec needs on its base model under --models-dir, as the coordinator estimates it.
     Estimate {
         /// Job spec (TOML).
@@ -87,6 +96,26 @@ fn main() -> anyhow::Result<()> {
                 println!("{} {} = {:.4} (step {})", metric.kind.as_str(), metric.name, metric.value, metric.step);
             }
             println!("adapter written to {}", out.join("adapter").display());
+            Ok(())
+        }
+        Some(Command::Eval { mut options, json }) => {
+            options.models_dir = args.models_dir;
+            options.threads = args.threads as usize;
+            let (spec, evaluation) = ptune_worker::local::eval_local(&options)?;
+            if json {
+                let metrics: serde_json::Map<String, serde_json::Value> =
+                    evaluation.metrics.iter().map(|m| (m.name.clone(), m.value.into())).collect();
+                let value = serde_json::json!({
+                    "base_model": spec.base_model, "task": spec.task, "examples": evaluation.predictions.len(),
+                    "metrics": metrics,
+                });
+                println!("{value}");
+            } else {
+                println!("{} examples on {} ({})", evaluation.predictions.len(), spec.base_model, spec.task);
+                for metric in &evaluation.metrics {
+                    println!("eval {} = {:.4}", metric.name, metric.value);
+                }
+            }
             Ok(())
         }
         Some(Command::Estimate { spec, json }) => {

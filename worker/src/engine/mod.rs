@@ -12,6 +12,7 @@
 mod cache;
 mod checkpoint;
 mod data;
+mod evaluate;
 mod export;
 mod lm;
 mod models;
@@ -30,7 +31,9 @@ use ptune_core::{JobSpec, Metric, SpecError};
 
 pub use data::{ner, seq2seq};
 pub use data::tokenize::TextTokenizer;
+pub use evaluate::{evaluate_export, export_info, ExportInfo};
 pub use export::{load_adapter, write as write_export, MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE};
+pub use task_data::TaskEvaluation;
 pub use models::bert::{BertConfig, BertModel};
 pub use models::hooks::{Hooks, NoHooks};
 pub use models::{decoder, gpt2, llama};
