@@ -17,7 +17,6 @@ use std::path::Path;
 
 use ptune_core::spec::EncoderType;
 use ptune_core::{JobSpec, Method, PromptInit};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 use tch::{nn, Kind, Tensor};
@@ -375,29 +374,52 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
 /// Writes float32 tensors with the `{"format": "pt"}` metadata PyTorch
 /// writers use.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), EngineError> {
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let views: Vec<(&str, FloatView)> = tensors
         .iter()
         .map(|(name, tensor)| {
+            // For a float32 CPU tensor, the same storage: nothing is copied yet.
             let tensor = tensor.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
             let shape = tensor.size().iter().map(|&d| d as usize).collect();
-            let values = Vec::<f32>::try_from(tensor.reshape([-1]))?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok((name.clone(), shape, bytes))
+            (name.as_str(), FloatView { tensor, shape })
         })
-        .collect::<Result<_, EngineError>>()?;
-    let views = data
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map_err(|e| EngineError::Model(format!("cannot serialize {name}: {e}")))?;
-            Ok((name.as_str(), view))
-        })
-        .collect::<Result<Vec<_>, EngineError>>()?;
+        .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let partial = partial_path(path);
     safetensors::tensor::serialize_to_file(views, Some(metadata), &partial)
         .map_err(|e| EngineError::io(&partial, std::io::Error::other(e)))?;
     std::fs::rename(&partial, path).map_err(|e| EngineError::io(path, e))
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("safetensors files are little-endian; FloatView writes a tensor's native bytes");
+
+/// A contiguous float32 CPU tensor that yields its bytes only when the
+/// writer reaches it, so that writing a file holds one tensor's bytes at a
+/// time rather than a copy of all of them (for a full fine-tuning
+/// checkpoint, three copies of the model).
+struct FloatView {
+    tensor: Tensor,
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for FloatView {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut bytes = vec![0u8; self.data_len()];
+        self.tensor.copy_data_u8(&mut bytes, self.tensor.numel());
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * std::mem::size_of::<f32>()
+    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), EngineError> {
