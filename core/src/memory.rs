@@ -32,10 +32,10 @@
 //! The estimate leaves out the process's own footprint (the libtorch
 //! runtime, the tokenizer, the datasets) and, for causal LM, the logits over
 //! the vocabulary. Against measured peaks (`docs/benchmarks.md`, "Memory
-//! estimate against measured peak") it is within 10% for the methods that
-//! train nothing inside the model, and low by about a quarter for LoRA and
-//! a half for full fine-tuning, whose weight gradients keep their linears'
-//! inputs: that is not modelled yet.
+//! estimate against measured peak") it is 8-16% above what training adds
+//! for the methods that train nothing inside the model, and low by 17% for
+//! LoRA and 22% for full fine-tuning, whose weight gradients keep their
+//! linears' inputs: that is not modelled yet.
 
 use std::fmt;
 
