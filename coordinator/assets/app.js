@@ -563,7 +563,7 @@ const views = {
       const page = await api('/workers?limit=100&offset=' + this.offset);
       const list = (items, f) => (items || []).map(f).join(', ') || '–';
       fill(document.getElementById('workers-table'), el('table', { id: 'workers' },
-        el('thead', {}, el('tr', {}, ['host', 'id', 'status', 'heartbeat', 'devices', 'slots in use', 'base models', 'examples/s', 'packs running', 'running jobs'].map((h) => el('th', {}, h)))),
+        el('thead', {}, el('tr', {}, ['host', 'id', 'status', 'heartbeat', 'devices', 'slots in use', 'base models', 'in memory', 'examples/s', 'packs running', 'running jobs'].map((h) => el('th', {}, h)))),
         el('tbody', {}, page.workers.map((w) => el('tr', { dataset: { worker: w.id } },
           el('td', {}, w.hostname), el('td', {}, el('code', { title: w.id }, short(w.id))),
           el('td', {}, stateBadge(w.online ? 'online' : 'offline')),
@@ -571,8 +571,10 @@ const views = {
           el('td', {}, list(w.devices, (d) => d.name + (d.memory_bytes ? ` (${bytes(d.memory_bytes)})` : ''))),
           el('td', { class: 'num' }, `${w.slots_busy} / ${w.slots}`),
           el('td', {}, list(w.models, (m) => m.name)),
+          el('td', { title: 'base models held at the last lease request' + (w.memory_bytes ? `; may use ${bytes(w.memory_bytes)}` : '') }, list(w.loaded_models, (m) => m)),
           el('td', { class: 'num' }, fmt(w.examples_per_second)),
-          el('td', { class: 'num', title: 'jobs on one base model packed into one pass; packing is not available yet' }, w.packs_running ? fmt(w.packs_running) : '0 (n/a)'),
+          el('td', { class: 'num', title: 'jobs on one base model that share every step\'s passes (from their latest pack_jobs metric)' },
+            w.packs_running ? `${w.packs_running} (${w.packed_jobs} jobs)` : '0'),
           el('td', {}, w.running_jobs.length ? w.running_jobs.map((id) => el('a', { href: '#/jobs/' + id }, short(id) + ' ')) : '–'))))));
       if (!page.workers.length) document.getElementById('workers-table').append(el('p', { class: 'muted' }, 'no worker has registered yet'));
       const to = page.offset + page.workers.length;

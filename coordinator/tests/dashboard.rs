@@ -152,6 +152,33 @@ async fn touch(env: &mut Env, s: &Seeded) {
 // --------------------------------------------------------------------- API
 
 #[tokio::test]
+async fn the_workers_api_counts_packs_and_the_models_a_worker_holds() {
+    let mut env = common::start(Duration::from_secs(60)).await;
+    let worker = env.register().await;
+    let spec = env.spec("packed").await;
+    for name in ["a", "b", "alone"] {
+        env.submit(v1::JobSpec { name: name.into(), ..spec.clone() }).await;
+    }
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        let request =
+            v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![common::MODEL.into()] };
+        leases.push(env.workers.lease_job(request).await.unwrap().into_inner().lease.expect("a lease"));
+    }
+    // Two jobs share their passes, the third trains alone.
+    for (lease, pack_jobs) in leases.iter().zip([2.0, 2.0, 1.0]) {
+        env.report(lease, 1, vec![metric(1, "train", "pack_jobs", pack_jobs)]).await.unwrap();
+    }
+    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let workers = get(http, "/api/workers").await.json();
+    let w = &workers["workers"][0];
+    assert_eq!((w["packs_running"].clone(), w["packed_jobs"].clone()), (json!(1), json!(2)), "{w}");
+    assert_eq!(w["loaded_models"], json!([common::MODEL]));
+    assert_eq!(w["slots_busy"], 3);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     let mut env = common::start(Duration::from_secs(60)).await;
     let s = seed(&mut env).await;
@@ -236,7 +263,8 @@ async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     assert_eq!(workers["workers"][0]["slots_busy"], 1);
     assert_eq!(workers["workers"][0]["running_jobs"], json!([s.training_id]));
     assert_eq!(workers["workers"][0]["examples_per_second"], 250.0);
-    assert_eq!(workers["workers"][0]["packs_running"], 0);
+    assert_eq!(workers["workers"][0]["packs_running"], 0, "one job, alone");
+    assert_eq!(workers["workers"][0]["packed_jobs"], 0);
 
     // Live: an open event stream hears about a job submitted after it opened.
     let mut events = EventStream::open(http).await;
@@ -300,7 +328,7 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     let workers = page(&browser, http, "#/workers", "workers", &artifacts, "workers").await;
     let row = section(&workers, &format!("data-worker=\"{}\"", s.worker), "</tr>");
     assert!(row.contains(">test-host<") && row.contains(">1 / 2<") && row.contains(">250<"), "{row}");
-    assert!(row.contains("0 (n/a)"), "packs running:\n{row}");
+    assert!(row.contains("latest pack_jobs metric)\">0</td>"), "packs running:\n{row}");
     println!("dashboard screenshots: {}", artifacts.display());
     env.stop().await;
 }

@@ -322,15 +322,7 @@ async fn workers(State(d): State<Dashboard>, Query(p): Query<PageParams>) -> Api
     let limit = page_size(p.limit)?;
     let offset = p.offset.unwrap_or(0);
     let (rows, total) = d.store.worker_table(d.online_window, limit, offset).await?;
-    // Packing several jobs into one pass comes later: no packs run yet.
-    let workers: Vec<Value> = rows
-        .into_iter()
-        .map(|w| {
-            let mut v = json!(w);
-            v["packs_running"] = json!(0);
-            v
-        })
-        .collect();
+    let workers: Vec<Value> = rows.into_iter().map(|w| json!(w)).collect();
     Ok(Json(json!({
         "workers": workers,
         "total": total,

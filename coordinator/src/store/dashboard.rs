@@ -196,6 +196,16 @@ pub struct WorkerView {
     pub slots_busy: i64,
     pub running_jobs: Vec<Uuid>,
     pub examples_per_second: f64,
+    /// Packs its running jobs form: each running job whose latest step
+    /// shared its passes with others (`pack_jobs` >= 2) counts
+    /// `1 / pack_jobs`, so a pack of n counts once.
+    pub packs_running: i64,
+    /// Running jobs that train in a pack.
+    pub packed_jobs: i64,
+    /// Memory it may use, as it registered it (0: unknown).
+    pub memory_bytes: i64,
+    /// Base models it held in memory at its last lease request.
+    pub loaded_models: Vec<String>,
 }
 
 /// The job table's select list and filters; `ORDER BY` and paging follow.
@@ -447,8 +457,16 @@ impl Store {
                           ORDER BY a.leased_at) AS running_jobs, \
                     coalesce((SELECT sum(t.value) FROM (",
             open_lease_throughput!("$4"),
-            ") t WHERE t.worker_id = w.id), 0)::float8 AS examples_per_second \
+            ") t WHERE t.worker_id = w.id), 0)::float8 AS examples_per_second, \
+                    packs.packs_running, packs.packed_jobs, w.memory_bytes, w.loaded_models \
              FROM workers w \
+             CROSS JOIN LATERAL ( \
+                 SELECT round(coalesce(sum(1.0 / p.value), 0))::bigint AS packs_running, count(*) AS packed_jobs \
+                 FROM job_attempts a \
+                 JOIN LATERAL (SELECT mm.value FROM metrics mm \
+                               WHERE mm.job_id = a.job_id AND mm.kind = 'train' AND mm.name = 'pack_jobs' \
+                               ORDER BY mm.step DESC LIMIT 1) p ON p.value >= 2 \
+                 WHERE a.worker_id = w.id AND a.ended_at IS NULL) packs \
              ORDER BY (w.last_heartbeat > now() - $1 * interval '1 millisecond') DESC, w.hostname, w.id \
              LIMIT $2 OFFSET $3"
         ))
