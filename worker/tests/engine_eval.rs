@@ -1,8 +1,9 @@
-//! `ptune-worker eval`: an exported adapter, the engine's or one Hugging
-//! Face PEFT saved, loads onto its base model and is evaluated with the
-//! metrics training reports: for the engine's export, exactly the final
-//! evaluation of its training run; for PEFT's adapter, PEFT's own loss and
-//! predictions on the fixture sentences.
+//! `ptune-worker eval`: an exported adapter, the engine's (a full
+//! fine-tuning model folder included) or one Hugging Face PEFT saved, loads
+//! onto its base model and is evaluated with the metrics training reports:
+//! for the engine's export, exactly the final evaluation of its training
+//! run; for PEFT's adapter, PEFT's own loss and predictions on the fixture
+//! sentences.
 
 mod engine_support;
 
@@ -84,6 +85,30 @@ fn an_export_evaluates_to_its_training_runs_final_evaluation() {
                        "--max-seq-len", "32"])
         .expect("eval runs with the tags named");
     assert_eq!(named["metrics"], result["metrics"]);
+}
+
+#[test]
+fn a_full_fine_tuning_export_evaluates_to_its_training_runs_final_evaluation() {
+    for model in ["tiny-bert", "tiny-roberta"] {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "name": "eval-full", "base_model": model, "task": "sequence_classification", "method": "full",
+            "data": { "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 32,
+                      "max_train_examples": 64, "max_eval_examples": 40 },
+            "training": { "learning_rate": 1e-3, "batch_size": 16, "max_steps": 4, "seed": 3 },
+        }))
+        .expect("spec deserializes");
+        let out = tempfile::tempdir().expect("temp dir");
+        let export = out.path().join("model");
+        let job = shared_data_job(spec, "sst2", export.clone(), None, Resume::Never);
+        let (outcome, _) = train_on(&fixtures().join(model), &job, None);
+        let outcome = outcome.expect("trains");
+        let dev = workspace().join("../shared/data/sst2/dev.jsonl");
+        let result = eval(&["--adapter", path(&export), "--data", path(&dev), "--max-examples", "40"]).expect("eval runs");
+        for metric in outcome.final_metrics.iter().filter(|m| m.kind == MetricKind::Eval) {
+            let ours = result["metrics"][&metric.name].as_f64().unwrap_or_else(|| panic!("no {} in {result}", metric.name));
+            assert!((ours - metric.value).abs() < 1e-6, "{model} {}: eval {ours}, training {}", metric.name, metric.value);
+        }
+    }
 }
 
 #[test]

@@ -1,23 +1,24 @@
 //! Evaluating an exported classifier adapter on labelled data: the import
 //! side of the exports. The adapter may come from this engine (its
 //! `ptune.json` holds the spec it was trained with: task, fields, labels,
-//! sequence length) or from Hugging Face PEFT's `save_pretrained` (its
-//! `adapter_config.json` gives the task; the caller names what PEFT does not
-//! save, such as the labels' names). The prompt, prefixes or LoRA updates
+//! sequence length; a full fine-tuning export, a model folder, is read back
+//! into the variables training declares) or from Hugging Face PEFT's
+//! `save_pretrained` (its `adapter_config.json` gives the task; the caller
+//! names what PEFT does not save, such as the labels' names). The prompt, prefixes or LoRA updates
 //! and the trained head are loaded by [`load_adapter`] onto the frozen base
 //! model; the evaluation is the one training runs, so its metrics are the
 //! ones a job reports on the same file.
 
 use std::path::Path;
 
-use ptune_core::{JobSpec, Task};
+use ptune_core::{JobSpec, Method, Task};
 use serde_json::{json, Value};
 use tch::{nn, Device};
 
-use super::export::load_adapter;
+use super::export::{load_adapter, MODEL_WEIGHTS_FILE};
 use super::models::BaseModel;
 use super::task_data::{TaskData, TaskEvaluation};
-use super::train::eval_batch_size;
+use super::train::{build_model, eval_batch_size};
 use super::{EngineError, TrainJob, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PROVENANCE_FILE};
 
 /// What an adapter folder says about how to evaluate it.
@@ -48,7 +49,9 @@ pub fn export_info(dir: &Path) -> Result<ExportInfo, EngineError> {
     let config_path = dir.join(ADAPTER_CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            bad(format!("no {ADAPTER_CONFIG_FILE}; a full fine-tuning export is a Hugging Face model folder, not an adapter"))
+            bad(format!(
+                "no {ADAPTER_CONFIG_FILE}, and no {PROVENANCE_FILE}: a model folder is read only as ptune's full fine-tuning export"
+            ))
         } else {
             EngineError::io(&config_path, e)
         }
@@ -119,8 +122,17 @@ pub fn evaluate_export(
     if !matches!(spec.task, Task::SequenceClassification | Task::TokenClassification) {
         return Err(EngineError::Model(format!("{}: only classifier adapters can be evaluated", dir.display())));
     }
-    let vars = nn::VarStore::new(device);
-    let model = load_adapter(dir, base, &vars.root())?;
+    let mut vars = nn::VarStore::new(device);
+    let model = if spec.method == Method::Full {
+        // A full fine-tuning export is the job's whole model: the same
+        // variables as training declares, read back from the folder.
+        let model = build_model(spec, base, &vars.root(), spec.data.labels.len())?;
+        let weights = dir.join(MODEL_WEIGHTS_FILE);
+        vars.load(&weights).map_err(|e| EngineError::Model(format!("cannot load {}: {e}", weights.display())))?;
+        model
+    } else {
+        load_adapter(dir, base, &vars.root())?
+    };
     // The data reader needs a training file: the same file, read for one example.
     let mut spec = spec.clone();
     spec.data.max_train_examples = 1;
