@@ -34,6 +34,27 @@ def read_jsonl(path, limit):
     return rows
 
 
+class MeanPooler(torch.nn.Module):
+    """Stands in for BERT's pooler: the mean of the last hidden state over the
+    input's own tokens, the virtual tokens PEFT prepends excluded (ptune's
+    `head.pooling = "mean"`, sentence-transformers' pooling). The attention
+    mask comes from a hook on the encoder's call."""
+
+    def __init__(self, encoder, num_virtual_tokens):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+        self.mask = None
+        encoder.register_forward_pre_hook(self.keep_mask, with_kwargs=True)
+
+    def keep_mask(self, module, args, kwargs):
+        self.mask = kwargs["attention_mask"]
+
+    def forward(self, hidden_states):
+        hidden = hidden_states[:, self.num_virtual_tokens :]
+        mask = self.mask[:, self.num_virtual_tokens :].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def batches(encodings, labels, indices, batch_size, tokenizer):
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
@@ -59,6 +80,8 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                        help="cls: BERT's pooler over position 0 (PEFT's default); mean: over the input's tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     if not args.model:
@@ -77,6 +100,8 @@ def main():
     train_labels, dev_labels = [r["label"] for r in train], [r["label"] for r in dev]
 
     base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    if args.pooling == "mean":
+        base.bert.pooler = MeanPooler(base.bert, args.virtual_tokens)
     config = PromptTuningConfig(
         task_type=TaskType.SEQ_CLS,
         num_virtual_tokens=args.virtual_tokens,
@@ -123,7 +148,7 @@ def main():
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             correct += (logits.argmax(-1) == labels).sum().item()
     seconds = time.perf_counter() - started
-    print(f"hf peft prompt tuning: dev accuracy {correct / len(dev):.4f} in {seconds:.1f}s "
+    print(f"hf peft prompt tuning ({args.pooling} pooling): dev accuracy {correct / len(dev):.4f} in {seconds:.1f}s "
           f"({total_steps} steps, {args.threads} threads, torch {torch.__version__})")
 
 

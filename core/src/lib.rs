@@ -11,7 +11,7 @@ pub mod sweep;
 pub use ids::{JobId, SweepId, WorkerId};
 pub use memory::{MemoryEstimate, ModelShape};
 pub use spec::{
-    DataConfig, EncoderType, GenerationConfig, JobSpec, Method, ModelLimits, PeftConfig, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, Method, ModelLimits, PeftConfig, Pooling, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 pub use state::{JobState, Metric, MetricKind};

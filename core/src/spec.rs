@@ -166,6 +166,68 @@ impl EncoderType {
     }
 }
 
+/// How a sequence classifier turns the encoder's last hidden state into one
+/// vector for its head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Position 0, through the model's pooler (dense + tanh) when it has one,
+    /// as Hugging Face's `BertForSequenceClassification` and
+    /// `RobertaForSequenceClassification` do. With prompt tuning and P-tuning
+    /// position 0 is the first virtual token, as in PEFT.
+    #[default]
+    Cls,
+    /// The mean over the input's own tokens (virtual tokens excluded), as
+    /// sentence-transformers pools models such as all-MiniLM-L6-v2; no
+    /// pooler. Hugging Face's classes cannot express it, so an adapter
+    /// trained this way evaluates as trained only in ptune.
+    Mean,
+}
+
+impl Pooling {
+    pub const ALL: [Pooling; 2] = [Pooling::Cls, Pooling::Mean];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Pooling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase();
+        Pooling::ALL
+            .into_iter()
+            .find(|p| p.as_str() == wanted)
+            .ok_or_else(|| format!("unknown pooling {s:?}; allowed: {}", join(&Pooling::ALL)))
+    }
+}
+
+/// Settings of the trained classification head.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    /// sequence_classification only: how the sequence is pooled.
+    #[serde(default, deserialize_with = "parse_via_from_str")]
+    pub pooling: Pooling,
+}
+
+impl HeadConfig {
+    pub fn is_default(&self) -> bool {
+        *self == HeadConfig::default()
+    }
+}
+
 /// Default LoRA rank, as in PEFT's `LoraConfig`.
 pub const DEFAULT_LORA_R: u32 = 8;
 /// Default LoRA scaling numerator, as in PEFT's `LoraConfig`.
@@ -379,6 +441,9 @@ pub struct JobSpec {
     pub peft: PeftConfig,
     pub data: DataConfig,
     pub training: TrainingConfig,
+    /// The classification head (classifier tasks); defaults when absent.
+    #[serde(default, skip_serializing_if = "HeadConfig::is_default")]
+    pub head: HeadConfig,
     /// Decoding settings (causal_lm only); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationConfig>,
@@ -455,6 +520,12 @@ impl JobSpec {
             ));
         }
         self.validate_generation()?;
+        if self.head.pooling != Pooling::Cls && self.task != Task::SequenceClassification {
+            return Err(SpecError::new(
+                "head.pooling",
+                format!("only applies to task sequence_classification; this job's task is {}", self.task),
+            ));
+        }
         self.validate_peft()?;
         self.validate_data(limits)?;
         self.validate_training()?;
@@ -979,6 +1050,26 @@ mod tests {
         assert_eq!(err.field, "data.labels");
         assert!(err.message.contains("\"person\""), "{err}");
         assert_eq!(with_task("token_classification", "labels = [\"O\"]\n").unwrap_err().field, "data.labels");
+    }
+
+    #[test]
+    fn pooling_is_named_and_only_for_sequence_classification() {
+        let spec = JobSpec::from_toml(&format!("{SPEC}[head]\npooling = \"mean\"\n")).unwrap();
+        assert_eq!(spec.head.pooling, Pooling::Mean);
+        assert_eq!(spec.to_json()["head"]["pooling"], "mean");
+        let back: JobSpec = serde_json::from_value(spec.to_json()).unwrap();
+        assert_eq!(back, spec);
+        // The default is left out of the stored spec, and read back when absent.
+        let plain = JobSpec::from_toml(SPEC).unwrap();
+        assert_eq!(plain.head.pooling, Pooling::Cls);
+        assert!(plain.to_json().get("head").is_none());
+
+        let err = JobSpec::from_toml(&format!("{SPEC}[head]\npooling = \"max\"\n")).unwrap_err();
+        assert!(err.message.contains("unknown pooling \"max\"; allowed: cls, mean"), "{err}");
+        let mut tagger = with_task("token_classification", "labels = [\"O\", \"B-person\"]\n").unwrap();
+        tagger.head.pooling = Pooling::Mean;
+        let err = tagger.validate(None).unwrap_err();
+        assert_eq!(err.to_string(), "head.pooling: only applies to task sequence_classification; this job's task is token_classification");
     }
 
     #[test]

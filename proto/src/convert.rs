@@ -3,7 +3,7 @@
 
 use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
-    DataConfig, EncoderType, GenerationConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, Pooling, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 
@@ -144,6 +144,7 @@ impl From<&JobSpec> for v1::JobSpec {
             }),
             max_attempts: s.max_attempts,
             owner: s.owner.clone(),
+            head: (!s.head.is_default()).then(|| v1::HeadConfig { pooling: s.head.pooling.as_str().to_string() }),
         }
     }
 }
@@ -238,6 +239,12 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 eval_every: training.eval_every,
                 seed: training.seed,
                 head_learning_rate: Some(training.head_learning_rate).filter(|lr| *lr != 0.0),
+            },
+            head: HeadConfig {
+                pooling: match s.head.map(|h| h.pooling).filter(|p| !p.trim().is_empty()) {
+                    Some(pooling) => pooling.parse().map_err(|e: String| SpecError::new("head.pooling", e))?,
+                    None => Pooling::Cls,
+                },
             },
             max_attempts: or_default(s.max_attempts, ptune_core::spec::DEFAULT_MAX_ATTEMPTS),
             owner: s.owner,
@@ -371,9 +378,22 @@ mod tests {
             let back = JobSpec::try_from(v1::JobSpec::from(&spec)).expect("back from the wire");
             assert_eq!(back.peft, spec.peft, "{}", path.display());
             assert_eq!(back.method, spec.method, "{}", path.display());
+            assert_eq!(back.head, spec.head, "{}", path.display());
             checked += 1;
         }
         assert!(checked >= 7, "expected a spec per method in {}", dir.display());
+    }
+
+    #[test]
+    fn an_unknown_pooling_names_the_field() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/sst2-prompt-tuning.toml"),
+        )
+        .expect("read example");
+        let mut wire = v1::JobSpec::from(&JobSpec::from_toml(&text).expect("valid example"));
+        wire.head = Some(v1::HeadConfig { pooling: "max".into() });
+        let err = JobSpec::try_from(wire).expect_err("max is not a pooling");
+        assert!(err.to_string().starts_with("head.pooling: unknown pooling \"max\""), "{err}");
     }
 
     #[test]

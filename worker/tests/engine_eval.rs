@@ -87,14 +87,19 @@ fn an_export_evaluates_to_its_training_runs_final_evaluation() {
     assert_eq!(named["metrics"], result["metrics"]);
 }
 
+/// Full fine-tuning model folders and mean-pooled sequence classifiers
+/// (whose pooling only `ptune.json` records) evaluate as they trained.
 #[test]
-fn a_full_fine_tuning_export_evaluates_to_its_training_runs_final_evaluation() {
-    for model in ["tiny-bert", "tiny-roberta"] {
+fn sequence_classifier_exports_evaluate_to_their_training_runs_final_evaluation() {
+    let cases = [("tiny-bert", "full", "cls"), ("tiny-roberta", "full", "mean"), ("tiny-bert", "prompt_tuning", "mean")];
+    for (model, method, pooling) in cases {
+        let peft = if method == "full" { json!({}) } else { json!({ "num_virtual_tokens": 4 }) };
         let spec: JobSpec = serde_json::from_value(json!({
-            "name": "eval-full", "base_model": model, "task": "sequence_classification", "method": "full",
+            "name": "eval-seq", "base_model": model, "task": "sequence_classification", "method": method,
+            "peft": peft, "head": { "pooling": pooling },
             "data": { "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 32,
                       "max_train_examples": 64, "max_eval_examples": 40 },
-            "training": { "learning_rate": 1e-3, "batch_size": 16, "max_steps": 4, "seed": 3 },
+            "training": { "learning_rate": 1e-3, "head_learning_rate": 5e-2, "batch_size": 16, "max_steps": 4, "seed": 3 },
         }))
         .expect("spec deserializes");
         let out = tempfile::tempdir().expect("temp dir");
@@ -106,7 +111,8 @@ fn a_full_fine_tuning_export_evaluates_to_its_training_runs_final_evaluation() {
         let result = eval(&["--adapter", path(&export), "--data", path(&dev), "--max-examples", "40"]).expect("eval runs");
         for metric in outcome.final_metrics.iter().filter(|m| m.kind == MetricKind::Eval) {
             let ours = result["metrics"][&metric.name].as_f64().unwrap_or_else(|| panic!("no {} in {result}", metric.name));
-            assert!((ours - metric.value).abs() < 1e-6, "{model} {}: eval {ours}, training {}", metric.name, metric.value);
+            let case = format!("{model} {method} {pooling} pooling");
+            assert!((ours - metric.value).abs() < 1e-6, "{case} {}: eval {ours}, training {}", metric.name, metric.value);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! all-MiniLM-L6-v2 train exactly as they do alone. With the same seeds,
 //! every step's loss matches the job's unpacked run within 1e-5, and so do
 //! the evaluations and the exported adapter, for jobs with different
-//! methods, prompt lengths, learning rates and batch sizes, a job that
+//! methods, prompt lengths, poolings, learning rates and batch sizes, a job that
 //! leaves early and one that joins late, at both classification levels,
 //! while others in the pack are cancelled or stopped early (as ASHA does);
 //! also when a step's jobs are split over several passes by the token
@@ -16,7 +16,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use engine_support::{minilm_dir, shared_data_job, train_on, SERIAL};
-use ptune_core::{JobSpec, Metric, MetricKind};
+use ptune_core::{JobSpec, Metric, MetricKind, Pooling};
 use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
 };
@@ -62,10 +62,14 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, o
 /// The pack's jobs: soft prompts of 4, 12 and 20 tokens, a P-tuning
 /// encoder, P-tuning v2 prefixes (one of them tagging entities, so a step
 /// has passes at both levels) and LoRA, at different rates and batch sizes.
-/// `prompt-12` stops after 6 steps; `lora` joins at the fourth step.
+/// `prompt-4` mean-pools its sequences, so its passes run every position
+/// through the last layer for the others too. `prompt-12` stops after 6
+/// steps; `lora` joins at the fourth step.
 fn jobs(out: &Path) -> Vec<TrainJob> {
+    let mut mean_pooled = job("prompt-4", "prompt_tuning", json!({"num_virtual_tokens": 4}), 3e-2, 8, 10, out);
+    mean_pooled.spec.head.pooling = Pooling::Mean;
     vec![
-        job("prompt-4", "prompt_tuning", json!({"num_virtual_tokens": 4}), 3e-2, 8, 10, out),
+        mean_pooled,
         job("prompt-12", "prompt_tuning", json!({"num_virtual_tokens": 12, "init": "vocab"}), 1e-2, 4, 6, out),
         job("prompt-20", "prompt_tuning", json!({"num_virtual_tokens": 20}), 5e-2, 6, 10, out),
         job("p-tuning", "p_tuning", json!({"num_virtual_tokens": 8, "encoder_reparameterization_type": "mlp"}), 1e-3, 8, 10, out),

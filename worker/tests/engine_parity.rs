@@ -7,9 +7,10 @@
 
 use std::path::PathBuf;
 
+use ptune_core::Pooling;
 use ptune_worker::engine::{
-    inspect_model, AdamW, Adapter, BaseModel, ClassificationHead, LinearSchedule, NoHooks, PromptInit, PromptTuning,
-    Classifier, Level,
+    inspect_model, prepend, AdamW, Adapter, BaseModel, ClassificationHead, LinearSchedule, NoHooks, PromptInit,
+    PromptTuning, Classifier, Level,
 };
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
@@ -155,6 +156,7 @@ fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, Classifi
         adapter: Adapter::PromptTuning(prompt),
         head: ClassificationHead::new(&adapter.root(), base.config.hidden_size, labels, 0.02, 0.1),
         level: Level::Sequence,
+        pooling: Pooling::Cls,
     };
     tch::no_grad(|| {
         table.shallow_clone().copy_(&matrix(&reference["prompt_embeddings"]));
@@ -195,6 +197,46 @@ fn prompt_tuning_logits_and_gradients_match_peft() {
         let diff = max_abs_diff(&ours, &expected);
         assert!(diff <= 1e-3 * scale, "{name} differs from PyTorch by {diff} (largest entry {scale})");
     }
+}
+
+/// Mean pooling: the head reads the average of the input's own tokens'
+/// last hidden states, the virtual tokens and the padding left out, as
+/// sentence-transformers pools MiniLM. Checked against the full forward
+/// (itself checked against transformers above) on a prompt-prepended batch.
+#[test]
+fn mean_pooling_averages_the_inputs_own_tokens() {
+    let fixture = fixture("minilm_hidden_states.json");
+    let reference = &fixture["prompt_tuning"];
+    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let (_adapter, mut model, table) = fixture_model(&base, reference);
+    model.pooling = Pooling::Mean;
+    let (ids, mask) = fixture_batch(&fixture);
+    let lengths = mask.sum_dim_intlist(1, false, Kind::Int64);
+    assert!(i64::try_from(lengths.min()).unwrap() < ids.size()[1], "the batch must hold padding");
+
+    let (logits, expected) = tch::no_grad(|| {
+        let logits = model.logits(&base.encoder, &ids, &mask, false);
+        let embeds = base.encoder.embed_ids(&ids);
+        let (embeds, full_mask, _) = prepend(&table, &embeds, &mask, None);
+        let hidden = base.encoder.forward(&embeds, &full_mask, None, &NoHooks, false);
+        let nvt = table.size()[0];
+        let batch = ids.size()[0];
+        let pooled: Vec<Tensor> = (0..batch)
+            .map(|i| {
+                let length = i64::try_from(lengths.get(i)).unwrap();
+                hidden.get(i).narrow(0, nvt, length).mean_dim(0, false, Kind::Float)
+            })
+            .collect();
+        let pooled = Tensor::stack(&pooled, 0);
+        (logits, pooled.matmul(&model.head.weight().tr()) + model.head.bias())
+    });
+    let diff = max_abs_diff(&logits, &expected);
+    assert!(diff < 1e-5, "mean-pooled logits differ from the mean of the real tokens by {diff}");
+    let cls = tch::no_grad(|| {
+        model.pooling = Pooling::Cls;
+        model.logits(&base.encoder, &ids, &mask, false)
+    });
+    assert!(max_abs_diff(&cls, &expected) > 1e-2, "the pooling setting changes nothing");
 }
 
 #[test]

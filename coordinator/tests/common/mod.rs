@@ -214,6 +214,7 @@ pub fn spec(name: &str, train: &str, eval: &str) -> v1::JobSpec {
         }),
         training: Some(v1::TrainingConfig { learning_rate: 0.03, batch_size: 2, ..Default::default() }),
         generation: None,
+        head: None,
         max_attempts: 0,
         owner: "alice".into(),
     }

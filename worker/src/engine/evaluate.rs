@@ -131,7 +131,9 @@ pub fn evaluate_export(
         vars.load(&weights).map_err(|e| EngineError::Model(format!("cannot load {}: {e}", weights.display())))?;
         model
     } else {
-        load_adapter(dir, base, &vars.root())?
+        let mut model = load_adapter(dir, base, &vars.root())?;
+        model.pooling = spec.head.pooling;
+        model
     };
     // The data reader needs a training file: the same file, read for one example.
     let mut spec = spec.clone();

@@ -368,7 +368,9 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
         }
         Ok::<_, EngineError>(())
     })?;
-    Ok(Classifier { adapter, head, level })
+    // PEFT's configs cannot say how the sequence was pooled: the caller
+    // sets it from `ptune.json` where there is one.
+    Ok(Classifier { adapter, head, level, pooling: ptune_core::Pooling::Cls })
 }
 
 /// Writes float32 tensors with the `{"format": "pt"}` metadata PyTorch

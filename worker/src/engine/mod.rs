@@ -44,7 +44,7 @@ pub use optim::{AdamW, LinearSchedule};
 pub use peft::lora::{Lora, LoraConfig};
 pub use peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 pub use peft::prefix::{PrefixShape, PrefixTuning};
-pub use peft::prompt_tuning::{PromptInit, PromptTuning};
+pub use peft::prompt_tuning::{prepend, PromptInit, PromptTuning};
 pub use cache::{CacheStats, LoadedModel, ModelCache, SharedModel};
 pub use checkpoint::{TrainerState, STATE_FILE as CHECKPOINT_STATE_FILE, TRAINER_STATE_FILE};
 pub use tasks::classifier::{macro_f1, Adapter, ClassificationHead, Classifier, Level};

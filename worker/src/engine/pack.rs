@@ -15,6 +15,7 @@
 
 use std::time::Instant;
 
+use ptune_core::Pooling;
 use tch::{nn, Device, Tensor};
 
 use super::models::BaseModel;
@@ -142,13 +143,16 @@ fn step<'a>(base: &'a BaseModel, device: Device, limits: PackLimits, mut members
 }
 
 /// Groups members into forward passes: members of one classification level
-/// on the shared encoder, in order, up to `max_tokens` token positions per
-/// pass (a member larger than that gets a pass of its own); a member with
-/// its own encoder (full fine-tuning) always passes alone.
+/// and pooling on the shared encoder, in order, up to `max_tokens` token
+/// positions per pass (a member larger than that gets a pass of its own); a
+/// member with its own encoder (full fine-tuning) always passes alone.
+/// Poolings pass apart because a pass with a mean-pooled member runs every
+/// position through the last layer, which would change the dropout masks a
+/// position-0 member draws there from what it draws alone.
 fn passes(members: &[Member<'_>], batches: &[TrainBatch], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut passes: Vec<Vec<usize>> = Vec::new();
-    // (level, index into `passes`, tokens so far) of the pass open for each level
-    let mut open: Vec<(Level, usize, usize)> = Vec::new();
+    // (kind, index into `passes`, tokens so far) of the pass open for each kind
+    let mut open: Vec<((Level, Pooling), usize, usize)> = Vec::new();
     for (i, (member, batch)) in members.iter().zip(batches).enumerate() {
         let model = &member.task.model;
         let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
@@ -158,18 +162,19 @@ fn passes(members: &[Member<'_>], batches: &[TrainBatch], max_tokens: usize) -> 
             passes.push(vec![i]);
             continue;
         }
-        match open.iter_mut().find(|(level, _, _)| *level == model.level) {
+        let kind = (model.level, model.pooling);
+        match open.iter_mut().find(|(open_kind, _, _)| *open_kind == kind) {
             Some((_, pass, used)) if *used + tokens <= max_tokens => {
                 passes[*pass].push(i);
                 *used += tokens;
             }
             Some(slot) => {
                 passes.push(vec![i]);
-                *slot = (model.level, passes.len() - 1, tokens);
+                *slot = (kind, passes.len() - 1, tokens);
             }
             None => {
                 passes.push(vec![i]);
-                open.push((model.level, passes.len() - 1, tokens));
+                open.push((kind, passes.len() - 1, tokens));
             }
         }
     }

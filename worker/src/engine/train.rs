@@ -491,7 +491,7 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: u
         _ => Level::Sequence,
     };
     let head = ClassificationHead::for_model(p, config, level, num_labels as i64);
-    Ok(Classifier { adapter, head, level })
+    Ok(Classifier { adapter, head, level, pooling: spec.head.pooling })
 }
 
 pub(crate) fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Metric {

@@ -4,7 +4,9 @@
 //!   position 0), dropout, then a linear classifier; cross-entropy loss. With
 //!   prompt tuning and P-tuning position 0 is the first virtual token, as in
 //!   PEFT. RoBERTa, as `RobertaForSequenceClassification`, has no pooler:
-//!   its head brings its own dense layer ([`ClassificationHead::roberta`]);
+//!   its head brings its own dense layer ([`ClassificationHead::roberta`]).
+//!   With [`Pooling::Mean`] the head reads the mean of the input's own
+//!   tokens' hidden states instead, as sentence-transformers pools;
 //! - token, as `BertForTokenClassification`: dropout and the same linear
 //!   classifier over every real token's last hidden state (loss and
 //!   evaluation in `token_cls.rs`).
@@ -14,6 +16,7 @@
 //! ([`Classifier::packed_logits`]).
 
 use tch::nn::{self, Module};
+use ptune_core::Pooling;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::engine::data::batch::{length_sorted_batches, Batch};
@@ -203,6 +206,16 @@ pub struct Classifier {
     pub adapter: Adapter,
     pub head: ClassificationHead,
     pub level: Level,
+    /// How a sequence is pooled for the head (sequence level only).
+    pub pooling: Pooling,
+}
+
+/// `[batch, hidden]` mean of `hidden` `[batch, seq, hidden]` over the
+/// positions where `attention_mask` `[batch, seq]` is 1.
+fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
+    let mask = attention_mask.to_kind(hidden.kind()).unsqueeze(-1);
+    let sum = (hidden * &mask).sum_dim_intlist(1, false, hidden.kind());
+    sum / mask.sum_dim_intlist(1, false, hidden.kind()).clamp_min(1.0)
 }
 /// Eval loss (mean cross-entropy), accuracy and predictions over a dataset.
 #[derive(Clone, Debug, PartialEq)]
@@ -317,18 +330,44 @@ impl Classifier {
                 stream: input.stream,
             })
             .collect();
-        let outputs = encoder.forward_members(&members, level == Level::Sequence, train);
+        // The last layer computes position 0 alone unless a member pools every
+        // token. Then position-0 members draw that layer's dropout over every
+        // position, unlike alone: packs keep poolings in separate passes.
+        let first_only = level == Level::Sequence && inputs.iter().all(|i| i.model.pooling == Pooling::Cls);
+        let outputs = encoder.forward_members(&members, first_only, train);
         outputs
             .iter()
             .zip(inputs)
             .zip(&prepared)
             .map(|((output, input), (_, _, prompt_len, _))| {
                 with_stream(input.stream, || match level {
-                    Level::Sequence => input.model.head.forward_sequence(encoder, output, train),
+                    Level::Sequence => {
+                        input.model.sequence_logits(encoder, output, &input.attention_mask, *prompt_len, train)
+                    }
                     Level::Token => input.model.head.forward(&drop_prompt(output, *prompt_len), train),
                 })
             })
             .collect()
+    }
+
+    /// `[batch, labels]` logits from the encoder's output: `[batch, hidden]`
+    /// at position 0, or the whole `[batch, prompt + seq, hidden]` sequence
+    /// (zeros at padding) when some member of the pass needed it.
+    fn sequence_logits(
+        &self,
+        encoder: &BertModel,
+        output: &Tensor,
+        attention_mask: &Tensor,
+        prompt_len: i64,
+        train: bool,
+    ) -> Tensor {
+        match self.pooling {
+            Pooling::Cls => {
+                let first = if output.dim() == 3 { output.select(1, 0) } else { output.shallow_clone() };
+                self.head.forward_sequence(encoder, &first, train)
+            }
+            Pooling::Mean => self.head.forward(&mean_pool(&drop_prompt(output, prompt_len), attention_mask), train),
+        }
     }
 
     /// Loss and accuracy over `examples` in eval mode, without gradients.
