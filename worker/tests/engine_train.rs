@@ -178,9 +178,11 @@ fn a_stop_ends_training_without_an_export_and_a_finish_exports_early() {
 fn a_short_run_on_sst2_learns_and_exports_a_peft_adapter() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
-    // The demo's setting: the head from scratch at a faster rate, 10% warmup.
+    // The demo's setting: the head from scratch at a faster rate, 10% warmup,
+    // over the mean of the sentence's tokens.
     let training = "learning_rate = 3e-2\nhead_learning_rate = 1e-1\nwarmup_ratio = 0.1\nbatch_size = 32\nmax_steps = 120\neval_every = 60\nseed = 42";
     let mut spec = spec(training);
+    spec.head.pooling = ptune_core::Pooling::Mean;
     spec.peft.num_virtual_tokens = 20;
     spec.data.max_seq_len = 64;
     spec.data.max_train_examples = 4000;
@@ -192,7 +194,8 @@ fn a_short_run_on_sst2_learns_and_exports_a_peft_adapter() {
     let accuracy = values(&metrics, MetricKind::Eval, "accuracy");
     assert_eq!(accuracy.len(), 2, "evaluates at step 60 and at the end");
     let final_accuracy = *accuracy.last().expect("an evaluation");
-    assert!(final_accuracy > 0.65, "eval accuracy {final_accuracy} after 120 steps; the majority class is about 0.5");
+    // The majority class is about 0.5; position-0 pooling reaches about 0.71.
+    assert!(final_accuracy > 0.75, "eval accuracy {final_accuracy} after 120 steps");
     let losses = values(&metrics, MetricKind::Train, "loss");
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
     assert!(mean(&losses[110..]) < mean(&losses[..10]), "training loss did not go down: {losses:?}");
