@@ -28,14 +28,21 @@
 //!     input, the intermediate before and after the activation, the dropout
 //!     noise and the LayerNorm's input.
 //!
+//! - LoRA adds, per token and layer, the input and output sizes of every
+//!   target linear: the input its `A` needs for its gradient, and the
+//!   low-rank path's output beside the frozen one's.
+//! - Full fine-tuning adds two temporaries of the size of its largest
+//!   trainable tensor, the embedding tables (what the layers' `12 *
+//!   hidden^2` weights leave of the parameters): the fresh gradient the
+//!   backward pass computes before adding it to the kept one, and the one
+//!   temporary AdamW's in-place step works through.
+//!
 //! Encoders pack real tokens without padding, so shorter examples need less.
 //! The estimate leaves out the process's own footprint (the libtorch
 //! runtime, the tokenizer, the datasets) and, for causal LM, the logits over
 //! the vocabulary. Against measured peaks (`docs/benchmarks.md`, "Memory
-//! estimate against measured peak") it is 8-16% above what training adds
-//! for the methods that train nothing inside the model, and low by 17% for
-//! LoRA and 22% for full fine-tuning, whose weight gradients keep their
-//! linears' inputs: that is not modelled yet.
+//! estimate against measured peak") it is within about 15% of what training
+//! adds, above it for the methods that train nothing inside the model.
 
 use std::fmt;
 
@@ -53,6 +60,10 @@ const INTERMEDIATE: u64 = 4;
 const HIDDEN_ACTIVATIONS: u64 = 18;
 /// Float32 numbers kept per attention score (see the module docs).
 const SCORE_ACTIVATIONS: u64 = 3;
+
+/// Temporaries of the largest trainable tensor alive at a step's peak: the
+/// backward's fresh gradient and the optimizer step's (see the module docs).
+const TENSOR_TEMPORARIES: u64 = 2;
 
 /// What the estimate needs to know of a base model: what workers report of
 /// it when they register.
@@ -178,7 +189,35 @@ fn lora_modules(spec: &JobSpec) -> Vec<(u64, u64)> {
     LINEARS.iter().filter(|(path, _, _)| matches(path)).map(|&(_, inputs, outputs)| (inputs, outputs)).collect()
 }
 
-/// What one training step keeps for the backward pass (see the module docs).
+/// What a method adds to one step's activations, in float32 numbers per token
+/// and layer (see the module docs): LoRA, the input and output sizes of every
+/// target linear.
+fn method_activations(spec: &JobSpec, model: &ModelShape) -> u64 {
+    match spec.method {
+        Method::Lora => {
+            let per_hidden: u64 = lora_modules(spec).iter().map(|&(inputs, outputs)| inputs + outputs).sum();
+            per_hidden * u64::from(model.hidden_size)
+        }
+        _ => 0,
+    }
+}
+
+/// The largest tensor the optimizer updates in one go, in numbers: for full
+/// fine-tuning the embedding tables (what the layers' `12 * hidden^2`
+/// weights leave of the model's parameters); soft prompts and low-rank
+/// updates are small enough to leave out.
+fn largest_trainable_tensor(spec: &JobSpec, model: &ModelShape) -> u64 {
+    match spec.method {
+        Method::Full => {
+            let h = u64::from(model.hidden_size);
+            model.parameters.saturating_sub(12 * h * h * u64::from(model.num_layers))
+        }
+        _ => 0,
+    }
+}
+
+/// What one training step keeps for the backward pass, plus the optimizer
+/// step's temporary (see the module docs).
 fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
     let mut seq = u64::from(spec.data.max_seq_len);
     if spec.method.uses_virtual_tokens() {
@@ -189,11 +228,13 @@ fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
     }
     let per_token_layer = FLOAT
         * (HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
-            + SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq);
+            + SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq
+            + method_activations(spec, model));
     u64::from(spec.training.batch_size)
         .saturating_mul(seq)
         .saturating_mul(u64::from(model.num_layers))
         .saturating_mul(per_token_layer)
+        .saturating_add(TENSOR_TEMPORARIES * FLOAT * largest_trainable_tensor(spec, model))
 }
 
 /// Bytes as whole MiB (rounded to the nearest) with thousands separators: `5,120`.
@@ -287,8 +328,16 @@ mod tests {
     fn lora_and_full_sequences_have_no_virtual_tokens() {
         let estimate = estimate(&spec("full", "", 16, 64), &MINILM);
         assert_eq!(estimate.job_bytes, (22_713_216 + HEAD) * 16);
-        assert_eq!(estimate.activation_bytes, 16 * 64 * 6 * 4 * (6_912 + 3 * 12 * 64));
-        assert_eq!(estimate.to_string(), "about 649 MiB (weights 87, job 347, activations 216)");
+        // Plus two temporaries of the embedding tables: what 6 layers of 12 * 384^2 leave.
+        let embeddings = 22_713_216 - 6 * 12 * 384 * 384;
+        assert_eq!(estimate.activation_bytes, 16 * 64 * 6 * 4 * (6_912 + 3 * 12 * 64) + 2 * 4 * embeddings);
+        assert_eq!(estimate.to_string(), "about 742 MiB (weights 87, job 347, activations 308)");
+
+        // LoRA keeps, per token and layer, the input and output sizes of each target.
+        let estimate = super::estimate(&spec("lora", "", 16, 128), &MINILM);
+        assert_eq!(estimate.activation_bytes, 16 * 128 * 6 * 4 * (6_912 + 3 * 12 * 128 + 4 * 384));
+        let all = super::estimate(&spec("lora", "target_modules = [\"query\", \"key\", \"value\", \"dense\"]", 16, 128), &MINILM);
+        assert_eq!(all.activation_bytes, 16 * 128 * 6 * 4 * (6_912 + 3 * 12 * 128 + 18 * 384));
     }
 
     #[test]

@@ -153,11 +153,22 @@ impl AdamW {
                     if group.weight_decay != 0.0 {
                         let _ = slot.param.g_mul_scalar_(1.0 - lr * group.weight_decay);
                     }
+                    // torch's arithmetic in torch's order, in place on one
+                    // temporary at a time: the step's peak is one tensor's
+                    // size on top of the moments (for full fine-tuning, the
+                    // word-embedding table's).
                     let _ = slot.exp_avg.lerp_(&grad, 1.0 - beta1);
                     let _ = slot.exp_avg_sq.g_mul_scalar_(beta2);
-                    let _ = slot.exp_avg_sq.g_add_(&(&grad * &grad * (1.0 - beta2)));
-                    let denom = slot.exp_avg_sq.sqrt() / bias_correction2_sqrt + eps;
-                    let update = &slot.exp_avg / denom * (lr / bias_correction1);
+                    let mut squared = &grad * &grad;
+                    let _ = squared.g_mul_scalar_(1.0 - beta2);
+                    let _ = slot.exp_avg_sq.g_add_(&squared);
+                    drop(squared);
+                    let mut update = slot.exp_avg_sq.sqrt();
+                    let _ = update.g_div_scalar_(bias_correction2_sqrt);
+                    let _ = update.g_add_scalar_(eps);
+                    // exp_avg / denom, written over denom.
+                    let _ = slot.exp_avg.div_out(&update, &update);
+                    let _ = update.g_mul_scalar_(lr / bias_correction1);
                     let _ = slot.param.g_sub_(&update);
                 }
             }
