@@ -63,7 +63,8 @@ out="$demo/adapters/$job"
 accuracy=$("$bin/ptune" --output json jobs get "$job" | python3 -c \
   'import json,sys; j=json.load(sys.stdin); print(next(m["value"] for m in j["metrics"] if m["kind"]=="eval" and m["name"]=="accuracy"))')
 python3 -c "print('demo: dev accuracy %.4f, submit to finish %.1f s' % ($accuracy, $end - $start))"
-echo "demo: adapter (Hugging Face PEFT format) written to $out"
+echo "demo: adapter (Hugging Face PEFT format; ptune.json records the head's pooling) written to $out"
+echo "demo: evaluate it with: target/release/ptune-worker --models-dir models eval --adapter $out --data ../shared/data/sst2/dev.jsonl"
 ls -l "$out"
 
 if [ "${PTUNE_DEMO_SWEEP:-1}" = 1 ]; then
