@@ -569,6 +569,8 @@ fn spec_defaults() -> Value {
 mod tests {
     use serde_json::json;
 
+    use crate::spec::Pooling;
+
     use super::*;
 
     fn definition(algorithm: Value, space: Value) -> Value {
@@ -708,6 +710,19 @@ mod tests {
         }
         let grid_keys: HashSet<String> = (0..16).map(|i| grid.params_for(i, &HashSet::new()).unwrap().key()).collect();
         assert_eq!(taken, grid_keys, "asha draws each of the grid's 16 configurations once");
+    }
+
+    #[test]
+    fn the_head_pooling_can_be_searched() {
+        let space = json!({ "head.pooling": { "values": ["cls", "mean"] }, "training.learning_rate": { "values": [0.01] } });
+        let d = parse(definition(json!({ "type": "grid" }), space)).unwrap();
+        let poolings: Vec<Pooling> = (0..d.budget())
+            .map(|i| d.trial_spec(i, &d.params_for(i, &HashSet::new()).unwrap(), None).unwrap().head.pooling)
+            .collect();
+        assert_eq!(poolings, [Pooling::Cls, Pooling::Mean]);
+        let bad = json!({ "head.pooling": { "values": ["cls", "max"] } });
+        let err = parse(definition(json!({ "type": "grid" }), bad)).unwrap_err();
+        assert_eq!(err.field, "space.head.pooling", "{err}");
     }
 
     #[test]
