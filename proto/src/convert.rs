@@ -384,13 +384,16 @@ mod tests {
         assert!(checked >= 7, "expected a spec per method in {}", dir.display());
     }
 
+    /// `examples/jobs/<name>` as a client puts it on the wire.
+    fn example_on_the_wire(name: &str) -> v1::JobSpec {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs").join(name);
+        let text = std::fs::read_to_string(path).expect("read example");
+        v1::JobSpec::from(&JobSpec::from_toml(&text).expect("valid example"))
+    }
+
     #[test]
     fn an_unknown_pooling_names_the_field() {
-        let text = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/sst2-prompt-tuning.toml"),
-        )
-        .expect("read example");
-        let mut wire = v1::JobSpec::from(&JobSpec::from_toml(&text).expect("valid example"));
+        let mut wire = example_on_the_wire("sst2-prompt-tuning.toml");
         wire.head = Some(v1::HeadConfig { pooling: "max".into() });
         let err = JobSpec::try_from(wire).expect_err("max is not a pooling");
         assert!(err.to_string().starts_with("head.pooling: unknown pooling \"max\""), "{err}");
@@ -398,11 +401,7 @@ mod tests {
 
     #[test]
     fn an_unknown_encoder_type_names_the_field() {
-        let text = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/sst2-p-tuning-lstm.toml"),
-        )
-        .expect("read example");
-        let mut wire = v1::JobSpec::from(&JobSpec::from_toml(&text).expect("valid example"));
+        let mut wire = example_on_the_wire("sst2-p-tuning-lstm.toml");
         wire.peft.as_mut().expect("peft").encoder_reparameterization_type = Some("gru".into());
         let err = JobSpec::try_from(wire).expect_err("gru is not an encoder");
         assert!(err.to_string().contains("peft.encoder_reparameterization_type"), "{err}");

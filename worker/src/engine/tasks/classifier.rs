@@ -15,8 +15,8 @@
 //! jobs' batches can share one pass through the frozen encoder
 //! ([`Classifier::packed_logits`]).
 
-use tch::nn::{self, Module};
 use ptune_core::Pooling;
+use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::engine::data::batch::{length_sorted_batches, Batch};
@@ -217,6 +217,7 @@ fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Tensor {
     let sum = (hidden * &mask).sum_dim_intlist(1, false, hidden.kind());
     sum / mask.sum_dim_intlist(1, false, hidden.kind()).clamp_min(1.0)
 }
+
 /// Eval loss (mean cross-entropy), accuracy and predictions over a dataset.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Evaluation {
