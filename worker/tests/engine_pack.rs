@@ -1,21 +1,24 @@
 //! Packed training: jobs that share steps and forward passes on one frozen
-//! all-MiniLM-L6-v2 train exactly as they do alone. With the same seeds,
-//! every step's loss matches the job's unpacked run within 1e-5, and so do
-//! the evaluations and the exported adapter, for jobs with different
-//! methods, prompt lengths, poolings, learning rates and batch sizes, a job that
-//! leaves early and one that joins late, at both classification levels,
-//! while others in the pack are cancelled or stopped early (as ASHA does);
-//! also when a step's jobs are split over several passes by the token
-//! budget.
+//! base train exactly as they do alone. With the same seeds, every step's
+//! loss matches the job's unpacked run within 1e-5, and so do the
+//! evaluations and the exported adapter, for jobs with different methods,
+//! prompt lengths, poolings, learning rates and batch sizes, a job that
+//! leaves early and one that joins late, while others in the pack are
+//! cancelled or stopped early (as ASHA does); also when a step's jobs are
+//! split over several passes by the token budget. Classification jobs pack
+//! on all-MiniLM-L6-v2, at both levels; causal-LM jobs pack on tiny GPT-2
+//! (dropout everywhere, so each job's masks must come from its own stream
+//! over its own batch's shape) and on a tiny Llama with grouped-query
+//! attention, with prompts and prefixes of different lengths side by side.
 
 mod engine_support;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use engine_support::{minilm_dir, shared_data_job, train_on, SERIAL};
+use engine_support::{minilm_dir, shared_data_job, train_on, workspace, SERIAL};
 use ptune_core::{JobSpec, Metric, MetricKind, Pooling};
 use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
@@ -79,6 +82,58 @@ fn jobs(out: &Path) -> Vec<TrainJob> {
     ]
 }
 
+/// A causal-LM job on E2E pairs on the tiny decoder `model` (a test
+/// fixture), evaluated every 4 steps on 4 dev inputs (loss, and BLEU of
+/// beam-searched outputs).
+#[allow(clippy::too_many_arguments)]
+fn lm_job(model: &str, name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, out: &Path) -> TrainJob {
+    let spec = json!({
+        "name": name, "base_model": model, "task": "causal_lm", "method": method, "peft": peft,
+        "data": {
+            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source", "label_field": "target",
+            "max_seq_len": 24, "max_train_examples": 64, "max_eval_examples": 4,
+        },
+        "training": {
+            "learning_rate": lr, "batch_size": batch, "max_steps": steps, "warmup_ratio": 0.1, "eval_every": 4, "seed": 5,
+        },
+        "generation": { "max_new_tokens": 5, "num_beams": 2 },
+    });
+    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
+    spec.validate(None).expect("spec is valid");
+    shared_data_job(spec, "e2e", out.join(name), None, Resume::Never)
+}
+
+fn fixture(model: &str) -> PathBuf {
+    workspace().join("worker/tests/fixtures").join(model)
+}
+
+/// Causal-LM jobs on tiny GPT-2: soft prompts of 3 and 9 tokens, a P-tuning
+/// encoder, projected prefixes and P-tuning v2 prefixes with dropout, at
+/// different rates and batch sizes. `lm-p-tuning` is cancelled after step 3
+/// and `lm-prompt-9` stopped at step 5; `lm-prefix` joins at the fourth step.
+fn gpt2_jobs(out: &Path) -> Vec<TrainJob> {
+    let job = |name, method, peft, lr, batch| lm_job("tiny-gpt2", name, method, peft, lr, batch, 10, out);
+    vec![
+        job("lm-prompt-3", "prompt_tuning", json!({"num_virtual_tokens": 3}), 5e-2, 8),
+        job("lm-prompt-9", "prompt_tuning", json!({"num_virtual_tokens": 9, "init": "vocab"}), 2e-2, 4),
+        job("lm-p-tuning", "p_tuning", json!({"num_virtual_tokens": 5, "encoder_reparameterization_type": "lstm"}), 1e-2, 6),
+        job("lm-p-tuning-v2", "p_tuning_v2", json!({"num_virtual_tokens": 6, "prefix_dropout": 0.1}), 3e-2, 8),
+        job("lm-prefix", "prefix_tuning", json!({"num_virtual_tokens": 2, "prefix_projection": true}), 1e-2, 8),
+    ]
+}
+
+/// Causal-LM jobs on a tiny Llama (grouped-query attention, rotary
+/// positions that a prefix shifts): prefixes of 2 and 7 positions beside a
+/// soft prompt.
+fn llama_jobs(out: &Path) -> Vec<TrainJob> {
+    let job = |name, method, peft, lr, batch| lm_job("tiny-llama", name, method, peft, lr, batch, 8, out);
+    vec![
+        job("llama-p-tuning-v2-7", "p_tuning_v2", json!({"num_virtual_tokens": 7, "prefix_dropout": 0.1}), 3e-2, 8),
+        job("llama-prompt-5", "prompt_tuning", json!({"num_virtual_tokens": 5}), 5e-2, 6),
+        job("llama-prefix-2", "prefix_tuning", json!({"num_virtual_tokens": 2}), 2e-2, 8),
+    ]
+}
+
 /// The metrics a user reads, without timings and pack sizes.
 fn comparable(metrics: &[Metric]) -> Vec<(u64, MetricKind, String, f64)> {
     metrics
@@ -92,7 +147,12 @@ type Ending = Rc<RefCell<Option<Result<TrainOutcome, EngineError>>>>;
 
 /// What the caller tells a job after a step, as the worker does for a
 /// cancellation (`Stop`) or an ASHA early stop (`Finish`): `(job, step, control)`.
-const CONTROLS: [(&str, u64, Control); 2] = [("p-tuning", 3, Control::Stop), ("prompt-20", 5, Control::Finish)];
+const CONTROLS: [(&str, u64, Control); 4] = [
+    ("p-tuning", 3, Control::Stop),
+    ("prompt-20", 5, Control::Finish),
+    ("lm-p-tuning", 3, Control::Stop),
+    ("lm-prompt-9", 5, Control::Finish),
+];
 
 fn control_of(name: &str) -> Option<(u64, Control)> {
     CONTROLS.iter().find(|(job, _, _)| *job == name).map(|&(_, step, control)| (step, control))
@@ -101,7 +161,7 @@ fn control_of(name: &str) -> Option<(u64, Control)> {
 /// Trains `jobs` as one pack: all but the last start together, the last joins
 /// once the pack has taken three steps; [`CONTROLS`] stop two of them
 /// early. Returns each job's metrics and ending.
-fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Ending)> {
+fn train_packed(model_dir: &Path, jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Ending)> {
     let records: Vec<(Rc<RefCell<Vec<Metric>>>, Ending)> =
         jobs.iter().map(|_| (Rc::default(), Rc::default())).collect();
     let pack_job = |i: usize| {
@@ -139,7 +199,7 @@ fn train_packed(jobs: &[TrainJob], limits: PackLimits) -> Vec<(Vec<Metric>, Endi
     };
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut engine = Engine::new(Device::Cpu);
-    engine.train_pack(&minilm_dir(), limits, pack_job(0), &mut admit);
+    engine.train_pack(model_dir, limits, pack_job(0), &mut admit);
     records.into_iter().map(|(seen, ending)| (Rc::try_unwrap(seen).unwrap().into_inner(), ending)).collect()
 }
 
@@ -151,13 +211,13 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-fn check_packed_matches_alone(limits: PackLimits) {
+fn check_packed_matches_alone(model_dir: &Path, jobs: fn(&Path) -> Vec<TrainJob>, limits: PackLimits) {
     let alone_dir = tempfile::tempdir().expect("temp dir");
     let packed_dir = tempfile::tempdir().expect("temp dir");
-    let packed = train_packed(&jobs(packed_dir.path()), limits);
+    let packed = train_packed(model_dir, &jobs(packed_dir.path()), limits);
     for (job, (packed_metrics, ending)) in jobs(alone_dir.path()).iter().zip(packed) {
         let name = &job.spec.name;
-        let (alone, alone_metrics) = train_on(&minilm_dir(), job, None);
+        let (alone, alone_metrics) = train_on(model_dir, job, None);
         let alone = alone.unwrap_or_else(|e| panic!("{name} alone: {e}"));
         let packed = ending.borrow_mut().take().expect("every packed job ends");
         let packed = packed.unwrap_or_else(|e| panic!("{name} packed: {e}"));
@@ -202,11 +262,27 @@ fn check_packed_matches_alone(limits: PackLimits) {
 
 #[test]
 fn packed_jobs_train_exactly_as_alone() {
-    check_packed_matches_alone(PackLimits { max_jobs: 8, max_tokens: 100_000 });
+    check_packed_matches_alone(&minilm_dir(), jobs, PackLimits { max_jobs: 8, max_tokens: 100_000 });
 }
 
 #[test]
 fn a_step_split_over_several_passes_trains_exactly_as_alone() {
     // About two jobs' batches per pass.
-    check_packed_matches_alone(PackLimits { max_jobs: 8, max_tokens: 900 });
+    check_packed_matches_alone(&minilm_dir(), jobs, PackLimits { max_jobs: 8, max_tokens: 900 });
+}
+
+#[test]
+fn causal_lm_jobs_on_gpt2_pack_exactly_as_alone() {
+    check_packed_matches_alone(&fixture("tiny-gpt2"), gpt2_jobs, PackLimits { max_jobs: 8, max_tokens: 100_000 });
+}
+
+#[test]
+fn causal_lm_jobs_split_over_several_passes_train_exactly_as_alone() {
+    // About two jobs' batches per pass.
+    check_packed_matches_alone(&fixture("tiny-gpt2"), gpt2_jobs, PackLimits { max_jobs: 8, max_tokens: 500 });
+}
+
+#[test]
+fn causal_lm_jobs_on_llama_with_different_prefix_lengths_pack_exactly_as_alone() {
+    check_packed_matches_alone(&fixture("tiny-llama"), llama_jobs, PackLimits { max_jobs: 8, max_tokens: 100_000 });
 }

@@ -3,11 +3,12 @@
 //! them share one [`ModelCache`], so the process holds each frozen base
 //! model once whatever the number of slots.
 //!
-//! Classification jobs on the shared encoder (every method but full
-//! fine-tuning) train in packs: the thread that takes such a job opens a
-//! pack for its base model and task, and jobs of the same kind that arrive
-//! while it runs join it between steps, up to the pack limits, instead of
-//! starting on a thread of their own. Other jobs run alone.
+//! Jobs on a shared frozen base (every method but full fine-tuning:
+//! classification on an encoder, causal LM on a decoder) train in packs:
+//! the thread that takes such a job opens a pack for its base model and
+//! task, and jobs of the same kind that arrive while it runs join it between
+//! steps, up to the pack limits, instead of starting on a thread of their
+//! own. Full fine-tuning runs alone.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -36,7 +37,7 @@ pub struct RunRequest {
     pub updates: UnboundedSender<RunUpdate>,
 }
 
-/// Which runs may share a pack: classification at one level on one model.
+/// Which runs may share a pack: one task on one model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PackKey {
     model_dir: PathBuf,
@@ -46,9 +47,7 @@ struct PackKey {
 impl RunRequest {
     fn pack_key(&self) -> Option<PackKey> {
         let spec = &self.job.spec;
-        let classification = matches!(spec.task, Task::SequenceClassification | Task::TokenClassification);
-        (classification && spec.method != Method::Full)
-            .then(|| PackKey { model_dir: self.model_dir.clone(), task: spec.task })
+        (spec.method != Method::Full).then(|| PackKey { model_dir: self.model_dir.clone(), task: spec.task })
     }
 
     /// The run's callbacks for the engine: every event and the ending go

@@ -30,9 +30,12 @@ use super::peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::{PromptInit, PromptTuning};
 use super::task_data::{non_empty, TaskEvaluation};
-use super::tasks::causal_lm::{self, evaluate_bleu, GenerationConfig, LmAdapter, LmBatch};
+use super::peft::prefix::PrefixHooks;
+use super::rng::{with_stream, DropoutStream};
+use super::tasks::causal_lm::{self, evaluate_bleu, GenerationConfig, LmAdapter, LmBatch, LmMember};
 use super::tasks::classifier::Adapter;
-use super::train::{drive, eval_batch_size, metric, TaskRun};
+use super::pack::{backward_passes, group_passes, PassKind, SharedBase};
+use super::train::{drive, eval_batch_size, metric, PlannedStep, TaskRun};
 use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
 
 /// A frozen decoder-only model and its tokenizer, shared by every job on it.
@@ -70,6 +73,42 @@ pub fn run(
     job: &TrainJob,
     on_event: &mut dyn FnMut(Event<'_>) -> Control,
 ) -> Result<TrainOutcome, EngineError> {
+    let (vars, task) = prepare(base, device, job)?;
+    drive(job, &base.info.sha256, &vars, &task, on_event)
+}
+
+impl SharedBase for DecoderBase {
+    type Run<'a> = LmRun<'a>;
+
+    fn sha256(&self) -> &str {
+        &self.info.sha256
+    }
+
+    fn prepare<'a>(&'a self, device: Device, job: &TrainJob) -> Result<(nn::VarStore, LmRun<'a>), EngineError> {
+        prepare(self, device, job)
+    }
+
+    fn backward_step(&self, runs: &[&LmRun<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor> {
+        let inputs: Vec<(LmBatch, DrawnAdapter)> =
+            runs.iter().zip(plans).map(|(run, plan)| run.train_input(&plan.indices, &plan.stream)).collect();
+        // Every causal-LM method on the shared decoder can share a pass.
+        let kinds: Vec<PassKind<()>> = runs
+            .iter()
+            .zip(&inputs)
+            .map(|(run, (batch, _))| PassKind { kind: Some(()), tokens: run.pass_tokens(batch) })
+            .collect();
+        backward_passes(&group_passes(&kinds, max_tokens), runs.len(), |pass| {
+            let members: Vec<LmMember<'_>> = pass
+                .iter()
+                .map(|&i| LmMember { adapter: inputs[i].1.as_lm(), batch: &inputs[i].0, stream: Some(&plans[i].stream) })
+                .collect();
+            causal_lm::packed_train_losses(self.model.as_ref(), &members, true)
+        })
+    }
+}
+
+/// Reads a causal-LM job's data and builds its prompt or prefixes.
+fn prepare<'a>(base: &'a DecoderBase, device: Device, job: &TrainJob) -> Result<(nn::VarStore, LmRun<'a>), EngineError> {
     let spec = &job.spec;
     check_supported(spec, base)?;
     let data = &spec.data;
@@ -118,9 +157,9 @@ pub fn run(
         pad_id,
         device,
         eval_batch_size: eval_batch_size(spec),
-        spec,
+        spec: spec.clone(),
     };
-    drive(job, &base.info.sha256, &vars, &task, on_event)
+    Ok((vars, task))
 }
 
 /// Refuses what this engine cannot train on a decoder, naming the field.
@@ -180,7 +219,7 @@ fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Ada
 }
 
 /// A causal-LM job's adapter and data.
-struct LmRun<'a> {
+pub(crate) struct LmRun<'a> {
     base: &'a DecoderBase,
     adapter: Adapter,
     train: Vec<LmExample>,
@@ -192,27 +231,62 @@ struct LmRun<'a> {
     pad_id: i64,
     device: Device,
     eval_batch_size: usize,
-    spec: &'a JobSpec,
+    spec: JobSpec,
+}
+
+/// A job's prompt and prefixes drawn for one forward pass.
+pub(crate) struct DrawnAdapter {
+    prompt: Option<Tensor>,
+    prefix: Option<PrefixHooks>,
+}
+
+impl DrawnAdapter {
+    /// The adapter as the decoder takes it.
+    pub(crate) fn as_lm(&self) -> LmAdapter<'_> {
+        let hooks: &dyn Hooks = match &self.prefix {
+            Some(prefix) => prefix,
+            None => &NoHooks,
+        };
+        LmAdapter { prompt: self.prompt.as_ref(), hooks }
+    }
 }
 
 impl LmRun<'_> {
-    /// Calls `f` with the adapter as the decoder takes it, for batches of
-    /// `batch` examples (prefix dropout draws per example in training).
-    fn with_adapter<R>(&self, batch: i64, train: bool, f: impl FnOnce(&LmAdapter<'_>) -> R) -> R {
+    /// The job's prompt and prefixes for batches of `batch` examples
+    /// (P-tuning's encoder dropout and prefix dropout draw in training).
+    fn draw_adapter(&self, batch: i64, train: bool) -> DrawnAdapter {
         let prompt = match &self.adapter {
             Adapter::PromptTuning(prompt) => Some(prompt.embeddings().shallow_clone()),
             Adapter::PTuning(encoder) => Some(encoder.prompt(train)),
             _ => None,
         };
-        let prefix_hooks;
-        let hooks: &dyn Hooks = match &self.adapter {
-            Adapter::Prefix(prefix) => {
-                prefix_hooks = prefix.hooks(if train { batch } else { 1 }, train);
-                &prefix_hooks
-            }
-            _ => &NoHooks,
+        let prefix = match &self.adapter {
+            Adapter::Prefix(prefix) => Some(prefix.hooks(if train { batch } else { 1 }, train)),
+            _ => None,
         };
-        f(&LmAdapter { prompt: prompt.as_ref(), hooks })
+        DrawnAdapter { prompt, prefix }
+    }
+
+    /// Calls `f` with the adapter as the decoder takes it, for batches of
+    /// `batch` examples.
+    fn with_adapter<R>(&self, batch: i64, train: bool, f: impl FnOnce(&LmAdapter<'_>) -> R) -> R {
+        f(&self.draw_adapter(batch, train).as_lm())
+    }
+
+    /// The job's training batch at `indices` and its adapter, drawn from
+    /// `stream`, for a pass alone or shared with other jobs.
+    pub(crate) fn train_input(&self, indices: &[usize], stream: &DropoutStream) -> (LmBatch, DrawnAdapter) {
+        let batch = LmBatch::collate(&self.train, indices, self.pad_id, self.device);
+        let adapter = with_stream(Some(stream), || self.draw_adapter(batch.len as i64, true));
+        (batch, adapter)
+    }
+
+    /// Positions a training batch takes in a pass: rows times (prompt,
+    /// prefix and the batch's longest example).
+    pub(crate) fn pass_tokens(&self, batch: &LmBatch) -> usize {
+        let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
+        let virtual_tokens = i64::from(self.spec.peft.num_virtual_tokens);
+        (rows * (seq + virtual_tokens)) as usize
     }
 
     fn shape(&self) -> AdapterShape {
@@ -237,11 +311,11 @@ impl TaskRun for LmRun<'_> {
         self.eval_inputs.len()
     }
 
-    fn train_loss(&self, indices: &[usize], _stream: &crate::engine::rng::DropoutStream) -> Tensor {
-        let batch = LmBatch::collate(&self.train, indices, self.pad_id, self.device);
-        self.with_adapter(batch.len as i64, true, |adapter| {
-            causal_lm::train_loss(self.base.model.as_ref(), adapter, &batch, true)
-        })
+    fn train_loss(&self, indices: &[usize], stream: &DropoutStream) -> Tensor {
+        // Alone, the job takes the same path as in a pack: a pass of one.
+        let (batch, adapter) = self.train_input(indices, stream);
+        let member = LmMember { adapter: adapter.as_lm(), batch: &batch, stream: Some(stream) };
+        causal_lm::packed_train_losses(self.base.model.as_ref(), &[member], true).remove(0)
     }
 
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError> {
@@ -268,6 +342,6 @@ impl TaskRun for LmRun<'_> {
     }
 
     fn export(&self, out_dir: &Path, _vars: &nn::VarStore, provenance: &Value) -> Result<(), EngineError> {
-        export::write_adapter(out_dir, self.spec, &self.shape(), &self.adapter, provenance)
+        export::write_adapter(out_dir, &self.spec, &self.shape(), &self.adapter, provenance)
     }
 }

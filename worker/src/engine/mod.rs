@@ -240,8 +240,9 @@ impl Engine {
         }
     }
 
-    /// Trains classification jobs on the encoder in `model_dir` in packed
-    /// steps (see `pack.rs`): `first`, then whatever `admit(room)` hands over
+    /// Trains jobs on the base model in `model_dir` in packed steps (see
+    /// `pack.rs`; classification on an encoder, causal LM on a decoder; the
+    /// jobs' task decides which the cache loads): `first`, then whatever `admit(room)` hands over
     /// between steps, until none is left. Each job hears of its steps,
     /// evaluations and ending through its own callbacks, as with
     /// [`Engine::train`].
@@ -259,10 +260,6 @@ impl Engine {
             Ok(model) => model,
             Err(err) => return (first.on_done)(Err(err)),
         };
-        let LoadedModel::Encoder(base) = &model.model else {
-            let message = "packed training needs an encoder model".to_string();
-            return (first.on_done)(Err(EngineError::Model(message)));
-        };
         let mut first = Some(first);
         let mut admit_all = |room: usize| -> Vec<PackJob> {
             match first.take() {
@@ -271,7 +268,10 @@ impl Engine {
                 None => admit(room),
             }
         };
-        pack::run_pack(base, self.device, limits, &mut admit_all);
+        match &model.model {
+            LoadedModel::Encoder(base) => pack::run_pack(base, self.device, limits, &mut admit_all),
+            LoadedModel::Decoder(base) => pack::run_pack(base, self.device, limits, &mut admit_all),
+        }
     }
 }
 

@@ -1,12 +1,14 @@
-//! Packed training: several classification jobs on one frozen encoder take
-//! their steps together. Each step, every job picks its batch; the batches
-//! go through the shared encoder in as few passes as the token budget
-//! allows (each job's prompt, prefix or LoRA weights and dropout stream ride
-//! with its own rows); one backward pass per pass fills every job's
-//! gradients; then each job applies its own AdamW step, reports, evaluates,
-//! checkpoints and stops on its own schedule, exactly as [`super::train`]'s
-//! loop does for a job alone. Jobs join between steps and leave when they
-//! finish, fail or are stopped, without disturbing the others.
+//! Packed training: several jobs on one frozen base model take their steps
+//! together. Each step, every job picks its batch; the batches go through
+//! the shared model in as few passes as the token budget allows (each job's
+//! prompt, prefix or LoRA weights and dropout stream ride with its own rows);
+//! one backward pass per pass fills every job's gradients; then each job
+//! applies its own AdamW step, reports, evaluates, checkpoints and stops on
+//! its own schedule, exactly as [`super::train`]'s loop does for a job
+//! alone. Jobs join between steps and leave when they finish, fail or are
+//! stopped, without disturbing the others. Classification jobs pack on an
+//! encoder ([`BaseModel`]), causal-LM jobs on a decoder
+//! ([`super::lm::DecoderBase`]).
 //!
 //! A job's losses are those of the same job trained alone (the same
 //! computation, up to float rounding): it draws the same batches and the
@@ -21,8 +23,27 @@ use tch::{nn, Device, Tensor};
 use super::models::BaseModel;
 use super::task_data::TrainBatch;
 use super::tasks::classifier::{Classifier, Level};
-use super::train::{prepare_classifier, ClassifierRun, Flow, PlannedStep, Progress};
+use super::train::{prepare_classifier, ClassifierRun, Flow, PlannedStep, Progress, TaskRun};
 use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
+
+/// A frozen base model that jobs share forward passes on.
+pub(crate) trait SharedBase {
+    /// A job's model and data on this base.
+    type Run<'a>: TaskRun
+    where
+        Self: 'a;
+
+    /// Content hash of the base's weights, recorded in every export.
+    fn sha256(&self) -> &str;
+
+    /// Reads a job's data and builds its trainable variables.
+    fn prepare<'a>(&'a self, device: Device, job: &TrainJob) -> Result<(nn::VarStore, Self::Run<'a>), EngineError>;
+
+    /// One step of every job (`runs[i]` on `plans[i]`): forward passes over
+    /// the jobs' batches, grouped within `max_tokens` positions, each
+    /// followed by its backward pass; returns each job's loss, detached.
+    fn backward_step(&self, runs: &[&Self::Run<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor>;
+}
 
 /// A job handed to a pack, with who hears about it.
 pub struct PackJob {
@@ -51,9 +72,9 @@ impl Default for PackLimits {
 }
 
 /// A job in the pack.
-struct Member<'a> {
+struct Member<'a, B: SharedBase + 'a> {
     vars: nn::VarStore,
-    task: ClassifierRun<'a>,
+    task: B::Run<'a>,
     progress: Progress,
     on_event: Box<dyn FnMut(Event<'_>) -> Control>,
     on_done: Box<dyn FnOnce(Result<TrainOutcome, EngineError>)>,
@@ -61,8 +82,13 @@ struct Member<'a> {
 
 /// Trains jobs on `base` in packed steps until no job is left. Before every
 /// step `admit(room)` hands over up to `room` new jobs.
-pub fn run_pack(base: &BaseModel, device: Device, limits: PackLimits, admit: &mut dyn FnMut(usize) -> Vec<PackJob>) {
-    let mut members: Vec<Member<'_>> = Vec::new();
+pub(crate) fn run_pack<B: SharedBase>(
+    base: &B,
+    device: Device,
+    limits: PackLimits,
+    admit: &mut dyn FnMut(usize) -> Vec<PackJob>,
+) {
+    let mut members: Vec<Member<'_, B>> = Vec::new();
     loop {
         let room = limits.max_jobs.saturating_sub(members.len());
         if room > 0 {
@@ -75,19 +101,20 @@ pub fn run_pack(base: &BaseModel, device: Device, limits: PackLimits, admit: &mu
         if members.is_empty() {
             return;
         }
-        members = step(base, device, limits, members);
+        members = step(base, limits, members);
     }
 }
 
 /// Sets a job up, or reports why it cannot run (or that it is already done).
-fn start(base: &BaseModel, device: Device, job: PackJob) -> Option<Member<'_>> {
+fn start<B: SharedBase>(base: &B, device: Device, job: PackJob) -> Option<Member<'_, B>> {
     let PackJob { job, on_event, on_done } = job;
-    let started = prepare_classifier(base, device, &job)
+    let started = base
+        .prepare(device, &job)
         .and_then(|(vars, task)| Progress::start(&job, &vars, &task).map(|progress| (vars, task, progress)));
     match started {
         Ok((vars, task, progress)) if progress.done() => {
             // Resumed from a checkpoint at the last step: only the export is left.
-            on_done(progress.finish(&base.info.sha256, &vars, &task));
+            on_done(progress.finish(base.sha256(), &vars, &task));
             None
         }
         Ok((vars, task, progress)) => {
@@ -102,30 +129,18 @@ fn start(base: &BaseModel, device: Device, job: PackJob) -> Option<Member<'_>> {
 }
 
 /// One step of every member; returns the members still training.
-fn step<'a>(base: &'a BaseModel, device: Device, limits: PackLimits, mut members: Vec<Member<'a>>) -> Vec<Member<'a>> {
+fn step<'a, B: SharedBase>(base: &'a B, limits: PackLimits, mut members: Vec<Member<'a, B>>) -> Vec<Member<'a, B>> {
     let started = Instant::now();
     let plans: Vec<PlannedStep> = members.iter_mut().map(|m| m.progress.begin_step()).collect();
-    let batches: Vec<TrainBatch> =
-        members.iter().zip(&plans).map(|(m, plan)| m.task.data.train_batch(&plan.indices, device)).collect();
-    let mut losses: Vec<Option<Tensor>> = (0..members.len()).map(|_| None).collect();
-    for pass in passes(&members, &batches, limits.max_tokens) {
-        let inputs: Vec<_> = pass.iter().map(|&i| members[i].task.input(&batches[i], &plans[i].stream)).collect();
-        let logits = Classifier::packed_logits(&base.encoder, &inputs, true);
-        let pass_losses: Vec<Tensor> =
-            pass.iter().zip(&logits).map(|(&i, logits)| members[i].task.data.loss(logits, &batches[i].labels)).collect();
-        // The gradient of the sum with respect to one job's variables is
-        // that job's own gradient: no job's loss depends on another's.
-        Tensor::stack(&pass_losses, 0).sum(tch::Kind::Float).backward();
-        for (&i, loss) in pass.iter().zip(pass_losses) {
-            losses[i] = Some(loss.detach());
-        }
-    }
+    let losses = {
+        let runs: Vec<&B::Run<'a>> = members.iter().map(|m| &m.task).collect();
+        base.backward_step(&runs, &plans.iter().collect::<Vec<_>>(), limits.max_tokens)
+    };
     let seconds = started.elapsed().as_secs_f64();
 
     let pack_jobs = members.len();
     let mut training = Vec::with_capacity(pack_jobs);
     for ((mut member, plan), loss) in members.drain(..).zip(&plans).zip(losses) {
-        let loss = loss.expect("every member is in one pass");
         let progress = &mut member.progress;
         let flow = progress.end_step(plan, &loss, seconds, pack_jobs, &member.vars, &member.task, &mut member.on_event);
         match flow {
@@ -133,7 +148,7 @@ fn step<'a>(base: &'a BaseModel, device: Device, limits: PackLimits, mut members
             Ok(Flow::Continue | Flow::Finish) => {
                 let Member { vars, task, progress, on_done, .. } = member;
                 tracing::info!(job = %progress.name(), "left the pack");
-                on_done(progress.finish(&base.info.sha256, &vars, &task));
+                on_done(progress.finish(base.sha256(), &vars, &task));
             }
             Ok(Flow::Stopped(outcome)) => (member.on_done)(Ok(outcome)),
             Err(err) => (member.on_done)(Err(err)),
@@ -142,41 +157,97 @@ fn step<'a>(base: &'a BaseModel, device: Device, limits: PackLimits, mut members
     training
 }
 
-/// Groups members into forward passes: members of one classification level
-/// and pooling on the shared encoder, in order, up to `max_tokens` token
-/// positions per pass (a member larger than that gets a pass of its own); a
-/// member with its own encoder (full fine-tuning) always passes alone.
-/// Poolings pass apart because a pass with a mean-pooled member runs every
-/// position through the last layer, which would change the dropout masks a
-/// position-0 member draws there from what it draws alone.
-fn passes(members: &[Member<'_>], batches: &[TrainBatch], max_tokens: usize) -> Vec<Vec<usize>> {
+impl SharedBase for BaseModel {
+    type Run<'a> = ClassifierRun<'a>;
+
+    fn sha256(&self) -> &str {
+        &self.info.sha256
+    }
+
+    fn prepare<'a>(&'a self, device: Device, job: &TrainJob) -> Result<(nn::VarStore, ClassifierRun<'a>), EngineError> {
+        prepare_classifier(self, device, job)
+    }
+
+    fn backward_step(&self, runs: &[&ClassifierRun<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor> {
+        let batches: Vec<TrainBatch> =
+            runs.iter().zip(plans).map(|(run, plan)| run.data.train_batch(&plan.indices, run.device())).collect();
+        let kinds: Vec<PassKind<(Level, Pooling)>> = runs
+            .iter()
+            .zip(&batches)
+            .map(|(run, batch)| {
+                let model = &run.model;
+                let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
+                let tokens = (rows * (seq + model.input_prompt_len())) as usize;
+                // Poolings pass apart because a pass with a mean-pooled member
+                // runs every position through the last layer, which would
+                // change the dropout masks a position-0 member draws there
+                // from what it draws alone.
+                let kind = model.shares_base().then_some((model.level, model.pooling));
+                PassKind { kind, tokens }
+            })
+            .collect();
+        backward_passes(&group_passes(&kinds, max_tokens), runs.len(), |pass| {
+            let inputs: Vec<_> = pass.iter().map(|&i| runs[i].input(&batches[i], &plans[i].stream)).collect();
+            let logits = Classifier::packed_logits(&self.encoder, &inputs, true);
+            pass.iter().zip(&logits).map(|(&i, logits)| runs[i].data.loss(logits, &batches[i].labels)).collect()
+        })
+    }
+}
+
+/// What decides a job's pass: the kind of pass it may share (`None`: it
+/// passes alone, as full fine-tuning on its own encoder copy does) and the
+/// token positions its batch takes.
+pub(crate) struct PassKind<K> {
+    pub kind: Option<K>,
+    pub tokens: usize,
+}
+
+/// Groups jobs into forward passes: jobs of one kind, in order, up to
+/// `max_tokens` token positions per pass (a job larger than that gets a
+/// pass of its own).
+pub(crate) fn group_passes<K: PartialEq + Copy>(jobs: &[PassKind<K>], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut passes: Vec<Vec<usize>> = Vec::new();
     // (kind, index into `passes`, tokens so far) of the pass open for each kind
-    let mut open: Vec<((Level, Pooling), usize, usize)> = Vec::new();
-    for (i, (member, batch)) in members.iter().zip(batches).enumerate() {
-        let model = &member.task.model;
-        let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
-        let prompt = model.input_prompt_len();
-        let tokens = (rows * (seq + prompt)) as usize;
-        if !model.shares_base() {
+    let mut open: Vec<(K, usize, usize)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let Some(kind) = job.kind else {
             passes.push(vec![i]);
             continue;
-        }
-        let kind = (model.level, model.pooling);
+        };
         match open.iter_mut().find(|(open_kind, _, _)| *open_kind == kind) {
-            Some((_, pass, used)) if *used + tokens <= max_tokens => {
+            Some((_, pass, used)) if *used + job.tokens <= max_tokens => {
                 passes[*pass].push(i);
-                *used += tokens;
+                *used += job.tokens;
             }
             Some(slot) => {
                 passes.push(vec![i]);
-                *slot = (kind, passes.len() - 1, tokens);
+                *slot = (kind, passes.len() - 1, job.tokens);
             }
             None => {
                 passes.push(vec![i]);
-                open.push((kind, passes.len() - 1, tokens));
+                open.push((kind, passes.len() - 1, job.tokens));
             }
         }
     }
     passes
+}
+
+/// Runs `forward` on every pass and backpropagates the sum of its jobs'
+/// losses; returns each of the `jobs` losses, detached. The gradient of the
+/// sum with respect to one job's variables is that job's own gradient: no
+/// job's loss depends on another's.
+pub(crate) fn backward_passes(
+    passes: &[Vec<usize>],
+    jobs: usize,
+    mut forward: impl FnMut(&[usize]) -> Vec<Tensor>,
+) -> Vec<Tensor> {
+    let mut losses: Vec<Option<Tensor>> = (0..jobs).map(|_| None).collect();
+    for pass in passes {
+        let pass_losses = forward(pass);
+        Tensor::stack(&pass_losses, 0).sum(tch::Kind::Float).backward();
+        for (&i, loss) in pass.iter().zip(pass_losses) {
+            losses[i] = Some(loss.detach());
+        }
+    }
+    losses.into_iter().map(|loss| loss.expect("every job is in one pass")).collect()
 }

@@ -88,6 +88,10 @@ pub(crate) struct ClassifierRun<'a> {
 }
 
 impl ClassifierRun<'_> {
+    pub(crate) fn device(&self) -> Device {
+        self.device
+    }
+
     /// One batch of the job, with its stream, for a shared pass.
     pub(crate) fn input<'s>(&'s self, batch: &TrainBatch, stream: &'s DropoutStream) -> ClassifierInput<'s> {
         ClassifierInput {

@@ -23,6 +23,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::hooks::Hooks;
 use super::{dropout, CONFIG_FILE, WEIGHTS_FILE};
+use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
 
 /// Index of a sharded checkpoint, naming the shard of every tensor.
@@ -66,6 +67,22 @@ pub trait CausalDecoder: Send {
         attention_mask: &Tensor,
         hooks: &dyn Hooks,
         past: Option<&KvCache>,
+        train: bool,
+    ) -> (Tensor, KvCache) {
+        self.forward_pass(inputs_embeds, attention_mask, hooks, past, &PassLayout::default(), train)
+    }
+
+    /// [`Self::forward_with_cache`] for a pass whose rows `layout` divides
+    /// among jobs: each job's dropout is drawn from its own stream over its
+    /// own batch's shape, and its prefix (padded on the left to the
+    /// longest, as `hooks` returns them) is masked to its own length.
+    fn forward_pass(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        hooks: &dyn Hooks,
+        past: Option<&KvCache>,
+        layout: &PassLayout,
         train: bool,
     ) -> (Tensor, KvCache);
 
@@ -203,6 +220,89 @@ impl Activation {
     }
 }
 
+/// One job's rows in a forward pass that several jobs' batches share.
+#[derive(Clone, Debug)]
+pub struct Span {
+    /// First row of the job's batch in the pass.
+    pub offset: i64,
+    /// Examples in the job's batch.
+    pub rows: i64,
+    /// Positions of the job's own batch, its prompt included; the pass pads
+    /// every batch on the right to the longest.
+    pub seq: i64,
+    /// Length of the job's key/value prefix (0 without one); the pass pads
+    /// every prefix on the left to the longest.
+    pub past: i64,
+    /// The job's dropout stream; `None` draws from the generator as it stands.
+    pub stream: Option<DropoutStream>,
+}
+
+/// How the rows of a forward pass divide among jobs. Empty: one batch,
+/// dropout drawn from the generator as it stands.
+#[derive(Clone, Debug, Default)]
+pub struct PassLayout {
+    pub spans: Vec<Span>,
+}
+
+impl PassLayout {
+    /// Mask of what comes before the new tokens: the cache's; or, over the
+    /// longest prefix, ones where each job's own prefix lies (the right end
+    /// of the padded prefix region); `None` when there is neither.
+    pub(crate) fn past_mask(
+        &self,
+        prefixes: &[Option<(Tensor, Tensor)>],
+        past: Option<&KvCache>,
+        batch: i64,
+        device: Device,
+    ) -> Option<Tensor> {
+        if let Some(past) = past {
+            return Some(past.mask.shallow_clone());
+        }
+        let prefix_len = prefixes.iter().flatten().map(|(k, _)| k.size()[2]).max()?;
+        if self.spans.iter().all(|span| span.past == prefix_len) {
+            return Some(Tensor::ones([batch, prefix_len], (Kind::Bool, device)));
+        }
+        let rows: Vec<Tensor> = self
+            .spans
+            .iter()
+            .map(|span| {
+                let own = Tensor::arange(prefix_len, (Kind::Int64, device)).ge(prefix_len - span.past);
+                own.unsqueeze(0).expand([span.rows, prefix_len], false)
+            })
+            .collect();
+        Some(Tensor::cat(&rows, 0))
+    }
+}
+
+/// Applies `f` to each span's rows of `xs` cut to the span's own `[seq,
+/// keys)` window (dims 1 and 3 of attention probabilities, dim 1 of hidden
+/// states), with the span's stream active, and pads the results back with
+/// zeros. The zeros only ever land on padding: positions past a batch's own
+/// end, and prefix slots of a shorter prefix, which no real query attends to.
+fn per_span(xs: &Tensor, spans: &[Span], window: impl Fn(&Span) -> Vec<(i64, i64, i64)>, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    let outs: Vec<Tensor> = spans
+        .iter()
+        .map(|span| {
+            let mut own = xs.narrow(0, span.offset, span.rows);
+            let mut pads = vec![0i64; 2 * (xs.dim() - 1)];
+            for (dim, start, len) in window(span) {
+                let size = own.size()[dim as usize];
+                own = own.narrow(dim, start, len);
+                // constant_pad_nd takes (before, after) pairs from the last dim back.
+                let pair = 2 * (xs.dim() as i64 - 1 - dim) as usize;
+                (pads[pair], pads[pair + 1]) = (start, size - start - len);
+            }
+            let out = with_stream(span.stream.as_ref(), || f(&own));
+            if pads.iter().all(|&p| p == 0) {
+                out
+            } else {
+                out.constant_pad_nd(pads.as_slice())
+            }
+        })
+        .collect();
+    Tensor::cat(&outs, 0)
+}
+
 /// What every layer of one forward shares: positions of the new tokens and
 /// which keys each of them may attend to.
 pub(crate) struct AttentionContext {
@@ -214,6 +314,8 @@ pub(crate) struct AttentionContext {
     /// `[batch, total]` true at real keys: the mask of the extended cache.
     pub key_mask: Tensor,
     pub total: i64,
+    /// How the rows divide among jobs (empty: one batch).
+    spans: Vec<Span>,
 }
 
 impl AttentionContext {
@@ -248,7 +350,38 @@ impl AttentionContext {
         // NaN there would reach real rows through later layers); real
         // queries never see padding keys.
         allowed = allowed.logical_or(&key_index.eq_tensor(&query_index).unsqueeze(0));
-        Self { positions, allowed: allowed.unsqueeze(1), key_mask, total }
+        Self { positions, allowed: allowed.unsqueeze(1), key_mask, total, spans: Vec::new() }
+    }
+
+    /// The context for a pass that `layout` divides among jobs.
+    pub fn with_layout(mut self, layout: &PassLayout) -> Self {
+        self.spans = layout.spans.clone();
+        self
+    }
+
+    /// Dropout on `[batch, seq, ...]` activations, each job's rows masked
+    /// from its own stream over its own batch's positions.
+    pub fn dropout(&self, xs: &Tensor, p: f64, train: bool) -> Tensor {
+        if !train || p <= 0.0 || self.spans.is_empty() {
+            return dropout(xs, p, train);
+        }
+        per_span(xs, &self.spans, |span| vec![(1, 0, span.seq)], |own| dropout(own, p, train))
+    }
+
+    /// Dropout on `[batch, heads, queries, keys]` attention probabilities,
+    /// each job's over its own queries and keys (its prefix, right-aligned
+    /// in the prefix region, then its own positions).
+    fn attention_dropout(&self, probs: &Tensor, p: f64, train: bool) -> Tensor {
+        if !train || p <= 0.0 || self.spans.is_empty() {
+            return dropout(probs, p, train);
+        }
+        let (_, _, queries, keys) = probs.size4().expect("attention probabilities are [batch, heads, queries, keys]");
+        let prefix = keys - queries;
+        let window = |span: &Span| {
+            let past = if prefix > 0 { span.past } else { 0 };
+            vec![(2, 0, span.seq), (3, prefix - past, past + span.seq)]
+        };
+        per_span(probs, &self.spans, window, |own| dropout(own, p, train))
     }
 
     /// `[batch, 1, seq, keys]` mask for a layer whose keys are the last
@@ -280,7 +413,7 @@ pub(crate) fn layer_prefixes(
 
 /// `[rows, ...]` -> `[batch, ...]`: as is, broadcast from one row, or each row
 /// repeated `batch / rows` times in place (the layout beam search uses).
-fn expand_rows(xs: &Tensor, batch: i64) -> Tensor {
+pub(crate) fn expand_rows(xs: &Tensor, batch: i64) -> Tensor {
     let rows = xs.size()[0];
     if rows == batch {
         xs.shallow_clone()
@@ -294,39 +427,31 @@ fn expand_rows(xs: &Tensor, batch: i64) -> Tensor {
     }
 }
 
-/// The mask of what comes before the new tokens: the cache's, or ones over
-/// the longest prefix; `None` when there is neither.
-pub(crate) fn past_mask(prefixes: &[Option<(Tensor, Tensor)>], past: Option<&KvCache>, batch: i64, device: Device) -> Option<Tensor> {
-    if let Some(past) = past {
-        return Some(past.mask.shallow_clone());
-    }
-    let prefix_len = prefixes.iter().flatten().map(|(k, _)| k.size()[2]).max()?;
-    Some(Tensor::ones([batch, prefix_len], (Kind::Bool, device)))
-}
-
 /// Scaled dot-product attention of `query` `[batch, heads, seq, head_dim]`
 /// over `key`/`value` `[batch, kv_heads, keys, head_dim]` (each key/value head
 /// serves `heads / kv_heads` query heads, as Hugging Face's `repeat_kv`),
-/// masked by `allowed` `[batch, 1, seq, keys]`; `[batch, seq, heads * head_dim]` out.
+/// masked as `ctx` allows (the last `keys` of its key sequence);
+/// `[batch, seq, heads * head_dim]` out.
 pub(crate) fn attend(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
-    allowed: &Tensor,
+    ctx: &AttentionContext,
     scale: f64,
     dropout_p: f64,
     train: bool,
 ) -> Tensor {
     let (batch, heads, seq, head_dim) = query.size4().expect("query is [batch, heads, seq, head_dim]");
+    let allowed = ctx.allowed_for(key.size()[2]);
     let key = repeat_kv(key, heads);
     let value = repeat_kv(value, heads);
     let context = if train && dropout_p > 0.0 {
         // Written out so that attention-probability dropout uses the fast mask.
         let scores = query.matmul(&key.transpose(-1, -2)) * scale;
         let scores = scores.masked_fill(&allowed.logical_not(), f64::from(f32::MIN));
-        dropout(&scores.softmax(-1, scores.kind()), dropout_p, train).matmul(&value)
+        ctx.attention_dropout(&scores.softmax(-1, scores.kind()), dropout_p, train).matmul(&value)
     } else {
-        Tensor::scaled_dot_product_attention(query, &key, &value, Some(allowed), 0.0, false, scale, false)
+        Tensor::scaled_dot_product_attention(query, &key, &value, Some(&allowed), 0.0, false, scale, false)
     };
     // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
     context.transpose(1, 2).reshape([batch, seq, heads * head_dim])

@@ -17,10 +17,9 @@ use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use super::decoder::{
-    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, past_mask, prefixed, read_config,
-    Activation, AttentionContext, CausalDecoder, Conv1d, KvCache, TokenIds,
+    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, prefixed, read_config,
+    Activation, AttentionContext, CausalDecoder, Conv1d, KvCache, PassLayout, TokenIds,
 };
-use super::dropout;
 use super::hooks::Hooks;
 use crate::engine::EngineError;
 
@@ -163,10 +162,9 @@ impl Gpt2Attention {
         let parts = qkv.split(hidden, 2);
         let (query, key, value) = (split(&parts[0]), split(&parts[1]), split(&parts[2]));
         let (key, value) = extend_kv(past, key, value);
-        let allowed = ctx.allowed_for(key.size()[2]);
-        let context = attend(&query, &key, &value, &allowed, self.scale, self.attn_dropout, train);
+        let context = attend(&query, &key, &value, ctx, self.scale, self.attn_dropout, train);
         let out = self.c_proj.forward(hooks, layer, "attn.c_proj", &context);
-        (dropout(&out, self.resid_dropout, train), (key, value))
+        (ctx.dropout(&out, self.resid_dropout, train), (key, value))
     }
 }
 
@@ -187,9 +185,9 @@ impl Gpt2Mlp {
         }
     }
 
-    fn forward(&self, xs: &Tensor, hooks: &dyn Hooks, layer: usize, train: bool) -> Tensor {
+    fn forward(&self, xs: &Tensor, ctx: &AttentionContext, hooks: &dyn Hooks, layer: usize, train: bool) -> Tensor {
         let inner = self.activation.apply(&self.c_fc.forward(hooks, layer, "mlp.c_fc", xs));
-        dropout(&self.c_proj.forward(hooks, layer, "mlp.c_proj", &inner), self.dropout, train)
+        ctx.dropout(&self.c_proj.forward(hooks, layer, "mlp.c_proj", &inner), self.dropout, train)
     }
 }
 
@@ -222,7 +220,7 @@ impl Gpt2Block {
     ) -> (Tensor, (Tensor, Tensor)) {
         let (attended, kv) = self.attn.forward(&self.ln_1.forward(xs), ctx, past, hooks, layer, train);
         let xs = xs + attended;
-        let out = &xs + self.mlp.forward(&self.ln_2.forward(&xs), hooks, layer, train);
+        let out = &xs + self.mlp.forward(&self.ln_2.forward(&xs), ctx, hooks, layer, train);
         (out, kv)
     }
 }
@@ -332,21 +330,22 @@ impl CausalDecoder for Gpt2Model {
         &self.transformer.wte.ws
     }
 
-    fn forward_with_cache(
+    fn forward_pass(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         hooks: &dyn Hooks,
         past: Option<&KvCache>,
+        layout: &PassLayout,
         train: bool,
     ) -> (Tensor, KvCache) {
         let batch = inputs_embeds.size()[0];
         let prefixes = layer_prefixes(hooks, self.transformer.blocks.len(), batch, past);
-        let past_mask = past_mask(&prefixes, past, batch, inputs_embeds.device());
-        let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), None);
+        let past_mask = layout.past_mask(&prefixes, past, batch, inputs_embeds.device());
+        let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), None).with_layout(layout);
         // [batch, seq, hidden]
         let embeds = inputs_embeds + self.transformer.wpe.forward(&ctx.positions);
-        let mut hidden = dropout(&embeds, self.config.embd_pdrop, train);
+        let mut hidden = ctx.dropout(&embeds, self.config.embd_pdrop, train);
         let mut layers = Vec::with_capacity(self.transformer.blocks.len());
         for (layer, block) in self.transformer.blocks.iter().enumerate() {
             let layer_past = match past {

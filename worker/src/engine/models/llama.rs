@@ -28,8 +28,8 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::decoder::{
-    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, past_mask, prefixed, read_config,
-    Activation, AttentionContext, CausalDecoder, KvCache, TokenIds,
+    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, prefixed, read_config,
+    Activation, AttentionContext, CausalDecoder, KvCache, PassLayout, TokenIds,
 };
 use super::hooks::{linear_with_delta, Hooks};
 use crate::engine::EngineError;
@@ -367,9 +367,8 @@ impl LlamaAttention {
         let query = Rotary::apply(&query, cos, sin);
         let key = Rotary::apply(&key, cos, sin);
         let (key, value) = extend_kv(past, key, value);
-        let allowed = ctx.allowed_for(key.size()[2]);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let context = attend(&query, &key, &value, &allowed, scale, self.dropout, train);
+        let context = attend(&query, &key, &value, ctx, scale, self.dropout, train);
         (linear_with_delta(&self.o_proj, hooks, layer, "self_attn.o_proj", &context), (key, value))
     }
 }
@@ -545,18 +544,20 @@ impl CausalDecoder for LlamaModel {
         &self.model.embed_tokens.ws
     }
 
-    fn forward_with_cache(
+    fn forward_pass(
         &self,
         inputs_embeds: &Tensor,
         attention_mask: &Tensor,
         hooks: &dyn Hooks,
         past: Option<&KvCache>,
+        layout: &PassLayout,
         train: bool,
     ) -> (Tensor, KvCache) {
         let batch = inputs_embeds.size()[0];
         let prefixes = layer_prefixes(hooks, self.model.layers.len(), batch, past);
-        let past_mask = past_mask(&prefixes, past, batch, inputs_embeds.device());
-        let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), self.config.sliding_window());
+        let past_mask = layout.past_mask(&prefixes, past, batch, inputs_embeds.device());
+        let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), self.config.sliding_window())
+            .with_layout(layout);
         let rope = self.rotary.cos_sin(&ctx.positions);
         let mut hidden = inputs_embeds.shallow_clone();
         let mut layers = Vec::with_capacity(self.model.layers.len());

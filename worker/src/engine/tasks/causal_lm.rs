@@ -10,8 +10,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::bleu::corpus_bleu;
 use crate::engine::data::batch::pad_labelled_rows;
 use crate::engine::data::seq2seq::{LmExample, LmTokenizer, Seq2SeqFormat, SourceReferences};
-use crate::engine::models::decoder::{CausalDecoder, KvCache};
+use crate::engine::models::decoder::{expand_rows, CausalDecoder, KvCache, PassLayout, Span};
 use crate::engine::models::hooks::{Hooks, NoHooks};
+use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
 
 /// Label value that the loss ignores (PyTorch's `ignore_index`).
@@ -127,14 +128,154 @@ pub fn shifted_loss_sum(model: &dyn CausalDecoder, hidden: &Tensor, labels: &Ten
 /// prompt's positions, as PEFT gives them.
 fn batch_loss_sum(model: &dyn CausalDecoder, adapter: &LmAdapter<'_>, batch: &LmBatch, train: bool) -> (Tensor, i64) {
     let hidden = hidden_states(model, adapter, &batch.input_ids, &batch.attention_mask, train);
+    shifted_loss_sum(model, &hidden, &prompt_labels(adapter, batch))
+}
+
+/// The batch's labels with -100 over the prompt's positions, as PEFT gives them.
+fn prompt_labels(adapter: &LmAdapter<'_>, batch: &LmBatch) -> Tensor {
     let nvt = adapter.prompt_len();
-    let labels = if nvt == 0 {
-        batch.labels.shallow_clone()
-    } else {
-        let ignored = Tensor::full([batch.labels.size()[0], nvt], IGNORE_INDEX, (Kind::Int64, batch.labels.device()));
-        Tensor::cat(&[ignored, batch.labels.shallow_clone()], 1)
-    };
-    shifted_loss_sum(model, &hidden, &labels)
+    if nvt == 0 {
+        return batch.labels.shallow_clone();
+    }
+    let ignored = Tensor::full([batch.labels.size()[0], nvt], IGNORE_INDEX, (Kind::Int64, batch.labels.device()));
+    Tensor::cat(&[ignored, batch.labels.shallow_clone()], 1)
+}
+
+/// One job's batch in a training pass that several jobs share.
+pub struct LmMember<'a> {
+    pub adapter: LmAdapter<'a>,
+    pub batch: &'a LmBatch,
+    /// The job's dropout stream; `None` draws from the generator as it stands.
+    pub stream: Option<&'a DropoutStream>,
+}
+
+impl LmMember<'_> {
+    /// Length of the job's key/value prefix (0 without one).
+    fn prefix_len(&self) -> i64 {
+        self.adapter.hooks.prefix(0).map_or(0, |(key, _)| key.size()[2])
+    }
+}
+
+/// Every member's hooks in one pass: each member's prefix expanded to its
+/// rows and padded on the left to the longest (the pass's layout masks the
+/// padding), and each member's linear deltas on its own rows, all drawn
+/// with the member's stream active.
+struct PackedHooks<'a> {
+    members: &'a [LmMember<'a>],
+    spans: &'a [Span],
+    prefix_len: i64,
+}
+
+impl Hooks for PackedHooks<'_> {
+    fn prefix(&self, layer: usize) -> Option<(Tensor, Tensor)> {
+        let prefixes: Vec<Option<(Tensor, Tensor)>> = self
+            .members
+            .iter()
+            .zip(self.spans)
+            .map(|(member, span)| {
+                with_stream(member.stream, || member.adapter.hooks.prefix(layer))
+                    .map(|(key, value)| (expand_rows(&key, span.rows), expand_rows(&value, span.rows)))
+            })
+            .collect();
+        let (key, _) = prefixes.iter().flatten().next()?;
+        let (_, heads, _, head_dim) = key.size4().expect("prefixes are [batch, heads, len, head_dim]");
+        let (kind, device) = (key.kind(), key.device());
+        let (keys, values): (Vec<Tensor>, Vec<Tensor>) = prefixes
+            .into_iter()
+            .zip(self.spans)
+            .map(|(prefix, span)| match prefix {
+                Some((key, value)) => {
+                    let pad = [0, 0, self.prefix_len - key.size()[2], 0];
+                    (key.constant_pad_nd(pad), value.constant_pad_nd(pad))
+                }
+                None => {
+                    let zeros = || Tensor::zeros([span.rows, heads, self.prefix_len, head_dim], (kind, device));
+                    (zeros(), zeros())
+                }
+            })
+            .unzip();
+        Some((Tensor::cat(&keys, 0), Tensor::cat(&values, 0)))
+    }
+
+    fn linear_delta(&self, layer: usize, module: &str, xs: &Tensor) -> Option<Tensor> {
+        let deltas: Vec<Option<Tensor>> = self
+            .members
+            .iter()
+            .zip(self.spans)
+            .map(|(member, span)| {
+                let rows = xs.narrow(0, span.offset, span.rows);
+                with_stream(member.stream, || member.adapter.hooks.linear_delta(layer, module, &rows))
+            })
+            .collect();
+        let width = deltas.iter().flatten().next()?.size().last().copied().expect("a delta has a last dim");
+        let deltas: Vec<Tensor> = deltas
+            .into_iter()
+            .zip(self.spans)
+            .map(|(delta, span)| {
+                delta.unwrap_or_else(|| {
+                    let mut shape = xs.size();
+                    shape[0] = span.rows;
+                    *shape.last_mut().expect("xs has a last dim") = width;
+                    Tensor::zeros(shape.as_slice(), (xs.kind(), xs.device()))
+                })
+            })
+            .collect();
+        Some(Tensor::cat(&deltas, 0))
+    }
+}
+
+/// Each member's mean training loss from one forward pass through the
+/// shared frozen decoder: the members' batches (their prompts in front) are
+/// stacked and padded on the right to the longest, their prefixes padded on
+/// the left, and each member's dropout comes from its own stream over its
+/// own batch's shape. A member's loss is the one [`train_loss`] gives for
+/// its batch alone with the same stream (up to float rounding).
+pub fn packed_train_losses(model: &dyn CausalDecoder, members: &[LmMember<'_>], train: bool) -> Vec<Tensor> {
+    // Each member's input embeddings and mask, its prompt in front; the
+    // prompt is drawn with the member's stream (P-tuning's encoder has dropout).
+    let inputs: Vec<(Tensor, Tensor)> = members
+        .iter()
+        .map(|m| with_stream(m.stream, || m.adapter.prepend(model.embed_ids(&m.batch.input_ids), &m.batch.attention_mask)))
+        .collect();
+    let longest = inputs.iter().map(|(embeds, _)| embeds.size()[1]).max().expect("a pass has members");
+    let mut offset = 0;
+    let spans: Vec<Span> = members
+        .iter()
+        .zip(&inputs)
+        .map(|(member, (embeds, _))| {
+            let rows = embeds.size()[0];
+            let span = Span {
+                offset,
+                rows,
+                seq: embeds.size()[1],
+                past: member.prefix_len(),
+                stream: member.stream.cloned(),
+            };
+            offset += rows;
+            span
+        })
+        .collect();
+    let (embeds, masks): (Vec<Tensor>, Vec<Tensor>) = inputs
+        .into_iter()
+        .map(|(embeds, mask)| {
+            let pad = longest - embeds.size()[1];
+            (embeds.constant_pad_nd([0, 0, 0, pad]), mask.constant_pad_nd([0, pad]))
+        })
+        .unzip();
+    let prefix_len = spans.iter().map(|span| span.past).max().unwrap_or(0);
+    let layout = PassLayout { spans };
+    let hooks = PackedHooks { members, spans: &layout.spans, prefix_len };
+    let (embeds, mask) = (Tensor::cat(&embeds, 0), Tensor::cat(&masks, 0));
+    let hidden = model.forward_pass(&embeds, &mask, &hooks, None, &layout, train).0;
+    members
+        .iter()
+        .zip(&layout.spans)
+        .map(|(member, span)| {
+            let own = hidden.narrow(0, span.offset, span.rows).narrow(1, 0, span.seq);
+            let (sum, count) = shifted_loss_sum(model, &own, &prompt_labels(&member.adapter, member.batch));
+            sum / count.max(1) as f64
+        })
+        .collect()
 }
 
 /// Mean cross-entropy over the batch's target tokens: the loss of Hugging
