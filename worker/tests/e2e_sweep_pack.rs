@@ -1,7 +1,9 @@
 //! End to end: a sweep's trials on one worker train as one pack. A real
 //! coordinator on real Postgres creates four trials with different prompt
 //! lengths and learning rates; a `ptune-worker` with four slots trains them
-//! over gRPC, and every trial reports steps shared by all four.
+//! over gRPC, and every trial reports steps shared by all four. Both kinds
+//! of pack are covered: classification on all-MiniLM-L6-v2, and causal LM
+//! on a tiny GPT-2.
 
 mod common;
 
@@ -9,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use ptune_proto::v1::{self, sweep_service_client::SweepServiceClient, JobState, SweepState};
-use serde_json::json;
+use serde_json::{json, Value};
+
+const STEPS: usize = 30;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trials_of_a_sweep_train_as_one_pack() {
@@ -17,19 +21,50 @@ async fn the_trials_of_a_sweep_train_as_one_pack() {
     let mut client = cluster.client().await;
     let train = upload(&mut client, &sst2("train.jsonl")).await;
     let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let template = json!({
+        "base_model": MODEL,
+        "task": "sequence_classification",
+        "method": "prompt_tuning",
+        "data": { "train": train, "eval": eval, "labels": [0, 1], "max_seq_len": 32,
+                  "max_train_examples": 320, "max_eval_examples": 64 },
+        "training": { "batch_size": 8, "max_steps": STEPS, "eval_every": 10, "seed": 3 },
+    });
+    check_trials_pack(&cluster, template, "accuracy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_causal_lm_trials_of_a_sweep_train_as_one_pack() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let gpt2 = workspace_root().join("worker/tests/fixtures/tiny-gpt2");
+    std::os::unix::fs::symlink(gpt2, cluster.models_dir.join("tiny-gpt2")).unwrap();
+    let mut client = cluster.client().await;
+    let e2e = workspace_root().join("../shared/data/e2e");
+    let train = upload(&mut client, &e2e.join("train.jsonl")).await;
+    let eval = upload(&mut client, &e2e.join("dev.jsonl")).await;
+    let template = json!({
+        "base_model": "tiny-gpt2",
+        "task": "causal_lm",
+        "method": "prompt_tuning",
+        "data": { "train": train, "eval": eval, "text_field": "source", "label_field": "target",
+                  "max_seq_len": 24, "max_train_examples": 160, "max_eval_examples": 8 },
+        "training": { "batch_size": 8, "max_steps": STEPS, "eval_every": 10, "seed": 3 },
+        "generation": { "max_new_tokens": 4, "num_beams": 1 },
+    });
+    check_trials_pack(&cluster, template, "bleu").await;
+}
+
+/// Runs a grid of four trials (prompt length x learning rate) of `template`
+/// on a worker with four slots, started once all four are queued; checks
+/// that every trial succeeds, trains every step, and shares most of its
+/// steps with all four.
+async fn check_trials_pack(cluster: &Cluster, template: Value, metric: &str) {
+    let mut client = cluster.client().await;
     let definition = json!({
         "name": "packed-sweep",
         "max_concurrent_trials": 4,
-        "objective": { "metric": "accuracy", "direction": "maximize" },
+        "objective": { "metric": metric, "direction": "maximize" },
         "algorithm": { "type": "grid" },
-        "template": {
-            "base_model": MODEL,
-            "task": "sequence_classification",
-            "method": "prompt_tuning",
-            "data": { "train": train, "eval": eval, "labels": [0, 1], "max_seq_len": 32,
-                      "max_train_examples": 320, "max_eval_examples": 64 },
-            "training": { "batch_size": 8, "max_steps": 30, "eval_every": 10, "seed": 3 },
-        },
+        "template": template,
         "space": {
             "peft.num_virtual_tokens": { "values": [4, 16] },
             "training.learning_rate": { "values": [1e-2, 3e-2] },
@@ -77,8 +112,8 @@ async fn the_trials_of_a_sweep_train_as_one_pack() {
             .into_inner()
             .metrics;
         let steps = metrics.iter().filter(|m| m.name == "loss").count();
-        assert_eq!(steps, 30, "{}", trial.id);
+        assert_eq!(steps, STEPS, "{}", trial.id);
         let shared = metrics.iter().filter(|m| m.name == "pack_jobs" && m.value == 4.0).count();
-        assert!(shared >= 20, "trial {} shared only {shared} of 30 steps with all four:\n{}", trial.id, cluster.worker_log("packer"));
+        assert!(shared >= 20, "trial {} shared only {shared} of {STEPS} steps with all four:\n{}", trial.id, cluster.worker_log("packer"));
     }
 }
