@@ -34,7 +34,7 @@ use super::peft::prefix::PrefixHooks;
 use super::rng::{with_stream, DropoutStream};
 use super::tasks::causal_lm::{self, evaluate_bleu, GenerationConfig, LmAdapter, LmBatch, LmMember};
 use super::tasks::classifier::Adapter;
-use super::pack::{backward_passes, group_passes, PassKind, SharedBase};
+use super::pack::{backward_passes, group_passes, Layout, PassKind, SharedBase};
 use super::train::{drive, eval_batch_size, metric, PlannedStep, TaskRun};
 use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
 
@@ -95,9 +95,12 @@ impl SharedBase for DecoderBase {
         let kinds: Vec<PassKind<()>> = runs
             .iter()
             .zip(&inputs)
-            .map(|(run, (batch, _))| PassKind { kind: Some(()), tokens: run.pass_tokens(batch) })
+            .map(|(run, (batch, _))| {
+                let (rows, len) = run.pass_shape(batch);
+                PassKind { kind: Some(()), rows, len }
+            })
             .collect();
-        backward_passes(&group_passes(&kinds, max_tokens), runs.len(), |pass| {
+        backward_passes(&group_passes(&kinds, max_tokens, Layout::Padded), runs.len(), |pass| {
             let members: Vec<LmMember<'_>> = pass
                 .iter()
                 .map(|&i| LmMember { adapter: inputs[i].1.as_lm(), batch: &inputs[i].0, stream: Some(&plans[i].stream) })
@@ -281,12 +284,11 @@ impl LmRun<'_> {
         (batch, adapter)
     }
 
-    /// Positions a training batch takes in a pass: rows times (prompt,
-    /// prefix and the batch's longest example).
-    pub(crate) fn pass_tokens(&self, batch: &LmBatch) -> usize {
+    /// Rows of a training batch and the positions each takes in a pass:
+    /// the prompt or prefix and the batch's longest example.
+    pub(crate) fn pass_shape(&self, batch: &LmBatch) -> (usize, usize) {
         let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
-        let virtual_tokens = i64::from(self.spec.peft.num_virtual_tokens);
-        (rows * (seq + virtual_tokens)) as usize
+        (rows as usize, (seq + i64::from(self.spec.peft.num_virtual_tokens)) as usize)
     }
 
     fn shape(&self) -> AdapterShape {

@@ -177,16 +177,17 @@ impl SharedBase for BaseModel {
             .map(|(run, batch)| {
                 let model = &run.model;
                 let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
-                let tokens = (rows * (seq + model.input_prompt_len())) as usize;
+                let len = (seq + model.input_prompt_len()) as usize;
                 // Poolings pass apart because a pass with a mean-pooled member
                 // runs every position through the last layer, which would
                 // change the dropout masks a position-0 member draws there
                 // from what it draws alone.
                 let kind = model.shares_base().then_some((model.level, model.pooling));
-                PassKind { kind, tokens }
+                PassKind { kind, rows: rows as usize, len }
             })
             .collect();
-        backward_passes(&group_passes(&kinds, max_tokens), runs.len(), |pass| {
+        // The encoder stacks each job's rows at its own length.
+        backward_passes(&group_passes(&kinds, max_tokens, Layout::Stacked), runs.len(), |pass| {
             let inputs: Vec<_> = pass.iter().map(|&i| runs[i].input(&batches[i], &plans[i].stream)).collect();
             let logits = Classifier::packed_logits(&self.encoder, &inputs, true);
             pass.iter().zip(&logits).map(|(&i, logits)| runs[i].data.loss(logits, &batches[i].labels)).collect()
@@ -195,37 +196,66 @@ impl SharedBase for BaseModel {
 }
 
 /// What decides a job's pass: the kind of pass it may share (`None`: it
-/// passes alone, as full fine-tuning on its own encoder copy does) and the
-/// token positions its batch takes.
+/// passes alone, as full fine-tuning on its own encoder copy does), and its
+/// batch's rows and positions per row (prompt and prefix included).
 pub(crate) struct PassKind<K> {
     pub kind: Option<K>,
-    pub tokens: usize,
+    pub rows: usize,
+    pub len: usize,
+}
+
+/// How a pass lays its jobs' batches out, which decides the positions it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Each job's rows at its own length: the sum of the jobs' positions.
+    Stacked,
+    /// Every row padded to the pass's longest: all rows times the longest.
+    Padded,
 }
 
 /// Groups jobs into forward passes: jobs of one kind, in order, up to
-/// `max_tokens` token positions per pass (a job larger than that gets a
-/// pass of its own).
-pub(crate) fn group_passes<K: PartialEq + Copy>(jobs: &[PassKind<K>], max_tokens: usize) -> Vec<Vec<usize>> {
+/// `max_tokens` token positions per pass as `layout` counts them (a job
+/// larger than that gets a pass of its own).
+pub(crate) fn group_passes<K: PartialEq + Copy>(jobs: &[PassKind<K>], max_tokens: usize, layout: Layout) -> Vec<Vec<usize>> {
+    /// The pass open for a kind: its index in `passes`, rows, longest row
+    /// and positions of its jobs' own rows so far.
+    struct Open<K> {
+        kind: K,
+        pass: usize,
+        rows: usize,
+        longest: usize,
+        positions: usize,
+    }
+    impl<K> Open<K> {
+        fn tokens_with(&self, job: &PassKind<K>, layout: Layout) -> usize {
+            match layout {
+                Layout::Stacked => self.positions + job.rows * job.len,
+                Layout::Padded => (self.rows + job.rows) * self.longest.max(job.len),
+            }
+        }
+    }
     let mut passes: Vec<Vec<usize>> = Vec::new();
-    // (kind, index into `passes`, tokens so far) of the pass open for each kind
-    let mut open: Vec<(K, usize, usize)> = Vec::new();
+    let mut open: Vec<Open<K>> = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
         let Some(kind) = job.kind else {
             passes.push(vec![i]);
             continue;
         };
-        match open.iter_mut().find(|(open_kind, _, _)| *open_kind == kind) {
-            Some((_, pass, used)) if *used + job.tokens <= max_tokens => {
-                passes[*pass].push(i);
-                *used += job.tokens;
+        let fresh = Open { kind, pass: passes.len(), rows: job.rows, longest: job.len, positions: job.rows * job.len };
+        match open.iter_mut().find(|o| o.kind == kind) {
+            Some(o) if o.tokens_with(job, layout) <= max_tokens => {
+                passes[o.pass].push(i);
+                o.rows += job.rows;
+                o.longest = o.longest.max(job.len);
+                o.positions += job.rows * job.len;
             }
-            Some(slot) => {
+            Some(o) => {
+                *o = fresh;
                 passes.push(vec![i]);
-                *slot = (kind, passes.len() - 1, job.tokens);
             }
             None => {
+                open.push(fresh);
                 passes.push(vec![i]);
-                open.push((kind, passes.len() - 1, job.tokens));
             }
         }
     }
@@ -250,4 +280,30 @@ pub(crate) fn backward_passes(
         }
     }
     losses.into_iter().map(|loss| loss.expect("every job is in one pass")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job<K>(kind: Option<K>, rows: usize, len: usize) -> PassKind<K> {
+        PassKind { kind, rows, len }
+    }
+
+    #[test]
+    fn passes_group_jobs_of_one_kind_within_the_budget() {
+        // 320 positions each; a budget of 700 takes two.
+        let jobs = [job(Some(0), 8, 40), job(Some(1), 8, 40), job(Some(0), 8, 40), job(None, 8, 40), job(Some(0), 8, 40)];
+        assert_eq!(group_passes(&jobs, 700, Layout::Stacked), vec![vec![0, 2], vec![1], vec![3], vec![4]]);
+        // A job over the budget still gets a pass of its own.
+        assert_eq!(group_passes(&jobs, 100, Layout::Stacked), vec![vec![0], vec![1], vec![2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn a_padded_pass_counts_every_row_at_the_longest() {
+        let jobs = [job(Some(()), 8, 10), job(Some(()), 2, 60), job(Some(()), 2, 10)];
+        // Stacked: 80 + 120 + 20 positions. Padded: 10 rows of 60 would be 600.
+        assert_eq!(group_passes(&jobs, 300, Layout::Stacked), vec![vec![0, 1, 2]]);
+        assert_eq!(group_passes(&jobs, 300, Layout::Padded), vec![vec![0], vec![1, 2]]);
+    }
 }
