@@ -12,7 +12,7 @@ use crate::engine::data::batch::pad_labelled_rows;
 use crate::engine::data::seq2seq::{LmExample, LmTokenizer, Seq2SeqFormat, SourceReferences};
 use crate::engine::models::decoder::{expand_rows, CausalDecoder, KvCache, PassLayout, Span};
 use crate::engine::models::hooks::{Hooks, NoHooks};
-use crate::engine::rng::{with_stream, DropoutStream};
+use crate::engine::rng::DropoutStream;
 use crate::engine::EngineError;
 
 /// Label value that the loss ignores (PyTorch's `ignore_index`).
@@ -156,10 +156,10 @@ impl LmMember<'_> {
     }
 }
 
-/// Every member's hooks in one pass: each member's prefix expanded to its
-/// rows and padded on the left to the longest (the pass's layout masks the
-/// padding), and each member's linear deltas on its own rows, all drawn
-/// with the member's stream active.
+/// Every member's prefixes in one pass: each expanded to its member's rows
+/// and padded on the left to the longest (the pass's layout masks the
+/// padding). The causal-LM methods change no linear layer, so there are no
+/// linear deltas to route.
 struct PackedHooks<'a> {
     members: &'a [LmMember<'a>],
     spans: &'a [Span],
@@ -173,8 +173,7 @@ impl Hooks for PackedHooks<'_> {
             .iter()
             .zip(self.spans)
             .map(|(member, span)| {
-                with_stream(member.stream, || member.adapter.hooks.prefix(layer))
-                    .map(|(key, value)| (expand_rows(&key, span.rows), expand_rows(&value, span.rows)))
+                member.adapter.hooks.prefix(layer).map(|(key, value)| (expand_rows(&key, span.rows), expand_rows(&value, span.rows)))
             })
             .collect();
         let (key, _) = prefixes.iter().flatten().next()?;
@@ -196,32 +195,6 @@ impl Hooks for PackedHooks<'_> {
             .unzip();
         Some((Tensor::cat(&keys, 0), Tensor::cat(&values, 0)))
     }
-
-    fn linear_delta(&self, layer: usize, module: &str, xs: &Tensor) -> Option<Tensor> {
-        let deltas: Vec<Option<Tensor>> = self
-            .members
-            .iter()
-            .zip(self.spans)
-            .map(|(member, span)| {
-                let rows = xs.narrow(0, span.offset, span.rows);
-                with_stream(member.stream, || member.adapter.hooks.linear_delta(layer, module, &rows))
-            })
-            .collect();
-        let width = deltas.iter().flatten().next()?.size().last().copied().expect("a delta has a last dim");
-        let deltas: Vec<Tensor> = deltas
-            .into_iter()
-            .zip(self.spans)
-            .map(|(delta, span)| {
-                delta.unwrap_or_else(|| {
-                    let mut shape = xs.size();
-                    shape[0] = span.rows;
-                    *shape.last_mut().expect("xs has a last dim") = width;
-                    Tensor::zeros(shape.as_slice(), (xs.kind(), xs.device()))
-                })
-            })
-            .collect();
-        Some(Tensor::cat(&deltas, 0))
-    }
 }
 
 /// Each member's mean training loss from one forward pass through the
@@ -231,11 +204,11 @@ impl Hooks for PackedHooks<'_> {
 /// own batch's shape. A member's loss is the one [`train_loss`] gives for
 /// its batch alone with the same stream (up to float rounding).
 pub fn packed_train_losses(model: &dyn CausalDecoder, members: &[LmMember<'_>], train: bool) -> Vec<Tensor> {
-    // Each member's input embeddings and mask, its prompt in front; the
-    // prompt is drawn with the member's stream (P-tuning's encoder has dropout).
+    // Each member's input embeddings and mask, its prompt (drawn already,
+    // with the member's stream) in front.
     let inputs: Vec<(Tensor, Tensor)> = members
         .iter()
-        .map(|m| with_stream(m.stream, || m.adapter.prepend(model.embed_ids(&m.batch.input_ids), &m.batch.attention_mask)))
+        .map(|m| m.adapter.prepend(model.embed_ids(&m.batch.input_ids), &m.batch.attention_mask))
         .collect();
     let longest = inputs.iter().map(|(embeds, _)| embeds.size()[1]).max().expect("a pass has members");
     let mut offset = 0;
