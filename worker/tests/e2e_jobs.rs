@@ -321,3 +321,31 @@ fn without_colours(line: &str) -> String {
     }
     plain
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_starting_together_on_one_dataset_all_get_it_whole() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let source = sst2("train.jsonl");
+    let reference = upload(&mut client, &source).await;
+    let work_dir = cluster.dir.path().join("fetcher");
+    let fetches = (0..4).map(|_| {
+        let (url, reference, work_dir) = (cluster.url(), reference.clone(), work_dir.clone());
+        tokio::spawn(async move {
+            let mut worker = v1::worker_service_client::WorkerServiceClient::connect(url).await.expect("connect");
+            ptune_worker::agent::datasets::fetch(&mut worker, &reference, &work_dir).await
+        })
+    });
+    let expected = std::fs::read(&source).unwrap();
+    for fetched in futures::future::join_all(fetches).await {
+        let dataset = fetched.unwrap().expect("every job gets the dataset");
+        assert_eq!(std::fs::read(&dataset.path).unwrap(), expected);
+        assert_eq!(dataset.file_name, "train.jsonl");
+    }
+    let left: Vec<_> = std::fs::read_dir(work_dir.join("datasets"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "partial downloads left behind: {left:?}");
+}

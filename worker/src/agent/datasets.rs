@@ -1,7 +1,10 @@
 //! Datasets are fetched from the coordinator by reference and cached on disk,
 //! so a worker never needs a path that only the client's machine has.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
@@ -16,8 +19,24 @@ pub struct LocalDataset {
     pub file_name: String,
 }
 
+/// One lock per dataset digest: the jobs of a pack often start together on
+/// the same data, and only the first of them downloads it.
+fn download_lock(hex_digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    locks.entry(hex_digest.to_string()).or_default().clone()
+}
+
+/// A name for a partial download that no other download, in this process
+/// or another one sharing the work directory, writes to.
+fn partial_name(hex_digest: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{hex_digest}.{}-{}.partial", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Returns the local copy of a dataset, downloading it on first use. The
-/// content is checked against its sha256 before it is used.
+/// content is checked against its sha256 before it is used. Concurrent
+/// calls for the same dataset download it once.
 pub async fn fetch(
     client: &mut WorkerServiceClient<Channel>,
     reference: &str,
@@ -33,12 +52,14 @@ pub async fn fetch(
     tokio::fs::create_dir_all(&dir).await?;
     let path = dir.join(format!("{hex_digest}.jsonl"));
     let name_path = dir.join(format!("{hex_digest}.name"));
+    let lock = download_lock(hex_digest);
+    let _downloading = lock.lock().await;
     if path.exists() {
         let file_name = std::fs::read_to_string(&name_path).unwrap_or_else(|_| reference.to_string());
         return Ok(LocalDataset { path, file_name });
     }
     let mut file_name = String::new();
-    let partial = dir.join(format!("{hex_digest}.{}.partial", std::process::id()));
+    let partial = dir.join(partial_name(hex_digest));
     let mut file = tokio::fs::File::create(&partial).await?;
     let mut hasher = Sha256::new();
     let mut stream = client

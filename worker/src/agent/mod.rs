@@ -2,7 +2,7 @@
 //! report, complete. Training itself runs on engine threads ([`runner`]); this
 //! module only moves messages between them and the coordinator.
 
-mod datasets;
+pub mod datasets;
 mod job;
 mod models;
 mod runner;
