@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use ptune_core::sweep::{AlgorithmKind, AshaPlan, FailureReason, Objective, Params, SweepState, TrialState};
-use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Method, Metric, ModelShape, SweepId, WorkerId};
+use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Method, ModelFamily, Metric, ModelShape, SweepId, WorkerId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -181,6 +181,7 @@ impl BaseModel {
             hidden_size: self.hidden_size,
             num_layers: self.num_layers,
             num_attention_heads: self.num_attention_heads,
+            family: ModelFamily::of(&self.model_type),
         };
         (self.unsupported_reason.is_none() && shape.is_known()).then_some(shape)
     }

@@ -9,7 +9,7 @@ pub mod state;
 pub mod sweep;
 
 pub use ids::{JobId, SweepId, WorkerId};
-pub use memory::{MemoryEstimate, ModelShape};
+pub use memory::{MemoryEstimate, ModelFamily, ModelShape};
 pub use spec::{
     DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, Method, ModelLimits, PeftConfig, Pooling, PromptInit, SpecError, Task,
     TrainingConfig,

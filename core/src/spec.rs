@@ -51,7 +51,8 @@ impl Method {
     }
 
     /// Methods the engine trains for causal language modelling.
-    pub const CAUSAL_LM: [Method; 4] = [Method::PromptTuning, Method::PTuning, Method::PrefixTuning, Method::PTuningV2];
+    pub const CAUSAL_LM: [Method; 5] =
+        [Method::PromptTuning, Method::PTuning, Method::PrefixTuning, Method::PTuningV2, Method::Lora];
 
     /// True for methods whose length is set by `peft.num_virtual_tokens`.
     pub fn uses_virtual_tokens(self) -> bool {
@@ -284,8 +285,10 @@ pub struct PeftConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_dropout: Option<f64>,
     /// Linear layers that get a LoRA update, matched as PEFT matches them (a
-    /// module whose name is the entry or ends with `.` and the entry); the
-    /// architecture's attention query and value when absent (lora).
+    /// module whose name is the entry or ends with `.` and the entry); PEFT's
+    /// default for the architecture when absent: `query`, `value` (BERT,
+    /// RoBERTa), `c_attn` (GPT-2), `q_proj`, `v_proj` (Llama, Mistral,
+    /// Qwen2) (lora).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_modules: Option<Vec<String>>,
 }
@@ -1093,11 +1096,15 @@ mod tests {
         assert_eq!(err.field, "peft.num_virtual_tokens");
         assert!(err.message.contains("plus generation.max_new_tokens 64 exceeds the 147 positions"), "{err}");
 
-        let err = with_method("lora", "").map(|_| ()).and_then(|()| {
-            let text = SPEC.replace("\"prompt_tuning\"", "\"lora\"").replace("\"sequence_classification\"", "\"causal_lm\"")
+        let causal = |method: &str| {
+            let text = SPEC.replace("\"prompt_tuning\"", &format!("{method:?}")).replace("\"sequence_classification\"", "\"causal_lm\"")
                 .replace("num_virtual_tokens = 20", "").replace("labels = [0, 1]\n", "");
             JobSpec::from_toml(&text)?.validate(None)
-        });
-        assert_eq!(err.unwrap_err().to_string(), "method: lora is not supported for causal_lm yet; supported: prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2");
+        };
+        causal("lora").expect("LoRA trains causal LMs");
+        assert_eq!(
+            causal("full").unwrap_err().to_string(),
+            "method: full is not supported for causal_lm yet; supported: prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, lora"
+        );
     }
 }

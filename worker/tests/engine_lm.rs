@@ -1,4 +1,4 @@
-//! Causal-LM jobs end to end in the engine: prompt and prefix methods train
+//! Causal-LM jobs end to end in the engine: prompt, prefix and LoRA methods train
 //! on E2E pairs on tiny GPT-2 and Llama checkpoints, evaluate with loss and
 //! corpus BLEU of decoded outputs, export in PEFT's `CAUSAL_LM` format that
 //! `PeftModel.from_pretrained` loads with the same logits as the engine, and
@@ -84,12 +84,38 @@ impl Hooks for ExportedPrefix {
     }
 }
 
+/// LoRA updates of an export, applied as PEFT applies them.
+struct ExportedLora {
+    tensors: HashMap<String, Tensor>,
+    scaling: f64,
+}
+
+impl Hooks for ExportedLora {
+    fn linear_delta(&self, layer: usize, module: &str, xs: &Tensor) -> Option<Tensor> {
+        let find = |which: &str| {
+            let suffix = format!(".{layer}.{module}.{which}.weight");
+            self.tensors.iter().find(|(key, _)| key.ends_with(&suffix)).map(|(_, t)| t.to_kind(Kind::Float))
+        };
+        let (a, b) = (find("lora_A")?, find("lora_B")?);
+        Some(xs.linear::<Tensor>(&a, None).linear::<Tensor>(&b, None) * self.scaling)
+    }
+
+    fn has_linear_deltas(&self) -> bool {
+        true
+    }
+}
+
 /// The engine's logits with the exported adapter, on a right-padded batch.
 fn engine_logits(model: &dyn CausalDecoder, export: &Path, ids: &Tensor, mask: &Tensor) -> Tensor {
     let tensors: HashMap<String, Tensor> =
         Tensor::read_safetensors(export.join("adapter_model.safetensors")).expect("export reads").into_iter().collect();
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(export.join("adapter_config.json")).unwrap()).unwrap();
+    if config["peft_type"] == "LORA" {
+        let scaling = config["lora_alpha"].as_f64().unwrap() / config["r"].as_f64().unwrap();
+        let lora = ExportedLora { tensors, scaling };
+        return tch::no_grad(|| causal_lm::logits(model, &LmAdapter { prompt: None, hooks: &lora }, ids, mask, false));
+    }
     let table = tensors["prompt_embeddings"].to_kind(Kind::Float);
     tch::no_grad(|| match config["peft_type"].as_str() {
         Some("PREFIX_TUNING") => {
@@ -122,7 +148,7 @@ fn peft_logits(model_dir: &Path, export: &Path, inputs: &Path) -> Tensor {
     Tensor::from_slice(&flat).view([b, s, v]).to_kind(Kind::Float)
 }
 
-fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_type: &str) {
+fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_type: &str) -> Value {
     let model_dir = fixtures().join(model_name);
     let out = tempfile::tempdir().expect("temp dir");
     let spec = spec(model_name, method, peft);
@@ -182,6 +208,7 @@ fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_ty
     let at_tokens = ours.narrow(1, nvt, 5);
     let moved = f64::try_from((at_tokens.get(0) - plain.get(0)).abs().max()).unwrap();
     assert!(moved > 1e-3, "{model_name} {method}: the adapter leaves the logits unchanged ({moved})");
+    config
 }
 
 #[test]
@@ -204,6 +231,29 @@ fn prefix_tuning_with_a_projection_on_gpt2() {
 #[test]
 fn p_tuning_v2_on_llama_with_grouped_query_attention() {
     check_trains_and_exports("tiny-llama", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1}), "PREFIX_TUNING");
+}
+
+#[test]
+fn lora_on_gpt2_trains_its_conv1d_linears_and_exports_for_peft() {
+    let peft = json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"]});
+    let config = check_trains_and_exports("tiny-gpt2", "lora", peft, "LORA");
+    // "c_proj" is both the attention's and the MLP's output projection.
+    assert_eq!(config["target_modules"], json!(["attn.c_attn", "attn.c_proj", "mlp.c_proj"]));
+    assert_eq!(config["fan_in_fan_out"], true, "GPT-2's Conv1D stores its weight as [in, out]");
+}
+
+#[test]
+fn lora_on_llama_defaults_to_the_query_and_value_projections() {
+    let config = check_trains_and_exports("tiny-llama", "lora", json!({"r": 2, "lora_alpha": 4}), "LORA");
+    assert_eq!(config["target_modules"], json!(["self_attn.q_proj", "self_attn.v_proj"]));
+    assert_eq!(config["fan_in_fan_out"], false);
+}
+
+#[test]
+fn lora_on_qwen2_trains_every_projection_with_biased_attention() {
+    let every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let config = check_trains_and_exports("tiny-qwen2", "lora", json!({"r": 2, "target_modules": every}), "LORA");
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 }
 
 #[test]
@@ -241,10 +291,18 @@ fn causal_lm_specs_are_checked_against_the_decoder() {
     let message = train(&job(classify, out.path(), Resume::Never), None).0.expect_err("refused").to_string();
     assert!(message.contains("task"), "{message}");
 
-    let lora: Result<JobSpec, _> = serde_json::from_value(json!({
-        "name": "x", "base_model": "tiny-gpt2", "task": "causal_lm", "method": "lora",
+    // LoRA targets are the decoder's own linears, named as PEFT names them.
+    let bert_names = spec("tiny-gpt2", "lora", json!({"target_modules": ["query", "value"]}));
+    let message = train(&job(bert_names, out.path(), Resume::Never), None).0.expect_err("refused").to_string();
+    assert_eq!(
+        message,
+        "job spec cannot run: peft.target_modules: \"query\" matches no linear layer of this model; allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+    );
+
+    let full: Result<JobSpec, _> = serde_json::from_value(json!({
+        "name": "x", "base_model": "tiny-gpt2", "task": "causal_lm", "method": "full",
         "data": { "train": "t", "eval": "e" }, "training": { "learning_rate": 1e-3 },
     }));
-    let message = lora.unwrap().validate(None).expect_err("lora on causal_lm").to_string();
-    assert!(message.starts_with("method: lora is not supported for causal_lm yet"), "{message}");
+    let message = full.unwrap().validate(None).expect_err("full fine-tuning on causal_lm").to_string();
+    assert!(message.starts_with("method: full is not supported for causal_lm yet"), "{message}");
 }

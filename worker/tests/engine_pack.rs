@@ -9,7 +9,8 @@
 //! on all-MiniLM-L6-v2, at both levels; causal-LM jobs pack on tiny GPT-2
 //! (dropout everywhere, so each job's masks must come from its own stream
 //! over its own batch's shape) and on a tiny Llama with grouped-query
-//! attention, with prompts and prefixes of different lengths side by side.
+//! attention, with prompts, prefixes of different lengths and LoRA side by
+//! side.
 
 mod engine_support;
 
@@ -108,13 +109,15 @@ fn fixture(model: &str) -> PathBuf {
 }
 
 /// Causal-LM jobs on tiny GPT-2: soft prompts of 3 and 9 tokens, a P-tuning
-/// encoder, projected prefixes and P-tuning v2 prefixes with dropout, at
+/// encoder, projected prefixes, P-tuning v2 prefixes with dropout and LoRA
+/// with dropout on the attention's and the MLP's input linears, at
 /// different rates and batch sizes. `lm-p-tuning` is cancelled after step 3
 /// and `lm-prompt-9` stopped at step 5; `lm-prefix` joins at the fourth step.
 fn gpt2_jobs(out: &Path) -> Vec<TrainJob> {
     let job = |name, method, peft, lr, batch| lm_job("tiny-gpt2", name, method, peft, lr, batch, 10, out);
     vec![
         job("lm-prompt-3", "prompt_tuning", json!({"num_virtual_tokens": 3}), 5e-2, 8),
+        job("lm-lora", "lora", json!({"r": 4, "lora_dropout": 0.1, "target_modules": ["c_attn", "mlp.c_fc"]}), 2e-2, 6),
         job("lm-prompt-9", "prompt_tuning", json!({"num_virtual_tokens": 9, "init": "vocab"}), 2e-2, 4),
         job("lm-p-tuning", "p_tuning", json!({"num_virtual_tokens": 5, "encoder_reparameterization_type": "lstm"}), 1e-2, 6),
         job("lm-p-tuning-v2", "p_tuning_v2", json!({"num_virtual_tokens": 6, "prefix_dropout": 0.1}), 3e-2, 8),
@@ -124,10 +127,11 @@ fn gpt2_jobs(out: &Path) -> Vec<TrainJob> {
 
 /// Causal-LM jobs on a tiny Llama (grouped-query attention, rotary
 /// positions that a prefix shifts): prefixes of 2 and 7 positions beside a
-/// soft prompt.
+/// soft prompt and LoRA on the query and value projections.
 fn llama_jobs(out: &Path) -> Vec<TrainJob> {
     let job = |name, method, peft, lr, batch| lm_job("tiny-llama", name, method, peft, lr, batch, 8, out);
     vec![
+        job("llama-lora", "lora", json!({"r": 2, "lora_alpha": 4, "lora_dropout": 0.1}), 2e-2, 4),
         job("llama-p-tuning-v2-7", "p_tuning_v2", json!({"num_virtual_tokens": 7, "prefix_dropout": 0.1}), 3e-2, 8),
         job("llama-prompt-5", "prompt_tuning", json!({"num_virtual_tokens": 5}), 5e-2, 6),
         job("llama-prefix-2", "prefix_tuning", json!({"num_virtual_tokens": 2}), 2e-2, 8),

@@ -2,9 +2,10 @@
 //! about the model: a model only workers that cannot train it have
 //! registered is refused, and so is a task its architecture cannot serve
 //! (classification pools an encoder; causal language modelling needs a
-//! decoder). A model no worker has registered is admitted: one may come.
+//! decoder), and LoRA targets that name no linear of its layers. A model no
+//! worker has registered is admitted: one may come.
 
-use ptune_core::{JobSpec, ModelLimits, Task};
+use ptune_core::{JobSpec, Method, ModelFamily, ModelLimits, Task};
 
 use crate::error::Error;
 use crate::model::ModelSupport;
@@ -26,6 +27,7 @@ pub(crate) fn admit(spec: &JobSpec, support: &ModelSupport) -> Result<Option<Mod
         )),
         ModelSupport::Served { max_positions, model_types } => {
             check_task(spec.task, base_model, model_types)?;
+            check_lora_targets(spec, model_types)?;
             Ok(max_positions.map(|max_positions| ModelLimits { max_positions }))
         }
     }
@@ -52,6 +54,23 @@ fn check_task(task: Task, base_model: &str, model_types: &[String]) -> Result<()
             model_types.join(", ")
         ),
     ))
+}
+
+/// Refuses LoRA targets that match no linear of a layer of the model's
+/// architecture (as PEFT matches `target_modules`), when every type serving
+/// it is known.
+fn check_lora_targets(spec: &JobSpec, model_types: &[String]) -> Result<(), Error> {
+    let Some(targets) = spec.peft.target_modules.as_deref().filter(|_| spec.method == Method::Lora) else {
+        return Ok(());
+    };
+    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
+    if model_types.is_empty() || !model_types.iter().all(known) {
+        return Ok(());
+    }
+    for model_type in model_types {
+        ModelFamily::of(model_type).check_lora_targets(targets)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -125,5 +144,23 @@ mod tests {
              but base_model \"tiny-bert\" has model_type \"bert\""
         );
         assert!(admit(&spec("tiny-llama", Task::CausalLm), &served(&["llama"])).is_ok());
+    }
+
+    #[test]
+    fn lora_targets_must_name_linears_of_the_models_layers() {
+        let lora = |targets: &[&str]| {
+            let mut s = spec("tiny-gpt2", Task::CausalLm);
+            s.method = Method::Lora;
+            s.peft.target_modules = Some(targets.iter().map(|t| t.to_string()).collect());
+            s
+        };
+        assert!(admit(&lora(&["c_attn", "mlp.c_fc"]), &served(&["gpt2"])).is_ok());
+        assert_eq!(
+            message(admit(&lora(&["q_proj"]), &served(&["gpt2"]))),
+            "peft.target_modules: \"q_proj\" matches no linear layer of this model; \
+             allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+        );
+        assert!(admit(&lora(&["q_proj"]), &served(&["llama", "qwen2"])).is_ok());
+        assert!(admit(&lora(&["q_proj"]), &ModelSupport::Unknown).is_ok(), "no worker yet: no check");
     }
 }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ptune_core::ModelShape;
+use ptune_core::{ModelFamily, ModelShape};
 use ptune_proto::v1;
 use tracing::{info, warn};
 
@@ -30,6 +30,7 @@ impl ServedModel {
             hidden_size: self.info.hidden_size,
             num_layers: self.info.num_layers,
             num_attention_heads: self.info.num_attention_heads,
+            family: ModelFamily::of(&self.info.model_type),
         }
     }
 

@@ -21,9 +21,9 @@ use safetensors::Dtype;
 use serde_json::json;
 use tch::{nn, Kind, Tensor};
 
-use super::models::bert::{module_path, BertConfig, LINEAR_MODULES};
+use super::models::bert::BertConfig;
 use super::models::BaseModel;
-use super::peft::lora::{Lora, LoraConfig};
+use super::peft::lora::{Lora, LoraConfig, LoraModule};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::PromptTuning;
 use super::tasks::classifier::{Adapter, ClassificationHead, Classifier, Level};
@@ -164,9 +164,9 @@ pub fn peft_config(spec: &JobSpec, shape: &AdapterShape, adapter: &Adapter) -> s
             set("r", json!(c.r));
             set("lora_alpha", json!(c.alpha));
             set("lora_dropout", json!(c.dropout));
-            set("target_modules", json!(c.modules.iter().map(|m| module_path(m)).collect::<Vec<_>>()));
+            set("target_modules", json!(c.modules.iter().map(|m| m.path).collect::<Vec<_>>()));
             set("bias", json!("none"));
-            set("fan_in_fan_out", json!(false));
+            set("fan_in_fan_out", json!(c.fan_in_fan_out));
             set("use_rslora", json!(false));
             set("use_dora", json!(false));
             set("init_lora_weights", json!(true));
@@ -325,22 +325,29 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
         _ => {
             let number = |key: &str| config[key].as_f64().ok_or_else(|| bad(format!("adapter_config.json has no {key}")));
             let r = number("r")? as i64;
-            let encoder = cfg.module_name();
-            let layer_of = |module: &str| Lora::key(encoder, 0, module, "lora_A");
-            let modules: Vec<&'static str> =
-                LINEAR_MODULES.into_iter().filter(|&m| tensors.contains_key(&layer_of(m))).collect();
+            let layout = cfg.lora_layout();
+            let layer_of = |path: &str| Lora::key(&layout.layers, 0, path, "lora_A");
+            let modules: Vec<LoraModule> =
+                layout.modules.iter().filter(|m| tensors.contains_key(&layer_of(m.path))).copied().collect();
             if modules.is_empty() {
-                return Err(bad(format!("no LoRA weights of a {} encoder (no {})", cfg.model_type, layer_of("query"))));
+                return Err(bad(format!("no LoRA weights of a {} encoder (no {})", cfg.model_type, layer_of("attention.self.query"))));
             }
-            let lora_config = LoraConfig { r, alpha: number("lora_alpha")?, dropout: 0.0, modules, encoder };
-            let lora = Lora::new(p, lora_config, cfg.num_hidden_layers, |module| {
-                let a = &tensors[&Lora::key(encoder, 0, module, "lora_A")];
-                let b = &tensors[&Lora::key(encoder, 0, module, "lora_B")];
-                (a.size()[1], b.size()[0])
-            });
+            let lora_config = LoraConfig {
+                r,
+                alpha: number("lora_alpha")?,
+                dropout: 0.0,
+                modules,
+                layers: layout.layers.clone(),
+                fan_in_fan_out: layout.fan_in_fan_out,
+            };
+            let lora = Lora::new(p, lora_config, layout.num_layers);
             tch::no_grad(|| {
                 for (key, mut variable) in lora.named_tensors() {
-                    variable.copy_(tensor(&key)?);
+                    let saved = tensor(&key)?;
+                    if saved.size() != variable.size() {
+                        return Err(bad(format!("{key} has shape {:?}, expected {:?}", saved.size(), variable.size())));
+                    }
+                    variable.copy_(saved);
                 }
                 Ok::<_, EngineError>(())
             })?;

@@ -1,6 +1,7 @@
-//! Causal-LM jobs: a prompt (prompt tuning, P-tuning) or key/value prefixes
-//! (prefix tuning, P-tuning v2) trained on a frozen decoder (GPT-2, the
-//! Llama family) for text-to-text generation, as PEFT's `CAUSAL_LM` task.
+//! Causal-LM jobs: a prompt (prompt tuning, P-tuning), key/value prefixes
+//! (prefix tuning, P-tuning v2) or low-rank updates of the layers' linears
+//! (LoRA) trained on a frozen decoder (GPT-2, the Llama family) for
+//! text-to-text generation, as PEFT's `CAUSAL_LM` task.
 //!
 //! Data: training rows `{text_field: source, label_field: target}`;
 //! evaluation rows `{text_field: source, references_field: [reference, ..]}`
@@ -26,6 +27,7 @@ use super::models::decoder::{load_causal_lm, CausalDecoder};
 use super::models::hooks::{Hooks, NoHooks};
 use super::models::registry::inspect_any;
 use super::models::{ModelInfo, TOKENIZER_FILE};
+use super::peft::lora::{resolve_targets, Lora, LoraConfig, LoraHooks};
 use super::peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::{PromptInit, PromptTuning};
@@ -89,7 +91,7 @@ impl SharedBase for DecoderBase {
     }
 
     fn backward_step(&self, runs: &[&LmRun<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor> {
-        let inputs: Vec<(LmBatch, DrawnAdapter)> =
+        let inputs: Vec<(LmBatch, DrawnAdapter<'_>)> =
             runs.iter().zip(plans).map(|(run, plan)| run.train_input(&plan.indices, &plan.stream)).collect();
         // Every causal-LM method on the shared decoder can share a pass.
         let kinds: Vec<PassKind<()>> = runs
@@ -175,10 +177,13 @@ fn check_supported(spec: &JobSpec, base: &DecoderBase) -> Result<(), EngineError
         .into());
     }
     spec.validate(Some(&ModelLimits { max_positions: base.info.max_positions }))?;
+    if spec.method == Method::Lora {
+        resolve_targets(&base.model.lora_layout(), spec.peft.target_modules.as_deref())?;
+    }
     Ok(())
 }
 
-/// The job's prompt or prefixes for `base`, under `p`.
+/// The job's prompt, prefixes or low-rank updates for `base`, under `p`.
 fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Adapter, EngineError> {
     let model = &base.model;
     let peft = &spec.peft;
@@ -215,6 +220,11 @@ fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Ada
         Method::PTuningV2 => {
             Adapter::Prefix(PrefixTuning::new(&(p / "prompt_encoder"), prefix_shape, None, peft.prefix_dropout()))
         }
+        Method::Lora => {
+            let layout = model.lora_layout();
+            let modules = resolve_targets(&layout, peft.target_modules.as_deref())?;
+            Adapter::Lora(Lora::new(p, LoraConfig::for_spec(peft, modules, &layout), layout.num_layers))
+        }
         other => {
             return Err(SpecError::new("method", format!("{other} is not supported for causal_lm yet")).into());
         }
@@ -237,27 +247,30 @@ pub(crate) struct LmRun<'a> {
     spec: JobSpec,
 }
 
-/// A job's prompt and prefixes drawn for one forward pass.
-pub(crate) struct DrawnAdapter {
+/// A job's prompt, prefixes or low-rank updates drawn for one forward pass.
+pub(crate) struct DrawnAdapter<'a> {
     prompt: Option<Tensor>,
     prefix: Option<PrefixHooks>,
+    lora: Option<LoraHooks<'a>>,
 }
 
-impl DrawnAdapter {
+impl DrawnAdapter<'_> {
     /// The adapter as the decoder takes it.
     pub(crate) fn as_lm(&self) -> LmAdapter<'_> {
-        let hooks: &dyn Hooks = match &self.prefix {
-            Some(prefix) => prefix,
-            None => &NoHooks,
+        let hooks: &dyn Hooks = match (&self.prefix, &self.lora) {
+            (Some(prefix), _) => prefix,
+            (None, Some(lora)) => lora,
+            (None, None) => &NoHooks,
         };
         LmAdapter { prompt: self.prompt.as_ref(), hooks }
     }
 }
 
 impl LmRun<'_> {
-    /// The job's prompt and prefixes for batches of `batch` examples
-    /// (P-tuning's encoder dropout and prefix dropout draw in training).
-    fn draw_adapter(&self, batch: i64, train: bool) -> DrawnAdapter {
+    /// The job's prompt, prefixes or low-rank updates for batches of
+    /// `batch` examples (P-tuning's encoder dropout and prefix dropout draw
+    /// here in training; LoRA's dropout draws in the pass).
+    fn draw_adapter(&self, batch: i64, train: bool) -> DrawnAdapter<'_> {
         let prompt = match &self.adapter {
             Adapter::PromptTuning(prompt) => Some(prompt.embeddings().shallow_clone()),
             Adapter::PTuning(encoder) => Some(encoder.prompt(train)),
@@ -267,7 +280,11 @@ impl LmRun<'_> {
             Adapter::Prefix(prefix) => Some(prefix.hooks(if train { batch } else { 1 }, train)),
             _ => None,
         };
-        DrawnAdapter { prompt, prefix }
+        let lora = match &self.adapter {
+            Adapter::Lora(lora) => Some(lora.hooks(train)),
+            _ => None,
+        };
+        DrawnAdapter { prompt, prefix, lora }
     }
 
     /// Calls `f` with the adapter as the decoder takes it, for batches of
@@ -278,7 +295,7 @@ impl LmRun<'_> {
 
     /// The job's training batch at `indices` and its adapter, drawn from
     /// `stream`, for a pass alone or shared with other jobs.
-    pub(crate) fn train_input(&self, indices: &[usize], stream: &DropoutStream) -> (LmBatch, DrawnAdapter) {
+    pub(crate) fn train_input(&self, indices: &[usize], stream: &DropoutStream) -> (LmBatch, DrawnAdapter<'_>) {
         let batch = LmBatch::collate(&self.train, indices, self.pad_id, self.device);
         let adapter = with_stream(Some(stream), || self.draw_adapter(batch.len as i64, true));
         (batch, adapter)
@@ -288,7 +305,9 @@ impl LmRun<'_> {
     /// the prompt or prefix and the batch's longest example.
     pub(crate) fn pass_shape(&self, batch: &LmBatch) -> (usize, usize) {
         let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
-        (rows as usize, (seq + i64::from(self.spec.peft.num_virtual_tokens)) as usize)
+        let virtual_tokens =
+            if self.spec.method.uses_virtual_tokens() { i64::from(self.spec.peft.num_virtual_tokens) } else { 0 };
+        (rows as usize, (seq + virtual_tokens) as usize)
     }
 
     fn shape(&self) -> AdapterShape {

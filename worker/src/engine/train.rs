@@ -11,14 +11,16 @@
 use std::path::Path;
 use std::time::Instant;
 
+use ptune_core::memory::lora_target_matches;
 use ptune_core::{JobSpec, Method, Metric, MetricKind, ModelLimits, SpecError, Task};
 use tch::{nn, Device, Tensor};
 
 use super::checkpoint::{self, TrainerState};
 use super::data::batch::EpochBatches;
+use super::models::bert::BertConfig;
 use super::models::BaseModel;
 use super::optim::{AdamW, LinearSchedule};
-use super::peft::lora::{resolve_targets, Lora, LoraConfig, DEFAULT_TARGETS};
+use super::peft::lora::{resolve_targets, Lora, LoraConfig, LoraModule};
 use super::peft::p_tuning::{PromptEncoder, PromptEncoderConfig};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::{PromptInit, PromptTuning};
@@ -397,10 +399,25 @@ fn check_supported(spec: &JobSpec, base: &BaseModel) -> Result<(), EngineError> 
             "the checkpoint has no pooler.dense weights, which sequence classification pools through".into(),
         ));
     }
-    if let Some(targets) = &spec.peft.target_modules {
-        resolve_targets(targets)?;
+    if spec.method == Method::Lora {
+        lora_targets(spec, &base.config)?;
     }
     Ok(())
+}
+
+/// The BERT linears `peft.target_modules` names (query and value when it
+/// names none). A target that would also match the pooler is refused: PEFT
+/// would put an update on it, and a sequence classifier keeps it frozen.
+fn lora_targets(spec: &JobSpec, config: &BertConfig) -> Result<Vec<LoraModule>, SpecError> {
+    let targets = spec.peft.target_modules.as_deref();
+    let pooler = format!("{}.pooler.dense", config.module_name());
+    if let Some(target) = targets.into_iter().flatten().find(|target| lora_target_matches(&pooler, target)) {
+        return Err(SpecError::new(
+            "peft.target_modules",
+            format!("{target:?} would also match the pooler, which a sequence classifier keeps frozen; name the layer's linears, e.g. \"attention.output.dense\""),
+        ));
+    }
+    resolve_targets(&config.lora_layout(), targets)
 }
 
 /// AdamW over the job's variables in `vars`: the adapter at the main rate,
@@ -470,23 +487,9 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: u
             Adapter::Prefix(PrefixTuning::new(&(p / "prompt_encoder"), prefix_shape, None, peft.prefix_dropout()))
         }
         Method::Lora => {
-            let targets = match &peft.target_modules {
-                Some(targets) => resolve_targets(targets)?,
-                None => resolve_targets(&DEFAULT_TARGETS.map(String::from))?,
-            };
-            let lora_config = LoraConfig {
-                r: i64::from(peft.lora_r()),
-                alpha: peft.lora_alpha(),
-                dropout: peft.lora_dropout(),
-                modules: targets,
-                encoder: config.module_name(),
-            };
-            let dims = |module: &str| match module {
-                "intermediate.dense" => (hidden, config.intermediate_size),
-                "output.dense" => (config.intermediate_size, hidden),
-                _ => (hidden, hidden),
-            };
-            Adapter::Lora(Lora::new(p, lora_config, config.num_hidden_layers, dims))
+            let layout = config.lora_layout();
+            let lora_config = LoraConfig::for_spec(peft, lora_targets(spec, config)?, &layout);
+            Adapter::Lora(Lora::new(p, lora_config, layout.num_layers))
         }
         Method::Full => Adapter::Full(base.encoder.trainable_copy(&(p / config.module_name()), config)),
     };

@@ -34,6 +34,7 @@ use super::hooks::Hooks;
 use super::{dropout, CONFIG_FILE};
 use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
+use crate::engine::peft::lora::{LoraLayout, LoraModule};
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
 #[derive(Clone, Debug, Deserialize)]
@@ -610,17 +611,28 @@ fn layer_norm_tensors(norm: &nn::LayerNorm) -> impl Iterator<Item = &Tensor> {
     norm.ws.iter().chain(norm.bs.as_ref())
 }
 
-/// Module names a LoRA update can target in every BERT layer, relative to
-/// the layer, as [`Hooks::linear_delta`] receives them.
-pub const LINEAR_MODULES: [&str; 6] =
-    ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
-
-/// Path of a linear module inside a layer of the checkpoint, as PEFT names it
-/// (`query` lives in `attention.self`).
-pub fn module_path(module: &str) -> String {
-    match module {
-        "query" | "key" | "value" => format!("attention.self.{module}"),
-        other => other.to_string(),
+impl BertConfig {
+    /// The linears a LoRA update can target in every layer: the names the
+    /// layer passes to [`Hooks::linear_delta`] (`query` lives in
+    /// `attention.self`), with their paths and sizes. PEFT's default
+    /// targets for BERT and RoBERTa are `query` and `value`.
+    pub fn lora_layout(&self) -> LoraLayout {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let module = |hook, path, in_dim, out_dim| LoraModule { hook, path, in_dim, out_dim };
+        LoraLayout {
+            layers: format!("{}.encoder.layer", self.module_name()),
+            num_layers: self.num_hidden_layers,
+            modules: vec![
+                module("query", "attention.self.query", h, h),
+                module("key", "attention.self.key", h, h),
+                module("value", "attention.self.value", h, h),
+                module("attention.output.dense", "attention.output.dense", h, h),
+                module("intermediate.dense", "intermediate.dense", h, i),
+                module("output.dense", "output.dense", i, h),
+            ],
+            default_targets: &["query", "value"],
+            fan_in_fan_out: false,
+        }
     }
 }
 

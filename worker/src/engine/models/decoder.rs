@@ -25,6 +25,7 @@ use super::hooks::Hooks;
 use super::{dropout, CONFIG_FILE, WEIGHTS_FILE};
 use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
+use crate::engine::peft::lora::LoraLayout;
 
 /// Index of a sharded checkpoint, naming the shard of every tensor.
 pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
@@ -50,6 +51,10 @@ pub trait CausalDecoder: Send {
 
     /// `[vocab, hidden]` word embedding table.
     fn word_embeddings(&self) -> &Tensor;
+
+    /// The linears of every layer a LoRA update can target, as the layer
+    /// passes them to [`Hooks::linear_delta`], and PEFT's default targets.
+    fn lora_layout(&self) -> LoraLayout;
 
     /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
     fn embed_ids(&self, input_ids: &Tensor) -> Tensor {

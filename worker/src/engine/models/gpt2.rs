@@ -22,6 +22,7 @@ use super::decoder::{
 };
 use super::hooks::Hooks;
 use crate::engine::EngineError;
+use crate::engine::peft::lora::{LoraLayout, LoraModule};
 
 /// The fields of a Hugging Face GPT-2 `config.json` the model uses.
 #[derive(Clone, Debug, Deserialize)]
@@ -328,6 +329,24 @@ impl CausalDecoder for Gpt2Model {
 
     fn word_embeddings(&self) -> &Tensor {
         &self.transformer.wte.ws
+    }
+
+    /// Every linear of a block is a `Conv1D`; PEFT targets `c_attn` by default.
+    fn lora_layout(&self) -> LoraLayout {
+        let (h, inner) = (self.config.n_embd, self.config.inner_dim());
+        let module = |path, in_dim, out_dim| LoraModule { hook: path, path, in_dim, out_dim };
+        LoraLayout {
+            layers: "transformer.h".into(),
+            num_layers: self.transformer.blocks.len() as i64,
+            modules: vec![
+                module("attn.c_attn", h, 3 * h),
+                module("attn.c_proj", h, h),
+                module("mlp.c_fc", h, inner),
+                module("mlp.c_proj", inner, h),
+            ],
+            default_targets: &["c_attn"],
+            fan_in_fan_out: true,
+        }
     }
 
     fn forward_pass(

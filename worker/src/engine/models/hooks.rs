@@ -25,6 +25,12 @@ pub trait Hooks {
     fn linear_delta(&self, _layer: usize, _module: &str, _xs: &Tensor) -> Option<Tensor> {
         None
     }
+
+    /// True when [`Self::linear_delta`] may return a delta, so that a pass
+    /// shared by several jobs routes linears only to the jobs that change them.
+    fn has_linear_deltas(&self) -> bool {
+        false
+    }
 }
 
 /// A forward pass with nothing added: the plain base model, prompt tuning

@@ -33,6 +33,7 @@ use super::decoder::{
 };
 use super::hooks::{linear_with_delta, Hooks};
 use crate::engine::EngineError;
+use crate::engine::peft::lora::{LoraLayout, LoraModule};
 
 /// The fields of a Hugging Face Llama, Mistral or Qwen2 `config.json` the
 /// model uses.
@@ -542,6 +543,30 @@ impl CausalDecoder for LlamaModel {
 
     fn word_embeddings(&self) -> &Tensor {
         &self.model.embed_tokens.ws
+    }
+
+    /// Attention and gated MLP projections; PEFT targets `q_proj` and
+    /// `v_proj` by default (Llama, Mistral, Qwen2).
+    fn lora_layout(&self) -> LoraLayout {
+        let cfg = &self.config;
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_kv_heads() * d);
+        let module = |path, in_dim, out_dim| LoraModule { hook: path, path, in_dim, out_dim };
+        LoraLayout {
+            layers: "model.layers".into(),
+            num_layers: self.model.layers.len() as i64,
+            modules: vec![
+                module("self_attn.q_proj", h, q),
+                module("self_attn.k_proj", h, kv),
+                module("self_attn.v_proj", h, kv),
+                module("self_attn.o_proj", q, h),
+                module("mlp.gate_proj", h, i),
+                module("mlp.up_proj", h, i),
+                module("mlp.down_proj", i, h),
+            ],
+            default_targets: &["q_proj", "v_proj"],
+            fan_in_fan_out: false,
+        }
     }
 
     fn forward_pass(

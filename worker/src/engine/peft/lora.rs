@@ -4,55 +4,83 @@
 //! initialises linears and `B` `[out, r]` zero, so training starts from the
 //! base model. Dropout applies to the update's input in training.
 //!
-//! Variables are named as PEFT saves them for a BERT sequence classifier:
+//! The same update serves every architecture: a model lists the linears of
+//! one layer that LoRA may target ([`LoraModule`]) and where its layers live
+//! in the Hugging Face model (`bert.encoder.layer`, `transformer.h`,
+//! `model.layers`). Variables are named as PEFT saves them, e.g.
 //! `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`
-//! (`roberta` in place of `bert` for RoBERTa).
+//! or `base_model.model.transformer.h.N.attn.c_attn.lora_A.weight`.
+//! GPT-2's `Conv1D` linears store their weight transposed, which changes
+//! nothing here (PEFT's `fan_in_fan_out` only matters when merging).
 
 use std::collections::BTreeMap;
 
+use ptune_core::memory::lora_target_matches as target_matches;
+use ptune_core::spec::PeftConfig;
 use ptune_core::SpecError;
 use tch::nn;
 use tch::Tensor;
 
-use crate::engine::models::bert::{module_path, LINEAR_MODULES};
 use crate::engine::models::dropout;
 use crate::engine::models::hooks::Hooks;
 
-/// Where the layers of an encoder whose module is `encoder` (`bert`,
-/// `roberta`) live in a PEFT-wrapped classifier.
-fn layers_prefix(encoder: &str) -> String {
-    format!("base_model.model.{encoder}.encoder.layer")
+/// A linear layer of one model layer that LoRA may target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraModule {
+    /// The name the model's forward passes to [`Hooks::linear_delta`].
+    pub hook: &'static str,
+    /// The module's path inside a layer, as Hugging Face names it
+    /// (`attention.self.query`, `attn.c_attn`, `self_attn.q_proj`).
+    pub path: &'static str,
+    pub in_dim: i64,
+    pub out_dim: i64,
 }
 
-/// Default targets for BERT, as PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`.
-pub const DEFAULT_TARGETS: [&str; 2] = ["query", "value"];
+/// Where a model's LoRA targets are: what [`resolve_targets`] matches
+/// `peft.target_modules` against.
+#[derive(Clone, Debug)]
+pub struct LoraLayout {
+    /// Path of the model's list of layers (`bert.encoder.layer`,
+    /// `transformer.h`, `model.layers`).
+    pub layers: String,
+    pub num_layers: i64,
+    /// Every linear of a layer that may get an update, in the model's order.
+    pub modules: Vec<LoraModule>,
+    /// PEFT's default targets for the architecture
+    /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+    pub default_targets: &'static [&'static str],
+    /// True where the linears store `[in, out]` weights (GPT-2's `Conv1D`),
+    /// as PEFT's `fan_in_fan_out` says.
+    pub fan_in_fan_out: bool,
+}
 
-/// Resolves `peft.target_modules` to BERT's per-layer linears with PEFT's
-/// rule (a module matches a target equal to its name or ending in `.target`).
-/// A target that matches nothing, or the pooler, is refused.
-pub fn resolve_targets(targets: &[String]) -> Result<Vec<&'static str>, SpecError> {
-    let matches = |path: &str, target: &str| path == target || path.ends_with(&format!(".{target}"));
-    let mut modules = Vec::new();
-    for target in targets {
-        if matches("bert.pooler.dense", target) {
-            return Err(SpecError::new(
-                "peft.target_modules",
-                format!("{target:?} would also match the pooler, which a sequence classifier keeps frozen; name the layer's linears, e.g. \"attention.output.dense\""),
-            ));
-        }
-        let found: Vec<&'static str> =
-            LINEAR_MODULES.into_iter().filter(|m| matches(&module_path(m), target)).collect();
-        if found.is_empty() {
-            return Err(SpecError::new(
-                "peft.target_modules",
-                format!(
-                    "{target:?} matches no linear layer of this BERT model; allowed: query, key, value, attention.output.dense, intermediate.dense, output.dense"
-                ),
-            ));
-        }
-        modules.extend(found);
+impl LoraLayout {
+    /// The module's full name in layer 0, which PEFT matches targets against.
+    fn full_name(&self, module: &LoraModule) -> String {
+        format!("{}.0.{}", self.layers, module.path)
     }
-    Ok(LINEAR_MODULES.into_iter().filter(|m| modules.contains(m)).collect())
+}
+
+/// Resolves `targets` (the layout's defaults when `None`) to the layout's
+/// linears with PEFT's matching rule. A target that matches none of them is
+/// refused with the ones that exist.
+pub fn resolve_targets(layout: &LoraLayout, targets: Option<&[String]>) -> Result<Vec<LoraModule>, SpecError> {
+    let defaults: Vec<String> = layout.default_targets.iter().map(|t| t.to_string()).collect();
+    let targets = targets.unwrap_or(&defaults);
+    let mut chosen = Vec::new();
+    for target in targets {
+        let found: Vec<&LoraModule> =
+            layout.modules.iter().filter(|m| target_matches(&layout.full_name(m), target)).collect();
+        if found.is_empty() {
+            let allowed: Vec<&str> = layout.modules.iter().map(|m| m.path).collect();
+            return Err(SpecError::new(
+                "peft.target_modules",
+                format!("{target:?} matches no linear layer of this model; allowed: {}", allowed.join(", ")),
+            ));
+        }
+        chosen.extend(found.into_iter().map(|m| m.hook));
+    }
+    Ok(layout.modules.iter().filter(|m| chosen.contains(&m.hook)).copied().collect())
 }
 
 /// Settings of a LoRA adapter.
@@ -61,11 +89,26 @@ pub struct LoraConfig {
     pub r: i64,
     pub alpha: f64,
     pub dropout: f64,
-    /// Modules of [`LINEAR_MODULES`] that get an update.
-    pub modules: Vec<&'static str>,
-    /// The encoder's module name in the classifier (`bert`, `roberta`),
-    /// part of every PEFT key.
-    pub encoder: &'static str,
+    /// The linears that get an update, in every layer.
+    pub modules: Vec<LoraModule>,
+    /// Path of the model's list of layers, part of every PEFT key.
+    pub layers: String,
+    /// PEFT's `fan_in_fan_out`, written into the export's config.
+    pub fan_in_fan_out: bool,
+}
+
+impl LoraConfig {
+    /// The spec's rank, scaling and dropout, on `modules` of `layout`.
+    pub fn for_spec(peft: &PeftConfig, modules: Vec<LoraModule>, layout: &LoraLayout) -> Self {
+        Self {
+            r: i64::from(peft.lora_r()),
+            alpha: peft.lora_alpha(),
+            dropout: peft.lora_dropout(),
+            modules,
+            layers: layout.layers.clone(),
+            fan_in_fan_out: layout.fan_in_fan_out,
+        }
+    }
 }
 
 /// One low-rank update: `A` `[r, in]` and `B` `[out, r]`.
@@ -77,26 +120,25 @@ pub struct LoraPair {
 /// The LoRA updates of one job.
 pub struct Lora {
     config: LoraConfig,
-    /// Per layer, per module name.
+    /// Per layer, per module hook name.
     layers: Vec<BTreeMap<&'static str, LoraPair>>,
 }
 
 impl Lora {
     /// Declares the updates for `num_layers` layers under `p` (the root of
-    /// the job's variables). `dims(module)` gives the module's (in, out).
-    pub fn new(p: &nn::Path, config: LoraConfig, num_layers: i64, dims: impl Fn(&str) -> (i64, i64)) -> Self {
+    /// the job's variables), drawing `A` from the generator as it stands.
+    pub fn new(p: &nn::Path, config: LoraConfig, num_layers: i64) -> Self {
         let layers = (0..num_layers)
             .map(|layer| {
                 config
                     .modules
                     .iter()
-                    .map(|&module| {
-                        let (in_dim, out_dim) = dims(module);
-                        let path = module_var_path(p, config.encoder, layer, module);
-                        let bound = 1.0 / (in_dim as f64).sqrt();
-                        let a = (&path / "lora_A").uniform("weight", &[config.r, in_dim], -bound, bound);
-                        let b = (&path / "lora_B").zeros("weight", &[out_dim, config.r]);
-                        (module, LoraPair { a, b })
+                    .map(|module| {
+                        let path = var_path(p, &config.layers, layer, module.path);
+                        let bound = 1.0 / (module.in_dim as f64).sqrt();
+                        let a = (&path / "lora_A").uniform("weight", &[config.r, module.in_dim], -bound, bound);
+                        let b = (&path / "lora_B").zeros("weight", &[module.out_dim, config.r]);
+                        (module.hook, LoraPair { a, b })
                     })
                     .collect()
             })
@@ -108,25 +150,25 @@ impl Lora {
         &self.config
     }
 
-    /// The update of `module` in `layer`, if it has one.
-    pub fn pair(&self, layer: usize, module: &str) -> Option<&LoraPair> {
-        self.layers.get(layer)?.get(module)
+    /// The update of the module `hook` names in `layer`, if it has one.
+    pub fn pair(&self, layer: usize, hook: &str) -> Option<&LoraPair> {
+        self.layers.get(layer)?.get(hook)
     }
 
-    /// PEFT's key of a module's `lora_A` or `lora_B` weight in an encoder
-    /// whose module is `encoder`.
-    pub fn key(encoder: &str, layer: usize, module: &str, which: &str) -> String {
-        format!("{}.{layer}.{}.{which}.weight", layers_prefix(encoder), module_path(module))
+    /// PEFT's key of a module's `lora_A` or `lora_B` weight.
+    pub fn key(layers: &str, layer: usize, path: &str, which: &str) -> String {
+        format!("base_model.model.{layers}.{layer}.{path}.{which}.weight")
     }
 
     /// Every update with its PEFT keys.
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut tensors = Vec::new();
-        for (layer, modules) in self.layers.iter().enumerate() {
-            for (module, pair) in modules {
-                let encoder = self.config.encoder;
-                tensors.push((Self::key(encoder, layer, module, "lora_A"), pair.a.shallow_clone()));
-                tensors.push((Self::key(encoder, layer, module, "lora_B"), pair.b.shallow_clone()));
+        for (layer, pairs) in self.layers.iter().enumerate() {
+            for module in &self.config.modules {
+                let pair = &pairs[module.hook];
+                let key = |which| Self::key(&self.config.layers, layer, module.path, which);
+                tensors.push((key("lora_A"), pair.a.shallow_clone()));
+                tensors.push((key("lora_B"), pair.b.shallow_clone()));
             }
         }
         tensors
@@ -138,13 +180,13 @@ impl Lora {
 }
 
 /// The variable path of a module's updates: PEFT's key without `.lora_A.weight`.
-fn module_var_path<'a>(p: &nn::Path<'a>, encoder: &str, layer: i64, module: &str) -> nn::Path<'a> {
-    let mut path = p.clone();
-    for part in layers_prefix(encoder).split('.') {
+fn var_path<'a>(p: &nn::Path<'a>, layers: &str, layer: i64, module_path: &str) -> nn::Path<'a> {
+    let mut path = p / "base_model" / "model";
+    for part in layers.split('.') {
         path = path / part;
     }
     path = path / layer;
-    for part in module_path(module).split('.') {
+    for part in module_path.split('.') {
         path = path / part;
     }
     path
@@ -163,5 +205,82 @@ impl Hooks for LoraHooks<'_> {
         let xs = dropout(xs, config.dropout, self.train);
         let scaling = config.alpha / config.r as f64;
         Some(xs.linear::<Tensor>(&pair.a, None).linear::<Tensor>(&pair.b, None) * scaling)
+    }
+
+    fn has_linear_deltas(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpt2_layout() -> LoraLayout {
+        let module = |path: &'static str, in_dim, out_dim| LoraModule { hook: path, path, in_dim, out_dim };
+        LoraLayout {
+            layers: "transformer.h".into(),
+            num_layers: 2,
+            modules: vec![
+                module("attn.c_attn", 8, 24),
+                module("attn.c_proj", 8, 8),
+                module("mlp.c_fc", 8, 32),
+                module("mlp.c_proj", 32, 8),
+            ],
+            default_targets: &["c_attn"],
+            fan_in_fan_out: true,
+        }
+    }
+
+    fn paths(modules: &[LoraModule]) -> Vec<&str> {
+        modules.iter().map(|m| m.path).collect()
+    }
+
+    #[test]
+    fn targets_match_as_peft_matches_them() {
+        let layout = gpt2_layout();
+        assert_eq!(paths(&resolve_targets(&layout, None).unwrap()), ["attn.c_attn"]);
+        let targets = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // `c_proj` ends both the attention's and the MLP's output projection.
+        let both = resolve_targets(&layout, Some(&targets(&["c_proj"]))).unwrap();
+        assert_eq!(paths(&both), ["attn.c_proj", "mlp.c_proj"]);
+        let one = resolve_targets(&layout, Some(&targets(&["mlp.c_proj", "c_attn"]))).unwrap();
+        assert_eq!(paths(&one), ["attn.c_attn", "mlp.c_proj"], "in the model's order");
+        let err = resolve_targets(&layout, Some(&targets(&["q_proj"]))).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "peft.target_modules: \"q_proj\" matches no linear layer of this model; allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+        );
+        // A target must match whole names, not any suffix of one.
+        assert!(resolve_targets(&layout, Some(&targets(&["proj"]))).is_err());
+    }
+
+    #[test]
+    fn updates_are_named_as_peft_saves_them() {
+        let layout = gpt2_layout();
+        let vars = nn::VarStore::new(tch::Device::Cpu);
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            modules: resolve_targets(&layout, None).unwrap(),
+            layers: layout.layers.clone(),
+            fan_in_fan_out: true,
+        };
+        let lora = Lora::new(&vars.root(), config, layout.num_layers);
+        let names: Vec<(String, Vec<i64>)> = lora.named_tensors().into_iter().map(|(k, t)| (k, t.size())).collect();
+        assert_eq!(
+            names,
+            [
+                ("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight".to_string(), vec![4, 8]),
+                ("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight".to_string(), vec![24, 4]),
+                ("base_model.model.transformer.h.1.attn.c_attn.lora_A.weight".to_string(), vec![4, 8]),
+                ("base_model.model.transformer.h.1.attn.c_attn.lora_B.weight".to_string(), vec![24, 4]),
+            ]
+        );
+        // The job's variables carry the same names, so checkpoints and exports agree.
+        let mut variables: Vec<String> = vars.variables().into_keys().collect();
+        variables.sort();
+        assert_eq!(variables, names.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
     }
 }

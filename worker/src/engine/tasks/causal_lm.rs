@@ -12,7 +12,7 @@ use crate::engine::data::batch::pad_labelled_rows;
 use crate::engine::data::seq2seq::{LmExample, LmTokenizer, Seq2SeqFormat, SourceReferences};
 use crate::engine::models::decoder::{expand_rows, CausalDecoder, KvCache, PassLayout, Span};
 use crate::engine::models::hooks::{Hooks, NoHooks};
-use crate::engine::rng::DropoutStream;
+use crate::engine::rng::{with_stream, DropoutStream};
 use crate::engine::EngineError;
 
 /// Label value that the loss ignores (PyTorch's `ignore_index`).
@@ -158,8 +158,8 @@ impl LmMember<'_> {
 
 /// Every member's prefixes in one pass: each expanded to its member's rows
 /// and padded on the left to the longest (the pass's layout masks the
-/// padding). The causal-LM methods change no linear layer, so there are no
-/// linear deltas to route.
+/// padding); and each member's linear deltas (LoRA) on its own rows and
+/// positions, drawn with its own stream, zero over the pass's padding.
 struct PackedHooks<'a> {
     members: &'a [LmMember<'a>],
     spans: &'a [Span],
@@ -194,6 +194,41 @@ impl Hooks for PackedHooks<'_> {
             })
             .unzip();
         Some((Tensor::cat(&keys, 0), Tensor::cat(&values, 0)))
+    }
+
+    fn has_linear_deltas(&self) -> bool {
+        self.members.iter().any(|member| member.adapter.hooks.has_linear_deltas())
+    }
+
+    fn linear_delta(&self, layer: usize, module: &str, xs: &Tensor) -> Option<Tensor> {
+        // Each member sees its batch alone: its rows, up to its own longest
+        // position, so that its dropout draws the masks it draws alone.
+        if !self.has_linear_deltas() {
+            return None;
+        }
+        let longest = xs.size()[1];
+        let deltas: Vec<Option<Tensor>> = self
+            .members
+            .iter()
+            .zip(self.spans)
+            .map(|(member, span)| {
+                if !member.adapter.hooks.has_linear_deltas() {
+                    return None;
+                }
+                let own = xs.narrow(0, span.offset, span.rows).narrow(1, 0, span.seq);
+                with_stream(member.stream, || member.adapter.hooks.linear_delta(layer, module, &own))
+                    .map(|delta| delta.constant_pad_nd([0, 0, 0, longest - span.seq]))
+            })
+            .collect();
+        let width = deltas.iter().flatten().next()?.size()[2];
+        let deltas: Vec<Tensor> = deltas
+            .into_iter()
+            .zip(self.spans)
+            .map(|(delta, span)| {
+                delta.unwrap_or_else(|| Tensor::zeros([span.rows, longest, width], (xs.kind(), xs.device())))
+            })
+            .collect();
+        Some(Tensor::cat(&deltas, 0))
     }
 }
 

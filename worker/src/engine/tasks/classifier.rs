@@ -189,6 +189,10 @@ impl Hooks for JobHooks<'_> {
             _ => None,
         }
     }
+
+    fn has_linear_deltas(&self) -> bool {
+        matches!(self, JobHooks::Lora(_))
+    }
 }
 
 /// What a classifier labels.
