@@ -1,11 +1,18 @@
-//! The engine alone, without coordinator or worker: N prompt-tuning jobs on
-//! all-MiniLM-L6-v2 trained one after another, then as one pack at each
-//! token budget given, in one process, repeated ROUNDS times in alternation
-//! so that drift in the machine's load hits every mode alike. Prints a
-//! markdown table of training examples per second (evaluation and setup
-//! excluded: each job evaluates 8 dev sentences once, at the end).
+//! The engine alone, without coordinator or worker: N jobs of batch 8 on one
+//! base model trained one after another, then as one pack at each token
+//! budget given, in one process, repeated ROUNDS times in alternation so
+//! that drift in the machine's load hits every mode alike. Prints a markdown
+//! table of training examples per second (evaluation and setup excluded:
+//! each job evaluates a few dev examples once, at the end).
 //!
-//! `cargo run --release -p ptune-worker --example pack_bench -- MODEL_DIR SST2_DIR [JOBS] [STEPS] [ROUNDS] [TOKENS...]`
+//! `cargo run --release -p ptune-worker --example pack_bench -- [--kind KIND] MODEL_DIR DATA_DIR [JOBS] [STEPS] [ROUNDS] [TOKENS...]`
+//!
+//! KIND is what the jobs train:
+//! - `sst2-prompt` (the default): prompt tuning, 20 virtual tokens, SST-2
+//!   sequence classification on an encoder (all-MiniLM-L6-v2);
+//! - `e2e-lora`: LoRA of rank 8 on the attention's query and value
+//!   projections (PEFT's default), E2E causal LM on a decoder;
+//! - `e2e-prompt`: prompt tuning, 20 virtual tokens, E2E causal LM on a decoder.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,16 +20,61 @@ use std::time::Instant;
 use ptune_core::JobSpec;
 use ptune_worker::engine::{Control, Engine, Event, PackJob, PackLimits, Resume, TrainJob};
 
-fn job(i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
+/// What a benchmark's jobs train.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Sst2Prompt,
+    E2eLora,
+    E2ePrompt,
+}
+
+impl Kind {
+    fn parse(name: &str) -> Kind {
+        match name {
+            "sst2-prompt" => Kind::Sst2Prompt,
+            "e2e-lora" => Kind::E2eLora,
+            "e2e-prompt" => Kind::E2ePrompt,
+            other => panic!("unknown --kind {other:?}; one of sst2-prompt, e2e-lora, e2e-prompt"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Sst2Prompt => "prompt-tuning jobs (20 virtual tokens, SST-2 classification)",
+            Kind::E2eLora => "LoRA jobs (r 8 on q_proj and v_proj, E2E causal LM)",
+            Kind::E2ePrompt => "prompt-tuning jobs (20 virtual tokens, E2E causal LM)",
+        }
+    }
+}
+
+fn job(kind: Kind, i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
     let lrs = [3e-2, 1e-2, 3e-3, 5e-2, 2e-2, 8e-3, 4e-2, 1.5e-2];
-    let spec = serde_json::json!({
-        "name": format!("pack-{i}"), "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
-        "method": "prompt_tuning", "peft": {"num_virtual_tokens": 20, "init": "vocab"},
-        "data": {"train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 64,
-                 "max_train_examples": 2000, "max_eval_examples": 8},
-        "training": {"learning_rate": lrs[i % lrs.len()], "head_learning_rate": 3e-2, "batch_size": 8,
-                     "max_steps": steps, "warmup_ratio": 0.0, "seed": i as u64 + 1},
-    });
+    let lr = lrs[i % lrs.len()];
+    let training = serde_json::json!({"learning_rate": lr, "head_learning_rate": 3e-2, "batch_size": 8,
+                                      "max_steps": steps, "warmup_ratio": 0.0, "seed": i as u64 + 1});
+    let lm_data = serde_json::json!({"train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source",
+                                     "label_field": "target", "max_seq_len": 64, "max_train_examples": 2000,
+                                     "max_eval_examples": 4});
+    let generation = serde_json::json!({"max_new_tokens": 8, "num_beams": 1});
+    let spec = match kind {
+        Kind::Sst2Prompt => serde_json::json!({
+            "name": format!("pack-{i}"), "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
+            "method": "prompt_tuning", "peft": {"num_virtual_tokens": 20, "init": "vocab"},
+            "data": {"train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 64,
+                     "max_train_examples": 2000, "max_eval_examples": 8},
+            "training": training,
+        }),
+        Kind::E2eLora => serde_json::json!({
+            "name": format!("pack-{i}"), "base_model": "decoder", "task": "causal_lm", "method": "lora",
+            "peft": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
+            "data": lm_data, "training": training, "generation": generation,
+        }),
+        Kind::E2ePrompt => serde_json::json!({
+            "name": format!("pack-{i}"), "base_model": "decoder", "task": "causal_lm", "method": "prompt_tuning",
+            "peft": {"num_virtual_tokens": 20},
+            "data": lm_data, "training": training, "generation": generation,
+        }),
+    };
     let spec: JobSpec = serde_json::from_value(spec).expect("spec");
     TrainJob {
         spec,
@@ -45,9 +97,16 @@ fn step_share(event: Event<'_>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let kind = if args.first().map(String::as_str) == Some("--kind") {
+        let kind = Kind::parse(args.get(1).expect("--kind KIND"));
+        args.drain(..2);
+        kind
+    } else {
+        Kind::Sst2Prompt
+    };
     let model_dir = PathBuf::from(args.first().expect("MODEL_DIR"));
-    let data = PathBuf::from(args.get(1).expect("SST2_DIR"));
+    let data = PathBuf::from(args.get(1).expect("DATA_DIR"));
     let jobs: usize = args.get(2).map_or(8, |s| s.parse().unwrap());
     let steps: u64 = args.get(3).map_or(30, |s| s.parse().unwrap());
     let rounds: usize = args.get(4).map_or(2, |s| s.parse().unwrap());
@@ -66,7 +125,7 @@ fn main() -> anyhow::Result<()> {
                     seconds += step_share(event);
                     Control::Continue
                 };
-                engine.train(&model_dir, &job(i, steps, &data, out.path()), &mut record).expect("trains");
+                engine.train(&model_dir, &job(kind, i, steps, &data, out.path()), &mut record).expect("trains");
                 seconds
             })
             .sum();
@@ -78,7 +137,7 @@ fn main() -> anyhow::Result<()> {
             let pack_job = |i: usize| {
                 let total = total.clone();
                 PackJob {
-                    job: job(i, steps, &data, out.path()),
+                    job: job(kind, i, steps, &data, out.path()),
                     on_event: Box::new(move |event: Event<'_>| {
                         total.set(total.get() + step_share(event));
                         Control::Continue
@@ -101,7 +160,11 @@ fn main() -> anyhow::Result<()> {
         xs[xs.len() / 2]
     };
     let base = median(&rows[0].1);
-    println!("{jobs} prompt-tuning jobs, batch 8, {steps} steps, 20 virtual tokens, SST-2, all-MiniLM-L6-v2; median of {rounds} alternating rounds.");
+    println!(
+        "{jobs} {}, batch 8, {steps} steps, on {}; median of {rounds} alternating rounds.",
+        kind.describe(),
+        model_dir.display()
+    );
     println!();
     println!("| run | seconds in steps (each round) | train examples/s | vs one after another |");
     println!("|---|---|---|---|");
