@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The scheduler's memory estimate (`ptune-worker estimate`) against the
 # measured peak resident memory of training the same spec, for a few job
-# shapes on all-MiniLM-L6-v2. Each shape trains 20 steps in its own
-# `ptune-worker train` process (--threads 1) under GNU time (maximum RSS),
-# evaluating once at the end on 64 dev examples.
+# shapes on all-MiniLM-L6-v2 (sequence classification) and on a 56M-parameter
+# Llama-shaped decoder (causal LM; bench/random_decoder.py writes it under
+# target/bench-models/ if it is missing). Each shape trains 20 steps in its
+# own `ptune-worker train` process (--threads 1) under GNU time (maximum
+# RSS), evaluating once at the end on 64 dev examples (16 for causal LM,
+# decoding 8 tokens).
 #
-# The training set joins consecutive SST-2 sentences so that every example
-# fills max_seq_len: the estimate assumes full sequences, and short ones
-# would make any estimate look generous.
+# The training sets join consecutive SST-2 sentences (E2E targets) so that
+# every example fills max_seq_len: the estimate assumes full sequences, and
+# short ones would make any estimate look generous.
 #
 # A process's peak also holds what the estimate leaves out (the libtorch
 # runtime, the tokenizer, the datasets). The baseline run (prompt tuning, 1
@@ -30,18 +33,60 @@ steps="${STEPS:-20}"
 rm -rf "$work"
 mkdir -p "$work" target/bench
 
-# Every example: 24 consecutive SST-2 sentences (well over 128 tokens), the first one's label.
-python3 - "$PTUNE_ROOT/../shared/data/sst2/train.jsonl" "$work/train-long.jsonl" <<'PY'
+# Every example: 24 consecutive SST-2 sentences (well over 128 tokens), the
+# first one's label; for causal LM, one E2E source and 8 consecutive targets.
+python3 - "$PTUNE_ROOT/../shared/data" "$work" <<'PY'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-with open(sys.argv[2], "w") as out:
+data, work = sys.argv[1:]
+rows = [json.loads(line) for line in open(f"{data}/sst2/train.jsonl") if line.strip()]
+with open(f"{work}/train-long.jsonl", "w") as out:
     for i in range(0, 24 * 800, 24):
         chunk = rows[i:i + 24]
         out.write(json.dumps({"text": " . ".join(r["text"] for r in chunk), "label": chunk[0]["label"]}) + "\n")
+rows = [json.loads(line) for line in open(f"{data}/e2e/train.jsonl") if line.strip()]
+with open(f"{work}/e2e-long.jsonl", "w") as out:
+    for i in range(0, 8 * 800, 8):
+        chunk = rows[i:i + 8]
+        out.write(json.dumps({"source": chunk[0]["source"], "target": " ".join(r["target"] for r in chunk)}) + "\n")
 PY
 
-# write_spec NAME METHOD BATCH SEQ STEPS PEFT_LINES
+decoder=target/bench-models/bench-llama
+[ -f "$decoder/model.safetensors" ] || python bench/random_decoder.py "$decoder"
+mkdir -p "$work/models"
+ln -sfn "$PTUNE_ROOT/models/all-MiniLM-L6-v2" "$work/models/all-MiniLM-L6-v2"
+ln -sfn "$PTUNE_ROOT/$decoder" "$work/models/bench-llama"
+
+# write_spec NAME METHOD BATCH SEQ STEPS PEFT_LINES (classification on MiniLM,
+# or causal LM on the decoder for names starting with lm-)
 write_spec() {
+  if [[ $1 == lm-* ]]; then
+    cat >"$work/$1.toml" <<TOML
+name = "$1"
+base_model = "bench-llama"
+task = "causal_lm"
+method = "$2"
+[peft]
+$6
+[data]
+train = "$PTUNE_ROOT/$work/e2e-long.jsonl"
+eval = "$PTUNE_ROOT/../shared/data/e2e/dev.jsonl"
+text_field = "source"
+label_field = "target"
+references_field = "references"
+max_seq_len = $4
+max_train_examples = $(( $3 * $5 ))
+max_eval_examples = 16
+[generation]
+max_new_tokens = 8
+num_beams = 1
+[training]
+learning_rate = 1e-3
+batch_size = $3
+max_steps = $5
+seed = 1
+TOML
+    return
+  fi
   cat >"$work/$1.toml" <<TOML
 name = "$1"
 base_model = "all-MiniLM-L6-v2"
@@ -64,7 +109,8 @@ seed = 1
 TOML
 }
 
-# name | label | method | batch | seq | peft lines
+# name | label | method | batch | seq | peft lines. Each model's shapes
+# follow its own baseline.
 shapes=(
   "baseline|baseline: prompt tuning, 1 virtual token, batch 1, 8 tokens, 1 step|prompt_tuning|1|8|num_virtual_tokens = 1"
   "pt-b8-s64|prompt tuning, 20 virtual tokens, batch 8, 64 tokens|prompt_tuning|8|64|num_virtual_tokens = 20"
@@ -72,6 +118,11 @@ shapes=(
   "ptv2-b16-s128|P-tuning v2, 20 virtual tokens, batch 16, 128 tokens|p_tuning_v2|16|128|num_virtual_tokens = 20"
   "lora-b16-s128|LoRA r 8 (query, value), batch 16, 128 tokens|lora|16|128|"
   "full-b16-s64|full fine-tuning, batch 16, 64 tokens|full|16|64|"
+  "lm-baseline|baseline: prompt tuning, 1 virtual token, batch 1, 8 tokens, 1 step|prompt_tuning|1|8|num_virtual_tokens = 1"
+  "lm-pt-b8-s64|prompt tuning, 20 virtual tokens, batch 8, 64 tokens|prompt_tuning|8|64|num_virtual_tokens = 20"
+  "lm-ptv2-b8-s128|P-tuning v2, 20 virtual tokens, batch 8, 128 tokens|p_tuning_v2|8|128|num_virtual_tokens = 20"
+  "lm-lora-b8-s128|LoRA r 8 (q_proj, v_proj), batch 8, 128 tokens|lora|8|128|"
+  "lm-lora-all-b16-s128|LoRA r 16 (all 7 projections), batch 16, 128 tokens|lora|16|128|r = 16;target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]"
 )
 
 # sample PID FILE: appends "VmHWM VmRSS" (KiB) of PID every 20 ms until it exits.
@@ -84,12 +135,13 @@ sample() {
 
 for shape in "${shapes[@]}"; do
   IFS='|' read -r name label method batch seq peft <<<"$shape"
+  peft="${peft//;/$'\n'}"
   n="$steps"
-  [ "$name" = baseline ] && n=1
+  [[ $name == *baseline ]] && n=1
   write_spec "$name" "$method" "$batch" "$seq" "$n" "$peft"
-  "$bin/ptune-worker" --models-dir models estimate --spec "$work/$name.toml" --json >"$work/$name.estimate.json"
+  "$bin/ptune-worker" --models-dir "$work/models" estimate --spec "$work/$name.toml" --json >"$work/$name.estimate.json"
   echo "bench: $label" >&2
-  /usr/bin/time -f "%M %e" -o "$work/$name.time" "$bin/ptune-worker" --models-dir models --threads 1 \
+  /usr/bin/time -f "%M %e" -o "$work/$name.time" "$bin/ptune-worker" --models-dir "$work/models" --threads 1 \
     train --spec "$work/$name.toml" --out "$work/$name" >"$work/$name.log" 2>&1 &
   timer=$!
   sleep 0.05
@@ -109,26 +161,32 @@ for line in open(f"{work}/runs.tsv"):
     peak_kib, seconds = measured.split()
     estimate = json.load(open(f"{work}/{name}.estimate.json"))
     runs.append((name, label, int(peak_kib) * 1024, float(seconds), estimate))
-(_, base_label, load_peak, _, base_estimate), *shapes = runs
-samples = [tuple(map(int, l.split())) for l in open(f"{work}/baseline.rss") if len(l.split()) == 2]
-after_load = [rss for i, (hwm, rss) in enumerate(samples) if any(r < h for h, r in samples[: i + 1])]
-baseline = max(after_load) * 1024
-print("Memory estimate (`ptune-worker estimate`) against the measured peak resident memory of "
-      "`ptune-worker train --threads 1` (CPU, GNU time's maximum RSS), all-MiniLM-L6-v2, sequence "
-      "classification, every example filling max_seq_len, 20 steps and an evaluation of 64 dev examples. "
-      f"Baseline: {mib(baseline):.0f} MiB resident once the model is loaded, in a run with next to no "
-      f"training ({base_label}; the estimate's weights are {mib(base_estimate['weights_bytes']):.0f} MiB of it, "
-      f"the rest is the libtorch runtime, the tokenizer and the datasets). Loading peaks at {mib(load_peak):.0f} MiB, "
-      "below every peak in the table. MiB.")
-print()
-print("| job | estimate: weights / job / activations | estimate total | measured peak RSS | "
-      "peak - baseline | estimate job + activations | measured / estimated |")
-print("|---|---|---:|---:|---:|---:|---:|")
-for name, label, peak, seconds, e in shapes:
-    parts = f"{mib(e['weights_bytes']):.0f} / {mib(e['job_bytes']):.1f} / {mib(e['activation_bytes']):.0f}"
-    training = e["job_bytes"] + e["activation_bytes"]
-    above = peak - baseline
-    flag = "" if peak > load_peak else " (the loading peak)"
-    print(f"| {label} | {parts} | {mib(e['total_bytes']):.0f} | {mib(peak):.0f}{flag} | {mib(above):.0f} | "
-          f"{mib(training):.0f} | {above / training:.2f} |")
+sets = [
+    ("all-MiniLM-L6-v2, sequence classification, every example filling max_seq_len, 20 steps and an "
+     "evaluation of 64 dev examples", [r for r in runs if not r[0].startswith("lm-")]),
+    ("the 56M-parameter Llama-shaped decoder of bench/random_decoder.py, E2E causal LM, every example "
+     "filling max_seq_len, 20 steps and an evaluation of 16 dev inputs decoding 8 tokens (the estimate's "
+     "sequence counts them too)", [r for r in runs if r[0].startswith("lm-")]),
+]
+for what, ((base_name, base_label, load_peak, _, base_estimate), *shapes) in sets:
+    samples = [tuple(map(int, l.split())) for l in open(f"{work}/{base_name}.rss") if len(l.split()) == 2]
+    after_load = [rss for i, (hwm, rss) in enumerate(samples) if any(r < h for h, r in samples[: i + 1])]
+    baseline = max(after_load) * 1024
+    print("Memory estimate (`ptune-worker estimate`) against the measured peak resident memory of "
+          f"`ptune-worker train --threads 1` (CPU, GNU time's maximum RSS), {what}. "
+          f"Baseline: {mib(baseline):.0f} MiB resident once the model is loaded, in a run with next to no "
+          f"training ({base_label}; the estimate's weights are {mib(base_estimate['weights_bytes']):.0f} MiB of it, "
+          f"the rest is the libtorch runtime, the tokenizer and the datasets). Loading peaks at {mib(load_peak):.0f} MiB. MiB.")
+    print()
+    print("| job | estimate: weights / job / activations | estimate total | measured peak RSS | "
+          "peak - baseline | estimate job + activations | measured / estimated |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, label, peak, seconds, e in shapes:
+        parts = f"{mib(e['weights_bytes']):.0f} / {mib(e['job_bytes']):.1f} / {mib(e['activation_bytes']):.0f}"
+        training = e["job_bytes"] + e["activation_bytes"]
+        above = peak - baseline
+        flag = "" if peak > load_peak * 1.01 else " (the loading peak)"
+        print(f"| {label} | {parts} | {mib(e['total_bytes']):.0f} | {mib(peak):.0f}{flag} | {mib(above):.0f} | "
+              f"{mib(training):.0f} | {above / training:.2f} |")
+    print()
 PY
