@@ -3,7 +3,7 @@
 //! lengths and learning rates; a `ptune-worker` with four slots trains them
 //! over gRPC, and every trial reports steps shared by all four. Both kinds
 //! of pack are covered: classification on all-MiniLM-L6-v2, and causal LM
-//! on a tiny GPT-2.
+//! on a tiny GPT-2 (prompt tuning, and LoRA over its rank).
 
 mod common;
 
@@ -29,11 +29,36 @@ async fn the_trials_of_a_sweep_train_as_one_pack() {
                   "max_train_examples": 320, "max_eval_examples": 64 },
         "training": { "batch_size": 8, "max_steps": STEPS, "eval_every": 10, "seed": 3 },
     });
-    check_trials_pack(&cluster, template, "accuracy").await;
+    check_trials_pack(&cluster, template, prompt_space(), "accuracy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_causal_lm_trials_of_a_sweep_train_as_one_pack() {
+    let (cluster, template) = gpt2_cluster("prompt_tuning").await;
+    check_trials_pack(&cluster, template, prompt_space(), "bleu").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_causal_lm_lora_trials_of_a_sweep_train_as_one_pack() {
+    let (cluster, template) = gpt2_cluster("lora").await;
+    let space = json!({
+        "peft.r": { "values": [2, 8] },
+        "training.learning_rate": { "values": [1e-2, 3e-2] },
+    });
+    check_trials_pack(&cluster, template, space, "bleu").await;
+}
+
+/// Prompt length x learning rate.
+fn prompt_space() -> Value {
+    json!({
+        "peft.num_virtual_tokens": { "values": [4, 16] },
+        "training.learning_rate": { "values": [1e-2, 3e-2] },
+    })
+}
+
+/// A cluster whose worker will serve a tiny GPT-2, and a causal-LM template
+/// for `method` on E2E pairs uploaded to it.
+async fn gpt2_cluster(method: &str) -> (Cluster, Value) {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let gpt2 = workspace_root().join("worker/tests/fixtures/tiny-gpt2");
     std::os::unix::fs::symlink(gpt2, cluster.models_dir.join("tiny-gpt2")).unwrap();
@@ -44,20 +69,20 @@ async fn the_causal_lm_trials_of_a_sweep_train_as_one_pack() {
     let template = json!({
         "base_model": "tiny-gpt2",
         "task": "causal_lm",
-        "method": "prompt_tuning",
+        "method": method,
         "data": { "train": train, "eval": eval, "text_field": "source", "label_field": "target",
                   "max_seq_len": 24, "max_train_examples": 160, "max_eval_examples": 8 },
         "training": { "batch_size": 8, "max_steps": STEPS, "eval_every": 10, "seed": 3 },
         "generation": { "max_new_tokens": 4, "num_beams": 1 },
     });
-    check_trials_pack(&cluster, template, "bleu").await;
+    (cluster, template)
 }
 
-/// Runs a grid of four trials (prompt length x learning rate) of `template`
-/// on a worker with four slots, started once all four are queued; checks
-/// that every trial succeeds, trains every step, and shares most of its
-/// steps with all four.
-async fn check_trials_pack(cluster: &Cluster, template: Value, metric: &str) {
+/// Runs a grid of four trials (`space`, two values of two fields) of
+/// `template` on a worker with four slots, started once all four are
+/// queued; checks that every trial succeeds, trains every step, and shares
+/// most of its steps with all four.
+async fn check_trials_pack(cluster: &Cluster, template: Value, space: Value, metric: &str) {
     let mut client = cluster.client().await;
     let definition = json!({
         "name": "packed-sweep",
@@ -65,10 +90,7 @@ async fn check_trials_pack(cluster: &Cluster, template: Value, metric: &str) {
         "objective": { "metric": metric, "direction": "maximize" },
         "algorithm": { "type": "grid" },
         "template": template,
-        "space": {
-            "peft.num_virtual_tokens": { "values": [4, 16] },
-            "training.learning_rate": { "values": [1e-2, 3e-2] },
-        },
+        "space": space,
     });
     let mut sweeps = SweepServiceClient::connect(cluster.url()).await.expect("coordinator answers");
     let sweep = sweeps

@@ -258,7 +258,17 @@ fn lora_on_qwen2_trains_every_projection_with_biased_attention() {
 
 #[test]
 fn a_causal_lm_run_resumes_exactly() {
-    let spec = spec("tiny-qwen2", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1}));
+    check_resumes_exactly(spec("tiny-qwen2", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1})));
+}
+
+#[test]
+fn a_causal_lm_lora_run_resumes_exactly() {
+    check_resumes_exactly(spec("tiny-gpt2", "lora", json!({"r": 4, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_fc"]})));
+}
+
+/// Stopped at step 6 and resumed from the checkpoint of step 4, the run
+/// reports what the uninterrupted run reports, and decodes the same.
+fn check_resumes_exactly(spec: JobSpec) {
     let whole = tempfile::tempdir().expect("temp dir");
     let (outcome, uninterrupted) = train(&job(spec.clone(), whole.path(), Resume::Never), None);
     let outcome = outcome.expect("trains");
