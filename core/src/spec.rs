@@ -51,8 +51,8 @@ impl Method {
     }
 
     /// Methods the engine trains for causal language modelling.
-    pub const CAUSAL_LM: [Method; 5] =
-        [Method::PromptTuning, Method::PTuning, Method::PrefixTuning, Method::PTuningV2, Method::Lora];
+    pub const CAUSAL_LM: [Method; 6] =
+        [Method::PromptTuning, Method::PTuning, Method::PrefixTuning, Method::PTuningV2, Method::Lora, Method::Full];
 
     /// True for methods whose length is set by `peft.num_virtual_tokens`.
     pub fn uses_virtual_tokens(self) -> bool {
@@ -1102,9 +1102,6 @@ mod tests {
             JobSpec::from_toml(&text)?.validate(None)
         };
         causal("lora").expect("LoRA trains causal LMs");
-        assert_eq!(
-            causal("full").unwrap_err().to_string(),
-            "method: full is not supported for causal_lm yet; supported: prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, lora"
-        );
+        causal("full").expect("full fine-tuning trains causal LMs");
     }
 }

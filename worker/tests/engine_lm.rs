@@ -1,4 +1,4 @@
-//! Causal-LM jobs end to end in the engine: prompt, prefix and LoRA methods train
+//! Causal-LM jobs end to end in the engine: prompt, prefix and LoRA methods and full fine-tuning train
 //! on E2E pairs on tiny GPT-2 and Llama checkpoints, evaluate with loss and
 //! corpus BLEU of decoded outputs, export in PEFT's `CAUSAL_LM` format that
 //! `PeftModel.from_pretrained` loads with the same logits as the engine, and
@@ -148,6 +148,20 @@ fn peft_logits(model_dir: &Path, export: &Path, inputs: &Path) -> Tensor {
     Tensor::from_slice(&flat).view([b, s, v]).to_kind(Kind::Float)
 }
 
+/// A right-padded batch of two to compare logits on, and the json file
+/// that hands it to the reference script.
+fn check_inputs(dir: &Path) -> (Tensor, Tensor, PathBuf) {
+    let ids = Tensor::from_slice(&[5i64, 9, 12, 7, 3, 6, 11, 4, 0, 0]).view([2, 5]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 5]);
+    let inputs = dir.join("inputs.json");
+    let inputs_json = json!({
+        "input_ids": Vec::<Vec<i64>>::try_from(&ids).unwrap(),
+        "attention_mask": Vec::<Vec<i64>>::try_from(&mask).unwrap(),
+    });
+    std::fs::write(&inputs, inputs_json.to_string()).unwrap();
+    (ids, mask, inputs)
+}
+
 fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_type: &str) -> Value {
     let model_dir = fixtures().join(model_name);
     let out = tempfile::tempdir().expect("temp dir");
@@ -176,14 +190,7 @@ fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_ty
     assert_eq!(config["peft_type"], peft_type);
 
     // PEFT loads the export and computes the engine's logits.
-    let ids = Tensor::from_slice(&[5i64, 9, 12, 7, 3, 6, 11, 4, 0, 0]).view([2, 5]);
-    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 5]);
-    let inputs = out.path().join("inputs.json");
-    let inputs_json = json!({
-        "input_ids": Vec::<Vec<i64>>::try_from(&ids).unwrap(),
-        "attention_mask": Vec::<Vec<i64>>::try_from(&mask).unwrap(),
-    });
-    std::fs::write(&inputs, inputs_json.to_string()).unwrap();
+    let (ids, mask, inputs) = check_inputs(out.path());
     let model = load_causal_lm(&model_dir, Device::Cpu).expect("model loads");
     let ours = engine_logits(model.as_ref(), &export, &ids, &mask);
     let theirs = peft_logits(&model_dir, &export, &inputs);
@@ -257,6 +264,53 @@ fn lora_on_qwen2_trains_every_projection_with_biased_attention() {
 }
 
 #[test]
+fn full_fine_tuning_on_gpt2_exports_a_model_folder_with_its_tied_head() {
+    check_full_fine_tuning("tiny-gpt2");
+}
+
+#[test]
+fn full_fine_tuning_on_llama_exports_a_model_folder_with_its_own_head() {
+    check_full_fine_tuning("tiny-llama");
+}
+
+/// Full fine-tuning trains the job's own copy of the decoder and exports it
+/// as a model folder that transformers loads with the engine's logits, which
+/// differ from the base model's.
+fn check_full_fine_tuning(model_name: &str) {
+    let model_dir = fixtures().join(model_name);
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut spec = spec(model_name, "full", json!({}));
+    spec.training.learning_rate = 1e-3;
+    let (outcome, metrics) = train(&job(spec, out.path(), Resume::Never), None);
+    let outcome = outcome.unwrap_or_else(|e| panic!("{model_name} full: {e}"));
+    assert_eq!(outcome.steps, STEPS);
+    let losses = values(&metrics, MetricKind::Train, "loss");
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert!(mean(&losses[losses.len() - 3..]) < mean(&losses[..3]), "{model_name} full: {losses:?}");
+
+    let export = out.path().join("adapter");
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "ptune.json"] {
+        assert!(export.join(file).is_file(), "{model_name} full: no {file} in the export");
+    }
+    assert!(!export.join("adapter_config.json").exists(), "a model folder, not an adapter");
+
+    let (ids, mask, inputs) = check_inputs(out.path());
+    let trained = load_causal_lm(&export, Device::Cpu).expect("the export loads as a model");
+    let ours = tch::no_grad(|| causal_lm::logits(trained.as_ref(), &LmAdapter::none(), &ids, &mask, false));
+    let theirs = peft_logits(&model_dir, &export, &inputs);
+    let real = mask.reshape([-1]).ne(0).nonzero().squeeze_dim(1);
+    let vocab = ours.size()[2];
+    let pick = |t: &Tensor| t.reshape([-1, vocab]).index_select(0, &real);
+    let diff = f64::try_from((pick(&ours) - pick(&theirs)).abs().max()).unwrap();
+    assert!(diff < 1e-4, "{model_name} full: transformers' logits of the export differ by {diff}");
+    let base = load_causal_lm(&model_dir, Device::Cpu).expect("base loads");
+    let plain = tch::no_grad(|| causal_lm::logits(base.as_ref(), &LmAdapter::none(), &ids, &mask, false));
+    let moved = f64::try_from((pick(&ours) - pick(&plain)).abs().max()).unwrap();
+    eprintln!("{model_name} full: loss {:.3} -> {:.3}, transformers max diff {diff:.2e}, moved {moved:.3}", losses[0], losses[losses.len() - 1]);
+    assert!(moved > 1e-3, "{model_name} full: training left the model unchanged ({moved})");
+}
+
+#[test]
 fn a_causal_lm_run_resumes_exactly() {
     check_resumes_exactly(spec("tiny-qwen2", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1})));
 }
@@ -264,6 +318,13 @@ fn a_causal_lm_run_resumes_exactly() {
 #[test]
 fn a_causal_lm_lora_run_resumes_exactly() {
     check_resumes_exactly(spec("tiny-gpt2", "lora", json!({"r": 4, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_fc"]})));
+}
+
+#[test]
+fn a_causal_lm_full_fine_tuning_run_resumes_exactly() {
+    let mut spec = spec("tiny-llama", "full", json!({}));
+    spec.training.learning_rate = 1e-3;
+    check_resumes_exactly(spec);
 }
 
 /// Stopped at step 6 and resumed from the checkpoint of step 4, the run
@@ -309,10 +370,5 @@ fn causal_lm_specs_are_checked_against_the_decoder() {
         "job spec cannot run: peft.target_modules: \"query\" matches no linear layer of this model; allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
     );
 
-    let full: Result<JobSpec, _> = serde_json::from_value(json!({
-        "name": "x", "base_model": "tiny-gpt2", "task": "causal_lm", "method": "full",
-        "data": { "train": "t", "eval": "e" }, "training": { "learning_rate": 1e-3 },
-    }));
-    let message = full.unwrap().validate(None).expect_err("full fine-tuning on causal_lm").to_string();
-    assert!(message.starts_with("method: full is not supported for causal_lm yet"), "{message}");
+
 }

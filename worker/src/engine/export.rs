@@ -22,7 +22,7 @@ use serde_json::json;
 use tch::{nn, Kind, Tensor};
 
 use super::models::bert::BertConfig;
-use super::models::BaseModel;
+use super::models::{BaseModel, TOKENIZER_FILE};
 use super::peft::lora::{Lora, LoraConfig, LoraModule};
 use super::peft::prefix::{PrefixShape, PrefixTuning};
 use super::peft::prompt_tuning::PromptTuning;
@@ -217,6 +217,46 @@ pub fn write_adapter(
     std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
     write_safetensors(&out_dir.join(ADAPTER_WEIGHTS_FILE), &adapter.peft_tensors())?;
     write_json(&out_dir.join(ADAPTER_CONFIG_FILE), &peft_config(spec, shape, adapter))?;
+    write_json(&out_dir.join(PROVENANCE_FILE), provenance)
+}
+
+/// Writes a causal-LM full fine-tuning export into `out_dir`: the job's copy
+/// of the decoder (`vars`, named as the Hugging Face `*ForCausalLM` names its
+/// parameters) as a model folder that `AutoModelForCausalLM.from_pretrained`
+/// loads: `model.safetensors`, the base's `config.json` (its dtype set to
+/// float32, as the weights are), and the base's tokenizer and generation
+/// config where it has them; plus `ptune.json`.
+pub fn write_causal_lm_model(
+    out_dir: &Path,
+    base_dir: &Path,
+    vars: &nn::VarStore,
+    provenance: &serde_json::Value,
+) -> Result<(), EngineError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
+    let mut tensors: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    write_safetensors(&out_dir.join(MODEL_WEIGHTS_FILE), &tensors)?;
+    let config_path = base_dir.join(MODEL_CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Model(format!("{} is not json: {e}", config_path.display())))?;
+    if let Some(fields) = config.as_object_mut() {
+        for key in ["dtype", "torch_dtype"] {
+            if key == "dtype" || fields.contains_key(key) {
+                fields.insert(key.to_string(), json!("float32"));
+            }
+        }
+    }
+    write_json(&out_dir.join(MODEL_CONFIG_FILE), &config)?;
+    for name in [TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        let source = base_dir.join(name);
+        if source.is_file() {
+            let target = out_dir.join(name);
+            let partial = partial_path(&target);
+            std::fs::copy(&source, &partial).map_err(|e| EngineError::io(&source, e))?;
+            std::fs::rename(&partial, &target).map_err(|e| EngineError::io(&target, e))?;
+        }
+    }
     write_json(&out_dir.join(PROVENANCE_FILE), provenance)
 }
 

@@ -12,7 +12,7 @@
 //! corpus BLEU of the decoded outputs (greedy or beam search, as
 //! `[generation]` sets) against all references.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ptune_core::{JobSpec, Method, MetricKind, ModelLimits, SpecError, Task};
 use serde_json::Value;
@@ -23,7 +23,7 @@ use super::data::seq2seq::{
     SourceReferences,
 };
 use super::export::{self, AdapterShape};
-use super::models::decoder::{load_causal_lm, CausalDecoder};
+use super::models::decoder::{load_causal_lm, load_trainable_causal_lm, CausalDecoder};
 use super::models::hooks::{Hooks, NoHooks};
 use super::models::registry::inspect_any;
 use super::models::{ModelInfo, TOKENIZER_FILE};
@@ -43,6 +43,8 @@ use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
 /// A frozen decoder-only model and its tokenizer, shared by every job on it.
 pub struct DecoderBase {
     pub model: Box<dyn CausalDecoder>,
+    /// The model's folder, which full fine-tuning loads a copy of.
+    pub dir: PathBuf,
     pub tokenizer: LmTokenizer,
     pub info: ModelInfo,
 }
@@ -53,7 +55,7 @@ impl DecoderBase {
         let info = inspect_any(dir)?;
         let model = load_causal_lm(dir, device)?;
         let tokenizer = LmTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        Ok(Self { model, tokenizer, info })
+        Ok(Self { model, tokenizer, info, dir: dir.to_path_buf() })
     }
 
     /// Id that ends every target: the config's first `eos_token_id`, else
@@ -93,13 +95,14 @@ impl SharedBase for DecoderBase {
     fn backward_step(&self, runs: &[&LmRun<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor> {
         let inputs: Vec<(LmBatch, DrawnAdapter<'_>)> =
             runs.iter().zip(plans).map(|(run, plan)| run.train_input(&plan.indices, &plan.stream)).collect();
-        // Every causal-LM method on the shared decoder can share a pass.
+        // Every method on the shared decoder can share a pass; full
+        // fine-tuning (its own copy) passes alone.
         let kinds: Vec<PassKind<()>> = runs
             .iter()
             .zip(&inputs)
             .map(|(run, (batch, _))| {
                 let (rows, len) = run.pass_shape(batch);
-                PassKind { kind: Some(()), rows, len }
+                PassKind { kind: run.own_model.is_none().then_some(()), rows, len }
             })
             .collect();
         backward_passes(&group_passes(&kinds, max_tokens, Layout::Padded), runs.len(), |pass| {
@@ -107,7 +110,11 @@ impl SharedBase for DecoderBase {
                 .iter()
                 .map(|&i| LmMember { adapter: inputs[i].1.as_lm(), batch: &inputs[i].0, stream: Some(&plans[i].stream) })
                 .collect();
-            causal_lm::packed_train_losses(self.model.as_ref(), &members, true)
+            let model = match pass {
+                [only] => runs[*only].model(),
+                _ => self.model.as_ref(),
+            };
+            causal_lm::packed_train_losses(model, &members, true)
         })
     }
 }
@@ -144,10 +151,16 @@ fn prepare<'a>(base: &'a DecoderBase, device: Device, job: &TrainJob) -> Result<
     // Initialisation draws from libtorch's generator seeded with the job's seed.
     tch::manual_seed(spec.training.seed as i64);
     let vars = nn::VarStore::new(device);
-    let adapter = build_adapter(spec, base, &vars.root())?;
+    // Full fine-tuning trains its own copy of the decoder; the other
+    // methods train an adapter on the shared one.
+    let (adapter, own_model) = match spec.method {
+        Method::Full => (None, Some(load_trainable_causal_lm(&base.dir, &vars)?)),
+        _ => (Some(build_adapter(spec, base, &vars.root())?), None),
+    };
     let task = LmRun {
         base,
         adapter,
+        own_model,
         train,
         eval_examples,
         eval_inputs,
@@ -231,10 +244,14 @@ fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Ada
     })
 }
 
-/// A causal-LM job's adapter and data.
+/// A causal-LM job's adapter (or, for full fine-tuning, its own copy of
+/// the decoder) and data.
 pub(crate) struct LmRun<'a> {
     base: &'a DecoderBase,
-    adapter: Adapter,
+    /// `None` for full fine-tuning.
+    adapter: Option<Adapter>,
+    /// The job's trainable copy of the decoder (full fine-tuning).
+    own_model: Option<Box<dyn CausalDecoder>>,
     train: Vec<LmExample>,
     /// Each evaluation input with its first reference as the target, for the loss.
     eval_examples: Vec<LmExample>,
@@ -267,21 +284,27 @@ impl DrawnAdapter<'_> {
 }
 
 impl LmRun<'_> {
+    /// The decoder the job trains through: its own copy for full
+    /// fine-tuning, else the shared frozen one.
+    fn model(&self) -> &dyn CausalDecoder {
+        self.own_model.as_deref().unwrap_or(self.base.model.as_ref())
+    }
+
     /// The job's prompt, prefixes or low-rank updates for batches of
     /// `batch` examples (P-tuning's encoder dropout and prefix dropout draw
     /// here in training; LoRA's dropout draws in the pass).
     fn draw_adapter(&self, batch: i64, train: bool) -> DrawnAdapter<'_> {
         let prompt = match &self.adapter {
-            Adapter::PromptTuning(prompt) => Some(prompt.embeddings().shallow_clone()),
-            Adapter::PTuning(encoder) => Some(encoder.prompt(train)),
+            Some(Adapter::PromptTuning(prompt)) => Some(prompt.embeddings().shallow_clone()),
+            Some(Adapter::PTuning(encoder)) => Some(encoder.prompt(train)),
             _ => None,
         };
         let prefix = match &self.adapter {
-            Adapter::Prefix(prefix) => Some(prefix.hooks(if train { batch } else { 1 }, train)),
+            Some(Adapter::Prefix(prefix)) => Some(prefix.hooks(if train { batch } else { 1 }, train)),
             _ => None,
         };
         let lora = match &self.adapter {
-            Adapter::Lora(lora) => Some(lora.hooks(train)),
+            Some(Adapter::Lora(lora)) => Some(lora.hooks(train)),
             _ => None,
         };
         DrawnAdapter { prompt, prefix, lora }
@@ -311,7 +334,7 @@ impl LmRun<'_> {
     }
 
     fn shape(&self) -> AdapterShape {
-        let model = &self.base.model;
+        let model = self.model();
         let prefixes = self.spec.method.uses_prefixes();
         AdapterShape {
             task_type: "CAUSAL_LM",
@@ -336,11 +359,11 @@ impl TaskRun for LmRun<'_> {
         // Alone, the job takes the same path as in a pack: a pass of one.
         let (batch, adapter) = self.train_input(indices, stream);
         let member = LmMember { adapter: adapter.as_lm(), batch: &batch, stream: Some(stream) };
-        causal_lm::packed_train_losses(self.base.model.as_ref(), &[member], true).remove(0)
+        causal_lm::packed_train_losses(self.model(), &[member], true).remove(0)
     }
 
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError> {
-        let model = self.base.model.as_ref();
+        let model = self.model();
         let (loss, bleu) = self.with_adapter(1, false, |adapter| {
             let loss = causal_lm::evaluate_loss(model, adapter, &self.eval_examples, self.eval_batch_size, self.pad_id, self.device);
             let bleu = evaluate_bleu(
@@ -362,7 +385,10 @@ impl TaskRun for LmRun<'_> {
         })
     }
 
-    fn export(&self, out_dir: &Path, _vars: &nn::VarStore, provenance: &Value) -> Result<(), EngineError> {
-        export::write_adapter(out_dir, &self.spec, &self.shape(), &self.adapter, provenance)
+    fn export(&self, out_dir: &Path, vars: &nn::VarStore, provenance: &Value) -> Result<(), EngineError> {
+        match &self.adapter {
+            Some(adapter) => export::write_adapter(out_dir, &self.spec, &self.shape(), adapter, provenance),
+            None => export::write_causal_lm_model(out_dir, &self.base.dir, vars, provenance),
+        }
     }
 }

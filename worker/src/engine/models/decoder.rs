@@ -103,15 +103,56 @@ pub trait CausalDecoder: Send {
 /// Loads the causal LM in `dir`, choosing the architecture by the config's
 /// `model_type` (`gpt2`; `llama`, `mistral`, `qwen2`).
 pub fn load_causal_lm(dir: &Path, device: Device) -> Result<Box<dyn CausalDecoder>, EngineError> {
+    load_architecture(
+        dir,
+        || Ok(Box::new(super::gpt2::Gpt2Model::load(dir, device)?)),
+        || Ok(Box::new(super::llama::LlamaModel::load(dir, device)?)),
+    )
+}
+
+/// Runs `load_into` on a store of its own and freezes it: the model and
+/// the store that owns its tensors.
+pub(crate) fn load_frozen<M>(
+    device: Device,
+    load_into: impl FnOnce(&nn::VarStore) -> Result<M, EngineError>,
+) -> Result<(M, nn::VarStore), EngineError> {
+    let mut weights = nn::VarStore::new(device);
+    let model = load_into(&weights)?;
+    weights.freeze();
+    Ok((model, weights))
+}
+
+/// Loads the causal LM in `dir` into `weights` (empty until now) as a
+/// trainable copy: every variable requires a gradient, and the variables are
+/// named as the Hugging Face `*ForCausalLM` names its parameters (full
+/// fine-tuning).
+pub fn load_trainable_causal_lm(dir: &Path, weights: &nn::VarStore) -> Result<Box<dyn CausalDecoder>, EngineError> {
+    let model = load_architecture(
+        dir,
+        || Ok(Box::new(super::gpt2::Gpt2Model::load_into(dir, weights)?)),
+        || Ok(Box::new(super::llama::LlamaModel::load_into(dir, weights)?)),
+    )?;
+    for (_, variable) in weights.variables() {
+        let _ = variable.set_requires_grad(true);
+    }
+    Ok(model)
+}
+
+/// Calls `gpt2` or `llama` by the config's `model_type`.
+fn load_architecture(
+    dir: &Path,
+    gpt2: impl FnOnce() -> Result<Box<dyn CausalDecoder>, EngineError>,
+    llama: impl FnOnce() -> Result<Box<dyn CausalDecoder>, EngineError>,
+) -> Result<Box<dyn CausalDecoder>, EngineError> {
     #[derive(Deserialize)]
     struct ModelType {
         model_type: String,
     }
     let ModelType { model_type } = read_config(dir, "a model")?;
     if super::gpt2::Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
-        Ok(Box::new(super::gpt2::Gpt2Model::load(dir, device)?))
+        gpt2()
     } else if super::llama::LlamaConfig::MODEL_TYPES.contains(&model_type.as_str()) {
-        Ok(Box::new(super::llama::LlamaModel::load(dir, device)?))
+        llama()
     } else {
         Err(EngineError::Model(format!(
             "unsupported causal lm model_type {model_type:?}; supported: {}, {}",

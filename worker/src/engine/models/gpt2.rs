@@ -17,7 +17,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
 use super::decoder::{
-    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, prefixed, read_config,
+    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, load_frozen, prefixed, read_config,
     Activation, AttentionContext, CausalDecoder, Conv1d, KvCache, PassLayout, TokenIds,
 };
 use super::hooks::Hooks;
@@ -255,8 +255,9 @@ pub struct Gpt2Model {
     transformer: Gpt2Transformer,
     /// `[vocab, hidden]` untied head (`lm_head.weight`); `None` when tied to `wte`.
     lm_head: Option<Tensor>,
-    /// Owns the tensors above; frozen (no gradients, no optimizer state).
-    _weights: nn::VarStore,
+    /// Owns the tensors above when they are frozen (no gradients, no
+    /// optimizer state); `None` for a trainable copy, whose job owns them.
+    _weights: Option<nn::VarStore>,
 }
 
 impl Gpt2Model {
@@ -264,6 +265,14 @@ impl Gpt2Model {
     /// sharded checkpoint) onto `device` as float32, frozen. Weight names may
     /// carry the `transformer.` prefix; other heads are ignored.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        let (mut model, weights) = load_frozen(device, |weights| Self::load_into(dir, weights))?;
+        model._weights = Some(weights);
+        Ok(model)
+    }
+
+    /// Loads the folder into `weights` (empty until now), whose variables
+    /// are then named as `GPT2LMHeadModel` names its parameters.
+    pub fn load_into(dir: &Path, weights: &nn::VarStore) -> Result<Self, EngineError> {
         let config = Gpt2Config::from_dir(dir)?;
         let names = checkpoint_tensor_names(dir)?;
         let prefix = ["", "transformer."]
@@ -272,17 +281,15 @@ impl Gpt2Model {
             .ok_or_else(|| {
                 EngineError::Model(format!("{} has no wte.weight; expected a GPT-2 checkpoint", dir.display()))
             })?;
-        let mut weights = nn::VarStore::new(device);
         let root = weights.root();
         let transformer = Gpt2Transformer::new(&(&root / "transformer"), &config);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| (&root / "lm_head").zeros_no_train("weight", &[config.vocab_size, config.n_embd]));
-        load_checkpoint(&weights, dir, &|name: &str| match name.strip_prefix("transformer.") {
+        load_checkpoint(weights, dir, &|name: &str| match name.strip_prefix("transformer.") {
             Some(rest) => prefixed(prefix, rest),
             None => name.to_string(),
         })?;
-        weights.freeze();
-        Ok(Self { config, transformer, lm_head, _weights: weights })
+        Ok(Self { config, transformer, lm_head, _weights: None })
     }
 
     pub fn config(&self) -> &Gpt2Config {

@@ -28,7 +28,7 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::decoder::{
-    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, prefixed, read_config,
+    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, load_frozen, prefixed, read_config,
     Activation, AttentionContext, CausalDecoder, KvCache, PassLayout, TokenIds,
 };
 use super::hooks::{linear_with_delta, Hooks};
@@ -463,7 +463,9 @@ pub struct LlamaModel {
     /// `[vocab, hidden]` untied head (`lm_head.weight`); `None` when tied.
     lm_head: Option<Tensor>,
     /// Owns the tensors above; frozen (no gradients, no optimizer state).
-    _weights: nn::VarStore,
+    /// Owns the tensors above when they are frozen; `None` for a trainable
+    /// copy, whose job owns them.
+    _weights: Option<nn::VarStore>,
 }
 
 impl LlamaModel {
@@ -473,6 +475,14 @@ impl LlamaModel {
     /// Weights may be stored under `model.` (`*ForCausalLM`) or bare
     /// (`LlamaModel`); bf16 and f16 checkpoints are converted.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        let (mut model, weights) = load_frozen(device, |weights| Self::load_into(dir, weights))?;
+        model._weights = Some(weights);
+        Ok(model)
+    }
+
+    /// Loads the folder into `weights` (empty until now), whose variables
+    /// are then named as `LlamaForCausalLM` names its parameters.
+    pub fn load_into(dir: &Path, weights: &nn::VarStore) -> Result<Self, EngineError> {
         let config = LlamaConfig::from_dir(dir)?;
         let rope = config.rope()?;
         let names = checkpoint_tensor_names(dir)?;
@@ -485,18 +495,16 @@ impl LlamaModel {
                     dir.display()
                 ))
             })?;
-        let mut weights = nn::VarStore::new(device);
         let root = weights.root();
         let model = LlamaBody::new(&(&root / "model"), &config);
         let lm_head = (!config.tie_word_embeddings)
             .then(|| (&root / "lm_head").zeros_no_train("weight", &[config.vocab_size, config.hidden_size]));
-        load_checkpoint(&weights, dir, &|name: &str| match name.strip_prefix("model.") {
+        load_checkpoint(weights, dir, &|name: &str| match name.strip_prefix("model.") {
             Some(rest) => prefixed(prefix, rest),
             None => name.to_string(),
         })?;
-        weights.freeze();
-        let rotary = Rotary { inv_freq: rope.inv_freq(config.head_dim()).to_device(device) };
-        Ok(Self { config, model, rotary, lm_head, _weights: weights })
+        let rotary = Rotary { inv_freq: rope.inv_freq(config.head_dim()).to_device(weights.device()) };
+        Ok(Self { config, model, rotary, lm_head, _weights: None })
     }
 
     pub fn config(&self) -> &LlamaConfig {
