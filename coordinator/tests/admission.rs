@@ -152,3 +152,39 @@ async fn a_queued_job_says_why_no_worker_takes_it() {
     assert_eq!(reason(&mut env, on_bert.id.clone()).await, "");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn lora_targets_that_name_no_linear_of_the_model_are_refused_at_submit() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("lora").await;
+    let gpt2 =
+        v1::BaseModel { name: "tiny-gpt2".into(), model_type: "gpt2".into(), max_positions: 48, ..Default::default() };
+    let bert = v1::BaseModel { name: MODEL.into(), model_type: "bert".into(), max_positions: 512, ..Default::default() };
+    register(&mut env, vec![bert, gpt2]).await;
+
+    // A causal-LM LoRA job on GPT-2, targeting `targets`.
+    let lora_on_gpt2 = |targets: &[&str]| {
+        let mut core = ptune_core::JobSpec::try_from(spec.clone()).expect("a valid spec");
+        core.base_model = "tiny-gpt2".into();
+        core.task = ptune_core::Task::CausalLm;
+        core.method = ptune_core::Method::Lora;
+        core.peft = ptune_core::PeftConfig {
+            target_modules: Some(targets.iter().map(|t| t.to_string()).collect()),
+            ..Default::default()
+        };
+        core.data.labels.clear();
+        core.data.max_seq_len = 32;
+        core.generation = Some(ptune_core::GenerationConfig { max_new_tokens: 8, num_beams: 1 });
+        v1::JobSpec::from(&core)
+    };
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(lora_on_gpt2(&["query", "value"])) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "peft.target_modules: \"query\" matches no linear layer of this model; \
+         allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+    );
+    let accepted = env.submit(lora_on_gpt2(&["c_attn", "mlp.c_fc"])).await;
+    assert_eq!(state(&accepted), v1::JobState::Queued);
+    env.stop().await;
+}

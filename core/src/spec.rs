@@ -725,11 +725,27 @@ impl JobSpec {
                 } else {
                     String::new()
                 };
+                if prompt > 0 {
+                    return Err(SpecError::new(
+                        "peft.num_virtual_tokens",
+                        format!(
+                            "prompt length {prompt} plus data.max_seq_len {}{and_generated} exceeds the {} positions of {}; \
+                             use at most {allowed} virtual tokens or a shorter max_seq_len",
+                            data.max_seq_len, limits.max_positions, self.base_model
+                        ),
+                    ));
+                }
+                // No virtual tokens (LoRA, full fine-tuning): the sequence
+                // and the generated tokens must share the positions.
+                let shorter = match limits.max_positions.saturating_sub(generated) {
+                    0 => format!("generate fewer than {} tokens", limits.max_positions),
+                    room if generated > 0 => format!("use a max_seq_len of at most {room} or generate fewer tokens"),
+                    room => format!("use a max_seq_len of at most {room}"),
+                };
                 return Err(SpecError::new(
-                    if prompt > 0 { "peft.num_virtual_tokens" } else { "data.max_seq_len" },
+                    "data.max_seq_len",
                     format!(
-                        "prompt length {prompt} plus data.max_seq_len {}{and_generated} exceeds the {} positions of {}; \
-                         use at most {allowed} virtual tokens or a shorter max_seq_len",
+                        "data.max_seq_len {}{and_generated} exceeds the {} positions of {}; {shorter}",
                         data.max_seq_len, limits.max_positions, self.base_model
                     ),
                 ));
@@ -1103,5 +1119,19 @@ mod tests {
         };
         causal("lora").expect("LoRA trains causal LMs");
         causal("full").expect("full fine-tuning trains causal LMs");
+
+        // Without virtual tokens, the sequence and the generated tokens share the positions.
+        let mut lora = JobSpec::from_toml(&SPEC.replace("\"prompt_tuning\"", "\"lora\"").replace("\"sequence_classification\"", "\"causal_lm\"")
+            .replace("num_virtual_tokens = 20", "").replace("labels = [0, 1]\n", "")).unwrap();
+        lora.data.max_seq_len = 32;
+        let err = lora.validate(Some(&ModelLimits { max_positions: 48 })).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data.max_seq_len: data.max_seq_len 32 plus generation.max_new_tokens 64 exceeds the 48 positions of all-MiniLM-L6-v2; \
+             generate fewer than 48 tokens"
+        );
+        lora.generation = Some(GenerationConfig { max_new_tokens: 20, num_beams: 1 });
+        let err = lora.validate(Some(&ModelLimits { max_positions: 48 })).unwrap_err();
+        assert!(err.message.ends_with("use a max_seq_len of at most 28 or generate fewer tokens"), "{err}");
     }
 }
