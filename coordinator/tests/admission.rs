@@ -188,3 +188,53 @@ async fn lora_targets_that_name_no_linear_of_the_model_are_refused_at_submit() {
     assert_eq!(state(&accepted), v1::JobState::Queued);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn full_fine_tuning_of_a_model_too_large_to_export_is_refused_at_submit_and_sweep_create() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("full").await;
+    // A 500M-parameter decoder: 2 GB in float32, over the 1 GB a result may take.
+    let big = v1::BaseModel {
+        name: "big-llama".into(),
+        model_type: "llama".into(),
+        max_positions: 2048,
+        hidden_size: 1024,
+        num_layers: 24,
+        num_attention_heads: 16,
+        parameters: 500_000_000,
+        ..Default::default()
+    };
+    register(&mut env, vec![big]).await;
+    let mut core = ptune_core::JobSpec::try_from(spec.clone()).expect("a valid spec");
+    core.base_model = "big-llama".into();
+    core.task = ptune_core::Task::CausalLm;
+    core.method = ptune_core::Method::Full;
+    core.peft = ptune_core::PeftConfig::default();
+    core.data.labels.clear();
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(v1::JobSpec::from(&core)) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("method: full fine-tuning of \"big-llama\" exports the whole model, about 1,907 MiB"),
+        "{}",
+        err.message()
+    );
+
+    let mut template = serde_json::to_value(&core).unwrap();
+    template.as_object_mut().unwrap().remove("name");
+    let sweep = json!({
+        "name": "full-sweep",
+        "objective": { "metric": "loss", "direction": "minimize" },
+        "algorithm": { "type": "grid" },
+        "template": template,
+        "space": { "training.learning_rate": { "values": [1e-5, 1e-4] } },
+    });
+    let err = env.sweeps.create_sweep(v1::CreateSweepRequest { definition_json: sweep.to_string() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("full fine-tuning of \"big-llama\" exports the whole model"), "{}", err.message());
+
+    // LoRA on the same model is small to export.
+    core.method = ptune_core::Method::Lora;
+    let accepted = env.submit(v1::JobSpec::from(&core)).await;
+    assert_eq!(state(&accepted), v1::JobState::Queued);
+    env.stop().await;
+}

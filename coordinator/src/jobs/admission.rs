@@ -5,10 +5,12 @@
 //! decoder), and LoRA targets that name no linear of its layers. A model no
 //! worker has registered is admitted: one may come.
 
-use ptune_core::{JobSpec, Method, ModelFamily, ModelLimits, Task};
+use ptune_core::memory::mib;
+use ptune_core::{JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, Task};
 
 use crate::error::Error;
 use crate::model::ModelSupport;
+use crate::scheduler::MAX_ADAPTER_BYTES;
 
 /// Encoder `model_type`s the engine trains (classification heads pool them).
 const ENCODER_TYPES: [&str; 2] = ["bert", "roberta"];
@@ -71,6 +73,26 @@ fn check_lora_targets(spec: &JobSpec, model_types: &[String]) -> Result<(), Erro
         ModelFamily::of(model_type).check_lora_targets(targets)?;
     }
     Ok(())
+}
+
+/// Refuses full fine-tuning of a model whose export (the whole model, in
+/// float32: the estimate's weights) is larger than the coordinator keeps for
+/// a job's result, which would otherwise train to the end and then be
+/// refused.
+pub(crate) fn check_export_size(spec: &JobSpec, estimate: &MemoryEstimate) -> Result<(), Error> {
+    if spec.method != Method::Full || estimate.weights_bytes <= MAX_ADAPTER_BYTES {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "method",
+        format!(
+            "full fine-tuning of {:?} exports the whole model, about {} MiB in float32, over the {} MiB a job's \
+             result may take; use lora or a prompt method, or a smaller model",
+            spec.base_model,
+            mib(estimate.weights_bytes),
+            mib(MAX_ADAPTER_BYTES)
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -162,5 +184,20 @@ mod tests {
         );
         assert!(admit(&lora(&["q_proj"]), &served(&["llama", "qwen2"])).is_ok());
         assert!(admit(&lora(&["q_proj"]), &ModelSupport::Unknown).is_ok(), "no worker yet: no check");
+    }
+
+    #[test]
+    fn full_fine_tuning_must_export_within_the_result_limit() {
+        let mut full = spec("qwen2-0.5b", Task::CausalLm);
+        full.method = Method::Full;
+        let weights = |bytes: u64| MemoryEstimate { weights_bytes: bytes, ..Default::default() };
+        assert!(check_export_size(&full, &weights(MAX_ADAPTER_BYTES)).is_ok());
+        assert_eq!(
+            check_export_size(&full, &weights(1_976_000_000)).unwrap_err().to_string(),
+            "method: full fine-tuning of \"qwen2-0.5b\" exports the whole model, about 1,884 MiB \
+             in float32, over the 954 MiB a job's result may take; use lora or a prompt method, or a smaller model"
+        );
+        full.method = Method::Lora;
+        assert!(check_export_size(&full, &weights(1_976_000_000)).is_ok(), "an adapter is small");
     }
 }

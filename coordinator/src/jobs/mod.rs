@@ -13,7 +13,7 @@ use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, Task};
 use tokio::sync::watch as signal;
 use tracing::info;
 
-pub(crate) use admission::admit;
+pub(crate) use admission::{admit, check_export_size};
 pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
 
 use crate::blob;
@@ -102,6 +102,9 @@ impl Jobs {
             limit => limit.min(train.lines),
         };
         let estimate = memory::estimate_spec(&self.store, &spec).await?;
+        if let Some(estimate) = &estimate {
+            admission::check_export_size(&spec, estimate)?;
+        }
         let id = JobId::new();
         self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
         info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, "job submitted");

@@ -17,7 +17,8 @@ pub use engine::{spawn_engine, SweepEngine, DRIVE_INTERVAL};
 
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::jobs::{admit, Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::jobs::{admit, check_export_size, Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::scheduler::memory;
 use crate::model::{ModelSupport, PageToken, SweepPage, SweepReport};
 use crate::store::{NewSweep, Store, SweepChange};
 
@@ -56,6 +57,9 @@ impl Sweeps {
             }
             let limits = admit(&spec, &support[&spec.base_model]).map_err(|e| in_trial(e, &params))?;
             spec.validate(limits.as_ref()).map_err(|e| trial_error(e, &params))?;
+            if let Some(estimate) = memory::estimate_spec(&self.store, &spec).await? {
+                check_export_size(&spec, &estimate).map_err(|e| in_trial(e, &params))?;
+            }
             let key = serde_json::json!([spec.task, spec.data.train, spec.data.eval, spec.data.label_field, spec.data.labels])
                 .to_string();
             let lines = match checked.get(&key) {
