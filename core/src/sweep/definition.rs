@@ -710,6 +710,20 @@ mod tests {
         }
         let grid_keys: HashSet<String> = (0..16).map(|i| grid.params_for(i, &HashSet::new()).unwrap().key()).collect();
         assert_eq!(taken, grid_keys, "asha draws each of the grid's 16 configurations once");
+
+        let lora = example(include_str!("../../../examples/sweeps/e2e-lora-asha.toml"));
+        assert_eq!((lora.kind(), lora.budget()), (AlgorithmKind::Asha, 12));
+        let plan = lora.asha().unwrap().plan(None).unwrap();
+        assert_eq!((plan.rungs.as_slice(), plan.max_steps, plan.eval_every(0)), (&[100, 300][..], 900, 100));
+        let mut taken = HashSet::new();
+        for i in 0..12 {
+            let params = lora.params_for(i, &taken).unwrap();
+            let spec = lora.trial_spec(i, &params, Some(&plan)).unwrap();
+            spec.validate(None).unwrap();
+            assert!([4, 8, 16].contains(&spec.peft.lora_r()), "{params:?}");
+            assert!((5e-5..=1e-3).contains(&spec.training.learning_rate), "{params:?}");
+            taken.insert(params.key());
+        }
     }
 
     #[test]
