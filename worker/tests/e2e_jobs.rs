@@ -327,7 +327,7 @@ fn without_colours(line: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_starting_together_on_one_dataset_all_get_it_whole() {
+async fn jobs_starting_together_on_one_dataset_all_get_it_whole_and_failed_downloads_leave_nothing() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;
     let source = sst2("train.jsonl");
@@ -346,6 +346,10 @@ async fn jobs_starting_together_on_one_dataset_all_get_it_whole() {
         assert_eq!(std::fs::read(&dataset.path).unwrap(), expected);
         assert_eq!(dataset.file_name, "train.jsonl");
     }
+    // A dataset the coordinator does not have fails, and leaves nothing behind.
+    let mut worker = v1::worker_service_client::WorkerServiceClient::connect(cluster.url()).await.expect("connect");
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    assert!(ptune_worker::agent::datasets::fetch(&mut worker, &unknown, &work_dir).await.is_err());
     let left: Vec<_> = std::fs::read_dir(work_dir.join("datasets"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())

@@ -58,9 +58,37 @@ pub async fn fetch(
         let file_name = std::fs::read_to_string(&name_path).unwrap_or_else(|_| reference.to_string());
         return Ok(LocalDataset { path, file_name });
     }
-    let mut file_name = String::new();
     let partial = dir.join(partial_name(hex_digest));
-    let mut file = tokio::fs::File::create(&partial).await?;
+    let downloaded = download(client, reference, &partial).await;
+    let (mut file_name, actual) = match downloaded {
+        Ok(done) => done,
+        Err(err) => {
+            // A download that broke off leaves nothing behind.
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(err);
+        }
+    };
+    if actual != hex_digest {
+        let _ = tokio::fs::remove_file(&partial).await;
+        bail!("dataset {reference} arrived corrupt (sha256 {actual})");
+    }
+    if file_name.is_empty() {
+        file_name = reference.to_string();
+    }
+    tokio::fs::write(&name_path, &file_name).await?;
+    tokio::fs::rename(&partial, &path).await?;
+    Ok(LocalDataset { path, file_name })
+}
+
+/// Streams dataset `reference` into `partial`: the file name it was
+/// uploaded under (empty if none came) and the content's sha256.
+async fn download(
+    client: &mut WorkerServiceClient<Channel>,
+    reference: &str,
+    partial: &Path,
+) -> anyhow::Result<(String, String)> {
+    let mut file = tokio::fs::File::create(partial).await?;
+    let mut file_name = String::new();
     let mut hasher = Sha256::new();
     let mut stream = client
         .download_dataset(DownloadDatasetRequest { reference: reference.to_string() })
@@ -76,16 +104,5 @@ pub async fn fetch(
         file.write_all(&chunk.data).await?;
     }
     file.flush().await?;
-    drop(file);
-    let actual = hex::encode(hasher.finalize());
-    if actual != hex_digest {
-        let _ = tokio::fs::remove_file(&partial).await;
-        bail!("dataset {reference} arrived corrupt (sha256 {actual})");
-    }
-    if file_name.is_empty() {
-        file_name = reference.to_string();
-    }
-    tokio::fs::write(&name_path, &file_name).await?;
-    tokio::fs::rename(&partial, &path).await?;
-    Ok(LocalDataset { path, file_name })
+    Ok((file_name, hex::encode(hasher.finalize())))
 }
