@@ -18,7 +18,7 @@ use anyhow::Context;
 use ptune_core::{JobSpec, Metric};
 
 use crate::engine::{
-    evaluate_export, export_info, BaseModel, Control, Engine, Event, Resume, TaskEvaluation, TrainJob, TrainOutcome,
+    evaluate_export, evaluate_lm_export, export_info, BaseModel, DecoderBase, Control, Engine, Event, Resume, TaskEvaluation, TrainJob, TrainOutcome,
     TrainerState, TRAINER_STATE_FILE,
 };
 
@@ -212,7 +212,8 @@ pub fn eval_local(options: &EvalOptions) -> anyhow::Result<(JobSpec, TaskEvaluat
     let data_name = options.data.display().to_string();
     data.train = data_name.clone();
     data.eval = data_name.clone();
-    if data.labels.is_empty() {
+    let causal_lm = spec.task == ptune_core::Task::CausalLm;
+    if data.labels.is_empty() && !causal_lm {
         anyhow::bail!(
             "--labels: {} has no ptune.json naming its tags; give them in the order the adapter was trained with",
             options.adapter.display()
@@ -234,6 +235,25 @@ pub fn eval_local(options: &EvalOptions) -> anyhow::Result<(JobSpec, TaskEvaluat
         tch::set_num_threads(options.threads as i32);
     }
     let device = tch::Device::cuda_if_available();
+    if causal_lm {
+        let base = DecoderBase::load(&model_dir, device)?;
+        spec.validate(Some(&ptune_core::ModelLimits { max_positions: base.info.max_positions }))?;
+        let job = TrainJob {
+            spec: spec.clone(),
+            train_file: options.data.clone(),
+            eval_file: options.data.clone(),
+            train_name: data_name.clone(),
+            eval_name: data_name,
+            out_dir: options.adapter.clone(),
+            checkpoint_dir: None,
+            resume: Resume::Never,
+        };
+        let evaluation = evaluate_lm_export(&base, device, &options.adapter, &job)?;
+        if let Some(path) = &options.predictions {
+            write_predictions(path, &evaluation.predictions)?;
+        }
+        return Ok((spec, evaluation));
+    }
     let base = BaseModel::load(&model_dir, device)?;
     if !info.trained_here && options.max_seq_len.is_none() {
         // 128 tokens, or what the model's positions leave beside the virtual tokens.

@@ -64,8 +64,9 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
-    /// Evaluate an exported classifier adapter (this engine's, or one Hugging Face PEFT saved) on labelled
-    /// JSON Lines: loads it onto its base model under --models-dir and prints the metrics training reports.
+    /// Evaluate an export (this engine's, of any task and method, or a classifier adapter Hugging Face
+    /// PEFT saved) on JSON Lines: loads it onto its base model under --models-dir and prints the metrics
+    /// training reports (for causal LM: loss and BLEU of the decoded outputs).
     Eval {
         #[command(flatten)]
         options: ptune_worker::local::EvalOptions,

@@ -311,6 +311,47 @@ fn check_full_fine_tuning(model_name: &str) {
 }
 
 #[test]
+fn an_export_of_every_method_evaluates_as_training_last_evaluated_it() {
+    let cases = [
+        ("tiny-gpt2", "prompt_tuning", json!({"num_virtual_tokens": 4, "init": "vocab"})),
+        ("tiny-gpt2", "p_tuning", json!({"num_virtual_tokens": 4, "encoder_hidden_size": 16})),
+        ("tiny-gpt2", "prefix_tuning", json!({"num_virtual_tokens": 4, "prefix_projection": true, "encoder_hidden_size": 16})),
+        ("tiny-llama", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1})),
+        ("tiny-gpt2", "lora", json!({"r": 4, "lora_dropout": 0.1})),
+        ("tiny-llama", "full", json!({})),
+    ];
+    for (model, method, peft) in cases {
+        let out = tempfile::tempdir().expect("temp dir");
+        let mut spec = spec(model, method, peft);
+        if method == "full" {
+            spec.training.learning_rate = 1e-3;
+        }
+        let (outcome, _) = train(&job(spec, out.path(), Resume::Never), None);
+        let outcome = outcome.unwrap_or_else(|e| panic!("{model} {method}: {e}"));
+        let options = ptune_worker::local::EvalOptions {
+            adapter: out.path().join("adapter"),
+            data: e2e().join("dev.jsonl"),
+            models_dir: fixtures(),
+            base_model: None,
+            labels: None,
+            text_field: None,
+            label_field: None,
+            max_seq_len: None,
+            max_examples: EVAL_INPUTS,
+            predictions: None,
+            threads: 0,
+        };
+        let (_, evaluation) = ptune_worker::local::eval_local(&options).unwrap_or_else(|e| panic!("{model} {method}: {e:#}"));
+        let value = |metrics: &[Metric], name: &str| metrics.iter().find(|m| m.name == name).map(|m| m.value);
+        for name in ["loss", "bleu"] {
+            let (trained, evaluated) = (value(&outcome.final_metrics, name).unwrap(), value(&evaluation.metrics, name).unwrap());
+            assert!((trained - evaluated).abs() < 1e-5, "{model} {method}: {name} {evaluated} against {trained} in training");
+        }
+        assert_eq!(evaluation.predictions, outcome.eval_predictions, "{model} {method}: the decoded outputs");
+    }
+}
+
+#[test]
 fn a_causal_lm_run_resumes_exactly() {
     check_resumes_exactly(spec("tiny-qwen2", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1})));
 }

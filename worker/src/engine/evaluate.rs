@@ -62,7 +62,8 @@ pub fn export_info(dir: &Path) -> Result<ExportInfo, EngineError> {
         Some("TOKEN_CLS") => "token_classification",
         other => {
             return Err(bad(format!(
-                "task_type {} cannot be evaluated as a classifier; SEQ_CLS and TOKEN_CLS adapters can",
+                "task_type {} cannot be evaluated without the {PROVENANCE_FILE} ptune writes beside its exports; \
+                 SEQ_CLS and TOKEN_CLS adapters saved by PEFT can",
                 other.map_or("(none)".to_string(), |t| format!("{t:?}"))
             )))
         }

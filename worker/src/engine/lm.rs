@@ -121,6 +121,17 @@ impl SharedBase for DecoderBase {
 
 /// Reads a causal-LM job's data and builds its prompt or prefixes.
 fn prepare<'a>(base: &'a DecoderBase, device: Device, job: &TrainJob) -> Result<(nn::VarStore, LmRun<'a>), EngineError> {
+    prepare_for(base, device, job, true)
+}
+
+/// [`prepare`], reading the training pairs (and building the trainable
+/// adapter or copy) only when `training`.
+fn prepare_for<'a>(
+    base: &'a DecoderBase,
+    device: Device,
+    job: &TrainJob,
+    training: bool,
+) -> Result<(nn::VarStore, LmRun<'a>), EngineError> {
     let spec = &job.spec;
     check_supported(spec, base)?;
     let data = &spec.data;
@@ -132,7 +143,10 @@ fn prepare<'a>(base: &'a DecoderBase, device: Device, job: &TrainJob) -> Result<
     let eos_id = base.eos_id()?;
     let format =
         Seq2SeqFormat { separator: Seq2SeqFormat::DEFAULT_SEPARATOR.into(), eos_id, max_len: data.max_seq_len as usize };
-    let pairs = non_empty(read_source_targets_in(&job.train_file, &job.train_name, data.max_train_examples, &fields)?, &job.train_name)?;
+    let pairs = match training {
+        true => non_empty(read_source_targets_in(&job.train_file, &job.train_name, data.max_train_examples, &fields)?, &job.train_name)?,
+        false => Vec::new(),
+    };
     let train = pairs
         .iter()
         .map(|pair| format.training_example(&base.tokenizer, &pair.source, &pair.target))
@@ -154,7 +168,8 @@ fn prepare<'a>(base: &'a DecoderBase, device: Device, job: &TrainJob) -> Result<
     // Full fine-tuning trains its own copy of the decoder; the other
     // methods train an adapter on the shared one.
     let (adapter, own_model) = match spec.method {
-        Method::Full => (None, Some(load_trainable_causal_lm(&base.dir, &vars)?)),
+        Method::Full if training => (None, Some(load_trainable_causal_lm(&base.dir, &vars)?)),
+        Method::Full => (None, None),
         _ => (Some(build_adapter(spec, base, &vars.root())?), None),
     };
     let task = LmRun {
@@ -202,13 +217,7 @@ fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Ada
     let peft = &spec.peft;
     let nvt = i64::from(peft.num_virtual_tokens);
     let hidden = model.hidden_size();
-    // Prefixes have the keys' shape: key/value heads times head size.
-    let prefix_shape = PrefixShape {
-        num_virtual_tokens: nvt,
-        num_layers: model.num_layers() as i64,
-        num_heads: model.num_kv_heads(),
-        token_dim: model.num_kv_heads() * model.head_dim(),
-    };
+    let prefix_shape = prefix_shape(model.as_ref(), nvt);
     Ok(match spec.method {
         Method::PromptTuning => {
             let encode = |text: &str| base.tokenizer.encode(text, true);
@@ -242,6 +251,71 @@ fn build_adapter(spec: &JobSpec, base: &DecoderBase, p: &nn::Path) -> Result<Ada
             return Err(SpecError::new("method", format!("{other} is not supported for causal_lm yet")).into());
         }
     })
+}
+
+/// Prefixes of `nvt` positions have the keys' shape: key/value heads times
+/// head size, at every layer.
+fn prefix_shape(model: &dyn CausalDecoder, nvt: i64) -> PrefixShape {
+    PrefixShape {
+        num_virtual_tokens: nvt,
+        num_layers: model.num_layers() as i64,
+        num_heads: model.num_kv_heads(),
+        token_dim: model.num_kv_heads() * model.head_dim(),
+    }
+}
+
+/// Evaluates an export this engine wrote for `job.spec` (its `ptune.json`
+/// spec) on `job.eval_file`, as training evaluates: the loss on each
+/// input's first reference, corpus BLEU of the decoded outputs, and the
+/// outputs. Prompts and prefixes come back as the saved tables (P-tuning's
+/// encoder and prefix tuning's projection are not saved, only their
+/// output), LoRA as its saved updates, full fine-tuning as the saved model.
+pub fn evaluate_export(base: &DecoderBase, device: Device, export: &Path, job: &TrainJob) -> Result<TaskEvaluation, EngineError> {
+    let (_vars, mut run) = prepare_for(base, device, job, false)?;
+    let bad = |message: String| EngineError::Model(format!("{}: {message}", export.display()));
+    if job.spec.method == Method::Full {
+        run.own_model = Some(load_causal_lm(export, device)?);
+        return run.evaluate(0);
+    }
+    let weights = export.join(super::ADAPTER_WEIGHTS_FILE);
+    let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
+        .map_err(|e| bad(format!("cannot read {}: {e}", weights.display())))?
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.to_kind(tch::Kind::Float).to_device(device)))
+        .collect();
+    let tensor = |key: &str| tensors.get(key).ok_or_else(|| bad(format!("no tensor {key}")));
+    let same_shape = |key: &str, saved: &Tensor, expected: &[i64]| match saved.size() == expected {
+        true => Ok(()),
+        false => Err(bad(format!("{key} has shape {:?}, expected {expected:?}", saved.size()))),
+    };
+    let loaded = nn::VarStore::new(device);
+    let root = loaded.root();
+    let nvt = i64::from(job.spec.peft.num_virtual_tokens);
+    run.adapter = Some(match run.adapter.take() {
+        Some(Adapter::PromptTuning(_) | Adapter::PTuning(_)) => {
+            let table = tensor("prompt_embeddings")?;
+            same_shape("prompt_embeddings", table, &[nvt, run.model().hidden_size()])?;
+            Adapter::PromptTuning(PromptTuning::from_table(&root, table))
+        }
+        Some(Adapter::Prefix(_)) => {
+            let shape = prefix_shape(run.model(), nvt);
+            let table = tensor("prompt_embeddings")?;
+            same_shape("prompt_embeddings", table, &[nvt, shape.width()])?;
+            let prefix = PrefixTuning::new(&(&root / "prompt_encoder"), shape, None, 0.0);
+            tch::no_grad(|| prefix.prefixes().copy_(table));
+            Adapter::Prefix(prefix)
+        }
+        Some(Adapter::Lora(lora)) => {
+            for (key, mut variable) in lora.named_tensors() {
+                let saved = tensor(&key)?;
+                same_shape(&key, saved, &variable.size())?;
+                tch::no_grad(|| variable.copy_(saved));
+            }
+            Adapter::Lora(lora)
+        }
+        _ => return Err(bad(format!("{} exports cannot be evaluated on a decoder", job.spec.method))),
+    });
+    run.evaluate(0)
 }
 
 /// A causal-LM job's adapter (or, for full fine-tuning, its own copy of

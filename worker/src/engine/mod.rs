@@ -38,7 +38,7 @@ pub use models::bert::{BertConfig, BertModel};
 pub use models::hooks::{Hooks, NoHooks};
 pub use models::{decoder, gpt2, llama};
 pub use models::registry;
-pub use lm::DecoderBase;
+pub use lm::{evaluate_export as evaluate_lm_export, DecoderBase};
 pub use models::{inspect_model, BaseModel, ModelInfo};
 pub use optim::{AdamW, LinearSchedule};
 pub use peft::lora::{Lora, LoraConfig};
