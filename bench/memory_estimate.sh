@@ -79,15 +79,9 @@ max_eval_examples = 16
 [generation]
 max_new_tokens = 8
 num_beams = 1
-[training]
-learning_rate = 1e-3
-batch_size = $3
-max_steps = $5
-seed = 1
 TOML
-    return
-  fi
-  cat >"$work/$1.toml" <<TOML
+  else
+    cat >"$work/$1.toml" <<TOML
 name = "$1"
 base_model = "all-MiniLM-L6-v2"
 task = "sequence_classification"
@@ -101,6 +95,9 @@ labels = [0, 1]
 max_seq_len = $4
 max_train_examples = $(( $3 * $5 ))
 max_eval_examples = 64
+TOML
+  fi
+  cat >>"$work/$1.toml" <<TOML
 [training]
 learning_rate = 1e-3
 batch_size = $3

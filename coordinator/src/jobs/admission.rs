@@ -35,6 +35,14 @@ pub(crate) fn admit(spec: &JobSpec, support: &ModelSupport) -> Result<Option<Mod
     }
 }
 
+/// True when the model reported its types and this coordinator knows them
+/// all; otherwise (a newer worker's type, or none reported) checks that
+/// depend on the architecture give the benefit of the doubt.
+fn all_known(model_types: &[String]) -> bool {
+    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
+    !model_types.is_empty() && model_types.iter().all(known)
+}
+
 /// Refuses a task that no architecture serving the model can run. Types this
 /// coordinator does not know (a newer worker's) are given the benefit of the
 /// doubt, and so are models registered without a type.
@@ -43,9 +51,8 @@ fn check_task(task: Task, base_model: &str, model_types: &[String]) -> Result<()
         Task::SequenceClassification | Task::TokenClassification => (&ENCODER_TYPES, "an encoder"),
         Task::CausalLm => (&DECODER_TYPES, "a decoder-only"),
     };
-    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
     let fits = |t: &String| wanted.contains(&t.as_str());
-    if model_types.is_empty() || !model_types.iter().all(known) || model_types.iter().any(fits) {
+    if !all_known(model_types) || model_types.iter().any(fits) {
         return Ok(());
     }
     Err(Error::invalid(
@@ -65,8 +72,7 @@ fn check_lora_targets(spec: &JobSpec, model_types: &[String]) -> Result<(), Erro
     let Some(targets) = spec.peft.target_modules.as_deref().filter(|_| spec.method == Method::Lora) else {
         return Ok(());
     };
-    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
-    if model_types.is_empty() || !model_types.iter().all(known) {
+    if !all_known(model_types) {
         return Ok(());
     }
     for model_type in model_types {

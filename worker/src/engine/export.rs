@@ -233,18 +233,15 @@ pub fn write_causal_lm_model(
     provenance: &serde_json::Value,
 ) -> Result<(), EngineError> {
     std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
-    let mut tensors: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    write_safetensors(&out_dir.join(MODEL_WEIGHTS_FILE), &tensors)?;
+    write_model_weights(out_dir, vars)?;
     let config_path = base_dir.join(MODEL_CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
     let mut config: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| EngineError::Model(format!("{} is not json: {e}", config_path.display())))?;
     if let Some(fields) = config.as_object_mut() {
-        for key in ["dtype", "torch_dtype"] {
-            if key == "dtype" || fields.contains_key(key) {
-                fields.insert(key.to_string(), json!("float32"));
-            }
+        fields.insert("dtype".into(), json!("float32"));
+        if let Some(older) = fields.get_mut("torch_dtype") {
+            *older = json!("float32");
         }
     }
     write_json(&out_dir.join(MODEL_CONFIG_FILE), &config)?;
@@ -309,9 +306,7 @@ pub fn write(
 ) -> Result<(), EngineError> {
     std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
     if spec.method == Method::Full {
-        let mut tensors: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        write_safetensors(&out_dir.join(MODEL_WEIGHTS_FILE), &tensors)?;
+        write_model_weights(out_dir, vars)?;
         write_json(&out_dir.join(MODEL_CONFIG_FILE), &model_config(spec, base))?;
     } else {
         write_safetensors(&out_dir.join(ADAPTER_WEIGHTS_FILE), &adapter_tensors(spec, model))?;
@@ -418,6 +413,13 @@ pub fn load_adapter(dir: &Path, base: &BaseModel, p: &nn::Path) -> Result<Classi
     // PEFT's configs cannot say how the sequence was pooled: the caller
     // sets it from `ptune.json` where there is one.
     Ok(Classifier { adapter, head, level, pooling: ptune_core::Pooling::Cls })
+}
+
+/// Writes every variable of `vars`, by name, as the folder's `model.safetensors`.
+fn write_model_weights(out_dir: &Path, vars: &nn::VarStore) -> Result<(), EngineError> {
+    let mut tensors: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    write_safetensors(&out_dir.join(MODEL_WEIGHTS_FILE), &tensors)
 }
 
 /// Writes float32 tensors with the `{"format": "pt"}` metadata PyTorch
