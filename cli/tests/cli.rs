@@ -30,12 +30,10 @@ async fn ptune(coordinator: &CoordinatorHandle, args: &[&str]) -> Run {
 async fn start() -> (ptune_coordinator::testing::TestDatabase, CoordinatorHandle) {
     let db = fresh_database().await.expect("test database");
     let config = Config {
-        database_url: db.url.clone(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
         lease_timeout: Duration::from_secs(5),
         heartbeat_interval: Duration::from_millis(500),
         default_max_attempts: 3,
+        ..Config::new(db.url.clone())
     };
     let handle = Coordinator::start(config).await.expect("coordinator starts");
     (db, handle)

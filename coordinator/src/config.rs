@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use crate::scheduler::retry::RetryPolicy;
+
 /// Everything a coordinator needs to start. The binary fills it from flags
 /// and environment variables; tests build it with [`Config::new`].
 #[derive(Clone, Debug)]
@@ -19,6 +21,10 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Attempts of a job whose spec leaves `max_attempts` at 0.
     pub default_max_attempts: u32,
+    /// When failed attempts are retried, and how many interruptions a job survives.
+    pub retry: RetryPolicy,
+    /// Largest resume checkpoint a worker may upload.
+    pub max_checkpoint_bytes: u64,
 }
 
 impl Config {
@@ -26,6 +32,7 @@ impl Config {
     pub const DEFAULT_HTTP_ADDR: &'static str = "127.0.0.1:8080";
     pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+    pub const DEFAULT_MAX_CHECKPOINT_BYTES: u64 = 1 << 30;
 
     /// Defaults for everything but the database, listening on free local
     /// ports (the bound addresses are in the [`crate::CoordinatorHandle`]).
@@ -37,6 +44,8 @@ impl Config {
             lease_timeout: Self::DEFAULT_LEASE_TIMEOUT,
             heartbeat_interval: Self::DEFAULT_HEARTBEAT_INTERVAL,
             default_max_attempts: ptune_core::spec::DEFAULT_MAX_ATTEMPTS,
+            retry: RetryPolicy::default(),
+            max_checkpoint_bytes: Self::DEFAULT_MAX_CHECKPOINT_BYTES,
         }
     }
 }

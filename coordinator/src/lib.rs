@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
+pub mod readiness;
 pub mod scheduler;
 pub mod server;
 pub mod store;

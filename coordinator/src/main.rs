@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ptune_coordinator::embedded_pg::EmbeddedPostgres;
+use ptune_coordinator::config::RetryPolicy;
 use ptune_coordinator::{Config, Coordinator};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -32,9 +33,21 @@ struct Args {
     /// How often workers heartbeat.
     #[arg(long, env = "PTUNE_HEARTBEAT_INTERVAL_MS", default_value_t = 1_000)]
     heartbeat_interval_ms: u64,
-    /// Attempts of jobs that do not set max_attempts.
+    /// Attempts that may fail with an error of the job, for jobs that do not set max_attempts.
     #[arg(long, env = "PTUNE_MAX_ATTEMPTS", default_value_t = ptune_core::spec::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
+    /// Interruptions a job survives (workers lost, drained or failing); they do not count against max_attempts.
+    #[arg(long, env = "PTUNE_MAX_INTERRUPTIONS", default_value_t = RetryPolicy::default().max_interruptions)]
+    max_interruptions: u32,
+    /// Wait before retrying a job after its first error; doubled after each further error.
+    #[arg(long, env = "PTUNE_RETRY_BACKOFF_MS", default_value_t = RetryPolicy::default().backoff_base.as_millis() as u64)]
+    retry_backoff_ms: u64,
+    /// Longest wait between attempts.
+    #[arg(long, env = "PTUNE_RETRY_BACKOFF_CAP_MS", default_value_t = RetryPolicy::default().backoff_cap.as_millis() as u64)]
+    retry_backoff_cap_ms: u64,
+    /// Largest resume checkpoint a worker may upload, in MiB (larger ones stay on the worker's disk).
+    #[arg(long, env = "PTUNE_MAX_CHECKPOINT_MIB", default_value_t = Config::DEFAULT_MAX_CHECKPOINT_BYTES >> 20)]
+    max_checkpoint_mib: u64,
     #[arg(long, env = "PTUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -69,6 +82,12 @@ async fn main() -> anyhow::Result<()> {
         lease_timeout: Duration::from_millis(args.lease_timeout_ms),
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
         default_max_attempts: args.max_attempts,
+        retry: RetryPolicy {
+            backoff_base: Duration::from_millis(args.retry_backoff_ms),
+            backoff_cap: Duration::from_millis(args.retry_backoff_cap_ms.max(args.retry_backoff_ms)),
+            max_interruptions: args.max_interruptions,
+        },
+        max_checkpoint_bytes: args.max_checkpoint_mib.max(1) << 20,
     };
     let result = run(config).await;
     if let Some(pg) = embedded {
@@ -79,7 +98,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let handle = Coordinator::start(config).await?;
+    // Starting waits for the database as long as it takes; a signal meanwhile stops it.
+    let handle = tokio::select! {
+        handle = Coordinator::start(config) => handle?,
+        signal = shutdown_signal() => return signal,
+    };
     shutdown_signal().await?;
     handle.shutdown().await
 }

@@ -173,6 +173,12 @@ impl Collector for LevelsCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        count(levels.workers_unhealthy).encode(encoder.encode_descriptor(
+            "ptune_workers_unhealthy",
+            "Workers online that take no new jobs (a full disk, repeated device errors)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         count(levels.slots).encode(encoder.encode_descriptor(
             "ptune_slots",
             "Job slots of the workers online",

@@ -40,6 +40,14 @@ pub struct Job {
     pub memory_estimate: Option<MemoryEstimate>,
     /// Peak resident memory of the worker process that completed it.
     pub worker_peak_rss_bytes: Option<u64>,
+    /// Attempts that failed with an error of the job (they count against `max_attempts`).
+    pub failures: u32,
+    /// Attempts lost to the infrastructure (they do not).
+    pub interruptions: u32,
+    /// A queued job backing off after an error is not leased before this time.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Steps of its newest stored resume checkpoint.
+    pub checkpoint_step: Option<u64>,
 }
 
 /// Which trial of which sweep a job is.
@@ -230,6 +238,8 @@ pub struct Registered {
     pub worker_id: WorkerId,
     pub heartbeat_interval: std::time::Duration,
     pub lease_timeout: std::time::Duration,
+    /// Largest checkpoint archive the worker may upload.
+    pub max_checkpoint_bytes: u64,
 }
 
 /// A lease as named by a worker: the job and the epoch (fencing token) it was
@@ -254,6 +264,32 @@ pub struct Lease {
     pub spec: JobSpec,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// The job's newest stored checkpoint, where the attempt resumes.
+    pub checkpoint: Option<CheckpointInfo>,
+}
+
+/// A stored resume checkpoint of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Optimizer steps it holds.
+    pub step: u64,
+    /// Lowercase hex sha256 of its archive.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A checkpoint a lease holder is about to upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointUpload {
+    pub lease: LeaseRef,
+    pub info: CheckpointInfo,
+}
+
+/// A lease handed back by a draining worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub lease: LeaseRef,
+    pub reason: String,
 }
 
 /// The answer to a heartbeat.
@@ -312,6 +348,8 @@ pub struct Failure {
     pub cancelled: bool,
     /// Another attempt might succeed (false for bad data).
     pub retryable: bool,
+    /// The worker, not the job, failed (a full disk, a device error): an interruption.
+    pub infrastructure: bool,
 }
 
 /// One update of a watched job.

@@ -1,6 +1,11 @@
-//! Wiring: connects the store, applies migrations, starts the reaper, the
-//! sweep engine, the gRPC server (with health, reflection and a metrics
+//! Wiring: binds the ports, waits for the database (answering `UNAVAILABLE`
+//! meanwhile), applies migrations, starts the reaper, the sweep engine, the
+//! database monitor, the gRPC server (with health, reflection and a metrics
 //! layer on every call) and the HTTP dashboard, and stops them all gracefully.
+//!
+//! The coordinator never exits because its database went away: the monitor
+//! turns health to `NOT_SERVING` and calls are refused with `UNAVAILABLE`
+//! until the database answers again.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -23,6 +28,7 @@ use crate::events::EventHub;
 use crate::grpc::{JobApi, SweepApi, WorkerApi};
 use crate::jobs::Jobs;
 use crate::metrics::GrpcMetricsLayer;
+use crate::readiness::{Readiness, ReadinessLayer, State};
 use crate::scheduler::{spawn_reaper, Scheduler, Timing};
 use crate::store::Store;
 use crate::sweep::{spawn_engine, SweepEngine, Sweeps};
@@ -49,28 +55,35 @@ pub struct CoordinatorHandle {
     http: JoinHandle<std::io::Result<()>>,
     reaper: JoinHandle<()>,
     engine: JoinHandle<()>,
+    monitor: JoinHandle<()>,
 }
 
+/// How often the database monitor checks the database.
+const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a database check may take before the database counts as down.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Coordinator {
-    /// Connects to the database, applies migrations, extends open leases (so
-    /// workers survive a coordinator restart) and starts serving.
+    /// Binds the ports, waits for the database (however long it takes;
+    /// calls are answered `UNAVAILABLE` meanwhile), applies migrations,
+    /// extends open leases (so workers survive a coordinator restart) and
+    /// starts serving.
     pub async fn start(config: Config) -> anyhow::Result<CoordinatorHandle> {
-        let store = Store::connect(&config.database_url).await.context("connecting to the database")?;
-        store.migrate().await.context("migrating the database")?;
-        let extended = store.extend_open_leases(config.lease_timeout).await?;
-        if extended > 0 {
-            info!(leases = extended, "extended open leases so their workers can reconnect");
-        }
+        let store = Store::connect_lazy(&config.database_url).context("reading the database url")?;
+        let readiness = Readiness::default();
 
         let (stop, stopped) = watch::channel(false);
         let hub = EventHub::default();
-        let timing = Timing { lease_timeout: config.lease_timeout, heartbeat_interval: config.heartbeat_interval };
+        let timing = Timing {
+            lease_timeout: config.lease_timeout,
+            heartbeat_interval: config.heartbeat_interval,
+            retry: config.retry,
+            max_checkpoint_bytes: config.max_checkpoint_bytes,
+        };
         let scheduler = Scheduler::new(store.clone(), hub.clone(), timing);
         let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, config.lease_timeout, stopped.clone());
         let nudge = Arc::new(Notify::new());
         let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
-        let reaper = spawn_reaper(scheduler.clone(), stopped.clone());
-        let engine = spawn_engine(SweepEngine::new(store.clone(), hub.clone()), nudge, stopped.clone());
 
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
@@ -82,21 +95,20 @@ impl Coordinator {
         let http_addr = http_listener.local_addr()?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<JobServiceServer<JobApi>>().await;
-        health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
-        health.set_serving::<SweepServiceServer<SweepApi>>().await;
+        set_health(&health, false).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ptune_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building the reflection service")?;
         let job_service = JobServiceServer::new(JobApi::new(jobs)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let worker_service =
-            WorkerServiceServer::new(WorkerApi::new(scheduler)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            WorkerServiceServer::new(WorkerApi::new(scheduler.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sweep_service =
             SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
                 .layer(GrpcMetricsLayer::new(store.prometheus().clone()))
+                .layer(ReadinessLayer::new(readiness.clone()))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(job_service)
@@ -104,13 +116,90 @@ impl Coordinator {
                 .add_service(sweep_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
         );
-        let router = dashboard::router(Dashboard::new(store.clone(), hub, config.lease_timeout, stopped.clone()));
-        let http =
-            tokio::spawn(axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped)).into_future());
+        let router = dashboard::router(Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone()));
+        let http = tokio::spawn(
+            axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped.clone())).into_future(),
+        );
         info!(addr = %grpc_addr, "grpc listening");
         info!(addr = %http_addr, "http listening");
-        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, engine })
+
+        wait_for_database(&store).await;
+        let extended = store.extend_open_leases(config.lease_timeout).await?;
+        if extended > 0 {
+            info!(leases = extended, "extended open leases so their workers can reconnect");
+        }
+        let reaper = spawn_reaper(scheduler, stopped.clone());
+        let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
+        readiness.set(State::Ready);
+        set_health(&health, true).await;
+        let monitor = tokio::spawn(monitor_database(store.clone(), readiness, health.clone(), stopped));
+        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, engine, monitor })
     }
+}
+
+/// Waits until the database answers and the migrations are applied,
+/// logging every few seconds while it does not.
+async fn wait_for_database(store: &Store) {
+    let mut delay = Duration::from_millis(100);
+    let mut last_log: Option<tokio::time::Instant> = None;
+    loop {
+        let attempt = async {
+            tokio::time::timeout(PING_TIMEOUT, store.ping()).await.map_err(|_| "no answer".to_string())?.map_err(|e| e.to_string())?;
+            store.migrate().await.map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(()) => return,
+            Err(error) => {
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    warn!(%error, "waiting for the database; calls are answered UNAVAILABLE meanwhile");
+                    last_log = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Checks the database every [`MONITOR_INTERVAL`]: while it does not
+/// answer, health says `NOT_SERVING` and calls get `UNAVAILABLE`.
+async fn monitor_database(
+    store: Store,
+    readiness: Readiness,
+    health: tonic_health::server::HealthReporter,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|stop| *stop) => break,
+            _ = tick.tick() => {}
+        }
+        let up = matches!(tokio::time::timeout(PING_TIMEOUT, store.ping()).await, Ok(Ok(())));
+        match (readiness.state(), up) {
+            (State::Ready, false) => {
+                warn!("database unavailable: health NOT_SERVING, calls answered UNAVAILABLE until it is back");
+                readiness.set(State::DatabaseDown);
+                set_health(&health, false).await;
+            }
+            (State::DatabaseDown, true) => {
+                info!("database available again: serving");
+                readiness.set(State::Ready);
+                set_health(&health, true).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sets the health of the server (`""`) and of every ptune service.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    let status = if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    health.set_service_status(<JobServiceServer<JobApi> as tonic::server::NamedService>::NAME, status).await;
+    health.set_service_status(<WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME, status).await;
+    health.set_service_status(<SweepServiceServer<SweepApi> as tonic::server::NamedService>::NAME, status).await;
 }
 
 impl CoordinatorHandle {
@@ -119,16 +208,13 @@ impl CoordinatorHandle {
     /// the database pool.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         info!("shutting down");
-        self.health.set_not_serving::<JobServiceServer<JobApi>>().await;
-        self.health.set_not_serving::<WorkerServiceServer<WorkerApi>>().await;
-        self.health.set_not_serving::<SweepServiceServer<SweepApi>>().await;
-        // The empty name stands for the whole server.
-        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        set_health(&self.health, false).await;
         let _ = self.stop.send(true);
         let grpc = finish("grpc server", self.grpc).await.map(|r| r.context("grpc server failed"));
         let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));
         let _ = finish("reaper", self.reaper).await;
         let _ = finish("sweep engine", self.engine).await;
+        let _ = finish("database monitor", self.monitor).await;
         self.store.close().await;
         info!("shut down");
         grpc.transpose()?;

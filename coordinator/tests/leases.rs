@@ -230,7 +230,7 @@ async fn a_renewed_lease_survives_and_worker_errors_retry_or_fail() {
 
     let stranger = env
         .workers
-        .heartbeat(v1::HeartbeatRequest { worker_id: uuid::Uuid::new_v4().to_string(), leases: vec![] })
+        .heartbeat(v1::HeartbeatRequest { worker_id: uuid::Uuid::new_v4().to_string(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();

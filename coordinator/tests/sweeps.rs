@@ -312,6 +312,7 @@ impl FakeWorker {
         let request = v1::HeartbeatRequest {
             worker_id: self.id.clone(),
             leases: vec![v1::LeaseRef { job_id: lease.job_id.clone(), epoch: lease.epoch }],
+            ..Default::default()
         };
         let client = self.client.clone();
         retry(|| {
@@ -353,6 +354,7 @@ impl FakeWorker {
             error: error.into(),
             cancelled,
             retryable: false,
+            infrastructure: false,
         };
         let client = self.client.clone();
         retry(|| {

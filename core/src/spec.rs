@@ -11,8 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const MAX_TOKENS: u32 = 512;
 /// Hard cap on examples per step.
 pub const MAX_BATCH_SIZE: u32 = 4096;
-/// Default attempts before a job whose leases keep getting lost fails.
+/// Default attempts that may fail with an error of the job before it fails.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Bounds of `training.stall_timeout_seconds` when set: ten seconds to a week.
+pub const STALL_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 10..=604_800;
 
 /// Parameter-efficient fine-tuning method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -428,6 +430,19 @@ pub struct TrainingConfig {
     /// Learning rate of the classification head; the main rate when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_learning_rate: Option<f64>,
+    /// Steps between resume checkpoints besides those written at every
+    /// evaluation (0: only at evaluations). Each is uploaded to the
+    /// coordinator, so a retried job resumes from it on any worker.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoint_every: u64,
+    /// Seconds without progress after which the worker fails the attempt
+    /// retryably (0: the worker's default, sized from the spec).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stall_timeout_seconds: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// A complete, self-contained description of one training job.
@@ -793,6 +808,17 @@ impl JobSpec {
             return Err(SpecError::new(
                 "training.weight_decay",
                 format!("must be 0 or more, got {}", t.weight_decay),
+            ));
+        }
+        if t.stall_timeout_seconds != 0 && !STALL_TIMEOUT_SECONDS.contains(&t.stall_timeout_seconds) {
+            return Err(SpecError::new(
+                "training.stall_timeout_seconds",
+                format!(
+                    "must be 0 (the worker's default) or between {} and {}, got {}",
+                    STALL_TIMEOUT_SECONDS.start(),
+                    STALL_TIMEOUT_SECONDS.end(),
+                    t.stall_timeout_seconds
+                ),
             ));
         }
         Ok(())

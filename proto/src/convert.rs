@@ -141,6 +141,8 @@ impl From<&JobSpec> for v1::JobSpec {
                 eval_every: s.training.eval_every,
                 seed: s.training.seed,
                 head_learning_rate: s.training.head_learning_rate.unwrap_or(0.0),
+                checkpoint_every: s.training.checkpoint_every,
+                stall_timeout_seconds: s.training.stall_timeout_seconds,
             }),
             max_attempts: s.max_attempts,
             owner: s.owner.clone(),
@@ -239,6 +241,8 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 eval_every: training.eval_every,
                 seed: training.seed,
                 head_learning_rate: Some(training.head_learning_rate).filter(|lr| *lr != 0.0),
+                checkpoint_every: training.checkpoint_every,
+                stall_timeout_seconds: training.stall_timeout_seconds,
             },
             head: HeadConfig {
                 pooling: match s.head.map(|h| h.pooling).filter(|p| !p.trim().is_empty()) {

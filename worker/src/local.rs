@@ -86,6 +86,7 @@ pub fn train_local(
                 eprintln!("eval at step {step}  {}  ({:.1}s)", line.join("  "), started.elapsed().as_secs_f64());
                 metrics
             }
+            Event::Checkpoint { .. } => return Control::Continue,
         };
         let written = metrics_of_event.iter().try_for_each(|m| {
             serde_json::to_writer(&mut metrics, m).map_err(std::io::Error::from)?;

@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "ptune-worker", version, about)]
 struct Args {
-    /// Coordinator gRPC address.
+    /// Coordinator gRPC address; several, comma-separated, to fail over between them (a name that resolves to
+    /// several addresses counts as one per address).
     #[arg(long, env = "PTUNE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
     /// Folder of base models, one Hugging Face folder each (config.json, model.safetensors, tokenizer.json).
@@ -42,6 +43,15 @@ struct Args {
     /// to need more (0: the machine's total memory).
     #[arg(long, env = "PTUNE_MEMORY_MIB", default_value_t = 0)]
     memory_mib: u64,
+    /// Seconds a graceful shutdown (SIGTERM) waits for running jobs to checkpoint and hand their leases back; then,
+    /// or at a second signal, they are handed back as they are. Keep it below Kubernetes'
+    /// terminationGracePeriodSeconds.
+    #[arg(long, env = "PTUNE_DRAIN_TIMEOUT", default_value_t = 25)]
+    drain_timeout: u64,
+    /// Seconds without progress after which a job's attempt is failed and retried (0: sized from each job's spec;
+    /// a job's training.stall_timeout_seconds wins).
+    #[arg(long, env = "PTUNE_STALL_TIMEOUT", default_value_t = 0)]
+    stall_timeout: u64,
     /// Log format.
     #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -152,14 +162,18 @@ fn main() -> anyhow::Result<()> {
                     },
                     max_tokens: args.pack_tokens.max(1) as usize,
                 },
+                drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
+                stall_timeout: (args.stall_timeout > 0).then(|| std::time::Duration::from_secs(args.stall_timeout)),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
-                let (tx, rx) = tokio::sync::watch::channel(false);
+                let (tx, rx) = tokio::sync::watch::channel(0u32);
                 tokio::spawn(async move {
-                    shutdown_signal().await;
-                    tracing::info!("shutdown signal received");
-                    let _ = tx.send(true);
+                    for count in 1.. {
+                        shutdown_signal().await;
+                        tracing::info!(count, "shutdown signal received");
+                        let _ = tx.send(count);
+                    }
                 });
                 agent::run(config, rx).await
             })
@@ -173,10 +187,12 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<ptune_core::JobSpec> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("signal handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("signal handler");
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
     }
 }
 

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::{self, JobState};
 use sha2::{Digest, Sha256};
+use ptune_worker::agent::Directive;
 use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +328,7 @@ fn without_colours(line: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_starting_together_on_one_dataset_all_get_it_whole_and_failed_downloads_leave_nothing() {
+async fn jobs_starting_together_on_one_dataset_all_get_it_whole_a_damaged_cache_is_fetched_again_and_failed_downloads_leave_nothing() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;
     let source = sst2("train.jsonl");
@@ -336,8 +337,8 @@ async fn jobs_starting_together_on_one_dataset_all_get_it_whole_and_failed_downl
     let fetches = (0..4).map(|_| {
         let (url, reference, work_dir) = (cluster.url(), reference.clone(), work_dir.clone());
         tokio::spawn(async move {
-            let mut worker = v1::worker_service_client::WorkerServiceClient::connect(url).await.expect("connect");
-            ptune_worker::agent::datasets::fetch(&mut worker, &reference, &work_dir).await
+            let coordinators = ptune_worker::agent::Coordinators::new(&url).await.expect("coordinator address");
+            ptune_worker::agent::datasets::fetch(&coordinators, &reference, &work_dir, &Directive::default()).await
         })
     });
     let expected = std::fs::read(&source).unwrap();
@@ -346,10 +347,19 @@ async fn jobs_starting_together_on_one_dataset_all_get_it_whole_and_failed_downl
         assert_eq!(std::fs::read(&dataset.path).unwrap(), expected);
         assert_eq!(dataset.file_name, "train.jsonl");
     }
+    // A cached copy that no longer hashes to its reference is fetched again.
+    let coordinators = ptune_worker::agent::Coordinators::new(&cluster.url()).await.expect("coordinator address");
+    let cached = work_dir.join("datasets").join(format!("{}.jsonl", reference.trim_start_matches("sha256:")));
+    let mut damaged = expected.clone();
+    damaged[10] ^= 0x20;
+    std::fs::write(&cached, &damaged).unwrap();
+    let again = ptune_worker::agent::datasets::fetch(&coordinators, &reference, &work_dir, &Directive::default())
+        .await
+        .expect("a damaged cache is fetched again");
+    assert_eq!(std::fs::read(&again.path).unwrap(), expected, "the damaged copy was used");
     // A dataset the coordinator does not have fails, and leaves nothing behind.
-    let mut worker = v1::worker_service_client::WorkerServiceClient::connect(cluster.url()).await.expect("connect");
     let unknown = format!("sha256:{}", "0".repeat(64));
-    assert!(ptune_worker::agent::datasets::fetch(&mut worker, &unknown, &work_dir).await.is_err());
+    assert!(ptune_worker::agent::datasets::fetch(&coordinators, &unknown, &work_dir, &Directive::default()).await.is_err());
     let left: Vec<_> = std::fs::read_dir(work_dir.join("datasets"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())

@@ -185,6 +185,7 @@ fn train_packed(model_dir: &Path, jobs: &[TrainJob], limits: PackLimits) -> Vec<
                     seen.borrow_mut().extend_from_slice(metrics);
                     Control::Continue
                 }
+                Event::Checkpoint { .. } => Control::Continue,
             }),
             on_done: Box::new(move |result| *ending.borrow_mut() = Some(result)),
         }

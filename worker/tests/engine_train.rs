@@ -83,6 +83,7 @@ fn train(job: &TrainJob, at_step: Option<(u64, Control)>) -> (Result<TrainOutcom
             seen.extend_from_slice(metrics);
             Control::Continue
         }
+        Event::Checkpoint { .. } => Control::Continue,
     };
     let outcome = engine.train(&minilm_dir(), job, &mut on_event);
     (outcome, seen)

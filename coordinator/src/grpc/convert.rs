@@ -9,9 +9,11 @@ use ptune_proto::v1;
 
 use crate::error::Error;
 use crate::model::{
-    BaseModel, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent, JobFilter, Lease, LeaseRef,
-    PageToken, ProgressReport, StopSignal, Sweep, SweepReport, Trial, TrialCounts, WorkerRegistration,
+    BaseModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
+    JobFilter, Lease, LeaseRef, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
+    TrialCounts, WorkerRegistration,
 };
+use crate::store::WorkerView;
 
 /// Largest step or epoch the store can hold.
 const MAX_COUNTER: u64 = i64::MAX as u64;
@@ -150,10 +152,7 @@ pub fn progress(req: v1::ReportProgressRequest) -> Result<ProgressReport, Error>
 }
 
 pub fn completion(header: v1::CompleteJobHeader) -> Result<Completion, Error> {
-    let sha256 = header.adapter_sha256.trim().to_ascii_lowercase();
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid("adapter_sha256", "must be the 64 hex digits of the archive's sha256"));
-    }
+    let sha256 = sha256_hex(&header.adapter_sha256, "adapter_sha256")?;
     Ok(Completion {
         lease: lease_ref(&header.job_id, header.epoch, "job_id")?,
         adapter_sha256: sha256,
@@ -170,7 +169,45 @@ pub fn failure(req: v1::FailJobRequest) -> Result<Failure, Error> {
         error: req.error,
         cancelled: req.cancelled,
         retryable: req.retryable,
+        infrastructure: req.infrastructure,
     })
+}
+
+/// Longest `unhealthy_reason` a heartbeat may carry.
+const MAX_REASON_CHARS: usize = 1000;
+
+pub fn unhealthy_reason(reason: &str) -> Result<&str, Error> {
+    if reason.chars().count() > MAX_REASON_CHARS || reason.contains('\0') {
+        return Err(Error::invalid("unhealthy_reason", format!("must be at most {MAX_REASON_CHARS} characters, without NUL")));
+    }
+    Ok(reason)
+}
+
+pub fn release(req: v1::ReleaseJobRequest) -> Result<Release, Error> {
+    Ok(Release { lease: lease_ref(&req.job_id, req.epoch, "job_id")?, reason: req.reason })
+}
+
+fn sha256_hex(value: &str, field: &str) -> Result<String, Error> {
+    let sha256 = value.trim().to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::invalid(field, "must be the 64 hex digits of the archive's sha256"));
+    }
+    Ok(sha256)
+}
+
+pub fn checkpoint_upload(header: v1::CheckpointHeader) -> Result<CheckpointUpload, Error> {
+    Ok(CheckpointUpload {
+        lease: lease_ref(&header.job_id, header.epoch, "job_id")?,
+        info: CheckpointInfo {
+            step: counter(header.step, "step")?,
+            sha256: sha256_hex(&header.sha256, "sha256")?,
+            size: header.size,
+        },
+    })
+}
+
+pub fn checkpoint_info(info: &CheckpointInfo) -> v1::CheckpointInfo {
+    v1::CheckpointInfo { step: info.step, sha256: info.sha256.clone(), size: info.size }
 }
 
 fn timestamp(t: Option<DateTime<Utc>>) -> String {
@@ -201,6 +238,25 @@ pub fn job(job: &Job) -> v1::Job {
         waiting_reason: String::new(),
         memory_estimate_bytes: job.memory_estimate.map_or(0, |e| e.total_bytes()),
         worker_peak_rss_bytes: job.worker_peak_rss_bytes.unwrap_or(0),
+        failures: job.failures,
+        interruptions: job.interruptions,
+        retry_at: timestamp(job.retry_at.filter(|_| job.state == ptune_core::JobState::Queued)),
+        checkpoint_step: job.checkpoint_step.unwrap_or(0),
+    }
+}
+
+pub fn worker_info(w: &WorkerView) -> v1::WorkerInfo {
+    let models = w.models.0.as_array().into_iter().flatten();
+    v1::WorkerInfo {
+        worker_id: w.id.to_string(),
+        hostname: w.hostname.clone(),
+        online: w.online,
+        slots: u32::try_from(w.slots).unwrap_or(0),
+        running: u32::try_from(w.slots_busy).unwrap_or(0),
+        models: models.filter_map(|m| m.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect(),
+        heartbeat_age_seconds: w.heartbeat_age_seconds,
+        unhealthy_reason: w.unhealthy_reason.clone(),
+        registered_at: timestamp(Some(w.registered_at)),
     }
 }
 
@@ -231,6 +287,7 @@ pub fn lease(lease: &Lease) -> v1::Lease {
         epoch: lease.epoch,
         spec: Some(v1::JobSpec::from(&lease.spec)),
         attempt: lease.attempt,
+        checkpoint: lease.checkpoint.as_ref().map(checkpoint_info),
     }
 }
 

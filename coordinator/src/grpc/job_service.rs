@@ -111,6 +111,15 @@ impl JobService for JobApi {
     }
 
     #[instrument(skip_all)]
+    async fn list_workers(
+        &self,
+        req: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let workers = self.jobs.workers(req.into_inner().page_size).await?;
+        Ok(Response::new(v1::ListWorkersResponse { workers: workers.iter().map(convert::worker_info).collect() }))
+    }
+
+    #[instrument(skip_all)]
     async fn upload_dataset(
         &self,
         req: Request<Streaming<v1::DatasetChunk>>,

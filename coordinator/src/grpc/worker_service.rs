@@ -37,6 +37,7 @@ impl WorkerService for WorkerApi {
             worker_id: done.worker_id.to_string(),
             heartbeat_interval_ms: u32::try_from(done.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
             lease_timeout_ms: u32::try_from(done.lease_timeout.as_millis()).unwrap_or(u32::MAX),
+            max_checkpoint_bytes: done.max_checkpoint_bytes,
         }))
     }
 
@@ -45,7 +46,8 @@ impl WorkerService for WorkerApi {
         let req = req.into_inner();
         let worker = convert::worker_id(&req.worker_id)?;
         let leases = convert::lease_refs(req.leases)?;
-        let reply = self.scheduler.heartbeat(worker, &leases).await?;
+        let unhealthy = convert::unhealthy_reason(&req.unhealthy_reason)?;
+        let reply = self.scheduler.heartbeat(worker, &leases, unhealthy).await?;
         Ok(Response::new(v1::HeartbeatResponse {
             stop: convert::lease_refs_to_wire(&reply.stop),
             known: reply.known,
@@ -95,6 +97,56 @@ impl WorkerService for WorkerApi {
         let failure = convert::failure(req.into_inner())?;
         self.scheduler.fail(failure).await?;
         Ok(Response::new(v1::FailJobResponse {}))
+    }
+
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
+    async fn release_job(&self, req: Request<v1::ReleaseJobRequest>) -> Result<Response<v1::ReleaseJobResponse>, Status> {
+        let release = convert::release(req.into_inner())?;
+        self.scheduler.release(release).await?;
+        Ok(Response::new(v1::ReleaseJobResponse {}))
+    }
+
+    #[instrument(skip_all)]
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<v1::CheckpointChunk>>,
+    ) -> Result<Response<v1::UploadCheckpointResponse>, Status> {
+        let mut chunks = req.into_inner();
+        let Some(v1::checkpoint_chunk::Part::Header(header)) = chunks.message().await?.and_then(|c| c.part) else {
+            return Err(Error::invalid("header", "the first message must carry the header").into());
+        };
+        let mut sink = self.scheduler.begin_checkpoint(convert::checkpoint_upload(header)?).await?;
+        while let Some(chunk) = chunks.message().await? {
+            let Some(v1::checkpoint_chunk::Part::Data(data)) = chunk.part else {
+                return Err(Error::invalid("header", "only the first message may carry a header").into());
+            };
+            sink.push(&data).await?;
+        }
+        let stored = sink.finish().await?;
+        Ok(Response::new(v1::UploadCheckpointResponse { stored }))
+    }
+
+    type DownloadCheckpointStream = Pin<Box<dyn Stream<Item = Result<v1::CheckpointChunk, Status>> + Send + 'static>>;
+
+    #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
+    async fn download_checkpoint(
+        &self,
+        req: Request<v1::DownloadCheckpointRequest>,
+    ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        let req = req.into_inner();
+        let lease = convert::lease_ref(&req.job_id, req.epoch, "job_id")?;
+        let (info, chunks) = self.scheduler.checkpoint(lease).await?;
+        let header = v1::CheckpointChunk {
+            part: Some(v1::checkpoint_chunk::Part::Header(v1::CheckpointHeader {
+                job_id: req.job_id,
+                epoch: req.epoch,
+                step: info.step,
+                sha256: info.sha256,
+                size: info.size,
+            })),
+        };
+        let data = chunks.map(|data| Ok(v1::CheckpointChunk { part: Some(v1::checkpoint_chunk::Part::Data(data?)) }));
+        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(header) }).chain(data))))
     }
 
     type DownloadDatasetStream = ChunkStream;

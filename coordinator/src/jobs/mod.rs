@@ -23,6 +23,18 @@ use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, 
 use crate::scheduler::memory;
 use crate::store::{Availability, CancelOutcome, Store};
 
+/// Why a queued job waits although workers could take it: it backs off
+/// after an error until its `retry_at`.
+fn backing_off(job: &Job) -> Option<String> {
+    let at = job.retry_at.filter(|at| *at > chrono::Utc::now())?;
+    Some(format!(
+        "backing off: attempt failed {} of {} times; next attempt not before {}",
+        job.failures,
+        job.max_attempts,
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ))
+}
+
 /// Jobs per page when the request does not say.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Most jobs per page.
@@ -80,11 +92,20 @@ impl Jobs {
                     Some(Availability { online: false, .. }) => {
                         format!("waiting: every worker serving base model {model:?} is offline")
                     }
-                    Some(availability) => memory::too_large(job, availability)?,
+                    Some(availability) => match memory::too_large(job, availability) {
+                        Some(reason) => reason,
+                        None => backing_off(job)?,
+                    },
                 };
                 Some((job.id, reason))
             })
             .collect())
+    }
+
+    /// Registered workers, online first, at most `limit` (0: 100).
+    pub async fn workers(&self, limit: u32) -> Result<Vec<crate::store::WorkerView>, Error> {
+        let limit = if limit == 0 { 100 } else { limit.min(MAX_PAGE_SIZE) };
+        Ok(self.store.worker_table(self.online_window, limit, 0).await?.0)
     }
 
     /// Validates and stores a job as queued. `default_attempts` replaces the

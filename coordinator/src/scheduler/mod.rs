@@ -4,6 +4,7 @@
 
 pub(crate) mod memory;
 mod reaper;
+pub mod retry;
 
 use std::time::Duration;
 
@@ -18,20 +19,27 @@ use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{
-    Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef, ProgressReport, Registered,
-    StopSignal, WorkerRegistration,
+    CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
+    ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
-use crate::store::{CompleteOutcome, FailOutcome, Fenced, Store};
+use crate::store::{CheckpointStored, CompleteOutcome, FailOutcome, Fenced, Store};
+use retry::RetryPolicy;
 
 /// Largest adapter archive accepted.
 pub const MAX_ADAPTER_BYTES: u64 = 1_000_000_000;
 
-/// Lease timing handed to workers.
+/// Lease timing handed to workers, and what happens after an attempt ends.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub lease_timeout: Duration,
     pub heartbeat_interval: Duration,
+    pub retry: RetryPolicy,
+    /// Largest checkpoint archive a worker may upload.
+    pub max_checkpoint_bytes: u64,
 }
+
+/// Rows of a stored checkpoint: uploads are cut into chunks of this size.
+const CHECKPOINT_CHUNK: usize = 1 << 20;
 
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
@@ -63,12 +71,19 @@ impl Scheduler {
             worker_id,
             heartbeat_interval: self.timing.heartbeat_interval,
             lease_timeout: self.timing.lease_timeout,
+            max_checkpoint_bytes: self.timing.max_checkpoint_bytes,
         })
     }
 
-    /// Renews the worker's valid leases and names those it must stop.
-    pub async fn heartbeat(&self, worker: WorkerId, leases: &[LeaseRef]) -> Result<HeartbeatReply, Error> {
-        let known = self.store.touch_worker(worker).await?;
+    /// Renews the worker's valid leases, records its health and names the
+    /// leases it must stop.
+    pub async fn heartbeat(
+        &self,
+        worker: WorkerId,
+        leases: &[LeaseRef],
+        unhealthy_reason: &str,
+    ) -> Result<HeartbeatReply, Error> {
+        let known = self.store.touch_worker(worker, unhealthy_reason).await?;
         let (stop, early_stop) = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
         if !known {
             warn!(worker_id = %worker, "heartbeat from an unregistered worker; it should register again");
@@ -151,14 +166,69 @@ impl Scheduler {
     /// Ends a lease with an error or acknowledges its cancellation.
     pub async fn fail(&self, failure: Failure) -> Result<(), Error> {
         let lease = failure.lease;
-        match fenced(lease, self.store.fail_job(&failure).await?)? {
+        match fenced(lease, self.store.fail_job(&failure, &self.timing.retry).await?)? {
             FailOutcome::Ended(state) => {
-                info!(job_id = %lease.job_id, epoch = lease.epoch, %state, error = %failure.error, "attempt ended");
+                info!(job_id = %lease.job_id, epoch = lease.epoch, %state, error = %failure.error,
+                      infrastructure = failure.infrastructure, "attempt ended");
                 self.hub.publish(lease.job_id, HubEventKind::Changed);
             }
             FailOutcome::Replayed(_) => {}
         }
         Ok(())
+    }
+
+    /// Takes a lease back from a draining worker: the job is queued again at once.
+    pub async fn release(&self, release: Release) -> Result<(), Error> {
+        let lease = release.lease;
+        match fenced(lease, self.store.release_job(&release, &self.timing.retry).await?)? {
+            FailOutcome::Ended(state) => {
+                info!(job_id = %lease.job_id, epoch = lease.epoch, %state, reason = %release.reason, "lease released");
+                self.hub.publish(lease.job_id, HubEventKind::Changed);
+            }
+            FailOutcome::Replayed(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Starts receiving a checkpoint of a running lease.
+    pub async fn begin_checkpoint(&self, upload: CheckpointUpload) -> Result<CheckpointSink, Error> {
+        let max = self.timing.max_checkpoint_bytes;
+        if upload.info.size == 0 || upload.info.size > max {
+            return Err(Error::invalid(
+                "size",
+                format!("a checkpoint must be between 1 and {max} bytes (--max-checkpoint-mib), got {}", upload.info.size),
+            ));
+        }
+        let id = fenced(upload.lease, self.store.begin_checkpoint(&upload).await?)?;
+        Ok(CheckpointSink {
+            store: self.store.clone(),
+            id,
+            upload,
+            pending: Vec::with_capacity(CHECKPOINT_CHUNK),
+            received: 0,
+            next_seq: 0,
+            hasher: Sha256::new(),
+            finished: false,
+        })
+    }
+
+    /// The checkpoint a running lease resumes from, in chunks.
+    pub async fn checkpoint(
+        &self,
+        lease: LeaseRef,
+    ) -> Result<(CheckpointInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
+        let Some((id, info)) = fenced(lease, self.store.checkpoint_for(lease).await?)? else {
+            return Err(Error::NotFound(format!("job {} has no stored checkpoint", lease.job_id)));
+        };
+        let store = self.store.clone();
+        let chunks = futures::stream::try_unfold(0u32, move |seq| {
+            let store = store.clone();
+            async move {
+                let chunk = store.checkpoint_chunk(id, seq).await?;
+                Ok::<_, Error>(chunk.map(|data| (data, seq + 1)))
+            }
+        });
+        Ok((info, chunks))
     }
 
     /// A dataset's record and its bytes in chunks.
@@ -178,14 +248,103 @@ impl Scheduler {
         Ok((info, chunks))
     }
 
-    /// Ends leases whose worker stopped heartbeating; see [`spawn_reaper`].
-    pub async fn reap_expired(&self) -> Result<usize, Error> {
-        let reaped = self.store.reap_expired_leases(100).await?;
+    /// Ends leases whose worker stopped heartbeating, after giving every
+    /// open lease a full period when `after_outage`; see [`spawn_reaper`].
+    pub async fn reap_expired(&self, after_outage: bool) -> Result<usize, Error> {
+        let grace = after_outage.then_some(self.timing.lease_timeout);
+        let reaped = self.store.reap_expired_leases(100, grace, &self.timing.retry).await?;
         for r in &reaped {
             warn!(job_id = %r.job_id, worker_id = %r.worker_id, attempt = r.attempt, state = %r.state, reason = %r.reason, "lease lost");
             self.hub.publish(r.job_id, HubEventKind::Changed);
         }
         Ok(reaped.len())
+    }
+}
+
+/// A checkpoint being received: hashed and written in chunks as it
+/// arrives, never held whole. Dropped unfinished, its rows are removed.
+pub struct CheckpointSink {
+    store: Store,
+    id: uuid::Uuid,
+    upload: CheckpointUpload,
+    pending: Vec<u8>,
+    received: u64,
+    next_seq: u32,
+    hasher: Sha256,
+    finished: bool,
+}
+
+impl CheckpointSink {
+    pub async fn push(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.received += data.len() as u64;
+        if self.received > self.upload.info.size {
+            return Err(Error::invalid(
+                "size",
+                format!("more than the announced {} bytes arrived; announce the archive's real size", self.upload.info.size),
+            ));
+        }
+        self.hasher.update(data);
+        let mut data = data;
+        while !data.is_empty() {
+            let take = (CHECKPOINT_CHUNK - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == CHECKPOINT_CHUNK {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Error> {
+        if !self.pending.is_empty() {
+            self.store.put_checkpoint_chunk(self.id, self.next_seq, &self.pending).await?;
+            self.next_seq += 1;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Verifies size and hash and makes the checkpoint the job's; false
+    /// when the job already had one of as many steps.
+    pub async fn finish(mut self) -> Result<bool, Error> {
+        if self.received != self.upload.info.size {
+            return Err(Error::invalid(
+                "size",
+                format!("announced {} bytes but {} arrived; upload the whole archive again", self.upload.info.size, self.received),
+            ));
+        }
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        if sha256 != self.upload.info.sha256 {
+            return Err(Error::invalid(
+                "sha256",
+                format!("the received bytes hash to {sha256}, not {}; upload the archive again", self.upload.info.sha256),
+            ));
+        }
+        self.flush().await?;
+        let stored = fenced(self.upload.lease, self.store.finish_checkpoint(self.id, &self.upload).await?)?;
+        self.finished = true;
+        Ok(stored == CheckpointStored::Stored)
+    }
+}
+
+impl Drop for CheckpointSink {
+    fn drop(&mut self) {
+        if !self.finished {
+            let (store, id) = (self.store.clone(), self.id);
+            tokio::spawn(async move {
+                if let Err(e) = store.abandon_checkpoint(id).await {
+                    warn!(checkpoint = %id, error = %e, "cannot remove an unfinished checkpoint upload; it is collected later");
+                }
+            });
+        }
+    }
+}
+
+impl Scheduler {
+    /// Removes checkpoints of finished jobs and uploads abandoned for `abandoned_after`.
+    pub async fn collect_checkpoints(&self, abandoned_after: Duration) -> Result<u64, Error> {
+        Ok(self.store.collect_checkpoints(abandoned_after, 1000).await?)
     }
 }
 

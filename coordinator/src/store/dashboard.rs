@@ -30,6 +30,8 @@ pub struct FleetLevels {
     /// How long the job queued longest has waited (since submission or requeue).
     pub oldest_queued: Option<Duration>,
     pub workers_online: u64,
+    /// Workers online that take no new jobs (a full disk, device errors).
+    pub workers_unhealthy: u64,
     /// Slots of the workers online.
     pub slots: u64,
     /// Open leases.
@@ -206,6 +208,8 @@ pub struct WorkerView {
     pub memory_bytes: i64,
     /// Base models it held in memory at its last lease request.
     pub loaded_models: Vec<String>,
+    /// Why it takes no new jobs; empty while healthy.
+    pub unhealthy_reason: String,
 }
 
 /// The job table's select list and filters; `ORDER BY` and paging follow.
@@ -290,8 +294,9 @@ impl Store {
         )
         .fetch_one(&self.pool)
         .await?;
-        let (workers_online, slots): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(slots), 0)::bigint FROM workers \
+        let (workers_online, workers_unhealthy, slots): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE unhealthy_reason <> ''), coalesce(sum(slots), 0)::bigint \
+             FROM workers \
              WHERE last_heartbeat > now() - $1 * interval '1 millisecond'",
         )
         .bind(millis(online_window))
@@ -317,6 +322,7 @@ impl Store {
             sweeps,
             oldest_queued: oldest.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
             workers_online: to_u64(workers_online, "worker count")?,
+            workers_unhealthy: to_u64(workers_unhealthy, "worker count")?,
             slots: to_u64(slots, "slot count")?,
             slots_busy: to_u64(busy, "open lease count")?,
             workers: rows
@@ -458,7 +464,7 @@ impl Store {
                     coalesce((SELECT sum(t.value) FROM (",
             open_lease_throughput!("$4"),
             ") t WHERE t.worker_id = w.id), 0)::float8 AS examples_per_second, \
-                    packs.packs_running, packs.packed_jobs, w.memory_bytes, w.loaded_models \
+                    packs.packs_running, packs.packed_jobs, w.memory_bytes, w.loaded_models, w.unhealthy_reason \
              FROM workers w \
              CROSS JOIN LATERAL ( \
                  SELECT round(coalesce(sum(1.0 / p.value), 0))::bigint AS packs_running, count(*) AS packed_jobs \

@@ -14,10 +14,12 @@ use sqlx::{Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
+use super::checkpoints::latest_checkpoint;
 use super::jobs::DbJobState;
 use super::metrics::insert_metrics;
 use super::{millis, to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport, StopSignal, WorkerOffer};
+use crate::model::{Completion, Failure, Lease, LeaseRef, ProgressReport, Release, StopSignal, WorkerOffer};
+use crate::scheduler::retry::{AttemptEnd, Counters, Retry, RetryPolicy};
 
 /// The result of an operation that only the current lease holder may do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +31,16 @@ pub enum Fenced<T> {
         epoch: u64,
     },
     NotFound,
+}
+
+impl<T> Fenced<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Fenced<U> {
+        match self {
+            Fenced::Valid(value) => Fenced::Valid(f(value)),
+            Fenced::Stale { state, epoch } => Fenced::Stale { state, epoch },
+            Fenced::NotFound => Fenced::NotFound,
+        }
+    }
 }
 
 /// What `CompleteJob` did.
@@ -69,11 +81,6 @@ struct ExpiredLease {
     attempt: i32,
     worker_id: Uuid,
     epoch: i64,
-    state: DbJobState,
-    attempts: i32,
-    max_attempts: i32,
-    cancel_requested: bool,
-    early_stop_requested: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -82,8 +89,9 @@ struct LockedJob {
     lease_epoch: i64,
     cancel_requested: bool,
     early_stop_requested: bool,
-    attempts: i32,
+    failures: i32,
     max_attempts: i32,
+    interruptions: i32,
     total_steps: i64,
 }
 
@@ -99,7 +107,8 @@ impl LockedJob {
 
 async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<LockedJob>> {
     let row = sqlx::query_as(
-        "SELECT state, lease_epoch, cancel_requested, early_stop_requested, attempts, max_attempts, total_steps \
+        "SELECT state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, interruptions, \
+                total_steps \
          FROM jobs WHERE id = $1 FOR UPDATE",
     )
     .bind(id.0)
@@ -201,7 +210,7 @@ impl Store {
                  FROM workers o \
                  WHERE o.id <> $4 AND o.free_slots > 0 AND o.polled_at > now() - $6 * interval '1 millisecond') \
              SELECT q.id, extract(epoch FROM now() - q.updated_at)::float8 FROM jobs q, used u \
-             WHERE q.state = 'queued' AND q.base_model = ANY($1) \
+             WHERE q.state = 'queued' AND q.base_model = ANY($1) AND (q.retry_at IS NULL OR q.retry_at <= now()) \
                AND ($3::bigint IS NULL OR q.memory_estimate_bytes IS NULL \
                     OR u.bytes + q.memory_job_bytes + q.memory_activation_bytes \
                        + CASE WHEN q.base_model = ANY(u.models) THEN 0 ELSE q.memory_weights_bytes END <= $3) \
@@ -226,7 +235,8 @@ impl Store {
         };
         let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
-                 cancel_requested = false, started_at = coalesce(started_at, now()), updated_at = now() \
+                 cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
+                 updated_at = now() \
              WHERE id = $1 RETURNING spec, attempts, lease_epoch",
         )
         .bind(id)
@@ -247,6 +257,7 @@ impl Store {
             .bind(worker.0)
             .execute(&mut *tx)
             .await?;
+        let checkpoint = latest_checkpoint(&mut *tx, JobId(id)).await?;
         tx.commit().await?;
         let queued_for = Duration::try_from_secs_f64(queued_secs).unwrap_or_default();
         self.metrics.observe_lease(started.elapsed(), Some(queued_for));
@@ -255,6 +266,7 @@ impl Store {
             epoch: to_u64(epoch, "lease_epoch")?,
             spec: spec.0,
             attempt: to_u32(attempts, "attempts")?,
+            checkpoint,
         }))
     }
 
@@ -348,7 +360,7 @@ impl Store {
         let signal = if let Some(m) = diverged {
             let error = format!("{DIVERGED_PREFIX} loss became {} at step {}", m.value, m.step);
             end_attempt(&mut tx, lease, "failed", &error).await?;
-            set_state_after_attempt(&mut tx, lease.job_id, JobState::Failed, &error).await?;
+            set_state_after_attempt(&mut tx, lease.job_id, JobState::Failed, &error, None).await?;
             StopSignal::Diverged
         } else if job.cancel_requested {
             StopSignal::Cancel
@@ -409,29 +421,18 @@ impl Store {
     }
 
     /// Ends a lease with an error or a cancellation acknowledgement: the job
-    /// is cancelled, queued again (retryable, attempts left) or failed.
+    /// is cancelled, queued again (after a backoff for an error of the job,
+    /// at once for an interruption) or failed, as `policy` decides.
     #[instrument(skip_all, fields(job_id = %failure.lease.job_id, epoch = failure.lease.epoch))]
-    pub async fn fail_job(&self, failure: &Failure) -> Result<Fenced<FailOutcome>> {
+    pub async fn fail_job(&self, failure: &Failure, policy: &RetryPolicy) -> Result<Fenced<FailOutcome>> {
         let lease = failure.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
         if !job.holds(lease) {
-            let ended: Option<Option<String>> =
-                sqlx::query_scalar("SELECT outcome FROM job_attempts WHERE job_id = $1 AND epoch = $2")
-                    .bind(lease.job_id.0)
-                    .bind(to_i64(lease.epoch))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let wanted = if failure.cancelled { "cancelled" } else { "failed" };
-            return match ended.flatten() {
-                Some(outcome) if outcome == wanted => Ok(Fenced::Valid(FailOutcome::Replayed(job.state.into()))),
-                _ => job.stale(),
-            };
+            let wanted: &[&str] = if failure.cancelled { &["cancelled"] } else { &["failed", "interrupted"] };
+            return replayed(&mut tx, &job, lease, wanted).await;
         }
-        let (state, outcome, reason, error) = if job.early_stop_requested
-            && !job.cancel_requested
-            && (failure.cancelled || failure.retryable)
-        {
+        let state = if job.early_stop_requested && !job.cancel_requested && (failure.cancelled || failure.retryable) {
             // The worker stopped as asked but did not upload an adapter (a
             // worker that predates early stops acknowledges them as
             // cancellations): the trial ends here, its rung results stand.
@@ -440,34 +441,64 @@ impl Store {
             } else {
                 format!("{EARLY_STOP_WITHOUT_ADAPTER}: {}", failure.error)
             };
-            mark_early_stopped(&mut tx, lease.job_id).await?;
-            (JobState::Cancelled, "cancelled", error.clone(), error)
+            end_early_stopped(&mut tx, lease, "cancelled", &error).await?
         } else if failure.cancelled || job.cancel_requested {
-            let reason = "cancelled on request".to_string();
-            (JobState::Cancelled, "cancelled", reason.clone(), reason)
-        } else if failure.retryable && job.attempts < job.max_attempts {
-            (JobState::Queued, "failed", failure.error.clone(), failure.error.clone())
-        } else if failure.retryable {
-            let error = format!("failed {} times; last: {}", job.attempts, failure.error);
-            (JobState::Failed, "failed", failure.error.clone(), error)
+            end_cancelled(&mut tx, lease, "cancelled", CANCELLED).await?
         } else {
-            (JobState::Failed, "failed", failure.error.clone(), failure.error.clone())
+            let (end, outcome) = match (failure.retryable, failure.infrastructure) {
+                (false, _) => (AttemptEnd::Permanent, "failed"),
+                (true, true) => (AttemptEnd::Interruption, "interrupted"),
+                (true, false) => (AttemptEnd::Error, "failed"),
+            };
+            end_attempt_as(&mut tx, &job, lease, end, outcome, &failure.error, policy).await?
         };
-        end_attempt(&mut tx, lease, outcome, &reason).await?;
-        set_state_after_attempt(&mut tx, lease.job_id, state, &error).await?;
+        tx.commit().await?;
+        Ok(Fenced::Valid(FailOutcome::Ended(state)))
+    }
+
+    /// Hands a lease back: the job is queued again at once (an
+    /// interruption), or cancelled if that was asked meanwhile.
+    #[instrument(skip_all, fields(job_id = %release.lease.job_id, epoch = release.lease.epoch))]
+    pub async fn release_job(&self, release: &Release, policy: &RetryPolicy) -> Result<Fenced<FailOutcome>> {
+        let lease = release.lease;
+        let mut tx = self.pool.begin().await?;
+        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !job.holds(lease) {
+            return replayed(&mut tx, &job, lease, &["released"]).await;
+        }
+        let reason = format!("released: {}", release.reason);
+        let state = if job.cancel_requested {
+            end_cancelled(&mut tx, lease, "cancelled", CANCELLED).await?
+        } else if job.early_stop_requested {
+            end_early_stopped(&mut tx, lease, "released", &format!("{EARLY_STOP_WITHOUT_ADAPTER}: {reason}")).await?
+        } else {
+            end_attempt_as(&mut tx, &job, lease, AttemptEnd::Interruption, "released", &reason, policy).await?
+        };
         tx.commit().await?;
         Ok(Fenced::Valid(FailOutcome::Ended(state)))
     }
 
     /// Ends up to `limit` leases that expired: each job is cancelled (if
-    /// cancellation was requested), queued again, or failed once its
-    /// attempts are used up. Rows another coordinator holds are skipped.
+    /// cancellation was requested), queued again (an interruption), or
+    /// failed once its interruptions are used up. Rows another coordinator
+    /// holds are skipped. With `grace`, every open lease is first given
+    /// that long from now, in the same transaction: after an outage of the
+    /// database (or of this coordinator), workers get a full lease period
+    /// to check in before any lease is reaped.
     #[instrument(skip_all)]
-    pub async fn reap_expired_leases(&self, limit: u32) -> Result<Vec<Reaped>> {
+    pub async fn reap_expired_leases(
+        &self,
+        limit: u32,
+        grace: Option<Duration>,
+        policy: &RetryPolicy,
+    ) -> Result<Vec<Reaped>> {
         let mut tx = self.pool.begin().await?;
+        if let Some(grace) = grace {
+            let extended = extend_leases(&mut tx, grace).await?;
+            tracing::info!(leases = extended, grace_ms = millis(grace), "gave open leases a full period after an outage");
+        }
         let expired: Vec<ExpiredLease> = sqlx::query_as(
-            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch, j.state, j.attempts, j.max_attempts, j.cancel_requested, \
-                    j.early_stop_requested \
+            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch \
              FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
              WHERE a.ended_at IS NULL AND a.lease_expires_at < now() \
              ORDER BY a.lease_expires_at LIMIT $1 \
@@ -477,46 +508,23 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut reaped = Vec::with_capacity(expired.len());
-        for ExpiredLease {
-            job_id,
-            attempt,
-            worker_id,
-            epoch,
-            state,
-            attempts,
-            max_attempts,
-            cancel_requested,
-            early_stop_requested,
-        } in expired
-        {
+        for ExpiredLease { job_id, attempt, worker_id, epoch } in expired {
             let job = JobId(job_id);
             let lease = LeaseRef { job_id: job, epoch: to_u64(epoch, "epoch")? };
             let reason = format!("lease expired: worker {worker_id} stopped heartbeating");
-            end_attempt(&mut tx, lease, "lease_expired", &reason).await?;
-            let next = if state != DbJobState::Running {
-                // An open attempt of a job that is not running is a leftover: just close it.
-                state.into()
-            } else if cancel_requested {
-                set_state_after_attempt(&mut tx, job, JobState::Cancelled, "cancelled on request").await?;
-                JobState::Cancelled
-            } else if early_stop_requested {
+            let locked = lock_job(&mut tx, job).await?.expect("the job row was locked with its attempt");
+            let next = if !locked.holds(lease) {
+                // An open attempt of a job that no longer runs under it is a leftover: just close it.
+                end_attempt(&mut tx, lease, "lease_expired", &reason).await?;
+                locked.state.into()
+            } else if locked.cancel_requested {
+                end_cancelled(&mut tx, lease, "lease_expired", &reason).await?
+            } else if locked.early_stop_requested {
                 let error = format!("{EARLY_STOP_WITHOUT_ADAPTER}: {reason}");
-                set_state_after_attempt(&mut tx, job, JobState::Cancelled, &error).await?;
-                mark_early_stopped(&mut tx, job).await?;
-                JobState::Cancelled
-            } else if attempts < max_attempts {
-                set_state_after_attempt(&mut tx, job, JobState::Queued, &reason).await?;
-                JobState::Queued
+                end_early_stopped(&mut tx, lease, "lease_expired", &error).await?
             } else {
-                let lost: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM job_attempts WHERE job_id = $1 AND outcome = 'lease_expired'",
-                )
-                .bind(job_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                let error = format!("lease lost {lost} times; last: {reason}");
-                set_state_after_attempt(&mut tx, job, JobState::Failed, &error).await?;
-                JobState::Failed
+                end_attempt_as(&mut tx, &locked, lease, AttemptEnd::Interruption, "lease_expired", &reason, policy)
+                    .await?
             };
             reaped.push(Reaped {
                 job_id: job,
@@ -535,15 +543,120 @@ impl Store {
     /// reconnect after a coordinator restart without losing their jobs.
     #[instrument(skip_all)]
     pub async fn extend_open_leases(&self, timeout: Duration) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE job_attempts SET lease_expires_at = greatest(lease_expires_at, now() + $1 * interval '1 millisecond') \
-             WHERE ended_at IS NULL",
-        )
-        .bind(millis(timeout))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        let mut tx = self.pool.begin().await?;
+        let extended = extend_leases(&mut tx, timeout).await?;
+        tx.commit().await?;
+        Ok(extended)
     }
+}
+
+async fn extend_leases(tx: &mut Transaction<'static, Postgres>, timeout: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE job_attempts SET lease_expires_at = greatest(lease_expires_at, now() + $1 * interval '1 millisecond') \
+         WHERE ended_at IS NULL",
+    )
+    .bind(millis(timeout))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The answer to an ending call (fail, release) whose lease no longer
+/// holds the job: a replay when the attempt already ended with one of
+/// `outcomes`, stale otherwise.
+async fn replayed(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &LockedJob,
+    lease: LeaseRef,
+    outcomes: &[&str],
+) -> Result<Fenced<FailOutcome>> {
+    let ended: Option<Option<String>> =
+        sqlx::query_scalar("SELECT outcome FROM job_attempts WHERE job_id = $1 AND epoch = $2")
+            .bind(lease.job_id.0)
+            .bind(to_i64(lease.epoch))
+            .fetch_optional(&mut **tx)
+            .await?;
+    match ended.flatten() {
+        Some(outcome) if outcomes.contains(&outcome.as_str()) => Ok(Fenced::Valid(FailOutcome::Replayed(job.state.into()))),
+        _ => job.stale(),
+    }
+}
+
+/// Ends a lease whose job was cancelled; the attempt records `outcome` and `reason`.
+async fn end_cancelled(
+    tx: &mut Transaction<'static, Postgres>,
+    lease: LeaseRef,
+    outcome: &str,
+    reason: &str,
+) -> Result<JobState> {
+    end_attempt(tx, lease, outcome, reason).await?;
+    set_state_after_attempt(tx, lease.job_id, JobState::Cancelled, CANCELLED, None).await?;
+    Ok(JobState::Cancelled)
+}
+
+/// The error of a job cancelled on request.
+const CANCELLED: &str = "cancelled on request";
+
+/// Ends a lease whose sweep stopped the job early without an adapter: the
+/// trial ends cancelled, its rung results stand.
+async fn end_early_stopped(
+    tx: &mut Transaction<'static, Postgres>,
+    lease: LeaseRef,
+    outcome: &str,
+    error: &str,
+) -> Result<JobState> {
+    end_attempt(tx, lease, outcome, error).await?;
+    set_state_after_attempt(tx, lease.job_id, JobState::Cancelled, error, None).await?;
+    mark_early_stopped(tx, lease.job_id).await?;
+    Ok(JobState::Cancelled)
+}
+
+/// Ends a lease that did not succeed: counts it as an error of the job or
+/// an interruption, and queues the job again or fails it as `policy`
+/// decides. The attempt records `outcome` and `reason`.
+async fn end_attempt_as(
+    tx: &mut Transaction<'static, Postgres>,
+    job: &LockedJob,
+    lease: LeaseRef,
+    end: AttemptEnd,
+    outcome: &str,
+    reason: &str,
+    policy: &RetryPolicy,
+) -> Result<JobState> {
+    let to_count = |v: i32| u32::try_from(v).unwrap_or(0);
+    let mut counters = Counters {
+        failures: to_count(job.failures),
+        max_attempts: to_count(job.max_attempts),
+        interruptions: to_count(job.interruptions),
+    };
+    match end {
+        AttemptEnd::Error | AttemptEnd::Permanent => counters.failures += 1,
+        AttemptEnd::Interruption => counters.interruptions += 1,
+    }
+    let decision = policy.decide(end, counters, rand::random::<f64>());
+    let (state, error, retry_in) = match decision {
+        Retry::After(wait) => (JobState::Queued, reason.to_string(), Some(wait)),
+        Retry::Fail => {
+            let error = match end {
+                AttemptEnd::Permanent => reason.to_string(),
+                AttemptEnd::Error => format!("failed {} times; last: {reason}", counters.failures),
+                AttemptEnd::Interruption => format!(
+                    "interrupted {} times (workers lost, drained or failing); last: {reason}",
+                    counters.interruptions
+                ),
+            };
+            (JobState::Failed, error, None)
+        }
+    };
+    end_attempt(tx, lease, outcome, reason).await?;
+    sqlx::query("UPDATE jobs SET failures = $2, interruptions = $3 WHERE id = $1")
+        .bind(lease.job_id.0)
+        .bind(i32::try_from(counters.failures).unwrap_or(i32::MAX))
+        .bind(i32::try_from(counters.interruptions).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+    set_state_after_attempt(tx, lease.job_id, state, &error, retry_in.filter(|w| !w.is_zero())).await?;
+    Ok(state)
 }
 
 /// The error of a trial stopped early whose worker uploaded no adapter.
@@ -554,21 +667,25 @@ async fn mark_early_stopped(tx: &mut Transaction<'static, Postgres>, job: JobId)
     Ok(())
 }
 
-/// Moves a job out of `running` after its attempt ended.
+/// Moves a job out of `running` after its attempt ended; a job queued
+/// again waits `retry_in` before it may be leased.
 async fn set_state_after_attempt(
     tx: &mut Transaction<'static, Postgres>,
     job: JobId,
     state: JobState,
     error: &str,
+    retry_in: Option<Duration>,
 ) -> Result<()> {
     sqlx::query(
         "UPDATE jobs SET state = $2, error = $3, cancel_requested = false, updated_at = now(), \
-             finished_at = CASE WHEN $2 = 'queued'::job_state THEN NULL ELSE now() END \
+             finished_at = CASE WHEN $2 = 'queued'::job_state THEN NULL ELSE now() END, \
+             retry_at = CASE WHEN $4::bigint IS NULL THEN NULL ELSE now() + $4 * interval '1 millisecond' END \
          WHERE id = $1",
     )
     .bind(job.0)
     .bind(DbJobState::from(state))
     .bind(error)
+    .bind(retry_in.map(millis))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -5,6 +5,7 @@
 
 mod adapters;
 pub mod admin;
+mod checkpoints;
 mod dashboard;
 mod datasets;
 mod jobs;
@@ -26,6 +27,7 @@ pub use dashboard::{
     AshaDecisionView, AttemptView, FleetLevels, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
     TrialPoint, WorkerThroughput, WorkerView, MAX_SERIES_POINTS,
 };
+pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use workers::Availability;
 pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped, POLL_FRESH, SPREAD_WINDOW};
@@ -59,7 +61,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
+            // A protocol error mid-conversation is a connection the server dropped.
             sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -107,6 +111,13 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let pool =
             PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        Ok(Self { pool, metrics: Arc::default() })
+    }
+
+    /// A pool that connects on first use, so a coordinator can start before
+    /// its database; fails only for a url that cannot be parsed.
+    pub fn connect_lazy(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy(url)?;
         Ok(Self { pool, metrics: Arc::default() })
     }
 

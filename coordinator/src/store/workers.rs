@@ -18,7 +18,7 @@ impl Store {
             "INSERT INTO workers (id, hostname, devices, slots, models, memory_bytes) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname, devices = EXCLUDED.devices, \
                  slots = EXCLUDED.slots, models = EXCLUDED.models, memory_bytes = EXCLUDED.memory_bytes, \
-                 registered_at = now(), last_heartbeat = now()",
+                 registered_at = now(), last_heartbeat = now(), unhealthy_reason = ''",
         )
         .bind(id.0)
         .bind(&reg.hostname)
@@ -31,11 +31,13 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a worker alive; false when it is not registered.
+    /// Marks a worker alive and records why it takes no jobs (empty:
+    /// healthy); false when it is not registered.
     #[instrument(skip_all, fields(worker_id = %id))]
-    pub async fn touch_worker(&self, id: WorkerId) -> Result<bool> {
-        let done = sqlx::query("UPDATE workers SET last_heartbeat = now() WHERE id = $1")
+    pub async fn touch_worker(&self, id: WorkerId, unhealthy_reason: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE workers SET last_heartbeat = now(), unhealthy_reason = $2 WHERE id = $1")
             .bind(id.0)
+            .bind(unhealthy_reason)
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)

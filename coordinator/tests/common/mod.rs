@@ -130,7 +130,7 @@ impl Env {
     pub async fn heartbeat(&mut self, worker: &str, leases: &[&v1::Lease]) -> v1::HeartbeatResponse {
         let leases = leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.clone(), epoch: l.epoch }).collect();
         self.workers
-            .heartbeat(v1::HeartbeatRequest { worker_id: worker.to_string(), leases })
+            .heartbeat(v1::HeartbeatRequest { worker_id: worker.to_string(), leases, ..Default::default() })
             .await
             .expect("heartbeat")
             .into_inner()
@@ -180,6 +180,7 @@ impl Env {
             error: error.into(),
             cancelled,
             retryable,
+            infrastructure: false,
         };
         self.workers.fail_job(req).await.map(|_| ())
     }

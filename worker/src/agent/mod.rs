@@ -1,33 +1,58 @@
 //! The worker's side of the coordinator protocol: register, lease, heartbeat,
-//! report, complete. Training itself runs on engine threads ([`runner`]); this
-//! module only moves messages between them and the coordinator.
+//! report, complete, release. Training itself runs on engine threads
+//! ([`runner`]); this module moves messages between them and the
+//! coordinators, and keeps the promises a worker makes about its work:
+//!
+//! - a graceful shutdown (SIGTERM) never cancels: it stops leasing,
+//!   checkpoints every running job at its next step, uploads the
+//!   checkpoints and hands the leases back, so the jobs resume elsewhere at
+//!   once; a second signal or `--drain-timeout` hands them back without
+//!   waiting for the checkpoints;
+//! - what a job reports is journaled on disk and delivered in order
+//!   ([`journal`]), through coordinator and database outages and restarts of
+//!   the worker itself; a worker that died while training reports those
+//!   attempts as failed when it starts again;
+//! - a worker whose attempts keep failing for infrastructure reasons stops
+//!   leasing and says why ([`health`]).
 
+mod archive;
+mod client;
 pub mod datasets;
+mod health;
 mod job;
+mod journal;
+mod leases;
 mod models;
 mod runner;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ptune_proto::v1::{self, worker_service_client::WorkerServiceClient};
-use tokio::sync::watch;
-use tonic::transport::Channel;
+use ptune_proto::v1;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+pub use client::Coordinators;
+pub use job::default_stall_timeout;
+pub use leases::{Directive, StopCause};
 pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
+
+use client::CALL_TIMEOUT;
+use health::Health;
+use journal::{Courier, Journal, Record};
+use leases::Leases;
 
 /// Settings of one worker process.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// Coordinator addresses, comma-separated; calls fail over between them.
     pub coordinator: String,
     pub models_dir: PathBuf,
     pub slots: u32,
-    /// Where datasets are cached and adapters are staged.
+    /// Where datasets are cached, adapters staged, checkpoints and lease
+    /// journals kept.
     pub work_dir: PathBuf,
     /// Threads libtorch may use per engine (0: all cores).
     pub threads: u32,
@@ -40,74 +65,17 @@ pub struct AgentConfig {
     pub memory_bytes: Option<u64>,
     /// How classification jobs on one base model share steps and passes.
     pub pack: crate::engine::PackLimits,
+    /// How long a graceful shutdown waits for running jobs to checkpoint
+    /// and hand their leases back before it hands them back as they are.
+    pub drain_timeout: Duration,
+    /// Replaces the spec-sized default stall timeout of jobs that set none.
+    pub stall_timeout: Option<Duration>,
 }
 
-/// What the coordinator wants a running job to do next.
-#[derive(Clone, Debug, Default)]
-pub struct Directive(Arc<AtomicU8>);
-
-impl Directive {
-    const CONTINUE: u8 = 0;
-    const FINISH: u8 = 1;
-    const STOP: u8 = 2;
-
-    /// Stop at the next step and export what was trained (an early stop).
-    pub fn finish(&self) {
-        let _ = self.0.compare_exchange(Self::CONTINUE, Self::FINISH, Ordering::SeqCst, Ordering::SeqCst);
-    }
-
-    /// Stop at the next step without an export (cancellation, lost lease, shutdown).
-    pub fn stop(&self) {
-        self.0.store(Self::STOP, Ordering::SeqCst);
-    }
-
-    pub fn control(&self) -> crate::engine::Control {
-        match self.0.load(Ordering::SeqCst) {
-            Self::CONTINUE => crate::engine::Control::Continue,
-            Self::FINISH => crate::engine::Control::Finish,
-            _ => crate::engine::Control::Stop,
-        }
-    }
-}
-
-/// Leases this worker holds, with the directive each job's engine run obeys.
-#[derive(Clone, Default)]
-struct Leases(Arc<Mutex<HashMap<(String, u64), Directive>>>);
-
-impl Leases {
-    fn insert(&self, job_id: &str, epoch: u64) -> Directive {
-        let flag = Directive::default();
-        self.0.lock().expect("leases lock").insert((job_id.to_string(), epoch), flag.clone());
-        flag
-    }
-
-    fn remove(&self, job_id: &str, epoch: u64) {
-        self.0.lock().expect("leases lock").remove(&(job_id.to_string(), epoch));
-    }
-
-    fn refs(&self) -> Vec<v1::LeaseRef> {
-        let leases = self.0.lock().expect("leases lock");
-        leases.keys().map(|(job_id, epoch)| v1::LeaseRef { job_id: job_id.clone(), epoch: *epoch }).collect()
-    }
-
-    fn get(&self, job_id: &str, epoch: u64) -> Option<Directive> {
-        self.0.lock().expect("leases lock").get(&(job_id.to_string(), epoch)).cloned()
-    }
-
-    fn stop_all(&self) {
-        for flag in self.0.lock().expect("leases lock").values() {
-            flag.stop();
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.0.lock().expect("leases lock").len()
-    }
-}
-
-/// Runs the worker until `shutdown` turns true: then it stops leasing, stops
-/// its running jobs at their next step and hands them back for a retry.
-pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Runs the worker until `signals` counts a shutdown signal: then it stops
+/// leasing, checkpoints its running jobs and hands them back (a second
+/// signal, or the drain timeout, hands them back at once), and returns.
+pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyhow::Result<()> {
     let scan = scan_models(&config.models_dir)?;
     let advertised = scan.to_wire();
     let models = scan.served;
@@ -116,77 +84,171 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> an
     }
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("cannot create work dir {}", config.work_dir.display()))?;
-    let channel = connect(&config.coordinator).await?;
-    let mut client = WorkerServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let coordinators = Coordinators::new(&config.coordinator).await?;
     let worker_id = load_or_create_worker_id(&config)?;
-    let registration = register(&mut client, &worker_id, &config, &advertised).await?;
+    let registration = tokio::select! {
+        registration = register(&coordinators, &worker_id, &config, &advertised) => registration?,
+        _ = signals.wait_for(|n| *n > 0) => {
+            info!("shutdown signal before the coordinator answered; nothing to hand back");
+            return Ok(());
+        }
+    };
     let heartbeat_every = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(100)));
     info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
 
     let cache = Arc::new(crate::engine::ModelCache::new(tch::Device::Cpu, config.model_memory));
     let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache.clone(), config.pack);
     let leases = Leases::default();
+    let health = Health::default();
+    let (hard_stop, hard_stopped) = watch::channel(false);
     let context = job::JobContext {
-        client: client.clone(),
+        coordinators: coordinators.clone(),
+        courier: Courier { coordinators: coordinators.clone(), max_checkpoint_bytes: registration.max_checkpoint_bytes },
         engines: engines.clone(),
         models: Arc::new(models.clone()),
         work_dir: config.work_dir.clone(),
         leases: leases.clone(),
+        health: health.clone(),
+        stall_timeout: config.stall_timeout,
+        hard_stop: hard_stopped,
     };
     let heartbeats = tokio::spawn(heartbeat_loop(
-        client.clone(),
+        coordinators.clone(),
         worker_id.clone(),
         config.clone(),
         advertised,
         leases.clone(),
+        health.clone(),
         heartbeat_every,
     ));
     let mut running = tokio::task::JoinSet::new();
+    for journal in recover_journals(&config.work_dir) {
+        leases.insert(&journal.lease.job_id, journal.lease.epoch);
+        running.spawn(deliver_recovered(context.clone(), journal));
+    }
     loop {
         while running.try_join_next().is_some() {}
-        if *shutdown.borrow() {
+        if *signals.borrow() > 0 {
             break;
         }
         let free = config.slots.saturating_sub(leases.len() as u32);
         let mut leased = false;
-        if free > 0 {
+        if free > 0 && health.unhealthy_reason(&config.work_dir).is_none() {
             let request = v1::LeaseJobRequest {
                 worker_id: worker_id.clone(),
                 free_slots: free,
                 loaded_models: loaded_models(&cache, &models),
             };
-            match client.lease_job(request).await {
-                Ok(response) => {
-                    if let Some(lease) = response.into_inner().lease {
-                        info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt, "job leased");
-                        let stop = leases.insert(&lease.job_id, lease.epoch);
-                        running.spawn(job::run(context.clone(), lease, stop));
-                        leased = true;
-                    }
+            let leased_now = coordinators
+                .call(CALL_TIMEOUT, move |mut c| {
+                    let request = request.clone();
+                    async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
+                })
+                .await;
+            match leased_now {
+                Ok(Some(lease)) if uuid::Uuid::parse_str(&lease.job_id).is_err() => {
+                    warn!(job_id = %lease.job_id, "lease names a job id that is not a UUID; ignoring it");
                 }
+                Ok(Some(lease)) => {
+                    info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt,
+                          checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased");
+                    let directive = leases.insert(&lease.job_id, lease.epoch);
+                    running.spawn(job::run(context.clone(), lease, directive));
+                    leased = true;
+                }
+                Ok(None) => {}
                 Err(status) => warn!(error = %status.message(), code = ?status.code(), "lease request failed"),
             }
         }
         if !leased {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = shutdown.changed() => {}
+                _ = signals.changed() => {}
             }
         }
     }
-    info!(running = leases.len(), "worker shutting down; handing running jobs back");
-    leases.stop_all();
-    while running.join_next().await.is_some() {}
+
+    info!(running = leases.len(), drain_timeout_s = config.drain_timeout.as_secs(),
+          "draining: checkpointing running jobs and handing their leases back");
+    for directive in leases.all() {
+        directive.suspend();
+    }
+    let drained = tokio::select! {
+        _ = async { while running.join_next().await.is_some() {} } => true,
+        _ = tokio::time::sleep(config.drain_timeout) => {
+            warn!("drain timeout: handing the remaining leases back without a checkpoint");
+            false
+        }
+        _ = signals.wait_for(|n| *n > 1) => {
+            warn!("second signal: handing the remaining leases back without a checkpoint");
+            false
+        }
+    };
+    if !drained {
+        let _ = hard_stop.send(true);
+        for directive in leases.all() {
+            directive.stop(StopCause::Drain);
+        }
+        let handed_back = tokio::time::timeout(Duration::from_secs(5), async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if handed_back.is_err() {
+            warn!(leases = leases.len(), "could not tell the coordinator about every lease; they are journaled and go on the next start");
+        }
+    }
     heartbeats.abort();
     engines.shutdown();
+    info!("worker stopped");
     Ok(())
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let endpoint = Channel::from_shared(url.clone()).with_context(|| format!("invalid coordinator address {url:?}"))?;
-    // Connect lazily: a coordinator that restarts is reconnected to on the next call.
-    Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+/// Journals of leases a previous run of this worker left undelivered.
+fn recover_journals(work_dir: &std::path::Path) -> Vec<Journal> {
+    let Ok(entries) = std::fs::read_dir(journal::leases_dir(work_dir)) else { return Vec::new() };
+    let mut journals = Vec::new();
+    for entry in entries.flatten() {
+        match Journal::open(&entry.path()) {
+            Ok(journal) => journals.push(journal),
+            Err(e) => {
+                warn!(dir = %entry.path().display(), error = %format!("{e:#}"), "unreadable lease journal; removing it");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    journals
+}
+
+/// Delivers what a previous run of this worker left in a lease's journal.
+/// A lease without an ending was running when that process died: the
+/// attempt is reported as failed (an error of the job, as Kubernetes
+/// counts a crashed container), and resumes from its last checkpoint.
+async fn deliver_recovered(ctx: job::JobContext, mut journal: Journal) {
+    let (job_id, epoch) = (journal.lease.job_id.clone(), journal.lease.epoch);
+    if !journal.has_ending() {
+        let step = journal.last_step();
+        warn!(job_id, epoch, step, "this worker stopped while training the job; reporting the attempt as failed");
+        journal.append(Record::Fail {
+            error: format!(
+                "the worker process stopped while training this job (after step {step}): killed, crashed or out of \
+                 memory; retried from its last checkpoint"
+            ),
+            retryable: true,
+            infrastructure: false,
+            cancelled: false,
+        });
+    } else {
+        info!(job_id, epoch, "delivering what the last run of this worker journaled");
+    }
+    let directive = ctx.leases.get(&job_id, epoch).unwrap_or_default();
+    let (_, incoming) = mpsc::unbounded_channel();
+    let (journal, delivered) = journal::deliver(ctx.courier.clone(), journal, incoming, directive).await;
+    let last = delivered == journal::Delivery::Ended && job::journal_final(&journal);
+    journal.remove();
+    if last {
+        let _ = std::fs::remove_dir_all(job::checkpoint_dir(&ctx.work_dir, &job_id));
+    }
+    ctx.leases.remove(&job_id, epoch);
 }
 
 fn load_or_create_worker_id(config: &AgentConfig) -> anyhow::Result<String> {
@@ -197,12 +259,12 @@ fn load_or_create_worker_id(config: &AgentConfig) -> anyhow::Result<String> {
         }
     }
     let id = ptune_core::WorkerId::new().to_string();
-    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::durable::write(&path, id.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(id)
 }
 
 async fn register(
-    client: &mut WorkerServiceClient<Channel>,
+    coordinators: &Coordinators,
     worker_id: &str,
     config: &AgentConfig,
     models: &[v1::BaseModel],
@@ -217,8 +279,15 @@ async fn register(
     };
     let mut delay = Duration::from_millis(200);
     loop {
-        match client.register_worker(request.clone()).await {
-            Ok(response) => return Ok(response.into_inner()),
+        let request = request.clone();
+        let answer = coordinators
+            .call(CALL_TIMEOUT, move |mut c| {
+                let request = request.clone();
+                async move { c.register_worker(request).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        match answer {
+            Ok(response) => return Ok(response),
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
                 anyhow::bail!("coordinator refused registration: {}", status.message())
             }
@@ -232,25 +301,35 @@ async fn register(
 }
 
 async fn heartbeat_loop(
-    mut client: WorkerServiceClient<Channel>,
+    coordinators: Coordinators,
     worker_id: String,
     config: AgentConfig,
     models: Vec<v1::BaseModel>,
     leases: Leases,
+    health: Health,
     every: Duration,
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), leases: leases.refs() };
-        match client.heartbeat(request).await {
+        let request = v1::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            leases: leases.refs(),
+            unhealthy_reason: health.unhealthy_reason(&config.work_dir).unwrap_or_default(),
+        };
+        let answer = coordinators
+            .call(CALL_TIMEOUT, move |mut c| {
+                let request = request.clone();
+                async move { c.heartbeat(request).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        match answer {
             Ok(response) => {
-                let response = response.into_inner();
                 for stop in response.stop {
                     info!(job_id = %stop.job_id, epoch = stop.epoch, "coordinator asked to stop job");
                     if let Some(directive) = leases.get(&stop.job_id, stop.epoch) {
-                        directive.stop();
+                        directive.stop(StopCause::Cancelled);
                     }
                 }
                 for early in response.early_stop {
@@ -261,10 +340,10 @@ async fn heartbeat_loop(
                 }
                 if !response.known {
                     warn!("coordinator does not know this worker; registering again");
-                    let _ = register(&mut client, &worker_id, &config, &models).await;
+                    let _ = register(&coordinators, &worker_id, &config, &models).await;
                 }
             }
-            Err(status) => warn!(error = %status.message(), "heartbeat failed"),
+            Err(status) => warn!(error = %status.message(), "heartbeat failed; jobs go on training and their reports wait"),
         }
     }
 }

@@ -9,14 +9,23 @@
 //! task, and jobs of the same kind that arrive while it runs join it between
 //! steps, up to the pack limits, instead of starting on a thread of their
 //! own. Full fine-tuning runs alone.
+//!
+//! Every run, packed or alone, runs under `catch_unwind`: a panic ends the
+//! runs on that thread with [`EngineError::Panicked`] and the thread takes
+//! the next run. A thread that stops making progress (the watchdog in
+//! `job.rs` sees its runs' [`Liveness`] go silent) is abandoned: a new
+//! thread takes its place, and the stuck one exits if it ever wakes up.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use ptune_core::{Method, Metric, Task};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::archive::{self, Archive};
+use crate::engine::liveness::{self, Liveness};
 use crate::engine::{
     Control, Engine, EngineError, Event, ModelCache, PackJob, PackLimits, TrainJob, TrainOutcome,
 };
@@ -26,6 +35,8 @@ use crate::engine::{
 pub enum RunUpdate {
     Step { step: u64, total_steps: u64, metrics: Vec<Metric> },
     Eval { step: u64, metrics: Vec<Metric> },
+    /// A checkpoint of `step` was written and packed into `archive`.
+    Checkpoint { step: u64, archive: Archive },
     Done(Result<TrainOutcome, EngineError>),
 }
 
@@ -35,7 +46,16 @@ pub struct RunRequest {
     pub job: TrainJob,
     pub directive: super::Directive,
     pub updates: UnboundedSender<RunUpdate>,
+    /// Stamped while the run makes progress on a thread.
+    pub liveness: Liveness,
+    /// Where archives of the run's checkpoints are written.
+    pub archive_dir: PathBuf,
+    /// The engine thread that holds the run, once one took it.
+    pub thread: Arc<AtomicUsize>,
 }
+
+/// No thread holds the run yet.
+pub const NO_THREAD: usize = usize::MAX;
 
 /// Which runs may share a pack: one task on one model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,35 +64,69 @@ struct PackKey {
     task: Task,
 }
 
+/// How the engine thread reaches a run's owner after it left the engine's
+/// hands (for a panic that cut its pack short).
+struct RunEnd {
+    updates: UnboundedSender<RunUpdate>,
+    liveness: Liveness,
+    done: Arc<AtomicBool>,
+}
+
+impl RunEnd {
+    fn finish(&self, result: Result<TrainOutcome, EngineError>) {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            liveness::detach(&self.liveness);
+            let _ = self.updates.send(RunUpdate::Done(result));
+        }
+    }
+}
+
 impl RunRequest {
     fn pack_key(&self) -> Option<PackKey> {
         let spec = &self.job.spec;
         (spec.method != Method::Full).then(|| PackKey { model_dir: self.model_dir.clone(), task: spec.task })
     }
 
-    /// The run's callbacks for the engine: every event and the ending go
-    /// to the async side; the directive answers each event.
-    fn into_pack_job(self) -> PackJob {
-        let RunRequest { job, directive, updates, .. } = self;
-        let done = updates.clone();
-        PackJob {
+    /// The run's callbacks for the engine, once `thread` holds it: every
+    /// event goes to the async side (checkpoints packed into archives
+    /// first); the directive answers each event.
+    fn into_pack_job(self, thread: usize) -> (PackJob, RunEnd) {
+        let RunRequest { job, directive, updates, liveness, archive_dir, thread: holder, .. } = self;
+        holder.store(thread, Ordering::SeqCst);
+        liveness::attach(&liveness);
+        let end = RunEnd { updates: updates.clone(), liveness, done: Arc::default() };
+        let done = RunEnd { updates: end.updates.clone(), liveness: end.liveness.clone(), done: end.done.clone() };
+        let job = PackJob {
             job,
             on_event: Box::new(move |event| {
-                let _ = updates.send(update_of(event));
+                if let Some(update) = update_of(event, &archive_dir) {
+                    let _ = updates.send(update);
+                }
                 directive.control()
             }),
-            on_done: Box::new(move |result| {
-                let _ = done.send(RunUpdate::Done(result));
-            }),
-        }
+            on_done: Box::new(move |result| done.finish(result)),
+        };
+        (job, end)
     }
 }
 
-fn update_of(event: Event<'_>) -> RunUpdate {
-    match event {
+fn update_of(event: Event<'_>, archive_dir: &std::path::Path) -> Option<RunUpdate> {
+    Some(match event {
         Event::Step { step, total_steps, metrics } => RunUpdate::Step { step, total_steps, metrics: metrics.to_vec() },
         Event::Eval { step, metrics } => RunUpdate::Eval { step, metrics: metrics.to_vec() },
-    }
+        Event::Checkpoint { step, dir } => {
+            // Packed here, on the engine thread, before the next step can
+            // replace the folder.
+            let out = archive_dir.join(format!("checkpoint-{step}.tar"));
+            match archive::pack(dir, &out) {
+                Ok(archive) => RunUpdate::Checkpoint { step, archive },
+                Err(e) => {
+                    tracing::warn!(step, error = %format!("{e:#}"), "cannot pack the checkpoint for upload; it stays local");
+                    return None;
+                }
+            }
+        }
+    })
 }
 
 /// The queue and the packs that are open.
@@ -96,11 +150,20 @@ struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
     limits: PackLimits,
+    /// Threads given up on because they stopped making progress.
+    abandoned: Mutex<HashSet<usize>>,
+    next_thread: AtomicUsize,
+    cache: Arc<ModelCache>,
+    torch_threads: u32,
 }
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_abandoned(&self, thread: usize) -> bool {
+        self.abandoned.lock().unwrap_or_else(|e| e.into_inner()).contains(&thread)
     }
 
     /// The next run no open pack is waiting for; `None` once shut down.
@@ -159,7 +222,7 @@ impl Shared {
     }
 }
 
-/// A fixed set of engine threads sharing one queue.
+/// A fixed number of live engine threads sharing one queue.
 #[derive(Clone)]
 pub struct EnginePool {
     shared: Arc<Shared>,
@@ -170,21 +233,51 @@ impl EnginePool {
     /// `torch_threads` threads each (0: every core), sharing `cache`, packing
     /// jobs within `limits` (`max_jobs` 1: every job alone).
     pub fn start(threads: usize, torch_threads: u32, cache: Arc<ModelCache>, limits: PackLimits) -> Self {
-        let shared = Arc::new(Shared { queue: Mutex::default(), ready: Condvar::new(), limits });
-        for index in 0..threads.max(1) {
-            let shared = shared.clone();
-            let engine = Engine::with_cache(cache.clone(), torch_threads as usize);
-            std::thread::Builder::new()
-                .name(format!("engine-{index}"))
-                .spawn(move || engine_thread(engine, &shared))
-                .expect("engine thread starts");
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            ready: Condvar::new(),
+            limits,
+            abandoned: Mutex::default(),
+            next_thread: AtomicUsize::new(0),
+            cache,
+            torch_threads,
+        });
+        let pool = Self { shared };
+        for _ in 0..threads.max(1) {
+            pool.spawn_thread();
         }
-        Self { shared }
+        pool
+    }
+
+    fn spawn_thread(&self) {
+        let shared = self.shared.clone();
+        let index = shared.next_thread.fetch_add(1, Ordering::SeqCst);
+        let engine = Engine::with_cache(shared.cache.clone(), shared.torch_threads as usize);
+        std::thread::Builder::new()
+            .name(format!("engine-{index}"))
+            .spawn(move || engine_thread(index, engine, &shared))
+            .expect("engine thread starts");
     }
 
     pub fn submit(&self, request: RunRequest) {
         self.shared.lock().pending.push_back(request);
         self.shared.ready.notify_all();
+    }
+
+    /// Gives up on engine thread `thread` (it stopped making progress) and
+    /// starts another in its place; false if it was already given up on.
+    pub fn abandon(&self, thread: usize) -> bool {
+        if thread == NO_THREAD || !self.shared.abandoned.lock().unwrap_or_else(|e| e.into_inner()).insert(thread) {
+            return false;
+        }
+        tracing::error!(thread = format!("engine-{thread}"), "engine thread stopped making progress; starting another in its place");
+        self.spawn_thread();
+        true
+    }
+
+    /// How many engine threads were given up on.
+    pub fn abandoned(&self) -> usize {
+        self.shared.abandoned.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn shutdown(&self) {
@@ -193,36 +286,87 @@ impl EnginePool {
     }
 }
 
-fn engine_thread(mut engine: Engine, shared: &Shared) {
-    while let Some(request) = shared.take() {
-        match request.pack_key() {
-            Some(key) if shared.limits.max_jobs > 1 => {
-                let id = shared.open(key.clone());
-                let model_dir = request.model_dir.clone();
-                let mut admit = |room: usize| -> Vec<PackJob> {
-                    shared.admit(id, &key, room).into_iter().map(RunRequest::into_pack_job).collect()
-                };
-                // A panic in libtorch ends the pack's runs (their channels
-                // close, so each job fails as retryable and resumes from its
-                // checkpoint), not the thread.
-                let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.train_pack(&model_dir, shared.limits, request.into_pack_job(), &mut admit)
-                }));
-                if trained.is_err() {
-                    tracing::error!(model = %model_dir.display(), "a packed run panicked; its jobs will be retried");
-                }
-                shared.close(id);
+/// The message of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The outcome of a run stopped before it started.
+fn not_started(suspended: bool) -> TrainOutcome {
+    TrainOutcome {
+        steps: 0,
+        total_steps: 0,
+        final_metrics: Vec::new(),
+        eval_predictions: Vec::new(),
+        stopped: true,
+        suspended,
+    }
+}
+
+fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
+    while !shared.is_abandoned(index) {
+        let Some(request) = shared.take() else { return };
+        // A run stopped or handed back while it waited never starts.
+        match request.directive.control() {
+            Control::Stop | Control::Suspend => {
+                let suspended = request.directive.control() == Control::Suspend;
+                let _ = request.updates.send(RunUpdate::Done(Ok(not_started(suspended))));
+                continue;
             }
-            _ => {
-                let updates = request.updates.clone();
-                let directive = request.directive.clone();
-                let mut on_event = |event: Event<'_>| -> Control {
-                    let _ = updates.send(update_of(event));
-                    directive.control()
+            Control::Continue | Control::Finish => {}
+        }
+        let model_dir = request.model_dir.clone();
+        let key = request.pack_key().filter(|_| shared.limits.max_jobs > 1);
+        let mut ends: Vec<RunEnd> = Vec::new();
+        let trained = match key {
+            Some(key) => {
+                let id = shared.open(key.clone());
+                let (first, end) = request.into_pack_job(index);
+                ends.push(end);
+                let mut admit = |room: usize| -> Vec<PackJob> {
+                    let mut jobs = Vec::new();
+                    for run in shared.admit(id, &key, room) {
+                        match run.directive.control() {
+                            Control::Stop | Control::Suspend => {
+                                let suspended = run.directive.control() == Control::Suspend;
+                                let _ = run.updates.send(RunUpdate::Done(Ok(not_started(suspended))));
+                            }
+                            _ => {
+                                let (job, end) = run.into_pack_job(index);
+                                ends.push(end);
+                                jobs.push(job);
+                            }
+                        }
+                    }
+                    jobs
                 };
-                let result = engine.train(&request.model_dir, &request.job, &mut on_event);
-                let _ = request.updates.send(RunUpdate::Done(result));
+                let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.train_pack(&model_dir, shared.limits, first, &mut admit)
+                }));
+                shared.close(id);
+                trained
+            }
+            None => {
+                let (mut job, end) = request.into_pack_job(index);
+                let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let result = engine.train(&model_dir, &job.job, &mut job.on_event);
+                    (job.on_done)(result);
+                }));
+                ends.push(end);
+                trained
+            }
+        };
+        if let Err(payload) = trained {
+            let message = panic_message(payload.as_ref());
+            tracing::error!(model = %model_dir.display(), panic = %message, "a training run panicked; its jobs fail and will be retried");
+            for end in &ends {
+                end.finish(Err(EngineError::Panicked(message.clone())));
             }
         }
     }
+    tracing::warn!(thread = format!("engine-{index}"), "an abandoned engine thread woke up and exits");
 }

@@ -12,8 +12,13 @@
 //! generator from (seed, step) before every step, so dropout at step k+1 is
 //! the same whether or not the run stopped at step k.
 //!
-//! A checkpoint is written into a sibling folder and renamed into place, so a
-//! process killed while saving leaves the previous checkpoint whole.
+//! A checkpoint is written into a sibling folder (`.NAME.saving`), each file
+//! flushed to the disk, then the old folder is renamed aside
+//! (`.NAME.previous`), the new one into place, and the old one removed,
+//! each rename flushed. A process killed at any point leaves a whole
+//! checkpoint: the old one, the new one, or, when it died between the two
+//! renames, one of the siblings, which [`recover`] puts back before the
+//! folder is read.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,14 +62,51 @@ pub fn spec_digest(spec: &JobSpec) -> String {
     hex::encode(Sha256::digest(json.to_string().as_bytes()))
 }
 
-/// True when `dir` holds a complete checkpoint.
+/// True when `dir` holds a complete checkpoint (after [`recover`]).
 pub fn exists(dir: &Path) -> bool {
-    dir.join(STATE_FILE).is_file() && dir.join(TRAINER_STATE_FILE).is_file()
+    recover(dir);
+    complete(dir)
+}
+
+/// Both files present and the trainer state readable (it is written last).
+fn complete(dir: &Path) -> bool {
+    dir.join(STATE_FILE).is_file()
+        && std::fs::read(dir.join(TRAINER_STATE_FILE))
+            .ok()
+            .is_some_and(|text| serde_json::from_slice::<TrainerState>(&text).is_ok())
+}
+
+/// Puts back the checkpoint of a save that was cut off between its two
+/// renames: the new one (`.saving`, complete once its trainer state is
+/// there) or else the old one (`.previous`).
+pub fn recover(dir: &Path) {
+    if complete(dir) {
+        return;
+    }
+    for candidate in [sibling(dir, "saving"), sibling(dir, "previous")] {
+        if complete(&candidate) {
+            let _ = std::fs::remove_dir_all(dir);
+            match crate::durable::rename(&candidate, dir) {
+                Ok(()) => tracing::warn!(checkpoint = %dir.display(), from = %candidate.display(),
+                                        "recovered a checkpoint whose save was cut off"),
+                Err(e) => tracing::warn!(checkpoint = %dir.display(), error = %e, "cannot recover a checkpoint"),
+            }
+            return;
+        }
+    }
 }
 
 /// Writes a checkpoint of `vars` and `optimizer` at `state.step` into `dir`,
-/// replacing the one there.
-pub fn save(dir: &Path, state: &TrainerState, vars: &nn::VarStore, optimizer: &AdamW) -> Result<(), EngineError> {
+/// replacing the one there, durably (see the module documentation). `job`
+/// names the run for the fault-injection hooks.
+pub fn save(
+    dir: &Path,
+    state: &TrainerState,
+    vars: &nn::VarStore,
+    optimizer: &AdamW,
+    job: &str,
+) -> Result<(), EngineError> {
+    recover(dir);
     let staging = sibling(dir, "saving");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| EngineError::io(&staging, e))?;
@@ -72,17 +114,24 @@ pub fn save(dir: &Path, state: &TrainerState, vars: &nn::VarStore, optimizer: &A
         vars.variables().into_iter().map(|(name, tensor)| (format!("model.{name}"), tensor)).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors.extend(optimizer.state_tensors());
-    write_safetensors(&staging.join(STATE_FILE), &tensors)?;
-    let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
-    let path = staging.join(TRAINER_STATE_FILE);
-    std::fs::write(&path, json).map_err(|e| EngineError::io(&path, e))?;
+    let written = write_safetensors(&staging.join(STATE_FILE), &tensors).and_then(|()| {
+        crate::faults::at(crate::faults::Point::Checkpoint, job, state.step).map_err(|e| EngineError::io(&staging, e))?;
+        let json = serde_json::to_vec_pretty(state).expect("trainer state serializes");
+        let path = staging.join(TRAINER_STATE_FILE);
+        crate::durable::write(&path, &json).map_err(|e| EngineError::io(&path, e))
+    });
+    if let Err(e) = written {
+        // The checkpoint in `dir` is untouched.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
 
     let previous = sibling(dir, "previous");
     let _ = std::fs::remove_dir_all(&previous);
     if dir.exists() {
-        std::fs::rename(dir, &previous).map_err(|e| EngineError::io(dir, e))?;
+        crate::durable::rename(dir, &previous).map_err(|e| EngineError::io(dir, e))?;
     }
-    std::fs::rename(&staging, dir).map_err(|e| EngineError::io(dir, e))?;
+    crate::durable::rename(&staging, dir).map_err(|e| EngineError::io(dir, e))?;
     let _ = std::fs::remove_dir_all(&previous);
     Ok(())
 }
@@ -93,6 +142,7 @@ pub fn save(dir: &Path, state: &TrainerState, vars: &nn::VarStore, optimizer: &A
 /// with the reason.
 pub fn load(dir: &Path, spec: &JobSpec, vars: &nn::VarStore, optimizer: &mut AdamW) -> Result<TrainerState, EngineError> {
     let refuse = |message: String| EngineError::Model(format!("checkpoint {}: {message}", dir.display()));
+    recover(dir);
     let path = dir.join(TRAINER_STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
     let state: TrainerState = serde_json::from_str(&text).map_err(|e| refuse(format!("{TRAINER_STATE_FILE}: {e}")))?;

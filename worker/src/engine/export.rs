@@ -436,9 +436,17 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let partial = partial_path(path);
-    safetensors::tensor::serialize_to_file(views, Some(metadata), &partial)
-        .map_err(|e| EngineError::io(&partial, std::io::Error::other(e)))?;
-    std::fs::rename(&partial, path).map_err(|e| EngineError::io(path, e))
+    crate::faults::check_write().map_err(|e| EngineError::io(&partial, e))?;
+    safetensors::tensor::serialize_to_file(views, Some(metadata), &partial).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        let source = match e {
+            safetensors::SafeTensorError::IoError(io) => io,
+            other => std::io::Error::other(other),
+        };
+        EngineError::io(&partial, source)
+    })?;
+    crate::durable::sync_file(&partial).map_err(|e| EngineError::io(&partial, e))?;
+    crate::durable::rename(&partial, path).map_err(|e| EngineError::io(path, e))
 }
 
 #[cfg(target_endian = "big")]

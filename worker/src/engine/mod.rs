@@ -10,10 +10,11 @@
 //! `train.rs` the loop that ties them together.
 
 mod cache;
-mod checkpoint;
+pub mod checkpoint;
 mod data;
 mod evaluate;
 mod export;
+pub mod liveness;
 mod lm;
 mod models;
 mod optim;
@@ -105,6 +106,11 @@ pub enum Control {
     /// Stop at this step boundary but finish like a completed run: evaluate
     /// (unless the last evaluation is at this step) and export (an early stop).
     Finish,
+    /// Stop at this step boundary after writing a checkpoint of it (unless
+    /// one was just written), without an export: the run is handed back and
+    /// another attempt resumes there (a draining worker). Ignored at the
+    /// last step, which completes as usual.
+    Suspend,
 }
 
 /// Progress reported to the caller of [`Engine::train`].
@@ -119,6 +125,11 @@ pub enum Event<'a> {
     /// recall, accuracy for token classification). A checkpoint of this step
     /// is on disk by then when the job has a checkpoint folder.
     Eval { step: u64, metrics: &'a [Metric] },
+    /// A resume checkpoint of this step was written into `dir` (at every
+    /// evaluation, every `training.checkpoint_every` steps, and when
+    /// suspended). It stays there until the next one replaces it. The
+    /// answer is ignored.
+    Checkpoint { step: u64, dir: &'a Path },
 }
 
 /// How a training run ended.
@@ -137,6 +148,9 @@ pub struct TrainOutcome {
     pub eval_predictions: Vec<serde_json::Value>,
     /// True when the caller stopped training; no export was written then.
     pub stopped: bool,
+    /// True when the stop was a [`Control::Suspend`]: a checkpoint of
+    /// `steps` was written (when the job has a checkpoint folder).
+    pub suspended: bool,
 }
 
 /// Why the engine could not train a job.
@@ -161,17 +175,72 @@ pub enum EngineError {
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// The engine panicked while training (a bug, or a poison input); the
+    /// engine thread survived.
+    #[error("the engine panicked while training this job: {0}")]
+    Panicked(String),
+}
+
+/// Whose fault a failed run is, which decides how it is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The same error on every attempt: bad data, a spec the model cannot
+    /// take, a diverged loss, out of memory for the spec. Fail at once.
+    Permanent,
+    /// An error of the job that another attempt may not repeat (a panic, a
+    /// transient libtorch error): retried after a backoff, counted against
+    /// `max_attempts`.
+    Job,
+    /// The worker failed, not the job (a full disk, a device error):
+    /// retried at once elsewhere, not counted against `max_attempts`.
+    Infrastructure,
 }
 
 impl EngineError {
     /// True for failures another attempt (perhaps on another worker) may not
     /// repeat; bad data, specs and models fail the same way every time.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, EngineError::Torch(_) | EngineError::Io { .. })
+        self.kind() != FailureKind::Permanent
+    }
+
+    /// Whose fault the error is; see [`FailureKind`].
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            EngineError::Data { .. }
+            | EngineError::Dataset { .. }
+            | EngineError::Spec(_)
+            | EngineError::Model(_)
+            | EngineError::Diverged { .. } => FailureKind::Permanent,
+            EngineError::Io { source, .. } if is_disk_failure(source) => FailureKind::Infrastructure,
+            EngineError::Io { .. } | EngineError::Panicked(_) => FailureKind::Job,
+            EngineError::Torch(tch::TchError::Shape(_)) => FailureKind::Permanent,
+            EngineError::Torch(error) => torch_failure_kind(&error.to_string()),
+        }
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         EngineError::Io { path: path.display().to_string(), source }
+    }
+}
+
+/// True for an I/O error that says the disk, not the data, is at fault:
+/// no space, over quota, read-only, or a device error.
+pub fn is_disk_failure(error: &std::io::Error) -> bool {
+    // ENOSPC, EDQUOT, EROFS, EIO
+    matches!(error.raw_os_error(), Some(28 | 122 | 30 | 5))
+}
+
+/// How a libtorch error message is retried: out of memory fails at once
+/// (the spec needs more than the device has), device errors are the
+/// worker's, anything else may be transient.
+fn torch_failure_kind(message: &str) -> FailureKind {
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("out of memory") || lower.contains("can't allocate memory") {
+        FailureKind::Permanent
+    } else if lower.contains("cuda error") || lower.contains("cudnn") || lower.contains("nccl") || lower.contains("cublas") {
+        FailureKind::Infrastructure
+    } else {
+        FailureKind::Job
     }
 }
 

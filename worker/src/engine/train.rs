@@ -241,6 +241,7 @@ impl Progress {
 
     /// Clears the gradients and picks the next step's examples.
     pub(crate) fn begin_step(&mut self) -> PlannedStep {
+        super::liveness::beat();
         let seed = step_seed(self.job.spec.training.seed, self.step);
         tch::manual_seed(seed);
         self.optimizer.zero_grad();
@@ -265,7 +266,9 @@ impl Progress {
         let t = &self.job.spec.training;
         self.optimizer.step(planned.lr_factor);
         self.step += 1;
+        super::liveness::beat();
         let (step, total_steps) = (self.step, self.total_steps);
+        crate::faults::at(crate::faults::Point::Step, &self.job.spec.name, step).map_err(|e| EngineError::io(Path::new("fault"), e))?;
         let loss = f64::try_from(loss)?;
         let metrics = [
             metric(step, MetricKind::Train, "loss", loss),
@@ -277,29 +280,60 @@ impl Progress {
         if !loss.is_finite() {
             return Err(EngineError::Diverged { step, loss });
         }
-        let mut finish = match on_event(Event::Step { step, total_steps, metrics: &metrics }) {
-            Control::Stop => return Ok(Flow::Stopped(stopped(step, total_steps, self.last_eval.clone()))),
-            control => control == Control::Finish,
-        };
+        let mut control = on_event(Event::Step { step, total_steps, metrics: &metrics });
+        if control == Control::Stop {
+            return Ok(Flow::Stopped(self.stopped(false)));
+        }
         let periodic = t.eval_every > 0 && step.is_multiple_of(t.eval_every);
-        if periodic || step == total_steps || finish {
+        let mut checkpointed = false;
+        if periodic || step == total_steps || control == Control::Finish {
             let evaluation = task.evaluate(step)?;
             (self.last_eval, self.eval_predictions) = (evaluation.metrics, evaluation.predictions);
             tracing::info!(job = %self.job.spec.name, step, metrics = %summary(&self.last_eval), "evaluated");
-            self.save_checkpoint(vars)?;
-            match on_event(Event::Eval { step, metrics: &self.last_eval }) {
-                Control::Stop => return Ok(Flow::Stopped(stopped(step, total_steps, self.last_eval.clone()))),
-                control => finish |= control == Control::Finish,
-            }
+            self.save_checkpoint(vars, on_event)?;
+            checkpointed = true;
+            control = match (control, on_event(Event::Eval { step, metrics: &self.last_eval })) {
+                (_, Control::Stop) => return Ok(Flow::Stopped(self.stopped(false))),
+                (Control::Finish, _) | (_, Control::Finish) => Control::Finish,
+                (Control::Suspend, _) | (_, Control::Suspend) => Control::Suspend,
+                _ => Control::Continue,
+            };
         }
-        if finish {
+        if control == Control::Finish {
             tracing::info!(step, total_steps, "stopping early on request; exporting");
             return Ok(Flow::Finish);
+        }
+        let suspend = control == Control::Suspend && step < total_steps;
+        let due = t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every);
+        if !checkpointed && (due || suspend) {
+            self.save_checkpoint(vars, on_event)?;
+        }
+        if suspend {
+            tracing::info!(job = %self.job.spec.name, step, total_steps, "suspended at a checkpoint");
+            return Ok(Flow::Stopped(self.stopped(true)));
         }
         Ok(Flow::Continue)
     }
 
-    fn save_checkpoint(&self, vars: &nn::VarStore) -> Result<(), EngineError> {
+    /// The outcome of a run stopped (or suspended) after the current step.
+    fn stopped(&self, suspended: bool) -> TrainOutcome {
+        TrainOutcome {
+            steps: self.step,
+            total_steps: self.total_steps,
+            final_metrics: self.last_eval.clone(),
+            eval_predictions: Vec::new(),
+            stopped: true,
+            suspended,
+        }
+    }
+
+    /// Writes a checkpoint of the current step, when the job has a
+    /// checkpoint folder, and tells `on_event`.
+    fn save_checkpoint(
+        &self,
+        vars: &nn::VarStore,
+        on_event: &mut dyn FnMut(Event<'_>) -> Control,
+    ) -> Result<(), EngineError> {
         let Some(dir) = &self.job.checkpoint_dir else { return Ok(()) };
         let state = TrainerState {
             format: checkpoint::FORMAT,
@@ -308,7 +342,9 @@ impl Progress {
             spec_sha256: checkpoint::spec_digest(&self.job.spec),
             last_eval: self.last_eval.clone(),
         };
-        checkpoint::save(dir, &state, vars, &self.optimizer)
+        checkpoint::save(dir, &state, vars, &self.optimizer, &self.job.spec.name)?;
+        on_event(Event::Checkpoint { step: self.step, dir });
+        Ok(())
     }
 
     /// Evaluates if the predictions of the end are missing, and exports.
@@ -344,6 +380,7 @@ impl Progress {
             final_metrics: self.last_eval,
             eval_predictions: self.eval_predictions,
             stopped: false,
+            suspended: false,
         })
     }
 }
@@ -505,6 +542,3 @@ pub(crate) fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Met
     Metric { step, kind, name: name.to_string(), value }
 }
 
-fn stopped(steps: u64, total_steps: u64, final_metrics: Vec<Metric>) -> TrainOutcome {
-    TrainOutcome { steps, total_steps, final_metrics, eval_predictions: Vec::new(), stopped: true }
-}

@@ -101,12 +101,10 @@ impl Cluster {
 
 pub fn config(database_url: &str, lease_timeout: Duration) -> Config {
     Config {
-        database_url: database_url.to_string(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
         lease_timeout,
         heartbeat_interval: Duration::from_millis(300),
         default_max_attempts: 3,
+        ..Config::new(database_url)
     }
 }
 

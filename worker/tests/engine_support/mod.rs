@@ -65,6 +65,7 @@ pub fn train_on(model_dir: &Path, job: &TrainJob, stop_at: Option<u64>) -> (Resu
             seen.extend_from_slice(metrics);
             Control::Continue
         }
+        Event::Checkpoint { .. } => Control::Continue,
     };
     let outcome = engine.train(model_dir, job, &mut on_event);
     (outcome, seen)

@@ -308,6 +308,7 @@ pub fn evaluate_loss(
     tch::no_grad(|| {
         let (mut sum, mut count) = (0.0, 0i64);
         for indices in order.chunks(batch_size.max(1)) {
+            crate::engine::liveness::beat();
             let batch = LmBatch::collate(examples, indices, pad_id, device);
             let (loss, n) = batch_loss_sum(model, adapter, &batch, false);
             sum += f64::try_from(loss).expect("a scalar loss");
@@ -464,6 +465,7 @@ fn greedy_search(
     let mut outputs = vec![Vec::new(); batch];
     let mut finished = vec![false; batch];
     for generated in 1..=config.max_new_tokens {
+        crate::engine::liveness::beat();
         let next = logits.argmax(-1, false);
         let tokens = Vec::<i64>::try_from(&next).expect("token ids");
         for (i, &token) in tokens.iter().enumerate() {
@@ -527,6 +529,7 @@ fn beam_search(
     let mut generated = 0i64;
 
     loop {
+        crate::engine::liveness::beat();
         let vocab = logits.size()[1];
         // [batch, beams * vocab] accumulated log-probabilities
         let log_probs = (logits.log_softmax(-1, Kind::Float).view([batch, beams, vocab]) + running_scores.unsqueeze(2))

@@ -382,6 +382,7 @@ impl Classifier {
         let loss_sum = tch::no_grad(|| {
             let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
             for indices in length_sorted_batches(examples, batch_size) {
+                crate::engine::liveness::beat();
                 let batch = Batch::collate(examples, &indices, pad_id, device);
                 let logits = self.logits(encoder, &batch.input_ids, &batch.attention_mask, false);
                 let loss = logits.cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0);

@@ -128,6 +128,7 @@ pub fn evaluate(
         let mut total_loss = Tensor::zeros([], (Kind::Double, device));
         let mut labelled = Tensor::zeros([], (Kind::Double, device));
         for indices in length_sorted_batches(examples, batch_size) {
+            crate::engine::liveness::beat();
             let batch = NerBatch::collate(examples, &indices, pad_id, device);
             let batch_logits = logits(&batch);
             let (sum, count) = loss_sum(&batch_logits, &batch.labels);
