@@ -11,7 +11,7 @@ use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use tonic::transport::Channel;
 
-pub use commands::{adapter::AdapterCommand, jobs::JobsCommand, sweep::SweepCommand};
+pub use commands::{adapter::AdapterCommand, jobs::JobsCommand, sweep::SweepCommand, workers::WorkersCommand};
 
 /// Command-line client for the ptune coordinator.
 #[derive(Debug, Parser)]
@@ -53,6 +53,9 @@ pub enum Command {
     /// Hyperparameter sweeps: create, follow the leaderboard, get the best trial.
     #[command(subcommand)]
     Sweep(SweepCommand),
+    /// The workers: slots, models, heartbeats and health.
+    #[command(subcommand)]
+    Workers(WorkersCommand),
 }
 
 /// Runs one command; returns the process exit code.
@@ -63,6 +66,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit { file, watch } => commands::submit::run(client, cli.output, &file, watch).await,
         Command::Jobs(cmd) => commands::jobs::run(client, cli.output, cmd).await,
         Command::Adapter(cmd) => commands::adapter::run(client, cli.output, cmd).await,
+        Command::Workers(cmd) => commands::workers::run(client, cli.output, cmd).await,
         Command::Sweep(cmd) => {
             let sweeps = SweepServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
             commands::sweep::run(sweeps, client, cli.output, cmd).await

@@ -21,6 +21,15 @@ pub struct JobView {
     pub total_steps: u64,
     pub attempts: u32,
     pub max_attempts: u32,
+    /// Attempts that failed with an error of the job (at most `max_attempts`).
+    pub failures: u32,
+    /// Attempts lost to the infrastructure (lost, drained or failing workers).
+    pub interruptions: u32,
+    /// A queued job backing off after an error is not leased before this time.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub retry_at: String,
+    /// Steps of the newest stored checkpoint, where the next attempt resumes.
+    pub checkpoint_step: u64,
     pub error: String,
     pub worker_id: String,
     pub cancel_requested: bool,
@@ -87,6 +96,10 @@ impl JobView {
             total_steps: job.total_steps,
             attempts: job.attempts,
             max_attempts: job.max_attempts,
+            failures: job.failures,
+            interruptions: job.interruptions,
+            retry_at: job.retry_at.clone(),
+            checkpoint_step: job.checkpoint_step,
             error: job.error.clone(),
             worker_id: job.worker_id.clone(),
             cancel_requested: job.cancel_requested,
@@ -114,6 +127,50 @@ pub fn memory_line(view: &JobView) -> Option<String> {
         .filter_map(|(what, bytes)| Some(format!("{what} {} MiB", ptune_core::memory::mib(bytes?))))
         .collect();
     (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// `3 (1 failed of at most 3, 1 interrupted)`: leases so far and why they ended.
+pub fn attempts_line(view: &JobView) -> String {
+    let mut line = format!("{} ({} failed of at most {}", view.attempts, view.failures, view.max_attempts);
+    if view.interruptions > 0 {
+        line.push_str(&format!(", {} interrupted", view.interruptions));
+    }
+    line.push(')');
+    if view.checkpoint_step > 0 {
+        line.push_str(&format!("; next attempt resumes at step {}", view.checkpoint_step));
+    }
+    line
+}
+
+/// A worker as the CLI prints it with `--output json`.
+#[derive(Debug, Serialize)]
+pub struct WorkerView {
+    pub worker_id: String,
+    pub hostname: String,
+    pub online: bool,
+    pub slots: u32,
+    pub running: u32,
+    pub models: Vec<String>,
+    pub heartbeat_age_seconds: f64,
+    /// Why it takes no new jobs; empty while healthy.
+    pub unhealthy_reason: String,
+    pub registered_at: String,
+}
+
+impl From<&v1::WorkerInfo> for WorkerView {
+    fn from(w: &v1::WorkerInfo) -> Self {
+        WorkerView {
+            worker_id: w.worker_id.clone(),
+            hostname: w.hostname.clone(),
+            online: w.online,
+            slots: w.slots,
+            running: w.running,
+            models: w.models.clone(),
+            heartbeat_age_seconds: w.heartbeat_age_seconds,
+            unhealthy_reason: w.unhealthy_reason.clone(),
+            registered_at: w.registered_at.clone(),
+        }
+    }
 }
 
 /// Latest value of a metric of a kind, if reported.

@@ -340,7 +340,8 @@ const views = {
       const meta = [
         ['id', el('code', {}, j.id)], ['method', j.method], ['base model', j.base_model], ['owner', j.owner || '–'],
         ['sweep', j.sweep ? el('a', { href: '#/sweeps/' + j.sweep.id }, `${j.sweep.name} · trial #${j.sweep.trial_index}`) : '–'],
-        ['worker', j.worker_id ? el('code', {}, j.worker_id) : '–'], ['attempts', `${j.attempts} of ${j.max_attempts}`],
+        ['worker', j.worker_id ? el('code', {}, j.worker_id) : '–'], ['attempts', `${j.attempts} (${j.failures} failed of at most ${j.max_attempts}` + (j.interruptions ? `, ${j.interruptions} interrupted` : '') + ')'
+          + (j.checkpoint_step ? `; resumes at step ${j.checkpoint_step}` : '') + (j.retry_at ? `; retried after ${new Date(j.retry_at).toLocaleTimeString()}` : '')],
         ['submitted', when(j.created_at)], ['started', when(j.started_at)], ['finished', when(j.finished_at)],
         ['adapter sha256', j.adapter ? el('code', {}, j.adapter.sha256) : '–'],
       ];
@@ -566,7 +567,8 @@ const views = {
         el('thead', {}, el('tr', {}, ['host', 'id', 'status', 'heartbeat', 'devices', 'slots in use', 'base models', 'in memory', 'examples/s', 'packs running', 'running jobs'].map((h) => el('th', {}, h)))),
         el('tbody', {}, page.workers.map((w) => el('tr', { dataset: { worker: w.id } },
           el('td', {}, w.hostname), el('td', {}, el('code', { title: w.id }, short(w.id))),
-          el('td', {}, stateBadge(w.online ? 'online' : 'offline')),
+          el('td', { title: w.unhealthy_reason || '' }, stateBadge(!w.online ? 'offline' : w.unhealthy_reason ? 'unhealthy' : 'online'),
+            w.online && w.unhealthy_reason ? el('div', { class: 'muted' }, w.unhealthy_reason) : ''),
           el('td', { class: 'num' }, duration(w.heartbeat_age_seconds) + ' ago'),
           el('td', {}, list(w.devices, (d) => d.name + (d.memory_bytes ? ` (${bytes(d.memory_bytes)})` : ''))),
           el('td', { class: 'num' }, `${w.slots_busy} / ${w.slots}`),

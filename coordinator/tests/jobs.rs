@@ -5,9 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{state, EVAL, MODEL, TRAIN};
+use common::{http_get, state, EVAL, MODEL, TRAIN};
 use ptune_proto::v1;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -246,15 +245,6 @@ async fn health_reflection_and_prometheus_metrics_are_served() {
     assert!(metrics.contains("ptune_workers_online 1\n"), "{metrics}");
     assert!(metrics.contains("ptune_sweeps{state=\"running\"} 0\n"), "{metrics}");
     env.stop().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 fn uuid_like() -> String {

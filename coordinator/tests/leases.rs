@@ -166,10 +166,10 @@ async fn a_stale_lease_is_fenced_off_after_the_job_was_leased_again() {
 }
 
 #[tokio::test]
-async fn lost_leases_requeue_the_job_and_fail_it_after_max_attempts_with_the_reason() {
-    let mut env = common::start(SHORT_LEASE).await;
+async fn lost_leases_requeue_the_job_as_interruptions_and_fail_it_after_max_interruptions_with_the_reason() {
+    let mut env = common::start_with(SHORT_LEASE, |c| c.retry.max_interruptions = 1).await;
     let mut spec = env.spec("flaky-worker").await;
-    spec.max_attempts = 2;
+    spec.max_attempts = 1;
     let job = env.submit(spec).await;
     let worker = env.register().await;
 
@@ -177,10 +177,12 @@ async fn lost_leases_requeue_the_job_and_fail_it_after_max_attempts_with_the_rea
     let requeued = env.wait_for(&job.id, 10, |j| state(j) == v1::JobState::Queued).await;
     let reason = format!("lease expired: worker {worker} stopped heartbeating");
     assert_eq!((requeued.attempts, requeued.error.as_str()), (1, reason.as_str()));
+    assert_eq!((requeued.failures, requeued.interruptions), (0, 1), "a lost worker is not an error of the job");
+    assert!(requeued.retry_at.is_empty(), "an interrupted job may be leased again at once");
 
-    env.lease(&worker).await.unwrap();
+    env.lease(&worker).await.expect("leased again at once, although max_attempts is 1");
     let failed = env.wait_for(&job.id, 10, |j| state(j) == v1::JobState::Failed).await;
-    assert_eq!(failed.error, format!("lease lost 2 times; last: {reason}"));
+    assert_eq!(failed.error, format!("interrupted 2 times (workers lost, drained or failing); last: {reason}"));
     assert!(!failed.finished_at.is_empty());
     assert!(env.lease(&worker).await.is_none(), "a failed job is not leased again");
 
@@ -199,7 +201,7 @@ async fn lost_leases_requeue_the_job_and_fail_it_after_max_attempts_with_the_rea
 
 #[tokio::test]
 async fn a_renewed_lease_survives_and_worker_errors_retry_or_fail() {
-    let mut env = common::start(SHORT_LEASE).await;
+    let mut env = common::start_with(SHORT_LEASE, |c| c.retry.backoff_base = Duration::from_millis(300)).await;
     let spec = env.spec("errors").await;
     let job = env.submit(spec).await;
     let worker = env.register().await;
@@ -212,15 +214,23 @@ async fn a_renewed_lease_survives_and_worker_errors_retry_or_fail() {
     }
     assert_eq!(state(&env.get(&job.id).await), v1::JobState::Running, "heartbeats keep the lease for 3 lease timeouts");
 
-    env.fail(&first, "cuda out of memory", false, true).await.unwrap();
-    env.fail(&first, "cuda out of memory", false, true).await.expect("a retried FailJob is harmless");
+    env.fail(&first, "torch: a transient error", false, true).await.unwrap();
+    env.fail(&first, "torch: a transient error", false, true).await.expect("a retried FailJob is harmless");
     let retried = env.get(&job.id).await;
     assert_eq!(
-        (state(&retried), retried.error.as_str(), retried.attempts),
-        (v1::JobState::Queued, "cuda out of memory", 1)
+        (state(&retried), retried.error.as_str(), retried.attempts, retried.failures),
+        (v1::JobState::Queued, "torch: a transient error", 1, 1)
     );
+    assert!(!retried.retry_at.is_empty(), "the retry backs off");
+    assert!(retried.waiting_reason.starts_with("backing off"), "{}", retried.waiting_reason);
+    assert!(env.lease(&worker).await.is_none(), "not leased during its backoff");
 
-    let second = env.lease(&worker).await.unwrap();
+    let second = loop {
+        if let Some(lease) = env.lease(&worker).await {
+            break lease;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     env.fail(&second, "line 7 of train.jsonl is not valid json", false, false).await.unwrap();
     let failed = env.get(&job.id).await;
     assert_eq!(

@@ -171,6 +171,43 @@ fn roberta_classifiers_resume_exactly() {
 }
 
 #[test]
+fn a_checkpoint_save_cut_off_between_its_renames_is_recovered_and_the_run_resumes_exactly() {
+    let spec = spec("prompt_tuning", json!({"num_virtual_tokens": 6, "init": "vocab"}), false);
+    let whole = tempfile::tempdir().expect("temp dir");
+    let (outcome, _) = train(&job(spec.clone(), whole.path(), Resume::Never), None);
+    let outcome = outcome.expect("the uninterrupted run");
+
+    let broken = tempfile::tempdir().expect("temp dir");
+    let (stopped, _) = train(&job(spec.clone(), broken.path(), Resume::Never), Some(STOP_AT));
+    assert!(stopped.expect("the first part runs").stopped);
+    let dir = broken.path().join("checkpoint");
+    let (saving, previous) = (broken.path().join(".checkpoint.saving"), broken.path().join(".checkpoint.previous"));
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    };
+
+    // Killed after the new checkpoint was written but before its trainer state:
+    // the old one, renamed aside, is put back.
+    copy(&dir, &saving);
+    std::fs::remove_file(saving.join(TRAINER_STATE_FILE)).unwrap();
+    std::fs::rename(&dir, &previous).unwrap();
+    assert!(ptune_worker::engine::checkpoint::exists(&dir), "the previous checkpoint is recovered");
+    assert_eq!(trainer_state(broken.path()).step, 3);
+
+    // Killed between the two renames with the new checkpoint whole: it is used.
+    std::fs::remove_dir_all(&saving).unwrap();
+    copy(&dir, &saving);
+    std::fs::rename(&dir, &previous).unwrap();
+    let (resumed, _) = train(&job(spec, broken.path(), Resume::Required), None);
+    let resumed = resumed.expect("resumes from the recovered checkpoint");
+    assert_eq!(resumed.final_metrics, outcome.final_metrics, "the recovered run differs from the uninterrupted one");
+    assert!(!saving.exists(), "the recovered folder took its place");
+}
+
+#[test]
 fn a_checkpoint_of_another_spec_is_refused() {
     let spec = spec("prompt_tuning", json!({"num_virtual_tokens": 6}), false);
     let out = tempfile::tempdir().expect("temp dir");

@@ -15,7 +15,9 @@ use tonic::transport::Channel;
 
 use super::status_error;
 use crate::output;
-use crate::view::{headline, headline_metric, job_state, latest, memory_line, state_name, JobView, MetricView};
+use crate::view::{
+    attempts_line, headline, headline_metric, job_state, latest, memory_line, state_name, JobView, MetricView,
+};
 use crate::Format;
 
 #[derive(Debug, Subcommand)]
@@ -192,7 +194,10 @@ fn print_job(job: &v1::Job) {
     println!("base model:  {}", view.base_model);
     println!("owner:       {}", view.owner);
     println!("step:        {}/{}", view.step, view.total_steps);
-    println!("attempts:    {}/{}", view.attempts, view.max_attempts);
+    println!("attempts:    {}", attempts_line(&view));
+    if !view.retry_at.is_empty() {
+        println!("retry at:    {}", view.retry_at);
+    }
     if !view.worker_id.is_empty() {
         println!("worker:      {}", view.worker_id);
     }

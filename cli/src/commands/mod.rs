@@ -2,6 +2,7 @@ pub mod adapter;
 pub mod jobs;
 pub mod submit;
 pub mod sweep;
+pub mod workers;
 
 /// A gRPC error as a user reads it: the server's message, not the transport's debug dump.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {

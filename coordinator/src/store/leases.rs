@@ -594,6 +594,15 @@ async fn end_cancelled(
     Ok(JobState::Cancelled)
 }
 
+/// `1 time`, `3 times`.
+fn times(n: u32) -> String {
+    if n == 1 {
+        "1 time".into()
+    } else {
+        format!("{n} times")
+    }
+}
+
 /// The error of a job cancelled on request.
 const CANCELLED: &str = "cancelled on request";
 
@@ -639,10 +648,10 @@ async fn end_attempt_as(
         Retry::Fail => {
             let error = match end {
                 AttemptEnd::Permanent => reason.to_string(),
-                AttemptEnd::Error => format!("failed {} times; last: {reason}", counters.failures),
+                AttemptEnd::Error => format!("failed {}; last: {reason}", times(counters.failures)),
                 AttemptEnd::Interruption => format!(
-                    "interrupted {} times (workers lost, drained or failing); last: {reason}",
-                    counters.interruptions
+                    "interrupted {} (workers lost, drained or failing); last: {reason}",
+                    times(counters.interruptions)
                 ),
             };
             (JobState::Failed, error, None)

@@ -29,10 +29,16 @@ pub struct Env {
 
 /// A coordinator with the given lease timeout on a fresh database.
 pub async fn start(lease_timeout: Duration) -> Env {
+    start_with(lease_timeout, |_| {}).await
+}
+
+/// Like [`start`], with other settings changed by `adjust`.
+pub async fn start_with(lease_timeout: Duration, adjust: impl FnOnce(&mut Config)) -> Env {
     let db = fresh_database().await.expect("a test database (is postgres running?)");
     let mut config = Config::new(db.url.clone());
     config.lease_timeout = lease_timeout;
     config.heartbeat_interval = lease_timeout / 4;
+    adjust(&mut config);
     let coordinator = Coordinator::start(config.clone()).await.expect("coordinator starts");
     let (jobs, workers) = clients(&coordinator).await;
     let sweeps = sweep_client(&coordinator).await;
@@ -231,4 +237,15 @@ pub fn sha256(bytes: &[u8]) -> String {
 
 pub fn state(job: &v1::Job) -> v1::JobState {
     v1::JobState::try_from(job.state).unwrap()
+}
+
+/// A plain HTTP/1.1 GET of `path` on the coordinator's HTTP address; the whole response, headers included.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }

@@ -569,3 +569,71 @@ fn file_stream<M: Send + 'static>(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(step: u64) -> Record {
+        let metric = Metric { step, kind: MetricKind::Train, name: "loss".into(), value: 1.0 / step as f64 };
+        Record::Progress { step, total_steps: 40, metrics: vec![JournalMetric::from(&metric)] }
+    }
+
+    fn checkpoint(step: u64) -> Record {
+        let archive = Archive { path: PathBuf::from(format!("checkpoint-{step}.tar")), sha256: "ab".repeat(32), size: 10 };
+        Record::Checkpoint { step, archive }
+    }
+
+    fn lease() -> LeaseFile {
+        LeaseFile { job_id: "00000000-0000-4000-8000-000000000001".into(), epoch: 3, name: "j".into() }
+    }
+
+    #[test]
+    fn a_journal_survives_a_restart_with_its_delivered_count_and_a_line_cut_off_by_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::create(dir.path(), lease()).unwrap();
+        for record in [progress(1), progress(2), checkpoint(2), progress(3)] {
+            journal.append(record);
+        }
+        journal.mark_delivered(2);
+        let path = journal.dir().to_path_buf();
+        // A crash while appending leaves half a line.
+        let mut file = std::fs::OpenOptions::new().append(true).open(path.join("journal.jsonl")).unwrap();
+        file.write_all(b"{\"type\":\"progr").unwrap();
+
+        let reopened = Journal::open(&path).unwrap();
+        assert_eq!(reopened.records, [progress(1), progress(2), checkpoint(2), progress(3)]);
+        assert_eq!((reopened.delivered, reopened.last_step(), reopened.has_ending()), (2, 3, false));
+    }
+
+    #[test]
+    fn progress_is_sent_together_superseded_checkpoints_are_skipped_and_nothing_follows_an_ending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::create(dir.path(), lease()).unwrap();
+        for record in [progress(1), progress(2), checkpoint(2), progress(3), checkpoint(3)] {
+            journal.append(record);
+        }
+        let (unit, covers) = next_unit(&journal);
+        let Unit::Progress(report) = unit else { panic!("progress first") };
+        assert_eq!((covers, report.step, report.metrics.len(), report.epoch), (2, 2, 2, 3));
+        journal.mark_delivered(covers);
+        assert!(matches!(next_unit(&journal), (Unit::Skip, 1)), "checkpoint 2 is superseded by checkpoint 3");
+        journal.mark_delivered(2);
+        assert!(matches!(next_unit(&journal), (Unit::Checkpoint(3, _), 1)));
+
+        journal.append(Record::Release { reason: "draining".into() });
+        journal.append(progress(4));
+        assert_eq!(journal.records.len(), 6, "nothing is journaled after an ending");
+        journal.mark_delivered(2);
+        assert!(journal.finished());
+    }
+
+    #[test]
+    fn non_finite_metrics_round_trip_through_the_journal() {
+        let metric = Metric { step: 1, kind: MetricKind::Eval, name: "f1".into(), value: f64::NAN };
+        let record = Record::Progress { step: 1, total_steps: 0, metrics: vec![JournalMetric::from(&metric)] };
+        let text = serde_json::to_string(&record).unwrap();
+        let Record::Progress { metrics, .. } = serde_json::from_str(&text).unwrap() else { panic!() };
+        assert!(metrics[0].value.is_nan(), "{text}");
+    }
+}

