@@ -26,9 +26,13 @@ bin=target/release
 mkdir -p "$demo"
 
 pids=()
+# The worker first: it hands its running jobs back to the coordinator
+# (checkpointed) before the coordinator stops.
 cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 

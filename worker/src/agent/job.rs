@@ -266,7 +266,7 @@ fn stopped_ending(directive: &Directive) -> Option<Record> {
         Some(StopCause::LeaseLost) | Some(StopCause::Stalled) => None,
         Some(StopCause::Drain) => Some(drained()),
         Some(StopCause::Cancelled) | None if directive.control() == Control::Suspend => {
-            Some(Record::Release { reason: "the worker is draining (checkpointed)".into() })
+            Some(Record::Release { reason: "the worker is draining".into() })
         }
         Some(StopCause::Cancelled) | None => {
             Some(Record::Fail { error: "stopped on request".into(), retryable: false, infrastructure: false, cancelled: true })
