@@ -314,18 +314,6 @@ async fn submit_sst2(client: &mut JobServiceClient<Channel>, max_steps: u64) -> 
 }
 
 /// A log line without its ANSI colour codes (`ESC [ ... m`).
-fn without_colours(line: &str) -> String {
-    let mut plain = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().take_while(|&c| c != 'm').for_each(drop);
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_starting_together_on_one_dataset_all_get_it_whole_a_damaged_cache_is_fetched_again_and_failed_downloads_leave_nothing() {

@@ -10,6 +10,7 @@
 
 #![cfg(feature = "fault-injection")]
 
+mod common;
 mod fault_support;
 
 use std::collections::HashMap;
@@ -72,13 +73,7 @@ fn assert_same_run(name: &str, losses: &[(u64, f64)], eval_loss: f64, reference:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_killed_at_twenty_points_lose_no_job_and_each_resumes_from_its_last_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
-    let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, LEASE_MS, &[]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
     let steps = 40;
     let reference = reference_run(dir.path(), &models, &coordinator, spec("reference", &train, &eval, steps, EVERY_5)).await;
 
@@ -217,13 +212,7 @@ async fn outcomes(database_url: &str, job: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_four_packed_jobs_back_at_once_and_they_resume_elsewhere_from_the_drain_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
-    let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, LEASE_MS, &[]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
     let steps = 60;
     let mut ids = Vec::new();
     for i in 0..4 {
@@ -305,8 +294,7 @@ async fn a_worker_fails_over_to_another_coordinator_without_losing_its_lease() {
     let mut a = CoordinatorProcess::start(dir.path(), "coordinator-a", &db.url, LEASE_MS, &[]);
     let b = CoordinatorProcess::start(dir.path(), "coordinator-b", &db.url, LEASE_MS, &[]);
     let mut client = b.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let (train, eval) = upload_sst2(&mut client).await;
     let models = models_dir(dir.path());
     let job = submit(&mut client, spec("failover", &train, &eval, 60, EVERY_5)).await;
     let worker = WorkerProcess::start(dir.path(), "worker", &models, &format!("{},{}", a.url(), b.url()), 1, "");
@@ -321,13 +309,7 @@ async fn a_worker_fails_over_to_another_coordinator_without_losing_its_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_coordinator_during_an_asha_sweep_loses_nothing_and_takes_no_decision_twice() {
     use ptune_proto::v1::sweep_service_client::SweepServiceClient;
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
-    let mut coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, LEASE_MS, &[]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, mut coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
     let definition = serde_json::json!({
         "name": "asha-under-fire",
         "max_concurrent_trials": 4,
@@ -480,8 +462,7 @@ async fn postgres_stopped_for_5_and_30_seconds_requeues_nothing_and_loses_no_met
     postgres.up();
     let mut client = coordinator.client().await;
     drop(waiting);
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
+    let (train, eval) = upload_sst2(&mut client).await;
     let models = models_dir(dir.path());
     let steps = 300;
     let mut ids = Vec::new();
@@ -557,13 +538,7 @@ async fn states_during(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_worker_loses_its_job_to_another_and_is_refused_when_the_link_heals() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
-    let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, LEASE_MS, &[]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
     let job = submit(&mut client, spec("partitioned", &train, &eval, 80, EVERY_5)).await;
     let proxy = TcpProxy::start(coordinator.grpc).await;
     let cut_off = WorkerProcess::start(dir.path(), "cut-off", &models, &proxy.url(), 1, "");
@@ -632,14 +607,8 @@ async fn completed_by(database_url: &str, job: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_jobs_fail_after_max_attempts_with_growing_gaps_and_the_worker_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
     // A longer lease, so a worker restarted after an abort reports it before the lease expires.
-    let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, 10_000, &["--retry-backoff-ms=1000"]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(10_000, &["--retry-backoff-ms=1000"]).await;
     let mut rows = Vec::new();
 
     for (fault, name) in [("panic", "poison-panic"), ("abort", "poison-abort")] {
@@ -712,13 +681,7 @@ async fn poison_jobs_fail_after_max_attempts_with_growing_gaps_and_the_worker_go
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_spends_one_interruption_keeps_the_checkpoint_and_stops_the_worker_leasing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await.unwrap();
-    let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, LEASE_MS, &[]);
-    let mut client = coordinator.client().await;
-    let train = upload(&mut client, &sst2("train.jsonl")).await;
-    let eval = upload(&mut client, &sst2("dev.jsonl")).await;
-    let models = models_dir(dir.path());
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
     let job = submit(&mut client, spec("full-disk", &train, &eval, 40, EVERY_5)).await;
     // The disk fills up once the job passed step 12: the checkpoint at step 15 cannot be written.
     let full = WorkerProcess::start(dir.path(), "full", &models, &coordinator.url(), 1, "enospc@write,step=12");

