@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "ptune/v1/job_service.proto",
     "ptune/v1/worker_service.proto",
     "ptune/v1/sweep_service.proto",
+    "ptune/v1/admin_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,24 +2,38 @@
 //! command prints tables for people, or JSON with `--output json`.
 
 mod commands;
+mod config;
 mod output;
 mod view;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use ptune_proto::client::{AuthChannel, ClientOptions};
+use ptune_proto::v1::admin_service_client::AdminServiceClient;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
-use tonic::transport::Channel;
+use clap::{Parser, Subcommand, ValueEnum};
 
-pub use commands::{adapter::AdapterCommand, jobs::JobsCommand, sweep::SweepCommand, workers::WorkersCommand};
+pub use commands::{
+    adapter::AdapterCommand, admin::TokenCommand, jobs::JobsCommand, sweep::SweepCommand, workers::WorkersCommand,
+};
+
+/// The coordinator address when neither a flag, the environment nor the config file names one.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 
 /// Command-line client for the ptune coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "ptune", version, about)]
 pub struct Cli {
-    /// Coordinator gRPC address.
-    #[arg(long, global = true, env = "PTUNE_COORDINATOR", default_value = "http://127.0.0.1:50051")]
-    pub coordinator: String,
+    /// Coordinator gRPC address (http:// or https://); default: the config file's, else http://127.0.0.1:50051.
+    #[arg(long, global = true, env = "PTUNE_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// API token; default: the config file's (`ptune login`). Prefer PTUNE_TOKEN: a flag shows in `ps`.
+    #[arg(long, global = true, env = "PTUNE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM of the CA that signed the coordinator's certificate (https://).
+    #[arg(long, global = true, env = "PTUNE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     pub output: Format,
@@ -56,11 +70,41 @@ pub enum Command {
     /// The workers: slots, models, heartbeats and health.
     #[command(subcommand)]
     Workers(WorkersCommand),
+    /// Save the coordinator address and a token in ~/.config/ptune/config.toml (mode 0600), after checking them.
+    Login {
+        /// The token to save (default: --token or PTUNE_TOKEN; read from stdin when neither is given).
+        #[arg(long = "with-token", value_name = "TOKEN")]
+        with_token: Option<String>,
+    },
+    /// API tokens (admins): create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The audit trail of every change (admins).
+    Audit {
+        /// At most this many entries, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let channel = connect(&cli.coordinator).await?;
+    let saved = config::load()?;
+    let url = cli.coordinator.clone().or(saved.coordinator.clone()).unwrap_or_else(|| DEFAULT_COORDINATOR.into());
+    let options = ClientOptions {
+        token: cli.token.clone().or(saved.token.clone()),
+        ca_cert: cli.ca_cert.clone().or(saved.ca_cert.clone()),
+        client_cert: None,
+    };
+    if let Command::Login { with_token } = cli.command {
+        return config::login(&url, options, with_token, cli.ca_cert.or(saved.ca_cert)).await;
+    }
+    let channel = ptune_proto::client::connect(&url, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; is ptune-coordinator running? (set --coordinator or PTUNE_COORDINATOR)"))?;
+    if options.token.is_none() {
+        eprintln!("note: no token given (ptune login, PTUNE_TOKEN or --token); the coordinator will refuse the call");
+    }
     let client = JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
     match cli.command {
         Command::Submit { file, watch } => commands::submit::run(client, cli.output, &file, watch).await,
@@ -71,18 +115,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let sweeps = SweepServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
             commands::sweep::run(sweeps, client, cli.output, cmd).await
         }
+        Command::Token(cmd) => commands::admin::tokens(AdminServiceClient::new(channel), cli.output, cmd).await,
+        Command::Audit { limit } => commands::admin::audit(AdminServiceClient::new(channel), cli.output, limit).await,
+        Command::Login { .. } => unreachable!("handled above"),
     }
 }
 
 /// Largest answer accepted (a big sweep's leaderboard, adapter chunks).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("invalid coordinator address {url:?}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}; is ptune-coordinator running? (set --coordinator or PTUNE_COORDINATOR)"))?;
-    Ok(channel)
-}

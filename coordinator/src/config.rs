@@ -25,6 +25,25 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Largest resume checkpoint a worker may upload.
     pub max_checkpoint_bytes: u64,
+    /// Where to write the first tokens (`admin.token`, `worker.token`) when
+    /// the database has no admin token yet: the single-machine setup.
+    pub bootstrap_dir: Option<std::path::PathBuf>,
+    /// TLS for gRPC and HTTP; plaintext when `None`.
+    pub tls: Option<TlsFiles>,
+    /// Serve `/metrics` without a token (for a Prometheus without one).
+    pub public_metrics: bool,
+    /// Host names the dashboard answers to besides the bound address and
+    /// localhost (a guard against DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// PEM files of the coordinator's TLS identity.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// When set, clients must present a certificate this CA signed (mTLS).
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -46,6 +65,10 @@ impl Config {
             default_max_attempts: ptune_core::spec::DEFAULT_MAX_ATTEMPTS,
             retry: RetryPolicy::default(),
             max_checkpoint_bytes: Self::DEFAULT_MAX_CHECKPOINT_BYTES,
+            bootstrap_dir: None,
+            tls: None,
+            public_metrics: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }

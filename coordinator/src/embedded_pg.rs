@@ -1,8 +1,10 @@
 //! A private PostgreSQL cluster under the coordinator's data directory, for a
 //! single-machine user who has no database to point at. It uses the server
 //! binaries installed on the machine (`initdb`, `pg_ctl`), listens on a Unix
-//! socket inside the data directory only (no TCP port to collide with), and is
-//! stopped when the coordinator shuts down. A `--database-url` replaces it.
+//! socket inside the data directory only (no TCP port to collide with), in a
+//! folder only the server's user may enter (mode 0700: other local users
+//! cannot reach it), and is stopped when the coordinator shuts down. A
+//! `--database-url` replaces it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,6 +34,10 @@ impl EmbeddedPostgres {
         let cluster = root.join("pg");
         let socket_dir = root.join("pg-socket");
         std::fs::create_dir_all(&socket_dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         // initdb refuses to run as root: run the server as the `postgres` user then.
         let run_as = if nix::unistd::geteuid().is_root() { Some("postgres".to_string()) } else { None };
         let this = Self { data_dir: cluster.clone(), socket_dir, run_as, pg_ctl: bin_dir.join("pg_ctl") };
@@ -74,6 +80,17 @@ impl EmbeddedPostgres {
     /// Connection URL over the cluster's Unix socket.
     pub fn url(&self) -> String {
         format!("postgres://postgres@localhost/postgres?host={}", self.socket_dir.display())
+    }
+
+    /// Whether a cluster under `data_dir` is running now (a coordinator's).
+    pub fn running(data_dir: &Path) -> bool {
+        data_dir.join("pg").join("postmaster.pid").exists() && data_dir.join("pg-socket").join(".s.PGSQL.5432").exists()
+    }
+
+    /// Connection URL of the cluster under `data_dir`.
+    pub fn url_for(data_dir: &Path) -> anyhow::Result<String> {
+        let socket_dir = std::fs::canonicalize(data_dir)?.join("pg-socket");
+        Ok(format!("postgres://postgres@localhost/postgres?host={}", socket_dir.display()))
     }
 
     /// Stops the cluster (fast shutdown: open sessions are closed, data is flushed).

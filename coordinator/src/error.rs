@@ -17,6 +17,12 @@ pub enum Error {
     /// The request is valid but the job is not in a state that allows it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (another worker's lease, another owner's name).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// What the request would create exists already (a token's name).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -43,6 +49,9 @@ impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(source) => Error::Unavailable(source.to_string()),
+            StoreError::Conflict(constraint) if constraint == "api_tokens_live_name_idx" => {
+                Error::AlreadyExists("a live token has this name; revoke it first or choose another name".into())
+            }
             other => Error::Internal(other.to_string()),
         }
     }

@@ -7,6 +7,7 @@
 //! [`scheduler`] (what workers do, leases, the reaper), which call [`store`]
 //! (all SQL). The sweep engine drives running sweeps in the background.
 
+pub mod auth;
 pub mod blob;
 pub mod config;
 pub mod dashboard;
@@ -23,6 +24,7 @@ pub mod server;
 pub mod store;
 pub mod sweep;
 pub mod testing;
+pub mod tls;
 
 pub use config::Config;
 pub use error::Error;

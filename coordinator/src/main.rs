@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ptune_coordinator::embedded_pg::EmbeddedPostgres;
-use ptune_coordinator::config::RetryPolicy;
+use ptune_coordinator::config::{RetryPolicy, TlsFiles};
 use ptune_coordinator::{Config, Coordinator};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -17,6 +17,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// PostgreSQL URL; without it an embedded server runs under --data-dir.
     #[arg(long, env = "PTUNE_DATABASE_URL")]
     database_url: Option<String>,
@@ -50,6 +52,45 @@ struct Args {
     max_checkpoint_mib: u64,
     #[arg(long, env = "PTUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// PEM certificate (chain) for gRPC and HTTP over TLS; with --tls-key.
+    #[arg(long, env = "PTUNE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PTUNE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates clients must present (mutual TLS), e.g. for workers.
+    #[arg(long, env = "PTUNE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve /metrics without a token (otherwise Prometheus sends a viewer token).
+    #[arg(long, env = "PTUNE_PUBLIC_METRICS")]
+    public_metrics: bool,
+    /// Host names the dashboard answers to, besides localhost and the bound address (comma-separated).
+    #[arg(long, env = "PTUNE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// API tokens, straight in the database (to bootstrap the first admin;
+    /// afterwards admins use `ptune token ...`).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TokenCommand {
+    /// Creates a token and prints it (it is not shown again).
+    Create {
+        /// admin, submitter, viewer or worker.
+        #[arg(long)]
+        role: String,
+        /// The token's name: the identity that owns what it submits.
+        #[arg(long)]
+        name: String,
+        /// Days until it expires (0: never).
+        #[arg(long, default_value_t = 0)]
+        expires_in_days: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,6 +106,10 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.max_attempts >= 1, "--max-attempts must be at least 1");
     anyhow::ensure!(args.lease_timeout_ms > 0, "--lease-timeout-ms must be greater than 0");
 
+    if let Some(Command::Token(command)) = args.command {
+        return token_command(args.database_url, &args.data_dir, command).await;
+    }
+    let bootstrap_dir = args.database_url.is_none().then(|| args.data_dir.clone());
     let (database_url, embedded) = match args.database_url {
         Some(url) => (url, None),
         None => {
@@ -88,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
             max_interruptions: args.max_interruptions,
         },
         max_checkpoint_bytes: args.max_checkpoint_mib.max(1) << 20,
+        bootstrap_dir,
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+        public_metrics: args.public_metrics,
+        allowed_hosts: args.allowed_hosts,
     };
     let result = run(config).await;
     if let Some(pg) = embedded {
@@ -95,6 +144,41 @@ async fn main() -> anyhow::Result<()> {
         info!("embedded postgres stopped");
     }
     result
+}
+
+/// `ptune-coordinator token create`: on `--database-url`, or on the
+/// embedded cluster under the data directory (the running coordinator's,
+/// or started for the command and stopped after it).
+async fn token_command(database_url: Option<String>, data_dir: &std::path::Path, command: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Create { role, name, expires_in_days } = command;
+    let role: ptune_coordinator::auth::Role = role.parse().map_err(|e: String| anyhow::anyhow!("--role: {e}"))?;
+    ptune_coordinator::grpc::token_name(&name).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let (url, started) = match database_url {
+        Some(url) => (url, None),
+        None if EmbeddedPostgres::running(data_dir) => (EmbeddedPostgres::url_for(data_dir)?, None),
+        None => {
+            let pg = EmbeddedPostgres::start(data_dir).await?;
+            (pg.url(), Some(pg))
+        }
+    };
+    let created = async {
+        let store = ptune_coordinator::store::Store::connect(&url).await.context("connecting to the database")?;
+        store.migrate().await?;
+        let expires_at = (expires_in_days > 0).then(|| chrono::Utc::now() + chrono::Duration::days(i64::from(expires_in_days)));
+        let (record, token) = store
+            .create_token(&name, role, expires_at, "ptune-coordinator token create")
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", ptune_coordinator::Error::from(e)))?;
+        store.audit(&ptune_coordinator::auth::system(), "token.create", &record.id.to_string(), serde_json::json!({ "name": name, "role": role.as_str() })).await?;
+        store.close().await;
+        anyhow::Ok(token)
+    }
+    .await;
+    if let Some(pg) = started {
+        pg.stop().await;
+    }
+    println!("{}", created?);
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -243,11 +243,13 @@ pub struct Registered {
 }
 
 /// A lease as named by a worker: the job and the epoch (fencing token) it was
-/// leased under.
+/// leased under, and the sha256 of the lease token it presented (the proof
+/// that it holds the lease).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseRef {
     pub job_id: JobId,
     pub epoch: u64,
+    pub token_hash: [u8; 32],
 }
 
 impl fmt::Display for LeaseRef {
@@ -266,6 +268,8 @@ pub struct Lease {
     pub attempt: u32,
     /// The job's newest stored checkpoint, where the attempt resumes.
     pub checkpoint: Option<CheckpointInfo>,
+    /// Proves the lease: only the worker that took it is told.
+    pub lease_token: String,
 }
 
 /// A stored resume checkpoint of a job.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ptune_proto::v1::admin_service_server::AdminServiceServer;
 use ptune_proto::v1::job_service_server::JobServiceServer;
 use ptune_proto::v1::sweep_service_server::SweepServiceServer;
 use ptune_proto::v1::worker_service_server::WorkerServiceServer;
@@ -25,7 +26,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::dashboard::{self, Dashboard};
 use crate::events::EventHub;
-use crate::grpc::{JobApi, SweepApi, WorkerApi};
+use crate::auth::layer::AuthLayer;
+use crate::auth::Role;
+use crate::grpc::{AdminApi, JobApi, SweepApi, WorkerApi};
 use crate::jobs::Jobs;
 use crate::metrics::GrpcMetricsLayer;
 use crate::readiness::{Readiness, ReadinessLayer, State};
@@ -105,25 +108,47 @@ impl Coordinator {
             WorkerServiceServer::new(WorkerApi::new(scheduler.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sweep_service =
             SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let admin_service = AdminServiceServer::new(AdminApi::new(store.clone()));
+        let mut server = tonic::transport::Server::builder();
+        if let Some(files) = &config.tls {
+            server = server.tls_config(crate::tls::grpc(files)?).context("gRPC TLS settings")?;
+        }
         let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .layer(GrpcMetricsLayer::new(store.prometheus().clone()))
                 .layer(ReadinessLayer::new(readiness.clone()))
+                .layer(AuthLayer::new(store.clone()))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(job_service)
                 .add_service(worker_service)
                 .add_service(sweep_service)
+                .add_service(admin_service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
         );
-        let router = dashboard::router(Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone()));
-        let http = tokio::spawn(
-            axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped.clone())).into_future(),
-        );
+        let guard = dashboard::guard::GuardSettings {
+            allowed_hosts: allowed_hosts(&config, http_addr),
+            public_metrics: config.public_metrics,
+            tls: config.tls.is_some(),
+        };
+        let router =
+            dashboard::router(Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone(), guard));
+        let http = match &config.tls {
+            Some(files) => {
+                let listener = crate::tls::TlsListener::new(http_listener, crate::tls::acceptor(files)?)?;
+                tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop_signal(stopped.clone())).into_future())
+            }
+            None => tokio::spawn(
+                axum::serve(http_listener, router).with_graceful_shutdown(stop_signal(stopped.clone())).into_future(),
+            ),
+        };
         info!(addr = %grpc_addr, "grpc listening");
         info!(addr = %http_addr, "http listening");
 
         wait_for_database(&store).await;
+        if let Some(dir) = &config.bootstrap_dir {
+            bootstrap_tokens(&store, dir).await?;
+        }
         let extended = store.extend_open_leases(config.lease_timeout).await?;
         if extended > 0 {
             info!(leases = extended, "extended open leases so their workers can reconnect");
@@ -135,6 +160,49 @@ impl Coordinator {
         let monitor = tokio::spawn(monitor_database(store.clone(), readiness, health.clone(), stopped));
         Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, engine, monitor })
     }
+}
+
+/// The host names the dashboard answers to: localhost, the bound address
+/// (and the machine's name when bound to all interfaces), and the operator's.
+fn allowed_hosts(config: &Config, http: SocketAddr) -> Vec<String> {
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into(), http.ip().to_string()];
+    if http.ip().is_unspecified() {
+        if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            hosts.push(name.trim().to_string());
+        }
+    }
+    hosts.extend(config.allowed_hosts.iter().map(|h| h.trim().to_ascii_lowercase()));
+    hosts
+}
+
+/// The single-machine setup: when the database has no admin token, creates
+/// an admin token and a worker token and writes them to
+/// `<dir>/admin.token` and `<dir>/worker.token` (mode 0600), so the CLI and a
+/// local worker can authenticate without further steps.
+async fn bootstrap_tokens(store: &Store, dir: &std::path::Path) -> anyhow::Result<()> {
+    if store.has_admin_token().await? {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, role, file) in [("admin", Role::Admin, "admin.token"), ("local-worker", Role::Worker, "worker.token")] {
+        // A live token of that name without an admin (revoked admin) is left alone.
+        let Ok((record, token)) = store.create_token(name, role, None, "bootstrap").await else { continue };
+        let path = dir.join(file);
+        write_secret(&path, &token).with_context(|| format!("cannot write {}", path.display()))?;
+        store.audit(&crate::auth::system(), "token.create", &record.id.to_string(), serde_json::json!({ "name": name, "role": role.as_str() })).await?;
+        info!(token = name, role = %role, file = %path.display(), "created a token for this machine; keep the file private");
+    }
+    Ok(())
+}
+
+/// Writes a secret to a file only its owner may read.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(secret.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
 }
 
 /// Waits until the database answers and the migrations are applied,
@@ -200,6 +268,7 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
     health.set_service_status(<JobServiceServer<JobApi> as tonic::server::NamedService>::NAME, status).await;
     health.set_service_status(<WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME, status).await;
     health.set_service_status(<SweepServiceServer<SweepApi> as tonic::server::NamedService>::NAME, status).await;
+    health.set_service_status(<AdminServiceServer<AdminApi> as tonic::server::NamedService>::NAME, status).await;
 }
 
 impl CoordinatorHandle {

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 
-use crate::store::admin;
+use crate::auth::Role;
+use crate::store::{admin, Store};
 
 /// What a worker registers for all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M
 /// parameters), served under `name`.
@@ -17,6 +18,43 @@ pub fn minilm_model(name: &str) -> ptune_proto::v1::BaseModel {
         parameters: 22_713_216,
         ..Default::default()
     }
+}
+
+/// A token of `role` named `name` on the database at `database_url` (its
+/// migrations applied first).
+pub async fn create_token(database_url: &str, role: Role, name: &str) -> anyhow::Result<String> {
+    let store = Store::connect(database_url).await?;
+    store.migrate().await?;
+    let (_, token) = store.create_token(name, role, None, "test").await?;
+    store.close().await;
+    Ok(token)
+}
+
+/// One token of each role, as most tests need them.
+#[derive(Clone, Debug)]
+pub struct TestTokens {
+    pub admin: String,
+    pub submitter: String,
+    pub viewer: String,
+    pub worker: String,
+}
+
+impl TestTokens {
+    /// Creates `admin`, `submitter` (named "tester"), `viewer` and `worker` tokens.
+    pub async fn create(database_url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            admin: create_token(database_url, Role::Admin, "admin").await?,
+            submitter: create_token(database_url, Role::Submitter, "tester").await?,
+            viewer: create_token(database_url, Role::Viewer, "viewer").await?,
+            worker: create_token(database_url, Role::Worker, "worker").await?,
+        })
+    }
+}
+
+/// A lazily connected channel to `url` whose calls carry `token`.
+pub fn channel(url: &str, token: &str) -> ptune_proto::client::AuthChannel {
+    let options = ptune_proto::client::ClientOptions { token: Some(token.to_string()), ..Default::default() };
+    ptune_proto::client::channel(url, &options).expect("a valid address")
 }
 
 /// Server that test databases are created on, unless

@@ -135,6 +135,7 @@ async fn complete(env: &mut Env, lease: &v1::Lease, step: u64, metrics: Vec<v1::
         adapter_size: adapter.len() as u64,
         metrics,
         step,
+        lease_token: lease.lease_token.clone(),
         ..Default::default()
     };
     let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
@@ -169,8 +170,8 @@ async fn the_workers_api_counts_packs_and_the_models_a_worker_holds() {
     for (lease, pack_jobs) in leases.iter().zip([2.0, 2.0, 1.0]) {
         env.report(lease, 1, vec![metric(1, "train", "pack_jobs", pack_jobs)]).await.unwrap();
     }
-    let http = env.coordinator.as_ref().unwrap().http_addr;
-    let workers = get(http, "/api/workers").await.json();
+    let http = Http::viewer(&env);
+    let workers = get(&http, "/api/workers").await.json();
     let w = &workers["workers"][0];
     assert_eq!((w["packs_running"].clone(), w["packed_jobs"].clone()), (json!(1), json!(2)), "{w}");
     assert_eq!(w["loaded_models"], json!([common::MODEL]));
@@ -182,83 +183,83 @@ async fn the_workers_api_counts_packs_and_the_models_a_worker_holds() {
 async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     let mut env = common::start(Duration::from_secs(60)).await;
     let s = seed(&mut env).await;
-    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let http = Http::viewer(&env);
 
-    let all = get(http, "/api/jobs").await.json();
+    let all = get(&http, "/api/jobs").await.json();
     assert_eq!(all["total"], 7, "three jobs and four trials");
     let names: Vec<&str> = all["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
     assert_eq!(names.first(), Some(&"waiting"), "newest first");
 
-    let by_name = get(http, "/api/jobs?sort=name&order=asc&limit=3").await.json();
+    let by_name = get(&http, "/api/jobs?sort=name&order=asc&limit=3").await.json();
     let names: Vec<&str> = by_name["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["finished", "grid-t0", "grid-t1"]);
-    let next = get(http, "/api/jobs?sort=name&order=asc&limit=3&offset=3").await.json();
+    let next = get(&http, "/api/jobs?sort=name&order=asc&limit=3&offset=3").await.json();
     let names: Vec<&str> = next["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["grid-t2", "grid-t3", "loss-curve"]);
 
-    let running = get(http, "/api/jobs?state=running").await.json();
+    let running = get(&http, "/api/jobs?state=running").await.json();
     assert_eq!(running["total"], 1);
     assert_eq!(running["jobs"][0]["id"], s.training_id.as_str());
     assert_eq!(running["jobs"][0]["loss"], 0.4321, "latest training loss");
-    let trials = get(http, &format!("/api/jobs?sweep={}&sort=sweep&order=asc", s.sweep_id)).await.json();
+    let trials = get(&http, &format!("/api/jobs?sweep={}&sort=sweep&order=asc", s.sweep_id)).await.json();
     let indexes: Vec<i64> =
         trials["jobs"].as_array().unwrap().iter().map(|j| j["trial_index"].as_i64().unwrap()).collect();
     assert_eq!(indexes, [0, 1, 2, 3]);
-    assert_eq!(get(http, "/api/jobs?owner=bob").await.json()["jobs"][0]["id"], s.finished_id.as_str());
+    assert_eq!(get(&http, "/api/jobs?owner=bob").await.json()["jobs"][0]["id"], s.finished_id.as_str());
 
-    let bad = get(http, "/api/jobs?sort=colour").await;
+    let bad = get(&http, "/api/jobs?sort=colour").await;
     assert_eq!(bad.status, 400);
     assert!(bad.json()["error"].as_str().unwrap().starts_with("sort: must be one of created"), "{:?}", bad.json());
-    assert_eq!(get(http, "/api/jobs?state=sleeping").await.status, 400);
-    assert_eq!(get(http, "/api/jobs?limit=100000").await.status, 400);
-    assert_eq!(get(http, "/api/jobs/00000000-0000-4000-8000-000000000000").await.status, 404);
+    assert_eq!(get(&http, "/api/jobs?state=sleeping").await.status, 400);
+    assert_eq!(get(&http, "/api/jobs?limit=100000").await.status, 400);
+    assert_eq!(get(&http, "/api/jobs/00000000-0000-4000-8000-000000000000").await.status, 404);
 
-    let job = get(http, &format!("/api/jobs/{}", s.training_id)).await.json();
+    let job = get(&http, &format!("/api/jobs/{}", s.training_id)).await.json();
     assert_eq!(job["state"], "running");
     assert_eq!(job["attempt_history"][0]["hostname"], "test-host");
     assert_eq!(job["attempt_history"][0]["worker_id"], s.worker.as_str());
     assert_eq!(job["spec"]["name"], "loss-curve");
-    let curves = get(http, &format!("/api/jobs/{}/metrics", s.training_id)).await.json();
+    let curves = get(&http, &format!("/api/jobs/{}/metrics", s.training_id)).await.json();
     let loss =
         curves["series"].as_array().unwrap().iter().find(|c| c["kind"] == "train" && c["name"] == "loss").unwrap();
     let expected: Vec<Value> = LOSSES.iter().enumerate().map(|(i, l)| json!([i + 1, l])).collect();
     assert_eq!(loss["points"].as_array().unwrap(), &expected);
-    let tail = get(http, &format!("/api/jobs/{}/metrics?after_step=4", s.training_id)).await.json();
+    let tail = get(&http, &format!("/api/jobs/{}/metrics?after_step=4", s.training_id)).await.json();
     let loss = tail["series"].as_array().unwrap().iter().find(|c| c["name"] == "loss").unwrap();
     assert_eq!(loss["points"], json!([[5, 0.4321]]), "only the points after the step asked for");
 
-    let download = get(http, &format!("/api/jobs/{}/adapter", s.finished_id)).await;
+    let download = get(&http, &format!("/api/jobs/{}/adapter", s.finished_id)).await;
     assert_eq!(download.status, 200);
     assert_eq!(download.header("content-type"), Some("application/x-tar"));
     assert_eq!(download.header("content-length"), Some(s.adapter.len().to_string().as_str()));
     assert!(download.header("content-disposition").unwrap().contains(&format!("ptune-adapter-{}.tar", s.finished_id)));
     assert!(download.body == s.adapter, "the download is the uploaded archive, byte for byte");
-    let none = get(http, &format!("/api/jobs/{}/adapter", s.queued_id)).await;
+    let none = get(&http, &format!("/api/jobs/{}/adapter", s.queued_id)).await;
     assert_eq!(none.status, 404);
     assert!(none.json()["error"].as_str().unwrap().contains("has no adapter (it is queued)"));
 
-    let sweep = get(http, &format!("/api/sweeps/{}", s.sweep_id)).await.json();
+    let sweep = get(&http, &format!("/api/sweeps/{}", s.sweep_id)).await.json();
     assert_eq!(sweep["state"], "completed");
     let board = sweep["leaderboard"].as_array().unwrap();
     let objectives: Vec<f64> = board.iter().map(|t| t["objective"].as_f64().unwrap()).collect();
     assert_eq!(objectives, [0.9375, 0.75, 0.6875, 0.5625], "best first");
     assert_eq!(sweep["best_trial"], board[0]["index"]);
     assert_eq!(board[0]["params"], json!({ "peft.num_virtual_tokens": 20, "training.learning_rate": 0.03 }));
-    let curves = get(http, &format!("/api/sweeps/{}/curves", s.sweep_id)).await.json();
+    let curves = get(&http, &format!("/api/sweeps/{}/curves", s.sweep_id)).await.json();
     assert_eq!(curves["metric"], "accuracy");
     assert_eq!(curves["trials"].as_array().unwrap().len(), 4);
     assert_eq!(curves["trials"][0]["points"].as_array().unwrap().len(), 2, "evaluated at steps 2 and 4");
-    let list = get(http, "/api/sweeps").await.json();
+    let list = get(&http, "/api/sweeps").await.json();
     assert_eq!(list["sweeps"][0]["best"]["objective"], 0.9375);
 
     touch(&mut env, &s).await;
-    let overview = get(http, "/api/overview").await.json();
+    let overview = get(&http, "/api/overview").await.json();
     assert_eq!(overview["jobs"], json!({ "queued": 1, "running": 1, "succeeded": 5, "failed": 0, "cancelled": 0 }));
     assert_eq!(overview["queue"]["depth"], 1);
     assert_eq!(overview["queue"]["recent"]["leases"], 6);
     assert_eq!(overview["workers"], json!({ "online": 1, "slots": 2, "slots_busy": 1 }));
     assert_eq!(overview["examples_per_second"], 250.0);
-    let workers = get(http, "/api/workers").await.json();
+    let workers = get(&http, "/api/workers").await.json();
     assert_eq!(workers["workers"][0]["hostname"], "test-host");
     assert_eq!(workers["workers"][0]["slots_busy"], 1);
     assert_eq!(workers["workers"][0]["running_jobs"], json!([s.training_id]));
@@ -267,7 +268,7 @@ async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     assert_eq!(workers["workers"][0]["packed_jobs"], 0);
 
     // Live: an open event stream hears about a job submitted after it opened.
-    let mut events = EventStream::open(http).await;
+    let mut events = EventStream::open(&http).await;
     events.wait_for("event: hello").await;
     let spec = env.spec("late").await;
     let late = env.submit(spec).await;
@@ -284,10 +285,16 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     let browser = chromium();
     let mut env = common::start(Duration::from_secs(60)).await;
     let s = seed(&mut env).await;
-    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let http = Http::viewer(&env);
     let artifacts = artifacts_dir();
+    let profile = tempfile::tempdir().unwrap();
+    // Logging in sets the session cookie in the browser's profile.
+    let login = format!("http://{}/login?token={}", http.addr, http.token);
+    let landed = run_chromium(&browser, profile.path(), &["--dump-dom".into(), login]).await;
+    assert!(landed.contains("data-nav=\"overview\""), "the login did not lead to the dashboard:\n{landed}");
+    let http = (http, profile.path());
 
-    let jobs = page(&browser, http, "#/jobs", "jobs", &artifacts, "jobs").await;
+    let jobs = page(&browser, &http, "#/jobs", "jobs", &artifacts, "jobs").await;
     assert!(jobs.contains("data-total=\"7\""), "{jobs}");
     for name in ["loss-curve", "finished", "waiting", "grid-t0", "grid-t3"] {
         assert!(jobs.contains(&format!(">{name}</a>")), "{name} missing from the jobs table:\n{jobs}");
@@ -295,16 +302,16 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     assert!(jobs.contains(">0.4321<"), "the training job's latest loss:\n{jobs}");
     assert!(jobs.contains("1–7 of 7"), "{jobs}");
 
-    let job = page(&browser, http, &format!("#/jobs/{}", s.training_id), "job", &artifacts, "job-training").await;
+    let job = page(&browser, &http, &format!("#/jobs/{}", s.training_id), "job", &artifacts, "job-training").await;
     assert!(job.contains("train loss: 5 points, last 0.4321 at step 5"), "the loss curve:\n{job}");
     assert!(job.contains("eval accuracy: 1 points, last 0.8125 at step 5"), "the eval curve:\n{job}");
     assert!(job.contains("data-points=\"5\""), "{job}");
     assert!(job.contains("test-host · "), "the attempt's worker:\n{job}");
 
-    let finished = page(&browser, http, &format!("#/jobs/{}", s.finished_id), "job", &artifacts, "job-finished").await;
+    let finished = page(&browser, &http, &format!("#/jobs/{}", s.finished_id), "job", &artifacts, "job-finished").await;
     assert!(finished.contains(&format!("href=\"/api/jobs/{}/adapter\"", s.finished_id)), "{finished}");
 
-    let sweep = page(&browser, http, &format!("#/sweeps/{}", s.sweep_id), "sweep", &artifacts, "sweep").await;
+    let sweep = page(&browser, &http, &format!("#/sweeps/{}", s.sweep_id), "sweep", &artifacts, "sweep").await;
     let heatmap = section(&sweep, "id=\"heatmap-table\"", "</table>");
     for (_, _, accuracy) in GRID {
         assert!(
@@ -319,13 +326,13 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     assert!(section(&sweep, "<tr class=\"best\"", "</tr>").contains(">0.9375<"), "the best row is highlighted");
 
     touch(&mut env, &s).await;
-    let overview = page(&browser, http, "#/", "overview", &artifacts, "overview").await;
+    let overview = page(&browser, &http, "#/", "overview", &artifacts, "overview").await;
     assert!(section(&overview, "id=\"card-queue\"", "</div></div>").contains("class=\"value\">1<"), "{overview}");
     assert!(section(&overview, "id=\"card-rate\"", "</div></div>").contains("class=\"value\">250<"), "{overview}");
     assert!(section(&overview, "id=\"card-slots\"", "</div></div>").contains("class=\"value\">1 / 2<"), "{overview}");
 
     touch(&mut env, &s).await;
-    let workers = page(&browser, http, "#/workers", "workers", &artifacts, "workers").await;
+    let workers = page(&browser, &http, "#/workers", "workers", &artifacts, "workers").await;
     let row = section(&workers, &format!("data-worker=\"{}\"", s.worker), "</tr>");
     assert!(row.contains(">test-host<") && row.contains(">1 / 2<") && row.contains(">250<"), "{row}");
     assert!(row.contains("latest pack_jobs metric)\">0</td>"), "packs running:\n{row}");
@@ -335,26 +342,27 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
 
 /// Loads a page in headless Chromium, saves a screenshot, and returns the
 /// DOM once the page says it has loaded `view`.
-async fn page(browser: &Path, http: SocketAddr, hash: &str, view: &str, artifacts: &Path, label: &str) -> String {
-    let url = format!("http://{http}/{hash}");
+async fn page(browser: &Path, http: &(Http, &Path), hash: &str, view: &str, artifacts: &Path, label: &str) -> String {
+    let (http, profile) = http;
+    let url = format!("http://{}/{hash}", http.addr);
     let shot = artifacts.join(format!("dashboard-{label}.png"));
-    run_chromium(browser, &[format!("--screenshot={}", shot.display()), "--window-size=1400,1200".into(), url.clone()])
-        .await;
+    let args = [format!("--screenshot={}", shot.display()), "--window-size=1400,1200".into(), url.clone()];
+    run_chromium(browser, profile, &args).await;
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot of {url}");
-    let dom = run_chromium(browser, &["--dump-dom".into(), url.clone()]).await;
+    let dom = run_chromium(browser, profile, &["--dump-dom".into(), url.clone()]).await;
     assert!(dom.contains(&format!("data-ready=\"{view}\"")), "{url} did not finish loading:\n{dom}");
     assert!(!dom.contains("id=\"error-box\""), "{url} shows an error:\n{dom}");
     assert!(!dom.contains("[object ") && !dom.contains(">null<") && !dom.contains(">undefined<"), "{url}:\n{dom}");
     dom
 }
 
-async fn run_chromium(browser: &Path, args: &[String]) -> String {
-    let profile = tempfile::tempdir().unwrap();
+/// Runs headless Chromium on `profile` (which keeps its cookies between runs).
+async fn run_chromium(browser: &Path, profile: &Path, args: &[String]) -> String {
     let output = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::process::Command::new(browser)
             .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("--user-data-dir={}", profile.display()))
             // Virtual time: the snapshot is taken once the page's fetches are done and 1.5
             // virtual seconds of timers have run (the page opens its event stream after 2).
             .args(["--run-all-compositor-stages-before-draw", "--virtual-time-budget=1500"])
@@ -422,9 +430,26 @@ impl Response {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> Response {
+/// The coordinator's HTTP address and the token requests carry.
+struct Http {
+    addr: SocketAddr,
+    token: String,
+}
+
+impl Http {
+    /// With the viewer token: what an ops dashboard reads with.
+    fn viewer(env: &Env) -> Self {
+        Self { addr: env.coordinator.as_ref().unwrap().http_addr, token: env.tokens.viewer.clone() }
+    }
+}
+
+async fn get(http: &Http, path: &str) -> Response {
+    let addr = http.addr;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        http.token
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
@@ -461,9 +486,13 @@ struct EventStream {
 }
 
 impl EventStream {
-    async fn open(addr: SocketAddr) -> Self {
+    async fn open(http: &Http) -> Self {
+        let addr = http.addr;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        let request = format!(
+            "GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+            http.token
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         Self { stream, seen: String::new() }
     }

@@ -165,12 +165,17 @@ async fn datasets_are_stored_once_per_content_and_served_back_to_workers() {
     assert_eq!(rows, 2);
     pool.close().await;
 
-    let mut stream = env
-        .workers
-        .download_dataset(v1::DownloadDatasetRequest { reference: first.reference.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    // A worker downloads the datasets of a job it holds the lease of, and no others.
+    let job = env.submit(common::spec("uses-data", &first.reference, &other.reference)).await;
+    let worker = env.register().await;
+    let lease = env.lease(&worker).await.expect("the job is leased");
+    let request = |reference: &str, token: &str| v1::DownloadDatasetRequest {
+        reference: reference.to_string(),
+        job_id: job.id.clone(),
+        epoch: lease.epoch,
+        lease_token: token.to_string(),
+    };
+    let mut stream = env.workers.download_dataset(request(&first.reference, &lease.lease_token)).await.unwrap().into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.message().await.unwrap() {
         bytes.extend(chunk.data);
@@ -178,8 +183,11 @@ async fn datasets_are_stored_once_per_content_and_served_back_to_workers() {
     assert_eq!(bytes, TRAIN.as_bytes());
 
     let unknown = format!("sha256:{}", "1".repeat(64));
-    let err = env.workers.download_dataset(v1::DownloadDatasetRequest { reference: unknown }).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let err = env.workers.download_dataset(request(&unknown, &lease.lease_token)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("is not one of job"), "{}", err.message());
+    let err = env.workers.download_dataset(request(&first.reference, "plt_guessed")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "without the lease token: {err:?}");
     let empty = env.jobs.upload_dataset(futures::stream::iter(Vec::<v1::DatasetChunk>::new())).await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
     env.stop().await;
@@ -210,11 +218,7 @@ async fn health_reflection_and_prometheus_metrics_are_served() {
     env.register().await;
     let coordinator = env.coordinator.as_ref().unwrap();
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", coordinator.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = ptune_coordinator::testing::channel(&format!("http://{}", coordinator.grpc_addr), &env.tokens.viewer);
     let mut reflection = ServerReflectionClient::new(channel.clone());
     let list = ServerReflectionRequest {
         host: String::new(),
@@ -236,10 +240,10 @@ async fn health_reflection_and_prometheus_metrics_are_served() {
         assert_eq!(reply.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
     }
 
-    let healthz = http_get(coordinator.http_addr, "/healthz").await;
+    let healthz = http_get(coordinator.http_addr, "/healthz", None).await;
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     assert!(healthz.ends_with("ok"), "{healthz}");
-    let metrics = http_get(coordinator.http_addr, "/metrics").await;
+    let metrics = http_get(coordinator.http_addr, "/metrics", Some(&env.tokens.viewer)).await;
     assert!(metrics.contains("ptune_jobs{state=\"queued\"} 1\n"), "{metrics}");
     assert!(metrics.contains("ptune_jobs{state=\"running\"} 0\n"), "{metrics}");
     assert!(metrics.contains("ptune_workers_online 1\n"), "{metrics}");

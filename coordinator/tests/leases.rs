@@ -94,6 +94,7 @@ async fn a_leased_job_reports_progress_completes_and_its_adapter_downloads_intac
         epoch: lease2.epoch,
         adapter_sha256: sha256(&adapter),
         adapter_size: wrong.len() as u64,
+        lease_token: lease2.lease_token.clone(),
         ..Default::default()
     };
     header.step = 1;
@@ -157,7 +158,7 @@ async fn a_stale_lease_is_fenced_off_after_the_job_was_leased_again() {
     let err = env.fail(&old, "late failure", false, true).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let beat = env.heartbeat(&slow, &[&old]).await;
-    assert_eq!(beat.stop, [v1::LeaseRef { job_id: old.job_id.clone(), epoch: 1 }], "the stale worker is told to stop");
+    assert_eq!(beat.stop, [v1::LeaseRef { job_id: old.job_id.clone(), epoch: 1, ..Default::default() }], "the stale worker is told to stop");
 
     assert!(!env.report(&new, 3, vec![metric(3, "train", "loss", 0.5)]).await.unwrap());
     let current = env.get(&job.id).await;
@@ -259,7 +260,7 @@ async fn a_running_job_is_cancelled_through_its_worker() {
     let requested = env.jobs.cancel_job(v1::CancelJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
     assert_eq!((state(&requested), requested.cancel_requested), (v1::JobState::Running, true));
     let beat = env.heartbeat(&worker, &[&lease]).await;
-    assert_eq!(beat.stop, [v1::LeaseRef { job_id: job.id.clone(), epoch: lease.epoch }]);
+    assert_eq!(beat.stop, [v1::LeaseRef { job_id: job.id.clone(), epoch: lease.epoch, ..Default::default() }]);
     assert!(env.report(&lease, 2, vec![]).await.unwrap(), "progress reports say stop too");
 
     env.fail(&lease, "cancelled", true, false).await.unwrap();

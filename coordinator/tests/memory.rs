@@ -107,6 +107,7 @@ async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_k
         metrics: vec![metric(10, "eval", "accuracy", 0.9)],
         step: 10,
         peak_rss_bytes: 321 * MIB,
+        lease_token: first.lease_token.clone(),
     };
     let parts = vec![
         v1::CompleteJobChunk { part: Some(Part::Header(header)) },

@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test]
 async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
     let mut env = common::start(Duration::from_secs(2)).await;
-    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let http = (env.coordinator.as_ref().unwrap().http_addr, env.tokens.viewer.clone());
 
-    let before = scrape(http).await;
+    let before = scrape(&http).await;
     assert_eq!(before.value("ptune_jobs", &[("state", "queued")]), Some(0.0));
     assert_eq!(before.value("ptune_leases_expired_total", &[]), Some(0.0));
     assert_eq!(before.kind("ptune_queue_wait_seconds"), Some("histogram"));
@@ -30,7 +30,7 @@ async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
     let missing = env.jobs.get_job(v1::GetJobRequest { job_id: "00000000-0000-4000-8000-000000000000".into() }).await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
 
-    let submitted = scrape(http).await;
+    let submitted = scrape(&http).await;
     assert_eq!(submitted.kind("ptune_grpc_requests"), Some("counter"));
     assert_eq!(submitted.kind("ptune_grpc_request_duration_seconds"), Some("histogram"));
     let submit_ok = [("service", "ptune.v1.JobService"), ("method", "SubmitJob"), ("code", "OK")];
@@ -48,7 +48,7 @@ async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
     assert!(!env.report(&lease, 1, vec![metric(1, "train", "loss", 0.69), rate]).await.unwrap());
     env.heartbeat(&worker, &[&lease]).await;
 
-    let leased = scrape(http).await;
+    let leased = scrape(&http).await;
     assert_eq!(leased.kind("ptune_lease_duration_seconds"), Some("histogram"));
     assert_eq!(leased.value("ptune_jobs", &[("state", "queued")]), Some(1.0));
     assert_eq!(leased.value("ptune_jobs", &[("state", "running")]), Some(1.0));
@@ -68,7 +68,7 @@ async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
     // show the job running; the next one shows it queued.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let now = scrape(http).await;
+        let now = scrape(&http).await;
         let requeued = now.value("ptune_jobs", &[("state", "queued")]) == Some(2.0)
             && now.value("ptune_slots_busy", &[]) == Some(0.0);
         if now.value("ptune_leases_expired_total", &[]) == Some(1.0) && requeued {
@@ -88,9 +88,12 @@ async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
 
 // ------------------------------------------------------------------ scraping
 
-async fn scrape(addr: SocketAddr) -> Exposition {
+/// Scrapes `/metrics` at `http` with its token, as Prometheus does.
+async fn scrape(http: &(SocketAddr, String)) -> Exposition {
+    let (addr, token) = http;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();

@@ -27,7 +27,12 @@ async fn lease_when_due(env: &mut common::Env, worker: &str, within: Duration) -
 }
 
 async fn release(env: &mut common::Env, lease: &v1::Lease, reason: &str) -> Result<(), tonic::Status> {
-    let request = v1::ReleaseJobRequest { job_id: lease.job_id.clone(), epoch: lease.epoch, reason: reason.into() };
+    let request = v1::ReleaseJobRequest {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        reason: reason.into(),
+        lease_token: lease.lease_token.clone(),
+    };
     env.workers.release_job(request).await.map(|_| ())
 }
 
@@ -96,6 +101,7 @@ async fn interruptions_and_releases_queue_the_job_at_once_without_using_up_its_a
     let disk_full = v1::FailJobRequest {
         job_id: second.job_id.clone(),
         epoch: second.epoch,
+        lease_token: second.lease_token.clone(),
         error: "checkpoint: No space left on device (os error 28)".into(),
         retryable: true,
         infrastructure: true,
@@ -121,6 +127,7 @@ fn checkpoint_upload(lease: &v1::Lease, step: u64, archive: &[u8]) -> Vec<v1::Ch
         step,
         sha256: sha256(archive),
         size: archive.len() as u64,
+        lease_token: lease.lease_token.clone(),
     };
     let mut parts = vec![v1::CheckpointChunk { part: Some(Part::Header(header)) }];
     parts.extend(archive.chunks(256 << 10).map(|c| v1::CheckpointChunk { part: Some(Part::Data(c.to_vec())) }));
@@ -133,7 +140,11 @@ async fn upload(env: &mut common::Env, parts: Vec<v1::CheckpointChunk>) -> Resul
 
 async fn download(env: &mut common::Env, lease: &v1::Lease) -> Result<(v1::CheckpointHeader, Vec<u8>), tonic::Status> {
     use futures::StreamExt;
-    let request = v1::DownloadCheckpointRequest { job_id: lease.job_id.clone(), epoch: lease.epoch };
+    let request = v1::DownloadCheckpointRequest {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        lease_token: lease.lease_token.clone(),
+    };
     let mut stream = env.workers.download_checkpoint(request).await?.into_inner();
     let (mut header, mut bytes) = (None, Vec::new());
     while let Some(chunk) = stream.next().await {
@@ -201,7 +212,7 @@ async fn a_worker_that_reports_itself_unhealthy_is_listed_with_its_reason_and_co
     assert!(listed[0].online);
 
     let http = env.coordinator.as_ref().unwrap().http_addr;
-    let metrics = common::http_get(http, "/metrics").await;
+    let metrics = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
     assert!(metrics.contains("ptune_workers_unhealthy 1"), "{metrics}");
 
     let healthy = v1::HeartbeatRequest { worker_id: worker.clone(), ..Default::default() };

@@ -16,7 +16,7 @@ use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
 use serde_json::{json, Value};
 use sqlx::PgPool;
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 use tonic::{Code, Status};
 
 // ---------------------------------------------------------------- helpers
@@ -50,7 +50,7 @@ async fn create(env: &mut Env, definition: &Value) -> Result<v1::Sweep, Status> 
     env.sweeps.create_sweep(request).await.map(|r| r.into_inner())
 }
 
-async fn get_sweep(client: &mut SweepServiceClient<Channel>, id: &str) -> Result<v1::Sweep, Status> {
+async fn get_sweep(client: &mut SweepServiceClient<AuthChannel>, id: &str) -> Result<v1::Sweep, Status> {
     client.get_sweep(v1::GetSweepRequest { sweep_id: id.to_string() }).await.map(|r| r.into_inner())
 }
 
@@ -162,8 +162,8 @@ enum Ended {
 /// A worker that speaks the real WorkerService but trains nothing.
 #[derive(Clone)]
 struct FakeWorker {
-    client: WorkerServiceClient<Channel>,
-    sweeps: SweepServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
+    sweeps: SweepServiceClient<AuthChannel>,
     id: String,
     db: PgPool,
     /// Steps at which it waits for the sweep's decision before going on (ASHA rungs).
@@ -254,7 +254,7 @@ impl FakeWorker {
             }
             if evaluated && self.rungs.contains(&step) && self.decision(&lease.job_id, step).await == "stop" {
                 let beat = self.heartbeat(lease).await;
-                let this = v1::LeaseRef { job_id: lease.job_id.clone(), epoch: lease.epoch };
+                let this = v1::LeaseRef { job_id: lease.job_id.clone(), epoch: lease.epoch, ..Default::default() };
                 assert_eq!((beat.early_stop, beat.stop), (vec![this], vec![]), "heartbeats name early stops apart");
                 let reply = self.report(lease, step, max, Vec::new()).await;
                 assert!(reply.stop);
@@ -298,7 +298,14 @@ impl FakeWorker {
 
     async fn report(&self, lease: &v1::Lease, step: u64, total: u64, metrics: Vec<v1::Metric>) -> v1::ReportProgressResponse {
         let request =
-            v1::ReportProgressRequest { job_id: lease.job_id.clone(), epoch: lease.epoch, step, total_steps: total, metrics };
+            v1::ReportProgressRequest {
+                job_id: lease.job_id.clone(),
+                epoch: lease.epoch,
+                step,
+                total_steps: total,
+                metrics,
+                lease_token: lease.lease_token.clone(),
+            };
         let client = self.client.clone();
         retry(|| {
             let (mut client, request) = (client.clone(), request.clone());
@@ -311,7 +318,11 @@ impl FakeWorker {
     async fn heartbeat(&self, lease: &v1::Lease) -> v1::HeartbeatResponse {
         let request = v1::HeartbeatRequest {
             worker_id: self.id.clone(),
-            leases: vec![v1::LeaseRef { job_id: lease.job_id.clone(), epoch: lease.epoch }],
+            leases: vec![v1::LeaseRef {
+                job_id: lease.job_id.clone(),
+                epoch: lease.epoch,
+                lease_token: lease.lease_token.clone(),
+            }],
             ..Default::default()
         };
         let client = self.client.clone();
@@ -332,6 +343,7 @@ impl FakeWorker {
             adapter_size: adapter.len() as u64,
             metrics: vec![metric(step, "eval", "accuracy", accuracy)],
             step,
+            lease_token: lease.lease_token.clone(),
             ..Default::default()
         };
         let client = self.client.clone();
@@ -355,6 +367,7 @@ impl FakeWorker {
             cancelled,
             retryable: false,
             infrastructure: false,
+            lease_token: lease.lease_token.clone(),
         };
         let client = self.client.clone();
         retry(|| {

@@ -41,6 +41,23 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     rename(&partial, path)
 }
 
+/// Like [`write`], for a file only the worker's user may read (it holds a secret).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::faults::check_write()?;
+    let partial = partial_name(path);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    rename(&partial, path)
+}
+
 /// Renames `from` to `to` and flushes the folder of `to` (and of `from`
 /// when it is another folder).
 pub fn rename(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -52,6 +52,21 @@ struct Args {
     /// a job's training.stall_timeout_seconds wins).
     #[arg(long, env = "PTUNE_STALL_TIMEOUT", default_value_t = 0)]
     stall_timeout: u64,
+    /// The worker's token (role worker). Prefer PTUNE_TOKEN or --token-file: a flag shows in `ps`.
+    #[arg(long, env = "PTUNE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the worker's token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "PTUNE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM of the CA that signed the coordinator's certificate, for https:// coordinators.
+    #[arg(long, env = "PTUNE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate for a coordinator that requires one (mTLS); with --tls-key.
+    #[arg(long, env = "PTUNE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, env = "PTUNE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "PTUNE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -164,6 +179,20 @@ fn main() -> anyhow::Result<()> {
                 },
                 drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
                 stall_timeout: (args.stall_timeout > 0).then(|| std::time::Duration::from_secs(args.stall_timeout)),
+                client: ptune_proto::client::ClientOptions {
+                    token: match (args.token, &args.token_file) {
+                        (Some(token), _) => Some(token),
+                        (None, Some(file)) => Some(
+                            std::fs::read_to_string(file)
+                                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                                .trim()
+                                .to_string(),
+                        ),
+                        (None, None) => None,
+                    },
+                    ca_cert: args.ca_cert,
+                    client_cert: args.tls_cert.zip(args.tls_key),
+                },
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {

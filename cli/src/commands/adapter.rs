@@ -7,7 +7,7 @@ use clap::Subcommand;
 use futures::StreamExt;
 use ptune_proto::v1::{job_service_client::JobServiceClient, DownloadAdapterRequest};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 use super::status_error;
 use crate::output;
@@ -24,7 +24,7 @@ pub enum AdapterCommand {
     },
 }
 
-pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: AdapterCommand) -> anyhow::Result<i32> {
+pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd: AdapterCommand) -> anyhow::Result<i32> {
     let AdapterCommand::Get { id, out } = cmd;
     let saved = download(&mut client, &id, &out).await?;
     match format {
@@ -45,7 +45,7 @@ pub(crate) struct Saved {
 }
 
 /// Downloads a succeeded job's adapter, checks its sha256 and unpacks it into `out`.
-pub(crate) async fn download(client: &mut JobServiceClient<Channel>, id: &str, out: &Path) -> anyhow::Result<Saved> {
+pub(crate) async fn download(client: &mut JobServiceClient<AuthChannel>, id: &str, out: &Path) -> anyhow::Result<Saved> {
     let mut stream = client
         .download_adapter(DownloadAdapterRequest { job_id: id.to_string() })
         .await

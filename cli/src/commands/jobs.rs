@@ -11,7 +11,7 @@ use ptune_proto::v1::{
     self, job_event::Event, job_service_client::JobServiceClient, CancelJobRequest, GetJobRequest,
     GetMetricsRequest, ListJobsRequest, WatchJobRequest,
 };
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 use super::status_error;
 use crate::output;
@@ -71,7 +71,7 @@ pub enum JobsCommand {
     },
 }
 
-pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: JobsCommand) -> anyhow::Result<i32> {
+pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd: JobsCommand) -> anyhow::Result<i32> {
     match cmd {
         JobsCommand::List { states, model, method, name, owner, sweep, limit, page_token } => {
             let request = ListJobsRequest {
@@ -140,7 +140,7 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: Job
     }
 }
 
-async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> anyhow::Result<v1::Job> {
+async fn get(client: &mut JobServiceClient<AuthChannel>, id: &str) -> anyhow::Result<v1::Job> {
     Ok(client.get_job(GetJobRequest { job_id: id.to_string() }).await.map_err(status_error)?.into_inner())
 }
 
@@ -225,7 +225,7 @@ fn print_job(job: &v1::Job) {
 /// Streams a job's events until it finishes, retrying the stream if the
 /// coordinator restarts, and returns its final snapshot.
 async fn stream_until_done(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobServiceClient<AuthChannel>,
     id: &str,
     mut on_event: impl FnMut(&Event),
 ) -> anyhow::Result<v1::Job> {
@@ -263,12 +263,12 @@ async fn stream_until_done(
     }
 }
 
-async fn wait(client: &mut JobServiceClient<Channel>, id: &str) -> anyhow::Result<v1::Job> {
+async fn wait(client: &mut JobServiceClient<AuthChannel>, id: &str) -> anyhow::Result<v1::Job> {
     stream_until_done(client, id, |_| {}).await
 }
 
 /// `jobs watch`: a live progress bar (text) or one JSON event per line.
-pub async fn follow(client: &mut JobServiceClient<Channel>, format: Format, id: &str) -> anyhow::Result<i32> {
+pub async fn follow(client: &mut JobServiceClient<AuthChannel>, format: Format, id: &str) -> anyhow::Result<i32> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")

@@ -1,4 +1,5 @@
 pub mod adapter;
+pub mod admin;
 pub mod jobs;
 pub mod submit;
 pub mod sweep;
@@ -16,6 +17,8 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::Unavailable => "coordinator unavailable",
         tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "permission denied",
         _ => "error",
     }
 }

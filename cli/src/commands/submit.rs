@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context};
 use ptune_core::JobSpec;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient, DatasetChunk, SubmitJobRequest};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 use super::{jobs, status_error};
 use crate::output;
@@ -15,7 +15,7 @@ use crate::Format;
 
 const CHUNK: usize = 1 << 20;
 
-pub async fn run(mut client: JobServiceClient<Channel>, format: Format, file: &Path, watch: bool) -> anyhow::Result<i32> {
+pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, file: &Path, watch: bool) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read job spec {}", file.display()))?;
     let mut spec = JobSpec::from_toml(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
@@ -46,7 +46,7 @@ pub async fn run(mut client: JobServiceClient<Channel>, format: Format, file: &P
 /// Uploads a local dataset named in the spec and returns its `sha256:` reference.
 /// A value that is already a reference is kept as it is.
 pub(crate) async fn upload_referenced(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobServiceClient<AuthChannel>,
     format: Format,
     base: &Path,
     field: &str,

@@ -11,7 +11,7 @@ use ptune_core::sweep::{SweepDefinition, SweepState};
 use ptune_proto::convert::sweep_state_from_wire;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient, sweep_service_client::SweepServiceClient};
 use serde_json::Value;
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 use super::adapter;
 use super::status_error;
@@ -99,8 +99,8 @@ pub enum ExportFormat {
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(
-    mut sweeps: SweepServiceClient<Channel>,
-    mut jobs: JobServiceClient<Channel>,
+    mut sweeps: SweepServiceClient<AuthChannel>,
+    mut jobs: JobServiceClient<AuthChannel>,
     format: Format,
     cmd: SweepCommand,
 ) -> anyhow::Result<i32> {
@@ -207,15 +207,15 @@ pub async fn run(
     }
 }
 
-async fn get(client: &mut SweepServiceClient<Channel>, id: &str) -> anyhow::Result<v1::Sweep> {
+async fn get(client: &mut SweepServiceClient<AuthChannel>, id: &str) -> anyhow::Result<v1::Sweep> {
     let request = v1::GetSweepRequest { sweep_id: id.to_string() };
     Ok(client.get_sweep(request).await.map_err(status_error)?.into_inner())
 }
 
 /// Reads the TOML definition, checks it, uploads the datasets it names and creates the sweep.
 async fn create(
-    sweeps: &mut SweepServiceClient<Channel>,
-    jobs: &mut JobServiceClient<Channel>,
+    sweeps: &mut SweepServiceClient<AuthChannel>,
+    jobs: &mut JobServiceClient<AuthChannel>,
     format: Format,
     file: &Path,
 ) -> anyhow::Result<i32> {
@@ -267,8 +267,8 @@ async fn create(
 }
 
 async fn best(
-    sweeps: &mut SweepServiceClient<Channel>,
-    jobs: &mut JobServiceClient<Channel>,
+    sweeps: &mut SweepServiceClient<AuthChannel>,
+    jobs: &mut JobServiceClient<AuthChannel>,
     format: Format,
     id: &str,
     download: Option<PathBuf>,
@@ -320,7 +320,7 @@ async fn best(
 }
 
 /// Polls the sweep until it finishes; rides out coordinator restarts.
-async fn wait(client: &mut SweepServiceClient<Channel>, id: &str) -> anyhow::Result<v1::Sweep> {
+async fn wait(client: &mut SweepServiceClient<AuthChannel>, id: &str) -> anyhow::Result<v1::Sweep> {
     loop {
         let request = v1::GetSweepRequest { sweep_id: id.to_string() };
         match client.get_sweep(request).await {

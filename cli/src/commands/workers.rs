@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient};
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 use super::status_error;
 use crate::output;
@@ -20,7 +20,7 @@ pub enum WorkersCommand {
     },
 }
 
-pub async fn run(mut client: JobServiceClient<Channel>, format: Format, cmd: WorkersCommand) -> anyhow::Result<i32> {
+pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd: WorkersCommand) -> anyhow::Result<i32> {
     match cmd {
         WorkersCommand::List { limit } => {
             let workers = client

@@ -273,7 +273,7 @@ async fn sweeps(State(d): State<Dashboard>, Query(p): Query<SweepsParams>) -> Ap
         None => Vec::new(),
     };
     let after = given(&p.after).map(|t| parse::<PageToken<SweepId>>("after", t)).transpose()?;
-    let page = d.store.list_sweeps(&states, page_size(p.limit)?, after).await?;
+    let page = d.store.list_sweeps(&states, page_size(p.limit)?, after, None).await?;
     let sweeps: Vec<Value> = page
         .sweeps
         .iter()

@@ -9,6 +9,7 @@
 mod api;
 mod assets;
 mod events;
+pub mod guard;
 
 use std::time::Duration;
 
@@ -33,13 +34,21 @@ pub struct Dashboard {
     online_window: Duration,
     /// Turns true when the coordinator stops; event streams end then.
     stopped: watch::Receiver<bool>,
+    /// Who may see what, and the hosts it answers to.
+    guard: guard::GuardSettings,
 }
 
 impl Dashboard {
     /// `online_window` is how recent a worker's last heartbeat must be for
     /// it to count as online; event streams end when `stopped` turns true.
-    pub fn new(store: Store, hub: EventHub, online_window: Duration, stopped: watch::Receiver<bool>) -> Self {
-        Self { store, hub, online_window, stopped }
+    pub fn new(
+        store: Store,
+        hub: EventHub,
+        online_window: Duration,
+        stopped: watch::Receiver<bool>,
+        guard: guard::GuardSettings,
+    ) -> Self {
+        Self { store, hub, online_window, stopped, guard }
     }
 }
 
@@ -49,8 +58,12 @@ pub fn router(dashboard: Dashboard) -> Router {
         .route("/", get(assets::index))
         .route("/assets/{*path}", get(assets::asset))
         .route("/healthz", get(healthz))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/login", get(guard::login_page).post(guard::login))
+        .route("/logout", axum::routing::post(guard::logout))
         .route("/metrics", get(prometheus))
         .nest("/api", api::routes())
+        .layer(axum::middleware::from_fn_with_state(dashboard.clone(), guard::guard))
         .with_state(dashboard)
 }
 

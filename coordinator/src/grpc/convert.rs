@@ -134,17 +134,28 @@ pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<Str
     Ok((worker, req.free_slots, req.loaded_models))
 }
 
-pub fn lease_ref(job: &str, epoch: u64, field: &str) -> Result<LeaseRef, Error> {
-    Ok(LeaseRef { job_id: job_id(job, field)?, epoch })
+/// A lease named by a worker, with the hash of the lease token it presents.
+pub fn lease_ref(job: &str, epoch: u64, token: &str, field: &str) -> Result<LeaseRef, Error> {
+    if token.len() > 128 {
+        return Err(Error::invalid("lease_token", "must be the lease_token of the Lease, at most 128 characters"));
+    }
+    Ok(LeaseRef { job_id: job_id(job, field)?, epoch, token_hash: crate::auth::tokens::lease_token_hash(token) })
 }
 
 pub fn lease_refs(leases: Vec<v1::LeaseRef>) -> Result<Vec<LeaseRef>, Error> {
-    leases.iter().enumerate().map(|(i, l)| lease_ref(&l.job_id, l.epoch, &format!("leases[{i}].job_id"))).collect()
+    if leases.len() > 10_000 {
+        return Err(Error::invalid("leases", format!("at most 10000 leases, got {}", leases.len())));
+    }
+    leases
+        .iter()
+        .enumerate()
+        .map(|(i, l)| lease_ref(&l.job_id, l.epoch, &l.lease_token, &format!("leases[{i}].job_id")))
+        .collect()
 }
 
 pub fn progress(req: v1::ReportProgressRequest) -> Result<ProgressReport, Error> {
     Ok(ProgressReport {
-        lease: lease_ref(&req.job_id, req.epoch, "job_id")?,
+        lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?,
         step: counter(req.step, "step")?,
         total_steps: counter(req.total_steps, "total_steps")?,
         metrics: metrics(req.metrics)?,
@@ -154,7 +165,7 @@ pub fn progress(req: v1::ReportProgressRequest) -> Result<ProgressReport, Error>
 pub fn completion(header: v1::CompleteJobHeader) -> Result<Completion, Error> {
     let sha256 = sha256_hex(&header.adapter_sha256, "adapter_sha256")?;
     Ok(Completion {
-        lease: lease_ref(&header.job_id, header.epoch, "job_id")?,
+        lease: lease_ref(&header.job_id, header.epoch, &header.lease_token, "job_id")?,
         adapter_sha256: sha256,
         adapter_size: header.adapter_size,
         metrics: metrics(header.metrics)?,
@@ -165,7 +176,7 @@ pub fn completion(header: v1::CompleteJobHeader) -> Result<Completion, Error> {
 
 pub fn failure(req: v1::FailJobRequest) -> Result<Failure, Error> {
     Ok(Failure {
-        lease: lease_ref(&req.job_id, req.epoch, "job_id")?,
+        lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?,
         error: req.error,
         cancelled: req.cancelled,
         retryable: req.retryable,
@@ -184,7 +195,7 @@ pub fn unhealthy_reason(reason: &str) -> Result<&str, Error> {
 }
 
 pub fn release(req: v1::ReleaseJobRequest) -> Result<Release, Error> {
-    Ok(Release { lease: lease_ref(&req.job_id, req.epoch, "job_id")?, reason: req.reason })
+    Ok(Release { lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?, reason: req.reason })
 }
 
 fn sha256_hex(value: &str, field: &str) -> Result<String, Error> {
@@ -197,7 +208,7 @@ fn sha256_hex(value: &str, field: &str) -> Result<String, Error> {
 
 pub fn checkpoint_upload(header: v1::CheckpointHeader) -> Result<CheckpointUpload, Error> {
     Ok(CheckpointUpload {
-        lease: lease_ref(&header.job_id, header.epoch, "job_id")?,
+        lease: lease_ref(&header.job_id, header.epoch, &header.lease_token, "job_id")?,
         info: CheckpointInfo {
             step: counter(header.step, "step")?,
             sha256: sha256_hex(&header.sha256, "sha256")?,
@@ -288,11 +299,13 @@ pub fn lease(lease: &Lease) -> v1::Lease {
         spec: Some(v1::JobSpec::from(&lease.spec)),
         attempt: lease.attempt,
         checkpoint: lease.checkpoint.as_ref().map(checkpoint_info),
+        lease_token: lease.lease_token.clone(),
     }
 }
 
+/// Leases as the worker named them (the lease token is not sent back).
 pub fn lease_refs_to_wire(leases: &[LeaseRef]) -> Vec<v1::LeaseRef> {
-    leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.to_string(), epoch: l.epoch }).collect()
+    leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.to_string(), epoch: l.epoch, ..Default::default() }).collect()
 }
 
 pub fn stop_signal(signal: StopSignal) -> v1::ReportProgressResponse {

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use super::convert;
+use crate::auth::layer::identity;
 use crate::jobs::{DatasetUpload, Jobs};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -40,22 +41,25 @@ impl JobApi {
 impl JobService for JobApi {
     #[instrument(skip_all)]
     async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let caller = identity(&req)?;
         let (spec, default_attempts) = convert::job_spec(req.into_inner().spec)?;
-        let job = self.jobs.submit(spec, default_attempts).await?;
+        let job = self.jobs.submit(spec, default_attempts, &caller).await?;
         Ok(Response::new(v1::SubmitJobResponse { job: Some(self.one_to_wire(job).await?) }))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let scope = identity(&req)?.scope();
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let job = self.jobs.get(id).await?;
+        let job = self.jobs.get(id, &scope).await?;
         Ok(Response::new(self.one_to_wire(job).await?))
     }
 
     #[instrument(skip_all)]
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let scope = identity(&req)?.scope();
         let (filter, page_size, after) = convert::list_query(req.into_inner())?;
-        let page = self.jobs.list(&filter, page_size, after).await?;
+        let page = self.jobs.list(&filter, page_size, after, &scope).await?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs: self.to_wire(&page.jobs).await?,
             next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
@@ -64,8 +68,9 @@ impl JobService for JobApi {
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let caller = identity(&req)?;
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let job = self.jobs.cancel(id).await?;
+        let job = self.jobs.cancel(id, &caller).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -73,8 +78,9 @@ impl JobService for JobApi {
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let scope = identity(&req)?.scope();
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let events = self.jobs.watch(id).await?;
+        let events = self.jobs.watch(id, &scope).await?;
         let stream = events.map(|e| e.map(convert::job_event).map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -84,9 +90,10 @@ impl JobService for JobApi {
         &self,
         req: Request<v1::GetMetricsRequest>,
     ) -> Result<Response<v1::GetMetricsResponse>, Status> {
+        let scope = identity(&req)?.scope();
         let req = req.into_inner();
         let id = convert::job_id(&req.job_id, "job_id")?;
-        let metrics = self.jobs.metrics(id, convert::metric_kind(&req.kind)?).await?;
+        let metrics = self.jobs.metrics(id, convert::metric_kind(&req.kind)?, &scope).await?;
         Ok(Response::new(v1::GetMetricsResponse { metrics: metrics.iter().map(v1::Metric::from).collect() }))
     }
 
@@ -97,8 +104,9 @@ impl JobService for JobApi {
         &self,
         req: Request<v1::DownloadAdapterRequest>,
     ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let caller = identity(&req)?;
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let (info, chunks) = self.jobs.adapter(id).await?;
+        let (info, chunks) = self.jobs.adapter(id, &caller).await?;
         let stream = chunks.enumerate().map(move |(i, data)| {
             let first = i == 0;
             Ok(v1::AdapterChunk {

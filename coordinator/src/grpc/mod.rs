@@ -2,6 +2,7 @@
 //! the domain in [`crate::jobs`], [`crate::sweep`] or [`crate::scheduler`],
 //! and encodes the answer. Domain errors become statuses in one place, below.
 
+mod admin_service;
 pub mod convert;
 mod job_service;
 mod sweep_service;
@@ -10,6 +11,7 @@ mod worker_service;
 use tonic::Status;
 use tracing::{error, warn};
 
+pub use admin_service::{token_name, AdminApi};
 pub use job_service::JobApi;
 pub use sweep_service::SweepApi;
 pub use worker_service::WorkerApi;
@@ -24,6 +26,8 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(message) => Status::not_found(message),
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
+            Error::PermissionDenied(message) => Status::permission_denied(message),
+            Error::AlreadyExists(message) => Status::already_exists(message),
             Error::ShuttingDown => Status::unavailable(e.to_string()),
             Error::Unavailable(detail) => {
                 warn!(error = %detail, "database unavailable");

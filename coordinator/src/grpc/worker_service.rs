@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use super::convert;
+use crate::auth::layer::identity;
 use crate::error::Error;
 use crate::scheduler::Scheduler;
 
@@ -31,8 +32,9 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::RegisterWorkerRequest>,
     ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
+        let caller = identity(&req)?;
         let reg = convert::registration(req.into_inner())?;
-        let done = self.scheduler.register(reg).await?;
+        let done = self.scheduler.register(reg, &caller).await?;
         Ok(Response::new(v1::RegisterWorkerResponse {
             worker_id: done.worker_id.to_string(),
             heartbeat_interval_ms: u32::try_from(done.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
@@ -43,11 +45,12 @@ impl WorkerService for WorkerApi {
 
     #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let caller = identity(&req)?;
         let req = req.into_inner();
         let worker = convert::worker_id(&req.worker_id)?;
         let leases = convert::lease_refs(req.leases)?;
         let unhealthy = convert::unhealthy_reason(&req.unhealthy_reason)?;
-        let reply = self.scheduler.heartbeat(worker, &leases, unhealthy).await?;
+        let reply = self.scheduler.heartbeat(worker, &leases, unhealthy, &caller).await?;
         Ok(Response::new(v1::HeartbeatResponse {
             stop: convert::lease_refs_to_wire(&reply.stop),
             known: reply.known,
@@ -57,8 +60,9 @@ impl WorkerService for WorkerApi {
 
     #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
+        let caller = identity(&req)?;
         let (worker, free_slots, loaded) = convert::lease_request(req.into_inner())?;
-        let lease = self.scheduler.lease(worker, free_slots, loaded).await?;
+        let lease = self.scheduler.lease(worker, free_slots, loaded, &caller).await?;
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 
@@ -134,7 +138,7 @@ impl WorkerService for WorkerApi {
         req: Request<v1::DownloadCheckpointRequest>,
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
         let req = req.into_inner();
-        let lease = convert::lease_ref(&req.job_id, req.epoch, "job_id")?;
+        let lease = convert::lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?;
         let (info, chunks) = self.scheduler.checkpoint(lease).await?;
         let header = v1::CheckpointChunk {
             part: Some(v1::checkpoint_chunk::Part::Header(v1::CheckpointHeader {
@@ -143,6 +147,7 @@ impl WorkerService for WorkerApi {
                 step: info.step,
                 sha256: info.sha256,
                 size: info.size,
+                lease_token: String::new(),
             })),
         };
         let data = chunks.map(|data| Ok(v1::CheckpointChunk { part: Some(v1::checkpoint_chunk::Part::Data(data?)) }));
@@ -156,8 +161,10 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<v1::DownloadDatasetRequest>,
     ) -> Result<Response<Self::DownloadDatasetStream>, Status> {
-        let reference = convert::dataset_ref(&req.into_inner().reference)?;
-        let (info, chunks) = self.scheduler.dataset(reference).await?;
+        let req = req.into_inner();
+        let reference = convert::dataset_ref(&req.reference)?;
+        let lease = convert::lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?;
+        let (info, chunks) = self.scheduler.dataset(reference, lease).await?;
         let stream = chunks.enumerate().map(move |(i, data)| {
             let file_name = if i == 0 { info.file_name.clone() } else { String::new() };
             Ok(v1::DatasetChunk { file_name, data: data? })

@@ -16,12 +16,30 @@ use tracing::info;
 pub(crate) use admission::{admit, check_export_size};
 pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
 
+use crate::auth::{Identity, Role, Scope};
 use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, ModelSupport, PageToken};
 use crate::scheduler::memory;
 use crate::store::{Availability, CancelOutcome, Store};
+
+/// The owner of what `caller` submits: its own name, unless `requested`
+/// names another and the caller is an admin. `field` names the spec field.
+pub(crate) fn owner_for(requested: &str, caller: &Identity, field: &str) -> Result<String, Error> {
+    let requested = requested.trim();
+    if requested.is_empty() || requested == caller.name {
+        return Ok(caller.name.clone());
+    }
+    if caller.role == Role::Admin {
+        return Ok(requested.to_string());
+    }
+    Err(Error::PermissionDenied(format!(
+        "{field}: {requested:?} is not this token's name {:?}; a job or sweep is owned by the token that submits it \
+         (leave {field} empty)",
+        caller.name
+    )))
+}
 
 /// Why a queued job waits although workers could take it: it backs off
 /// after an error until its `retry_at`.
@@ -108,12 +126,15 @@ impl Jobs {
         Ok(self.store.worker_table(self.online_window, limit, 0).await?.0)
     }
 
-    /// Validates and stores a job as queued. `default_attempts` replaces the
-    /// spec's `max_attempts` with the coordinator's default.
-    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool) -> Result<Job, Error> {
+    /// Validates and stores a job as queued, owned by `caller` (an admin
+    /// may name another owner in the spec; anyone else may name only
+    /// itself). `default_attempts` replaces the spec's `max_attempts` with
+    /// the coordinator's default.
+    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool, caller: &Identity) -> Result<Job, Error> {
         if default_attempts {
             spec.max_attempts = self.default_max_attempts;
         }
+        spec.owner = owner_for(&spec.owner, caller, "owner")?;
         let support = self.model_support(&spec.base_model).await?;
         let limits = admission::admit(&spec, &support)?;
         spec.validate(limits.as_ref())?;
@@ -128,29 +149,54 @@ impl Jobs {
         }
         let id = JobId::new();
         self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
-        info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, "job submitted");
-        self.get(id).await
+        info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, owner = %spec.owner,
+              "job submitted");
+        self.audit(caller, "job.submit", &id.to_string(), serde_json::json!({ "name": spec.name })).await;
+        self.get(id, &Scope::All).await
     }
 
-    /// One job; its memory estimate is taken now if it had none and a
+    /// Records a mutation in the audit trail; a failure to record is logged.
+    pub(crate) async fn audit(&self, caller: &Identity, action: &str, target: &str, detail: serde_json::Value) {
+        if let Err(e) = self.store.audit(caller, action, target, detail).await {
+            tracing::error!(error = %e, action, target, actor = %caller.name, "cannot record an audit entry");
+        }
+    }
+
+    /// One job the caller may see (another owner's job is not found for a
+    /// submitter); its memory estimate is taken now if it had none and a
     /// worker has reported its model's shape since it was submitted.
-    pub async fn get(&self, id: JobId) -> Result<Job, Error> {
-        let mut job = self.store.get_job(id).await?.ok_or_else(|| not_found(id))?;
+    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, Error> {
+        let mut job = self.store.get_job(id).await?.filter(|j| scope.sees(&j.spec.owner)).ok_or_else(|| not_found(id))?;
         memory::fill_estimates(&self.store, std::slice::from_mut(&mut job)).await?;
         Ok(job)
     }
 
-    /// Jobs matching `filter`, newest first; `page_size` 0 means the default
-    /// and larger sizes are capped at [`MAX_PAGE_SIZE`].
-    pub async fn list(&self, filter: &JobFilter, page_size: u32, after: Option<PageToken>) -> Result<JobPage, Error> {
+    /// Jobs matching `filter` that the caller may see, newest first;
+    /// `page_size` 0 means the default and larger sizes are capped at
+    /// [`MAX_PAGE_SIZE`].
+    pub async fn list(
+        &self,
+        filter: &JobFilter,
+        page_size: u32,
+        after: Option<PageToken>,
+        scope: &Scope,
+    ) -> Result<JobPage, Error> {
         let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
-        let mut page = self.store.list_jobs(filter, size, after).await?;
+        let mut filter = filter.clone();
+        if let Some(me) = scope.owner() {
+            if filter.owner.as_deref().is_some_and(|o| o != me) {
+                return Ok(JobPage { jobs: Vec::new(), next: None });
+            }
+            filter.owner = Some(me.to_string());
+        }
+        let mut page = self.store.list_jobs(&filter, size, after).await?;
         memory::fill_estimates(&self.store, &mut page.jobs).await?;
         Ok(page)
     }
 
     /// Cancels a queued job at once; asks the worker of a running job to stop.
-    pub async fn cancel(&self, id: JobId) -> Result<Job, Error> {
+    pub async fn cancel(&self, id: JobId, caller: &Identity) -> Result<Job, Error> {
+        self.get(id, &caller.scope()).await?;
         match self.store.cancel_job(id).await? {
             CancelOutcome::NotFound => return Err(not_found(id)),
             CancelOutcome::AlreadyFinished(state) => {
@@ -161,21 +207,24 @@ impl Jobs {
             CancelOutcome::Cancelled => info!(job_id = %id, "queued job cancelled"),
             CancelOutcome::Requested => info!(job_id = %id, "cancellation requested; waiting for the worker"),
         }
+        self.audit(caller, "job.cancel", &id.to_string(), serde_json::json!({})).await;
         self.hub.publish(id, HubEventKind::Changed);
-        self.get(id).await
+        self.get(id, &Scope::All).await
     }
 
     /// The job now, then its changes until it finishes (see [`watch`]).
     pub async fn watch(
         &self,
         id: JobId,
+        scope: &Scope,
     ) -> Result<impl Stream<Item = Result<JobEvent, Error>> + Send + 'static, Error> {
+        self.get(id, scope).await?;
         watch::watch(self.store.clone(), &self.hub, self.shutdown.clone(), id).await
     }
 
     /// Every metric of a job, ordered by step.
-    pub async fn metrics(&self, id: JobId, kind: Option<MetricKind>) -> Result<Vec<Metric>, Error> {
-        self.get(id).await?;
+    pub async fn metrics(&self, id: JobId, kind: Option<MetricKind>, scope: &Scope) -> Result<Vec<Metric>, Error> {
+        self.get(id, scope).await?;
         Ok(self.store.metrics(id, kind).await?)
     }
 
@@ -183,8 +232,9 @@ impl Jobs {
     pub async fn adapter(
         &self,
         id: JobId,
+        caller: &Identity,
     ) -> Result<(BlobInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
-        let job = self.get(id).await?;
+        let job = self.get(id, &caller.scope()).await?;
         if job.state != JobState::Succeeded {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} is {}; its adapter can be downloaded once it has succeeded",
@@ -192,6 +242,7 @@ impl Jobs {
             )));
         }
         let info = job.adapter.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter row")))?;
+        self.audit(caller, "adapter.download", &id.to_string(), serde_json::json!({ "sha256": info.sha256 })).await;
         let store = self.store.clone();
         let chunks = blob::chunks(info.size, move |offset, len| {
             let store = store.clone();

@@ -22,7 +22,8 @@ use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
     ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
-use crate::store::{CheckpointStored, CompleteOutcome, FailOutcome, Fenced, Store};
+use crate::auth::Identity;
+use crate::store::{CheckpointStored, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership};
 use retry::RetryPolicy;
 
 /// Largest adapter archive accepted.
@@ -54,13 +55,16 @@ impl Scheduler {
         Self { store, hub, timing }
     }
 
-    /// Registers (or re-registers) a worker and tells it the lease timing.
-    pub async fn register(&self, reg: WorkerRegistration) -> Result<Registered, Error> {
-        if let Some(i) = reg.models.iter().position(|m| m.name.trim().is_empty()) {
-            return Err(Error::invalid(format!("models[{i}].name"), "must name the model folder"));
-        }
+    /// Registers (or re-registers) a worker for the token `caller` and
+    /// tells it the lease timing. A worker id that a live other token
+    /// registered is refused.
+    pub async fn register(&self, reg: WorkerRegistration, caller: &Identity) -> Result<Registered, Error> {
         let worker_id = reg.worker_id.unwrap_or_default();
-        self.store.upsert_worker(worker_id, &reg).await?;
+        if !self.store.upsert_worker(worker_id, &reg, caller.token_id).await? {
+            return Err(Error::PermissionDenied(format!(
+                "worker {worker_id} was registered with another token; use that token or a new worker id"
+            )));
+        }
         let models: Vec<&str> = reg.models.iter().map(|m| m.name.as_str()).collect();
         info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models,
               memory_bytes = reg.memory_bytes, "worker registered");
@@ -82,7 +86,9 @@ impl Scheduler {
         worker: WorkerId,
         leases: &[LeaseRef],
         unhealthy_reason: &str,
+        caller: &Identity,
     ) -> Result<HeartbeatReply, Error> {
+        self.check_worker(worker, caller).await?;
         let known = self.store.touch_worker(worker, unhealthy_reason).await?;
         let (stop, early_stop) = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
         if !known {
@@ -94,7 +100,14 @@ impl Scheduler {
     /// Leases a queued job on a model the worker serves and that fits its
     /// memory, if any: the oldest on one of the `loaded` models it holds in
     /// memory, else the oldest.
-    pub async fn lease(&self, worker: WorkerId, free_slots: u32, loaded: Vec<String>) -> Result<Option<Lease>, Error> {
+    pub async fn lease(
+        &self,
+        worker: WorkerId,
+        free_slots: u32,
+        loaded: Vec<String>,
+        caller: &Identity,
+    ) -> Result<Option<Lease>, Error> {
+        self.check_worker(worker, caller).await?;
         let mut offer =
             self.store.worker_offer(worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
@@ -231,11 +244,30 @@ impl Scheduler {
         Ok((info, chunks))
     }
 
-    /// A dataset's record and its bytes in chunks.
+    /// Refuses a caller that speaks for a worker another token registered.
+    async fn check_worker(&self, worker: WorkerId, caller: &Identity) -> Result<(), Error> {
+        match self.store.worker_token(worker, caller.token_id).await? {
+            WorkerOwnership::Other => Err(Error::PermissionDenied(format!(
+                "worker {worker} was registered with another token; only that token may speak for it"
+            ))),
+            WorkerOwnership::Mine | WorkerOwnership::Unknown => Ok(()),
+        }
+    }
+
+    /// A dataset of a job `lease` holds: its record and its bytes in chunks.
     pub async fn dataset(
         &self,
         reference: DatasetRef,
+        lease: LeaseRef,
     ) -> Result<(DatasetInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
+        let spec = fenced(lease, self.store.leased_spec(lease).await?)?;
+        let wanted = reference.to_string();
+        if spec.data.train != wanted && spec.data.eval != wanted {
+            return Err(Error::PermissionDenied(format!(
+                "dataset {reference} is not one of job {}'s datasets",
+                lease.job_id
+            )));
+        }
         let info =
             self.store.dataset(&reference).await?.ok_or_else(|| {
                 Error::NotFound(format!("dataset {reference} not found; upload it with UploadDataset"))
@@ -400,6 +432,9 @@ fn fenced<T>(lease: LeaseRef, result: Fenced<T>) -> Result<T, Error> {
     match result {
         Fenced::Valid(value) => Ok(value),
         Fenced::NotFound => Err(Error::NotFound(format!("job {} not found", lease.job_id))),
+        Fenced::Forbidden => Err(Error::PermissionDenied(format!(
+            "lease {lease} was not given to this caller: send the lease_token of the Lease"
+        ))),
         Fenced::Stale { state, epoch } => {
             warn!(job_id = %lease.job_id, epoch = lease.epoch, current_epoch = epoch, %state, "stale lease refused");
             Err(stale_lease(lease))

@@ -44,11 +44,18 @@ pub enum CheckpointStored {
 }
 
 impl Store {
-    /// Whether `lease` holds its job now (running under that epoch).
-    async fn lease_holds<'e>(db: impl PgExecutor<'e>, lease: LeaseRef) -> Result<Fenced<()>> {
+    /// Whether `lease` holds its job now (running under that epoch, with its token).
+    async fn lease_holds(db: &sqlx::PgPool, lease: LeaseRef) -> Result<Fenced<()>> {
+        Self::lease_holds_in(&mut *db.acquire().await?, lease).await
+    }
+
+    async fn lease_holds_in(db: &mut sqlx::PgConnection, lease: LeaseRef) -> Result<Fenced<()>> {
+        if !super::leases::token_matches(&mut *db, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")
             .bind(lease.job_id.0)
-            .fetch_optional(db)
+            .fetch_optional(&mut *db)
             .await?;
         Ok(match row {
             None => Fenced::NotFound,
@@ -61,7 +68,9 @@ impl Store {
     /// chunks go under.
     #[instrument(skip_all, fields(job_id = %upload.lease.job_id, epoch = upload.lease.epoch, step = upload.info.step))]
     pub async fn begin_checkpoint(&self, upload: &CheckpointUpload) -> Result<Fenced<Uuid>> {
-        if let fenced @ (Fenced::NotFound | Fenced::Stale { .. }) = Self::lease_holds(&self.pool, upload.lease).await? {
+        if let fenced @ (Fenced::NotFound | Fenced::Stale { .. } | Fenced::Forbidden) =
+            Self::lease_holds(&self.pool, upload.lease).await?
+        {
             return Ok(fenced.map(|()| Uuid::nil()));
         }
         let id = Uuid::new_v4();
@@ -96,7 +105,7 @@ impl Store {
     pub async fn finish_checkpoint(&self, id: Uuid, upload: &CheckpointUpload) -> Result<Fenced<CheckpointStored>> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(upload.lease.job_id.0).execute(&mut *tx).await?;
-        let holds = Self::lease_holds(&mut *tx, upload.lease).await?;
+        let holds = Self::lease_holds_in(&mut tx, upload.lease).await?;
         let latest = latest_checkpoint(&mut *tx, upload.lease.job_id).await?;
         let outcome = match holds {
             Fenced::Valid(()) if latest.is_some_and(|l| l.step >= upload.info.step) => {
@@ -130,7 +139,9 @@ impl Store {
     /// The checkpoint a running lease resumes from, and its id, if the job has one.
     #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
     pub async fn checkpoint_for(&self, lease: LeaseRef) -> Result<Fenced<Option<(Uuid, CheckpointInfo)>>> {
-        if let fenced @ (Fenced::NotFound | Fenced::Stale { .. }) = Self::lease_holds(&self.pool, lease).await? {
+        if let fenced @ (Fenced::NotFound | Fenced::Stale { .. } | Fenced::Forbidden) =
+            Self::lease_holds(&self.pool, lease).await?
+        {
             return Ok(fenced.map(|()| None));
         }
         let row: Option<(Uuid, i64, String, i64)> = sqlx::query_as(

@@ -31,6 +31,8 @@ pub enum Fenced<T> {
         epoch: u64,
     },
     NotFound,
+    /// The caller did not present the lease token of this lease.
+    Forbidden,
 }
 
 impl<T> Fenced<T> {
@@ -39,6 +41,7 @@ impl<T> Fenced<T> {
             Fenced::Valid(value) => Fenced::Valid(f(value)),
             Fenced::Stale { state, epoch } => Fenced::Stale { state, epoch },
             Fenced::NotFound => Fenced::NotFound,
+            Fenced::Forbidden => Fenced::Forbidden,
         }
     }
 }
@@ -81,6 +84,7 @@ struct ExpiredLease {
     attempt: i32,
     worker_id: Uuid,
     epoch: i64,
+    lease_token_hash: Option<Vec<u8>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -115,6 +119,18 @@ async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
+}
+
+/// Whether `lease` carries the token of its attempt (only the worker that
+/// took the lease was told it).
+pub(super) async fn token_matches<'e>(db: impl sqlx::PgExecutor<'e>, lease: LeaseRef) -> Result<bool> {
+    let stored: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT lease_token_hash FROM job_attempts WHERE job_id = $1 AND epoch = $2")
+            .bind(lease.job_id.0)
+            .bind(to_i64(lease.epoch))
+            .fetch_optional(db)
+            .await?;
+    Ok(stored.flatten().is_some_and(|hash| crate::auth::tokens::same(&hash, &lease.token_hash)))
 }
 
 /// Closes the open attempt of a lease and returns its worker.
@@ -242,15 +258,17 @@ impl Store {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
+        let (lease_token, token_hash) = crate::auth::tokens::lease_token();
         sqlx::query(
-            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at) \
-             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond')",
+            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash) \
+             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6)",
         )
         .bind(id)
         .bind(attempts)
         .bind(worker.0)
         .bind(epoch)
         .bind(millis(timeout))
+        .bind(&token_hash[..])
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1")
@@ -267,13 +285,34 @@ impl Store {
             spec: spec.0,
             attempt: to_u32(attempts, "attempts")?,
             checkpoint,
+            lease_token,
         }))
+    }
+
+    /// The spec of the job `lease` holds (running, with its token).
+    pub async fn leased_spec(&self, lease: LeaseRef) -> Result<Fenced<JobSpec>> {
+        if !token_matches(&self.pool, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
+        let row: Option<(DbJobState, i64, Json<JobSpec>)> =
+            sqlx::query_as("SELECT state, lease_epoch, spec FROM jobs WHERE id = $1")
+                .bind(lease.job_id.0)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match row {
+            None => Fenced::NotFound,
+            Some((DbJobState::Running, epoch, spec)) if epoch == to_i64(lease.epoch) => Fenced::Valid(spec.0),
+            Some((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+        })
     }
 
     /// Whether a lease may still complete its job: the job runs under it, or
     /// it already completed the job (a retried completion). Takes no lock.
     #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
     pub async fn check_lease(&self, lease: LeaseRef) -> Result<Fenced<()>> {
+        if !token_matches(&self.pool, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")
             .bind(lease.job_id.0)
             .fetch_optional(&self.pool)
@@ -304,10 +343,12 @@ impl Store {
         }
         let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id.0).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| to_i64(l.epoch)).collect();
+        let hashes: Vec<Vec<u8>> = leases.iter().map(|l| l.token_hash.to_vec()).collect();
         let renewed: Vec<(Uuid, i64, bool, bool)> = sqlx::query_as(
             "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
-             FROM jobs j, UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
+             FROM jobs j, UNNEST($1::uuid[], $2::bigint[], $5::bytea[]) AS l(job_id, epoch, token_hash) \
              WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
+               AND a.lease_token_hash = l.token_hash \
                AND j.id = a.job_id AND j.state = 'running' AND j.lease_epoch = a.epoch \
              RETURNING a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested",
         )
@@ -315,6 +356,7 @@ impl Store {
         .bind(&epochs)
         .bind(worker.0)
         .bind(millis(timeout))
+        .bind(&hashes)
         .fetch_all(&self.pool)
         .await?;
         let keep: HashSet<(Uuid, i64)> =
@@ -338,6 +380,9 @@ impl Store {
         let lease = report.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !token_matches(&mut *tx, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         if !job.holds(lease) {
             return job.stale();
         }
@@ -379,6 +424,9 @@ impl Store {
         let lease = done.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !token_matches(&mut *tx, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) {
             let stored: String = sqlx::query_scalar("SELECT sha256 FROM adapters WHERE job_id = $1")
                 .bind(lease.job_id.0)
@@ -428,6 +476,9 @@ impl Store {
         let lease = failure.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !token_matches(&mut *tx, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         if !job.holds(lease) {
             let wanted: &[&str] = if failure.cancelled { &["cancelled"] } else { &["failed", "interrupted"] };
             return replayed(&mut tx, &job, lease, wanted).await;
@@ -463,6 +514,9 @@ impl Store {
         let lease = release.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
+        if !token_matches(&mut *tx, lease).await? {
+            return Ok(Fenced::Forbidden);
+        }
         if !job.holds(lease) {
             return replayed(&mut tx, &job, lease, &["released"]).await;
         }
@@ -498,7 +552,7 @@ impl Store {
             tracing::info!(leases = extended, grace_ms = millis(grace), "gave open leases a full period after an outage");
         }
         let expired: Vec<ExpiredLease> = sqlx::query_as(
-            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch \
+            "SELECT a.job_id, a.attempt, a.worker_id, a.epoch, a.lease_token_hash \
              FROM job_attempts a JOIN jobs j ON j.id = a.job_id \
              WHERE a.ended_at IS NULL AND a.lease_expires_at < now() \
              ORDER BY a.lease_expires_at LIMIT $1 \
@@ -508,9 +562,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut reaped = Vec::with_capacity(expired.len());
-        for ExpiredLease { job_id, attempt, worker_id, epoch } in expired {
+        for ExpiredLease { job_id, attempt, worker_id, epoch, lease_token_hash } in expired {
             let job = JobId(job_id);
-            let lease = LeaseRef { job_id: job, epoch: to_u64(epoch, "epoch")? };
+            let token_hash = lease_token_hash.and_then(|h| <[u8; 32]>::try_from(h).ok()).unwrap_or_default();
+            let lease = LeaseRef { job_id: job, epoch: to_u64(epoch, "epoch")?, token_hash };
             let reason = format!("lease expired: worker {worker_id} stopped heartbeating");
             let locked = lock_job(&mut tx, job).await?.expect("the job row was locked with its attempt");
             let next = if !locked.holds(lease) {

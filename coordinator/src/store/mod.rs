@@ -13,6 +13,7 @@ mod leases;
 mod metrics;
 mod sweep_drive;
 mod sweeps;
+mod tokens;
 mod workers;
 
 use std::sync::Arc;
@@ -29,10 +30,11 @@ pub use dashboard::{
 };
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
-pub use workers::Availability;
+pub use workers::{Availability, WorkerOwnership};
 pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped, POLL_FRESH, SPREAD_WINDOW};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
+pub use tokens::{AuditEntry, Refusal, TokenRecord};
 
 /// Embedded migrations from the top-level `migrations/` folder.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

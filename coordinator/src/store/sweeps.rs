@@ -393,18 +393,21 @@ impl Store {
         states: &[SweepState],
         limit: u32,
         after: Option<PageToken<SweepId>>,
+        owner: Option<&str>,
     ) -> Result<SweepPage> {
         let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
         let rows: Vec<SweepRow> = sqlx::query_as(concat!(
             sweep_select!(),
             "WHERE (cardinality($1::text[]) = 0 OR s.state = ANY($1::text[]::sweep_state[])) \
                AND ($2::timestamptz IS NULL OR (s.created_at, s.id) < ($2, $3::uuid)) \
+               AND ($5::text IS NULL OR s.owner = $5) \
              ORDER BY s.created_at DESC, s.id DESC LIMIT $4"
         ))
         .bind(&states)
         .bind(after.map(|t| t.created_at))
         .bind(after.map(|t| t.id.0))
         .bind(i64::from(limit) + 1)
+        .bind(owner)
         .fetch_all(&self.pool)
         .await?;
         let more = rows.len() > limit as usize;

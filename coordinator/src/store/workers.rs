@@ -7,18 +7,37 @@ use ptune_core::{ModelShape, WorkerId};
 use sqlx::types::Json;
 use tracing::instrument;
 
+use uuid::Uuid;
+
 use super::{millis, to_i64, to_u64, Result, Store};
+
+/// Who registered a worker id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerOwnership {
+    Unknown,
+    /// The token asking.
+    Mine,
+    /// Another token.
+    Other,
+}
 use crate::model::{BaseModel, ModelSupport, WorkerOffer, WorkerRegistration};
 
 impl Store {
-    /// Inserts or replaces a worker's registration and marks it alive.
+    /// Inserts or replaces a worker's registration, made with token
+    /// `token`, and marks it alive. False when the worker id belongs to
+    /// another token that is still live: only the token that registered a
+    /// worker may speak for it.
     #[instrument(skip_all, fields(worker_id = %id))]
-    pub async fn upsert_worker(&self, id: WorkerId, reg: &WorkerRegistration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO workers (id, hostname, devices, slots, models, memory_bytes) VALUES ($1, $2, $3, $4, $5, $6) \
+    pub async fn upsert_worker(&self, id: WorkerId, reg: &WorkerRegistration, token: Uuid) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO workers (id, hostname, devices, slots, models, memory_bytes, token_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname, devices = EXCLUDED.devices, \
                  slots = EXCLUDED.slots, models = EXCLUDED.models, memory_bytes = EXCLUDED.memory_bytes, \
-                 registered_at = now(), last_heartbeat = now(), unhealthy_reason = ''",
+                 registered_at = now(), last_heartbeat = now(), unhealthy_reason = '', token_id = EXCLUDED.token_id \
+             WHERE workers.token_id IS NULL OR workers.token_id = EXCLUDED.token_id \
+                OR NOT EXISTS (SELECT 1 FROM api_tokens t WHERE t.id = workers.token_id AND t.revoked_at IS NULL \
+                               AND (t.expires_at IS NULL OR t.expires_at > now()))",
         )
         .bind(id.0)
         .bind(&reg.hostname)
@@ -26,9 +45,23 @@ impl Store {
         .bind(i32::try_from(reg.slots).unwrap_or(i32::MAX))
         .bind(Json(&reg.models))
         .bind(to_i64(reg.memory_bytes.unwrap_or(0)))
+        .bind(token)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether worker `id` is registered, and by token `token`.
+    pub async fn worker_token(&self, id: WorkerId, token: Uuid) -> Result<WorkerOwnership> {
+        let owner: Option<Option<Uuid>> = sqlx::query_scalar("SELECT token_id FROM workers WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match owner {
+            None => WorkerOwnership::Unknown,
+            Some(Some(owner)) if owner != token => WorkerOwnership::Other,
+            Some(_) => WorkerOwnership::Mine,
+        })
     }
 
     /// Marks a worker alive and records why it takes no jobs (empty:

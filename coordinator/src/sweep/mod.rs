@@ -15,6 +15,7 @@ use tracing::info;
 
 pub use engine::{spawn_engine, SweepEngine, DRIVE_INTERVAL};
 
+use crate::auth::{Identity, Scope};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::jobs::{admit, check_export_size, Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
@@ -42,9 +43,14 @@ impl Sweeps {
     /// creates its trials. The trial specs checked are those of the whole
     /// grid, or of the extremes of a random space, each against the base
     /// model's limits and the uploaded datasets, as a submitted job would be.
-    pub async fn create(&self, mut definition: Value) -> Result<SweepReport, Error> {
+    pub async fn create(&self, mut definition: Value, caller: &Identity) -> Result<SweepReport, Error> {
         if let Some(template) = definition.get_mut("template").and_then(Value::as_object_mut) {
             template.entry("max_attempts").or_insert_with(|| Value::from(self.default_max_attempts));
+        }
+        if let Some(fields) = definition.as_object_mut() {
+            let requested = fields.get("owner").and_then(Value::as_str).unwrap_or_default();
+            let owner = crate::jobs::owner_for(requested, caller, "owner")?;
+            fields.insert("owner".into(), Value::from(owner));
         }
         let def = SweepDefinition::from_json(&definition)?;
         let mut support: HashMap<String, ModelSupport> = HashMap::new();
@@ -95,31 +101,35 @@ impl Sweeps {
             })
             .await?;
         info!(sweep_id = %id, name = %def.name, algorithm = def.kind().as_str(), trials = def.budget(),
-              max_concurrent_trials = def.max_concurrent_trials, "sweep created");
+              max_concurrent_trials = def.max_concurrent_trials, owner = %def.owner, "sweep created");
+        self.jobs.audit(caller, "sweep.create", &id.to_string(), serde_json::json!({ "name": def.name })).await;
         self.nudge.notify_one();
-        self.get(id).await
+        self.get(id, &Scope::All).await
     }
 
-    /// A sweep with its leaderboard.
-    pub async fn get(&self, id: SweepId) -> Result<SweepReport, Error> {
-        let sweep = self.store.get_sweep(id).await?.ok_or_else(|| not_found(id))?;
+    /// A sweep the caller may see, with its leaderboard.
+    pub async fn get(&self, id: SweepId, scope: &Scope) -> Result<SweepReport, Error> {
+        let sweep = self.store.get_sweep(id).await?.filter(|s| scope.sees(&s.owner)).ok_or_else(|| not_found(id))?;
         let leaderboard = self.store.leaderboard(id, &sweep.objective).await?;
         Ok(SweepReport { sweep, leaderboard })
     }
 
-    /// Sweeps in `states` (all when empty), newest first, each with its best trial.
+    /// Sweeps in `states` (all when empty) the caller may see, newest
+    /// first, each with its best trial.
     pub async fn list(
         &self,
         states: &[SweepState],
         page_size: u32,
         after: Option<PageToken<SweepId>>,
+        scope: &Scope,
     ) -> Result<SweepPage, Error> {
         let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
-        Ok(self.store.list_sweeps(states, size, after).await?)
+        Ok(self.store.list_sweeps(states, size, after, scope.owner()).await?)
     }
 
     /// Cancels a running sweep: queued trials at once, running ones at their next step.
-    pub async fn cancel(&self, id: SweepId) -> Result<SweepReport, Error> {
+    pub async fn cancel(&self, id: SweepId, caller: &Identity) -> Result<SweepReport, Error> {
+        self.get(id, &caller.scope()).await?;
         match self.store.cancel_sweep(id).await? {
             SweepChange::Done(jobs) => {
                 info!(sweep_id = %id, trials_stopped = jobs.len(), "sweep cancelled");
@@ -132,15 +142,16 @@ impl Sweeps {
             }
             SweepChange::NotFound | SweepChange::Exhausted { .. } => return Err(not_found(id)),
         }
-        self.get(id).await
+        self.jobs.audit(caller, "sweep.cancel", &id.to_string(), serde_json::json!({})).await;
+        self.get(id, &Scope::All).await
     }
 
     /// Adds trials to a random or ASHA sweep that is running or completed.
-    pub async fn extend(&self, id: SweepId, trials: u32) -> Result<SweepReport, Error> {
-        if trials == 0 {
-            return Err(Error::invalid("trials", "must be at least 1"));
+    pub async fn extend(&self, id: SweepId, trials: u32, caller: &Identity) -> Result<SweepReport, Error> {
+        if !(1..=ptune_core::sweep::MAX_TRIALS).contains(&trials) {
+            return Err(Error::invalid("trials", format!("must be between 1 and {}", ptune_core::sweep::MAX_TRIALS)));
         }
-        let sweep = self.store.get_sweep(id).await?.ok_or_else(|| not_found(id))?;
+        let sweep = self.get(id, &caller.scope()).await?.sweep;
         let def = SweepDefinition::from_json(&sweep.definition)
             .map_err(|e| Error::Internal(format!("stored definition of sweep {id} is invalid: {e}")))?;
         if !def.extensible() {
@@ -164,18 +175,20 @@ impl Sweeps {
             }
             SweepChange::NotFound => return Err(not_found(id)),
         }
+        self.jobs.audit(caller, "sweep.extend", &id.to_string(), serde_json::json!({ "trials": trials })).await;
         self.nudge.notify_one();
-        self.get(id).await
+        self.get(id, &Scope::All).await
     }
 
     /// Changes how many trials may be queued or running at once.
-    pub async fn set_max_concurrent_trials(&self, id: SweepId, n: u32) -> Result<SweepReport, Error> {
+    pub async fn set_max_concurrent_trials(&self, id: SweepId, n: u32, caller: &Identity) -> Result<SweepReport, Error> {
         if !(1..=MAX_CONCURRENT_TRIALS).contains(&n) {
             return Err(Error::invalid(
                 "max_concurrent_trials",
                 format!("must be between 1 and {MAX_CONCURRENT_TRIALS}, got {n}"),
             ));
         }
+        self.get(id, &caller.scope()).await?;
         match self.store.set_max_concurrent_trials(id, n).await? {
             SweepChange::Done(_) => info!(sweep_id = %id, max_concurrent_trials = n, "sweep concurrency changed"),
             SweepChange::Refused(state) => {
@@ -185,8 +198,11 @@ impl Sweeps {
             }
             SweepChange::NotFound | SweepChange::Exhausted { .. } => return Err(not_found(id)),
         }
+        self.jobs
+            .audit(caller, "sweep.update", &id.to_string(), serde_json::json!({ "max_concurrent_trials": n }))
+            .await;
         self.nudge.notify_one();
-        self.get(id).await
+        self.get(id, &Scope::All).await
     }
 
     fn publish(&self, jobs: &[JobId]) {

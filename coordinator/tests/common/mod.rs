@@ -4,27 +4,30 @@
 
 use std::time::Duration;
 
-use ptune_coordinator::testing::{fresh_database, TestDatabase};
+use ptune_coordinator::testing::{channel, fresh_database, TestDatabase, TestTokens};
 use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
+use ptune_proto::client::AuthChannel;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 
 pub const MODEL: &str = "tiny-bert";
 
 pub const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n\n{\"text\": \"fine\", \"label\": 1}\n";
 pub const EVAL: &str = "{\"text\": \"superb\", \"label\": 1}\n{\"text\": \"awful\", \"label\": 0}\n";
 
+/// A coordinator on a fresh database, one token of each role, and clients:
+/// `jobs` and `sweeps` with the admin token, `workers` with the worker token.
 pub struct Env {
     pub db: TestDatabase,
     pub config: Config,
     pub coordinator: Option<CoordinatorHandle>,
-    pub jobs: JobServiceClient<Channel>,
-    pub workers: WorkerServiceClient<Channel>,
-    pub sweeps: SweepServiceClient<Channel>,
+    pub tokens: TestTokens,
+    pub jobs: JobServiceClient<AuthChannel>,
+    pub workers: WorkerServiceClient<AuthChannel>,
+    pub sweeps: SweepServiceClient<AuthChannel>,
 }
 
 /// A coordinator with the given lease timeout on a fresh database.
@@ -40,19 +43,22 @@ pub async fn start_with(lease_timeout: Duration, adjust: impl FnOnce(&mut Config
     config.heartbeat_interval = lease_timeout / 4;
     adjust(&mut config);
     let coordinator = Coordinator::start(config.clone()).await.expect("coordinator starts");
-    let (jobs, workers) = clients(&coordinator).await;
-    let sweeps = sweep_client(&coordinator).await;
-    Env { db, config, coordinator: Some(coordinator), jobs, workers, sweeps }
+    let tokens = TestTokens::create(&db.url).await.expect("test tokens");
+    let (jobs, workers, sweeps) = clients(&coordinator, &tokens);
+    Env { db, config, coordinator: Some(coordinator), tokens, jobs, workers, sweeps }
 }
 
-pub async fn clients(c: &CoordinatorHandle) -> (JobServiceClient<Channel>, WorkerServiceClient<Channel>) {
-    let channel = Channel::from_shared(format!("http://{}", c.grpc_addr)).unwrap().connect().await.unwrap();
-    (JobServiceClient::new(channel.clone()), WorkerServiceClient::new(channel))
-}
-
-pub async fn sweep_client(c: &CoordinatorHandle) -> SweepServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", c.grpc_addr)).unwrap().connect().await.unwrap();
-    SweepServiceClient::new(channel)
+/// Clients of a coordinator: jobs and sweeps as admin, workers as worker.
+pub fn clients(
+    c: &CoordinatorHandle,
+    tokens: &TestTokens,
+) -> (JobServiceClient<AuthChannel>, WorkerServiceClient<AuthChannel>, SweepServiceClient<AuthChannel>) {
+    let url = format!("http://{}", c.grpc_addr);
+    (
+        JobServiceClient::new(channel(&url, &tokens.admin)),
+        WorkerServiceClient::new(channel(&url, &tokens.worker)),
+        SweepServiceClient::new(channel(&url, &tokens.admin)),
+    )
 }
 
 impl Env {
@@ -60,8 +66,7 @@ impl Env {
     pub async fn restart(&mut self) {
         self.coordinator.take().unwrap().shutdown().await.expect("graceful shutdown");
         let coordinator = Coordinator::start(self.config.clone()).await.expect("coordinator restarts");
-        (self.jobs, self.workers) = clients(&coordinator).await;
-        self.sweeps = sweep_client(&coordinator).await;
+        (self.jobs, self.workers, self.sweeps) = clients(&coordinator, &self.tokens);
         self.coordinator = Some(coordinator);
     }
 
@@ -134,7 +139,10 @@ impl Env {
     }
 
     pub async fn heartbeat(&mut self, worker: &str, leases: &[&v1::Lease]) -> v1::HeartbeatResponse {
-        let leases = leases.iter().map(|l| v1::LeaseRef { job_id: l.job_id.clone(), epoch: l.epoch }).collect();
+        let leases = leases
+            .iter()
+            .map(|l| v1::LeaseRef { job_id: l.job_id.clone(), epoch: l.epoch, lease_token: l.lease_token.clone() })
+            .collect();
         self.workers
             .heartbeat(v1::HeartbeatRequest { worker_id: worker.to_string(), leases, ..Default::default() })
             .await
@@ -154,6 +162,7 @@ impl Env {
             step,
             total_steps: 10,
             metrics,
+            lease_token: lease.lease_token.clone(),
         };
         self.workers.report_progress(req).await.map(|r| r.into_inner().stop)
     }
@@ -166,6 +175,7 @@ impl Env {
             adapter_size: adapter.len() as u64,
             metrics: vec![metric(10, "eval", "accuracy", 0.9)],
             step: 10,
+            lease_token: lease.lease_token.clone(),
             ..Default::default()
         };
         let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
@@ -187,6 +197,7 @@ impl Env {
             cancelled,
             retryable,
             infrastructure: false,
+            lease_token: lease.lease_token.clone(),
         };
         self.workers.fail_job(req).await.map(|_| ())
     }
@@ -239,11 +250,13 @@ pub fn state(job: &v1::Job) -> v1::JobState {
     v1::JobState::try_from(job.state).unwrap()
 }
 
-/// A plain HTTP/1.1 GET of `path` on the coordinator's HTTP address; the whole response, headers included.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// A plain HTTP/1.1 GET of `path` on the coordinator's HTTP address, with
+/// `token` as a bearer token when given; the whole response, headers included.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
+use ptune_proto::client::{endpoint_named, AuthChannel, BearerToken, ClientOptions};
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
@@ -24,15 +24,18 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Clone)]
 pub struct Coordinators {
     urls: Arc<Vec<String>>,
-    channels: Arc<Mutex<Vec<(String, Channel)>>>,
+    options: Arc<ClientOptions>,
+    channels: Arc<Mutex<Vec<(String, AuthChannel)>>>,
     current: Arc<AtomicUsize>,
 }
 
 impl Coordinators {
     /// Parses a comma-separated list of coordinator addresses (`host:port`
     /// or `http://host:port`) and resolves each; connections are made on
-    /// first use, so coordinators that are not up yet are fine.
-    pub async fn new(spec: &str) -> anyhow::Result<Self> {
+    /// first use, so coordinators that are not up yet are fine. Every call
+    /// carries `options`' token; `https://` addresses use its CA and client
+    /// certificate.
+    pub async fn new(spec: &str, options: ClientOptions) -> anyhow::Result<Self> {
         let urls: Vec<String> = spec
             .split(',')
             .map(str::trim)
@@ -40,7 +43,7 @@ impl Coordinators {
             .map(|u| if u.contains("://") { u.to_string() } else { format!("http://{u}") })
             .collect();
         anyhow::ensure!(!urls.is_empty(), "--coordinator: give at least one address, e.g. http://127.0.0.1:50051");
-        let this = Self { urls: Arc::new(urls), channels: Arc::default(), current: Arc::default() };
+        let this = Self { urls: Arc::new(urls), options: Arc::new(options), channels: Arc::default(), current: Arc::default() };
         this.resolve().await?;
         Ok(this)
     }
@@ -48,15 +51,18 @@ impl Coordinators {
     /// (Re)builds the channels: one per address each name resolves to.
     async fn resolve(&self) -> anyhow::Result<()> {
         let mut channels = Vec::new();
+        let bearer = BearerToken::new(self.options.token.as_deref())?;
         for url in self.urls.iter() {
+            let host = host_of(url);
             for target in expand(url).await {
-                let endpoint = Endpoint::from_shared(target.clone())
-                    .with_context(|| format!("invalid coordinator address {url:?}"))?
+                // An address a name resolved to still presents the name's certificate.
+                let domain = (target != *url).then_some(host.as_str());
+                let endpoint = endpoint_named(&target, &self.options, domain)?
                     .connect_timeout(Duration::from_secs(3))
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .keep_alive_while_idle(true);
-                channels.push((target, endpoint.connect_lazy()));
+                channels.push((target, InterceptedService::new(endpoint.connect_lazy(), bearer.clone())));
             }
         }
         anyhow::ensure!(!channels.is_empty(), "no coordinator address resolved from {:?}", self.urls);
@@ -70,7 +76,7 @@ impl Coordinators {
     }
 
     /// A client for coordinator `index` (modulo their number), and its address.
-    fn client_at(&self, index: usize) -> (String, WorkerServiceClient<Channel>) {
+    fn client_at(&self, index: usize) -> (String, WorkerServiceClient<AuthChannel>) {
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let (url, channel) = &channels[index % channels.len()];
         (
@@ -82,7 +88,7 @@ impl Coordinators {
     }
 
     /// A client for the current coordinator.
-    pub fn client(&self) -> WorkerServiceClient<Channel> {
+    pub fn client(&self) -> WorkerServiceClient<AuthChannel> {
         self.client_at(self.current.load(Ordering::SeqCst)).1
     }
 
@@ -97,7 +103,7 @@ impl Coordinators {
         f: F,
     ) -> impl std::future::Future<Output = Result<T, Status>> + Send + 'static
     where
-        F: FnMut(WorkerServiceClient<Channel>) -> Fut + Send + 'static,
+        F: FnMut(WorkerServiceClient<AuthChannel>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, Status>> + Send,
         T: Send + 'static,
     {
@@ -107,7 +113,7 @@ impl Coordinators {
 
     async fn call_owned<T, F, Fut>(self, timeout: Duration, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(WorkerServiceClient<Channel>) -> Fut,
+        F: FnMut(WorkerServiceClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let start = self.current.load(Ordering::SeqCst);
@@ -142,6 +148,15 @@ impl Coordinators {
             warn!(error = %format!("{e:#}"), "cannot resolve the coordinator addresses");
         }
         Err(last)
+    }
+}
+
+/// The host of a URL (no port).
+fn host_of(url: &str) -> String {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest).split('/').next().unwrap_or_default();
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host.trim_matches(['[', ']']).to_string(),
+        _ => authority.to_string(),
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use ptune_proto::v1::DownloadDatasetRequest;
+use ptune_proto::v1::{self, DownloadDatasetRequest};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::warn;
@@ -72,6 +72,7 @@ fn partial_name(hex_digest: &str) -> String {
 pub async fn fetch(
     coordinators: &Coordinators,
     reference: &str,
+    lease: &v1::Lease,
     work_dir: &Path,
     directive: &Directive,
 ) -> Result<LocalDataset, FetchError> {
@@ -111,7 +112,7 @@ pub async fn fetch(
             return Err(FetchError::Stopped(reference.to_string()));
         }
         let partial = dir.join(partial_name(hex_digest));
-        let downloaded = download(coordinators, reference, &partial).await;
+        let downloaded = download(coordinators, reference, lease, &partial).await;
         match downloaded {
             Ok((file_name, actual)) if actual == hex_digest => break (file_name, partial),
             Ok((_, actual)) => {
@@ -154,10 +155,20 @@ enum Attempt {
 
 /// Streams dataset `reference` into `partial`: the file name it was
 /// uploaded under (empty if none came) and the content's sha256.
-async fn download(coordinators: &Coordinators, reference: &str, partial: &Path) -> Result<(String, String), Attempt> {
+async fn download(
+    coordinators: &Coordinators,
+    reference: &str,
+    lease: &v1::Lease,
+    partial: &Path,
+) -> Result<(String, String), Attempt> {
     crate::faults::check_write().map_err(Attempt::Disk)?;
     let mut file = tokio::fs::File::create(partial).await.map_err(Attempt::Disk)?;
-    let request = DownloadDatasetRequest { reference: reference.to_string() };
+    let request = DownloadDatasetRequest {
+        reference: reference.to_string(),
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        lease_token: lease.lease_token.clone(),
+    };
     let mut stream = coordinators
         .call(CALL_TIMEOUT, move |mut c| {
             let request = request.clone();

@@ -74,14 +74,16 @@ pub async fn run(ctx: JobContext, lease: v1::Lease, directive: Directive) {
     let epoch = lease.epoch;
     let spec = JobSpec::try_from(lease.spec.clone().unwrap_or_default());
     let name = spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-    let journal = match Journal::create(&ctx.work_dir, LeaseFile { job_id: job_id.clone(), epoch, name }) {
+    let lease_file = LeaseFile { job_id: job_id.clone(), epoch, lease_token: lease.lease_token.clone(), name };
+    let journal = match Journal::create(&ctx.work_dir, lease_file) {
         Ok(journal) => journal,
         Err(e) => {
             // Nowhere to journal: the disk is failing. Hand the lease back
             // so a healthy worker takes it.
             error!(job_id, error = %format!("{e:#}"), "cannot journal the lease; handing it back");
             ctx.health.record(Verdict::Infrastructure { reason: format!("{e:#}"), disk_full: true });
-            release_now(&ctx.coordinators, &job_id, epoch, &format!("the worker cannot write its work directory: {e:#}")).await;
+            let reason = format!("the worker cannot write its work directory: {e:#}");
+            release_now(&ctx.coordinators, &lease, &reason).await;
             ctx.leases.remove(&job_id, epoch);
             return;
         }
@@ -132,8 +134,13 @@ fn fail(error: String, kind: FailureKind) -> Record {
 }
 
 /// Hands a lease back without a journal, trying for a few seconds.
-async fn release_now(coordinators: &Coordinators, job_id: &str, epoch: u64, reason: &str) {
-    let request = v1::ReleaseJobRequest { job_id: job_id.to_string(), epoch, reason: reason.to_string() };
+async fn release_now(coordinators: &Coordinators, lease: &v1::Lease, reason: &str) {
+    let request = v1::ReleaseJobRequest {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        reason: reason.to_string(),
+        lease_token: lease.lease_token.clone(),
+    };
     let _ = coordinators
         .call(CALL_TIMEOUT, move |mut c| {
             let request = request.clone();
@@ -159,8 +166,8 @@ async fn train(
     };
     let mut hard_stop = ctx.hard_stop.clone();
     let fetched = async {
-        let train = datasets::fetch(&ctx.coordinators, &spec.data.train, &ctx.work_dir, directive).await?;
-        let eval = datasets::fetch(&ctx.coordinators, &spec.data.eval, &ctx.work_dir, directive).await?;
+        let train = datasets::fetch(&ctx.coordinators, &spec.data.train, lease, &ctx.work_dir, directive).await?;
+        let eval = datasets::fetch(&ctx.coordinators, &spec.data.eval, lease, &ctx.work_dir, directive).await?;
         Ok::<_, FetchError>((train, eval))
     };
     let fetched = tokio::select! {
@@ -363,7 +370,11 @@ async fn download_checkpoint(
     let target = lease_dir.join("restore.tar");
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=5 {
-        let request = v1::DownloadCheckpointRequest { job_id: lease.job_id.clone(), epoch: lease.epoch };
+        let request = v1::DownloadCheckpointRequest {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            lease_token: lease.lease_token.clone(),
+        };
         let streamed = async {
             let mut stream = coordinators
                 .call(CALL_TIMEOUT, move |mut c| {

@@ -105,11 +105,14 @@ impl Record {
     }
 }
 
-/// The lease as given, kept beside its journal.
+/// The lease as given, kept beside its journal (readable by the worker's
+/// user only: it holds the lease token).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LeaseFile {
     pub job_id: String,
     pub epoch: u64,
+    /// Proves the lease to the coordinator; every call about it carries it.
+    pub lease_token: String,
     /// The job's name, for logs.
     pub name: String,
 }
@@ -133,7 +136,8 @@ impl Journal {
         let dir = leases_dir(work_dir).join(format!("{}-{}", lease.job_id, lease.epoch));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let json = serde_json::to_vec_pretty(&lease)?;
-        crate::durable::write(&dir.join("lease.json"), &json).with_context(|| format!("cannot write {}", dir.display()))?;
+        crate::durable::write_private(&dir.join("lease.json"), &json)
+            .with_context(|| format!("cannot write {}", dir.display()))?;
         Ok(Self { dir, lease, records: Vec::new(), delivered: 0 })
     }
 
@@ -365,7 +369,12 @@ fn next_unit(journal: &Journal) -> (Unit, usize) {
     match &pending[0] {
         Record::Progress { .. } => {
             let mut report =
-                v1::ReportProgressRequest { job_id: lease.job_id.clone(), epoch: lease.epoch, ..Default::default() };
+                v1::ReportProgressRequest {
+                    job_id: lease.job_id.clone(),
+                    epoch: lease.epoch,
+                    lease_token: lease.lease_token.clone(),
+                    ..Default::default()
+                };
             let mut covers = 0;
             for record in pending.iter().take(MAX_RECORDS_PER_REPORT) {
                 let Record::Progress { step, total_steps, metrics } = record else { break };
@@ -397,11 +406,17 @@ fn next_unit(journal: &Journal) -> (Unit, usize) {
                 cancelled: *cancelled,
                 retryable: *retryable,
                 infrastructure: *infrastructure,
+                lease_token: lease.lease_token.clone(),
             }),
             1,
         ),
         Record::Release { reason } => (
-            Unit::Release(v1::ReleaseJobRequest { job_id: lease.job_id.clone(), epoch: lease.epoch, reason: reason.clone() }),
+            Unit::Release(v1::ReleaseJobRequest {
+                job_id: lease.job_id.clone(),
+                epoch: lease.epoch,
+                reason: reason.clone(),
+                lease_token: lease.lease_token.clone(),
+            }),
             1,
         ),
     }
@@ -464,6 +479,7 @@ async fn send(courier: Courier, lease: LeaseFile, unit: Unit, directive: Directi
                 step,
                 sha256: archive.sha256.clone(),
                 size: archive.size,
+                lease_token: lease.lease_token.clone(),
             };
             upload(coordinators.clone(), archive.path.clone(), lease.name.clone(), Upload::Checkpoint(header)).await?;
             info!(job_id = %lease.job_id, step, size = archive.size, "checkpoint uploaded");
@@ -479,6 +495,7 @@ async fn send(courier: Courier, lease: LeaseFile, unit: Unit, directive: Directi
                 metrics: metrics.iter().map(v1::Metric::from).collect(),
                 step,
                 peak_rss_bytes,
+                lease_token: lease.lease_token.clone(),
             };
             upload(coordinators.clone(), archive.path.clone(), lease.name.clone(), Upload::Completion(header)).await
         }
@@ -585,7 +602,12 @@ mod tests {
     }
 
     fn lease() -> LeaseFile {
-        LeaseFile { job_id: "00000000-0000-4000-8000-000000000001".into(), epoch: 3, name: "j".into() }
+        LeaseFile {
+            job_id: "00000000-0000-4000-8000-000000000001".into(),
+            epoch: 3,
+            lease_token: "plt_x".into(),
+            name: "j".into(),
+        }
     }
 
     #[test]

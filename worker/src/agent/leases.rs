@@ -83,19 +83,20 @@ impl Directive {
 pub type LeaseKey = (String, u64);
 
 /// Leases this worker holds, with the directive each job's engine run
-/// obeys. A lease stays here until its ending (completion, failure or
-/// release) was delivered, so heartbeats keep renewing it meanwhile.
+/// obeys and the lease token that proves it. A lease stays here until its
+/// ending (completion, failure or release) was delivered, so heartbeats
+/// keep renewing it meanwhile.
 #[derive(Clone, Default)]
-pub struct Leases(Arc<Mutex<HashMap<LeaseKey, Directive>>>);
+pub struct Leases(Arc<Mutex<HashMap<LeaseKey, (Directive, String)>>>);
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, Directive>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseKey, (Directive, String)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, job_id: &str, epoch: u64) -> Directive {
+    pub fn insert(&self, job_id: &str, epoch: u64, lease_token: &str) -> Directive {
         let flag = Directive::default();
-        self.lock().insert((job_id.to_string(), epoch), flag.clone());
+        self.lock().insert((job_id.to_string(), epoch), (flag.clone(), lease_token.to_string()));
         flag
     }
 
@@ -104,16 +105,23 @@ impl Leases {
     }
 
     pub fn refs(&self) -> Vec<v1::LeaseRef> {
-        self.lock().keys().map(|(job_id, epoch)| v1::LeaseRef { job_id: job_id.clone(), epoch: *epoch }).collect()
+        self.lock()
+            .iter()
+            .map(|((job_id, epoch), (_, token))| v1::LeaseRef {
+                job_id: job_id.clone(),
+                epoch: *epoch,
+                lease_token: token.clone(),
+            })
+            .collect()
     }
 
     pub fn get(&self, job_id: &str, epoch: u64) -> Option<Directive> {
-        self.lock().get(&(job_id.to_string(), epoch)).cloned()
+        self.lock().get(&(job_id.to_string(), epoch)).map(|(d, _)| d.clone())
     }
 
     /// Every lease's directive.
     pub fn all(&self) -> Vec<Directive> {
-        self.lock().values().cloned().collect()
+        self.lock().values().map(|(d, _)| d.clone()).collect()
     }
 
     pub fn len(&self) -> usize {

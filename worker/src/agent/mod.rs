@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Replaces the spec-sized default stall timeout of jobs that set none.
     pub stall_timeout: Option<Duration>,
+    /// The worker token, and TLS settings for `https://` coordinators.
+    pub client: ptune_proto::client::ClientOptions,
 }
 
 /// Runs the worker until `signals` counts a shutdown signal: then it stops
@@ -84,7 +86,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     }
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("cannot create work dir {}", config.work_dir.display()))?;
-    let coordinators = Coordinators::new(&config.coordinator).await?;
+    let coordinators = Coordinators::new(&config.coordinator, config.client.clone()).await?;
     let worker_id = load_or_create_worker_id(&config)?;
     let registration = tokio::select! {
         registration = register(&coordinators, &worker_id, &config, &advertised) => registration?,
@@ -123,7 +125,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     ));
     let mut running = tokio::task::JoinSet::new();
     for journal in recover_journals(&config.work_dir) {
-        leases.insert(&journal.lease.job_id, journal.lease.epoch);
+        leases.insert(&journal.lease.job_id, journal.lease.epoch, &journal.lease.lease_token);
         running.spawn(deliver_recovered(context.clone(), journal));
     }
     loop {
@@ -152,7 +154,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                 Ok(Some(lease)) => {
                     info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt,
                           checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased");
-                    let directive = leases.insert(&lease.job_id, lease.epoch);
+                    let directive = leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
                     running.spawn(job::run(context.clone(), lease, directive));
                     leased = true;
                 }
