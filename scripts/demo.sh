@@ -40,15 +40,22 @@ echo "demo: starting coordinator on 127.0.0.1:$grpc_port (logs: $demo/coordinato
 "$bin/ptune-coordinator" --grpc-addr "127.0.0.1:$grpc_port" --http-addr "127.0.0.1:$http_port" \
   --data-dir "$demo/coordinator" >"$demo/coordinator.log" 2>&1 &
 pids+=($!)
+# On its first start the coordinator writes an admin token and a worker
+# token into its data directory (mode 0600): the CLI uses the first, the
+# worker the second.
 for _ in $(seq 1 120); do
-  "$bin/ptune" jobs list --limit 1 >/dev/null 2>&1 && break
+  if [ -s "$demo/coordinator/admin.token" ]; then
+    export PTUNE_TOKEN="$(cat "$demo/coordinator/admin.token")"
+    "$bin/ptune" jobs list --limit 1 >/dev/null 2>&1 && break
+  fi
   kill -0 "${pids[0]}" 2>/dev/null || { cat "$demo/coordinator.log"; exit 1; }
   sleep 0.5
 done
 
 slots="${PTUNE_DEMO_SLOTS:-4}"
 echo "demo: starting worker serving models/ with $slots slots (logs: $demo/worker.log)"
-"$bin/ptune-worker" --models-dir models --work-dir "$demo/worker" --slots "$slots" >"$demo/worker.log" 2>&1 &
+"$bin/ptune-worker" --models-dir models --work-dir "$demo/worker" --slots "$slots" \
+  --token-file "$demo/coordinator/worker.token" >"$demo/worker.log" 2>&1 &
 pids+=($!)
 
 start=$(date +%s.%N)
@@ -74,7 +81,7 @@ ls -l "$out"
 if [ "${PTUNE_DEMO_SWEEP:-1}" = 1 ]; then
   echo
   echo "demo: ASHA sweep over prompt length x learning rate (examples/sweeps/sst2-asha.toml)"
-  echo "demo: follow it live at http://127.0.0.1:$http_port/ (dashboard) or with: ptune sweep status ID"
+  echo "demo: follow it live at http://127.0.0.1:$http_port/login?token=\$(cat $demo/coordinator/admin.token) (dashboard) or with: ptune sweep status ID"
   start=$(date +%s.%N)
   sweep=$("$bin/ptune" sweep create examples/sweeps/sst2-asha.toml | tail -n 1)
   status=0

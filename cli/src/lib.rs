@@ -8,7 +8,7 @@ mod view;
 
 use std::path::PathBuf;
 
-use ptune_proto::client::{AuthChannel, ClientOptions};
+use ptune_proto::client::ClientOptions;
 use ptune_proto::v1::admin_service_client::AdminServiceClient;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;

@@ -64,6 +64,10 @@ struct Args {
     /// Serve /metrics without a token (otherwise Prometheus sends a viewer token).
     #[arg(long, env = "PTUNE_PUBLIC_METRICS")]
     public_metrics: bool,
+    /// When the database has no admin token yet, create one and a worker token and write them to DIR/admin.token
+    /// and DIR/worker.token (mode 0600). The embedded database does this in --data-dir.
+    #[arg(long, env = "PTUNE_BOOTSTRAP_TOKENS", value_name = "DIR")]
+    bootstrap_tokens: Option<PathBuf>,
     /// Host names the dashboard answers to, besides localhost and the bound address (comma-separated).
     #[arg(long, env = "PTUNE_ALLOWED_HOSTS", value_delimiter = ',')]
     allowed_hosts: Vec<String>,
@@ -109,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::Token(command)) = args.command {
         return token_command(args.database_url, &args.data_dir, command).await;
     }
-    let bootstrap_dir = args.database_url.is_none().then(|| args.data_dir.clone());
+    let bootstrap_dir = args.bootstrap_tokens.clone().or_else(|| args.database_url.is_none().then(|| args.data_dir.clone()));
     let (database_url, embedded) = match args.database_url {
         Some(url) => (url, None),
         None => {

@@ -12,7 +12,7 @@ use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::{self, JobState};
 use sha2::{Digest, Sha256};
 use ptune_worker::agent::Directive;
-use tonic::transport::Channel;
+use ptune_proto::client::AuthChannel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_goes_queued_running_succeeded_with_metrics_and_a_verifiable_adapter() {
@@ -301,7 +301,7 @@ impl Terminal for JobState {
 }
 
 /// Uploads SST-2 and submits a prompt-tuning job of `max_steps` on it.
-async fn submit_sst2(client: &mut JobServiceClient<Channel>, max_steps: u64) -> v1::Job {
+async fn submit_sst2(client: &mut JobServiceClient<AuthChannel>, max_steps: u64) -> v1::Job {
     let train = upload(client, &sst2("train.jsonl")).await;
     let eval = upload(client, &sst2("dev.jsonl")).await;
     client
@@ -322,11 +322,37 @@ async fn jobs_starting_together_on_one_dataset_all_get_it_whole_a_damaged_cache_
     let source = sst2("train.jsonl");
     let reference = upload(&mut client, &source).await;
     let work_dir = cluster.dir.path().join("fetcher");
+    // Datasets go to the holder of a lease of a job that uses them.
+    let job = client
+        .submit_job(v1::SubmitJobRequest { spec: Some(sst2_spec(&reference, &reference, 10)) })
+        .await
+        .expect("valid spec")
+        .into_inner()
+        .job
+        .unwrap();
+    let options = ptune_proto::client::ClientOptions { token: Some(cluster.tokens.worker.clone()), ..Default::default() };
+    let mut workers = v1::worker_service_client::WorkerServiceClient::new(ptune_proto::client::channel(&cluster.url(), &options).unwrap());
+    let registration = v1::RegisterWorkerRequest {
+        hostname: "fetcher".into(),
+        slots: 1,
+        models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
+        ..Default::default()
+    };
+    let worker_id = workers.register_worker(registration).await.expect("register").into_inner().worker_id;
+    let lease = workers
+        .lease_job(v1::LeaseJobRequest { worker_id, free_slots: 1, ..Default::default() })
+        .await
+        .expect("lease")
+        .into_inner()
+        .lease
+        .expect("the job is leased");
+    assert_eq!(lease.job_id, job.id);
     let fetches = (0..4).map(|_| {
-        let (url, reference, work_dir) = (cluster.url(), reference.clone(), work_dir.clone());
+        let (url, reference, work_dir, lease, options) =
+            (cluster.url(), reference.clone(), work_dir.clone(), lease.clone(), options.clone());
         tokio::spawn(async move {
-            let coordinators = ptune_worker::agent::Coordinators::new(&url).await.expect("coordinator address");
-            ptune_worker::agent::datasets::fetch(&coordinators, &reference, &work_dir, &Directive::default()).await
+            let coordinators = ptune_worker::agent::Coordinators::new(&url, options).await.expect("coordinator address");
+            ptune_worker::agent::datasets::fetch(&coordinators, &reference, &lease, &work_dir, &Directive::default()).await
         })
     });
     let expected = std::fs::read(&source).unwrap();
@@ -336,18 +362,19 @@ async fn jobs_starting_together_on_one_dataset_all_get_it_whole_a_damaged_cache_
         assert_eq!(dataset.file_name, "train.jsonl");
     }
     // A cached copy that no longer hashes to its reference is fetched again.
-    let coordinators = ptune_worker::agent::Coordinators::new(&cluster.url()).await.expect("coordinator address");
+    let coordinators = ptune_worker::agent::Coordinators::new(&cluster.url(), options).await.expect("coordinator address");
     let cached = work_dir.join("datasets").join(format!("{}.jsonl", reference.trim_start_matches("sha256:")));
     let mut damaged = expected.clone();
     damaged[10] ^= 0x20;
     std::fs::write(&cached, &damaged).unwrap();
-    let again = ptune_worker::agent::datasets::fetch(&coordinators, &reference, &work_dir, &Directive::default())
+    let again = ptune_worker::agent::datasets::fetch(&coordinators, &reference, &lease, &work_dir, &Directive::default())
         .await
         .expect("a damaged cache is fetched again");
     assert_eq!(std::fs::read(&again.path).unwrap(), expected, "the damaged copy was used");
-    // A dataset the coordinator does not have fails, and leaves nothing behind.
+    // A dataset the lease does not cover fails, and leaves nothing behind.
     let unknown = format!("sha256:{}", "0".repeat(64));
-    assert!(ptune_worker::agent::datasets::fetch(&coordinators, &unknown, &work_dir, &Directive::default()).await.is_err());
+    let refused = ptune_worker::agent::datasets::fetch(&coordinators, &unknown, &lease, &work_dir, &Directive::default()).await;
+    assert!(refused.is_err());
     let left: Vec<_> = std::fs::read_dir(work_dir.join("datasets"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())

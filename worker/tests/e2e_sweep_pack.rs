@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ptune_proto::v1::{self, sweep_service_client::SweepServiceClient, JobState, SweepState};
+use ptune_proto::v1::{self, JobState, SweepState};
 use serde_json::{json, Value};
 
 const STEPS: usize = 30;
@@ -92,7 +92,7 @@ async fn check_trials_pack(cluster: &Cluster, template: Value, space: Value, met
         "template": template,
         "space": space,
     });
-    let mut sweeps = SweepServiceClient::connect(cluster.url()).await.expect("coordinator answers");
+    let mut sweeps = cluster.sweeps();
     let sweep = sweeps
         .create_sweep(v1::CreateSweepRequest { definition_json: definition.to_string() })
         .await

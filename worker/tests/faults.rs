@@ -196,7 +196,7 @@ async fn recovery_times(database_url: &str, kills: &[(String, &str, u64, Instant
 }
 
 /// The jobs' states, by id.
-async fn states(client: &mut ptune_proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel>, ids: &[String]) -> Vec<v1::Job> {
+async fn states(client: &mut ptune_proto::v1::job_service_client::JobServiceClient<ptune_proto::client::AuthChannel>, ids: &[String]) -> Vec<v1::Job> {
     let mut jobs = Vec::new();
     for id in ids {
         jobs.push(get(client, id).await);
@@ -327,7 +327,10 @@ async fn killing_the_coordinator_during_an_asha_sweep_loses_nothing_and_takes_no
             "training.learning_rate": { "values": [1e-2, 3e-2] },
         },
     });
-    let mut sweeps = SweepServiceClient::connect(coordinator.url()).await.unwrap();
+    let mut sweeps = SweepServiceClient::new(ptune_coordinator::testing::channel(
+        &coordinator.url(),
+        &read_token(dir.path(), "admin").expect("the admin token"),
+    ));
     let sweep = sweeps
         .create_sweep(v1::CreateSweepRequest { definition_json: definition.to_string() })
         .await
@@ -354,7 +357,10 @@ async fn killing_the_coordinator_during_an_asha_sweep_loses_nothing_and_takes_no
         client = coordinator.client().await;
         downtimes.push(downtime);
     }
-    let mut sweeps = SweepServiceClient::connect(coordinator.url()).await.unwrap();
+    let mut sweeps = SweepServiceClient::new(ptune_coordinator::testing::channel(
+        &coordinator.url(),
+        &read_token(dir.path(), "admin").expect("the admin token"),
+    ));
     let deadline = Instant::now() + Duration::from_secs(600);
     let finished = loop {
         let now = sweeps.get_sweep(v1::GetSweepRequest { sweep_id: sweep.id.clone() }).await.unwrap().into_inner();
@@ -410,11 +416,16 @@ struct Probe {
 }
 
 /// Calls GetJob and the health check every 100 ms until `stop` is set.
-fn probe_calls(url: String, job: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<Probe> {
+fn probe_calls(
+    url: String,
+    token: String,
+    job: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Probe> {
     use tonic_health::pb::health_client::HealthClient;
     tokio::spawn(async move {
         let mut probe = Probe::default();
-        let channel = tonic::transport::Channel::from_shared(url).unwrap().connect_lazy();
+        let channel = ptune_coordinator::testing::channel(&url, &token);
         let mut jobs = v1::job_service_client::JobServiceClient::new(channel.clone());
         let mut health = HealthClient::new(channel);
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -445,7 +456,8 @@ async fn postgres_stopped_for_5_and_30_seconds_requeues_nothing_and_loses_no_met
     // A coordinator started before its database waits for it, answering UNAVAILABLE.
     postgres.down_immediate();
     let mut coordinator = CoordinatorProcess::start(dir.path(), "coordinator", &postgres.url(), LEASE_MS, &[]);
-    let channel = tonic::transport::Channel::from_shared(coordinator.url()).unwrap().connect_lazy();
+    // No token exists yet: the call is refused for the database before it is checked.
+    let channel = ptune_coordinator::testing::channel(&coordinator.url(), "none yet");
     let mut early = v1::job_service_client::JobServiceClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(30);
     let waiting = loop {
@@ -479,7 +491,8 @@ async fn postgres_stopped_for_5_and_30_seconds_requeues_nothing_and_loses_no_met
     let mut outages = Vec::new();
     for seconds in [5u64, 30] {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let probe = probe_calls(coordinator.url(), ids[0].clone(), stop.clone());
+        let admin = read_token(dir.path(), "admin").expect("the admin token");
+        let probe = probe_calls(coordinator.url(), admin, ids[0].clone(), stop.clone());
         tokio::time::sleep(Duration::from_millis(500)).await;
         postgres.down_immediate();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
@@ -531,7 +544,7 @@ async fn postgres_stopped_for_5_and_30_seconds_requeues_nothing_and_loses_no_met
 
 /// A call made while the database is down.
 async fn states_during(
-    client: &mut ptune_proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    client: &mut ptune_proto::v1::job_service_client::JobServiceClient<ptune_proto::client::AuthChannel>,
 ) -> Result<(), tonic::Status> {
     client.list_jobs(v1::ListJobsRequest::default()).await.map(|_| ())
 }

@@ -21,9 +21,7 @@ pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, file
     let base = file.parent().unwrap_or(Path::new("."));
     spec.data.train = upload_referenced(&mut client, format, base, "data.train", &spec.data.train).await?;
     spec.data.eval = upload_referenced(&mut client, format, base, "data.eval", &spec.data.eval).await?;
-    if spec.owner.is_empty() {
-        spec.owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    }
+    // The owner is the token's name: the coordinator sets it.
     let response = client
         .submit_job(SubmitJobRequest { spec: Some(v1::JobSpec::from(&spec)) })
         .await

@@ -241,10 +241,7 @@ async fn create(
             }
         }
     }
-    if definition.get("owner").and_then(Value::as_str).unwrap_or_default().is_empty() {
-        let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-        definition["owner"] = Value::from(owner);
-    }
+    // The owner is the token's name: the coordinator sets it.
     let request = v1::CreateSweepRequest { definition_json: definition.to_string() };
     let sweep = sweeps.create_sweep(request).await.map_err(status_error)?.into_inner();
     let view = SweepView::new(&sweep);

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ptune_coordinator::testing::{fresh_database, TestDatabase};
+use ptune_coordinator::testing::{fresh_database, TestDatabase, TestTokens};
 use ptune_coordinator::{Config, Coordinator, CoordinatorHandle};
+use ptune_proto::client::AuthChannel;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient};
-use tonic::transport::Channel;
 
 pub const MODEL: &str = "all-MiniLM-L6-v2";
 
@@ -41,6 +41,8 @@ pub struct Cluster {
     pub coordinator: Option<CoordinatorHandle>,
     pub dir: tempfile::TempDir,
     pub models_dir: PathBuf,
+    /// One token of each role; clients use the admin one, workers the worker one.
+    pub tokens: TestTokens,
 }
 
 impl Cluster {
@@ -51,7 +53,8 @@ impl Cluster {
         std::fs::create_dir_all(&models_dir).unwrap();
         std::os::unix::fs::symlink(minilm_dir(), models_dir.join(MODEL)).unwrap();
         let coordinator = Coordinator::start(config(&db.url, lease_timeout)).await.expect("coordinator starts");
-        Cluster { db, coordinator: Some(coordinator), dir, models_dir }
+        let tokens = TestTokens::create(&db.url).await.expect("test tokens");
+        Cluster { db, coordinator: Some(coordinator), dir, models_dir, tokens }
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -62,8 +65,15 @@ impl Cluster {
         format!("http://{}", self.grpc_addr())
     }
 
-    pub async fn client(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::connect(self.url()).await.expect("connect").max_decoding_message_size(64 << 20)
+    /// A sweep-service client with the admin token.
+    pub fn sweeps(&self) -> v1::sweep_service_client::SweepServiceClient<AuthChannel> {
+        v1::sweep_service_client::SweepServiceClient::new(ptune_coordinator::testing::channel(&self.url(), &self.tokens.admin))
+    }
+
+    /// A job-service client with the admin token.
+    pub async fn client(&self) -> JobServiceClient<AuthChannel> {
+        let channel = ptune_coordinator::testing::channel(&self.url(), &self.tokens.admin);
+        JobServiceClient::new(channel).max_decoding_message_size(64 << 20)
     }
 
     /// Starts a `ptune-worker` process with its own work dir.
@@ -82,6 +92,7 @@ impl Cluster {
             .arg("--work-dir")
             .arg(&work_dir)
             .args(["--slots", &slots.to_string(), "--threads", "1"])
+            .env("PTUNE_TOKEN", &self.tokens.worker)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -128,7 +139,7 @@ impl Drop for WorkerProcess {
 }
 
 /// Uploads a local file and returns its reference.
-pub async fn upload(client: &mut JobServiceClient<Channel>, path: &Path) -> String {
+pub async fn upload(client: &mut JobServiceClient<AuthChannel>, path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let chunks: Vec<v1::DatasetChunk> = bytes
         .chunks(1 << 20)
@@ -180,13 +191,13 @@ pub fn sst2_job(name: &str, train: &str, eval: &str, max_steps: u64, eval_every:
     v1::JobSpec::from(&spec)
 }
 
-pub async fn get(client: &mut JobServiceClient<Channel>, id: &str) -> v1::Job {
+pub async fn get(client: &mut JobServiceClient<AuthChannel>, id: &str) -> v1::Job {
     client.get_job(v1::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
 }
 
 /// Polls until `pred` holds for the job, or panics after `timeout` with the job's last state.
 pub async fn wait_for(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobServiceClient<AuthChannel>,
     id: &str,
     timeout: Duration,
     what: &str,
@@ -208,7 +219,7 @@ pub fn state(job: &v1::Job) -> v1::JobState {
 }
 
 /// Every state the watch stream reported, in order, until the stream ends.
-pub async fn watched_states(client: &mut JobServiceClient<Channel>, id: &str) -> (Vec<v1::JobState>, usize) {
+pub async fn watched_states(client: &mut JobServiceClient<AuthChannel>, id: &str) -> (Vec<v1::JobState>, usize) {
     let mut stream = client.watch_job(v1::WatchJobRequest { job_id: id.into() }).await.expect("watch").into_inner();
     let mut states = Vec::new();
     let mut metric_events = 0;

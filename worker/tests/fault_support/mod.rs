@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ptune_proto::client::AuthChannel;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient};
-use tonic::transport::Channel;
 
 pub use crate::common::{get, minilm_dir, sst2, state, upload, without_colours, MODEL};
 
@@ -24,6 +24,17 @@ pub fn coordinator_bin() -> PathBuf {
     let bin = Path::new(env!("CARGO_BIN_EXE_ptune-worker")).with_file_name("ptune-coordinator");
     assert!(bin.exists(), "{} is missing; run cargo build --bins first", bin.display());
     bin
+}
+
+/// Where a scenario's coordinators write the tokens they bootstrap.
+pub fn tokens_dir(dir: &Path) -> PathBuf {
+    dir.join("tokens")
+}
+
+/// The `admin` or `worker` token bootstrapped under `dir`, once written.
+pub fn read_token(dir: &Path, role: &str) -> Option<String> {
+    let text = std::fs::read_to_string(tokens_dir(dir).join(format!("{role}.token"))).ok()?;
+    Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
@@ -48,6 +59,7 @@ pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
 pub struct CoordinatorProcess {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    dir: PathBuf,
     database_url: String,
     args: Vec<String>,
     log: PathBuf,
@@ -63,11 +75,14 @@ impl CoordinatorProcess {
         let mut args = vec![
             format!("--lease-timeout-ms={lease_ms}"),
             format!("--heartbeat-interval-ms={}", (lease_ms / 6).max(100)),
+            // The first coordinator of a database writes an admin and a worker token here.
+            format!("--bootstrap-tokens={}", tokens_dir(dir).display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut this = Self {
             grpc,
             http,
+            dir: dir.to_path_buf(),
             database_url: database_url.to_string(),
             args,
             log: dir.join(format!("{name}.log")),
@@ -115,11 +130,12 @@ impl CoordinatorProcess {
         read_log(&self.log)
     }
 
-    /// A job-service client; waits until the coordinator answers.
-    pub async fn client(&self) -> JobServiceClient<Channel> {
+    /// A job-service client with the admin token; waits until the coordinator answers.
+    pub async fn client(&self) -> JobServiceClient<AuthChannel> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+            if let Some(token) = read_token(&self.dir, "admin") {
+                let channel = ptune_coordinator::testing::channel(&self.url(), &token);
                 let mut client = JobServiceClient::new(channel).max_decoding_message_size(64 << 20);
                 if client.list_workers(v1::ListWorkersRequest::default()).await.is_ok() {
                     return client;
@@ -154,7 +170,7 @@ impl WorkerProcess {
     /// connected to `coordinator` (one or several addresses), its work
     /// directory `dir/name`, and `faults` as `PTUNE_FAULTS`.
     pub fn start(dir: &Path, name: &str, models_dir: &Path, coordinator: &str, slots: u32, faults: &str) -> Self {
-        let args = vec![
+        let mut args = vec![
             format!("--coordinator={coordinator}"),
             format!("--models-dir={}", models_dir.display()),
             format!("--work-dir={}", dir.join(name).display()),
@@ -162,6 +178,10 @@ impl WorkerProcess {
             "--threads=1".into(),
             "--drain-timeout=20".into(),
         ];
+        // The worker token the scenario's coordinator bootstrapped, if one did.
+        if read_token(dir, "worker").is_some() {
+            args.push(format!("--token-file={}", tokens_dir(dir).join("worker.token").display()));
+        }
         let mut this = Self {
             name: name.to_string(),
             work_dir: dir.join(name),
@@ -257,7 +277,7 @@ pub fn models_dir(dir: &Path) -> PathBuf {
 // ------------------------------------------------------------ jobs
 
 /// Uploads SST-2's training and dev sets; their references.
-pub async fn upload_sst2(client: &mut JobServiceClient<Channel>) -> (String, String) {
+pub async fn upload_sst2(client: &mut JobServiceClient<AuthChannel>) -> (String, String) {
     (upload(client, &sst2("train.jsonl")).await, upload(client, &sst2("dev.jsonl")).await)
 }
 
@@ -268,7 +288,7 @@ pub struct Scene {
     pub dir: tempfile::TempDir,
     pub db: ptune_coordinator::testing::TestDatabase,
     pub coordinator: CoordinatorProcess,
-    pub client: JobServiceClient<Channel>,
+    pub client: JobServiceClient<AuthChannel>,
     pub train: String,
     pub eval: String,
     pub models: PathBuf,
@@ -293,14 +313,14 @@ pub fn spec(name: &str, train: &str, eval: &str, steps: u64, extra: &str) -> v1:
     crate::common::sst2_job(name, train, eval, steps, 20, extra)
 }
 
-pub async fn submit(client: &mut JobServiceClient<Channel>, spec: v1::JobSpec) -> v1::Job {
+pub async fn submit(client: &mut JobServiceClient<AuthChannel>, spec: v1::JobSpec) -> v1::Job {
     client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.expect("submit").into_inner().job.unwrap()
 }
 
 /// Polls until `pred` holds for the job, or panics after `timeout`;
 /// calls that fail (a coordinator restarting) are retried.
 pub async fn wait_for(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut JobServiceClient<AuthChannel>,
     id: &str,
     timeout: Duration,
     what: &str,
@@ -322,7 +342,7 @@ pub async fn wait_for(
 }
 
 /// Every training loss of a job by step, as recorded.
-pub async fn train_losses(client: &mut JobServiceClient<Channel>, id: &str) -> Vec<(u64, f64)> {
+pub async fn train_losses(client: &mut JobServiceClient<AuthChannel>, id: &str) -> Vec<(u64, f64)> {
     let metrics = client
         .get_metrics(v1::GetMetricsRequest { job_id: id.into(), kind: "train".into() })
         .await
