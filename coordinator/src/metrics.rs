@@ -199,11 +199,28 @@ impl Collector for LevelsCollector {
         )?;
         for w in &levels.workers {
             let worker_id = w.worker_id.to_string();
-            let labels = [("worker_id", worker_id.as_str()), ("hostname", w.hostname.as_str())];
+            let hostname = label_value(&w.hostname);
+            let labels = [("worker_id", worker_id.as_str()), ("hostname", hostname.as_str())];
             gauge(w.examples_per_second).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
+}
+
+/// A label value escaped as OpenMetrics requires (the encoder writes
+/// values as they are): backslash, double quote and newline.
+fn label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c if c.is_control() => {}
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 fn gauge(value: f64) -> ConstGauge<f64> {

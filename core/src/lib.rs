@@ -2,6 +2,8 @@
 //! and their validation, sweep definitions and their search spaces, memory
 //! estimates, ids, states and metrics. No networking, no storage.
 
+pub mod archive;
+pub mod bounds;
 pub mod ids;
 pub mod memory;
 pub mod spec;

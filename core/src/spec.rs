@@ -7,10 +7,18 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::bounds;
+
 /// Hard cap on virtual tokens and sequence length, whatever the model.
 pub const MAX_TOKENS: u32 = 512;
 /// Hard cap on examples per step.
 pub const MAX_BATCH_SIZE: u32 = 4096;
+/// Most optimizer steps a job may plan (and the most between evaluations or checkpoints).
+pub const MAX_STEPS: u64 = 10_000_000;
+/// Most declared labels.
+pub const MAX_LABELS: usize = 10_000;
+/// Most examples a job may cap its data at.
+pub const MAX_EXAMPLES: u64 = 1_000_000_000;
 /// Default attempts that may fail with an error of the job before it fails.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Bounds of `training.stall_timeout_seconds` when set: ten seconds to a week.
@@ -515,6 +523,7 @@ impl JobSpec {
         if self.base_model.trim().is_empty() {
             return Err(SpecError::new("base_model", "must name a base model served by a worker"));
         }
+        self.validate_bounds()?;
         if !Task::SUPPORTED.contains(&self.task) {
             return Err(SpecError::new(
                 "task",
@@ -552,6 +561,50 @@ impl JobSpec {
                 "max_attempts",
                 format!("must be between 1 and 100, got {}", self.max_attempts),
             ));
+        }
+        Ok(())
+    }
+
+    /// The length and character set of every text, and the range of every
+    /// count, so that no request can store a value the rest cannot handle.
+    fn validate_bounds(&self) -> Result<(), SpecError> {
+        bounds::line("name", &self.name, 128)?;
+        bounds::folder_name("base_model", &self.base_model)?;
+        if !self.owner.is_empty() {
+            bounds::line("owner", &self.owner, 64)?;
+        }
+        let data = &self.data;
+        bounds::line("data.train", &data.train, 4096)?;
+        bounds::line("data.eval", &data.eval, 4096)?;
+        bounds::line("data.text_field", &data.text_field, 128)?;
+        bounds::line("data.label_field", &data.label_field, 128)?;
+        if let Some(field) = &data.references_field {
+            bounds::line("data.references_field", field, 128)?;
+        }
+        if data.labels.len() > MAX_LABELS {
+            return Err(SpecError::new("data.labels", format!("at most {MAX_LABELS} labels, got {}", data.labels.len())));
+        }
+        for (i, label) in data.labels.iter().enumerate() {
+            bounds::line(&format!("data.labels[{i}]"), label, 256)?;
+        }
+        for (field, examples) in [("data.max_train_examples", data.max_train_examples), ("data.max_eval_examples", data.max_eval_examples)] {
+            if examples > MAX_EXAMPLES {
+                return Err(SpecError::new(field, format!("must be at most {MAX_EXAMPLES} (0: all), got {examples}")));
+            }
+        }
+        if let Some(text) = &self.peft.init_text {
+            bounds::paragraph("peft.init_text", text, 4096)?;
+        }
+        let t = &self.training;
+        for (field, steps) in
+            [("training.max_steps", t.max_steps), ("training.eval_every", t.eval_every), ("training.checkpoint_every", t.checkpoint_every)]
+        {
+            if steps > MAX_STEPS {
+                return Err(SpecError::new(field, format!("must be at most {MAX_STEPS}, got {steps}")));
+            }
+        }
+        if !(t.epochs.is_finite() && (0.0..=1000.0).contains(&t.epochs)) {
+            return Err(SpecError::new("training.epochs", format!("must be between 0 and 1000, got {}", t.epochs)));
         }
         Ok(())
     }

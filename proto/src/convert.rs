@@ -267,8 +267,8 @@ impl TryFrom<v1::Metric> for Metric {
 
     fn try_from(m: v1::Metric) -> Result<Self, SpecError> {
         let kind: MetricKind = m.kind.parse().map_err(|e: String| SpecError::new("metrics.kind", e))?;
-        if m.name.is_empty() || m.name.len() > 64 {
-            return Err(SpecError::new("metrics.name", "must be 1 to 64 characters"));
+        if m.name.is_empty() || m.name.len() > 64 || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c)) {
+            return Err(SpecError::new("metrics.name", "must be 1 to 64 letters, digits, '_', '.', '-' or '/'"));
         }
         Ok(Metric { step: m.step, kind, name: m.name, value: m.value })
     }

@@ -2,6 +2,7 @@
 //! domain types of `ptune-core`. Conversions live in [`convert`] only.
 
 pub mod client;
+pub mod codec;
 pub mod convert;
 
 /// Generated messages and services of package `ptune.v1`.

@@ -18,15 +18,18 @@ pub enum AdapterCommand {
     /// Download a succeeded job's adapter as a Hugging Face PEFT folder.
     Get {
         id: String,
-        /// Folder to write adapter_config.json and adapter_model.safetensors into.
+        /// Folder to write adapter_config.json and adapter_model.safetensors into (replaced if it exists).
         #[arg(short, long)]
         out: PathBuf,
+        /// Largest archive accepted, in bytes.
+        #[arg(long, default_value_t = DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
     },
 }
 
 pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd: AdapterCommand) -> anyhow::Result<i32> {
-    let AdapterCommand::Get { id, out } = cmd;
-    let saved = download(&mut client, &id, &out).await?;
+    let AdapterCommand::Get { id, out, max_bytes } = cmd;
+    let saved = download(&mut client, &id, &out, max_bytes).await?;
     match format {
         Format::Json => output::json(&serde_json::json!({
             "job_id": id, "dir": out.display().to_string(), "sha256": saved.sha256,
@@ -44,40 +47,101 @@ pub(crate) struct Saved {
     pub files: Vec<String>,
 }
 
-/// Downloads a succeeded job's adapter, checks its sha256 and unpacks it into `out`.
-pub(crate) async fn download(client: &mut JobServiceClient<AuthChannel>, id: &str, out: &Path) -> anyhow::Result<Saved> {
+/// The largest adapter archive `ptune adapter get` accepts unless told otherwise.
+pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
+
+/// Downloads a succeeded job's adapter, checks its sha256 and unpacks it
+/// into `out` (replacing what is there). The archive streams to a
+/// temporary file beside `out` (nothing is sized by what the server
+/// announces), and is unpacked into a temporary folder that takes `out`'s
+/// place only once every entry was accepted: plain files with plain names,
+/// at most `max_bytes` in all; links, devices, folders, absolute paths and
+/// `..` are refused.
+pub(crate) async fn download(
+    client: &mut JobServiceClient<AuthChannel>,
+    id: &str,
+    out: &Path,
+    max_bytes: u64,
+) -> anyhow::Result<Saved> {
+    use tokio::io::AsyncWriteExt;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let unique = format!("{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    let archive_path = parent.join(format!(".{name}.{unique}.tar"));
+    let staging = parent.join(format!(".{name}.{unique}.unpacking"));
+    let cleanup = |paths: &[&Path]| {
+        for p in paths {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_dir_all(p);
+        }
+    };
+
     let mut stream = client
         .download_adapter(DownloadAdapterRequest { job_id: id.to_string() })
         .await
         .map_err(status_error)?
         .into_inner();
-    let mut expected_sha = String::new();
-    let mut total = 0u64;
-    let mut archive = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(status_error)?;
-        if !chunk.sha256.is_empty() {
-            expected_sha = chunk.sha256;
-            total = chunk.total_size;
-            archive.reserve(total as usize);
+    let mut file = tokio::fs::File::create(&archive_path)
+        .await
+        .with_context(|| format!("cannot write {}", archive_path.display()))?;
+    let mut hasher = Sha256::new();
+    let (mut expected_sha, mut announced, mut received) = (String::new(), 0u64, 0u64);
+    let streamed: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(status_error)?;
+            if !chunk.sha256.is_empty() {
+                expected_sha = chunk.sha256;
+                announced = chunk.total_size;
+                if announced > max_bytes {
+                    bail!("the adapter of job {id} is {announced} bytes, more than --max-bytes {max_bytes}");
+                }
+            }
+            received += chunk.data.len() as u64;
+            if received > max_bytes || (announced > 0 && received > announced) {
+                bail!("the adapter download of job {id} sent more than it announced ({announced} bytes, at most {max_bytes})");
+            }
+            hasher.update(&chunk.data);
+            file.write_all(&chunk.data).await?;
         }
-        archive.extend_from_slice(&chunk.data);
+        file.flush().await?;
+        Ok(())
     }
-    let actual = hex::encode(Sha256::digest(&archive));
-    if archive.len() as u64 != total || actual != expected_sha {
-        bail!("adapter download of job {id} is corrupt: got {} bytes with sha256 {actual}, expected {total} bytes with sha256 {expected_sha}", archive.len());
+    .await;
+    drop(file);
+    if let Err(e) = streamed {
+        cleanup(&[&archive_path]);
+        return Err(e);
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut files = Vec::new();
-    let mut tar = tar::Archive::new(archive.as_slice());
-    for entry in tar.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        if path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-            return Err(anyhow!("adapter archive holds an unsafe path {}", path.display()));
+    let actual = hex::encode(hasher.finalize());
+    if received != announced || actual != expected_sha {
+        cleanup(&[&archive_path]);
+        bail!("adapter download of job {id} is corrupt: got {received} bytes with sha256 {actual}, expected {announced} bytes with sha256 {expected_sha}");
+    }
+    let unpacked = std::fs::File::open(&archive_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|f| Ok(ptune_core::archive::unpack_plain_files(f, &staging, max_bytes)?));
+    cleanup(&[&archive_path]);
+    let files = match unpacked {
+        Ok(files) => files,
+        Err(e) => {
+            cleanup(&[&staging]);
+            return Err(anyhow!("refusing the adapter archive of job {id}: {e:#}"));
         }
-        entry.unpack(out.join(&path))?;
-        files.push(path.display().to_string());
+    };
+    // Into place: what was at `out` goes only once the new folder is whole.
+    let old = parent.join(format!(".{name}.{unique}.replaced"));
+    if out.exists() {
+        std::fs::rename(out, &old).with_context(|| format!("cannot replace {}", out.display()))?;
     }
-    Ok(Saved { sha256: actual, size_bytes: total, files })
+    if let Err(e) = std::fs::rename(&staging, out) {
+        let _ = std::fs::rename(&old, out);
+        cleanup(&[&staging]);
+        return Err(e).with_context(|| format!("cannot write {}", out.display()));
+    }
+    cleanup(&[&old]);
+    Ok(Saved { sha256: actual, size_bytes: received, files })
 }

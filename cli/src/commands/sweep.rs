@@ -277,7 +277,7 @@ async fn best(
         return Ok(1);
     };
     let saved = match &download {
-        Some(dir) => Some(adapter::download(jobs, &best.job_id, dir).await?),
+        Some(dir) => Some(adapter::download(jobs, &best.job_id, dir, adapter::DEFAULT_MAX_BYTES).await?),
         None => None,
     };
     match format {

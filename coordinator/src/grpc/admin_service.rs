@@ -98,7 +98,7 @@ impl AdminService for AdminApi {
     async fn revoke_token(&self, req: Request<v1::RevokeTokenRequest>) -> Result<Response<v1::TokenInfo>, Status> {
         let caller = identity(&req)?;
         let wanted = req.into_inner().token;
-        if wanted.is_empty() || wanted.len() > 64 {
+        if uuid::Uuid::try_parse(&wanted).is_err() && token_name(&wanted).is_err() {
             return Err(Error::invalid("token", "must be a token's id or name").into());
         }
         let record = self

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ptune_core::sweep::SweepState;
-use ptune_core::{JobId, JobSpec, Metric, MetricKind, SweepId, WorkerId};
+use ptune_core::{bounds, JobId, JobSpec, Metric, MetricKind, SweepId, WorkerId};
 use ptune_proto::convert::{method_from_wire, state_from_wire, sweep_state_from_wire};
 use ptune_proto::v1;
 
@@ -56,7 +56,13 @@ pub fn metric_kind(value: &str) -> Result<Option<MetricKind>, Error> {
     value.parse().map(Some).map_err(|e| Error::invalid("kind", e))
 }
 
+/// Most metrics one report may carry.
+const MAX_METRICS_PER_CALL: usize = 100_000;
+
 pub fn metrics(values: Vec<v1::Metric>) -> Result<Vec<Metric>, Error> {
+    if values.len() > MAX_METRICS_PER_CALL {
+        return Err(Error::invalid("metrics", format!("at most {MAX_METRICS_PER_CALL} per call, got {}", values.len())));
+    }
     values
         .into_iter()
         .enumerate()
@@ -72,6 +78,11 @@ pub fn metrics(values: Vec<v1::Metric>) -> Result<Vec<Metric>, Error> {
 /// Filters, page size and page position of a listing.
 pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<PageToken>), Error> {
     let states = req.states.iter().filter_map(|&s| state_from_wire(s).transpose()).collect::<Result<Vec<_>, _>>()?;
+    if !req.base_model.is_empty() {
+        bounds::folder_name("base_model", &req.base_model)?;
+    }
+    bounds::line("name_prefix", &req.name_prefix, 128)?;
+    bounds::line("owner", &req.owner, 64)?;
     let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
     let filter = JobFilter {
         states,
@@ -96,6 +107,25 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
         "" => None,
         id => Some(worker_id(id)?),
     };
+    bounds::line("hostname", &req.hostname, 253)?;
+    if req.devices.len() > 64 {
+        return Err(Error::invalid("devices", format!("at most 64 devices, got {}", req.devices.len())));
+    }
+    for (i, d) in req.devices.iter().enumerate() {
+        bounds::line(&format!("devices[{i}].name"), &d.name, 64)?;
+    }
+    if req.slots > 1024 {
+        return Err(Error::invalid("slots", format!("must be at most 1024, got {}", req.slots)));
+    }
+    if req.models.len() > 1000 {
+        return Err(Error::invalid("models", format!("at most 1000 models, got {}", req.models.len())));
+    }
+    for (i, m) in req.models.iter().enumerate() {
+        bounds::folder_name(&format!("models[{i}].name"), &m.name)?;
+        bounds::line(&format!("models[{i}].model_type"), &m.model_type, 64)?;
+        bounds::line(&format!("models[{i}].sha256"), &m.sha256, 64)?;
+        bounds::line(&format!("models[{i}].unsupported_reason"), &m.unsupported_reason, 1000)?;
+    }
     Ok(WorkerRegistration {
         worker_id,
         hostname: req.hostname,
@@ -128,8 +158,11 @@ fn known(bytes: u64) -> Option<u64> {
 /// The worker, its free slots and the models it holds in memory.
 pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<String>), Error> {
     let worker = worker_id(&req.worker_id)?;
-    if let Some(i) = req.loaded_models.iter().position(|m| m.trim().is_empty()) {
-        return Err(Error::invalid(format!("loaded_models[{i}]"), "must name a model folder, as BaseModel.name"));
+    if req.loaded_models.len() > 1000 {
+        return Err(Error::invalid("loaded_models", format!("at most 1000, got {}", req.loaded_models.len())));
+    }
+    for (i, m) in req.loaded_models.iter().enumerate() {
+        bounds::folder_name(&format!("loaded_models[{i}]"), m)?;
     }
     Ok((worker, req.free_slots, req.loaded_models))
 }
@@ -174,10 +207,19 @@ pub fn completion(header: v1::CompleteJobHeader) -> Result<Completion, Error> {
     })
 }
 
+/// A text a worker reports (an error, a reason): control characters other
+/// than newlines and tabs become spaces, and it is cut to `max_chars`.
+fn reported_text(text: &str, max_chars: usize) -> String {
+    text.chars()
+        .take(max_chars)
+        .map(|c| if (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}') { ' ' } else { c })
+        .collect()
+}
+
 pub fn failure(req: v1::FailJobRequest) -> Result<Failure, Error> {
     Ok(Failure {
         lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?,
-        error: req.error,
+        error: reported_text(&req.error, 10_000),
         cancelled: req.cancelled,
         retryable: req.retryable,
         infrastructure: req.infrastructure,
@@ -187,15 +229,15 @@ pub fn failure(req: v1::FailJobRequest) -> Result<Failure, Error> {
 /// Longest `unhealthy_reason` a heartbeat may carry.
 const MAX_REASON_CHARS: usize = 1000;
 
-pub fn unhealthy_reason(reason: &str) -> Result<&str, Error> {
-    if reason.chars().count() > MAX_REASON_CHARS || reason.contains('\0') {
-        return Err(Error::invalid("unhealthy_reason", format!("must be at most {MAX_REASON_CHARS} characters, without NUL")));
+pub fn unhealthy_reason(reason: &str) -> Result<String, Error> {
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(Error::invalid("unhealthy_reason", format!("must be at most {MAX_REASON_CHARS} characters")));
     }
-    Ok(reason)
+    Ok(reported_text(reason, MAX_REASON_CHARS))
 }
 
 pub fn release(req: v1::ReleaseJobRequest) -> Result<Release, Error> {
-    Ok(Release { lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?, reason: req.reason })
+    Ok(Release { lease: lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?, reason: reported_text(&req.reason, 1000) })
 }
 
 fn sha256_hex(value: &str, field: &str) -> Result<String, Error> {
@@ -319,9 +361,18 @@ pub fn stop_signal(signal: StopSignal) -> v1::ReportProgressResponse {
 }
 
 /// The definition JSON of a CreateSweep request.
+/// Largest sweep definition accepted.
+const MAX_DEFINITION_BYTES: usize = 1 << 20;
+
 pub fn sweep_definition(json: &str) -> Result<serde_json::Value, Error> {
+    if json.len() > MAX_DEFINITION_BYTES {
+        return Err(Error::invalid("definition_json", format!("must be at most {MAX_DEFINITION_BYTES} bytes, got {}", json.len())));
+    }
     match serde_json::from_str(json) {
-        Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+        Ok(value @ serde_json::Value::Object(_)) => {
+            bounds::json_strings("definition_json", &value, 10_000)?;
+            Ok(value)
+        }
         Ok(_) => Err(Error::invalid("definition_json", "must be a JSON object (the sweep file as JSON)")),
         Err(e) => Err(Error::invalid("definition_json", format!("is not valid JSON: {e}"))),
     }

@@ -22,6 +22,21 @@ use crate::error::Error;
 /// and database errors are logged, never sent.
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
+        let status = status_of(e);
+        // A message quoting a client's value must not outgrow a header.
+        if status.message().len() > MAX_MESSAGE_CHARS {
+            let cut: String = status.message().chars().take(MAX_MESSAGE_CHARS).collect();
+            return Status::new(status.code(), format!("{cut}…"));
+        }
+        status
+    }
+}
+
+/// Longest status message sent (it travels in a header).
+const MAX_MESSAGE_CHARS: usize = 1000;
+
+fn status_of(e: Error) -> Status {
+    {
         match e {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(message) => Status::not_found(message),

@@ -50,7 +50,7 @@ impl WorkerService for WorkerApi {
         let worker = convert::worker_id(&req.worker_id)?;
         let leases = convert::lease_refs(req.leases)?;
         let unhealthy = convert::unhealthy_reason(&req.unhealthy_reason)?;
-        let reply = self.scheduler.heartbeat(worker, &leases, unhealthy, &caller).await?;
+        let reply = self.scheduler.heartbeat(worker, &leases, &unhealthy, &caller).await?;
         Ok(Response::new(v1::HeartbeatResponse {
             stop: convert::lease_refs_to_wire(&reply.stop),
             known: reply.known,

@@ -24,6 +24,10 @@ impl DatasetUpload {
     /// Adds a chunk; the file name counts when it is the first one given.
     pub fn push(&mut self, file_name: &str, data: &[u8]) -> Result<(), Error> {
         if self.file_name.is_none() && !file_name.is_empty() {
+            ptune_core::bounds::line("file_name", file_name, 255)?;
+            if file_name.contains('/') {
+                return Err(Error::invalid("file_name", "must be a file name, without '/'"));
+            }
             self.file_name = Some(file_name.to_string());
         }
         if (self.content.len() + data.len()) as u64 > MAX_DATASET_BYTES {

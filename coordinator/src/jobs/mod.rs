@@ -135,6 +135,8 @@ impl Jobs {
             spec.max_attempts = self.default_max_attempts;
         }
         spec.owner = owner_for(&spec.owner, caller, "owner")?;
+        // Everything that needs no database first: no unchecked value reaches it.
+        spec.validate(None)?;
         let support = self.model_support(&spec.base_model).await?;
         let limits = admission::admit(&spec, &support)?;
         spec.validate(limits.as_ref())?;

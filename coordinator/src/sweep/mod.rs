@@ -58,6 +58,7 @@ impl Sweeps {
         let mut steps_per_epoch = None;
         for params in def.validation_configs() {
             let mut spec = def.trial_spec(0, &params, None)?;
+            spec.validate(None).map_err(|e| trial_error(e, &params))?;
             if !support.contains_key(&spec.base_model) {
                 support.insert(spec.base_model.clone(), self.jobs.model_support(&spec.base_model).await?);
             }

@@ -5,9 +5,9 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
-use std::path::{Component, Path};
+use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use sha2::{Digest, Sha256};
 
 /// An archive written to disk, with its sha256 (lowercase hex) and size.
@@ -100,33 +100,10 @@ pub fn digest(path: &Path) -> std::io::Result<(String, u64)> {
 }
 
 /// Unpacks a checkpoint archive into `dir`, which must not exist yet:
-/// plain files with plain names only (no folders, links, devices, absolute
-/// paths or `..`), at most `max_bytes` in all.
+/// plain files with plain names only, at most `max_bytes` in all (see
+/// [`ptune_core::archive`]).
 pub fn unpack(archive: &Path, dir: &Path, max_bytes: u64) -> anyhow::Result<()> {
-    std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let file = File::open(archive).with_context(|| format!("cannot read {}", archive.display()))?;
-    let mut entries = tar::Archive::new(file);
-    let mut total = 0u64;
-    for entry in entries.entries()? {
-        let mut entry = entry?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            bail!("checkpoint archive holds a {:?} entry; only plain files are allowed", entry.header().entry_type());
-        }
-        let path = entry.path()?.into_owned();
-        let mut components = path.components();
-        let name = match (components.next(), components.next()) {
-            (Some(Component::Normal(name)), None) => name.to_owned(),
-            _ => bail!("checkpoint archive entry {} is not a plain file name", path.display()),
-        };
-        total += entry.header().size()?;
-        if total > max_bytes {
-            bail!("checkpoint archive unpacks to more than {max_bytes} bytes");
-        }
-        let target = dir.join(name);
-        let mut out = File::create(&target).with_context(|| format!("cannot write {}", target.display()))?;
-        std::io::copy(&mut entry, &mut out)?;
-        out.sync_all()?;
-    }
-    crate::durable::sync_dir(dir)?;
+    ptune_core::archive::unpack_plain_files(file, dir, max_bytes)?;
     Ok(())
 }
