@@ -33,7 +33,7 @@ use crate::jobs::Jobs;
 use crate::metrics::GrpcMetricsLayer;
 use crate::readiness::{Readiness, ReadinessLayer, State};
 use crate::scheduler::{spawn_reaper, Scheduler, Timing};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::sweep::{spawn_engine, SweepEngine, Sweeps};
 
 /// Largest gRPC message accepted (streamed uploads send many small ones).
@@ -145,7 +145,7 @@ impl Coordinator {
         info!(addr = %grpc_addr, "grpc listening");
         info!(addr = %http_addr, "http listening");
 
-        wait_for_database(&store).await;
+        wait_for_database(&store).await.context("applying the database migrations")?;
         if let Some(dir) = &config.bootstrap_dir {
             bootstrap_tokens(&store, dir).await?;
         }
@@ -206,26 +206,27 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
 }
 
 /// Waits until the database answers and the migrations are applied,
-/// logging every few seconds while it does not.
-async fn wait_for_database(store: &Store) {
+/// logging every few seconds while it does not. A migration the database
+/// refuses (or a database migrated by a newer coordinator) is fatal.
+async fn wait_for_database(store: &Store) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(100);
     let mut last_log: Option<tokio::time::Instant> = None;
     loop {
-        let attempt = async {
-            tokio::time::timeout(PING_TIMEOUT, store.ping()).await.map_err(|_| "no answer".to_string())?.map_err(|e| e.to_string())?;
-            store.migrate().await.map_err(|e| e.to_string())
+        let error = match tokio::time::timeout(PING_TIMEOUT, store.ping()).await {
+            Err(_) => "no answer".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(())) => match store.migrate().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_unavailable() => e.to_string(),
+                Err(fatal) => return Err(fatal),
+            },
         };
-        match attempt.await {
-            Ok(()) => return,
-            Err(error) => {
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
-                    warn!(%error, "waiting for the database; calls are answered UNAVAILABLE meanwhile");
-                    last_log = Some(tokio::time::Instant::now());
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
+        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            warn!(%error, "waiting for the database; calls are answered UNAVAILABLE meanwhile");
+            last_log = Some(tokio::time::Instant::now());
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

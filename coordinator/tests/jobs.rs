@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{http_get, state, EVAL, MODEL, TRAIN};
 use ptune_proto::v1;
+use ptune_proto::v1::complete_job_chunk::Part;
 use tonic::Code;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -190,6 +191,99 @@ async fn datasets_are_stored_once_per_content_and_served_back_to_workers() {
     assert_eq!(err.code(), Code::PermissionDenied, "without the lease token: {err:?}");
     let empty = env.jobs.upload_dataset(futures::stream::iter(Vec::<v1::DatasetChunk>::new())).await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn large_files_are_stored_in_chunks_and_come_back_byte_for_byte() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    let blobs = |pool: sqlx::PgPool| async move {
+        let counts: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE complete), (SELECT count(*) FROM blob_chunks) FROM blobs",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        counts
+    };
+
+    // 3.4 MB of examples, sent in pieces that do not line up with the stored chunks.
+    let line = |i: usize| format!("{{\"text\": \"example number {i} with some words\", \"label\": {}}}\n", i % 2);
+    let train: String = (0..60_000).map(line).collect();
+    let chunks: Vec<v1::DatasetChunk> = train
+        .as_bytes()
+        .chunks(100_003)
+        .enumerate()
+        .map(|(i, data)| v1::DatasetChunk {
+            file_name: if i == 0 { "big.jsonl".to_string() } else { String::new() },
+            data: data.to_vec(),
+        })
+        .collect();
+    let stored = env.jobs.upload_dataset(futures::stream::iter(chunks.clone())).await.unwrap().into_inner();
+    assert_eq!((stored.size_bytes, stored.lines), (train.len() as u64, 60_000));
+    assert_eq!(stored.reference, format!("sha256:{}", common::sha256(train.as_bytes())));
+    let again = env.jobs.upload_dataset(futures::stream::iter(chunks)).await.unwrap().into_inner();
+    assert_eq!(again, stored);
+    let chunk_count = train.len().div_ceil(1 << 20) as i64;
+    assert_eq!(blobs(pool.clone()).await, (1, 1, chunk_count), "the second upload of the same bytes leaves nothing behind");
+
+    // A worker streams the dataset back; the adapter goes up and comes back whole.
+    let eval = env.upload("eval.jsonl", EVAL).await;
+    let job = env.submit(common::spec("big", &stored.reference, &eval.reference)).await;
+    let worker = env.register().await;
+    let lease = env.lease(&worker).await.expect("leased");
+    let request = v1::DownloadDatasetRequest {
+        reference: stored.reference.clone(),
+        job_id: job.id.clone(),
+        epoch: lease.epoch,
+        lease_token: lease.lease_token.clone(),
+    };
+    let mut stream = env.workers.download_dataset(request).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend(chunk.data);
+    }
+    assert!(bytes == train.as_bytes(), "the downloaded dataset differs from the upload");
+
+    let adapter: Vec<u8> = (0..2_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let mut wrong = adapter.clone();
+    wrong[1_234_567] ^= 1;
+    let mut header_for_wrong = env.complete_parts(&lease, &adapter);
+    header_for_wrong.truncate(1);
+    header_for_wrong.extend(wrong.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));
+    let refused = env.workers.complete_job(futures::stream::iter(header_for_wrong)).await.unwrap_err();
+    assert!(refused.message().starts_with("adapter_sha256:"), "{refused:?}");
+    env.complete(&lease, &adapter).await.unwrap();
+    let mut stream =
+        env.jobs.download_adapter(v1::DownloadAdapterRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend(chunk.data);
+    }
+    assert!(bytes == adapter, "the downloaded adapter differs from the upload");
+    let adapter_chunks = adapter.len().div_ceil(1 << 20) as i64;
+    assert_eq!(
+        blobs(pool.clone()).await,
+        (3, 3, chunk_count + 1 + adapter_chunks),
+        "the refused adapter left no blob behind"
+    );
+
+    // Chunks reach the database while the upload is still arriving, and an
+    // upload refused part-way leaves nothing behind.
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::DatasetChunk>(4);
+    let mut jobs = env.jobs.clone();
+    let call = tokio::spawn(async move { jobs.upload_dataset(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    for _ in 0..3 {
+        tx.send(v1::DatasetChunk { file_name: String::new(), data: vec![b'{'; 1 << 20] }).await.unwrap();
+    }
+    let before = chunk_count + 1 + adapter_chunks;
+    common::wait_until(10, || async { blobs(pool.clone()).await == (4, 3, before + 3) }).await;
+    tx.send(v1::DatasetChunk { file_name: "no/slashes".into(), data: vec![b'}'] }).await.unwrap();
+    let refused = call.await.unwrap().unwrap_err();
+    assert!(refused.message().starts_with("file_name:"), "{refused:?}");
+    common::wait_until(10, || async { blobs(pool.clone()).await == (3, 3, before) }).await;
+    pool.close().await;
     env.stop().await;
 }
 

@@ -90,7 +90,7 @@ async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_k
     let request = v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![" ".into()] };
     let err = env.workers.lease_job(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "loaded_models[0]: must name a model folder, as BaseModel.name");
+    assert!(err.message().starts_with("loaded_models[0]: must be a folder name"), "{}", err.message());
 
     // The worker holds tiny-bert: its job goes first, though it is newer.
     let first = lease(&mut env, &worker, &[MODEL]).await.expect("a lease");

@@ -241,11 +241,10 @@ async fn adapter(State(d): State<Dashboard>, Path(id): Path<String>) -> Result<R
             job.state.as_str()
         )));
     };
-    let (store, job_id) = (d.store.clone(), job.id);
-    let chunks = blob::chunks(info.size, move |offset, len| {
-        let store = store.clone();
-        async move { Ok(store.adapter_window(job_id, offset, len).await?) }
-    });
+    let job_id = job.id;
+    let stored = d.store.adapter_blob(job_id).await?;
+    let blob = stored.ok_or_else(|| ApiError::NotFound(format!("job {job_id} has no stored adapter")))?;
+    let chunks = blob::read(d.store.clone(), blob, info.size);
     let disposition = format!("attachment; filename=\"ptune-adapter-{job_id}.tar\"");
     Ok((
         [

@@ -9,7 +9,7 @@ use tracing::instrument;
 
 use super::convert;
 use crate::auth::layer::identity;
-use crate::jobs::{DatasetUpload, Jobs};
+use crate::jobs::Jobs;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -133,9 +133,9 @@ impl JobService for JobApi {
         req: Request<Streaming<v1::DatasetChunk>>,
     ) -> Result<Response<v1::DatasetInfo>, Status> {
         let mut chunks = req.into_inner();
-        let mut upload = DatasetUpload::default();
+        let mut upload = self.jobs.begin_dataset().await?;
         while let Some(chunk) = chunks.message().await? {
-            upload.push(&chunk.file_name, &chunk.data)?;
+            upload.push(&chunk.file_name, &chunk.data).await?;
         }
         let info = self.jobs.store_dataset(upload).await?;
         Ok(Response::new(convert::dataset_info(&info)))

@@ -90,7 +90,7 @@ impl WorkerService for WorkerApi {
             let Some(Part::Data(data)) = chunk.part else {
                 return Err(Error::invalid("header", "only the first message may carry a header").into());
             };
-            upload.push(&data)?;
+            upload.push(&data).await?;
         }
         self.scheduler.complete(upload).await?;
         Ok(Response::new(v1::CompleteJobResponse {}))

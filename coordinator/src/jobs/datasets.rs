@@ -2,62 +2,68 @@
 //! check a submitted job runs over its datasets.
 
 use ptune_core::{spec::label_text, JobSpec, SpecError};
-use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
+use crate::blob::BlobWriter;
 use crate::error::Error;
 use crate::model::{DatasetInfo, DatasetRef};
+use crate::store::{ChunkTarget, Store};
 
-/// Largest dataset accepted. A Postgres `bytea` value holds at most 1 GiB
-/// minus its header, so the limit stays just under it.
+/// Largest dataset accepted.
 pub const MAX_DATASET_BYTES: u64 = 1_000_000_000;
 
-/// A dataset being received: bytes, their sha256 and line count so far.
-#[derive(Default)]
+/// A dataset being received: written to the database a chunk at a time,
+/// hashed and its lines counted on the way.
 pub struct DatasetUpload {
     file_name: Option<String>,
-    content: Vec<u8>,
-    hasher: Sha256,
+    writer: BlobWriter,
+    blob: Uuid,
     lines: LineCounter,
 }
 
 impl DatasetUpload {
+    pub(crate) fn new(store: Store, blob: Uuid) -> Self {
+        let writer = BlobWriter::new(store, ChunkTarget::Blob(blob), MAX_DATASET_BYTES, "data");
+        Self { file_name: None, writer, blob, lines: LineCounter::default() }
+    }
+
     /// Adds a chunk; the file name counts when it is the first one given.
-    pub fn push(&mut self, file_name: &str, data: &[u8]) -> Result<(), Error> {
+    pub async fn push(&mut self, file_name: &str, data: &[u8]) -> Result<(), Error> {
         if self.file_name.is_none() && !file_name.is_empty() {
-            ptune_core::bounds::line("file_name", file_name, 255)?;
-            if file_name.contains('/') {
-                return Err(Error::invalid("file_name", "must be a file name, without '/'"));
-            }
-            self.file_name = Some(file_name.to_string());
+            self.file_name = Some(checked_file_name(file_name)?);
         }
-        if (self.content.len() + data.len()) as u64 > MAX_DATASET_BYTES {
-            return Err(Error::invalid(
-                "data",
-                format!("datasets must be at most {MAX_DATASET_BYTES} bytes; split or sample the file"),
-            ));
-        }
-        self.hasher.update(data);
+        self.writer.push(data).await.map_err(|_| {
+            Error::invalid("data", format!("datasets must be at most {MAX_DATASET_BYTES} bytes; split or sample the file"))
+        })?;
         self.lines.feed(data);
-        self.content.extend_from_slice(data);
         Ok(())
     }
 
-    /// The finished upload's record and bytes.
-    pub fn finish(self) -> Result<(DatasetInfo, Vec<u8>), Error> {
-        if self.content.is_empty() {
+    /// The finished upload's record and the blob holding its bytes.
+    pub(crate) async fn finish(self) -> Result<(DatasetInfo, Uuid), Error> {
+        if self.writer.received() == 0 {
             return Err(Error::invalid(
                 "data",
                 "the dataset is empty; upload a JSON Lines file with at least one example",
             ));
         }
+        let written = self.writer.finish().await?;
         let info = DatasetInfo {
-            reference: DatasetRef::from_sha256(hex::encode(self.hasher.finalize())),
+            reference: DatasetRef::from_sha256(written.sha256),
             file_name: self.file_name.unwrap_or_else(|| "dataset.jsonl".to_string()),
-            size: self.content.len() as u64,
+            size: written.size,
             lines: self.lines.finish(),
         };
-        Ok((info, self.content))
+        Ok((info, self.blob))
     }
+}
+
+fn checked_file_name(file_name: &str) -> Result<String, Error> {
+    ptune_core::bounds::line("file_name", file_name, 255)?;
+    if file_name.contains('/') {
+        return Err(Error::invalid("file_name", "must be a file name, without '/'"));
+    }
+    Ok(file_name.to_string())
 }
 
 /// Counts lines with something other than whitespace on them.
@@ -195,10 +201,9 @@ mod tests {
         check.feed(b"{\"label\": 1}\n{\"label\": \"x\"}").unwrap();
         assert!(check.finish().unwrap_err().message.contains("label \"x\" on line 2"));
 
-        let mut upload = DatasetUpload::default();
-        upload.push("f.jsonl", b"{\"a\":1}\n\n  \n{\"a\"").unwrap();
-        upload.push("", b":2}").unwrap();
-        let (info, _) = upload.finish().unwrap();
-        assert_eq!((info.lines, info.file_name.as_str()), (2, "f.jsonl"));
+        let mut lines = LineCounter::default();
+        lines.feed(b"{\"a\":1}\n\n  \n{\"a\"");
+        lines.feed(b":2}");
+        assert_eq!(lines.finish(), 2);
     }
 }

@@ -245,18 +245,20 @@ impl Jobs {
         }
         let info = job.adapter.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter row")))?;
         self.audit(caller, "adapter.download", &id.to_string(), serde_json::json!({ "sha256": info.sha256 })).await;
-        let store = self.store.clone();
-        let chunks = blob::chunks(info.size, move |offset, len| {
-            let store = store.clone();
-            async move { Ok(store.adapter_window(id, offset, len).await?) }
-        });
+        let blob = self.store.adapter_blob(id).await?.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter blob")))?;
+        let chunks = blob::read(self.store.clone(), blob, info.size);
         Ok((info, chunks))
+    }
+
+    /// Starts receiving a dataset.
+    pub async fn begin_dataset(&self) -> Result<DatasetUpload, Error> {
+        Ok(DatasetUpload::new(self.store.clone(), self.store.begin_blob().await?))
     }
 
     /// Stores a received dataset (once per content) and returns its reference.
     pub async fn store_dataset(&self, upload: DatasetUpload) -> Result<DatasetInfo, Error> {
-        let (info, content) = upload.finish()?;
-        let stored = self.store.insert_dataset(&info, &content).await?;
+        let (info, blob) = upload.finish().await?;
+        let stored = self.store.insert_dataset(&info, blob).await?;
         info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
         Ok(stored)
     }
@@ -292,10 +294,13 @@ impl Jobs {
 
     /// Reads the dataset a window at a time and checks every example's label.
     async fn check_labels(&self, spec: &JobSpec, dataset: &DatasetInfo) -> Result<(), Error> {
+        let blob = self.store.dataset_blob(&dataset.reference).await?.ok_or_else(|| {
+            Error::Internal(format!("dataset {} has no stored bytes", dataset.reference))
+        })?;
         let mut check = LabelCheck::new(spec, &dataset.file_name);
         let mut offset = 0;
         while offset < dataset.size {
-            let window = self.store.dataset_window(&dataset.reference, offset, CHECK_WINDOW_BYTES).await?;
+            let window = self.store.blob_window(blob, offset, CHECK_WINDOW_BYTES).await?;
             if window.is_empty() {
                 return Err(Error::Internal(format!("dataset {} ended at byte {offset}", dataset.reference)));
             }

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use futures::Stream;
 use ptune_core::WorkerId;
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 pub use reaper::spawn_reaper;
 
-use crate::blob;
+use crate::blob::{self, BlobWriter};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
 use crate::model::{
@@ -23,7 +22,7 @@ use crate::model::{
     ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
 use crate::auth::Identity;
-use crate::store::{CheckpointStored, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership};
+use crate::store::{CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership};
 use retry::RetryPolicy;
 
 /// Largest adapter archive accepted.
@@ -38,9 +37,6 @@ pub struct Timing {
     /// Largest checkpoint archive a worker may upload.
     pub max_checkpoint_bytes: u64,
 }
-
-/// Rows of a stored checkpoint: uploads are cut into chunks of this size.
-const CHECKPOINT_CHUNK: usize = 1 << 20;
 
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
@@ -151,15 +147,24 @@ impl Scheduler {
             ));
         }
         fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
-        let capacity = usize::try_from(completion.adapter_size).unwrap_or(0);
-        Ok(AdapterUpload { completion, content: Vec::with_capacity(capacity), hasher: Sha256::new() })
+        let blob = self.store.begin_blob().await?;
+        let writer = BlobWriter::new(self.store.clone(), ChunkTarget::Blob(blob), completion.adapter_size, "adapter_size");
+        Ok(AdapterUpload { completion, writer, blob })
     }
 
     /// Verifies the received adapter and marks the job succeeded.
     pub async fn complete(&self, upload: AdapterUpload) -> Result<(), Error> {
-        let (completion, content) = upload.finish()?;
+        let AdapterUpload { completion, writer, blob } = upload;
+        let written = writer.finish().await?;
         let lease = completion.lease;
-        match fenced(lease, self.store.complete_job(&completion, &content).await?)? {
+        let outcome = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
+            Ok(()) => self.store.complete_job(&completion, blob).await.map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if !matches!(outcome, Ok(Fenced::Valid(CompleteOutcome::Completed))) {
+            self.store.abandon_upload(ChunkTarget::Blob(blob)).await?;
+        }
+        match fenced(lease, outcome?)? {
             CompleteOutcome::Completed => {
                 info!(job_id = %lease.job_id, epoch = lease.epoch, adapter_sha256 = %completion.adapter_sha256,
                       size = completion.adapter_size, "job succeeded");
@@ -213,16 +218,8 @@ impl Scheduler {
             ));
         }
         let id = fenced(upload.lease, self.store.begin_checkpoint(&upload).await?)?;
-        Ok(CheckpointSink {
-            store: self.store.clone(),
-            id,
-            upload,
-            pending: Vec::with_capacity(CHECKPOINT_CHUNK),
-            received: 0,
-            next_seq: 0,
-            hasher: Sha256::new(),
-            finished: false,
-        })
+        let writer = BlobWriter::new(self.store.clone(), ChunkTarget::Checkpoint(id), upload.info.size, "size");
+        Ok(CheckpointSink { store: self.store.clone(), id, upload, writer })
     }
 
     /// The checkpoint a running lease resumes from, in chunks.
@@ -268,15 +265,10 @@ impl Scheduler {
                 lease.job_id
             )));
         }
-        let info =
-            self.store.dataset(&reference).await?.ok_or_else(|| {
-                Error::NotFound(format!("dataset {reference} not found; upload it with UploadDataset"))
-            })?;
-        let store = self.store.clone();
-        let chunks = blob::chunks(info.size, move |offset, len| {
-            let (store, reference) = (store.clone(), reference.clone());
-            async move { Ok(store.dataset_window(&reference, offset, len).await?) }
-        });
+        let not_found = || Error::NotFound(format!("dataset {reference} not found; upload it with UploadDataset"));
+        let info = self.store.dataset(&reference).await?.ok_or_else(not_found)?;
+        let blob = self.store.dataset_blob(&reference).await?.ok_or_else(not_found)?;
+        let chunks = blob::read(self.store.clone(), blob, info.size);
         Ok((info, chunks))
     }
 
@@ -291,140 +283,57 @@ impl Scheduler {
         }
         Ok(reaped.len())
     }
+
+    /// Removes checkpoints of finished jobs, blobs nothing links, and
+    /// uploads abandoned for `abandoned_after`.
+    pub async fn collect_files(&self, abandoned_after: Duration) -> Result<(u64, u64), Error> {
+        let checkpoints = self.store.collect_checkpoints(abandoned_after, 1000).await?;
+        let blobs = self.store.collect_blobs(abandoned_after, 1000).await?;
+        Ok((checkpoints, blobs))
+    }
 }
 
-/// A checkpoint being received: hashed and written in chunks as it
-/// arrives, never held whole. Dropped unfinished, its rows are removed.
+/// A checkpoint being received, written in chunks as it arrives. Dropped
+/// unfinished, its rows are removed.
 pub struct CheckpointSink {
     store: Store,
     id: uuid::Uuid,
     upload: CheckpointUpload,
-    pending: Vec<u8>,
-    received: u64,
-    next_seq: u32,
-    hasher: Sha256,
-    finished: bool,
+    writer: BlobWriter,
 }
 
 impl CheckpointSink {
     pub async fn push(&mut self, data: &[u8]) -> Result<(), Error> {
-        self.received += data.len() as u64;
-        if self.received > self.upload.info.size {
-            return Err(Error::invalid(
-                "size",
-                format!("more than the announced {} bytes arrived; announce the archive's real size", self.upload.info.size),
-            ));
-        }
-        self.hasher.update(data);
-        let mut data = data;
-        while !data.is_empty() {
-            let take = (CHECKPOINT_CHUNK - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.pending.len() == CHECKPOINT_CHUNK {
-                self.flush().await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<(), Error> {
-        if !self.pending.is_empty() {
-            self.store.put_checkpoint_chunk(self.id, self.next_seq, &self.pending).await?;
-            self.next_seq += 1;
-            self.pending.clear();
-        }
-        Ok(())
+        self.writer.push(data).await
     }
 
     /// Verifies size and hash and makes the checkpoint the job's; false
     /// when the job already had one of as many steps.
-    pub async fn finish(mut self) -> Result<bool, Error> {
-        if self.received != self.upload.info.size {
-            return Err(Error::invalid(
-                "size",
-                format!("announced {} bytes but {} arrived; upload the whole archive again", self.upload.info.size, self.received),
-            ));
+    pub async fn finish(self) -> Result<bool, Error> {
+        let CheckpointSink { store, id, upload, writer } = self;
+        let written = writer.finish().await?;
+        let stored = match written.matches(upload.info.size, &upload.info.sha256, "") {
+            Ok(()) => fenced(upload.lease, store.finish_checkpoint(id, &upload).await?),
+            Err(e) => Err(e),
+        };
+        if !matches!(stored, Ok(CheckpointStored::Stored)) {
+            store.abandon_upload(ChunkTarget::Checkpoint(id)).await?;
         }
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if sha256 != self.upload.info.sha256 {
-            return Err(Error::invalid(
-                "sha256",
-                format!("the received bytes hash to {sha256}, not {}; upload the archive again", self.upload.info.sha256),
-            ));
-        }
-        self.flush().await?;
-        let stored = fenced(self.upload.lease, self.store.finish_checkpoint(self.id, &self.upload).await?)?;
-        self.finished = true;
-        Ok(stored == CheckpointStored::Stored)
+        Ok(stored? == CheckpointStored::Stored)
     }
 }
 
-impl Drop for CheckpointSink {
-    fn drop(&mut self) {
-        if !self.finished {
-            let (store, id) = (self.store.clone(), self.id);
-            tokio::spawn(async move {
-                if let Err(e) = store.abandon_checkpoint(id).await {
-                    warn!(checkpoint = %id, error = %e, "cannot remove an unfinished checkpoint upload; it is collected later");
-                }
-            });
-        }
-    }
-}
-
-impl Scheduler {
-    /// Removes checkpoints of finished jobs and uploads abandoned for `abandoned_after`.
-    pub async fn collect_checkpoints(&self, abandoned_after: Duration) -> Result<u64, Error> {
-        Ok(self.store.collect_checkpoints(abandoned_after, 1000).await?)
-    }
-}
-
-/// An adapter archive being received for a completion.
+/// An adapter archive being received for a completion, written in chunks
+/// as it arrives; nothing is reserved by the size the header announces.
 pub struct AdapterUpload {
     completion: Completion,
-    content: Vec<u8>,
-    hasher: Sha256,
+    writer: BlobWriter,
+    blob: uuid::Uuid,
 }
 
 impl AdapterUpload {
-    pub fn push(&mut self, data: &[u8]) -> Result<(), Error> {
-        if (self.content.len() + data.len()) as u64 > self.completion.adapter_size {
-            return Err(Error::invalid(
-                "adapter_size",
-                format!(
-                    "more than the announced {} bytes arrived; announce the archive's real size",
-                    self.completion.adapter_size
-                ),
-            ));
-        }
-        self.hasher.update(data);
-        self.content.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finish(self) -> Result<(Completion, Vec<u8>), Error> {
-        let size = self.content.len() as u64;
-        if size != self.completion.adapter_size {
-            return Err(Error::invalid(
-                "adapter_size",
-                format!(
-                    "announced {} bytes but {size} arrived; upload the whole archive again",
-                    self.completion.adapter_size
-                ),
-            ));
-        }
-        let sha256 = hex::encode(self.hasher.finalize());
-        if sha256 != self.completion.adapter_sha256 {
-            return Err(Error::invalid(
-                "adapter_sha256",
-                format!(
-                    "the received bytes hash to {sha256}, not {}; upload the archive again",
-                    self.completion.adapter_sha256
-                ),
-            ));
-        }
-        Ok((self.completion, self.content))
+    pub async fn push(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.writer.push(data).await
     }
 }
 

@@ -56,10 +56,10 @@ pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -
             }
             if last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();
-                match scheduler.collect_checkpoints(ABANDONED_UPLOAD).await {
-                    Ok(0) => {}
-                    Ok(n) => debug!(checkpoints = n, "removed checkpoints no attempt resumes from"),
-                    Err(e) => warn!(error = %e, "removing old checkpoints failed; retrying later"),
+                match scheduler.collect_files(ABANDONED_UPLOAD).await {
+                    Ok((0, 0)) => {}
+                    Ok((checkpoints, blobs)) => debug!(checkpoints, blobs, "removed files nothing reads any more"),
+                    Err(e) => warn!(error = %e, "removing old files failed; retrying later"),
                 }
             }
         }

@@ -88,17 +88,6 @@ impl Store {
         Ok(Fenced::Valid(id))
     }
 
-    /// Stores chunk `seq` of checkpoint `id`.
-    pub async fn put_checkpoint_chunk(&self, id: Uuid, seq: u32, data: &[u8]) -> Result<()> {
-        sqlx::query("INSERT INTO job_checkpoint_chunks (checkpoint_id, seq, data) VALUES ($1, $2, $3)")
-            .bind(id)
-            .bind(i32::try_from(seq).unwrap_or(i32::MAX))
-            .bind(data)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Makes checkpoint `id` the job's checkpoint, if the lease still holds
     /// the job and no checkpoint of as many steps is stored; older ones go.
     #[instrument(skip_all, fields(job_id = %upload.lease.job_id, step = upload.info.step))]
@@ -128,12 +117,6 @@ impl Store {
         };
         tx.commit().await?;
         Ok(outcome)
-    }
-
-    /// Forgets an upload that did not finish.
-    pub async fn abandon_checkpoint(&self, id: Uuid) -> Result<()> {
-        sqlx::query("DELETE FROM job_checkpoints WHERE id = $1 AND NOT complete").bind(id).execute(&self.pool).await?;
-        Ok(())
     }
 
     /// The checkpoint a running lease resumes from, and its id, if the job has one.

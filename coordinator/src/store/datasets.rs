@@ -1,7 +1,9 @@
 //! Datasets: content-addressed by sha256, stored once.
 
 use tracing::instrument;
+use uuid::Uuid;
 
+use super::blobs::{drop_blob, link_blob};
 use super::{to_i64, to_u64, Result, Store};
 use crate::model::{DatasetInfo, DatasetRef};
 
@@ -25,21 +27,29 @@ impl DatasetRow {
 }
 
 impl Store {
-    /// Stores a dataset unless the same bytes are already stored; returns
-    /// the stored record either way (with the first upload's file name).
+    /// Links a written blob as a dataset unless the same bytes are already
+    /// stored (then the blob is dropped); returns the stored record either
+    /// way (with the first upload's file name).
     #[instrument(skip_all, fields(dataset = %info.reference, size = info.size))]
-    pub async fn insert_dataset(&self, info: &DatasetInfo, content: &[u8]) -> Result<DatasetInfo> {
-        sqlx::query(
-            "INSERT INTO datasets (sha256, file_name, size, lines, content) VALUES ($1, $2, $3, $4, $5) \
+    pub async fn insert_dataset(&self, info: &DatasetInfo, blob: Uuid) -> Result<DatasetInfo> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO datasets (sha256, file_name, size, lines, blob_id) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (sha256) DO NOTHING",
         )
         .bind(info.reference.sha256())
         .bind(&info.file_name)
         .bind(to_i64(info.size))
         .bind(to_i64(info.lines))
-        .bind(content)
-        .execute(&self.pool)
+        .bind(blob)
+        .execute(&mut *tx)
         .await?;
+        if inserted.rows_affected() == 1 {
+            link_blob(&mut tx, blob).await?;
+        } else {
+            drop_blob(&mut tx, blob).await?;
+        }
+        tx.commit().await?;
         let stored = self.dataset(&info.reference).await?;
         Ok(stored.unwrap_or_else(|| info.clone()))
     }
@@ -53,18 +63,5 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(DatasetRow::into_info).transpose()
-    }
-
-    /// Up to `len` bytes of a dataset from `offset`.
-    #[instrument(skip_all, fields(dataset = %reference, offset))]
-    pub async fn dataset_window(&self, reference: &DatasetRef, offset: u64, len: u64) -> Result<Vec<u8>> {
-        let bytes: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT substring(content FROM $2::int FOR $3::int) FROM datasets WHERE sha256 = $1")
-                .bind(reference.sha256())
-                .bind(to_i64(offset + 1))
-                .bind(to_i64(len))
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(bytes.unwrap_or_default())
     }
 }

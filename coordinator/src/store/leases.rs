@@ -418,9 +418,10 @@ impl Store {
         Ok(Fenced::Valid(signal))
     }
 
-    /// Stores the adapter of a lease and marks the job succeeded, all at once.
+    /// Links the written adapter blob of a lease and marks the job
+    /// succeeded, all at once. The blob is left unlinked on any other outcome.
     #[instrument(skip_all, fields(job_id = %done.lease.job_id, epoch = done.lease.epoch))]
-    pub async fn complete_job(&self, done: &Completion, adapter: &[u8]) -> Result<Fenced<CompleteOutcome>> {
+    pub async fn complete_job(&self, done: &Completion, adapter: Uuid) -> Result<Fenced<CompleteOutcome>> {
         let lease = done.lease;
         let mut tx = self.pool.begin().await?;
         let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
@@ -441,13 +442,14 @@ impl Store {
         if !job.holds(lease) {
             return job.stale();
         }
-        sqlx::query("INSERT INTO adapters (job_id, sha256, size, content) VALUES ($1, $2, $3, $4)")
+        sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
             .bind(lease.job_id.0)
             .bind(&done.adapter_sha256)
             .bind(to_i64(done.adapter_size))
             .bind(adapter)
             .execute(&mut *tx)
             .await?;
+        super::blobs::link_blob(&mut tx, adapter).await?;
         insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
         // A job asked to stop early that completes before its planned last
         // step stopped early; one that got there anyway did not.

@@ -3,8 +3,8 @@
 //! queues), so two coordinators on one database never double-handle a job.
 //! SQLSTATE codes are mapped to [`StoreError`] variants here and nowhere else.
 
-mod adapters;
 pub mod admin;
+mod blobs;
 mod checkpoints;
 mod dashboard;
 mod datasets;
@@ -28,6 +28,7 @@ pub use dashboard::{
     AshaDecisionView, AttemptView, FleetLevels, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
     TrialPoint, WorkerThroughput, WorkerView, MAX_SERIES_POINTS,
 };
+pub use blobs::{ChunkTarget, CHUNK_BYTES};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use workers::{Availability, WorkerOwnership};
@@ -58,6 +59,20 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (retrying may help), also
+    /// when that happened while applying migrations.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => {
+                !matches!(e, sqlx::Error::Database(_))
+            }
+            _ => false,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -168,6 +168,12 @@ impl Env {
     }
 
     pub async fn complete(&mut self, lease: &v1::Lease, adapter: &[u8]) -> Result<(), tonic::Status> {
+        let parts = self.complete_parts(lease, adapter);
+        self.workers.complete_job(futures::stream::iter(parts)).await.map(|_| ())
+    }
+
+    /// The messages of a CompleteJob call: the header, then the adapter in pieces.
+    pub fn complete_parts(&self, lease: &v1::Lease, adapter: &[u8]) -> Vec<v1::CompleteJobChunk> {
         let header = v1::CompleteJobHeader {
             job_id: lease.job_id.clone(),
             epoch: lease.epoch,
@@ -180,7 +186,7 @@ impl Env {
         };
         let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
         parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));
-        self.workers.complete_job(futures::stream::iter(parts)).await.map(|_| ())
+        parts
     }
 
     pub async fn fail(
@@ -261,4 +267,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// Waits up to `secs` seconds for `done` to hold.
+pub async fn wait_until<F, Fut>(secs: u64, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {secs} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
