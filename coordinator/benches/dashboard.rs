@@ -10,6 +10,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ptune_coordinator::auth::tokens::lease_token_hash;
+use ptune_coordinator::auth::Role;
 use ptune_coordinator::model::{BaseModel, Device, LeaseRef, ProgressReport, WorkerOffer, WorkerRegistration};
 use ptune_coordinator::store::Store;
 use ptune_coordinator::testing::fresh_database;
@@ -44,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let inserted = started.elapsed();
 
+    let (worker_token, _) = store.create_token("bench-workers", Role::Worker, None, "bench").await?;
     let started = Instant::now();
     let mut leases = Vec::new();
     for w in 0..20 {
@@ -56,11 +59,15 @@ async fn main() -> anyhow::Result<()> {
             models: MODELS.iter().map(|m| BaseModel { name: m.to_string(), ..Default::default() }).collect(),
             memory_bytes: None,
         };
-        store.upsert_worker(worker, &registration).await?;
+        store.upsert_worker(worker, &registration, worker_token.id).await?;
         let offer = WorkerOffer { models: MODELS.iter().map(|m| m.to_string()).collect(), ..Default::default() };
         for _ in 0..10 {
             if let Some(lease) = store.lease_next_job(worker, &offer, Duration::from_secs(600)).await? {
-                leases.push(LeaseRef { job_id: lease.job_id, epoch: lease.epoch });
+                leases.push(LeaseRef {
+                    job_id: lease.job_id,
+                    epoch: lease.epoch,
+                    token_hash: lease_token_hash(&lease.lease_token),
+                });
             }
         }
     }
