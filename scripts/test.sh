@@ -19,7 +19,7 @@ tier() {
   echo "== $name: $((SECONDS - start)) s"
 }
 
-tier "build" cargo build --workspace --bins --tests --benches
+tier "build" cargo build --workspace --bins --tests --benches --profile dev
 tier "workspace tests" cargo test --workspace -- --test-threads 2
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
