@@ -61,7 +61,7 @@ worker_peak() {
   shift
   local name
   name="$n$(printf '%s' "$@")"
-  "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$name" --slots "$n" --threads 1 "$@" \
+  "$bin/ptune-worker" --token-file "$WORKER_TOKEN_FILE" --models-dir models --work-dir "$work/worker-$name" --slots "$n" --threads 1 "$@" \
     >"$work/worker-$name.log" 2>&1 &
   wpid=$!
   for i in $(seq 1 "$n"); do

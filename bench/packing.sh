@@ -61,7 +61,7 @@ start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
 # Starts a worker with 8 slots and the given pack token budget; sets $wpid.
 start_worker() {
   local name="$1" tokens="$2"
-  "$bin/ptune-worker" --models-dir models --work-dir "$work/worker-$name" --slots "$jobs" --threads 0 \
+  "$bin/ptune-worker" --token-file "$WORKER_TOKEN_FILE" --models-dir models --work-dir "$work/worker-$name" --slots "$jobs" --threads 0 \
     --pack-tokens "$tokens" >"$work/worker-$name.log" 2>&1 &
   wpid=$!
   pids+=("$wpid")

@@ -34,7 +34,7 @@ mkdir -p "$work"
 
 source bench/coordinator.sh
 start_coordinator "$bin" "$work" "$grpc_port" "$http_port"
-"$bin/ptune-worker" --models-dir "$models" --work-dir "$work/worker" --slots 1 >"$work/worker.log" 2>&1 &
+"$bin/ptune-worker" --token-file "$WORKER_TOKEN_FILE" --models-dir "$models" --work-dir "$work/worker" --slots 1 >"$work/worker.log" 2>&1 &
 pids+=($!)
 
 # Runs one sweep to its end; writes its leaderboard and timing under $work.

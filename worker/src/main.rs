@@ -55,7 +55,7 @@ struct Args {
     /// The worker's token (role worker). Prefer PTUNE_TOKEN or --token-file: a flag shows in `ps`.
     #[arg(long, env = "PTUNE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// A file holding the worker's token (e.g. a mounted Kubernetes Secret).
+    /// A file holding the worker's token (e.g. a mounted Kubernetes Secret); wins over PTUNE_TOKEN.
     #[arg(long, env = "PTUNE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// PEM of the CA that signed the coordinator's certificate, for https:// coordinators.
@@ -180,15 +180,16 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
                 stall_timeout: (args.stall_timeout > 0).then(|| std::time::Duration::from_secs(args.stall_timeout)),
                 client: ptune_proto::client::ClientOptions {
-                    token: match (args.token, &args.token_file) {
-                        (Some(token), _) => Some(token),
-                        (None, Some(file)) => Some(
+                    // A token file, when given, wins over PTUNE_TOKEN, which
+                    // a shell may hold for the CLI.
+                    token: match (&args.token_file, args.token) {
+                        (Some(file), _) => Some(
                             std::fs::read_to_string(file)
                                 .with_context(|| format!("cannot read the token file {}", file.display()))?
                                 .trim()
                                 .to_string(),
                         ),
-                        (None, None) => None,
+                        (None, token) => token,
                     },
                     ca_cert: args.ca_cert,
                     client_cert: args.tls_cert.zip(args.tls_key),
