@@ -12,11 +12,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use prost::bytes::{Buf, BufMut};
+use common::RawCodec;
 use ptune_proto::v1;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code;
 
 /// Values that have broken services before.
@@ -82,46 +81,6 @@ fn hostile_spec(rng: &mut StdRng, train: &str, eval: &str) -> v1::JobSpec {
         _ => spec.peft.get_or_insert_with(Default::default).init_text = hostile_strings(rng),
     }
     spec
-}
-
-/// Sends raw bytes as a request body: a message that does not decode.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Self::Error> {
-        let bytes = src.chunk().to_vec();
-        src.advance(bytes.len());
-        Ok(Some(bytes))
-    }
 }
 
 const METHODS: &[&str] = &[

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tracing::error;
 
 use super::{events, Dashboard};
+use crate::auth::Identity;
 use crate::blob;
 use crate::model::{Job, PageToken, Sweep, Trial};
 use crate::store::{JobSort, JobTableQuery, StoreError};
@@ -231,8 +232,13 @@ async fn job_metrics(State(d): State<Dashboard>, Path(id): Path<String>, Query(p
     Ok(Json(json!({ "job_id": id, "series": series })))
 }
 
-/// Streams the adapter archive from the database a window at a time.
-async fn adapter(State(d): State<Dashboard>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// Streams the adapter archive from the database a window at a time; the
+/// download is recorded in the audit trail, as `ptune adapter get` is.
+async fn adapter(
+    State(d): State<Dashboard>,
+    Extension(caller): Extension<Identity>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let job = load_job(&d, &id).await?;
     let Some(info) = job.adapter else {
         return Err(ApiError::NotFound(format!(
@@ -244,6 +250,10 @@ async fn adapter(State(d): State<Dashboard>, Path(id): Path<String>) -> Result<R
     let job_id = job.id;
     let stored = d.store.adapter_blob(job_id).await?;
     let blob = stored.ok_or_else(|| ApiError::NotFound(format!("job {job_id} has no stored adapter")))?;
+    let detail = json!({ "sha256": info.sha256, "via": "dashboard" });
+    if let Err(e) = d.store.audit(&caller, "adapter.download", &job_id.to_string(), detail).await {
+        error!(error = %e, job_id = %job_id, actor = %caller.name, "cannot record an audit entry");
+    }
     let chunks = blob::read(d.store.clone(), blob, info.size);
     let disposition = format!("attachment; filename=\"ptune-adapter-{job_id}.tar\"");
     Ok((
