@@ -84,44 +84,21 @@ fn pki() -> Pki {
     };
     let (ca, ca_key) = authority("ptune test CA");
     let (other_ca, other_key) = authority("a stranger's CA");
-    let leaf = |names: Vec<String>,
-                usage: ExtendedKeyUsagePurpose,
-                issuer: &rcgen::Certificate,
-                issuer_key: &KeyPair| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        params.extended_key_usages = vec![usage];
-        (
-            params.signed_by(&key, issuer, issuer_key).unwrap().pem(),
-            key.serialize_pem(),
-        )
-    };
-    let server = leaf(
-        vec!["localhost".into(), "127.0.0.1".into()],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        &ca,
-        &ca_key,
-    );
-    let client = leaf(
-        vec!["worker-1".into()],
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &ca,
-        &ca_key,
-    );
-    let stranger = leaf(
-        vec!["worker-1".into()],
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &other_ca,
-        &other_key,
-    );
+    let leaf =
+        |names: Vec<String>, usage: ExtendedKeyUsagePurpose, issuer: &rcgen::Certificate, issuer_key: &KeyPair| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, issuer, issuer_key).unwrap().pem(), key.serialize_pem())
+        };
+    let server = leaf(vec!["localhost".into(), "127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth, &ca, &ca_key);
+    let client = leaf(vec!["worker-1".into()], ExtendedKeyUsagePurpose::ClientAuth, &ca, &ca_key);
+    let stranger = leaf(vec!["worker-1".into()], ExtendedKeyUsagePurpose::ClientAuth, &other_ca, &other_key);
     Pki {
         ca: write("ca.pem", ca.pem()),
         server: (write("server.pem", server.0), write("server.key", server.1)),
         client: (write("client.pem", client.0), write("client.key", client.1)),
-        stranger: (
-            write("stranger.pem", stranger.0),
-            write("stranger.key", stranger.1),
-        ),
+        stranger: (write("stranger.pem", stranger.0), write("stranger.key", stranger.1)),
         _dir: dir,
     }
 }
@@ -137,45 +114,18 @@ async fn start_tls(pki: &Pki, client_ca: bool) -> Env {
     let mut env = common::start_with(Duration::from_secs(10), |c| c.tls = Some(files)).await;
     let url = grpc_url(&env);
     let client_cert = client_ca.then(|| pki.client.clone());
-    env.jobs = JobServiceClient::new(tls_channel(
-        &url,
-        pki,
-        Some(&env.tokens.admin),
-        client_cert.clone(),
-    ));
-    env.sweeps = SweepServiceClient::new(tls_channel(
-        &url,
-        pki,
-        Some(&env.tokens.admin),
-        client_cert.clone(),
-    ));
-    env.workers = WorkerServiceClient::new(tls_channel(
-        &url,
-        pki,
-        Some(&env.tokens.worker),
-        client_cert,
-    ));
+    env.jobs = JobServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.admin), client_cert.clone()));
+    env.sweeps = SweepServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.admin), client_cert.clone()));
+    env.workers = WorkerServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.worker), client_cert));
     env
 }
 
 fn grpc_url(env: &Env) -> String {
-    format!(
-        "https://localhost:{}",
-        env.coordinator.as_ref().unwrap().grpc_addr.port()
-    )
+    format!("https://localhost:{}", env.coordinator.as_ref().unwrap().grpc_addr.port())
 }
 
-fn tls_channel(
-    url: &str,
-    pki: &Pki,
-    token: Option<&str>,
-    client_cert: Option<(PathBuf, PathBuf)>,
-) -> AuthChannel {
-    let options = ClientOptions {
-        token: token.map(str::to_string),
-        ca_cert: Some(pki.ca.clone()),
-        client_cert,
-    };
+fn tls_channel(url: &str, pki: &Pki, token: Option<&str>, client_cert: Option<(PathBuf, PathBuf)>) -> AuthChannel {
+    let options = ClientOptions { token: token.map(str::to_string), ca_cert: Some(pki.ca.clone()), client_cert };
     ptune_proto::client::channel(url, &options).unwrap()
 }
 
@@ -185,47 +135,32 @@ async fn call(channel: AuthChannel, path: &str) -> Result<(), tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     let path: http::uri::PathAndQuery = path.parse().unwrap();
     let answer = async {
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("not connected: {e}")))?;
+        grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("not connected: {e}")))?;
         let request = tonic::Request::new(futures::stream::iter([Vec::<u8>::new()]));
         let mut stream = grpc.streaming(request, path, RawCodec).await?.into_inner();
         stream.message().await.map(|_| ())
     };
-    tokio::time::timeout(Duration::from_secs(5), answer)
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(Duration::from_secs(5), answer).await.unwrap_or(Ok(()))
 }
 
 /// Every method the coordinator's reflection service lists, as paths.
 async fn reflected_methods(channel: AuthChannel) -> Vec<String> {
     let mut reflection = ServerReflectionClient::new(channel);
-    let ask = |request: MessageRequest| ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
-    };
+    let ask = |request: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(request) };
     let mut answers = reflection
-        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(
-            String::new(),
-        ))]))
+        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(String::new()))]))
         .await
         .expect("reflection answers an admin")
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        answers.next().await.unwrap().unwrap().message_response
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.next().await.unwrap().unwrap().message_response
     else {
         panic!("reflection did not list the services")
     };
     let mut methods = Vec::new();
     for service in list.service {
-        let requests = [ask(MessageRequest::FileContainingSymbol(
-            service.name.clone(),
-        ))];
-        let mut answers = reflection
-            .server_reflection_info(futures::stream::iter(requests))
-            .await
-            .unwrap()
-            .into_inner();
+        let requests = [ask(MessageRequest::FileContainingSymbol(service.name.clone()))];
+        let mut answers =
+            reflection.server_reflection_info(futures::stream::iter(requests)).await.unwrap().into_inner();
         let Some(MessageResponse::FileDescriptorResponse(files)) =
             answers.next().await.unwrap().unwrap().message_response
         else {
@@ -235,11 +170,7 @@ async fn reflected_methods(channel: AuthChannel) -> Vec<String> {
             let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
             for s in &file.service {
                 if format!("{}.{}", file.package(), s.name()) == service.name {
-                    methods.extend(
-                        s.method
-                            .iter()
-                            .map(|m| format!("/{}/{}", service.name, m.name())),
-                    );
+                    methods.extend(s.method.iter().map(|m| format!("/{}/{}", service.name, m.name())));
                 }
             }
         }
@@ -257,10 +188,8 @@ async fn over_tls_every_method_refuses_a_missing_token_and_each_role_gets_exactl
     let tokens = env.tokens.clone();
 
     let listed = reflected_methods(tls_channel(&url, &pki, Some(&tokens.admin), None)).await;
-    let services: BTreeSet<&str> = listed
-        .iter()
-        .map(|m| m.trim_start_matches('/').split('/').next().unwrap())
-        .collect();
+    let services: BTreeSet<&str> =
+        listed.iter().map(|m| m.trim_start_matches('/').split('/').next().unwrap()).collect();
     assert_eq!(
         services,
         BTreeSet::from([
@@ -272,45 +201,22 @@ async fn over_tls_every_method_refuses_a_missing_token_and_each_role_gets_exactl
         ]),
         "reflection lists the four services and itself"
     );
-    assert!(
-        listed.len() >= 30,
-        "reflection lists every method: {listed:?}"
-    );
+    assert!(listed.len() >= 30, "reflection lists every method: {listed:?}");
     let paths = listed;
 
     for path in &paths {
-        let refused = call(tls_channel(&url, &pki, None, None), path)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.code(),
-            Code::Unauthenticated,
-            "{path} without a token: {refused:?}"
-        );
+        let refused = call(tls_channel(&url, &pki, None, None), path).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{path} without a token: {refused:?}");
         assert!(
-            refused.message().contains("missing token")
-                && refused.message().contains("needs a bearer token of role"),
+            refused.message().contains("missing token") && refused.message().contains("needs a bearer token of role"),
             "{path}: the refusal names what is missing: {}",
             refused.message()
         );
     }
-    let health = call(
-        tls_channel(&url, &pki, None, None),
-        "/grpc.health.v1.Health/Check",
-    )
-    .await;
+    let health = call(tls_channel(&url, &pki, None, None), "/grpc.health.v1.Health/Check").await;
     assert!(health.is_ok(), "health needs no token: {health:?}");
-    let unknown = call(
-        tls_channel(&url, &pki, None, None),
-        "/ptune.v1.JobService/NoSuchMethod",
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        unknown.code(),
-        Code::Unauthenticated,
-        "an unknown method is no way around the token"
-    );
+    let unknown = call(tls_channel(&url, &pki, None, None), "/ptune.v1.JobService/NoSuchMethod").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::Unauthenticated, "an unknown method is no way around the token");
 
     for (role, token) in [
         (Role::Admin, &tokens.admin),
@@ -323,25 +229,14 @@ async fn over_tls_every_method_refuses_a_missing_token_and_each_role_gets_exactl
             if allowed(path).contains(&role) {
                 let code = answer.as_ref().err().map_or(Code::Ok, tonic::Status::code);
                 assert!(
-                    !matches!(
-                        code,
-                        Code::PermissionDenied
-                            | Code::Unauthenticated
-                            | Code::Internal
-                            | Code::Unknown
-                    ),
+                    !matches!(code, Code::PermissionDenied | Code::Unauthenticated | Code::Internal | Code::Unknown),
                     "{role} may call {path}: {answer:?}"
                 );
             } else {
                 let refused = answer.expect_err(&format!("{role} may not call {path}"));
-                assert_eq!(
-                    refused.code(),
-                    Code::PermissionDenied,
-                    "{role} calling {path}: {refused:?}"
-                );
+                assert_eq!(refused.code(), Code::PermissionDenied, "{role} calling {path}: {refused:?}");
                 assert!(
-                    refused.message().contains(&format!("has role {role}"))
-                        && refused.message().contains("needs role"),
+                    refused.message().contains(&format!("has role {role}")) && refused.message().contains("needs role"),
                     "{role} calling {path}: the refusal names the role needed: {}",
                     refused.message()
                 );
@@ -352,78 +247,37 @@ async fn over_tls_every_method_refuses_a_missing_token_and_each_role_gets_exactl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revoked_or_expired_tokens_stop_at_once(
-) {
+async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revoked_or_expired_tokens_stop_at_once() {
     let pki = pki();
     let mut env = start_tls(&pki, false).await;
     let url = grpc_url(&env);
     let tokens = env.tokens.clone();
     let mut admin = AdminServiceClient::new(tls_channel(&url, &pki, Some(&tokens.admin), None));
     let mut create = async |name: &str, role: &str| {
-        let request = v1::CreateTokenRequest {
-            name: name.into(),
-            role: role.into(),
-            expires_in_days: 0,
-        };
-        admin
-            .create_token(request)
-            .await
-            .expect("an admin creates tokens")
-            .into_inner()
-            .token
+        let request = v1::CreateTokenRequest { name: name.into(), role: role.into(), expires_in_days: 0 };
+        admin.create_token(request).await.expect("an admin creates tokens").into_inner().token
     };
     let mallory = create("mallory", "submitter").await;
     let second_worker = create("worker-2", "worker").await;
     let temporary = create("temp-viewer", "viewer").await;
     let jobs_as = |token: &str| JobServiceClient::new(tls_channel(&url, &pki, Some(token), None));
-    let (mut tester, mut intruder, mut viewer) = (
-        jobs_as(&tokens.submitter),
-        jobs_as(&mallory),
-        jobs_as(&tokens.viewer),
-    );
+    let (mut tester, mut intruder, mut viewer) =
+        (jobs_as(&tokens.submitter), jobs_as(&mallory), jobs_as(&tokens.viewer));
 
     // tester submits; the job is tester's whatever the spec says.
-    let chunk = |name: &str, data: &str| v1::DatasetChunk {
-        file_name: name.into(),
-        data: data.as_bytes().to_vec(),
-    };
-    let train = tester
-        .upload_dataset(futures::stream::iter([chunk("train.jsonl", TRAIN)]))
-        .await
-        .unwrap()
-        .into_inner();
-    let eval = tester
-        .upload_dataset(futures::stream::iter([chunk("eval.jsonl", EVAL)]))
-        .await
-        .unwrap()
-        .into_inner();
+    let chunk = |name: &str, data: &str| v1::DatasetChunk { file_name: name.into(), data: data.as_bytes().to_vec() };
+    let train = tester.upload_dataset(futures::stream::iter([chunk("train.jsonl", TRAIN)])).await.unwrap().into_inner();
+    let eval = tester.upload_dataset(futures::stream::iter([chunk("eval.jsonl", EVAL)])).await.unwrap().into_inner();
     let mut spec = common::spec("mine", &train.reference, &eval.reference);
-    let refused = tester
-        .submit_job(v1::SubmitJobRequest {
-            spec: Some(spec.clone()),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        refused.code(),
-        Code::PermissionDenied,
-        "a spec naming another owner: {refused:?}"
-    );
+    let refused = tester.submit_job(v1::SubmitJobRequest { spec: Some(spec.clone()) }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "a spec naming another owner: {refused:?}");
     assert!(
-        refused
-            .message()
-            .contains("owner: \"alice\" is not this token's name \"tester\""),
+        refused.message().contains("owner: \"alice\" is not this token's name \"tester\""),
         "{}",
         refused.message()
     );
     spec.owner.clear();
-    let job = tester
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let job = tester.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap();
     assert_eq!(job.spec.as_ref().unwrap().owner, "tester");
     let id = job.id.clone();
 
@@ -431,75 +285,27 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
     let not_found = |r: Result<(), tonic::Status>, what: &str| {
         let e = r.expect_err(what);
         assert_eq!(e.code(), Code::NotFound, "{what}: {e:?}");
-        assert!(
-            e.message().contains(&id) && !e.message().contains("tester"),
-            "{what}: {}",
-            e.message()
-        );
+        assert!(e.message().contains(&id) && !e.message().contains("tester"), "{what}: {}", e.message());
     };
+    not_found(intruder.get_job(v1::GetJobRequest { job_id: id.clone() }).await.map(|_| ()), "get");
+    not_found(intruder.cancel_job(v1::CancelJobRequest { job_id: id.clone() }).await.map(|_| ()), "cancel");
     not_found(
-        intruder
-            .get_job(v1::GetJobRequest { job_id: id.clone() })
-            .await
-            .map(|_| ()),
-        "get",
-    );
-    not_found(
-        intruder
-            .cancel_job(v1::CancelJobRequest { job_id: id.clone() })
-            .await
-            .map(|_| ()),
-        "cancel",
-    );
-    not_found(
-        intruder
-            .get_metrics(v1::GetMetricsRequest {
-                job_id: id.clone(),
-                kind: String::new(),
-            })
-            .await
-            .map(|_| ()),
+        intruder.get_metrics(v1::GetMetricsRequest { job_id: id.clone(), kind: String::new() }).await.map(|_| ()),
         "metrics",
     );
     not_found(
-        intruder
-            .download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() })
-            .await
-            .map(|_| ()),
+        intruder.download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() }).await.map(|_| ()),
         "download",
     );
-    let watched = match intruder
-        .watch_job(v1::WatchJobRequest { job_id: id.clone() })
-        .await
-    {
+    let watched = match intruder.watch_job(v1::WatchJobRequest { job_id: id.clone() }).await {
         Ok(stream) => stream.into_inner().message().await.map(|_| ()),
         Err(e) => Err(e),
     };
     not_found(watched, "watch");
-    let listed = intruder
-        .list_jobs(v1::ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        listed.jobs.is_empty(),
-        "mallory lists none of tester's jobs: {:?}",
-        listed.jobs
-    );
-    let asked = v1::ListJobsRequest {
-        owner: "tester".into(),
-        ..Default::default()
-    };
-    assert!(
-        intruder
-            .list_jobs(asked)
-            .await
-            .unwrap()
-            .into_inner()
-            .jobs
-            .is_empty(),
-        "nor by asking for tester's"
-    );
+    let listed = intruder.list_jobs(v1::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert!(listed.jobs.is_empty(), "mallory lists none of tester's jobs: {:?}", listed.jobs);
+    let asked = v1::ListJobsRequest { owner: "tester".into(), ..Default::default() };
+    assert!(intruder.list_jobs(asked).await.unwrap().into_inner().jobs.is_empty(), "nor by asking for tester's");
     let definition = serde_json::json!({
         "name": "tester-sweep", "objective": { "metric": "accuracy", "direction": "maximize" },
         "algorithm": { "type": "grid" },
@@ -508,35 +314,17 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
             "training": { "learning_rate": 0.01, "max_steps": 4 } },
         "space": { "training.learning_rate": { "values": [0.01] } },
     });
-    let mut tester_sweeps =
-        SweepServiceClient::new(tls_channel(&url, &pki, Some(&tokens.submitter), None));
+    let mut tester_sweeps = SweepServiceClient::new(tls_channel(&url, &pki, Some(&tokens.submitter), None));
     let sweep = tester_sweeps
-        .create_sweep(v1::CreateSweepRequest {
-            definition_json: definition.to_string(),
-        })
+        .create_sweep(v1::CreateSweepRequest { definition_json: definition.to_string() })
         .await
         .unwrap()
         .into_inner();
-    let mut intruder_sweeps =
-        SweepServiceClient::new(tls_channel(&url, &pki, Some(&mallory), None));
-    let e = intruder_sweeps
-        .get_sweep(v1::GetSweepRequest {
-            sweep_id: sweep.id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let mut intruder_sweeps = SweepServiceClient::new(tls_channel(&url, &pki, Some(&mallory), None));
+    let e = intruder_sweeps.get_sweep(v1::GetSweepRequest { sweep_id: sweep.id.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "another owner's sweep: {e:?}");
-    let e = intruder_sweeps
-        .cancel_sweep(v1::CancelSweepRequest {
-            sweep_id: sweep.id.clone(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::NotFound,
-        "cancelling another owner's sweep: {e:?}"
-    );
+    let e = intruder_sweeps.cancel_sweep(v1::CancelSweepRequest { sweep_id: sweep.id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "cancelling another owner's sweep: {e:?}");
     assert!(intruder_sweeps
         .list_sweeps(v1::ListSweepsRequest::default())
         .await
@@ -547,86 +335,39 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
 
     // A viewer reads everything and changes nothing.
     assert_eq!(
-        viewer
-            .get_job(v1::GetJobRequest { job_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner()
-            .spec
-            .unwrap()
-            .owner,
+        viewer.get_job(v1::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner().spec.unwrap().owner,
         "tester"
     );
-    let e = viewer
-        .cancel_job(v1::CancelJobRequest { job_id: id.clone() })
-        .await
-        .unwrap_err();
+    let e = viewer.cancel_job(v1::CancelJobRequest { job_id: id.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // A worker token neither cancels nor downloads, even a job it could name.
     let mut worker_jobs = jobs_as(&tokens.worker);
-    let e = worker_jobs
-        .cancel_job(v1::CancelJobRequest { job_id: id.clone() })
-        .await
-        .unwrap_err();
+    let e = worker_jobs.cancel_job(v1::CancelJobRequest { job_id: id.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    let e = worker_jobs
-        .download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() })
-        .await
-        .unwrap_err();
+    let e = worker_jobs.download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     // Workers: the lease holder speaks for its lease, no one else does.
     let holder = env.register().await;
     let mut lease = None;
     while lease.as_ref().is_none_or(|l: &v1::Lease| l.job_id != id) {
-        lease = Some(
-            env.lease(&holder)
-                .await
-                .expect("the queued jobs are leased"),
-        );
+        lease = Some(env.lease(&holder).await.expect("the queued jobs are leased"));
     }
     let lease = lease.unwrap();
     let mut other = WorkerServiceClient::new(tls_channel(&url, &pki, Some(&second_worker), None));
+    let e =
+        other.heartbeat(v1::HeartbeatRequest { worker_id: holder.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "a heartbeat for another token's worker: {e:?}");
     let e = other
-        .heartbeat(v1::HeartbeatRequest {
-            worker_id: holder.clone(),
-            ..Default::default()
-        })
+        .lease_job(v1::LeaseJobRequest { worker_id: holder.clone(), free_slots: 1, ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::PermissionDenied,
-        "a heartbeat for another token's worker: {e:?}"
-    );
-    let e = other
-        .lease_job(v1::LeaseJobRequest {
-            worker_id: holder.clone(),
-            free_slots: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::PermissionDenied,
-        "leasing as another token's worker: {e:?}"
-    );
-    let forged = v1::Lease {
-        lease_token: "plt_guessed".into(),
-        ..lease.clone()
-    };
+    assert_eq!(e.code(), Code::PermissionDenied, "leasing as another token's worker: {e:?}");
+    let forged = v1::Lease { lease_token: "plt_guessed".into(), ..lease.clone() };
     let parts = env.complete_parts(&forged, b"forged adapter");
-    let e = other
-        .complete_job(futures::stream::iter(parts))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::PermissionDenied,
-        "completing a lease without its token: {e:?}"
-    );
+    let e = other.complete_job(futures::stream::iter(parts)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "completing a lease without its token: {e:?}");
     let progress = v1::ReportProgressRequest {
         job_id: id.clone(),
         epoch: lease.epoch,
@@ -648,24 +389,11 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
         ..Default::default()
     };
     let e = other.fail_job(failure).await.unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::PermissionDenied,
-        "failing another worker's lease: {e:?}"
-    );
-    assert_eq!(
-        common::state(&env.get(&id).await),
-        v1::JobState::Running,
-        "the forged calls changed nothing"
-    );
-    env.complete(&lease, b"the real adapter")
-        .await
-        .expect("the holder completes");
-    let mut download = tester
-        .download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(e.code(), Code::PermissionDenied, "failing another worker's lease: {e:?}");
+    assert_eq!(common::state(&env.get(&id).await), v1::JobState::Running, "the forged calls changed nothing");
+    env.complete(&lease, b"the real adapter").await.expect("the holder completes");
+    let mut download =
+        tester.download_adapter(v1::DownloadAdapterRequest { job_id: id.clone() }).await.unwrap().into_inner();
     let mut adapter = Vec::new();
     while let Some(chunk) = download.message().await.unwrap() {
         adapter.extend(chunk.data);
@@ -674,39 +402,18 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
 
     // A revoked token is refused from the next call on; so is an expired one.
     let mut temp = jobs_as(&temporary);
-    temp.list_jobs(v1::ListJobsRequest::default())
-        .await
-        .expect("a fresh token works");
-    admin
-        .revoke_token(v1::RevokeTokenRequest {
-            token: "temp-viewer".into(),
-        })
-        .await
-        .unwrap();
-    let e = temp
-        .list_jobs(v1::ListJobsRequest::default())
-        .await
-        .unwrap_err();
+    temp.list_jobs(v1::ListJobsRequest::default()).await.expect("a fresh token works");
+    admin.revoke_token(v1::RevokeTokenRequest { token: "temp-viewer".into() }).await.unwrap();
+    let e = temp.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("token revoked at"), "{}", e.message());
-    let store = ptune_coordinator::store::Store::connect(&env.db.url)
-        .await
-        .unwrap();
+    let store = ptune_coordinator::store::Store::connect(&env.db.url).await.unwrap();
     let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
-    let (_, short_lived) = store
-        .create_token("short-lived", Role::Viewer, Some(soon), "test")
-        .await
-        .unwrap();
+    let (_, short_lived) = store.create_token("short-lived", Role::Viewer, Some(soon), "test").await.unwrap();
     let mut short = jobs_as(&short_lived);
-    short
-        .list_jobs(v1::ListJobsRequest::default())
-        .await
-        .expect("before it expires");
+    short.list_jobs(v1::ListJobsRequest::default()).await.expect("before it expires");
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let e = short
-        .list_jobs(v1::ListJobsRequest::default())
-        .await
-        .unwrap_err();
+    let e = short.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("token expired at"), "{}", e.message());
     let e = jobs_as("ptk_00000000-0000-0000-0000-000000000000_forged")
@@ -716,38 +423,21 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
     // The audit trail holds who did what.
-    let audit = admin
-        .list_audit(v1::ListAuditRequest {
-            page_size: 100,
-            before_id: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    let did =
-        |actor: &str, action: &str| audit.iter().any(|e| e.actor == actor && e.action == action);
+    let audit =
+        admin.list_audit(v1::ListAuditRequest { page_size: 100, before_id: 0 }).await.unwrap().into_inner().entries;
+    let did = |actor: &str, action: &str| audit.iter().any(|e| e.actor == actor && e.action == action);
     assert!(
-        did("tester", "job.submit")
-            && did("tester", "sweep.create")
-            && did("tester", "adapter.download"),
+        did("tester", "job.submit") && did("tester", "sweep.create") && did("tester", "adapter.download"),
         "{audit:?}"
     );
-    assert!(
-        did("admin", "token.create") && did("admin", "token.revoke"),
-        "{audit:?}"
-    );
-    assert!(
-        !did("mallory", "job.cancel"),
-        "refused calls change nothing: {audit:?}"
-    );
+    assert!(did("admin", "token.create") && did("admin", "token.revoke"), "{audit:?}");
+    assert!(!did("mallory", "job.cancel"), "refused calls change nothing: {audit:?}");
     store.close().await;
     env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certificate_of_its_ca_get_through(
-) {
+async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certificate_of_its_ca_get_through() {
     let pki = pki();
     let env = start_tls(&pki, true).await;
     let url = grpc_url(&env);
@@ -755,55 +445,29 @@ async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certi
     let register = async |channel: AuthChannel| {
         let request = v1::RegisterWorkerRequest {
             hostname: "mtls-host".into(),
-            devices: vec![v1::Device {
-                name: "cpu".into(),
-                memory_bytes: 1 << 30,
-            }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
             slots: 1,
-            models: vec![v1::BaseModel {
-                name: MODEL.into(),
-                max_positions: 512,
-                ..Default::default()
-            }],
+            models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
             ..Default::default()
         };
-        WorkerServiceClient::new(channel)
-            .register_worker(request)
-            .await
-            .map(|r| r.into_inner().worker_id)
+        WorkerServiceClient::new(channel).register_worker(request).await.map(|r| r.into_inner().worker_id)
     };
     let with_cert = tls_channel(&url, &pki, Some(&worker), Some(pki.client.clone()));
-    assert!(
-        register(with_cert).await.is_ok(),
-        "a worker with a certificate of the CA and a worker token registers"
-    );
+    assert!(register(with_cert).await.is_ok(), "a worker with a certificate of the CA and a worker token registers");
 
     let without_cert = tls_channel(&url, &pki, Some(&worker), None);
-    assert!(
-        register(without_cert).await.is_err(),
-        "no client certificate, no call"
-    );
+    assert!(register(without_cert).await.is_err(), "no client certificate, no call");
     let stranger = tls_channel(&url, &pki, Some(&worker), Some(pki.stranger.clone()));
-    assert!(
-        register(stranger).await.is_err(),
-        "a certificate of another CA is refused"
-    );
+    assert!(register(stranger).await.is_err(), "a certificate of another CA is refused");
     let port = env.coordinator.as_ref().unwrap().grpc_addr.port();
-    let plaintext =
-        ptune_coordinator::testing::channel(&format!("http://localhost:{port}"), &worker);
+    let plaintext = ptune_coordinator::testing::channel(&format!("http://localhost:{port}"), &worker);
     let e = register(plaintext).await.unwrap_err();
     assert!(
-        matches!(
-            e.code(),
-            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
-        ),
+        matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
         "plaintext to a TLS port: {e:?}"
     );
-    let untrusting = ClientOptions {
-        token: Some(worker.clone()),
-        ca_cert: None,
-        client_cert: Some(pki.client.clone()),
-    };
+    let untrusting =
+        ClientOptions { token: Some(worker.clone()), ca_cert: None, client_cert: Some(pki.client.clone()) };
     let untrusting = ptune_proto::client::channel(&url, &untrusting).unwrap();
     assert!(
         register(untrusting).await.is_err(),
@@ -811,11 +475,7 @@ async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certi
     );
     let no_token = tls_channel(&url, &pki, None, Some(pki.client.clone()));
     let e = register(no_token).await.unwrap_err();
-    assert_eq!(
-        e.code(),
-        Code::Unauthenticated,
-        "a certificate does not replace the token: {e:?}"
-    );
+    assert_eq!(e.code(), Code::Unauthenticated, "a certificate does not replace the token: {e:?}");
     env.stop().await;
 }
 
@@ -836,32 +496,22 @@ async fn https(addr: SocketAddr, ca: &Path, request: &str) -> (u16, String) {
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
+    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.expect("TLS handshake");
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     let _ = tls.read_to_end(&mut raw).await; // a peer that closes without close_notify still said everything
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }
 
 fn get(path: &str, port: u16, token: Option<&str>) -> String {
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     format!("GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_but_viewer_and_admin(
-) {
+async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_but_viewer_and_admin() {
     let pki = pki();
     let mut env = start_tls(&pki, false).await;
     let url = grpc_url(&env);
@@ -905,16 +555,10 @@ async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_
         for token in [&tokens.submitter, &tokens.worker] {
             let (status, text) = https(addr, &pki.ca, &get(route, port, Some(token))).await;
             if page {
-                assert!(
-                    status == 303 || status == 403,
-                    "{route} as a non-viewer: {text}"
-                );
+                assert!(status == 303 || status == 403, "{route} as a non-viewer: {text}");
             } else {
                 assert_eq!(status, 403, "{route} as a submitter or worker: {text}");
-                assert!(
-                    text.contains("needs role admin or viewer"),
-                    "{route}: {text}"
-                );
+                assert!(text.contains("needs role admin or viewer"), "{route}: {text}");
             }
         }
     }
@@ -924,30 +568,13 @@ async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_
     }
     let (status, text) = https(addr, &pki.ca, &get("/api/jobs", port, Some(&tokens.viewer))).await;
     assert_eq!(status, 200, "{text}");
-    assert!(
-        text.contains(&job.id)
-            && text
-                .to_ascii_lowercase()
-                .contains("content-security-policy"),
-        "{text}"
-    );
-    let (status, text) = https(
-        addr,
-        &pki.ca,
-        &get(
-            &format!("/api/jobs/{}/adapter", job.id),
-            port,
-            Some(&tokens.viewer),
-        ),
-    )
-    .await;
+    assert!(text.contains(&job.id) && text.to_ascii_lowercase().contains("content-security-policy"), "{text}");
+    let (status, text) =
+        https(addr, &pki.ca, &get(&format!("/api/jobs/{}/adapter", job.id), port, Some(&tokens.viewer))).await;
     assert!(status == 200 && text.ends_with("adapter bytes"), "{text}");
     let rebinding = format!("GET /api/jobs HTTP/1.1\r\nHost: attacker.example:{port}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", tokens.viewer);
     let (status, _) = https(addr, &pki.ca, &rebinding).await;
-    assert_eq!(
-        status, 421,
-        "a Host the coordinator does not answer to (DNS rebinding)"
-    );
+    assert_eq!(status, 421, "a Host the coordinator does not answer to (DNS rebinding)");
 
     // Logging in sets a Secure, HttpOnly, SameSite=Strict session cookie under TLS.
     let form = format!("token={}", tokens.viewer);
@@ -956,44 +583,19 @@ async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_
         form.len()
     );
     let (_, text) = https(addr, &pki.ca, &login).await;
-    let cookie = text
-        .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
-        .expect("a session cookie")
-        .to_string();
-    assert!(
-        cookie.contains("HttpOnly")
-            && cookie.contains("SameSite=Strict")
-            && cookie.contains("Secure"),
-        "{cookie}"
+    let cookie =
+        text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).expect("a session cookie").to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Secure"), "{cookie}");
+    let session = cookie.split_once(':').unwrap().1.split(';').next().unwrap().trim().to_string();
+    let with_cookie = format!(
+        "GET /api/overview HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: {session}\r\nConnection: close\r\n\r\n"
     );
-    let session = cookie
-        .split_once(':')
-        .unwrap()
-        .1
-        .split(';')
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
-    let with_cookie = format!("GET /api/overview HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: {session}\r\nConnection: close\r\n\r\n");
-    assert_eq!(
-        https(addr, &pki.ca, &with_cookie).await.0,
-        200,
-        "the session cookie lets the viewer in"
-    );
+    assert_eq!(https(addr, &pki.ca, &with_cookie).await.0, 200, "the session cookie lets the viewer in");
 
     let mut admin = AdminServiceClient::new(tls_channel(&url, &pki, Some(&tokens.admin), None));
-    let audit = admin
-        .list_audit(v1::ListAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = admin.list_audit(v1::ListAuditRequest::default()).await.unwrap().into_inner().entries;
     assert!(
-        audit
-            .iter()
-            .any(|e| e.actor == "viewer" && e.action == "adapter.download" && e.target == job.id),
+        audit.iter().any(|e| e.actor == "viewer" && e.action == "adapter.download" && e.target == job.id),
         "a dashboard download is audited: {audit:?}"
     );
     env.stop().await;
