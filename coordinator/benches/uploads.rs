@@ -5,7 +5,7 @@
 //! of each phase (`VmHWM`, reset between phases) is compared with the idle
 //! coordinator measured in the same run. Prints a Markdown table.
 //!
-//! `cargo bench -p ptune-coordinator --bench uploads` (bench/uploads.sh).
+//! `bench/uploads.sh [MB]`, or `cargo bench -p ptune-coordinator --bench uploads`.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -52,16 +52,16 @@ async fn main() -> anyhow::Result<()> {
         .into_inner()
         .worker_id;
     let warm_lease = lease(&mut workers, &worker).await?;
-    complete_with_nothing(&mut workers, &warm_lease, 1_000, Duration::ZERO).await?;
+    complete(&mut workers, &warm_lease, &[7u8; 1000]).await?;
 
     let mut rows = Vec::new();
-    coordinator.reset_peak()?;
+    let start = coordinator.reset_peak()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = coordinator.peak()?;
-    rows.push(Row { phase: "idle (after a warm-up)".into(), received_mb: 0.0, seconds: 0.0, peak: idle });
+    rows.push(Row { phase: "idle (after a warm-up)".into(), received_mb: 0.0, seconds: 0.0, start, peak: idle });
 
     for (phase, concurrent) in [("1 dataset upload", 1u64), ("4 concurrent dataset uploads", 4)] {
-        coordinator.reset_peak()?;
+        let start = coordinator.reset_peak()?;
         let started = Instant::now();
         let uploads: Vec<_> = (0..concurrent).map(|i| tokio::spawn(upload(jobs.clone(), 100 + i, upload_mb * MB))).collect();
         for u in uploads {
@@ -72,35 +72,38 @@ async fn main() -> anyhow::Result<()> {
             phase: format!("{phase} of {upload_mb} MB"),
             received_mb: (concurrent * upload_mb) as f64,
             seconds,
+            start,
             peak: coordinator.peak()?,
         });
     }
 
     jobs.submit_job(v1::SubmitJobRequest { spec: Some(v1::JobSpec { name: "announces-1gb".into(), ..spec }) }).await?;
     let big = lease(&mut workers, &worker).await?;
-    coordinator.reset_peak()?;
+    let start = coordinator.reset_peak()?;
     let started = Instant::now();
     let refused = complete_with_nothing(&mut workers, &big, 1_000_000_000, Duration::from_secs(3)).await;
     rows.push(Row {
         phase: "adapter header announcing 1 GB, then nothing for 3 s".into(),
         received_mb: 0.0,
         seconds: started.elapsed().as_secs_f64(),
+        start,
         peak: coordinator.peak()?,
     });
     let refusal = refused.err().map(|s| format!("{:?}: {}", s.code(), s.message())).unwrap_or_default();
 
     println!("Coordinator peak resident memory (VmHWM of the ptune-coordinator process, reset before each phase)\n");
-    println!("| phase | received (MB) | time (s) | MB/s | peak RSS (MB) | above idle (MB) | peak / idle |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| phase | received (MB) | time (s) | MB/s | RSS at start (MB) | peak RSS (MB) | peak - start (MB) | peak / idle |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for row in &rows {
         let rate = if row.seconds > 0.0 && row.received_mb > 0.0 { format!("{:.0}", row.received_mb / row.seconds) } else { "-".into() };
         println!(
-            "| {} | {:.0} | {:.1} | {rate} | {:.0} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.1} | {rate} | {:.0} | {:.0} | {:.0} | {:.2} |",
             row.phase,
             row.received_mb,
             row.seconds,
+            row.start as f64 / MB as f64,
             row.peak as f64 / MB as f64,
-            row.peak.saturating_sub(idle) as f64 / MB as f64,
+            row.peak.saturating_sub(row.start) as f64 / MB as f64,
             row.peak as f64 / idle as f64,
         );
     }
@@ -113,6 +116,9 @@ struct Row {
     phase: String,
     received_mb: f64,
     seconds: f64,
+    /// Resident memory when the phase began (memory freed by earlier
+    /// phases may stay with the process).
+    start: u64,
     peak: u64,
 }
 
@@ -125,12 +131,39 @@ async fn upload(
     let line = format!("{{\"text\": \"upload {seed} line padding padding padding padding\", \"label\": 1}}\n");
     let per_message = (MESSAGE_BYTES / line.len()).max(1);
     let message: Vec<u8> = line.repeat(per_message).into_bytes();
-    let messages = size.div_ceil(message.len() as u64);
+    let message_len = message.len() as u64;
+    let messages = size.div_ceil(message_len);
     let chunks = futures::stream::iter(0..messages).map(move |i| v1::DatasetChunk {
         file_name: if i == 0 { format!("upload-{seed}.jsonl") } else { String::new() },
         data: message.clone(),
     });
-    Ok(jobs.upload_dataset(chunks).await.context("uploading")?.into_inner())
+    let info = jobs.upload_dataset(chunks).await.context("uploading")?.into_inner();
+    let sent = messages * message_len;
+    if info.size_bytes != sent {
+        bail!("the coordinator stored {} bytes of the {sent} sent", info.size_bytes);
+    }
+    Ok(info)
+}
+
+/// Completes a lease with `adapter` as its archive.
+async fn complete(
+    workers: &mut WorkerServiceClient<ptune_proto::client::AuthChannel>,
+    lease: &v1::Lease,
+    adapter: &[u8],
+) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let header = v1::CompleteJobHeader {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        adapter_sha256: hex::encode(sha2::Sha256::digest(adapter)),
+        adapter_size: adapter.len() as u64,
+        step: 1,
+        lease_token: lease.lease_token.clone(),
+        ..Default::default()
+    };
+    let parts = [Part::Header(header), Part::Data(adapter.to_vec())].map(|p| v1::CompleteJobChunk { part: Some(p) });
+    workers.complete_job(futures::stream::iter(parts)).await.context("completing the warm-up job")?;
+    Ok(())
 }
 
 /// Sends a CompleteJob header announcing `announced` bytes, waits `hold`,
@@ -216,19 +249,23 @@ impl Coordinator {
     }
 
     /// Resets the process's peak resident memory to its current one.
-    fn reset_peak(&self) -> anyhow::Result<()> {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("resetting VmHWM")
+    /// Returns the resident memory at the reset.
+    fn reset_peak(&self) -> anyhow::Result<u64> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("resetting VmHWM")?;
+        self.status("VmRSS:")
     }
 
     /// Peak resident memory since the last reset, in bytes.
     fn peak(&self) -> anyhow::Result<u64> {
+        self.status("VmHWM:")
+    }
+
+    /// A memory figure of `/proc/PID/status`, in bytes.
+    fn status(&self, name: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("{name} missing"))?;
-            let kib: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
-            Ok(kib * 1024)
-        };
-        field("VmHWM:")
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("{name} missing"))?;
+        let kib: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+        Ok(kib * 1024)
     }
 }
 
