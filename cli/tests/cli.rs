@@ -269,3 +269,139 @@ values = [0.01, 0.03]
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("space.training.learning_rate: log-uniform bounds must be > 0, got 0"), "{}", refused.stderr);
 }
+
+/// A tar archive of raw entries, built by hand so that it can hold what
+/// tar libraries refuse to write: `(kind, name, link name, data, announced size)`.
+fn raw_tar(entries: &[(tar::EntryType, String, &str, &[u8], u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (kind, name, link, data, size) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        header.set_size(*size);
+        if *kind == tar::EntryType::Char {
+            header.set_device_major(1).unwrap();
+            header.set_device_minor(3).unwrap();
+        }
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// Submits a job as the submitter, leases it as a worker and completes it
+/// with `archive` as its adapter: what a worker token in the wrong hands
+/// could hand the job's owner.
+async fn job_with_adapter(setup: &Setup, archive: &[u8]) -> String {
+    use ptune_proto::v1::{self, complete_job_chunk::Part, job_service_client::JobServiceClient};
+    use ptune_proto::v1::worker_service_client::WorkerServiceClient;
+    use sha2::Digest;
+    let url = format!("http://{}", setup.coordinator.grpc_addr);
+    let mut jobs = JobServiceClient::new(ptune_coordinator::testing::channel(&url, &setup.tokens.submitter));
+    let mut workers = WorkerServiceClient::new(ptune_coordinator::testing::channel(&url, &setup.tokens.worker));
+    let lines = "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n";
+    let chunk = v1::DatasetChunk { file_name: "d.jsonl".into(), data: lines.as_bytes().to_vec() };
+    let data = jobs.upload_dataset(futures::stream::iter([chunk])).await.unwrap().into_inner().reference;
+    let spec = v1::JobSpec {
+        name: "archive".into(),
+        base_model: "all-MiniLM-L6-v2".into(),
+        task: v1::Task::SequenceClassification as i32,
+        method: v1::Method::PromptTuning as i32,
+        peft: Some(v1::PeftConfig { num_virtual_tokens: 4, ..Default::default() }),
+        data: Some(v1::DataConfig { train: data.clone(), eval: data, labels: vec!["0".into(), "1".into()], ..Default::default() }),
+        training: Some(v1::TrainingConfig { learning_rate: 0.03, max_steps: 1, ..Default::default() }),
+        ..Default::default()
+    };
+    let id = jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap().id;
+    let models = vec![minilm_model("all-MiniLM-L6-v2")];
+    let request = v1::RegisterWorkerRequest { hostname: "h".into(), slots: 1, models, ..Default::default() };
+    let worker = workers.register_worker(request).await.unwrap().into_inner().worker_id;
+    let request = v1::LeaseJobRequest { worker_id: worker, free_slots: 1, ..Default::default() };
+    let lease = workers.lease_job(request).await.unwrap().into_inner().lease.expect("the job is leased");
+    assert_eq!(lease.job_id, id);
+    let header = v1::CompleteJobHeader {
+        job_id: id.clone(),
+        epoch: lease.epoch,
+        adapter_sha256: hex::encode(sha2::Sha256::digest(archive)),
+        adapter_size: archive.len() as u64,
+        step: 1,
+        lease_token: lease.lease_token,
+        ..Default::default()
+    };
+    let parts = [Part::Header(header), Part::Data(archive.to_vec())].map(|p| v1::CompleteJobChunk { part: Some(p) });
+    workers.complete_job(futures::stream::iter(parts)).await.expect("the archive is accepted as an adapter");
+    id
+}
+
+/// The names in a folder, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_get_refuses_archives_that_reach_outside_the_folder_and_leaves_everything_as_it_was() {
+    use tar::EntryType::{Char, Link, Regular, Symlink};
+    let setup = start().await;
+    let root = tempfile::tempdir().unwrap();
+    let (canary, work) = (root.path().join("canary"), root.path().join("work"));
+    std::fs::create_dir_all(&canary).unwrap();
+    std::fs::create_dir_all(work.join("out")).unwrap();
+    std::fs::write(canary.join("secret"), "untouched").unwrap();
+    std::fs::write(work.join("out").join("keep"), "the previous adapter").unwrap();
+    let c = canary.display().to_string();
+    let config: &[u8] = b"{}";
+
+    let hostile: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("..", raw_tar(&[(Regular, "../../canary/x".into(), "", b"pwned", 5)]), "not a plain file name"),
+        ("absolute path", raw_tar(&[(Regular, format!("{c}/abs"), "", b"pwned", 5)]), "not a plain file name"),
+        (
+            "symlink escape",
+            raw_tar(&[(Symlink, "d".into(), &c, b"", 0), (Regular, "d/pwned".into(), "", b"pwned", 5)]),
+            "Symlink entry",
+        ),
+        (
+            "hardlink",
+            raw_tar(&[(Link, "h".into(), &format!("{c}/secret"), b"", 0), (Regular, "h".into(), "", b"pwned", 5)]),
+            "Link entry",
+        ),
+        ("device file", raw_tar(&[(Char, "null".into(), "", b"", 0)]), "Char entry"),
+        (
+            "size of 2^63",
+            raw_tar(&[(Regular, "adapter_config.json".into(), "", config, 2), (Regular, "big".into(), "", &[0; 512], 1 << 63)]),
+            "unpacks to more than",
+        ),
+    ];
+    let out = work.join("out");
+    for (what, archive, reason) in &hostile {
+        let id = job_with_adapter(&setup, archive).await;
+        let run = ptune(&setup, &["adapter", "get", &id, "-o", out.to_str().unwrap()]).await;
+        assert_ne!(run.code, 0, "{what}: refused");
+        assert!(run.stderr.contains("refusing the adapter archive") && run.stderr.contains(reason), "{what}: {}", run.stderr);
+        assert_eq!(listing(&canary), ["secret"], "{what}: nothing appears beside the canary");
+        assert_eq!(std::fs::read_to_string(canary.join("secret")).unwrap(), "untouched", "{what}");
+        assert_eq!(listing(&work), ["out"], "{what}: no temporary file or folder is left behind");
+        assert_eq!(listing(&out), ["keep"], "{what}: the folder already there is left as it was");
+    }
+    assert!(!root.path().join("x").exists() && !root.path().join("abs").exists());
+
+    let good = raw_tar(&[
+        (Regular, "adapter_config.json".into(), "", config, 2),
+        (Regular, "adapter_model.safetensors".into(), "", b"weights", 7),
+    ]);
+    let id = job_with_adapter(&setup, &good).await;
+    let run = ptune(&setup, &["adapter", "get", &id, "-o", out.to_str().unwrap()]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(listing(&out), ["adapter_config.json", "adapter_model.safetensors"], "a good archive replaces the folder");
+    assert_eq!(listing(&work), ["out"]);
+    let small = ptune(&setup, &["adapter", "get", &id, "-o", out.to_str().unwrap(), "--max-bytes", "100"]).await;
+    assert!(small.code != 0 && small.stderr.contains("more than --max-bytes 100"), "{}", small.stderr);
+    assert_eq!(listing(&out), ["adapter_config.json", "adapter_model.safetensors"]);
+}
