@@ -86,6 +86,87 @@ async fn metrics_parse_and_move_with_submissions_leases_reports_and_expiries() {
     env.stop().await;
 }
 
+/// The number of `ptune_grpc_requests_total` series in a scrape.
+fn request_series(e: &Exposition) -> usize {
+    e.samples.iter().filter(|(name, _, _)| name == "ptune_grpc_requests_total").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hostnames_and_ten_thousand_unknown_paths_leave_the_exposition_parseable_and_small() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let http = (env.coordinator.as_ref().unwrap().http_addr, env.tokens.viewer.clone());
+
+    // A hostname with a quote, a brace and a newline is refused at the edge;
+    // one already in the database (registered before the edge checked) is
+    // escaped in the label, and the scrape still parses.
+    let hostile = "evil\"} 1\n# EOF\n\\";
+    let request = v1::RegisterWorkerRequest {
+        hostname: hostile.into(),
+        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+        slots: 1,
+        models: vec![v1::BaseModel { name: common::MODEL.into(), max_positions: 512, ..Default::default() }],
+        ..Default::default()
+    };
+    let refused = env.workers.register_worker(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("hostname"), "{}", refused.message());
+    let worker = env.register().await;
+    let spec = env.spec("labelled").await;
+    env.submit(spec).await;
+    let lease = env.lease(&worker).await.unwrap();
+    env.report(&lease, 1, vec![metric(1, "train", "examples_per_second", 10.0)]).await.unwrap();
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    sqlx::query("UPDATE workers SET hostname = $1 WHERE id = $2::uuid")
+        .bind(hostile)
+        .bind(&worker)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let scraped = scrape(&http).await;
+    let labels = [("worker_id", worker.as_str()), ("hostname", hostile)];
+    assert_eq!(scraped.value("ptune_worker_examples_per_second", &labels), Some(10.0), "the label holds the hostname as it is");
+
+    // 10,000 calls to paths that are no method: unknown methods of known
+    // services, unknown services, with and without a token.
+    let before = request_series(&scrape(&http).await);
+    let url = format!("http://{}", env.coordinator.as_ref().unwrap().grpc_addr);
+    let channels = [
+        ptune_coordinator::testing::channel(&url, &env.tokens.admin),
+        ptune_proto::client::channel(&url, &Default::default()).unwrap(),
+    ];
+    for batch in 0..100 {
+        let calls = (0..100).map(|i| {
+            let n = batch * 100 + i;
+            let path = match n % 4 {
+                0 => format!("/ptune.v1.JobService/Probe{n}"),
+                1 => format!("/ptune.v1.WorkerService/Probe{n}"),
+                2 => format!("/grpc.health.v1.Health/Probe{n}"),
+                _ => format!("/evil{n}.Service/Method{n}"),
+            };
+            let mut grpc = tonic::client::Grpc::new(channels[n % 2].clone());
+            async move {
+                grpc.ready().await.unwrap();
+                let path: http::uri::PathAndQuery = path.parse().unwrap();
+                let answer = grpc.unary(tonic::Request::new(Vec::new()), path, common::RawCodec).await;
+                assert!(answer.is_err(), "no such method");
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+    let after = scrape(&http).await;
+    let added = request_series(&after) - before;
+    assert!(added <= 4, "10,000 unknown paths added {added} series");
+    let other: f64 = after
+        .samples
+        .iter()
+        .filter(|(name, labels, _)| name == "ptune_grpc_requests_total" && labels.get("method").map(String::as_str) == Some("other"))
+        .map(|(_, _, v)| *v)
+        .sum();
+    assert_eq!(other, 10_000.0, "every unknown call is counted under method=\"other\"");
+    pool.close().await;
+    env.stop().await;
+}
+
 // ------------------------------------------------------------------ scraping
 
 /// Scrapes `/metrics` at `http` with its token, as Prometheus does.

@@ -99,13 +99,14 @@ impl Permission {
     }
 }
 
-/// What each gRPC method needs: the one table, read by [`layer::AuthLayer`].
+/// What each gRPC method needs: the one table, read by [`layer::AuthLayer`]
+/// and by the metrics layer (which labels only the methods listed here).
 /// `None` for a path that is no method of the server.
 pub fn permission(path: &str) -> Option<Permission> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     Some(match (service, method) {
-        ("grpc.health.v1.Health", _) => Permission::Public,
-        ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => {
+        ("grpc.health.v1.Health", "Check" | "Watch") => Permission::Public,
+        ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo") => {
             Permission::Authenticated
         }
         ("ptune.v1.JobService", "SubmitJob" | "CancelJob" | "UploadDataset") => Permission::WriteOwn,
@@ -117,8 +118,12 @@ pub fn permission(path: &str) -> Option<Permission> {
             Permission::WriteOwn
         }
         ("ptune.v1.SweepService", "GetSweep" | "ListSweeps") => Permission::ReadOwn,
-        ("ptune.v1.WorkerService", _) => Permission::Work,
-        ("ptune.v1.AdminService", _) => Permission::Admin,
+        (
+            "ptune.v1.WorkerService",
+            "RegisterWorker" | "Heartbeat" | "LeaseJob" | "ReportProgress" | "CompleteJob" | "FailJob"
+            | "DownloadDataset" | "ReleaseJob" | "UploadCheckpoint" | "DownloadCheckpoint",
+        ) => Permission::Work,
+        ("ptune.v1.AdminService", "CreateToken" | "ListTokens" | "RevokeToken" | "ListAudit") => Permission::Admin,
         _ => return None,
     })
 }
@@ -191,6 +196,8 @@ mod tests {
         assert!(!can(Role::Worker, "/ptune.v1.JobService/CancelJob") && !can(Role::Worker, "/ptune.v1.JobService/DownloadAdapter"));
         assert!(!can(Role::Submitter, "/ptune.v1.AdminService/CreateToken") && can(Role::Admin, "/ptune.v1.AdminService/CreateToken"));
         assert_eq!(permission("/ptune.v1.JobService/NoSuchMethod"), None);
+        assert_eq!(permission("/ptune.v1.WorkerService/NoSuchMethod"), None);
+        assert_eq!(permission("/grpc.health.v1.Health/Probe"), None);
         assert_eq!(permission("/grpc.health.v1.Health/Check"), Some(Permission::Public));
         assert_eq!(Permission::WriteOwn.roles(), "admin or submitter");
     }

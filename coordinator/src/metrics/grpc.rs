@@ -86,19 +86,11 @@ where
 }
 
 /// The service and method of a gRPC path `/package.Service/Method`. Paths
-/// of no ptune or standard gRPC service are labelled `other`, so unknown
-/// callers cannot grow the label sets without bound.
+/// that are no method of the server (see [`crate::auth::permission`]) are
+/// labelled `other`, so callers cannot grow the label sets without bound.
 fn call_name(path: &str) -> (String, String) {
-    let known = |s: &str| s.starts_with("ptune.") || s.starts_with("grpc.");
-    let plain = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     match path.trim_start_matches('/').split_once('/') {
-        Some((service, method))
-            if known(service)
-                && service.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
-                && plain(method) =>
-        {
-            (service.to_string(), method.to_string())
-        }
+        Some((service, method)) if crate::auth::permission(path).is_some() => (service.to_string(), method.to_string()),
         _ => ("other".to_string(), "other".to_string()),
     }
 }
@@ -213,6 +205,7 @@ mod tests {
         assert_eq!(name("/grpc.health.v1.Health/Check"), ("grpc.health.v1.Health".into(), "Check".into()));
         assert_eq!(name("/evil.Service/x"), ("other".into(), "other".into()));
         assert_eq!(name("/ptune.v1.JobService/a/b"), ("other".into(), "other".into()));
+        assert_eq!(name("/ptune.v1.JobService/Probe1"), ("other".into(), "other".into()), "unknown methods of known services too");
         assert_eq!(name("/"), ("other".into(), "other".into()));
     }
 }
