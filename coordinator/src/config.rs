@@ -35,6 +35,8 @@ pub struct Config {
     /// Host names the dashboard answers to besides the bound address and
     /// localhost (a guard against DNS rebinding).
     pub allowed_hosts: Vec<String>,
+    /// Open streams, upload pauses and request time.
+    pub limits: crate::limits::Limits,
 }
 
 /// PEM files of the coordinator's TLS identity.
@@ -69,6 +71,7 @@ impl Config {
             tls: None,
             public_metrics: false,
             allowed_hosts: Vec::new(),
+            limits: crate::limits::Limits::default(),
         }
     }
 }

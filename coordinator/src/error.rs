@@ -23,6 +23,9 @@ pub enum Error {
     /// What the request would create exists already (a token's name).
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller holds too much at once (open streams).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The database cannot be reached; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),

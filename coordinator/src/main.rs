@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use ptune_coordinator::embedded_pg::EmbeddedPostgres;
 use ptune_coordinator::config::{RetryPolicy, TlsFiles};
+use ptune_coordinator::embedded_pg::EmbeddedPostgres;
+use ptune_coordinator::limits::Limits;
 use ptune_coordinator::{Config, Coordinator};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -71,6 +72,22 @@ struct Args {
     /// Host names the dashboard answers to, besides localhost and the bound address (comma-separated).
     #[arg(long, env = "PTUNE_ALLOWED_HOSTS", value_delimiter = ',')]
     allowed_hosts: Vec<String>,
+    /// Streams (WatchJob, the dashboard's live events) one token may hold open at once.
+    #[arg(long, env = "PTUNE_MAX_STREAMS_PER_TOKEN", default_value_t = Limits::default().streams_per_token as u32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_streams_per_token: u32,
+    /// Streams open at once in all.
+    #[arg(long, env = "PTUNE_MAX_STREAMS", default_value_t = Limits::default().streams as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_streams: u32,
+    /// Seconds an upload (dataset, adapter, checkpoint) may go without sending before it is ended.
+    #[arg(long, env = "PTUNE_UPLOAD_IDLE_TIMEOUT", default_value_t = Limits::default().upload_idle.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    upload_idle_timeout: u64,
+    /// Seconds a gRPC call may take before it answers (uploads included; a stream it returns may run longer).
+    #[arg(long, env = "PTUNE_REQUEST_TIMEOUT", default_value_t = Limits::default().request.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    request_timeout: u64,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -141,6 +158,12 @@ async fn main() -> anyhow::Result<()> {
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: args.tls_client_ca }),
         public_metrics: args.public_metrics,
         allowed_hosts: args.allowed_hosts,
+        limits: Limits {
+            streams_per_token: args.max_streams_per_token as usize,
+            streams: args.max_streams as usize,
+            upload_idle: Duration::from_secs(args.upload_idle_timeout),
+            request: Duration::from_secs(args.request_timeout),
+        },
     };
     let result = run(config).await;
     if let Some(pg) = embedded {

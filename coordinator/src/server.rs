@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+use crate::limits::StreamLimits;
 use crate::config::Config;
 use crate::dashboard::{self, Dashboard};
 use crate::events::EventHub;
@@ -103,13 +104,15 @@ impl Coordinator {
             .register_encoded_file_descriptor_set(ptune_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
             .context("building the reflection service")?;
-        let job_service = JobServiceServer::new(JobApi::new(jobs)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let worker_service =
-            WorkerServiceServer::new(WorkerApi::new(scheduler.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let streams = StreamLimits::new(config.limits);
+        let job_service =
+            JobServiceServer::new(JobApi::new(jobs, streams.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let worker_service = WorkerServiceServer::new(WorkerApi::new(scheduler.clone(), config.limits.upload_idle))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sweep_service =
             SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_service = AdminServiceServer::new(AdminApi::new(store.clone()));
-        let mut server = tonic::transport::Server::builder();
+        let mut server = tonic::transport::Server::builder().timeout(config.limits.request);
         if let Some(files) = &config.tls {
             server = server.tls_config(crate::tls::grpc(files)?).context("gRPC TLS settings")?;
         }
@@ -131,8 +134,8 @@ impl Coordinator {
             public_metrics: config.public_metrics,
             tls: config.tls.is_some(),
         };
-        let router =
-            dashboard::router(Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone(), guard));
+        let dashboard = Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone(), guard, streams);
+        let router = dashboard::router(dashboard);
         let http = match &config.tls {
             Some(files) => {
                 let listener = crate::tls::TlsListener::new(http_listener, crate::tls::acceptor(files)?)?;

@@ -9,14 +9,17 @@ use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Dashboard;
+use crate::auth::Identity;
 use crate::events::{HubEvent, HubEventKind};
 
 /// How often pending job events are sent.
@@ -26,10 +29,19 @@ const TICK: Duration = Duration::from_secs(3);
 /// Most job ids in one `jobs` event; beyond, `more` is set and clients re-read everything.
 const MAX_IDS: usize = 200;
 
-pub(super) async fn events(State(d): State<Dashboard>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// Opens an event stream, within the caller's share of open streams
+/// (429 beyond it).
+pub(super) async fn events(State(d): State<Dashboard>, Extension(caller): Extension<Identity>) -> Response {
+    let permit = match d.streams.acquire(&caller, "dashboard events") {
+        Ok(permit) => permit,
+        Err(e) => return (StatusCode::TOO_MANY_REQUESTS, Json(json!({ "error": e.to_string() }))).into_response(),
+    };
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(forward(d, tx));
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+    tokio::spawn(async move {
+        forward(d, tx).await;
+        drop(permit);
+    });
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }
 
 #[derive(Default)]

@@ -12,6 +12,8 @@
 //!   another site cannot reach the dashboard through DNS rebinding.
 //! - Every answer carries a Content-Security-Policy that allows scripts,
 //!   styles and connections to the coordinator itself only.
+//! - A request must start its answer within [`REQUEST_TIMEOUT`] (a body
+//!   that streams, such as events or an adapter, may run longer).
 
 use std::time::Duration;
 
@@ -27,6 +29,9 @@ use super::Dashboard;
 use crate::auth::layer::bearer;
 use crate::auth::{Identity, Permission};
 use crate::store::Refusal;
+
+/// How long a request may take to start its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "ptune_session";
@@ -109,7 +114,14 @@ pub async fn guard(State(d): State<Dashboard>, mut req: Request, next: Next) -> 
         }
         req.extensions_mut().insert(identity);
     }
-    with_headers(next.run(req).await)
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => with_headers(response),
+        Err(_) => {
+            warn!(path = %path, "request took longer than the limit");
+            let message = format!("the request took longer than {} s; retry", REQUEST_TIMEOUT.as_secs());
+            with_headers(refuse(StatusCode::SERVICE_UNAVAILABLE, message, false))
+        }
+    }
 }
 
 /// The identity of a bearer token or session cookie.

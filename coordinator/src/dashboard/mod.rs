@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::events::EventHub;
+use crate::limits::StreamLimits;
 use crate::metrics;
 use crate::store::Store;
 
@@ -36,6 +37,8 @@ pub struct Dashboard {
     stopped: watch::Receiver<bool>,
     /// Who may see what, and the hosts it answers to.
     guard: guard::GuardSettings,
+    /// Open event streams, shared with `WatchJob`.
+    streams: StreamLimits,
 }
 
 impl Dashboard {
@@ -47,8 +50,9 @@ impl Dashboard {
         online_window: Duration,
         stopped: watch::Receiver<bool>,
         guard: guard::GuardSettings,
+        streams: StreamLimits,
     ) -> Self {
-        Self { store, hub, online_window, stopped, guard }
+        Self { store, hub, online_window, stopped, guard, streams }
     }
 }
 

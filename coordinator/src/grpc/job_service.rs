@@ -10,17 +10,19 @@ use tracing::instrument;
 use super::convert;
 use crate::auth::layer::identity;
 use crate::jobs::Jobs;
+use crate::limits::StreamLimits;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The gRPC face of [`Jobs`].
 pub struct JobApi {
     jobs: Jobs,
+    streams: StreamLimits,
 }
 
 impl JobApi {
-    pub fn new(jobs: Jobs) -> Self {
-        Self { jobs }
+    pub fn new(jobs: Jobs, streams: StreamLimits) -> Self {
+        Self { jobs, streams }
     }
 
     /// The wire form of `jobs`, each queued one with its waiting reason.
@@ -78,10 +80,15 @@ impl JobService for JobApi {
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        let scope = identity(&req)?.scope();
+        let caller = identity(&req)?;
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let events = self.jobs.watch(id, &scope).await?;
-        let stream = events.map(|e| e.map(convert::job_event).map_err(Status::from));
+        let permit = self.streams.acquire(&caller, "WatchJob")?;
+        let events = self.jobs.watch(id, &caller.scope()).await?;
+        // The stream holds its place until it ends or its client goes away.
+        let stream = events.map(move |e| {
+            let _held = &permit;
+            e.map(convert::job_event).map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -134,7 +141,7 @@ impl JobService for JobApi {
     ) -> Result<Response<v1::DatasetInfo>, Status> {
         let mut chunks = req.into_inner();
         let mut upload = self.jobs.begin_dataset().await?;
-        while let Some(chunk) = chunks.message().await? {
+        while let Some(chunk) = super::next_message(&mut chunks, self.streams.limits().upload_idle).await? {
             upload.push(&chunk.file_name, &chunk.data).await?;
         }
         let info = self.jobs.store_dataset(upload).await?;

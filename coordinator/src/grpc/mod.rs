@@ -18,6 +18,21 @@ pub use worker_service::WorkerApi;
 
 use crate::error::Error;
 
+/// The next message of an upload, or `DEADLINE_EXCEEDED` when none came
+/// within `idle`: a client that stops sending does not hold the call open.
+pub(crate) async fn next_message<T>(
+    stream: &mut tonic::Streaming<T>,
+    idle: std::time::Duration,
+) -> Result<Option<T>, Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the upload sent nothing for {} s (--upload-idle-timeout); send it again",
+            idle.as_secs()
+        ))),
+    }
+}
+
 /// The one mapping from domain errors to gRPC statuses. Details of internal
 /// and database errors are logged, never sent.
 impl From<Error> for Status {
@@ -43,6 +58,7 @@ fn status_of(e: Error) -> Status {
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
             Error::PermissionDenied(message) => Status::permission_denied(message),
             Error::AlreadyExists(message) => Status::already_exists(message),
+            Error::ResourceExhausted(message) => Status::resource_exhausted(message),
             Error::ShuttingDown => Status::unavailable(e.to_string()),
             Error::Unavailable(detail) => {
                 warn!(error = %detail, "database unavailable");

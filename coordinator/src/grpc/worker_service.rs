@@ -17,11 +17,13 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::DatasetChunk, Status>> +
 /// The gRPC face of [`Scheduler`].
 pub struct WorkerApi {
     scheduler: Scheduler,
+    /// Longest wait for an upload's next message.
+    upload_idle: std::time::Duration,
 }
 
 impl WorkerApi {
-    pub fn new(scheduler: Scheduler) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Scheduler, upload_idle: std::time::Duration) -> Self {
+        Self { scheduler, upload_idle }
     }
 }
 
@@ -82,11 +84,12 @@ impl WorkerService for WorkerApi {
         req: Request<Streaming<v1::CompleteJobChunk>>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
         let mut chunks = req.into_inner();
-        let Some(Part::Header(header)) = chunks.message().await?.and_then(|c| c.part) else {
+        let first = super::next_message(&mut chunks, self.upload_idle).await?;
+        let Some(Part::Header(header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
         let mut upload = self.scheduler.begin_completion(convert::completion(header)?).await?;
-        while let Some(chunk) = chunks.message().await? {
+        while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(Part::Data(data)) = chunk.part else {
                 return Err(Error::invalid("header", "only the first message may carry a header").into());
             };
@@ -116,11 +119,12 @@ impl WorkerService for WorkerApi {
         req: Request<Streaming<v1::CheckpointChunk>>,
     ) -> Result<Response<v1::UploadCheckpointResponse>, Status> {
         let mut chunks = req.into_inner();
-        let Some(v1::checkpoint_chunk::Part::Header(header)) = chunks.message().await?.and_then(|c| c.part) else {
+        let first = super::next_message(&mut chunks, self.upload_idle).await?;
+        let Some(v1::checkpoint_chunk::Part::Header(header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
         let mut sink = self.scheduler.begin_checkpoint(convert::checkpoint_upload(header)?).await?;
-        while let Some(chunk) = chunks.message().await? {
+        while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(v1::checkpoint_chunk::Part::Data(data)) = chunk.part else {
                 return Err(Error::invalid("header", "only the first message may carry a header").into());
             };
