@@ -3,8 +3,10 @@
 //! binaries installed on the machine (`initdb`, `pg_ctl`), listens on a Unix
 //! socket inside the data directory only (no TCP port to collide with), in a
 //! folder only the server's user may enter (mode 0700: other local users
-//! cannot reach it), and is stopped when the coordinator shuts down. A
-//! `--database-url` replaces it.
+//! cannot reach it), accepts only the coordinator's own operating-system
+//! user (peer authentication, written into `pg_hba.conf` at every start, so
+//! clusters made by earlier versions with `trust` are closed too), and is
+//! stopped when the coordinator shuts down. A `--database-url` replaces it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -49,7 +51,7 @@ impl EmbeddedPostgres {
             let initdb = bin_dir.join("initdb");
             let status = this
                 .command(&initdb)
-                .args(["-D", &cluster.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+                .args(["-D", &cluster.to_string_lossy(), "-U", "postgres", "--auth-local=peer", "--auth-host=reject", "-E", "UTF8"])
                 .stdout(Stdio::null())
                 .status()
                 .await
@@ -59,6 +61,7 @@ impl EmbeddedPostgres {
             }
         }
         this.stop_stale().await;
+        this.allow_only_the_coordinator(&cluster)?;
         let options = format!("-c listen_addresses='' -c unix_socket_directories='{}'", this.socket_dir.display());
         let log = root.join("postgres.log");
         let status = this
@@ -105,6 +108,34 @@ impl EmbeddedPostgres {
             Ok(s) if s.success() => info!("embedded postgres stopped"),
             other => tracing::warn!(result = ?other, "embedded postgres did not stop cleanly"),
         }
+    }
+
+    /// Writes `pg_hba.conf` and `pg_ident.conf` so that the server accepts
+    /// connections over its socket only from the operating-system user the
+    /// coordinator runs as (and the server's own), as database user
+    /// `postgres`; nothing else.
+    fn allow_only_the_coordinator(&self, cluster: &Path) -> anyhow::Result<()> {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .context("cannot find the name of the user the coordinator runs as")?;
+        let server = self.run_as.clone().unwrap_or_else(|| me.clone());
+        let hba = "# Written by ptune-coordinator at every start; edits are replaced.\n\
+                   # Only the coordinator's operating-system user, over the socket, as postgres.\n\
+                   local all postgres peer map=ptune\n";
+        let ident = format!(
+            "# Written by ptune-coordinator at every start; edits are replaced.\nptune {me} postgres\nptune {server} postgres\n"
+        );
+        for (name, text) in [("pg_hba.conf", hba.to_string()), ("pg_ident.conf", ident)] {
+            let path = cluster.join(name);
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            if let Some(user) = &self.run_as {
+                let user = nix::unistd::User::from_name(user).ok().flatten().context("the server's user is gone")?;
+                nix::unistd::chown(&path, Some(user.uid), Some(user.gid))?;
+            }
+        }
+        Ok(())
     }
 
     /// A server left running by a killed coordinator still holds the cluster: stop it first.
