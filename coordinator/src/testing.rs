@@ -119,3 +119,145 @@ mod tests {
         assert_eq!(f("postgres://u@h/db?sslmode=disable", "x").unwrap(), "postgres://u@h/x?sslmode=disable");
     }
 }
+
+/// A PostgreSQL cluster of a test's own, in a temporary folder: stopping it
+/// never touches the machine's shared server. It listens on a Unix socket,
+/// and on `127.0.0.1` too when [`PgSettings::port`] is given.
+pub struct PrivatePostgres {
+    data: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    run_as_postgres: bool,
+    port: Option<u16>,
+}
+
+/// How a [`PrivatePostgres`] is set up besides its defaults.
+#[derive(Clone, Debug, Default)]
+pub struct PgSettings {
+    /// Listen on `127.0.0.1:port` as well as the socket.
+    pub port: Option<u16>,
+    /// Lines appended to `postgresql.conf`.
+    pub conf: Vec<String>,
+    /// `pg_hba.conf` in place of initdb's (trust for everyone).
+    pub hba: Option<String>,
+    /// Files copied into the cluster's folder (e.g. TLS certificates),
+    /// readable by the server only.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl PrivatePostgres {
+    /// A cluster on a Unix socket under `dir`, started.
+    pub fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, PgSettings::default())
+    }
+
+    /// A cluster under `dir` set up with `settings`, started.
+    pub fn start_with(dir: &std::path::Path, settings: PgSettings) -> Self {
+        use std::process::{Command, Stdio};
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("initdb");
+        let root = dir.join("pg");
+        let (data, socket) = (root.join("data"), root.join("socket"));
+        std::fs::create_dir_all(&socket).unwrap();
+        let run_as_postgres = nix::unistd::geteuid().is_root();
+        let this = Self { data, socket, bin, run_as_postgres, port: settings.port };
+        let chown = |path: &std::path::Path| {
+            if run_as_postgres {
+                assert!(Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().unwrap().success());
+            }
+        };
+        chown(&root);
+        if run_as_postgres {
+            // The postgres user must reach the folder.
+            let mut up = root.clone();
+            while let Some(parent) = up.parent() {
+                let _ = Command::new("chmod").arg("o+x").arg(parent).status();
+                up = parent.to_path_buf();
+            }
+        }
+        let status = this
+            .command("initdb")
+            .args(["-D", &this.data.to_string_lossy(), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "initdb failed");
+        for (name, bytes) in &settings.files {
+            let path = this.data.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            chown(&path);
+        }
+        if !settings.conf.is_empty() {
+            use std::io::Write;
+            let mut conf = std::fs::OpenOptions::new().append(true).open(this.data.join("postgresql.conf")).unwrap();
+            writeln!(conf, "\n{}", settings.conf.join("\n")).unwrap();
+        }
+        if let Some(hba) = &settings.hba {
+            std::fs::write(this.data.join("pg_hba.conf"), hba).unwrap();
+            chown(&this.data.join("pg_hba.conf"));
+        }
+        this.up();
+        this
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        if self.run_as_postgres {
+            let mut cmd = std::process::Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(program);
+            cmd
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+
+    /// The URL over the Unix socket.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@localhost/postgres?host={}", self.socket.display())
+    }
+
+    /// Starts the server (again).
+    pub fn up(&self) {
+        let listen = match self.port {
+            Some(port) => format!("-c listen_addresses='127.0.0.1' -p {port}"),
+            None => "-c listen_addresses=''".to_string(),
+        };
+        let options = format!("{listen} -c unix_socket_directories='{}' -c fsync=off", self.socket.display());
+        let log = self.data.parent().unwrap().join("postgres.log");
+        let status = self
+            .command("pg_ctl")
+            .args(["start", "-w", "-t", "60", "-D", &self.data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &options])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "postgres did not start; see {}", log.display());
+    }
+
+    /// Stops the server in immediate mode: connections drop, no checkpoint.
+    pub fn down_immediate(&self) {
+        let status = self
+            .command("pg_ctl")
+            .args(["stop", "-w", "-m", "immediate", "-D", &self.data.to_string_lossy()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "postgres did not stop");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-w", "-m", "immediate", "-D", &self.data.to_string_lossy()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Env, RawCodec, EVAL, MODEL, TRAIN};
+use common::{pki, Env, Pki, RawCodec, EVAL, MODEL, TRAIN};
 use futures::StreamExt;
 use prost::Message;
 use ptune_coordinator::auth::Role;
@@ -27,7 +27,6 @@ use ptune_proto::v1::admin_service_client::AdminServiceClient;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tonic::Code;
@@ -54,52 +53,6 @@ fn allowed(path: &str) -> &'static [Role] {
         ("ptune.v1.WorkerService", _) => &[Admin, Worker],
         ("ptune.v1.AdminService", _) => &[Admin],
         _ => panic!("{path} is a method the role table does not know; add it to the table and to docs/security.md"),
-    }
-}
-
-/// PEM files in a temporary folder: a CA, the coordinator's certificate
-/// (for localhost and 127.0.0.1), a worker's client certificate from the
-/// same CA, and one from a stranger's CA.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    client: (PathBuf, PathBuf),
-    stranger: (PathBuf, PathBuf),
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, pem: String| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    let authority = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        (params.self_signed(&key).unwrap(), key)
-    };
-    let (ca, ca_key) = authority("ptune test CA");
-    let (other_ca, other_key) = authority("a stranger's CA");
-    let leaf =
-        |names: Vec<String>, usage: ExtendedKeyUsagePurpose, issuer: &rcgen::Certificate, issuer_key: &KeyPair| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(names).unwrap();
-            params.extended_key_usages = vec![usage];
-            (params.signed_by(&key, issuer, issuer_key).unwrap().pem(), key.serialize_pem())
-        };
-    let server = leaf(vec!["localhost".into(), "127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth, &ca, &ca_key);
-    let client = leaf(vec!["worker-1".into()], ExtendedKeyUsagePurpose::ClientAuth, &ca, &ca_key);
-    let stranger = leaf(vec!["worker-1".into()], ExtendedKeyUsagePurpose::ClientAuth, &other_ca, &other_key);
-    Pki {
-        ca: write("ca.pem", ca.pem()),
-        server: (write("server.pem", server.0), write("server.key", server.1)),
-        client: (write("client.pem", client.0), write("client.key", client.1)),
-        stranger: (write("stranger.pem", stranger.0), write("stranger.key", stranger.1)),
-        _dir: dir,
     }
 }
 

@@ -322,3 +322,49 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes))
     }
 }
+
+/// PEM files in a temporary folder: a CA, the coordinator's certificate
+/// (for localhost and 127.0.0.1), a worker's client certificate from the
+/// same CA, and one from a stranger's CA.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca: std::path::PathBuf,
+    pub server: (std::path::PathBuf, std::path::PathBuf),
+    pub client: (std::path::PathBuf, std::path::PathBuf),
+    pub stranger: (std::path::PathBuf, std::path::PathBuf),
+}
+
+pub fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let authority = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        (params.self_signed(&key).unwrap(), key)
+    };
+    let (ca, ca_key) = authority("ptune test CA");
+    let (other_ca, other_key) = authority("a stranger's CA");
+    let leaf =
+        |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose, issuer: &rcgen::Certificate, issuer_key: &rcgen::KeyPair| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, issuer, issuer_key).unwrap().pem(), key.serialize_pem())
+        };
+    let server = leaf(vec!["localhost".into(), "127.0.0.1".into()], rcgen::ExtendedKeyUsagePurpose::ServerAuth, &ca, &ca_key);
+    let client = leaf(vec!["worker-1".into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth, &ca, &ca_key);
+    let stranger = leaf(vec!["worker-1".into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth, &other_ca, &other_key);
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        server: (write("server.pem", server.0), write("server.key", server.1)),
+        client: (write("client.pem", client.0), write("client.key", client.1)),
+        stranger: (write("stranger.pem", stranger.0), write("stranger.key", stranger.1)),
+        _dir: dir,
+    }
+}
