@@ -20,7 +20,7 @@ tier() {
 }
 
 tier "build" cargo build --workspace --bins --tests --benches --profile dev
-tier "workspace tests" cargo test --workspace -- --test-threads 2
+tier "workspace tests" cargo test --workspace --no-fail-fast -- --test-threads 2
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
 tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection --test faults -- --test-threads 1 --nocapture
