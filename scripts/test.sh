@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: sets up what is missing, makes sure PostgreSQL
-# is up, then runs every crate's tests against real Postgres and libtorch,
-# and last the fault-injection suite (real processes killed, signalled,
+# is up, then runs the fast tier (what a plain `cargo test` runs: unit tests
+# and engine tests on tiny fixtures, no database, datasets, MiniLM or
+# reference Python), every crate's tests with the `integration` feature
+# (real PostgreSQL, MiniLM, ../shared/data, Hugging Face references), and
+# last the fault-injection suite (real processes killed, signalled,
 # partitioned and starved of their database; see docs/reliability.md),
 # which needs the worker built with its test-only fault hooks.
 set -euo pipefail
@@ -19,8 +22,10 @@ tier() {
   echo "== $name: $((SECONDS - start)) s"
 }
 
-tier "build" cargo build --workspace --bins --tests --benches --profile dev
-tier "workspace tests" cargo test --workspace --no-fail-fast -- --test-threads 2
+integration="ptune-coordinator/integration,ptune-worker/integration,ptune-cli/integration"
+tier "fast tier" cargo test --workspace --no-fail-fast -- --test-threads 2
+tier "build" cargo build --workspace --bins --tests --benches --profile dev --features "$integration"
+tier "integration tests" cargo test --workspace --no-fail-fast --features "$integration" -- --test-threads 2
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
-tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection --test faults -- --test-threads 1 --nocapture
+tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection,integration --test faults -- --test-threads 1 --nocapture

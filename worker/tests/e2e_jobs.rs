@@ -1,12 +1,12 @@
 //! End to end: a real coordinator on real Postgres, real `ptune-worker`
 //! processes training MiniLM with libtorch, everything over gRPC on TCP.
 
-mod common;
+mod support;
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::cluster::*;
 use futures::StreamExt;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::{self, JobState};

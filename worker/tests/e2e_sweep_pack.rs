@@ -5,11 +5,11 @@
 //! of pack are covered: classification on all-MiniLM-L6-v2, and causal LM
 //! on a tiny GPT-2 (prompt tuning, and LoRA over its rank).
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
+use support::cluster::*;
 use ptune_proto::v1::{self, JobState, SweepState};
 use serde_json::{json, Value};
 
@@ -66,7 +66,7 @@ async fn gpt2_cluster(method: &str) -> (Cluster, Value) {
     let gpt2 = workspace_root().join("worker/tests/fixtures/tiny-gpt2");
     std::os::unix::fs::symlink(gpt2, cluster.models_dir.join("tiny-gpt2")).unwrap();
     let mut client = cluster.client().await;
-    let e2e = workspace_root().join("../shared/data/e2e");
+    let e2e = support::paths::shared_data("e2e");
     let train = upload(&mut client, &e2e.join("train.jsonl")).await;
     let eval = upload(&mut client, &e2e.join("dev.jsonl")).await;
     let template = json!({

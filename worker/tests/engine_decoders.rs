@@ -7,9 +7,13 @@
 //! beam-search tokens of `generate`), plus RoPE frequencies and sacreBLEU
 //! scores recorded by the same script.
 
+mod support;
+
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use support::paths::{fixtures, shared_data};
 
 use ptune_worker::engine::causal_lm::{self, GenerationConfig, LmAdapter, LmBatch};
 use ptune_worker::engine::decoder::{self, CausalDecoder};
@@ -21,10 +25,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Largest absolute difference allowed against transformers' float32 outputs.
 const TOLERANCE: f64 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn reference() -> &'static Value {
     static REFERENCE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
@@ -383,6 +383,7 @@ fn corpus_bleu_matches_sacrebleu() {
 /// labelled on the target and EOS only; the generation prompt is the
 /// source part; the real E2E files read.
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs ../shared/data; scripts/test.sh runs it")]
 fn e2e_pairs_become_labelled_training_examples() {
     for kind in ["gpt2", "llama"] {
         let summary = &reference()["models"][kind];
@@ -404,7 +405,7 @@ fn e2e_pairs_become_labelled_training_examples() {
         assert_eq!(tokenizer.decode(&example.ids[prompt.len()..example.ids.len() - 1]).expect("decodes"), "The Eagle serves French food .");
     }
 
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/e2e");
+    let data = shared_data("e2e");
     let train = seq2seq::read_source_targets(&data.join("train.jsonl"), "train.jsonl", 3).expect("train reads");
     assert_eq!(train.len(), 3);
     assert!(train[0].source.starts_with("name[The Vaults]"), "first source: {:?}", train[0].source);

@@ -5,19 +5,16 @@
 //! run; for PEFT's adapter, PEFT's own loss and predictions on the fixture
 //! sentences.
 
-mod engine_support;
+mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use engine_support::{shared_data_job, train_on, workspace};
+use support::engine::{shared_data_job, train_on};
+use support::paths::{fixtures, shared_data};
 use ptune_core::{JobSpec, MetricKind};
 use ptune_worker::engine::Resume;
 use serde_json::{json, Value};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// Runs `ptune-worker --models-dir fixtures eval ARGS --json`: the metrics on
 /// success, stderr on failure.
@@ -39,6 +36,7 @@ fn path(p: &Path) -> &str {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs ../shared/data; scripts/test.sh runs it")]
 fn an_export_evaluates_to_its_training_runs_final_evaluation() {
     let tags = ["O", "B-corporation", "B-creative-work", "B-group", "B-location", "B-person", "B-product",
                 "I-corporation", "I-creative-work", "I-group", "I-location", "I-person", "I-product"];
@@ -57,7 +55,7 @@ fn an_export_evaluates_to_its_training_runs_final_evaluation() {
     let outcome = outcome.expect("trains");
 
     let predictions = out.path().join("predictions.jsonl");
-    let dev = workspace().join("../shared/data/ner/dev.jsonl");
+    let dev = shared_data("ner/dev.jsonl");
     let result = eval(&["--adapter", path(&adapter), "--data", path(&dev), "--max-examples", "40",
                         "--predictions", path(&predictions)])
         .expect("eval runs");
@@ -90,6 +88,7 @@ fn an_export_evaluates_to_its_training_runs_final_evaluation() {
 /// Full fine-tuning model folders and mean-pooled sequence classifiers
 /// (whose pooling only `ptune.json` records) evaluate as they trained.
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs ../shared/data; scripts/test.sh runs it")]
 fn sequence_classifier_exports_evaluate_to_their_training_runs_final_evaluation() {
     let cases = [("tiny-bert", "full", "cls"), ("tiny-roberta", "full", "mean"), ("tiny-bert", "prompt_tuning", "mean")];
     for (model, method, pooling) in cases {
@@ -107,7 +106,7 @@ fn sequence_classifier_exports_evaluate_to_their_training_runs_final_evaluation(
         let job = shared_data_job(spec, "sst2", export.clone(), None, Resume::Never);
         let (outcome, _) = train_on(&fixtures().join(model), &job, None);
         let outcome = outcome.expect("trains");
-        let dev = workspace().join("../shared/data/sst2/dev.jsonl");
+        let dev = shared_data("sst2/dev.jsonl");
         let result = eval(&["--adapter", path(&export), "--data", path(&dev), "--max-examples", "40"]).expect("eval runs");
         for metric in outcome.final_metrics.iter().filter(|m| m.kind == MetricKind::Eval) {
             let ours = result["metrics"][&metric.name].as_f64().unwrap_or_else(|| panic!("no {} in {result}", metric.name));

@@ -4,7 +4,7 @@
 //! `PeftModel.from_pretrained` loads with the same logits as the engine, and
 //! resume exactly from a checkpoint. Bad specs are refused with the field.
 
-mod engine_support;
+mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,25 +13,15 @@ use std::process::Command;
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::causal_lm::{self, LmAdapter};
 use ptune_worker::engine::decoder::{load_causal_lm, CausalDecoder};
-use engine_support::train_on;
 use ptune_worker::engine::{EngineError, Hooks, NoHooks, Resume, TrainJob, TrainOutcome};
 use serde_json::{json, Value};
+use support::engine::train_on;
+use support::paths::{fixtures, python, workspace};
+use support::synthetic::dataset;
 use tch::{Device, Kind, Tensor};
 
 const STEPS: u64 = 12;
 const EVAL_INPUTS: u64 = 6;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn e2e() -> PathBuf {
-    workspace().join("../shared/data/e2e")
-}
 
 fn spec(model: &str, method: &str, peft: Value) -> JobSpec {
     let spec = json!({
@@ -54,8 +44,8 @@ fn spec(model: &str, method: &str, peft: Value) -> JobSpec {
 fn job(spec: JobSpec, out: &Path, resume: Resume) -> TrainJob {
     TrainJob {
         spec,
-        train_file: e2e().join("train.jsonl"),
-        eval_file: e2e().join("dev.jsonl"),
+        train_file: dataset("e2e").join("train.jsonl"),
+        eval_file: dataset("e2e").join("dev.jsonl"),
         train_name: "train.jsonl".into(),
         eval_name: "dev.jsonl".into(),
         out_dir: out.join("adapter"),
@@ -130,7 +120,7 @@ fn engine_logits(model: &dyn CausalDecoder, export: &Path, ids: &Tensor, mask: &
 }
 
 fn peft_logits(model_dir: &Path, export: &Path, inputs: &Path) -> Tensor {
-    let python = workspace().join(".venv/bin/python");
+    let python = python(".venv");
     let output = Command::new(&python)
         .arg(workspace().join("scripts/reference/lm_export_check.py"))
         .arg("--model")
@@ -219,28 +209,33 @@ fn check_trains_and_exports(model_name: &str, method: &str, peft: Value, peft_ty
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn prompt_tuning_on_gpt2_trains_decodes_and_exports_for_peft() {
     check_trains_and_exports("tiny-gpt2", "prompt_tuning", json!({"num_virtual_tokens": 4, "init": "vocab"}), "PROMPT_TUNING");
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn p_tuning_on_gpt2_exports_its_encoders_prompt() {
     let peft = json!({"num_virtual_tokens": 4, "encoder_reparameterization_type": "mlp", "encoder_hidden_size": 16});
     check_trains_and_exports("tiny-gpt2", "p_tuning", peft, "P_TUNING");
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn prefix_tuning_with_a_projection_on_gpt2() {
     let peft = json!({"num_virtual_tokens": 4, "prefix_projection": true, "encoder_hidden_size": 16});
     check_trains_and_exports("tiny-gpt2", "prefix_tuning", peft, "PREFIX_TUNING");
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn p_tuning_v2_on_llama_with_grouped_query_attention() {
     check_trains_and_exports("tiny-llama", "p_tuning_v2", json!({"num_virtual_tokens": 4, "prefix_dropout": 0.1}), "PREFIX_TUNING");
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn lora_on_gpt2_trains_its_conv1d_linears_and_exports_for_peft() {
     let peft = json!({"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"]});
     let config = check_trains_and_exports("tiny-gpt2", "lora", peft, "LORA");
@@ -250,6 +245,7 @@ fn lora_on_gpt2_trains_its_conv1d_linears_and_exports_for_peft() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn lora_on_llama_defaults_to_the_query_and_value_projections() {
     let config = check_trains_and_exports("tiny-llama", "lora", json!({"r": 2, "lora_alpha": 4}), "LORA");
     assert_eq!(config["target_modules"], json!(["self_attn.q_proj", "self_attn.v_proj"]));
@@ -257,6 +253,7 @@ fn lora_on_llama_defaults_to_the_query_and_value_projections() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn lora_on_qwen2_trains_every_projection_with_biased_attention() {
     let every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let config = check_trains_and_exports("tiny-qwen2", "lora", json!({"r": 2, "target_modules": every}), "LORA");
@@ -264,11 +261,13 @@ fn lora_on_qwen2_trains_every_projection_with_biased_attention() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn full_fine_tuning_on_gpt2_exports_a_model_folder_with_its_tied_head() {
     check_full_fine_tuning("tiny-gpt2");
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn full_fine_tuning_on_llama_exports_a_model_folder_with_its_own_head() {
     check_full_fine_tuning("tiny-llama");
 }
@@ -330,7 +329,7 @@ fn an_export_of_every_method_evaluates_as_training_last_evaluated_it() {
         let outcome = outcome.unwrap_or_else(|e| panic!("{model} {method}: {e}"));
         let options = ptune_worker::local::EvalOptions {
             adapter: out.path().join("adapter"),
-            data: e2e().join("dev.jsonl"),
+            data: dataset("e2e").join("dev.jsonl"),
             models_dir: fixtures(),
             base_model: None,
             labels: None,

@@ -10,13 +10,14 @@
 //! `scripts/reference/peft_methods.py` (versions in
 //! `tests/fixtures/peft-methods*/reference.json`).
 
-mod engine_support;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use engine_support::{minilm_dir, workspace, SERIAL};
+use support::engine::SERIAL;
+use support::paths::{fixtures, minilm_dir, python, shared_data, workspace};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
     build_model, load_adapter, write_export, BaseModel, Classifier, Control, Engine, Event, Resume, TrainJob,
@@ -27,10 +28,6 @@ use tch::{nn, Device, Tensor};
 /// Largest absolute difference allowed against PEFT's float32 logits.
 const TOLERANCE: f64 = 1e-4;
 
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 /// A tiny random classifier of one architecture and PEFT's references on it.
 #[derive(Clone, Copy, Debug)]
@@ -233,7 +230,7 @@ fn trainable_adapters_give_peft_logits_and_gradients() {
 /// the transformers 4.x environment; `None` when it is not installed.
 fn python_for(method: &str) -> Option<PathBuf> {
     let venv = if method == "prefix_tuning" || method == "p_tuning_v2" { ".venv-ref4" } else { ".venv" };
-    let python = workspace().join(venv).join("bin/python");
+    let python = python(venv);
     python.exists().then_some(python)
 }
 
@@ -258,6 +255,7 @@ fn safetensors_shapes(path: &Path) -> BTreeMap<String, Vec<i64>> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs the reference Python environment (transformers, peft); scripts/test.sh runs it")]
 fn exports_load_in_peft_with_the_engine_logits() {
     for arch in ARCHES {
         exports_of_arch_load_in_peft_with_the_engine_logits(arch);
@@ -339,10 +337,11 @@ fn exports_of_arch_load_in_peft_with_the_engine_logits(arch: Arch) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("temp dir");
-    let sst2 = workspace().join("../shared/data/sst2");
+    let sst2 = shared_data("sst2");
     let (train_file, eval_file) = (sst2.join("train.jsonl"), sst2.join("dev.jsonl"));
     // MiniLM: a random tiny model gives too little signal to see a loss fall
     // in a few steps.
@@ -418,9 +417,10 @@ fn every_method_lowers_the_loss_and_leaves_the_shared_base_unchanged() {
 /// loaded with PEFT (or transformers), predicts the engine's labels on dev
 /// sentences.
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn minilm_exports_predict_like_the_engine_on_sst2_dev() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let sst2 = workspace().join("../shared/data/sst2");
+    let sst2 = shared_data("sst2");
     let dir = tempfile::tempdir().expect("temp dir");
     let dev_text = std::fs::read_to_string(sst2.join("dev.jsonl")).expect("SST-2 dev set");
     let dev_lines: Vec<&str> = dev_text.lines().filter(|l| !l.trim().is_empty()).take(24).collect();

@@ -12,14 +12,15 @@
 //! attention, with prompts, prefixes of different lengths and LoRA side by
 //! side.
 
-mod engine_support;
+mod support;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use engine_support::{minilm_dir, shared_data_job, train_on, workspace, SERIAL};
+use support::engine::{shared_data_job, synthetic_data_job, train_on, SERIAL};
+use support::paths::minilm_dir;
 use ptune_core::{JobSpec, Metric, MetricKind, Pooling};
 use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
@@ -101,11 +102,11 @@ fn lm_job(model: &str, name: &str, method: &str, peft: Value, lr: f64, batch: u3
     });
     let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
     spec.validate(None).expect("spec is valid");
-    shared_data_job(spec, "e2e", out.join(name), None, Resume::Never)
+    synthetic_data_job(spec, "e2e", out.join(name), None, Resume::Never)
 }
 
 fn fixture(model: &str) -> PathBuf {
-    workspace().join("worker/tests/fixtures").join(model)
+    support::paths::fixtures().join(model)
 }
 
 /// Causal-LM jobs on tiny GPT-2: soft prompts of 3 and 9 tokens, a P-tuning
@@ -266,11 +267,13 @@ fn check_packed_matches_alone(model_dir: &Path, jobs: fn(&Path) -> Vec<TrainJob>
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn packed_jobs_train_exactly_as_alone() {
     check_packed_matches_alone(&minilm_dir(), jobs, PackLimits { max_jobs: 8, max_tokens: 100_000 });
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn a_step_split_over_several_passes_trains_exactly_as_alone() {
     // About two jobs' batches per pass.
     check_packed_matches_alone(&minilm_dir(), jobs, PackLimits { max_jobs: 8, max_tokens: 900 });

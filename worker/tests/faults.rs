@@ -10,13 +10,12 @@
 
 #![cfg(feature = "fault-injection")]
 
-mod common;
-mod fault_support;
+mod support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fault_support::*;
+use support::faults::*;
 use ptune_coordinator::testing::fresh_database;
 use ptune_proto::v1::{self, JobState};
 use rand::{Rng, SeedableRng};

@@ -395,6 +395,7 @@ mod tests {
     /// a sentence cut inside a word and, where the data has one, a word that
     /// tokenizes to nothing; the derived tag list is the fixture's.
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2's tokenizer; scripts/test.sh runs it")]
     fn alignment_matches_the_hugging_face_recipe() {
         let fixture = fixture("ner_alignment.json");
         let tags = TagSet::new(strings(&fixture["labels"])).expect("valid tags");
@@ -443,6 +444,7 @@ mod tests {
 
     /// Bad rows name the file and line; an unknown tag names the allowed tags.
     #[test]
+    #[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2's tokenizer; scripts/test.sh runs it")]
     fn bad_rows_name_the_file_line_and_allowed_tags() {
         let fields = TaggedFields::default();
         let read = |lines: &[&str]| {

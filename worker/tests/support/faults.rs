@@ -5,8 +5,6 @@
 //! can cut a worker off, and a watcher that checks the database's
 //! invariants throughout a scenario.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,7 +15,7 @@ use std::time::{Duration, Instant};
 use ptune_proto::client::AuthChannel;
 use ptune_proto::v1::{self, job_service_client::JobServiceClient};
 
-pub use crate::common::{get, minilm_dir, sst2, state, upload, without_colours, MODEL};
+pub use super::cluster::{get, minilm_dir, sst2, state, upload, without_colours, MODEL};
 
 /// The coordinator binary, built beside the worker's (`cargo build --bins`).
 pub fn coordinator_bin() -> PathBuf {
@@ -307,10 +305,10 @@ impl Scene {
     }
 }
 
-/// The suite's job (see [`crate::common::sst2_job`]): an evaluation and a
+/// The suite's job (see [`super::cluster::sst2_job`]): an evaluation and a
 /// checkpoint every 20 steps; `extra` adds `[training]` keys.
 pub fn spec(name: &str, train: &str, eval: &str, steps: u64, extra: &str) -> v1::JobSpec {
-    crate::common::sst2_job(name, train, eval, steps, 20, extra)
+    super::cluster::sst2_job(name, train, eval, steps, 20, extra)
 }
 
 pub async fn submit(client: &mut JobServiceClient<AuthChannel>, spec: v1::JobSpec) -> v1::Job {

