@@ -66,26 +66,3 @@ pub fn before_draw() {
         }
     });
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tch::{Kind, Tensor};
-
-    fn draw() -> Vec<f32> {
-        before_draw();
-        Vec::<f32>::try_from(Tensor::rand([4], (Kind::Float, tch::Device::Cpu))).unwrap()
-    }
-
-    #[test]
-    fn a_stream_draws_the_same_whatever_runs_in_between() {
-        let alone = DropoutStream::new(7);
-        let expected = [with_stream(Some(&alone), draw), with_stream(Some(&alone), draw)];
-        let (a, b) = (DropoutStream::new(7), DropoutStream::new(8));
-        let first = with_stream(Some(&a), draw);
-        let other = with_stream(Some(&b), draw);
-        let second = with_stream(Some(&a), draw);
-        assert_eq!([first, second], expected);
-        assert_ne!(other, expected[0]);
-    }
-}
