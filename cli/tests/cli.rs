@@ -254,6 +254,9 @@ values = [0.01, 0.03]
     assert_eq!(csv.stdout.lines().count(), 3);
     let best = ptune(&setup, &["sweep", "best", &id]).await;
     assert_eq!(best.code, 1, "no trial has an adapter yet");
+    let list = ptune(&setup, &["sweep", "list"]).await;
+    assert!(list.stdout.contains("BEST FINISHED") && list.stdout.contains("ranks running trials too"), "{}", list.stdout);
+    assert!(!text.stdout.contains("best finished trial:"), "no trial finished, so none is named best: {}", text.stdout);
 
     let cancelled = ptune(&setup, &["sweep", "cancel", &id]).await;
     assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);
@@ -312,7 +315,7 @@ async fn job_with_adapter(setup: &Setup, archive: &[u8]) -> String {
         base_model: "all-MiniLM-L6-v2".into(),
         task: v1::Task::SequenceClassification as i32,
         method: v1::Method::PromptTuning as i32,
-        peft: Some(v1::PeftConfig { num_virtual_tokens: 4, ..Default::default() }),
+        peft: Some(v1::PeftConfig { num_virtual_tokens: Some(4), ..Default::default() }),
         data: Some(v1::DataConfig { train: data.clone(), eval: data, labels: vec!["0".into(), "1".into()], ..Default::default() }),
         training: Some(v1::TrainingConfig { learning_rate: 0.03, max_steps: 1, ..Default::default() }),
         ..Default::default()

@@ -404,7 +404,7 @@ const views = {
     async refresh() {
       const page = await api('/sweeps?limit=100');
       fill(document.getElementById('sweeps-table'), el('table', { id: 'sweeps' },
-        el('thead', {}, el('tr', {}, ['name', 'state', 'algorithm', 'objective', 'trials', 'best', 'best parameters', 'age'].map((h) => el('th', {}, h)))),
+        el('thead', {}, el('tr', {}, ['name', 'state', 'algorithm', 'objective', 'trials', 'best finished', 'its parameters', 'age'].map((h) => el('th', {}, h)))),
         el('tbody', {}, page.sweeps.map((s) => el('tr', { class: 'link', onclick: () => { location.hash = '#/sweeps/' + s.id; } },
           el('td', {}, el('a', { href: '#/sweeps/' + s.id }, s.name)), el('td', {}, stateBadge(s.state)), el('td', {}, s.algorithm),
           el('td', {}, `${s.objective.metric} (${s.objective.direction})`),
@@ -435,7 +435,7 @@ const views = {
         el('h1', {}, s.name, ' ', stateBadge(s.state)),
         el('p', {}, `${s.algorithm} · ${s.objective.metric} (${s.objective.direction}) · ${s.trials_created} of ${s.trial_budget} trials · `,
           el('a', { href: '#/jobs?sweep=' + s.id + '&sort=sweep&order=asc' }, 'trials in the jobs table'),
-          s.best_trial !== null ? ` · best trial #${s.best_trial}` : ''),
+          s.best_trial !== null ? ` · best finished trial #${s.best_trial} (the leaderboard also ranks running trials, by their latest value)` : ''),
         s.error ? el('p', { class: 'error' }, s.error) : null);
       this.renderLeaderboard(s);
       this.renderHeatmap(s, maximize);
@@ -548,7 +548,7 @@ const views = {
       const points = this.curves.data.datasets.reduce((a, d) => a + d.data.length, 0);
       const best = byIndex.get(s.best_trial);
       caption('curves', `${c.metric} of ${c.trials.length} trials, ${points} points; ${stopped} stopped early (dashed)` +
-        (best ? `; best trial #${best.index} at ${fmt(best.objective)} (thick red)` : ''), { points: String(points), trials: String(c.trials.length) });
+        (best ? `; best finished trial #${best.index} at ${fmt(best.objective)} (thick red)` : ''), { points: String(points), trials: String(c.trials.length) });
     },
     onJobs() { this.refreshSoon(); },
     onTick() { this.refreshSoon(); },

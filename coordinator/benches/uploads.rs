@@ -205,7 +205,7 @@ fn spec(dataset: &str) -> v1::JobSpec {
         base_model: "tiny-bert".into(),
         task: v1::Task::SequenceClassification as i32,
         method: v1::Method::PromptTuning as i32,
-        peft: Some(v1::PeftConfig { num_virtual_tokens: 20, ..Default::default() }),
+        peft: Some(v1::PeftConfig { num_virtual_tokens: Some(20), ..Default::default() }),
         data: Some(v1::DataConfig {
             train: dataset.into(),
             eval: dataset.into(),

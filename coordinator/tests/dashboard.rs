@@ -95,7 +95,7 @@ async fn seed(env: &mut Env) -> Seeded {
             continue;
         };
         let spec = lease.spec.clone().unwrap();
-        let (nvt, lr) = (spec.peft.unwrap().num_virtual_tokens, spec.training.unwrap().learning_rate);
+        let (nvt, lr) = (spec.peft.unwrap().num_virtual_tokens.unwrap(), spec.training.unwrap().learning_rate);
         let accuracy = GRID.iter().find(|(n, l, _)| *n == nvt && (*l - lr).abs() < 1e-12).expect("a grid point").2;
         for step in 1..=4u64 {
             let mut metrics = vec![metric(step, "train", "loss", 1.0 / step as f64)];
@@ -322,7 +322,7 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     assert!(heatmap.contains("data-x=\"peft.num_virtual_tokens\" data-y=\"training.learning_rate\""), "{heatmap}");
     assert!(sweep.contains("4 of 4 cells evaluated"), "{sweep}");
     assert!(sweep.contains("accuracy of 4 trials, 8 points"), "the trials' curves:\n{sweep}");
-    assert!(sweep.contains("best trial #3 at 0.9375"), "{sweep}");
+    assert!(sweep.contains("best finished trial #3 at 0.9375"), "{sweep}");
     assert!(section(&sweep, "<tr class=\"best\"", "</tr>").contains(">0.9375<"), "the best row is highlighted");
 
     touch(&mut env, &s).await;

@@ -76,7 +76,7 @@ fn hostile_spec(rng: &mut StdRng, train: &str, eval: &str) -> v1::JobSpec {
         10 => spec.method = hostile_enum(rng),
         11 => spec.task = hostile_enum(rng),
         12 => training.batch_size = u32::MAX,
-        13 => training.seed = u64::MAX,
+        13 => training.seed = Some(u64::MAX),
         14 => data.max_train_examples = hostile_u64(rng),
         _ => spec.peft.get_or_insert_with(Default::default).init_text = hostile_strings(rng),
     }

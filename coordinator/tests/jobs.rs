@@ -89,7 +89,7 @@ async fn invalid_specs_are_refused_with_a_message_naming_the_field() {
     };
 
     let mut no_prompt = good.clone();
-    no_prompt.peft.as_mut().unwrap().num_virtual_tokens = 0;
+    no_prompt.peft.as_mut().unwrap().num_virtual_tokens = Some(0);
     let err = submit(no_prompt).await;
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(

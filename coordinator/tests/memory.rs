@@ -64,7 +64,7 @@ async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_l
     // A smaller job, submitted later, is leased to it meanwhile.
     let mut fits = spec.clone();
     fits.name = "fits".into();
-    fits.peft.as_mut().unwrap().num_virtual_tokens = 4;
+    fits.peft.as_mut().unwrap().num_virtual_tokens = Some(4);
     fits.data.as_mut().unwrap().max_seq_len = 8;
     let fits = env.submit(fits).await;
     assert!(fits.memory_estimate_bytes > 0 && fits.memory_estimate_bytes < 100 * MIB, "{fits:?}");

@@ -384,7 +384,7 @@ fn learning_rate(spec: &v1::JobSpec) -> f64 {
 }
 
 fn prompt_length(spec: &v1::JobSpec) -> u32 {
-    spec.peft.as_ref().unwrap().num_virtual_tokens
+    spec.peft.as_ref().unwrap().num_virtual_tokens.expect("the coordinator sends the prompt length")
 }
 
 // ------------------------------------------------------------------ tests

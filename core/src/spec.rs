@@ -969,35 +969,51 @@ mod toml_or_json {
     }
 }
 
+/// Every default of a spec field, in one place: the TOML and JSON readers
+/// (serde) and the gRPC conversion (`ptune-proto`) both take them from
+/// here, so a field left out gets the same value whichever way it came.
+pub mod defaults {
+    pub const NUM_VIRTUAL_TOKENS: u32 = 20;
+    pub const TEXT_FIELD: &str = "text";
+    pub const LABEL_FIELD: &str = "label";
+    pub const MAX_SEQ_LEN: u32 = 128;
+    pub const MAX_NEW_TOKENS: u32 = 64;
+    pub const NUM_BEAMS: u32 = 1;
+    pub const BATCH_SIZE: u32 = 32;
+    pub const EPOCHS: f64 = 1.0;
+    pub const SEED: u64 = 42;
+    pub const MAX_ATTEMPTS: u32 = super::DEFAULT_MAX_ATTEMPTS;
+}
+
 fn default_virtual_tokens() -> u32 {
-    20
+    defaults::NUM_VIRTUAL_TOKENS
 }
 fn default_text_field() -> String {
-    "text".into()
+    defaults::TEXT_FIELD.into()
 }
 fn default_label_field() -> String {
-    "label".into()
+    defaults::LABEL_FIELD.into()
 }
 fn default_max_new_tokens() -> u32 {
-    64
+    defaults::MAX_NEW_TOKENS
 }
 fn default_num_beams() -> u32 {
-    1
+    defaults::NUM_BEAMS
 }
 fn default_max_seq_len() -> u32 {
-    128
+    defaults::MAX_SEQ_LEN
 }
 fn default_batch_size() -> u32 {
-    32
+    defaults::BATCH_SIZE
 }
 fn default_epochs() -> f64 {
-    1.0
+    defaults::EPOCHS
 }
 fn default_seed() -> u64 {
-    42
+    defaults::SEED
 }
 fn default_max_attempts() -> u32 {
-    DEFAULT_MAX_ATTEMPTS
+    defaults::MAX_ATTEMPTS
 }
 
 #[cfg(test)]

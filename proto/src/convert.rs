@@ -1,6 +1,7 @@
 //! `TryFrom` conversions between prost messages and domain types. A missing or
 //! bad field yields a [`SpecError`] that names it.
 
+use ptune_core::spec::defaults;
 use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
     DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, Pooling, PromptInit, SpecError, Task,
@@ -102,7 +103,7 @@ impl From<&JobSpec> for v1::JobSpec {
             task: v1::Task::from(s.task) as i32,
             method: v1::Method::from(s.method) as i32,
             peft: Some(v1::PeftConfig {
-                num_virtual_tokens: s.peft.num_virtual_tokens,
+                num_virtual_tokens: Some(s.peft.num_virtual_tokens),
                 init: v1::PromptInit::from(s.peft.init) as i32,
                 init_text: s.peft.init_text.clone().unwrap_or_default(),
                 encoder_reparameterization_type: s.peft.encoder_reparameterization_type.map(|e| e.as_str().to_string()),
@@ -139,7 +140,7 @@ impl From<&JobSpec> for v1::JobSpec {
                 warmup_ratio: s.training.warmup_ratio,
                 weight_decay: s.training.weight_decay,
                 eval_every: s.training.eval_every,
-                seed: s.training.seed,
+                seed: Some(s.training.seed),
                 head_learning_rate: s.training.head_learning_rate.unwrap_or(0.0),
                 checkpoint_every: s.training.checkpoint_every,
                 stall_timeout_seconds: s.training.stall_timeout_seconds,
@@ -177,19 +178,18 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             Ok(v1::PromptInit::Text) => PromptInit::Text,
             Err(_) => return Err(SpecError::new("peft.init", "must be random, vocab or text")),
         };
-        let default_tokens = PeftConfig::default().num_virtual_tokens;
         Ok(JobSpec {
             name: s.name,
             base_model: s.base_model,
             task,
             method,
             peft: PeftConfig {
-                // 0 is kept: validation reports it rather than silently replacing it.
-                num_virtual_tokens: if method.uses_virtual_tokens() {
-                    peft.num_virtual_tokens
-                } else {
-                    or_default(peft.num_virtual_tokens, default_tokens)
-                },
+                // Unset means the default; a 0 sent for a method with virtual
+                // tokens is kept, so validation reports it.
+                num_virtual_tokens: peft
+                    .num_virtual_tokens
+                    .filter(|&n| n != 0 || method.uses_virtual_tokens())
+                    .unwrap_or(defaults::NUM_VIRTUAL_TOKENS),
                 init,
                 init_text: Some(peft.init_text).filter(|t| !t.is_empty()),
                 encoder_reparameterization_type: peft
@@ -216,30 +216,29 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             data: DataConfig {
                 train: data.train,
                 eval: data.eval,
-                text_field: or_default(data.text_field, "text".into()),
-                label_field: or_default(data.label_field, "label".into()),
+                text_field: or_default(data.text_field, defaults::TEXT_FIELD.into()),
+                label_field: or_default(data.label_field, defaults::LABEL_FIELD.into()),
                 labels: data.labels,
-                max_seq_len: or_default(data.max_seq_len, 128),
+                max_seq_len: or_default(data.max_seq_len, defaults::MAX_SEQ_LEN),
                 max_train_examples: data.max_train_examples,
                 max_eval_examples: data.max_eval_examples,
                 references_field: data.references_field,
             },
             generation: s.generation.map(|g| {
-                let defaults = GenerationConfig::default();
                 GenerationConfig {
-                    max_new_tokens: g.max_new_tokens.unwrap_or(defaults.max_new_tokens),
-                    num_beams: g.num_beams.unwrap_or(defaults.num_beams),
+                    max_new_tokens: g.max_new_tokens.unwrap_or(defaults::MAX_NEW_TOKENS),
+                    num_beams: g.num_beams.unwrap_or(defaults::NUM_BEAMS),
                 }
             }),
             training: TrainingConfig {
                 learning_rate: training.learning_rate,
-                batch_size: or_default(training.batch_size, 32),
-                epochs: or_default(training.epochs, 1.0),
+                batch_size: or_default(training.batch_size, defaults::BATCH_SIZE),
+                epochs: or_default(training.epochs, defaults::EPOCHS),
                 max_steps: training.max_steps,
                 warmup_ratio: training.warmup_ratio,
                 weight_decay: training.weight_decay,
                 eval_every: training.eval_every,
-                seed: training.seed,
+                seed: training.seed.unwrap_or(defaults::SEED),
                 head_learning_rate: Some(training.head_learning_rate).filter(|lr| *lr != 0.0),
                 checkpoint_every: training.checkpoint_every,
                 stall_timeout_seconds: training.stall_timeout_seconds,
@@ -250,7 +249,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     None => Pooling::Cls,
                 },
             },
-            max_attempts: or_default(s.max_attempts, ptune_core::spec::DEFAULT_MAX_ATTEMPTS),
+            max_attempts: or_default(s.max_attempts, defaults::MAX_ATTEMPTS),
             owner: s.owner,
         })
     }
@@ -380,12 +379,50 @@ mod tests {
             let text = std::fs::read_to_string(&path).expect("read example");
             let spec = JobSpec::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let back = JobSpec::try_from(v1::JobSpec::from(&spec)).expect("back from the wire");
-            assert_eq!(back.peft, spec.peft, "{}", path.display());
-            assert_eq!(back.method, spec.method, "{}", path.display());
-            assert_eq!(back.head, spec.head, "{}", path.display());
+            assert_eq!(back, spec, "{}: the whole spec comes back", path.display());
             checked += 1;
         }
         assert!(checked >= 7, "expected a spec per method in {}", dir.display());
+    }
+
+    /// A field left out gets the same default from TOML as from a gRPC
+    /// client that leaves it unset (zero): the seed, batch size, epochs,
+    /// sequence length, field names, prompt length, generation and attempts.
+    #[test]
+    fn a_spec_with_only_its_required_fields_means_the_same_from_toml_and_from_the_wire() {
+        let toml = r#"
+name = "minimal"
+base_model = "all-MiniLM-L6-v2"
+task = "sequence_classification"
+method = "prompt_tuning"
+[data]
+train = "sha256:aa"
+eval = "sha256:bb"
+labels = ["0", "1"]
+[training]
+learning_rate = 0.03
+"#;
+        let from_toml = JobSpec::from_toml(toml).expect("a valid minimal spec");
+        let wire = v1::JobSpec {
+            name: "minimal".into(),
+            base_model: "all-MiniLM-L6-v2".into(),
+            task: v1::Task::SequenceClassification as i32,
+            method: v1::Method::PromptTuning as i32,
+            data: Some(v1::DataConfig {
+                train: "sha256:aa".into(),
+                eval: "sha256:bb".into(),
+                labels: vec!["0".into(), "1".into()],
+                ..Default::default()
+            }),
+            training: Some(v1::TrainingConfig { learning_rate: 0.03, ..Default::default() }),
+            ..Default::default()
+        };
+        let from_wire = JobSpec::try_from(wire).expect("the same spec from the wire");
+        assert_eq!(from_wire, from_toml);
+        assert_eq!(from_wire.training.seed, defaults::SEED);
+        let mut zero = v1::JobSpec::from(&from_toml);
+        zero.training.as_mut().unwrap().seed = Some(0);
+        assert_eq!(JobSpec::try_from(zero).unwrap().training.seed, 0, "seed 0 can be asked for");
     }
 
     /// `examples/jobs/<name>` as a client puts it on the wire.

@@ -391,10 +391,11 @@ fn print_list(format: Format, response: &v1::ListSweepsResponse) {
             ]
         })
         .collect();
-    output::table(&["ID", "NAME", "ALGORITHM", "STATE", "TRIALS", "OBJECTIVE", "BEST", "CREATED"], &rows);
+    output::table(&["ID", "NAME", "ALGORITHM", "STATE", "TRIALS", "OBJECTIVE", "BEST FINISHED", "CREATED"], &rows);
     if !response.next_page_token.is_empty() {
         println!("more: --page-token {}", response.next_page_token);
     }
+    println!("{BEST_MEANS}");
 }
 
 fn print_status(view: &SweepView) {
@@ -440,7 +441,18 @@ fn print_status(view: &SweepView) {
         })
         .collect();
     output::table(&["RANK", "TRIAL", "JOB", "PARAMETERS", "OBJECTIVE", "STATE", "STEPS"], &rows);
+    if let Some(best) = &view.best_trial {
+        println!("best finished trial: {} ({BEST_MEANS_SHORT})", best.trial);
+    }
 }
+
+/// What "best" means wherever a sweep's best trial is shown (the CLI, the
+/// dashboard and `sweep best` agree): the best-ranked trial that finished
+/// with an adapter. The leaderboard ranks every trial by its latest value,
+/// running ones included, so its first row may still be running.
+const BEST_MEANS: &str =
+    "BEST FINISHED: the best-ranked trial that finished with an adapter; `sweep status` ranks running trials too, by their latest value";
+const BEST_MEANS_SHORT: &str = "the best-ranked trial with an adapter; RANK also ranks running trials by their latest value";
 
 /// The trials as CSV: one column per searched parameter path.
 fn csv(trials: &[TrialView]) -> String {
