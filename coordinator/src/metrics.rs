@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 
 pub use grpc::GrpcMetricsLayer;
 
-use crate::store::FleetLevels;
+use crate::model::FleetLevels;
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ptune_core::sweep::{AlgorithmKind, AshaPlan, FailureReason, Objective, Params, SweepState, TrialState};
@@ -497,4 +498,43 @@ mod tests {
         assert!(hex.parse::<DatasetRef>().unwrap_err().contains("upload the file with UploadDataset"));
         assert!("sha256:abc".parse::<DatasetRef>().is_err());
     }
+}
+
+/// Levels read from the database at a scrape or an overview.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FleetLevels {
+    pub jobs: Vec<(JobState, u64)>,
+    pub sweeps: Vec<(SweepState, u64)>,
+    /// How long the job queued longest has waited (since submission or requeue).
+    pub oldest_queued: Option<Duration>,
+    pub workers_online: u64,
+    /// Workers online that take no new jobs (a full disk, device errors).
+    pub workers_unhealthy: u64,
+    /// Slots of the workers online.
+    pub slots: u64,
+    /// Open leases.
+    pub slots_busy: u64,
+    /// Every online worker's training throughput.
+    pub workers: Vec<WorkerThroughput>,
+}
+
+impl FleetLevels {
+    pub fn count(&self, state: JobState) -> u64 {
+        self.jobs.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n)
+    }
+
+    /// Examples per second across the fleet.
+    pub fn examples_per_second(&self) -> f64 {
+        self.workers.iter().map(|w| w.examples_per_second).sum()
+    }
+}
+
+/// An online worker's training throughput.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerThroughput {
+    pub worker_id: WorkerId,
+    pub hostname: String,
+    /// Sum over its running jobs of their latest `examples_per_second`, if
+    /// reported within the last 30 seconds.
+    pub examples_per_second: f64,
 }

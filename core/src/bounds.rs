@@ -4,7 +4,19 @@
 //! lines and break terminals) or a bidirectional override (it would make a
 //! name display as another).
 
-use crate::spec::SpecError;
+/// A spec or request field that cannot be accepted, with the field at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
 
 /// Characters that reorder how text displays (Trojan Source, CVE-2021-42574).
 fn is_bidi_control(c: char) -> bool {

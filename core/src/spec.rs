@@ -8,6 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::bounds;
+pub use crate::bounds::SpecError;
 
 /// Hard cap on virtual tokens and sequence length, whatever the model.
 pub const MAX_TOKENS: u32 = 512;
@@ -484,20 +485,6 @@ pub struct JobSpec {
 pub struct ModelLimits {
     /// Largest sequence length the model's position embeddings allow.
     pub max_positions: u32,
-}
-
-/// A spec that cannot run, with the field at fault.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    pub field: String,
-    pub message: String,
-}
-
-impl SpecError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
-    }
 }
 
 impl JobSpec {

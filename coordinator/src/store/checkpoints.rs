@@ -16,7 +16,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::jobs::DbJobState;
-use super::leases::Fenced;
+use super::fencing::{token_matches, Fenced};
 use super::{millis, to_i64, to_u64, Result, Store};
 use crate::model::{CheckpointInfo, CheckpointUpload, LeaseRef};
 
@@ -50,7 +50,7 @@ impl Store {
     }
 
     async fn lease_holds_in(db: &mut sqlx::PgConnection, lease: LeaseRef) -> Result<Fenced<()>> {
-        if !super::leases::token_matches(&mut *db, lease).await? {
+        if !token_matches(&mut *db, lease).await? {
             return Ok(Fenced::Forbidden);
         }
         let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ptune_core::sweep::SweepState;
 use ptune_core::{JobId, JobState, SweepId, WorkerId};
 use serde::Serialize;
 use sqlx::types::Json;
@@ -14,6 +13,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{millis, to_u64, Result, Store};
+use crate::model::{FleetLevels, WorkerThroughput};
 
 /// A training step's throughput counts towards a worker's rate for this long.
 const THROUGHPUT_WINDOW_MS: i64 = 30_000;
@@ -21,45 +21,6 @@ const THROUGHPUT_WINDOW_MS: i64 = 30_000;
 const RECENT_WAIT_WINDOW_MS: i64 = 15 * 60_000;
 /// Most metric points one read returns.
 pub const MAX_SERIES_POINTS: u32 = 50_000;
-
-/// Levels read from the database at a scrape or an overview.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FleetLevels {
-    pub jobs: Vec<(JobState, u64)>,
-    pub sweeps: Vec<(SweepState, u64)>,
-    /// How long the job queued longest has waited (since submission or requeue).
-    pub oldest_queued: Option<Duration>,
-    pub workers_online: u64,
-    /// Workers online that take no new jobs (a full disk, device errors).
-    pub workers_unhealthy: u64,
-    /// Slots of the workers online.
-    pub slots: u64,
-    /// Open leases.
-    pub slots_busy: u64,
-    /// Every online worker's training throughput.
-    pub workers: Vec<WorkerThroughput>,
-}
-
-impl FleetLevels {
-    pub fn count(&self, state: JobState) -> u64 {
-        self.jobs.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n)
-    }
-
-    /// Examples per second across the fleet.
-    pub fn examples_per_second(&self) -> f64 {
-        self.workers.iter().map(|w| w.examples_per_second).sum()
-    }
-}
-
-/// An online worker's training throughput.
-#[derive(Clone, Debug, PartialEq)]
-pub struct WorkerThroughput {
-    pub worker_id: WorkerId,
-    pub hostname: String,
-    /// Sum over its running jobs of their latest `examples_per_second`, if
-    /// reported within the last 30 seconds.
-    pub examples_per_second: f64,
-}
 
 /// Waits from submission to first lease of the jobs leased in the last 15 minutes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -8,6 +8,7 @@ mod blobs;
 mod checkpoints;
 mod dashboard;
 mod datasets;
+mod fencing;
 mod jobs;
 mod leases;
 mod metrics;
@@ -25,14 +26,15 @@ use tracing::{info, instrument};
 use crate::metrics::Metrics;
 
 pub use dashboard::{
-    AshaDecisionView, AttemptView, FleetLevels, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
-    TrialPoint, WorkerThroughput, WorkerView, MAX_SERIES_POINTS,
+    AshaDecisionView, AttemptView, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
+    TrialPoint, WorkerView, MAX_SERIES_POINTS,
 };
 pub use blobs::{ChunkTarget, CHUNK_BYTES};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use workers::{Availability, WorkerOwnership};
-pub use leases::{CompleteOutcome, FailOutcome, Fenced, Reaped, POLL_FRESH, SPREAD_WINDOW};
+pub use fencing::Fenced;
+pub use leases::{CompleteOutcome, FailOutcome, Reaped, POLL_FRESH, SPREAD_WINDOW};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
 pub use tokens::{AuditEntry, Refusal, TokenRecord};
