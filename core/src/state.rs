@@ -98,3 +98,9 @@ pub struct Metric {
     pub name: String,
     pub value: f64,
 }
+
+impl Metric {
+    pub fn new(step: u64, kind: MetricKind, name: &str, value: f64) -> Self {
+        Self { step, kind, name: name.to_string(), value }
+    }
+}

@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ptune_core::{JobSpec, Method, MetricKind, ModelLimits, SpecError, Task};
+use ptune_core::{JobSpec, Method, Metric, MetricKind, ModelLimits, SpecError, Task};
 use serde_json::Value;
 use tch::{nn, Device, Tensor};
 
@@ -37,7 +37,7 @@ use super::rng::{with_stream, DropoutStream};
 use super::tasks::causal_lm::{self, evaluate_bleu, GenerationConfig, LmAdapter, LmBatch, LmMember};
 use super::tasks::classifier::Adapter;
 use super::pack::{backward_passes, group_passes, Layout, PassKind, SharedBase};
-use super::train::{drive, eval_batch_size, metric, PlannedStep, TaskRun};
+use super::train::{drive, eval_batch_size, PlannedStep, TaskRun};
 use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
 
 /// A frozen decoder-only model and its tokenizer, shared by every job on it.
@@ -454,7 +454,7 @@ impl TaskRun for LmRun<'_> {
         });
         let bleu = bleu?;
         Ok(TaskEvaluation {
-            metrics: vec![metric(step, MetricKind::Eval, "loss", loss), metric(step, MetricKind::Eval, "bleu", bleu.bleu)],
+            metrics: vec![Metric::new(step, MetricKind::Eval, "loss", loss), Metric::new(step, MetricKind::Eval, "bleu", bleu.bleu)],
             predictions: bleu.hypotheses.into_iter().map(Value::from).collect(),
         })
     }

@@ -20,7 +20,6 @@ use super::data::Example;
 use super::models::BaseModel;
 use super::tasks::classifier::{macro_f1, Classifier, Evaluation};
 use super::tasks::token_cls::{self, token_loss};
-use super::train::metric;
 use super::{EngineError, TrainJob};
 
 /// Training and evaluation examples of one job, tokenized.
@@ -136,7 +135,7 @@ impl TaskData {
         device: Device,
         step: u64,
     ) -> TaskEvaluation {
-        let eval_metric = |name: &str, value: f64| metric(step, MetricKind::Eval, name, value);
+        let eval_metric = |name: &str, value: f64| Metric::new(step, MetricKind::Eval, name, value);
         match self {
             TaskData::Sequence { eval, labels, pad_id, .. } => {
                 let Evaluation { loss, accuracy, predictions } =

@@ -271,10 +271,10 @@ impl Progress {
         crate::faults::at(crate::faults::Point::Step, &self.job.spec.name, step).map_err(|e| EngineError::io(Path::new("fault"), e))?;
         let loss = f64::try_from(loss)?;
         let metrics = [
-            metric(step, MetricKind::Train, "loss", loss),
-            metric(step, MetricKind::Train, "learning_rate", t.learning_rate * planned.lr_factor),
-            metric(step, MetricKind::Train, "examples_per_second", planned.indices.len() as f64 / seconds.max(1e-9)),
-            metric(step, MetricKind::Train, "pack_jobs", pack_jobs as f64),
+            Metric::new(step, MetricKind::Train, "loss", loss),
+            Metric::new(step, MetricKind::Train, "learning_rate", t.learning_rate * planned.lr_factor),
+            Metric::new(step, MetricKind::Train, "examples_per_second", planned.indices.len() as f64 / seconds.max(1e-9)),
+            Metric::new(step, MetricKind::Train, "pack_jobs", pack_jobs as f64),
         ];
         tracing::debug!(step, total_steps, loss, epoch = self.batches.epoch(), "step");
         if !loss.is_finite() {
@@ -538,7 +538,4 @@ pub fn build_model(spec: &JobSpec, base: &BaseModel, p: &nn::Path, num_labels: u
     Ok(Classifier { adapter, head, level, pooling: spec.head.pooling })
 }
 
-pub(crate) fn metric(step: u64, kind: MetricKind, name: &str, value: f64) -> Metric {
-    Metric { step, kind, name: name.to_string(), value }
-}
 
