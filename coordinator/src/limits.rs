@@ -64,10 +64,6 @@ impl StreamLimits {
         Self { limits, open: Arc::default() }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// A place for one more stream of `caller`, or `ResourceExhausted`
     /// naming the limit. `what` names the stream for the message.
     pub fn acquire(&self, caller: &Identity, what: &str) -> Result<StreamPermit, Error> {

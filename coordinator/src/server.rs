@@ -105,8 +105,8 @@ impl Coordinator {
             .build_v1()
             .context("building the reflection service")?;
         let streams = StreamLimits::new(config.limits);
-        let job_service =
-            JobServiceServer::new(JobApi::new(jobs, streams.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let job_api = JobApi::new(jobs, streams.clone(), config.limits.upload_idle);
+        let job_service = JobServiceServer::new(job_api).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let worker_service = WorkerServiceServer::new(WorkerApi::new(scheduler.clone(), config.limits.upload_idle))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sweep_service =

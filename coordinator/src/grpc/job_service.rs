@@ -18,11 +18,13 @@ type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'sta
 pub struct JobApi {
     jobs: Jobs,
     streams: StreamLimits,
+    /// Longest wait for an upload's next message.
+    upload_idle: std::time::Duration,
 }
 
 impl JobApi {
-    pub fn new(jobs: Jobs, streams: StreamLimits) -> Self {
-        Self { jobs, streams }
+    pub fn new(jobs: Jobs, streams: StreamLimits, upload_idle: std::time::Duration) -> Self {
+        Self { jobs, streams, upload_idle }
     }
 
     /// The wire form of `jobs`, each queued one with its waiting reason.
@@ -141,7 +143,7 @@ impl JobService for JobApi {
     ) -> Result<Response<v1::DatasetInfo>, Status> {
         let mut chunks = req.into_inner();
         let mut upload = self.jobs.begin_dataset().await?;
-        while let Some(chunk) = super::next_message(&mut chunks, self.streams.limits().upload_idle).await? {
+        while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             upload.push(&chunk.file_name, &chunk.data).await?;
         }
         let info = self.jobs.store_dataset(upload).await?;
