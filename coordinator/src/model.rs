@@ -183,14 +183,15 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// What the memory estimate needs of the model, when the worker reported all of it.
+    /// What the memory estimate needs of the model, when the worker reported
+    /// all of it and its type is one this coordinator knows.
     pub fn shape(&self) -> Option<ModelShape> {
         let shape = ModelShape {
             parameters: self.parameters,
             hidden_size: self.hidden_size,
             num_layers: self.num_layers,
             num_attention_heads: self.num_attention_heads,
-            family: ModelFamily::of(&self.model_type),
+            family: ModelFamily::of(&self.model_type)?,
         };
         (self.unsupported_reason.is_none() && shape.is_known()).then_some(shape)
     }

@@ -52,14 +52,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{EncoderType, JobSpec, Method, SpecError, Task};
+use crate::model_types::ModelFamily;
+use crate::spec::{EncoderType, JobSpec, Method, Task};
 
 /// Bytes of one float32.
 const FLOAT: u64 = 4;
 /// Copies of every trainable number: weights, gradients, AdamW's two moments.
 const TRAINABLE_COPIES: u64 = 4;
-/// The feed-forward intermediate size, in hidden sizes (BERT, GPT-2).
-const INTERMEDIATE: u64 = 4;
 /// Float32 numbers kept per token and layer, in hidden sizes (see the module docs).
 const HIDDEN_ACTIVATIONS: u64 = 18;
 /// Float32 numbers kept per attention score (see the module docs).
@@ -80,28 +79,6 @@ pub struct ModelShape {
     /// Which linears a layer has, for LoRA's targets.
     #[serde(default)]
     pub family: ModelFamily,
-}
-
-/// A base model's family of layers, from its Hugging Face `model_type`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelFamily {
-    /// BERT and RoBERTa encoders.
-    #[default]
-    Bert,
-    Gpt2,
-    /// Llama, Mistral and Qwen2 decoders.
-    Llama,
-}
-
-impl ModelFamily {
-    pub fn of(model_type: &str) -> Self {
-        match model_type {
-            "gpt2" => ModelFamily::Gpt2,
-            "llama" | "mistral" | "qwen2" => ModelFamily::Llama,
-            _ => ModelFamily::Bert,
-        }
-    }
 }
 
 impl ModelShape {
@@ -199,81 +176,10 @@ pub fn trainable_parameters(spec: &JobSpec, model: &ModelShape) -> u64 {
 }
 
 /// The (input, output) sizes, in hidden sizes, of every linear of a layer
-/// that gets a LoRA update, matched as PEFT matches `target_modules` (a
-/// module whose path is the target or ends with `.` and the target); PEFT's
-/// default targets for the family when the spec names none.
+/// that gets a LoRA update (the family's default targets when the spec names
+/// none), from the model-type table.
 fn lora_modules(spec: &JobSpec, family: ModelFamily) -> Vec<(u64, u64)> {
-    let defaults: Vec<String> = family.default_lora_targets().iter().map(|t| t.to_string()).collect();
-    let targets = spec.peft.target_modules.as_deref().unwrap_or(&defaults);
-    let matches = |path: &str| targets.iter().any(|t| lora_target_matches(path, t));
-    family.linears().iter().filter(|(path, _, _)| matches(path)).map(|&(_, inputs, outputs)| (inputs, outputs)).collect()
-}
-
-/// PEFT's rule for `target_modules`: a module matches a target equal to its
-/// path or ending with `.` and the target.
-pub fn lora_target_matches(path: &str, target: &str) -> bool {
-    path == target || path.ends_with(&format!(".{target}"))
-}
-
-impl ModelFamily {
-    /// Every linear of one layer that LoRA can target: its path inside the
-    /// layer and its input and output sizes in hidden sizes.
-    fn linears(self) -> &'static [(&'static str, u64, u64)] {
-        match self {
-            ModelFamily::Bert => &[
-                ("attention.self.query", 1, 1),
-                ("attention.self.key", 1, 1),
-                ("attention.self.value", 1, 1),
-                ("attention.output.dense", 1, 1),
-                ("intermediate.dense", 1, INTERMEDIATE),
-                ("output.dense", INTERMEDIATE, 1),
-            ],
-            ModelFamily::Gpt2 => &[
-                ("attn.c_attn", 1, 3),
-                ("attn.c_proj", 1, 1),
-                ("mlp.c_fc", 1, INTERMEDIATE),
-                ("mlp.c_proj", INTERMEDIATE, 1),
-            ],
-            // Keys and values at full width (grouped-query attention makes
-            // them narrower) and the gated MLP at 3 hidden sizes (Llama 2 7B:
-            // 2.7, Mistral 7B: 3.5): workers do not report the shape, so
-            // this is typical.
-            ModelFamily::Llama => &[
-                ("self_attn.q_proj", 1, 1),
-                ("self_attn.k_proj", 1, 1),
-                ("self_attn.v_proj", 1, 1),
-                ("self_attn.o_proj", 1, 1),
-                ("mlp.gate_proj", 1, 3),
-                ("mlp.up_proj", 1, 3),
-                ("mlp.down_proj", 3, 1),
-            ],
-        }
-    }
-
-    /// PEFT's default LoRA targets for the family.
-    pub fn default_lora_targets(self) -> &'static [&'static str] {
-        match self {
-            ModelFamily::Bert => &["query", "value"],
-            ModelFamily::Gpt2 => &["c_attn"],
-            ModelFamily::Llama => &["q_proj", "v_proj"],
-        }
-    }
-
-    /// Refuses a LoRA target that matches none of the family's linears,
-    /// naming the ones there are.
-    pub fn check_lora_targets(self, targets: &[String]) -> Result<(), SpecError> {
-        let linears = self.linears();
-        match targets.iter().find(|t| !linears.iter().any(|(path, _, _)| lora_target_matches(path, t))) {
-            None => Ok(()),
-            Some(target) => {
-                let allowed: Vec<&str> = linears.iter().map(|(path, _, _)| *path).collect();
-                Err(SpecError::new(
-                    "peft.target_modules",
-                    format!("{target:?} matches no linear layer of this model; allowed: {}", allowed.join(", ")),
-                ))
-            }
-        }
-    }
+    family.lora_linears(spec.peft.target_modules.as_deref()).iter().map(|l| (l.inputs, l.outputs)).collect()
 }
 
 /// What a method adds to one step's activations, in float32 numbers per token
@@ -457,21 +363,6 @@ mod tests {
         let llama = ModelShape { parameters: 1_100_048_384, hidden_size: 2_048, num_layers: 22, num_attention_heads: 32, family: ModelFamily::Llama };
         // q_proj and v_proj by default.
         assert_eq!(lora("", &llama), 22 * 2 * 8 * (2_048 + 2_048));
-        assert_eq!(ModelFamily::of("qwen2"), ModelFamily::Llama);
-        assert_eq!(ModelFamily::of("roberta"), ModelFamily::Bert);
-    }
-
-    #[test]
-    fn lora_targets_must_name_a_linear_of_the_family() {
-        let targets = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        assert!(ModelFamily::Gpt2.check_lora_targets(&targets(&["c_attn", "mlp.c_proj"])).is_ok());
-        assert!(ModelFamily::Llama.check_lora_targets(&targets(&["q_proj", "down_proj"])).is_ok());
-        let err = ModelFamily::Gpt2.check_lora_targets(&targets(&["c_attn", "query"])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "peft.target_modules: \"query\" matches no linear layer of this model; allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
-        );
-        assert!(ModelFamily::Bert.check_lora_targets(&targets(&["c_attn"])).is_err());
     }
 
     #[test]

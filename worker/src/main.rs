@@ -150,7 +150,10 @@ fn main() -> anyhow::Result<()> {
             let Some(model) = scan.served.iter().find(|m| m.name == spec.base_model) else {
                 anyhow::bail!("base_model {:?} is not a model this worker trains under {}", spec.base_model, args.models_dir.display());
             };
-            let estimate = ptune_core::memory::estimate(&spec, &model.shape());
+            let Some(shape) = model.shape() else {
+                anyhow::bail!("base_model {:?} has model_type {:?}, which has no memory estimate", spec.base_model, model.info.model_type);
+            };
+            let estimate = ptune_core::memory::estimate(&spec, &shape);
             if json {
                 let mut value = serde_json::to_value(estimate)?;
                 value["total_bytes"] = estimate.total_bytes().into();

@@ -6,16 +6,11 @@
 //! worker has registered is admitted: one may come.
 
 use ptune_core::memory::mib;
-use ptune_core::{JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, Task};
+use ptune_core::{Architecture, JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, ModelType, Task};
 
 use crate::error::Error;
 use crate::model::ModelSupport;
 use crate::scheduler::MAX_ADAPTER_BYTES;
-
-/// Encoder `model_type`s the engine trains (classification heads pool them).
-const ENCODER_TYPES: [&str; 2] = ["bert", "roberta"];
-/// Decoder-only `model_type`s the engine trains (causal language modelling).
-const DECODER_TYPES: [&str; 4] = ["gpt2", "llama", "mistral", "qwen2"];
 
 /// Refuses `spec` when its base model cannot serve it, naming the field;
 /// otherwise returns the model's limits, when a worker reported them.
@@ -39,27 +34,24 @@ pub(crate) fn admit(spec: &JobSpec, support: &ModelSupport) -> Result<Option<Mod
 /// all; otherwise (a newer worker's type, or none reported) checks that
 /// depend on the architecture give the benefit of the doubt.
 fn all_known(model_types: &[String]) -> bool {
-    let known = |t: &String| ENCODER_TYPES.contains(&t.as_str()) || DECODER_TYPES.contains(&t.as_str());
-    !model_types.is_empty() && model_types.iter().all(known)
+    !model_types.is_empty() && model_types.iter().all(|t| ModelFamily::of(t).is_some())
 }
 
 /// Refuses a task that no architecture serving the model can run. Types this
 /// coordinator does not know (a newer worker's) are given the benefit of the
 /// doubt, and so are models registered without a type.
 fn check_task(task: Task, base_model: &str, model_types: &[String]) -> Result<(), Error> {
-    let (wanted, kind): (&[&str], &str) = match task {
-        Task::SequenceClassification | Task::TokenClassification => (&ENCODER_TYPES, "an encoder"),
-        Task::CausalLm => (&DECODER_TYPES, "a decoder-only"),
-    };
-    let fits = |t: &String| wanted.contains(&t.as_str());
+    let fits = |t: &String| ModelFamily::of(t).is_some_and(|family| family.serves(task));
     if !all_known(model_types) || model_types.iter().any(fits) {
         return Ok(());
     }
+    let wanted = Architecture::for_task(task);
     Err(Error::invalid(
         "task",
         format!(
-            "{task} needs {kind} model ({}), but base_model {base_model:?} has model_type {:?}",
-            wanted.join(", "),
+            "{task} needs {} model ({}), but base_model {base_model:?} has model_type {:?}",
+            wanted.article_name(),
+            ModelType::names_of(wanted).join(", "),
             model_types.join(", ")
         ),
     ))
@@ -75,8 +67,8 @@ fn check_lora_targets(spec: &JobSpec, model_types: &[String]) -> Result<(), Erro
     if !all_known(model_types) {
         return Ok(());
     }
-    for model_type in model_types {
-        ModelFamily::of(model_type).check_lora_targets(targets)?;
+    for family in model_types.iter().filter_map(|t| ModelFamily::of(t)) {
+        family.check_lora_targets(targets)?;
     }
     Ok(())
 }

@@ -23,15 +23,16 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// What a job's memory estimate needs of the model.
-    pub fn shape(&self) -> ModelShape {
-        ModelShape {
+    /// What a job's memory estimate needs of the model; `None` only for a
+    /// type missing from the model-type table, which inspection refuses.
+    pub fn shape(&self) -> Option<ModelShape> {
+        Some(ModelShape {
             parameters: self.info.parameters,
             hidden_size: self.info.hidden_size,
             num_layers: self.info.num_layers,
             num_attention_heads: self.info.num_attention_heads,
-            family: ModelFamily::of(&self.info.model_type),
-        }
+            family: ModelFamily::of(&self.info.model_type)?,
+        })
     }
 
     pub fn to_wire(&self) -> v1::BaseModel {

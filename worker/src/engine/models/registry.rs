@@ -10,6 +10,7 @@
 
 use std::path::Path;
 
+use ptune_core::ModelType;
 use serde::Deserialize;
 
 use super::bert::BertConfig;
@@ -18,10 +19,6 @@ use super::gpt2::Gpt2Config;
 use super::llama::LlamaConfig;
 use super::{ModelInfo, WEIGHTS_FILE};
 use crate::engine::EngineError;
-
-/// Every `model_type` the engine trains on: the union of the types the
-/// BERT, GPT-2 and Llama-family configs accept.
-pub const SUPPORTED_MODEL_TYPES: [&str; 6] = ["bert", "gpt2", "llama", "mistral", "qwen2", "roberta"];
 
 /// Why a folder cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +74,7 @@ pub fn inspect_any(dir: &Path) -> Result<ModelInfo, InspectError> {
         } else {
             return Err(InspectError::Unsupported {
                 model_type,
-                reason: format!("supported model types: {}", SUPPORTED_MODEL_TYPES.join(", ")),
+                reason: format!("supported model types: {}", ModelType::all_names().join(", ")),
             });
         };
     Ok(ModelInfo {
@@ -115,14 +112,14 @@ mod tests {
     }
 
     #[test]
-    fn supported_types_are_those_the_configs_accept() {
+    fn the_configs_accept_the_types_of_the_table() {
         let mut accepted: Vec<&str> = BertConfig::MODEL_TYPES
             .into_iter()
             .chain(Gpt2Config::MODEL_TYPES)
             .chain(LlamaConfig::MODEL_TYPES)
             .collect();
         accepted.sort_unstable();
-        assert_eq!(accepted, SUPPORTED_MODEL_TYPES);
+        assert_eq!(accepted, ModelType::all_names(), "the configs accept the model-type table's types");
     }
 
     #[test]
