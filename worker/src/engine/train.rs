@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ptune_core::memory::lora_target_matches;
+use ptune_core::model_types::lora_target_matches;
 use ptune_core::{JobSpec, Method, Metric, MetricKind, ModelLimits, SpecError, Task};
 use tch::{nn, Device, Tensor};
 

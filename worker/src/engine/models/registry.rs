@@ -10,7 +10,6 @@
 
 use std::path::Path;
 
-use ptune_core::ModelType;
 use serde::Deserialize;
 
 use super::bert::BertConfig;
@@ -74,7 +73,7 @@ pub fn inspect_any(dir: &Path) -> Result<ModelInfo, InspectError> {
         } else {
             return Err(InspectError::Unsupported {
                 model_type,
-                reason: format!("supported model types: {}", ModelType::all_names().join(", ")),
+                reason: format!("supported model types: {}", ptune_core::ModelType::all_names().join(", ")),
             });
         };
     Ok(ModelInfo {
@@ -119,7 +118,7 @@ mod tests {
             .chain(LlamaConfig::MODEL_TYPES)
             .collect();
         accepted.sort_unstable();
-        assert_eq!(accepted, ModelType::all_names(), "the configs accept the model-type table's types");
+        assert_eq!(accepted, ptune_core::ModelType::all_names(), "the configs accept the model-type table's types");
     }
 
     #[test]

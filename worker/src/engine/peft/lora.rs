@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use ptune_core::memory::lora_target_matches as target_matches;
+use ptune_core::model_types::lora_target_matches as target_matches;
 use ptune_core::spec::PeftConfig;
 use ptune_core::SpecError;
 use tch::nn;
