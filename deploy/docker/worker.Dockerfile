@@ -57,10 +57,12 @@ COPY --from=build /out/ptune-worker /usr/local/bin/ptune-worker
 # worker's user.
 RUN mkdir -p /models /var/lib/ptune/worker \
     && chown 10001:10001 /models /var/lib/ptune/worker
-# LD_LIBRARY_PATH repeats the RUNPATH for tools that do not read it. The
+# LD_LIBRARY_PATH repeats the RUNPATH for tools that do not read it. HOME
+# is writable under a read-only root (caches of CUDA and the tokenizers). The
 # NVIDIA variables ask the container toolkit for the driver's compute
 # libraries on GPU nodes; libcuda itself comes from the host.
 ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/torch/lib \
+    HOME=/tmp \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     PTUNE_MODELS_DIR=/models \
