@@ -6,7 +6,7 @@
 #   - every rendered object, and every *.example.yaml, validates against the
 #     Kubernetes JSON schemas of one pinned version in strict mode, with the
 #     operators' custom resources listed as skipped (deploy/k8s/tools/validate.py);
-#   - yamllint --strict on deploy/k8s (deploy/k8s/.yamllint.yaml).
+#   - yamllint --strict on deploy/k8s and deploy/grafana (deploy/k8s/.yamllint.yaml).
 # The tools are pinned in deploy/k8s/tools/requirements.txt and installed
 # into .venv-deploy, refreshed when that file changes. Prints a table of what
 # it checked and exits non-zero when anything failed.
@@ -55,7 +55,7 @@ for overlay in deploy/k8s/overlays/*/; do
   overlay="${overlay%/}"
   out="$work/$(basename "$overlay").yaml"
   # The monitoring component reads deploy/grafana/ptune.json, outside its folder.
-  if kubectl kustomize --load-restrictor LoadRestrictionsNone "$overlay" > "$out" 2> "$work/err"; then
+  if kubectl kustomize "$overlay" > "$out" 2> "$work/err"; then
     row render "$overlay" ok "$(grep -c '^kind:' "$out") objects"
     manifests+=("$overlay=$out")
   else
@@ -87,8 +87,8 @@ for entry in "${manifests[@]}"; do
 done
 
 echo "== yamllint $("$VENV/bin/yamllint" --version | awk '{print $NF}')"
-if out="$("$VENV/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s 2>&1)"; then
-  row yamllint deploy/k8s ok "$(find deploy/k8s -name '*.yaml' | wc -l) files"
+if out="$("$VENV/bin/yamllint" --strict -c deploy/k8s/.yamllint.yaml deploy/k8s deploy/grafana 2>&1)"; then
+  row yamllint deploy/k8s ok "$(find deploy/k8s deploy/grafana -name '*.yaml' | wc -l) files"
 else
   echo "$out"
   row yamllint deploy/k8s FAIL "$(printf '%s\n' "$out" | grep -cE '(error|warning)' || true) problems"

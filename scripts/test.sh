@@ -24,6 +24,11 @@ tier() {
 
 integration="ptune-coordinator/integration,ptune-worker/integration,ptune-cli/integration"
 tier "fast tier" cargo test --workspace --no-fail-fast -- --test-threads 2
+# Offline checks of the deploy files (images, Kubernetes, YAML) and of the
+# CUDA-linked worker binary an image ships; the build tier then relinks the
+# plain worker that the tests start.
+tier "deploy files" scripts/check-deploy.sh
+tier "worker binary" scripts/check-worker-binary.sh
 tier "build" cargo build --workspace --bins --tests --benches --profile dev --features "$integration"
 tier "integration tests" cargo test --workspace --no-fail-fast --features "$integration" -- --test-threads 2
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
