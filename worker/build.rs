@@ -26,12 +26,22 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rustc-link-arg-bins=-Wl,-rpath,$ORIGIN/../torch/lib:$ORIGIN/../lib");
     let output = Command::new("python3")
-        .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib')); \
+             print(torch.__version__); print(torch.version.cuda or 'none')",
+        ])
         .output();
-    let torch_lib = match output {
-        Ok(output) if output.status.success() => Some(String::from_utf8_lossy(&output.stdout).trim().to_string()),
-        _ => None,
+    let lines: Vec<String> = match output {
+        Ok(output) if output.status.success() => {
+            String::from_utf8_lossy(&output.stdout).lines().map(|l| l.trim().to_string()).collect()
+        }
+        _ => Vec::new(),
     };
+    let torch_lib = lines.first().cloned();
+    // Logged by the worker at start.
+    println!("cargo:rustc-env=PTUNE_LIBTORCH_VERSION={}", lines.get(1).map_or("unknown", String::as_str));
+    println!("cargo:rustc-env=PTUNE_TORCH_CUDA_VERSION={}", lines.get(2).map_or("unknown", String::as_str));
     if let Some(lib) = &torch_lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     }

@@ -198,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                     client_cert: args.tls_cert.zip(args.tls_key),
                 },
             };
+            log_devices();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(0u32);
@@ -212,6 +213,20 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// What the worker can train on, once at start: the libtorch it was built
+/// against (and that wheel's CUDA), whether libtorch's CUDA half is linked
+/// (the `cuda` feature), and the GPUs libtorch sees.
+fn log_devices() {
+    tracing::info!(
+        libtorch = env!("PTUNE_LIBTORCH_VERSION"),
+        wheel_cuda = env!("PTUNE_TORCH_CUDA_VERSION"),
+        cuda_linked = cfg!(feature = "cuda"),
+        cuda_available = tch::Cuda::is_available(),
+        gpus = tch::Cuda::device_count(),
+        "devices"
+    );
 }
 
 fn read_spec(path: &std::path::Path) -> anyhow::Result<ptune_core::JobSpec> {
