@@ -1,7 +1,8 @@
 //! Admission by base model: a model that workers found but cannot train, or
 //! a task its architecture cannot serve, is refused at submit and at sweep
 //! create with the reason, through the real gRPC services on a real
-//! database; models no worker has registered yet are still accepted.
+//! database; models no worker has registered yet are still accepted. Labels
+//! are checked from the facts kept when a dataset was uploaded.
 
 mod common;
 
@@ -236,5 +237,39 @@ async fn full_fine_tuning_of_a_model_too_large_to_export_is_refused_at_submit_an
     core.method = ptune_core::Method::Lora;
     let accepted = env.submit(v1::JobSpec::from(&core)).await;
     assert_eq!(state(&accepted), v1::JobState::Queued);
+    env.stop().await;
+}
+
+/// The label check at submit reads the facts gathered when the dataset was
+/// uploaded, not the file: with the stored bytes of both datasets gone, a
+/// job is still admitted, and one declaring other labels is still refused
+/// with the line of the first undeclared label. A dataset stored without
+/// facts (before they were kept) is read as before.
+#[tokio::test]
+async fn labels_are_checked_from_the_facts_kept_at_upload_without_reading_the_file() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let spec = env.spec("facts").await;
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    let dropped = sqlx::query("DELETE FROM blob_chunks WHERE blob_id IN (SELECT blob_id FROM datasets)")
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(dropped >= 2, "both datasets had stored chunks");
+
+    env.submit(spec.clone()).await;
+    let mut undeclared = spec.clone();
+    undeclared.data.as_mut().unwrap().labels = vec!["1".into(), "2".into()];
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(undeclared.clone()) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "data.labels: label \"0\" on line 2 of train.jsonl is not one of the declared labels [\"1\", \"2\"]"
+    );
+
+    // Without facts the file is read, and its missing bytes show.
+    sqlx::query("UPDATE datasets SET facts = NULL").execute(&pool).await.unwrap();
+    let err = env.jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
     env.stop().await;
 }

@@ -4,6 +4,7 @@
 use ptune_core::{spec::label_text, JobSpec, SpecError};
 use uuid::Uuid;
 
+use super::facts::{DatasetFacts, FactsCollector};
 use crate::blob::BlobWriter;
 use crate::error::Error;
 use crate::model::{DatasetInfo, DatasetRef};
@@ -13,18 +14,19 @@ use crate::store::{ChunkTarget, Store};
 pub const MAX_DATASET_BYTES: u64 = 1_000_000_000;
 
 /// A dataset being received: written to the database a chunk at a time,
-/// hashed and its lines counted on the way.
+/// hashed, its lines counted and its facts gathered on the way.
 pub struct DatasetUpload {
     file_name: Option<String>,
     writer: BlobWriter,
     blob: Uuid,
     lines: LineCounter,
+    facts: FactsCollector,
 }
 
 impl DatasetUpload {
     pub(crate) fn new(store: Store, blob: Uuid) -> Self {
         let writer = BlobWriter::new(store, ChunkTarget::Blob(blob), MAX_DATASET_BYTES, "data");
-        Self { file_name: None, writer, blob, lines: LineCounter::default() }
+        Self { file_name: None, writer, blob, lines: LineCounter::default(), facts: FactsCollector::default() }
     }
 
     /// Adds a chunk; the file name counts when it is the first one given.
@@ -36,11 +38,12 @@ impl DatasetUpload {
             Error::invalid("data", format!("datasets must be at most {MAX_DATASET_BYTES} bytes; split or sample the file"))
         })?;
         self.lines.feed(data);
+        self.facts.feed(data);
         Ok(())
     }
 
-    /// The finished upload's record and the blob holding its bytes.
-    pub(crate) async fn finish(self) -> Result<(DatasetInfo, Uuid), Error> {
+    /// The finished upload's record, its facts and the blob holding its bytes.
+    pub(crate) async fn finish(self) -> Result<(DatasetInfo, DatasetFacts, Uuid), Error> {
         if self.writer.received() == 0 {
             return Err(Error::invalid(
                 "data",
@@ -54,7 +57,7 @@ impl DatasetUpload {
             size: written.size,
             lines: self.lines.finish(),
         };
-        Ok((info, self.blob))
+        Ok((info, self.facts.finish(), self.blob))
     }
 }
 
@@ -163,10 +166,11 @@ fn check_line(spec: &JobSpec, file_name: &str, line_no: u64, line: &[u8]) -> Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> JobSpec {
+    /// A classification spec declaring labels 0 and 1.
+    pub(crate) fn spec() -> JobSpec {
         JobSpec::from_toml(
             r#"
             name = "t"

@@ -3,6 +3,7 @@
 
 mod admission;
 mod datasets;
+mod facts;
 mod watch;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use tracing::info;
 
 pub(crate) use admission::{admit, check_export_size};
 pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
+pub use facts::DatasetFacts;
 
 use crate::auth::{Identity, Role, Scope};
 use crate::blob;
@@ -257,8 +259,8 @@ impl Jobs {
 
     /// Stores a received dataset (once per content) and returns its reference.
     pub async fn store_dataset(&self, upload: DatasetUpload) -> Result<DatasetInfo, Error> {
-        let (info, blob) = upload.finish().await?;
-        let stored = self.store.insert_dataset(&info, blob).await?;
+        let (info, facts, blob) = upload.finish().await?;
+        let stored = self.store.insert_dataset(&info, &facts, blob).await?;
         info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
         Ok(stored)
     }
@@ -292,8 +294,16 @@ impl Jobs {
         })
     }
 
-    /// Reads the dataset a window at a time and checks every example's label.
+    /// Checks every example's label: from the facts gathered at upload, or,
+    /// when they lack what the check needs (a dataset uploaded before they
+    /// were kept, or a label field with too many values), by reading the
+    /// dataset a window at a time.
     async fn check_labels(&self, spec: &JobSpec, dataset: &DatasetInfo) -> Result<(), Error> {
+        if let Some(facts) = self.store.dataset_facts(&dataset.reference).await? {
+            if let Some(verdict) = facts.check_labels(spec, &dataset.file_name) {
+                return Ok(verdict?);
+            }
+        }
         let blob = self.store.dataset_blob(&dataset.reference).await?.ok_or_else(|| {
             Error::Internal(format!("dataset {} has no stored bytes", dataset.reference))
         })?;

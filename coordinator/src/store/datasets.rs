@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::blobs::{drop_blob, link_blob};
 use super::{to_i64, to_u64, Result, Store};
+use crate::jobs::DatasetFacts;
 use crate::model::{DatasetInfo, DatasetRef};
 
 #[derive(sqlx::FromRow)]
@@ -31,10 +32,10 @@ impl Store {
     /// stored (then the blob is dropped); returns the stored record either
     /// way (with the first upload's file name).
     #[instrument(skip_all, fields(dataset = %info.reference, size = info.size))]
-    pub async fn insert_dataset(&self, info: &DatasetInfo, blob: Uuid) -> Result<DatasetInfo> {
+    pub async fn insert_dataset(&self, info: &DatasetInfo, facts: &DatasetFacts, blob: Uuid) -> Result<DatasetInfo> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO datasets (sha256, file_name, size, lines, blob_id) VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO datasets (sha256, file_name, size, lines, blob_id, facts) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (sha256) DO NOTHING",
         )
         .bind(info.reference.sha256())
@@ -42,6 +43,7 @@ impl Store {
         .bind(to_i64(info.size))
         .bind(to_i64(info.lines))
         .bind(blob)
+        .bind(sqlx::types::Json(facts))
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 1 {
@@ -63,5 +65,17 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         row.map(DatasetRow::into_info).transpose()
+    }
+
+    /// What admission needs of a dataset, gathered at its upload; `None`
+    /// for datasets stored before facts were kept.
+    #[instrument(skip_all, fields(dataset = %reference))]
+    pub async fn dataset_facts(&self, reference: &DatasetRef) -> Result<Option<DatasetFacts>> {
+        let facts: Option<Option<sqlx::types::Json<DatasetFacts>>> =
+            sqlx::query_scalar("SELECT facts FROM datasets WHERE sha256 = $1")
+                .bind(reference.sha256())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(facts.flatten().map(|json| json.0))
     }
 }
