@@ -1,6 +1,9 @@
-//! In-process fan-out of job events to `WatchJob` streams. The hub is a cache:
-//! a watcher that falls behind, or that misses events published by another
-//! coordinator, re-reads the job from the database.
+//! In-process fan-out of job events to `WatchJob` streams and the
+//! dashboard. What this coordinator changes is published here directly;
+//! what other coordinators on the database change arrives through
+//! PostgreSQL (`relay.rs`). The hub is a cache: a watcher that falls behind,
+//! or is told to resync because the relay lost its connection, re-reads the
+//! job from the database.
 
 use ptune_core::{JobId, Metric};
 use tokio::sync::broadcast;
@@ -21,6 +24,9 @@ pub enum HubEventKind {
         total_steps: u64,
     },
     Metrics(Vec<Metric>),
+    /// Events may have been missed (for every job, whatever `job_id` says):
+    /// re-read what is being watched.
+    Resync,
 }
 
 /// A broadcast channel shared by every publisher and watcher.
@@ -37,6 +43,11 @@ impl EventHub {
     /// Publishes to the current subscribers; nobody listening is fine.
     pub fn publish(&self, job_id: JobId, kind: HubEventKind) {
         let _ = self.tx.send(HubEvent { job_id, kind });
+    }
+
+    /// Tells every subscriber that events may have been missed.
+    pub fn resync(&self) {
+        self.publish(JobId(uuid::Uuid::nil()), HubEventKind::Resync);
     }
 
     /// Events published from now on.

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod readiness;
+pub mod relay;
 pub mod scheduler;
 pub mod server;
 pub mod store;

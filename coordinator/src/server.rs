@@ -1,7 +1,8 @@
 //! Wiring: binds the ports, waits for the database (answering `UNAVAILABLE`
-//! meanwhile), applies migrations, starts the reaper, the sweep engine, the
-//! database monitor, the gRPC server (with health, reflection and a metrics
-//! layer on every call) and the HTTP dashboard, and stops them all gracefully.
+//! meanwhile), applies migrations, starts the reaper, the event relay (other
+//! coordinators' job events from PostgreSQL), the sweep engine, the database
+//! monitor, the gRPC server (with health, reflection and a metrics layer on
+//! every call) and the HTTP dashboard, and stops them all gracefully.
 //!
 //! The coordinator never exits because its database went away: the monitor
 //! turns health to `NOT_SERVING` and calls are refused with `UNAVAILABLE`
@@ -58,6 +59,8 @@ pub struct CoordinatorHandle {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     reaper: JoinHandle<()>,
+    /// Other coordinators' job events, from PostgreSQL to the hub.
+    relay: JoinHandle<()>,
     engine: JoinHandle<()>,
     monitor: JoinHandle<()>,
 }
@@ -157,11 +160,12 @@ impl Coordinator {
             info!(leases = extended, "extended open leases so their workers can reconnect");
         }
         let reaper = spawn_reaper(scheduler, stopped.clone());
+        let relay = crate::relay::spawn(store.clone(), hub.clone(), stopped.clone());
         let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
         readiness.set(State::Ready);
         set_health(&health, true).await;
         let monitor = tokio::spawn(monitor_database(store.clone(), readiness, health.clone(), stopped));
-        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, engine, monitor })
+        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, relay, engine, monitor })
     }
 }
 
@@ -286,6 +290,7 @@ impl CoordinatorHandle {
         let grpc = finish("grpc server", self.grpc).await.map(|r| r.context("grpc server failed"));
         let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));
         let _ = finish("reaper", self.reaper).await;
+        let _ = finish("event relay", self.relay).await;
         let _ = finish("sweep engine", self.engine).await;
         let _ = finish("database monitor", self.monitor).await;
         self.store.close().await;

@@ -58,6 +58,11 @@ impl Pending {
             return;
         }
         let set = match event.kind {
+            // Something may have been missed: the page reloads what it shows.
+            HubEventKind::Resync => {
+                self.more = true;
+                return;
+            }
             HubEventKind::Changed => &mut self.changed,
             HubEventKind::Progress { .. } | HubEventKind::Metrics(_) => &mut self.progressed,
         };

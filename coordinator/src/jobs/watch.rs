@@ -2,9 +2,10 @@
 //! the job finishes.
 //!
 //! The watcher subscribes to the hub before it reads the snapshot, so no
-//! event between the two is lost. The hub is only a cache: on a lag, and
-//! every few seconds (changes made by another coordinator never reach this
-//! hub), the job is re-read from the database.
+//! event between the two is lost. Events of other coordinators reach the
+//! hub through PostgreSQL (`relay.rs`). The hub is only a cache: on a lag, a
+//! resync (the relay lost its connection), and every few seconds, the job is
+//! re-read from the database.
 
 use std::time::Duration;
 
@@ -63,11 +64,13 @@ impl Watcher {
                     false
                 }
                 event = events.recv() => match event {
+                    Ok(event) if event.kind == HubEventKind::Resync => self.refresh(true).await,
                     Ok(event) if event.job_id != self.id => true,
                     Ok(event) => match event.kind {
                         HubEventKind::Changed => self.refresh(false).await,
                         HubEventKind::Progress { step, total_steps } => self.send(JobEvent::Progress { step, total_steps }).await,
                         HubEventKind::Metrics(metrics) => self.send(JobEvent::Metrics(metrics)).await,
+                        HubEventKind::Resync => self.refresh(true).await,
                     },
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         debug!(job_id = %self.id, missed, "watcher lagged; re-reading the job");

@@ -20,7 +20,7 @@ mod workers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tracing::{info, instrument};
 
 use crate::metrics::Metrics;
@@ -121,6 +121,10 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     pool: PgPool,
     metrics: Arc<Metrics>,
+    /// This handle's name on its connections (`application_name`): the
+    /// origin of the job events its writes send (migration 0011), so that
+    /// a coordinator tells its own events from other replicas'.
+    origin: Arc<str>,
 }
 
 impl Store {
@@ -128,16 +132,33 @@ impl Store {
     /// seconds without a connection rather than hanging.
     #[instrument(skip_all)]
     pub async fn connect(url: &str) -> Result<Self> {
-        let pool =
-            PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
-        Ok(Self { pool, metrics: Arc::default() })
+        let (options, origin) = Self::options(url)?;
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
+        Ok(Self { pool, metrics: Arc::default(), origin })
     }
 
     /// A pool that connects on first use, so a coordinator can start before
     /// its database; fails only for a url that cannot be parsed.
     pub fn connect_lazy(url: &str) -> Result<Self> {
-        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy(url)?;
-        Ok(Self { pool, metrics: Arc::default() })
+        let (options, origin) = Self::options(url)?;
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
+        Ok(Self { pool, metrics: Arc::default(), origin })
+    }
+
+    fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {
+        let origin: Arc<str> = format!("ptune-coordinator-{}", uuid::Uuid::new_v4().simple()).into();
+        let options: PgConnectOptions = url.parse()?;
+        Ok((options.application_name(&origin), origin))
+    }
+
+    /// The name this handle's writes carry as the origin of their events.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The pool, for the event listener's own connection.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// The metrics this store's coordinator exposes.

@@ -259,7 +259,7 @@ pub fn spawn_engine(
 /// Events after which a sweep may have something to do.
 fn relevant(event: &HubEvent) -> bool {
     match &event.kind {
-        HubEventKind::Changed => true,
+        HubEventKind::Changed | HubEventKind::Resync => true,
         HubEventKind::Metrics(metrics) => metrics.iter().any(|m| m.kind == MetricKind::Eval),
         HubEventKind::Progress { .. } => false,
     }
