@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod jobs;
+pub mod leader;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -17,7 +17,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -55,6 +55,7 @@ pub struct Metrics {
     queue_wait: Histogram,
     lease_duration: HistogramFamily<LeaseLabels>,
     leases_expired: Counter,
+    leader: Gauge,
     levels: Arc<Mutex<Option<FleetLevels>>>,
 }
 
@@ -75,6 +76,7 @@ impl Default for Metrics {
         let queue_wait = queue_wait_buckets();
         let lease_duration = HistogramFamily::<LeaseLabels>::new_with_constructor(latency_buckets as fn() -> Histogram);
         let leases_expired = Counter::default();
+        let leader = Gauge::default();
         let levels = Arc::new(Mutex::new(None));
 
         let mut registry = Registry::default();
@@ -103,8 +105,13 @@ impl Default for Metrics {
             "Leases ended because their worker stopped heartbeating",
             leases_expired.clone(),
         );
+        registry.register(
+            "ptune_coordinator_leader",
+            "1 on the coordinator that holds the leader lock and runs singleton maintenance, 0 on the others",
+            leader.clone(),
+        );
         registry.register_collector(Box::new(LevelsCollector { levels: levels.clone() }));
-        Self { registry, grpc_requests, grpc_duration, queue_wait, lease_duration, leases_expired, levels }
+        Self { registry, grpc_requests, grpc_duration, queue_wait, lease_duration, leases_expired, leader, levels }
     }
 }
 
@@ -128,6 +135,11 @@ impl Metrics {
     /// Counts leases the reaper ended.
     pub fn leases_expired(&self, n: usize) {
         self.leases_expired.inc_by(n as u64);
+    }
+
+    /// Whether this coordinator leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     /// The exposition: the in-memory metrics and `levels`, read from the

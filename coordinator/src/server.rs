@@ -61,6 +61,9 @@ pub struct CoordinatorHandle {
     reaper: JoinHandle<()>,
     /// Other coordinators' job events, from PostgreSQL to the hub.
     relay: JoinHandle<()>,
+    /// Whether this coordinator leads (`leader.rs`), and the election.
+    leader: watch::Receiver<bool>,
+    election: JoinHandle<()>,
     engine: JoinHandle<()>,
     monitor: JoinHandle<()>,
 }
@@ -155,17 +158,20 @@ impl Coordinator {
         if let Some(dir) = &config.bootstrap_dir {
             bootstrap_tokens(&store, dir).await?;
         }
-        let extended = store.extend_open_leases(config.lease_timeout).await?;
+        // Leases are extended only when no coordinator served the fleet
+        // lately (store/takeover.rs): twice the heartbeat interval.
+        let extended = store.extend_leases_if_unserved(config.lease_timeout, 2 * config.heartbeat_interval).await?;
         if extended > 0 {
-            info!(leases = extended, "extended open leases so their workers can reconnect");
+            info!(leases = extended, "no coordinator served the workers lately: extended open leases so they can reconnect");
         }
-        let reaper = spawn_reaper(scheduler, stopped.clone());
+        let (leader, election) = crate::leader::spawn(store.clone(), stopped.clone());
+        let reaper = spawn_reaper(scheduler, leader.clone(), stopped.clone());
         let relay = crate::relay::spawn(store.clone(), hub.clone(), stopped.clone());
         let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
         readiness.set(State::Ready);
         set_health(&health, true).await;
         let monitor = tokio::spawn(monitor_database(store.clone(), readiness, health.clone(), stopped));
-        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, relay, engine, monitor })
+        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, relay, leader, election, engine, monitor })
     }
 }
 
@@ -280,6 +286,11 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
 }
 
 impl CoordinatorHandle {
+    /// Whether this coordinator holds the leader lock now.
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
     /// Stops accepting calls, lets in-flight calls finish (watch streams end
     /// with UNAVAILABLE), stops the reaper and the sweep engine, and closes
     /// the database pool.
@@ -291,6 +302,7 @@ impl CoordinatorHandle {
         let http = finish("http server", self.http).await.map(|r| r.context("http server failed"));
         let _ = finish("reaper", self.reaper).await;
         let _ = finish("event relay", self.relay).await;
+        let _ = finish("leader election", self.election).await;
         let _ = finish("sweep engine", self.engine).await;
         let _ = finish("database monitor", self.monitor).await;
         self.store.close().await;

@@ -1,5 +1,6 @@
 //! The background task that ends leases whose worker stopped heartbeating,
-//! and removes checkpoints no attempt can resume from.
+//! and, on the leader only (`leader.rs`), removes checkpoints no attempt can
+//! resume from and abandoned uploads.
 //!
 //! A lease expires when its worker stopped renewing it, but also when the
 //! renewals could not reach the database: during a database outage (or
@@ -29,8 +30,14 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(60);
 const ABANDONED_UPLOAD: Duration = Duration::from_secs(3600);
 
 /// Runs [`Scheduler::reap_expired`] every [`REAP_INTERVAL`] until `shutdown`
-/// turns true. Database errors are logged and retried on the next tick.
-pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+/// turns true, and [`Scheduler::collect_files`] every [`COLLECT_INTERVAL`]
+/// while `leader` says this coordinator leads. Database errors are logged
+/// and retried on the next tick.
+pub fn spawn_reaper(
+    scheduler: Scheduler,
+    leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,7 +61,7 @@ pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -
                 }
                 Err(e) => warn!(error = %e, "reaping expired leases failed; retrying"),
             }
-            if last_collect.elapsed() >= COLLECT_INTERVAL {
+            if *leader.borrow() && last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();
                 match scheduler.collect_files(ABANDONED_UPLOAD).await {
                     Ok((0, 0)) => {}

@@ -14,6 +14,7 @@ mod leases;
 mod metrics;
 mod sweep_drive;
 mod sweeps;
+mod takeover;
 mod tokens;
 mod workers;
 
