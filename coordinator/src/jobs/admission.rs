@@ -9,8 +9,8 @@ use ptune_core::memory::mib;
 use ptune_core::{JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, Task};
 
 use crate::error::Error;
+use crate::limits::MAX_ADAPTER_BYTES;
 use crate::model::ModelSupport;
-use crate::scheduler::MAX_ADAPTER_BYTES;
 
 /// Encoder `model_type`s the engine trains (classification heads pool them).
 const ENCODER_TYPES: [&str; 2] = ["bert", "roberta"];

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Scheduler;
+use super::Workers;
 
 /// How often expired leases are looked for.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
@@ -28,9 +28,9 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(60);
 /// An upload that has not finished for this long was abandoned.
 const ABANDONED_UPLOAD: Duration = Duration::from_secs(3600);
 
-/// Runs [`Scheduler::reap_expired`] every [`REAP_INTERVAL`] until `shutdown`
+/// Runs [`Workers::reap_expired`] every [`REAP_INTERVAL`] until `shutdown`
 /// turns true. Database errors are logged and retried on the next tick.
-pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn_reaper(workers: Workers, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -42,7 +42,7 @@ pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -
                 _ = tick.tick() => {}
             }
             let after_outage = last_ok.elapsed() >= OUTAGE_GAP;
-            match scheduler.reap_expired(after_outage).await {
+            match workers.reap_expired(after_outage).await {
                 Ok(n) => {
                     if after_outage {
                         info!(unreachable_ms = last_ok.elapsed().as_millis() as u64, "database reachable again");
@@ -56,7 +56,7 @@ pub fn spawn_reaper(scheduler: Scheduler, mut shutdown: watch::Receiver<bool>) -
             }
             if last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();
-                match scheduler.collect_files(ABANDONED_UPLOAD).await {
+                match workers.collect_files(ABANDONED_UPLOAD).await {
                     Ok((0, 0)) => {}
                     Ok((checkpoints, blobs)) => debug!(checkpoints, blobs, "removed files nothing reads any more"),
                     Err(e) => warn!(error = %e, "removing old files failed; retrying later"),
