@@ -79,6 +79,15 @@ function bytes(n) {
   return (n / (1 << 20)).toFixed(1) + ' MiB';
 }
 
+// A job's memory estimate and the peak its worker measured, each when known.
+function memory(j) {
+  const e = j.memory_estimate;
+  const parts = [];
+  if (e) parts.push(`estimate ${bytes(e.total_bytes)} (weights ${bytes(e.weights_bytes)}, job ${bytes(e.job_bytes)}, activations ${bytes(e.activation_bytes)})`);
+  if (j.worker_peak_rss_bytes) parts.push(`worker peak ${bytes(j.worker_peak_rss_bytes)}`);
+  return parts.length ? parts.join('; ') : '–';
+}
+
 function params(p) {
   return Object.entries(p || {}).map(([k, v]) => k.split('.').pop() + '=' + fmt(v)).join(' ');
 }
@@ -336,12 +345,14 @@ const views = {
         el('h1', {}, j.name, ' ', stateBadge(j.early_stopped ? 'early_stopped' : j.state)),
         el('p', {}, el('span', { class: 'progress' }, el('div', { style: `width:${pct}%` })), ` step ${j.step} of ${j.total_steps}`,
           j.adapter ? el('span', {}, ' · ', el('a', { id: 'adapter-link', href: `/api/jobs/${j.id}/adapter`, download: `ptune-adapter-${j.id}.tar` }, `download adapter (${bytes(j.adapter.size)})`)) : null),
+        j.waiting_reason ? el('p', { id: 'job-waiting' }, 'waiting: ' + j.waiting_reason) : null,
         j.error ? el('p', { class: 'error', id: 'job-error' }, j.error) : null);
       const meta = [
         ['id', el('code', {}, j.id)], ['method', j.method], ['base model', j.base_model], ['owner', j.owner || '–'],
         ['sweep', j.sweep ? el('a', { href: '#/sweeps/' + j.sweep.id }, `${j.sweep.name} · trial #${j.sweep.trial_index}`) : '–'],
         ['worker', j.worker_id ? el('code', {}, j.worker_id) : '–'], ['attempts', `${j.attempts} (${j.failures} failed of at most ${j.max_attempts}` + (j.interruptions ? `, ${j.interruptions} interrupted` : '') + ')'
           + (j.checkpoint_step ? `; resumes at step ${j.checkpoint_step}` : '') + (j.retry_at ? `; retried after ${new Date(j.retry_at).toLocaleTimeString()}` : '')],
+        ['memory', memory(j)],
         ['submitted', when(j.created_at)], ['started', when(j.started_at)], ['finished', when(j.finished_at)],
         ['adapter sha256', j.adapter ? el('code', {}, j.adapter.sha256) : '–'],
       ];

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use crate::scheduler::retry::RetryPolicy;
+pub use crate::retry::RetryPolicy;
 
 /// Everything a coordinator needs to start. The binary fills it from flags
 /// and environment variables; tests build it with [`Config::new`].

@@ -3,9 +3,13 @@
 //! keeps every decision in PostgreSQL.
 //!
 //! Layers, outermost first: [`grpc`] (thin tonic adapters) and [`dashboard`]
-//! (HTTP, with [`metrics`]) call the domain in [`jobs`] and [`sweep`] (what users do) and
-//! [`scheduler`] (what workers do, leases, the reaper), which call [`store`]
-//! (all SQL). The sweep engine drives running sweeps in the background.
+//! (HTTP, with [`metrics`]) call the domain services: [`jobs`] and [`sweep`]
+//! (what users do) and [`workers`] (what workers do, and the reaper), which
+//! call [`store`] (all SQL). Pure policies sit below them all: [`placement`]
+//! (which job a worker gets), [`retry`] (what an ended attempt leads to);
+//! [`memory`] keeps every job's estimate, and [`error`] maps domain errors to
+//! gRPC and HTTP answers. The sweep engine drives running sweeps in the
+//! background.
 
 pub mod auth;
 pub mod blob;
@@ -18,16 +22,19 @@ pub mod grpc;
 pub mod jobs;
 pub mod leader;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod placement;
 pub mod readiness;
 pub mod relay;
-pub mod scheduler;
+pub mod retry;
 pub mod server;
 pub mod store;
 pub mod sweep;
 pub mod testing;
 pub mod tls;
+pub mod workers;
 
 pub use config::Config;
 pub use error::Error;

@@ -1,8 +1,9 @@
-//! Limits on what one caller can hold open: long-lived streams (`WatchJob`
-//! and the dashboard's server-sent events) are counted per token and in
-//! all, and a call beyond either limit is refused at once rather than
-//! queued; uploads must keep sending, or they are ended. Request time
-//! limits are set where the servers are built (`server.rs`).
+//! Limits on what one caller can send, read and hold open: the largest
+//! adapter a worker may upload, the rows of a page, and long-lived streams
+//! (`WatchJob` and the dashboard's server-sent events), which are counted
+//! per token and in all; a call beyond either stream limit is refused at
+//! once rather than queued. Uploads must keep sending, or they are ended.
+//! Request time limits are set where the servers are built (`server.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,23 @@ use uuid::Uuid;
 
 use crate::auth::Identity;
 use crate::error::Error;
+
+/// Largest adapter archive (a job's result) accepted.
+pub const MAX_ADAPTER_BYTES: u64 = 1_000_000_000;
+
+/// Rows per page of a listing (jobs, sweeps, workers) when the request does not say.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Most rows per page.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// The rows of a page asked for with `requested` (0: the default), at most [`MAX_PAGE_SIZE`].
+pub fn page_size(requested: u32) -> u32 {
+    if requested == 0 {
+        DEFAULT_PAGE_SIZE
+    } else {
+        requested.min(MAX_PAGE_SIZE)
+    }
+}
 
 /// How many streams may be open at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

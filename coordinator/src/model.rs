@@ -51,6 +51,16 @@ pub struct Job {
     pub checkpoint_step: Option<u64>,
 }
 
+/// A job as users see it: with why it waits, when it is queued and the
+/// registered workers explain that.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobReport {
+    pub job: Job,
+    /// `None` for a queued job that simply waits for a free slot, and for
+    /// every job that is not queued.
+    pub waiting_reason: Option<String>,
+}
+
 /// Which trial of which sweep a job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrialRef {
@@ -103,10 +113,10 @@ impl<I: FromStr> FromStr for PageToken<I> {
     }
 }
 
-/// One page of a listing.
+/// One page of a job listing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobPage {
-    pub jobs: Vec<Job>,
+    pub jobs: Vec<JobReport>,
     /// Where the next page starts; `None` on the last page.
     pub next: Option<PageToken>,
 }

@@ -34,7 +34,7 @@ use crate::grpc::{AdminApi, JobApi, SweepApi, WorkerApi};
 use crate::jobs::Jobs;
 use crate::metrics::GrpcMetricsLayer;
 use crate::readiness::{Readiness, ReadinessLayer, State};
-use crate::scheduler::{spawn_reaper, Scheduler, Timing};
+use crate::workers::{spawn_reaper, Timing, Workers};
 use crate::store::{Store, StoreError};
 use crate::sweep::{spawn_engine, SweepEngine, Sweeps};
 
@@ -90,7 +90,7 @@ impl Coordinator {
             retry: config.retry,
             max_checkpoint_bytes: config.max_checkpoint_bytes,
         };
-        let scheduler = Scheduler::new(store.clone(), hub.clone(), timing);
+        let workers = Workers::new(store.clone(), hub.clone(), timing);
         let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, config.lease_timeout, stopped.clone());
         let nudge = Arc::new(Notify::new());
         let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
@@ -111,12 +111,12 @@ impl Coordinator {
             .build_v1()
             .context("building the reflection service")?;
         let streams = StreamLimits::new(config.limits);
-        let job_api = JobApi::new(jobs, streams.clone(), config.limits.upload_idle);
+        let job_api = JobApi::new(jobs.clone(), streams.clone(), config.limits.upload_idle);
         let job_service = JobServiceServer::new(job_api).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let worker_service = WorkerServiceServer::new(WorkerApi::new(scheduler.clone(), config.limits.upload_idle))
+        let worker_service = WorkerServiceServer::new(WorkerApi::new(workers.clone(), config.limits.upload_idle))
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let sweep_service =
-            SweepServiceServer::new(SweepApi::new(sweeps)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            SweepServiceServer::new(SweepApi::new(sweeps.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let admin_service = AdminServiceServer::new(AdminApi::new(store.clone()));
         let mut server = tonic::transport::Server::builder().timeout(config.limits.request);
         if let Some(files) = &config.tls {
@@ -140,7 +140,8 @@ impl Coordinator {
             public_metrics: config.public_metrics,
             tls: config.tls.is_some(),
         };
-        let dashboard = Dashboard::new(store.clone(), hub.clone(), config.lease_timeout, stopped.clone(), guard, streams);
+        let live = dashboard::Live { hub: hub.clone(), stopped: stopped.clone(), streams };
+        let dashboard = Dashboard::new(store.clone(), jobs, sweeps, config.lease_timeout, live, guard);
         let router = dashboard::router(dashboard);
         let http = match &config.tls {
             Some(files) => {
@@ -165,7 +166,7 @@ impl Coordinator {
             info!(leases = extended, "no coordinator served the workers lately: extended open leases so they can reconnect");
         }
         let (leader, election) = crate::leader::spawn(store.clone(), stopped.clone());
-        let reaper = spawn_reaper(scheduler, leader.clone(), stopped.clone());
+        let reaper = spawn_reaper(workers, leader.clone(), stopped.clone());
         let relay = crate::relay::spawn(store.clone(), hub.clone(), stopped.clone());
         let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
         readiness.set(State::Ready);

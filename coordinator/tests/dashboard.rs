@@ -2,7 +2,8 @@
 //! through the real gRPC APIs (jobs, a grid sweep, a worker that reports
 //! curves and uploads adapters): its JSON API, the adapter download, the
 //! live event stream, and the pages themselves in headless Chromium, which
-//! must show the numbers that are in the database.
+//! must show the numbers that are in the database and what `GetJob` says of
+//! a job (why it waits, its memory estimate, its worker's peak).
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{metric, Env};
+use ptune_coordinator::testing::minilm_model;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +21,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Exact binary fractions, so the page prints them exactly.
 const GRID: [(u32, f64, f64); 4] = [(5, 0.001, 0.5625), (5, 0.03, 0.6875), (20, 0.001, 0.75), (20, 0.03, 0.9375)];
 const LOSSES: [f64; 5] = [0.6929, 0.6502, 0.5874, 0.5123, 0.4321];
+/// The memory estimate of the standard spec on MiniLM's shape (see
+/// `tests/memory.rs`): weights, job, activations.
+const ESTIMATE: (u64, u64, u64) = (90_852_864, 135_200, 40_061_952);
+/// The peak memory the worker reports when it completes a job.
+const PEAK_RSS: u64 = 321 << 20;
+/// The base model of the queued job, which no worker serves.
+const UNSERVED: &str = "other-bert";
 
 struct Seeded {
     worker: String,
@@ -31,9 +40,11 @@ struct Seeded {
 }
 
 /// Two standalone jobs (one training with a loss curve, one finished with an
-/// adapter), a 2 x 2 grid sweep run to completion, and one queued job.
+/// adapter), a 2 x 2 grid sweep run to completion, and one queued job on a
+/// model no worker serves. The worker reports its model's shape, so every
+/// job on it has a memory estimate.
 async fn seed(env: &mut Env) -> Seeded {
-    let worker = env.register().await;
+    let worker = register_shaped(env).await;
     let spec = env.spec("loss-curve").await;
     let training_job = env.submit(spec.clone()).await;
     let finished_job = env.submit(v1::JobSpec { name: "finished".into(), owner: "bob".into(), ..spec.clone() }).await;
@@ -115,7 +126,7 @@ async fn seed(env: &mut Env) -> Seeded {
         assert!(tokio::time::Instant::now() < deadline, "the sweep did not complete: {s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let queued = env.submit(v1::JobSpec { name: "waiting".into(), ..spec }).await;
+    let queued = env.submit(v1::JobSpec { name: "waiting".into(), base_model: UNSERVED.into(), ..spec }).await;
     Seeded {
         worker,
         training,
@@ -127,6 +138,18 @@ async fn seed(env: &mut Env) -> Seeded {
     }
 }
 
+/// Registers a worker as [`Env::register`] does, reporting MiniLM's shape.
+async fn register_shaped(env: &mut Env) -> String {
+    let request = v1::RegisterWorkerRequest {
+        hostname: "test-host".into(),
+        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+        slots: 2,
+        models: vec![minilm_model(common::MODEL)],
+        ..Default::default()
+    };
+    env.workers.register_worker(request).await.expect("register").into_inner().worker_id
+}
+
 async fn complete(env: &mut Env, lease: &v1::Lease, step: u64, metrics: Vec<v1::Metric>, adapter: &[u8]) {
     let header = v1::CompleteJobHeader {
         job_id: lease.job_id.clone(),
@@ -135,8 +158,8 @@ async fn complete(env: &mut Env, lease: &v1::Lease, step: u64, metrics: Vec<v1::
         adapter_size: adapter.len() as u64,
         metrics,
         step,
+        peak_rss_bytes: PEAK_RSS,
         lease_token: lease.lease_token.clone(),
-        ..Default::default()
     };
     let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
     parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));
@@ -219,6 +242,26 @@ async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     assert_eq!(job["attempt_history"][0]["hostname"], "test-host");
     assert_eq!(job["attempt_history"][0]["worker_id"], s.worker.as_str());
     assert_eq!(job["spec"]["name"], "loss-curve");
+    let (weights, own, activations) = ESTIMATE;
+    assert_eq!(
+        job["memory_estimate"],
+        json!({
+            "weights_bytes": weights, "job_bytes": own, "activation_bytes": activations,
+            "total_bytes": weights + own + activations,
+        })
+    );
+    assert_eq!((job["waiting_reason"].clone(), job["worker_peak_rss_bytes"].clone()), (Value::Null, Value::Null));
+    // The same job as GetJob gives it.
+    let grpc = env.get(&s.training_id).await;
+    assert_eq!(job["memory_estimate"]["total_bytes"], grpc.memory_estimate_bytes);
+    let finished = get(&http, &format!("/api/jobs/{}", s.finished_id)).await.json();
+    assert_eq!(finished["worker_peak_rss_bytes"], PEAK_RSS);
+    assert_eq!(finished["worker_peak_rss_bytes"], env.get(&s.finished_id).await.worker_peak_rss_bytes);
+    let queued = get(&http, &format!("/api/jobs/{}", s.queued_id)).await.json();
+    let reason = format!("unschedulable: no registered worker serves base model {UNSERVED:?}; it waits until one does");
+    assert_eq!(queued["waiting_reason"], reason.as_str());
+    assert_eq!(queued["waiting_reason"], env.get(&s.queued_id).await.waiting_reason.as_str());
+    assert_eq!(queued["memory_estimate"], Value::Null, "no worker reported its model's shape");
     let curves = get(&http, &format!("/api/jobs/{}/metrics", s.training_id)).await.json();
     let loss =
         curves["series"].as_array().unwrap().iter().find(|c| c["kind"] == "train" && c["name"] == "loss").unwrap();
@@ -307,9 +350,18 @@ async fn headless_chromium_shows_the_numbers_in_the_database() {
     assert!(job.contains("eval accuracy: 1 points, last 0.8125 at step 5"), "the eval curve:\n{job}");
     assert!(job.contains("data-points=\"5\""), "{job}");
     assert!(job.contains("test-host · "), "the attempt's worker:\n{job}");
+    assert!(
+        job.contains("estimate 125.0 MiB (weights 86.6 MiB, job 132.0 KiB, activations 38.2 MiB)"),
+        "the memory estimate:\n{job}"
+    );
 
     let finished = page(&browser, &http, &format!("#/jobs/{}", s.finished_id), "job", &artifacts, "job-finished").await;
     assert!(finished.contains(&format!("href=\"/api/jobs/{}/adapter\"", s.finished_id)), "{finished}");
+    assert!(finished.contains("; worker peak 321.0 MiB"), "the worker's peak:\n{finished}");
+
+    let queued = page(&browser, &http, &format!("#/jobs/{}", s.queued_id), "job", &artifacts, "job-queued").await;
+    let waiting = section(&queued, "id=\"job-waiting\"", "</p>");
+    assert!(waiting.contains("waiting: unschedulable: no registered worker serves base model"), "{queued}");
 
     let sweep = page(&browser, &http, &format!("#/sweeps/{}", s.sweep_id), "sweep", &artifacts, "sweep").await;
     let heatmap = section(&sweep, "id=\"heatmap-table\"", "</table>");

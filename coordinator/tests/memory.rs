@@ -152,3 +152,29 @@ async fn a_worker_takes_jobs_while_they_fit_next_to_the_ones_it_runs_sharing_the
     assert_eq!(last.job_id, other);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_that_fits_is_leased_behind_more_than_a_page_of_jobs_that_do_not() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let worker = register(&mut env, vec![minilm_model(MODEL), minilm_model(OTHER_MODEL)], 100 * MIB).await;
+    let spec = env.spec("too-large").await;
+    // Each too large for the worker, each of its own size: none stands for
+    // another among the candidates, so they fill more than a page. They are
+    // on the model the worker holds, which placement reads first.
+    let pages = ptune_coordinator::placement::CANDIDATES_PER_PAGE + 1;
+    for extra in 0..pages {
+        let mut large = spec.clone();
+        large.name = format!("too-large-{extra}");
+        large.peft.as_mut().unwrap().num_virtual_tokens = Some(20 + extra);
+        assert!(env.submit(large).await.memory_estimate_bytes > 100 * MIB);
+    }
+    let mut small = spec.clone();
+    small.name = "fits".into();
+    small.base_model = OTHER_MODEL.into();
+    small.peft.as_mut().unwrap().num_virtual_tokens = Some(4);
+    small.data.as_mut().unwrap().max_seq_len = 8;
+    let small = env.submit(small).await;
+    assert_eq!(lease(&mut env, &worker, &[MODEL]).await.map(|l| l.job_id), Some(small.id));
+    assert_eq!(lease(&mut env, &worker, &[MODEL]).await, None);
+    env.stop().await;
+}

@@ -3,32 +3,25 @@
 //! without a token; each role gets exactly the calls the role table gives
 //! it; a submitter cannot see, cancel or download another owner's job; a
 //! worker token cannot cancel or download, nor speak for a lease another
-//! worker holds; revoked and expired tokens are refused at once; plaintext
-//! clients, clients that do not trust the coordinator and, under mutual
-//! TLS, clients without a certificate from the operator's CA get nothing;
-//! and the HTTPS dashboard refuses what its roles do not allow.
+//! worker holds; revoked and expired tokens are refused at once. What TLS
+//! itself refuses, and the HTTPS dashboard, are `tls.rs`.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{pki, Env, Pki, RawCodec, EVAL, MODEL, TRAIN};
+use common::tls::{grpc_url, start_tls, tls_channel};
+use common::{pki, RawCodec, EVAL, MODEL, TRAIN};
 use futures::StreamExt;
 use prost::Message;
 use ptune_coordinator::auth::Role;
-use ptune_coordinator::config::TlsFiles;
-use ptune_proto::client::{AuthChannel, ClientOptions};
+use ptune_proto::client::AuthChannel;
 use ptune_proto::v1;
 use ptune_proto::v1::admin_service_client::AdminServiceClient;
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::sweep_service_client::SweepServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::rustls;
 use tonic::Code;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -54,32 +47,6 @@ fn allowed(path: &str) -> &'static [Role] {
         ("ptune.v1.AdminService", _) => &[Admin],
         _ => panic!("{path} is a method the role table does not know; add it to the table and to docs/security.md"),
     }
-}
-
-/// A coordinator with TLS on, its clients switched to `https://` with the
-/// test CA.
-async fn start_tls(pki: &Pki, client_ca: bool) -> Env {
-    let files = TlsFiles {
-        cert: pki.server.0.clone(),
-        key: pki.server.1.clone(),
-        client_ca: client_ca.then(|| pki.ca.clone()),
-    };
-    let mut env = common::start_with(Duration::from_secs(10), |c| c.tls = Some(files)).await;
-    let url = grpc_url(&env);
-    let client_cert = client_ca.then(|| pki.client.clone());
-    env.jobs = JobServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.admin), client_cert.clone()));
-    env.sweeps = SweepServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.admin), client_cert.clone()));
-    env.workers = WorkerServiceClient::new(tls_channel(&url, pki, Some(&env.tokens.worker), client_cert));
-    env
-}
-
-fn grpc_url(env: &Env) -> String {
-    format!("https://localhost:{}", env.coordinator.as_ref().unwrap().grpc_addr.port())
-}
-
-fn tls_channel(url: &str, pki: &Pki, token: Option<&str>, client_cert: Option<(PathBuf, PathBuf)>) -> AuthChannel {
-    let options = ClientOptions { token: token.map(str::to_string), ca_cert: Some(pki.ca.clone()), client_cert };
-    ptune_proto::client::channel(url, &options).unwrap()
 }
 
 /// Calls `path` with one empty message and reads the first answer: `Ok`
@@ -386,238 +353,5 @@ async fn owners_see_only_their_own_workers_speak_only_for_their_leases_and_revok
     assert!(did("admin", "token.create") && did("admin", "token.revoke"), "{audit:?}");
     assert!(!did("mallory", "job.cancel"), "refused calls change nothing: {audit:?}");
     store.close().await;
-    env.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certificate_of_its_ca_get_through() {
-    let pki = pki();
-    let env = start_tls(&pki, true).await;
-    let url = grpc_url(&env);
-    let worker = env.tokens.worker.clone();
-    let register = async |channel: AuthChannel| {
-        let request = v1::RegisterWorkerRequest {
-            hostname: "mtls-host".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
-            slots: 1,
-            models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
-            ..Default::default()
-        };
-        WorkerServiceClient::new(channel).register_worker(request).await.map(|r| r.into_inner().worker_id)
-    };
-    let with_cert = tls_channel(&url, &pki, Some(&worker), Some(pki.client.clone()));
-    assert!(register(with_cert).await.is_ok(), "a worker with a certificate of the CA and a worker token registers");
-
-    let without_cert = tls_channel(&url, &pki, Some(&worker), None);
-    assert!(register(without_cert).await.is_err(), "no client certificate, no call");
-    let stranger = tls_channel(&url, &pki, Some(&worker), Some(pki.stranger.clone()));
-    assert!(register(stranger).await.is_err(), "a certificate of another CA is refused");
-    let port = env.coordinator.as_ref().unwrap().grpc_addr.port();
-    let plaintext = ptune_coordinator::testing::channel(&format!("http://localhost:{port}"), &worker);
-    let e = register(plaintext).await.unwrap_err();
-    assert!(
-        matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
-        "plaintext to a TLS port: {e:?}"
-    );
-    let untrusting =
-        ClientOptions { token: Some(worker.clone()), ca_cert: None, client_cert: Some(pki.client.clone()) };
-    let untrusting = ptune_proto::client::channel(&url, &untrusting).unwrap();
-    assert!(
-        register(untrusting).await.is_err(),
-        "a client that does not trust the coordinator's CA does not talk to it"
-    );
-    let no_token = tls_channel(&url, &pki, None, Some(pki.client.clone()));
-    let e = register(no_token).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated, "a certificate does not replace the token: {e:?}");
-    env.stop().await;
-}
-
-/// An HTTP/1.1 request over TLS to the dashboard, trusting the test CA;
-/// the status and the whole response.
-async fn https(addr: SocketAddr, ca: &Path, request: &str) -> (u16, String) {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).unwrap();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.expect("TLS handshake");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw).await; // a peer that closes without close_notify still said everything
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
-}
-
-fn get(path: &str, port: u16, token: Option<&str>) -> String {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    format!("GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\n{auth}Connection: close\r\n\r\n")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_https_dashboard_refuses_every_route_without_a_token_and_every_role_but_viewer_and_admin() {
-    let pki = pki();
-    let mut env = start_tls(&pki, false).await;
-    let url = grpc_url(&env);
-    let addr = env.coordinator.as_ref().unwrap().http_addr;
-    let port = addr.port();
-    let spec = env.spec("dash").await;
-    let job = env.submit(spec).await;
-    let worker = env.register().await;
-    let lease = env.lease(&worker).await.unwrap();
-    env.complete(&lease, b"adapter bytes").await.unwrap();
-    let tokens = env.tokens.clone();
-
-    let routes = [
-        "/".to_string(),
-        "/assets/app.js".into(),
-        "/metrics".into(),
-        "/api/overview".into(),
-        "/api/jobs".into(),
-        format!("/api/jobs/{}", job.id),
-        format!("/api/jobs/{}/metrics", job.id),
-        format!("/api/jobs/{}/adapter", job.id),
-        "/api/sweeps".into(),
-        "/api/sweeps/00000000-0000-0000-0000-000000000000".into(),
-        "/api/sweeps/00000000-0000-0000-0000-000000000000/curves".into(),
-        "/api/workers".into(),
-        "/api/events".into(),
-        "/api/no-such-route".into(),
-    ];
-    for route in &routes {
-        let (status, text) = https(addr, &pki.ca, &get(route, port, None)).await;
-        let page = !route.starts_with("/api/") && route != "/metrics";
-        if page {
-            assert!(
-                status == 303 && text.contains("location: /login"),
-                "{route} without a token goes to the login page: {text}"
-            );
-        } else {
-            assert_eq!(status, 401, "{route} without a token: {text}");
-            assert!(text.contains("missing token"), "{route}: {text}");
-        }
-        for token in [&tokens.submitter, &tokens.worker] {
-            let (status, text) = https(addr, &pki.ca, &get(route, port, Some(token))).await;
-            if page {
-                assert!(status == 303 || status == 403, "{route} as a non-viewer: {text}");
-            } else {
-                assert_eq!(status, 403, "{route} as a submitter or worker: {text}");
-                assert!(text.contains("needs role admin or viewer"), "{route}: {text}");
-            }
-        }
-    }
-    for (route, expected) in [("/healthz", 200), ("/livez", 200), ("/login", 200)] {
-        let (status, text) = https(addr, &pki.ca, &get(route, port, None)).await;
-        assert_eq!(status, expected, "{route} is public: {text}");
-    }
-    let (status, text) = https(addr, &pki.ca, &get("/api/jobs", port, Some(&tokens.viewer))).await;
-    assert_eq!(status, 200, "{text}");
-    assert!(text.contains(&job.id) && text.to_ascii_lowercase().contains("content-security-policy"), "{text}");
-    let (status, text) =
-        https(addr, &pki.ca, &get(&format!("/api/jobs/{}/adapter", job.id), port, Some(&tokens.viewer))).await;
-    assert!(status == 200 && text.ends_with("adapter bytes"), "{text}");
-    let rebinding = format!("GET /api/jobs HTTP/1.1\r\nHost: attacker.example:{port}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", tokens.viewer);
-    let (status, _) = https(addr, &pki.ca, &rebinding).await;
-    assert_eq!(status, 421, "a Host the coordinator does not answer to (DNS rebinding)");
-
-    // Logging in sets a Secure, HttpOnly, SameSite=Strict session cookie under TLS.
-    let form = format!("token={}", tokens.viewer);
-    let login = format!(
-        "POST /login HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
-        form.len()
-    );
-    let (_, text) = https(addr, &pki.ca, &login).await;
-    let cookie =
-        text.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).expect("a session cookie").to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Secure"), "{cookie}");
-    let session = cookie.split_once(':').unwrap().1.split(';').next().unwrap().trim().to_string();
-    let with_cookie = format!(
-        "GET /api/overview HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: {session}\r\nConnection: close\r\n\r\n"
-    );
-    assert_eq!(https(addr, &pki.ca, &with_cookie).await.0, 200, "the session cookie lets the viewer in");
-
-    let mut admin = AdminServiceClient::new(tls_channel(&url, &pki, Some(&tokens.admin), None));
-    let audit = admin.list_audit(v1::ListAuditRequest::default()).await.unwrap().into_inner().entries;
-    assert!(
-        audit.iter().any(|e| e.actor == "viewer" && e.action == "adapter.download" && e.target == job.id),
-        "a dashboard download is audited: {audit:?}"
-    );
-    env.stop().await;
-}
-
-/// Opens `/api/events` with `token` and reads until the answer's head and,
-/// when accepted, the first event arrived; the open connection and what it read.
-async fn open_events(addr: SocketAddr, token: &str) -> (tokio::net::TcpStream, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut seen = String::new();
-    let mut buf = [0u8; 4096];
-    while !(seen.contains("event: hello") || seen.contains("\"error\"")) {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the connection closed: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
-    (stream, seen)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_streams_are_limited_per_token_and_in_all_and_a_stalled_upload_is_ended() {
-    let mut env = common::start_with(Duration::from_secs(10), |c| {
-        c.limits.streams_per_token = 2;
-        c.limits.streams = 3;
-        c.limits.upload_idle = Duration::from_secs(1);
-    })
-    .await;
-    let url = format!("http://{}", env.coordinator.as_ref().unwrap().grpc_addr);
-    let http = env.coordinator.as_ref().unwrap().http_addr;
-    let spec = env.spec("watched").await;
-    let job = env.submit(spec).await;
-    let tokens = env.tokens.clone();
-    let watch = async |token: &str| {
-        let mut jobs = JobServiceClient::new(ptune_coordinator::testing::channel(&url, token));
-        let mut stream = jobs.watch_job(v1::WatchJobRequest { job_id: job.id.clone() }).await?.into_inner();
-        stream.message().await?;
-        Ok::<_, tonic::Status>(stream)
-    };
-
-    let first = watch(&tokens.admin).await.expect("a first stream");
-    let _second = watch(&tokens.admin).await.expect("a second stream");
-    let e = watch(&tokens.admin).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("--max-streams-per-token 2"), "{}", e.message());
-    let (_events, seen) = open_events(http, &tokens.viewer).await;
-    assert!(seen.starts_with("HTTP/1.1 200"), "the viewer's event stream opens: {seen}");
-    let (_, refused) = open_events(http, &tokens.viewer).await;
-    assert!(refused.starts_with("HTTP/1.1 429") && refused.contains("--max-streams 3"), "the total is reached: {refused}");
-    let e = watch(&tokens.viewer).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "WatchJob and events share the total: {e:?}");
-
-    drop(first);
-    common::wait_until(10, || async { watch(&tokens.viewer).await.is_ok() }).await;
-
-    // An upload that stops sending is ended, and nothing of it is kept.
-    let mut jobs = JobServiceClient::new(ptune_coordinator::testing::channel(&url, &tokens.submitter));
-    let first_chunk = v1::DatasetChunk { file_name: "stalled.jsonl".into(), data: TRAIN.as_bytes().to_vec() };
-    let stalled = futures::stream::iter([first_chunk]).chain(futures::stream::pending());
-    let e = jobs.upload_dataset(stalled).await.unwrap_err();
-    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
-    assert!(e.message().contains("sent nothing for 1 s"), "{}", e.message());
-    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
-    common::wait_until(10, || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM blobs WHERE NOT complete").fetch_one(&pool).await.unwrap();
-        left == 0
-    })
-    .await;
-    pool.close().await;
     env.stop().await;
 }

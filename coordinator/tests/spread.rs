@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::MODEL;
-use ptune_coordinator::store::SPREAD_WINDOW;
+use ptune_coordinator::placement::SPREAD_WINDOW;
 use ptune_proto::v1;
 
 /// A worker's lease request with `free_slots` free, holding `loaded`.

@@ -1,13 +1,18 @@
 //! The dashboard's JSON API. Every list is paged and every read is bounded
-//! (a page, one job, one sweep); errors are `{"error": "..."}` with a 400,
-//! 404 or 503, and database details stay in the log.
+//! (a page, one job, one sweep). A single job, a single sweep, the sweep
+//! list and adapters are read through the same services as gRPC
+//! ([`crate::jobs::Jobs`], [`crate::sweep::Sweeps`]), so they say what
+//! `GetJob` and `GetSweep` say; the job table, curves, attempts, workers and
+//! the overview are the dashboard's own reads of the store. Errors are the
+//! domain's ([`crate::error`] maps each to its HTTP status and
+//! `{"error": "..."}`); database details stay in the log.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -16,17 +21,13 @@ use ptune_core::sweep::SweepState;
 use ptune_core::{JobId, JobState, Method, SweepId};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::error;
 
 use super::{events, Dashboard};
 use crate::auth::Identity;
-use crate::blob;
-use crate::model::{Job, PageToken, Sweep, Trial};
-use crate::store::{JobSort, JobTableQuery, StoreError};
-
-/// Rows per page unless asked otherwise, and the most a page may hold.
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
+use crate::error::Error;
+use crate::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::model::{JobReport, PageToken, Sweep, Trial};
+use crate::store::{JobSort, JobTableQuery};
 
 pub(super) fn routes() -> Router<Dashboard> {
     Router::new()
@@ -42,55 +43,20 @@ pub(super) fn routes() -> Router<Dashboard> {
         .route("/events", get(events::events))
 }
 
-/// What an API call can fail with.
-pub(super) enum ApiError {
-    BadRequest(String),
-    NotFound(String),
-    Unavailable,
-    Internal,
-}
+type ApiResult = Result<Json<Value>, Error>;
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(_) => ApiError::Unavailable,
-            other => {
-                error!(error = %other, "dashboard read failed");
-                ApiError::Internal
-            }
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, message) = match self {
-            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
-            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
-            ApiError::Unavailable => {
-                (StatusCode::SERVICE_UNAVAILABLE, "the coordinator cannot reach its database; retry shortly".into())
-            }
-            ApiError::Internal => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error; the coordinator log has the details".into())
-            }
-        };
-        (status, Json(json!({ "error": message }))).into_response()
-    }
-}
-
-type ApiResult = Result<Json<Value>, ApiError>;
-
-fn parse<T: FromStr>(field: &str, value: &str) -> Result<T, ApiError>
+fn parse<T: FromStr>(field: &str, value: &str) -> Result<T, Error>
 where
     T::Err: std::fmt::Display,
 {
-    value.trim().parse().map_err(|e| ApiError::BadRequest(format!("{field}: {e}")))
+    value.trim().parse().map_err(|e: T::Err| Error::invalid(field, e.to_string()))
 }
 
-fn page_size(limit: Option<u32>) -> Result<u32, ApiError> {
-    match limit.unwrap_or(DEFAULT_PAGE) {
-        n @ 1..=MAX_PAGE => Ok(n),
-        n => Err(ApiError::BadRequest(format!("limit: must be between 1 and {MAX_PAGE}, got {n}"))),
+/// The rows a page asks for; unlike gRPC listings, a size out of range is refused.
+fn page_size(limit: Option<u32>) -> Result<u32, Error> {
+    match limit.unwrap_or(DEFAULT_PAGE_SIZE) {
+        n @ 1..=MAX_PAGE_SIZE => Ok(n),
+        n => Err(Error::invalid("limit", format!("must be between 1 and {MAX_PAGE_SIZE}, got {n}"))),
     }
 }
 
@@ -144,13 +110,13 @@ async fn jobs(State(d): State<Dashboard>, Query(p): Query<JobsParams>) -> ApiRes
     let sort = match given(&p.sort) {
         None => JobSort::Created,
         Some(s) => JobSort::parse(s).ok_or_else(|| {
-            ApiError::BadRequest(format!("sort: must be one of {}, got {s:?}", JobSort::NAMES.join(", ")))
+            Error::invalid("sort", format!("must be one of {}, got {s:?}", JobSort::NAMES.join(", ")))
         })?,
     };
     let descending = match given(&p.order) {
         None | Some("desc") => true,
         Some("asc") => false,
-        Some(o) => return Err(ApiError::BadRequest(format!("order: must be asc or desc, got {o:?}"))),
+        Some(o) => return Err(Error::invalid("order", format!("must be asc or desc, got {o:?}"))),
     };
     let query = JobTableQuery {
         states,
@@ -168,20 +134,27 @@ async fn jobs(State(d): State<Dashboard>, Query(p): Query<JobsParams>) -> ApiRes
     Ok(Json(json!({ "jobs": rows, "total": total, "limit": query.limit, "offset": query.offset })))
 }
 
-async fn load_job(d: &Dashboard, id: &str) -> Result<Job, ApiError> {
-    let id: JobId = parse("job id", id)?;
-    d.store.get_job(id).await?.ok_or_else(|| ApiError::NotFound(format!("job {id} not found")))
-}
-
-async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> ApiResult {
-    let job = load_job(&d, &id).await?;
+/// One job, read as `GetJob` reads it (with why it waits), with its
+/// attempts and its sweep.
+async fn job(State(d): State<Dashboard>, Extension(caller): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let id: JobId = parse("job id", &id)?;
+    let JobReport { job, waiting_reason } = d.jobs.get(id, &caller.scope()).await?;
     let attempts = d.store.job_attempts(job.id).await?;
     let sweep = match job.trial {
-        Some(trial) => d.store.get_sweep(trial.sweep_id).await?.map(
-            |s| json!({ "id": s.id, "name": s.name, "trial_index": trial.index, "objective": s.objective.metric }),
-        ),
-        None => None,
+        Some(trial) => {
+            let s = d.sweeps.find(trial.sweep_id, &caller.scope()).await?;
+            json!({ "id": s.id, "name": s.name, "trial_index": trial.index, "objective": s.objective.metric })
+        }
+        None => Value::Null,
     };
+    let memory_estimate = job.memory_estimate.map(|e| {
+        json!({
+            "weights_bytes": e.weights_bytes,
+            "job_bytes": e.job_bytes,
+            "activation_bytes": e.activation_bytes,
+            "total_bytes": e.total_bytes(),
+        })
+    });
     Ok(Json(json!({
         "id": job.id,
         "name": job.spec.name,
@@ -189,16 +162,19 @@ async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> ApiResult {
         "base_model": job.spec.base_model,
         "method": job.spec.method.as_str(),
         "state": job.state.as_str(),
+        "waiting_reason": waiting_reason,
         "error": job.error,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "failures": job.failures,
         "interruptions": job.interruptions,
-        "retry_at": job.retry_at.filter(|_| job.state == ptune_core::JobState::Queued),
+        "retry_at": job.retry_at.filter(|_| job.state == JobState::Queued),
         "checkpoint_step": job.checkpoint_step,
         "step": job.step,
         "total_steps": job.total_steps,
         "worker_id": job.worker_id,
+        "memory_estimate": memory_estimate,
+        "worker_peak_rss_bytes": job.worker_peak_rss_bytes,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
@@ -232,30 +208,25 @@ async fn job_metrics(State(d): State<Dashboard>, Path(id): Path<String>, Query(p
     Ok(Json(json!({ "job_id": id, "series": series })))
 }
 
-/// Streams the adapter archive from the database a window at a time; the
-/// download is recorded in the audit trail, as `ptune adapter get` is.
+/// Streams the adapter archive from the database a window at a time, as
+/// `DownloadAdapter` does (and recorded in the audit trail as it is); a job
+/// without one is not found here.
 async fn adapter(
     State(d): State<Dashboard>,
     Extension(caller): Extension<Identity>,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let job = load_job(&d, &id).await?;
-    let Some(info) = job.adapter else {
-        return Err(ApiError::NotFound(format!(
+) -> Result<Response, Error> {
+    let job = d.jobs.find(parse("job id", &id)?, &caller.scope()).await?;
+    if job.adapter.is_none() {
+        return Err(Error::NotFound(format!(
             "job {} has no adapter (it is {}); adapters exist once a job succeeds",
             job.id,
             job.state.as_str()
         )));
-    };
-    let job_id = job.id;
-    let stored = d.store.adapter_blob(job_id).await?;
-    let blob = stored.ok_or_else(|| ApiError::NotFound(format!("job {job_id} has no stored adapter")))?;
-    let detail = json!({ "sha256": info.sha256, "via": "dashboard" });
-    if let Err(e) = d.store.audit(&caller, "adapter.download", &job_id.to_string(), detail).await {
-        error!(error = %e, job_id = %job_id, actor = %caller.name, "cannot record an audit entry");
     }
-    let chunks = blob::read(d.store.clone(), blob, info.size);
-    let disposition = format!("attachment; filename=\"ptune-adapter-{job_id}.tar\"");
+    let id = job.id;
+    let (info, chunks) = d.jobs.adapter(id, &caller, Some("dashboard")).await?;
+    let disposition = format!("attachment; filename=\"ptune-adapter-{id}.tar\"");
     Ok((
         [
             (header::CONTENT_TYPE, "application/x-tar".to_string()),
@@ -276,13 +247,14 @@ struct SweepsParams {
     after: Option<String>,
 }
 
-async fn sweeps(State(d): State<Dashboard>, Query(p): Query<SweepsParams>) -> ApiResult {
+/// A page of sweeps, read as `ListSweeps` reads them.
+async fn sweeps(State(d): State<Dashboard>, Extension(caller): Extension<Identity>, Query(p): Query<SweepsParams>) -> ApiResult {
     let states = match given(&p.state) {
         Some(s) => s.split(',').map(|v| parse::<SweepState>("state", v)).collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
     let after = given(&p.after).map(|t| parse::<PageToken<SweepId>>("after", t)).transpose()?;
-    let page = d.store.list_sweeps(&states, page_size(p.limit)?, after, None).await?;
+    let page = d.sweeps.list(&states, page_size(p.limit)?, after, &caller.scope()).await?;
     let sweeps: Vec<Value> = page
         .sweeps
         .iter()
@@ -295,26 +267,27 @@ async fn sweeps(State(d): State<Dashboard>, Query(p): Query<SweepsParams>) -> Ap
     Ok(Json(json!({ "sweeps": sweeps, "next": page.next.map(|t| t.to_string()) })))
 }
 
-async fn load_sweep(d: &Dashboard, id: &str) -> Result<Sweep, ApiError> {
-    let id: SweepId = parse("sweep id", id)?;
-    d.store.get_sweep(id).await?.ok_or_else(|| ApiError::NotFound(format!("sweep {id} not found")))
-}
-
-async fn sweep(State(d): State<Dashboard>, Path(id): Path<String>) -> ApiResult {
-    let sweep = load_sweep(&d, &id).await?;
-    let board = d.store.leaderboard(sweep.id, &sweep.objective).await?;
-    let decisions = d.store.asha_decisions(sweep.id).await?;
-    let best = crate::model::best_trial(&board).map(|t| t.index);
-    let mut v = sweep_json(&sweep);
-    v["leaderboard"] = board.iter().map(trial_json).collect();
+/// One sweep, read as `GetSweep` reads it (with its leaderboard), with its
+/// ASHA decisions and definition.
+async fn sweep(State(d): State<Dashboard>, Extension(caller): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let id: SweepId = parse("sweep id", &id)?;
+    let report = d.sweeps.get(id, &caller.scope()).await?;
+    let decisions = d.store.asha_decisions(id).await?;
+    let best = report.best().map(|t| t.index);
+    let mut v = sweep_json(&report.sweep);
+    v["leaderboard"] = report.leaderboard.iter().map(trial_json).collect();
     v["best_trial"] = json!(best);
     v["asha_decisions"] = json!(decisions);
-    v["definition"] = sweep.definition.clone();
+    v["definition"] = report.sweep.definition.clone();
     Ok(Json(v))
 }
 
-async fn sweep_curves(State(d): State<Dashboard>, Path(id): Path<String>) -> ApiResult {
-    let sweep = load_sweep(&d, &id).await?;
+async fn sweep_curves(
+    State(d): State<Dashboard>,
+    Extension(caller): Extension<Identity>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let sweep = d.sweeps.find(parse("sweep id", &id)?, &caller.scope()).await?;
     let points = d.store.sweep_curves(sweep.id, &sweep.objective.metric).await?;
     let mut trials: BTreeMap<i32, Vec<(i64, f64)>> = BTreeMap::new();
     for p in points {

@@ -10,10 +10,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Extension, State};
-use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,11 +28,11 @@ const TICK: Duration = Duration::from_secs(3);
 const MAX_IDS: usize = 200;
 
 /// Opens an event stream, within the caller's share of open streams
-/// (429 beyond it).
+/// (`ResourceExhausted`, a 429, beyond it).
 pub(super) async fn events(State(d): State<Dashboard>, Extension(caller): Extension<Identity>) -> Response {
-    let permit = match d.streams.acquire(&caller, "dashboard events") {
+    let permit = match d.live.streams.acquire(&caller, "dashboard events") {
         Ok(permit) => permit,
-        Err(e) => return (StatusCode::TOO_MANY_REQUESTS, Json(json!({ "error": e.to_string() }))).into_response(),
+        Err(e) => return e.into_response(),
     };
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -76,8 +74,8 @@ impl Pending {
 
 /// Feeds one client until it goes away or the coordinator stops.
 async fn forward(d: Dashboard, tx: mpsc::Sender<Result<Event, Infallible>>) {
-    let mut hub = d.hub.subscribe();
-    let mut stopped = d.stopped.clone();
+    let mut hub = d.live.hub.subscribe();
+    let mut stopped = d.live.stopped.clone();
     let mut flush = tokio::time::interval(COALESCE);
     let mut tick = tokio::time::interval(TICK);
     let mut pending = Pending::default();

@@ -22,37 +22,49 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::events::EventHub;
+use crate::jobs::Jobs;
 use crate::limits::StreamLimits;
 use crate::metrics;
 use crate::store::Store;
+use crate::sweep::Sweeps;
 
 /// What the HTTP handlers share. Cheap to clone.
 #[derive(Clone)]
 pub struct Dashboard {
+    /// The dashboard's own figures (tables, curves, workers, the overview).
     store: Store,
-    hub: EventHub,
+    /// Single jobs and sweeps, read as gRPC reads them.
+    jobs: Jobs,
+    sweeps: Sweeps,
     /// A worker counts as online if it heartbeated within this window.
     online_window: Duration,
-    /// Turns true when the coordinator stops; event streams end then.
-    stopped: watch::Receiver<bool>,
+    live: Live,
     /// Who may see what, and the hosts it answers to.
     guard: guard::GuardSettings,
+}
+
+/// What the live event stream needs.
+#[derive(Clone)]
+pub struct Live {
+    pub hub: EventHub,
+    /// Turns true when the coordinator stops; event streams end then.
+    pub stopped: watch::Receiver<bool>,
     /// Open event streams, shared with `WatchJob`.
-    streams: StreamLimits,
+    pub streams: StreamLimits,
 }
 
 impl Dashboard {
     /// `online_window` is how recent a worker's last heartbeat must be for
-    /// it to count as online; event streams end when `stopped` turns true.
+    /// it to count as online.
     pub fn new(
         store: Store,
-        hub: EventHub,
+        jobs: Jobs,
+        sweeps: Sweeps,
         online_window: Duration,
-        stopped: watch::Receiver<bool>,
+        live: Live,
         guard: guard::GuardSettings,
-        streams: StreamLimits,
     ) -> Self {
-        Self { store, hub, online_window, stopped, guard, streams }
+        Self { store, jobs, sweeps, online_window, live, guard }
     }
 }
 

@@ -10,7 +10,7 @@ use ptune_proto::v1;
 use crate::error::Error;
 use crate::model::{
     BaseModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
-    JobFilter, Lease, LeaseRef, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
+    JobFilter, JobReport, Lease, LeaseRef, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
     TrialCounts, WorkerRegistration,
 };
 use crate::store::WorkerView;
@@ -265,6 +265,11 @@ pub fn checkpoint_info(info: &CheckpointInfo) -> v1::CheckpointInfo {
 
 fn timestamp(t: Option<DateTime<Utc>>) -> String {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true)).unwrap_or_default()
+}
+
+/// A job with why it waits.
+pub fn job_report(report: &JobReport) -> v1::Job {
+    v1::Job { waiting_reason: report.waiting_reason.clone().unwrap_or_default(), ..job(&report.job) }
 }
 
 pub fn job(job: &Job) -> v1::Job {

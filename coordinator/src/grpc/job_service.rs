@@ -26,19 +26,6 @@ impl JobApi {
     pub fn new(jobs: Jobs, streams: StreamLimits, upload_idle: std::time::Duration) -> Self {
         Self { jobs, streams, upload_idle }
     }
-
-    /// The wire form of `jobs`, each queued one with its waiting reason.
-    async fn to_wire(&self, jobs: &[crate::model::Job]) -> Result<Vec<v1::Job>, Status> {
-        let mut reasons = self.jobs.waiting_reasons(jobs).await?;
-        Ok(jobs
-            .iter()
-            .map(|job| v1::Job { waiting_reason: reasons.remove(&job.id).unwrap_or_default(), ..convert::job(job) })
-            .collect())
-    }
-
-    async fn one_to_wire(&self, job: crate::model::Job) -> Result<v1::Job, Status> {
-        Ok(self.to_wire(std::slice::from_ref(&job)).await?.remove(0))
-    }
 }
 
 #[tonic::async_trait]
@@ -48,7 +35,7 @@ impl JobService for JobApi {
         let caller = identity(&req)?;
         let (spec, default_attempts) = convert::job_spec(req.into_inner().spec)?;
         let job = self.jobs.submit(spec, default_attempts, &caller).await?;
-        Ok(Response::new(v1::SubmitJobResponse { job: Some(self.one_to_wire(job).await?) }))
+        Ok(Response::new(v1::SubmitJobResponse { job: Some(convert::job_report(&job)) }))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
@@ -56,7 +43,7 @@ impl JobService for JobApi {
         let scope = identity(&req)?.scope();
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.get(id, &scope).await?;
-        Ok(Response::new(self.one_to_wire(job).await?))
+        Ok(Response::new(convert::job_report(&job)))
     }
 
     #[instrument(skip_all)]
@@ -65,7 +52,7 @@ impl JobService for JobApi {
         let (filter, page_size, after) = convert::list_query(req.into_inner())?;
         let page = self.jobs.list(&filter, page_size, after, &scope).await?;
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: self.to_wire(&page.jobs).await?,
+            jobs: page.jobs.iter().map(convert::job_report).collect(),
             next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
         }))
     }
@@ -75,7 +62,7 @@ impl JobService for JobApi {
         let caller = identity(&req)?;
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
         let job = self.jobs.cancel(id, &caller).await?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job_report(&job)))
     }
 
     type WatchJobStream = EventStream<v1::JobEvent>;
@@ -115,7 +102,7 @@ impl JobService for JobApi {
     ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
         let caller = identity(&req)?;
         let id = convert::job_id(&req.into_inner().job_id, "job_id")?;
-        let (info, chunks) = self.jobs.adapter(id, &caller).await?;
+        let (info, chunks) = self.jobs.adapter(id, &caller, None).await?;
         let stream = chunks.enumerate().map(move |(i, data)| {
             let first = i == 0;
             Ok(v1::AdapterChunk {

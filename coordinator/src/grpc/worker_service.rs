@@ -1,4 +1,4 @@
-//! `ptune.v1.WorkerService`: decode, call [`Scheduler`], encode.
+//! `ptune.v1.WorkerService`: decode, call [`Workers`], encode.
 
 use std::pin::Pin;
 
@@ -10,20 +10,20 @@ use tracing::instrument;
 use super::convert;
 use crate::auth::layer::identity;
 use crate::error::Error;
-use crate::scheduler::Scheduler;
+use crate::workers::Workers;
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<v1::DatasetChunk, Status>> + Send + 'static>>;
 
-/// The gRPC face of [`Scheduler`].
+/// The gRPC face of [`Workers`].
 pub struct WorkerApi {
-    scheduler: Scheduler,
+    workers: Workers,
     /// Longest wait for an upload's next message.
     upload_idle: std::time::Duration,
 }
 
 impl WorkerApi {
-    pub fn new(scheduler: Scheduler, upload_idle: std::time::Duration) -> Self {
-        Self { scheduler, upload_idle }
+    pub fn new(workers: Workers, upload_idle: std::time::Duration) -> Self {
+        Self { workers, upload_idle }
     }
 }
 
@@ -36,7 +36,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<v1::RegisterWorkerResponse>, Status> {
         let caller = identity(&req)?;
         let reg = convert::registration(req.into_inner())?;
-        let done = self.scheduler.register(reg, &caller).await?;
+        let done = self.workers.register(reg, &caller).await?;
         Ok(Response::new(v1::RegisterWorkerResponse {
             worker_id: done.worker_id.to_string(),
             heartbeat_interval_ms: u32::try_from(done.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
@@ -52,7 +52,7 @@ impl WorkerService for WorkerApi {
         let worker = convert::worker_id(&req.worker_id)?;
         let leases = convert::lease_refs(req.leases)?;
         let unhealthy = convert::unhealthy_reason(&req.unhealthy_reason)?;
-        let reply = self.scheduler.heartbeat(worker, &leases, &unhealthy, &caller).await?;
+        let reply = self.workers.heartbeat(worker, &leases, &unhealthy, &caller).await?;
         Ok(Response::new(v1::HeartbeatResponse {
             stop: convert::lease_refs_to_wire(&reply.stop),
             known: reply.known,
@@ -64,7 +64,7 @@ impl WorkerService for WorkerApi {
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
         let caller = identity(&req)?;
         let (worker, free_slots, loaded) = convert::lease_request(req.into_inner())?;
-        let lease = self.scheduler.lease(worker, free_slots, loaded, &caller).await?;
+        let lease = self.workers.lease(worker, free_slots, loaded, &caller).await?;
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 
@@ -74,7 +74,7 @@ impl WorkerService for WorkerApi {
         req: Request<v1::ReportProgressRequest>,
     ) -> Result<Response<v1::ReportProgressResponse>, Status> {
         let report = convert::progress(req.into_inner())?;
-        let signal = self.scheduler.report_progress(report).await?;
+        let signal = self.workers.report_progress(report).await?;
         Ok(Response::new(convert::stop_signal(signal)))
     }
 
@@ -88,28 +88,28 @@ impl WorkerService for WorkerApi {
         let Some(Part::Header(header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
-        let mut upload = self.scheduler.begin_completion(convert::completion(header)?).await?;
+        let mut upload = self.workers.begin_completion(convert::completion(header)?).await?;
         while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(Part::Data(data)) = chunk.part else {
                 return Err(Error::invalid("header", "only the first message may carry a header").into());
             };
             upload.push(&data).await?;
         }
-        self.scheduler.complete(upload).await?;
+        self.workers.complete(upload).await?;
         Ok(Response::new(v1::CompleteJobResponse {}))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
     async fn fail_job(&self, req: Request<v1::FailJobRequest>) -> Result<Response<v1::FailJobResponse>, Status> {
         let failure = convert::failure(req.into_inner())?;
-        self.scheduler.fail(failure).await?;
+        self.workers.fail(failure).await?;
         Ok(Response::new(v1::FailJobResponse {}))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]
     async fn release_job(&self, req: Request<v1::ReleaseJobRequest>) -> Result<Response<v1::ReleaseJobResponse>, Status> {
         let release = convert::release(req.into_inner())?;
-        self.scheduler.release(release).await?;
+        self.workers.release(release).await?;
         Ok(Response::new(v1::ReleaseJobResponse {}))
     }
 
@@ -123,7 +123,7 @@ impl WorkerService for WorkerApi {
         let Some(v1::checkpoint_chunk::Part::Header(header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
-        let mut sink = self.scheduler.begin_checkpoint(convert::checkpoint_upload(header)?).await?;
+        let mut sink = self.workers.begin_checkpoint(convert::checkpoint_upload(header)?).await?;
         while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(v1::checkpoint_chunk::Part::Data(data)) = chunk.part else {
                 return Err(Error::invalid("header", "only the first message may carry a header").into());
@@ -143,7 +143,7 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
         let req = req.into_inner();
         let lease = convert::lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?;
-        let (info, chunks) = self.scheduler.checkpoint(lease).await?;
+        let (info, chunks) = self.workers.checkpoint(lease).await?;
         let header = v1::CheckpointChunk {
             part: Some(v1::checkpoint_chunk::Part::Header(v1::CheckpointHeader {
                 job_id: req.job_id,
@@ -168,7 +168,7 @@ impl WorkerService for WorkerApi {
         let req = req.into_inner();
         let reference = convert::dataset_ref(&req.reference)?;
         let lease = convert::lease_ref(&req.job_id, req.epoch, &req.lease_token, "job_id")?;
-        let (info, chunks) = self.scheduler.dataset(reference, lease).await?;
+        let (info, chunks) = self.workers.dataset(reference, lease).await?;
         let stream = chunks.enumerate().map(move |(i, data)| {
             let file_name = if i == 0 { info.file_name.clone() } else { String::new() };
             Ok(v1::DatasetChunk { file_name, data: data? })

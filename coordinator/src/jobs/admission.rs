@@ -9,8 +9,8 @@ use ptune_core::memory::mib;
 use ptune_core::{Architecture, JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, ModelType, Task};
 
 use crate::error::Error;
+use crate::limits::MAX_ADAPTER_BYTES;
 use crate::model::ModelSupport;
-use crate::scheduler::MAX_ADAPTER_BYTES;
 
 /// Refuses `spec` when its base model cannot serve it, naming the field;
 /// otherwise returns the model's limits, when a worker reported them.

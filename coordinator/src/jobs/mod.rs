@@ -1,5 +1,7 @@
 //! What users do with jobs: submit (with every check that can run before a
 //! worker sees the job), inspect, list, cancel, watch, and fetch results.
+//! Reads are reports ([`JobReport`]): the job with why it waits, the same
+//! for gRPC and the dashboard.
 
 mod admission;
 mod datasets;
@@ -22,8 +24,11 @@ use crate::auth::{Identity, Role, Scope};
 use crate::blob;
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::model::{BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, ModelSupport, PageToken};
-use crate::scheduler::memory;
+use crate::limits::{self, MAX_PAGE_SIZE};
+use crate::memory;
+use crate::model::{
+    BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, JobReport, ModelSupport, PageToken,
+};
 use crate::store::{Availability, CancelOutcome, Store};
 
 /// The owner of what `caller` submits: its own name, unless `requested`
@@ -55,10 +60,6 @@ fn backing_off(job: &Job) -> Option<String> {
     ))
 }
 
-/// Jobs per page when the request does not say.
-pub const DEFAULT_PAGE_SIZE: u32 = 50;
-/// Most jobs per page.
-pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Bytes of a dataset checked per database read at submit time.
 const CHECK_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -84,13 +85,23 @@ impl Jobs {
         Self { store, hub, default_max_attempts, online_window, shutdown }
     }
 
-    /// Why each queued job of `jobs` is not being trained, when the workers
-    /// registered so far explain it: no worker serves its base model (it
-    /// waits until one registers), the only workers that know the model
-    /// cannot train it, every worker serving it is offline, or it needs more
-    /// memory than any online worker serving it has. Jobs that are simply
-    /// waiting for a free slot have no entry.
-    pub async fn waiting_reasons(&self, jobs: &[Job]) -> Result<HashMap<JobId, String>, Error> {
+    /// `jobs` with why each queued one is not being trained, when the
+    /// workers registered so far explain it.
+    async fn reports(&self, jobs: Vec<Job>) -> Result<Vec<JobReport>, Error> {
+        let mut reasons = self.waiting_reasons(&jobs).await?;
+        Ok(jobs
+            .into_iter()
+            .map(|job| JobReport { waiting_reason: reasons.remove(&job.id), job })
+            .collect())
+    }
+
+    /// Why each queued job of `jobs` is not being trained: no worker serves
+    /// its base model (it waits until one registers), the only workers that
+    /// know the model cannot train it, every worker serving it is offline,
+    /// it needs more memory than any online worker serving it has, or it
+    /// backs off after an error. Jobs that are simply waiting for a free
+    /// slot have no entry.
+    async fn waiting_reasons(&self, jobs: &[Job]) -> Result<HashMap<JobId, String>, Error> {
         let queued: Vec<&Job> = jobs.iter().filter(|j| j.state == JobState::Queued).collect();
         if queued.is_empty() {
             return Ok(HashMap::new());
@@ -132,7 +143,7 @@ impl Jobs {
     /// may name another owner in the spec; anyone else may name only
     /// itself). `default_attempts` replaces the spec's `max_attempts` with
     /// the coordinator's default.
-    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool, caller: &Identity) -> Result<Job, Error> {
+    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool, caller: &Identity) -> Result<JobReport, Error> {
         if default_attempts {
             spec.max_attempts = self.default_max_attempts;
         }
@@ -153,6 +164,9 @@ impl Jobs {
         }
         let id = JobId::new();
         self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
+        if estimate.is_none() {
+            memory::estimate_new(&self.store, &[(id, &spec)]).await;
+        }
         info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, owner = %spec.owner,
               "job submitted");
         self.audit(caller, "job.submit", &id.to_string(), serde_json::json!({ "name": spec.name })).await;
@@ -167,17 +181,20 @@ impl Jobs {
     }
 
     /// One job the caller may see (another owner's job is not found for a
-    /// submitter); its memory estimate is taken now if it had none and a
-    /// worker has reported its model's shape since it was submitted.
-    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, Error> {
-        let mut job = self.store.get_job(id).await?.filter(|j| scope.sees(&j.spec.owner)).ok_or_else(|| not_found(id))?;
-        memory::fill_estimates(&self.store, std::slice::from_mut(&mut job)).await?;
-        Ok(job)
+    /// submitter), with why it waits.
+    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<JobReport, Error> {
+        let job = self.find(id, scope).await?;
+        Ok(self.reports(vec![job]).await?.remove(0))
     }
 
-    /// Jobs matching `filter` that the caller may see, newest first;
-    /// `page_size` 0 means the default and larger sizes are capped at
-    /// [`MAX_PAGE_SIZE`].
+    /// One job the caller may see, as stored.
+    pub async fn find(&self, id: JobId, scope: &Scope) -> Result<Job, Error> {
+        self.store.get_job(id).await?.filter(|j| scope.sees(&j.spec.owner)).ok_or_else(|| not_found(id))
+    }
+
+    /// Jobs matching `filter` that the caller may see, newest first, with
+    /// why they wait; `page_size` 0 means the default and larger sizes are
+    /// capped (see [`limits::page_size`]).
     pub async fn list(
         &self,
         filter: &JobFilter,
@@ -185,7 +202,7 @@ impl Jobs {
         after: Option<PageToken>,
         scope: &Scope,
     ) -> Result<JobPage, Error> {
-        let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
+        let size = limits::page_size(page_size);
         let mut filter = filter.clone();
         if let Some(me) = scope.owner() {
             if filter.owner.as_deref().is_some_and(|o| o != me) {
@@ -193,14 +210,13 @@ impl Jobs {
             }
             filter.owner = Some(me.to_string());
         }
-        let mut page = self.store.list_jobs(&filter, size, after).await?;
-        memory::fill_estimates(&self.store, &mut page.jobs).await?;
-        Ok(page)
+        let (jobs, next) = self.store.list_jobs(&filter, size, after).await?;
+        Ok(JobPage { jobs: self.reports(jobs).await?, next })
     }
 
     /// Cancels a queued job at once; asks the worker of a running job to stop.
-    pub async fn cancel(&self, id: JobId, caller: &Identity) -> Result<Job, Error> {
-        self.get(id, &caller.scope()).await?;
+    pub async fn cancel(&self, id: JobId, caller: &Identity) -> Result<JobReport, Error> {
+        self.find(id, &caller.scope()).await?;
         match self.store.cancel_job(id).await? {
             CancelOutcome::NotFound => return Err(not_found(id)),
             CancelOutcome::AlreadyFinished(state) => {
@@ -222,23 +238,26 @@ impl Jobs {
         id: JobId,
         scope: &Scope,
     ) -> Result<impl Stream<Item = Result<JobEvent, Error>> + Send + 'static, Error> {
-        self.get(id, scope).await?;
+        self.find(id, scope).await?;
         watch::watch(self.store.clone(), &self.hub, self.shutdown.clone(), id).await
     }
 
     /// Every metric of a job, ordered by step.
     pub async fn metrics(&self, id: JobId, kind: Option<MetricKind>, scope: &Scope) -> Result<Vec<Metric>, Error> {
-        self.get(id, scope).await?;
+        self.find(id, scope).await?;
         Ok(self.store.metrics(id, kind).await?)
     }
 
-    /// The adapter archive of a succeeded job: its hash and size, and its bytes in chunks.
+    /// The adapter archive of a succeeded job: its hash and size, and its
+    /// bytes in chunks. The download is recorded in the audit trail, with
+    /// `via` naming the interface when it is not gRPC (`dashboard`).
     pub async fn adapter(
         &self,
         id: JobId,
         caller: &Identity,
+        via: Option<&str>,
     ) -> Result<(BlobInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
-        let job = self.get(id, &caller.scope()).await?;
+        let job = self.find(id, &caller.scope()).await?;
         if job.state != JobState::Succeeded {
             return Err(Error::FailedPrecondition(format!(
                 "job {id} is {}; its adapter can be downloaded once it has succeeded",
@@ -246,7 +265,11 @@ impl Jobs {
             )));
         }
         let info = job.adapter.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter row")))?;
-        self.audit(caller, "adapter.download", &id.to_string(), serde_json::json!({ "sha256": info.sha256 })).await;
+        let mut detail = serde_json::json!({ "sha256": info.sha256 });
+        if let Some(via) = via {
+            detail["via"] = via.into();
+        }
+        self.audit(caller, "adapter.download", &id.to_string(), detail).await;
         let blob = self.store.adapter_blob(id).await?.ok_or_else(|| Error::Internal(format!("succeeded job {id} has no adapter blob")))?;
         let chunks = blob::read(self.store.clone(), blob, info.size);
         Ok((info, chunks))

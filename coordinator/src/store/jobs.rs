@@ -10,7 +10,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{BlobInfo, Job, JobFilter, JobPage, PageToken, TrialRef};
+use crate::model::{BlobInfo, Job, JobFilter, PageToken, TrialRef};
 
 /// The `job_state` Postgres enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::Type)]
@@ -120,14 +120,11 @@ impl JobRow {
                 _ => None,
             },
             early_stopped: self.early_stopped,
-            memory_estimate: match (self.memory_weights_bytes, self.memory_job_bytes, self.memory_activation_bytes) {
-                (Some(weights), Some(job), Some(activations)) => Some(MemoryEstimate {
-                    weights_bytes: to_u64(weights, "memory_weights_bytes")?,
-                    job_bytes: to_u64(job, "memory_job_bytes")?,
-                    activation_bytes: to_u64(activations, "memory_activation_bytes")?,
-                }),
-                _ => None,
-            },
+            memory_estimate: memory_estimate(
+                self.memory_weights_bytes,
+                self.memory_job_bytes,
+                self.memory_activation_bytes,
+            )?,
             worker_peak_rss_bytes: self.worker_peak_rss_bytes.map(|b| to_u64(b, "worker_peak_rss_bytes")).transpose()?,
             failures: to_u32(self.failures, "failures")?,
             interruptions: to_u32(self.interruptions, "interruptions")?,
@@ -135,6 +132,20 @@ impl JobRow {
             checkpoint_step: self.checkpoint_step.map(|s| to_u64(s, "checkpoint step")).transpose()?,
         })
     }
+}
+
+/// A job's memory estimate from its three columns (all set or none).
+pub(super) fn memory_estimate(
+    weights: Option<i64>,
+    job: Option<i64>,
+    activations: Option<i64>,
+) -> Result<Option<MemoryEstimate>> {
+    let (Some(weights), Some(job), Some(activations)) = (weights, job, activations) else { return Ok(None) };
+    Ok(Some(MemoryEstimate {
+        weights_bytes: to_u64(weights, "memory_weights_bytes")?,
+        job_bytes: to_u64(job, "memory_job_bytes")?,
+        activation_bytes: to_u64(activations, "memory_activation_bytes")?,
+    }))
 }
 
 /// What a cancellation did.
@@ -180,24 +191,33 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` jobs on one of `models` that have no memory estimate
-    /// yet and may still be leased (queued), oldest first.
+    /// Up to `limit` queued jobs on one of `models` after `after`, by id:
+    /// all of them, or only those without a memory estimate.
     #[instrument(skip_all)]
-    pub async fn queued_without_estimate(&self, models: &[String], limit: u32) -> Result<Vec<(JobId, JobSpec)>> {
+    pub async fn queued_on(
+        &self,
+        models: &[String],
+        all: bool,
+        after: Option<JobId>,
+        limit: u32,
+    ) -> Result<Vec<(JobId, JobSpec)>> {
         let rows: Vec<(Uuid, Json<JobSpec>)> = sqlx::query_as(
             "SELECT id, spec FROM jobs \
-             WHERE state = 'queued' AND base_model = ANY($1) AND memory_weights_bytes IS NULL \
-             ORDER BY created_at, id LIMIT $2",
+             WHERE state = 'queued' AND base_model = ANY($1) AND ($2 OR memory_weights_bytes IS NULL) \
+               AND ($3::uuid IS NULL OR id > $3) \
+             ORDER BY id LIMIT $4",
         )
         .bind(models)
+        .bind(all)
+        .bind(after.map(|id| id.0))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|(id, spec)| (JobId(id), spec.0)).collect())
     }
 
-    /// Records the memory estimates of jobs that have none yet (an estimate
-    /// is taken once and kept, like the spec it comes from).
+    /// Records the memory estimates of jobs that are still queued (a job
+    /// keeps the estimate it was leased with).
     #[instrument(skip_all, fields(jobs = estimates.len()))]
     pub async fn set_memory_estimates(&self, estimates: &[(JobId, MemoryEstimate)]) -> Result<()> {
         if estimates.is_empty() {
@@ -211,7 +231,9 @@ impl Store {
             "UPDATE jobs j SET memory_weights_bytes = e.weights, memory_job_bytes = e.job, \
                  memory_activation_bytes = e.activations \
              FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[]) AS e(id, weights, job, activations) \
-             WHERE j.id = e.id AND j.memory_weights_bytes IS NULL",
+             WHERE j.id = e.id AND j.state = 'queued' \
+               AND (j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes) \
+                   IS DISTINCT FROM (e.weights, e.job, e.activations)",
         )
         .bind(&ids)
         .bind(column(|e| e.weights_bytes))
@@ -232,9 +254,15 @@ impl Store {
         row.into_job(metrics.remove(&id.0).unwrap_or_default()).map(Some)
     }
 
-    /// Jobs matching `filter`, newest first, at most `limit`, after `after`.
+    /// Jobs matching `filter`, newest first, at most `limit`, after `after`;
+    /// and where the next page starts, if there is one.
     #[instrument(skip_all, fields(limit))]
-    pub async fn list_jobs(&self, filter: &JobFilter, limit: u32, after: Option<PageToken>) -> Result<JobPage> {
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        limit: u32,
+        after: Option<PageToken>,
+    ) -> Result<(Vec<Job>, Option<PageToken>)> {
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             job_select!(),
@@ -275,7 +303,7 @@ impl Store {
             Some(last) if more => Some(PageToken { created_at: last.created_at, id: last.id }),
             _ => None,
         };
-        Ok(JobPage { jobs, next })
+        Ok((jobs, next))
     }
 
     /// Cancels a queued job at once, or flags a running one for its worker.

@@ -4,13 +4,16 @@
 //! SQLSTATE codes are mapped to [`StoreError`] variants here and nowhere else.
 
 pub mod admin;
+mod attempts;
 mod blobs;
 mod checkpoints;
 mod dashboard;
 mod datasets;
+mod endings;
 mod fencing;
 mod jobs;
 mod leases;
+mod leasing;
 mod metrics;
 mod sweep_drive;
 mod sweeps;
@@ -35,7 +38,8 @@ pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
-pub use leases::{CompleteOutcome, FailOutcome, Reaped, POLL_FRESH, SPREAD_WINDOW};
+pub use endings::{FailOutcome, Reaped};
+pub use leases::CompleteOutcome;
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
 pub use tokens::{AuditEntry, Refusal, TokenRecord};

@@ -6,7 +6,7 @@
 use std::str::FromStr;
 
 use ptune_core::sweep::{Decision, Objective, Params, SweepState};
-use ptune_core::{JobId, JobSpec, JobState, SweepId};
+use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, SweepId};
 use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
@@ -70,6 +70,8 @@ pub struct NewTrial<'a> {
     pub params: &'a Params,
     pub spec: &'a JobSpec,
     pub total_steps: u64,
+    /// Its memory estimate, when a worker has reported its model's shape.
+    pub estimate: Option<MemoryEstimate>,
 }
 
 /// One running sweep, locked until [`SweepDrive::commit`] (or drop, which rolls back).
@@ -263,8 +265,10 @@ impl SweepDrive {
         let spec = trial.spec;
         sqlx::query(
             "INSERT INTO jobs (id, name, owner, base_model, method, spec, state, max_attempts, total_steps, \
-                 sweep_id, trial_index, trial_params, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, clock_timestamp(), clock_timestamp())",
+                 sweep_id, trial_index, trial_params, memory_weights_bytes, memory_job_bytes, memory_activation_bytes, \
+                 created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10, $11, $12, $13, $14, \
+                     clock_timestamp(), clock_timestamp())",
         )
         .bind(trial.job_id.0)
         .bind(&spec.name)
@@ -277,6 +281,9 @@ impl SweepDrive {
         .bind(self.sweep.id.0)
         .bind(i32::try_from(trial.index).unwrap_or(i32::MAX))
         .bind(Json(trial.params))
+        .bind(trial.estimate.map(|e| to_i64(e.weights_bytes)))
+        .bind(trial.estimate.map(|e| to_i64(e.job_bytes)))
+        .bind(trial.estimate.map(|e| to_i64(e.activation_bytes)))
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -22,13 +22,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ptune_core::sweep::{decide, AshaPlan, Decision, RungValue, SweepDefinition, SweepState, TrialState};
-use ptune_core::{JobId, MetricKind, SweepId};
+use ptune_core::{JobId, JobSpec, MetricKind, SweepId};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::events::{EventHub, HubEvent, HubEventKind};
+use crate::memory;
 use crate::model::DatasetRef;
 use crate::store::{DriveTrial, NewTrial, Store, SweepDrive};
 
@@ -87,16 +88,16 @@ impl SweepEngine {
                 return Ok(());
             }
         }
-        let (created, no_valid_config) = create_trials(&mut drive, &definition, &trials).await?;
+        let (created, no_valid_config) = create_trials(&self.store, &mut drive, &definition, &trials).await?;
         if let Some(error) = no_valid_config {
             changed.extend(drive.finish(SweepState::Failed, &error).await?);
             drive.commit().await?;
             warn!(sweep_id = %id, error = %error, "sweep failed");
-            changed.extend(created.iter().map(|(_, job)| *job));
+            changed.extend(created.trials.iter().map(|(_, job)| *job));
             self.publish(&changed);
             return Ok(());
         }
-        let all_done = trials.iter().all(|t| t.state.is_terminal()) && created.is_empty();
+        let all_done = trials.iter().all(|t| t.state.is_terminal()) && created.trials.is_empty();
         if all_done && trials.len() as u32 >= drive.sweep.trial_budget {
             drive.finish(SweepState::Completed, "").await?;
             drive.commit().await?;
@@ -104,10 +105,12 @@ impl SweepEngine {
         } else {
             drive.commit().await?;
         }
-        for (index, job) in &created {
+        let unestimated: Vec<(JobId, &JobSpec)> = created.unestimated.iter().map(|(id, spec)| (*id, spec)).collect();
+        memory::estimate_new(&self.store, &unestimated).await;
+        for (index, job) in &created.trials {
             debug!(sweep_id = %id, trial = index, job_id = %job, "trial created");
         }
-        changed.extend(created.iter().map(|(_, job)| *job));
+        changed.extend(created.trials.iter().map(|(_, job)| *job));
         self.publish(&changed);
         Ok(())
     }
@@ -173,21 +176,33 @@ async fn decide_rungs(drive: &mut SweepDrive, plan: &AshaPlan) -> Result<Vec<Job
     Ok(changed)
 }
 
+/// The trials a pass created.
+#[derive(Default)]
+struct Created {
+    /// The (index, job) of each.
+    trials: Vec<(u32, JobId)>,
+    /// Those stored without a memory estimate (no worker had reported their
+    /// model's shape), with their specs.
+    unestimated: Vec<(JobId, JobSpec)>,
+}
+
 /// Creates trials while fewer than `max_concurrent_trials` are unfinished
-/// and the budget allows. Returns the (index, job) of each one created, and
-/// why the sweep must fail if a trial has no valid configuration.
+/// and the budget allows, each with its memory estimate when a worker has
+/// reported its model's shape. Returns those created, and why the sweep
+/// must fail if a trial has no valid configuration.
 async fn create_trials(
+    store: &Store,
     drive: &mut SweepDrive,
     definition: &SweepDefinition,
     trials: &[DriveTrial],
-) -> Result<(Vec<(u32, JobId)>, Option<String>), Error> {
+) -> Result<(Created, Option<String>), Error> {
     let existing = trials.len() as u32;
     let active = trials.iter().filter(|t| !t.state.is_terminal()).count() as u32;
     let room = drive.sweep.max_concurrent_trials.saturating_sub(active);
     let wanted = room.min(drive.sweep.trial_budget.saturating_sub(existing));
     let mut taken: HashSet<String> = trials.iter().map(|t| t.params.key()).collect();
     let plan = drive.sweep.plan.clone();
-    let mut created = Vec::new();
+    let mut created = Created::default();
     for index in existing..existing + wanted {
         let mut invalid = Vec::new();
         let trial = loop {
@@ -217,8 +232,13 @@ async fn create_trials(
             limit => limit.min(lines),
         };
         let job_id = JobId::new();
-        drive.insert_trial(NewTrial { job_id, index, params: &params, spec: &spec, total_steps: spec.total_steps(examples) }).await?;
-        created.push((index, job_id));
+        let estimate = memory::estimate_spec(store, &spec).await?;
+        let total_steps = spec.total_steps(examples);
+        drive.insert_trial(NewTrial { job_id, index, params: &params, spec: &spec, total_steps, estimate }).await?;
+        created.trials.push((index, job_id));
+        if estimate.is_none() {
+            created.unestimated.push((job_id, spec));
+        }
     }
     Ok((created, None))
 }

@@ -18,9 +18,10 @@ pub use engine::{spawn_engine, SweepEngine, DRIVE_INTERVAL};
 use crate::auth::{Identity, Scope};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::jobs::{admit, check_export_size, Jobs, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
-use crate::scheduler::memory;
-use crate::model::{ModelSupport, PageToken, SweepPage, SweepReport};
+use crate::jobs::{admit, check_export_size, Jobs};
+use crate::limits;
+use crate::memory;
+use crate::model::{ModelSupport, PageToken, Sweep, SweepPage, SweepReport};
 use crate::store::{NewSweep, Store, SweepChange};
 
 /// The sweep-facing domain service. Cheap to clone.
@@ -110,9 +111,15 @@ impl Sweeps {
 
     /// A sweep the caller may see, with its leaderboard.
     pub async fn get(&self, id: SweepId, scope: &Scope) -> Result<SweepReport, Error> {
-        let sweep = self.store.get_sweep(id).await?.filter(|s| scope.sees(&s.owner)).ok_or_else(|| not_found(id))?;
+        let sweep = self.find(id, scope).await?;
         let leaderboard = self.store.leaderboard(id, &sweep.objective).await?;
         Ok(SweepReport { sweep, leaderboard })
+    }
+
+    /// A sweep the caller may see (another owner's sweep is not found for
+    /// a submitter), without its trials.
+    pub async fn find(&self, id: SweepId, scope: &Scope) -> Result<Sweep, Error> {
+        self.store.get_sweep(id).await?.filter(|s| scope.sees(&s.owner)).ok_or_else(|| not_found(id))
     }
 
     /// Sweeps in `states` (all when empty) the caller may see, newest
@@ -124,13 +131,12 @@ impl Sweeps {
         after: Option<PageToken<SweepId>>,
         scope: &Scope,
     ) -> Result<SweepPage, Error> {
-        let size = if page_size == 0 { DEFAULT_PAGE_SIZE } else { page_size.min(MAX_PAGE_SIZE) };
-        Ok(self.store.list_sweeps(states, size, after, scope.owner()).await?)
+        Ok(self.store.list_sweeps(states, limits::page_size(page_size), after, scope.owner()).await?)
     }
 
     /// Cancels a running sweep: queued trials at once, running ones at their next step.
     pub async fn cancel(&self, id: SweepId, caller: &Identity) -> Result<SweepReport, Error> {
-        self.get(id, &caller.scope()).await?;
+        self.find(id, &caller.scope()).await?;
         match self.store.cancel_sweep(id).await? {
             SweepChange::Done(jobs) => {
                 info!(sweep_id = %id, trials_stopped = jobs.len(), "sweep cancelled");
@@ -152,7 +158,7 @@ impl Sweeps {
         if !(1..=ptune_core::sweep::MAX_TRIALS).contains(&trials) {
             return Err(Error::invalid("trials", format!("must be between 1 and {}", ptune_core::sweep::MAX_TRIALS)));
         }
-        let sweep = self.get(id, &caller.scope()).await?.sweep;
+        let sweep = self.find(id, &caller.scope()).await?;
         let def = SweepDefinition::from_json(&sweep.definition)
             .map_err(|e| Error::Internal(format!("stored definition of sweep {id} is invalid: {e}")))?;
         if !def.extensible() {
@@ -189,7 +195,7 @@ impl Sweeps {
                 format!("must be between 1 and {MAX_CONCURRENT_TRIALS}, got {n}"),
             ));
         }
-        self.get(id, &caller.scope()).await?;
+        self.find(id, &caller.scope()).await?;
         match self.store.set_max_concurrent_trials(id, n).await? {
             SweepChange::Done(_) => info!(sweep_id = %id, max_concurrent_trials = n, "sweep concurrency changed"),
             SweepChange::Refused(state) => {

@@ -2,6 +2,9 @@
 //! TCP, and small builders for specs, datasets and workers.
 #![allow(dead_code)]
 
+pub mod sweeps;
+pub mod tls;
+
 use std::time::Duration;
 
 use ptune_coordinator::testing::{channel, fresh_database, TestDatabase, TestTokens};

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Scheduler;
+use super::Workers;
 
 /// How often expired leases are looked for.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
@@ -29,12 +29,12 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(60);
 /// An upload that has not finished for this long was abandoned.
 const ABANDONED_UPLOAD: Duration = Duration::from_secs(3600);
 
-/// Runs [`Scheduler::reap_expired`] every [`REAP_INTERVAL`] until `shutdown`
-/// turns true, and [`Scheduler::collect_files`] every [`COLLECT_INTERVAL`]
+/// Runs [`Workers::reap_expired`] every [`REAP_INTERVAL`] until `shutdown`
+/// turns true, and [`Workers::collect_files`] every [`COLLECT_INTERVAL`]
 /// while `leader` says this coordinator leads. Database errors are logged
 /// and retried on the next tick.
 pub fn spawn_reaper(
-    scheduler: Scheduler,
+    workers: Workers,
     leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -49,7 +49,7 @@ pub fn spawn_reaper(
                 _ = tick.tick() => {}
             }
             let after_outage = last_ok.elapsed() >= OUTAGE_GAP;
-            match scheduler.reap_expired(after_outage).await {
+            match workers.reap_expired(after_outage).await {
                 Ok(n) => {
                     if after_outage {
                         info!(unreachable_ms = last_ok.elapsed().as_millis() as u64, "database reachable again");
@@ -63,7 +63,7 @@ pub fn spawn_reaper(
             }
             if *leader.borrow() && last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();
-                match scheduler.collect_files(ABANDONED_UPLOAD).await {
+                match workers.collect_files(ABANDONED_UPLOAD).await {
                     Ok((0, 0)) => {}
                     Ok((checkpoints, blobs)) => debug!(checkpoints, blobs, "removed files nothing reads any more"),
                     Err(e) => warn!(error = %e, "removing old files failed; retrying later"),

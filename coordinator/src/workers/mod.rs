@@ -1,10 +1,10 @@
 //! What workers do: register, heartbeat, lease jobs, report, complete and
-//! fail them. Every call about a job is fenced by its lease epoch, so a
-//! worker whose lease was lost and re-leased can no longer change the job.
+//! fail them, upload checkpoints and read datasets; and the [`reaper`] that
+//! ends the leases of workers that stopped heartbeating. Every call about a
+//! job is fenced by its lease epoch, so a worker whose lease was lost and
+//! re-leased can no longer change the job.
 
-pub(crate) mod memory;
 mod reaper;
-pub mod retry;
 
 use std::time::Duration;
 
@@ -14,19 +14,18 @@ use tracing::{info, warn};
 
 pub use reaper::spawn_reaper;
 
+use crate::auth::Identity;
 use crate::blob::{self, BlobWriter};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
+use crate::limits::MAX_ADAPTER_BYTES;
+use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
     ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
-use crate::auth::Identity;
+use crate::retry::RetryPolicy;
 use crate::store::{CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership};
-use retry::RetryPolicy;
-
-/// Largest adapter archive accepted.
-pub const MAX_ADAPTER_BYTES: u64 = 1_000_000_000;
 
 /// Lease timing handed to workers, and what happens after an attempt ends.
 #[derive(Clone, Copy, Debug)]
@@ -40,22 +39,25 @@ pub struct Timing {
 
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
-pub struct Scheduler {
+pub struct Workers {
     store: Store,
     hub: EventHub,
     timing: Timing,
 }
 
-impl Scheduler {
+impl Workers {
     pub fn new(store: Store, hub: EventHub, timing: Timing) -> Self {
         Self { store, hub, timing }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
     /// tells it the lease timing. A worker id that a live other token
-    /// registered is refused.
+    /// registered is refused. The queued jobs on the models whose shape it
+    /// reports get their memory estimates from the shapes now known.
     pub async fn register(&self, reg: WorkerRegistration, caller: &Identity) -> Result<Registered, Error> {
         let worker_id = reg.worker_id.unwrap_or_default();
+        let shaped: Vec<String> = reg.models.iter().filter(|m| m.shape().is_some()).map(|m| m.name.clone()).collect();
+        let shapes_before = self.store.model_shapes(&shaped).await?;
         if !self.store.upsert_worker(worker_id, &reg, caller.token_id).await? {
             return Err(Error::PermissionDenied(format!(
                 "worker {worker_id} was registered with another token; use that token or a new worker id"
@@ -64,9 +66,7 @@ impl Scheduler {
         let models: Vec<&str> = reg.models.iter().map(|m| m.name.as_str()).collect();
         info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models,
               memory_bytes = reg.memory_bytes, "worker registered");
-        // Jobs that waited for a worker to report their model's shape get their estimate now.
-        let shaped: Vec<String> = reg.models.iter().filter(|m| m.shape().is_some()).map(|m| m.name.clone()).collect();
-        memory::estimate_queued(&self.store, &shaped).await?;
+        memory::estimate_queued(&self.store, &shaped, &shapes_before).await?;
         Ok(Registered {
             worker_id,
             heartbeat_interval: self.timing.heartbeat_interval,
@@ -93,9 +93,9 @@ impl Scheduler {
         Ok(HeartbeatReply { stop, early_stop, known })
     }
 
-    /// Leases a queued job on a model the worker serves and that fits its
-    /// memory, if any: the oldest on one of the `loaded` models it holds in
-    /// memory, else the oldest.
+    /// Leases the worker a queued job on a model it serves, if
+    /// [`crate::placement`] gives it one (a job that fits its memory, the
+    /// oldest on one of the `loaded` models it holds in memory first).
     pub async fn lease(
         &self,
         worker: WorkerId,
@@ -113,7 +113,6 @@ impl Scheduler {
             return Ok(None);
         }
         offer.loaded = loaded;
-        memory::estimate_queued(&self.store, &offer.models).await?;
         let lease = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await?;
         if let Some(lease) = &lease {
             info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");

@@ -1,6 +1,6 @@
 //! What happens to a job after an attempt that did not succeed: a pure
 //! decision over the job's counters, taken inside the transaction that
-//! holds its row locked (see `store/leases.rs`).
+//! holds its row locked (see `store/endings.rs`).
 //!
 //! Attempts end for one of two kinds of reasons, counted apart as
 //! Kubernetes' pod failure policy and the PostgreSQL job queues (River,

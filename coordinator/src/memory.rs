@@ -1,0 +1,112 @@
+//! Memory estimates of jobs (`ptune_core::memory::estimate`, from a job's
+//! spec and the shape of its base model that workers report), and the
+//! reason a queued job gives when no online worker serving its model has
+//! room for it. Placement compares the estimates with a worker's memory
+//! (`crate::placement`).
+//!
+//! An estimate is written at two moments, never when a job is read:
+//! - when the job is created (submitted, or a sweep's new trial), if a
+//!   worker has reported its model's shape. The shapes are looked at again
+//!   once the job is stored ([`estimate_new`]), so a worker that registered
+//!   in between, and found no such job yet, is not missed;
+//! - when a worker registers reporting a model's shape ([`estimate_queued`]):
+//!   the queued jobs on the model that have no estimate get one, and all of
+//!   them are estimated again when the shape known for the model changed
+//!   (the first one reported, or a larger model under the name: the largest
+//!   reported counts).
+//!
+//! A job keeps the estimate it was leased with.
+
+use std::collections::HashMap;
+
+use ptune_core::memory::{self, mib};
+use ptune_core::{JobId, JobSpec, MemoryEstimate, ModelShape};
+use tracing::warn;
+
+use crate::error::Error;
+use crate::model::Job;
+use crate::store::{Availability, Store};
+
+/// Queued jobs read at once when estimating them again.
+const ESTIMATES_PER_READ: u32 = 500;
+
+/// The estimate of `spec`, when a worker has reported its model's shape.
+pub(crate) async fn estimate_spec(store: &Store, spec: &JobSpec) -> Result<Option<MemoryEstimate>, Error> {
+    let shapes = store.model_shapes(std::slice::from_ref(&spec.base_model)).await?;
+    Ok(shapes.get(&spec.base_model).map(|shape| memory::estimate(spec, shape)))
+}
+
+/// Estimates jobs just stored without an estimate, if a worker has
+/// reported their model's shape by now. A failure is logged: the jobs are
+/// stored, and the next worker to register their model estimates them.
+pub(crate) async fn estimate_new(store: &Store, jobs: &[(JobId, &JobSpec)]) {
+    if jobs.is_empty() {
+        return;
+    }
+    let estimated = async {
+        let shapes = store.model_shapes(&model_names(jobs.iter().map(|(_, spec)| *spec))).await?;
+        let estimates: Vec<(JobId, MemoryEstimate)> = jobs
+            .iter()
+            .filter_map(|(id, spec)| Some((*id, memory::estimate(spec, shapes.get(&spec.base_model)?))))
+            .collect();
+        store.set_memory_estimates(&estimates).await
+    };
+    if let Err(e) = estimated.await {
+        warn!(error = %e, jobs = jobs.len(), "cannot estimate new jobs; a worker registering their model will");
+    }
+}
+
+/// After a worker registered reporting the shapes of `models`: estimates
+/// the queued jobs on them that have none, and again all those on a model
+/// whose shape differs from `before` (what was known before it registered).
+pub(crate) async fn estimate_queued(
+    store: &Store,
+    models: &[String],
+    before: &HashMap<String, ModelShape>,
+) -> Result<(), Error> {
+    if models.is_empty() {
+        return Ok(());
+    }
+    let shapes = store.model_shapes(models).await?;
+    let (changed, unchanged): (Vec<String>, Vec<String>) =
+        shapes.keys().cloned().partition(|name| before.get(name) != shapes.get(name));
+    for (models, all) in [(changed, true), (unchanged, false)] {
+        if models.is_empty() {
+            continue;
+        }
+        let mut after = None;
+        loop {
+            let jobs = store.queued_on(&models, all, after, ESTIMATES_PER_READ).await?;
+            let estimates: Vec<(JobId, MemoryEstimate)> = jobs
+                .iter()
+                .filter_map(|(id, spec)| Some((*id, memory::estimate(spec, shapes.get(&spec.base_model)?))))
+                .collect();
+            store.set_memory_estimates(&estimates).await?;
+            if jobs.len() < ESTIMATES_PER_READ as usize {
+                break;
+            }
+            after = jobs.last().map(|(id, _)| *id);
+        }
+    }
+    Ok(())
+}
+
+/// Why `job` cannot run: it needs more memory than every online worker
+/// serving its model may use (each of them reported its memory).
+pub(crate) fn too_large(job: &Job, availability: &Availability) -> Option<String> {
+    let largest = availability.largest_memory?;
+    let estimate = job.memory_estimate.filter(|e| e.total_bytes() > largest)?;
+    Some(format!(
+        "unschedulable: needs {estimate}; the largest online worker serving base model {:?} has {} MiB",
+        job.spec.base_model,
+        mib(largest)
+    ))
+}
+
+/// The distinct base models of `specs`, sorted.
+pub(crate) fn model_names<'a>(specs: impl Iterator<Item = &'a JobSpec>) -> Vec<String> {
+    let mut names: Vec<String> = specs.map(|s| s.base_model.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+}

@@ -1,0 +1,110 @@
+//! The rows every lease operation works on: the job row, locked with what
+//! decides how an attempt ends, and its open attempt. Shared by the lease
+//! holder's calls (`leases.rs`) and the ends of attempts (`endings.rs`).
+//!
+//! Lock order is always job row, then attempt row; the reaper takes both with
+//! `SKIP LOCKED` and never waits, so these paths cannot deadlock.
+
+use std::time::Duration;
+
+use ptune_core::{JobId, JobState};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::fencing::Fenced;
+use super::jobs::DbJobState;
+use super::{millis, to_i64, to_u64, Result};
+use crate::model::LeaseRef;
+
+/// A job row locked for a change of one of its leases: what decides whether
+/// the lease still holds the job and how its attempt ends.
+#[derive(sqlx::FromRow)]
+pub(super) struct LockedJob {
+    pub(super) state: DbJobState,
+    pub(super) lease_epoch: i64,
+    pub(super) cancel_requested: bool,
+    pub(super) early_stop_requested: bool,
+    pub(super) failures: i32,
+    pub(super) max_attempts: i32,
+    pub(super) interruptions: i32,
+    pub(super) total_steps: i64,
+}
+
+impl LockedJob {
+    pub(super) fn holds(&self, lease: LeaseRef) -> bool {
+        self.state == DbJobState::Running && self.lease_epoch == to_i64(lease.epoch)
+    }
+
+    pub(super) fn stale<T>(&self) -> Result<Fenced<T>> {
+        Ok(Fenced::Stale { state: self.state.into(), epoch: to_u64(self.lease_epoch, "lease_epoch")? })
+    }
+}
+
+pub(super) async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<LockedJob>> {
+    let row = sqlx::query_as(
+        "SELECT state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, interruptions, \
+                total_steps \
+         FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+/// Closes the open attempt of a lease and returns its worker.
+pub(super) async fn end_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    lease: LeaseRef,
+    outcome: &str,
+    reason: &str,
+) -> Result<Option<Uuid>> {
+    let worker = sqlx::query_scalar(
+        "UPDATE job_attempts SET ended_at = now(), outcome = $3, reason = $4 \
+         WHERE job_id = $1 AND epoch = $2 AND ended_at IS NULL RETURNING worker_id",
+    )
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .bind(outcome)
+    .bind(reason)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(worker)
+}
+
+pub(super) async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef, timeout: Duration) -> Result<()> {
+    sqlx::query(
+        "UPDATE job_attempts SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+         WHERE job_id = $1 AND epoch = $2 AND ended_at IS NULL",
+    )
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .bind(millis(timeout))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves a job out of `running` after its attempt ended; a job queued
+/// again waits `retry_in` before it may be leased.
+pub(super) async fn set_state_after_attempt(
+    tx: &mut Transaction<'static, Postgres>,
+    job: JobId,
+    state: JobState,
+    error: &str,
+    retry_in: Option<Duration>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = $2, error = $3, cancel_requested = false, updated_at = now(), \
+             finished_at = CASE WHEN $2 = 'queued'::job_state THEN NULL ELSE now() END, \
+             retry_at = CASE WHEN $4::bigint IS NULL THEN NULL ELSE now() + $4 * interval '1 millisecond' END \
+         WHERE id = $1",
+    )
+    .bind(job.0)
+    .bind(DbJobState::from(state))
+    .bind(error)
+    .bind(retry_in.map(millis))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

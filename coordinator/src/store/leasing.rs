@@ -1,0 +1,275 @@
+//! Taking a queued job: the SQL reads what [`crate::placement::place`]
+//! decides on (the asking worker's running jobs, the other workers asking,
+//! and the candidate jobs a page at a time), then claims its pick. The rules
+//! and why paging never changes the pick are in `placement.rs`.
+//!
+//! Candidates are read without locks; only the pick is locked
+//! (`FOR UPDATE SKIP LOCKED`, and read again), so a worker asking at the
+//! same moment is kept off this worker's pick alone, never off the jobs this
+//! worker passed over. A pick another worker claimed (or cancelled) in
+//! between is passed over and the next one placed, as a lock query passes
+//! over a locked row: two workers never get the same job.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use ptune_core::{JobId, JobSpec};
+use sqlx::types::Json;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::checkpoints::latest_checkpoint;
+use super::jobs::memory_estimate;
+use super::{millis, to_u32, to_u64, Result, Store};
+use crate::model::{Lease, WorkerOffer};
+use crate::placement::{self, Asker, Candidate, Rival, Running, CANDIDATES_PER_PAGE, POLL_FRESH, SPREAD_WINDOW};
+
+/// Picks that others claimed first before a lease request gives up (the
+/// worker asks again shortly).
+const MAX_CLAIMS: usize = 8;
+
+/// The columns of a candidate `q`; `$window` names the parameter holding
+/// [`SPREAD_WINDOW`] in milliseconds.
+macro_rules! candidate_columns {
+    ($window:literal) => {
+        concat!(
+            "q.id, q.base_model, q.created_at, q.memory_weights_bytes, q.memory_job_bytes, \
+             q.memory_activation_bytes, q.updated_at <= now() - ",
+            $window,
+            " * interval '1 millisecond' AS settled"
+        )
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct CandidateRow {
+    id: Uuid,
+    base_model: String,
+    created_at: DateTime<Utc>,
+    memory_weights_bytes: Option<i64>,
+    memory_job_bytes: Option<i64>,
+    memory_activation_bytes: Option<i64>,
+    settled: bool,
+}
+
+impl CandidateRow {
+    fn into_candidate(self) -> Result<Candidate> {
+        Ok(Candidate {
+            id: JobId(self.id),
+            estimate: memory_estimate(self.memory_weights_bytes, self.memory_job_bytes, self.memory_activation_bytes)?,
+            base_model: self.base_model,
+            created_at: self.created_at,
+            settled: self.settled,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RunningRow {
+    base_model: String,
+    memory_weights_bytes: Option<i64>,
+    memory_job_bytes: Option<i64>,
+    memory_activation_bytes: Option<i64>,
+}
+
+/// The claimed job, as the claim read it.
+#[derive(sqlx::FromRow)]
+struct Claimed {
+    #[sqlx(flatten)]
+    candidate: CandidateRow,
+    queued_secs: f64,
+}
+
+impl Store {
+    /// Leases to `worker` the queued job [`placement::place`] picks among
+    /// those on the offer's models whose retry time has passed. The job
+    /// becomes running under a new epoch and a new attempt is opened.
+    #[instrument(skip_all, fields(worker_id = %worker))]
+    pub async fn lease_next_job(
+        &self,
+        worker: ptune_core::WorkerId,
+        offer: &WorkerOffer,
+        timeout: Duration,
+    ) -> Result<Option<Lease>> {
+        let started = Instant::now();
+        let asker = Asker {
+            loaded: offer.loaded.clone(),
+            memory_bytes: offer.memory_bytes,
+            running: self.running_on(worker).await?,
+        };
+        let rivals = self.rivals(worker, &offer.models).await?;
+        let mut taken = Vec::new();
+        while taken.len() < MAX_CLAIMS {
+            let Some(pick) = self.pick(&asker, &rivals, offer, &taken).await? else { break };
+            match self.claim(worker, pick, &asker, &rivals, timeout).await? {
+                Some((lease, queued_for)) => {
+                    self.metrics.observe_lease(started.elapsed(), Some(queued_for));
+                    return Ok(Some(lease));
+                }
+                None => taken.push(pick.0),
+            }
+        }
+        self.metrics.observe_lease(started.elapsed(), None);
+        Ok(None)
+    }
+
+    /// The job placement picks, reading candidates a page at a time in the
+    /// order it prefers them, passing over `taken`.
+    async fn pick(&self, asker: &Asker, rivals: &[Rival], offer: &WorkerOffer, taken: &[Uuid]) -> Result<Option<JobId>> {
+        let mut after: Option<Candidate> = None;
+        loop {
+            let page = self.candidates(offer, taken, after.as_ref()).await?;
+            if let Some(pick) = placement::place(asker, rivals, &page) {
+                return Ok(Some(pick.id));
+            }
+            if page.len() < CANDIDATES_PER_PAGE as usize {
+                return Ok(None);
+            }
+            after = page.into_iter().last();
+        }
+    }
+
+    /// The jobs `worker` runs, with their estimates.
+    async fn running_on(&self, worker: ptune_core::WorkerId) -> Result<Vec<Running>> {
+        let rows: Vec<RunningRow> = sqlx::query_as(
+            "SELECT j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes \
+             FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.epoch = j.lease_epoch \
+             WHERE a.worker_id = $1 AND a.ended_at IS NULL AND j.state = 'running'",
+        )
+        .bind(worker.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let estimate = memory_estimate(r.memory_weights_bytes, r.memory_job_bytes, r.memory_activation_bytes)?;
+                Ok(Running { base_model: r.base_model, estimate })
+            })
+            .collect()
+    }
+
+    /// The other workers that asked for work within [`POLL_FRESH`] with a
+    /// slot free and serve one of `models` (those are all they say).
+    async fn rivals(&self, worker: ptune_core::WorkerId, models: &[String]) -> Result<Vec<Rival>> {
+        let rows: Vec<(Vec<String>, Vec<String>, i64)> = sqlx::query_as(
+            "SELECT serves, loaded_models, running FROM ( \
+                 SELECT o.loaded_models, \
+                        ARRAY(SELECT m->>'name' FROM jsonb_array_elements(o.models) m \
+                              WHERE coalesce(m->>'unsupported_reason', '') = '' AND m->>'name' = ANY($2)) AS serves, \
+                        (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id AND j.lease_epoch = a.epoch \
+                         WHERE a.worker_id = o.id AND a.ended_at IS NULL AND j.state = 'running') AS running \
+                 FROM workers o \
+                 WHERE o.id <> $1 AND o.free_slots > 0 AND o.polled_at > now() - $3 * interval '1 millisecond') r \
+             WHERE cardinality(serves) > 0",
+        )
+        .bind(worker.0)
+        .bind(models)
+        .bind(millis(POLL_FRESH))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(serves, loaded, running)| Rival { serves, loaded, running: u32::try_from(running).unwrap_or(u32::MAX) })
+            .collect())
+    }
+
+    /// A page of candidates after `after`: of the queued jobs on the offer's
+    /// models whose retry time has passed (but `taken`), the oldest of each
+    /// [`Candidate::class`], in the order placement prefers them (jobs on a
+    /// model the worker holds first, then by submission and id).
+    async fn candidates(&self, offer: &WorkerOffer, taken: &[Uuid], after: Option<&Candidate>) -> Result<Vec<Candidate>> {
+        let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
+            "SELECT * FROM ( \
+                 SELECT DISTINCT ON (q.base_model, q.memory_weights_bytes, q.memory_job_bytes, \
+                                     q.memory_activation_bytes, settled) ",
+            candidate_columns!("$3"),
+            "    FROM jobs q \
+                 WHERE q.state = 'queued' AND q.base_model = ANY($1) AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+                   AND q.id <> ALL($4) \
+                 ORDER BY q.base_model, q.memory_weights_bytes, q.memory_job_bytes, q.memory_activation_bytes, \
+                          settled, q.created_at, q.id) c \
+             WHERE $5::timestamptz IS NULL \
+                OR (NOT c.base_model = ANY($2), c.created_at, c.id) > (NOT $6 = ANY($2), $5, $7::uuid) \
+             ORDER BY NOT c.base_model = ANY($2), c.created_at, c.id \
+             LIMIT $8"
+        ))
+        .bind(&offer.models)
+        .bind(&offer.loaded)
+        .bind(millis(SPREAD_WINDOW))
+        .bind(taken)
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.base_model.as_str()))
+        .bind(after.map(|c| c.id.0))
+        .bind(i64::from(CANDIDATES_PER_PAGE))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(CandidateRow::into_candidate).collect()
+    }
+
+    /// Locks `job` if it is still queued and no one else holds it, checks
+    /// that placement still gives it to `asker`, and leases it to `worker`.
+    /// Returns the lease and how long the job was queued; `None` when the
+    /// job is no longer to be had.
+    async fn claim(
+        &self,
+        worker: ptune_core::WorkerId,
+        job: JobId,
+        asker: &Asker,
+        rivals: &[Rival],
+        timeout: Duration,
+    ) -> Result<Option<(Lease, Duration)>> {
+        let mut tx = self.pool.begin().await?;
+        // A queued job's updated_at is when it was queued (submitted or requeued).
+        let claimed: Option<Claimed> = sqlx::query_as(concat!(
+            "SELECT ",
+            candidate_columns!("$2"),
+            ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
+             FROM jobs q WHERE q.id = $1 AND q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+             FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(job.0)
+        .bind(millis(SPREAD_WINDOW))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(Claimed { candidate, queued_secs }) = claimed else { return Ok(None) };
+        if placement::place(asker, rivals, &[candidate.into_candidate()?]).is_none() {
+            return Ok(None);
+        }
+        let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
+                 cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
+                 updated_at = now() \
+             WHERE id = $1 RETURNING spec, attempts, lease_epoch",
+        )
+        .bind(job.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        let (lease_token, token_hash) = crate::auth::tokens::lease_token();
+        sqlx::query(
+            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash) \
+             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6)",
+        )
+        .bind(job.0)
+        .bind(attempts)
+        .bind(worker.0)
+        .bind(epoch)
+        .bind(millis(timeout))
+        .bind(&token_hash[..])
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1")
+            .bind(worker.0)
+            .execute(&mut *tx)
+            .await?;
+        let checkpoint = latest_checkpoint(&mut *tx, job).await?;
+        tx.commit().await?;
+        let lease = Lease {
+            job_id: job,
+            epoch: to_u64(epoch, "lease_epoch")?,
+            spec: spec.0,
+            attempt: to_u32(attempts, "attempts")?,
+            checkpoint,
+            lease_token,
+        };
+        Ok(Some((lease, Duration::try_from_secs_f64(queued_secs).unwrap_or_default())))
+    }
+}
