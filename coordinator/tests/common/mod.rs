@@ -1,5 +1,7 @@
 //! Shared setup: a coordinator on a fresh database, real gRPC clients over
-//! TCP, and small builders for specs, datasets and workers.
+//! TCP, and small builders for specs, datasets and workers; [`sweeps`] holds
+//! the sweep helpers and the scripted fake worker, [`tls`] a coordinator
+//! with TLS on.
 #![allow(dead_code)]
 
 pub mod sweeps;
