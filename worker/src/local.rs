@@ -18,7 +18,7 @@ use anyhow::Context;
 use ptune_core::{JobSpec, Metric};
 
 use crate::engine::{
-    evaluate_export, evaluate_lm_export, export_info, BaseModel, DecoderBase, Control, Engine, Event, Resume, TaskEvaluation, TrainJob, TrainOutcome,
+    evaluate_export, export_info, Control, Engine, Event, FrozenBase, Resume, TaskEvaluation, TrainJob, TrainOutcome,
     TrainerState, TRAINER_STATE_FILE,
 };
 
@@ -236,33 +236,15 @@ pub fn eval_local(options: &EvalOptions) -> anyhow::Result<(JobSpec, TaskEvaluat
         tch::set_num_threads(options.threads as i32);
     }
     let device = tch::Device::cuda_if_available();
-    if causal_lm {
-        let base = DecoderBase::load(&model_dir, device)?;
-        spec.validate(Some(&ptune_core::ModelLimits { max_positions: base.info.max_positions }))?;
-        let job = TrainJob {
-            spec: spec.clone(),
-            train_file: options.data.clone(),
-            eval_file: options.data.clone(),
-            train_name: data_name.clone(),
-            eval_name: data_name,
-            out_dir: options.adapter.clone(),
-            checkpoint_dir: None,
-            resume: Resume::Never,
-        };
-        let evaluation = evaluate_lm_export(&base, device, &options.adapter, &job)?;
-        if let Some(path) = &options.predictions {
-            write_predictions(path, &evaluation.predictions)?;
-        }
-        return Ok((spec, evaluation));
-    }
-    let base = BaseModel::load(&model_dir, device)?;
+    let base = FrozenBase::load(&model_dir, device)?;
+    let max_positions = base.info().max_positions;
     if !info.trained_here && options.max_seq_len.is_none() {
         // 128 tokens, or what the model's positions leave beside the virtual tokens.
         let virtual_tokens = if spec.method.uses_virtual_tokens() { spec.peft.num_virtual_tokens } else { 0 };
-        spec.data.max_seq_len = 128.min(base.info.max_positions.saturating_sub(virtual_tokens)).max(1);
+        spec.data.max_seq_len = 128.min(max_positions.saturating_sub(virtual_tokens)).max(1);
     }
-    spec.validate(Some(&ptune_core::ModelLimits { max_positions: base.info.max_positions }))?;
-    let evaluation = evaluate_export(&options.adapter, &base, &spec, &options.data, &data_name, device)?;
+    spec.validate(Some(&ptune_core::ModelLimits { max_positions }))?;
+    let evaluation = evaluate_export(&base, &options.adapter, &spec, &options.data, &data_name, device)?;
     if let Some(path) = &options.predictions {
         write_predictions(path, &evaluation.predictions)?;
     }

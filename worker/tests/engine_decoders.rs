@@ -16,10 +16,13 @@ use std::path::Path;
 use support::paths::{fixtures, shared_data};
 
 use ptune_worker::engine::causal_lm::{self, GenerationConfig, LmAdapter, LmBatch};
-use ptune_worker::engine::decoder::{self, CausalDecoder};
+use ptune_worker::engine::causal_lm::bleu;
+use ptune_worker::engine::decoder::CausalDecoder;
+use ptune_worker::engine::factory::load_causal_lm;
 use ptune_worker::engine::llama::LlamaConfig;
-use ptune_worker::engine::seq2seq::{self, LmTokenizer, Seq2SeqFormat, SourceReferences};
-use ptune_worker::engine::{bleu, gpt2, llama, EngineError, Hooks, NoHooks};
+use ptune_worker::engine::safetensors::{checkpoint_files, checkpoint_float_parameters, checkpoint_sha256};
+use ptune_worker::engine::seq2seq::{self, Seq2SeqFormat, SourceReferences};
+use ptune_worker::engine::{gpt2, llama, EngineError, Hooks, LmTokenizer, NoHooks};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -159,17 +162,17 @@ fn prompt_table(dir: &Path) -> Tensor {
 fn check_decoder(kind: &str) {
     let summary = &reference()["models"][kind];
     let folder = fixtures().join(format!("tiny-{kind}"));
-    let model = decoder::load_causal_lm(&folder, Device::Cpu).expect("the tiny checkpoint loads");
+    let model = load_causal_lm(&folder, Device::Cpu).expect("the tiny checkpoint loads");
     assert_eq!(model.model_type(), kind);
     let checkpoint = &summary["checkpoint"];
-    let files: Vec<String> = decoder::checkpoint_files(&folder)
+    let files: Vec<String> = checkpoint_files(&folder)
         .expect("files")
         .iter()
         .map(|f| f.file_name().expect("a name").to_string_lossy().into_owned())
         .collect();
     assert_eq!(files, checkpoint["files"].as_array().expect("files").iter().map(|f| f.as_str().unwrap()).collect::<Vec<_>>());
-    assert_eq!(decoder::checkpoint_float_parameters(&folder).expect("headers"), checkpoint["parameters"].as_u64().unwrap());
-    assert_eq!(decoder::checkpoint_sha256(&folder).expect("hashes"), checkpoint["sha256"].as_str().unwrap());
+    assert_eq!(checkpoint_float_parameters(&folder).expect("headers"), checkpoint["parameters"].as_u64().unwrap());
+    assert_eq!(checkpoint_sha256(&folder).expect("hashes"), checkpoint["sha256"].as_str().unwrap());
     let expected = read_tensors(&folder.join("reference.safetensors"));
     let adapters = folder.join("adapters");
 
@@ -272,7 +275,7 @@ fn tiny_gpt2_matches_transformers_and_peft() {
 #[test]
 fn tiny_llama_with_gqa_and_a_sharded_checkpoint_matches_transformers_and_peft() {
     let folder = fixtures().join("tiny-llama");
-    assert!(decoder::checkpoint_files(&folder).expect("shards").len() > 1, "the llama fixture should be sharded");
+    assert!(checkpoint_files(&folder).expect("shards").len() > 1, "the llama fixture should be sharded");
     check_decoder("llama");
 }
 
@@ -351,7 +354,7 @@ fn unsupported_decoder_configs_are_refused_with_the_setting_named() {
         .filter(|(name, _)| !name.ends_with("layers.1.mlp.up_proj.weight"))
         .collect();
     Tensor::write_safetensors(&kept, dir.path().join("model.safetensors")).expect("write");
-    match decoder::load_causal_lm(dir.path(), Device::Cpu) {
+    match load_causal_lm(dir.path(), Device::Cpu) {
         Err(EngineError::Model(error)) => {
             assert!(error.contains("model.layers.1.mlp.up_proj.weight"), "{error:?} does not name the missing tensor")
         }

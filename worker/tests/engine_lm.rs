@@ -12,7 +12,8 @@ use std::process::Command;
 
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::causal_lm::{self, LmAdapter};
-use ptune_worker::engine::decoder::{load_causal_lm, CausalDecoder};
+use ptune_worker::engine::decoder::CausalDecoder;
+use ptune_worker::engine::factory::load_causal_lm;
 use ptune_worker::engine::{EngineError, Hooks, NoHooks, Resume, TrainJob, TrainOutcome};
 use serde_json::{json, Value};
 use support::engine::train_on;

@@ -20,7 +20,7 @@ use support::engine::SERIAL;
 use support::paths::{fixtures, minilm_dir, python, shared_data, workspace};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{
-    build_model, load_adapter, write_export, BaseModel, Classifier, Control, Engine, Event, Resume, TrainJob,
+    build_classifier, load_classifier, write_export, Classifier, Control, Engine, Event, FrozenEncoder, Resume, TrainJob,
 };
 use serde_json::{json, Value};
 use tch::{nn, Device, Tensor};
@@ -59,8 +59,8 @@ impl Arch {
         })
     }
 
-    fn load(self) -> BaseModel {
-        BaseModel::load(&self.model(), Device::Cpu).unwrap_or_else(|e| panic!("{} loads: {e}", self.name()))
+    fn load(self) -> FrozenEncoder {
+        FrozenEncoder::load(&self.model(), Device::Cpu).unwrap_or_else(|e| panic!("{} loads: {e}", self.name()))
     }
 }
 
@@ -149,9 +149,9 @@ fn load_checkpoint_head(arch: Arch, model: &Classifier) {
 
 /// The engine's model of a case as PEFT had it before saving: the trainable
 /// form with PEFT's weights (full: the checkpoint with its classifier).
-fn trainable_model(arch: Arch, base: &BaseModel, name: &str, case: &Value) -> (nn::VarStore, Classifier) {
+fn trainable_model(arch: Arch, base: &FrozenEncoder, name: &str, case: &Value) -> (nn::VarStore, Classifier) {
     let vars = nn::VarStore::new(Device::Cpu);
-    let model = build_model(&case_spec(arch, case), base, &vars.root(), 2).expect("the case builds");
+    let model = build_classifier(&case_spec(arch, case), base, &vars.root(), 2).expect("the case builds");
     if name == "full" {
         load_checkpoint_head(arch, &model);
     } else {
@@ -182,7 +182,7 @@ fn adapters_saved_by_peft_give_peft_logits() {
             }
             let vars = nn::VarStore::new(Device::Cpu);
             let dir = arch.references().join(&name);
-            let model = load_adapter(&dir, &base, &vars.root()).unwrap_or_else(|e| panic!("{arch:?} {name}: {e}"));
+            let model = load_classifier(&dir, &base, &vars.root()).unwrap_or_else(|e| panic!("{arch:?} {name}: {e}"));
             let logits = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
             let diff = max_abs_diff(&logits, &matrix(&case["logits"]));
             assert!(diff < TOLERANCE, "{arch:?} {name}: logits differ from PEFT ({}) by {diff}", case["versions"]);
@@ -276,7 +276,7 @@ fn exports_of_arch_load_in_peft_with_the_engine_logits(arch: Arch) {
         let spec = case_spec(arch, &case);
         let export = out.path().join(&name);
         let provenance = json!({ "spec": spec.to_json() });
-        write_export(&export, &spec, &base.config, &model, &vars, &provenance).expect("export written");
+        write_export(&export, &spec, &base, &model, &vars, &provenance).expect("export written");
         let ours = tch::no_grad(|| model.logits(&base.encoder, &ids, &mask, false));
 
         if name != "full" {
@@ -310,7 +310,7 @@ fn exports_of_arch_load_in_peft_with_the_engine_logits(arch: Arch) {
             assert_eq!(config["task_type"], "SEQ_CLS");
             // And it loads back into the engine unchanged.
             let reloaded_vars = nn::VarStore::new(Device::Cpu);
-            let reloaded = load_adapter(&export, &base, &reloaded_vars.root()).expect("the export loads back");
+            let reloaded = load_classifier(&export, &base, &reloaded_vars.root()).expect("the export loads back");
             let again = tch::no_grad(|| reloaded.logits(&base.encoder, &ids, &mask, false));
             assert!(max_abs_diff(&again, &ours) < 1e-5, "{arch:?} {name}: the export loaded back gives other logits");
         }

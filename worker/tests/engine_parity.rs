@@ -9,9 +9,10 @@ mod support;
 
 
 use ptune_core::Pooling;
+use ptune_worker::engine::registry::inspect_any;
 use ptune_worker::engine::{
-    inspect_model, prepend, AdamW, Adapter, BaseModel, ClassificationHead, LinearSchedule, NoHooks, PromptInit,
-    PromptTuning, Classifier, Level,
+    prepend, AdamW, Adapter, ClassificationHead, Classifier, FrozenEncoder, LinearSchedule, Level, NoHooks,
+    PromptInit, PromptTuning, Trainable,
 };
 use serde_json::Value;
 use support::paths::{fixtures, minilm_dir};
@@ -63,7 +64,7 @@ fn fixture_batch(fixture: &Value) -> (Tensor, Tensor) {
 
 /// Checks tokenization, the last hidden state at real tokens, the position-0
 /// shortcut and the pooler against a transformers fixture.
-fn assert_encoder_matches(base: &BaseModel, fixture: &Value, tolerance: f64) {
+fn assert_encoder_matches(base: &FrozenEncoder, fixture: &Value, tolerance: f64) {
     let sentences: Vec<&str> =
         fixture["sentences"].as_array().expect("sentences").iter().map(|s| s.as_str().expect("text")).collect();
     let ours = base.tokenizer.encode_batch(sentences, 512).expect("tokenizes");
@@ -100,7 +101,7 @@ fn assert_encoder_matches(base: &BaseModel, fixture: &Value, tolerance: f64) {
 fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
     let fixture = fixture("minilm_hidden_states.json");
     let dir = minilm_dir();
-    let base = BaseModel::load(&dir, Device::Cpu).expect("MiniLM loads");
+    let base = FrozenEncoder::load(&dir, Device::Cpu).expect("MiniLM loads");
     assert_encoder_matches(&base, &fixture, TOLERANCE);
 
     let truncation = &fixture["truncation"];
@@ -109,7 +110,7 @@ fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
     let ours = base.tokenizer.encode_batch(vec![text], max_length).expect("tokenizes");
     assert_eq!(ours[0], ints(&truncation["input_ids"]), "truncation differs from the Hugging Face tokenizer");
 
-    let info = inspect_model(&dir).expect("MiniLM inspects");
+    let info = inspect_any(&dir).expect("MiniLM inspects");
     let expected = &fixture["model_info"];
     assert_eq!((info.model_type.as_str(), info.max_positions, info.hidden_size), ("bert", 512, 384));
     assert_eq!((info.num_layers, info.num_attention_heads), (6, 12));
@@ -124,10 +125,10 @@ fn minilm_tokens_hidden_states_and_pooler_match_transformers() {
 fn a_tiny_bert_classifier_checkpoint_loads_and_matches_transformers() {
     let fixture = fixture("tiny_bert_outputs.json");
     let dir = fixtures().join("tiny-bert");
-    let base = BaseModel::load(&dir, Device::Cpu).expect("the tiny checkpoint loads");
+    let base = FrozenEncoder::load(&dir, Device::Cpu).expect("the tiny checkpoint loads");
     assert_encoder_matches(&base, &fixture, 1e-5);
 
-    let info = inspect_model(&dir).expect("the tiny checkpoint inspects");
+    let info = inspect_any(&dir).expect("the tiny checkpoint inspects");
     assert_eq!((info.hidden_size, info.num_layers, info.num_attention_heads, info.max_positions), (32, 2, 4, 40));
     assert_eq!(info.parameters, fixture["parameters"].as_u64().expect("parameters"));
     assert_eq!(info.sha256, fixture["sha256"].as_str().expect("sha256"));
@@ -135,14 +136,14 @@ fn a_tiny_bert_classifier_checkpoint_loads_and_matches_transformers() {
 
 /// The fixture's prompt-tuned classifier: PEFT's random prompt and head,
 /// and the prompt table.
-fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, Classifier, Tensor) {
+fn fixture_model(base: &FrozenEncoder, reference: &Value) -> (nn::VarStore, Classifier, Tensor) {
     let nvt = reference["num_virtual_tokens"].as_i64().expect("num_virtual_tokens");
     let labels = reference["num_labels"].as_i64().expect("num_labels");
     let adapter = nn::VarStore::new(Device::Cpu);
     let prompt = PromptTuning::new(&adapter.root(), nvt, &PromptInit::Random, base.encoder.word_embeddings());
     let table = prompt.embeddings().shallow_clone();
     let model = Classifier {
-        adapter: Adapter::PromptTuning(prompt),
+        adapter: Trainable::Adapter(Adapter::PromptTuning(prompt)),
         head: ClassificationHead::new(&adapter.root(), base.config.hidden_size, labels, 0.02, 0.1),
         level: Level::Sequence,
         pooling: Pooling::Cls,
@@ -160,7 +161,7 @@ fn fixture_model(base: &BaseModel, reference: &Value) -> (nn::VarStore, Classifi
 fn prompt_tuning_logits_and_gradients_match_peft() {
     let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
-    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let base = FrozenEncoder::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
     let (_adapter, model, table) = fixture_model(&base, reference);
 
     let (ids, mask) = fixture_batch(&fixture);
@@ -198,7 +199,7 @@ fn prompt_tuning_logits_and_gradients_match_peft() {
 fn mean_pooling_averages_the_inputs_own_tokens() {
     let fixture = fixture("minilm_hidden_states.json");
     let reference = &fixture["prompt_tuning"];
-    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let base = FrozenEncoder::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
     let (_adapter, mut model, table) = fixture_model(&base, reference);
     model.pooling = Pooling::Mean;
     let (ids, mask) = fixture_batch(&fixture);
@@ -237,7 +238,7 @@ fn adamw_steps_with_warmup_and_decay_follow_torch() {
     let reference = &fixture["prompt_tuning"];
     let training = &reference["training"];
     let number = |key: &str| training[key].as_f64().unwrap_or_else(|| panic!("training.{key}"));
-    let base = BaseModel::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
+    let base = FrozenEncoder::load(&minilm_dir(), Device::Cpu).expect("MiniLM loads");
     let (_adapter, model, table) = fixture_model(&base, reference);
 
     let (lr, head_lr, weight_decay) = (number("lr"), number("head_lr"), number("weight_decay"));

@@ -8,8 +8,8 @@ mod support;
 use std::path::PathBuf;
 
 use ptune_worker::engine::ner::{encode_sentences, read_tagged_sentences, NerBatch, TagSet, TaggedFields};
-use ptune_worker::engine::token_cls::{self, EntityScores, TokenClassificationHead};
-use ptune_worker::engine::{AdamW, BaseModel, NoHooks};
+use ptune_worker::engine::token_classification::{self, EntityScores};
+use ptune_worker::engine::{AdamW, ClassificationHead, FrozenEncoder, NoHooks};
 use support::paths::{minilm_dir, shared_data};
 use tch::{nn, Device, Tensor};
 
@@ -27,7 +27,7 @@ fn ner_data(file: &str) -> PathBuf {
 
 /// `[batch, seq, tags]` logits of the head on the frozen encoder's last
 /// hidden state.
-fn logits(base: &BaseModel, head: &TokenClassificationHead, batch: &NerBatch, train: bool) -> Tensor {
+fn logits(base: &FrozenEncoder, head: &ClassificationHead, batch: &NerBatch, train: bool) -> Tensor {
     let embeds = base.encoder.embed_ids(&batch.input_ids);
     let hidden = base.encoder.forward(&embeds, &batch.attention_mask, None, &NoHooks, train);
     head.forward(&hidden, train)
@@ -37,7 +37,7 @@ fn logits(base: &BaseModel, head: &TokenClassificationHead, batch: &NerBatch, tr
 fn a_head_on_frozen_minilm_learns_wnut_tags_and_is_scored_by_entity() {
     let device = Device::Cpu;
     let dir = minilm_dir();
-    let base = BaseModel::load(&dir, device).expect("MiniLM loads");
+    let base = FrozenEncoder::load(&dir, device).expect("MiniLM loads");
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer loads");
     let pad_id = base.tokenizer.pad_id();
 
@@ -56,7 +56,7 @@ fn a_head_on_frozen_minilm_learns_wnut_tags_and_is_scored_by_entity() {
     let adapter = nn::VarStore::new(device);
     let config = &base.config;
     let dropout = config.classifier_dropout.unwrap_or(config.hidden_dropout_prob);
-    let head = TokenClassificationHead::new(
+    let head = ClassificationHead::new(
         &adapter.root(),
         config.hidden_size,
         tags.len() as i64,
@@ -67,8 +67,8 @@ fn a_head_on_frozen_minilm_learns_wnut_tags_and_is_scored_by_entity() {
     optimizer.add_group(vec![head.weight().shallow_clone()], HEAD_LEARNING_RATE, 0.01);
     optimizer.add_group(vec![head.bias().shallow_clone()], HEAD_LEARNING_RATE, 0.0);
 
-    let evaluate = |head: &TokenClassificationHead| {
-        token_cls::evaluate(&dev, &tags, 64, pad_id, device, &mut |batch| logits(&base, head, batch, false))
+    let evaluate = |head: &ClassificationHead| {
+        token_classification::evaluate(&dev, &tags, 64, pad_id, device, &mut |batch| logits(&base, head, batch, false))
     };
     let mut losses = Vec::with_capacity(STEPS);
     let order: Vec<usize> = (0..train.len()).collect();
@@ -76,7 +76,7 @@ fn a_head_on_frozen_minilm_learns_wnut_tags_and_is_scored_by_entity() {
         let start = step * BATCH_SIZE % train.len();
         let batch = NerBatch::collate(&train, &order[start..start + BATCH_SIZE], pad_id, device);
         optimizer.zero_grad();
-        let loss = token_cls::token_loss(&logits(&base, &head, &batch, true), &batch.labels);
+        let loss = token_classification::token_loss(&logits(&base, &head, &batch, true), &batch.labels);
         loss.backward();
         optimizer.step(1.0);
         losses.push(f64::try_from(&loss).expect("a scalar loss"));

@@ -13,22 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use ptune_core::Task;
 use tch::Device;
 
-use super::lm::DecoderBase;
-use super::models::{self, BaseModel};
-use super::EngineError;
-
-/// A loaded base model: an encoder (classification) or a decoder (causal LM).
-pub enum LoadedModel {
-    Encoder(BaseModel),
-    Decoder(DecoderBase),
-}
+use super::error::EngineError;
+use super::models::frozen::{FrozenBase, FrozenDecoder, FrozenEncoder};
+use super::models::safetensors::{checkpoint_files, checkpoint_sha256};
 
 /// A frozen base model shared by engine threads.
 pub struct SharedModel {
-    pub model: LoadedModel,
+    pub model: FrozenBase,
     /// Bytes its weights take (float32).
     pub bytes: u64,
     pub sha256: String,
@@ -47,19 +40,13 @@ unsafe impl Sync for SharedModel {}
 
 impl SharedModel {
     /// The encoder, if this is one.
-    pub fn encoder(&self) -> Option<&BaseModel> {
-        match &self.model {
-            LoadedModel::Encoder(base) => Some(base),
-            LoadedModel::Decoder(_) => None,
-        }
+    pub fn encoder(&self) -> Option<&FrozenEncoder> {
+        self.model.encoder()
     }
 
     /// The decoder, if this is one.
-    pub fn decoder(&self) -> Option<&DecoderBase> {
-        match &self.model {
-            LoadedModel::Decoder(base) => Some(base),
-            LoadedModel::Encoder(_) => None,
-        }
+    pub fn decoder(&self) -> Option<&FrozenDecoder> {
+        self.model.decoder()
     }
 }
 
@@ -104,11 +91,10 @@ impl ModelCache {
         self.device
     }
 
-    /// The model in `dir` as `task` needs it (a decoder for causal LM, an
-    /// encoder otherwise): the copy already loaded from the same folder with
-    /// the same weights, or a new one, evicting unused models as the budget
-    /// requires.
-    pub fn get(&self, dir: &Path, task: Task) -> Result<Arc<SharedModel>, EngineError> {
+    /// The model in `dir` (an encoder or a decoder, as its config says):
+    /// the copy already loaded from the same folder with the same weights,
+    /// or a new one, evicting unused models as the budget requires.
+    pub fn get(&self, dir: &Path) -> Result<Arc<SharedModel>, EngineError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let sha256 = inner.sha256(dir)?;
         inner.clock += 1;
@@ -118,15 +104,8 @@ impl ModelCache {
             entry.last_used = now;
             return Ok(entry.model.clone());
         }
-        let model = match task {
-            Task::CausalLm => LoadedModel::Decoder(DecoderBase::load(dir, self.device)?),
-            _ => LoadedModel::Encoder(BaseModel::load(dir, self.device)?),
-        };
-        let parameters = match &model {
-            LoadedModel::Encoder(base) => base.info.parameters,
-            LoadedModel::Decoder(base) => base.info.parameters,
-        };
-        let bytes = parameters * 4;
+        let model = FrozenBase::load(dir, self.device)?;
+        let bytes = model.info().parameters * 4;
         inner.make_room(bytes, self.budget);
         let shared = Arc::new(SharedModel { model, bytes, sha256 });
         inner.loads += 1;
@@ -160,7 +139,7 @@ impl Inner {
     /// The sha256 of the folder's weights, hashed again only when a file
     /// changed size or modification time.
     fn sha256(&mut self, dir: &Path) -> Result<String, EngineError> {
-        let files = models::decoder::checkpoint_files(dir)?;
+        let files = checkpoint_files(dir)?;
         let fingerprint = files
             .iter()
             .map(|path| {
@@ -173,7 +152,7 @@ impl Inner {
                 return Ok(sha256.clone());
             }
         }
-        let sha256 = models::decoder::checkpoint_sha256(dir)?;
+        let sha256 = checkpoint_sha256(dir)?;
         self.hashes.insert(dir.to_path_buf(), (fingerprint, sha256.clone()));
         Ok(sha256)
     }
@@ -215,10 +194,10 @@ mod tests {
     #[test]
     fn every_thread_gets_the_one_copy_of_a_model() {
         let cache = Arc::new(ModelCache::new(Device::Cpu, None));
-        let first = cache.get(&fixture("tiny-bert"), Task::SequenceClassification).unwrap();
+        let first = cache.get(&fixture("tiny-bert")).unwrap();
         let others: Vec<Arc<SharedModel>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| cache.get(&fixture("tiny-bert"), Task::TokenClassification).unwrap()))
+                .map(|_| scope.spawn(|| cache.get(&fixture("tiny-bert")).unwrap()))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -233,29 +212,29 @@ mod tests {
     #[test]
     fn unused_models_are_evicted_least_recently_used_first_under_the_budget() {
         let probe = ModelCache::new(Device::Cpu, None);
-        let bert = probe.get(&fixture("tiny-bert"), Task::SequenceClassification).unwrap().bytes;
-        let gpt2 = probe.get(&fixture("tiny-gpt2"), Task::CausalLm).unwrap().bytes;
-        let qwen2 = probe.get(&fixture("tiny-qwen2"), Task::CausalLm).unwrap().bytes;
+        let bert = probe.get(&fixture("tiny-bert")).unwrap().bytes;
+        let gpt2 = probe.get(&fixture("tiny-gpt2")).unwrap().bytes;
+        let qwen2 = probe.get(&fixture("tiny-qwen2")).unwrap().bytes;
         // Room for any two of the three.
         let budget = bert + gpt2 + qwen2 - bert.min(gpt2).min(qwen2) + 1;
         let cache = ModelCache::new(Device::Cpu, Some(budget));
 
-        drop(cache.get(&fixture("tiny-bert"), Task::SequenceClassification).unwrap());
-        drop(cache.get(&fixture("tiny-gpt2"), Task::CausalLm).unwrap());
+        drop(cache.get(&fixture("tiny-bert")).unwrap());
+        drop(cache.get(&fixture("tiny-gpt2")).unwrap());
         // tiny-bert was used again most recently: tiny-gpt2 goes.
-        drop(cache.get(&fixture("tiny-bert"), Task::SequenceClassification).unwrap());
-        drop(cache.get(&fixture("tiny-qwen2"), Task::CausalLm).unwrap());
+        drop(cache.get(&fixture("tiny-bert")).unwrap());
+        drop(cache.get(&fixture("tiny-qwen2")).unwrap());
         let stats = cache.stats();
         assert_eq!((stats.models, stats.loads, stats.evictions), (2, 3, 1));
         assert!(stats.bytes <= budget);
-        let reloaded = cache.get(&fixture("tiny-bert"), Task::SequenceClassification).unwrap();
+        let reloaded = cache.get(&fixture("tiny-bert")).unwrap();
         assert_eq!(cache.stats().loads, 3, "tiny-bert stayed loaded");
 
         // A model in use is never evicted, even over the budget.
-        let _gpt2 = cache.get(&fixture("tiny-gpt2"), Task::CausalLm).unwrap();
+        let _gpt2 = cache.get(&fixture("tiny-gpt2")).unwrap();
         let stats = cache.stats();
         assert_eq!((stats.loads, stats.evictions), (4, 2), "tiny-qwen2, unused, went");
-        let _qwen2 = cache.get(&fixture("tiny-qwen2"), Task::CausalLm).unwrap();
+        let _qwen2 = cache.get(&fixture("tiny-qwen2")).unwrap();
         let stats = cache.stats();
         assert_eq!((stats.models, stats.evictions), (3, 2), "all three are in use: none can go");
         drop(reloaded);

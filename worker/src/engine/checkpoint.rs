@@ -26,11 +26,12 @@ use std::path::{Path, PathBuf};
 use ptune_core::{JobSpec, Metric};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
+use super::error::EngineError;
 use super::export::write_safetensors;
+use super::models::safetensors::read_tensors;
 use super::optim::AdamW;
-use super::EngineError;
 
 pub const STATE_FILE: &str = "state.safetensors";
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
@@ -154,11 +155,8 @@ pub fn load(dir: &Path, spec: &JobSpec, vars: &nn::VarStore, optimizer: &mut Ada
     }
     let path = dir.join(STATE_FILE);
     let device = vars.device();
-    let saved: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
-        .map_err(|e| refuse(format!("cannot read {STATE_FILE}: {e}")))?
-        .into_iter()
-        .map(|(name, tensor)| (name, tensor.to_kind(Kind::Float).to_device(device)))
-        .collect();
+    let saved: HashMap<String, Tensor> =
+        read_tensors(&path, device).map_err(|e| refuse(format!("cannot read {STATE_FILE}: {e}")))?;
     // Everything is checked before anything is copied, so a refused
     // checkpoint leaves the freshly initialised run untouched.
     let variables = vars.variables();

@@ -1,25 +1,29 @@
-//! Evaluating an exported classifier adapter on labelled data: the import
-//! side of the exports. The adapter may come from this engine (its
-//! `ptune.json` holds the spec it was trained with: task, fields, labels,
-//! sequence length; a full fine-tuning export, a model folder, is read back
-//! into the variables training declares) or from Hugging Face PEFT's
-//! `save_pretrained` (its `adapter_config.json` gives the task; the caller
-//! names what PEFT does not save, such as the labels' names). The prompt, prefixes or LoRA updates
-//! and the trained head are loaded by [`load_adapter`] onto the frozen base
-//! model; the evaluation is the one training runs, so its metrics are the
-//! ones a job reports on the same file.
+//! Evaluating an export on labelled data, for every task: the import side
+//! of the exports. The export may come from this engine (its `ptune.json`
+//! holds the spec it was trained with: task, fields, labels, sequence
+//! length; a full fine-tuning export is a model folder) or, for a
+//! classifier, from Hugging Face PEFT's `save_pretrained` (its
+//! `adapter_config.json` gives the task; the caller names what PEFT does not
+//! save, such as the labels' names). The job's task loads the export onto
+//! the frozen base ([`SharedBase::prepare_export`]) and evaluates it as
+//! training does, so its metrics are the ones a job reports on the same
+//! file.
 
 use std::path::Path;
 
-use ptune_core::{JobSpec, Method, Task};
+use ptune_core::JobSpec;
 use serde_json::{json, Value};
-use tch::{nn, Device};
+use tch::Device;
 
-use super::export::{load_adapter, MODEL_WEIGHTS_FILE};
-use super::models::BaseModel;
-use super::task_data::{TaskData, TaskEvaluation};
-use super::train::{build_model, eval_batch_size};
-use super::{EngineError, TrainJob, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PROVENANCE_FILE};
+use super::error::EngineError;
+use super::export::PROVENANCE_FILE;
+use super::job::{Resume, TrainJob};
+use super::models::frozen::FrozenBase;
+use super::models::safetensors::read_header;
+use super::pack::SharedBase;
+use super::peft::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use super::tasks::check_architecture_of;
+use super::train::{TaskEvaluation, TaskRun};
 
 /// What an adapter folder says about how to evaluate it.
 #[derive(Clone, Debug)]
@@ -93,69 +97,52 @@ pub fn export_info(dir: &Path) -> Result<ExportInfo, EngineError> {
 }
 
 /// Rows of the saved head's projection: `*classifier.weight` or, for
-/// RoBERTa's sequence head, `*classifier.out_proj.weight`.
+/// RoBERTa's sequence head, `*classifier.out_proj.weight`, read from the
+/// weights' header.
 fn head_outputs(dir: &Path) -> Result<usize, EngineError> {
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
-    let tensors = tch::Tensor::read_safetensors(&path)
-        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
-    tensors
+    read_header(&path)?
         .iter()
         .find(|(name, _)| {
             let name = name.replace(".modules_to_save", "");
             name.ends_with("classifier.weight") || name.ends_with("classifier.out_proj.weight")
         })
-        .map(|(_, tensor)| tensor.size()[0] as usize)
+        .map(|(_, entry)| entry.shape.first().copied().unwrap_or(0) as usize)
         .ok_or_else(|| EngineError::Model(format!("{} has no classification head", path.display())))
 }
 
-/// Evaluates the adapter in `dir` on `base` over the labelled JSON Lines file
+/// Evaluates the export in `dir`, trained for `spec` (its task, method,
+/// data fields and labels), on `base` over the labelled JSON Lines file
 /// `data_file` (named `data_name` in errors), reading it as `spec.data`
 /// says (fields, labels, sequence length, `max_eval_examples`). The
 /// predictions are in file order.
 pub fn evaluate_export(
+    base: &FrozenBase,
     dir: &Path,
-    base: &BaseModel,
     spec: &JobSpec,
     data_file: &Path,
     data_name: &str,
     device: Device,
 ) -> Result<TaskEvaluation, EngineError> {
-    if !matches!(spec.task, Task::SequenceClassification | Task::TokenClassification) {
-        return Err(EngineError::Model(format!("{}: only classifier adapters can be evaluated", dir.display())));
-    }
-    let mut vars = nn::VarStore::new(device);
-    let model = if spec.method == Method::Full {
-        // A full fine-tuning export is the job's whole model: the same
-        // variables as training declares, read back from the folder.
-        let model = build_model(spec, base, &vars.root(), spec.data.labels.len())?;
-        let weights = dir.join(MODEL_WEIGHTS_FILE);
-        vars.load(&weights).map_err(|e| EngineError::Model(format!("cannot load {}: {e}", weights.display())))?;
-        model
-    } else {
-        let mut model = load_adapter(dir, base, &vars.root())?;
-        model.pooling = spec.head.pooling;
-        model
-    };
-    // The data reader needs a training file: the same file, read for one example.
-    let mut spec = spec.clone();
-    spec.data.max_train_examples = 1;
+    check_architecture_of(spec, &base.info().model_type)?;
     let job = TrainJob {
-        spec,
+        spec: spec.clone(),
         train_file: data_file.to_path_buf(),
         eval_file: data_file.to_path_buf(),
         train_name: data_name.to_string(),
         eval_name: data_name.to_string(),
         out_dir: dir.to_path_buf(),
         checkpoint_dir: None,
-        resume: super::Resume::Never,
+        resume: Resume::Never,
     };
-    let data = TaskData::load(&job, base)?;
-    let outputs = model.head.weight().size()[0] as usize;
-    if data.num_labels() != outputs {
-        return Err(EngineError::Spec(ptune_core::SpecError::new(
-            "data.labels",
-            format!("names {} labels, but the adapter's head has {outputs} outputs", data.num_labels()),
-        )));
+    match base {
+        FrozenBase::Encoder(base) => evaluate_on(base, device, &job, dir),
+        FrozenBase::Decoder(base) => evaluate_on(base, device, &job, dir),
     }
-    Ok(tch::no_grad(|| data.evaluate(&model, base, eval_batch_size(&job.spec), device, 0)))
+}
+
+/// Loads the export in `dir` onto `base` as the job's task does, and evaluates it.
+fn evaluate_on<B: SharedBase>(base: &B, device: Device, job: &TrainJob, dir: &Path) -> Result<TaskEvaluation, EngineError> {
+    let (_vars, run) = base.prepare_export(device, job, dir)?;
+    tch::no_grad(|| run.evaluate(0))
 }

@@ -4,32 +4,31 @@
 //! prompt, prefix or LoRA weights and dropout stream ride with its own rows);
 //! one backward pass per pass fills every job's gradients; then each job
 //! applies its own AdamW step, reports, evaluates, checkpoints and stops on
-//! its own schedule, exactly as [`super::train`]'s loop does for a job
+//! its own schedule, exactly as the training loop (`train/`) does for a job
 //! alone. Jobs join between steps and leave when they finish, fail or are
 //! stopped, without disturbing the others. Classification jobs pack on an
-//! encoder ([`BaseModel`]), causal-LM jobs on a decoder
-//! ([`super::lm::DecoderBase`]).
+//! encoder, causal-LM jobs on a decoder: each task says how its jobs share a
+//! pass ([`SharedPass`]), and [`backward_step`] builds the passes for every
+//! task, a job alone being a pass of one.
 //!
 //! A job's losses are those of the same job trained alone (the same
 //! computation, up to float rounding): it draws the same batches and the
 //! same dropout masks, and the gradient of a sum of per-job losses with
 //! respect to one job's variables is that job's own gradient.
 
+use std::path::Path;
 use std::time::Instant;
 
-use ptune_core::Pooling;
 use tch::{nn, Device, Tensor};
 
-use super::models::BaseModel;
-use super::task_data::TrainBatch;
-use super::tasks::classifier::{Classifier, Level};
-use super::train::{prepare_classifier, ClassifierRun, Flow, PlannedStep, Progress, TaskRun};
-use super::{Control, EngineError, Event, TrainJob, TrainOutcome};
+use super::error::EngineError;
+use super::job::{Control, Event, TrainJob, TrainOutcome};
+use super::train::{Flow, PlannedStep, Progress, TaskRun};
 
-/// A frozen base model that jobs share forward passes on.
+/// A frozen base model that jobs share, and how its task sets a job up on it.
 pub(crate) trait SharedBase {
     /// A job's model and data on this base.
-    type Run<'a>: TaskRun
+    type Run<'a>: SharedPass
     where
         Self: 'a;
 
@@ -39,16 +38,66 @@ pub(crate) trait SharedBase {
     /// Reads a job's data and builds its trainable variables.
     fn prepare<'a>(&'a self, device: Device, job: &TrainJob) -> Result<(nn::VarStore, Self::Run<'a>), EngineError>;
 
-    /// One step of every job (`runs[i]` on `plans[i]`): forward passes over
-    /// the jobs' batches, grouped within `max_tokens` positions, each
-    /// followed by its backward pass; returns each job's loss, detached.
-    fn backward_step(&self, runs: &[&Self::Run<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor>;
+    /// Reads a job's evaluation data and loads its model from the export in
+    /// `export` (as the job's training wrote it, or as PEFT saves it): what
+    /// evaluating an export takes.
+    fn prepare_export<'a>(
+        &'a self,
+        device: Device,
+        job: &TrainJob,
+        export: &Path,
+    ) -> Result<(nn::VarStore, Self::Run<'a>), EngineError>;
+}
+
+/// A job's run whose batches can share forward passes through the frozen
+/// base with other jobs' runs of the same task.
+pub(crate) trait SharedPass: TaskRun + Sized {
+    /// A job's step ready for a pass: its batch, and its adapter drawn from
+    /// the step's stream.
+    type Input<'s>
+    where
+        Self: 's;
+    /// What jobs must have in common to share a pass.
+    type Kind: PartialEq + Copy;
+    /// How a pass lays its jobs' batches out.
+    const LAYOUT: Layout;
+
+    /// The job's input for the step `plan`.
+    fn input<'s>(&'s self, plan: &'s PlannedStep) -> Self::Input<'s>;
+
+    /// What decides the pass of the job's `input`.
+    fn pass_kind<'s>(&'s self, input: &Self::Input<'s>) -> PassKind<Self::Kind>;
+
+    /// Each member's mean training loss from one forward pass over the
+    /// members' inputs (one job alone, or jobs of one kind).
+    fn forward<'s>(members: &[(&'s Self, &Self::Input<'s>)]) -> Vec<Tensor>;
+}
+
+/// One step of every job (`runs[i]` on `plans[i]`): forward passes over the
+/// jobs' batches, grouped within `max_tokens` positions, each followed by
+/// its backward pass; returns each job's loss, detached.
+pub(crate) fn backward_step<'a, R: SharedPass>(
+    runs: &[&'a R],
+    plans: &[&'a PlannedStep],
+    max_tokens: usize,
+) -> Vec<Tensor> {
+    let inputs: Vec<R::Input<'a>> = runs.iter().zip(plans).map(|(run, plan)| run.input(plan)).collect();
+    let kinds: Vec<PassKind<R::Kind>> = runs.iter().zip(&inputs).map(|(run, input)| run.pass_kind(input)).collect();
+    backward_passes(&group_passes(&kinds, max_tokens, R::LAYOUT), runs.len(), |pass| {
+        let members: Vec<(&'a R, &R::Input<'a>)> = pass.iter().map(|&i| (runs[i], &inputs[i])).collect();
+        R::forward(&members)
+    })
+}
+
+/// The forward and backward pass of one job's step alone: a pass of one.
+pub(crate) fn backward_alone<R: SharedPass>(run: &R, plan: &PlannedStep) -> Tensor {
+    backward_step(&[run], &[plan], usize::MAX).remove(0)
 }
 
 /// A job handed to a pack, with who hears about it.
 pub struct PackJob {
     pub job: TrainJob,
-    /// Called after every step and evaluation, as [`super::Engine::train`] does.
+    /// Called after every step and evaluation, as `Engine::train` does.
     pub on_event: Box<dyn FnMut(Event<'_>) -> Control>,
     /// Called once with how the job ended.
     pub on_done: Box<dyn FnOnce(Result<TrainOutcome, EngineError>)>,
@@ -134,7 +183,7 @@ fn step<'a, B: SharedBase>(base: &'a B, limits: PackLimits, mut members: Vec<Mem
     let plans: Vec<PlannedStep> = members.iter_mut().map(|m| m.progress.begin_step()).collect();
     let losses = {
         let runs: Vec<&B::Run<'a>> = members.iter().map(|m| &m.task).collect();
-        base.backward_step(&runs, &plans.iter().collect::<Vec<_>>(), limits.max_tokens)
+        backward_step(&runs, &plans.iter().collect::<Vec<_>>(), limits.max_tokens)
     };
     let seconds = started.elapsed().as_secs_f64();
 
@@ -155,44 +204,6 @@ fn step<'a, B: SharedBase>(base: &'a B, limits: PackLimits, mut members: Vec<Mem
         }
     }
     training
-}
-
-impl SharedBase for BaseModel {
-    type Run<'a> = ClassifierRun<'a>;
-
-    fn sha256(&self) -> &str {
-        &self.info.sha256
-    }
-
-    fn prepare<'a>(&'a self, device: Device, job: &TrainJob) -> Result<(nn::VarStore, ClassifierRun<'a>), EngineError> {
-        prepare_classifier(self, device, job)
-    }
-
-    fn backward_step(&self, runs: &[&ClassifierRun<'_>], plans: &[&PlannedStep], max_tokens: usize) -> Vec<Tensor> {
-        let batches: Vec<TrainBatch> =
-            runs.iter().zip(plans).map(|(run, plan)| run.data.train_batch(&plan.indices, run.device())).collect();
-        let kinds: Vec<PassKind<(Level, Pooling)>> = runs
-            .iter()
-            .zip(&batches)
-            .map(|(run, batch)| {
-                let model = &run.model;
-                let (rows, seq) = batch.input_ids.size2().expect("input ids are [batch, seq]");
-                let len = (seq + model.input_prompt_len()) as usize;
-                // Poolings pass apart because a pass with a mean-pooled member
-                // runs every position through the last layer, which would
-                // change the dropout masks a position-0 member draws there
-                // from what it draws alone.
-                let kind = model.shares_base().then_some((model.level, model.pooling));
-                PassKind { kind, rows: rows as usize, len }
-            })
-            .collect();
-        // The encoder stacks each job's rows at its own length.
-        backward_passes(&group_passes(&kinds, max_tokens, Layout::Stacked), runs.len(), |pass| {
-            let inputs: Vec<_> = pass.iter().map(|&i| runs[i].input(&batches[i], &plans[i].stream)).collect();
-            let logits = Classifier::packed_logits(&self.encoder, &inputs, true);
-            pass.iter().zip(&logits).map(|(&i, logits)| runs[i].data.loss(logits, &batches[i].labels)).collect()
-        })
-    }
 }
 
 /// What decides a job's pass: the kind of pass it may share (`None`: it

@@ -9,7 +9,7 @@ use std::path::Path;
 use ptune_core::JobSpec;
 use serde_json::Value;
 
-use crate::engine::EngineError;
+use crate::engine::error::EngineError;
 
 /// A text and the index of its label in `data.labels`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,6 +7,8 @@ pub mod ner;
 pub mod seq2seq;
 pub mod tokenize;
 
+use crate::engine::error::EngineError;
+
 /// One tokenized example.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
@@ -14,4 +16,12 @@ pub struct Example {
     pub ids: Vec<i64>,
     /// Index into the spec's `data.labels`.
     pub label: i64,
+}
+
+/// `items`, or an error naming the file `name` when there are none.
+pub(crate) fn non_empty<T>(items: Vec<T>, name: &str) -> Result<Vec<T>, EngineError> {
+    if items.is_empty() {
+        return Err(EngineError::Dataset { file: name.to_string(), message: "has no examples".into() });
+    }
+    Ok(items)
 }

@@ -17,7 +17,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use super::batch::pad_labelled_rows;
 use super::jsonl::read_lines;
-use crate::engine::EngineError;
+use crate::engine::error::EngineError;
 
 /// Label at positions that carry no tag: PyTorch's cross-entropy
 /// `ignore_index` default, which the Hugging Face recipe uses too.

@@ -9,10 +9,10 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
-use tokenizers::Tokenizer;
 
 use super::jsonl::read_lines;
-use crate::engine::EngineError;
+use super::tokenize::LmTokenizer;
+use crate::engine::error::EngineError;
 
 /// A source text and its one target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,45 +132,6 @@ fn category(e: &serde_json::Error) -> &'static str {
     match e.classify() {
         serde_json::error::Category::Eof => "unexpected end of line",
         _ => "syntax error",
-    }
-}
-
-/// A model's `tokenizer.json` for generation: encodes with or without the
-/// template's special tokens (padding and truncation off) and decodes ids
-/// back to text.
-#[derive(Clone)]
-pub struct LmTokenizer {
-    inner: Tokenizer,
-}
-
-impl LmTokenizer {
-    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
-        let mut inner = Tokenizer::from_file(path)
-            .map_err(|e| EngineError::Model(format!("cannot read tokenizer {}: {e}", path.display())))?;
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| EngineError::Model(format!("tokenizer {}: {e}", path.display())))?;
-        Ok(Self { inner })
-    }
-
-    /// Ids of `text`, with the template's special tokens (e.g. a BOS) when
-    /// `special_tokens`.
-    pub fn encode(&self, text: &str, special_tokens: bool) -> Result<Vec<i64>, EngineError> {
-        let encoding =
-            self.inner.encode(text, special_tokens).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
-        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
-    }
-
-    /// Text of `ids`, special tokens left out.
-    pub fn decode(&self, ids: &[i64]) -> Result<String, EngineError> {
-        let ids: Vec<u32> = ids.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
-        self.inner.decode(&ids, true).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))
-    }
-
-    /// Id of a token of the vocabulary, e.g. `<|endoftext|>` or `</s>`.
-    pub fn token_to_id(&self, token: &str) -> Option<i64> {
-        self.inner.token_to_id(token).map(i64::from)
     }
 }
 

@@ -1,12 +1,14 @@
-//! Tokenization with the model's `tokenizer.json` (Hugging Face `tokenizers`).
-//! The file's own padding setting is switched off: batches are padded to
-//! their longest example instead (see `batch.rs`).
+//! Tokenization with the model's `tokenizer.json` (Hugging Face `tokenizers`):
+//! [`TextTokenizer`] for an encoder's classification inputs, [`LmTokenizer`]
+//! for a decoder's prompts and generated text. The file's own padding
+//! setting is switched off: batches are padded to their longest example
+//! instead (see `batch.rs`).
 
 use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::engine::EngineError;
+use crate::engine::error::EngineError;
 
 /// A model's tokenizer, producing ids with special tokens and no padding.
 #[derive(Clone)]
@@ -68,5 +70,44 @@ impl TextTokenizer {
             .iter()
             .map(|encoding| encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
             .collect())
+    }
+}
+
+/// A model's `tokenizer.json` for generation: encodes with or without the
+/// template's special tokens (padding and truncation off) and decodes ids
+/// back to text.
+#[derive(Clone)]
+pub struct LmTokenizer {
+    inner: Tokenizer,
+}
+
+impl LmTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Model(format!("cannot read tokenizer {}: {e}", path.display())))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| EngineError::Model(format!("tokenizer {}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    /// Ids of `text`, with the template's special tokens (e.g. a BOS) when
+    /// `special_tokens`.
+    pub fn encode(&self, text: &str, special_tokens: bool) -> Result<Vec<i64>, EngineError> {
+        let encoding =
+            self.inner.encode(text, special_tokens).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, EngineError> {
+        let ids: Vec<u32> = ids.iter().filter_map(|&id| u32::try_from(id).ok()).collect();
+        self.inner.decode(&ids, true).map_err(|e| EngineError::Model(format!("tokenizer: {e}")))
+    }
+
+    /// Id of a token of the vocabulary, e.g. `<|endoftext|>` or `</s>`.
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
     }
 }

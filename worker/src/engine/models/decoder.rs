@@ -1,8 +1,9 @@
 //! What the causal (decoder-only) language models share: the
 //! [`CausalDecoder`] interface the causal-LM task drives, the key/value cache
 //! used while decoding, the attention mask and position ids derived from a
-//! padding mask, and reading Hugging Face checkpoints that are single files
-//! or sharded (`model.safetensors.index.json`).
+//! padding mask, attention itself, and how a pass shared by several jobs'
+//! batches divides its rows ([`PassLayout`]). `gpt2.rs` and `llama.rs` build
+//! on it; `factory.rs` picks between them.
 //!
 //! Positions and masks follow what Hugging Face computes for a given
 //! attention mask: the position of a real token is the number of real
@@ -11,24 +12,12 @@
 //! `arange` that a plain forward uses. A query sees every earlier real key
 //! and every prefix position.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::hooks::Hooks;
-use super::{dropout, CONFIG_FILE, WEIGHTS_FILE};
+use super::hooks::{HookSites, Hooks, Linears};
+use super::layers::dropout;
+use crate::engine::error::EngineError;
 use crate::engine::rng::{with_stream, DropoutStream};
-use crate::engine::EngineError;
-use crate::engine::peft::lora::LoraLayout;
-
-/// Index of a sharded checkpoint, naming the shard of every tensor.
-pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// A frozen causal language model: a stack of decoder layers over input
 /// embeddings, with a language-modelling head.
@@ -52,9 +41,24 @@ pub trait CausalDecoder: Send {
     /// `[vocab, hidden]` word embedding table.
     fn word_embeddings(&self) -> &Tensor;
 
-    /// The linears of every layer a LoRA update can target, as the layer
-    /// passes them to [`Hooks::linear_delta`], and PEFT's default targets.
-    fn lora_layout(&self) -> LoraLayout;
+    /// The linears of every layer, as the layer passes them to
+    /// [`Hooks::linear_delta`].
+    fn linears(&self) -> Linears;
+
+    /// Where a job's prompt, prefixes and linear deltas fit this model.
+    fn hook_sites(&self) -> HookSites<'_> {
+        HookSites {
+            model_type: self.model_type(),
+            word_embeddings: self.word_embeddings(),
+            vocab_size: self.vocab_size(),
+            hidden_size: self.hidden_size(),
+            num_layers: self.num_layers() as i64,
+            num_attention_heads: self.num_attention_heads(),
+            num_kv_heads: self.num_kv_heads(),
+            head_dim: self.head_dim(),
+            linears: self.linears(),
+        }
+    }
 
     /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
     fn embed_ids(&self, input_ids: &Tensor) -> Tensor {
@@ -100,16 +104,6 @@ pub trait CausalDecoder: Send {
     fn logits(&self, hidden: &Tensor) -> Tensor;
 }
 
-/// Loads the causal LM in `dir`, choosing the architecture by the config's
-/// `model_type` (`gpt2`; `llama`, `mistral`, `qwen2`).
-pub fn load_causal_lm(dir: &Path, device: Device) -> Result<Box<dyn CausalDecoder>, EngineError> {
-    load_architecture(
-        dir,
-        || Ok(Box::new(super::gpt2::Gpt2Model::load(dir, device)?)),
-        || Ok(Box::new(super::llama::LlamaModel::load(dir, device)?)),
-    )
-}
-
 /// Runs `load_into` on a store of its own and freezes it: the model and
 /// the store that owns its tensors.
 pub(crate) fn load_frozen<M>(
@@ -120,46 +114,6 @@ pub(crate) fn load_frozen<M>(
     let model = load_into(&weights)?;
     weights.freeze();
     Ok((model, weights))
-}
-
-/// Loads the causal LM in `dir` into `weights` (empty until now) as a
-/// trainable copy: every variable requires a gradient, and the variables are
-/// named as the Hugging Face `*ForCausalLM` names its parameters (full
-/// fine-tuning).
-pub fn load_trainable_causal_lm(dir: &Path, weights: &nn::VarStore) -> Result<Box<dyn CausalDecoder>, EngineError> {
-    let model = load_architecture(
-        dir,
-        || Ok(Box::new(super::gpt2::Gpt2Model::load_into(dir, weights)?)),
-        || Ok(Box::new(super::llama::LlamaModel::load_into(dir, weights)?)),
-    )?;
-    for (_, variable) in weights.variables() {
-        let _ = variable.set_requires_grad(true);
-    }
-    Ok(model)
-}
-
-/// Calls `gpt2` or `llama` by the config's `model_type`.
-fn load_architecture(
-    dir: &Path,
-    gpt2: impl FnOnce() -> Result<Box<dyn CausalDecoder>, EngineError>,
-    llama: impl FnOnce() -> Result<Box<dyn CausalDecoder>, EngineError>,
-) -> Result<Box<dyn CausalDecoder>, EngineError> {
-    #[derive(Deserialize)]
-    struct ModelType {
-        model_type: String,
-    }
-    let ModelType { model_type } = read_config(dir, "a model")?;
-    if super::gpt2::Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
-        gpt2()
-    } else if super::llama::LlamaConfig::MODEL_TYPES.contains(&model_type.as_str()) {
-        llama()
-    } else {
-        Err(EngineError::Model(format!(
-            "unsupported causal lm model_type {model_type:?}; supported: {}, {}",
-            super::gpt2::Gpt2Config::MODEL_TYPES.join(", "),
-            super::llama::LlamaConfig::MODEL_TYPES.join(", ")
-        )))
-    }
 }
 
 /// Keys and values of the positions seen so far, per layer, for decoding
@@ -200,72 +154,6 @@ impl KvCache {
         }
     }
 }
-
-/// Ids in a config field that holds one id, a list, or null.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TokenIds(pub Vec<i64>);
-
-impl<'de> Deserialize<'de> for TokenIds {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            One(i64),
-            Many(Vec<i64>),
-        }
-        Ok(TokenIds(match Option::<OneOrMany>::deserialize(deserializer)? {
-            None => Vec::new(),
-            Some(OneOrMany::One(id)) => vec![id],
-            Some(OneOrMany::Many(ids)) => ids,
-        }))
-    }
-}
-
-/// Reads `config.json` of a model folder as `T`; `what` names the expected
-/// kind of config in errors.
-pub(crate) fn read_config<T: DeserializeOwned>(dir: &Path, what: &str) -> Result<T, EngineError> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Model(format!("{} is not {what} config: {e}", path.display())))
-}
-
-/// Feed-forward activations of the decoder configs (`hidden_act`,
-/// `activation_function`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// Exact GELU (HF "gelu").
-    Gelu,
-    /// Tanh approximation of GELU (HF "gelu_new", "gelu_pytorch_tanh", "gelu_fast").
-    GeluTanh,
-    Relu,
-    /// `x * sigmoid(x)` (HF "silu", "swish").
-    Silu,
-}
-
-impl Activation {
-    pub(crate) fn parse(name: &str) -> Result<Self, EngineError> {
-        match name {
-            "gelu" => Ok(Self::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
-            "relu" => Ok(Self::Relu),
-            "silu" | "swish" => Ok(Self::Silu),
-            other => Err(EngineError::Model(format!(
-                "unsupported activation {other:?}; supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu"
-            ))),
-        }
-    }
-
-    pub(crate) fn apply(self, xs: &Tensor) -> Tensor {
-        match self {
-            Self::Gelu => xs.gelu("none"),
-            Self::GeluTanh => xs.gelu("tanh"),
-            Self::Relu => xs.relu(),
-            Self::Silu => xs.silu(),
-        }
-    }
-}
-
 /// One job's rows in a forward pass that several jobs' batches share.
 #[derive(Clone, Debug)]
 pub struct Span {
@@ -518,177 +406,7 @@ pub(crate) fn extend_kv(past: Option<&(Tensor, Tensor)>, key: Tensor, value: Ten
         None => (key, value),
     }
 }
-
-/// The safetensors files of a checkpoint: the shards named by
-/// `model.safetensors.index.json` when present, else `model.safetensors`.
-pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let index = dir.join(WEIGHTS_INDEX_FILE);
-    if index.is_file() {
-        let files: BTreeSet<String> = read_weight_map(&index)?.into_values().collect();
-        return Ok(files.into_iter().map(|file| dir.join(file)).collect());
-    }
-    let single = dir.join(WEIGHTS_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    Err(EngineError::Model(format!("{} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}", dir.display())))
-}
-
-/// Names of every tensor in the checkpoint, read from the index or the
-/// file header without loading weights.
-pub fn checkpoint_tensor_names(dir: &Path) -> Result<BTreeSet<String>, EngineError> {
-    let index = dir.join(WEIGHTS_INDEX_FILE);
-    if index.is_file() {
-        return Ok(read_weight_map(&index)?.into_keys().collect());
-    }
-    let mut names = BTreeSet::new();
-    for file in checkpoint_files(dir)? {
-        names.extend(read_header(&file)?.into_keys());
-    }
-    Ok(names)
-}
-
-/// Floating-point weights across the checkpoint's files, from their headers.
-pub fn checkpoint_float_parameters(dir: &Path) -> Result<u64, EngineError> {
-    let mut total = 0;
-    for file in checkpoint_files(dir)? {
-        for entry in read_header(&file)?.values() {
-            if matches!(entry.dtype.as_str(), "F16" | "BF16" | "F32" | "F64") {
-                total += entry.shape.iter().product::<u64>();
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// Hex sha256 of the checkpoint's weights: of `model.safetensors`, or of
-/// the shards' bytes one after the other in file-name order.
-pub fn checkpoint_sha256(dir: &Path) -> Result<String, EngineError> {
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    for path in checkpoint_files(dir)? {
-        let mut file = File::open(&path).map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
-        loop {
-            let n = file.read(&mut buffer).map_err(|e| EngineError::io(&path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
-
-fn read_weight_map(index: &Path) -> Result<BTreeMap<String, String>, EngineError> {
-    #[derive(Deserialize)]
-    struct Index {
-        weight_map: BTreeMap<String, String>,
-    }
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| EngineError::Model(format!("cannot read {}: {e}", index.display())))?;
-    let index_file: Index = serde_json::from_str(&text)
-        .map_err(|e| EngineError::Model(format!("{} is not a safetensors index: {e}", index.display())))?;
-    for file in index_file.weight_map.values() {
-        if file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(EngineError::Model(format!("{} names a shard outside its folder: {file}", index.display())));
-        }
-    }
-    Ok(index_file.weight_map)
-}
-
-#[derive(Deserialize)]
-struct HeaderEntry {
-    dtype: String,
-    shape: Vec<u64>,
-}
-
-/// The tensors a safetensors file declares, from its JSON header.
-fn read_header(path: &Path) -> Result<BTreeMap<String, HeaderEntry>, EngineError> {
-    const MAX_HEADER: u64 = 100_000_000;
-    let mut file = File::open(path).map_err(|e| EngineError::Model(format!("cannot read {}: {e}", path.display())))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| EngineError::io(path, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_HEADER {
-        return Err(EngineError::Model(format!("{} is not a safetensors file", path.display())));
-    }
-    let mut json = vec![0u8; len as usize];
-    file.read_exact(&mut json).map_err(|e| EngineError::io(path, e))?;
-    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
-        .map_err(|e| EngineError::Model(format!("{} has an unreadable header: {e}", path.display())))?;
-    header.remove("__metadata__");
-    header
-        .into_iter()
-        .map(|(name, value)| {
-            let entry = serde_json::from_value(value)
-                .map_err(|e| EngineError::Model(format!("{} has a bad entry for {name}: {e}", path.display())))?;
-            Ok((name, entry))
-        })
-        .collect()
-}
-
-/// Copies every variable of `weights` from the checkpoint in `dir`, where
-/// the variable named `v` is stored as `checkpoint_name(v)`, converting
-/// dtypes (e.g. bf16 shards into f32 variables). Shards are read one at a
-/// time; tensors the model does not use are ignored.
-pub(crate) fn load_checkpoint(
-    weights: &nn::VarStore,
-    dir: &Path,
-    checkpoint_name: &dyn Fn(&str) -> String,
-) -> Result<(), EngineError> {
-    let variables = weights.variables();
-    let mut wanted: HashMap<String, String> =
-        variables.keys().map(|name| (checkpoint_name(name), name.clone())).collect();
-    for file in checkpoint_files(dir)? {
-        let tensors = Tensor::read_safetensors(&file)
-            .map_err(|e| EngineError::Model(format!("cannot load {}: {e}", file.display())))?;
-        for (stored, tensor) in tensors {
-            let Some(name) = wanted.remove(&stored) else { continue };
-            let mut variable = variables[&name].shallow_clone();
-            if variable.size() != tensor.size() {
-                return Err(EngineError::Model(format!(
-                    "{} holds {stored} with shape {:?}, expected {:?}",
-                    file.display(),
-                    tensor.size(),
-                    variable.size()
-                )));
-            }
-            tch::no_grad(|| variable.f_copy_(&tensor))?;
-        }
-    }
-    if let Some(missing) = wanted.keys().min() {
-        return Err(EngineError::Model(format!(
-            "the checkpoint in {} has no tensor {missing} ({} missing in all)",
-            dir.display(),
-            wanted.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Joins a checkpoint prefix (`""`, `"transformer."`, `"model."`) and a name.
 pub(crate) fn prefixed(prefix: &str, name: &str) -> String {
     format!("{prefix}{name}")
-}
-
-/// A linear layer stored as Hugging Face `Conv1D` (GPT-2): `weight`
-/// `[in, out]`, `bias` `[out]`.
-pub(crate) struct Conv1d {
-    pub weight: Tensor,
-    pub bias: Tensor,
-}
-
-impl Conv1d {
-    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64) -> Self {
-        Self { weight: p.zeros_no_train("weight", &[in_dim, out_dim]), bias: p.zeros_no_train("bias", &[out_dim]) }
-    }
-
-    /// `[..., in]` -> `[..., out]`, plus the hooks' delta for `module` of `layer`.
-    pub fn forward(&self, hooks: &dyn Hooks, layer: usize, module: &str, xs: &Tensor) -> Tensor {
-        let out = xs.matmul(&self.weight) + &self.bias;
-        match hooks.linear_delta(layer, module, xs) {
-            Some(delta) => out + delta,
-            None => out,
-        }
-    }
 }

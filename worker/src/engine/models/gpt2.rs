@@ -16,13 +16,14 @@ use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
 
+use super::config::{read_config, TokenIds};
 use super::decoder::{
-    attend, checkpoint_tensor_names, extend_kv, layer_prefixes, load_checkpoint, load_frozen, prefixed, read_config,
-    Activation, AttentionContext, CausalDecoder, Conv1d, KvCache, PassLayout, TokenIds,
+    attend, extend_kv, layer_prefixes, load_frozen, prefixed, AttentionContext, CausalDecoder, KvCache, PassLayout,
 };
-use super::hooks::Hooks;
-use crate::engine::EngineError;
-use crate::engine::peft::lora::{LoraLayout, LoraModule};
+use super::hooks::{HookedLinear, Hooks, Linears};
+use super::layers::Activation;
+use super::safetensors::{checkpoint_tensor_names, load_checkpoint};
+use crate::engine::error::EngineError;
 
 /// The fields of a Hugging Face GPT-2 `config.json` the model uses.
 #[derive(Clone, Debug, Deserialize)]
@@ -113,6 +114,28 @@ impl Gpt2Config {
 
     pub fn inner_dim(&self) -> i64 {
         self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+}
+
+/// A linear layer stored as Hugging Face `Conv1D` (GPT-2): `weight`
+/// `[in, out]`, `bias` `[out]`.
+struct Conv1d {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1d {
+    fn new(p: &nn::Path, in_dim: i64, out_dim: i64) -> Self {
+        Self { weight: p.zeros_no_train("weight", &[in_dim, out_dim]), bias: p.zeros_no_train("bias", &[out_dim]) }
+    }
+
+    /// `[..., in]` -> `[..., out]`, plus the hooks' delta for `module` of `layer`.
+    fn forward(&self, hooks: &dyn Hooks, layer: usize, module: &str, xs: &Tensor) -> Tensor {
+        let out = xs.matmul(&self.weight) + &self.bias;
+        match hooks.linear_delta(layer, module, xs) {
+            Some(delta) => out + delta,
+            None => out,
+        }
     }
 }
 
@@ -338,11 +361,11 @@ impl CausalDecoder for Gpt2Model {
         &self.transformer.wte.ws
     }
 
-    /// Every linear of a block is a `Conv1D`; PEFT targets `c_attn` by default.
-    fn lora_layout(&self) -> LoraLayout {
+    /// Every linear of a block, each a `Conv1D`.
+    fn linears(&self) -> Linears {
         let (h, inner) = (self.config.n_embd, self.config.inner_dim());
-        let module = |path, in_dim, out_dim| LoraModule { hook: path, path, in_dim, out_dim };
-        LoraLayout {
+        let module = |path, in_dim, out_dim| HookedLinear { hook: path, path, in_dim, out_dim };
+        Linears {
             layers: "transformer.h".into(),
             num_layers: self.transformer.blocks.len() as i64,
             modules: vec![
@@ -351,8 +374,7 @@ impl CausalDecoder for Gpt2Model {
                 module("mlp.c_fc", h, inner),
                 module("mlp.c_proj", inner, h),
             ],
-            default_targets: &["c_attn"],
-            fan_in_fan_out: true,
+            transposed: true,
         }
     }
 

@@ -3,6 +3,11 @@
 //! v2) and low-rank deltas on linear layers (LoRA). Every architecture's
 //! forward takes a `&dyn Hooks`, so the frozen weights stay shared while each
 //! job's trainable tensors ride along with its batch.
+//!
+//! A model also says where such additions fit ([`HookSites`]): the width of
+//! its input embeddings, the shape of every layer's keys and values, and the
+//! linears it passes to [`Hooks::linear_delta`] ([`Linears`]). The adapters
+//! are built to those shapes; the model knows no adapter.
 
 use tch::Tensor;
 
@@ -52,4 +57,55 @@ pub fn linear_with_delta(
         Some(delta) => out + delta,
         None => out,
     }
+}
+
+/// A linear layer of one model layer that [`Hooks::linear_delta`] may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookedLinear {
+    /// The name the model's forward passes to [`Hooks::linear_delta`].
+    pub hook: &'static str,
+    /// The module's path inside a layer, as Hugging Face names it
+    /// (`attention.self.query`, `attn.c_attn`, `self_attn.q_proj`).
+    pub path: &'static str,
+    pub in_dim: i64,
+    pub out_dim: i64,
+}
+
+/// The linears of a model's layers that hooks may change.
+#[derive(Clone, Debug)]
+pub struct Linears {
+    /// Path of the model's list of layers in the Hugging Face model
+    /// (`bert.encoder.layer`, `transformer.h`, `model.layers`).
+    pub layers: String,
+    pub num_layers: i64,
+    /// Every such linear of a layer, in the model's order.
+    pub modules: Vec<HookedLinear>,
+    /// True where the linears store `[in, out]` weights (GPT-2's `Conv1D`).
+    pub transposed: bool,
+}
+
+impl Linears {
+    /// The module's full name in layer 0 (`transformer.h.0.attn.c_attn`).
+    pub fn full_name(&self, module: &HookedLinear) -> String {
+        format!("{}.0.{}", self.layers, module.path)
+    }
+}
+
+/// Where a job's additions fit a base model.
+pub struct HookSites<'a> {
+    /// Hugging Face `model_type` of the checkpoint.
+    pub model_type: &'a str,
+    /// `[vocab, hidden]` word embeddings: a prompt is rows of this width
+    /// prepended to the input embeddings, and may start as copies of some.
+    pub word_embeddings: &'a Tensor,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    /// Layers whose keys and values a prefix goes before.
+    pub num_layers: i64,
+    pub num_attention_heads: i64,
+    /// Heads of the keys and values (fewer than the query heads with
+    /// grouped-query attention), each `head_dim` wide: a prefix's shape.
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub linears: Linears,
 }

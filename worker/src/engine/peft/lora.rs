@@ -5,9 +5,10 @@
 //! base model. Dropout applies to the update's input in training.
 //!
 //! The same update serves every architecture: a model lists the linears of
-//! one layer that LoRA may target ([`LoraModule`]) and where its layers live
-//! in the Hugging Face model (`bert.encoder.layer`, `transformer.h`,
-//! `model.layers`). Variables are named as PEFT saves them, e.g.
+//! one layer that hooks may change ([`HookedLinear`]) and where its layers
+//! live in the Hugging Face model (`bert.encoder.layer`, `transformer.h`,
+//! `model.layers`), as [`Linears`]; PEFT's default targets are PEFT's, per
+//! model type ([`default_targets`]). Variables are named as PEFT saves them, e.g.
 //! `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`
 //! or `base_model.model.transformer.h.N.attn.c_attn.lora_A.weight`.
 //! GPT-2's `Conv1D` linears store their weight transposed, which changes
@@ -21,58 +22,43 @@ use ptune_core::SpecError;
 use tch::nn;
 use tch::Tensor;
 
-use crate::engine::models::dropout;
-use crate::engine::models::hooks::Hooks;
+use crate::engine::models::hooks::{HookedLinear, Hooks, Linears};
+use crate::engine::models::layers::dropout;
 
-/// A linear layer of one model layer that LoRA may target.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoraModule {
-    /// The name the model's forward passes to [`Hooks::linear_delta`].
-    pub hook: &'static str,
-    /// The module's path inside a layer, as Hugging Face names it
-    /// (`attention.self.query`, `attn.c_attn`, `self_attn.q_proj`).
-    pub path: &'static str,
-    pub in_dim: i64,
-    pub out_dim: i64,
-}
-
-/// Where a model's LoRA targets are: what [`resolve_targets`] matches
-/// `peft.target_modules` against.
-#[derive(Clone, Debug)]
-pub struct LoraLayout {
-    /// Path of the model's list of layers (`bert.encoder.layer`,
-    /// `transformer.h`, `model.layers`).
-    pub layers: String,
-    pub num_layers: i64,
-    /// Every linear of a layer that may get an update, in the model's order.
-    pub modules: Vec<LoraModule>,
-    /// PEFT's default targets for the architecture
-    /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
-    pub default_targets: &'static [&'static str],
-    /// True where the linears store `[in, out]` weights (GPT-2's `Conv1D`),
-    /// as PEFT's `fan_in_fan_out` says.
-    pub fan_in_fan_out: bool,
-}
-
-impl LoraLayout {
-    /// The module's full name in layer 0, which PEFT matches targets against.
-    fn full_name(&self, module: &LoraModule) -> String {
-        format!("{}.0.{}", self.layers, module.path)
+/// PEFT's default targets of a model type
+/// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`): the attention's
+/// query and value projections.
+pub fn default_targets(model_type: &str) -> &'static [&'static str] {
+    match model_type {
+        "gpt2" => &["c_attn"],
+        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
+        "bert" | "roberta" => &["query", "value"],
+        _ => &[],
     }
 }
 
-/// Resolves `targets` (the layout's defaults when `None`) to the layout's
-/// linears with PEFT's matching rule. A target that matches none of them is
-/// refused with the ones that exist.
-pub fn resolve_targets(layout: &LoraLayout, targets: Option<&[String]>) -> Result<Vec<LoraModule>, SpecError> {
-    let defaults: Vec<String> = layout.default_targets.iter().map(|t| t.to_string()).collect();
+/// Resolves `targets` (PEFT's defaults for `model_type` when `None`) to the
+/// model's `linears` with PEFT's matching rule. A target that matches none
+/// of them is refused with the ones that exist.
+pub fn resolve_targets(
+    model_type: &str,
+    linears: &Linears,
+    targets: Option<&[String]>,
+) -> Result<Vec<HookedLinear>, SpecError> {
+    let defaults: Vec<String> = default_targets(model_type).iter().map(|t| t.to_string()).collect();
+    if targets.is_none() && defaults.is_empty() {
+        return Err(SpecError::new(
+            "peft.target_modules",
+            format!("PEFT has no default targets for model_type {model_type:?}; name the linears to adapt"),
+        ));
+    }
     let targets = targets.unwrap_or(&defaults);
     let mut chosen = Vec::new();
     for target in targets {
-        let found: Vec<&LoraModule> =
-            layout.modules.iter().filter(|m| target_matches(&layout.full_name(m), target)).collect();
+        let found: Vec<&HookedLinear> =
+            linears.modules.iter().filter(|m| target_matches(&linears.full_name(m), target)).collect();
         if found.is_empty() {
-            let allowed: Vec<&str> = layout.modules.iter().map(|m| m.path).collect();
+            let allowed: Vec<&str> = linears.modules.iter().map(|m| m.path).collect();
             return Err(SpecError::new(
                 "peft.target_modules",
                 format!("{target:?} matches no linear layer of this model; allowed: {}", allowed.join(", ")),
@@ -80,7 +66,7 @@ pub fn resolve_targets(layout: &LoraLayout, targets: Option<&[String]>) -> Resul
         }
         chosen.extend(found.into_iter().map(|m| m.hook));
     }
-    Ok(layout.modules.iter().filter(|m| chosen.contains(&m.hook)).copied().collect())
+    Ok(linears.modules.iter().filter(|m| chosen.contains(&m.hook)).copied().collect())
 }
 
 /// Settings of a LoRA adapter.
@@ -90,7 +76,7 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f64,
     /// The linears that get an update, in every layer.
-    pub modules: Vec<LoraModule>,
+    pub modules: Vec<HookedLinear>,
     /// Path of the model's list of layers, part of every PEFT key.
     pub layers: String,
     /// PEFT's `fan_in_fan_out`, written into the export's config.
@@ -98,15 +84,15 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    /// The spec's rank, scaling and dropout, on `modules` of `layout`.
-    pub fn for_spec(peft: &PeftConfig, modules: Vec<LoraModule>, layout: &LoraLayout) -> Self {
+    /// The spec's rank, scaling and dropout, on `modules` of `linears`.
+    pub fn for_spec(peft: &PeftConfig, modules: Vec<HookedLinear>, linears: &Linears) -> Self {
         Self {
             r: i64::from(peft.lora_r()),
             alpha: peft.lora_alpha(),
             dropout: peft.lora_dropout(),
             modules,
-            layers: layout.layers.clone(),
-            fan_in_fan_out: layout.fan_in_fan_out,
+            layers: linears.layers.clone(),
+            fan_in_fan_out: linears.transposed,
         }
     }
 }
@@ -216,9 +202,9 @@ impl Hooks for LoraHooks<'_> {
 mod tests {
     use super::*;
 
-    fn gpt2_layout() -> LoraLayout {
-        let module = |path: &'static str, in_dim, out_dim| LoraModule { hook: path, path, in_dim, out_dim };
-        LoraLayout {
+    fn gpt2_layout() -> Linears {
+        let module = |path: &'static str, in_dim, out_dim| HookedLinear { hook: path, path, in_dim, out_dim };
+        Linears {
             layers: "transformer.h".into(),
             num_layers: 2,
             modules: vec![
@@ -227,32 +213,31 @@ mod tests {
                 module("mlp.c_fc", 8, 32),
                 module("mlp.c_proj", 32, 8),
             ],
-            default_targets: &["c_attn"],
-            fan_in_fan_out: true,
+            transposed: true,
         }
     }
 
-    fn paths(modules: &[LoraModule]) -> Vec<&str> {
+    fn paths(modules: &[HookedLinear]) -> Vec<&str> {
         modules.iter().map(|m| m.path).collect()
     }
 
     #[test]
     fn targets_match_as_peft_matches_them() {
         let layout = gpt2_layout();
-        assert_eq!(paths(&resolve_targets(&layout, None).unwrap()), ["attn.c_attn"]);
+        assert_eq!(paths(&resolve_targets("gpt2", &layout, None).unwrap()), ["attn.c_attn"]);
         let targets = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         // `c_proj` ends both the attention's and the MLP's output projection.
-        let both = resolve_targets(&layout, Some(&targets(&["c_proj"]))).unwrap();
+        let both = resolve_targets("gpt2", &layout, Some(&targets(&["c_proj"]))).unwrap();
         assert_eq!(paths(&both), ["attn.c_proj", "mlp.c_proj"]);
-        let one = resolve_targets(&layout, Some(&targets(&["mlp.c_proj", "c_attn"]))).unwrap();
+        let one = resolve_targets("gpt2", &layout, Some(&targets(&["mlp.c_proj", "c_attn"]))).unwrap();
         assert_eq!(paths(&one), ["attn.c_attn", "mlp.c_proj"], "in the model's order");
-        let err = resolve_targets(&layout, Some(&targets(&["q_proj"]))).unwrap_err().to_string();
+        let err = resolve_targets("gpt2", &layout, Some(&targets(&["q_proj"]))).unwrap_err().to_string();
         assert_eq!(
             err,
             "peft.target_modules: \"q_proj\" matches no linear layer of this model; allowed: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
         );
         // A target must match whole names, not any suffix of one.
-        assert!(resolve_targets(&layout, Some(&targets(&["proj"]))).is_err());
+        assert!(resolve_targets("gpt2", &layout, Some(&targets(&["proj"]))).is_err());
     }
 
     #[test]
@@ -263,7 +248,7 @@ mod tests {
             r: 4,
             alpha: 8.0,
             dropout: 0.0,
-            modules: resolve_targets(&layout, None).unwrap(),
+            modules: resolve_targets("gpt2", &layout, None).unwrap(),
             layers: layout.layers.clone(),
             fan_in_fan_out: true,
         };

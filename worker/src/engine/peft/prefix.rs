@@ -13,7 +13,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use super::p_tuning::torch_linear;
-use crate::engine::models::dropout;
+use crate::engine::models::layers::dropout;
 use crate::engine::models::hooks::Hooks;
 
 /// Shape of the prefixes: the model's layers, heads and hidden size.

@@ -6,7 +6,7 @@
 use ptune_core::PeftConfig;
 use tch::{nn, Kind, Tensor};
 
-use crate::engine::EngineError;
+use crate::engine::error::EngineError;
 
 /// How the prompt table starts, resolved to what it is copied from.
 #[derive(Clone, Debug, PartialEq, Eq)]

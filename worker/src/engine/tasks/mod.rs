@@ -1,6 +1,43 @@
-//! Tasks: the head on top of the encoder, its loss and its evaluation.
+//! Tasks, one folder each: its data, the head or loss on top of the base
+//! model, the setup of a job for the training loop (`train/`) and the pack
+//! (`pack.rs`), its evaluation and its exports.
+//!
+//! - `classification/`: sequence classification on an encoder, and the
+//!   classifier both classification tasks train;
+//! - `token_classification/`: the token level of that classifier (named
+//!   entities), scored by entity;
+//! - `causal_lm/`: text-to-text generation on a decoder.
 
-pub mod bleu;
 pub mod causal_lm;
-pub mod classifier;
-pub mod token_cls;
+pub mod classification;
+pub mod token_classification;
+
+use std::path::Path;
+
+use ptune_core::{JobSpec, SpecError, Task};
+
+use crate::engine::error::EngineError;
+use crate::engine::models::config::model_type;
+use crate::engine::models::factory::Family;
+
+/// Refuses a task the model's architecture cannot serve (classification
+/// pools an encoder, causal LM needs a decoder), naming the task, before
+/// anything is loaded. A model type the engine does not know is left for
+/// loading to refuse.
+pub(crate) fn check_architecture(spec: &JobSpec, model_dir: &Path) -> Result<(), EngineError> {
+    check_architecture_of(spec, &model_type(model_dir)?)
+}
+
+/// [`check_architecture`] for a model of `model_type`.
+pub(crate) fn check_architecture_of(spec: &JobSpec, model_type: &str) -> Result<(), EngineError> {
+    let wanted = match (spec.task, Family::of(model_type)) {
+        (Task::CausalLm, Some(Family::Encoder)) => "a decoder-only model (gpt2, llama, mistral, qwen2)",
+        (Task::SequenceClassification | Task::TokenClassification, Some(Family::Decoder)) => "an encoder model (bert)",
+        _ => return Ok(()),
+    };
+    Err(SpecError::new(
+        "task",
+        format!("{} needs {wanted}, but base_model {:?} has model_type {model_type:?}", spec.task, spec.base_model),
+    )
+    .into())
+}

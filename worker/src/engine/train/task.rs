@@ -1,0 +1,50 @@
+//! What the training loop asks of a task: a job's model and data, set up
+//! by its task ([`TaskRun`]), and what an evaluation gives back.
+
+use std::path::Path;
+
+use ptune_core::{JobSpec, Metric};
+use serde_json::Value;
+use tch::{nn, Tensor};
+
+use crate::engine::error::EngineError;
+use crate::engine::rng::DropoutStream;
+
+/// Smallest evaluation batch: evaluation keeps no activations for a
+/// backward pass, so it can take larger batches than training.
+const MIN_EVAL_BATCH_SIZE: usize = 64;
+
+/// What the training loop needs of a job's model and data, whatever the task.
+pub(crate) trait TaskRun {
+    fn train_len(&self) -> usize;
+    fn eval_len(&self) -> usize;
+    /// Forward and backward pass over the job's batch of `plan`, alone,
+    /// with dropout drawn from the plan's stream where the task supports it;
+    /// returns the batch's mean loss, detached.
+    fn backward(&self, plan: &PlannedStep) -> Tensor;
+    /// Evaluates every evaluation example, without gradients.
+    fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError>;
+    /// Writes the export of the job's variables `vars` into `out_dir`.
+    fn export(&self, out_dir: &Path, vars: &nn::VarStore, provenance: &Value) -> Result<(), EngineError>;
+}
+
+/// Metrics of one evaluation, and the prediction for each evaluation example
+/// in file order (a label, a list of tags with `null` for words cut by
+/// truncation, or a generated text).
+pub struct TaskEvaluation {
+    pub metrics: Vec<Metric>,
+    pub predictions: Vec<Value>,
+}
+
+/// Batch size of evaluations: the training batch size, at least
+/// [`MIN_EVAL_BATCH_SIZE`].
+pub(crate) fn eval_batch_size(spec: &JobSpec) -> usize {
+    (spec.training.batch_size as usize).max(MIN_EVAL_BATCH_SIZE)
+}
+
+/// One step's plan: its examples, learning-rate factor and dropout stream.
+pub(crate) struct PlannedStep {
+    pub indices: Vec<usize>,
+    pub lr_factor: f64,
+    pub stream: DropoutStream,
+}
