@@ -54,7 +54,7 @@ def needs_helper(adapter_dir) -> str | None:
     spec = info["spec"]
     reasons = []
     if spec.get("task") == "sequence_classification" and (spec.get("head") or {}).get("pooling") == "mean":
-        reasons.append("it pools the mean of the tokens")
+        reasons.append("its head reads the mean of the tokens")
     if spec.get("method") in ("prefix_tuning", "p_tuning_v2") and spec.get("task") != "causal_lm":
         reasons.append("PEFT runs no prefixes on encoders under transformers 5")
     if spec.get("task") == "token_classification" and spec.get("method") in ("prompt_tuning", "p_tuning"):
