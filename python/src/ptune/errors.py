@@ -5,6 +5,7 @@ the spec field the server named."""
 
 from __future__ import annotations
 
+import builtins
 import re
 
 import grpc
@@ -28,7 +29,7 @@ class PtuneError(Exception):
         self.field = field
 
 
-class ConnectionError(PtuneError):  # noqa: A001 - the package's own name for it
+class ConnectionError(PtuneError, builtins.ConnectionError):  # noqa: A001 - also caught as the builtin
     """The coordinator cannot be reached (wrong address, not running, TLS mismatch)."""
 
 
@@ -56,7 +57,7 @@ class JobFailed(PtuneError):
         self.job = job
 
 
-class Timeout(PtuneError):
+class Timeout(PtuneError, builtins.TimeoutError):
     """Waiting took longer than the timeout given."""
 
 

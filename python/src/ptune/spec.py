@@ -39,7 +39,7 @@ def load(spec) -> tuple[dict, Path]:
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return _drop_none(dataclasses.asdict(spec)), Path.cwd()
     if isinstance(spec, dict):
-        return json.loads(json.dumps(spec)), Path.cwd()
+        return json.loads(json.dumps(spec, default=str)), Path.cwd()
     raise TypeError(f"a job spec is a dict, a TOML path or a dataclass, got {type(spec).__name__}")
 
 
