@@ -46,13 +46,13 @@ def wnut(name, method, peft=None):
     }
 
 
-def e2e(name, method, peft=None):
+def e2e(name, method, peft=None, num_beams=1, training=None):
     return {
         "name": name, "base_model": "tiny-gpt2", "task": "causal_lm", "method": method, "peft": peft or {},
         "data": {"train": str(DATA / "e2e" / "train.jsonl"), "eval": "EVAL", "text_field": "source",
                  "label_field": "target", "max_seq_len": 24, "max_train_examples": 32},
-        "generation": {"max_new_tokens": 8, "num_beams": 1},
-        "training": {"learning_rate": 1e-2, "batch_size": 8, "max_steps": 3, "seed": 7},
+        "generation": {"max_new_tokens": 8, "num_beams": num_beams},
+        "training": {"learning_rate": 1e-2, "batch_size": 8, "max_steps": 3, "seed": 7, **(training or {})},
     }
 
 
@@ -70,6 +70,9 @@ CASES = {
     "ner-p-tuning-v2": (wnut("py-ner-p-tuning-v2", "p_tuning_v2", {"num_virtual_tokens": 4}), "ner"),
     "lm-lora": (e2e("py-lm-lora", "lora", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}), "e2e"),
     "lm-prompt": (e2e("py-lm-prompt", "prompt_tuning", {"num_virtual_tokens": 3}), "e2e"),
+    "lm-prefix": (e2e("py-lm-prefix", "prefix_tuning", {"num_virtual_tokens": 3}), "e2e"),
+    "lm-full": (e2e("py-lm-full", "full", training={"learning_rate": 1e-3}), "e2e"),
+    "lm-lora-beams": (e2e("py-lm-lora-beams", "lora", {"r": 4, "lora_alpha": 8}, num_beams=3), "e2e"),
 }
 SCORERS = {"sst2": (sequence_scores, MINILM), "ner": (token_scores, MINILM), "e2e": (causal_lm_scores, TINY_GPT2)}
 
@@ -106,7 +109,8 @@ def test_adapter_loads_as_trained(case, client, cluster, jobs, data_dir, tmp_pat
     if CASES[case][1] == "sst2":
         assert model.config.id2label == {0: "0", 1: "1"}
     if CASES[case][1] == "e2e":
-        assert model.generation_config.max_new_tokens == 8 and model.generation_config.num_beams == 1
+        assert model.generation_config.max_new_tokens == 8
+        assert model.generation_config.num_beams == CASES[case][0]["generation"]["num_beams"]
         expected = [r["prediction"] for r in rows(tmp_path / "predictions.jsonl")]
         assert generate(model, base, data) == expected
 

@@ -291,13 +291,15 @@ def _load_causal_lm(adapter_dir: Path, base_model_dir, spec):
     config.max_new_tokens = int(generation.get("max_new_tokens", 64))
     config.num_beams = int(generation.get("num_beams", 1))
     config.do_sample = False
-    if spec["method"] in ("prompt_tuning", "p_tuning"):
-        # PEFT's cached generation with a soft prompt drifts from the
-        # trained model under transformers 5 (the prompt's positions are
-        # lost after the first token); without the cache every step sees
-        # prompt and text again, as ptune decodes.
+    if spec["method"] in ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"):
+        # PEFT's cached generation with a soft prompt or prefixes drifts
+        # from the trained model under transformers 5 after the first
+        # token; without the cache every step sees the virtual tokens and
+        # the text again, as ptune decodes.
         config.use_cache = False
-    config.early_stopping = config.num_beams > 1 or config.early_stopping
+    # ptune decodes as Hugging Face's beam search with early_stopping=False and length_penalty 1.
+    config.early_stopping = False
+    config.length_penalty = 1.0
     if config.pad_token_id is None:
         config.pad_token_id = config.eos_token_id if not isinstance(config.eos_token_id, list) else config.eos_token_id[0]
     hf.generation_config = config
