@@ -177,3 +177,24 @@ def test_settings_come_from_the_cli_config(tmp_path, monkeypatch):
     monkeypatch.setenv("PTUNE_TOKEN", "ptk_env")
     assert config.resolve().token == "ptk_env"
     assert config.resolve(token="ptk_arg").token == "ptk_arg"
+
+
+def test_cli_adapter_get_names_the_loader(cluster, client, jobs, tmp_path):
+    """`ptune adapter get` says when a plain PeftModel.from_pretrained would
+    differ, and its files carry a real modification time."""
+    import subprocess
+
+    from conftest import BIN
+
+    def get(case):
+        client.jobs.wait(jobs[case], timeout=900)
+        out = tmp_path / case
+        run = subprocess.run([str(BIN / "ptune"), "--coordinator", cluster.url, "adapter", "get", jobs[case], "-o", str(out)],
+                             env={**os.environ, "PTUNE_TOKEN": cluster.admin_token}, capture_output=True, text=True, check=True)
+        return out, run.stderr
+
+    out, stderr = get("prompt-mean")
+    assert "ptune.hf.load(" in stderr and "mean of the tokens" in stderr, stderr
+    assert all(abs(f.stat().st_mtime - time.time()) < 3600 for f in out.iterdir())
+    _, stderr = get("full")
+    assert "ptune.hf.load" not in stderr, "a full fine-tuning export with cls pooling loads with transformers alone"

@@ -106,7 +106,7 @@ def _load_classifier(adapter_dir: Path, base_model_dir, spec):
         skip = 0
     else:
         config = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
-        hf = auto.from_pretrained(base_model_dir, **common)
+        hf = _quietly(auto.from_pretrained, base_model_dir, **common)
         if config["peft_type"] == "PREFIX_TUNING":
             _attach_prefixes(hf, adapter_dir, config)
             model, skip = hf, 0
@@ -122,6 +122,19 @@ def _load_classifier(adapter_dir: Path, base_model_dir, spec):
     if level == "token" and skip:
         _drop_virtual_positions(hf, skip)
     return model
+
+
+def _quietly(load, *args, **kwargs):
+    """Loads a base model without transformers' report of the head it lacks
+    (the adapter brings the trained head)."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _encoder(hf):
