@@ -65,6 +65,7 @@ pub fn unpack_plain_files(archive: impl Read, dir: &Path, max_bytes: u64) -> Res
             .map_err(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { UnpackError::Duplicate(name.clone()) } else { io(&target, e) })?;
         // Copies at most the declared size: a header that lies cannot make it write more.
         std::io::copy(&mut (&mut entry).take(size), &mut out).map_err(|e| io(&target, e))?;
+        out.set_modified(std::time::SystemTime::now()).map_err(|e| io(&target, e))?;
         out.sync_all().map_err(|e| io(&target, e))?;
         names.push(name);
     }
@@ -101,6 +102,9 @@ mod tests {
         });
         let names = unpack_plain_files(good.as_slice(), &root.path().join("ok"), 1 << 20).unwrap();
         assert_eq!(names, ["adapter_config.json", "adapter_model.safetensors"]);
+        let modified = std::fs::metadata(root.path().join("ok/adapter_config.json")).unwrap().modified().unwrap();
+        let age = std::time::SystemTime::now().duration_since(modified).unwrap_or_default();
+        assert!(age.as_secs() < 3600, "an unpacked file keeps the archive's zero mtime: {modified:?}");
 
         let symlink = archive(|b| {
             let mut header = tar::Header::new_gnu();

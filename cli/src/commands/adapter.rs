@@ -30,14 +30,49 @@ pub enum AdapterCommand {
 pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd: AdapterCommand) -> anyhow::Result<i32> {
     let AdapterCommand::Get { id, out, max_bytes } = cmd;
     let saved = download(&mut client, &id, &out, max_bytes).await?;
+    let note = load_note(&out);
     match format {
         Format::Json => output::json(&serde_json::json!({
             "job_id": id, "dir": out.display().to_string(), "sha256": saved.sha256,
-            "size_bytes": saved.size_bytes, "files": saved.files,
+            "size_bytes": saved.size_bytes, "files": saved.files, "load_note": note,
         })),
-        Format::Text => println!("adapter of job {id} written to {} ({})", out.display(), saved.files.join(", ")),
+        Format::Text => {
+            println!("adapter of job {id} written to {} ({})", out.display(), saved.files.join(", "));
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+        }
     }
     Ok(0)
+}
+
+/// A one-line note when a plain `PeftModel.from_pretrained` of the export in
+/// `dir` would not reproduce the trained model, naming the loader that does
+/// (`ptune.hf.load` of the Python package); `None` when it would, or when the
+/// folder has no readable `ptune.json`.
+pub(crate) fn load_note(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("ptune.json")).ok()?;
+    let provenance: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let spec = &provenance["spec"];
+    let (task, method) = (spec["task"].as_str()?, spec["method"].as_str()?);
+    let mut reasons = Vec::new();
+    if task == "sequence_classification" && spec["head"]["pooling"].as_str() == Some("mean") {
+        reasons.push("its head reads the mean of the tokens");
+    }
+    if task != "causal_lm" && matches!(method, "prefix_tuning" | "p_tuning_v2") {
+        reasons.push("PEFT runs no prefixes on encoders under transformers 5");
+    }
+    if task == "token_classification" && matches!(method, "prompt_tuning" | "p_tuning") {
+        reasons.push("PEFT returns the virtual tokens' logits too");
+    }
+    if reasons.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "note: a plain PeftModel.from_pretrained does not reproduce this model ({}); load it with ptune.hf.load({:?}, BASE_MODEL_DIR) from the Python package (pip install ./python)",
+        reasons.join("; "),
+        dir.display().to_string()
+    ))
 }
 
 /// An adapter written to a folder.
@@ -144,4 +179,29 @@ pub(crate) async fn download(
     }
     cleanup(&[&old]);
     Ok(Saved { sha256: actual, size_bytes: received, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_note;
+
+    fn export(spec: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ptune.json"), serde_json::json!({ "spec": spec }).to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_note_names_the_loader_only_where_peft_alone_differs() {
+        let mean = export(serde_json::json!({
+            "task": "sequence_classification", "method": "prompt_tuning", "head": { "pooling": "mean" },
+        }));
+        let note = load_note(mean.path()).expect("mean pooling needs the loader");
+        assert!(note.contains("mean of the tokens") && note.contains("ptune.hf.load("), "{note}");
+        let cls = export(serde_json::json!({ "task": "sequence_classification", "method": "lora" }));
+        assert_eq!(load_note(cls.path()), None);
+        let prefix = export(serde_json::json!({ "task": "token_classification", "method": "p_tuning_v2" }));
+        assert!(load_note(prefix.path()).unwrap().contains("prefixes"));
+        assert_eq!(load_note(tempfile::tempdir().unwrap().path()), None, "no ptune.json, no note");
+    }
 }
