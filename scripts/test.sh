@@ -6,7 +6,9 @@
 # (real PostgreSQL, MiniLM, ../shared/data, Hugging Face references), and
 # last the fault-injection suite (real processes killed, signalled,
 # partitioned and starved of their database; see docs/reliability.md),
-# which needs the worker built with its test-only fault hooks.
+# which needs the worker built with its test-only fault hooks. Between them:
+# offline checks of the deploy files and the CUDA-linked worker binary, and
+# the Python client's tests.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$PTUNE_ROOT"
@@ -31,6 +33,9 @@ tier "deploy files" scripts/check-deploy.sh
 tier "worker binary" scripts/check-worker-binary.sh
 tier "build" cargo build --workspace --bins --tests --benches --profile dev --features "$integration"
 tier "integration tests" cargo test --workspace --no-fail-fast --features "$integration" -- --test-threads 2
+# The Python client against a real coordinator and worker (the binaries the
+# build tier made), before the fault suite rebuilds the worker with its hooks.
+tier "python client" scripts/test-python.sh
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
 tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection,integration --test faults -- --test-threads 1 --nocapture

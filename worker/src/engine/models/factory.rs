@@ -1,41 +1,24 @@
-//! Which architecture a model folder holds, read from its config's
-//! `model_type`: the family it belongs to (an encoder for the
-//! classification tasks, a decoder for causal LM) and, for decoders, the
-//! network to build (GPT-2, or the Llama family). The architectures know
-//! nothing of one another; only this file knows them all.
+//! Which network a model folder holds, from its config's `model_type` and
+//! the model-type table (`ptune_core::model_types`: each type's family, and
+//! whether it is an encoder or a decoder): for decoders, the network to
+//! build (GPT-2, or the Llama family). The architectures know nothing of one
+//! another; only this file builds them.
 
 use std::path::Path;
 
 use tch::{nn, Device};
 
-use super::bert::BertConfig;
+use ptune_core::{Architecture, ModelFamily, ModelType};
+
 use super::config::model_type;
 use super::decoder::CausalDecoder;
-use super::gpt2::{Gpt2Config, Gpt2Model};
-use super::llama::{LlamaConfig, LlamaModel};
+use super::gpt2::Gpt2Model;
+use super::llama::LlamaModel;
 use crate::engine::error::EngineError;
 
-/// The two kinds of architecture the engine trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// A bidirectional encoder (BERT, RoBERTa): sequence and token classification.
-    Encoder,
-    /// A decoder-only language model (GPT-2, Llama, Mistral, Qwen2): causal LM.
-    Decoder,
-}
-
-impl Family {
-    /// The family of the architecture `model_type` names, if the engine
-    /// trains it.
-    pub fn of(model_type: &str) -> Option<Self> {
-        if BertConfig::MODEL_TYPES.contains(&model_type) {
-            Some(Self::Encoder)
-        } else if Gpt2Config::MODEL_TYPES.contains(&model_type) || LlamaConfig::MODEL_TYPES.contains(&model_type) {
-            Some(Self::Decoder)
-        } else {
-            None
-        }
-    }
+/// Whether `model_type` is an encoder or a decoder, if the engine trains it.
+pub fn architecture_of(model_type: &str) -> Option<Architecture> {
+    ModelFamily::of(model_type).map(ModelFamily::architecture)
 }
 
 /// Loads the causal LM in `dir`, choosing the architecture by the config's
@@ -71,15 +54,12 @@ fn load_architecture(
     llama: impl FnOnce() -> Result<Box<dyn CausalDecoder>, EngineError>,
 ) -> Result<Box<dyn CausalDecoder>, EngineError> {
     let model_type = model_type(dir)?;
-    if Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
-        gpt2()
-    } else if LlamaConfig::MODEL_TYPES.contains(&model_type.as_str()) {
-        llama()
-    } else {
-        Err(EngineError::Model(format!(
-            "unsupported causal lm model_type {model_type:?}; supported: {}, {}",
-            Gpt2Config::MODEL_TYPES.join(", "),
-            LlamaConfig::MODEL_TYPES.join(", ")
-        )))
+    match ModelFamily::of(&model_type) {
+        Some(ModelFamily::Gpt2) => gpt2(),
+        Some(ModelFamily::Llama) => llama(),
+        _ => Err(EngineError::Model(format!(
+            "unsupported causal lm model_type {model_type:?}; supported: {}",
+            ModelType::names_of(Architecture::Decoder).join(", ")
+        ))),
     }
 }

@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+use ptune_core::Architecture;
 use tch::{nn, Device};
 
 use super::bert::{BertConfig, BertModel};
 use super::config::{model_type, TOKENIZER_FILE};
 use super::decoder::CausalDecoder;
-use super::factory::{load_causal_lm, Family};
+use super::factory::{architecture_of, load_causal_lm};
 use super::hooks::HookSites;
 use super::registry::inspect_any;
 use super::safetensors::{checkpoint_tensor_names, load_checkpoint, WEIGHTS_FILE};
@@ -111,9 +112,9 @@ impl FrozenBase {
     /// `model_type` says: an encoder or a decoder.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
         let model_type = model_type(dir)?;
-        match Family::of(&model_type) {
-            Some(Family::Encoder) => Ok(Self::Encoder(FrozenEncoder::load(dir, device)?)),
-            Some(Family::Decoder) => Ok(Self::Decoder(FrozenDecoder::load(dir, device)?)),
+        match architecture_of(&model_type) {
+            Some(Architecture::Encoder) => Ok(Self::Encoder(FrozenEncoder::load(dir, device)?)),
+            Some(Architecture::Decoder) => Ok(Self::Decoder(FrozenDecoder::load(dir, device)?)),
             None => Err(EngineError::Model(format!(
                 "unsupported model_type {model_type:?}; supported: {}",
                 ptune_core::ModelType::all_names().join(", ")
@@ -121,10 +122,10 @@ impl FrozenBase {
         }
     }
 
-    pub fn family(&self) -> Family {
+    pub fn architecture(&self) -> Architecture {
         match self {
-            Self::Encoder(_) => Family::Encoder,
-            Self::Decoder(_) => Family::Decoder,
+            Self::Encoder(_) => Architecture::Encoder,
+            Self::Decoder(_) => Architecture::Decoder,
         }
     }
 

@@ -12,6 +12,7 @@
 
 use std::path::Path;
 
+use ptune_core::ModelFamily;
 use serde::Deserialize;
 use tch::nn::{self, Module};
 use tch::{Device, Tensor};
@@ -77,8 +78,6 @@ fn default_true() -> bool {
 }
 
 impl Gpt2Config {
-    /// Model types whose checkpoints this model reads.
-    pub const MODEL_TYPES: [&'static str; 1] = ["gpt2"];
 
     /// Reads and checks `config.json` in a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
@@ -88,11 +87,11 @@ impl Gpt2Config {
     }
 
     fn check(&self) -> Result<(), EngineError> {
-        if !Self::MODEL_TYPES.contains(&self.model_type.as_str()) {
+        if ModelFamily::of(&self.model_type) != Some(ModelFamily::Gpt2) {
             return Err(EngineError::Model(format!(
                 "unsupported model_type {:?} for GPT-2; supported: {}",
                 self.model_type,
-                Self::MODEL_TYPES.join(", ")
+                ModelFamily::Gpt2.type_names().join(", ")
             )));
         }
         if self.add_cross_attention {

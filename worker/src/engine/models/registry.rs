@@ -1,7 +1,8 @@
 //! Which Hugging Face architectures the engine trains, and reading what a
 //! worker advertises about a model folder without building the model: the
-//! config's `model_type` picks the architecture (BERT; GPT-2; Llama,
-//! Mistral, Qwen2), whose config parser checks the settings it supports.
+//! config's `model_type` picks the family in the model-type table
+//! (`ptune_core::model_types`: BERT; GPT-2; Llama, Mistral, Qwen2), whose
+//! config parser checks the settings it supports.
 //!
 //! A folder is one of three things: a model the engine trains
 //! ([`ModelInfo`]), a model it cannot train ([`InspectError::Unsupported`],
@@ -10,6 +11,7 @@
 
 use std::path::Path;
 
+use ptune_core::{ModelFamily, ModelType};
 use serde::Deserialize;
 
 use super::bert::BertConfig;
@@ -46,16 +48,22 @@ impl From<InspectError> for EngineError {
 /// or the shards of `model.safetensors.index.json`), and hashes the weights.
 pub fn inspect_any(dir: &Path) -> Result<ModelInfo, InspectError> {
     #[derive(Deserialize)]
-    struct ModelType {
+    struct TypeOnly {
         model_type: String,
     }
-    let ModelType { model_type } = read_config(dir, "a Hugging Face model").map_err(InspectError::NotAModel)?;
+    let TypeOnly { model_type } = read_config(dir, "a Hugging Face model").map_err(InspectError::NotAModel)?;
     let unsupported_config = |e: EngineError| InspectError::Unsupported {
         model_type: model_type.clone(),
         reason: format!("its config is not supported: {}", without_prefix(&e)),
     };
-    let (max_positions, hidden_size, num_layers, num_attention_heads) =
-        if BertConfig::MODEL_TYPES.contains(&model_type.as_str()) {
+    let Some(family) = ModelFamily::of(&model_type) else {
+        return Err(InspectError::Unsupported {
+            model_type,
+            reason: format!("supported model types: {}", ModelType::all_names().join(", ")),
+        });
+    };
+    let (max_positions, hidden_size, num_layers, num_attention_heads) = match family {
+        ModelFamily::Bert => {
             let config = BertConfig::from_dir(dir).map_err(unsupported_config)?;
             if !dir.join(WEIGHTS_FILE).is_file() {
                 // BERT models load from one file; a sharded one is still a model.
@@ -65,18 +73,16 @@ pub fn inspect_any(dir: &Path) -> Result<ModelInfo, InspectError> {
                 });
             }
             (config.max_positions(), config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
-        } else if Gpt2Config::MODEL_TYPES.contains(&model_type.as_str()) {
+        }
+        ModelFamily::Gpt2 => {
             let config = Gpt2Config::from_dir(dir).map_err(unsupported_config)?;
             (config.n_positions, config.n_embd, config.n_layer, config.n_head)
-        } else if LlamaConfig::MODEL_TYPES.contains(&model_type.as_str()) {
+        }
+        ModelFamily::Llama => {
             let config = LlamaConfig::from_dir(dir).map_err(unsupported_config)?;
             (config.max_position_embeddings, config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
-        } else {
-            return Err(InspectError::Unsupported {
-                model_type,
-                reason: format!("supported model types: {}", ptune_core::ModelType::all_names().join(", ")),
-            });
-        };
+        }
+    };
     Ok(ModelInfo {
         model_type,
         max_positions: to_u32(max_positions),
@@ -111,15 +117,56 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
     }
 
+    /// The linears each architecture lets LoRA target are the ones the
+    /// model-type table lists for its family (which admission checks
+    /// targets against and the memory estimate counts), path for path, in
+    /// the same order. (The table's sizes are typical ones, for estimates;
+    /// the tiny fixtures have narrower feed-forwards.)
     #[test]
-    fn the_configs_accept_the_types_of_the_table() {
-        let mut accepted: Vec<&str> = BertConfig::MODEL_TYPES
-            .into_iter()
-            .chain(Gpt2Config::MODEL_TYPES)
-            .chain(LlamaConfig::MODEL_TYPES)
-            .collect();
-        accepted.sort_unstable();
-        assert_eq!(accepted, ptune_core::ModelType::all_names(), "the configs accept the model-type table's types");
+    fn each_architecture_exposes_the_linears_the_table_lists() {
+        use crate::engine::models::frozen::FrozenBase;
+        for (name, family) in
+            [("tiny-bert", ModelFamily::Bert), ("tiny-gpt2", ModelFamily::Gpt2), ("tiny-llama", ModelFamily::Llama)]
+        {
+            let base = FrozenBase::load(&fixture(name), tch::Device::Cpu).unwrap();
+            let linears = match &base {
+                FrozenBase::Encoder(e) => e.config.linears(),
+                FrozenBase::Decoder(d) => d.model.linears(),
+            };
+            let engine: Vec<&str> = linears.modules.iter().map(|m| m.path).collect();
+            let table: Vec<&str> = family.linears().iter().map(|l| l.path).collect();
+            assert_eq!(engine, table, "{name}");
+        }
+    }
+
+    /// Each family's config parser accepts exactly the types the model-type
+    /// table gives its family, and names them when it refuses another.
+    #[test]
+    fn each_familys_config_takes_the_types_the_table_gives_it() {
+        type Parse = fn(&Path) -> Result<(), EngineError>;
+        let families: [(&str, ModelFamily, Parse); 3] = [
+            ("tiny-bert", ModelFamily::Bert, |d| BertConfig::from_dir(d).map(|_| ())),
+            ("tiny-gpt2", ModelFamily::Gpt2, |d| Gpt2Config::from_dir(d).map(|_| ())),
+            ("tiny-llama", ModelFamily::Llama, |d| LlamaConfig::from_dir(d).map(|_| ())),
+        ];
+        for (name, family, parse) in families {
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
+            for t in ptune_core::model_types::MODEL_TYPES {
+                let dir = tempfile::tempdir().unwrap();
+                config["model_type"] = t.name.into();
+                std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+                let refused = match parse(dir.path()) {
+                    Err(e) => e.to_string().contains("unsupported model_type"),
+                    Ok(()) => false,
+                };
+                assert_eq!(refused, t.family != family, "{name} with model_type {}", t.name);
+                if refused {
+                    let e = parse(dir.path()).unwrap_err().to_string();
+                    assert!(e.contains(&family.type_names().join(", ")), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! The same update serves every architecture: a model lists the linears of
 //! one layer that hooks may change ([`HookedLinear`]) and where its layers
 //! live in the Hugging Face model (`bert.encoder.layer`, `transformer.h`,
-//! `model.layers`), as [`Linears`]; PEFT's default targets are PEFT's, per
-//! model type ([`default_targets`]). Variables are named as PEFT saves them, e.g.
+//! `model.layers`), as [`Linears`]; PEFT's default targets come from the
+//! model-type table in `ptune_core::model_types` ([`default_targets`]). Variables are named as PEFT saves them, e.g.
 //! `base_model.model.bert.encoder.layer.N.attention.self.query.lora_A.weight`
 //! or `base_model.model.transformer.h.N.attn.c_attn.lora_A.weight`.
 //! GPT-2's `Conv1D` linears store their weight transposed, which changes
@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use ptune_core::model_types::lora_target_matches as target_matches;
 use ptune_core::spec::PeftConfig;
-use ptune_core::SpecError;
+use ptune_core::{ModelFamily, SpecError};
 use tch::nn;
 use tch::Tensor;
 
@@ -26,15 +26,11 @@ use crate::engine::models::hooks::{HookedLinear, Hooks, Linears};
 use crate::engine::models::layers::dropout;
 
 /// PEFT's default targets of a model type
-/// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`): the attention's
-/// query and value projections.
+/// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, the attention's
+/// query and value projections), as the model-type table gives them; none
+/// for a type missing from it.
 pub fn default_targets(model_type: &str) -> &'static [&'static str] {
-    match model_type {
-        "gpt2" => &["c_attn"],
-        "llama" | "mistral" | "qwen2" => &["q_proj", "v_proj"],
-        "bert" | "roberta" => &["query", "value"],
-        _ => &[],
-    }
+    ModelFamily::of(model_type).map_or(&[], ModelFamily::default_lora_targets)
 }
 
 /// Resolves `targets` (PEFT's defaults for `model_type` when `None`) to the

@@ -14,11 +14,10 @@ pub mod token_classification;
 
 use std::path::Path;
 
-use ptune_core::{JobSpec, SpecError, Task};
+use ptune_core::{Architecture, JobSpec, ModelFamily, ModelType, SpecError};
 
 use crate::engine::error::EngineError;
 use crate::engine::models::config::model_type;
-use crate::engine::models::factory::Family;
 
 /// Refuses a task the model's architecture cannot serve (classification
 /// pools an encoder, causal LM needs a decoder), naming the task, before
@@ -30,14 +29,20 @@ pub(crate) fn check_architecture(spec: &JobSpec, model_dir: &Path) -> Result<(),
 
 /// [`check_architecture`] for a model of `model_type`.
 pub(crate) fn check_architecture_of(spec: &JobSpec, model_type: &str) -> Result<(), EngineError> {
-    let wanted = match (spec.task, Family::of(model_type)) {
-        (Task::CausalLm, Some(Family::Encoder)) => "a decoder-only model (gpt2, llama, mistral, qwen2)",
-        (Task::SequenceClassification | Task::TokenClassification, Some(Family::Decoder)) => "an encoder model (bert)",
+    match ModelFamily::of(model_type) {
+        Some(family) if !family.serves(spec.task) => {}
         _ => return Ok(()),
-    };
+    }
+    let wanted = Architecture::for_task(spec.task);
     Err(SpecError::new(
         "task",
-        format!("{} needs {wanted}, but base_model {:?} has model_type {model_type:?}", spec.task, spec.base_model),
+        format!(
+            "{} needs {} model ({}), but base_model {:?} has model_type {model_type:?}",
+            spec.task,
+            wanted.article_name(),
+            ModelType::names_of(wanted).join(", "),
+            spec.base_model
+        ),
     )
     .into())
 }

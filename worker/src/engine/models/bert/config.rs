@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use ptune_core::ModelFamily;
 use serde::Deserialize;
 
 use crate::engine::error::EngineError;
@@ -63,8 +64,6 @@ fn default_position_embedding_type() -> String {
 }
 
 impl BertConfig {
-    /// Model types whose checkpoints this encoder reads.
-    pub const MODEL_TYPES: [&'static str; 2] = ["bert", "roberta"];
 
     /// RoBERTa (Liu et al. 2019): BERT's layers, with positions counted from
     /// `pad_token_id + 1` and a sequence classification head of its own
@@ -98,11 +97,11 @@ impl BertConfig {
     }
 
     fn check(&self) -> Result<(), EngineError> {
-        if !Self::MODEL_TYPES.contains(&self.model_type.as_str()) {
+        if ModelFamily::of(&self.model_type) != Some(ModelFamily::Bert) {
             return Err(EngineError::Model(format!(
                 "unsupported model_type {:?}; supported: {}",
                 self.model_type,
-                Self::MODEL_TYPES.join(", ")
+                ModelFamily::Bert.type_names().join(", ")
             )));
         }
         if self.position_embedding_type != "absolute" {

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use ptune_core::ModelFamily;
 use serde::Deserialize;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -131,8 +132,6 @@ impl RopeConfig {
 }
 
 impl LlamaConfig {
-    /// Model types whose checkpoints this model reads.
-    pub const MODEL_TYPES: [&'static str; 3] = ["llama", "mistral", "qwen2"];
 
     /// Reads and checks `config.json` in a model folder.
     pub fn from_dir(dir: &Path) -> Result<Self, EngineError> {
@@ -142,11 +141,11 @@ impl LlamaConfig {
     }
 
     fn check(&self) -> Result<(), EngineError> {
-        if !Self::MODEL_TYPES.contains(&self.model_type.as_str()) {
+        if ModelFamily::of(&self.model_type) != Some(ModelFamily::Llama) {
             return Err(EngineError::Model(format!(
                 "unsupported model_type {:?} for the Llama family; supported: {}",
                 self.model_type,
-                Self::MODEL_TYPES.join(", ")
+                ModelFamily::Llama.type_names().join(", ")
             )));
         }
         Activation::parse(&self.hidden_act)?;
