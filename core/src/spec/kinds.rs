@@ -2,7 +2,12 @@
 //! initialisation, the P-tuning encoder, the pooling of the classification
 //! head. Each parses from its TOML spelling and says what the others are.
 
-use super::*;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::parse::{join, parse_via_from_str};
 
 /// Parameter-efficient fine-tuning method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -2,41 +2,34 @@
 //! trains. Validation names the offending field and the allowed values, so a
 //! bad spec is refused at submit time rather than failing on a worker.
 //!
-//! Here: the spec itself and every field default ([`defaults`]); in
-//! `kinds.rs` what a spec chooses from (method, task, pooling, ...), in
-//! `sections.rs` its `[peft]`, `[data]`, `[generation]` and `[training]`
-//! tables, in `validate.rs` the checks that refuse a bad one.
+//! Here: the spec itself. Below it, each importing only what lies under it:
+//! `limits.rs` (the bounds), `defaults.rs` (every field default),
+//! `parse.rs` (reading labels and names), `kinds.rs` (what a spec chooses
+//! from: method, task, pooling, ...), `sections.rs` (its `[peft]`, `[data]`,
+//! `[generation]` and `[training]` tables), and `validate.rs` (the checks
+//! that refuse a bad spec).
 
-use std::fmt;
-use std::str::FromStr;
+use serde::{Deserialize, Serialize};
 
-use serde::{Deserialize, Deserializer, Serialize};
-
-use crate::bounds;
 pub use crate::bounds::SpecError;
+use defaults::default_max_attempts;
+use parse::parse_via_from_str;
 
-/// Hard cap on virtual tokens and sequence length, whatever the model.
-pub const MAX_TOKENS: u32 = 512;
-/// Hard cap on examples per step.
-pub const MAX_BATCH_SIZE: u32 = 4096;
-/// Most optimizer steps a job may plan (and the most between evaluations or checkpoints).
-pub const MAX_STEPS: u64 = 10_000_000;
-/// Most declared labels.
-pub const MAX_LABELS: usize = 10_000;
-/// Most examples a job may cap its data at.
-pub const MAX_EXAMPLES: u64 = 1_000_000_000;
 /// Default attempts that may fail with an error of the job before it fails.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Bounds of `training.stall_timeout_seconds` when set: ten seconds to a week.
-pub const STALL_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 10..=604_800;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = defaults::MAX_ATTEMPTS;
 
+pub mod defaults;
 mod kinds;
+mod limits;
+mod parse;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use kinds::*;
+pub use limits::*;
+pub use parse::label_text;
 pub use sections::*;
 
 /// A complete, self-contained description of one training job.
@@ -104,113 +97,4 @@ impl JobSpec {
         let text = label_text(value)?;
         self.data.labels.iter().position(|l| *l == text)
     }
-}
-
-/// The text a JSON label value is matched by: strings as they are, integers
-/// and booleans in their JSON spelling.
-pub fn label_text(value: &serde_json::Value) -> Option<String> {
-    match value {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        serde_json::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// `a`, `a or b`, `a, b or c`.
-fn join_or<T: fmt::Display>(items: &[T]) -> String {
-    match items {
-        [] => String::new(),
-        [one] => one.to_string(),
-        [rest @ .., last] => format!("{} or {last}", join(rest)),
-    }
-}
-
-fn join<T: fmt::Display>(items: &[T]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-}
-
-fn parse_via_from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr<Err = String>,
-{
-    let text = String::deserialize(deserializer)?;
-    text.parse().map_err(serde::de::Error::custom)
-}
-
-fn labels_as_strings<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    let values = Vec::<toml_or_json::Scalar>::deserialize(deserializer)?;
-    Ok(values.into_iter().map(|v| v.0).collect())
-}
-
-mod toml_or_json {
-    use serde::{Deserialize, Deserializer};
-
-    /// A label written as a string, an integer or a boolean.
-    pub struct Scalar(pub String);
-
-    impl<'de> Deserialize<'de> for Scalar {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            #[derive(Deserialize)]
-            #[serde(untagged)]
-            enum Raw {
-                S(String),
-                I(i64),
-                B(bool),
-            }
-            Ok(Scalar(match Raw::deserialize(deserializer)? {
-                Raw::S(s) => s,
-                Raw::I(i) => i.to_string(),
-                Raw::B(b) => b.to_string(),
-            }))
-        }
-    }
-}
-
-/// Every default of a spec field, in one place: the TOML and JSON readers
-/// (serde) and the gRPC conversion (`ptune-proto`) both take them from
-/// here, so a field left out gets the same value whichever way it came.
-pub mod defaults {
-    pub const NUM_VIRTUAL_TOKENS: u32 = 20;
-    pub const TEXT_FIELD: &str = "text";
-    pub const LABEL_FIELD: &str = "label";
-    pub const MAX_SEQ_LEN: u32 = 128;
-    pub const MAX_NEW_TOKENS: u32 = 64;
-    pub const NUM_BEAMS: u32 = 1;
-    pub const BATCH_SIZE: u32 = 32;
-    pub const EPOCHS: f64 = 1.0;
-    pub const SEED: u64 = 42;
-    pub const MAX_ATTEMPTS: u32 = super::DEFAULT_MAX_ATTEMPTS;
-}
-
-fn default_virtual_tokens() -> u32 {
-    defaults::NUM_VIRTUAL_TOKENS
-}
-fn default_text_field() -> String {
-    defaults::TEXT_FIELD.into()
-}
-fn default_label_field() -> String {
-    defaults::LABEL_FIELD.into()
-}
-fn default_max_new_tokens() -> u32 {
-    defaults::MAX_NEW_TOKENS
-}
-fn default_num_beams() -> u32 {
-    defaults::NUM_BEAMS
-}
-fn default_max_seq_len() -> u32 {
-    defaults::MAX_SEQ_LEN
-}
-fn default_batch_size() -> u32 {
-    defaults::BATCH_SIZE
-}
-fn default_epochs() -> f64 {
-    defaults::EPOCHS
-}
-fn default_seed() -> u64 {
-    defaults::SEED
-}
-fn default_max_attempts() -> u32 {
-    defaults::MAX_ATTEMPTS
 }

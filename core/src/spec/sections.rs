@@ -1,7 +1,14 @@
 //! The sections of a spec (`[peft]`, `[data]`, `[generation]`,
 //! `[training]`) with their defaults and the bounds of method settings.
 
-use super::*;
+use serde::{Deserialize, Serialize};
+
+use super::defaults::{
+    default_batch_size, default_epochs, default_label_field, default_max_new_tokens, default_max_seq_len,
+    default_num_beams, default_seed, default_text_field, default_virtual_tokens,
+};
+use super::kinds::{EncoderType, PromptInit};
+use super::parse::labels_as_strings;
 
 /// Default LoRA rank, as in PEFT's `LoraConfig`.
 pub const DEFAULT_LORA_R: u32 = 8;

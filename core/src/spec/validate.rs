@@ -2,7 +2,12 @@
 //! method and task allows, and (when a worker reported them) the base
 //! model's limits. Each refusal names the field and what is allowed.
 
-use super::*;
+use super::kinds::{EncoderType, Method, Pooling, PromptInit, Task};
+use super::limits::{MAX_BATCH_SIZE, MAX_EXAMPLES, MAX_LABELS, MAX_STEPS, MAX_TOKENS, STALL_TIMEOUT_SECONDS};
+use super::parse::{join, join_or};
+use super::sections::*;
+use super::{JobSpec, ModelLimits, SpecError};
+use crate::bounds;
 
 impl JobSpec {
     /// Checks every field that can be checked without reading the data.
