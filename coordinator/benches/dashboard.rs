@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ptune_coordinator::auth::tokens::lease_token_hash;
 use ptune_coordinator::auth::Role;
-use ptune_coordinator::model::{BaseModel, Device, LeaseRef, ProgressReport, WorkerOffer, WorkerRegistration};
+use ptune_coordinator::model::{AdvertisedModel, Device, LeaseRef, ProgressReport, WorkerOffer, WorkerRegistration};
 use ptune_coordinator::store::Store;
 use ptune_coordinator::testing::fresh_database;
 use ptune_coordinator::{Config, Coordinator};
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
             hostname: format!("gpu-{w:02}"),
             devices: vec![Device { name: "cuda:0".into(), memory_bytes: 80 << 30 }],
             slots: 16,
-            models: MODELS.iter().map(|m| BaseModel { name: m.to_string(), ..Default::default() }).collect(),
+            models: MODELS.iter().map(|m| AdvertisedModel { name: m.to_string(), ..Default::default() }).collect(),
             memory_bytes: None,
         };
         store.upsert_worker(worker, &registration, worker_token.id).await?;

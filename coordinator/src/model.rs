@@ -174,9 +174,11 @@ pub struct Device {
     pub memory_bytes: u64,
 }
 
-/// A base model a worker serves, as it describes it.
+/// A base model a worker serves, as it advertises it at registration (the
+/// wire's `v1::BaseModel`; the engine's loaded bases are `FrozenEncoder` and
+/// `FrozenDecoder`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BaseModel {
+pub struct AdvertisedModel {
     pub name: String,
     pub sha256: String,
     pub model_type: String,
@@ -192,7 +194,7 @@ pub struct BaseModel {
     pub unsupported_reason: Option<String>,
 }
 
-impl BaseModel {
+impl AdvertisedModel {
     /// What the memory estimate needs of the model, when the worker reported
     /// all of it and its type is one this coordinator knows.
     pub fn shape(&self) -> Option<ModelShape> {
@@ -228,7 +230,7 @@ pub struct WorkerRegistration {
     pub hostname: String,
     pub devices: Vec<Device>,
     pub slots: u32,
-    pub models: Vec<BaseModel>,
+    pub models: Vec<AdvertisedModel>,
     /// Bytes it may use for training; `None` when it did not say.
     pub memory_bytes: Option<u64>,
 }

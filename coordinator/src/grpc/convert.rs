@@ -9,7 +9,7 @@ use ptune_proto::v1;
 
 use crate::error::Error;
 use crate::model::{
-    BaseModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
+    AdvertisedModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
     JobFilter, JobReport, Lease, LeaseRef, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
     TrialCounts, WorkerRegistration,
 };
@@ -134,7 +134,7 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
         models: req
             .models
             .into_iter()
-            .map(|m| BaseModel {
+            .map(|m| AdvertisedModel {
                 name: m.name,
                 sha256: m.sha256,
                 model_type: m.model_type,

@@ -20,7 +20,7 @@ pub enum WorkerOwnership {
     /// Another token.
     Other,
 }
-use crate::model::{BaseModel, ModelSupport, WorkerOffer, WorkerRegistration};
+use crate::model::{AdvertisedModel, ModelSupport, WorkerOffer, WorkerRegistration};
 
 impl Store {
     /// Inserts or replaces a worker's registration, made with token
@@ -119,7 +119,7 @@ impl Store {
     /// estimates err on the large side.
     #[instrument(skip_all)]
     pub async fn model_shapes(&self, names: &[String]) -> Result<HashMap<String, ModelShape>> {
-        let models: Vec<Json<BaseModel>> = sqlx::query_scalar(
+        let models: Vec<Json<AdvertisedModel>> = sqlx::query_scalar(
             "SELECT DISTINCT ON (e->>'name') e FROM workers w, jsonb_array_elements(w.models) e \
              WHERE e->>'name' = ANY($1) AND coalesce(e->>'unsupported_reason', '') = '' \
              ORDER BY e->>'name', coalesce((e->>'parameters')::bigint, 0) DESC, w.id",
