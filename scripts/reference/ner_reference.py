@@ -1,5 +1,5 @@
 """Writes the token-classification fixtures that worker/src/engine/data/ner.rs
-and worker/src/engine/tasks/token_cls.rs are tested against:
+and worker/src/engine/tasks/token_classification/ are tested against:
 
 - worker/tests/fixtures/ner_scores.json: seqeval's entity extraction and its
   default-mode (conlleval) precision, recall, F1 and accuracy on hand-made tag
