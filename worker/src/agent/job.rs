@@ -24,7 +24,8 @@ use super::archive;
 use super::client::{is_transient, Coordinators, CALL_TIMEOUT};
 use super::datasets::{self, FetchError};
 use super::health::{Health, Verdict};
-use super::journal::{self, Courier, Delivery, Journal, JournalMetric, LeaseFile, Record};
+use super::journal::delivery::{deliver, Courier, Delivery};
+use super::journal::{Journal, JournalMetric, LeaseFile, Record};
 use super::leases::{Directive, Leases, StopCause};
 use super::models::ServedModel;
 use super::runner::{EnginePool, RunRequest, RunUpdate, NO_THREAD};
@@ -90,7 +91,7 @@ pub async fn run(ctx: JobContext, lease: v1::Lease, directive: Directive) {
     };
     let lease_dir = journal.dir().to_path_buf();
     let (records, incoming) = mpsc::unbounded_channel();
-    let delivery = tokio::spawn(journal::deliver(ctx.courier.clone(), journal, incoming, directive.clone()));
+    let delivery = tokio::spawn(deliver(ctx.courier.clone(), journal, incoming, directive.clone()));
 
     let (ending, verdict) = match spec {
         Ok(spec) => train(&ctx, &lease, spec, &directive, &records, &lease_dir).await,

@@ -41,7 +41,8 @@ pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
 
 use client::CALL_TIMEOUT;
 use health::Health;
-use journal::{Courier, Journal, Record};
+use journal::delivery::{deliver, Courier, Delivery};
+use journal::{Journal, Record};
 use leases::Leases;
 
 /// Settings of one worker process.
@@ -244,8 +245,8 @@ async fn deliver_recovered(ctx: job::JobContext, mut journal: Journal) {
     }
     let directive = ctx.leases.get(&job_id, epoch).unwrap_or_default();
     let (_, incoming) = mpsc::unbounded_channel();
-    let (journal, delivered) = journal::deliver(ctx.courier.clone(), journal, incoming, directive).await;
-    let last = delivered == journal::Delivery::Ended && job::journal_final(&journal);
+    let (journal, delivered) = deliver(ctx.courier.clone(), journal, incoming, directive).await;
+    let last = delivered == Delivery::Ended && job::journal_final(&journal);
     journal.remove();
     if last {
         let _ = std::fs::remove_dir_all(job::checkpoint_dir(&ctx.work_dir, &job_id));

@@ -12,12 +12,12 @@
 //! an ended attempt is a replay), so records delivered again after a crash
 //! do no harm.
 //!
-//! Delivery ([`deliver`], `delivery.rs`) retries transport failures for as
+//! Delivery ([`delivery::deliver`]) retries transport failures for as
 //! long as it takes (the lease still stands while the coordinator is away:
 //! workers keep training through outages), and stops at once when the
 //! coordinator says the lease is gone.
 
-mod delivery;
+pub mod delivery;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,6 @@ use ptune_proto::v1;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-pub use self::delivery::{deliver, Courier, Delivery};
 use super::archive::Archive;
 
 /// A metric as the journal writes it: non-finite values as text, which
