@@ -210,6 +210,27 @@ impl ModelFamily {
     }
 }
 
+/// Refuses `task` on `base_model` when none of the types serving it can run
+/// it (classification pools an encoder; causal LM needs a decoder), naming
+/// the types that could. A type missing from the table (a newer worker's),
+/// or no type at all, gets the benefit of the doubt.
+pub fn check_task(task: Task, base_model: &str, model_types: &[&str]) -> Result<(), SpecError> {
+    let known = !model_types.is_empty() && model_types.iter().all(|t| ModelFamily::of(t).is_some());
+    if !known || model_types.iter().any(|t| ModelFamily::of(t).is_some_and(|family| family.serves(task))) {
+        return Ok(());
+    }
+    let wanted = Architecture::for_task(task);
+    Err(SpecError::new(
+        "task",
+        format!(
+            "{task} needs {} model ({}), but base_model {base_model:?} has model_type {:?}",
+            wanted.article_name(),
+            ModelType::names_of(wanted).join(", "),
+            model_types.join(", ")
+        ),
+    ))
+}
+
 /// PEFT's rule for `target_modules`: a module matches a target equal to its
 /// path or ending with `.` and the target.
 pub fn lora_target_matches(path: &str, target: &str) -> bool {
@@ -248,6 +269,18 @@ mod tests {
         for task in Task::ALL {
             assert!(Architecture::for_task(task).tasks().contains(&task));
         }
+    }
+
+    #[test]
+    fn a_task_needs_a_type_that_serves_it_and_unknown_types_pass() {
+        assert!(check_task(Task::CausalLm, "m", &["gpt2"]).is_ok());
+        assert!(check_task(Task::CausalLm, "m", &["bert", "llama"]).is_ok(), "one type that serves is enough");
+        assert!(check_task(Task::CausalLm, "m", &["t5"]).is_ok(), "an unknown type passes");
+        assert!(check_task(Task::CausalLm, "m", &[]).is_ok(), "no type passes");
+        assert_eq!(
+            check_task(Task::TokenClassification, "tiny-gpt2", &["gpt2"]).unwrap_err().to_string(),
+            "task: token_classification needs an encoder model (bert, roberta), but base_model \"tiny-gpt2\" has model_type \"gpt2\""
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! worker has registered is admitted: one may come.
 
 use ptune_core::memory::mib;
-use ptune_core::{Architecture, JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, ModelType, Task};
+use ptune_core::{JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, Task};
 
 use crate::error::Error;
 use crate::limits::MAX_ADAPTER_BYTES;
@@ -37,24 +37,11 @@ fn all_known(model_types: &[String]) -> bool {
     !model_types.is_empty() && model_types.iter().all(|t| ModelFamily::of(t).is_some())
 }
 
-/// Refuses a task that no architecture serving the model can run. Types this
-/// coordinator does not know (a newer worker's) are given the benefit of the
-/// doubt, and so are models registered without a type.
+/// Refuses a task that no architecture serving the model can run
+/// ([`ptune_core::model_types::check_task`]).
 fn check_task(task: Task, base_model: &str, model_types: &[String]) -> Result<(), Error> {
-    let fits = |t: &String| ModelFamily::of(t).is_some_and(|family| family.serves(task));
-    if !all_known(model_types) || model_types.iter().any(fits) {
-        return Ok(());
-    }
-    let wanted = Architecture::for_task(task);
-    Err(Error::invalid(
-        "task",
-        format!(
-            "{task} needs {} model ({}), but base_model {base_model:?} has model_type {:?}",
-            wanted.article_name(),
-            ModelType::names_of(wanted).join(", "),
-            model_types.join(", ")
-        ),
-    ))
+    let types: Vec<&str> = model_types.iter().map(String::as_str).collect();
+    Ok(ptune_core::model_types::check_task(task, base_model, &types)?)
 }
 
 /// Refuses LoRA targets that match no linear of a layer of the model's

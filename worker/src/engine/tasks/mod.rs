@@ -14,7 +14,7 @@ pub mod token_classification;
 
 use std::path::Path;
 
-use ptune_core::{Architecture, JobSpec, ModelFamily, ModelType, SpecError};
+use ptune_core::JobSpec;
 
 use crate::engine::error::EngineError;
 use crate::engine::models::config::model_type;
@@ -29,20 +29,5 @@ pub(crate) fn check_architecture(spec: &JobSpec, model_dir: &Path) -> Result<(),
 
 /// [`check_architecture`] for a model of `model_type`.
 pub(crate) fn check_architecture_of(spec: &JobSpec, model_type: &str) -> Result<(), EngineError> {
-    match ModelFamily::of(model_type) {
-        Some(family) if !family.serves(spec.task) => {}
-        _ => return Ok(()),
-    }
-    let wanted = Architecture::for_task(spec.task);
-    Err(SpecError::new(
-        "task",
-        format!(
-            "{} needs {} model ({}), but base_model {:?} has model_type {model_type:?}",
-            spec.task,
-            wanted.article_name(),
-            ModelType::names_of(wanted).join(", "),
-            spec.base_model
-        ),
-    )
-    .into())
+    Ok(ptune_core::model_types::check_task(spec.task, &spec.base_model, &[model_type])?)
 }
