@@ -19,13 +19,7 @@ VENV=.venv-deploy
 REQUIREMENTS=deploy/k8s/tools/requirements.txt
 
 # The tools, installed once and again when the pinned versions change.
-wanted="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$wanted" ]; then
-  echo "check-deploy: installing the pinned tools into $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-  echo "$wanted" > "$VENV/.requirements.sha256"
-fi
+scripts/tool-venv.sh "$VENV" "$REQUIREMENTS"
 if ! command -v kubectl >/dev/null 2>&1; then
   echo "check-deploy: kubectl (with kustomize v5) is needed to render the overlays" >&2
   exit 1

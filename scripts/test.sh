@@ -7,8 +7,8 @@
 # last the fault-injection suite (real processes killed, signalled,
 # partitioned and starved of their database; see docs/reliability.md),
 # which needs the worker built with its test-only fault hooks. Between them:
-# offline checks of the deploy files and the CUDA-linked worker binary, and
-# the Python client's tests.
+# offline checks of the deploy files and the CUDA-linked worker binary, the
+# Python client's tests, and gigabyte files through every blob store.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$PTUNE_ROOT"
@@ -36,6 +36,9 @@ tier "integration tests" cargo test --workspace --no-fail-fast --features "$inte
 # The Python client against a real coordinator and worker (the binaries the
 # build tier made), before the fault suite rebuilds the worker with its hooks.
 tier "python client" scripts/test-python.sh
+# Files in each blob store (PostgreSQL, a folder, an S3 server): 1.5 GB
+# round trips, cut-off uploads, moves between stores.
+tier "blob stores" scripts/test-blob-stores.sh
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
 tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection,integration --test faults -- --test-threads 1 --nocapture

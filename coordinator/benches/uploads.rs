@@ -7,14 +7,12 @@
 //!
 //! `bench/uploads.sh [MB]`, or `cargo bench -p ptune-coordinator --bench uploads`.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use ptune_coordinator::auth::Role;
-use ptune_coordinator::testing::{channel, create_token, fresh_database, minilm_model};
+use ptune_coordinator::testing::{channel, create_token, fresh_database, minilm_model, CoordinatorProcess};
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
@@ -29,11 +27,11 @@ async fn main() -> anyhow::Result<()> {
     let db = fresh_database().await?;
     let admin = create_token(&db.url, Role::Admin, "bench-admin").await?;
     let worker_token = create_token(&db.url, Role::Worker, "bench-worker").await?;
-    let coordinator = Coordinator::start(&db.url)?;
+    let coordinator = CoordinatorProcess::start(env!("CARGO_BIN_EXE_ptune-coordinator"), &db.url, &[], &[])?;
     let url = coordinator.url.clone();
     let mut jobs = JobServiceClient::new(channel(&url, &admin));
     let mut workers = WorkerServiceClient::new(channel(&url, &worker_token));
-    coordinator.wait_until_serving(&mut jobs).await?;
+    coordinator.wait_until_serving(&admin).await?;
 
     // Warm up: one small upload, job submission, registration and lease,
     // so the idle figure includes what every coordinator has loaded.
@@ -215,63 +213,5 @@ fn spec(dataset: &str) -> v1::JobSpec {
         }),
         training: Some(v1::TrainingConfig { learning_rate: 0.03, batch_size: 2, ..Default::default() }),
         ..Default::default()
-    }
-}
-
-/// A `ptune-coordinator` child process, killed when dropped.
-struct Coordinator {
-    child: Child,
-    url: String,
-}
-
-impl Coordinator {
-    fn start(database_url: &str) -> anyhow::Result<Self> {
-        let port = |_: ()| -> anyhow::Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-        let (grpc, http) = (port(())?, port(())?);
-        let child = Command::new(env!("CARGO_BIN_EXE_ptune-coordinator"))
-            .args(["--database-url", database_url])
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting ptune-coordinator")?;
-        Ok(Self { child, url: format!("http://127.0.0.1:{grpc}") })
-    }
-
-    async fn wait_until_serving(&self, jobs: &mut JobServiceClient<ptune_proto::client::AuthChannel>) -> anyhow::Result<()> {
-        for _ in 0..100 {
-            if jobs.list_jobs(v1::ListJobsRequest { page_size: 1, ..Default::default() }).await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        bail!("ptune-coordinator did not answer within 20 s")
-    }
-
-    /// Resets the process's peak resident memory to its current one.
-    /// Returns the resident memory at the reset.
-    fn reset_peak(&self) -> anyhow::Result<u64> {
-        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("resetting VmHWM")?;
-        self.status("VmRSS:")
-    }
-
-    /// Peak resident memory since the last reset, in bytes.
-    fn peak(&self) -> anyhow::Result<u64> {
-        self.status("VmHWM:")
-    }
-
-    /// A memory figure of `/proc/PID/status`, in bytes.
-    fn status(&self, name: &str) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("{name} missing"))?;
-        let kib: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
-        Ok(kib * 1024)
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

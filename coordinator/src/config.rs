@@ -25,6 +25,10 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Largest resume checkpoint a worker may upload.
     pub max_checkpoint_bytes: u64,
+    /// Largest adapter and dataset accepted.
+    pub files: crate::limits::FileLimits,
+    /// Where files' bytes go: the database's chunk tables or an object store.
+    pub blob_store: crate::store::BlobStore,
     /// Where to write the first tokens (`admin.token`, `worker.token`) when
     /// the database has no admin token yet: the single-machine setup.
     pub bootstrap_dir: Option<std::path::PathBuf>,
@@ -67,6 +71,8 @@ impl Config {
             default_max_attempts: ptune_core::spec::DEFAULT_MAX_ATTEMPTS,
             retry: RetryPolicy::default(),
             max_checkpoint_bytes: Self::DEFAULT_MAX_CHECKPOINT_BYTES,
+            files: crate::limits::FileLimits::default(),
+            blob_store: crate::store::BlobStore::Database,
             bootstrap_dir: None,
             tls: None,
             public_metrics: false,

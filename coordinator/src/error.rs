@@ -114,6 +114,7 @@ impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(source) => Error::Unavailable(source.to_string()),
+            StoreError::Objects(message) => Error::Unavailable(format!("the file store failed: {message}; retry later")),
             StoreError::Conflict(constraint) if constraint == "api_tokens_live_name_idx" => {
                 Error::AlreadyExists("a live token has this name; revoke it first or choose another name".into())
             }

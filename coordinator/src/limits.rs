@@ -14,8 +14,23 @@ use uuid::Uuid;
 use crate::auth::Identity;
 use crate::error::Error;
 
-/// Largest adapter archive (a job's result) accepted.
-pub const MAX_ADAPTER_BYTES: u64 = 1_000_000_000;
+/// The largest files accepted: settings (`--max-adapter-mib`,
+/// `--max-dataset-mib`), so that exports of fully fine-tuned large models
+/// fit where the blob store has room for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileLimits {
+    /// An adapter archive (a job's result); also what a full fine-tuning
+    /// job's export may be estimated at.
+    pub adapter: u64,
+    /// An uploaded dataset.
+    pub dataset: u64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        Self { adapter: 1_000_000_000, dataset: 1_000_000_000 }
+    }
+}
 
 /// Rows per page of a listing (jobs, sweeps, workers) when the request does not say.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ptune_coordinator::config::{RetryPolicy, TlsFiles};
 use ptune_coordinator::embedded_pg::EmbeddedPostgres;
-use ptune_coordinator::limits::Limits;
+use ptune_coordinator::blob;
+use ptune_coordinator::limits::{FileLimits, Limits};
+use ptune_coordinator::store::{BlobStore, Store};
 use ptune_coordinator::{Config, Coordinator};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -48,6 +50,22 @@ struct Args {
     /// Longest wait between attempts.
     #[arg(long, env = "PTUNE_RETRY_BACKOFF_CAP_MS", default_value_t = RetryPolicy::default().backoff_cap.as_millis() as u64)]
     retry_backoff_cap_ms: u64,
+    /// Where files' bytes go: `postgres` (chunk rows in the database), an
+    /// absolute folder, `s3://bucket/prefix` (endpoint, region and
+    /// credentials from the AWS_* variables, so MinIO, Ceph and R2 work too),
+    /// `gs://bucket/prefix` or `az://container/prefix`. The database keeps
+    /// the metadata either way; `blobs move` moves existing files.
+    #[arg(long, env = "PTUNE_BLOB_STORE", default_value = "postgres")]
+    blob_store: String,
+    /// Largest adapter archive (a job's result) a worker may upload, in MiB;
+    /// a full fine-tuning job whose export would be larger is refused.
+    #[arg(long, env = "PTUNE_MAX_ADAPTER_MIB", default_value_t = FileLimits::default().adapter >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    max_adapter_mib: u64,
+    /// Largest dataset a user may upload, in MiB.
+    #[arg(long, env = "PTUNE_MAX_DATASET_MIB", default_value_t = FileLimits::default().dataset >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    max_dataset_mib: u64,
     /// Largest resume checkpoint a worker may upload, in MiB (larger ones stay on the worker's disk).
     #[arg(long, env = "PTUNE_MAX_CHECKPOINT_MIB", default_value_t = Config::DEFAULT_MAX_CHECKPOINT_BYTES >> 20)]
     max_checkpoint_mib: u64,
@@ -96,6 +114,32 @@ enum Command {
     /// afterwards admins use `ptune token ...`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Files (datasets, adapters, checkpoints) in the blob stores.
+    #[command(subcommand)]
+    Blobs(BlobsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BlobsCommand {
+    /// Moves every file into another store, verifying each by its sha256;
+    /// coordinators may keep serving meanwhile, and a stopped move resumes
+    /// when run again.
+    Move {
+        /// `postgres`, a folder, or an s3://, gs:// or az:// URL (as --blob-store).
+        #[arg(long)]
+        to: String,
+    },
+    /// Removes now what the leader removes every minute: checkpoints of
+    /// finished jobs, unlinked blobs, and the objects of rows that went.
+    Collect {
+        /// Uploads untouched this long count as abandoned.
+        #[arg(long, default_value_t = 3600)]
+        abandoned_after_secs: u64,
+        /// Objects whose row went this recently are kept (a download may
+        /// still be reading them).
+        #[arg(long, default_value_t = 60)]
+        grace_secs: u64,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -127,9 +171,12 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.max_attempts >= 1, "--max-attempts must be at least 1");
     anyhow::ensure!(args.lease_timeout_ms > 0, "--lease-timeout-ms must be greater than 0");
 
-    if let Some(Command::Token(command)) = args.command {
-        return token_command(args.database_url, &args.data_dir, command).await;
+    match args.command {
+        Some(Command::Token(command)) => return token_command(args.database_url, &args.data_dir, command).await,
+        Some(Command::Blobs(command)) => return blobs_command(args.database_url, &args.data_dir, command).await,
+        None => {}
     }
+    let blob_store = BlobStore::parse(&args.blob_store).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bootstrap_dir = args.bootstrap_tokens.clone().or_else(|| args.database_url.is_none().then(|| args.data_dir.clone()));
     let (database_url, embedded) = match args.database_url {
         Some(url) => (url, None),
@@ -154,6 +201,8 @@ async fn main() -> anyhow::Result<()> {
             max_interruptions: args.max_interruptions,
         },
         max_checkpoint_bytes: args.max_checkpoint_mib.max(1) << 20,
+        files: FileLimits { adapter: args.max_adapter_mib << 20, dataset: args.max_dataset_mib << 20 },
+        blob_store,
         bootstrap_dir,
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: args.tls_client_ca }),
         public_metrics: args.public_metrics,
@@ -180,6 +229,65 @@ async fn token_command(database_url: Option<String>, data_dir: &std::path::Path,
     let TokenCommand::Create { role, name, expires_in_days } = command;
     let role: ptune_coordinator::auth::Role = role.parse().map_err(|e: String| anyhow::anyhow!("--role: {e}"))?;
     ptune_coordinator::grpc::token_name(&name).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let token = with_database(database_url, data_dir, |store| async move {
+        let expires_at = (expires_in_days > 0).then(|| chrono::Utc::now() + chrono::Duration::days(i64::from(expires_in_days)));
+        let (record, token) = store
+            .create_token(&name, role, expires_at, "ptune-coordinator token create")
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", ptune_coordinator::Error::from(e)))?;
+        store.audit(&ptune_coordinator::auth::system(), "token.create", &record.id.to_string(), serde_json::json!({ "name": name, "role": role.as_str() })).await?;
+        anyhow::Ok(token)
+    })
+    .await?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `ptune-coordinator blobs ...`: on `--database-url` or the embedded cluster.
+async fn blobs_command(database_url: Option<String>, data_dir: &std::path::Path, command: BlobsCommand) -> anyhow::Result<()> {
+    let report = with_database(database_url, data_dir, |store| async move {
+        match command {
+            BlobsCommand::Move { to } => {
+                let to = BlobStore::parse(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+                let started = std::time::Instant::now();
+                let moved = blob::move_files(&store, &to).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let secs = started.elapsed().as_secs_f64();
+                Ok(format!(
+                    "| moved to | files | bytes | skipped | seconds |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {secs:.1} |",
+                    to.location().unwrap_or("postgres"),
+                    moved.moved,
+                    moved.bytes,
+                    moved.skipped
+                ))
+            }
+            BlobsCommand::Collect { abandoned_after_secs, grace_secs } => {
+                let done = blob::collect_files(
+                    &store,
+                    Duration::from_secs(abandoned_after_secs),
+                    Duration::from_secs(grace_secs),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(format!(
+                    "removed {} checkpoints, {} blobs and {} objects",
+                    done.checkpoints, done.blobs, done.objects
+                ))
+            }
+        }
+    })
+    .await?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Runs `work` on a migrated store of `--database-url`, or of the embedded
+/// cluster under the data directory (the running coordinator's, or started
+/// for the command and stopped after it).
+async fn with_database<F, Fut, T>(database_url: Option<String>, data_dir: &std::path::Path, work: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     let (url, started) = match database_url {
         Some(url) => (url, None),
         None if EmbeddedPostgres::running(data_dir) => (EmbeddedPostgres::url_for(data_dir)?, None),
@@ -188,24 +296,18 @@ async fn token_command(database_url: Option<String>, data_dir: &std::path::Path,
             (pg.url(), Some(pg))
         }
     };
-    let created = async {
-        let store = ptune_coordinator::store::Store::connect(&url).await.context("connecting to the database")?;
+    let result = async {
+        let store = Store::connect(&url).await.context("connecting to the database")?;
         store.migrate().await?;
-        let expires_at = (expires_in_days > 0).then(|| chrono::Utc::now() + chrono::Duration::days(i64::from(expires_in_days)));
-        let (record, token) = store
-            .create_token(&name, role, expires_at, "ptune-coordinator token create")
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", ptune_coordinator::Error::from(e)))?;
-        store.audit(&ptune_coordinator::auth::system(), "token.create", &record.id.to_string(), serde_json::json!({ "name": name, "role": role.as_str() })).await?;
+        let result = work(store.clone()).await;
         store.close().await;
-        anyhow::Ok(token)
+        result
     }
     .await;
     if let Some(pg) = started {
         pg.stop().await;
     }
-    println!("{}", created?);
-    Ok(())
+    result
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

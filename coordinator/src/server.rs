@@ -79,7 +79,9 @@ impl Coordinator {
     /// extends open leases (so workers survive a coordinator restart) and
     /// starts serving.
     pub async fn start(config: Config) -> anyhow::Result<CoordinatorHandle> {
-        let store = Store::connect_lazy(&config.database_url).context("reading the database url")?;
+        let store = Store::connect_lazy(&config.database_url)
+            .context("reading the database url")?
+            .with_blob_store(config.blob_store.clone());
         let readiness = Readiness::default();
 
         let (stop, stopped) = watch::channel(false);
@@ -89,9 +91,17 @@ impl Coordinator {
             heartbeat_interval: config.heartbeat_interval,
             retry: config.retry,
             max_checkpoint_bytes: config.max_checkpoint_bytes,
+            max_adapter_bytes: config.files.adapter,
         };
         let workers = Workers::new(store.clone(), hub.clone(), timing);
-        let jobs = Jobs::new(store.clone(), hub.clone(), config.default_max_attempts, config.lease_timeout, stopped.clone());
+        let jobs = Jobs::new(
+            store.clone(),
+            hub.clone(),
+            config.default_max_attempts,
+            config.lease_timeout,
+            config.files,
+            stopped.clone(),
+        );
         let nudge = Arc::new(Notify::new());
         let sweeps = Sweeps::new(store.clone(), jobs.clone(), hub.clone(), nudge.clone(), config.default_max_attempts);
 

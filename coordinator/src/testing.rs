@@ -261,3 +261,72 @@ impl Drop for PrivatePostgres {
             .status();
     }
 }
+
+/// A `ptune-coordinator` process (the binary at `binary`, as tests and
+/// benchmarks get it from `CARGO_BIN_EXE_ptune-coordinator`) on free local
+/// ports, killed when dropped; it reads its own memory figures.
+pub struct CoordinatorProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT` of its gRPC server.
+    pub url: String,
+    /// Its HTTP server.
+    pub http: std::net::SocketAddr,
+}
+
+impl CoordinatorProcess {
+    /// Starts it on `database_url` with `args` and `envs` added.
+    pub fn start(binary: &str, database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let port = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let (grpc, http) = (port()?, port()?);
+        let child = std::process::Command::new(binary)
+            .args(["--database-url", database_url])
+            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+            .args(args)
+            .envs(envs.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting ptune-coordinator")?;
+        Ok(Self { child, url: format!("http://127.0.0.1:{grpc}"), http: ([127, 0, 0, 1], http).into() })
+    }
+
+    /// Waits up to 20 s for its gRPC server to answer `token`'s calls.
+    pub async fn wait_until_serving(&self, token: &str) -> anyhow::Result<()> {
+        let mut jobs = ptune_proto::v1::job_service_client::JobServiceClient::new(channel(&self.url, token));
+        for _ in 0..100 {
+            let request = ptune_proto::v1::ListJobsRequest { page_size: 1, ..Default::default() };
+            if jobs.list_jobs(request).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("ptune-coordinator did not answer within 20 s")
+    }
+
+    /// Resets the process's peak resident memory to its current one.
+    /// Returns the resident memory at the reset.
+    pub fn reset_peak(&self) -> anyhow::Result<u64> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").context("resetting VmHWM")?;
+        self.status("VmRSS:")
+    }
+
+    /// Peak resident memory since the last reset (or the start), in bytes.
+    pub fn peak(&self) -> anyhow::Result<u64> {
+        self.status("VmHWM:")
+    }
+
+    /// A memory figure of `/proc/PID/status`, in bytes.
+    fn status(&self, name: &str) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("{name} missing"))?;
+        let kib: u64 = line.split_whitespace().nth(1).context("no value")?.parse()?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

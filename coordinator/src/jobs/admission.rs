@@ -9,7 +9,6 @@ use ptune_core::memory::mib;
 use ptune_core::{JobSpec, MemoryEstimate, Method, ModelFamily, ModelLimits, Task};
 
 use crate::error::Error;
-use crate::limits::MAX_ADAPTER_BYTES;
 use crate::model::ModelSupport;
 
 /// Refuses `spec` when its base model cannot serve it, naming the field;
@@ -64,18 +63,18 @@ fn check_lora_targets(spec: &JobSpec, model_types: &[String]) -> Result<(), Erro
 /// float32: the estimate's weights) is larger than the coordinator keeps for
 /// a job's result, which would otherwise train to the end and then be
 /// refused.
-pub(crate) fn check_export_size(spec: &JobSpec, estimate: &MemoryEstimate) -> Result<(), Error> {
-    if spec.method != Method::Full || estimate.weights_bytes <= MAX_ADAPTER_BYTES {
+pub(crate) fn check_export_size(spec: &JobSpec, estimate: &MemoryEstimate, max_adapter_bytes: u64) -> Result<(), Error> {
+    if spec.method != Method::Full || estimate.weights_bytes <= max_adapter_bytes {
         return Ok(());
     }
     Err(Error::invalid(
         "method",
         format!(
             "full fine-tuning of {:?} exports the whole model, about {} MiB in float32, over the {} MiB a job's \
-             result may take; use lora or a prompt method, or a smaller model",
+             result may take (the coordinator's --max-adapter-mib); use lora or a prompt method, or a smaller model",
             spec.base_model,
             mib(estimate.weights_bytes),
-            mib(MAX_ADAPTER_BYTES)
+            mib(max_adapter_bytes)
         ),
     ))
 }
@@ -176,13 +175,15 @@ mod tests {
         let mut full = spec("qwen2-0.5b", Task::CausalLm);
         full.method = Method::Full;
         let weights = |bytes: u64| MemoryEstimate { weights_bytes: bytes, ..Default::default() };
-        assert!(check_export_size(&full, &weights(MAX_ADAPTER_BYTES)).is_ok());
+        const CAP: u64 = 1_000_000_000;
+        assert!(check_export_size(&full, &weights(CAP), CAP).is_ok());
         assert_eq!(
-            check_export_size(&full, &weights(1_976_000_000)).unwrap_err().to_string(),
+            check_export_size(&full, &weights(1_976_000_000), CAP).unwrap_err().to_string(),
             "method: full fine-tuning of \"qwen2-0.5b\" exports the whole model, about 1,884 MiB \
-             in float32, over the 954 MiB a job's result may take; use lora or a prompt method, or a smaller model"
+             in float32, over the 954 MiB a job's result may take (the coordinator's --max-adapter-mib); use lora or a prompt method, or a smaller model"
         );
+        assert!(check_export_size(&full, &weights(1_976_000_000), 2 * CAP).is_ok(), "a raised limit lets it through");
         full.method = Method::Lora;
-        assert!(check_export_size(&full, &weights(1_976_000_000)).is_ok(), "an adapter is small");
+        assert!(check_export_size(&full, &weights(1_976_000_000), CAP).is_ok(), "an adapter is small");
     }
 }

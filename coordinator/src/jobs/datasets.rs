@@ -5,13 +5,10 @@ use ptune_core::{spec::label_text, JobSpec, SpecError};
 use uuid::Uuid;
 
 use super::facts::{DatasetFacts, FactsCollector};
-use crate::blob::BlobWriter;
+use crate::blob::{BlobWriter, Unlinked};
 use crate::error::Error;
 use crate::model::{DatasetInfo, DatasetRef};
 use crate::store::{ChunkTarget, Store};
-
-/// Largest dataset accepted.
-pub const MAX_DATASET_BYTES: u64 = 1_000_000_000;
 
 /// A dataset being received: written to the database a chunk at a time,
 /// hashed, its lines counted and its facts gathered on the way.
@@ -19,14 +16,16 @@ pub struct DatasetUpload {
     file_name: Option<String>,
     writer: BlobWriter,
     blob: Uuid,
+    max: u64,
     lines: LineCounter,
     facts: FactsCollector,
 }
 
 impl DatasetUpload {
-    pub(crate) fn new(store: Store, blob: Uuid) -> Self {
-        let writer = BlobWriter::new(store, ChunkTarget::Blob(blob), MAX_DATASET_BYTES, "data");
-        Self { file_name: None, writer, blob, lines: LineCounter::default(), facts: FactsCollector::default() }
+    /// Writes into `blob`, refusing more than `max` bytes.
+    pub(crate) fn new(store: Store, blob: Uuid, max: u64) -> Self {
+        let writer = BlobWriter::new(store, ChunkTarget::Blob(blob), max, "data");
+        Self { file_name: None, writer, blob, max, lines: LineCounter::default(), facts: FactsCollector::default() }
     }
 
     /// Adds a chunk; the file name counts when it is the first one given.
@@ -34,30 +33,38 @@ impl DatasetUpload {
         if self.file_name.is_none() && !file_name.is_empty() {
             self.file_name = Some(checked_file_name(file_name)?);
         }
-        self.writer.push(data).await.map_err(|_| {
-            Error::invalid("data", format!("datasets must be at most {MAX_DATASET_BYTES} bytes; split or sample the file"))
+        let max = self.max;
+        self.writer.push(data).await.map_err(|e| match e {
+            Error::InvalidArgument { .. } => Error::invalid(
+                "data",
+                format!(
+                    "datasets must be at most {max} bytes (the coordinator's --max-dataset-mib); split or sample the file"
+                ),
+            ),
+            other => other,
         })?;
         self.lines.feed(data);
         self.facts.feed(data);
         Ok(())
     }
 
-    /// The finished upload's record, its facts and the blob holding its bytes.
-    pub(crate) async fn finish(self) -> Result<(DatasetInfo, DatasetFacts, Uuid), Error> {
+    /// The finished upload's record, its facts, the blob holding its bytes,
+    /// and the guard that removes the blob unless it is linked first.
+    pub(crate) async fn finish(self) -> Result<(DatasetInfo, DatasetFacts, Uuid, Unlinked), Error> {
         if self.writer.received() == 0 {
             return Err(Error::invalid(
                 "data",
                 "the dataset is empty; upload a JSON Lines file with at least one example",
             ));
         }
-        let written = self.writer.finish().await?;
+        let (written, unlinked) = self.writer.finish().await?;
         let info = DatasetInfo {
             reference: DatasetRef::from_sha256(written.sha256),
             file_name: self.file_name.unwrap_or_else(|| "dataset.jsonl".to_string()),
             size: written.size,
             lines: self.lines.finish(),
         };
-        Ok((info, self.facts.finish(), self.blob))
+        Ok((info, self.facts.finish(), self.blob, unlinked))
     }
 }
 

@@ -11,18 +11,19 @@ mod watch;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, Task};
 use tokio::sync::watch as signal;
 use tracing::info;
 
 pub(crate) use admission::{admit, check_export_size};
-pub use datasets::{DatasetUpload, LabelCheck, MAX_DATASET_BYTES};
+pub use datasets::{DatasetUpload, LabelCheck};
 pub use facts::DatasetFacts;
 
 use crate::auth::{Identity, Role, Scope};
 use crate::blob;
 use crate::error::Error;
+use crate::limits::FileLimits;
 use crate::events::{EventHub, HubEventKind};
 use crate::limits::{self, MAX_PAGE_SIZE};
 use crate::memory;
@@ -60,9 +61,6 @@ fn backing_off(job: &Job) -> Option<String> {
     ))
 }
 
-/// Bytes of a dataset checked per database read at submit time.
-const CHECK_WINDOW_BYTES: u64 = 4 * 1024 * 1024;
-
 /// The job-facing domain service. Cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
@@ -71,6 +69,8 @@ pub struct Jobs {
     default_max_attempts: u32,
     /// How recent a worker's last heartbeat must be for it to count as online.
     online_window: Duration,
+    /// Largest adapter and dataset accepted.
+    files: FileLimits,
     shutdown: signal::Receiver<bool>,
 }
 
@@ -80,9 +80,15 @@ impl Jobs {
         hub: EventHub,
         default_max_attempts: u32,
         online_window: Duration,
+        files: FileLimits,
         shutdown: signal::Receiver<bool>,
     ) -> Self {
-        Self { store, hub, default_max_attempts, online_window, shutdown }
+        Self { store, hub, default_max_attempts, online_window, files, shutdown }
+    }
+
+    /// Largest adapter and dataset accepted.
+    pub fn file_limits(&self) -> FileLimits {
+        self.files
     }
 
     /// `jobs` with why each queued one is not being trained, when the
@@ -160,7 +166,7 @@ impl Jobs {
         };
         let estimate = memory::estimate_spec(&self.store, &spec).await?;
         if let Some(estimate) = &estimate {
-            admission::check_export_size(&spec, estimate)?;
+            admission::check_export_size(&spec, estimate, self.files.adapter)?;
         }
         let id = JobId::new();
         self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
@@ -277,13 +283,14 @@ impl Jobs {
 
     /// Starts receiving a dataset.
     pub async fn begin_dataset(&self) -> Result<DatasetUpload, Error> {
-        Ok(DatasetUpload::new(self.store.clone(), self.store.begin_blob().await?))
+        Ok(DatasetUpload::new(self.store.clone(), self.store.begin_blob().await?, self.files.dataset))
     }
 
     /// Stores a received dataset (once per content) and returns its reference.
     pub async fn store_dataset(&self, upload: DatasetUpload) -> Result<DatasetInfo, Error> {
-        let (info, facts, blob) = upload.finish().await?;
+        let (info, facts, blob, unlinked) = upload.finish().await?;
         let stored = self.store.insert_dataset(&info, &facts, blob).await?;
+        drop(unlinked);
         info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
         Ok(stored)
     }
@@ -331,14 +338,9 @@ impl Jobs {
             Error::Internal(format!("dataset {} has no stored bytes", dataset.reference))
         })?;
         let mut check = LabelCheck::new(spec, &dataset.file_name);
-        let mut offset = 0;
-        while offset < dataset.size {
-            let window = self.store.blob_window(blob, offset, CHECK_WINDOW_BYTES).await?;
-            if window.is_empty() {
-                return Err(Error::Internal(format!("dataset {} ended at byte {offset}", dataset.reference)));
-            }
-            check.feed(&window)?;
-            offset += window.len() as u64;
+        let mut chunks = blob::read(self.store.clone(), blob, dataset.size);
+        while let Some(chunk) = chunks.next().await {
+            check.feed(&chunk?)?;
         }
         Ok(check.finish()?)
     }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::jobs::DbJobState;
 use super::fencing::{token_matches, Fenced};
-use super::{millis, to_i64, to_u64, Result, Store};
+use super::{millis, to_i64, to_u64, ChunkTarget, FileRef, Result, Store};
 use crate::model::{CheckpointInfo, CheckpointUpload, LeaseRef};
 
 /// The job's newest complete checkpoint.
@@ -75,7 +75,8 @@ impl Store {
         }
         let id = Uuid::new_v4();
         sqlx::query(
-            "INSERT INTO job_checkpoints (id, job_id, epoch, step, sha256, size) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO job_checkpoints (id, job_id, epoch, step, sha256, size, location) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(upload.lease.job_id.0)
@@ -83,6 +84,7 @@ impl Store {
         .bind(to_i64(upload.info.step))
         .bind(&upload.info.sha256)
         .bind(to_i64(upload.info.size))
+        .bind(self.blob_store().location())
         .execute(&self.pool)
         .await?;
         Ok(Fenced::Valid(id))
@@ -119,25 +121,26 @@ impl Store {
         Ok(outcome)
     }
 
-    /// The checkpoint a running lease resumes from, and its id, if the job has one.
+    /// The checkpoint a running lease resumes from, and where its bytes
+    /// are, if the job has one.
     #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
-    pub async fn checkpoint_for(&self, lease: LeaseRef) -> Result<Fenced<Option<(Uuid, CheckpointInfo)>>> {
+    pub async fn checkpoint_for(&self, lease: LeaseRef) -> Result<Fenced<Option<(FileRef, CheckpointInfo)>>> {
         if let fenced @ (Fenced::NotFound | Fenced::Stale { .. } | Fenced::Forbidden) =
             Self::lease_holds(&self.pool, lease).await?
         {
             return Ok(fenced.map(|()| None));
         }
-        let row: Option<(Uuid, i64, String, i64)> = sqlx::query_as(
-            "SELECT id, step, sha256, size FROM job_checkpoints WHERE job_id = $1 AND complete \
+        let row: Option<(Uuid, i64, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT id, step, sha256, size, location FROM job_checkpoints WHERE job_id = $1 AND complete \
              ORDER BY step DESC LIMIT 1",
         )
         .bind(lease.job_id.0)
         .fetch_optional(&self.pool)
         .await?;
         let found = row
-            .map(|(id, step, sha256, size)| {
+            .map(|(id, step, sha256, size, location)| {
                 Ok::<_, super::StoreError>((
-                    id,
+                    FileRef { target: ChunkTarget::Checkpoint(id), location },
                     CheckpointInfo {
                         step: to_u64(step, "checkpoint step")?,
                         sha256,
@@ -147,16 +150,6 @@ impl Store {
             })
             .transpose()?;
         Ok(Fenced::Valid(found))
-    }
-
-    /// Chunk `seq` of checkpoint `id`, `None` past the last one.
-    pub async fn checkpoint_chunk(&self, id: Uuid, seq: u32) -> Result<Option<Vec<u8>>> {
-        let data = sqlx::query_scalar("SELECT data FROM job_checkpoint_chunks WHERE checkpoint_id = $1 AND seq = $2")
-            .bind(id)
-            .bind(i32::try_from(seq).unwrap_or(i32::MAX))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(data)
     }
 
     /// Removes checkpoints no attempt can resume from: those of finished

@@ -47,7 +47,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 1 {
-            link_blob(&mut tx, blob).await?;
+            link_blob(&mut tx, blob, info.size, info.reference.sha256()).await?;
         } else {
             drop_blob(&mut tx, blob).await?;
         }

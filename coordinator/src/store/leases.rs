@@ -192,7 +192,7 @@ impl Store {
             .bind(adapter)
             .execute(&mut *tx)
             .await?;
-        super::blobs::link_blob(&mut tx, adapter).await?;
+        super::blobs::link_blob(&mut tx, adapter, done.adapter_size, &done.adapter_sha256).await?;
         insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
         // A job asked to stop early that completes before its planned last
         // step stopped early; one that got there anyway did not.

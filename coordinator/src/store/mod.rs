@@ -15,6 +15,7 @@ mod jobs;
 mod leases;
 mod leasing;
 mod metrics;
+mod objects;
 mod sweep_drive;
 mod sweeps;
 mod takeover;
@@ -33,7 +34,8 @@ pub use dashboard::{
     AshaDecisionView, AttemptView, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
     TrialPoint, WorkerView, MAX_SERIES_POINTS,
 };
-pub use blobs::{ChunkTarget, CHUNK_BYTES};
+pub use blobs::{ChunkTarget, StoredFile, CHUNK_BYTES};
+pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use workers::{Availability, WorkerOwnership};
@@ -66,6 +68,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The object store holding files failed or refused (its message).
+    #[error("object store: {0}")]
+    Objects(String),
 }
 
 impl StoreError {
@@ -130,6 +135,8 @@ pub struct Store {
     /// origin of the job events its writes send (migration 0011), so that
     /// a coordinator tells its own events from other replicas'.
     origin: Arc<str>,
+    /// Where files' bytes go (`objects.rs`).
+    files: Arc<objects::Files>,
 }
 
 impl Store {
@@ -139,7 +146,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
-        Ok(Self { pool, metrics: Arc::default(), origin })
+        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default() })
     }
 
     /// A pool that connects on first use, so a coordinator can start before
@@ -147,7 +154,7 @@ impl Store {
     pub fn connect_lazy(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
-        Ok(Self { pool, metrics: Arc::default(), origin })
+        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default() })
     }
 
     fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {

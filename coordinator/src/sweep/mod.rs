@@ -66,7 +66,7 @@ impl Sweeps {
             let limits = admit(&spec, &support[&spec.base_model]).map_err(|e| in_trial(e, &params))?;
             spec.validate(limits.as_ref()).map_err(|e| trial_error(e, &params))?;
             if let Some(estimate) = memory::estimate_spec(&self.store, &spec).await? {
-                check_export_size(&spec, &estimate).map_err(|e| in_trial(e, &params))?;
+                check_export_size(&spec, &estimate, self.jobs.file_limits().adapter).map_err(|e| in_trial(e, &params))?;
             }
             let key = serde_json::json!([spec.task, spec.data.train, spec.data.eval, spec.data.label_field, spec.data.labels])
                 .to_string();

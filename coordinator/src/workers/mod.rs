@@ -15,10 +15,9 @@ use tracing::{info, warn};
 pub use reaper::spawn_reaper;
 
 use crate::auth::Identity;
-use crate::blob::{self, BlobWriter};
+use crate::blob::{self, collect_files, BlobWriter, Collected};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::limits::MAX_ADAPTER_BYTES;
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
@@ -35,6 +34,8 @@ pub struct Timing {
     pub retry: RetryPolicy,
     /// Largest checkpoint archive a worker may upload.
     pub max_checkpoint_bytes: u64,
+    /// Largest adapter archive a worker may upload.
+    pub max_adapter_bytes: u64,
 }
 
 /// The worker-facing domain service. Cheap to clone.
@@ -139,10 +140,14 @@ impl Workers {
     /// Starts receiving the adapter of a completed lease. Refuses early when
     /// the lease is already stale, so the worker does not upload in vain.
     pub async fn begin_completion(&self, completion: Completion) -> Result<AdapterUpload, Error> {
-        if completion.adapter_size == 0 || completion.adapter_size > MAX_ADAPTER_BYTES {
+        let max = self.timing.max_adapter_bytes;
+        if completion.adapter_size == 0 || completion.adapter_size > max {
             return Err(Error::invalid(
                 "adapter_size",
-                format!("must be between 1 and {MAX_ADAPTER_BYTES} bytes, got {}", completion.adapter_size),
+                format!(
+                    "must be between 1 and {max} bytes (the coordinator's --max-adapter-mib), got {}",
+                    completion.adapter_size
+                ),
             ));
         }
         fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
@@ -154,7 +159,8 @@ impl Workers {
     /// Verifies the received adapter and marks the job succeeded.
     pub async fn complete(&self, upload: AdapterUpload) -> Result<(), Error> {
         let AdapterUpload { completion, writer, blob } = upload;
-        let written = writer.finish().await?;
+        // Removes the blob row if this call is cancelled before it is linked.
+        let (written, _unlinked) = writer.finish().await?;
         let lease = completion.lease;
         let outcome = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
             Ok(()) => self.store.complete_job(&completion, blob).await.map_err(Error::from),
@@ -226,17 +232,10 @@ impl Workers {
         &self,
         lease: LeaseRef,
     ) -> Result<(CheckpointInfo, impl Stream<Item = Result<Vec<u8>, Error>> + Send + 'static), Error> {
-        let Some((id, info)) = fenced(lease, self.store.checkpoint_for(lease).await?)? else {
+        let Some((file, info)) = fenced(lease, self.store.checkpoint_for(lease).await?)? else {
             return Err(Error::NotFound(format!("job {} has no stored checkpoint", lease.job_id)));
         };
-        let store = self.store.clone();
-        let chunks = futures::stream::try_unfold(0u32, move |seq| {
-            let store = store.clone();
-            async move {
-                let chunk = store.checkpoint_chunk(id, seq).await?;
-                Ok::<_, Error>(chunk.map(|data| (data, seq + 1)))
-            }
-        });
+        let chunks = blob::read(self.store.clone(), file, info.size);
         Ok((info, chunks))
     }
 
@@ -283,12 +282,10 @@ impl Workers {
         Ok(reaped.len())
     }
 
-    /// Removes checkpoints of finished jobs, blobs nothing links, and
-    /// uploads abandoned for `abandoned_after`.
-    pub async fn collect_files(&self, abandoned_after: Duration) -> Result<(u64, u64), Error> {
-        let checkpoints = self.store.collect_checkpoints(abandoned_after, 1000).await?;
-        let blobs = self.store.collect_blobs(abandoned_after, 1000).await?;
-        Ok((checkpoints, blobs))
+    /// Removes checkpoints of finished jobs, blobs nothing links, uploads
+    /// abandoned for `abandoned_after`, and then the objects of all those.
+    pub async fn collect_files(&self, abandoned_after: Duration) -> Result<Collected, Error> {
+        collect_files(&self.store, abandoned_after, blob::DROPPED_OBJECT_GRACE).await
     }
 }
 
@@ -310,7 +307,7 @@ impl CheckpointSink {
     /// when the job already had one of as many steps.
     pub async fn finish(self) -> Result<bool, Error> {
         let CheckpointSink { store, id, upload, writer } = self;
-        let written = writer.finish().await?;
+        let (written, _unlinked) = writer.finish().await?;
         let stored = match written.matches(upload.info.size, &upload.info.sha256, "") {
             Ok(()) => fenced(upload.lease, store.finish_checkpoint(id, &upload).await?),
             Err(e) => Err(e),

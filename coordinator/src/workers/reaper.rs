@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::Workers;
+use crate::blob::Collected;
 
 /// How often expired leases are looked for.
 pub const REAP_INTERVAL: Duration = Duration::from_millis(500);
@@ -64,8 +65,10 @@ pub fn spawn_reaper(
             if *leader.borrow() && last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();
                 match workers.collect_files(ABANDONED_UPLOAD).await {
-                    Ok((0, 0)) => {}
-                    Ok((checkpoints, blobs)) => debug!(checkpoints, blobs, "removed files nothing reads any more"),
+                    Ok(done) if done == Collected::default() => {}
+                    Ok(Collected { checkpoints, blobs, objects }) => {
+                        debug!(checkpoints, blobs, objects, "removed files nothing reads any more")
+                    }
                     Err(e) => warn!(error = %e, "removing old files failed; retrying later"),
                 }
             }
