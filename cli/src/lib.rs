@@ -50,13 +50,22 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job from a TOML spec; uploads the datasets it references and
-    /// prints the new job id as the last line.
+    /// prints the new job id as the last line. Several files, or a JSON Lines
+    /// file of specs (one JSON object per line, the TOML spec's fields), are
+    /// submitted in batches of up to 10,000 (`SubmitJobs`): one line per
+    /// spec, its job id or why it was refused; exit 1 if any was refused.
     Submit {
-        /// Job spec (TOML). Dataset paths are relative to this file.
-        file: std::path::PathBuf,
-        /// Follow the job's progress until it finishes (exit 0 only if it succeeded).
+        /// Job specs: TOML files, or `.jsonl` files of one spec per line.
+        /// Dataset paths are relative to the file that names them.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// Follow the job's progress until it finishes (exit 0 only if it
+        /// succeeded); one TOML spec only.
         #[arg(long)]
         watch: bool,
+        /// Store no job of a batch unless every spec in it is admitted.
+        #[arg(long)]
+        all_or_nothing: bool,
     },
     /// Inspect and control jobs.
     #[command(subcommand)]
@@ -107,7 +116,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let client = JobServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
     match cli.command {
-        Command::Submit { file, watch } => commands::submit::run(client, cli.output, &file, watch).await,
+        Command::Submit { files, watch, all_or_nothing } => {
+            commands::submit::run(client, cli.output, &files, watch, all_or_nothing).await
+        }
         Command::Jobs(cmd) => commands::jobs::run(client, cli.output, cmd).await,
         Command::Adapter(cmd) => commands::adapter::run(client, cli.output, cmd).await,
         Command::Workers(cmd) => commands::workers::run(client, cli.output, cmd).await,

@@ -169,6 +169,46 @@ async fn invalid_specs_are_refused_with_the_field_and_the_allowed_values() {
     assert_eq!(listing["jobs"].as_array().unwrap().len(), 0, "nothing invalid was stored");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_of_a_json_lines_file_uploads_each_dataset_once_and_answers_each_spec() {
+    let setup = start().await;
+    register_minilm(&setup).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(sst2_dir().join("dev.jsonl"), dir.path().join("dev.jsonl")).unwrap();
+    let line = |name: &str, lr: f64| {
+        serde_json::json!({
+            "name": name, "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
+            "method": "prompt_tuning", "peft": { "num_virtual_tokens": 10 },
+            "data": { "train": "dev.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 64 },
+            "training": { "learning_rate": lr },
+        })
+        .to_string()
+    };
+    let specs = [line("a", 0.03), String::new(), line("b", -1.0), line("c", 0.3)].join("\n");
+    let file = dir.path().join("specs.jsonl");
+    std::fs::write(&file, specs).unwrap();
+
+    let run = ptune(&setup, &["submit", file.to_str().unwrap()]).await;
+    assert_eq!(run.code, 1, "a refused spec makes the exit code 1: {}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", run.stdout);
+    assert!(lines[0].starts_with(&format!("{}:1\t", file.display())), "{}", lines[0]);
+    assert!(uuid::Uuid::parse_str(lines[0].split('\t').nth(1).unwrap()).is_ok(), "{}", lines[0]);
+    assert!(lines[1].starts_with(&format!("{}:3\trefused: training.learning_rate: ", file.display())), "{}", lines[1]);
+    assert!(lines[2].starts_with(&format!("{}:4\t", file.display())), "{}", lines[2]);
+    assert_eq!(run.stderr.matches("uploaded ").count(), 1, "the dataset is uploaded once: {}", run.stderr);
+    assert!(run.stderr.contains("submitted 2 of 3 jobs"), "{}", run.stderr);
+
+    let all = ptune(&setup, &["--output", "json", "submit", "--all-or-nothing", file.to_str().unwrap()]).await;
+    assert_eq!(all.code, 1);
+    let outcomes: serde_json::Value = serde_json::from_str(&all.stdout).expect("json outcomes");
+    assert_eq!(outcomes[0]["error"]["code"], "FAILED_PRECONDITION");
+    assert_eq!(outcomes[1]["error"]["field"], "training.learning_rate");
+    let listed = ptune(&setup, &["--output", "json", "jobs", "list"]).await;
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listing["jobs"].as_array().unwrap().len(), 2, "the all-or-nothing batch stored nothing");
+}
+
 fn write_sweep(dir: &Path, space: &str) -> PathBuf {
     let sst2 = sst2_dir();
     let definition = format!(

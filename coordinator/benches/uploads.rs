@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use ptune_coordinator::auth::Role;
-use ptune_coordinator::testing::{channel, create_token, fresh_database, minilm_model, CoordinatorProcess};
+use ptune_coordinator::testing::{channel, create_token, fresh_database, minilm_model, tiny_spec, CoordinatorProcess};
 use ptune_proto::v1::job_service_client::JobServiceClient;
 use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use ptune_proto::v1::{self, complete_job_chunk::Part};
@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     // Warm up: one small upload, job submission, registration and lease,
     // so the idle figure includes what every coordinator has loaded.
     let small = upload(jobs.clone(), 1, MB).await?;
-    let spec = spec(&small.reference);
+    let spec = tiny_spec("upload-bench", &small.reference, v1::Method::PromptTuning);
     jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec.clone()) }).await?;
     let worker = workers
         .register_worker(v1::RegisterWorkerRequest {
@@ -197,21 +197,3 @@ async fn lease(
     workers.lease_job(request).await?.into_inner().lease.context("no job to lease")
 }
 
-fn spec(dataset: &str) -> v1::JobSpec {
-    v1::JobSpec {
-        name: "upload-bench".into(),
-        base_model: "tiny-bert".into(),
-        task: v1::Task::SequenceClassification as i32,
-        method: v1::Method::PromptTuning as i32,
-        peft: Some(v1::PeftConfig { num_virtual_tokens: Some(20), ..Default::default() }),
-        data: Some(v1::DataConfig {
-            train: dataset.into(),
-            eval: dataset.into(),
-            labels: vec!["0".into(), "1".into()],
-            max_seq_len: 64,
-            ..Default::default()
-        }),
-        training: Some(v1::TrainingConfig { learning_rate: 0.03, batch_size: 2, ..Default::default() }),
-        ..Default::default()
-    }
-}

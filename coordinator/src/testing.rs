@@ -20,6 +20,34 @@ pub fn minilm_model(name: &str) -> ptune_proto::v1::BaseModel {
     }
 }
 
+/// A binary classification job on `dataset` (training and evaluation) for
+/// the base model "tiny-bert" (register it with [`minilm_model`]): prompt
+/// tuning with 20 virtual tokens, or another method without PEFT settings.
+pub fn tiny_spec(name: &str, dataset: &str, method: ptune_proto::v1::Method) -> ptune_proto::v1::JobSpec {
+    use ptune_proto::v1;
+    let prompt = method == v1::Method::PromptTuning;
+    v1::JobSpec {
+        name: name.into(),
+        base_model: "tiny-bert".into(),
+        task: v1::Task::SequenceClassification as i32,
+        method: method as i32,
+        peft: prompt.then(|| v1::PeftConfig { num_virtual_tokens: Some(20), ..Default::default() }),
+        data: Some(v1::DataConfig {
+            train: dataset.into(),
+            eval: dataset.into(),
+            labels: vec!["0".into(), "1".into()],
+            max_seq_len: 64,
+            ..Default::default()
+        }),
+        training: Some(v1::TrainingConfig {
+            learning_rate: if prompt { 0.03 } else { 0.0001 },
+            batch_size: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A token of `role` named `name` on the database at `database_url` (its
 /// migrations applied first).
 pub async fn create_token(database_url: &str, role: Role, name: &str) -> anyhow::Result<String> {
@@ -315,6 +343,11 @@ impl CoordinatorProcess {
         self.status("VmHWM:")
     }
 
+    /// CPU time the process used so far, in seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        cpu_seconds(self.child.id())
+    }
+
     /// A memory figure of `/proc/PID/status`, in bytes.
     fn status(&self, name: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
@@ -325,6 +358,95 @@ impl CoordinatorProcess {
 }
 
 impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user and system) process `pid` used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces, in parentheses.
+    let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?) };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    // In USER_HZ, 100 per second on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// An S3-compatible server (`moto_server`, from `$PTUNE_MOTO_SERVER` or
+/// the `.venv-s3` that `scripts/test-blob-stores.sh` installs) on a free
+/// local port, with one bucket; killed when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    /// Starts it, creates `bucket`, and sets the `AWS_*` variables of
+    /// [`S3Server::envs`] in this process too, so that object stores opened
+    /// here reach it.
+    pub async fn start(bucket: &str) -> S3Server {
+        let binary = std::env::var("PTUNE_MOTO_SERVER").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-s3/bin/moto_server")
+        });
+        assert!(binary.exists(), "{} is missing: run scripts/test-blob-stores.sh, which installs it", binary.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let server = S3Server { child, port };
+        for (key, value) in server.envs() {
+            std::env::set_var(key, value);
+        }
+        for _ in 0..300 {
+            if server.create_bucket(bucket).await.is_ok() {
+                return server;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("moto_server did not answer within 30 s");
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Creates a bucket with a plain HTTP PUT (the server checks no signature).
+    async fn create_bucket(&self, name: &str) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let request =
+            format!("PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port);
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(answer))
+        }
+    }
+
+    /// The variables that point the object_store crate's S3 client here.
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -16,15 +16,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
 use ptune_coordinator::auth::Role;
 use ptune_coordinator::store::ObjectBackend;
 use ptune_coordinator::testing::{
-    channel, create_token, fresh_database, minilm_model, CoordinatorProcess, TestDatabase,
+    channel, create_token, fresh_database, minilm_model, tiny_spec, CoordinatorProcess, S3Server, TestDatabase,
 };
 use ptune_proto::client::AuthChannel;
 use ptune_proto::v1::job_service_client::JobServiceClient;
@@ -103,68 +103,6 @@ fn files_under(dir: &Path) -> Vec<String> {
         }
     }
     found
-}
-
-/// `moto_server` on a free local port, with one bucket.
-struct S3Server {
-    child: Child,
-    port: u16,
-}
-
-impl S3Server {
-    async fn start() -> S3Server {
-        let binary = std::env::var("PTUNE_MOTO_SERVER").map(PathBuf::from).unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-s3/bin/moto_server")
-        });
-        assert!(binary.exists(), "{} is missing: run scripts/test-blob-stores.sh, which installs it", binary.display());
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let server = S3Server { child, port };
-        // For the test's own look into the store.
-        for (key, value) in server.envs() {
-            std::env::set_var(key, value);
-        }
-        common::wait_until(30, || async { server.create_bucket("ptune-test").await.is_ok() }).await;
-        server
-    }
-
-    /// Creates a bucket with a plain HTTP PUT (the test server checks no signature).
-    async fn create_bucket(&self, name: &str) -> std::io::Result<()> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        let request =
-            format!("PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", self.port);
-        stream.write_all(request.as_bytes()).await?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await?;
-        if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(answer))
-        }
-    }
-
-    fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ]
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Deterministic bytes: the JSON Lines of dataset `seed` (every line has a
@@ -281,27 +219,9 @@ async fn upload(jobs: &mut JobServiceClient<AuthChannel>, file: Generator) -> Re
     jobs.upload_dataset(chunks).await.map(|r| r.into_inner())
 }
 
-fn spec(name: &str, dataset: &str) -> v1::JobSpec {
-    v1::JobSpec {
-        name: name.into(),
-        base_model: "tiny-bert".into(),
-        task: v1::Task::SequenceClassification as i32,
-        method: v1::Method::Full as i32,
-        data: Some(v1::DataConfig {
-            train: dataset.into(),
-            eval: dataset.into(),
-            labels: vec!["0".into(), "1".into()],
-            max_seq_len: 64,
-            ..Default::default()
-        }),
-        training: Some(v1::TrainingConfig { learning_rate: 0.0001, batch_size: 2, ..Default::default() }),
-        ..Default::default()
-    }
-}
-
 /// Submits a job on `dataset` and leases it.
 async fn leased(s: &mut Setup, name: &str, dataset: &str) -> v1::Lease {
-    s.jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec(name, dataset)) }).await.unwrap();
+    s.jobs.submit_job(v1::SubmitJobRequest { spec: Some(tiny_spec(name, dataset, v1::Method::Full)) }).await.unwrap();
     let request = v1::LeaseJobRequest { worker_id: s.worker.clone(), free_slots: 1, ..Default::default() };
     s.workers.lease_job(request).await.unwrap().into_inner().lease.expect("a job to lease")
 }
@@ -501,6 +421,6 @@ async fn a_folder_round_trips_and_moves_to_postgres_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "moves gigabytes and needs moto_server: run scripts/test-blob-stores.sh"]
 async fn s3_round_trips_and_moves_to_postgres_and_back() {
-    let server = S3Server::start().await;
+    let server = S3Server::start("ptune-test").await;
     round_trip(Backend::S3(server), Backend::Database).await;
 }

@@ -36,7 +36,7 @@ fn allowed(path: &str) -> &'static [Role] {
     match (service, method) {
         ("grpc.health.v1.Health", _) => &[Admin, Submitter, Viewer, Worker],
         ("grpc.reflection.v1.ServerReflection", _) => &[Admin, Submitter, Viewer, Worker],
-        ("ptune.v1.JobService", "SubmitJob" | "CancelJob" | "UploadDataset") => &[Admin, Submitter],
+        ("ptune.v1.JobService", "SubmitJob" | "SubmitJobs" | "CancelJob" | "UploadDataset") => &[Admin, Submitter],
         ("ptune.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics" | "DownloadAdapter") => {
             &[Admin, Submitter, Viewer]
         }

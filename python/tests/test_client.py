@@ -157,6 +157,23 @@ def test_bad_spec_names_the_field(client, data_dir):
     assert error.value.field == "training.learning_rat"
 
 
+def test_submit_many_answers_each_spec(client, data_dir):
+    good = sst2("py-many", "prompt_tuning", {"num_virtual_tokens": 10})
+    good["data"]["eval"] = str(data_dir / "sst2-eval.jsonl")
+    bad = sst2("py-many-bad", "prompt_tuning", {"num_virtual_tokens": 0})
+    bad["data"]["eval"] = str(data_dir / "sst2-eval.jsonl")
+    results = client.jobs.submit_many([good, bad, dict(good, name="py-many-2")])
+    assert [r.job_id is not None for r in results] == [True, False, True]
+    assert isinstance(results[1].error, ptune.InvalidArgument)
+    assert results[1].error.field == "peft.num_virtual_tokens", str(results[1].error)
+    assert client.jobs.get(results[2].job_id).spec.name == "py-many-2"
+    held = client.jobs.submit_many([good, bad], all_or_nothing=True)
+    assert isinstance(held[0].error, ptune.FailedPrecondition) and held[0].job_id is None
+    for result in results:
+        if result.job_id:
+            client.jobs.cancel(result.job_id)
+
+
 def test_unreachable_coordinator_fails_fast():
     start = time.monotonic()
     with pytest.raises(ptune.ConnectionError) as error:

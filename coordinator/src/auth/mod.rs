@@ -109,7 +109,7 @@ pub fn permission(path: &str) -> Option<Permission> {
         ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo") => {
             Permission::Authenticated
         }
-        ("ptune.v1.JobService", "SubmitJob" | "CancelJob" | "UploadDataset") => Permission::WriteOwn,
+        ("ptune.v1.JobService", "SubmitJob" | "SubmitJobs" | "CancelJob" | "UploadDataset") => Permission::WriteOwn,
         ("ptune.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics" | "DownloadAdapter") => {
             Permission::ReadOwn
         }

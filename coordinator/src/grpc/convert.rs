@@ -49,6 +49,51 @@ pub fn job_spec(spec: Option<v1::JobSpec>) -> Result<(JobSpec, bool), Error> {
     Ok((JobSpec::try_from(spec)?, default_attempts))
 }
 
+/// One item of a `SubmitJobs` answer: the stored job's id, or the error a
+/// single `SubmitJob` would have failed with.
+pub fn submit_result(result: Result<JobId, Error>) -> v1::SubmitJobsResult {
+    match result {
+        Ok(id) => v1::SubmitJobsResult { job_id: id.to_string(), error: None },
+        Err(e) => {
+            let field = match &e {
+                Error::InvalidArgument { field, .. } => field.clone(),
+                _ => String::new(),
+            };
+            let status = tonic::Status::from(e);
+            let message = match status.message().split_once(": ") {
+                Some((prefix, rest)) if !field.is_empty() && prefix == field => rest.to_string(),
+                _ => status.message().to_string(),
+            };
+            let code = code_name(status.code()).to_string();
+            v1::SubmitJobsResult { job_id: String::new(), error: Some(v1::ItemError { code, field, message }) }
+        }
+    }
+}
+
+/// The canonical name of a gRPC status code.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 pub fn metric_kind(value: &str) -> Result<Option<MetricKind>, Error> {
     if value.is_empty() {
         return Ok(None);

@@ -38,6 +38,19 @@ impl JobService for JobApi {
         Ok(Response::new(v1::SubmitJobResponse { job: Some(convert::job_report(&job)) }))
     }
 
+    #[instrument(skip_all, fields(specs = req.get_ref().specs.len()))]
+    async fn submit_jobs(&self, req: Request<v1::SubmitJobsRequest>) -> Result<Response<v1::SubmitJobsResponse>, Status> {
+        let caller = identity(&req)?;
+        let request = req.into_inner();
+        let items = request.specs.into_iter().map(|spec| convert::job_spec(Some(spec))).collect();
+        let results = self.jobs.submit_many(items, request.all_or_nothing, &caller).await?;
+        let submitted = results.iter().filter(|r| r.is_ok()).count() as u32;
+        Ok(Response::new(v1::SubmitJobsResponse {
+            results: results.into_iter().map(convert::submit_result).collect(),
+            submitted,
+        }))
+    }
+
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let scope = identity(&req)?.scope();

@@ -6,19 +6,22 @@
 mod admission;
 mod datasets;
 mod facts;
+mod submit;
 mod watch;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
-use ptune_core::{JobId, JobSpec, JobState, Metric, MetricKind, Task};
+use futures::Stream;
+use ptune_core::{JobId, JobState, Metric, MetricKind};
 use tokio::sync::watch as signal;
 use tracing::info;
 
 pub(crate) use admission::{admit, check_export_size};
 pub use datasets::{DatasetUpload, LabelCheck};
 pub use facts::DatasetFacts;
+pub(crate) use submit::Lookups;
+pub use submit::{BatchItem, MAX_BATCH};
 
 use crate::auth::{Identity, Role, Scope};
 use crate::blob;
@@ -28,7 +31,7 @@ use crate::events::{EventHub, HubEventKind};
 use crate::limits::{self, MAX_PAGE_SIZE};
 use crate::memory;
 use crate::model::{
-    BlobInfo, DatasetInfo, DatasetRef, Job, JobEvent, JobFilter, JobPage, JobReport, ModelSupport, PageToken,
+    BlobInfo, DatasetInfo, Job, JobEvent, JobFilter, JobPage, JobReport, PageToken,
 };
 use crate::store::{Availability, CancelOutcome, Store};
 
@@ -145,39 +148,6 @@ impl Jobs {
         Ok(self.store.worker_table(self.online_window, limit, 0).await?.0)
     }
 
-    /// Validates and stores a job as queued, owned by `caller` (an admin
-    /// may name another owner in the spec; anyone else may name only
-    /// itself). `default_attempts` replaces the spec's `max_attempts` with
-    /// the coordinator's default.
-    pub async fn submit(&self, mut spec: JobSpec, default_attempts: bool, caller: &Identity) -> Result<JobReport, Error> {
-        if default_attempts {
-            spec.max_attempts = self.default_max_attempts;
-        }
-        spec.owner = owner_for(&spec.owner, caller, "owner")?;
-        // Everything that needs no database first: no unchecked value reaches it.
-        spec.validate(None)?;
-        let support = self.model_support(&spec.base_model).await?;
-        let limits = admission::admit(&spec, &support)?;
-        spec.validate(limits.as_ref())?;
-        let train = self.check_datasets(&mut spec).await?;
-        let examples = match spec.data.max_train_examples {
-            0 => train.lines,
-            limit => limit.min(train.lines),
-        };
-        let estimate = memory::estimate_spec(&self.store, &spec).await?;
-        if let Some(estimate) = &estimate {
-            admission::check_export_size(&spec, estimate, self.files.adapter)?;
-        }
-        let id = JobId::new();
-        self.store.insert_job(id, &spec, spec.total_steps(examples), estimate.as_ref()).await?;
-        if estimate.is_none() {
-            memory::estimate_new(&self.store, &[(id, &spec)]).await;
-        }
-        info!(job_id = %id, name = %spec.name, base_model = %spec.base_model, method = %spec.method, owner = %spec.owner,
-              "job submitted");
-        self.audit(caller, "job.submit", &id.to_string(), serde_json::json!({ "name": spec.name })).await;
-        self.get(id, &Scope::All).await
-    }
 
     /// Records a mutation in the audit trail; a failure to record is logged.
     pub(crate) async fn audit(&self, caller: &Identity, action: &str, target: &str, detail: serde_json::Value) {
@@ -293,56 +263,6 @@ impl Jobs {
         drop(unlinked);
         info!(dataset = %stored.reference, file_name = %stored.file_name, size = stored.size, lines = stored.lines, "dataset stored");
         Ok(stored)
-    }
-
-    /// Checks that a spec's datasets are uploaded and (for classification)
-    /// carry only declared labels, writes their canonical references into the
-    /// spec, and returns the training set's record.
-    pub(crate) async fn check_datasets(&self, spec: &mut JobSpec) -> Result<DatasetInfo, Error> {
-        let train = self.uploaded_dataset("data.train", &spec.data.train).await?;
-        let eval = self.uploaded_dataset("data.eval", &spec.data.eval).await?;
-        spec.data.train = train.reference.to_string();
-        spec.data.eval = eval.reference.to_string();
-        if spec.task == Task::SequenceClassification {
-            self.check_labels(spec, &train).await?;
-            if eval.reference != train.reference {
-                self.check_labels(spec, &eval).await?;
-            }
-        }
-        Ok(train)
-    }
-
-    /// What the registered workers say about a base model.
-    pub(crate) async fn model_support(&self, base_model: &str) -> Result<ModelSupport, Error> {
-        Ok(self.store.model_support(base_model).await?)
-    }
-
-    async fn uploaded_dataset(&self, field: &str, reference: &str) -> Result<DatasetInfo, Error> {
-        let parsed: DatasetRef = reference.parse().map_err(|e| Error::invalid(field, e))?;
-        self.store.dataset(&parsed).await?.ok_or_else(|| {
-            Error::invalid(field, format!("dataset {parsed} is not uploaded; upload it with UploadDataset first"))
-        })
-    }
-
-    /// Checks every example's label: from the facts gathered at upload, or,
-    /// when they lack what the check needs (a dataset uploaded before they
-    /// were kept, or a label field with too many values), by reading the
-    /// dataset a window at a time.
-    async fn check_labels(&self, spec: &JobSpec, dataset: &DatasetInfo) -> Result<(), Error> {
-        if let Some(facts) = self.store.dataset_facts(&dataset.reference).await? {
-            if let Some(verdict) = facts.check_labels(spec, &dataset.file_name) {
-                return Ok(verdict?);
-            }
-        }
-        let blob = self.store.dataset_blob(&dataset.reference).await?.ok_or_else(|| {
-            Error::Internal(format!("dataset {} has no stored bytes", dataset.reference))
-        })?;
-        let mut check = LabelCheck::new(spec, &dataset.file_name);
-        let mut chunks = blob::read(self.store.clone(), blob, dataset.size);
-        while let Some(chunk) = chunks.next().await {
-            check.feed(&chunk?)?;
-        }
-        Ok(check.finish()?)
     }
 }
 

@@ -9,7 +9,7 @@ use sqlx::{PgExecutor, Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::{to_i64, to_u32, to_u64, Result, Store};
+use super::{to_i64, to_u32, to_u64, Result, Store, StoreError};
 use crate::model::{BlobInfo, Job, JobFilter, PageToken, TrialRef};
 
 /// The `job_state` Postgres enum.
@@ -188,6 +188,42 @@ impl Store {
         .bind(estimate.map(|e| to_i64(e.activation_bytes)))
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    /// Stores many new queued jobs in one transaction, a thousand rows per
+    /// statement: (id, spec, total steps, memory estimate) each.
+    #[instrument(skip_all, fields(jobs = jobs.len()))]
+    pub async fn insert_jobs(&self, jobs: &[(JobId, &JobSpec, u64, Option<&MemoryEstimate>)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for rows in jobs.chunks(1000) {
+            let column = |f: fn(&(JobId, &JobSpec, u64, Option<&MemoryEstimate>)) -> Option<i64>| -> Vec<Option<i64>> {
+                rows.iter().map(f).collect()
+            };
+            sqlx::query(
+                "INSERT INTO jobs (id, name, owner, base_model, method, spec, state, max_attempts, total_steps, \
+                     memory_weights_bytes, memory_job_bytes, memory_activation_bytes) \
+                 SELECT id, name, owner, base_model, method, spec::jsonb, 'queued', max_attempts, total_steps, w, j, a \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], \
+                             $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[]) \
+                      AS r (id, name, owner, base_model, method, spec, max_attempts, total_steps, w, j, a)",
+            )
+            .bind(rows.iter().map(|r| r.0 .0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1.name.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1.owner.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1.base_model.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1.method.as_str()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| serde_json::to_string(r.1)).collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| StoreError::Corrupt(format!("a job spec does not serialize: {e}")))?)
+            .bind(rows.iter().map(|r| i32::try_from(r.1.max_attempts).unwrap_or(i32::MAX)).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| to_i64(r.2)).collect::<Vec<_>>())
+            .bind(column(|r| r.3.map(|e| to_i64(e.weights_bytes))))
+            .bind(column(|r| r.3.map(|e| to_i64(e.job_bytes))))
+            .bind(column(|r| r.3.map(|e| to_i64(e.activation_bytes))))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -84,6 +84,11 @@ impl ObjectBackend {
             return Err(refuse("the URL names no bucket or container".into()));
         }
         let root = format!("{scheme}://{bucket}");
+        // The stores' HTTP client takes the process's TLS provider: ring,
+        // as for gRPC (the workspace Cargo.toml says why no other). A
+        // provider installed before is kept.
+        #[allow(deprecated)] // ring, as tls.rs says
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_url(&root).build().map_err(|e| refuse(e.to_string()))?),
             "gs" => Arc::new(

@@ -18,10 +18,10 @@ pub use engine::{spawn_engine, SweepEngine, DRIVE_INTERVAL};
 use crate::auth::{Identity, Scope};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind};
-use crate::jobs::{admit, check_export_size, Jobs};
+use crate::jobs::{admit, check_export_size, Jobs, Lookups};
 use crate::limits;
 use crate::memory;
-use crate::model::{ModelSupport, PageToken, Sweep, SweepPage, SweepReport};
+use crate::model::{PageToken, Sweep, SweepPage, SweepReport};
 use crate::store::{NewSweep, Store, SweepChange};
 
 /// The sweep-facing domain service. Cheap to clone.
@@ -54,16 +54,14 @@ impl Sweeps {
             fields.insert("owner".into(), Value::from(owner));
         }
         let def = SweepDefinition::from_json(&definition)?;
-        let mut support: HashMap<String, ModelSupport> = HashMap::new();
+        let mut lookups = Lookups::default();
         let mut checked: HashMap<String, u64> = HashMap::new();
         let mut steps_per_epoch = None;
         for params in def.validation_configs() {
             let mut spec = def.trial_spec(0, &params, None)?;
             spec.validate(None).map_err(|e| trial_error(e, &params))?;
-            if !support.contains_key(&spec.base_model) {
-                support.insert(spec.base_model.clone(), self.jobs.model_support(&spec.base_model).await?);
-            }
-            let limits = admit(&spec, &support[&spec.base_model]).map_err(|e| in_trial(e, &params))?;
+            let support = self.jobs.model_support(&spec.base_model, &mut lookups).await?;
+            let limits = admit(&spec, &support).map_err(|e| in_trial(e, &params))?;
             spec.validate(limits.as_ref()).map_err(|e| trial_error(e, &params))?;
             if let Some(estimate) = memory::estimate_spec(&self.store, &spec).await? {
                 check_export_size(&spec, &estimate, self.jobs.file_limits().adapter).map_err(|e| in_trial(e, &params))?;
@@ -73,7 +71,7 @@ impl Sweeps {
             let lines = match checked.get(&key) {
                 Some(&lines) => lines,
                 None => {
-                    let train = self.jobs.check_datasets(&mut spec).await.map_err(|e| in_trial(e, &params))?;
+                    let train = self.jobs.check_datasets(&mut spec, &mut lookups).await.map_err(|e| in_trial(e, &params))?;
                     checked.insert(key, train.lines);
                     train.lines
                 }

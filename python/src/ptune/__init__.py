@@ -12,13 +12,14 @@ exactly as they were trained (:func:`ptune.hf.load`).
 from .client import Client
 from .errors import (ConnectionError, FailedPrecondition, InvalidArgument, JobFailed, NotFound, PermissionDenied,
                      PtuneError, Timeout, UnsafeArchive)
-from .jobs import MetricEvent, ProgressEvent, StateEvent
+from .jobs import MetricEvent, ProgressEvent, StateEvent, Submitted
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "PtuneError", "ConnectionError", "InvalidArgument", "NotFound", "FailedPrecondition",
-    "PermissionDenied", "JobFailed", "Timeout", "UnsafeArchive", "MetricEvent", "ProgressEvent", "StateEvent", "hf",
+    "PermissionDenied", "JobFailed", "Timeout", "UnsafeArchive", "MetricEvent", "ProgressEvent", "StateEvent",
+    "Submitted", "hf",
 ]
 
 

@@ -76,6 +76,16 @@ _BY_CODE = {
 }
 
 
+def from_item(code_name: str, field: str, message: str) -> PtuneError:
+    """The typed error of one refused item of a batch (``ptune.v1.ItemError``)."""
+    code = getattr(grpc.StatusCode, code_name, None)
+    cls = _BY_CODE.get(code, PtuneError)
+    if cls is ConnectionError:
+        cls = PtuneError
+    details = f"{field}: {message}" if field else message
+    return cls(f"{code_name.lower().replace('_', ' ')}: {details}", code=code, details=details, field=field or None)
+
+
 def field_of(message: str) -> str | None:
     """The spec field a server message starts with, if any."""
     match = _FIELD.match(message or "")

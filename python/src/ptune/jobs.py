@@ -10,8 +10,11 @@ from typing import Iterator
 
 import grpc
 
+from . import errors
 from . import spec as specs
-from .errors import InvalidArgument, JobFailed, Timeout, from_rpc
+from .errors import InvalidArgument, JobFailed, PtuneError, Timeout, from_rpc
+from .spec import load as load_spec
+from .spec import to_proto as spec_to_proto
 
 CHUNK = 1 << 20
 FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -22,6 +25,15 @@ def state_name(job) -> str:
     from .v1 import types_pb2
 
     return types_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+
+
+@dataclass
+class Submitted:
+    """What became of one spec of :meth:`Jobs.submit_many`: the stored
+    job's id, or the error a single submit would have raised."""
+
+    job_id: str | None
+    error: PtuneError | None
 
 
 @dataclass
@@ -104,6 +116,42 @@ class Jobs:
                 pass
             return self.get(job.id)
         return job
+
+    def submit_many(self, specs, all_or_nothing: bool = False) -> list:
+        """Submits many specs (dicts, TOML paths or dataclasses) in batches
+        of up to 10,000 with one ``SubmitJobs`` call each; every local
+        dataset they name is uploaded once. Returns one ``Submitted`` per
+        spec, in order: ``job_id`` when stored, else ``error``, the typed
+        error (``InvalidArgument`` with its ``field``, ...) a single submit
+        would have raised. With ``all_or_nothing`` nothing of a batch is
+        stored unless every spec in it is admitted."""
+        from .v1 import job_service_pb2
+
+        uploaded: dict = {}
+        messages = []
+        for spec in specs:
+            values, base = load_spec(spec)
+            data = values.setdefault("data", {})
+            for key in ("train", "eval"):
+                value = str(data.get(key, ""))
+                cache_key = (str(base), value)
+                if cache_key not in uploaded:
+                    uploaded[cache_key] = self._upload_referenced(value, base, f"data.{key}")
+                data[key] = uploaded[cache_key]
+            messages.append(spec_to_proto(values))
+        if all_or_nothing and len(messages) > 10_000:
+            raise InvalidArgument("specs: all_or_nothing holds for one call of at most 10000 specs", field="specs")
+        results = []
+        for start in range(0, len(messages), 10_000):
+            request = job_service_pb2.SubmitJobsRequest(specs=messages[start:start + 10_000],
+                                                        all_or_nothing=all_or_nothing)
+            reply = self._client._call(self._stub.SubmitJobs, request)
+            for item in reply.results:
+                error = None
+                if item.HasField("error"):
+                    error = errors.from_item(item.error.code, item.error.field, item.error.message)
+                results.append(Submitted(job_id=item.job_id or None, error=error))
+        return results
 
     def get(self, job_id: str):
         """One job (``ptune.v1.Job``)."""

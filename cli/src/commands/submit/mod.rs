@@ -1,4 +1,6 @@
-//! `ptune submit FILE`: upload the datasets a spec references, then submit it.
+//! `ptune submit FILE...`: upload the datasets the specs reference, then
+//! submit them: one TOML spec with `SubmitJob`, anything more (several
+//! files, JSON Lines files of specs) in batches with `SubmitJobs`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,9 +15,29 @@ use crate::output;
 use crate::view::JobView;
 use crate::Format;
 
+mod batch;
+
 const CHUNK: usize = 1 << 20;
 
-pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, file: &Path, watch: bool) -> anyhow::Result<i32> {
+pub async fn run(
+    client: JobServiceClient<AuthChannel>,
+    format: Format,
+    files: &[PathBuf],
+    watch: bool,
+    all_or_nothing: bool,
+) -> anyhow::Result<i32> {
+    match files {
+        [file] if !is_jsonl(file) && !all_or_nothing => run_one(client, format, file, watch).await,
+        _ if watch => Err(anyhow!("--watch follows one job: give one TOML spec")),
+        _ => batch::run(client, format, files, all_or_nothing).await,
+    }
+}
+
+fn is_jsonl(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e == "jsonl")
+}
+
+async fn run_one(mut client: JobServiceClient<AuthChannel>, format: Format, file: &Path, watch: bool) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read job spec {}", file.display()))?;
     let mut spec = JobSpec::from_toml(&text).map_err(|e| anyhow!("{}: {e}", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
