@@ -47,8 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let store_url = format!("s3://{BUCKET}/files");
     let args = ["--blob-store", &store_url, "--max-adapter-mib", "100000", "--lease-timeout-ms", "3600000"];
-    let coordinator =
-        CoordinatorProcess::start(env!("CARGO_BIN_EXE_ptune-coordinator"), &db.url, &args, &envs)?;
+    let coordinator = CoordinatorProcess::start(env!("CARGO_BIN_EXE_ptune-coordinator"), &db.url, &args, &envs)?;
     coordinator.wait_until_serving(&admin).await?;
     let mut jobs = JobServiceClient::new(channel(&coordinator.url, &admin));
     let mut workers = WorkerServiceClient::new(channel(&coordinator.url, &worker_token));
@@ -70,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let sha256 = hex::encode(messages().fold(Sha256::new(), |h, m| h.chain_update(m)).finalize());
     let started = measure.start()?;
-    let chunks = futures::stream::iter(messages()).map(|data| v1::DatasetChunk { file_name: "bench.jsonl".into(), data });
+    let chunks =
+        futures::stream::iter(messages()).map(|data| v1::DatasetChunk { file_name: "bench.jsonl".into(), data });
     let info = jobs.upload_dataset(chunks).await?.into_inner();
     if info.size_bytes != size {
         bail!("stored {} bytes of {size}", info.size_bytes);
@@ -146,7 +146,9 @@ async fn main() -> anyhow::Result<()> {
     rows.push(measure.row("presigned URL", "upload (PUT)", size, started)?);
 
     println!("Moving a {} MB file between a worker and an S3-compatible store (moto_server), two ways\n", size / MB);
-    println!("| path | transfer | seconds | MB/s | coordinator CPU s | store server CPU s | coordinator CPU s per GB |");
+    println!(
+        "| path | transfer | seconds | MB/s | coordinator CPU s | store server CPU s | coordinator CPU s per GB |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         println!(
@@ -248,8 +250,9 @@ async fn http_get(port: u16, target: &str) -> anyhow::Result<(u64, Sha256)> {
 /// A plain HTTP/1.1 PUT of `size` bytes from `body`.
 async fn http_put(port: u16, target: &str, size: u64, body: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request =
-        format!("PUT {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "PUT {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     for part in body {
         stream.write_all(&part).await?;
@@ -261,4 +264,3 @@ async fn http_put(port: u16, target: &str, size: u64, body: impl Iterator<Item =
     }
     Ok(())
 }
-

@@ -95,6 +95,7 @@ async fn a_batch_stores_every_admitted_spec_and_names_each_refusal() {
         &format!("http://{}", env.coordinator.as_ref().unwrap().grpc_addr),
         &env.tokens.viewer,
     ));
-    let refused = viewer.submit_jobs(v1::SubmitJobsRequest { specs: vec![good], all_or_nothing: false }).await.unwrap_err();
+    let refused =
+        viewer.submit_jobs(v1::SubmitJobsRequest { specs: vec![good], all_or_nothing: false }).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 }

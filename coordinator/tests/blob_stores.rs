@@ -254,7 +254,8 @@ async fn fetch_dataset(s: &mut Setup, lease: &v1::Lease, reference: &str) -> (u6
 
 /// What a user downloads of a job's adapter.
 async fn fetch_adapter(s: &mut Setup, job_id: &str) -> (u64, String) {
-    let stream = s.jobs.download_adapter(v1::DownloadAdapterRequest { job_id: job_id.into() }).await.unwrap().into_inner();
+    let stream =
+        s.jobs.download_adapter(v1::DownloadAdapterRequest { job_id: job_id.into() }).await.unwrap().into_inner();
     digest(stream.map(|c| c.map(|c| c.data))).await
 }
 
@@ -377,7 +378,8 @@ async fn round_trip(backend: Backend, other: Backend) {
     });
     let cut = tokio::spawn(async move { cut_jobs.upload_dataset(chunks).await });
     let receiving = || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM blobs WHERE NOT complete").fetch_one(&s.pool).await.unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM blobs WHERE NOT complete").fetch_one(&s.pool).await.unwrap();
         n
     };
     common::wait_until(30, || async { receiving().await == 1 }).await;
@@ -397,7 +399,11 @@ async fn round_trip(backend: Backend, other: Backend) {
         if matches!(from, Backend::Database) {
             assert_eq!(files_in_database(&s.pool).await, 0);
         }
-        assert_eq!(fetch_adapter(&mut s, &lease.job_id).await, (size, export_sha.clone()), "the export survives the move");
+        assert_eq!(
+            fetch_adapter(&mut s, &lease.job_id).await,
+            (size, export_sha.clone()),
+            "the export survives the move"
+        );
     }
     // A new lease reads the dataset back from where it ended up.
     let lease = leased(&mut s, "after-moves", &info.reference).await;

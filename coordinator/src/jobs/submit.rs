@@ -173,7 +173,12 @@ impl Jobs {
         Ok(train)
     }
 
-    async fn uploaded_dataset(&self, field: &str, reference: &str, lookups: &mut Lookups) -> Result<DatasetInfo, Error> {
+    async fn uploaded_dataset(
+        &self,
+        field: &str,
+        reference: &str,
+        lookups: &mut Lookups,
+    ) -> Result<DatasetInfo, Error> {
         let parsed: DatasetRef = reference.parse().map_err(|e| Error::invalid(field, e))?;
         let key = parsed.to_string();
         if !lookups.datasets.contains_key(&key) {
@@ -198,9 +203,11 @@ impl Jobs {
                 return Ok(verdict?);
             }
         }
-        let blob = self.store.dataset_blob(&dataset.reference).await?.ok_or_else(|| {
-            Error::Internal(format!("dataset {} has no stored bytes", dataset.reference))
-        })?;
+        let blob = self
+            .store
+            .dataset_blob(&dataset.reference)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("dataset {} has no stored bytes", dataset.reference)))?;
         let mut check = LabelCheck::new(spec, &dataset.file_name);
         let mut chunks = blob::read(self.store.clone(), blob, dataset.size);
         while let Some(chunk) = chunks.next().await {

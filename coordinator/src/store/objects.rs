@@ -90,7 +90,9 @@ impl ObjectBackend {
         #[allow(deprecated)] // ring, as tls.rs says
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let store: Arc<dyn ObjectStore> = match scheme {
-            "s3" | "s3a" => Arc::new(AmazonS3Builder::from_env().with_url(&root).build().map_err(|e| refuse(e.to_string()))?),
+            "s3" | "s3a" => {
+                Arc::new(AmazonS3Builder::from_env().with_url(&root).build().map_err(|e| refuse(e.to_string()))?)
+            }
             "gs" => Arc::new(
                 GoogleCloudStorageBuilder::from_env().with_url(&root).build().map_err(|e| refuse(e.to_string()))?,
             ),

@@ -68,12 +68,14 @@ pub async fn run(
             if value.starts_with("sha256:") {
                 continue;
             }
-            let path = if Path::new(value.as_str()).is_absolute() { PathBuf::from(&*value) } else { base.join(&*value) };
+            let path =
+                if Path::new(value.as_str()).is_absolute() { PathBuf::from(&*value) } else { base.join(&*value) };
             let reference = match uploaded.get(&path) {
                 Some(reference) => reference.clone(),
                 None => {
                     let reference =
-                        upload_referenced(&mut client, format, Path::new(""), field, &path.display().to_string()).await?;
+                        upload_referenced(&mut client, format, Path::new(""), field, &path.display().to_string())
+                            .await?;
                     uploaded.insert(path, reference.clone());
                     reference
                 }
@@ -84,11 +86,8 @@ pub async fn run(
     let mut outcomes = Vec::with_capacity(sources.len());
     for batch in sources.chunks(BATCH) {
         let specs = batch.iter().map(|s| v1::JobSpec::from(&s.spec)).collect();
-        let reply = client
-            .submit_jobs(SubmitJobsRequest { specs, all_or_nothing })
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let reply =
+            client.submit_jobs(SubmitJobsRequest { specs, all_or_nothing }).await.map_err(status_error)?.into_inner();
         if reply.results.len() != batch.len() {
             bail!("the coordinator answered {} results for {} specs", reply.results.len(), batch.len());
         }
