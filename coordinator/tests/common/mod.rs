@@ -355,17 +355,14 @@ pub fn pki() -> Pki {
     };
     let (ca, ca_key) = authority("ptune test CA");
     let (other_ca, other_key) = authority("a stranger's CA");
-    let leaf = |names: Vec<String>,
-                usage: rcgen::ExtendedKeyUsagePurpose,
-                issuer: &rcgen::Certificate,
-                issuer_key: &rcgen::KeyPair| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(names).unwrap();
-        params.extended_key_usages = vec![usage];
-        (params.signed_by(&key, issuer, issuer_key).unwrap().pem(), key.serialize_pem())
-    };
-    let server =
-        leaf(vec!["localhost".into(), "127.0.0.1".into()], rcgen::ExtendedKeyUsagePurpose::ServerAuth, &ca, &ca_key);
+    let leaf =
+        |names: Vec<String>, usage: rcgen::ExtendedKeyUsagePurpose, issuer: &rcgen::Certificate, issuer_key: &rcgen::KeyPair| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            (params.signed_by(&key, issuer, issuer_key).unwrap().pem(), key.serialize_pem())
+        };
+    let server = leaf(vec!["localhost".into(), "127.0.0.1".into()], rcgen::ExtendedKeyUsagePurpose::ServerAuth, &ca, &ca_key);
     let client = leaf(vec!["worker-1".into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth, &ca, &ca_key);
     let stranger = leaf(vec!["worker-1".into()], rcgen::ExtendedKeyUsagePurpose::ClientAuth, &other_ca, &other_key);
     Pki {

@@ -265,14 +265,7 @@ impl FakeWorker {
         Ended::Completed
     }
 
-    pub async fn ack_early_stop(
-        &mut self,
-        lease: &v1::Lease,
-        index: u32,
-        step: u64,
-        script: Script,
-        max: u64,
-    ) -> Ended {
+    pub async fn ack_early_stop(&mut self, lease: &v1::Lease, index: u32, step: u64, script: Script, max: u64) -> Ended {
         if self.legacy_ack.contains(&index) {
             self.fail(lease, "stopped on request", true).await;
         } else {
@@ -302,21 +295,16 @@ impl FakeWorker {
         panic!("no decision for job {job_id} at step {step}");
     }
 
-    pub async fn report(
-        &self,
-        lease: &v1::Lease,
-        step: u64,
-        total: u64,
-        metrics: Vec<v1::Metric>,
-    ) -> v1::ReportProgressResponse {
-        let request = v1::ReportProgressRequest {
-            job_id: lease.job_id.clone(),
-            epoch: lease.epoch,
-            step,
-            total_steps: total,
-            metrics,
-            lease_token: lease.lease_token.clone(),
-        };
+    pub async fn report(&self, lease: &v1::Lease, step: u64, total: u64, metrics: Vec<v1::Metric>) -> v1::ReportProgressResponse {
+        let request =
+            v1::ReportProgressRequest {
+                job_id: lease.job_id.clone(),
+                epoch: lease.epoch,
+                step,
+                total_steps: total,
+                metrics,
+                lease_token: lease.lease_token.clone(),
+            };
         let client = self.client.clone();
         retry(|| {
             let (mut client, request) = (client.clone(), request.clone());
