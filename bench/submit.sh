@@ -10,4 +10,4 @@ cd "$PTUNE_ROOT"
 scripts/postgres.sh
 # The dev profile (dependencies, serde_json included, at opt-level 2) as the
 # other coordinator benchmarks; both variants run the same build.
-cargo test -p ptune-coordinator --bench submit -- "${1:-200}" "${2:-3}"
+cargo test -p ptune-coordinator --bench submit -- "${1:-200}" "${2:-3}" "${3:-5000}"

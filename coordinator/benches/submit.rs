@@ -3,10 +3,12 @@
 //! over real gRPC, with the dataset facts gathered at upload and, as the
 //! baseline in the same run, with them cleared so that every submission
 //! reads both datasets again to check their labels (what admission did
-//! before the facts were kept). Rounds alternate A B A B. Prints a Markdown
-//! table for docs/benchmarks.md.
+//! before the facts were kept). Rounds alternate A B A B. Then, facts kept,
+//! one `SubmitJobs` call of BATCH specs against `SubmitJob` calls one after
+//! the other (JOBS of them), again A B A B. Prints Markdown
+//! tables for docs/benchmarks.md.
 //!
-//!   bench/submit.sh [JOBS [ROUNDS]]      (default 200 jobs per round, 3 rounds)
+//!   bench/submit.sh [JOBS [ROUNDS [BATCH]]]   (default 200 jobs per round, 3 rounds, batches of 5,000)
 //!
 //! Needs the PostgreSQL server of the tests and ../shared/data
 //! (`PTUNE_SHARED_DATA` to put it elsewhere).
@@ -29,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let jobs: usize = args.first().map_or(Ok(200), |a| a.parse())?;
     let rounds: usize = args.get(1).map_or(Ok(3), |a| a.parse())?;
+    let batch: usize = args.get(2).map_or(Ok(5000), |a| a.parse())?;
     let data = std::env::var_os("PTUNE_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
@@ -67,6 +70,31 @@ async fn main() -> anyhow::Result<()> {
             rates[variant].push(jobs as f64 / started.elapsed().as_secs_f64());
         }
     }
+
+    // One call of `batch` specs against as many calls of one.
+    for (sha256, facts) in &facts {
+        sqlx::query("UPDATE datasets SET facts = $1 WHERE sha256 = $2").bind(facts).bind(sha256).execute(&pool).await?;
+    }
+    let mut batch_rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        let specs: Vec<v1::JobSpec> = (0..batch)
+            .map(|i| {
+                let mut spec = template.clone();
+                spec.name = format!("batch-{round}-{i}");
+                (&spec).into()
+            })
+            .collect();
+        let started = Instant::now();
+        let reply = client.submit_jobs(v1::SubmitJobsRequest { specs: specs.clone(), all_or_nothing: false }).await?;
+        anyhow::ensure!(reply.get_ref().submitted as usize == batch, "every spec of the batch was stored");
+        batch_rates[0].push(batch as f64 / started.elapsed().as_secs_f64());
+        // The baseline's rate from JOBS calls (thousands would take minutes).
+        let started = Instant::now();
+        for spec in specs.into_iter().take(jobs) {
+            client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await?;
+        }
+        batch_rates[1].push(jobs.min(batch) as f64 / started.elapsed().as_secs_f64());
+    }
     coordinator.shutdown().await?;
 
     let median = |v: &mut Vec<f64>| {
@@ -84,6 +112,12 @@ async fn main() -> anyhow::Result<()> {
     let show = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ");
     println!("| labels from the facts kept at upload | {kept:.0} | {} | {:.1}x |", show(&rates[0]), kept / read);
     println!("| labels read from the datasets (baseline) | {read:.0} | {} | 1.0x |", show(&rates[1]));
+    let (many, one) = (median(&mut batch_rates[0].clone()), median(&mut batch_rates[1].clone()));
+    println!("\nSubmissions per second of {batch} SST-2 demo jobs: one SubmitJobs call against SubmitJob calls one at a time ({jobs} per round; {rounds} rounds A B A B, median)\n");
+    println!("| submission | jobs/s (median) | rounds | ratio |");
+    println!("|---|---:|---|---:|");
+    println!("| one SubmitJobs call of {batch} | {many:.0} | {} | {:.1}x |", show(&batch_rates[0]), many / one);
+    println!("| SubmitJob, one call per job (baseline) | {one:.0} | {} | 1.0x |", show(&batch_rates[1]));
     Ok(())
 }
 

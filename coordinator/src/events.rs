@@ -61,3 +61,28 @@ impl Default for EventHub {
         Self::new(1024)
     }
 }
+
+/// Jobs may have become leasable: one was queued, by this coordinator or
+/// another (migration 0013's `ptune_work` notifications, relayed by
+/// `relay.rs`). `LeaseJob` calls waiting for work look again when it
+/// changes. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WorkSignal(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for WorkSignal {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::channel(0).0))
+    }
+}
+
+impl WorkSignal {
+    /// Wakes every waiting call.
+    pub fn wake(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees the next [`WorkSignal::wake`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}

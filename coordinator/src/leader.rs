@@ -76,14 +76,16 @@ pub fn spawn(store: Store, mut stop: watch::Receiver<bool>) -> (watch::Receiver<
 /// or the database cannot be reached.
 async fn try_lead(store: &Store) -> Option<PgConnection> {
     let mut connection = match store.pool().acquire().await {
-        Ok(connection) => connection.detach(),
+        Ok(connection) => connection,
         Err(e) => {
             debug!(error = %e, "cannot reach the database to run for leader");
             return None;
         }
     };
-    match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut connection).await {
-        Ok(true) => Some(connection),
+    // The connection leaves the pool only when it won the lock; a follower
+    // hands it back, rather than opening a new one every second.
+    match sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut *connection).await {
+        Ok(true) => Some(connection.detach()),
         Ok(false) => None,
         Err(e) => {
             debug!(error = %e, "cannot run for leader");

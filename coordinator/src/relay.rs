@@ -19,21 +19,23 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::events::{EventHub, HubEventKind};
+use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::store::Store;
 
 /// The channel the triggers notify on.
 pub const CHANNEL: &str = "ptune_events";
+/// The channel of jobs becoming leasable (migration 0013).
+pub const WORK_CHANNEL: &str = "ptune_work";
 /// Wait before listening again after the connection failed.
 const RETRY: Duration = Duration::from_secs(1);
 
 /// Starts relaying other coordinators' events to `hub` until `stop`.
-pub fn spawn(store: Store, hub: EventHub, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn(store: Store, hub: EventHub, work: WorkSignal, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stopped| *stopped) => return,
-                () = listen(&store, &hub) => {}
+                () = listen(&store, &hub, &work) => {}
             }
             hub.resync();
             tokio::select! {
@@ -45,7 +47,7 @@ pub fn spawn(store: Store, hub: EventHub, mut stop: watch::Receiver<bool>) -> Jo
 }
 
 /// Listens until the connection fails.
-async fn listen(store: &Store, hub: &EventHub) {
+async fn listen(store: &Store, hub: &EventHub, work: &WorkSignal) {
     let mut listener = match PgListener::connect_with(store.pool()).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -53,15 +55,17 @@ async fn listen(store: &Store, hub: &EventHub) {
             return;
         }
     };
-    if let Err(e) = listener.listen(CHANNEL).await {
+    if let Err(e) = listener.listen_all([CHANNEL, WORK_CHANNEL]).await {
         warn!(error = %e, "cannot listen for other coordinators' events; retrying");
         return;
     }
     info!(channel = CHANNEL, "listening for other coordinators' job events");
     // Whatever happened while nobody listened is read again.
     hub.resync();
+    work.wake();
     loop {
         match listener.try_recv().await {
+            Ok(Some(notification)) if notification.channel() == WORK_CHANNEL => work.wake(),
             Ok(Some(notification)) => relay(store, hub, &notification).await,
             Ok(None) => {
                 warn!("the event listener's connection dropped; watchers re-read their jobs");

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::limits::StreamLimits;
 use crate::config::Config;
 use crate::dashboard::{self, Dashboard};
-use crate::events::EventHub;
+use crate::events::{EventHub, WorkSignal};
 use crate::auth::layer::AuthLayer;
 use crate::auth::Role;
 use crate::grpc::{AdminApi, JobApi, SweepApi, WorkerApi};
@@ -93,7 +93,8 @@ impl Coordinator {
             max_checkpoint_bytes: config.max_checkpoint_bytes,
             max_adapter_bytes: config.files.adapter,
         };
-        let workers = Workers::new(store.clone(), hub.clone(), timing);
+        let work = WorkSignal::default();
+        let workers = Workers::new(store.clone(), hub.clone(), work.clone(), timing);
         let jobs = Jobs::new(
             store.clone(),
             hub.clone(),
@@ -177,7 +178,7 @@ impl Coordinator {
         }
         let (leader, election) = crate::leader::spawn(store.clone(), stopped.clone());
         let reaper = spawn_reaper(workers, leader.clone(), stopped.clone());
-        let relay = crate::relay::spawn(store.clone(), hub.clone(), stopped.clone());
+        let relay = crate::relay::spawn(store.clone(), hub.clone(), work, stopped.clone());
         let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
         readiness.set(State::Ready);
         set_health(&health, true).await;

@@ -186,7 +186,7 @@ async fn the_workers_api_counts_packs_and_the_models_a_worker_holds() {
     let mut leases = Vec::new();
     for _ in 0..3 {
         let request =
-            v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![common::MODEL.into()] };
+            v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![common::MODEL.into()], wait_ms: 0 };
         leases.push(env.workers.lease_job(request).await.unwrap().into_inner().lease.expect("a lease"));
     }
     // Two jobs share their passes, the third trains alone.

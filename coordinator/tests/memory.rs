@@ -36,6 +36,7 @@ async fn lease(env: &mut common::Env, worker: &str, loaded: &[&str]) -> Option<v
         worker_id: worker.into(),
         free_slots: 1,
         loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
+        wait_ms: 0,
     };
     env.workers.lease_job(request).await.expect("lease").into_inner().lease
 }
@@ -87,7 +88,7 @@ async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_k
     let newer = env.submit(v1::JobSpec { name: "on-tiny-bert".into(), ..spec }).await;
     assert_eq!(newer.memory_estimate_bytes, 90_852_864 + 135_200 + 40_061_952, "estimated at submit");
 
-    let request = v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![" ".into()] };
+    let request = v1::LeaseJobRequest { worker_id: worker.clone(), free_slots: 1, loaded_models: vec![" ".into()], wait_ms: 0 };
     let err = env.workers.lease_job(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("loaded_models[0]: must be a folder name"), "{}", err.message());

@@ -17,6 +17,7 @@ async fn ask(env: &mut common::Env, worker: &str, free_slots: u32, loaded: &[&st
         worker_id: worker.into(),
         free_slots,
         loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
+        wait_ms: 0,
     };
     env.workers.lease_job(request).await.expect("lease").into_inner().lease.map(|l| l.job_id)
 }

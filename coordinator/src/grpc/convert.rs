@@ -201,7 +201,7 @@ fn known(bytes: u64) -> Option<u64> {
 }
 
 /// The worker, its free slots and the models it holds in memory.
-pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<String>), Error> {
+pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<String>, std::time::Duration), Error> {
     let worker = worker_id(&req.worker_id)?;
     if req.loaded_models.len() > 1000 {
         return Err(Error::invalid("loaded_models", format!("at most 1000, got {}", req.loaded_models.len())));
@@ -209,7 +209,7 @@ pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<Str
     for (i, m) in req.loaded_models.iter().enumerate() {
         bounds::folder_name(&format!("loaded_models[{i}]"), m)?;
     }
-    Ok((worker, req.free_slots, req.loaded_models))
+    Ok((worker, req.free_slots, req.loaded_models, std::time::Duration::from_millis(u64::from(req.wait_ms))))
 }
 
 /// A lease named by a worker, with the hash of the lease token it presents.

@@ -63,8 +63,8 @@ impl WorkerService for WorkerApi {
     #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
         let caller = identity(&req)?;
-        let (worker, free_slots, loaded) = convert::lease_request(req.into_inner())?;
-        let lease = self.workers.lease(worker, free_slots, loaded, &caller).await?;
+        let (worker, free_slots, loaded, wait) = convert::lease_request(req.into_inner())?;
+        let lease = self.workers.lease(worker, free_slots, loaded, wait, &caller).await?;
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 

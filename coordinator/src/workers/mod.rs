@@ -17,7 +17,7 @@ pub use reaper::spawn_reaper;
 use crate::auth::Identity;
 use crate::blob::{self, collect_files, BlobWriter, Collected};
 use crate::error::Error;
-use crate::events::{EventHub, HubEventKind};
+use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
@@ -38,17 +38,22 @@ pub struct Timing {
     pub max_adapter_bytes: u64,
 }
 
+/// The longest a `LeaseJob` call waits for work.
+pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(5);
+
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
 pub struct Workers {
     store: Store,
     hub: EventHub,
+    /// Wakes `LeaseJob` calls waiting for work.
+    work: WorkSignal,
     timing: Timing,
 }
 
 impl Workers {
-    pub fn new(store: Store, hub: EventHub, timing: Timing) -> Self {
-        Self { store, hub, timing }
+    pub fn new(store: Store, hub: EventHub, work: WorkSignal, timing: Timing) -> Self {
+        Self { store, hub, work, timing }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
@@ -97,14 +102,21 @@ impl Workers {
     /// Leases the worker a queued job on a model it serves, if
     /// [`crate::placement`] gives it one (a job that fits its memory, the
     /// oldest on one of the `loaded` models it holds in memory first).
+    /// When no job fits now, waits up to `wait` (at most
+    /// [`MAX_LEASE_WAIT`]) for one to be queued on any coordinator, looking
+    /// again each time one is ([`WorkSignal`]); `None` if none came.
     pub async fn lease(
         &self,
         worker: WorkerId,
         free_slots: u32,
         loaded: Vec<String>,
+        wait: Duration,
         caller: &Identity,
     ) -> Result<Option<Lease>, Error> {
         self.check_worker(worker, caller).await?;
+        // Subscribed before the first look, so a job queued in between wakes it.
+        let mut woken = self.work.subscribe();
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_LEASE_WAIT);
         let mut offer =
             self.store.worker_offer(worker).await?.ok_or_else(|| {
                 Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
@@ -114,12 +126,18 @@ impl Workers {
             return Ok(None);
         }
         offer.loaded = loaded;
-        let lease = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await?;
-        if let Some(lease) = &lease {
-            info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
-            self.hub.publish(lease.job_id, HubEventKind::Changed);
+        loop {
+            woken.borrow_and_update();
+            if let Some(lease) = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await? {
+                info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
+                self.hub.publish(lease.job_id, HubEventKind::Changed);
+                return Ok(Some(lease));
+            }
+            tokio::select! {
+                changed = woken.changed() => if changed.is_err() { return Ok(None) },
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
         }
-        Ok(lease)
     }
 
     /// Records progress; the answer says whether and why the job should stop.

@@ -40,6 +40,10 @@ pub use leases::{Directive, StopCause};
 pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
 
 use client::CALL_TIMEOUT;
+
+/// How long a lease call may wait at the coordinator for work to come
+/// (long-poll leasing) before it answers that there is none.
+const LEASE_WAIT: Duration = Duration::from_secs(5);
 use health::Health;
 use journal::delivery::{deliver, Courier, Delivery};
 use journal::{Journal, Record};
@@ -135,19 +139,32 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
             break;
         }
         let free = config.slots.saturating_sub(leases.len() as u32);
-        let mut leased = false;
+        // Whether to ask again without the pause: a lease came, or a
+        // long-poll just waited its time out.
+        let mut again_now = false;
         if free > 0 && health.unhealthy_reason(&config.work_dir).is_none() {
             let request = v1::LeaseJobRequest {
                 worker_id: worker_id.clone(),
                 free_slots: free,
                 loaded_models: loaded_models(&cache, &models),
+                wait_ms: LEASE_WAIT.as_millis() as u32,
             };
-            let leased_now = coordinators
-                .call(CALL_TIMEOUT, move |mut c| {
-                    let request = request.clone();
-                    async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
-                })
-                .await;
+            let asked = tokio::time::Instant::now();
+            let call = coordinators.call(CALL_TIMEOUT + LEASE_WAIT, move |mut c| {
+                let request = request.clone();
+                async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
+            });
+            // The coordinator holds the call until work comes (long-poll
+            // leasing); a job of ours that ends meanwhile frees a slot, and
+            // a signal starts the drain: ask again, or stop, at once.
+            let leased_now = tokio::select! {
+                leased_now = call => leased_now,
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
+                _ = signals.changed() => continue,
+            };
+            // A coordinator that answers at once (one without long-poll
+            // leasing) is asked again after a pause, as before.
+            let answered_at_once = asked.elapsed() < LEASE_WAIT / 2;
             match leased_now {
                 Ok(Some(lease)) if uuid::Uuid::parse_str(&lease.job_id).is_err() => {
                     warn!(job_id = %lease.job_id, "lease names a job id that is not a UUID; ignoring it");
@@ -157,13 +174,13 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                           checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased");
                     let directive = leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
                     running.spawn(job::run(context.clone(), lease, directive));
-                    leased = true;
+                    again_now = true;
                 }
-                Ok(None) => {}
+                Ok(None) => again_now = !answered_at_once,
                 Err(status) => warn!(error = %status.message(), code = ?status.code(), "lease request failed"),
             }
         }
-        if !leased {
+        if !again_now {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = signals.changed() => {}

@@ -1,0 +1,45 @@
+//! Long-poll leasing over real gRPC: a worker's `LeaseJob` that finds no
+//! job waits at its coordinator, and is answered with a job submitted
+//! meanwhile through another coordinator on the same database (woken by
+//! migration 0013's notification, relayed by `relay.rs`); one that no job
+//! comes for answers empty once its wait is over; a call with no wait
+//! answers at once, as before.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use ptune_coordinator::Coordinator;
+use ptune_proto::v1;
+
+fn ask(worker: &str, wait_ms: u32) -> v1::LeaseJobRequest {
+    v1::LeaseJobRequest { worker_id: worker.into(), free_slots: 1, wait_ms, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_lease_call_gets_a_job_queued_through_another_coordinator() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let b = Coordinator::start(env.config.clone()).await.expect("a second coordinator on the same database");
+    let (mut jobs_b, _, _) = common::clients(&b, &env.tokens);
+    let worker = env.register().await;
+    let spec = env.spec("long-poll").await;
+
+    // Nothing queued, no wait: answered at once, empty.
+    let started = Instant::now();
+    assert!(env.workers.lease_job(ask(&worker, 0)).await.unwrap().into_inner().lease.is_none());
+    let at_once = started.elapsed();
+
+    // Nothing queued, a wait of 1 s that nothing ends: empty, after it.
+    let started = Instant::now();
+    assert!(env.workers.lease_job(ask(&worker, 1000)).await.unwrap().into_inner().lease.is_none());
+    assert!(started.elapsed() >= Duration::from_millis(900), "it waited: {:?} (at once: {at_once:?})", started.elapsed());
+
+    // A wait on A, a job submitted through B meanwhile: A answers with it.
+    let mut workers_a = env.workers.clone();
+    let waiting = tokio::spawn(async move { workers_a.lease_job(ask(&worker, 5000)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = jobs_b.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap();
+    let lease = waiting.await.unwrap().unwrap().into_inner().lease;
+    assert_eq!(lease.map(|l| l.job_id), Some(job.id), "the waiting call got the job queued through B");
+    b.shutdown().await.unwrap();
+}
