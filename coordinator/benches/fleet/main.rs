@@ -271,10 +271,10 @@ async fn submit(
     Ok((calls, started.elapsed().as_secs_f64()))
 }
 
-/// A prompt-tuning job on "tiny-bert" that trains `steps` steps.
+/// A prompt-tuning job on [`worker::MODEL`] that trains `steps` steps.
 fn spec(dataset: &str, steps: u64) -> v1::JobSpec {
     v1::JobSpec {
-        base_model: "tiny-bert".into(),
+        base_model: worker::MODEL.into(),
         task: v1::Task::SequenceClassification as i32,
         method: v1::Method::PromptTuning as i32,
         peft: Some(v1::PeftConfig { num_virtual_tokens: Some(20), ..Default::default() }),

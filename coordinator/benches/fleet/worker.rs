@@ -19,6 +19,8 @@ use tokio::sync::watch;
 
 use crate::measure::{Calls, Rpc};
 
+/// The base model every worker serves and every job trains.
+pub const MODEL: &str = "tiny-bert";
 /// The real agent's wait before asking again when no job was leased.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Bytes per gRPC message of an adapter upload, as the agent sends them.
@@ -76,14 +78,14 @@ pub struct Registered {
     heartbeat_interval: Duration,
 }
 
-/// Registers worker `index` serving the "tiny-bert" model.
+/// Registers worker `index` serving [`MODEL`].
 pub async fn register(mut client: WorkerServiceClient<AuthChannel>, index: usize) -> anyhow::Result<Registered> {
     let reply = client
         .register_worker(v1::RegisterWorkerRequest {
             hostname: format!("fleet-{index}"),
             devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 8 << 30 }],
             slots: 1,
-            models: vec![minilm_model("tiny-bert")],
+            models: vec![minilm_model(MODEL)],
             ..Default::default()
         })
         .await?
@@ -117,8 +119,11 @@ async fn work(
 ) -> Calls {
     let mut calls = Calls::default();
     let mut done = fleet.done.subscribe();
+    // As the real agent, it tells which models it holds: none until its first job.
+    let mut loaded_models = Vec::new();
     while !*done.borrow() {
-        let request = v1::LeaseJobRequest { worker_id: id.to_string(), free_slots: 1, ..Default::default() };
+        let request =
+            v1::LeaseJobRequest { worker_id: id.to_string(), free_slots: 1, loaded_models: loaded_models.clone() };
         let started = Instant::now();
         let reply = client.lease_job(request).await;
         calls.record(Rpc::LeaseJob, started, reply.is_ok());
@@ -137,6 +142,7 @@ async fn work(
             }
             continue;
         };
+        loaded_models = vec![MODEL.to_string()];
         if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
             fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
         }
