@@ -47,7 +47,7 @@ const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull
 /// Registrations in flight at once before the work phase.
 const REGISTRATIONS_IN_FLIGHT: usize = 32;
 /// How often the PostgreSQL backends' CPU time is read during the work phase.
-const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
 struct Settings {
@@ -98,7 +98,10 @@ struct Report {
     work_seconds: f64,
     calls: Calls,
     empty_leases: u64,
+    empty_while_queued: u64,
     stop_directives: u64,
+    /// The machine's 1-minute load average at the end of the work phase.
+    load_average: f64,
     pg_cpu: f64,
     pg_vanished: usize,
     rows: RowsWritten,
@@ -154,7 +157,7 @@ async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
     let (mut calls, submit_seconds) = submit(settings, &job_clients, spec(&dataset, settings.steps)).await?;
 
     // Every worker has its own connection, to the coordinator of its turn.
-    let fleet = Arc::new(Fleet::new(settings.jobs, settings.steps, settings.adapter_bytes));
+    let fleet = Arc::new(Fleet::new(settings.workers, settings.jobs, settings.steps, settings.adapter_bytes));
     let registered: Vec<_> = futures::stream::iter(0..settings.workers)
         .map(|i| {
             let client = WorkerServiceClient::new(channel(&coordinators[i % n].url, &worker_token));
@@ -210,6 +213,7 @@ async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
         .collect();
     let coordinator_peak = coordinators.iter().map(|c| c.peak()).collect::<anyhow::Result<Vec<_>>>()?;
     let generator_cpu = measure::own_cpu_seconds() - generator_before;
+    let load_average = measure::load_average();
     for w in workers {
         calls.merge(w.await?);
     }
@@ -224,6 +228,8 @@ async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
         work_seconds,
         calls,
         empty_leases: fleet.empty_leases.load(Ordering::Relaxed),
+        empty_while_queued: fleet.empty_while_queued.load(Ordering::Relaxed),
+        load_average,
         stop_directives: fleet.stop_directives.load(Ordering::Relaxed),
         pg_cpu,
         pg_vanished,
@@ -351,6 +357,11 @@ fn measures(settings: &Settings, r: &mut Report) -> Vec<(String, Option<f64>, us
     let peak = r.coordinator_peak.iter().copied().max().unwrap_or(0);
     rows.extend([
         ("LeaseJob calls per job".to_string(), Some(r.calls.count(Rpc::LeaseJob) as f64 / jobs), 2),
+        (
+            format!("LeaseJob answered empty with >= {} jobs queued (%)", settings.workers),
+            Some(100.0 * r.empty_while_queued as f64 / r.calls.count(Rpc::LeaseJob).max(1) as f64),
+            0,
+        ),
         ("PostgreSQL CPU per job (ms)".to_string(), Some(r.pg_cpu * 1000.0 / jobs), 2),
         ("coordinators' CPU per job, all (ms)".to_string(), Some(cpu * 1000.0 / jobs), 2),
         ("generator CPU per job (ms)".to_string(), Some(r.generator_cpu * 1000.0 / jobs), 2),
@@ -384,6 +395,7 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
         "| CPU busy, all three (% of {cores} cores x work phase) | {:.0} |",
         100.0 * used / (cores as f64 * r.work_seconds)
     );
+    println!("| machine load average (1 min) at the phase's end | {:.1} |", r.load_average);
     println!();
     println!("| RPC | calls | errors | p50 (ms) | p95 (ms) | p99 (ms) |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -396,12 +408,12 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
     let tables: Vec<String> = r.rows.tables.iter().map(|(t, rows)| format!("{t} {:.2}", *rows as f64 / jobs)).collect();
     println!("\nRows written per job by table: {}.", tables.join(", "));
     println!(
-        "LeaseJob calls answered with no job: {}. Heartbeat answers naming a lease to stop (one completed while its heartbeat was on the way): {}.",
-        r.empty_leases, r.stop_directives
+        "LeaseJob calls answered with no job: {}, {} of them while at least {} jobs were queued. Heartbeat answers naming a lease to stop (one completed while its heartbeat was on the way): {}.",
+        r.empty_leases, r.empty_while_queued, settings.workers, r.stop_directives
     );
     if r.pg_vanished > 0 {
         println!(
-            "{} PostgreSQL backend(s) ended during the phase; their CPU counts up to the last 500 ms sample.",
+            "{} PostgreSQL backend(s) ended during the phase; their CPU counts up to the last 250 ms sample.",
             r.pg_vanished
         );
     }

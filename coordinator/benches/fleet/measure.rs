@@ -104,6 +104,13 @@ pub fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id()).unwrap_or(0.0)
 }
 
+/// The machine's 1-minute load average: how busy the cores were with
+/// anything, this benchmark included.
+pub fn load_average() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().and_then(|l| l.parse().ok()).unwrap_or(f64::NAN)
+}
+
 /// How long a PostgreSQL 15 backend may keep its counters before it
 /// reports them (`PGSTAT_IDLE_INTERVAL`, 10 s), with a margin: the row
 /// counts are read only after the coordinators' backends had that long.

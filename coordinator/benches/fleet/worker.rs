@@ -35,8 +35,12 @@ pub struct Fleet {
     /// Completions the phase waits for.
     pub jobs: usize,
     pub completed: AtomicUsize,
+    pub workers: usize,
     /// LeaseJob calls answered with no lease.
     pub empty_leases: AtomicU64,
+    /// Of those, the ones answered while at least `workers` jobs were
+    /// still queued (none had been leased yet), so one was free for each.
+    pub empty_while_queued: AtomicU64,
     /// Heartbeat answers telling a worker to stop a lease.
     pub stop_directives: AtomicU64,
     /// Jobs leased so far, and leases of a job that was leased before.
@@ -48,13 +52,15 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    pub fn new(jobs: usize, steps: u64, adapter_bytes: usize) -> Self {
+    pub fn new(workers: usize, jobs: usize, steps: u64, adapter_bytes: usize) -> Self {
         Self {
             steps,
             adapter_bytes,
             jobs,
+            workers,
             completed: AtomicUsize::new(0),
             empty_leases: AtomicU64::new(0),
+            empty_while_queued: AtomicU64::new(0),
             stop_directives: AtomicU64::new(0),
             leased: Mutex::new(HashSet::new()),
             duplicate_leases: AtomicU64::new(0),
@@ -136,6 +142,9 @@ async fn work(
         };
         let Some(lease) = lease else {
             fleet.empty_leases.fetch_add(1, Ordering::Relaxed);
+            if fleet.leased.lock().unwrap().len() + fleet.workers <= fleet.jobs {
+                fleet.empty_while_queued.fetch_add(1, Ordering::Relaxed);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = done.wait_for(|d| *d) => {}
