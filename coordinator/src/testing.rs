@@ -331,6 +331,11 @@ impl CoordinatorProcess {
         anyhow::bail!("ptune-coordinator did not answer within 20 s")
     }
 
+    /// Its process id, for readings of `/proc/PID` such as CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resets the process's peak resident memory to its current one.
     /// Returns the resident memory at the reset.
     pub fn reset_peak(&self) -> anyhow::Result<u64> {

@@ -1,0 +1,278 @@
+//! A simulated worker over real gRPC: it registers, heartbeats at the
+//! interval the coordinator gives it (in a task of its own, naming the
+//! lease it holds), and loops LeaseJob (one free slot), ReportProgress for
+//! each step, CompleteJob with an adapter streamed as a header and then
+//! data. Training takes no time; when there is nothing to lease it waits
+//! 250 ms, as the real agent does, and asks again.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ptune_coordinator::testing::minilm_model;
+use ptune_proto::client::AuthChannel;
+use ptune_proto::v1::worker_service_client::WorkerServiceClient;
+use ptune_proto::v1::{self, complete_job_chunk::Part};
+use sha2::Digest;
+use tokio::sync::watch;
+
+use crate::measure::{Calls, Rpc};
+
+/// The base model every worker serves and every job trains.
+pub const MODEL: &str = "tiny-bert";
+/// The real agent's wait before asking again when no job was leased.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Bytes per gRPC message of an adapter upload, as the agent sends them.
+const MESSAGE_BYTES: usize = 256 * 1024;
+/// First error messages kept for the report.
+const ERRORS_KEPT: usize = 5;
+
+/// What the workers of one run share.
+pub struct Fleet {
+    pub steps: u64,
+    /// How long a LeaseJob call may wait at the coordinator (0: answered at
+    /// once, and the worker polls every 250 ms).
+    pub lease_wait_ms: u32,
+    pub adapter_bytes: usize,
+    /// Completions the phase waits for.
+    pub jobs: usize,
+    pub completed: AtomicUsize,
+    pub workers: usize,
+    /// LeaseJob calls answered with no lease.
+    pub empty_leases: AtomicU64,
+    /// Of those, the ones answered while at least `workers` jobs were
+    /// still queued (none had been leased yet), so one was free for each.
+    pub empty_while_queued: AtomicU64,
+    /// Heartbeat answers telling a worker to stop a lease.
+    pub stop_directives: AtomicU64,
+    /// Jobs leased so far, and leases of a job that was leased before.
+    pub leased: Mutex<HashSet<String>>,
+    pub duplicate_leases: AtomicU64,
+    pub first_errors: Mutex<Vec<String>>,
+    /// Set once every job has completed.
+    pub done: watch::Sender<bool>,
+}
+
+impl Fleet {
+    pub fn new(workers: usize, jobs: usize, steps: u64, adapter_bytes: usize, lease_wait_ms: u32) -> Self {
+        Self {
+            steps,
+            lease_wait_ms,
+            adapter_bytes,
+            jobs,
+            workers,
+            completed: AtomicUsize::new(0),
+            empty_leases: AtomicU64::new(0),
+            empty_while_queued: AtomicU64::new(0),
+            stop_directives: AtomicU64::new(0),
+            leased: Mutex::new(HashSet::new()),
+            duplicate_leases: AtomicU64::new(0),
+            first_errors: Mutex::new(Vec::new()),
+            done: watch::channel(false).0,
+        }
+    }
+
+    fn error(&self, rpc: Rpc, status: &tonic::Status) {
+        let mut errors = self.first_errors.lock().unwrap();
+        if errors.len() < ERRORS_KEPT {
+            errors.push(format!("{}: {:?} {}", rpc.name(), status.code(), status.message()));
+        }
+    }
+}
+
+/// A registered worker, not yet working.
+pub struct Registered {
+    client: WorkerServiceClient<AuthChannel>,
+    id: String,
+    heartbeat_interval: Duration,
+}
+
+/// Registers worker `index` serving [`MODEL`].
+pub async fn register(mut client: WorkerServiceClient<AuthChannel>, index: usize) -> anyhow::Result<Registered> {
+    let reply = client
+        .register_worker(v1::RegisterWorkerRequest {
+            hostname: format!("fleet-{index}"),
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 8 << 30 }],
+            slots: 1,
+            models: vec![minilm_model(MODEL)],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let heartbeat_interval = Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(1)));
+    Ok(Registered { client, id: reply.worker_id, heartbeat_interval })
+}
+
+/// Heartbeats from now on, and works once `start` turns true, until every
+/// job has completed. Returns the calls of both tasks.
+pub async fn run(worker: Registered, fleet: Arc<Fleet>, mut start: watch::Receiver<bool>) -> Calls {
+    let holding: Arc<Mutex<Option<v1::LeaseRef>>> = Arc::default();
+    let heartbeats = tokio::spawn(heartbeat(
+        worker.client.clone(),
+        worker.id.clone(),
+        worker.heartbeat_interval,
+        holding.clone(),
+        fleet.clone(),
+    ));
+    let _ = start.wait_for(|s| *s).await;
+    let mut calls = work(worker.client, &worker.id, &holding, &fleet).await;
+    calls.merge(heartbeats.await.unwrap_or_default());
+    calls
+}
+
+async fn work(
+    mut client: WorkerServiceClient<AuthChannel>,
+    id: &str,
+    holding: &Mutex<Option<v1::LeaseRef>>,
+    fleet: &Fleet,
+) -> Calls {
+    let mut calls = Calls::default();
+    let mut done = fleet.done.subscribe();
+    // As the real agent, it tells which models it holds: none until its first job.
+    let mut loaded_models = Vec::new();
+    while !*done.borrow() {
+        let request = v1::LeaseJobRequest {
+            worker_id: id.to_string(),
+            free_slots: 1,
+            loaded_models: loaded_models.clone(),
+            wait_ms: fleet.lease_wait_ms,
+        };
+        let started = Instant::now();
+        let reply = client.lease_job(request).await;
+        calls.record(Rpc::LeaseJob, started, reply.is_ok());
+        let lease = match reply {
+            Ok(reply) => reply.into_inner().lease,
+            Err(status) => {
+                fleet.error(Rpc::LeaseJob, &status);
+                None
+            }
+        };
+        let Some(lease) = lease else {
+            fleet.empty_leases.fetch_add(1, Ordering::Relaxed);
+            if fleet.leased.lock().unwrap().len() + fleet.workers <= fleet.jobs {
+                fleet.empty_while_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            // A long-poll that waited its time out asks again at once.
+            if fleet.lease_wait_ms == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = done.wait_for(|d| *d) => {}
+                }
+            }
+            continue;
+        };
+        loaded_models = vec![MODEL.to_string()];
+        if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
+            fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
+        }
+        *holding.lock().unwrap() = Some(v1::LeaseRef {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            lease_token: lease.lease_token.clone(),
+        });
+        if train(&mut client, &lease, fleet, &mut calls).await {
+            let completed = fleet.completed.fetch_add(1, Ordering::AcqRel) + 1;
+            if completed == fleet.jobs {
+                fleet.done.send_replace(true);
+            }
+        }
+        *holding.lock().unwrap() = None;
+    }
+    calls
+}
+
+/// Reports every step and completes the job; true when it completed.
+async fn train(
+    client: &mut WorkerServiceClient<AuthChannel>,
+    lease: &v1::Lease,
+    fleet: &Fleet,
+    calls: &mut Calls,
+) -> bool {
+    for step in 1..=fleet.steps {
+        let request = v1::ReportProgressRequest {
+            job_id: lease.job_id.clone(),
+            epoch: lease.epoch,
+            step,
+            total_steps: fleet.steps,
+            metrics: vec![v1::Metric { step, kind: "train".into(), name: "loss".into(), value: 1.0 / step as f64 }],
+            lease_token: lease.lease_token.clone(),
+        };
+        let started = Instant::now();
+        let reply = client.report_progress(request).await;
+        calls.record(Rpc::ReportProgress, started, reply.as_ref().is_ok_and(|r| !r.get_ref().stop));
+        match reply {
+            Ok(reply) if reply.get_ref().stop => {
+                let status = tonic::Status::aborted(format!("told to stop: reason {}", reply.get_ref().stop_reason));
+                fleet.error(Rpc::ReportProgress, &status);
+                return false;
+            }
+            Ok(_) => {}
+            Err(status) => {
+                fleet.error(Rpc::ReportProgress, &status);
+                return false;
+            }
+        }
+    }
+    let started = Instant::now();
+    let reply = client.complete_job(futures::stream::iter(complete_parts(lease, fleet))).await;
+    calls.record(Rpc::CompleteJob, started, reply.is_ok());
+    if let Err(status) = &reply {
+        fleet.error(Rpc::CompleteJob, status);
+    }
+    reply.is_ok()
+}
+
+/// A header, then an adapter of `fleet.adapter_bytes` that differs per job.
+fn complete_parts(lease: &v1::Lease, fleet: &Fleet) -> Vec<v1::CompleteJobChunk> {
+    let mut adapter = vec![0x5a; fleet.adapter_bytes.max(1)];
+    let id = lease.job_id.as_bytes();
+    let n = id.len().min(adapter.len());
+    adapter[..n].copy_from_slice(&id[..n]);
+    let header = v1::CompleteJobHeader {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        adapter_sha256: hex::encode(sha2::Sha256::digest(&adapter)),
+        adapter_size: adapter.len() as u64,
+        step: fleet.steps,
+        lease_token: lease.lease_token.clone(),
+        ..Default::default()
+    };
+    let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
+    parts.extend(adapter.chunks(MESSAGE_BYTES).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));
+    parts
+}
+
+/// Heartbeats every `interval` with the lease held, until every job has completed.
+async fn heartbeat(
+    mut client: WorkerServiceClient<AuthChannel>,
+    id: String,
+    interval: Duration,
+    holding: Arc<Mutex<Option<v1::LeaseRef>>>,
+    fleet: Arc<Fleet>,
+) -> Calls {
+    let mut calls = Calls::default();
+    let mut done = fleet.done.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = done.wait_for(|d| *d) => return calls,
+        }
+        let leases = holding.lock().unwrap().iter().cloned().collect();
+        let request = v1::HeartbeatRequest { worker_id: id.clone(), leases, ..Default::default() };
+        let started = Instant::now();
+        let reply = client.heartbeat(request).await;
+        calls.record(Rpc::Heartbeat, started, reply.as_ref().is_ok_and(|r| r.get_ref().known));
+        match reply {
+            Ok(reply) if !reply.get_ref().known => {
+                fleet.error(Rpc::Heartbeat, &tonic::Status::not_found("the coordinator does not know the worker"));
+            }
+            // A lease completed while its heartbeat was on the way is told
+            // to stop too; a real problem shows in the lease's own calls.
+            Ok(reply) => {
+                fleet.stop_directives.fetch_add(reply.get_ref().stop.len() as u64, Ordering::Relaxed);
+            }
+            Err(status) => fleet.error(Rpc::Heartbeat, &status),
+        }
+    }
+}
