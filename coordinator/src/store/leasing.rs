@@ -3,12 +3,16 @@
 //! and the candidate jobs a page at a time), then claims its pick. The rules
 //! and why paging never changes the pick are in `placement.rs`.
 //!
-//! Candidates are read without locks; only the pick is locked
-//! (`FOR UPDATE SKIP LOCKED`, and read again), so a worker asking at the
-//! same moment is kept off this worker's pick alone, never off the jobs this
-//! worker passed over. A pick another worker claimed (or cancelled) in
-//! between is passed over and the next one placed, as a lock query passes
-//! over a locked row: two workers never get the same job.
+//! Candidates are read without locks. The claim then locks the oldest
+//! queued job of the pick's class (`Candidate::class`: the same model,
+//! estimate and settledness, so placement cannot tell it from the pick but
+//! by age) that no one else holds (`FOR UPDATE SKIP LOCKED`), and reads it
+//! again: workers asking at the same moment, who all pick the same oldest
+//! job, each get a different one of its class instead of all but one coming
+//! away empty. Under such contention a worker may get a younger job of the
+//! class than the oldest of another class, so the queue's order holds per
+//! class. A class with nothing left to claim is passed over and the next
+//! pick placed: two workers never get the same job.
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +24,7 @@ use uuid::Uuid;
 
 use super::checkpoints::latest_checkpoint;
 use super::jobs::memory_estimate;
-use super::{millis, to_u32, to_u64, Result, Store};
+use super::{millis, to_i64, to_u32, to_u64, Result, Store};
 use crate::model::{Lease, WorkerOffer};
 use crate::placement::{self, Asker, Candidate, Rival, Running, CANDIDATES_PER_PAGE, POLL_FRESH, SPREAD_WINDOW};
 
@@ -101,12 +105,12 @@ impl Store {
         let mut taken = Vec::new();
         while taken.len() < MAX_CLAIMS {
             let Some(pick) = self.pick(&asker, &rivals, offer, &taken).await? else { break };
-            match self.claim(worker, pick, &asker, &rivals, timeout).await? {
+            match self.claim(worker, &pick, &taken, &asker, &rivals, timeout).await? {
                 Some((lease, queued_for)) => {
                     self.metrics.observe_lease(started.elapsed(), Some(queued_for));
                     return Ok(Some(lease));
                 }
-                None => taken.push(pick.0),
+                None => taken.push(pick.id.0),
             }
         }
         self.metrics.observe_lease(started.elapsed(), None);
@@ -115,12 +119,18 @@ impl Store {
 
     /// The job placement picks, reading candidates a page at a time in the
     /// order it prefers them, passing over `taken`.
-    async fn pick(&self, asker: &Asker, rivals: &[Rival], offer: &WorkerOffer, taken: &[Uuid]) -> Result<Option<JobId>> {
+    async fn pick(
+        &self,
+        asker: &Asker,
+        rivals: &[Rival],
+        offer: &WorkerOffer,
+        taken: &[Uuid],
+    ) -> Result<Option<Candidate>> {
         let mut after: Option<Candidate> = None;
         loop {
             let page = self.candidates(offer, taken, after.as_ref()).await?;
             if let Some(pick) = placement::place(asker, rivals, &page) {
-                return Ok(Some(pick.id));
+                return Ok(Some(pick.clone()));
             }
             if page.len() < CANDIDATES_PER_PAGE as usize {
                 return Ok(None);
@@ -205,33 +215,47 @@ impl Store {
         rows.into_iter().map(CandidateRow::into_candidate).collect()
     }
 
-    /// Locks `job` if it is still queued and no one else holds it, checks
-    /// that placement still gives it to `asker`, and leases it to `worker`.
-    /// Returns the lease and how long the job was queued; `None` when the
-    /// job is no longer to be had.
+    /// Locks the oldest queued job of `pick`'s class (but `taken`) that no
+    /// one else holds, checks that placement still gives it to `asker`, and
+    /// leases it to `worker`. Returns the lease and how long the job was
+    /// queued; `None` when the class has no job left to be had.
     async fn claim(
         &self,
         worker: ptune_core::WorkerId,
-        job: JobId,
+        pick: &Candidate,
+        taken: &[Uuid],
         asker: &Asker,
         rivals: &[Rival],
         timeout: Duration,
     ) -> Result<Option<(Lease, Duration)>> {
         let mut tx = self.pool.begin().await?;
+        let estimate = pick.estimate;
         // A queued job's updated_at is when it was queued (submitted or requeued).
         let claimed: Option<Claimed> = sqlx::query_as(concat!(
             "SELECT ",
             candidate_columns!("$2"),
             ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
-             FROM jobs q WHERE q.id = $1 AND q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+             FROM jobs q \
+             WHERE q.state = 'queued' AND q.base_model = $1 AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+               AND q.memory_weights_bytes IS NOT DISTINCT FROM $3 AND q.memory_job_bytes IS NOT DISTINCT FROM $4 \
+               AND q.memory_activation_bytes IS NOT DISTINCT FROM $5 \
+               AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) \
+             ORDER BY q.created_at, q.id LIMIT 1 \
              FOR UPDATE SKIP LOCKED"
         ))
-        .bind(job.0)
+        .bind(&pick.base_model)
         .bind(millis(SPREAD_WINDOW))
+        .bind(estimate.map(|e| to_i64(e.weights_bytes)))
+        .bind(estimate.map(|e| to_i64(e.job_bytes)))
+        .bind(estimate.map(|e| to_i64(e.activation_bytes)))
+        .bind(pick.settled)
+        .bind(taken)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(Claimed { candidate, queued_secs }) = claimed else { return Ok(None) };
-        if placement::place(asker, rivals, &[candidate.into_candidate()?]).is_none() {
+        let candidate = candidate.into_candidate()?;
+        let job = candidate.id;
+        if placement::place(asker, rivals, std::slice::from_ref(&candidate)).is_none() {
             return Ok(None);
         }
         let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
