@@ -40,7 +40,7 @@ work=target/bench/precision
 data="$PTUNE_ROOT/../shared/data/sst2"
 mkdir -p "$work" target/bench
 report=target/bench/precision.md
-: >"$report"
+[ "$mode" = accuracy ] || : >"$report"
 
 models="${PTUNE_BENCH_MODELS:-models}"
 if [ ! -d "$models/all-MiniLM-L6-v2" ]; then
@@ -88,12 +88,13 @@ if [ "$mode" = accuracy ] || [ "$mode" = both ]; then
     echo "precision = \"$precision\"" >>"$spec"
     echo "bench: the SST-2 demo in $precision" >&2
     started=$(date +%s.%N)
-    "$bin/ptune-worker" --models-dir "$models" train --spec "$spec" --out "$work/demo-$precision" 2>"$work/demo-$precision.log"
+    "$bin/ptune-worker" --models-dir "$models" train --spec "$spec" --out "$work/demo-$precision" \
+      >"$work/demo-$precision.out" 2>"$work/demo-$precision.log"
     seconds=$(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.0f}')" "$started")
     accuracy=$(python3 -c '
 import json, sys
 last = [m for m in map(json.loads, open(sys.argv[1])) if m["kind"] == "eval" and m["name"] == "accuracy"][-1]
-print(f"{last[\"value\"]:.4f}")' "$work/demo-$precision/metrics.jsonl")
+print(format(last["value"], ".4f"))' "$work/demo-$precision/metrics.jsonl")
     rows+=("| $precision | $accuracy | $seconds |")
   done
   {
