@@ -118,7 +118,7 @@ async fn worker(
             continue;
         };
         assert!(held.lock().unwrap().insert(lease.job_id.clone()), "job {} held by two workers at once", lease.job_id);
-        let training = lease.spec.as_ref().unwrap().training.unwrap();
+        let training = lease.spec.as_ref().unwrap().training.clone().unwrap();
         let lr = training.learning_rate;
         let mut last = 0;
         for step in 1..=training.max_steps {

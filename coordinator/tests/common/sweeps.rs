@@ -223,7 +223,7 @@ impl FakeWorker {
     }
 
     pub async fn run(&mut self, lease: &v1::Lease, index: u32, script: Script) -> Ended {
-        let training = lease.spec.as_ref().unwrap().training.unwrap();
+        let training = lease.spec.as_ref().unwrap().training.clone().unwrap();
         let (max, every) = (training.max_steps, training.eval_every);
         for step in 1..=max {
             tokio::time::sleep(self.step_delay).await;
