@@ -41,9 +41,10 @@ pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
 
 use client::CALL_TIMEOUT;
 
-/// How long a lease call may wait at the coordinator for work to come
-/// (long-poll leasing) before it answers that there is none.
-const LEASE_WAIT: Duration = Duration::from_secs(5);
+/// How often an idle worker asks for work. The coordinator can hold a
+/// lease call until work comes (`LeaseJobRequest.wait_ms`); the worker does
+/// not use that yet.
+const LEASE_POLL: Duration = Duration::from_millis(250);
 use health::Health;
 use journal::delivery::{deliver, Courier, Delivery};
 use journal::{Journal, Record};
@@ -139,32 +140,22 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
             break;
         }
         let free = config.slots.saturating_sub(leases.len() as u32);
-        // Whether to ask again without the pause: a lease came, or a
-        // long-poll just waited its time out.
+        // Whether to ask again without the pause: a lease came.
         let mut again_now = false;
         if free > 0 && health.unhealthy_reason(&config.work_dir).is_none() {
             let request = v1::LeaseJobRequest {
                 worker_id: worker_id.clone(),
                 free_slots: free,
                 loaded_models: loaded_models(&cache, &models),
-                wait_ms: LEASE_WAIT.as_millis() as u32,
+                // Answered at once: the worker polls (see LEASE_POLL).
+                wait_ms: 0,
             };
-            let asked = tokio::time::Instant::now();
-            let call = coordinators.call(CALL_TIMEOUT + LEASE_WAIT, move |mut c| {
-                let request = request.clone();
-                async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
-            });
-            // The coordinator holds the call until work comes (long-poll
-            // leasing); a job of ours that ends meanwhile frees a slot, and
-            // a signal starts the drain: ask again, or stop, at once.
-            let leased_now = tokio::select! {
-                leased_now = call => leased_now,
-                Some(_) = running.join_next(), if !running.is_empty() => continue,
-                _ = signals.changed() => continue,
-            };
-            // A coordinator that answers at once (one without long-poll
-            // leasing) is asked again after a pause, as before.
-            let answered_at_once = asked.elapsed() < LEASE_WAIT / 2;
+            let leased_now = coordinators
+                .call(CALL_TIMEOUT, move |mut c| {
+                    let request = request.clone();
+                    async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
+                })
+                .await;
             match leased_now {
                 Ok(Some(lease)) if uuid::Uuid::parse_str(&lease.job_id).is_err() => {
                     warn!(job_id = %lease.job_id, "lease names a job id that is not a UUID; ignoring it");
@@ -176,13 +167,13 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                     running.spawn(job::run(context.clone(), lease, directive));
                     again_now = true;
                 }
-                Ok(None) => again_now = !answered_at_once,
+                Ok(None) => {}
                 Err(status) => warn!(error = %status.message(), code = ?status.code(), "lease request failed"),
             }
         }
         if !again_now {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(LEASE_POLL) => {}
                 _ = signals.changed() => {}
             }
         }
