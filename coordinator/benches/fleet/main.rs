@@ -289,26 +289,12 @@ async fn submit(
 
 /// A prompt-tuning job on [`worker::MODEL`] that trains `steps` steps.
 fn spec(dataset: &str, steps: u64) -> v1::JobSpec {
-    v1::JobSpec {
-        base_model: worker::MODEL.into(),
-        task: v1::Task::SequenceClassification as i32,
-        method: v1::Method::PromptTuning as i32,
-        peft: Some(v1::PeftConfig { num_virtual_tokens: Some(20), ..Default::default() }),
-        data: Some(v1::DataConfig {
-            train: dataset.into(),
-            eval: dataset.into(),
-            labels: vec!["0".into(), "1".into()],
-            max_seq_len: 64,
-            ..Default::default()
-        }),
-        training: Some(v1::TrainingConfig {
-            learning_rate: 0.03,
-            batch_size: 2,
-            max_steps: steps,
-            ..Default::default()
-        }),
-        ..Default::default()
+    let mut spec = ptune_coordinator::testing::tiny_spec("", dataset, v1::Method::PromptTuning);
+    spec.base_model = worker::MODEL.into();
+    if let Some(training) = spec.training.as_mut() {
+        training.max_steps = steps;
     }
+    spec
 }
 
 /// What went wrong, from the database and the workers' own counts: every

@@ -88,15 +88,7 @@ impl Calls {
 
 /// User plus system CPU time of process `pid` so far; None once it is gone.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    // USER_HZ, the unit of utime and stime, is 100 on every Linux target.
-    const TICKS_PER_SECOND: f64 = 100.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; the fields after its ')'
-    // start at field 3, so utime (14) and stime (15) are the 12th and 13th.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
+    ptune_coordinator::testing::cpu_seconds(pid).ok()
 }
 
 /// CPU seconds of this process (the load generator) so far.
