@@ -8,7 +8,10 @@ Trains PEFT PROMPT_TUNING (SEQ_CLS, trained classifier head) on all-MiniLM-L6-v2
 with AdamW and a linear schedule, padding each batch to its longest example,
 then evaluates on the SST-2 dev set. Prints accuracy and seconds, measured from
 before the model loads to after the evaluation (the same span `ptune-worker
-train` reports). Nothing is downloaded.
+train` reports), and the training loop's examples per second. With --bf16 the
+forward passes run under `torch.autocast("cpu", torch.bfloat16)` (what the
+Trainer's `bf16=True` does; parameters and optimizer state stay float32);
+--max-steps stops training early (a throughput run). Nothing is downloaded.
 """
 
 import argparse
@@ -83,6 +86,8 @@ def main():
     parser.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                         help="cls: BERT's pooler over position 0 (PEFT's default); mean: over the input's tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--bf16", action="store_true", help="forward passes under CPU autocast to bfloat16")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop training after this many steps (0: the epochs)")
     args = parser.parse_args()
     if not args.model:
         parser.error("set PTUNE_MINILM_DIR or pass --model")
@@ -122,34 +127,46 @@ def main():
     )
     steps_per_epoch = -(-len(train) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     warmup = int(-(-total_steps * args.warmup_ratio // 1))
     schedule = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     model.train()
     step = 0
+    trained = 0
+    train_started = time.perf_counter()
     for _ in range(args.epochs):
         order = list(range(len(train)))
         random.shuffle(order)
         for input_ids, mask, labels in batches(train_ids, train_labels, order, args.batch_size, tokenizer):
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            if step == total_steps:
+                break
+            with autocast():
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
             step += 1
+            trained += len(labels)
             if step % 25 == 0 or step == total_steps:
                 print(f"step {step}/{total_steps}  loss {loss.item():.4f}", flush=True)
 
+    train_seconds = time.perf_counter() - train_started
     model.eval()
     correct = 0
     order = sorted(range(len(dev)), key=lambda i: -len(dev_ids[i]))
     with torch.no_grad():
         for input_ids, mask, labels in batches(dev_ids, dev_labels, order, 64, tokenizer):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            with autocast():
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
             correct += (logits.argmax(-1) == labels).sum().item()
     seconds = time.perf_counter() - started
     print(f"hf peft prompt tuning ({args.pooling} pooling): dev accuracy {correct / len(dev):.4f} in {seconds:.1f}s "
-          f"({total_steps} steps, {args.threads} threads, torch {torch.__version__})")
+          f"({total_steps} steps, {args.threads} threads, torch {torch.__version__}{', bf16 autocast' if args.bf16 else ''})")
+    print(f"train examples/s {trained / train_seconds:.1f}")
 
 
 if __name__ == "__main__":

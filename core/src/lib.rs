@@ -16,7 +16,7 @@ pub use ids::{JobId, SweepId, WorkerId};
 pub use memory::{MemoryEstimate, ModelShape};
 pub use model_types::{Architecture, ModelFamily, ModelType};
 pub use spec::{
-    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, Method, ModelLimits, PeftConfig, Pooling, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, Method, ModelLimits, PeftConfig, Pooling, Precision, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 pub use state::{JobState, Metric, MetricKind};

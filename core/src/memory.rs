@@ -2,18 +2,20 @@
 //! shape of its base model, so that the scheduler can leave a job to a
 //! worker that has room for it and say when no worker ever will.
 //!
-//! Everything is float32 (4 bytes per number), as the engine trains. The
-//! estimate has three parts:
+//! Everything is float32 (4 bytes per number) except, with
+//! `training.precision` bf16 or fp16, the frozen base and the activations
+//! flowing through it (2 bytes per number, `P` below). The estimate has
+//! three parts:
 //!
-//! - **weights**: the frozen base model, `parameters * 4`. A worker holds one
-//!   copy per model whatever the number of jobs on it.
+//! - **weights**: the frozen base model, `parameters * P`. A worker holds one
+//!   copy per model and precision whatever the number of jobs on it.
 //! - **job**: the job's trainable parameters times 4 bytes times 4 copies:
 //!   the weights, their gradients and AdamW's two moments. Full fine-tuning
 //!   trains a copy of the whole model; the other methods train their prompt,
 //!   prefixes, prompt encoder or low-rank updates. Classification jobs add
 //!   their head (`hidden * labels + labels`).
 //! - **activations**: what one training step keeps for the backward pass,
-//!   `batch * S * layers * 4 * (18 * hidden + 3 * heads * S)` bytes, with `S`
+//!   `batch * S * layers * (P * 18 * hidden + 4 * 3 * heads * S)` bytes, with `S`
 //!   the longest sequence a step sees (`max_seq_len`, plus the virtual
 //!   tokens, plus `generation.max_new_tokens` for causal LM). Per token and
 //!   layer, autograd keeps (after Korthikanti et al. 2022, section 4.1,
@@ -23,14 +25,16 @@
 //!     the context entering the output projection, its dropout noise, and
 //!     the LayerNorm's input;
 //!   - attention scores, `3 * heads * S`: the softmax output, its dropout
-//!     noise and the dropped probabilities;
+//!     noise and the dropped probabilities (float32 in every precision: the
+//!     engine computes the softmax in float32);
 //!   - feed-forward, `11 * hidden` (an intermediate of `4 * hidden`): its
 //!     input, the intermediate before and after the activation, the dropout
 //!     noise and the LayerNorm's input.
 //!
 //! - LoRA adds, per token and layer, the input and output sizes of every
 //!   target linear: the input its `A` needs for its gradient, and the
-//!   low-rank path's output beside the frozen one's.
+//!   low-rank path's output beside the frozen one's (float32: the low-rank
+//!   path computes in the precision of its parameters).
 //! - Full fine-tuning adds two temporaries of the size of its largest
 //!   trainable tensor, the embedding tables (what the layers' `12 *
 //!   hidden^2` weights leave of the parameters): the fresh gradient the
@@ -124,7 +128,7 @@ impl fmt::Display for MemoryEstimate {
 pub fn estimate(spec: &JobSpec, model: &ModelShape) -> MemoryEstimate {
     let trainable = trainable_parameters(spec, model);
     MemoryEstimate {
-        weights_bytes: model.parameters.saturating_mul(FLOAT),
+        weights_bytes: model.parameters.saturating_mul(spec.training.precision.bytes()),
         job_bytes: trainable.saturating_mul(FLOAT * TRAINABLE_COPIES),
         activation_bytes: activation_bytes(spec, model),
     }
@@ -219,10 +223,9 @@ fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
     if spec.task == Task::CausalLm {
         seq += u64::from(spec.generation().max_new_tokens);
     }
-    let per_token_layer = FLOAT
-        * (HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
-            + SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq
-            + method_activations(spec, model));
+    let base = spec.training.precision.bytes();
+    let per_token_layer = base * HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
+        + FLOAT * (SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq + method_activations(spec, model));
     u64::from(spec.training.batch_size)
         .saturating_mul(seq)
         .saturating_mul(u64::from(model.num_layers))
@@ -288,6 +291,23 @@ mod tests {
         assert_eq!(estimate.activation_bytes, 160_247_808);
         assert_eq!(estimate.total_bytes(), 90_852_864 + 135_200 + 160_247_808);
         assert_eq!(estimate.to_string(), "about 240 MiB (weights 87, job 0, activations 153)");
+    }
+
+    #[test]
+    fn bf16_and_fp16_count_the_frozen_weights_and_their_activations_at_two_bytes() {
+        let fp32 = spec("prompt_tuning", "num_virtual_tokens = 20", 8, 64);
+        for precision in [crate::spec::Precision::Bf16, crate::spec::Precision::Fp16] {
+            let mut half = fp32.clone();
+            half.training.precision = precision;
+            let estimate = estimate(&half, &MINILM);
+            assert_eq!(estimate.weights_bytes, 22_713_216 * 2);
+            // The prompt, the head, their gradients and AdamW's moments stay float32.
+            assert_eq!(estimate.job_bytes, super::estimate(&fp32, &MINILM).job_bytes);
+            // 8 sequences of 84 tokens, 6 layers: 2 * 18 * 384 bytes of hidden
+            // activations and 4 * 3 * 12 * 84 of float32 attention scores.
+            assert_eq!(estimate.activation_bytes, 8 * 84 * 6 * (2 * 6_912 + 4 * 3_024));
+            assert_eq!(estimate.to_string(), "about 143 MiB (weights 43, job 0, activations 100)");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use ptune_core::spec::defaults;
 use ptune_core::sweep::{AlgorithmKind, Direction, SweepState, TrialState};
 use ptune_core::{
-    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, Pooling, PromptInit, SpecError, Task,
+    DataConfig, EncoderType, GenerationConfig, HeadConfig, JobSpec, JobState, Method, Metric, MetricKind, PeftConfig, Pooling, Precision, PromptInit, SpecError, Task,
     TrainingConfig,
 };
 
@@ -144,6 +144,7 @@ impl From<&JobSpec> for v1::JobSpec {
                 head_learning_rate: s.training.head_learning_rate.unwrap_or(0.0),
                 checkpoint_every: s.training.checkpoint_every,
                 stall_timeout_seconds: s.training.stall_timeout_seconds,
+                precision: s.training.precision.as_str().to_string(),
             }),
             max_attempts: s.max_attempts,
             owner: s.owner.clone(),
@@ -242,6 +243,10 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 head_learning_rate: Some(training.head_learning_rate).filter(|lr| *lr != 0.0),
                 checkpoint_every: training.checkpoint_every,
                 stall_timeout_seconds: training.stall_timeout_seconds,
+                precision: match training.precision.trim() {
+                    "" => Precision::Fp32,
+                    precision => precision.parse().map_err(|e: String| SpecError::new("training.precision", e))?,
+                },
             },
             head: HeadConfig {
                 pooling: match s.head.map(|h| h.pooling).filter(|p| !p.trim().is_empty()) {
@@ -423,6 +428,26 @@ learning_rate = 0.03
         let mut zero = v1::JobSpec::from(&from_toml);
         zero.training.as_mut().unwrap().seed = Some(0);
         assert_eq!(JobSpec::try_from(zero).unwrap().training.seed, 0, "seed 0 can be asked for");
+    }
+
+    /// A bf16 or fp16 job keeps its precision through the wire; a client
+    /// that leaves the field unset asks for fp32, and a misspelt one is
+    /// refused naming the field.
+    #[test]
+    fn precision_round_trips_and_an_unknown_one_names_the_field() {
+        let mut spec = JobSpec::try_from(example_on_the_wire("sst2-prompt-tuning.toml")).expect("example");
+        for precision in [Precision::Bf16, Precision::Fp16, Precision::Fp32] {
+            spec.training.precision = precision;
+            let wire = v1::JobSpec::from(&spec);
+            assert_eq!(wire.training.as_ref().map(|t| t.precision.as_str()), Some(precision.as_str()));
+            assert_eq!(JobSpec::try_from(wire).expect("back from the wire"), spec);
+        }
+        let mut wire = v1::JobSpec::from(&spec);
+        wire.training.as_mut().expect("training").precision = String::new();
+        assert_eq!(JobSpec::try_from(wire.clone()).expect("unset").training.precision, Precision::Fp32);
+        wire.training.as_mut().expect("training").precision = "int8".into();
+        let err = JobSpec::try_from(wire).expect_err("int8 is not a precision");
+        assert!(err.to_string().starts_with("training.precision: unknown precision \"int8\""), "{err}");
     }
 
     /// `examples/jobs/<name>` as a client puts it on the wire.

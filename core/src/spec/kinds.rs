@@ -209,6 +209,64 @@ impl FromStr for Pooling {
     }
 }
 
+/// The number format the frozen base model computes in. Trainable
+/// parameters, their gradients and the optimizer state stay float32 in
+/// every case; only the shared weights and the activations flowing through
+/// them take the lower precision, and float16 adds dynamic loss scaling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    /// bfloat16: float32's range with 8 bits of mantissa; needs no loss scaling.
+    Bf16,
+    /// IEEE float16: 11 bits of mantissa but a range up to 65504, so the
+    /// loss is scaled to keep small gradients from flushing to zero.
+    Fp16,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Bf16, Precision::Fp16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Precision::Fp32
+    }
+
+    /// Bytes of one number of the frozen weights and their activations.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::Fp32 => 4,
+            Precision::Bf16 | Precision::Fp16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase();
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.as_str() == wanted)
+            .ok_or_else(|| format!("unknown precision {s:?}; allowed: {}", join(&Precision::ALL)))
+    }
+}
+
 /// Settings of the trained classification head.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

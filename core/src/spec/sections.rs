@@ -7,8 +7,8 @@ use super::defaults::{
     default_batch_size, default_epochs, default_label_field, default_max_new_tokens, default_max_seq_len,
     default_num_beams, default_seed, default_text_field, default_virtual_tokens,
 };
-use super::kinds::{EncoderType, PromptInit};
-use super::parse::labels_as_strings;
+use super::kinds::{EncoderType, Precision, PromptInit};
+use super::parse::{labels_as_strings, parse_via_from_str};
 
 /// Default LoRA rank, as in PEFT's `LoraConfig`.
 pub const DEFAULT_LORA_R: u32 = 8;
@@ -218,6 +218,11 @@ pub struct TrainingConfig {
     /// retryably (0: the worker's default, sized from the spec).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stall_timeout_seconds: u64,
+    /// The number format of the frozen base model (`fp32`, `bf16`, `fp16`);
+    /// the job's trainable parameters, gradients and optimizer state stay
+    /// float32 whatever it is.
+    #[serde(default, skip_serializing_if = "Precision::is_default", deserialize_with = "parse_via_from_str")]
+    pub precision: Precision,
 }
 
 fn is_zero(value: &u64) -> bool {

@@ -209,3 +209,26 @@ fn causal_lm_has_no_labels_and_counts_generated_tokens() {
     let err = lora.validate(Some(&ModelLimits { max_positions: 48 })).unwrap_err();
     assert!(err.message.ends_with("use a max_seq_len of at most 28 or generate fewer tokens"), "{err}");
 }
+
+#[test]
+fn precision_is_named_read_back_and_refused_for_full_fine_tuning() {
+    let spec = JobSpec::from_toml(&format!("{SPEC}precision = \"bf16\"\n")).unwrap();
+    assert_eq!(spec.training.precision, Precision::Bf16);
+    spec.validate(None).unwrap();
+    assert_eq!(spec.to_json()["training"]["precision"], "bf16");
+    let back: JobSpec = serde_json::from_value(spec.to_json()).unwrap();
+    assert_eq!(back, spec);
+    // fp32 is the default, left out of the stored spec and read back when absent.
+    let plain = JobSpec::from_toml(SPEC).unwrap();
+    assert_eq!(plain.training.precision, Precision::Fp32);
+    assert!(plain.to_json()["training"].get("precision").is_none());
+
+    let err = JobSpec::from_toml(&format!("{SPEC}precision = \"fp8\"\n")).unwrap_err();
+    assert!(err.message.contains("unknown precision \"fp8\"; allowed: fp32, bf16, fp16"), "{err}");
+
+    let mut full = with_method("full", "").unwrap();
+    full.training.precision = Precision::Fp16;
+    let err = full.validate(None).unwrap_err();
+    assert_eq!(err.field, "training.precision");
+    assert!(err.message.contains("fp16 is not supported for method full"), "{err}");
+}

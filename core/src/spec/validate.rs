@@ -2,7 +2,7 @@
 //! method and task allows, and (when a worker reported them) the base
 //! model's limits. Each refusal names the field and what is allowed.
 
-use super::kinds::{EncoderType, Method, Pooling, PromptInit, Task};
+use super::kinds::{EncoderType, Method, Pooling, Precision, PromptInit, Task};
 use super::limits::{MAX_BATCH_SIZE, MAX_EXAMPLES, MAX_LABELS, MAX_STEPS, MAX_TOKENS, STALL_TIMEOUT_SECONDS};
 use super::parse::{join, join_or};
 use super::sections::*;
@@ -353,6 +353,20 @@ impl JobSpec {
             return Err(SpecError::new(
                 "training.weight_decay",
                 format!("must be 0 or more, got {}", t.weight_decay),
+            ));
+        }
+        if t.precision != Precision::Fp32 && self.method == Method::Full {
+            // Full fine-tuning trains the base's own weights: keeping them in
+            // bf16 or fp16 would need float32 master copies, which it has not.
+            return Err(SpecError::new(
+                "training.precision",
+                format!("{} is not supported for method full, which trains the weights themselves; use fp32", t.precision),
+            ));
+        }
+        if t.precision != Precision::Fp32 && self.task == Task::CausalLm {
+            return Err(SpecError::new(
+                "training.precision",
+                format!("{} is not supported for task causal_lm yet; supported: fp32", t.precision),
             ));
         }
         if t.stall_timeout_seconds != 0 && !STALL_TIMEOUT_SECONDS.contains(&t.stall_timeout_seconds) {

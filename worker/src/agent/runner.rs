@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use ptune_core::{Method, Metric, Task};
+use ptune_core::{Method, Metric, Precision, Task};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::archive::{self, Archive};
@@ -57,11 +57,13 @@ pub struct RunRequest {
 /// No thread holds the run yet.
 pub const NO_THREAD: usize = usize::MAX;
 
-/// Which runs may share a pack: one task on one model.
+/// Which runs may share a pack: one task on one model in one precision
+/// (the pack's passes run through one copy of the base).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PackKey {
     model_dir: PathBuf,
     task: Task,
+    precision: Precision,
 }
 
 /// How the engine thread reaches a run's owner after it left the engine's
@@ -84,7 +86,11 @@ impl RunEnd {
 impl RunRequest {
     fn pack_key(&self) -> Option<PackKey> {
         let spec = &self.job.spec;
-        (spec.method != Method::Full).then(|| PackKey { model_dir: self.model_dir.clone(), task: spec.task })
+        (spec.method != Method::Full).then(|| PackKey {
+            model_dir: self.model_dir.clone(),
+            task: spec.task,
+            precision: spec.training.precision,
+        })
     }
 
     /// The run's callbacks for the engine, once `thread` holds it: every

@@ -1,5 +1,6 @@
 //! The base models a worker process holds: each loaded once, keyed by its
-//! folder and the sha256 of its weights, and shared by every engine thread
+//! folder, the sha256 of its weights and the precision it computes in (an
+//! fp32 and a bf16 job never share weights), and shared by every engine thread
 //! and every job on it. When loading another model would exceed the memory
 //! budget, models no running job uses are evicted, least recently used
 //! first.
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use ptune_core::Precision;
 use tch::Device;
 
 use super::error::EngineError;
@@ -22,9 +24,11 @@ use super::models::safetensors::{checkpoint_files, checkpoint_sha256};
 /// A frozen base model shared by engine threads.
 pub struct SharedModel {
     pub model: FrozenBase,
-    /// Bytes its weights take (float32).
+    /// Bytes its weights take (4 per parameter in fp32, 2 in bf16 and fp16).
     pub bytes: u64,
     pub sha256: String,
+    /// The precision its weights were converted to.
+    pub precision: Precision,
 }
 
 // SAFETY: a `tch::Tensor` is `Send` but not `Sync` only because it wraps a
@@ -69,7 +73,7 @@ pub struct ModelCache {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<(PathBuf, String), Entry>,
+    entries: HashMap<(PathBuf, String, Precision), Entry>,
     /// Per folder: the files' fingerprint when last hashed, and the hash.
     hashes: HashMap<PathBuf, (Vec<(u64, SystemTime)>, String)>,
     clock: u64,
@@ -95,21 +99,27 @@ impl ModelCache {
     /// the copy already loaded from the same folder with the same weights,
     /// or a new one, evicting unused models as the budget requires.
     pub fn get(&self, dir: &Path) -> Result<Arc<SharedModel>, EngineError> {
+        self.get_in(dir, Precision::Fp32)
+    }
+
+    /// The model in `dir` in `precision`, as [`Self::get`] finds or loads
+    /// it: the same folder in another precision is another entry.
+    pub fn get_in(&self, dir: &Path, precision: Precision) -> Result<Arc<SharedModel>, EngineError> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let sha256 = inner.sha256(dir)?;
         inner.clock += 1;
         let now = inner.clock;
-        let key = (dir.to_path_buf(), sha256.clone());
+        let key = (dir.to_path_buf(), sha256.clone(), precision);
         if let Some(entry) = inner.entries.get_mut(&key) {
             entry.last_used = now;
             return Ok(entry.model.clone());
         }
-        let model = FrozenBase::load(dir, self.device)?;
-        let bytes = model.info().parameters * 4;
+        let model = FrozenBase::load_in(dir, self.device, precision)?;
+        let bytes = model.info().parameters * precision.bytes();
         inner.make_room(bytes, self.budget);
-        let shared = Arc::new(SharedModel { model, bytes, sha256 });
+        let shared = Arc::new(SharedModel { model, bytes, sha256, precision });
         inner.loads += 1;
-        tracing::info!(model_dir = %dir.display(), sha256 = %shared.sha256, bytes, "base model loaded");
+        tracing::info!(model_dir = %dir.display(), sha256 = %shared.sha256, %precision, bytes, "base model loaded");
         inner.entries.insert(key, Entry { model: shared.clone(), last_used: now });
         Ok(shared)
     }
@@ -118,7 +128,7 @@ impl ModelCache {
     /// versions of its weights appears once).
     pub fn loaded_dirs(&self) -> Vec<PathBuf> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dirs: Vec<PathBuf> = inner.entries.keys().map(|(dir, _)| dir.clone()).collect();
+        let mut dirs: Vec<PathBuf> = inner.entries.keys().map(|(dir, _, _)| dir.clone()).collect();
         dirs.sort();
         dirs.dedup();
         dirs
@@ -206,6 +216,21 @@ mod tests {
         assert_eq!((stats.models, stats.loads, stats.evictions), (1, 1, 0));
         assert!(first.encoder().is_some() && first.decoder().is_none());
         assert_eq!(stats.bytes, first.bytes);
+        assert_eq!(cache.loaded_dirs(), [fixture("tiny-bert")]);
+    }
+
+    #[test]
+    fn a_bf16_job_gets_its_own_half_sized_copy_of_a_model() {
+        let cache = ModelCache::new(Device::Cpu, None);
+        let fp32 = cache.get(&fixture("tiny-bert")).unwrap();
+        let bf16 = cache.get_in(&fixture("tiny-bert"), Precision::Bf16).unwrap();
+        assert!(!Arc::ptr_eq(&fp32, &bf16), "fp32 and bf16 jobs do not share weights");
+        assert!(Arc::ptr_eq(&bf16, &cache.get_in(&fixture("tiny-bert"), Precision::Bf16).unwrap()));
+        assert_eq!(bf16.bytes * 2, fp32.bytes);
+        let kinds = |model: &SharedModel| model.encoder().unwrap().encoder.tensors().iter().map(|t| t.kind()).collect::<Vec<_>>();
+        assert!(kinds(&fp32).iter().all(|&k| k == tch::Kind::Float));
+        assert!(kinds(&bf16).iter().all(|&k| k == tch::Kind::BFloat16));
+        assert_eq!((cache.stats().models, cache.stats().loads), (2, 2));
         assert_eq!(cache.loaded_dirs(), [fixture("tiny-bert")]);
     }
 

@@ -32,6 +32,7 @@ use super::error::EngineError;
 use super::export::write_safetensors;
 use super::models::safetensors::read_tensors;
 use super::optim::AdamW;
+use super::train::loss_scale::LossScaler;
 
 pub const STATE_FILE: &str = "state.safetensors";
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
@@ -49,6 +50,9 @@ pub struct TrainerState {
     pub spec_sha256: String,
     /// Metrics of the last evaluation, at or before `step`.
     pub last_eval: Vec<Metric>,
+    /// The loss scaler of a job on a float16 base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScaler>,
 }
 
 /// Digest of everything in `spec` that changes the computation: all but the

@@ -45,7 +45,7 @@ pub use job::{Control, Event, Resume, TrainJob, TrainOutcome};
 pub use models::bert::{BertConfig, BertModel};
 pub use models::frozen::{FrozenBase, FrozenDecoder, FrozenEncoder};
 pub use models::hooks::{HookSites, Hooks, NoHooks};
-pub use models::{decoder, factory, gpt2, llama, registry, safetensors, ModelInfo};
+pub use models::{base_kind, decoder, factory, gpt2, llama, registry, safetensors, ModelInfo};
 pub use optim::{AdamW, LinearSchedule};
 pub use pack::{PackJob, PackLimits};
 pub use peft::lora::{Lora, LoraConfig};
@@ -57,6 +57,7 @@ pub use tasks::classification::{
     build_classifier, load_classifier, macro_f1, write_export, ClassificationHead, Classifier, Level,
 };
 pub use tasks::{causal_lm, classification, token_classification};
+pub use train::loss_scale::{LossScaler, ScaledStep};
 pub use train::{optimizer_for, step_seed, TaskEvaluation};
 
 use pack::{run_pack, SharedBase};
@@ -120,7 +121,7 @@ impl Engine {
     ) -> Result<TrainOutcome, EngineError> {
         tch::set_num_threads(self.threads);
         check_architecture(&job.spec, model_dir)?;
-        let model = self.cache.get(model_dir)?;
+        let model = self.cache.get_in(model_dir, job.spec.training.precision)?;
         match &model.model {
             FrozenBase::Encoder(base) => train_alone(base, self.device, job, on_event),
             FrozenBase::Decoder(base) => train_alone(base, self.device, job, on_event),
@@ -129,7 +130,8 @@ impl Engine {
 
     /// Trains jobs on the base model in `model_dir` in packed steps (see
     /// `pack.rs`; classification on an encoder, causal LM on a decoder; the
-    /// jobs' task decides which the cache loads): `first`, then whatever `admit(room)` hands over
+    /// jobs' task decides which the cache loads, in the jobs' precision, which
+    /// they all share): `first`, then whatever `admit(room)` hands over
     /// between steps, until none is left. Each job hears of its steps,
     /// evaluations and ending through its own callbacks, as with
     /// [`Engine::train`].
@@ -141,7 +143,8 @@ impl Engine {
         admit: &mut dyn FnMut(usize) -> Vec<PackJob>,
     ) {
         tch::set_num_threads(self.threads);
-        let loaded = check_architecture(&first.job.spec, model_dir).and_then(|()| self.cache.get(model_dir));
+        let precision = first.job.spec.training.precision;
+        let loaded = check_architecture(&first.job.spec, model_dir).and_then(|()| self.cache.get_in(model_dir, precision));
         let model = match loaded {
             Ok(model) => model,
             Err(err) => return (first.on_done)(Err(err)),

@@ -128,6 +128,13 @@ impl AdamW {
         Ok(())
     }
 
+    /// The gradient of every tensor this optimizer updates, in the order of
+    /// [`AdamW::state_tensors`] (undefined for a tensor without one); they
+    /// share storage with the gradients the next [`AdamW::step`] reads.
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.groups.iter().flat_map(|g| g.params.iter()).map(|slot| slot.param.grad()).collect()
+    }
+
     /// Clears the gradients of every tensor this optimizer updates.
     pub fn zero_grad(&mut self) {
         for slot in self.groups.iter_mut().flat_map(|g| g.params.iter_mut()) {

@@ -83,7 +83,8 @@ pub(crate) fn backward_step<'a, R: SharedPass>(
 ) -> Vec<Tensor> {
     let inputs: Vec<R::Input<'a>> = runs.iter().zip(plans).map(|(run, plan)| run.input(plan)).collect();
     let kinds: Vec<PassKind<R::Kind>> = runs.iter().zip(&inputs).map(|(run, input)| run.pass_kind(input)).collect();
-    backward_passes(&group_passes(&kinds, max_tokens, R::LAYOUT), runs.len(), |pass| {
+    let scales: Vec<f64> = plans.iter().map(|plan| plan.loss_scale).collect();
+    backward_passes(&group_passes(&kinds, max_tokens, R::LAYOUT), &scales, |pass| {
         let members: Vec<(&'a R, &R::Input<'a>)> = pass.iter().map(|&i| (runs[i], &inputs[i])).collect();
         R::forward(&members)
     })
@@ -274,18 +275,25 @@ pub(crate) fn group_passes<K: PartialEq + Copy>(jobs: &[PassKind<K>], max_tokens
 }
 
 /// Runs `forward` on every pass and backpropagates the sum of its jobs'
-/// losses; returns each of the `jobs` losses, detached. The gradient of the
-/// sum with respect to one job's variables is that job's own gradient: no
-/// job's loss depends on another's.
+/// losses, each multiplied by its job's loss scale (`scales`, one per job:
+/// 1, or a float16 job's dynamic scale); returns each job's loss, detached
+/// and unscaled. The gradient of the sum with respect to one job's
+/// variables is that job's own (scaled) gradient: no job's loss depends on
+/// another's.
 pub(crate) fn backward_passes(
     passes: &[Vec<usize>],
-    jobs: usize,
+    scales: &[f64],
     mut forward: impl FnMut(&[usize]) -> Vec<Tensor>,
 ) -> Vec<Tensor> {
-    let mut losses: Vec<Option<Tensor>> = (0..jobs).map(|_| None).collect();
+    let mut losses: Vec<Option<Tensor>> = scales.iter().map(|_| None).collect();
     for pass in passes {
         let pass_losses = forward(pass);
-        Tensor::stack(&pass_losses, 0).sum(tch::Kind::Float).backward();
+        let scaled: Vec<Tensor> = pass
+            .iter()
+            .zip(&pass_losses)
+            .map(|(&i, loss)| if scales[i] == 1.0 { loss.shallow_clone() } else { loss * scales[i] })
+            .collect();
+        Tensor::stack(&scaled, 0).sum(tch::Kind::Float).backward();
         for (&i, loss) in pass.iter().zip(pass_losses) {
             losses[i] = Some(loss.detach());
         }

@@ -1,10 +1,14 @@
 //! A frozen base model as jobs share it: the network, its tokenizer and
 //! what the registry says of the folder. Its tensors never get gradients
 //! or optimizer state; each job trains its own variables beside them.
+//!
+//! A base is loaded for one precision (`training.precision`): its weights
+//! are read as float32 and converted once, so a bf16 base holds half the
+//! bytes and every job on it computes the shared layers in bf16.
 
 use std::path::{Path, PathBuf};
 
-use ptune_core::Architecture;
+use ptune_core::{Architecture, Precision};
 use tch::{nn, Device};
 
 use super::bert::{BertConfig, BertModel};
@@ -35,6 +39,12 @@ impl FrozenEncoder {
     /// `roberta.`, as `*For*` checkpoints do); other heads in the checkpoint
     /// are ignored.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        Self::load_in(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the folder as [`Self::load`] does, with the weights converted
+    /// to `precision`'s kind (see [`super::base_kind`]).
+    pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
         let info = inspect_any(dir)?;
         let config = BertConfig::from_dir(dir)?;
         let names = checkpoint_tensor_names(dir)?;
@@ -57,6 +67,12 @@ impl FrozenEncoder {
         let encoder = BertModel::new(&path, &config, with_pooler);
         load_checkpoint(&weights, dir, &|name: &str| name.to_string())?;
         weights.freeze();
+        // In place: the encoder's layers hold these very tensors.
+        match precision {
+            Precision::Fp32 => {}
+            Precision::Bf16 => weights.bfloat16(),
+            Precision::Fp16 => weights.half(),
+        }
 
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
         Ok(Self { config, encoder, tokenizer, info, _weights: weights })
@@ -111,9 +127,18 @@ impl FrozenBase {
     /// Loads the model folder `dir` onto `device` as its config's
     /// `model_type` says: an encoder or a decoder.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        Self::load_in(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the folder as [`Self::load`] does, in `precision`. Decoders
+    /// are float32 only for now.
+    pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
         let model_type = model_type(dir)?;
         match architecture_of(&model_type) {
-            Some(Architecture::Encoder) => Ok(Self::Encoder(FrozenEncoder::load(dir, device)?)),
+            Some(Architecture::Encoder) => Ok(Self::Encoder(FrozenEncoder::load_in(dir, device, precision)?)),
+            Some(Architecture::Decoder) if precision != Precision::Fp32 => Err(EngineError::Model(format!(
+                "training.precision {precision} is not supported for decoders ({model_type}) yet; use fp32"
+            ))),
             Some(Architecture::Decoder) => Ok(Self::Decoder(FrozenDecoder::load(dir, device)?)),
             None => Err(EngineError::Model(format!(
                 "unsupported model_type {model_type:?}; supported: {}",

@@ -24,6 +24,16 @@ pub mod llama;
 pub mod registry;
 pub mod safetensors;
 
+/// The kind a frozen base's weights and inner activations take for
+/// `training.precision`; a job's own parameters are float32 in every case.
+pub fn base_kind(precision: ptune_core::Precision) -> tch::Kind {
+    match precision {
+        ptune_core::Precision::Fp32 => tch::Kind::Float,
+        ptune_core::Precision::Bf16 => tch::Kind::BFloat16,
+        ptune_core::Precision::Fp16 => tch::Kind::Half,
+    }
+}
+
 /// What a worker advertises about a base model, read without building it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelInfo {

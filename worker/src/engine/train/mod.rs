@@ -11,6 +11,7 @@
 //! copy of the base) get gradients and optimizer state; the shared base's
 //! tensors are frozen and never handed to the optimizer.
 
+pub mod loss_scale;
 mod progress;
 mod task;
 

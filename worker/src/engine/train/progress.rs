@@ -7,9 +7,10 @@
 
 use std::path::Path;
 
-use ptune_core::{JobSpec, Metric, MetricKind};
+use ptune_core::{JobSpec, Metric, MetricKind, Precision};
 use tch::{nn, Tensor};
 
+use super::loss_scale::{LossScaler, ScaledStep, MAX_SKIPPED_IN_A_ROW};
 use super::task::{PlannedStep, TaskRun};
 use crate::engine::checkpoint::{self, TrainerState};
 use crate::engine::data::batch::EpochBatches;
@@ -38,6 +39,8 @@ pub(crate) struct Progress {
     total_steps: u64,
     last_eval: Vec<Metric>,
     eval_predictions: Vec<serde_json::Value>,
+    /// Dynamic loss scaling, for a job on a float16 base only.
+    scaler: Option<LossScaler>,
 }
 
 impl Progress {
@@ -58,10 +61,14 @@ impl Progress {
         let mut optimizer = optimizer_for(vars, spec);
         let resumed = resume_state(job, vars, &mut optimizer)?;
         let mut batches = EpochBatches::new(task.train_len(), t.batch_size as usize, t.seed);
+        let mut scaler = (t.precision == Precision::Fp16).then(LossScaler::default);
         let (step, last_eval) = match resumed {
             Some(state) => {
                 let step = state.step.min(total_steps);
                 batches.skip(step);
+                if let (Some(scaler), Some(saved)) = (scaler.as_mut(), state.loss_scale) {
+                    *scaler = saved;
+                }
                 tracing::info!(job = %spec.name, step, total_steps, "resumed from checkpoint");
                 (step, state.last_eval)
             }
@@ -76,6 +83,7 @@ impl Progress {
             total_steps,
             last_eval,
             eval_predictions: Vec::new(),
+            scaler,
         })
     }
 
@@ -94,7 +102,12 @@ impl Progress {
         tch::manual_seed(seed);
         self.optimizer.zero_grad();
         let indices = self.batches.next_batch().to_vec();
-        PlannedStep { indices, lr_factor: self.schedule.factor(self.step), stream: DropoutStream::new(seed) }
+        PlannedStep {
+            indices,
+            lr_factor: self.schedule.factor(self.step),
+            stream: DropoutStream::new(seed),
+            loss_scale: self.scaler.as_ref().map_or(1.0, LossScaler::scale),
+        }
     }
 
     /// Applies the step whose `loss` has been backpropagated, reports it
@@ -112,7 +125,13 @@ impl Progress {
         on_event: &mut dyn FnMut(Event<'_>) -> Control,
     ) -> Result<Flow, EngineError> {
         let t = &self.job.spec.training;
-        self.optimizer.step(planned.lr_factor);
+        let apply = match self.scaler.as_mut() {
+            Some(scaler) => scaler.unscale(&mut self.optimizer.grads()) == ScaledStep::Apply,
+            None => true,
+        };
+        if apply {
+            self.optimizer.step(planned.lr_factor);
+        }
         self.step += 1;
         crate::engine::liveness::beat();
         let (step, total_steps) = (self.step, self.total_steps);
@@ -125,8 +144,16 @@ impl Progress {
             Metric::new(step, MetricKind::Train, "pack_jobs", pack_jobs as f64),
         ];
         tracing::debug!(step, total_steps, loss, epoch = self.batches.epoch(), "step");
-        if !loss.is_finite() {
-            return Err(EngineError::Diverged { step, loss });
+        match &self.scaler {
+            // A float16 overflow skips the step; only a run of them is divergence.
+            Some(scaler) if !apply => {
+                tracing::debug!(job = %self.job.spec.name, step, loss_scale = scaler.scale(), "gradients overflowed; step skipped");
+                if scaler.skipped_in_a_row() >= MAX_SKIPPED_IN_A_ROW {
+                    return Err(EngineError::Diverged { step, loss });
+                }
+            }
+            _ if !loss.is_finite() => return Err(EngineError::Diverged { step, loss }),
+            _ => {}
         }
         let mut control = on_event(Event::Step { step, total_steps, metrics: &metrics });
         if control == Control::Stop {
@@ -189,6 +216,7 @@ impl Progress {
             total_steps: self.total_steps,
             spec_sha256: checkpoint::spec_digest(&self.job.spec),
             last_eval: self.last_eval.clone(),
+            loss_scale: self.scaler,
         };
         checkpoint::save(dir, &state, vars, &self.optimizer, &self.job.spec.name)?;
         on_event(Event::Checkpoint { step: self.step, dir });

@@ -42,9 +42,12 @@ pub(crate) fn eval_batch_size(spec: &JobSpec) -> usize {
     (spec.training.batch_size as usize).max(MIN_EVAL_BATCH_SIZE)
 }
 
-/// One step's plan: its examples, learning-rate factor and dropout stream.
+/// One step's plan: its examples, learning-rate factor, dropout stream and
+/// the factor its loss is multiplied by before the backward pass (1 but
+/// for a float16 base, see `loss_scale.rs`).
 pub(crate) struct PlannedStep {
     pub indices: Vec<usize>,
     pub lr_factor: f64,
     pub stream: DropoutStream,
+    pub loss_scale: f64,
 }

@@ -57,7 +57,9 @@ impl BertEmbeddings {
                     Some(ids) => self.token_type_embeddings.forward(ids),
                     None => self.token_type_embeddings.ws.get(0),
                 };
-                part.packing.pack(&(&member.inputs_embeds + position_embeds + token_type_embeds))
+                // Input embeddings (float32 from a prompt) take the weights' kind.
+                let inputs_embeds = member.inputs_embeds.to_kind(position_embeds.kind());
+                part.packing.pack(&(inputs_embeds + position_embeds + token_type_embeds))
             })
             .collect();
         let packed = if packed.len() == 1 { packed[0].shallow_clone() } else { Tensor::cat(&packed, 0) };
@@ -139,9 +141,10 @@ impl BertSelfAttention {
         let mut key = split(packing.unpack(key), s);
         let mut value = split(packing.unpack(value), s);
         if let Some((prefix_key, prefix_value)) = prefix {
-            // [batch, heads, prefix + seq, head_dim]
-            key = Tensor::cat(&[prefix_key, &key], 2);
-            value = Tensor::cat(&[prefix_value, &value], 2);
+            // [batch, heads, prefix + seq, head_dim], the job's float32
+            // prefixes cast to the weights' kind.
+            key = Tensor::cat(&[prefix_key.to_kind(key.kind()), key], 2);
+            value = Tensor::cat(&[prefix_value.to_kind(value.kind()), value], 2);
         }
         let query = match queries {
             Queries::All => split(packing.unpack(query), s),
@@ -152,9 +155,11 @@ impl BertSelfAttention {
             // Written out so that attention-probability dropout uses the fast
             // mask; libtorch's fused attention draws Bernoulli samples.
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            // [batch, heads, queries, prefix + seq]
-            let scores = query.matmul(&key.transpose(-1, -2)) * scale + &packing.additive_mask;
-            dropout(&scores.softmax(-1, scores.kind()), self.dropout, train).matmul(&value)
+            // [batch, heads, queries, prefix + seq], float32 whatever the
+            // weights' kind: the softmax of bfloat16 or float16 scores loses
+            // the small probabilities.
+            let scores = query.matmul(&key.transpose(-1, -2)).to_kind(Kind::Float) * scale + &packing.additive_mask;
+            dropout(&scores.softmax(-1, Kind::Float), self.dropout, train).to_kind(value.kind()).matmul(&value)
         } else {
             let mask = Some(&packing.key_mask);
             Tensor::scaled_dot_product_attention(&query, &key, &value, mask, 0.0, false, None, false)

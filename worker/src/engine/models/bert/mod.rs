@@ -23,9 +23,19 @@
 //! its own padding, prompt length and prefix), its low-rank deltas and its
 //! dropout (from its own stream) run on its own rows. A job's outputs are
 //! then the same as when it runs alone, up to float rounding.
+//!
+//! The weights may be bfloat16 or float16 (a base loaded for
+//! `training.precision` bf16 or fp16): the encoder then computes in that
+//! kind, while everything that crosses its edges is float32. Input
+//! embeddings (a job's prompt among them) and prefixes are cast to the
+//! weights' kind as they enter, the inputs of low-rank deltas are cast to
+//! float32 before they reach a job's parameters, attention probabilities are
+//! computed in float32, and the last hidden state and the pooler's output
+//! leave as float32. A job's parameters, gradients and optimizer state thus
+//! stay float32 whatever the base computes in.
 
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 pub use self::config::BertConfig;
 use self::layers::{layer_norm_tensors, linear_tensors, BertEmbeddings, BertLayer, BertPooler, Layer};
@@ -66,14 +76,21 @@ impl BertModel {
         self.pooler.is_some()
     }
 
-    /// `[vocab, hidden]` word embedding table.
+    /// The kind the encoder's weights and inner activations have: float32,
+    /// or bfloat16 or float16 for a base loaded in that precision.
+    pub fn kind(&self) -> Kind {
+        self.embeddings.word_embeddings.ws.kind()
+    }
+
+    /// `[vocab, hidden]` word embedding table, in the encoder's [`Self::kind`].
     pub fn word_embeddings(&self) -> &Tensor {
         &self.embeddings.word_embeddings.ws
     }
 
-    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
+    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings,
+    /// float32 whatever the encoder's kind.
     pub fn embed_ids(&self, input_ids: &Tensor) -> Tensor {
-        self.embeddings.word_embeddings.forward(input_ids)
+        self.embeddings.word_embeddings.forward(input_ids).to_kind(Kind::Float)
     }
 
     /// Last hidden state `[batch, seq, hidden]` for `inputs_embeds`
@@ -161,6 +178,7 @@ impl BertModel {
             .map(|part| {
                 let len = part.rows(queries);
                 let rows = if parts.len() == 1 { hidden.shallow_clone() } else { hidden.narrow(0, offset, len) };
+                let rows = rows.to_kind(Kind::Float);
                 offset += len;
                 match queries {
                     Queries::All => part.packing.unpack(&rows),
@@ -203,9 +221,9 @@ impl BertModel {
     }
 
     /// Pooler output `[batch, hidden]` (dense + tanh) of the position-0
-    /// hidden state; `None` for checkpoints without a pooler.
+    /// hidden state, float32; `None` for checkpoints without a pooler.
     pub fn pool(&self, first: &Tensor) -> Option<Tensor> {
-        self.pooler.as_ref().map(|pooler| pooler.forward(first))
+        self.pooler.as_ref().map(|pooler| pooler.forward(&first.to_kind(self.kind())).to_kind(Kind::Float))
     }
 }
 

@@ -138,7 +138,8 @@ pub(super) fn member_dropout(xs: &Tensor, p: f64, parts: &[Part<'_>], queries: Q
 }
 
 /// A frozen linear over every member's rows, plus each member's delta for
-/// it (LoRA) on its own rows.
+/// it (LoRA) on its own rows. A delta sees its rows as float32 (the kind of
+/// the job's parameters) and is added in the linear's kind.
 pub(super) fn member_linear(
     linear: &nn::Linear,
     parts: &[Part<'_>],
@@ -156,7 +157,12 @@ pub(super) fn member_linear(
             let len = part.rows(queries);
             let rows = if parts.len() == 1 { xs.shallow_clone() } else { xs.narrow(0, offset, len) };
             offset += len;
-            let delta = with_stream(part.member.stream, || part.member.hooks.linear_delta(layer, module, &rows));
+            let hooks = part.member.hooks;
+            let delta = hooks
+                .has_linear_deltas()
+                .then(|| with_stream(part.member.stream, || hooks.linear_delta(layer, module, &rows.to_kind(Kind::Float))))
+                .flatten()
+                .map(|delta| delta.to_kind(out.kind()));
             any |= delta.is_some();
             delta
         })
