@@ -158,11 +158,12 @@ pub(super) fn member_linear(
             let rows = if parts.len() == 1 { xs.shallow_clone() } else { xs.narrow(0, offset, len) };
             offset += len;
             let hooks = part.member.hooks;
-            let delta = hooks
-                .has_linear_deltas()
-                .then(|| with_stream(part.member.stream, || hooks.linear_delta(layer, module, &rows.to_kind(Kind::Float))))
-                .flatten()
-                .map(|delta| delta.to_kind(out.kind()));
+            // The stream is entered whether or not the job has deltas: entering
+            // it counts a draw, and a job's later dropout masks depend on the count.
+            let delta = with_stream(part.member.stream, || {
+                hooks.has_linear_deltas().then(|| hooks.linear_delta(layer, module, &rows.to_kind(Kind::Float))).flatten()
+            })
+            .map(|delta| delta.to_kind(out.kind()));
             any |= delta.is_some();
             delta
         })
