@@ -145,6 +145,7 @@ impl From<&JobSpec> for v1::JobSpec {
                 checkpoint_every: s.training.checkpoint_every,
                 stall_timeout_seconds: s.training.stall_timeout_seconds,
                 precision: s.training.precision.as_str().to_string(),
+                devices: s.training.devices,
             }),
             max_attempts: s.max_attempts,
             owner: s.owner.clone(),
@@ -247,6 +248,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     "" => Precision::Fp32,
                     precision => precision.parse().map_err(|e: String| SpecError::new("training.precision", e))?,
                 },
+                devices: training.devices.max(1),
             },
             head: HeadConfig {
                 pooling: match s.head.map(|h| h.pooling).filter(|p| !p.trim().is_empty()) {

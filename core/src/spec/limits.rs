@@ -4,6 +4,8 @@
 pub const MAX_TOKENS: u32 = 512;
 /// Hard cap on examples per step.
 pub const MAX_BATCH_SIZE: u32 = 4096;
+/// Most devices one job trains on together (`training.devices`).
+pub const MAX_DEVICES: u32 = 16;
 /// Most optimizer steps a job may plan (and the most between evaluations or checkpoints).
 pub const MAX_STEPS: u64 = 10_000_000;
 /// Most declared labels.

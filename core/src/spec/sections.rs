@@ -223,8 +223,22 @@ pub struct TrainingConfig {
     /// float32 whatever it is.
     #[serde(default, skip_serializing_if = "Precision::is_default", deserialize_with = "parse_via_from_str")]
     pub precision: Precision,
+    /// Devices one attempt trains on together, data parallel (1: one
+    /// device). Each takes a fixed share of every batch; the gradients of
+    /// the trainable parameters are summed across them before each step,
+    /// so the result is that of one device running the whole batch.
+    #[serde(default = "default_devices", skip_serializing_if = "is_one")]
+    pub devices: u32,
 }
 
 fn is_zero(value: &u64) -> bool {
     *value == 0
+}
+
+fn default_devices() -> u32 {
+    1
+}
+
+fn is_one(value: &u32) -> bool {
+    *value == 1
 }

@@ -232,3 +232,27 @@ fn precision_is_named_read_back_and_refused_for_full_fine_tuning() {
     assert_eq!(err.field, "training.precision");
     assert!(err.message.contains("fp16 is not supported for method full"), "{err}");
 }
+
+#[test]
+fn devices_default_to_one_and_are_bounded_by_the_limit_and_the_batch() {
+    let plain = JobSpec::from_toml(SPEC).unwrap();
+    assert_eq!(plain.training.devices, 1);
+    assert!(plain.to_json()["training"].get("devices").is_none(), "one device is the default, left out");
+    let two = JobSpec::from_toml(&format!("{SPEC}devices = 2\n")).unwrap();
+    two.validate(None).unwrap();
+    assert_eq!(two.to_json()["training"]["devices"], 2);
+    let back: JobSpec = serde_json::from_value(two.to_json()).unwrap();
+    assert_eq!(back, two);
+
+    let mut none = two.clone();
+    none.training.devices = 0;
+    let err = none.validate(None).unwrap_err();
+    assert_eq!(err.field, "training.devices");
+    assert_eq!(err.message, "must be between 1 and 16, got 0");
+    let mut wide = two.clone();
+    wide.training.batch_size = 4;
+    wide.training.devices = 8;
+    let err = wide.validate(None).unwrap_err();
+    assert_eq!(err.field, "training.devices");
+    assert!(err.message.contains("at most training.batch_size (4)"), "{err}");
+}

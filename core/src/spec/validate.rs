@@ -3,7 +3,7 @@
 //! model's limits. Each refusal names the field and what is allowed.
 
 use super::kinds::{EncoderType, Method, Pooling, Precision, PromptInit, Task};
-use super::limits::{MAX_BATCH_SIZE, MAX_EXAMPLES, MAX_LABELS, MAX_STEPS, MAX_TOKENS, STALL_TIMEOUT_SECONDS};
+use super::limits::{MAX_BATCH_SIZE, MAX_DEVICES, MAX_EXAMPLES, MAX_LABELS, MAX_STEPS, MAX_TOKENS, STALL_TIMEOUT_SECONDS};
 use super::parse::{join, join_or};
 use super::sections::*;
 use super::{JobSpec, ModelLimits, SpecError};
@@ -335,6 +335,18 @@ impl JobSpec {
             return Err(SpecError::new(
                 "training.batch_size",
                 format!("must be between 1 and {MAX_BATCH_SIZE}, got {}", t.batch_size),
+            ));
+        }
+        if !(1..=MAX_DEVICES).contains(&t.devices) {
+            return Err(SpecError::new(
+                "training.devices",
+                format!("must be between 1 and {MAX_DEVICES}, got {}", t.devices),
+            ));
+        }
+        if t.devices > t.batch_size {
+            return Err(SpecError::new(
+                "training.devices",
+                format!("must be at most training.batch_size ({}) so that every device has examples, got {}", t.batch_size, t.devices),
             ));
         }
         if t.max_steps == 0 && !(t.epochs.is_finite() && t.epochs > 0.0 && t.epochs <= 1000.0) {
