@@ -24,7 +24,7 @@ import time
 import peft
 import torch
 import transformers
-from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -58,7 +58,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--train", required=True)
-    parser.add_argument("--method", choices=["lora", "prompt_tuning"], required=True)
+    parser.add_argument("--method", choices=["lora", "prompt_tuning", "p_tuning_v2"], required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=64)
@@ -67,17 +67,22 @@ def main():
     parser.add_argument("--head-on-targets", action="store_true",
                         help="(lora) run the LM head on target positions only, as ptune does, instead of "
                              "transformers' logits at every position: shows how much of a gap that is")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda:N")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.manual_seed(1)
     tokenizer = Tokenizer.from_file(f"{args.model}/tokenizer.json")
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     eos = base.config.eos_token_id
     total = WARMUP_STEPS + args.steps
     data = rows(tokenizer, args.train, total * args.batch_size, args.max_seq_len, eos)
     if args.method == "lora":
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
                             target_modules=["q_proj", "v_proj"])
+    elif args.method == "p_tuning_v2":
+        # P-tuning v2 is PEFT's prefix tuning without the reparameterization.
+        config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
     else:
         config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=args.num_virtual_tokens)
     model = get_peft_model(base, config)
@@ -86,7 +91,7 @@ def main():
     timed = 0.0
     for step in range(total):
         started = time.perf_counter()
-        ids, mask, labels = batch(data[step * args.batch_size:(step + 1) * args.batch_size], eos)
+        ids, mask, labels = (t.to(device) for t in batch(data[step * args.batch_size:(step + 1) * args.batch_size], eos))
         if args.head_on_targets and args.method == "lora":
             # The LoRA-injected decoder body, then the head where a label is.
             hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -110,6 +115,7 @@ def main():
         "batch_size": args.batch_size,
         "max_seq_len": args.max_seq_len,
         "head_on_targets": args.head_on_targets and args.method == "lora",
+        "device": args.device,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }))
 

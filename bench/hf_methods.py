@@ -318,6 +318,9 @@ def throughput_run(args, spec, model_dir):
     padding = 1.0 - mask.float().mean().item()
 
     model, notes = build_model(spec, model_dir)
+    device = torch.device(args.device)
+    model = model.to(device)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     optimizer = optimizer_for(model, spec)
     schedule = schedule_for(optimizer, spec, total_steps)
     model.train()
@@ -345,6 +348,7 @@ def throughput_run(args, spec, model_dir):
         "seq_len": args.seq_len,
         "num_virtual_tokens": spec["peft"].get("num_virtual_tokens") if spec["method"] in PROMPT_METHODS else None,
         "padding_fraction": round(padding, 4),
+        "device": args.device,
         **versions(),
         "notes": notes,
     }
@@ -431,6 +435,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=64, help="throughput")
     parser.add_argument("--num-virtual-tokens", type=int, default=20, help="throughput, prompt and prefix methods")
     parser.add_argument("--out", help="prepare: output folder")
+    parser.add_argument("--device", default="cpu", help="throughput: torch device, cpu or cuda:N")
     args = parser.parse_args()
     if not args.model:
         parser.error("set PTUNE_MINILM_DIR or pass --model")

@@ -5,14 +5,19 @@
 //! table of training examples per second (evaluation and setup excluded:
 //! each job evaluates a few dev examples once, at the end).
 //!
-//! `cargo run --release -p ptune-worker --example pack_bench -- [--kind KIND] MODEL_DIR DATA_DIR [JOBS] [STEPS] [ROUNDS] [TOKENS...]`
+//! `cargo run --release -p ptune-worker --example pack_bench -- [--kind KIND] [--device DEVICE] MODEL_DIR DATA_DIR [JOBS] [STEPS] [ROUNDS] [TOKENS...]`
 //!
 //! KIND is what the jobs train:
 //! - `sst2-prompt` (the default): prompt tuning, 20 virtual tokens, SST-2
 //!   sequence classification on an encoder (all-MiniLM-L6-v2);
+//! - `sst2-p-tuning-v2`: P-tuning v2, 20 virtual tokens, the same task;
+//! - `sst2-lora`: LoRA of rank 8 on the query and value projections, the same task;
 //! - `e2e-lora`: LoRA of rank 8 on the attention's query and value
 //!   projections (PEFT's default), E2E causal LM on a decoder;
-//! - `e2e-prompt`: prompt tuning, 20 virtual tokens, E2E causal LM on a decoder.
+//! - `e2e-prompt`: prompt tuning, 20 virtual tokens, E2E causal LM on a decoder;
+//! - `e2e-p-tuning-v2`: P-tuning v2, 20 virtual tokens, E2E causal LM on a decoder.
+//!
+//! DEVICE is `cpu` (the default) or `cuda:N`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,25 +29,37 @@ use ptune_worker::engine::{Control, Engine, Event, PackJob, PackLimits, Resume, 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Sst2Prompt,
+    Sst2PTuningV2,
+    Sst2Lora,
     E2eLora,
     E2ePrompt,
+    E2ePTuningV2,
 }
 
 impl Kind {
     fn parse(name: &str) -> Kind {
         match name {
             "sst2-prompt" => Kind::Sst2Prompt,
+            "sst2-p-tuning-v2" => Kind::Sst2PTuningV2,
+            "sst2-lora" => Kind::Sst2Lora,
             "e2e-lora" => Kind::E2eLora,
             "e2e-prompt" => Kind::E2ePrompt,
-            other => panic!("unknown --kind {other:?}; one of sst2-prompt, e2e-lora, e2e-prompt"),
+            "e2e-p-tuning-v2" => Kind::E2ePTuningV2,
+            other => panic!(
+                "unknown --kind {other:?}; one of sst2-prompt, sst2-p-tuning-v2, sst2-lora, e2e-lora, e2e-prompt, \
+                 e2e-p-tuning-v2"
+            ),
         }
     }
 
     fn describe(self) -> &'static str {
         match self {
             Kind::Sst2Prompt => "prompt-tuning jobs (20 virtual tokens, SST-2 classification)",
+            Kind::Sst2PTuningV2 => "P-tuning v2 jobs (20 virtual tokens, SST-2 classification)",
+            Kind::Sst2Lora => "LoRA jobs (r 8 on query and value, SST-2 classification)",
             Kind::E2eLora => "LoRA jobs (r 8 on q_proj and v_proj, E2E causal LM)",
             Kind::E2ePrompt => "prompt-tuning jobs (20 virtual tokens, E2E causal LM)",
+            Kind::E2ePTuningV2 => "P-tuning v2 jobs (20 virtual tokens, E2E causal LM)",
         }
     }
 }
@@ -56,14 +73,19 @@ fn job(kind: Kind, i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
                                      "label_field": "target", "max_seq_len": 64, "max_train_examples": 2000,
                                      "max_eval_examples": 4});
     let generation = serde_json::json!({"max_new_tokens": 8, "num_beams": 1});
-    let spec = match kind {
-        Kind::Sst2Prompt => serde_json::json!({
+    let sst2 = |method: &str, peft: serde_json::Value| {
+        serde_json::json!({
             "name": format!("pack-{i}"), "base_model": "all-MiniLM-L6-v2", "task": "sequence_classification",
-            "method": "prompt_tuning", "peft": {"num_virtual_tokens": 20, "init": "vocab"},
+            "method": method, "peft": peft,
             "data": {"train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 64,
                      "max_train_examples": 2000, "max_eval_examples": 8},
             "training": training,
-        }),
+        })
+    };
+    let spec = match kind {
+        Kind::Sst2Prompt => sst2("prompt_tuning", serde_json::json!({"num_virtual_tokens": 20, "init": "vocab"})),
+        Kind::Sst2PTuningV2 => sst2("p_tuning_v2", serde_json::json!({"num_virtual_tokens": 20})),
+        Kind::Sst2Lora => sst2("lora", serde_json::json!({"r": 8, "lora_alpha": 16, "lora_dropout": 0.05})),
         Kind::E2eLora => serde_json::json!({
             "name": format!("pack-{i}"), "base_model": "decoder", "task": "causal_lm", "method": "lora",
             "peft": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
@@ -71,6 +93,11 @@ fn job(kind: Kind, i: usize, steps: u64, data: &Path, out: &Path) -> TrainJob {
         }),
         Kind::E2ePrompt => serde_json::json!({
             "name": format!("pack-{i}"), "base_model": "decoder", "task": "causal_lm", "method": "prompt_tuning",
+            "peft": {"num_virtual_tokens": 20},
+            "data": lm_data, "training": training, "generation": generation,
+        }),
+        Kind::E2ePTuningV2 => serde_json::json!({
+            "name": format!("pack-{i}"), "base_model": "decoder", "task": "causal_lm", "method": "p_tuning_v2",
             "peft": {"num_virtual_tokens": 20},
             "data": lm_data, "training": training, "generation": generation,
         }),
@@ -96,15 +123,30 @@ fn step_share(event: Event<'_>) -> f64 {
     8.0 / value("examples_per_second").expect("a step's throughput") / value("pack_jobs").unwrap_or(1.0)
 }
 
+/// `cpu` or `cuda:N`.
+fn parse_device(name: &str) -> tch::Device {
+    match name {
+        "cpu" => tch::Device::Cpu,
+        cuda => match cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(index) => tch::Device::Cuda(index),
+            None => panic!("--device {cuda:?}: expected cpu or cuda:N"),
+        },
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let kind = if args.first().map(String::as_str) == Some("--kind") {
-        let kind = Kind::parse(args.get(1).expect("--kind KIND"));
+    let mut kind = Kind::Sst2Prompt;
+    let mut device = tch::Device::Cpu;
+    while let Some(flag) = args.first().filter(|a| a.starts_with("--")).cloned() {
+        let value = args.get(1).unwrap_or_else(|| panic!("{flag} needs a value")).clone();
+        match flag.as_str() {
+            "--kind" => kind = Kind::parse(&value),
+            "--device" => device = parse_device(&value),
+            other => panic!("unknown flag {other}; --kind KIND or --device DEVICE"),
+        }
         args.drain(..2);
-        kind
-    } else {
-        Kind::Sst2Prompt
-    };
+    }
     let model_dir = PathBuf::from(args.first().expect("MODEL_DIR"));
     let data = PathBuf::from(args.get(1).expect("DATA_DIR"));
     let jobs: usize = args.get(2).map_or(8, |s| s.parse().unwrap());
@@ -112,7 +154,7 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = args.get(4).map_or(2, |s| s.parse().unwrap());
     let budgets: Vec<usize> = if args.len() > 5 { args[5..].iter().map(|s| s.parse().unwrap()).collect() } else { vec![4096, 1024] };
     let out = tempfile::tempdir()?;
-    let mut engine = Engine::new(tch::Device::Cpu);
+    let mut engine = Engine::new(device);
     let examples = (jobs as u64 * steps * 8) as f64;
     let mut rows: Vec<(String, Vec<f64>)> = vec![("one after another".into(), Vec::new())];
     rows.extend(budgets.iter().map(|b| (format!("one pack, {b} tokens per pass"), Vec::new())));
@@ -161,7 +203,7 @@ fn main() -> anyhow::Result<()> {
     };
     let base = median(&rows[0].1);
     println!(
-        "{jobs} {}, batch 8, {steps} steps, on {}; median of {rounds} alternating rounds.",
+        "{jobs} {}, batch 8, {steps} steps, on {} ({device:?}); median of {rounds} alternating rounds.",
         kind.describe(),
         model_dir.display()
     );

@@ -26,7 +26,7 @@ use ptune_worker::engine::{
     Control, Engine, EngineError, Event, PackJob, PackLimits, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE,
 };
 use serde_json::{json, Value};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -204,7 +204,7 @@ fn train_packed(model_dir: &Path, jobs: &[TrainJob], limits: PackLimits) -> Vec<
         }
     };
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut engine = Engine::new(Device::Cpu);
+    let mut engine = Engine::new(support::engine::device());
     engine.train_pack(model_dir, limits, pack_job(0), &mut admit);
     records.into_iter().map(|(seen, ending)| (Rc::try_unwrap(seen).unwrap().into_inner(), ending)).collect()
 }

@@ -7,9 +7,9 @@ mod support;
 
 use ptune_core::{JobSpec, Precision};
 use ptune_worker::engine::{build_classifier, optimizer_for, Engine, FrozenEncoder, NoHooks, Resume, TRAINER_STATE_FILE};
-use support::engine::{synthetic_data_job, SERIAL};
+use support::engine::{device, synthetic_data_job, SERIAL};
 use support::paths::{fixtures, minilm_dir, sst2};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 fn spec(method: &str, peft: &str, training: &str) -> JobSpec {
     JobSpec::from_toml(&format!(
@@ -57,9 +57,9 @@ const SENTENCES: [&str; 4] =
 #[test]
 fn under_bf16_a_jobs_parameters_gradients_and_adamw_state_stay_float32() {
     let dir = fixtures().join("tiny-bert");
-    let fp32 = FrozenEncoder::load(&dir, Device::Cpu).expect("tiny-bert loads");
+    let fp32 = FrozenEncoder::load(&dir, device()).expect("tiny-bert loads");
     for precision in [Precision::Bf16, Precision::Fp16] {
-        let base = FrozenEncoder::load_in(&dir, Device::Cpu, precision).expect("tiny-bert loads in the lower precision");
+        let base = FrozenEncoder::load_in(&dir, device(), precision).expect("tiny-bert loads in the lower precision");
         let base_kind = ptune_worker::engine::base_kind(precision);
         let before: Vec<Tensor> = base.encoder.tensors().iter().map(Tensor::copy).collect();
         assert!(before.iter().all(|t| t.kind() == base_kind), "{precision}: the frozen weights are {base_kind:?}");
@@ -76,7 +76,7 @@ fn under_bf16_a_jobs_parameters_gradients_and_adamw_state_stay_float32() {
             spec.training.precision = precision;
             spec.validate(None).expect("valid spec");
             tch::manual_seed(7);
-            let vars = nn::VarStore::new(Device::Cpu);
+            let vars = nn::VarStore::new(device());
             let classifier = build_classifier(&spec, &base, &vars.root(), 2).expect("classifier");
             let logits = classifier.logits(&base.encoder, &ids, &mask, true);
             assert_eq!(logits.kind(), Kind::Float, "{method}: logits are float32");
@@ -110,7 +110,7 @@ fn under_bf16_a_jobs_parameters_gradients_and_adamw_state_stay_float32() {
 fn a_bf16_and_an_fp16_job_train_on_their_own_copy_and_save_float32_state() {
     let dir = fixtures().join("tiny-bert");
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut engine = Engine::new(Device::Cpu);
+    let mut engine = Engine::new(device());
     let mut losses = Vec::new();
     for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
         let out = tempfile::tempdir().unwrap();
@@ -171,14 +171,14 @@ fn minilm_bf16_logits_stay_within_tolerance_of_fp32_on_sst2_sentences() {
     /// Fewest examples whose predicted class must agree.
     const AGREEMENT: f64 = 0.98;
     let dir = minilm_dir();
-    let fp32 = FrozenEncoder::load(&dir, Device::Cpu).expect("MiniLM loads");
-    let bf16 = FrozenEncoder::load_in(&dir, Device::Cpu, Precision::Bf16).expect("MiniLM loads in bf16");
+    let fp32 = FrozenEncoder::load(&dir, device()).expect("MiniLM loads");
+    let bf16 = FrozenEncoder::load_in(&dir, device(), Precision::Bf16).expect("MiniLM loads in bf16");
     let text = std::fs::read_to_string(sst2("dev.jsonl")).expect("SST-2 dev");
     let rows: Vec<serde_json::Value> = text.lines().take(64).map(|l| serde_json::from_str(l).unwrap()).collect();
     let sentences: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
     let (ids, mask) = batch(&fp32, &sentences, 128);
     tch::manual_seed(0);
-    let head = Tensor::randn([2, 384], (Kind::Float, Device::Cpu)) * 0.5;
+    let head = Tensor::randn([2, 384], (Kind::Float, device())) * 0.5;
     let run = |base: &FrozenEncoder| {
         tch::no_grad(|| {
             let encoder = &base.encoder;

@@ -13,6 +13,19 @@ use tch::Device;
 /// Training seeds libtorch's process-wide generator: runs take turns.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The device the engine tests train on: `PTUNE_TEST_DEVICE` (`cpu`, the
+/// default, or `cuda:N`, as `scripts/gpu-check.sh` sets it).
+pub fn device() -> Device {
+    let name = std::env::var("PTUNE_TEST_DEVICE").unwrap_or_default();
+    match name.trim() {
+        "" | "cpu" => Device::Cpu,
+        cuda => {
+            let index = cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok());
+            Device::Cuda(index.unwrap_or_else(|| panic!("PTUNE_TEST_DEVICE {cuda:?}: expected cpu or cuda:N")))
+        }
+    }
+}
+
 pub use super::paths::{minilm_dir, workspace};
 
 /// A job on `../shared/data/<dataset>` (`train.jsonl`, `dev.jsonl`) that
@@ -45,7 +58,7 @@ pub fn data_job(spec: JobSpec, data: &Path, out_dir: PathBuf, checkpoint_dir: Op
 /// evaluation's metrics.
 pub fn train_on(model_dir: &Path, job: &TrainJob, stop_at: Option<u64>) -> (Result<TrainOutcome, EngineError>, Vec<Metric>) {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut engine = Engine::new(Device::Cpu);
+    let mut engine = Engine::new(device());
     let mut seen = Vec::new();
     let mut on_event = |event: Event<'_>| match event {
         Event::Step { step, metrics, .. } => {
