@@ -67,7 +67,8 @@ pub const CANDIDATES_PER_PAGE: u32 = 64;
 pub struct Asker {
     /// Base models it holds in memory now.
     pub loaded: Vec<String>,
-    /// Its devices, in the order it registered them.
+    /// Its devices, in the order it registered them; none counts as one
+    /// unnamed device of unknown memory.
     pub devices: Vec<DeviceRoom>,
     /// The jobs it runs.
     pub running: Vec<Running>,
@@ -164,8 +165,10 @@ impl Asker {
     /// for have room for it.
     fn devices_for(&self, job: &Candidate) -> Option<Vec<String>> {
         let wanted = job.devices.max(1) as usize;
+        let unknown = [DeviceRoom::default()];
+        let devices = if self.devices.is_empty() { &unknown[..] } else { &self.devices[..] };
         let mut fitting = Vec::new();
-        for (index, device) in self.devices.iter().enumerate() {
+        for (index, device) in devices.iter().enumerate() {
             let on_device: Vec<&Running> = self.running.iter().filter(|r| r.on(device)).collect();
             let left = match (device.memory_bytes, job.estimate) {
                 (Some(memory), Some(e)) => {
@@ -183,7 +186,7 @@ impl Asker {
         (fitting.len() >= wanted).then(|| {
             fitting[..wanted]
                 .iter()
-                .map(|&(_, _, i)| self.devices[i].name.clone())
+                .map(|&(_, _, i)| devices[i].name.clone())
                 .filter(|name| !name.is_empty())
                 .collect()
         })

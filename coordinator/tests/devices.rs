@@ -61,7 +61,7 @@ async fn jobs_too_large_together_for_a_device_go_to_different_devices_and_show_w
     let first = lease(&mut env, &worker).await.expect("the first job fits");
     let second = lease(&mut env, &worker).await.expect("the second fits on the other device");
     assert_eq!((first.job_id.as_str(), second.job_id.as_str()), (ids[0].as_str(), ids[1].as_str()));
-    assert_eq!((first.devices.clone(), second.devices.clone()), (vec!["cpu:0".to_string()], vec!["cpu:1".to_string()]));
+    assert_eq!((first.devices.as_slice(), second.devices.as_slice()), (&["cpu:0".to_string()][..], &["cpu:1".to_string()][..]));
     assert_eq!(lease(&mut env, &worker).await, None, "both devices are full, though the worker has slots and RAM");
     assert_eq!(env.get(&ids[2]).await.waiting_reason, "", "it fits alone on a device: it waits, not unschedulable");
 
@@ -75,7 +75,8 @@ async fn jobs_too_large_together_for_a_device_go_to_different_devices_and_show_w
     // A device whose job ended has room again, and the next job goes there.
     env.complete(&second, b"adapter").await.expect("complete");
     let third = lease(&mut env, &worker).await.expect("cpu:1 is free again");
-    assert_eq!((third.job_id.as_str(), third.devices.as_slice()), (ids[2].as_str(), &["cpu:1".to_string()][..]));
+    assert_eq!(third.job_id, ids[2]);
+    assert_eq!(third.devices, ["cpu:1"]);
     assert_eq!(env.get(&ids[1]).await.devices, ["cpu:1"], "a finished job still shows where it ran");
     env.stop().await;
 }
@@ -127,7 +128,8 @@ async fn a_data_parallel_job_gets_all_its_devices_on_one_worker_or_none() {
     let pair = register(&mut env, &[150, 150]).await;
     assert_eq!(env.get(&wide.id).await.waiting_reason, "");
     let both = lease(&mut env, &pair).await.expect("both devices hold it");
-    assert_eq!((both.job_id.as_str(), both.devices.as_slice()), (wide.id.as_str(), &["cpu:0".to_string(), "cpu:1".to_string()][..]));
+    assert_eq!(both.job_id, wide.id);
+    assert_eq!(both.devices, ["cpu:0", "cpu:1"]);
     assert_eq!(env.get(&wide.id).await.devices, ["cpu:0", "cpu:1"]);
 
     // It holds its share on each device: neither has room for another job beside it.

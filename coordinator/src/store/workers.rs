@@ -24,14 +24,20 @@ use crate::model::{AdvertisedModel, Device, ModelSupport, WorkerOffer, WorkerReg
 use crate::placement::DeviceRoom;
 
 /// The devices placement sees of a worker that registered `devices` and
-/// `memory` bytes: one unnamed device of its memory when it registered
-/// none (0 bytes: unknown).
+/// `memory` bytes (0: unknown): one unnamed device of its memory when it
+/// registered none; otherwise each device's memory, capped by the worker's
+/// (workers that predate placement by device registered the CPU with the
+/// machine's memory and their `--memory-mib` as the worker's).
 fn device_rooms(devices: &[Device], memory: u64) -> Vec<DeviceRoom> {
     let known = |bytes: u64| (bytes > 0).then_some(bytes);
     if devices.is_empty() {
         return vec![DeviceRoom { name: String::new(), memory_bytes: known(memory) }];
     }
-    devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: known(d.memory_bytes) }).collect()
+    let room = |bytes: u64| match (known(bytes), known(memory)) {
+        (Some(device), Some(worker)) => Some(device.min(worker)),
+        (device, worker) => device.or(worker),
+    };
+    devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: room(d.memory_bytes) }).collect()
 }
 
 impl Store {

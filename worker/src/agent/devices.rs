@@ -153,7 +153,12 @@ fn gpu_memory() -> Vec<(u64, u64)> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
             let [index, uuid, total, free] = fields[..] else { return None };
-            Some((index.to_string(), uuid.to_string(), total.parse::<u64>().ok()? << 20, free.parse::<u64>().ok()? << 20))
+            Some((
+                index.to_string(),
+                uuid.to_string(),
+                total.parse::<u64>().ok()? << 20,
+                free.parse::<u64>().ok()? << 20,
+            ))
         })
         .collect();
     let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
@@ -190,7 +195,13 @@ pub struct Engines(Arc<Vec<DeviceEngine>>);
 impl Engines {
     /// Starts `slots` engine threads on each of `devices`, each device with
     /// its own model cache of at most `model_memory` bytes of weights.
-    pub fn start(devices: &[WorkerDevice], slots: usize, threads: u32, model_memory: Option<u64>, pack: PackLimits) -> Self {
+    pub fn start(
+        devices: &[WorkerDevice],
+        slots: usize,
+        threads: u32,
+        model_memory: Option<u64>,
+        pack: PackLimits,
+    ) -> Self {
         let engines = devices
             .iter()
             .map(|d| {
