@@ -147,7 +147,7 @@ fn gpu_memory() -> Vec<(u64, u64)> {
     let output = std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=index,uuid,memory.total,memory.free", "--format=csv,noheader,nounits"])
         .output();
-    let Ok(output) = output.filter(|o| o.status.success()) else { return Vec::new() };
+    let Some(output) = output.ok().filter(|o| o.status.success()) else { return Vec::new() };
     let gpus: Vec<(String, String, u64, u64)> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| {
