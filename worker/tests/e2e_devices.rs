@@ -2,7 +2,7 @@
 //! `--devices` names with their memory, and a worker pretending to have two
 //! devices (test builds: `cpu:0,cpu:1` with `PTUNE_TEST_DEVICE_MEMORY`)
 //! trains two jobs that do not fit together on one device on different
-//! devices, each on its own engine.
+//! devices, each on its own engine, and a data-parallel job on both.
 
 mod support;
 
@@ -14,8 +14,8 @@ use support::cluster::*;
 /// The machine's memory, as the worker reads it for the CPU device.
 fn mem_total() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kb: u64 = text.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
-    kb * 1024
+    let line = text.lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap();
+    line.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
 }
 
 /// The id a worker spawned as `name` registered under, once it did.
@@ -109,4 +109,15 @@ async fn two_jobs_too_large_together_for_a_device_train_on_different_devices() {
     }
     ran_on.sort();
     assert_eq!(ran_on, ["cpu:0", "cpu:1"], "worker log:\n{}", cluster.worker_log("pair"));
+
+    // A data-parallel job gets both devices of the worker, now free, and trains.
+    let mut wide = v1::JobSpec { name: "wide".into(), ..spec };
+    wide.training.as_mut().unwrap().devices = 2;
+    let wide = client.submit_job(v1::SubmitJobRequest { spec: Some(wide) }).await.unwrap().into_inner().job.unwrap();
+    let done = wait_for(&mut client, &wide.id, Duration::from_secs(300), "finished", |j| {
+        matches!(state(j), JobState::Succeeded | JobState::Failed)
+    })
+    .await;
+    assert_eq!(state(&done), JobState::Succeeded, "{done:?}\nworker log:\n{}", cluster.worker_log("pair"));
+    assert_eq!(done.devices, ["cpu:0", "cpu:1"]);
 }
