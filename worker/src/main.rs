@@ -44,8 +44,9 @@ struct Args {
     /// hold more runs as several passes. Bounds the activation memory of a pack.
     #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 1024)]
     pack_tokens: u32,
-    /// MiB of memory each device may use for training, told to the coordinator, which places no job on a device
-    /// beside jobs estimated to need more in all (0: the device's memory; for the CPU, the machine's).
+    /// MiB of the machine's memory this worker may use for training on the CPU, told to the coordinator, which
+    /// places no job on the CPU beside jobs estimated to need more in all (0: the machine's total memory). GPUs
+    /// count their own memory.
     #[arg(long, env = "PTUNE_MEMORY_MIB", default_value_t = 0)]
     memory_mib: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for running jobs to checkpoint and hand their leases back; then,

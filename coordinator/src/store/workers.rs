@@ -25,19 +25,22 @@ use crate::placement::DeviceRoom;
 
 /// The devices placement sees of a worker that registered `devices` and
 /// `memory` bytes (0: unknown): one unnamed device of its memory when it
-/// registered none; otherwise each device's memory, capped by the worker's
-/// (workers that predate placement by device registered the CPU with the
-/// machine's memory and their `--memory-mib` as the worker's).
+/// registered none; otherwise each device's memory, the CPU's capped by the
+/// worker's (workers that predate placement by device registered the CPU
+/// with the machine's memory and their `--memory-mib` as the worker's).
 fn device_rooms(devices: &[Device], memory: u64) -> Vec<DeviceRoom> {
     let known = |bytes: u64| (bytes > 0).then_some(bytes);
     if devices.is_empty() {
         return vec![DeviceRoom { name: String::new(), memory_bytes: known(memory) }];
     }
-    let room = |bytes: u64| match (known(bytes), known(memory)) {
-        (Some(device), Some(worker)) => Some(device.min(worker)),
-        (device, worker) => device.or(worker),
+    let room = |device: &Device| {
+        let is_cpu = device.name == "cpu" || device.name.starts_with("cpu:");
+        match (known(device.memory_bytes), known(memory).filter(|_| is_cpu)) {
+            (Some(device), Some(worker)) => Some(device.min(worker)),
+            (device, worker) => device.or(worker),
+        }
     };
-    devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: room(d.memory_bytes) }).collect()
+    devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: room(d) }).collect()
 }
 
 impl Store {

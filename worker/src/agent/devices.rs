@@ -6,8 +6,8 @@
 //!
 //! Device memory is what the coordinator places jobs by: a GPU's total
 //! memory (from `nvidia-smi`, the CUDA driver's tool, since libtorch does
-//! not expose it), the machine's memory for the CPU; `--memory-mib` caps
-//! each. Builds with the `integration` feature also accept test devices
+//! not expose it), the machine's memory for the CPU, capped by
+//! `--memory-mib`. Builds with the `integration` feature also accept test devices
 //! `cpu:0`, `cpu:1`, ... (separate engines on the CPU) and take their
 //! memory from `PTUNE_TEST_DEVICE_MEMORY` (`4GiB,512MiB`), so that tests on a
 //! machine without a GPU can place jobs on several devices.
@@ -45,8 +45,8 @@ impl WorkerDevice {
 }
 
 /// The devices `--devices` names: `auto` (every GPU libtorch sees, else the
-/// CPU), `cpu`, or a comma-separated list of `cuda:N`. `memory_cap` caps
-/// each device's memory (`--memory-mib`).
+/// CPU), `cpu`, or a comma-separated list of `cuda:N`. `memory_cap` caps the
+/// CPU's memory (`--memory-mib`); a GPU counts its own.
 pub fn resolve(choice: &str, memory_cap: Option<u64>) -> anyhow::Result<Vec<WorkerDevice>> {
     let names: Vec<String> = match choice.trim() {
         "auto" => match tch::Cuda::device_count() {
@@ -78,11 +78,11 @@ pub fn resolve(choice: &str, memory_cap: Option<u64>) -> anyhow::Result<Vec<Work
             }
             other => bail!("devices: {name:?} names an unsupported device {other:?}"),
         };
+        // `--memory-mib` is the machine's memory the worker may use: it caps the CPU, not a GPU's own memory.
         let memory = match (test_memory.as_ref().map(|m| m[i]), memory_cap) {
             (Some(declared), _) => declared,
-            (None, Some(cap)) if memory > 0 => memory.min(cap),
-            (None, Some(cap)) => cap,
-            (None, None) => memory,
+            (None, Some(cap)) if device == tch::Device::Cpu => memory.min(cap),
+            (None, _) => memory,
         };
         devices.push(WorkerDevice { name: name.clone(), device, memory_bytes: memory, free_memory_bytes: free });
     }

@@ -71,7 +71,7 @@ pub struct AgentConfig {
     pub model_memory: Option<u64>,
     /// Bytes of the machine's memory this worker may use, told to the
     /// coordinator (`None`: the machine's total memory). Placement goes by
-    /// each device's memory (`devices`), which this caps.
+    /// each device's memory (`devices`); this caps the CPU's.
     pub memory_bytes: Option<u64>,
     /// How classification jobs on one base model share steps and passes.
     pub pack: crate::engine::PackLimits,
