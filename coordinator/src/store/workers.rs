@@ -280,3 +280,27 @@ pub struct Availability {
     /// them (`crate::placement::DeviceRoom`).
     pub workers: Vec<Vec<DeviceRoom>>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, memory_bytes: u64) -> Device {
+        Device { name: name.into(), memory_bytes, free_memory_bytes: 0 }
+    }
+
+    fn rooms(devices: &[Device], memory: u64) -> Vec<(String, Option<u64>)> {
+        device_rooms(devices, memory).into_iter().map(|d| (d.name, d.memory_bytes)).collect()
+    }
+
+    #[test]
+    fn the_cpu_is_capped_by_the_workers_memory_and_a_gpu_counts_its_own() {
+        let gpus = [device("cuda:0", 80), device("cuda:1", 0)];
+        assert_eq!(rooms(&gpus, 50), [("cuda:0".into(), Some(80)), ("cuda:1".into(), None)]);
+        let cpus = [device("cpu", 64), device("cpu:1", 0)];
+        assert_eq!(rooms(&cpus, 16), [("cpu".into(), Some(16)), ("cpu:1".into(), Some(16))]);
+        assert_eq!(rooms(&cpus, 0), [("cpu".into(), Some(64)), ("cpu:1".into(), None)]);
+        assert_eq!(rooms(&[], 16), [(String::new(), Some(16))], "a worker without devices is one of its memory");
+        assert_eq!(rooms(&[], 0), [(String::new(), None)]);
+    }
+}
