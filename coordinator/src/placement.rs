@@ -591,7 +591,8 @@ mod tests {
     fn each_device_rule_places_the_job_on_the_devices_it_names() {
         for case in device_cases() {
             let placed = place(&case.asker, &[], &case.candidates);
-            let placed = placed.as_ref().map(|p| (name(p.job), p.devices.iter().map(String::as_str).collect::<Vec<_>>()));
+            let placed =
+                placed.as_ref().map(|p| (name(p.job), p.devices.iter().map(String::as_str).collect::<Vec<_>>()));
             let expected = case.placed.map(|(job, devices)| (job, devices.to_vec()));
             assert_eq!(placed, expected, "{}", case.rule);
         }

@@ -61,7 +61,8 @@ async fn jobs_too_large_together_for_a_device_go_to_different_devices_and_show_w
     let first = lease(&mut env, &worker).await.expect("the first job fits");
     let second = lease(&mut env, &worker).await.expect("the second fits on the other device");
     assert_eq!((first.job_id.as_str(), second.job_id.as_str()), (ids[0].as_str(), ids[1].as_str()));
-    assert_eq!((first.devices.as_slice(), second.devices.as_slice()), (&["cpu:0".to_string()][..], &["cpu:1".to_string()][..]));
+    assert_eq!(first.devices, ["cpu:0"]);
+    assert_eq!(second.devices, ["cpu:1"]);
     assert_eq!(lease(&mut env, &worker).await, None, "both devices are full, though the worker has slots and RAM");
     assert_eq!(env.get(&ids[2]).await.waiting_reason, "", "it fits alone on a device: it waits, not unschedulable");
 

@@ -28,7 +28,8 @@ async fn registered(cluster: &Cluster, name: &str) -> v1::WorkerInfo {
         if let Some(worker) = workers.into_iter().find(|w| !id.is_empty() && w.worker_id == id.trim()) {
             return worker;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "{name} never registered; log:\n{}", cluster.worker_log(name));
+        let log = cluster.worker_log(name);
+        assert!(started.elapsed() < Duration::from_secs(120), "{name} never registered; log:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -58,7 +59,8 @@ async fn workers_register_the_devices_they_are_given() {
     assert_eq!(devices(&auto), [("cpu".to_string(), mem_total())]);
     assert_eq!(auto.slots, 2);
     let log = without_colours(&cluster.worker_log("auto"));
-    let libtorch = log.lines().find(|l| l.contains(" libtorch ")).unwrap_or_else(|| panic!("no libtorch line in:\n{log}"));
+    let libtorch = log.lines().find(|l| l.contains(" libtorch "));
+    let libtorch = libtorch.unwrap_or_else(|| panic!("no libtorch line in:\n{log}"));
     for field in ["cuda_available=false", "gpus=0", "libtorch=\"2.13.0"] {
         assert!(libtorch.contains(field), "{field} missing in {libtorch}");
     }
@@ -95,7 +97,8 @@ async fn two_jobs_too_large_together_for_a_device_train_on_different_devices() {
     let mut ids = Vec::new();
     for name in ["first", "second"] {
         let spec = v1::JobSpec { name: name.into(), ..spec.clone() };
-        ids.push(client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap().id);
+        let job = client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job;
+        ids.push(job.unwrap().id);
     }
     let mut ran_on = Vec::new();
     for id in &ids {

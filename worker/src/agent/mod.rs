@@ -109,8 +109,8 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     let slots = total_slots(&config);
     info!(worker_id = %worker_id, slots, devices = config.devices.len(), models = models.len(), "worker registered");
 
-    let engines =
-        devices::Engines::start(&config.devices, config.slots as usize, config.threads, config.model_memory, config.pack);
+    let slots_per_device = config.slots as usize;
+    let engines = devices::Engines::start(&config.devices, slots_per_device, config.threads, config.model_memory, config.pack);
     let leases = Leases::default();
     let health = Health::default();
     let (hard_stop, hard_stopped) = watch::channel(false);
@@ -166,8 +166,9 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                     warn!(job_id = %lease.job_id, "lease names a job id that is not a UUID; ignoring it");
                 }
                 Ok(Some(lease)) => {
-                    info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt, devices = ?lease.devices,
-                          checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased");
+                    info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt,
+                          devices = ?lease.devices, checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step),
+                          "job leased");
                     let directive = leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
                     running.spawn(job::run(context.clone(), lease, directive));
                     again_now = true;

@@ -330,7 +330,8 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
             Control::Continue | Control::Finish => {}
         }
         if request.devices.len() > 1 {
-            tracing::warn!(devices = ?request.devices, "this worker cannot train one job on several devices yet; it trains on the first");
+            tracing::warn!(devices = ?request.devices,
+                           "this worker cannot train one job on several devices yet; it trains on the first");
         }
         let model_dir = request.model_dir.clone();
         let key = request.pack_key().filter(|_| shared.limits.max_jobs > 1);
