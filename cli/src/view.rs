@@ -32,6 +32,8 @@ pub struct JobView {
     pub checkpoint_step: u64,
     pub error: String,
     pub worker_id: String,
+    /// The worker's devices the latest attempt got, e.g. `["cuda:1"]`.
+    pub devices: Vec<String>,
     pub cancel_requested: bool,
     pub created_at: String,
     pub started_at: String,
@@ -102,6 +104,7 @@ impl JobView {
             checkpoint_step: job.checkpoint_step,
             error: job.error.clone(),
             worker_id: job.worker_id.clone(),
+            devices: job.devices.clone(),
             cancel_requested: job.cancel_requested,
             created_at: job.created_at.clone(),
             started_at: job.started_at.clone(),
@@ -151,6 +154,8 @@ pub struct WorkerView {
     pub slots: u32,
     pub running: u32,
     pub models: Vec<String>,
+    /// Its devices with their memory, as it registered them.
+    pub devices: Vec<DeviceView>,
     pub heartbeat_age_seconds: f64,
     /// Why it takes no new jobs; empty while healthy.
     pub unhealthy_reason: String,
@@ -166,9 +171,38 @@ impl From<&v1::WorkerInfo> for WorkerView {
             slots: w.slots,
             running: w.running,
             models: w.models.clone(),
+            devices: w
+                .devices
+                .iter()
+                .map(|d| DeviceView {
+                    name: d.name.clone(),
+                    memory_bytes: d.memory_bytes,
+                    free_memory_bytes: d.free_memory_bytes,
+                })
+                .collect(),
             heartbeat_age_seconds: w.heartbeat_age_seconds,
             unhealthy_reason: w.unhealthy_reason.clone(),
             registered_at: w.registered_at.clone(),
+        }
+    }
+}
+
+/// A worker's device as the CLI prints it with `--output json`.
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    pub name: String,
+    /// Bytes jobs on it may use (0: unknown).
+    pub memory_bytes: u64,
+    /// Bytes free when the worker registered (0: unknown).
+    pub free_memory_bytes: u64,
+}
+
+impl std::fmt::Display for DeviceView {
+    /// `cuda:0 (80.0 GiB)`, or the name alone when the memory is unknown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.memory_bytes {
+            0 => write!(f, "{}", self.name),
+            bytes => write!(f, "{} ({:.1} GiB)", self.name, bytes as f64 / f64::from(1u32 << 30)),
         }
     }
 }

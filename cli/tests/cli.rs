@@ -362,7 +362,9 @@ async fn job_with_adapter(setup: &Setup, archive: &[u8]) -> String {
     };
     let id = jobs.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job.unwrap().id;
     let models = vec![minilm_model("all-MiniLM-L6-v2")];
-    let request = v1::RegisterWorkerRequest { hostname: "h".into(), slots: 1, models, ..Default::default() };
+    let device = v1::Device { name: "cuda:3".into(), memory_bytes: 80 << 30, free_memory_bytes: 79 << 30 };
+    let devices = vec![device];
+    let request = v1::RegisterWorkerRequest { hostname: "h".into(), slots: 1, models, devices, ..Default::default() };
     let worker = workers.register_worker(request).await.unwrap().into_inner().worker_id;
     let request = v1::LeaseJobRequest { worker_id: worker, free_slots: 1, ..Default::default() };
     let lease = workers.lease_job(request).await.unwrap().into_inner().lease.expect("the job is leased");
@@ -379,6 +381,26 @@ async fn job_with_adapter(setup: &Setup, archive: &[u8]) -> String {
     let parts = [Part::Header(header), Part::Data(archive.to_vec())].map(|p| v1::CompleteJobChunk { part: Some(p) });
     workers.complete_job(futures::stream::iter(parts)).await.expect("the archive is accepted as an adapter");
     id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_shows_the_devices_a_job_ran_on_and_workers_list_their_devices() {
+    let setup = start().await;
+    let id = job_with_adapter(&setup, b"adapter").await;
+    let text = ptune(&setup, &["jobs", "get", &id]).await;
+    assert!(text.stdout.contains("\ndevices:     cuda:3\n"), "{}", text.stdout);
+    let shown = ptune(&setup, &["--output", "json", "jobs", "get", &id]).await;
+    let job: serde_json::Value = serde_json::from_str(&shown.stdout).expect("json job");
+    assert_eq!(job["devices"], serde_json::json!(["cuda:3"]));
+
+    // Listing workers takes an admin token.
+    let workers = ptune_as(&setup, &setup.tokens.admin, &["workers", "list"]).await;
+    assert!(workers.stdout.contains("cuda:3 (80.0 GiB)"), "{}{}", workers.stdout, workers.stderr);
+    let listed = ptune_as(&setup, &setup.tokens.admin, &["--output", "json", "workers", "list"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json workers");
+    let device = &listed[0]["devices"][0];
+    assert_eq!(device["memory_bytes"].as_u64(), Some(80 << 30));
+    assert_eq!(device["free_memory_bytes"].as_u64(), Some(79 << 30));
 }
 
 /// The names in a folder, sorted.

@@ -350,7 +350,7 @@ const views = {
       const meta = [
         ['id', el('code', {}, j.id)], ['method', j.method], ['base model', j.base_model], ['owner', j.owner || '–'],
         ['sweep', j.sweep ? el('a', { href: '#/sweeps/' + j.sweep.id }, `${j.sweep.name} · trial #${j.sweep.trial_index}`) : '–'],
-        ['worker', j.worker_id ? el('code', {}, j.worker_id) : '–'], ['attempts', `${j.attempts} (${j.failures} failed of at most ${j.max_attempts}` + (j.interruptions ? `, ${j.interruptions} interrupted` : '') + ')'
+        ['worker', j.worker_id ? el('code', {}, j.worker_id) : '–'], ['devices', j.devices && j.devices.length ? j.devices.join(', ') : '–'], ['attempts', `${j.attempts} (${j.failures} failed of at most ${j.max_attempts}` + (j.interruptions ? `, ${j.interruptions} interrupted` : '') + ')'
           + (j.checkpoint_step ? `; resumes at step ${j.checkpoint_step}` : '') + (j.retry_at ? `; retried after ${new Date(j.retry_at).toLocaleTimeString()}` : '')],
         ['memory', memory(j)],
         ['submitted', when(j.created_at)], ['started', when(j.started_at)], ['finished', when(j.finished_at)],
@@ -358,10 +358,10 @@ const views = {
       ];
       fill(document.getElementById('job-meta'), el('h2', {}, 'Job'), el('dl', { class: 'meta' }, meta.map(([k, v]) => [el('dt', {}, k), el('dd', {}, v)])));
       fill(document.getElementById('job-attempts'), j.attempt_history.length ? el('table', { id: 'attempts' },
-        el('thead', {}, el('tr', {}, ['#', 'worker', 'leased', 'ended', 'outcome', 'reason'].map((h) => el('th', {}, h)))),
+        el('thead', {}, el('tr', {}, ['#', 'worker', 'devices', 'leased', 'ended', 'outcome', 'reason'].map((h) => el('th', {}, h)))),
         el('tbody', {}, j.attempt_history.map((a) => el('tr', {},
           el('td', {}, a.attempt), el('td', { title: a.worker_id }, (a.hostname || '?') + ' · ' + short(a.worker_id)),
-          el('td', {}, when(a.leased_at)), el('td', {}, a.ended_at ? when(a.ended_at) : 'open, expires ' + when(a.lease_expires_at)),
+          el('td', { class: 'attempt-devices' }, a.devices && a.devices.length ? a.devices.join(', ') : '–'), el('td', {}, when(a.leased_at)), el('td', {}, a.ended_at ? when(a.ended_at) : 'open, expires ' + when(a.lease_expires_at)),
           el('td', {}, a.outcome ? a.outcome.replace('_', ' ') : 'running'), el('td', { class: 'wrap' }, a.reason || '–')))))
         : el('p', { class: 'muted' }, 'not leased yet'));
       document.getElementById('job-spec').textContent = JSON.stringify(j.spec, null, 2);
@@ -581,7 +581,7 @@ const views = {
           el('td', { title: w.unhealthy_reason || '' }, stateBadge(!w.online ? 'offline' : w.unhealthy_reason ? 'unhealthy' : 'online'),
             w.online && w.unhealthy_reason ? el('div', { class: 'muted' }, w.unhealthy_reason) : ''),
           el('td', { class: 'num' }, duration(w.heartbeat_age_seconds) + ' ago'),
-          el('td', {}, list(w.devices, (d) => d.name + (d.memory_bytes ? ` (${bytes(d.memory_bytes)})` : ''))),
+          el('td', {}, list(w.devices, (d) => d.name + (d.memory_bytes ? ` (${bytes(d.memory_bytes)}` + (d.free_memory_bytes ? `, ${bytes(d.free_memory_bytes)} free` : '') + ')' : ''))),
           el('td', { class: 'num' }, `${w.slots_busy} / ${w.slots}`),
           el('td', {}, list(w.models, (m) => m.name)),
           el('td', { title: 'base models held at the last lease request' + (w.memory_bytes ? `; may use ${bytes(w.memory_bytes)}` : '') }, list(w.loaded_models, (m) => m)),

@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     let worker = workers
         .register_worker(v1::RegisterWorkerRequest {
             hostname: "bench".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 64 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 64 << 30, ..Default::default() }],
             slots: 1,
             models: vec![minilm_model("tiny-bert")],
             ..Default::default()

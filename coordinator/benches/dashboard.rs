@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         let registration = WorkerRegistration {
             worker_id: Some(worker),
             hostname: format!("gpu-{w:02}"),
-            devices: vec![Device { name: "cuda:0".into(), memory_bytes: 80 << 30 }],
+            devices: vec![Device { name: "cuda:0".into(), memory_bytes: 80 << 30, free_memory_bytes: 0 }],
             slots: 16,
             models: MODELS.iter().map(|m| AdvertisedModel { name: m.to_string(), ..Default::default() }).collect(),
             memory_bytes: None,

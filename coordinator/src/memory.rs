@@ -1,8 +1,8 @@
 //! Memory estimates of jobs (`ptune_core::memory::estimate`, from a job's
 //! spec and the shape of its base model that workers report), and the
 //! reason a queued job gives when no online worker serving its model has
-//! room for it. Placement compares the estimates with a worker's memory
-//! (`crate::placement`).
+//! room for it. Placement compares the estimates with the memory of a
+//! worker's devices (`crate::placement`).
 //!
 //! An estimate is written at two moments, never when a job is read:
 //! - when the job is created (submitted, or a sweep's new trial), if a
@@ -91,16 +91,44 @@ pub(crate) async fn estimate_queued(
     Ok(())
 }
 
-/// Why `job` cannot run: it needs more memory than every online worker
-/// serving its model may use (each of them reported its memory).
+/// Why `job` cannot run on the online workers serving its model: none of
+/// them has `training.devices` devices (a job trains on devices of one
+/// worker), or it needs more memory than each of that many devices of any
+/// of them has (every such device reported its memory).
 pub(crate) fn too_large(job: &Job, availability: &Availability) -> Option<String> {
-    let largest = availability.largest_memory?;
-    let estimate = job.memory_estimate.filter(|e| e.total_bytes() > largest)?;
-    Some(format!(
-        "unschedulable: needs {estimate}; the largest online worker serving base model {:?} has {} MiB",
-        job.spec.base_model,
-        mib(largest)
-    ))
+    let model = &job.spec.base_model;
+    let wanted = job.spec.training.devices.max(1) as usize;
+    let most = availability.workers.iter().map(Vec::len).max()?;
+    if most < wanted {
+        return Some(format!(
+            "unschedulable: training.devices is {wanted}, but the online workers serving base model {model:?} have \
+             at most {most} device(s); a job trains on devices of one worker (not across workers)"
+        ));
+    }
+    let estimate = job.memory_estimate?;
+    // Per worker, the memory of its `wanted`-th roomiest device (unknown: room for anything).
+    let mut largest = 0;
+    for rooms in availability.workers.iter().filter(|rooms| rooms.len() >= wanted) {
+        let mut memory: Vec<Option<u64>> = rooms.iter().map(|d| d.memory_bytes).collect();
+        memory.sort_by_key(|m| std::cmp::Reverse(m.unwrap_or(u64::MAX)));
+        largest = largest.max(memory[wanted - 1]?);
+    }
+    if estimate.total_bytes() <= largest {
+        return None;
+    }
+    Some(if wanted == 1 {
+        format!(
+            "unschedulable: needs {estimate}; the largest device of an online worker serving base model {model:?} \
+             has {} MiB",
+            mib(largest)
+        )
+    } else {
+        format!(
+            "unschedulable: needs {estimate} on each of {wanted} devices of one worker; the online workers serving \
+             base model {model:?} have at most {} MiB on each of {wanted} devices",
+            mib(largest)
+        )
+    })
 }
 
 /// The distinct base models of `specs`, sorted.

@@ -49,6 +49,9 @@ pub struct Job {
     pub retry_at: Option<DateTime<Utc>>,
     /// Steps of its newest stored resume checkpoint.
     pub checkpoint_step: Option<u64>,
+    /// The worker's devices its latest attempt got (empty before its first
+    /// lease, or on a worker that registered none).
+    pub devices: Vec<String>,
 }
 
 /// A job as users see it: with why it waits, when it is queued and the
@@ -167,11 +170,16 @@ pub struct DatasetInfo {
     pub lines: u64,
 }
 
-/// A device of a worker.
+/// A device of a worker: it runs one engine per device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
+    /// "cpu" or "cuda:N".
     pub name: String,
+    /// Bytes jobs on it may use; 0 when unknown (every job fits).
     pub memory_bytes: u64,
+    /// Bytes free when the worker registered; shown, not placed by.
+    #[serde(default)]
+    pub free_memory_bytes: u64,
 }
 
 /// A base model a worker serves, as it advertises it at registration (the
@@ -242,8 +250,10 @@ pub struct WorkerOffer {
     pub models: Vec<String>,
     /// Those it holds in memory now: their jobs go first.
     pub loaded: Vec<String>,
-    /// Bytes it may use for training; `None` when unknown (no job is held back).
-    pub memory_bytes: Option<u64>,
+    /// The devices jobs are placed on, with the bytes each may use. A worker
+    /// that registered none has one unnamed device of the memory it
+    /// registered.
+    pub devices: Vec<crate::placement::DeviceRoom>,
 }
 
 /// The coordinator's answer to a registration.
@@ -284,6 +294,9 @@ pub struct Lease {
     pub checkpoint: Option<CheckpointInfo>,
     /// Proves the lease: only the worker that took it is told.
     pub lease_token: String,
+    /// The worker's devices the attempt runs on (`training.devices` of
+    /// them); empty for a worker that registered none.
+    pub devices: Vec<String>,
 }
 
 /// A stored resume checkpoint of a job.

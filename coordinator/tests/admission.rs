@@ -31,7 +31,7 @@ async fn register(env: &mut common::Env, models: Vec<v1::BaseModel>) -> String {
     env.workers
         .register_worker(v1::RegisterWorkerRequest {
             hostname: "test-host".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
             slots: 2,
             models,
             ..Default::default()

@@ -199,7 +199,7 @@ async fn setup(backend: &Backend, other: &Backend) -> Setup {
     let worker = workers
         .register_worker(v1::RegisterWorkerRequest {
             hostname: "blob-test".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 64 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 64 << 30, ..Default::default() }],
             slots: 1,
             models: vec![minilm_model("tiny-bert")],
             ..Default::default()

@@ -142,7 +142,7 @@ async fn seed(env: &mut Env) -> Seeded {
 async fn register_shaped(env: &mut Env) -> String {
     let request = v1::RegisterWorkerRequest {
         hostname: "test-host".into(),
-        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
         slots: 2,
         models: vec![minilm_model(common::MODEL)],
         ..Default::default()

@@ -160,7 +160,7 @@ async fn a_thousand_hostile_requests_get_clear_client_errors_within_a_second_and
                     let request = v1::RegisterWorkerRequest {
                         worker_id: hostile_strings(&mut rng),
                         hostname: hostile_strings(&mut rng),
-                        devices: vec![v1::Device { name: hostile_strings(&mut rng), memory_bytes: hostile_u64(&mut rng) }],
+                        devices: vec![v1::Device { name: hostile_strings(&mut rng), memory_bytes: hostile_u64(&mut rng), ..Default::default() }],
                         slots: u32::MAX,
                         models: vec![v1::BaseModel { name: hostile_strings(&mut rng), model_type: hostile_strings(&mut rng), ..Default::default() }],
                         memory_bytes: hostile_u64(&mut rng),

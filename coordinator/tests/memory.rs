@@ -58,7 +58,7 @@ async fn a_job_larger_than_every_worker_serving_its_model_says_so_and_is_never_l
     assert_eq!(
         job.waiting_reason,
         "unschedulable: needs about 125 MiB (weights 87, job 0, activations 38); \
-         the largest online worker serving base model \"tiny-bert\" has 100 MiB"
+         the largest device of an online worker serving base model \"tiny-bert\" has 100 MiB"
     );
     assert_eq!(lease(&mut env, &small, &[MODEL]).await, None, "too large for this worker");
 

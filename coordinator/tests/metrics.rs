@@ -102,7 +102,7 @@ async fn hostile_hostnames_and_ten_thousand_unknown_paths_leave_the_exposition_p
     let hostile = "evil\"} 1\n# EOF\n\\";
     let request = v1::RegisterWorkerRequest {
         hostname: hostile.into(),
-        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
         slots: 1,
         models: vec![v1::BaseModel { name: common::MODEL.into(), max_positions: 512, ..Default::default() }],
         ..Default::default()

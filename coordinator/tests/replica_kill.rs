@@ -94,7 +94,7 @@ async fn worker(
     let id = failover(&clients, &at, |mut c| async move {
         c.register_worker(v1::RegisterWorkerRequest {
             hostname: "fake".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
             slots: 1,
             models: vec![v1::BaseModel { name: common::MODEL.into(), max_positions: 512, ..Default::default() }],
             ..Default::default()

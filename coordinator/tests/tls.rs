@@ -30,7 +30,7 @@ async fn only_tls_clients_that_trust_the_coordinator_and_under_mtls_hold_a_certi
     let register = async |channel: AuthChannel| {
         let request = v1::RegisterWorkerRequest {
             hostname: "mtls-host".into(),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
             slots: 1,
             models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
             ..Default::default()

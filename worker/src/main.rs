@@ -18,7 +18,12 @@ struct Args {
     /// Folder of base models, one Hugging Face folder each (config.json, model.safetensors, tokenizer.json).
     #[arg(long, env = "PTUNE_MODELS_DIR", default_value = "models")]
     models_dir: PathBuf,
-    /// Jobs trained at once.
+    /// Devices to train on, one engine each: auto (every GPU libtorch sees, else the CPU), cpu, or a
+    /// comma-separated list of GPUs (cuda:0,cuda:1). The coordinator places each job on a device whose memory
+    /// holds it beside the jobs already there.
+    #[arg(long, env = "PTUNE_DEVICES", default_value = "auto")]
+    devices: String,
+    /// Jobs trained at once on each device.
     #[arg(long, env = "PTUNE_SLOTS", default_value_t = 1)]
     slots: u32,
     /// Dataset cache and adapter staging area; also keeps the worker's id across restarts.
@@ -39,8 +44,9 @@ struct Args {
     /// hold more runs as several passes. Bounds the activation memory of a pack.
     #[arg(long, env = "PTUNE_PACK_TOKENS", default_value_t = 1024)]
     pack_tokens: u32,
-    /// MiB of memory this worker may use for training, told to the coordinator, which leases it no job estimated
-    /// to need more (0: the machine's total memory).
+    /// MiB of the machine's memory this worker may use for training on the CPU, told to the coordinator, which
+    /// places no job on the CPU beside jobs estimated to need more in all (0: the machine's total memory). GPUs
+    /// count their own memory.
     #[arg(long, env = "PTUNE_MEMORY_MIB", default_value_t = 0)]
     memory_mib: u64,
     /// Seconds a graceful shutdown (SIGTERM) waits for running jobs to checkpoint and hand their leases back; then,
@@ -165,14 +171,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None => {
+            log_libtorch();
+            let memory_bytes = (args.memory_mib > 0).then(|| args.memory_mib << 20);
+            let devices = agent::devices::resolve(&args.devices, memory_bytes)?;
+            for device in &devices {
+                tracing::info!(device = %device.name, memory_bytes = device.memory_bytes,
+                               free_memory_bytes = device.free_memory_bytes, "training device");
+            }
             let config = AgentConfig {
                 coordinator: args.coordinator,
                 models_dir: args.models_dir,
+                devices,
                 slots: args.slots.max(1),
                 work_dir: args.work_dir,
                 threads: args.threads,
                 model_memory: (args.model_memory_mib > 0).then(|| args.model_memory_mib << 20),
-                memory_bytes: (args.memory_mib > 0).then(|| args.memory_mib << 20),
+                memory_bytes,
                 pack: ptune_worker::engine::PackLimits {
                     max_jobs: match args.pack_jobs {
                         0 => args.slots.max(1) as usize,
@@ -198,7 +212,6 @@ fn main() -> anyhow::Result<()> {
                     client_cert: args.tls_cert.zip(args.tls_key),
                 },
             };
-            log_devices();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 let (tx, rx) = tokio::sync::watch::channel(0u32);
@@ -217,15 +230,17 @@ fn main() -> anyhow::Result<()> {
 
 /// What the worker can train on, once at start: the libtorch it was built
 /// against (and that wheel's CUDA), whether libtorch's CUDA half is linked
-/// (the `cuda` feature), and the GPUs libtorch sees.
-fn log_devices() {
+/// (the `cuda` feature), whether CUDA and cuDNN are available, and how many
+/// GPUs libtorch sees.
+fn log_libtorch() {
     tracing::info!(
         libtorch = env!("PTUNE_LIBTORCH_VERSION"),
-        wheel_cuda = env!("PTUNE_TORCH_CUDA_VERSION"),
+        cuda = env!("PTUNE_TORCH_CUDA_VERSION"),
         cuda_linked = cfg!(feature = "cuda"),
         cuda_available = tch::Cuda::is_available(),
+        cudnn_available = tch::Cuda::cudnn_is_available(),
         gpus = tch::Cuda::device_count(),
-        "devices"
+        "libtorch"
     );
 }
 

@@ -201,6 +201,9 @@ fn print_job(job: &v1::Job) {
     if !view.worker_id.is_empty() {
         println!("worker:      {}", view.worker_id);
     }
+    if !view.devices.is_empty() {
+        println!("devices:     {}", view.devices.join(", "));
+    }
     println!("created:     {}", view.created_at);
     if !view.started_at.is_empty() {
         println!("started:     {}", view.started_at);

@@ -47,12 +47,13 @@ pub async fn run(mut client: JobServiceClient<AuthChannel>, format: Format, cmd:
                         w.hostname.clone(),
                         format!("{}/{}", w.running, w.slots),
                         format!("{:.1}s", w.heartbeat_age_seconds),
+                        w.devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
                         w.models.join(","),
                         health,
                     ]
                 })
                 .collect();
-            output::table(&["WORKER", "HOST", "RUNNING", "HEARTBEAT", "MODELS", "HEALTH"], &rows);
+            output::table(&["WORKER", "HOST", "RUNNING", "HEARTBEAT", "DEVICES", "MODELS", "HEALTH"], &rows);
             Ok(0)
         }
     }

@@ -93,7 +93,7 @@ pub async fn register(mut client: WorkerServiceClient<AuthChannel>, index: usize
     let reply = client
         .register_worker(v1::RegisterWorkerRequest {
             hostname: format!("fleet-{index}"),
-            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 8 << 30 }],
+            devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 8 << 30, ..Default::default() }],
             slots: 1,
             models: vec![minilm_model(MODEL)],
             ..Default::default()

@@ -158,6 +158,14 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
     }
     for (i, d) in req.devices.iter().enumerate() {
         bounds::line(&format!("devices[{i}].name"), &d.name, 64)?;
+        if d.name.trim().is_empty() {
+            return Err(Error::invalid(format!("devices[{i}].name"), "must not be empty, e.g. \"cuda:0\""));
+        }
+        if req.devices[..i].iter().any(|other| other.name == d.name) {
+            return Err(Error::invalid(format!("devices[{i}].name"), format!("{:?} is listed twice", d.name)));
+        }
+        counter(d.memory_bytes, &format!("devices[{i}].memory_bytes"))?;
+        counter(d.free_memory_bytes, &format!("devices[{i}].free_memory_bytes"))?;
     }
     if req.slots > 1024 {
         return Err(Error::invalid("slots", format!("must be at most 1024, got {}", req.slots)));
@@ -174,7 +182,11 @@ pub fn registration(req: v1::RegisterWorkerRequest) -> Result<WorkerRegistration
     Ok(WorkerRegistration {
         worker_id,
         hostname: req.hostname,
-        devices: req.devices.into_iter().map(|d| Device { name: d.name, memory_bytes: d.memory_bytes }).collect(),
+        devices: req
+            .devices
+            .into_iter()
+            .map(|d| Device { name: d.name, memory_bytes: d.memory_bytes, free_memory_bytes: d.free_memory_bytes })
+            .collect(),
         slots: req.slots,
         models: req
             .models
@@ -345,6 +357,7 @@ pub fn job(job: &Job) -> v1::Job {
         interruptions: job.interruptions,
         retry_at: timestamp(job.retry_at.filter(|_| job.state == ptune_core::JobState::Queued)),
         checkpoint_step: job.checkpoint_step.unwrap_or(0),
+        devices: job.devices.clone(),
     }
 }
 
@@ -360,6 +373,11 @@ pub fn worker_info(w: &WorkerView) -> v1::WorkerInfo {
         heartbeat_age_seconds: w.heartbeat_age_seconds,
         unhealthy_reason: w.unhealthy_reason.clone(),
         registered_at: timestamp(Some(w.registered_at)),
+        devices: serde_json::from_value::<Vec<Device>>(w.devices.0.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| v1::Device { name: d.name, memory_bytes: d.memory_bytes, free_memory_bytes: d.free_memory_bytes })
+            .collect(),
     }
 }
 
@@ -392,6 +410,7 @@ pub fn lease(lease: &Lease) -> v1::Lease {
         attempt: lease.attempt,
         checkpoint: lease.checkpoint.as_ref().map(checkpoint_info),
         lease_token: lease.lease_token.clone(),
+        devices: lease.devices.clone(),
     }
 }
 

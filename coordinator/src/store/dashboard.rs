@@ -115,6 +115,8 @@ pub struct AttemptView {
     /// `succeeded`, `failed`, `cancelled` or `lease_expired`; `None` while open.
     pub outcome: Option<String>,
     pub reason: String,
+    /// The worker's devices the attempt ran on (empty: not recorded).
+    pub devices: Vec<String>,
 }
 
 /// A recorded metric value.
@@ -350,7 +352,7 @@ impl Store {
     pub async fn job_attempts(&self, id: JobId) -> Result<Vec<AttemptView>> {
         let rows = sqlx::query_as(
             "SELECT a.attempt, a.worker_id, w.hostname, a.epoch, a.leased_at, a.lease_expires_at, a.ended_at, \
-                    a.outcome, a.reason \
+                    a.outcome, a.reason, a.devices \
              FROM job_attempts a LEFT JOIN workers w ON w.id = a.worker_id \
              WHERE a.job_id = $1 ORDER BY a.attempt",
         )

@@ -53,7 +53,7 @@ macro_rules! job_select {
         "SELECT j.id, j.spec, j.state, j.error, j.attempts, j.max_attempts, j.step, j.total_steps, \
                 j.cancel_requested, j.created_at, j.started_at, j.finished_at, \
                 j.sweep_id, j.trial_index, j.early_stopped, j.memory_weights_bytes, j.memory_job_bytes, \
-                j.memory_activation_bytes, j.worker_peak_rss_bytes, j.failures, j.interruptions, j.retry_at, \
+                j.memory_activation_bytes, j.worker_peak_rss_bytes, j.failures, j.interruptions, j.retry_at, j.devices, \
                 (SELECT max(c.step) FROM job_checkpoints c WHERE c.job_id = j.id AND c.complete) AS checkpoint_step, \
                 (SELECT a.worker_id FROM job_attempts a WHERE a.job_id = j.id AND a.ended_at IS NULL) AS worker_id, \
                 ad.sha256 AS adapter_sha256, ad.size AS adapter_size \
@@ -89,6 +89,7 @@ struct JobRow {
     interruptions: i32,
     retry_at: Option<DateTime<Utc>>,
     checkpoint_step: Option<i64>,
+    devices: Vec<String>,
 }
 
 impl JobRow {
@@ -130,6 +131,7 @@ impl JobRow {
             interruptions: to_u32(self.interruptions, "interruptions")?,
             retry_at: self.retry_at,
             checkpoint_step: self.checkpoint_step.map(|s| to_u64(s, "checkpoint step")).transpose()?,
+            devices: self.devices,
         })
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Candidates are read without locks. The claim then locks the oldest
 //! queued job of the pick's class (`Candidate::class`: the same model,
-//! estimate and settledness, so placement cannot tell it from the pick but
+//! estimate, device count and settledness, so placement cannot tell it from the pick but
 //! by age) that no one else holds (`FOR UPDATE SKIP LOCKED`), and reads it
 //! again: workers asking at the same moment, who all pick the same oldest
 //! job, each get a different one of its class instead of all but one coming
@@ -32,13 +32,22 @@ use crate::placement::{self, Asker, Candidate, Rival, Running, CANDIDATES_PER_PA
 /// worker asks again shortly).
 const MAX_CLAIMS: usize = 8;
 
+/// `training.devices` of job `$q`'s spec (1 when left out).
+macro_rules! job_devices {
+    ($q:literal) => {
+        concat!("coalesce((", $q, ".spec->'training'->>'devices')::int, 1)")
+    };
+}
+
 /// The columns of a candidate `q`; `$window` names the parameter holding
 /// [`SPREAD_WINDOW`] in milliseconds.
 macro_rules! candidate_columns {
     ($window:literal) => {
         concat!(
             "q.id, q.base_model, q.created_at, q.memory_weights_bytes, q.memory_job_bytes, \
-             q.memory_activation_bytes, q.updated_at <= now() - ",
+             q.memory_activation_bytes, ",
+            job_devices!("q"),
+            " AS device_count, q.updated_at <= now() - ",
             $window,
             " * interval '1 millisecond' AS settled"
         )
@@ -53,6 +62,7 @@ struct CandidateRow {
     memory_weights_bytes: Option<i64>,
     memory_job_bytes: Option<i64>,
     memory_activation_bytes: Option<i64>,
+    device_count: i32,
     settled: bool,
 }
 
@@ -62,6 +72,7 @@ impl CandidateRow {
             id: JobId(self.id),
             estimate: memory_estimate(self.memory_weights_bytes, self.memory_job_bytes, self.memory_activation_bytes)?,
             base_model: self.base_model,
+            devices: u32::try_from(self.device_count).unwrap_or(1),
             created_at: self.created_at,
             settled: self.settled,
         })
@@ -74,6 +85,7 @@ struct RunningRow {
     memory_weights_bytes: Option<i64>,
     memory_job_bytes: Option<i64>,
     memory_activation_bytes: Option<i64>,
+    devices: Vec<String>,
 }
 
 /// The claimed job, as the claim read it.
@@ -98,7 +110,7 @@ impl Store {
         let started = Instant::now();
         let asker = Asker {
             loaded: offer.loaded.clone(),
-            memory_bytes: offer.memory_bytes,
+            devices: offer.devices.clone(),
             running: self.running_on(worker).await?,
         };
         let rivals = self.rivals(worker, &offer.models).await?;
@@ -130,7 +142,7 @@ impl Store {
         loop {
             let page = self.candidates(offer, taken, after.as_ref()).await?;
             if let Some(pick) = placement::place(asker, rivals, &page) {
-                return Ok(Some(pick.clone()));
+                return Ok(Some(pick.job.clone()));
             }
             if page.len() < CANDIDATES_PER_PAGE as usize {
                 return Ok(None);
@@ -142,7 +154,7 @@ impl Store {
     /// The jobs `worker` runs, with their estimates.
     async fn running_on(&self, worker: ptune_core::WorkerId) -> Result<Vec<Running>> {
         let rows: Vec<RunningRow> = sqlx::query_as(
-            "SELECT j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes \
+            "SELECT j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes, a.devices \
              FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.epoch = j.lease_epoch \
              WHERE a.worker_id = $1 AND a.ended_at IS NULL AND j.state = 'running'",
         )
@@ -152,7 +164,7 @@ impl Store {
         rows.into_iter()
             .map(|r| {
                 let estimate = memory_estimate(r.memory_weights_bytes, r.memory_job_bytes, r.memory_activation_bytes)?;
-                Ok(Running { base_model: r.base_model, estimate })
+                Ok(Running { base_model: r.base_model, estimate, devices: r.devices })
             })
             .collect()
     }
@@ -190,13 +202,13 @@ impl Store {
         let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
             "SELECT * FROM ( \
                  SELECT DISTINCT ON (q.base_model, q.memory_weights_bytes, q.memory_job_bytes, \
-                                     q.memory_activation_bytes, settled) ",
+                                     q.memory_activation_bytes, device_count, settled) ",
             candidate_columns!("$3"),
             "    FROM jobs q \
                  WHERE q.state = 'queued' AND q.base_model = ANY($1) AND (q.retry_at IS NULL OR q.retry_at <= now()) \
                    AND q.id <> ALL($4) \
                  ORDER BY q.base_model, q.memory_weights_bytes, q.memory_job_bytes, q.memory_activation_bytes, \
-                          settled, q.created_at, q.id) c \
+                          device_count, settled, q.created_at, q.id) c \
              WHERE $5::timestamptz IS NULL \
                 OR (NOT c.base_model = ANY($2), c.created_at, c.id) > (NOT $6 = ANY($2), $5, $7::uuid) \
              ORDER BY NOT c.base_model = ANY($2), c.created_at, c.id \
@@ -239,7 +251,9 @@ impl Store {
              WHERE q.state = 'queued' AND q.base_model = $1 AND (q.retry_at IS NULL OR q.retry_at <= now()) \
                AND q.memory_weights_bytes IS NOT DISTINCT FROM $3 AND q.memory_job_bytes IS NOT DISTINCT FROM $4 \
                AND q.memory_activation_bytes IS NOT DISTINCT FROM $5 \
-               AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) \
+               AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) AND ",
+            job_devices!("q"),
+            " = $8 \
              ORDER BY q.created_at, q.id LIMIT 1 \
              FOR UPDATE SKIP LOCKED"
         ))
@@ -250,27 +264,28 @@ impl Store {
         .bind(estimate.map(|e| to_i64(e.activation_bytes)))
         .bind(pick.settled)
         .bind(taken)
+        .bind(i32::try_from(pick.devices).unwrap_or(i32::MAX))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(Claimed { candidate, queued_secs }) = claimed else { return Ok(None) };
         let candidate = candidate.into_candidate()?;
         let job = candidate.id;
-        if placement::place(asker, rivals, std::slice::from_ref(&candidate)).is_none() {
-            return Ok(None);
-        }
+        let Some(placed) = placement::place(asker, rivals, std::slice::from_ref(&candidate)) else { return Ok(None) };
+        let devices = placed.devices;
         let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
                  cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
-                 updated_at = now() \
+                 updated_at = now(), devices = $2 \
              WHERE id = $1 RETURNING spec, attempts, lease_epoch",
         )
         .bind(job.0)
+        .bind(&devices)
         .fetch_one(&mut *tx)
         .await?;
         let (lease_token, token_hash) = crate::auth::tokens::lease_token();
         sqlx::query(
-            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash) \
-             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6)",
+            "INSERT INTO job_attempts (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash, devices) \
+             VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond', $6, $7)",
         )
         .bind(job.0)
         .bind(attempts)
@@ -278,6 +293,7 @@ impl Store {
         .bind(epoch)
         .bind(millis(timeout))
         .bind(&token_hash[..])
+        .bind(&devices)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1")
@@ -293,6 +309,7 @@ impl Store {
             attempt: to_u32(attempts, "attempts")?,
             checkpoint,
             lease_token,
+            devices,
         };
         Ok(Some((lease, Duration::try_from_secs_f64(queued_secs).unwrap_or_default())))
     }

@@ -20,7 +20,28 @@ pub enum WorkerOwnership {
     /// Another token.
     Other,
 }
-use crate::model::{AdvertisedModel, ModelSupport, WorkerOffer, WorkerRegistration};
+use crate::model::{AdvertisedModel, Device, ModelSupport, WorkerOffer, WorkerRegistration};
+use crate::placement::DeviceRoom;
+
+/// The devices placement sees of a worker that registered `devices` and
+/// `memory` bytes (0: unknown): one unnamed device of its memory when it
+/// registered none; otherwise each device's memory, the CPU's capped by the
+/// worker's (workers that predate placement by device registered the CPU
+/// with the machine's memory and their `--memory-mib` as the worker's).
+fn device_rooms(devices: &[Device], memory: u64) -> Vec<DeviceRoom> {
+    let known = |bytes: u64| (bytes > 0).then_some(bytes);
+    if devices.is_empty() {
+        return vec![DeviceRoom { name: String::new(), memory_bytes: known(memory) }];
+    }
+    let room = |device: &Device| {
+        let is_cpu = device.name == "cpu" || device.name.starts_with("cpu:");
+        match (known(device.memory_bytes), known(memory).filter(|_| is_cpu)) {
+            (Some(device), Some(worker)) => Some(device.min(worker)),
+            (device, worker) => device.or(worker),
+        }
+    };
+    devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: room(d) }).collect()
+}
 
 impl Store {
     /// Inserts or replaces a worker's registration, made with token
@@ -95,23 +116,25 @@ impl Store {
     }
 
     /// What a worker registered that leasing needs: the base models it can
-    /// train (not those it advertised as unsupported) and the memory it may
-    /// use, or `None` for an unknown worker. `loaded` is left empty.
+    /// train (not those it advertised as unsupported) and its devices with
+    /// the memory each may use (one unnamed device of the worker's memory
+    /// when it registered none), or `None` for an unknown worker. `loaded`
+    /// is left empty.
     #[instrument(skip_all, fields(worker_id = %id))]
     pub async fn worker_offer(&self, id: WorkerId) -> Result<Option<WorkerOffer>> {
-        let row: Option<(Vec<String>, i64)> = sqlx::query_as(
+        let row: Option<(Vec<String>, i64, Json<Vec<Device>>)> = sqlx::query_as(
             "SELECT coalesce(array_agg(m->>'name') \
                  FILTER (WHERE m IS NOT NULL AND coalesce(m->>'unsupported_reason', '') = ''), '{}'), \
-                 w.memory_bytes \
+                 w.memory_bytes, w.devices \
              FROM workers w LEFT JOIN LATERAL jsonb_array_elements(w.models) m ON true \
              WHERE w.id = $1 GROUP BY w.id",
         )
         .bind(id.0)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((models, memory)) = row else { return Ok(None) };
+        let Some((models, memory, Json(devices))) = row else { return Ok(None) };
         let memory = to_u64(memory, "worker memory_bytes")?;
-        Ok(Some(WorkerOffer { models, loaded: Vec::new(), memory_bytes: (memory > 0).then_some(memory) }))
+        Ok(Some(WorkerOffer { models, loaded: Vec::new(), devices: device_rooms(&devices, memory) }))
     }
 
     /// The shape of each of `names` that some worker trains and reported in
@@ -173,34 +196,35 @@ impl Store {
     /// For each of `names`, what the registered workers say about it: served
     /// by a worker at all, served by one that heartbeated within `window`,
     /// one worker's reason when only workers that cannot train it know it,
-    /// and the most memory an online worker serving it may use. Names no
-    /// worker knows are missing from the map.
+    /// and the devices of each online worker serving it. Names no worker
+    /// knows are missing from the map.
     #[instrument(skip_all)]
     pub async fn model_availability(&self, names: &[String], window: Duration) -> Result<HashMap<String, Availability>> {
         let rows: Vec<AvailabilityRow> = sqlx::query_as(
             "WITH m AS ( \
                  SELECT w.id, w.last_heartbeat > now() - $2 * interval '1 millisecond' AS online, w.memory_bytes, \
-                        e->>'name' AS name, e->>'model_type' AS model_type, \
+                        w.devices, e->>'name' AS name, e->>'model_type' AS model_type, \
                         nullif(e->>'unsupported_reason', '') AS reason \
                  FROM workers w, jsonb_array_elements(w.models) e WHERE e->>'name' = ANY($1)) \
              SELECT name, bool_or(reason IS NULL) AS served, bool_or(reason IS NULL AND online) AS online, \
                     (array_agg(model_type ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS model_type, \
                     (array_agg(reason ORDER BY id) FILTER (WHERE reason IS NOT NULL))[1] AS reason, \
-                    CASE WHEN bool_or(reason IS NULL AND online AND memory_bytes = 0) THEN NULL \
-                         ELSE max(memory_bytes) FILTER (WHERE reason IS NULL AND online) END AS largest_memory \
+                    coalesce(jsonb_agg(jsonb_build_object('memory_bytes', memory_bytes, 'devices', devices) \
+                                       ORDER BY id) FILTER (WHERE reason IS NULL AND online), '[]') AS workers \
              FROM m GROUP BY name",
         )
         .bind(names)
         .bind(millis(window))
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        Ok(rows
+            .into_iter()
             .map(|row| {
                 let unsupported = row.reason.map(|reason| (row.model_type.unwrap_or_default(), reason));
-                let largest_memory = row.largest_memory.map(|m| to_u64(m, "worker memory_bytes")).transpose()?;
-                Ok((row.name, Availability { served: row.served, online: row.online, unsupported, largest_memory }))
+                let workers = row.workers.0.iter().map(|w| device_rooms(&w.devices, w.memory_bytes)).collect();
+                (row.name, Availability { served: row.served, online: row.online, unsupported, workers })
             })
-            .collect()
+            .collect())
     }
 
     /// Workers that heartbeated within `window`.
@@ -233,7 +257,14 @@ struct AvailabilityRow {
     online: bool,
     model_type: Option<String>,
     reason: Option<String>,
-    largest_memory: Option<i64>,
+    workers: Json<Vec<WorkerDevices>>,
+}
+
+/// A worker's memory and devices, as [`Store::model_availability`] reads them.
+#[derive(serde::Deserialize)]
+struct WorkerDevices {
+    memory_bytes: u64,
+    devices: Vec<Device>,
 }
 
 /// What the registered workers say about one base model.
@@ -245,7 +276,31 @@ pub struct Availability {
     pub online: bool,
     /// A worker's `(model_type, reason)` when it knows the model but cannot train it.
     pub unsupported: Option<(String, String)>,
-    /// The most memory an online worker that trains it may use, when every
-    /// such worker reported its memory (`None` otherwise, or with none online).
-    pub largest_memory: Option<u64>,
+    /// The devices of each online worker that trains it, as placement sees
+    /// them (`crate::placement::DeviceRoom`).
+    pub workers: Vec<Vec<DeviceRoom>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, memory_bytes: u64) -> Device {
+        Device { name: name.into(), memory_bytes, free_memory_bytes: 0 }
+    }
+
+    fn rooms(devices: &[Device], memory: u64) -> Vec<(String, Option<u64>)> {
+        device_rooms(devices, memory).into_iter().map(|d| (d.name, d.memory_bytes)).collect()
+    }
+
+    #[test]
+    fn the_cpu_is_capped_by_the_workers_memory_and_a_gpu_counts_its_own() {
+        let gpus = [device("cuda:0", 80), device("cuda:1", 0)];
+        assert_eq!(rooms(&gpus, 50), [("cuda:0".into(), Some(80)), ("cuda:1".into(), None)]);
+        let cpus = [device("cpu", 64), device("cpu:1", 0)];
+        assert_eq!(rooms(&cpus, 16), [("cpu".into(), Some(16)), ("cpu:1".into(), Some(16))]);
+        assert_eq!(rooms(&cpus, 0), [("cpu".into(), Some(64)), ("cpu:1".into(), None)]);
+        assert_eq!(rooms(&[], 16), [(String::new(), Some(16))], "a worker without devices is one of its memory");
+        assert_eq!(rooms(&[], 0), [(String::new(), None)]);
+    }
 }

@@ -70,7 +70,8 @@ impl Workers {
             )));
         }
         let models: Vec<&str> = reg.models.iter().map(|m| m.name.as_str()).collect();
-        info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models,
+        let devices: Vec<&str> = reg.devices.iter().map(|d| d.name.as_str()).collect();
+        info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models, ?devices,
               memory_bytes = reg.memory_bytes, "worker registered");
         memory::estimate_queued(&self.store, &shaped, &shapes_before).await?;
         Ok(Registered {

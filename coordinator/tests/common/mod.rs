@@ -123,7 +123,7 @@ impl Env {
             .register_worker(v1::RegisterWorkerRequest {
                 worker_id: String::new(),
                 hostname: "test-host".into(),
-                devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30 }],
+                devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
                 slots: 2,
                 models: vec![v1::BaseModel { name: MODEL.into(), max_positions: 512, ..Default::default() }],
                 ..Default::default()

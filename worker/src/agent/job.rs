@@ -28,7 +28,8 @@ use super::journal::delivery::{deliver, Courier, Delivery};
 use super::journal::{Journal, JournalMetric, LeaseFile, Record};
 use super::leases::{Directive, Leases, StopCause};
 use super::models::ServedModel;
-use super::runner::{EnginePool, RunRequest, RunUpdate, NO_THREAD};
+use super::devices::Engines;
+use super::runner::{RunRequest, RunUpdate, NO_THREAD};
 use crate::engine::checkpoint::{self, TrainerState};
 use crate::engine::liveness::Liveness;
 use crate::engine::{Control, FailureKind, Resume, TrainJob};
@@ -38,7 +39,7 @@ use crate::engine::{Control, FailureKind, Resume, TrainJob};
 pub struct JobContext {
     pub coordinators: Coordinators,
     pub courier: Courier,
-    pub engines: EnginePool,
+    pub engines: Engines,
     pub models: Arc<Vec<ServedModel>>,
     pub work_dir: PathBuf,
     pub leases: Leases,
@@ -203,12 +204,17 @@ async fn train(
         checkpoint_dir: Some(checkpoint),
         resume: Resume::IfPossible,
     };
+    let (engine, devices) = match ctx.engines.for_lease(&lease.devices) {
+        Ok(chosen) => chosen,
+        Err(error) => return (Some(fail(error, FailureKind::Infrastructure)), Verdict::Neutral),
+    };
     let liveness = Liveness::default();
     let thread = Arc::new(AtomicUsize::new(NO_THREAD));
     let (updates, mut receiver) = mpsc::unbounded_channel();
-    ctx.engines.submit(RunRequest {
+    engine.pool.submit(RunRequest {
         model_dir: model.dir.clone(),
         job,
+        devices,
         directive: directive.clone(),
         updates,
         liveness: liveness.clone(),
@@ -243,7 +249,7 @@ async fn train(
             _ = watchdog.tick() => {
                 if liveness.silent_for_ms().is_some_and(|ms| ms > stall_timeout.as_millis() as u64) {
                     directive.stop(StopCause::Stalled);
-                    let abandoned = ctx.engines.abandon(thread.load(Ordering::SeqCst));
+                    let abandoned = engine.pool.abandon(thread.load(Ordering::SeqCst));
                     ctx.health.engine_threads_stuck(ctx.engines.abandoned());
                     let error = format!(
                         "stalled: no progress for {} s after step {step} (training.stall_timeout_seconds); \

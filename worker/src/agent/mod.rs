@@ -18,6 +18,7 @@
 mod archive;
 mod client;
 pub mod datasets;
+pub mod devices;
 mod health;
 mod job;
 mod journal;
@@ -56,6 +57,9 @@ pub struct AgentConfig {
     /// Coordinator addresses, comma-separated; calls fail over between them.
     pub coordinator: String,
     pub models_dir: PathBuf,
+    /// The devices it trains on, one engine each (`devices::resolve`).
+    pub devices: Vec<devices::WorkerDevice>,
+    /// Jobs each device trains at once.
     pub slots: u32,
     /// Where datasets are cached, adapters staged, checkpoints and lease
     /// journals kept.
@@ -65,9 +69,9 @@ pub struct AgentConfig {
     /// Most bytes of base-model weights to keep loaded; unused models are
     /// evicted least recently used first (`None`: no limit).
     pub model_memory: Option<u64>,
-    /// Bytes this worker may use for training, told to the coordinator,
-    /// which leases it no job estimated to need more (`None`: the machine's
-    /// total memory).
+    /// Bytes of the machine's memory this worker may use, told to the
+    /// coordinator (`None`: the machine's total memory). Placement goes by
+    /// each device's memory (`devices`); this caps the CPU's.
     pub memory_bytes: Option<u64>,
     /// How classification jobs on one base model share steps and passes.
     pub pack: crate::engine::PackLimits,
@@ -102,10 +106,11 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         }
     };
     let heartbeat_every = Duration::from_millis(u64::from(registration.heartbeat_interval_ms.max(100)));
-    info!(worker_id = %worker_id, slots = config.slots, models = models.len(), "worker registered");
+    let slots = total_slots(&config);
+    info!(worker_id = %worker_id, slots, devices = config.devices.len(), models = models.len(), "worker registered");
 
-    let cache = Arc::new(crate::engine::ModelCache::new(tch::Device::Cpu, config.model_memory));
-    let engines = runner::EnginePool::start(config.slots as usize, config.threads, cache.clone(), config.pack);
+    let slots_per_device = config.slots as usize;
+    let engines = devices::Engines::start(&config.devices, slots_per_device, config.threads, config.model_memory, config.pack);
     let leases = Leases::default();
     let health = Health::default();
     let (hard_stop, hard_stopped) = watch::channel(false);
@@ -139,14 +144,14 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         if *signals.borrow() > 0 {
             break;
         }
-        let free = config.slots.saturating_sub(leases.len() as u32);
+        let free = slots.saturating_sub(leases.len() as u32);
         // Whether to ask again without the pause: a lease came.
         let mut again_now = false;
         if free > 0 && health.unhealthy_reason(&config.work_dir).is_none() {
             let request = v1::LeaseJobRequest {
                 worker_id: worker_id.clone(),
                 free_slots: free,
-                loaded_models: loaded_models(&cache, &models),
+                loaded_models: loaded_models(&engines, &models),
                 // Answered at once: the worker polls (see LEASE_POLL).
                 wait_ms: 0,
             };
@@ -162,7 +167,8 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                 }
                 Ok(Some(lease)) => {
                     info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt,
-                          checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased");
+                          devices = ?lease.devices, checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step),
+                          "job leased");
                     let directive = leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
                     running.spawn(job::run(context.clone(), lease, directive));
                     again_now = true;
@@ -283,10 +289,10 @@ async fn register(
     let request = v1::RegisterWorkerRequest {
         worker_id: worker_id.to_string(),
         hostname: hostname(),
-        devices: vec![v1::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
-        slots: config.slots,
+        devices: config.devices.iter().map(devices::WorkerDevice::to_wire).collect(),
+        slots: total_slots(config),
         models: models.to_vec(),
-        memory_bytes: config.memory_bytes.unwrap_or_else(total_memory_bytes),
+        memory_bytes: config.memory_bytes.unwrap_or_else(devices::total_memory_bytes),
     };
     let mut delay = Duration::from_millis(200);
     loop {
@@ -365,14 +371,15 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Names of the served models the engines hold in memory now.
-fn loaded_models(cache: &crate::engine::ModelCache, models: &[ServedModel]) -> Vec<String> {
-    let loaded = cache.loaded_dirs();
-    models.iter().filter(|m| loaded.contains(&m.dir)).map(|m| m.name.clone()).collect()
+/// Jobs the worker trains at once: `slots` on each device.
+fn total_slots(config: &AgentConfig) -> u32 {
+    config.slots.saturating_mul(config.devices.len().max(1) as u32)
 }
 
-fn total_memory_bytes() -> u64 {
-    proc_bytes("/proc/meminfo", "MemTotal:")
+/// Names of the served models some device's engine holds in memory now.
+fn loaded_models(engines: &devices::Engines, models: &[ServedModel]) -> Vec<String> {
+    let loaded = engines.loaded_dirs();
+    models.iter().filter(|m| loaded.contains(&m.dir)).map(|m| m.name.clone()).collect()
 }
 
 /// This process's peak resident memory so far (VmHWM); 0 when unknown.

@@ -44,6 +44,10 @@ pub enum RunUpdate {
 pub struct RunRequest {
     pub model_dir: PathBuf,
     pub job: TrainJob,
+    /// The devices the lease gave the job, this pool's device first. Runs
+    /// train on this pool's device; a data-parallel job (several devices)
+    /// trains on the first of them for now.
+    pub devices: Vec<tch::Device>,
     pub directive: super::Directive,
     pub updates: UnboundedSender<RunUpdate>,
     /// Stamped while the run makes progress on a thread.
@@ -324,6 +328,10 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
                 continue;
             }
             Control::Continue | Control::Finish => {}
+        }
+        if request.devices.len() > 1 {
+            tracing::warn!(devices = ?request.devices,
+                           "this worker cannot train one job on several devices yet; it trains on the first");
         }
         let model_dir = request.model_dir.clone();
         let key = request.pack_key().filter(|_| shared.limits.max_jobs > 1);

@@ -64,6 +64,12 @@ impl Cluster {
 
     /// A worker process training up to `slots` jobs at once.
     pub fn spawn_worker_with_slots(&self, name: &str, slots: u32) -> WorkerProcess {
+        self.spawn_worker_with(name, &["--slots", &slots.to_string()], &[])
+    }
+
+    /// A worker process with more flags (`--slots` among them, else one
+    /// slot) and environment variables.
+    pub fn spawn_worker_with(&self, name: &str, args: &[&str], envs: &[(&str, &str)]) -> WorkerProcess {
         let work_dir = self.dir.path().join(name);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ptune-worker"))
@@ -72,7 +78,9 @@ impl Cluster {
             .arg(&self.models_dir)
             .arg("--work-dir")
             .arg(&work_dir)
-            .args(["--slots", &slots.to_string(), "--threads", "1"])
+            .args(["--threads", "1"])
+            .args(args)
+            .envs(envs.iter().copied())
             .env("PTUNE_TOKEN", &self.tokens.worker)
             .stdout(Stdio::null())
             .stderr(log)
