@@ -167,7 +167,8 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                 let request = request.clone();
                 async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
             });
-            // A shutdown signal ends the wait at once.
+            // A shutdown signal ends the wait at once (a lease granted in that instant
+            // is never heard of; it expires and its job is queued again).
             let leased_now = tokio::select! {
                 answer = call => answer,
                 Ok(()) = signals.changed() => continue,
