@@ -430,7 +430,10 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
     println!();
     println!("| RPC | calls | errors | p50 (ms) | p95 (ms) | p99 (ms) |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for rpc in Rpc::ALL.into_iter().filter(|&rpc| r.calls.count(rpc) > 0) {
+    for rpc in Rpc::ALL {
+        if r.calls.count(rpc) == 0 {
+            continue;
+        }
         let q = |c: &mut Calls, at| show(c.quantile_ms(rpc, at), 1);
         let (p50, p95, p99) = (q(&mut r.calls, 0.50), q(&mut r.calls, 0.95), q(&mut r.calls, 0.99));
         println!("| {} | {} | {} | {p50} | {p95} | {p99} |", rpc.name(), r.calls.count(rpc), r.calls.errors(rpc));
