@@ -179,6 +179,8 @@ async fn work(
             Ok(reply) => reply.into_inner().lease,
             Err(status) => {
                 fleet.error(Rpc::LeaseJob, &status);
+                // As the agent, it waits before asking again after an error.
+                tokio::time::sleep(IDLE_POLL).await;
                 None
             }
         };
