@@ -55,9 +55,15 @@ use ptune_core::{JobId, MemoryEstimate};
 pub const SPREAD_WINDOW: Duration = Duration::from_secs(2);
 
 /// A worker that asked for a job this recently, with slots free, counts as
-/// asking still (idle workers ask every 250 ms). Longer than the window, so
-/// a job is held back by the window, never by a stale request alone.
-pub const POLL_FRESH: Duration = Duration::from_secs(5);
+/// asking still. Longer than the longest wait of a lease call
+/// ([`crate::workers::MAX_LEASE_WAIT`]) with room for the next call to
+/// arrive, so a worker waiting in a long poll counts as asking all along
+/// (its request is recorded when the call starts). Longer than the window,
+/// so a job is held back by the window, never by a stale request alone.
+pub const POLL_FRESH: Duration = Duration::from_secs(10);
+
+const _: () = assert!(POLL_FRESH.as_millis() >= 2 * crate::workers::MAX_LEASE_WAIT.as_millis());
+const _: () = assert!(POLL_FRESH.as_millis() > SPREAD_WINDOW.as_millis());
 
 /// Candidates the store reads at once.
 pub const CANDIDATES_PER_PAGE: u32 = 64;

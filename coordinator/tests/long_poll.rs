@@ -3,7 +3,10 @@
 //! meanwhile through another coordinator on the same database (woken by
 //! migration 0013's notification, relayed by `relay.rs`); one that no job
 //! comes for answers empty once its wait is over; a call with no wait
-//! answers at once, as before.
+//! answers at once, as before. Time alone makes a job leasable too (its
+//! retry backoff ends, or its spread window for a better placed worker),
+//! which nothing notifies: a waiting call looks again then, so the job is
+//! leased within the one call.
 
 mod common;
 
@@ -42,4 +45,38 @@ async fn a_waiting_lease_call_gets_a_job_queued_through_another_coordinator() {
     let lease = waiting.await.unwrap().unwrap().into_inner().lease;
     assert_eq!(lease.map(|l| l.job_id), Some(job.id), "the waiting call got the job queued through B");
     b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_lease_call_gets_a_job_whose_retry_backoff_ends_meanwhile() {
+    let mut env = common::start_with(Duration::from_secs(30), |c| c.retry.backoff_base = Duration::from_secs(1)).await;
+    let worker = env.register().await;
+    let spec = env.spec("backoff").await;
+    let job = env.submit(spec).await;
+    let first = env.lease(&worker).await.expect("the job is leased");
+    env.fail(&first, "injected error", false, true).await.unwrap();
+    assert_eq!(common::state(&env.get(&job.id).await), v1::JobState::Queued, "queued again after a backoff");
+
+    // Nothing is notified when the backoff ends; the one waiting call still gets the job.
+    let lease = env.workers.lease_job(ask(&worker, 5000)).await.unwrap().into_inner().lease;
+    let lease = lease.expect("the call waiting through the backoff got the job");
+    assert_eq!((lease.job_id.as_str(), lease.attempt), (job.id.as_str(), 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_lease_call_gets_a_job_held_for_a_better_placed_worker_once_its_window_ends() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let spec = env.spec("spread").await;
+    // A worker holding the model asks and goes away: a fresh job is left to it for the spread window.
+    let rival = env.register().await;
+    let asked = v1::LeaseJobRequest { loaded_models: vec![common::MODEL.into()], ..ask(&rival, 0) };
+    assert!(env.workers.lease_job(asked).await.unwrap().into_inner().lease.is_none());
+    let worker = env.register().await;
+
+    let mut workers = env.workers.clone();
+    let waiting = tokio::spawn(async move { workers.lease_job(ask(&worker, 5000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = env.submit(spec).await;
+    let lease = waiting.await.unwrap().unwrap().into_inner().lease;
+    assert_eq!(lease.map(|l| l.job_id), Some(job.id), "the waiting call got the job when its window ended");
 }

@@ -300,6 +300,37 @@ impl Terminal for JobState {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_long_polls_and_the_call_waiting_when_a_job_is_submitted_leases_it() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let pool = sqlx::PgPool::connect(&cluster.db.url).await.unwrap();
+    let _worker = cluster.spawn_worker("w1");
+    let asked = "SELECT count(*) FROM workers WHERE polled_at IS NOT NULL";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(asked).fetch_one(&pool).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the worker never asked for work:\n{}", cluster.worker_log("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let job = submit_sst2(&mut client, 40).await;
+    wait_for(&mut client, &job.id, Duration::from_secs(60), "running", |j| state(j) != JobState::Queued).await;
+    // A worker records when it asks for work; the job leases while the worker
+    // trains it, without asking again. A worker polling would have asked
+    // after the job was queued; the long-poll waiting then got it.
+    let (before, asked_at, queued_at): (bool, String, String) = sqlx::query_as(
+        "SELECT w.polled_at < j.created_at, w.polled_at::text, j.created_at::text FROM workers w, jobs j \
+         WHERE j.id = $1::uuid",
+    )
+    .bind(&job.id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(before, "the call that leased the job asked at {asked_at}, after it was queued at {queued_at}");
+    let done = wait_for(&mut client, &job.id, Duration::from_secs(240), "finished", |j| state(j).is_terminal()).await;
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.error);
+}
+
 /// Uploads SST-2 and submits a prompt-tuning job of `max_steps` on it.
 async fn submit_sst2(client: &mut JobServiceClient<AuthChannel>, max_steps: u64) -> v1::Job {
     let train = upload(client, &sst2("train.jsonl")).await;

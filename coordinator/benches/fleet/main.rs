@@ -17,7 +17,14 @@
 //!   PTUNE_FLEET_COORDINATORS   coordinator counts, one run each (default 1; e.g. 1,2,3)
 //!   PTUNE_FLEET_WORKERS        simulated workers (default 50)
 //!   PTUNE_FLEET_JOBS           jobs submitted (default 2000)
-//!   PTUNE_FLEET_STEPS          ReportProgress calls per job (default 1)
+//!   PTUNE_FLEET_STEPS          steps reported per job (default 1)
+//!   PTUNE_FLEET_PACK           jobs a worker leases and trains together (default 1)
+//!   PTUNE_FLEET_PROGRESS       progress modes, one run each (default single): `single` (one
+//!                              ReportProgress call per job and step, as before batching), `batch`
+//!                              (one ReportProgressBatch call per step of a pack); e.g. single,batch
+//!   PTUNE_FLEET_IDLE           then idle workers, registered, heartbeating and asking for work that
+//!                              never comes (default 0: none): coordinator and PostgreSQL CPU over
+//!                              PTUNE_FLEET_IDLE_S (default 60) with long-polls, then with 250 ms polls
 //!   PTUNE_FLEET_ADAPTER_BYTES  adapter size per CompleteJob (default 1024)
 //!   PTUNE_FLEET_LEASE_WAIT_MS  LeaseJob long-poll wait, as the worker sends it (default 5000; 0: answered
 //!                              at once, and the simulated worker polls every 250 ms, as before long-polling)
@@ -26,6 +33,7 @@
 //!
 //! Needs the PostgreSQL server of the tests (`PTUNE_TEST_DATABASE_URL`).
 
+mod idle;
 mod measure;
 mod worker;
 
@@ -47,16 +55,21 @@ use worker::Fleet;
 
 const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n";
 /// Registrations in flight at once before the work phase.
-const REGISTRATIONS_IN_FLIGHT: usize = 32;
+pub(crate) const REGISTRATIONS_IN_FLIGHT: usize = 32;
 /// How often the PostgreSQL backends' CPU time is read during the work phase.
-const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
-struct Settings {
+pub(crate) struct Settings {
     coordinators: Vec<usize>,
     workers: usize,
     jobs: usize,
     steps: u64,
+    pack: usize,
+    /// Progress in batches, per run.
+    modes: Vec<bool>,
+    idle: usize,
+    idle_seconds: u64,
     adapter_bytes: usize,
     lease_wait_ms: u32,
     submit_concurrency: usize,
@@ -79,8 +92,22 @@ impl Settings {
             .with_context(|| {
                 format!("PTUNE_FLEET_COORDINATORS must list counts above 0, e.g. 1,2,3, got {coordinators:?}")
             })?;
+        let modes = std::env::var("PTUNE_FLEET_PROGRESS").unwrap_or_else(|_| "single".into());
+        let modes = modes
+            .split(',')
+            .map(|m| match m.trim() {
+                "single" => Some(false),
+                "batch" => Some(true),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| format!("PTUNE_FLEET_PROGRESS must list single and/or batch, got {modes:?}"))?;
         let settings = Self {
             coordinators,
+            pack: var("PTUNE_FLEET_PACK", 1)?,
+            modes,
+            idle: var("PTUNE_FLEET_IDLE", 0)?,
+            idle_seconds: var("PTUNE_FLEET_IDLE_S", 60)?,
             workers: var("PTUNE_FLEET_WORKERS", 50)?,
             jobs: var("PTUNE_FLEET_JOBS", 2000)?,
             steps: var("PTUNE_FLEET_STEPS", 1)?,
@@ -90,6 +117,7 @@ impl Settings {
             timeout: Duration::from_secs(var("PTUNE_FLEET_TIMEOUT_S", 900)?),
         };
         anyhow::ensure!(settings.workers > 0 && settings.jobs > 0, "workers and jobs must be above 0");
+        anyhow::ensure!(settings.pack > 0, "PTUNE_FLEET_PACK must be above 0");
         anyhow::ensure!(settings.submit_concurrency > 0, "PTUNE_FLEET_SUBMIT_CONCURRENCY must be above 0");
         Ok(settings)
     }
@@ -98,6 +126,7 @@ impl Settings {
 /// What one run measured.
 struct Report {
     coordinators: usize,
+    batch: bool,
     submit_seconds: f64,
     work_seconds: f64,
     calls: Calls,
@@ -120,20 +149,25 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "Fleet load: {} workers, {} jobs, {} ReportProgress call(s) per job, {}-byte adapters, \
+        "Fleet load: {} workers training packs of {} job(s), {} jobs, {} step(s) reported per job, {}-byte adapters, \
          submissions {} at a time; {cores} CPU cores shared by the coordinators, PostgreSQL and this generator\n",
-        settings.workers, settings.jobs, settings.steps, settings.adapter_bytes, settings.submit_concurrency
+        settings.workers, settings.pack, settings.jobs, settings.steps, settings.adapter_bytes, settings.submit_concurrency
     );
     let mut reports = Vec::new();
     for &n in &settings.coordinators {
-        let mut report = run(&settings, n).await?;
-        print_run(&settings, &mut report, cores);
-        reports.push(report);
+        for &batch in &settings.modes {
+            let mut report = run(&settings, n, batch).await?;
+            print_run(&settings, &mut report, cores);
+            reports.push(report);
+        }
     }
     if reports.len() > 1 {
         print_side_by_side(&settings, &mut reports);
     }
-    let failed: Vec<&String> = reports.iter().flat_map(|r| &r.violations).collect();
+    let mut failed: Vec<String> = reports.iter().flat_map(|r| r.violations.clone()).collect();
+    if settings.idle > 0 {
+        failed.extend(idle::run(&settings).await?);
+    }
     if !failed.is_empty() {
         for violation in failed {
             eprintln!("violation: {violation}");
@@ -143,8 +177,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One run with `n` coordinators on a fresh database.
-async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
+/// One run with `n` coordinators on a fresh database, progress in batches or not.
+async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Report> {
     let db = fresh_database().await?;
     let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
     let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
@@ -161,17 +195,15 @@ async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
     let (mut calls, submit_seconds) = submit(settings, &job_clients, spec(&dataset, settings.steps)).await?;
 
     // Every worker has its own connection, to the coordinator of its turn.
-    let fleet = Arc::new(Fleet::new(
-        settings.workers,
-        settings.jobs,
-        settings.steps,
-        settings.adapter_bytes,
-        settings.lease_wait_ms,
-    ));
+    let fleet = Arc::new(Fleet {
+        pack: settings.pack,
+        batch,
+        ..Fleet::new(settings.workers, settings.jobs, settings.steps, settings.adapter_bytes, settings.lease_wait_ms)
+    });
     let registered: Vec<_> = futures::stream::iter(0..settings.workers)
         .map(|i| {
             let client = WorkerServiceClient::new(channel(&coordinators[i % n].url, &worker_token));
-            worker::register(client, i)
+            worker::register(client, i, settings.pack)
         })
         .buffered(REGISTRATIONS_IN_FLIGHT)
         .collect()
@@ -234,6 +266,7 @@ async fn run(settings: &Settings, n: usize) -> anyhow::Result<Report> {
     drop(coordinators);
     Ok(Report {
         coordinators: n,
+        batch,
         submit_seconds,
         work_seconds,
         calls,
@@ -342,10 +375,13 @@ fn measures(settings: &Settings, r: &mut Report) -> Vec<(String, Option<f64>, us
     let mut rows = vec![
         ("submissions/s".to_string(), Some(jobs / r.submit_seconds), 0),
         ("work phase (s)".to_string(), Some(r.work_seconds), 1),
-        (format!("jobs/s (lease + {} report + complete)", settings.steps), Some(jobs / r.work_seconds), 0),
+        (format!("cycles/s (jobs leased, {} step(s) reported, completed)", settings.steps), Some(jobs / r.work_seconds), 0),
     ];
     for rpc in Rpc::ALL {
-        for (label, q) in [("p50", 0.50), ("p99", 0.99)] {
+        if r.calls.count(rpc) == 0 {
+            continue;
+        }
+        for (label, q) in [("p50", 0.50), ("p95", 0.95), ("p99", 0.99)] {
             rows.push((format!("{} {label} (ms)", rpc.name()), r.calls.quantile_ms(rpc, q), 1));
         }
     }
@@ -353,6 +389,11 @@ fn measures(settings: &Settings, r: &mut Report) -> Vec<(String, Option<f64>, us
     let peak = r.coordinator_peak.iter().copied().max().unwrap_or(0);
     rows.extend([
         ("LeaseJob calls per job".to_string(), Some(r.calls.count(Rpc::LeaseJob) as f64 / jobs), 2),
+        (
+            "progress calls per job".to_string(),
+            Some((r.calls.count(Rpc::ReportProgress) + r.calls.count(Rpc::ReportProgressBatch)) as f64 / jobs),
+            2,
+        ),
         (
             format!("LeaseJob answered empty with >= {} jobs queued (%)", settings.workers),
             Some(100.0 * r.empty_while_queued as f64 / r.calls.count(Rpc::LeaseJob).max(1) as f64),
@@ -368,13 +409,7 @@ fn measures(settings: &Settings, r: &mut Report) -> Vec<(String, Option<f64>, us
 }
 
 fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
-    let n = r.coordinators;
-    println!(
-        "### {n} coordinator{}, {} workers, {} jobs\n",
-        if n == 1 { "" } else { "s" },
-        settings.workers,
-        settings.jobs
-    );
+    println!("### {}, {} workers, {} jobs\n", label(r), settings.workers, settings.jobs);
     println!("| measure | value |");
     println!("|---|---:|");
     for (name, value, decimals) in measures(settings, r) {
@@ -396,6 +431,9 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
     println!("| RPC | calls | errors | p50 (ms) | p95 (ms) | p99 (ms) |");
     println!("|---|---:|---:|---:|---:|---:|");
     for rpc in Rpc::ALL {
+        if r.calls.count(rpc) == 0 {
+            continue;
+        }
         let q = |c: &mut Calls, at| show(c.quantile_ms(rpc, at), 1);
         let (p50, p95, p99) = (q(&mut r.calls, 0.50), q(&mut r.calls, 0.95), q(&mut r.calls, 0.99));
         println!("| {} | {} | {} | {p50} | {p95} | {p99} |", rpc.name(), r.calls.count(rpc), r.calls.errors(rpc));
@@ -422,21 +460,35 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
     }
 }
 
+/// What a run was: its coordinators and how it reported progress.
+fn label(r: &Report) -> String {
+    let n = r.coordinators;
+    format!("{n} coordinator{}, progress {}", if n == 1 { "" } else { "s" }, if r.batch { "batched" } else { "single" })
+}
+
 fn print_side_by_side(settings: &Settings, reports: &mut [Report]) {
-    let base = reports[0].coordinators;
-    let columns: Vec<usize> = reports.iter().map(|r| r.coordinators).collect();
+    let columns: Vec<String> = reports.iter().map(label).collect();
     let tables: Vec<Vec<(String, Option<f64>, usize)>> = reports.iter_mut().map(|r| measures(settings, r)).collect();
-    println!("### Side by side, ratios against {base} coordinator{}\n", if base == 1 { "" } else { "s" });
-    let header: Vec<String> = columns.iter().map(|n| format!("{n} coord.")).collect();
-    let ratios: Vec<String> = columns[1..].iter().map(|n| format!("{n} / {base}")).collect();
+    println!("### Side by side, ratios against {}\n", columns[0]);
+    let ratios: Vec<String> = (2..=columns.len()).map(|i| format!("{i} / 1")).collect();
+    let header: Vec<String> = columns.iter().enumerate().map(|(i, c)| format!("{}: {c}", i + 1)).collect();
     println!("| measure | {} | {} |", header.join(" | "), ratios.join(" | "));
     println!("|---|{}", "---:|".repeat(columns.len() * 2 - 1));
-    for (i, (name, base_value, decimals)) in tables[0].iter().enumerate() {
-        let values: Vec<String> = tables.iter().map(|t| show(t[i].1, *decimals)).collect();
+    // Measures by name: a run without calls of an RPC has no rows for it.
+    let names: Vec<(String, usize)> = tables.iter().flatten().fold(Vec::new(), |mut names, (name, _, decimals)| {
+        if !names.iter().any(|(n, _)| n == name) {
+            names.push((name.clone(), *decimals));
+        }
+        names
+    });
+    let value = |t: &[(String, Option<f64>, usize)], name: &str| t.iter().find(|m| m.0 == name).and_then(|m| m.1);
+    for (name, decimals) in names {
+        let base = value(&tables[0], &name);
+        let values: Vec<String> = tables.iter().map(|t| show(value(t, &name), decimals)).collect();
         let ratios: Vec<String> = tables[1..]
             .iter()
-            .map(|t| match (t[i].1, base_value) {
-                (Some(v), Some(b)) if *b > 0.0 => format!("{:.2}x", v / b),
+            .map(|t| match (value(t, &name), base) {
+                (Some(v), Some(b)) if b > 0.0 => format!("{:.2}x", v / b),
                 _ => "-".into(),
             })
             .collect();

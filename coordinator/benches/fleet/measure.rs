@@ -17,18 +17,27 @@ pub enum Rpc {
     SubmitJob,
     LeaseJob,
     ReportProgress,
+    ReportProgressBatch,
     CompleteJob,
     Heartbeat,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 5] = [Rpc::SubmitJob, Rpc::LeaseJob, Rpc::ReportProgress, Rpc::CompleteJob, Rpc::Heartbeat];
+    pub const ALL: [Rpc; 6] = [
+        Rpc::SubmitJob,
+        Rpc::LeaseJob,
+        Rpc::ReportProgress,
+        Rpc::ReportProgressBatch,
+        Rpc::CompleteJob,
+        Rpc::Heartbeat,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Rpc::SubmitJob => "SubmitJob",
             Rpc::LeaseJob => "LeaseJob",
             Rpc::ReportProgress => "ReportProgress",
+            Rpc::ReportProgressBatch => "ReportProgressBatch",
             Rpc::CompleteJob => "CompleteJob",
             Rpc::Heartbeat => "Heartbeat",
         }
@@ -39,8 +48,8 @@ impl Rpc {
 /// its own and they are merged at the end, so recording takes no lock.
 #[derive(Clone, Debug, Default)]
 pub struct Calls {
-    micros: [Vec<u32>; 5],
-    errors: [u64; 5],
+    micros: [Vec<u32>; 6],
+    errors: [u64; 6],
 }
 
 impl Calls {

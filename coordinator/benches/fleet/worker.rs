@@ -1,9 +1,14 @@
 //! A simulated worker over real gRPC: it registers, heartbeats at the
-//! interval the coordinator gives it (in a task of its own, naming the
-//! lease it holds), and loops LeaseJob (one free slot), ReportProgress for
-//! each step, CompleteJob with an adapter streamed as a header and then
-//! data. Training takes no time; when there is nothing to lease it waits
-//! 250 ms, as the real agent does, and asks again.
+//! interval the coordinator gives it (in a task of its own, naming every
+//! lease it holds), and loops: LeaseJob until it holds a pack of jobs (or
+//! no more come), progress for each step of the pack, and CompleteJob for
+//! each job with an adapter streamed as a header and then data. Progress
+//! goes as one ReportProgress call per job and step (as workers before
+//! batching did), or as one ReportProgressBatch call per step carrying every
+//! job of the pack. Training takes no time; when there is nothing to lease
+//! it long-polls, or with no wait asks again after 250 ms, as the agent did
+//! before long-polling. An idle worker ([`idle`]) only heartbeats and asks
+//! for work that never comes.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +36,10 @@ const ERRORS_KEPT: usize = 5;
 /// What the workers of one run share.
 pub struct Fleet {
     pub steps: u64,
+    /// Jobs a worker trains together, in one pass.
+    pub pack: usize,
+    /// Progress of a pack's step in one ReportProgressBatch call.
+    pub batch: bool,
     /// How long a LeaseJob call may wait at the coordinator (0: answered at
     /// once, and the worker polls every 250 ms).
     pub lease_wait_ms: u32,
@@ -58,6 +67,8 @@ impl Fleet {
     pub fn new(workers: usize, jobs: usize, steps: u64, adapter_bytes: usize, lease_wait_ms: u32) -> Self {
         Self {
             steps,
+            pack: 1,
+            batch: false,
             lease_wait_ms,
             adapter_bytes,
             jobs,
@@ -88,13 +99,17 @@ pub struct Registered {
     heartbeat_interval: Duration,
 }
 
-/// Registers worker `index` serving [`MODEL`].
-pub async fn register(mut client: WorkerServiceClient<AuthChannel>, index: usize) -> anyhow::Result<Registered> {
+/// Registers worker `index` serving [`MODEL`] with `slots` slots.
+pub async fn register(
+    mut client: WorkerServiceClient<AuthChannel>,
+    index: usize,
+    slots: usize,
+) -> anyhow::Result<Registered> {
     let reply = client
         .register_worker(v1::RegisterWorkerRequest {
             hostname: format!("fleet-{index}"),
             devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 8 << 30, ..Default::default() }],
-            slots: 1,
+            slots: slots as u32,
             models: vec![minilm_model(MODEL)],
             ..Default::default()
         })
@@ -107,7 +122,7 @@ pub async fn register(mut client: WorkerServiceClient<AuthChannel>, index: usize
 /// Heartbeats from now on, and works once `start` turns true, until every
 /// job has completed. Returns the calls of both tasks.
 pub async fn run(worker: Registered, fleet: Arc<Fleet>, mut start: watch::Receiver<bool>) -> Calls {
-    let holding: Arc<Mutex<Option<v1::LeaseRef>>> = Arc::default();
+    let holding: Arc<Mutex<Vec<v1::LeaseRef>>> = Arc::default();
     let heartbeats = tokio::spawn(heartbeat(
         worker.client.clone(),
         worker.id.clone(),
@@ -121,36 +136,71 @@ pub async fn run(worker: Registered, fleet: Arc<Fleet>, mut start: watch::Receiv
     calls
 }
 
+/// Heartbeats and asks for work (none is queued) until `fleet.done`.
+pub async fn idle(worker: Registered, fleet: Arc<Fleet>) -> Calls {
+    let heartbeats = tokio::spawn(heartbeat(
+        worker.client.clone(),
+        worker.id.clone(),
+        worker.heartbeat_interval,
+        Arc::default(),
+        fleet.clone(),
+    ));
+    let mut calls = work(worker.client, &worker.id, &Mutex::default(), &fleet).await;
+    calls.merge(heartbeats.await.unwrap_or_default());
+    calls
+}
+
 async fn work(
     mut client: WorkerServiceClient<AuthChannel>,
     id: &str,
-    holding: &Mutex<Option<v1::LeaseRef>>,
+    holding: &Mutex<Vec<v1::LeaseRef>>,
     fleet: &Fleet,
 ) -> Calls {
     let mut calls = Calls::default();
     let mut done = fleet.done.subscribe();
     // As the real agent, it tells which models it holds: none until its first job.
     let mut loaded_models = Vec::new();
+    let mut pack: Vec<v1::Lease> = Vec::new();
     while !*done.borrow() {
         let request = v1::LeaseJobRequest {
             worker_id: id.to_string(),
-            free_slots: 1,
+            free_slots: (fleet.pack - pack.len()) as u32,
             loaded_models: loaded_models.clone(),
-            wait_ms: fleet.lease_wait_ms,
+            // A worker that holds jobs trains them rather than wait for more.
+            wait_ms: if pack.is_empty() { fleet.lease_wait_ms } else { 0 },
         };
         let started = Instant::now();
-        let reply = client.lease_job(request).await;
+        let reply = tokio::select! {
+            reply = client.lease_job(request) => reply,
+            _ = done.wait_for(|d| *d) => break,
+        };
         calls.record(Rpc::LeaseJob, started, reply.is_ok());
         let lease = match reply {
             Ok(reply) => reply.into_inner().lease,
             Err(status) => {
                 fleet.error(Rpc::LeaseJob, &status);
+                // As the agent, it waits before asking again after an error.
+                tokio::time::sleep(IDLE_POLL).await;
                 None
             }
         };
-        let Some(lease) = lease else {
+        if let Some(lease) = lease {
+            loaded_models = vec![MODEL.to_string()];
+            if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
+                fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
+            }
+            holding.lock().unwrap().push(v1::LeaseRef {
+                job_id: lease.job_id.clone(),
+                epoch: lease.epoch,
+                lease_token: lease.lease_token.clone(),
+            });
+            pack.push(lease);
+            if pack.len() < fleet.pack {
+                continue;
+            }
+        } else if pack.is_empty() {
             fleet.empty_leases.fetch_add(1, Ordering::Relaxed);
-            if fleet.leased.lock().unwrap().len() + fleet.workers <= fleet.jobs {
+            if fleet.leased.lock().unwrap().len() + fleet.workers * fleet.pack <= fleet.jobs {
                 fleet.empty_while_queued.fetch_add(1, Ordering::Relaxed);
             }
             // A long-poll that waited its time out asks again at once.
@@ -161,66 +211,95 @@ async fn work(
                 }
             }
             continue;
-        };
-        loaded_models = vec![MODEL.to_string()];
-        if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
-            fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
         }
-        *holding.lock().unwrap() = Some(v1::LeaseRef {
-            job_id: lease.job_id.clone(),
-            epoch: lease.epoch,
-            lease_token: lease.lease_token.clone(),
-        });
-        if train(&mut client, &lease, fleet, &mut calls).await {
-            let completed = fleet.completed.fetch_add(1, Ordering::AcqRel) + 1;
-            if completed == fleet.jobs {
-                fleet.done.send_replace(true);
-            }
+        let completed = train(&mut client, &pack, fleet, &mut calls).await;
+        let completed = fleet.completed.fetch_add(completed, Ordering::AcqRel) + completed;
+        if completed == fleet.jobs {
+            fleet.done.send_replace(true);
         }
-        *holding.lock().unwrap() = None;
+        pack.clear();
+        holding.lock().unwrap().clear();
     }
     calls
 }
 
-/// Reports every step and completes the job; true when it completed.
+fn progress(lease: &v1::Lease, step: u64, fleet: &Fleet) -> v1::ReportProgressRequest {
+    v1::ReportProgressRequest {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        step,
+        total_steps: fleet.steps,
+        metrics: vec![v1::Metric { step, kind: "train".into(), name: "loss".into(), value: 1.0 / step as f64 }],
+        lease_token: lease.lease_token.clone(),
+    }
+}
+
+/// Reports every step of the pack and completes its jobs; returns how many
+/// completed.
 async fn train(
     client: &mut WorkerServiceClient<AuthChannel>,
-    lease: &v1::Lease,
+    pack: &[v1::Lease],
     fleet: &Fleet,
     calls: &mut Calls,
-) -> bool {
+) -> usize {
+    let mut stopped = vec![false; pack.len()];
     for step in 1..=fleet.steps {
-        let request = v1::ReportProgressRequest {
-            job_id: lease.job_id.clone(),
-            epoch: lease.epoch,
-            step,
-            total_steps: fleet.steps,
-            metrics: vec![v1::Metric { step, kind: "train".into(), name: "loss".into(), value: 1.0 / step as f64 }],
-            lease_token: lease.lease_token.clone(),
-        };
-        let started = Instant::now();
-        let reply = client.report_progress(request).await;
-        calls.record(Rpc::ReportProgress, started, reply.as_ref().is_ok_and(|r| !r.get_ref().stop));
-        match reply {
-            Ok(reply) if reply.get_ref().stop => {
-                let status = tonic::Status::aborted(format!("told to stop: reason {}", reply.get_ref().stop_reason));
-                fleet.error(Rpc::ReportProgress, &status);
-                return false;
+        if fleet.batch {
+            let reports = pack.iter().map(|lease| progress(lease, step, fleet)).collect();
+            let started = Instant::now();
+            let reply = client.report_progress_batch(v1::ReportProgressBatchRequest { reports }).await;
+            let answers = match reply {
+                Ok(reply) => reply.into_inner().answers,
+                Err(status) => {
+                    calls.record(Rpc::ReportProgressBatch, started, false);
+                    fleet.error(Rpc::ReportProgressBatch, &status);
+                    return 0;
+                }
+            };
+            let refused = answers.iter().any(|a| a.error_code != 0 || a.recorded.is_none_or(|r| r.stop));
+            calls.record(Rpc::ReportProgressBatch, started, !refused && answers.len() == pack.len());
+            if refused || answers.len() != pack.len() {
+                let status = tonic::Status::aborted(format!("told to stop or refused: {answers:?}"));
+                fleet.error(Rpc::ReportProgressBatch, &status);
+                return 0;
             }
-            Ok(_) => {}
-            Err(status) => {
-                fleet.error(Rpc::ReportProgress, &status);
-                return false;
+            continue;
+        }
+        for (lease, stopped) in pack.iter().zip(stopped.iter_mut()) {
+            if *stopped {
+                continue;
+            }
+            let started = Instant::now();
+            let reply = client.report_progress(progress(lease, step, fleet)).await;
+            calls.record(Rpc::ReportProgress, started, reply.as_ref().is_ok_and(|r| !r.get_ref().stop));
+            match reply {
+                Ok(reply) if reply.get_ref().stop => {
+                    let status = tonic::Status::aborted(format!("told to stop: reason {}", reply.get_ref().stop_reason));
+                    fleet.error(Rpc::ReportProgress, &status);
+                    *stopped = true;
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    fleet.error(Rpc::ReportProgress, &status);
+                    *stopped = true;
+                }
             }
         }
     }
-    let started = Instant::now();
-    let reply = client.complete_job(futures::stream::iter(complete_parts(lease, fleet))).await;
-    calls.record(Rpc::CompleteJob, started, reply.is_ok());
-    if let Err(status) = &reply {
-        fleet.error(Rpc::CompleteJob, status);
+    let mut completed = 0;
+    for (lease, stopped) in pack.iter().zip(stopped) {
+        if stopped {
+            continue;
+        }
+        let started = Instant::now();
+        let reply = client.complete_job(futures::stream::iter(complete_parts(lease, fleet))).await;
+        calls.record(Rpc::CompleteJob, started, reply.is_ok());
+        match reply {
+            Ok(_) => completed += 1,
+            Err(status) => fleet.error(Rpc::CompleteJob, &status),
+        }
     }
-    reply.is_ok()
+    completed
 }
 
 /// A header, then an adapter of `fleet.adapter_bytes` that differs per job.
@@ -243,12 +322,12 @@ fn complete_parts(lease: &v1::Lease, fleet: &Fleet) -> Vec<v1::CompleteJobChunk>
     parts
 }
 
-/// Heartbeats every `interval` with the lease held, until every job has completed.
+/// Heartbeats every `interval` with the leases held, until every job has completed.
 async fn heartbeat(
     mut client: WorkerServiceClient<AuthChannel>,
     id: String,
     interval: Duration,
-    holding: Arc<Mutex<Option<v1::LeaseRef>>>,
+    holding: Arc<Mutex<Vec<v1::LeaseRef>>>,
     fleet: Arc<Fleet>,
 ) -> Calls {
     let mut calls = Calls::default();
@@ -258,7 +337,7 @@ async fn heartbeat(
             _ = tokio::time::sleep(interval) => {}
             _ = done.wait_for(|d| *d) => return calls,
         }
-        let leases = holding.lock().unwrap().iter().cloned().collect();
+        let leases = holding.lock().unwrap().clone();
         let request = v1::HeartbeatRequest { worker_id: id.clone(), leases, ..Default::default() };
         let started = Instant::now();
         let reply = client.heartbeat(request).await;

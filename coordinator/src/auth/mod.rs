@@ -120,8 +120,8 @@ pub fn permission(path: &str) -> Option<Permission> {
         ("ptune.v1.SweepService", "GetSweep" | "ListSweeps") => Permission::ReadOwn,
         (
             "ptune.v1.WorkerService",
-            "RegisterWorker" | "Heartbeat" | "LeaseJob" | "ReportProgress" | "CompleteJob" | "FailJob"
-            | "DownloadDataset" | "ReleaseJob" | "UploadCheckpoint" | "DownloadCheckpoint",
+            "RegisterWorker" | "Heartbeat" | "LeaseJob" | "ReportProgress" | "ReportProgressBatch" | "CompleteJob"
+            | "FailJob" | "DownloadDataset" | "ReleaseJob" | "UploadCheckpoint" | "DownloadCheckpoint",
         ) => Permission::Work,
         ("ptune.v1.AdminService", "CreateToken" | "ListTokens" | "RevokeToken" | "ListAudit") => Permission::Admin,
         _ => return None,

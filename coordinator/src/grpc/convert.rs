@@ -429,6 +429,25 @@ pub fn stop_signal(signal: StopSignal) -> v1::ReportProgressResponse {
     v1::ReportProgressResponse { stop: signal != StopSignal::Continue, stop_reason: reason as i32 }
 }
 
+/// One lease's answer in a progress batch: its stop signal, or the status
+/// a single report would have failed with.
+pub fn progress_answer(lease: LeaseRef, outcome: Result<StopSignal, Error>) -> v1::ProgressAnswer {
+    let (job_id, epoch) = (lease.job_id.to_string(), lease.epoch);
+    match outcome {
+        Ok(signal) => v1::ProgressAnswer { job_id, epoch, recorded: Some(stop_signal(signal)), ..Default::default() },
+        Err(e) => {
+            let status = tonic::Status::from(e);
+            v1::ProgressAnswer {
+                job_id,
+                epoch,
+                recorded: None,
+                error_code: status.code() as i32,
+                error_message: status.message().to_string(),
+            }
+        }
+    }
+}
+
 /// The definition JSON of a CreateSweep request.
 /// Largest sweep definition accepted.
 const MAX_DEFINITION_BYTES: usize = 1 << 20;

@@ -78,6 +78,18 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(convert::stop_signal(signal)))
     }
 
+    #[instrument(skip_all, fields(reports = req.get_ref().reports.len()))]
+    async fn report_progress_batch(
+        &self,
+        req: Request<v1::ReportProgressBatchRequest>,
+    ) -> Result<Response<v1::ReportProgressBatchResponse>, Status> {
+        let reports = req.into_inner().reports.into_iter().map(convert::progress).collect::<Result<_, _>>()?;
+        let answers = self.workers.report_progress_batch(reports).await?;
+        Ok(Response::new(v1::ReportProgressBatchResponse {
+            answers: answers.into_iter().map(|(lease, outcome)| convert::progress_answer(lease, outcome)).collect(),
+        }))
+    }
+
     #[instrument(skip_all)]
     async fn complete_job(
         &self,

@@ -151,6 +151,26 @@ impl Store {
         }
     }
 
+    /// How long until a queued job on one of `models` changes for placement
+    /// by time alone: its retry time passes, or its [`SPREAD_WINDOW`] ends
+    /// and any worker may take it. Nothing is notified then, so a lease call
+    /// waiting for work looks again at that time. `None` when no such job.
+    #[instrument(skip_all)]
+    pub async fn next_leasable_in(&self, models: &[String]) -> Result<Option<Duration>> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(least( \
+                 CASE WHEN retry_at > now() THEN retry_at END, \
+                 CASE WHEN updated_at > now() - $2 * interval '1 millisecond' \
+                      THEN updated_at + $2 * interval '1 millisecond' END)) - now())::float8 \
+             FROM jobs WHERE state = 'queued' AND base_model = ANY($1)",
+        )
+        .bind(models)
+        .bind(millis(SPREAD_WINDOW))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()))
+    }
+
     /// The jobs `worker` runs, with their estimates.
     async fn running_on(&self, worker: ptune_core::WorkerId) -> Result<Vec<Running>> {
         let rows: Vec<RunningRow> = sqlx::query_as(

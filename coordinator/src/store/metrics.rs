@@ -28,19 +28,28 @@ impl MetricRow {
 /// Inserts metrics; a value reported again for the same (kind, name, step)
 /// replaces the earlier one, so retried reports have no double effect.
 pub(super) async fn insert_metrics<'e>(db: impl PgExecutor<'e>, job: JobId, metrics: &[Metric]) -> Result<()> {
+    let rows: Vec<(JobId, &Metric)> = metrics.iter().map(|m| (job, m)).collect();
+    insert_metrics_of(db, &rows).await
+}
+
+/// Inserts the metrics of several jobs in one statement, as
+/// [`insert_metrics`] does for one.
+pub(super) async fn insert_metrics_of<'e>(db: impl PgExecutor<'e>, metrics: &[(JobId, &Metric)]) -> Result<()> {
     if metrics.is_empty() {
         return Ok(());
     }
     // One statement cannot update a row twice: keep the last value of each key.
-    let mut unique: HashMap<(MetricKind, &str, u64), f64> = HashMap::new();
-    for m in metrics {
-        unique.insert((m.kind, m.name.as_str(), m.step), m.value);
+    let mut unique: HashMap<(JobId, MetricKind, &str, u64), f64> = HashMap::new();
+    for (job, m) in metrics {
+        unique.insert((*job, m.kind, m.name.as_str(), m.step), m.value);
     }
+    let mut jobs = Vec::with_capacity(unique.len());
     let mut steps = Vec::with_capacity(unique.len());
     let mut kinds = Vec::with_capacity(unique.len());
     let mut names = Vec::with_capacity(unique.len());
     let mut values = Vec::with_capacity(unique.len());
-    for ((kind, name, step), value) in unique {
+    for ((job, kind, name, step), value) in unique {
+        jobs.push(job.0);
         steps.push(to_i64(step));
         kinds.push(kind.as_str());
         names.push(name);
@@ -48,10 +57,10 @@ pub(super) async fn insert_metrics<'e>(db: impl PgExecutor<'e>, job: JobId, metr
     }
     sqlx::query(
         "INSERT INTO metrics (job_id, step, kind, name, value) \
-         SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::float8[]) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::float8[]) \
          ON CONFLICT (job_id, kind, name, step) DO UPDATE SET value = EXCLUDED.value, recorded_at = now()",
     )
-    .bind(job.0)
+    .bind(&jobs)
     .bind(&steps)
     .bind(&kinds)
     .bind(&names)

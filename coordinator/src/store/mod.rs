@@ -16,6 +16,7 @@ mod leases;
 mod leasing;
 mod metrics;
 mod objects;
+mod progress;
 mod sweep_drive;
 mod sweeps;
 mod takeover;

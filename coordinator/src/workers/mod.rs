@@ -41,6 +41,9 @@ pub struct Timing {
 /// The longest a `LeaseJob` call waits for work.
 pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// Most progress reports one `ReportProgressBatch` call may carry.
+pub const MAX_BATCH_REPORTS: usize = 1000;
+
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
 pub struct Workers {
@@ -105,7 +108,9 @@ impl Workers {
     /// oldest on one of the `loaded` models it holds in memory first).
     /// When no job fits now, waits up to `wait` (at most
     /// [`MAX_LEASE_WAIT`]) for one to be queued on any coordinator, looking
-    /// again each time one is ([`WorkSignal`]); `None` if none came.
+    /// again each time one is ([`WorkSignal`]) and when a queued job's retry
+    /// time or spread window ends (which nothing notifies); `None` if none
+    /// came.
     pub async fn lease(
         &self,
         worker: WorkerId,
@@ -134,17 +139,60 @@ impl Workers {
                 self.hub.publish(lease.job_id, HubEventKind::Changed);
                 return Ok(Some(lease));
             }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // A job whose retry time or spread window ends within the wait is looked at again then.
+            let ripens = match self.store.next_leasable_in(&offer.models).await? {
+                Some(after) if now + after < deadline => Some(now + after.max(Duration::from_millis(5))),
+                _ => None,
+            };
             tokio::select! {
                 changed = woken.changed() => if changed.is_err() { return Ok(None) },
-                () = tokio::time::sleep_until(deadline) => return Ok(None),
+                () = tokio::time::sleep_until(ripens.unwrap_or(deadline)) => if ripens.is_none() { return Ok(None) },
             }
         }
     }
 
     /// Records progress; the answer says whether and why the job should stop.
     pub async fn report_progress(&self, report: ProgressReport) -> Result<StopSignal, Error> {
+        let signal = fenced(report.lease, self.store.report_progress(&report, self.timing.lease_timeout).await?)?;
+        self.published(report, signal);
+        Ok(signal)
+    }
+
+    /// Records the progress of several leases in one transaction
+    /// ([`Store::report_progress_batch`]); answers for each lease, in the
+    /// order each first appears, whether and why its job should stop, or why
+    /// its reports were refused.
+    pub async fn report_progress_batch(
+        &self,
+        reports: Vec<ProgressReport>,
+    ) -> Result<Vec<(LeaseRef, Result<StopSignal, Error>)>, Error> {
+        if reports.len() > MAX_BATCH_REPORTS {
+            return Err(Error::invalid(
+                "reports",
+                format!("at most {MAX_BATCH_REPORTS} reports per call, got {}; send them in several", reports.len()),
+            ));
+        }
+        let recorded = self.store.report_progress_batch(&reports, self.timing.lease_timeout).await?;
+        Ok(recorded
+            .into_iter()
+            .map(|(report, outcome)| {
+                let lease = report.lease;
+                let signal = fenced(lease, outcome);
+                if let Ok(signal) = &signal {
+                    self.published(report, *signal);
+                }
+                (lease, signal)
+            })
+            .collect())
+    }
+
+    /// Publishes what a recorded report changed.
+    fn published(&self, report: ProgressReport, signal: StopSignal) {
         let lease = report.lease;
-        let signal = fenced(lease, self.store.report_progress(&report, self.timing.lease_timeout).await?)?;
         self.hub.publish(lease.job_id, HubEventKind::Progress { step: report.step, total_steps: report.total_steps });
         if !report.metrics.is_empty() {
             self.hub.publish(lease.job_id, HubEventKind::Metrics(report.metrics));
@@ -153,7 +201,6 @@ impl Workers {
             warn!(job_id = %lease.job_id, epoch = lease.epoch, step = report.step, "training loss diverged; job failed");
             self.hub.publish(lease.job_id, HubEventKind::Changed);
         }
-        Ok(signal)
     }
 
     /// Starts receiving the adapter of a completed lease. Refuses early when

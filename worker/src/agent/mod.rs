@@ -42,12 +42,20 @@ pub use models::{scan_models, ModelScan, ServedModel, UnsupportedModel};
 
 use client::CALL_TIMEOUT;
 
-/// How often an idle worker asks for work. The coordinator can hold a
-/// lease call until work comes (`LeaseJobRequest.wait_ms`); the worker does
-/// not use that yet.
+/// How long a lease call asks the coordinator to wait for work when none is
+/// queued (`LeaseJobRequest.wait_ms`): an idle worker long-polls, and a job
+/// queued meanwhile is answered at once.
+const LEASE_WAIT: Duration = Duration::from_secs(5);
+/// How often the worker looks for a free slot while none is, and the least
+/// time between two lease calls (a coordinator that does not wait answers
+/// at once).
 const LEASE_POLL: Duration = Duration::from_millis(250);
+/// The first and the longest pause before asking again after a lease call
+/// failed.
+const LEASE_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 use health::Health;
 use journal::delivery::{deliver, Courier, Delivery};
+use journal::progress::ProgressSender;
 use journal::{Journal, Record};
 use leases::Leases;
 
@@ -116,7 +124,11 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     let (hard_stop, hard_stopped) = watch::channel(false);
     let context = job::JobContext {
         coordinators: coordinators.clone(),
-        courier: Courier { coordinators: coordinators.clone(), max_checkpoint_bytes: registration.max_checkpoint_bytes },
+        courier: Courier {
+            coordinators: coordinators.clone(),
+            max_checkpoint_bytes: registration.max_checkpoint_bytes,
+            progress: ProgressSender::start(coordinators.clone()),
+        },
         engines: engines.clone(),
         models: Arc::new(models.clone()),
         work_dir: config.work_dir.clone(),
@@ -139,28 +151,37 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         leases.insert(&journal.lease.job_id, journal.lease.epoch, &journal.lease.lease_token);
         running.spawn(deliver_recovered(context.clone(), journal));
     }
+    let mut retry_in = LEASE_RETRY.0;
     loop {
         while running.try_join_next().is_some() {}
         if *signals.borrow() > 0 {
             break;
         }
         let free = slots.saturating_sub(leases.len() as u32);
-        // Whether to ask again without the pause: a lease came.
-        let mut again_now = false;
+        // How long to pause before looking again: a lease came, or the call waited already.
+        let mut pause = LEASE_POLL;
         if free > 0 && health.unhealthy_reason(&config.work_dir).is_none() {
             let request = v1::LeaseJobRequest {
                 worker_id: worker_id.clone(),
                 free_slots: free,
                 loaded_models: loaded_models(&engines, &models),
-                // Answered at once: the worker polls (see LEASE_POLL).
-                wait_ms: 0,
+                wait_ms: LEASE_WAIT.as_millis() as u32,
             };
-            let leased_now = coordinators
-                .call(CALL_TIMEOUT, move |mut c| {
-                    let request = request.clone();
-                    async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
-                })
-                .await;
+            let asked = tokio::time::Instant::now();
+            let call = coordinators.call(CALL_TIMEOUT + LEASE_WAIT, move |mut c| {
+                let request = request.clone();
+                async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
+            });
+            // A shutdown signal ends the wait at once (a lease granted in that instant
+            // is never heard of; it expires and its job is queued again).
+            let leased_now = tokio::select! {
+                answer = call => answer,
+                Ok(()) = signals.changed() => continue,
+            };
+            pause = LEASE_POLL.saturating_sub(asked.elapsed());
+            if leased_now.is_ok() {
+                retry_in = LEASE_RETRY.0;
+            }
             match leased_now {
                 Ok(Some(lease)) if uuid::Uuid::parse_str(&lease.job_id).is_err() => {
                     warn!(job_id = %lease.job_id, "lease names a job id that is not a UUID; ignoring it");
@@ -171,15 +192,20 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                           "job leased");
                     let directive = leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
                     running.spawn(job::run(context.clone(), lease, directive));
-                    again_now = true;
+                    pause = Duration::ZERO;
                 }
                 Ok(None) => {}
-                Err(status) => warn!(error = %status.message(), code = ?status.code(), "lease request failed"),
+                Err(status) => {
+                    warn!(error = %status.message(), code = ?status.code(), retry_in_ms = retry_in.as_millis() as u64,
+                          "lease request failed");
+                    pause = retry_in;
+                    retry_in = (retry_in * 2).min(LEASE_RETRY.1);
+                }
             }
         }
-        if !again_now {
+        if !pause.is_zero() {
             tokio::select! {
-                _ = tokio::time::sleep(LEASE_POLL) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = signals.changed() => {}
             }
         }

@@ -1,8 +1,9 @@
 //! Delivering a lease's journal to the coordinators: the undelivered
-//! records in order, progress reports batched, checkpoints a later one
-//! supersedes skipped, archives streamed from disk; transport failures
-//! retried with a growing backoff for as long as it takes, a lost lease
-//! ending delivery at once.
+//! records in order, the pending progress records merged into one report
+//! and sent together with other leases' reports ([`super::progress`]),
+//! checkpoints a later one supersedes skipped, archives streamed from disk;
+//! transport failures retried with a growing backoff for as long as it
+//! takes, a lost lease ending delivery at once.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tracing::{info, warn};
 
+use super::progress::ProgressSender;
 use super::{Journal, JournalMetric, LeaseFile, Record};
 use crate::agent::archive::Archive;
 use crate::agent::client::{is_transient, Coordinators, CALL_TIMEOUT};
@@ -39,6 +41,8 @@ pub struct Courier {
     pub coordinators: Coordinators,
     /// Largest checkpoint the coordinator accepts; larger ones stay local.
     pub max_checkpoint_bytes: u64,
+    /// Sends progress reports together with those of the other leases.
+    pub progress: ProgressSender,
 }
 
 /// Delivers the journal's records in order, taking new ones from
@@ -148,29 +152,37 @@ impl Unit {
     }
 }
 
+/// The progress records that come next in the journal, merged into one
+/// report (the highest step, every metric), and how many they are; `None`
+/// when the next record is not progress.
+pub(super) fn progress_report(journal: &Journal) -> Option<(v1::ReportProgressRequest, usize)> {
+    let lease = &journal.lease;
+    let mut report = v1::ReportProgressRequest {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        lease_token: lease.lease_token.clone(),
+        ..Default::default()
+    };
+    let mut covers = 0;
+    for record in journal.records[journal.delivered..].iter().take(MAX_RECORDS_PER_REPORT) {
+        let Record::Progress { step, total_steps, metrics } = record else { break };
+        report.step = report.step.max(*step);
+        if *total_steps > 0 {
+            report.total_steps = *total_steps;
+        }
+        report.metrics.extend(metrics.iter().map(v1::Metric::from));
+        covers += 1;
+    }
+    (covers > 0).then_some((report, covers))
+}
+
 /// The next call for the undelivered records, and how many records it covers.
 fn next_unit(journal: &Journal) -> (Unit, usize) {
     let pending = &journal.records[journal.delivered..];
     let lease = &journal.lease;
     match &pending[0] {
         Record::Progress { .. } => {
-            let mut report =
-                v1::ReportProgressRequest {
-                    job_id: lease.job_id.clone(),
-                    epoch: lease.epoch,
-                    lease_token: lease.lease_token.clone(),
-                    ..Default::default()
-                };
-            let mut covers = 0;
-            for record in pending.iter().take(MAX_RECORDS_PER_REPORT) {
-                let Record::Progress { step, total_steps, metrics } = record else { break };
-                report.step = report.step.max(*step);
-                if *total_steps > 0 {
-                    report.total_steps = *total_steps;
-                }
-                report.metrics.extend(metrics.iter().map(v1::Metric::from));
-                covers += 1;
-            }
+            let (report, covers) = progress_report(journal).expect("the first pending record is progress");
             (Unit::Progress(report), covers)
         }
         Record::Checkpoint { step, archive } => {
@@ -231,13 +243,7 @@ async fn send(courier: Courier, lease: LeaseFile, unit: Unit, directive: Directi
     match unit {
         Unit::Skip => Ok(()),
         Unit::Progress(report) => {
-            let response = coordinators
-                .call(CALL_TIMEOUT, move |mut c| {
-                    let report = report.clone();
-                    async move { c.report_progress(report).await.map(|r| r.into_inner()) }
-                })
-                .await
-                .map_err(refusal)?;
+            let response = courier.progress.send(report).await.map_err(refusal)?;
             match response.stop_reason() {
                 v1::StopReason::EarlyStopped => {
                     info!(job_id = %lease.job_id, "sweep stopped the job early; exporting what it learned");

@@ -18,6 +18,7 @@
 //! coordinator says the lease is gone.
 
 pub mod delivery;
+pub mod progress;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

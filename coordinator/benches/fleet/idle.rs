@@ -1,0 +1,108 @@
+//! An idle fleet: workers registered, heartbeating at the coordinator's
+//! interval and asking for work that never comes, against one coordinator
+//! on a fresh database. Measures what they cost while nothing happens (the
+//! coordinator's and PostgreSQL's CPU as a fraction of one core) when they
+//! long-poll (`LeaseJob` waits up to 5 s) and when they poll every 250 ms
+//! (how workers asked before long-polling), one after the other in the
+//! same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ptune_coordinator::auth::Role;
+use ptune_coordinator::testing::{channel, create_token, fresh_database, CoordinatorProcess};
+use ptune_proto::v1::worker_service_client::WorkerServiceClient;
+
+use crate::measure::{self, Calls, PgLoad, Rpc};
+use crate::worker::{self, Fleet};
+use crate::{Settings, REGISTRATIONS_IN_FLIGHT, SAMPLE_EVERY};
+
+/// Time the workers have to make their first calls before the measurement.
+const WARM_UP: Duration = Duration::from_secs(10);
+
+/// What one mode cost.
+struct IdleRun {
+    mode: &'static str,
+    /// The measured window.
+    seconds: f64,
+    /// The calls of the whole run, warm-up included, and its length.
+    calls: Calls,
+    call_seconds: f64,
+    coordinator_cpu: f64,
+    pg_cpu: f64,
+}
+
+/// Runs both modes and prints their table; returns what went wrong.
+pub async fn run(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let mut runs = Vec::new();
+    let mut violations = Vec::new();
+    for (mode, wait_ms) in [("long-poll (wait up to 5 s)", 5000), ("poll every 250 ms", 0)] {
+        let (run, failed) = measure_mode(settings, mode, wait_ms).await?;
+        runs.push(run);
+        violations.extend(failed);
+    }
+    println!("### {} idle workers, {} s measured\n", settings.idle, settings.idle_seconds);
+    println!("| mode | LeaseJob calls/s | Heartbeat calls/s | coordinator CPU (% of a core) | PostgreSQL CPU (% of a core) | both (% of a core) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        let per_s = |rpc| r.calls.count(rpc) as f64 / r.call_seconds;
+        let core = |cpu: f64| 100.0 * cpu / r.seconds;
+        println!(
+            "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            r.mode,
+            per_s(Rpc::LeaseJob),
+            per_s(Rpc::Heartbeat),
+            core(r.coordinator_cpu),
+            core(r.pg_cpu),
+            core(r.coordinator_cpu + r.pg_cpu)
+        );
+    }
+    println!();
+    Ok(violations)
+}
+
+async fn measure_mode(settings: &Settings, mode: &'static str, wait_ms: u32) -> anyhow::Result<(IdleRun, Vec<String>)> {
+    let db = fresh_database().await?;
+    let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
+    let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
+    let coordinator = CoordinatorProcess::start(env!("CARGO_BIN_EXE_ptune-coordinator"), &db.url, &[], &[])?;
+    coordinator.wait_until_serving(&admin).await?;
+    let fleet = Arc::new(Fleet::new(settings.idle, 0, 1, 1, wait_ms));
+    let registered: Vec<_> = futures::stream::iter(0..settings.idle)
+        .map(|i| worker::register(WorkerServiceClient::new(channel(&coordinator.url, &worker_token)), i, 1))
+        .buffered(REGISTRATIONS_IN_FLIGHT)
+        .collect()
+        .await;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in registered {
+        workers.push(tokio::spawn(worker::idle(w?, fleet.clone())));
+    }
+    tokio::time::sleep(WARM_UP).await;
+
+    // Calls are counted over the whole run, CPU over the measured window.
+    let mut pg = PgLoad::start(&db.url).await?;
+    let cpu_before = measure::cpu_seconds(coordinator.pid()).unwrap_or(0.0);
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(settings.idle_seconds) {
+        tokio::time::sleep(SAMPLE_EVERY).await;
+        pg.sample().await?;
+    }
+    let seconds = window.elapsed().as_secs_f64();
+    let coordinator_cpu = measure::cpu_seconds(coordinator.pid()).unwrap_or(0.0) - cpu_before;
+    let (pg_cpu, _) = pg.cpu_seconds();
+    fleet.done.send_replace(true);
+    let call_end = Instant::now();
+    let mut calls = Calls::default();
+    for w in workers {
+        calls.merge(w.await?);
+    }
+    let call_seconds = (call_end - started).as_secs_f64();
+    let mut violations = Vec::new();
+    if calls.total_errors() != 0 {
+        let first = fleet.first_errors.lock().unwrap().join("; ");
+        violations.push(format!("idle fleet, {mode}: {} calls failed, the first: {first}", calls.total_errors()));
+    }
+    Ok((IdleRun { mode, seconds, calls, call_seconds, coordinator_cpu, pg_cpu }, violations))
+}

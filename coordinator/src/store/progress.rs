@@ -1,0 +1,184 @@
+//! Progress of several leases in one transaction: a worker training several
+//! jobs packed in one pass, or catching up after an outage, sends the steps
+//! of all of them at once. Each statement covers every lease of the batch
+//! (`UNNEST`): one locks the job rows, one reads the lease tokens, one moves
+//! the jobs' steps, one renews the attempts and one inserts the metrics.
+//! Each lease is fenced on its own: a stale or unknown lease gets its own
+//! answer and changes nothing, while the others are recorded.
+//!
+//! Job rows are locked in id order, so two batches naming the same jobs
+//! cannot deadlock; attempt rows come after their job rows, as everywhere
+//! (`attempts.rs`). Metrics are keyed by (job, kind, name, step), so a
+//! batch sent again after a lost answer records nothing twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ptune_core::sweep::DIVERGED_PREFIX;
+use ptune_core::{JobId, JobState, MetricKind};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::attempts::{end_attempt, set_state_after_attempt, LockedJob};
+use super::fencing::Fenced;
+use super::metrics::insert_metrics_of;
+use super::{millis, to_i64, Result, Store};
+use crate::model::{ProgressReport, StopSignal};
+
+#[derive(sqlx::FromRow)]
+struct LockedRow {
+    id: Uuid,
+    #[sqlx(flatten)]
+    job: LockedJob,
+}
+
+/// The reports of one batch merged per lease, in the order each lease first
+/// appears: the highest step, the last planned total that is set, and every
+/// metric in the order sent.
+pub fn merge_reports(reports: &[ProgressReport]) -> Vec<ProgressReport> {
+    let mut merged: Vec<ProgressReport> = Vec::new();
+    let mut index: HashMap<(JobId, u64), usize> = HashMap::new();
+    for report in reports {
+        let key = (report.lease.job_id, report.lease.epoch);
+        match index.get(&key) {
+            Some(&i) if merged[i].lease == report.lease => {
+                let into = &mut merged[i];
+                into.step = into.step.max(report.step);
+                if report.total_steps > 0 {
+                    into.total_steps = report.total_steps;
+                }
+                into.metrics.extend(report.metrics.iter().cloned());
+            }
+            // The same lease with another token: its own entry, refused on its own.
+            Some(_) => merged.push(report.clone()),
+            None => {
+                index.insert(key, merged.len());
+                merged.push(report.clone());
+            }
+        }
+    }
+    merged
+}
+
+impl Store {
+    /// Records the progress and metrics of several leases and renews them,
+    /// all in one transaction, and answers for each lease of
+    /// [`merge_reports`]`(reports)` in its order whether it should stop. A
+    /// training loss that is NaN or infinite fails its job as diverged.
+    #[instrument(skip_all, fields(reports = reports.len()))]
+    pub async fn report_progress_batch(
+        &self,
+        reports: &[ProgressReport],
+        timeout: Duration,
+    ) -> Result<Vec<(ProgressReport, Fenced<StopSignal>)>> {
+        let merged = merge_reports(reports);
+        let mut ids: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut tx = self.pool.begin().await?;
+        let locked: Vec<LockedRow> = sqlx::query_as(
+            "SELECT id, state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, \
+                    interruptions, total_steps \
+             FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let locked: HashMap<Uuid, LockedJob> = locked.into_iter().map(|r| (r.id, r.job)).collect();
+        let epochs: Vec<i64> = merged.iter().map(|r| to_i64(r.lease.epoch)).collect();
+        let leased: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
+        let hashes: Vec<(Uuid, i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT a.job_id, a.epoch, a.lease_token_hash FROM job_attempts a \
+             JOIN UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) ON a.job_id = l.job_id AND a.epoch = l.epoch",
+        )
+        .bind(&leased)
+        .bind(&epochs)
+        .fetch_all(&mut *tx)
+        .await?;
+        let hashes: HashMap<(Uuid, i64), Vec<u8>> =
+            hashes.into_iter().filter_map(|(id, epoch, hash)| Some(((id, epoch), hash?))).collect();
+
+        let mut answers = Vec::with_capacity(merged.len());
+        let mut valid = Vec::new();
+        for report in merged {
+            let lease = report.lease;
+            let fenced = match locked.get(&lease.job_id.0) {
+                None => Fenced::NotFound,
+                Some(_)
+                    if !hashes
+                        .get(&(lease.job_id.0, to_i64(lease.epoch)))
+                        .is_some_and(|h| crate::auth::tokens::same(h, &lease.token_hash)) =>
+                {
+                    Fenced::Forbidden
+                }
+                Some(job) if !job.holds(lease) => job.stale()?,
+                Some(job) => {
+                    valid.push(answers.len());
+                    Fenced::Valid(if job.cancel_requested {
+                        StopSignal::Cancel
+                    } else if job.early_stop_requested {
+                        StopSignal::EarlyStop
+                    } else {
+                        StopSignal::Continue
+                    })
+                }
+            };
+            answers.push((report, fenced));
+        }
+        if valid.is_empty() {
+            return Ok(answers);
+        }
+
+        let job_ids: Vec<Uuid> = valid.iter().map(|&i| answers[i].0.lease.job_id.0).collect();
+        let steps: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.step)).collect();
+        let totals: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.total_steps)).collect();
+        let epochs: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.lease.epoch)).collect();
+        sqlx::query(
+            "UPDATE jobs j SET step = r.step, \
+                 total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END, \
+                 updated_at = now() \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id",
+        )
+        .bind(&job_ids)
+        .bind(&steps)
+        .bind(&totals)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE job_attempts a SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
+             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
+        )
+        .bind(&job_ids)
+        .bind(&epochs)
+        .bind(millis(timeout))
+        .execute(&mut *tx)
+        .await?;
+        let metrics: Vec<_> = valid
+            .iter()
+            .flat_map(|&i| {
+                let report = &answers[i].0;
+                report.metrics.iter().map(move |m| (report.lease.job_id, m))
+            })
+            .collect();
+        insert_metrics_of(&mut *tx, &metrics).await?;
+        drop(metrics);
+
+        for &i in &valid {
+            let (report, fenced) = &mut answers[i];
+            let diverged = report
+                .metrics
+                .iter()
+                .filter(|m| m.kind == MetricKind::Train && m.name == "loss" && !m.value.is_finite())
+                .min_by_key(|m| m.step);
+            if let Some(m) = diverged {
+                let error = format!("{DIVERGED_PREFIX} loss became {} at step {}", m.value, m.step);
+                end_attempt(&mut tx, report.lease, "failed", &error).await?;
+                set_state_after_attempt(&mut tx, report.lease.job_id, JobState::Failed, &error, None).await?;
+                *fenced = Fenced::Valid(StopSignal::Diverged);
+            }
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+}
