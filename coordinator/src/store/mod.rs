@@ -7,6 +7,7 @@ pub mod admin;
 mod attempts;
 mod blobs;
 mod checkpoints;
+mod counts;
 mod dashboard;
 mod datasets;
 mod endings;
@@ -16,6 +17,7 @@ mod leases;
 mod leasing;
 mod metrics;
 mod objects;
+mod retention;
 mod sweep_drive;
 mod sweeps;
 mod takeover;
@@ -31,13 +33,14 @@ use tracing::{info, instrument};
 use crate::metrics::Metrics;
 
 pub use dashboard::{
-    AshaDecisionView, AttemptView, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
-    TrialPoint, WorkerView, MAX_SERIES_POINTS,
+    AshaDecisionView, AttemptView, JobSort, JobSummary, JobTablePage, JobTableQuery, JobTotal, RecentWaits,
+    SeriesPoint, TrialPoint, WorkerView, COUNT_CAP, MAX_SERIES_POINTS,
 };
 pub use blobs::{ChunkTarget, StoredFile, CHUNK_BYTES};
 pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
+pub use retention::RetentionBatch;
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
