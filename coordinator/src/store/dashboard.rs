@@ -273,10 +273,13 @@ macro_rules! job_filter {
     };
 }
 
-/// Rows after the cursor of a text sort key `$8` (ties newest first).
+/// Rows after the cursor of a text sort key `$8` (ties newest first). The
+/// first comparison bounds the index scan; the rest drops the ties already shown.
 macro_rules! after_text {
     ($column:literal, $cmp:literal, $key:literal) => {
-        concat!($column, " ", $cmp, " ", $key, " OR (", $column, " = ", $key, " AND (j.created_at, j.id) < ($9, $10))")
+        concat!(
+            $column, " ", $cmp, "= ", $key, " AND (", $column, " ", $cmp, " ", $key, " OR (j.created_at, j.id) < ($9, $10))"
+        )
     };
 }
 
