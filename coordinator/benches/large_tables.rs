@@ -33,7 +33,8 @@ const FILL_CHUNK: i64 = 100_000;
 
 /// The job table's page as it was read before keyset cursors: the row
 /// `OFFSET $2` places down, newest first, with the latest loss of each row.
-const OLD_OFFSET_PAGE: &str = "SELECT j.id, j.name, j.state::text AS state, j.method, j.base_model, j.owner, j.sweep_id, \
+const OLD_OFFSET_PAGE: &str =
+    "SELECT j.id, j.name, j.state::text AS state, j.method, j.base_model, j.owner, j.sweep_id, \
             s.name AS sweep_name, j.trial_index, j.step, j.total_steps, j.attempts, j.max_attempts, \
             j.early_stopped, j.error, j.created_at, j.started_at, j.finished_at, \
             (SELECT a.worker_id FROM job_attempts a WHERE a.job_id = j.id AND a.ended_at IS NULL) AS worker_id, \
@@ -66,9 +67,8 @@ async fn run(url: &str, jobs: i64, metrics: i64, rounds: usize) -> anyhow::Resul
     let started = Instant::now();
     fill(&pool, jobs, metrics).await?;
     let filled = started.elapsed();
-    let size: String = sqlx::query_scalar("SELECT pg_size_pretty(pg_database_size(current_database()))")
-        .fetch_one(&pool)
-        .await?;
+    let size: String =
+        sqlx::query_scalar("SELECT pg_size_pretty(pg_database_size(current_database()))").fetch_one(&pool).await?;
 
     let coordinator = Coordinator::start(Config::new(url)).await?;
     let (_, viewer_token) = store.create_token("bench-viewer", Role::Viewer, None, "bench").await?;
@@ -114,7 +114,10 @@ async fn run(url: &str, jobs: i64, metrics: i64, rounds: usize) -> anyhow::Resul
     }
     for (name, path) in [
         ("dashboard job table, first page".to_string(), "/api/jobs?limit=50".to_string()),
-        (format!("dashboard job table, page at depth {depth} by cursor"), format!("/api/jobs?limit=50&after={table_token}")),
+        (
+            format!("dashboard job table, page at depth {depth} by cursor"),
+            format!("/api/jobs?limit=50&after={table_token}"),
+        ),
         ("dashboard overview".to_string(), "/api/overview".to_string()),
         ("/metrics".to_string(), "/metrics".to_string()),
     ] {
@@ -182,7 +185,8 @@ async fn fill(pool: &sqlx::PgPool, jobs: i64, metrics: i64) -> anyhow::Result<()
                           WHEN i % 100 < 7 THEN 'failed' WHEN i % 100 < 10 THEN 'cancelled' \
                           ELSE 'succeeded' END)::job_state, \
                     3, 100, 100, t, t, t, CASE WHEN i <= $4 - 300 THEN t + interval '10 minutes' END \
-             FROM generate_series($1::bigint, $2::bigint) i, LATERAL (SELECT now() - ($4 - i) * interval '1 second' AS t) c",
+             FROM generate_series($1::bigint, $2::bigint) i, \
+                  LATERAL (SELECT now() - ($4 - i) * interval '1 second' AS t) c",
         )
         .bind(from)
         .bind(to)
@@ -209,7 +213,8 @@ async fn fill(pool: &sqlx::PgPool, jobs: i64, metrics: i64) -> anyhow::Result<()
         sqlx::query(
             "INSERT INTO metrics (job_id, step, kind, name, value, recorded_at) \
              SELECT j.id, s, 'train', 'loss', 1.0 / s, j.created_at FROM \
-                 (SELECT id, created_at FROM jobs WHERE name IN (SELECT 'bench-' || i FROM generate_series($1::bigint, $2::bigint) i)) j, \
+                 (SELECT id, created_at FROM jobs \
+                  WHERE name IN (SELECT 'bench-' || i FROM generate_series($1::bigint, $2::bigint) i)) j, \
                  generate_series(1, $3::bigint) s",
         )
         .bind(from)

@@ -332,7 +332,11 @@ async fn blobs_command(database_url: Option<String>, data_dir: &std::path::Path,
 }
 
 /// `ptune-coordinator metrics prune`: on `--database-url` or the embedded cluster.
-async fn prune_metrics(database_url: Option<String>, data_dir: &std::path::Path, retention: Retention) -> anyhow::Result<()> {
+async fn prune_metrics(
+    database_url: Option<String>,
+    data_dir: &std::path::Path,
+    retention: Retention,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         retention.enabled(),
         "nothing to do: give --metrics-retention-days or --metrics-downsample-after-days (or their PTUNE_ variables)"

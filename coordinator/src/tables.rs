@@ -68,9 +68,9 @@ impl Retention {
         batch_jobs: u32,
     ) -> std::result::Result<Self, String> {
         let days = |flag: &str, value: Option<u32>| match value {
-            Some(n) if !(1..=MAX_DAYS).contains(&n) => Err(format!(
-                "--{flag} must be between 1 and {MAX_DAYS}, got {n}; leave it out to keep metrics forever"
-            )),
+            Some(n) if !(1..=MAX_DAYS).contains(&n) => {
+                Err(format!("--{flag} must be between 1 and {MAX_DAYS}, got {n}; leave it out to keep metrics forever"))
+            }
             _ => Ok(value),
         };
         let retention_days = days("metrics-retention-days", retention_days)?;
@@ -202,7 +202,12 @@ mod tests {
         let retention = Retention::new(Some(90), Some(7), 20, 100).unwrap();
         assert_eq!(
             retention,
-            Retention { downsample_after_days: Some(7), downsample_every: 20, retention_days: Some(90), batch_jobs: 100 }
+            Retention {
+                downsample_after_days: Some(7),
+                downsample_every: 20,
+                retention_days: Some(90),
+                batch_jobs: 100
+            }
         );
         assert!(retention.enabled());
         assert!(!Retention::new(None, None, 10, 50).unwrap().enabled());

@@ -73,7 +73,8 @@ async fn keyset_pages_return_every_job_once_while_jobs_arrive_and_keep_their_fil
     // A filtered walk holds its filter on every page.
     let (mut bobs, mut token, mut first_token) = (Vec::new(), String::new(), None);
     loop {
-        let request = v1::ListJobsRequest { owner: "bob".into(), page_size: 2, page_token: token, ..Default::default() };
+        let request =
+            v1::ListJobsRequest { owner: "bob".into(), page_size: 2, page_token: token, ..Default::default() };
         let page = env.jobs.list_jobs(request).await.unwrap().into_inner();
         bobs.extend(page.jobs.iter().map(|j| (j.id.clone(), j.spec.as_ref().unwrap().owner.clone())));
         if page.next_page_token.is_empty() {
@@ -94,7 +95,8 @@ async fn keyset_pages_return_every_job_once_while_jobs_arrive_and_keep_their_fil
     let other = v1::ListJobsRequest { owner: "alice".into(), page_token: first_bob_token, ..Default::default() };
     let refused = env.jobs.list_jobs(other).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
-    assert!(refused.message().starts_with("page_token: belongs to a listing with other filters"), "{}", refused.message());
+    let message = refused.message();
+    assert!(message.starts_with("page_token: belongs to a listing with other filters"), "{message}");
     for bad in ["x", "1700000000123456.0123456789abcdef0123456789abcdef"] {
         let request = v1::ListJobsRequest { page_token: bad.into(), ..Default::default() };
         let refused = env.jobs.list_jobs(request).await.unwrap_err();
@@ -111,7 +113,8 @@ async fn the_dashboard_job_table_pages_by_cursor_in_every_sort() {
     ids.extend(submit_many(&mut env, "y", "bob", 6).await);
     let all: HashSet<String> = ids.iter().cloned().collect();
 
-    for (sort, order) in [("created", "desc"), ("created", "asc"), ("name", "asc"), ("owner", "desc"), ("state", "asc")] {
+    let sorts = [("created", "desc"), ("created", "asc"), ("name", "asc"), ("owner", "desc"), ("state", "asc")];
+    for (sort, order) in sorts {
         let (mut seen, mut names, mut after) = (Vec::new(), Vec::new(), None::<String>);
         loop {
             let cursor = after.as_deref().map(|a| format!("&after={a}")).unwrap_or_default();
@@ -176,7 +179,8 @@ async fn counts_per_state_stay_exact_through_changes_deletes_and_folds() {
     assert_eq!(rows, 3, "one row per state with jobs after a fold");
     let (_, overview) = api(&env, "/api/overview").await;
     assert_eq!(overview["jobs"], expected, "a fold keeps the counts");
-    let metrics = common::http_get(env.coordinator.as_ref().unwrap().http_addr, "/metrics", Some(&env.tokens.viewer)).await;
+    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let metrics = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
     assert!(metrics.contains("ptune_jobs{state=\"queued\"} 2"), "{metrics}");
     store.close().await;
     env.stop().await;
@@ -199,7 +203,9 @@ async fn record_metrics(pool: &sqlx::PgPool, job: &str) {
 /// Marks a job finished `days` ago (or running with `None`).
 async fn finish(pool: &sqlx::PgPool, job: &str, days: Option<i32>) {
     let sql = match days {
-        Some(_) => "UPDATE jobs SET state = 'succeeded', finished_at = now() - $2 * interval '1 day' WHERE id = $1::uuid",
+        Some(_) => {
+            "UPDATE jobs SET state = 'succeeded', finished_at = now() - $2 * interval '1 day' WHERE id = $1::uuid"
+        }
         None => "UPDATE jobs SET state = 'running', started_at = now() - $2 * interval '1 day' WHERE id = $1::uuid",
     };
     sqlx::query(sql).bind(job).bind(f64::from(days.unwrap_or(40))).execute(pool).await.unwrap();
@@ -223,7 +229,8 @@ async fn retention_thins_then_prunes_finished_jobs_and_keeps_final_and_sweep_met
     let mut env = common::start(Duration::from_secs(60)).await;
     let store = Store::connect(&env.db.url).await.unwrap();
     let data = sweeps::datasets(&mut env).await;
-    let definition = sweeps::definition("kept", &data, json!({ "type": "grid" }), json!({ "training.learning_rate": { "values": [0.01] } }));
+    let space = json!({ "training.learning_rate": { "values": [0.01] } });
+    let definition = sweeps::definition("kept", &data, json!({ "type": "grid" }), space);
     let sweep = sweeps::create(&mut env, &definition).await.unwrap();
     let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
     let trial = loop {

@@ -143,7 +143,9 @@ pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<Jo
     };
     let after = match req.page_token.as_str() {
         "" => None,
-        token => Some(JobCursor::decode(token, &filter.listing()).map_err(|e| Error::invalid("page_token", e.message()))?),
+        token => {
+            Some(JobCursor::decode(token, &filter.listing()).map_err(|e| Error::invalid("page_token", e.message()))?)
+        }
     };
     Ok((filter, req.page_size, after))
 }

@@ -84,7 +84,8 @@ impl JobTableQuery {
     pub fn listing(&self) -> String {
         let states: Vec<&str> = self.states.iter().map(|s| s.as_str()).collect();
         format!(
-            "job table; states={states:?} method={:?} base_model={:?} owner={:?} sweep={:?} name={:?} sort={:?} desc={}",
+            "job table; states={states:?} method={:?} base_model={:?} owner={:?} sweep={:?} name={:?} \
+             sort={:?} desc={}",
             self.method,
             self.base_model,
             self.owner,
@@ -278,7 +279,8 @@ macro_rules! job_filter {
 macro_rules! after_text {
     ($column:literal, $cmp:literal, $key:literal) => {
         concat!(
-            $column, " ", $cmp, "= ", $key, " AND (", $column, " ", $cmp, " ", $key, " OR (j.created_at, j.id) < ($9, $10))"
+            $column, " ", $cmp, "= ", $key, " AND (",
+            $column, " ", $cmp, " ", $key, " OR (j.created_at, j.id) < ($9, $10))"
         )
     };
 }
@@ -468,20 +470,22 @@ impl Store {
         let next = rows.last().filter(|_| more).map(|last| last.cursor(q.sort));
         let total = if q.only_states() {
             let counts = self.job_counts().await?;
-            let count = counts.iter().filter(|(s, _)| q.states.is_empty() || q.states.contains(s)).map(|(_, n)| n).sum();
+            let matching = counts.iter().filter(|(s, _)| q.states.is_empty() || q.states.contains(s));
+            let count = matching.map(|(_, n)| n).sum();
             JobTotal { count, at_least: false }
         } else {
-            let n: i64 = sqlx::query_scalar(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"))
-                .persistent(false)
-                .bind(&states)
-                .bind(q.method.as_deref())
-                .bind(q.base_model.as_deref())
-                .bind(q.owner.as_deref())
-                .bind(q.sweep_id.map(|s| s.0))
-                .bind(q.name_prefix.as_deref())
-                .bind(COUNT_CAP + 1)
-                .fetch_one(&self.pool)
-                .await?;
+            let n: i64 =
+                sqlx::query_scalar(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"))
+                    .persistent(false)
+                    .bind(&states)
+                    .bind(q.method.as_deref())
+                    .bind(q.base_model.as_deref())
+                    .bind(q.owner.as_deref())
+                    .bind(q.sweep_id.map(|s| s.0))
+                    .bind(q.name_prefix.as_deref())
+                    .bind(COUNT_CAP + 1)
+                    .fetch_one(&self.pool)
+                    .await?;
             JobTotal { count: to_u64(n.min(COUNT_CAP), "job count")?, at_least: n > COUNT_CAP }
         };
         Ok(JobTablePage { rows, next, total })
