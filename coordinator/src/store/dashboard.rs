@@ -244,7 +244,7 @@ pub struct WorkerView {
 /// The job table's select list and filters, the keyset condition of its
 /// sort (`$13` says whether there is a cursor), its order and its limit.
 macro_rules! job_table {
-    ($after:literal, $order:literal) => {
+    ($after:expr, $order:expr) => {
         concat!(
             "SELECT j.id, j.name, j.state::text AS state, j.method, j.base_model, j.owner, j.sweep_id, \
                     s.name AS sweep_name, j.trial_index, j.step, j.total_steps, j.attempts, j.max_attempts, \
@@ -277,11 +277,22 @@ macro_rules! job_filter {
 /// Rows after the cursor of a text sort key `$8` (ties newest first). The
 /// first comparison bounds the index scan; the rest drops the ties already shown.
 macro_rules! after_text {
-    ($column:literal, $cmp:literal, $key:literal) => {
+    ($column:expr, $cmp:literal, $key:expr) => {
         concat!(
             $column, " ", $cmp, "= ", $key, " AND (",
             $column, " ", $cmp, " ", $key, " OR (j.created_at, j.id) < ($9, $10))"
         )
+    };
+}
+
+/// The statement of a sort by a text column, each way; ties newest first.
+macro_rules! by_text {
+    ($descending:expr, $column:literal, $key:literal) => {
+        if $descending {
+            job_table!(after_text!($column, "<", $key), concat!($column, " DESC, j.created_at DESC, j.id DESC"))
+        } else {
+            job_table!(after_text!($column, ">", $key), concat!($column, " ASC, j.created_at DESC, j.id DESC"))
+        }
     };
 }
 
@@ -304,36 +315,11 @@ fn job_table_sql(sort: JobSort, descending: bool) -> &'static str {
     match (sort, descending) {
         (JobSort::Created, true) => job_table!("(j.created_at, j.id) < ($9, $10)", "j.created_at DESC, j.id DESC"),
         (JobSort::Created, false) => job_table!("(j.created_at, j.id) > ($9, $10)", "j.created_at ASC, j.id ASC"),
-        (JobSort::State, false) => {
-            job_table!(after_text!("j.state", ">", "$8::text::job_state"), "j.state ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::State, true) => {
-            job_table!(after_text!("j.state", "<", "$8::text::job_state"), "j.state DESC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Method, false) => {
-            job_table!(after_text!("j.method", ">", "$8::text"), "j.method ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Method, true) => {
-            job_table!(after_text!("j.method", "<", "$8::text"), "j.method DESC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::BaseModel, false) => {
-            job_table!(after_text!("j.base_model", ">", "$8::text"), "j.base_model ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::BaseModel, true) => {
-            job_table!(after_text!("j.base_model", "<", "$8::text"), "j.base_model DESC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Owner, false) => {
-            job_table!(after_text!("j.owner", ">", "$8::text"), "j.owner ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Owner, true) => {
-            job_table!(after_text!("j.owner", "<", "$8::text"), "j.owner DESC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Name, false) => {
-            job_table!(after_text!("j.name", ">", "$8::text"), "j.name ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Name, true) => {
-            job_table!(after_text!("j.name", "<", "$8::text"), "j.name DESC, j.created_at DESC, j.id DESC")
-        }
+        (JobSort::State, descending) => by_text!(descending, "j.state", "$8::text::job_state"),
+        (JobSort::Method, descending) => by_text!(descending, "j.method", "$8::text"),
+        (JobSort::BaseModel, descending) => by_text!(descending, "j.base_model", "$8::text"),
+        (JobSort::Owner, descending) => by_text!(descending, "j.owner", "$8::text"),
+        (JobSort::Name, descending) => by_text!(descending, "j.name", "$8::text"),
         (JobSort::Sweep, false) => job_table!(
             after_sweep!(">"),
             "j.sweep_id ASC NULLS LAST, j.trial_index ASC, j.created_at DESC, j.id DESC"
