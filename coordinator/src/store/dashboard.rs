@@ -424,8 +424,8 @@ impl Store {
 
     /// One page of the job table, where the next starts, and the number of
     /// jobs matching its filters. The page is read after its cursor through
-    /// the sort's index, planned for this call's values (an unnamed
-    /// statement), so a deep page costs what the first does.
+    /// the sort's index, planned for this call's values
+    /// ([`Store::begin_custom_plans`]), so a deep page costs what the first does.
     #[instrument(skip_all, fields(limit = q.limit))]
     pub async fn job_table(&self, q: &JobTableQuery) -> Result<JobTablePage> {
         let states: Vec<&str> = q.states.iter().map(|s| s.as_str()).collect();
@@ -434,8 +434,8 @@ impl Store {
             Some(SortKey::Sweep(sweep)) => (None, *sweep),
             _ => (None, None),
         };
+        let mut tx = self.begin_custom_plans().await?;
         let mut rows: Vec<JobSummary> = sqlx::query_as(job_table_sql(q.sort, q.descending))
-            .persistent(false)
             .bind(&states)
             .bind(q.method.as_deref())
             .bind(q.base_model.as_deref())
@@ -449,7 +449,7 @@ impl Store {
             .bind(sweep_key.map(|(sweep, _)| sweep))
             .bind(q.after.is_some())
             .bind(sweep_key.map(|(_, trial)| trial))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
         let more = rows.len() > q.limit as usize;
         rows.truncate(q.limit as usize);
@@ -462,7 +462,6 @@ impl Store {
         } else {
             let n: i64 =
                 sqlx::query_scalar(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"))
-                    .persistent(false)
                     .bind(&states)
                     .bind(q.method.as_deref())
                     .bind(q.base_model.as_deref())
@@ -470,10 +469,11 @@ impl Store {
                     .bind(q.sweep_id.map(|s| s.0))
                     .bind(q.name_prefix.as_deref())
                     .bind(COUNT_CAP + 1)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *tx)
                     .await?;
             JobTotal { count: to_u64(n.min(COUNT_CAP), "job count")?, at_least: n > COUNT_CAP }
         };
+        tx.commit().await?;
         Ok(JobTablePage { rows, next, total })
     }
 

@@ -294,9 +294,8 @@ impl Store {
     /// Jobs matching `filter`, newest first, at most `limit`, after `after`;
     /// and where the next page starts, if there is one.
     ///
-    /// The statement is planned for each call's values (an unnamed
-    /// statement): a plan cached for any values could not use the cursor as
-    /// an index bound and would read every row before a deep page.
+    /// The statement is planned for each call's values
+    /// ([`Store::begin_custom_plans`]), so a deep page costs what the first does.
     #[instrument(skip_all, fields(limit))]
     pub async fn list_jobs(
         &self,
@@ -305,6 +304,7 @@ impl Store {
         after: Option<&JobCursor>,
     ) -> Result<(Vec<Job>, Option<JobCursor>)> {
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
+        let mut tx = self.begin_custom_plans().await?;
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             job_select!(),
             "WHERE (cardinality($1::text[]) = 0 OR j.state = ANY($1::text[]::job_state[])) \
@@ -317,7 +317,6 @@ impl Store {
              ORDER BY j.created_at DESC, j.id DESC \
              LIMIT $8"
         ))
-        .persistent(false)
         .bind(&states)
         .bind(filter.base_model.as_deref())
         .bind(filter.method.map(|m| m.as_str()))
@@ -327,12 +326,13 @@ impl Store {
         .bind(after.map(|t| t.id.0))
         .bind(i64::from(limit) + 1)
         .bind(filter.sweep_id.map(|s| s.0))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
 
         let more = rows.len() > limit as usize;
         let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.id).collect();
-        let mut metrics = latest_metrics(&self.pool, &ids).await?;
+        let mut metrics = latest_metrics(&mut *tx, &ids).await?;
+        tx.commit().await?;
         let jobs = rows
             .into_iter()
             .take(limit as usize)

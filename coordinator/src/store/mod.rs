@@ -195,6 +195,16 @@ impl Store {
         Ok(())
     }
 
+    /// A transaction whose statements are planned for the values
+    /// they are given (`plan_cache_mode = force_custom_plan`), for the
+    /// keyset listings: a plan cached for any values could not use the
+    /// cursor as an index bound and would read every row before a deep page.
+    pub(super) async fn begin_custom_plans(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan").execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
     /// Waits for checked-out connections to return, then closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;
