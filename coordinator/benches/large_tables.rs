@@ -131,7 +131,7 @@ async fn run(url: &str, jobs: i64, metrics: i64, rounds: usize) -> anyhow::Resul
     }
 
     // The baseline: the reads these replaced, straight on the database.
-    let baseline_rounds = rounds.clamp(1, 10);
+    let baseline_rounds = rounds.clamp(1, 5);
     let pool_ref = &pool;
     rows.push((format!("before: job table page at OFFSET {depth} and its count(*) (SQL only)"), {
         time(baseline_rounds, || async move {
