@@ -226,12 +226,15 @@ async fn fill(pool: &sqlx::PgPool, jobs: i64, metrics: i64) -> anyhow::Result<()
         from = to + 1;
     }
     eprintln!("building the metrics primary key");
-    sqlx::raw_sql(
-        "ALTER TABLE metrics ADD PRIMARY KEY (job_id, kind, name, step); SET session_replication_role = origin; \
-         VACUUM ANALYZE jobs; VACUUM ANALYZE metrics",
-    )
-    .execute(&mut *conn)
-    .await?;
+    // One statement each: VACUUM cannot run inside the implicit transaction of several.
+    for statement in [
+        "ALTER TABLE metrics ADD PRIMARY KEY (job_id, kind, name, step)",
+        "SET session_replication_role = origin",
+        "VACUUM ANALYZE jobs",
+        "VACUUM ANALYZE metrics",
+    ] {
+        sqlx::raw_sql(statement).execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
