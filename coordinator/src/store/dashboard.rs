@@ -309,6 +309,19 @@ macro_rules! after_sweep {
     };
 }
 
+type PgQueryAs<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+/// Binds the job table's filters, `$1` to `$6` of [`job_filter!`].
+fn bind_filters<'q, O>(query: PgQueryAs<'q, O>, q: &'q JobTableQuery, states: &'q [&'q str]) -> PgQueryAs<'q, O> {
+    query
+        .bind(states)
+        .bind(q.method.as_deref())
+        .bind(q.base_model.as_deref())
+        .bind(q.owner.as_deref())
+        .bind(q.sweep_id.map(|s| s.0))
+        .bind(q.name_prefix.as_deref())
+}
+
 /// The statement of each sort; all are fixed strings, so no SQL is built at
 /// run time. Each sort has its index (migrations 0001, 0002, 0003 and 0014).
 fn job_table_sql(sort: JobSort, descending: bool) -> &'static str {
@@ -435,13 +448,7 @@ impl Store {
             _ => (None, None),
         };
         let mut tx = self.begin_custom_plans().await?;
-        let mut rows: Vec<JobSummary> = sqlx::query_as(job_table_sql(q.sort, q.descending))
-            .bind(&states)
-            .bind(q.method.as_deref())
-            .bind(q.base_model.as_deref())
-            .bind(q.owner.as_deref())
-            .bind(q.sweep_id.map(|s| s.0))
-            .bind(q.name_prefix.as_deref())
+        let mut rows: Vec<JobSummary> = bind_filters(sqlx::query_as(job_table_sql(q.sort, q.descending)), q, &states)
             .bind(i64::from(q.limit) + 1)
             .bind(text_key)
             .bind(q.after.as_ref().map(|c| c.created_at))
@@ -460,17 +467,9 @@ impl Store {
             let count = matching.map(|(_, n)| n).sum();
             JobTotal { count, at_least: false }
         } else {
-            let n: i64 =
-                sqlx::query_scalar(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"))
-                    .bind(&states)
-                    .bind(q.method.as_deref())
-                    .bind(q.base_model.as_deref())
-                    .bind(q.owner.as_deref())
-                    .bind(q.sweep_id.map(|s| s.0))
-                    .bind(q.name_prefix.as_deref())
-                    .bind(COUNT_CAP + 1)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let count =
+                sqlx::query_as(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"));
+            let (n,): (i64,) = bind_filters(count, q, &states).bind(COUNT_CAP + 1).fetch_one(&mut *tx).await?;
             JobTotal { count: to_u64(n.min(COUNT_CAP), "job count")?, at_least: n > COUNT_CAP }
         };
         tx.commit().await?;
