@@ -252,8 +252,11 @@ const views = {
       this.query = {
         state: q.get('state') || '', method: q.get('method') || '', base_model: q.get('base_model') || '',
         owner: q.get('owner') || '', sweep: q.get('sweep') || '', name: q.get('name') || '',
-        sort: q.get('sort') || 'created', order: q.get('order') || 'desc', limit: Number(q.get('limit') || 50), offset: Number(q.get('offset') || 0),
+        sort: q.get('sort') || 'created', order: q.get('order') || 'desc', limit: Number(q.get('limit') || 50), after: q.get('after') || '',
       };
+      // Cursors of the pages before this one (pages are read after a cursor, never by offset).
+      this.trail = [];
+      this.position = 0;
       const select = (name, values) => el('select', { name, onchange: (e) => this.set(name, e.target.value) },
         el('option', { value: '' }, 'any'), values.map((v) => el('option', { value: v, selected: this.query[name] === v }, v)));
       const input = (name, placeholder) => el('input', { name, value: this.query[name], placeholder, onchange: (e) => this.set(name, e.target.value.trim()) });
@@ -272,7 +275,7 @@ const views = {
     },
     set(name, value) {
       this.query[name] = value;
-      if (name !== 'offset') this.query.offset = 0;
+      if (name !== 'after') { this.query.after = ''; this.trail = []; this.position = 0; }
       const params = new URLSearchParams(Object.entries(this.query).filter(([, v]) => v !== '' && v !== null));
       history.replaceState(null, '', '#/jobs?' + params);
       this.refresh();
@@ -309,12 +312,20 @@ const views = {
         el('td', { class: 'num', title: when(j.created_at) }, age(j.created_at))));
       fill(document.getElementById('jobs-table'), 
         el('table', { id: 'jobs', dataset: { total: String(page.total) } }, el('thead', {}, head), el('tbody', {}, rows)));
-      const from = page.total ? page.offset + 1 : 0;
-      const to = page.offset + page.jobs.length;
+      const from = page.jobs.length ? this.position + 1 : 0;
+      const to = this.position + page.jobs.length;
+      const total = page.total_at_least ? `${page.total}+` : String(page.total);
       fill(document.getElementById('jobs-pager'), 
-        el('button', { disabled: page.offset === 0, onclick: () => this.set('offset', Math.max(0, page.offset - page.limit)) }, '← newer'),
-        el('span', { id: 'jobs-range' }, `${from}–${to} of ${page.total}`),
-        el('button', { disabled: to >= page.total, onclick: () => this.set('offset', page.offset + page.limit) }, 'older →'));
+        el('button', { disabled: !this.trail.length, onclick: () => {
+          this.position = Math.max(0, this.position - page.limit);
+          this.set('after', this.trail.pop());
+        } }, '← newer'),
+        el('span', { id: 'jobs-range' }, `${from}–${to} of ${total}`),
+        el('button', { disabled: !page.next, onclick: () => {
+          this.trail.push(this.query.after);
+          this.position += page.jobs.length;
+          this.set('after', page.next);
+        } }, 'older →'));
     },
     onJobs() { this.refreshSoon(); },
     onTick() { this.refreshSoon(); },

@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         ("app script", "/assets/app.js".into()),
         ("overview", "/api/overview".into()),
         ("jobs, newest first (page 1)", "/api/jobs?limit=50".into()),
-        ("jobs, by name, offset 5,000", "/api/jobs?sort=name&order=asc&limit=50&offset=5000".into()),
+        ("jobs, by name", "/api/jobs?sort=name&order=asc&limit=50".into()),
         ("jobs, state = running, by age", "/api/jobs?state=running&limit=50".into()),
         ("jobs, owner = carol, by base model", "/api/jobs?owner=carol&sort=base_model&limit=50".into()),
         ("jobs, by state descending", "/api/jobs?sort=state&order=desc&limit=50".into()),

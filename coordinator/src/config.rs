@@ -41,6 +41,9 @@ pub struct Config {
     pub allowed_hosts: Vec<String>,
     /// Open streams, upload pauses and request time.
     pub limits: crate::limits::Limits,
+    /// What happens to the metrics of finished jobs as they age (the
+    /// default keeps them all).
+    pub metrics_retention: crate::tables::Retention,
 }
 
 /// PEM files of the coordinator's TLS identity.
@@ -78,6 +81,7 @@ impl Config {
             public_metrics: false,
             allowed_hosts: Vec::new(),
             limits: crate::limits::Limits::default(),
+            metrics_retention: crate::tables::Retention::default(),
         }
     }
 }

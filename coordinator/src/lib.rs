@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod blob;
 pub mod config;
+pub mod cursor;
 pub mod dashboard;
 pub mod embedded_pg;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod retry;
 pub mod server;
 pub mod store;
 pub mod sweep;
+pub mod tables;
 pub mod testing;
 pub mod tls;
 pub mod workers;

@@ -12,6 +12,7 @@ use ptune_coordinator::embedded_pg::EmbeddedPostgres;
 use ptune_coordinator::blob;
 use ptune_coordinator::limits::{FileLimits, Limits};
 use ptune_coordinator::store::{BlobStore, Store};
+use ptune_coordinator::tables::Retention;
 use ptune_coordinator::{Config, Coordinator};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
@@ -106,6 +107,40 @@ struct Args {
     #[arg(long, env = "PTUNE_REQUEST_TIMEOUT", default_value_t = Limits::default().request.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     request_timeout: u64,
+    #[command(flatten)]
+    retention: RetentionArgs,
+}
+
+/// What happens to the metrics of finished jobs as they age; without these
+/// flags every metric is kept. The leader applies them every 5 minutes.
+#[derive(clap::Args, Debug)]
+struct RetentionArgs {
+    /// Days after a job finished when its metrics are removed, but for the last point of each series
+    /// (its final metrics) and the evaluation series of sweep trials (1 to 36500).
+    #[arg(long, env = "PTUNE_METRICS_RETENTION_DAYS")]
+    metrics_retention_days: Option<u32>,
+    /// Days after a job finished when its training series are thinned to one point in
+    /// --metrics-downsample-every and the last (1 to 36500, less than --metrics-retention-days).
+    #[arg(long, env = "PTUNE_METRICS_DOWNSAMPLE_AFTER_DAYS")]
+    metrics_downsample_after_days: Option<u32>,
+    /// Thinned training series keep one point in this many (2 to 10000).
+    #[arg(long, env = "PTUNE_METRICS_DOWNSAMPLE_EVERY", default_value_t = Retention::default().downsample_every)]
+    metrics_downsample_every: u32,
+    /// Jobs whose metrics one transaction of retention handles (1 to 10000).
+    #[arg(long, env = "PTUNE_METRICS_RETENTION_BATCH", default_value_t = Retention::default().batch_jobs)]
+    metrics_retention_batch: u32,
+}
+
+impl RetentionArgs {
+    fn settings(&self) -> anyhow::Result<Retention> {
+        Retention::new(
+            self.metrics_retention_days,
+            self.metrics_downsample_after_days,
+            self.metrics_downsample_every,
+            self.metrics_retention_batch,
+        )
+        .map_err(|e| anyhow::anyhow!(e))
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -117,6 +152,17 @@ enum Command {
     /// Files (datasets, adapters, checkpoints) in the blob stores.
     #[command(subcommand)]
     Blobs(BlobsCommand),
+    /// Metrics of finished jobs.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MetricsCommand {
+    /// Applies the retention flags (--metrics-retention-days,
+    /// --metrics-downsample-after-days) now, to every finished job they
+    /// cover, a batch at a time, as the leader does every 5 minutes.
+    Prune,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -170,10 +216,14 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(args.log_format);
     anyhow::ensure!(args.max_attempts >= 1, "--max-attempts must be at least 1");
     anyhow::ensure!(args.lease_timeout_ms > 0, "--lease-timeout-ms must be greater than 0");
+    let metrics_retention = args.retention.settings()?;
 
     match args.command {
         Some(Command::Token(command)) => return token_command(args.database_url, &args.data_dir, command).await,
         Some(Command::Blobs(command)) => return blobs_command(args.database_url, &args.data_dir, command).await,
+        Some(Command::Metrics(MetricsCommand::Prune)) => {
+            return prune_metrics(args.database_url, &args.data_dir, metrics_retention).await
+        }
         None => {}
     }
     let blob_store = BlobStore::parse(&args.blob_store).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -213,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
             upload_idle: Duration::from_secs(args.upload_idle_timeout),
             request: Duration::from_secs(args.request_timeout),
         },
+        metrics_retention,
     };
     let result = run(config).await;
     if let Some(pg) = embedded {
@@ -277,6 +328,27 @@ async fn blobs_command(database_url: Option<String>, data_dir: &std::path::Path,
     })
     .await?;
     println!("{report}");
+    Ok(())
+}
+
+/// `ptune-coordinator metrics prune`: on `--database-url` or the embedded cluster.
+async fn prune_metrics(
+    database_url: Option<String>,
+    data_dir: &std::path::Path,
+    retention: Retention,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        retention.enabled(),
+        "nothing to do: give --metrics-retention-days or --metrics-downsample-after-days (or their PTUNE_ variables)"
+    );
+    let done = with_database(database_url, data_dir, |store| async move {
+        retention.apply(&store, u32::MAX).await.map_err(|e| anyhow::anyhow!("{}", ptune_coordinator::Error::from(e)))
+    })
+    .await?;
+    println!(
+        "pruned the metrics of {} jobs and downsampled those of {}: removed {} rows",
+        done.jobs_pruned, done.jobs_downsampled, done.rows_removed
+    );
     Ok(())
 }
 

@@ -90,10 +90,26 @@ pub struct JobFilter {
     pub sweep_id: Option<SweepId>,
 }
 
-/// Position after the last row of a page: listings (of jobs, of sweeps) are
-/// ordered by `(created_at, id)` descending.
+impl JobFilter {
+    /// A canonical text of the filters, which a page token is bound to
+    /// (see [`crate::cursor`]).
+    pub fn listing(&self) -> String {
+        let states: Vec<&str> = self.states.iter().map(|s| s.as_str()).collect();
+        format!(
+            "jobs newest first; states={states:?} base_model={:?} method={:?} name_prefix={:?} owner={:?} sweep={:?}",
+            self.base_model,
+            self.method.map(|m| m.as_str()),
+            self.name_prefix,
+            self.owner,
+            self.sweep_id.map(|s| s.0)
+        )
+    }
+}
+
+/// Position after the last row of a page of sweeps, which are ordered by
+/// `(created_at, id)` descending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageToken<I = JobId> {
+pub struct PageToken<I> {
     pub created_at: DateTime<Utc>,
     pub id: I,
 }
@@ -121,7 +137,7 @@ impl<I: FromStr> FromStr for PageToken<I> {
 pub struct JobPage {
     pub jobs: Vec<JobReport>,
     /// Where the next page starts; `None` on the last page.
-    pub next: Option<PageToken>,
+    pub next: Option<crate::cursor::JobCursor>,
 }
 
 /// A content-addressed dataset reference, `sha256:<64 lowercase hex>`.
@@ -510,10 +526,12 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
-        let token =
-            PageToken { created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), id: JobId::new() };
-        assert_eq!(token.to_string().parse::<PageToken>(), Ok(token));
-        assert!("nonsense".parse::<PageToken>().is_err());
+        let token = PageToken {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: SweepId(Uuid::new_v4()),
+        };
+        assert_eq!(token.to_string().parse::<PageToken<SweepId>>(), Ok(token));
+        assert!("nonsense".parse::<PageToken<SweepId>>().is_err());
     }
 
     #[test]

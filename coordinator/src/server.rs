@@ -66,6 +66,8 @@ pub struct CoordinatorHandle {
     election: JoinHandle<()>,
     engine: JoinHandle<()>,
     monitor: JoinHandle<()>,
+    /// Counts folded and metrics retention, on the leader.
+    tables: JoinHandle<()>,
 }
 
 /// How often the database monitor checks the database.
@@ -178,12 +180,28 @@ impl Coordinator {
         }
         let (leader, election) = crate::leader::spawn(store.clone(), stopped.clone());
         let reaper = spawn_reaper(workers, leader.clone(), stopped.clone());
+        let tables = crate::tables::spawn(store.clone(), config.metrics_retention, leader.clone(), stopped.clone());
         let relay = crate::relay::spawn(store.clone(), hub.clone(), work, stopped.clone());
         let engine = spawn_engine(SweepEngine::new(store.clone(), hub), nudge, stopped.clone());
         readiness.set(State::Ready);
         set_health(&health, true).await;
         let monitor = tokio::spawn(monitor_database(store.clone(), readiness, health.clone(), stopped));
-        Ok(CoordinatorHandle { grpc_addr, http_addr, store, stop, health, grpc, http, reaper, relay, leader, election, engine, monitor })
+        Ok(CoordinatorHandle {
+            grpc_addr,
+            http_addr,
+            store,
+            stop,
+            health,
+            grpc,
+            http,
+            reaper,
+            relay,
+            leader,
+            election,
+            engine,
+            monitor,
+            tables,
+        })
     }
 }
 
@@ -317,6 +335,7 @@ impl CoordinatorHandle {
         let _ = finish("leader election", self.election).await;
         let _ = finish("sweep engine", self.engine).await;
         let _ = finish("database monitor", self.monitor).await;
+        let _ = finish("table maintenance", self.tables).await;
         self.store.close().await;
         info!("shut down");
         grpc.transpose()?;

@@ -216,7 +216,8 @@ async fn the_api_pages_sorts_filters_and_streams_adapters_and_events() {
     let by_name = get(&http, "/api/jobs?sort=name&order=asc&limit=3").await.json();
     let names: Vec<&str> = by_name["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["finished", "grid-t0", "grid-t1"]);
-    let next = get(&http, "/api/jobs?sort=name&order=asc&limit=3&offset=3").await.json();
+    let after = by_name["next"].as_str().expect("a cursor to the next page");
+    let next = get(&http, &format!("/api/jobs?sort=name&order=asc&limit=3&after={after}")).await.json();
     let names: Vec<&str> = next["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["grid-t2", "grid-t3", "loss-curve"]);
 

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 
 use super::{events, Dashboard};
 use crate::auth::Identity;
+use crate::cursor::JobCursor;
 use crate::error::Error;
 use crate::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use crate::model::{JobReport, PageToken, Sweep, Trial};
@@ -98,6 +99,9 @@ struct JobsParams {
     /// `asc` or `desc` (the default).
     order: Option<String>,
     limit: Option<u32>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+    /// Refused: pages are read after a cursor (`after`), never by offset.
     offset: Option<u32>,
 }
 
@@ -118,7 +122,10 @@ async fn jobs(State(d): State<Dashboard>, Query(p): Query<JobsParams>) -> ApiRes
         Some("asc") => false,
         Some(o) => return Err(Error::invalid("order", format!("must be asc or desc, got {o:?}"))),
     };
-    let query = JobTableQuery {
+    if p.offset.is_some_and(|o| o > 0) {
+        return Err(Error::invalid("offset", "is not supported; pass the next of the previous page as after"));
+    }
+    let mut query = JobTableQuery {
         states,
         method: method.map(|m| m.as_str().to_string()),
         base_model: given(&p.base_model).map(String::from),
@@ -128,10 +135,20 @@ async fn jobs(State(d): State<Dashboard>, Query(p): Query<JobsParams>) -> ApiRes
         sort,
         descending,
         limit: page_size(p.limit)?,
-        offset: p.offset.unwrap_or(0),
+        after: None,
     };
-    let (rows, total) = d.store.job_table(&query).await?;
-    Ok(Json(json!({ "jobs": rows, "total": total, "limit": query.limit, "offset": query.offset })))
+    let listing = query.listing();
+    query.after = given(&p.after)
+        .map(|t| JobCursor::decode(t, &listing).map_err(|e| Error::invalid("after", e.message())))
+        .transpose()?;
+    let page = d.store.job_table(&query).await?;
+    Ok(Json(json!({
+        "jobs": page.rows,
+        "total": page.total.count,
+        "total_at_least": page.total.at_least,
+        "limit": query.limit,
+        "next": page.next.map(|c| c.encode(&listing)),
+    })))
 }
 
 /// One job, read as `GetJob` reads it (with why it waits), with its

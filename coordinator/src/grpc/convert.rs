@@ -7,6 +7,7 @@ use ptune_core::{bounds, JobId, JobSpec, Metric, MetricKind, SweepId, WorkerId};
 use ptune_proto::convert::{method_from_wire, state_from_wire, sweep_state_from_wire};
 use ptune_proto::v1;
 
+use crate::cursor::JobCursor;
 use crate::error::Error;
 use crate::model::{
     AdvertisedModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
@@ -121,7 +122,7 @@ pub fn metrics(values: Vec<v1::Metric>) -> Result<Vec<Metric>, Error> {
 }
 
 /// Filters, page size and page position of a listing.
-pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<PageToken>), Error> {
+pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<JobCursor>), Error> {
     let states = req.states.iter().filter_map(|&s| state_from_wire(s).transpose()).collect::<Result<Vec<_>, _>>()?;
     if !req.base_model.is_empty() {
         bounds::folder_name("base_model", &req.base_model)?;
@@ -142,7 +143,9 @@ pub fn list_query(req: v1::ListJobsRequest) -> Result<(JobFilter, u32, Option<Pa
     };
     let after = match req.page_token.as_str() {
         "" => None,
-        token => Some(token.parse().map_err(|e| Error::invalid("page_token", e))?),
+        token => {
+            Some(JobCursor::decode(token, &filter.listing()).map_err(|e| Error::invalid("page_token", e.message()))?)
+        }
     };
     Ok((filter, req.page_size, after))
 }

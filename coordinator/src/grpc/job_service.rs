@@ -66,7 +66,7 @@ impl JobService for JobApi {
         let page = self.jobs.list(&filter, page_size, after, &scope).await?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs: page.jobs.iter().map(convert::job_report).collect(),
-            next_page_token: page.next.map(|t| t.to_string()).unwrap_or_default(),
+            next_page_token: page.next.map(|c| c.encode(&filter.listing())).unwrap_or_default(),
         }))
     }
 

@@ -25,13 +25,14 @@ pub use submit::{BatchItem, MAX_BATCH};
 
 use crate::auth::{Identity, Role, Scope};
 use crate::blob;
+use crate::cursor::JobCursor;
 use crate::error::Error;
 use crate::limits::FileLimits;
 use crate::events::{EventHub, HubEventKind};
 use crate::limits::{self, MAX_PAGE_SIZE};
 use crate::memory;
 use crate::model::{
-    BlobInfo, DatasetInfo, Job, JobEvent, JobFilter, JobPage, JobReport, PageToken,
+    BlobInfo, DatasetInfo, Job, JobEvent, JobFilter, JobPage, JobReport,
 };
 use crate::store::{Availability, CancelOutcome, Store};
 
@@ -175,7 +176,7 @@ impl Jobs {
         &self,
         filter: &JobFilter,
         page_size: u32,
-        after: Option<PageToken>,
+        after: Option<JobCursor>,
         scope: &Scope,
     ) -> Result<JobPage, Error> {
         let size = limits::page_size(page_size);
@@ -186,7 +187,7 @@ impl Jobs {
             }
             filter.owner = Some(me.to_string());
         }
-        let (jobs, next) = self.store.list_jobs(&filter, size, after).await?;
+        let (jobs, next) = self.store.list_jobs(&filter, size, after.as_ref()).await?;
         Ok(JobPage { jobs: self.reports(jobs).await?, next })
     }
 

@@ -1,6 +1,6 @@
 //! Reads of the dashboard and of `/metrics`: fleet levels, the job table
-//! (filtered, sorted, paged with LIMIT/OFFSET over the indexes of migration
-//! 0003), a job's attempts and curves, a sweep's curves and ASHA decisions,
+//! (filtered, sorted, paged with keyset cursors over the indexes of
+//! migrations 0003 and 0014), a job's attempts and curves, a sweep's curves and ASHA decisions,
 //! and the workers. Every read is bounded: pages, one job, or one sweep.
 
 use std::time::Duration;
@@ -13,6 +13,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{millis, to_u64, Result, Store};
+use crate::cursor::{JobCursor, SortKey};
 use crate::model::{FleetLevels, WorkerThroughput};
 
 /// A training step's throughput counts towards a worker's rate for this long.
@@ -73,7 +74,74 @@ pub struct JobTableQuery {
     pub sort: JobSort,
     pub descending: bool,
     pub limit: u32,
-    pub offset: u32,
+    /// Where the page starts: after the last row of the page before.
+    pub after: Option<JobCursor>,
+}
+
+impl JobTableQuery {
+    /// A canonical text of the filters and sort, which a page token is
+    /// bound to (see [`crate::cursor`]).
+    pub fn listing(&self) -> String {
+        let states: Vec<&str> = self.states.iter().map(|s| s.as_str()).collect();
+        format!(
+            "job table; states={states:?} method={:?} base_model={:?} owner={:?} sweep={:?} name={:?} \
+             sort={:?} desc={}",
+            self.method,
+            self.base_model,
+            self.owner,
+            self.sweep_id.map(|s| s.0),
+            self.name_prefix,
+            self.sort,
+            self.descending
+        )
+    }
+
+    /// Whether only states filter the table, so the count comes from the
+    /// counts per state.
+    fn only_states(&self) -> bool {
+        self.method.is_none()
+            && self.base_model.is_none()
+            && self.owner.is_none()
+            && self.sweep_id.is_none()
+            && self.name_prefix.is_none()
+    }
+}
+
+/// How many jobs match a job table's filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct JobTotal {
+    pub count: u64,
+    /// The count stopped at [`COUNT_CAP`]: at least this many match.
+    pub at_least: bool,
+}
+
+/// Most rows counted for a filtered job table's total: counting every
+/// match of a broad filter would read a large part of the table.
+pub const COUNT_CAP: i64 = 10_000;
+
+/// One page of the job table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobTablePage {
+    pub rows: Vec<JobSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<JobCursor>,
+    pub total: JobTotal,
+}
+
+impl JobSummary {
+    /// The cursor after this row in a table sorted by `sort`.
+    fn cursor(&self, sort: JobSort) -> JobCursor {
+        let key = match sort {
+            JobSort::Created => SortKey::Created,
+            JobSort::State => SortKey::Text(self.state.clone()),
+            JobSort::Method => SortKey::Text(self.method.clone()),
+            JobSort::BaseModel => SortKey::Text(self.base_model.clone()),
+            JobSort::Owner => SortKey::Text(self.owner.clone()),
+            JobSort::Name => SortKey::Text(self.name.clone()),
+            JobSort::Sweep => SortKey::Sweep(self.sweep_id.zip(self.trial_index)),
+        };
+        JobCursor { key, created_at: self.created_at, id: JobId(self.id) }
+    }
 }
 
 /// A row of the job table.
@@ -175,9 +243,10 @@ pub struct WorkerView {
     pub unhealthy_reason: String,
 }
 
-/// The job table's select list and filters; `ORDER BY` and paging follow.
+/// The job table's select list and filters, the keyset condition of its
+/// sort (`$13` says whether there is a cursor), its order and its limit.
 macro_rules! job_table {
-    ($order:literal) => {
+    ($after:expr, $order:expr) => {
         concat!(
             "SELECT j.id, j.name, j.state::text AS state, j.method, j.base_model, j.owner, j.sweep_id, \
                     s.name AS sweep_name, j.trial_index, j.step, j.total_steps, j.attempts, j.max_attempts, \
@@ -187,9 +256,11 @@ macro_rules! job_table {
                      ORDER BY m.step DESC LIMIT 1) AS loss \
              FROM jobs j LEFT JOIN sweeps s ON s.id = j.sweep_id ",
             job_filter!(),
-            "ORDER BY ",
+            "AND (NOT $12::bool OR ",
+            $after,
+            ") ORDER BY ",
             $order,
-            " LIMIT $7 OFFSET $8"
+            " LIMIT $7"
         )
     };
 }
@@ -205,27 +276,73 @@ macro_rules! job_filter {
     };
 }
 
-/// The statement of each sort; all are fixed strings, so no SQL is built at run time.
+/// Rows after the cursor of a text sort key `$8` (ties newest first). The
+/// first comparison bounds the index scan; the rest drops the ties already shown.
+macro_rules! after_text {
+    ($column:expr, $cmp:literal, $key:expr) => {
+        concat!(
+            $column, " ", $cmp, "= ", $key, " AND (",
+            $column, " ", $cmp, " ", $key, " OR (j.created_at, j.id) < ($9, $10))"
+        )
+    };
+}
+
+/// The statement of a sort by a text column, each way; ties newest first.
+macro_rules! by_text {
+    ($descending:expr, $column:literal, $key:literal) => {
+        if $descending {
+            job_table!(after_text!($column, "<", $key), concat!($column, " DESC, j.created_at DESC, j.id DESC"))
+        } else {
+            job_table!(after_text!($column, ">", $key), concat!($column, " ASC, j.created_at DESC, j.id DESC"))
+        }
+    };
+}
+
+/// Rows after the cursor of the sweep sort: `$11` is the cursor's sweep
+/// and trial (`NULL` among the jobs outside sweeps, which come last).
+macro_rules! after_sweep {
+    ($cmp:literal) => {
+        concat!(
+            "CASE WHEN $11::uuid IS NULL THEN j.sweep_id IS NULL AND (j.created_at, j.id) < ($9, $10) \
+                  ELSE j.sweep_id IS NULL OR (j.sweep_id, j.trial_index) ",
+            $cmp,
+            " ($11, $13::int) END"
+        )
+    };
+}
+
+type PgQueryAs<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+/// Binds the job table's filters, `$1` to `$6` of [`job_filter!`].
+fn bind_filters<'q, O>(query: PgQueryAs<'q, O>, q: &'q JobTableQuery, states: &'q [&'q str]) -> PgQueryAs<'q, O> {
+    query
+        .bind(states)
+        .bind(q.method.as_deref())
+        .bind(q.base_model.as_deref())
+        .bind(q.owner.as_deref())
+        .bind(q.sweep_id.map(|s| s.0))
+        .bind(q.name_prefix.as_deref())
+}
+
+/// The statement of each sort; all are fixed strings, so no SQL is built at
+/// run time. Each sort has its index (migrations 0001, 0002, 0003 and 0014).
 fn job_table_sql(sort: JobSort, descending: bool) -> &'static str {
     match (sort, descending) {
-        (JobSort::Created, true) => job_table!("j.created_at DESC, j.id DESC"),
-        (JobSort::Created, false) => job_table!("j.created_at ASC, j.id ASC"),
-        (JobSort::State, false) => job_table!("j.state ASC, j.created_at DESC, j.id DESC"),
-        (JobSort::State, true) => job_table!("j.state DESC, j.created_at DESC, j.id DESC"),
-        (JobSort::Method, false) => job_table!("j.method ASC, j.created_at DESC, j.id DESC"),
-        (JobSort::Method, true) => job_table!("j.method DESC, j.created_at DESC, j.id DESC"),
-        (JobSort::BaseModel, false) => job_table!("j.base_model ASC, j.created_at DESC, j.id DESC"),
-        (JobSort::BaseModel, true) => job_table!("j.base_model DESC, j.created_at DESC, j.id DESC"),
-        (JobSort::Owner, false) => job_table!("j.owner ASC, j.created_at DESC, j.id DESC"),
-        (JobSort::Owner, true) => job_table!("j.owner DESC, j.created_at DESC, j.id DESC"),
-        (JobSort::Name, false) => job_table!("j.name ASC, j.created_at DESC, j.id DESC"),
-        (JobSort::Name, true) => job_table!("j.name DESC, j.created_at DESC, j.id DESC"),
-        (JobSort::Sweep, false) => {
-            job_table!("j.sweep_id ASC NULLS LAST, j.trial_index ASC, j.created_at DESC, j.id DESC")
-        }
-        (JobSort::Sweep, true) => {
-            job_table!("j.sweep_id DESC NULLS LAST, j.trial_index DESC, j.created_at DESC, j.id DESC")
-        }
+        (JobSort::Created, true) => job_table!("(j.created_at, j.id) < ($9, $10)", "j.created_at DESC, j.id DESC"),
+        (JobSort::Created, false) => job_table!("(j.created_at, j.id) > ($9, $10)", "j.created_at ASC, j.id ASC"),
+        (JobSort::State, descending) => by_text!(descending, "j.state", "$8::text::job_state"),
+        (JobSort::Method, descending) => by_text!(descending, "j.method", "$8::text"),
+        (JobSort::BaseModel, descending) => by_text!(descending, "j.base_model", "$8::text"),
+        (JobSort::Owner, descending) => by_text!(descending, "j.owner", "$8::text"),
+        (JobSort::Name, descending) => by_text!(descending, "j.name", "$8::text"),
+        (JobSort::Sweep, false) => job_table!(
+            after_sweep!(">"),
+            "j.sweep_id ASC NULLS LAST, j.trial_index ASC, j.created_at DESC, j.id DESC"
+        ),
+        (JobSort::Sweep, true) => job_table!(
+            after_sweep!("<"),
+            "j.sweep_id DESC NULLS LAST, j.trial_index DESC, j.created_at DESC, j.id DESC"
+        ),
     }
 }
 
@@ -320,31 +437,45 @@ impl Store {
         })
     }
 
-    /// One page of the job table and the number of jobs matching its filters.
-    #[instrument(skip_all, fields(limit = q.limit, offset = q.offset))]
-    pub async fn job_table(&self, q: &JobTableQuery) -> Result<(Vec<JobSummary>, u64)> {
+    /// One page of the job table, where the next starts, and the number of
+    /// jobs matching its filters. The page is read after its cursor through
+    /// the sort's index, planned for this call's values
+    /// ([`Store::begin_custom_plans`]), so a deep page costs what the first does.
+    #[instrument(skip_all, fields(limit = q.limit))]
+    pub async fn job_table(&self, q: &JobTableQuery) -> Result<JobTablePage> {
         let states: Vec<&str> = q.states.iter().map(|s| s.as_str()).collect();
-        let rows: Vec<JobSummary> = sqlx::query_as(job_table_sql(q.sort, q.descending))
-            .bind(&states)
-            .bind(q.method.as_deref())
-            .bind(q.base_model.as_deref())
-            .bind(q.owner.as_deref())
-            .bind(q.sweep_id.map(|s| s.0))
-            .bind(q.name_prefix.as_deref())
-            .bind(i64::from(q.limit))
-            .bind(i64::from(q.offset))
-            .fetch_all(&self.pool)
+        let (text_key, sweep_key) = match q.after.as_ref().map(|c| &c.key) {
+            Some(SortKey::Text(text)) => (Some(text.as_str()), None),
+            Some(SortKey::Sweep(sweep)) => (None, *sweep),
+            _ => (None, None),
+        };
+        let mut tx = self.begin_custom_plans().await?;
+        let mut rows: Vec<JobSummary> = bind_filters(sqlx::query_as(job_table_sql(q.sort, q.descending)), q, &states)
+            .bind(i64::from(q.limit) + 1)
+            .bind(text_key)
+            .bind(q.after.as_ref().map(|c| c.created_at))
+            .bind(q.after.as_ref().map(|c| c.id.0))
+            .bind(sweep_key.map(|(sweep, _)| sweep))
+            .bind(q.after.is_some())
+            .bind(sweep_key.map(|(_, trial)| trial))
+            .fetch_all(&mut *tx)
             .await?;
-        let total: i64 = sqlx::query_scalar(concat!("SELECT count(*) FROM jobs j ", job_filter!()))
-            .bind(&states)
-            .bind(q.method.as_deref())
-            .bind(q.base_model.as_deref())
-            .bind(q.owner.as_deref())
-            .bind(q.sweep_id.map(|s| s.0))
-            .bind(q.name_prefix.as_deref())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok((rows, to_u64(total, "job count")?))
+        let more = rows.len() > q.limit as usize;
+        rows.truncate(q.limit as usize);
+        let next = rows.last().filter(|_| more).map(|last| last.cursor(q.sort));
+        let total = if q.only_states() {
+            let counts = self.job_counts().await?;
+            let matching = counts.iter().filter(|(s, _)| q.states.is_empty() || q.states.contains(s));
+            let count = matching.map(|(_, n)| n).sum();
+            JobTotal { count, at_least: false }
+        } else {
+            let count =
+                sqlx::query_as(concat!("SELECT count(*) FROM (SELECT 1 FROM jobs j ", job_filter!(), "LIMIT $7) t"));
+            let (n,): (i64,) = bind_filters(count, q, &states).bind(COUNT_CAP + 1).fetch_one(&mut *tx).await?;
+            JobTotal { count: to_u64(n.min(COUNT_CAP), "job count")?, at_least: n > COUNT_CAP }
+        };
+        tx.commit().await?;
+        Ok(JobTablePage { rows, next, total })
     }
 
     /// Every lease a job had, first first, with the worker's hostname.

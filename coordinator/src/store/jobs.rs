@@ -1,4 +1,4 @@
-//! Jobs: insert, read, list, cancel, and the state counts of `/metrics`.
+//! Jobs: insert, read, list and cancel.
 
 use std::collections::HashMap;
 
@@ -10,7 +10,8 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{to_i64, to_u32, to_u64, Result, Store, StoreError};
-use crate::model::{BlobInfo, Job, JobFilter, PageToken, TrialRef};
+use crate::cursor::{JobCursor, SortKey};
+use crate::model::{BlobInfo, Job, JobFilter, TrialRef};
 
 /// The `job_state` Postgres enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::Type)]
@@ -294,14 +295,18 @@ impl Store {
 
     /// Jobs matching `filter`, newest first, at most `limit`, after `after`;
     /// and where the next page starts, if there is one.
+    ///
+    /// The statement is planned for each call's values
+    /// ([`Store::begin_custom_plans`]), so a deep page costs what the first does.
     #[instrument(skip_all, fields(limit))]
     pub async fn list_jobs(
         &self,
         filter: &JobFilter,
         limit: u32,
-        after: Option<PageToken>,
-    ) -> Result<(Vec<Job>, Option<PageToken>)> {
+        after: Option<&JobCursor>,
+    ) -> Result<(Vec<Job>, Option<JobCursor>)> {
         let states: Vec<String> = filter.states.iter().map(|s| s.as_str().to_string()).collect();
+        let mut tx = self.begin_custom_plans().await?;
         let rows: Vec<JobRow> = sqlx::query_as(concat!(
             job_select!(),
             "WHERE (cardinality($1::text[]) = 0 OR j.state = ANY($1::text[]::job_state[])) \
@@ -323,12 +328,13 @@ impl Store {
         .bind(after.map(|t| t.id.0))
         .bind(i64::from(limit) + 1)
         .bind(filter.sweep_id.map(|s| s.0))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
 
         let more = rows.len() > limit as usize;
         let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.id).collect();
-        let mut metrics = latest_metrics(&self.pool, &ids).await?;
+        let mut metrics = latest_metrics(&mut *tx, &ids).await?;
+        tx.commit().await?;
         let jobs = rows
             .into_iter()
             .take(limit as usize)
@@ -338,7 +344,7 @@ impl Store {
             })
             .collect::<Result<Vec<_>>>()?;
         let next = match jobs.last() {
-            Some(last) if more => Some(PageToken { created_at: last.created_at, id: last.id }),
+            Some(last) if more => Some(JobCursor { key: SortKey::Created, created_at: last.created_at, id: last.id }),
             _ => None,
         };
         Ok((jobs, next))
@@ -373,14 +379,6 @@ impl Store {
         };
         tx.commit().await?;
         Ok(outcome)
-    }
-
-    /// Number of jobs in every state (zero included).
-    pub async fn job_counts(&self) -> Result<Vec<(JobState, u64)>> {
-        let rows: Vec<(DbJobState, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state").fetch_all(&self.pool).await?;
-        let counts: HashMap<JobState, i64> = rows.into_iter().map(|(s, n)| (s.into(), n)).collect();
-        JobState::ALL.into_iter().map(|s| Ok((s, to_u64(counts.get(&s).copied().unwrap_or(0), "job count")?))).collect()
     }
 }
 

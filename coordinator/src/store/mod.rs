@@ -7,6 +7,7 @@ pub mod admin;
 mod attempts;
 mod blobs;
 mod checkpoints;
+mod counts;
 mod dashboard;
 mod datasets;
 mod endings;
@@ -17,6 +18,7 @@ mod leasing;
 mod metrics;
 mod objects;
 mod progress;
+mod retention;
 mod sweep_drive;
 mod sweeps;
 mod takeover;
@@ -32,13 +34,14 @@ use tracing::{info, instrument};
 use crate::metrics::Metrics;
 
 pub use dashboard::{
-    AshaDecisionView, AttemptView, JobSort, JobSummary, JobTableQuery, RecentWaits, SeriesPoint,
-    TrialPoint, WorkerView, MAX_SERIES_POINTS,
+    AshaDecisionView, AttemptView, JobSort, JobSummary, JobTablePage, JobTableQuery, JobTotal, RecentWaits,
+    SeriesPoint, TrialPoint, WorkerView, COUNT_CAP, MAX_SERIES_POINTS,
 };
 pub use blobs::{ChunkTarget, StoredFile, CHUNK_BYTES};
 pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
+pub use retention::RetentionBatch;
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
@@ -191,6 +194,16 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// A transaction whose statements are planned for the values
+    /// they are given (`plan_cache_mode = force_custom_plan`), for the
+    /// keyset listings: a plan cached for any values could not use the
+    /// cursor as an index bound and would read every row before a deep page.
+    pub(super) async fn begin_custom_plans(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan").execute(&mut *tx).await?;
+        Ok(tx)
     }
 
     /// Waits for checked-out connections to return, then closes the pool.
