@@ -23,6 +23,8 @@
 //!   frees a rank stuck in a kernel waiting for a dead peer) and the call
 //!   fails. An aborted communicator is never used or destroyed again.
 
+#![allow(unsafe_code)]
+
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
