@@ -210,7 +210,7 @@ fn values(buffer: &Tensor) -> Result<Vec<f32>, CollectiveError> {
     if buffer.kind() != Kind::Float || buffer.dim() != 1 {
         return Err(CollectiveError::Mismatch(format!("a buffer is one flat float32 tensor, got {:?} {:?}", buffer.kind(), buffer.size())));
     }
-    Vec::<f32>::try_from(buffer).map_err(|e| CollectiveError::Backend(e.to_string()))
+    Vec::<f32>::try_from(buffer.to_device(tch::Device::Cpu)).map_err(|e| CollectiveError::Backend(e.to_string()))
 }
 
 /// Writes `result` into `buffer`, on its device.

@@ -84,7 +84,7 @@ pub(crate) fn drive_rank(
                 stream: planned.stream.for_rank(rank),
                 loss_scale: planned.loss_scale * weight,
             };
-            f64::try_from(task.backward(&plan))?
+            f64::try_from(&task.backward(&plan))?
         };
         let sum = all_reduce_step(comm, &params, loss * weight, true)?;
         if !sum.go {
