@@ -8,7 +8,8 @@
 # partitioned and starved of their database; see docs/reliability.md),
 # which needs the worker built with its test-only fault hooks. Between them:
 # offline checks of the deploy files and the CUDA-linked worker binary, the
-# Python client's tests, and gigabyte files through every blob store.
+# worker built with its NCCL collective, the Python client's tests, and
+# gigabyte files through every blob store.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$PTUNE_ROOT"
@@ -31,6 +32,9 @@ tier "fast tier" cargo test --workspace --no-fail-fast -- --test-threads 2
 # plain worker that the tests start.
 tier "deploy files" scripts/check-deploy.sh
 tier "worker binary" scripts/check-worker-binary.sh
+# The worker with the NCCL collective compiles without CUDA (cudarc loads
+# NCCL at run time); built before the plain worker the tests start.
+tier "nccl build" cargo build -p ptune-worker --features nccl
 tier "build" cargo build --workspace --bins --tests --benches --profile dev --features "$integration"
 tier "integration tests" cargo test --workspace --no-fail-fast --features "$integration" -- --test-threads 2
 # The Python client against a real coordinator and worker (the binaries the
@@ -41,4 +45,4 @@ tier "python client" scripts/test-python.sh
 tier "blob stores" scripts/test-blob-stores.sh
 # Last: it rebuilds ptune-worker with the fault hooks compiled in.
 # --nocapture shows each scenario's RELIABILITY row (docs/reliability.md).
-tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection,integration --test faults -- --test-threads 1 --nocapture
+tier "fault-injection suite" cargo test -p ptune-worker --features fault-injection,integration --test faults --test engine_data_parallel_faults -- --test-threads 1 --nocapture

@@ -14,7 +14,8 @@
 //!   files of a checkpoint), `download` (after a dataset's first chunk),
 //!   `upload` (after an adapter's first chunk), `write` (any guarded write);
 //! - filters: `job=NAME` (the spec's name), `step=N` (at step N; for `write`,
-//!   once a job reached step N), `ms=N` (for `pause`).
+//!   once a job reached step N), `rank=N` (on rank N of a data-parallel
+//!   run only; a rule without it fires on every rank), `ms=N` (for `pause`).
 
 /// Where a fault can be injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +34,13 @@ mod hooks {
     /// Runs the rules that match `point` for `job` at `step`.
     #[inline(always)]
     pub fn at(_point: Point, _job: &str, _step: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// Runs the rules that match `point` for `job` at `step` on
+    /// data-parallel rank `rank`.
+    #[inline(always)]
+    pub fn at_rank(_point: Point, _job: &str, _step: u64, _rank: usize) -> std::io::Result<()> {
         Ok(())
     }
 
@@ -57,6 +65,7 @@ mod hooks {
         point: Point,
         job: Option<String>,
         step: Option<u64>,
+        rank: Option<usize>,
         ms: u64,
     }
 
@@ -88,11 +97,12 @@ mod hooks {
             "write" => Point::Write,
             other => panic!("PTUNE_FAULTS rule {text:?}: unknown point {other:?}"),
         };
-        let mut rule = Rule { action: action.to_string(), point, job: None, step: None, ms: 0 };
+        let mut rule = Rule { action: action.to_string(), point, job: None, step: None, rank: None, ms: 0 };
         for filter in parts {
             match filter.split_once('=') {
                 Some(("job", v)) => rule.job = Some(v.to_string()),
                 Some(("step", v)) => rule.step = v.parse().ok(),
+                Some(("rank", v)) => rule.rank = v.parse().ok(),
                 Some(("ms", v)) => rule.ms = v.parse().unwrap_or(0),
                 _ => panic!("PTUNE_FAULTS rule {text:?}: unknown filter {filter:?}"),
             }
@@ -105,11 +115,15 @@ mod hooks {
     }
 
     pub fn at(point: Point, job: &str, step: u64) -> std::io::Result<()> {
+        at_rank(point, job, step, 0)
+    }
+
+    pub fn at_rank(point: Point, job: &str, step: u64, rank: usize) -> std::io::Result<()> {
         if point == Point::Step {
             HIGHEST_STEP.fetch_max(step, Ordering::SeqCst);
         }
         for rule in rules().iter().filter(|r| r.point == point) {
-            if rule.job.as_deref().is_some_and(|j| j != job) {
+            if rule.job.as_deref().is_some_and(|j| j != job) || rule.rank.is_some_and(|r| r != rank) {
                 continue;
             }
             let step_matches = match (point, rule.step) {
@@ -120,7 +134,7 @@ mod hooks {
             if !step_matches {
                 continue;
             }
-            tracing::warn!(action = %rule.action, point = ?point, job, step, "fault injected");
+            tracing::warn!(action = %rule.action, point = ?point, job, step, rank, "fault injected");
             match rule.action.as_str() {
                 "panic" => panic!("injected fault: panic at {point:?} of job {job} step {step}"),
                 "abort" => std::process::abort(),
@@ -154,4 +168,4 @@ mod hooks {
     }
 }
 
-pub use hooks::{at, check_write};
+pub use hooks::{at, at_rank, check_write};

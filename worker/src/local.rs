@@ -100,7 +100,8 @@ pub fn train_local(
             }
         }
     };
-    let outcome = engine.train(model_dir, &job, &mut on_event)?;
+    let devices = rank_devices(engine.device(), job.spec.training.devices.max(1) as usize);
+    let outcome = engine.train_data_parallel(model_dir, &job, &devices, &mut on_event)?;
     if let Some(e) = write_error {
         return Err(e).with_context(|| format!("cannot write {}", metrics_path.display()));
     }
@@ -259,4 +260,13 @@ fn write_predictions(path: &Path, predictions: &[serde_json::Value]) -> anyhow::
         .map(|(index, prediction)| serde_json::json!({"index": index, "prediction": prediction}).to_string() + "\n")
         .collect();
     std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The devices of a job's `ranks` data-parallel ranks: one GPU each when the
+/// machine has enough, else every rank on `device`.
+fn rank_devices(device: tch::Device, ranks: usize) -> Vec<tch::Device> {
+    match device {
+        tch::Device::Cuda(_) if tch::Cuda::device_count() as usize >= ranks => (0..ranks).map(tch::Device::Cuda).collect(),
+        _ => vec![device; ranks],
+    }
 }

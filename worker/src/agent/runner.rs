@@ -27,7 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::archive::{self, Archive};
 use crate::engine::liveness::{self, Liveness};
 use crate::engine::{
-    Control, Engine, EngineError, Event, ModelCache, PackJob, PackLimits, TrainJob, TrainOutcome,
+    panic_message, Control, Engine, EngineError, Event, ModelCache, PackJob, PackLimits, TrainJob, TrainOutcome,
 };
 
 /// What an engine thread tells the async side about a run.
@@ -88,9 +88,12 @@ impl RunEnd {
 }
 
 impl RunRequest {
+    /// What a run must share with others to pack with them; none for full
+    /// fine-tuning and for data-parallel runs (`training.devices` above 1),
+    /// which train alone.
     fn pack_key(&self) -> Option<PackKey> {
         let spec = &self.job.spec;
-        (spec.method != Method::Full).then(|| PackKey {
+        (spec.method != Method::Full && spec.training.devices <= 1).then(|| PackKey {
             model_dir: self.model_dir.clone(),
             task: spec.task,
             precision: spec.training.precision,
@@ -296,15 +299,6 @@ impl EnginePool {
     }
 }
 
-/// The message of a panic payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 /// The outcome of a run stopped before it started.
 fn not_started(suspended: bool) -> TrainOutcome {
     TrainOutcome {
@@ -367,7 +361,10 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
             None => {
                 let (mut job, end) = request.into_pack_job(index);
                 let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let result = engine.train(&model_dir, &job.job, &mut job.on_event);
+                    // One rank per device; until a run leases several,
+                    // its ranks share this engine's device.
+                    let devices = vec![engine.device(); job.job.spec.training.devices.max(1) as usize];
+                    let result = engine.train_data_parallel(&model_dir, &job.job, &devices, &mut job.on_event);
                     (job.on_done)(result);
                 }));
                 ends.push(end);

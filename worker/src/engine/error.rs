@@ -27,6 +27,10 @@ pub enum EngineError {
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// A rank of a data-parallel run could not reach the others: one of
+    /// them died without an error of its own, hung, or the link failed.
+    #[error("data-parallel training: {0}")]
+    Collective(#[from] crate::engine::collective::CollectiveError),
     /// The engine panicked while training (a bug, or a poison input); the
     /// engine thread survived.
     #[error("the engine panicked while training this job: {0}")]
@@ -40,7 +44,8 @@ pub enum FailureKind {
     /// take, a diverged loss, out of memory for the spec. Fail at once.
     Permanent,
     /// An error of the job that another attempt may not repeat (a panic, a
-    /// transient libtorch error): retried after a backoff, counted against
+    /// transient libtorch error, a data-parallel rank that died without an
+    /// error of its own): retried after a backoff, counted against
     /// `max_attempts`.
     Job,
     /// The worker failed, not the job (a full disk, a device error):
@@ -64,7 +69,7 @@ impl EngineError {
             | EngineError::Model(_)
             | EngineError::Diverged { .. } => FailureKind::Permanent,
             EngineError::Io { source, .. } if is_disk_failure(source) => FailureKind::Infrastructure,
-            EngineError::Io { .. } | EngineError::Panicked(_) => FailureKind::Job,
+            EngineError::Io { .. } | EngineError::Panicked(_) | EngineError::Collective(_) => FailureKind::Job,
             EngineError::Torch(tch::TchError::Shape(_)) => FailureKind::Permanent,
             EngineError::Torch(error) => torch_failure_kind(&error.to_string()),
         }
@@ -73,6 +78,15 @@ impl EngineError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         EngineError::Io { path: path.display().to_string(), source }
     }
+}
+
+/// The message of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// True for an I/O error that says the disk, not the data, is at fault:

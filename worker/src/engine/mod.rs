@@ -12,11 +12,14 @@
 //! and `rng.rs`; `pack.rs` several jobs' steps through one base; `tasks/`
 //! one folder per task (classification, token classification, causal LM),
 //! each with its data, head, job setup and evaluation; `export.rs` writes
-//! exports and `evaluate.rs` reads and evaluates them. Dependencies point
-//! down that list: tasks and methods know the models, never the reverse.
+//! exports and `evaluate.rs` reads and evaluates them; `parallel.rs` trains
+//! one job over several devices, its ranks meeting in a `collective/`.
+//! Dependencies point down that list: tasks and methods know the models,
+//! never the reverse.
 
 mod cache;
 pub mod checkpoint;
+pub mod collective;
 mod data;
 mod error;
 mod evaluate;
@@ -26,6 +29,7 @@ pub mod liveness;
 mod models;
 mod optim;
 mod pack;
+mod parallel;
 mod peft;
 pub mod rng;
 mod tasks;
@@ -38,7 +42,7 @@ pub use cache::{CacheStats, ModelCache, SharedModel};
 pub use checkpoint::{TrainerState, STATE_FILE as CHECKPOINT_STATE_FILE, TRAINER_STATE_FILE};
 pub use data::tokenize::{LmTokenizer, TextTokenizer};
 pub use data::{ner, seq2seq};
-pub use error::{is_disk_failure, EngineError, FailureKind};
+pub use error::{is_disk_failure, panic_message, EngineError, FailureKind};
 pub use evaluate::{evaluate_export, export_info, ExportInfo};
 pub use export::{MODEL_CONFIG_FILE, MODEL_WEIGHTS_FILE, PROVENANCE_FILE};
 pub use job::{Control, Event, Resume, TrainJob, TrainOutcome};
@@ -126,6 +130,44 @@ impl Engine {
             FrozenBase::Encoder(base) => train_alone(base, self.device, job, on_event),
             FrozenBase::Decoder(base) => train_alone(base, self.device, job, on_event),
         }
+    }
+
+    /// Trains `job` data parallel over `devices`, one rank per device, each
+    /// on its own thread (this one for rank 0) with its share of every batch
+    /// (see `train/parallel.rs`): the outcome, the reported metrics and the
+    /// export are those of one device training on the whole batch (up to
+    /// float rounding; dropout masks aside). Ranks on this engine's device
+    /// share its model cache; ranks on other devices get one each. Each
+    /// rank's libtorch work takes an equal part of this engine's threads.
+    /// One device trains as [`Engine::train`] does.
+    pub fn train_data_parallel(
+        &mut self,
+        model_dir: &Path,
+        job: &TrainJob,
+        devices: &[tch::Device],
+        on_event: &mut dyn FnMut(Event<'_>) -> Control,
+    ) -> Result<TrainOutcome, EngineError> {
+        if devices.len() <= 1 && devices.iter().all(|&d| d == self.device) {
+            return self.train(model_dir, job, on_event);
+        }
+        let mut caches: Vec<Arc<ModelCache>> = vec![self.cache.clone()];
+        let ranks = parallel::group(devices)?
+            .into_iter()
+            .zip(devices)
+            .map(|(comm, &device)| {
+                let cache = match caches.iter().find(|c| c.device() == device) {
+                    Some(cache) => cache.clone(),
+                    None => {
+                        let cache = Arc::new(ModelCache::new(device, None));
+                        caches.push(cache.clone());
+                        cache
+                    }
+                };
+                parallel::Rank { cache, comm }
+            })
+            .collect();
+        let threads = (self.threads / devices.len() as i32).max(1);
+        parallel::train_ranks(ranks, threads, model_dir, job, on_event)
     }
 
     /// Trains jobs on the base model in `model_dir` in packed steps (see

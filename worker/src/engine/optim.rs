@@ -135,6 +135,12 @@ impl AdamW {
         self.groups.iter().flat_map(|g| g.params.iter()).map(|slot| slot.param.grad()).collect()
     }
 
+    /// Every tensor this optimizer updates, in the order of
+    /// [`AdamW::state_tensors`].
+    pub fn params(&self) -> Vec<Tensor> {
+        self.groups.iter().flat_map(|g| g.params.iter()).map(|slot| slot.param.shallow_clone()).collect()
+    }
+
     /// Clears the gradients of every tensor this optimizer updates.
     pub fn zero_grad(&mut self) {
         for slot in self.groups.iter_mut().flat_map(|g| g.params.iter_mut()) {

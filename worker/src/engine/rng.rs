@@ -32,6 +32,12 @@ impl DropoutStream {
         Self { seed: seed as u64, draws: Rc::new(Cell::new(0)) }
     }
 
+    /// The stream of data-parallel rank `rank` for the same step: its own
+    /// seed, so ranks draw unrelated masks for their shares.
+    pub fn for_rank(&self, rank: usize) -> Self {
+        Self::new(mix(self.seed, rank as u64))
+    }
+
     /// Reseeds libtorch's generator for the stream's next draw.
     fn reseed(&self) {
         let n = self.draws.get();

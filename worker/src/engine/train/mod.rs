@@ -12,6 +12,7 @@
 //! tensors are frozen and never handed to the optimizer.
 
 pub mod loss_scale;
+mod parallel;
 mod progress;
 mod task;
 
@@ -19,6 +20,7 @@ use std::time::Instant;
 
 use tch::nn;
 
+pub(crate) use self::parallel::drive_rank;
 pub(crate) use self::progress::{Flow, Progress};
 pub use self::progress::{optimizer_for, step_seed};
 pub(crate) use self::task::{eval_batch_size, PlannedStep, TaskRun};

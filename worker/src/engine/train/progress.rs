@@ -124,19 +124,10 @@ impl Progress {
         task: &dyn TaskRun,
         on_event: &mut dyn FnMut(Event<'_>) -> Control,
     ) -> Result<Flow, EngineError> {
-        let t = &self.job.spec.training;
-        let apply = match self.scaler.as_mut() {
-            Some(scaler) => scaler.unscale(&mut self.optimizer.grads()) == ScaledStep::Apply,
-            None => true,
-        };
-        if apply {
-            self.optimizer.step(planned.lr_factor);
-        }
-        self.step += 1;
-        crate::engine::liveness::beat();
-        let (step, total_steps) = (self.step, self.total_steps);
-        crate::faults::at(crate::faults::Point::Step, &self.job.spec.name, step).map_err(|e| EngineError::io(Path::new("fault"), e))?;
         let loss = f64::try_from(loss)?;
+        self.advance(planned, loss, 0)?;
+        let t = &self.job.spec.training;
+        let (step, total_steps) = (self.step, self.total_steps);
         let metrics = [
             Metric::new(step, MetricKind::Train, "loss", loss),
             Metric::new(step, MetricKind::Train, "learning_rate", t.learning_rate * planned.lr_factor),
@@ -144,17 +135,6 @@ impl Progress {
             Metric::new(step, MetricKind::Train, "pack_jobs", pack_jobs as f64),
         ];
         tracing::debug!(step, total_steps, loss, epoch = self.batches.epoch(), "step");
-        match &self.scaler {
-            // A float16 overflow skips the step; only a run of them is divergence.
-            Some(scaler) if !apply => {
-                tracing::debug!(job = %self.job.spec.name, step, loss_scale = scaler.scale(), "gradients overflowed; step skipped");
-                if scaler.skipped_in_a_row() >= MAX_SKIPPED_IN_A_ROW {
-                    return Err(EngineError::Diverged { step, loss });
-                }
-            }
-            _ if !loss.is_finite() => return Err(EngineError::Diverged { step, loss }),
-            _ => {}
-        }
         let mut control = on_event(Event::Step { step, total_steps, metrics: &metrics });
         if control == Control::Stop {
             return Ok(Flow::Stopped(self.stopped(false)));
@@ -188,6 +168,43 @@ impl Progress {
             return Ok(Flow::Stopped(self.stopped(true)));
         }
         Ok(Flow::Continue)
+    }
+
+    /// Applies the step whose gradients are in place (unscaled first on a
+    /// float16 base, where an overflow skips the update), counts it, and
+    /// fails when the step's `loss` diverged. `rank` is the data-parallel
+    /// rank taking the step (0 alone), for the fault hooks.
+    pub(crate) fn advance(&mut self, planned: &PlannedStep, loss: f64, rank: usize) -> Result<(), EngineError> {
+        let apply = match self.scaler.as_mut() {
+            Some(scaler) => scaler.unscale(&mut self.optimizer.grads()) == ScaledStep::Apply,
+            None => true,
+        };
+        if apply {
+            self.optimizer.step(planned.lr_factor);
+        }
+        self.step += 1;
+        crate::engine::liveness::beat();
+        let step = self.step;
+        crate::faults::at_rank(crate::faults::Point::Step, &self.job.spec.name, step, rank)
+            .map_err(|e| EngineError::io(Path::new("fault"), e))?;
+        match &self.scaler {
+            // A float16 overflow skips the step; only a run of them is divergence.
+            Some(scaler) if !apply => {
+                tracing::debug!(job = %self.job.spec.name, step, loss_scale = scaler.scale(), "gradients overflowed; step skipped");
+                if scaler.skipped_in_a_row() >= MAX_SKIPPED_IN_A_ROW {
+                    return Err(EngineError::Diverged { step, loss });
+                }
+            }
+            _ if !loss.is_finite() => return Err(EngineError::Diverged { step, loss }),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The tensors the optimizer updates, in a fixed order (the same on
+    /// every rank of a data-parallel run).
+    pub(crate) fn params(&self) -> Vec<Tensor> {
+        self.optimizer.params()
     }
 
     /// The outcome of a run stopped (or suspended) after the current step.

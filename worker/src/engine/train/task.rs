@@ -22,6 +22,13 @@ pub(crate) trait TaskRun {
     /// with dropout drawn from the plan's stream where the task supports it;
     /// returns the batch's mean loss, detached.
     fn backward(&self, plan: &PlannedStep) -> Tensor;
+    /// How many terms the mean training loss of the examples `indices`
+    /// averages: one per example, or per labelled token for a task whose
+    /// loss is a mean over tokens. A data-parallel rank weights its share's
+    /// mean loss by its share of the batch's terms.
+    fn loss_terms(&self, indices: &[usize]) -> usize {
+        indices.len()
+    }
     /// Evaluates every evaluation example, without gradients.
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError>;
     /// Writes the export of the job's variables `vars` into `out_dir`.

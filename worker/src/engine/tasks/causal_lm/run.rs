@@ -12,7 +12,7 @@ use tch::{nn, Device, Tensor};
 use super::data::{LmBatch, LmData};
 use super::evaluate::evaluate_bleu;
 use super::generate::GenerationConfig;
-use super::model::{evaluate_loss, LmAdapter};
+use super::model::{evaluate_loss, LmAdapter, IGNORE_INDEX};
 use super::pass::{packed_train_losses, LmMember};
 use crate::engine::error::EngineError;
 use crate::engine::export::{self, MODEL_CONFIG_FILE};
@@ -160,6 +160,15 @@ impl TaskRun for LmRun<'_> {
 
     fn backward(&self, plan: &PlannedStep) -> Tensor {
         backward_alone(self, plan)
+    }
+
+    /// The target tokens: every labelled position but a sequence's first,
+    /// which nothing predicts unless a prompt stands in front of it.
+    fn loss_terms(&self, indices: &[usize]) -> usize {
+        let prompted = tch::no_grad(|| LmAdapter::from(&self.adapter.draw(1, false)).prompt_len() > 0);
+        let skip = usize::from(!prompted);
+        let targets = |labels: &[i64]| labels.iter().skip(skip).filter(|&&l| l != IGNORE_INDEX).count();
+        indices.iter().map(|&i| targets(&self.data.train[i].labels)).sum()
     }
 
     /// The loss on each input's first reference, corpus BLEU of the decoded

@@ -128,6 +128,18 @@ impl ClassifierData {
         }
     }
 
+    /// How many terms the mean loss of the training examples `indices`
+    /// averages: the examples, or their labelled tokens.
+    pub fn loss_terms(&self, indices: &[usize]) -> usize {
+        match self {
+            Self::Sequence(_) => indices.len(),
+            Self::Token(data) => {
+                let labels = data.train_batch(indices, Device::Cpu).labels;
+                i64::try_from(labels.ne(-100).sum(tch::Kind::Int64)).map_or(0, |n| n as usize)
+            }
+        }
+    }
+
     /// Mean loss of a batch's logits: cross-entropy over the examples, or
     /// over the labelled tokens.
     pub fn loss(&self, logits: &Tensor, labels: &Tensor) -> Tensor {

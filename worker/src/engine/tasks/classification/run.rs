@@ -158,6 +158,10 @@ impl TaskRun for ClassifierRun<'_> {
         backward_alone(self, plan)
     }
 
+    fn loss_terms(&self, indices: &[usize]) -> usize {
+        self.data.loss_terms(indices)
+    }
+
     fn evaluate(&self, step: u64) -> Result<TaskEvaluation, EngineError> {
         Ok(self.data.evaluate(&self.model, &self.base.encoder, self.eval_batch_size, self.device, step))
     }
