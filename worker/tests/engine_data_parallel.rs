@@ -78,7 +78,7 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, devices: u32,
 /// outcome and every reported metric.
 fn train(model_dir: &Path, job: &TrainJob, devices: &[Device]) -> (TrainOutcome, Vec<Metric>) {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut engine = Engine::new(Device::Cpu);
+    let mut engine = Engine::new(devices[0]);
     let mut seen = Vec::new();
     let mut on_event = |event: Event<'_>| {
         match event {
@@ -94,6 +94,22 @@ fn train(model_dir: &Path, job: &TrainJob, devices: &[Device]) -> (TrainOutcome,
     (outcome.expect("training succeeds"), seen)
 }
 
+/// The two ranks' devices: `PTUNE_TEST_DEVICES` (`cuda:0,cuda:1` on a
+/// machine with two GPUs, as `scripts/gpu-check.sh` sets it), else both on
+/// the CPU. The one-device run trains on the first.
+fn rank_devices() -> Vec<Device> {
+    let names = std::env::var("PTUNE_TEST_DEVICES").unwrap_or_else(|_| "cpu,cpu".into());
+    let devices: Vec<Device> = names
+        .split(',')
+        .map(|name| match name.trim() {
+            "cpu" => Device::Cpu,
+            cuda => Device::Cuda(cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok()).expect("cpu or cuda:N")),
+        })
+        .collect();
+    assert_eq!(devices.len(), 2, "PTUNE_TEST_DEVICES names two devices, got {names:?}");
+    devices
+}
+
 fn export_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(dir.join(ADAPTER_WEIGHTS_FILE)).unwrap().into_iter().collect()
 }
@@ -107,8 +123,9 @@ fn check_two_ranks_match_one_device(jobs: &[(&str, &str, Value, f64, u32)]) {
     for (name, method, peft, lr, batch) in jobs {
         let alone = job(name, method, peft.clone(), *lr, *batch, 1, dir.path());
         let parallel = job(name, method, peft.clone(), *lr, *batch, 2, dir.path());
-        let (alone_outcome, alone_metrics) = train(&model_dir, &alone, &[Device::Cpu]);
-        let (parallel_outcome, parallel_metrics) = train(&model_dir, &parallel, &[Device::Cpu, Device::Cpu]);
+        let ranks = rank_devices();
+        let (alone_outcome, alone_metrics) = train(&model_dir, &alone, &ranks[..1]);
+        let (parallel_outcome, parallel_metrics) = train(&model_dir, &parallel, &ranks);
         assert_eq!((parallel_outcome.steps, parallel_outcome.stopped), (STEPS, false), "{name}");
 
         let losses = |metrics: &[Metric]| -> Vec<(u64, MetricKind, String, f64)> {

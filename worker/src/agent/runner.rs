@@ -45,8 +45,8 @@ pub struct RunRequest {
     pub model_dir: PathBuf,
     pub job: TrainJob,
     /// The devices the lease gave the job, this pool's device first. Runs
-    /// train on this pool's device; a data-parallel job (several devices)
-    /// trains on the first of them for now.
+    /// train on this pool's device; a data-parallel job (`training.devices`
+    /// above 1) runs one rank on each.
     pub devices: Vec<tch::Device>,
     pub directive: super::Directive,
     pub updates: UnboundedSender<RunUpdate>,
@@ -323,10 +323,6 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
             }
             Control::Continue | Control::Finish => {}
         }
-        if request.devices.len() > 1 {
-            tracing::warn!(devices = ?request.devices,
-                           "this worker cannot train one job on several devices yet; it trains on the first");
-        }
         let model_dir = request.model_dir.clone();
         let key = request.pack_key().filter(|_| shared.limits.max_jobs > 1);
         let mut ends: Vec<RunEnd> = Vec::new();
@@ -359,11 +355,9 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
                 trained
             }
             None => {
+                let devices = rank_devices(&request, engine.device());
                 let (mut job, end) = request.into_pack_job(index);
                 let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    // One rank per device; until a run leases several,
-                    // its ranks share this engine's device.
-                    let devices = vec![engine.device(); job.job.spec.training.devices.max(1) as usize];
                     let result = engine.train_data_parallel(&model_dir, &job.job, &devices, &mut job.on_event);
                     (job.on_done)(result);
                 }));
@@ -380,4 +374,16 @@ fn engine_thread(index: usize, mut engine: Engine, shared: &Shared) {
         }
     }
     tracing::warn!(thread = format!("engine-{index}"), "an abandoned engine thread woke up and exits");
+}
+
+/// One device per rank of `request`'s job: the lease's devices when it
+/// named as many as the job asks for; otherwise (a coordinator that names
+/// no devices) every rank on `own`, the engine's device.
+fn rank_devices(request: &RunRequest, own: tch::Device) -> Vec<tch::Device> {
+    let ranks = request.job.spec.training.devices.max(1) as usize;
+    if request.devices.len() == ranks {
+        request.devices.clone()
+    } else {
+        vec![own; ranks]
+    }
 }
