@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
 use crate::limits::StreamLimits;
@@ -146,7 +147,7 @@ impl Coordinator {
                 .add_service(worker_service)
                 .add_service(sweep_service)
                 .add_service(admin_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stop_signal(stopped.clone())),
+                .serve_with_incoming_shutdown(without_delay(grpc_listener), stop_signal(stopped.clone())),
         );
         let guard = dashboard::guard::GuardSettings {
             allowed_hosts: allowed_hosts(&config, http_addr),
@@ -362,4 +363,15 @@ async fn finish<T>(what: &str, mut task: JoinHandle<T>) -> Option<T> {
 
 async fn stop_signal(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// The gRPC connections `listener` accepts, each with Nagle's algorithm off
+/// (TCP_NODELAY), as tonic sets it on listeners it binds itself but not on
+/// an incoming stream handed to it. With it on, an answer written in more
+/// than one piece waits for the client's delayed acknowledgement: about
+/// 40 ms added to calls such as a page of ListJobs.
+fn without_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| accepted.and_then(|stream| stream.set_nodelay(true).map(|()| stream)))
 }
