@@ -123,17 +123,6 @@ fn step_share(event: Event<'_>) -> f64 {
     8.0 / value("examples_per_second").expect("a step's throughput") / value("pack_jobs").unwrap_or(1.0)
 }
 
-/// `cpu` or `cuda:N`.
-fn parse_device(name: &str) -> tch::Device {
-    match name {
-        "cpu" => tch::Device::Cpu,
-        cuda => match cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(index) => tch::Device::Cuda(index),
-            None => panic!("--device {cuda:?}: expected cpu or cuda:N"),
-        },
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut kind = Kind::Sst2Prompt;
@@ -142,7 +131,7 @@ fn main() -> anyhow::Result<()> {
         let value = args.get(1).unwrap_or_else(|| panic!("{flag} needs a value")).clone();
         match flag.as_str() {
             "--kind" => kind = Kind::parse(&value),
-            "--device" => device = parse_device(&value),
+            "--device" => device = ptune_worker::agent::devices::parse(&value).unwrap_or_else(|e| panic!("--device: {e}")),
             other => panic!("unknown flag {other}; --kind KIND or --device DEVICE"),
         }
         args.drain(..2);

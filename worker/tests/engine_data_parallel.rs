@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{Control, Engine, Event, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE};
 use serde_json::{json, Value};
-use support::engine::{shared_data_job, SERIAL};
+use support::engine::{parse_device, shared_data_job, small_classification_data, SERIAL};
 use support::paths::minilm_dir;
 use tch::{Device, Tensor};
 
@@ -46,21 +46,7 @@ fn minilm_without_dropout(dir: &Path) -> PathBuf {
 /// and `peft`, learning rate `lr`, batch size `batch`, on `devices` devices,
 /// evaluated every 8 steps on 32 dev examples.
 fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, devices: u32, out: &Path) -> TrainJob {
-    let (task, dataset, data) = if name.starts_with("ner") {
-        let labels = ["O", "B-corporation", "B-creative-work", "B-group", "B-location", "B-person", "B-product",
-                      "I-corporation", "I-creative-work", "I-group", "I-location", "I-person", "I-product"];
-        let data = json!({
-            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "tokens", "label_field": "tags",
-            "labels": labels, "max_seq_len": 48, "max_train_examples": 96, "max_eval_examples": 32,
-        });
-        ("token_classification", "ner", data)
-    } else {
-        let data = json!({
-            "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 48,
-            "max_train_examples": 96, "max_eval_examples": 32,
-        });
-        ("sequence_classification", "sst2", data)
-    };
+    let (task, dataset, data) = small_classification_data(name.starts_with("ner"));
     let spec = json!({
         "name": name, "base_model": "all-MiniLM-L6-v2", "task": task, "method": method, "peft": peft,
         "data": data,
@@ -99,13 +85,7 @@ fn train(model_dir: &Path, job: &TrainJob, devices: &[Device]) -> (TrainOutcome,
 /// the CPU. The one-device run trains on the first.
 fn rank_devices() -> Vec<Device> {
     let names = std::env::var("PTUNE_TEST_DEVICES").unwrap_or_else(|_| "cpu,cpu".into());
-    let devices: Vec<Device> = names
-        .split(',')
-        .map(|name| match name.trim() {
-            "cpu" => Device::Cpu,
-            cuda => Device::Cuda(cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok()).expect("cpu or cuda:N")),
-        })
-        .collect();
+    let devices: Vec<Device> = names.split(',').map(|name| parse_device(name.trim())).collect();
     assert_eq!(devices.len(), 2, "PTUNE_TEST_DEVICES names two devices, got {names:?}");
     devices
 }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use support::engine::{shared_data_job, synthetic_data_job, train_on, SERIAL};
+use support::engine::{shared_data_job, small_classification_data, synthetic_data_job, train_on, SERIAL};
 use support::paths::minilm_dir;
 use ptune_core::{JobSpec, Metric, MetricKind, Pooling};
 use ptune_worker::engine::{
@@ -34,22 +34,7 @@ const TOLERANCE: f64 = 1e-5;
 /// `ner`): `method` with `peft`, learning rate `lr`, batch size `batch`,
 /// `steps` steps, evaluated every 4 steps on 32 dev examples.
 fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, out: &Path) -> TrainJob {
-    let ner = name.starts_with("ner");
-    let (task, dataset, data) = if ner {
-        let labels = ["O", "B-corporation", "B-creative-work", "B-group", "B-location", "B-person", "B-product",
-                      "I-corporation", "I-creative-work", "I-group", "I-location", "I-person", "I-product"];
-        let data = json!({
-            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "tokens", "label_field": "tags",
-            "labels": labels, "max_seq_len": 48, "max_train_examples": 96, "max_eval_examples": 32,
-        });
-        ("token_classification", "ner", data)
-    } else {
-        let data = json!({
-            "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 48,
-            "max_train_examples": 96, "max_eval_examples": 32,
-        });
-        ("sequence_classification", "sst2", data)
-    };
+    let (task, dataset, data) = small_classification_data(name.starts_with("ner"));
     let spec = json!({
         "name": name, "base_model": "all-MiniLM-L6-v2", "task": task,
         "method": method, "peft": peft,

@@ -92,8 +92,8 @@ pub fn resolve(choice: &str, memory_cap: Option<u64>) -> anyhow::Result<Vec<Work
     Ok(devices)
 }
 
-/// The tch device a name stands for.
-fn parse(name: &str) -> anyhow::Result<tch::Device> {
+/// The tch device a name (`cpu` or `cuda:N`) stands for.
+pub fn parse(name: &str) -> anyhow::Result<tch::Device> {
     let bad = || {
         anyhow::anyhow!("devices: {name:?} is not a device; use auto, cpu, or a comma-separated list of cuda:N (e.g. cuda:0,cuda:1)")
     };

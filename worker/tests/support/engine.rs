@@ -16,14 +16,15 @@ pub static SERIAL: Mutex<()> = Mutex::new(());
 /// The device the engine tests train on: `PTUNE_TEST_DEVICE` (`cpu`, the
 /// default, or `cuda:N`, as `scripts/gpu-check.sh` sets it).
 pub fn device() -> Device {
-    let name = std::env::var("PTUNE_TEST_DEVICE").unwrap_or_default();
-    match name.trim() {
-        "" | "cpu" => Device::Cpu,
-        cuda => {
-            let index = cuda.strip_prefix("cuda:").and_then(|i| i.parse().ok());
-            Device::Cuda(index.unwrap_or_else(|| panic!("PTUNE_TEST_DEVICE {cuda:?}: expected cpu or cuda:N")))
-        }
+    match std::env::var("PTUNE_TEST_DEVICE").unwrap_or_default().trim() {
+        "" => Device::Cpu,
+        name => parse_device(name),
     }
+}
+
+/// `cpu` or `cuda:N` as the worker's `--devices` reads it; panics on another name.
+pub fn parse_device(name: &str) -> Device {
+    ptune_worker::agent::devices::parse(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub use super::paths::{minilm_dir, workspace};
@@ -37,6 +38,28 @@ pub fn shared_data_job(spec: JobSpec, dataset: &str, out_dir: PathBuf, checkpoin
 /// A job on a made-up dataset shaped like `dataset` (see [`super::synthetic`]).
 pub fn synthetic_data_job(spec: JobSpec, dataset: &str, out_dir: PathBuf, checkpoint_dir: Option<PathBuf>, resume: Resume) -> TrainJob {
     data_job(spec, &super::synthetic::dataset(dataset), out_dir, checkpoint_dir, resume)
+}
+
+/// The task, `../shared/data` folder and `data` section of a small job:
+/// SST-2 sentiment, or WNUT-17 entity tagging when `ner`; 96 training and
+/// 32 dev examples of at most 48 tokens.
+pub fn small_classification_data(ner: bool) -> (&'static str, &'static str, serde_json::Value) {
+    use serde_json::json;
+    if ner {
+        let labels = ["O", "B-corporation", "B-creative-work", "B-group", "B-location", "B-person", "B-product",
+                      "I-corporation", "I-creative-work", "I-group", "I-location", "I-person", "I-product"];
+        let data = json!({
+            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "tokens", "label_field": "tags",
+            "labels": labels, "max_seq_len": 48, "max_train_examples": 96, "max_eval_examples": 32,
+        });
+        ("token_classification", "ner", data)
+    } else {
+        let data = json!({
+            "train": "train.jsonl", "eval": "dev.jsonl", "labels": [0, 1], "max_seq_len": 48,
+            "max_train_examples": 96, "max_eval_examples": 32,
+        });
+        ("sequence_classification", "sst2", data)
+    }
 }
 
 /// A job on `data/train.jsonl` and `data/dev.jsonl`.
