@@ -6,9 +6,14 @@
 //! [`EventHub`], so `WatchJob` and the dashboard on any replica see work
 //! reported to any other.
 //!
+//! It also wakes the `LeaseJob` calls waiting for work when a job becomes
+//! leasable (`ptune_work`), and drops cached rows that changed
+//! (`ptune_cache`, `store/cache.rs`).
+//!
 //! Notifications are not replayed. When the listening connection drops, the
 //! hub is told to resync ([`HubEventKind::Resync`]): every watcher re-reads
-//! its job, and the relay listens again once the database answers.
+//! its job; the store's cache is emptied and read through; and the relay
+//! listens again once the database answers.
 
 use std::time::Duration;
 
@@ -26,6 +31,8 @@ use crate::store::Store;
 pub const CHANNEL: &str = "ptune_events";
 /// The channel of jobs becoming leasable (migration 0013).
 pub const WORK_CHANNEL: &str = "ptune_work";
+/// The channel of cached rows that changed (migration 0017, `store/cache.rs`).
+pub const CACHE_CHANNEL: &str = "ptune_cache";
 /// Wait before listening again after the connection failed.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -38,6 +45,7 @@ pub fn spawn(store: Store, hub: EventHub, work: WorkSignal, mut stop: watch::Rec
                 () = listen(&store, &hub, &work) => {}
             }
             hub.resync();
+            store.distrust_cache();
             tokio::select! {
                 _ = stop.wait_for(|stopped| *stopped) => return,
                 () = tokio::time::sleep(RETRY) => {}
@@ -55,17 +63,24 @@ async fn listen(store: &Store, hub: &EventHub, work: &WorkSignal) {
             return;
         }
     };
-    if let Err(e) = listener.listen_all([CHANNEL, WORK_CHANNEL]).await {
+    if let Err(e) = listener.listen_all([CHANNEL, WORK_CHANNEL, CACHE_CHANNEL]).await {
         warn!(error = %e, "cannot listen for other coordinators' events; retrying");
         return;
     }
     info!(channel = CHANNEL, "listening for other coordinators' job events");
     // Whatever happened while nobody listened is read again.
     hub.resync();
+    store.trust_cache();
     work.wake();
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) if notification.channel() == WORK_CHANNEL => work.wake(),
+            Ok(Some(notification)) if notification.channel() == CACHE_CHANNEL => {
+                if !store.forget_cached(notification.payload()) {
+                    warn!(payload = notification.payload(), "unreadable cache notification; emptying the cache");
+                    store.trust_cache();
+                }
+            }
             Ok(Some(notification)) => relay(store, hub, &notification).await,
             Ok(None) => {
                 warn!("the event listener's connection dropped; watchers re-read their jobs");

@@ -300,18 +300,24 @@ impl Terminal for JobState {
     }
 }
 
+/// Starts worker "w1" and waits until it has asked for work.
+async fn asking_worker(cluster: &Cluster, pool: &sqlx::PgPool) -> WorkerProcess {
+    let worker = cluster.spawn_worker("w1");
+    let asked = "SELECT count(*) FROM workers WHERE polled_at IS NOT NULL";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(asked).fetch_one(pool).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the worker never asked for work:\n{}", cluster.worker_log("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_long_polls_and_the_call_waiting_when_a_job_is_submitted_leases_it() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;
     let pool = sqlx::PgPool::connect(&cluster.db.url).await.unwrap();
-    let _worker = cluster.spawn_worker("w1");
-    let asked = "SELECT count(*) FROM workers WHERE polled_at IS NOT NULL";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sqlx::query_scalar::<_, i64>(asked).fetch_one(&pool).await.unwrap() == 0 {
-        assert!(Instant::now() < deadline, "the worker never asked for work:\n{}", cluster.worker_log("w1"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _worker = asking_worker(&cluster, &pool).await;
 
     let job = submit_sst2(&mut client, 40).await;
     wait_for(&mut client, &job.id, Duration::from_secs(60), "running", |j| state(j) != JobState::Queued).await;
@@ -329,6 +335,50 @@ async fn an_idle_worker_long_polls_and_the_call_waiting_when_a_job_is_submitted_
     assert!(before, "the call that leased the job asked at {asked_at}, after it was queued at {queued_at}");
     let done = wait_for(&mut client, &job.id, Duration::from_secs(240), "finished", |j| state(j).is_terminal()).await;
     assert_eq!(state(&done), JobState::Succeeded, "{}", done.error);
+}
+
+/// Heartbeat calls the coordinator has answered, from its `/metrics`.
+async fn heartbeats_answered(cluster: &Cluster) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = cluster.coordinator.as_ref().unwrap().http_addr;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        cluster.tokens.admin
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .lines()
+        .filter(|l| l.starts_with("ptune_grpc_requests_total{") && l.contains("method=\"Heartbeat\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_sends_no_heartbeats_stays_online_and_registers_again_when_forgotten() {
+    let cluster = Cluster::start(Duration::from_secs(2)).await;
+    let mut client = cluster.client().await;
+    let pool = sqlx::PgPool::connect(&cluster.db.url).await.unwrap();
+    let _worker = asking_worker(&cluster, &pool).await;
+
+    // 4 s idle: heartbeats were due every 300 ms, its lease calls keep it online instead.
+    let before = heartbeats_answered(&cluster).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let workers = client.list_workers(v1::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
+        assert!(workers.iter().all(|w| w.online), "an idle worker went offline (lease timeout 2 s): {workers:?}");
+    }
+    assert_eq!(heartbeats_answered(&cluster).await - before, 0, "an idle worker heartbeat");
+
+    // The coordinator forgets it (say, a database restored from a backup): its next lease call registers it again.
+    sqlx::query("DELETE FROM workers").execute(&pool).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM workers").fetch_one(&pool).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the forgotten worker never registered again:\n{}", cluster.worker_log("w1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Uploads SST-2 and submits a prompt-tuning job of `max_steps` on it.

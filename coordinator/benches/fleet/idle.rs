@@ -1,10 +1,13 @@
-//! An idle fleet: workers registered, heartbeating at the coordinator's
-//! interval and asking for work that never comes, against one coordinator
-//! on a fresh database. Measures what they cost while nothing happens (the
-//! coordinator's and PostgreSQL's CPU as a fraction of one core) when they
-//! long-poll (`LeaseJob` waits up to 5 s) and when they poll every 250 ms
-//! (how workers asked before long-polling), one after the other in the
-//! same run.
+//! An idle fleet: workers registered and asking for work that never comes,
+//! against one coordinator on a fresh database. Measures what they cost
+//! while nothing happens (the coordinator's and PostgreSQL's CPU as a
+//! fraction of one core) in three modes, one after the other in the same
+//! run, after the floor (the same coordinator with no worker at all): as
+//! workers ask now (long-poll, `LeaseJob` waiting up to 5 s, and no
+//! heartbeat while holding no lease), long-polling with a heartbeat every
+//! interval (workers before), and polling every 250 ms with heartbeats
+//! (workers before long-polling). `PTUNE_FLEET_COORDINATOR_BIN` runs
+//! another coordinator binary, such as one built from an earlier commit.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +40,14 @@ struct IdleRun {
 pub async fn run(settings: &Settings) -> anyhow::Result<Vec<String>> {
     let mut runs = Vec::new();
     let mut violations = Vec::new();
-    for (mode, wait_ms) in [("long-poll (wait up to 5 s)", 5000), ("poll every 250 ms", 0)] {
-        let (run, failed) = measure_mode(settings, mode, wait_ms).await?;
+    let modes = [
+        ("no workers: the coordinator's own background work (the floor)", 0, 5000, false),
+        ("long-poll, no heartbeat while idle (workers now)", settings.idle, 5000, false),
+        ("long-poll, heartbeat every interval", settings.idle, 5000, true),
+        ("poll every 250 ms, heartbeat every interval", settings.idle, 0, true),
+    ];
+    for (mode, workers, wait_ms, heartbeats) in modes {
+        let (run, failed) = measure_mode(settings, mode, workers, wait_ms, heartbeats).await?;
         runs.push(run);
         violations.extend(failed);
     }
@@ -62,14 +71,20 @@ pub async fn run(settings: &Settings) -> anyhow::Result<Vec<String>> {
     Ok(violations)
 }
 
-async fn measure_mode(settings: &Settings, mode: &'static str, wait_ms: u32) -> anyhow::Result<(IdleRun, Vec<String>)> {
+async fn measure_mode(
+    settings: &Settings,
+    mode: &'static str,
+    idle: usize,
+    wait_ms: u32,
+    heartbeat_when_idle: bool,
+) -> anyhow::Result<(IdleRun, Vec<String>)> {
     let db = fresh_database().await?;
     let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
     let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
-    let coordinator = CoordinatorProcess::start(env!("CARGO_BIN_EXE_ptune-coordinator"), &db.url, &[], &[])?;
+    let coordinator = CoordinatorProcess::start(&settings.coordinator_bin, &db.url, &[], &[])?;
     coordinator.wait_until_serving(&admin).await?;
-    let fleet = Arc::new(Fleet::new(settings.idle, 0, 1, 1, wait_ms));
-    let registered: Vec<_> = futures::stream::iter(0..settings.idle)
+    let fleet = Arc::new(Fleet { heartbeat_when_idle, ..Fleet::new(idle, 0, 1, 1, wait_ms) });
+    let registered: Vec<_> = futures::stream::iter(0..idle)
         .map(|i| worker::register(WorkerServiceClient::new(channel(&coordinator.url, &worker_token)), i, 1))
         .buffered(REGISTRATIONS_IN_FLIGHT)
         .collect()

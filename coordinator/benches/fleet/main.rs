@@ -16,20 +16,22 @@
 //!
 //!   PTUNE_FLEET_COORDINATORS   coordinator counts, one run each (default 1; e.g. 1,2,3)
 //!   PTUNE_FLEET_WORKERS        simulated workers (default 50)
-//!   PTUNE_FLEET_JOBS           jobs submitted (default 2000)
+//!   PTUNE_FLEET_JOBS           jobs submitted (default 2000; 0: only the idle phase)
 //!   PTUNE_FLEET_STEPS          steps reported per job (default 1)
 //!   PTUNE_FLEET_PACK           jobs a worker leases and trains together (default 1)
 //!   PTUNE_FLEET_PROGRESS       progress modes, one run each (default single): `single` (one
 //!                              ReportProgress call per job and step, as before batching), `batch`
 //!                              (one ReportProgressBatch call per step of a pack); e.g. single,batch
-//!   PTUNE_FLEET_IDLE           then idle workers, registered, heartbeating and asking for work that
-//!                              never comes (default 0: none): coordinator and PostgreSQL CPU over
-//!                              PTUNE_FLEET_IDLE_S (default 60) with long-polls, then with 250 ms polls
+//!   PTUNE_FLEET_IDLE           then idle workers, registered and asking for work that never comes
+//!                              (default 0: none): coordinator and PostgreSQL CPU over
+//!                              PTUNE_FLEET_IDLE_S (default 60) as workers ask now, then as they asked
+//!                              before (see `idle.rs`)
 //!   PTUNE_FLEET_ADAPTER_BYTES  adapter size per CompleteJob (default 1024)
 //!   PTUNE_FLEET_LEASE_WAIT_MS  LeaseJob long-poll wait, as the worker sends it (default 5000; 0: answered
 //!                              at once, and the simulated worker polls every 250 ms, as before long-polling)
 //!   PTUNE_FLEET_SUBMIT_CONCURRENCY  SubmitJob calls in flight (default 8)
 //!   PTUNE_FLEET_TIMEOUT_S      longest work phase before it counts as failed (default 900)
+//!   PTUNE_FLEET_COORDINATOR_BIN  the coordinator binary to run (default: this build's)
 //!
 //! Needs the PostgreSQL server of the tests (`PTUNE_TEST_DATABASE_URL`).
 
@@ -74,6 +76,8 @@ pub(crate) struct Settings {
     lease_wait_ms: u32,
     submit_concurrency: usize,
     timeout: Duration,
+    /// The coordinator binary every run starts.
+    coordinator_bin: String,
 }
 
 impl Settings {
@@ -115,8 +119,14 @@ impl Settings {
             lease_wait_ms: var("PTUNE_FLEET_LEASE_WAIT_MS", 5000)?,
             submit_concurrency: var("PTUNE_FLEET_SUBMIT_CONCURRENCY", 8)?,
             timeout: Duration::from_secs(var("PTUNE_FLEET_TIMEOUT_S", 900)?),
+            coordinator_bin: std::env::var("PTUNE_FLEET_COORDINATOR_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ptune-coordinator").to_string()),
         };
-        anyhow::ensure!(settings.workers > 0 && settings.jobs > 0, "workers and jobs must be above 0");
+        anyhow::ensure!(
+            settings.jobs == 0 || settings.workers > 0,
+            "PTUNE_FLEET_WORKERS must be above 0 when there are jobs"
+        );
+        anyhow::ensure!(settings.jobs > 0 || settings.idle > 0, "nothing to run: no jobs and no idle workers");
         anyhow::ensure!(settings.pack > 0, "PTUNE_FLEET_PACK must be above 0");
         anyhow::ensure!(settings.submit_concurrency > 0, "PTUNE_FLEET_SUBMIT_CONCURRENCY must be above 0");
         Ok(settings)
@@ -154,7 +164,8 @@ async fn main() -> anyhow::Result<()> {
         settings.workers, settings.pack, settings.jobs, settings.steps, settings.adapter_bytes, settings.submit_concurrency
     );
     let mut reports = Vec::new();
-    for &n in &settings.coordinators {
+    // PTUNE_FLEET_JOBS=0 runs the idle phase alone.
+    for &n in settings.coordinators.iter().filter(|_| settings.jobs > 0) {
         for &batch in &settings.modes {
             let mut report = run(&settings, n, batch).await?;
             print_run(&settings, &mut report, cores);
@@ -182,7 +193,7 @@ async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Repor
     let db = fresh_database().await?;
     let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
     let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
-    let binary = env!("CARGO_BIN_EXE_ptune-coordinator");
+    let binary = &settings.coordinator_bin;
     let coordinators =
         (0..n).map(|_| CoordinatorProcess::start(binary, &db.url, &[], &[])).collect::<anyhow::Result<Vec<_>>>()?;
     for c in &coordinators {

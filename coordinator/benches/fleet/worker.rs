@@ -7,8 +7,9 @@
 //! batching did), or as one ReportProgressBatch call per step carrying every
 //! job of the pack. Training takes no time; when there is nothing to lease
 //! it long-polls, or with no wait asks again after 250 ms, as the agent did
-//! before long-polling. An idle worker ([`idle`]) only heartbeats and asks
-//! for work that never comes.
+//! before long-polling. A worker holding no lease heartbeats only when
+//! `Fleet::heartbeat_when_idle` (workers that long-poll do not, as the
+//! agent). An idle worker ([`idle`]) asks for work that never comes.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +29,8 @@ use crate::measure::{Calls, Rpc};
 pub const MODEL: &str = "tiny-bert";
 /// The real agent's wait before asking again when no job was leased.
 const IDLE_POLL: Duration = Duration::from_millis(250);
+/// The real agent's first and longest pause after a failed lease call.
+const LEASE_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 /// Bytes per gRPC message of an adapter upload, as the agent sends them.
 const MESSAGE_BYTES: usize = 256 * 1024;
 /// First error messages kept for the report.
@@ -43,6 +46,9 @@ pub struct Fleet {
     /// How long a LeaseJob call may wait at the coordinator (0: answered at
     /// once, and the worker polls every 250 ms).
     pub lease_wait_ms: u32,
+    /// Heartbeats also while holding no lease, as workers did before their
+    /// lease calls stood for their heartbeats.
+    pub heartbeat_when_idle: bool,
     pub adapter_bytes: usize,
     /// Completions the phase waits for.
     pub jobs: usize,
@@ -70,6 +76,8 @@ impl Fleet {
             pack: 1,
             batch: false,
             lease_wait_ms,
+            // Workers that long-poll no longer heartbeat while idle; those that polled did.
+            heartbeat_when_idle: lease_wait_ms == 0,
             adapter_bytes,
             jobs,
             workers,
@@ -161,6 +169,7 @@ async fn work(
     // As the real agent, it tells which models it holds: none until its first job.
     let mut loaded_models = Vec::new();
     let mut pack: Vec<v1::Lease> = Vec::new();
+    let mut retry_in = LEASE_RETRY.0;
     while !*done.borrow() {
         let request = v1::LeaseJobRequest {
             worker_id: id.to_string(),
@@ -176,11 +185,15 @@ async fn work(
         };
         calls.record(Rpc::LeaseJob, started, reply.is_ok());
         let lease = match reply {
-            Ok(reply) => reply.into_inner().lease,
+            Ok(reply) => {
+                retry_in = LEASE_RETRY.0;
+                reply.into_inner().lease
+            }
             Err(status) => {
                 fleet.error(Rpc::LeaseJob, &status);
-                // As the agent, it waits before asking again after an error.
-                tokio::time::sleep(IDLE_POLL).await;
+                // As the agent, it waits before asking again after an error, longer each time.
+                tokio::time::sleep(retry_in).await;
+                retry_in = (retry_in * 2).min(LEASE_RETRY.1);
                 None
             }
         };
@@ -338,6 +351,9 @@ async fn heartbeat(
             _ = done.wait_for(|d| *d) => return calls,
         }
         let leases = holding.lock().unwrap().clone();
+        if leases.is_empty() && !fleet.heartbeat_when_idle {
+            continue;
+        }
         let request = v1::HeartbeatRequest { worker_id: id.clone(), leases, ..Default::default() };
         let started = Instant::now();
         let reply = client.heartbeat(request).await;

@@ -96,6 +96,15 @@ struct Claimed {
     queued_secs: f64,
 }
 
+/// What [`Store::queue_outlook`] sees of the queue of some models.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueueOutlook {
+    /// Some job on them is queued, leasable now or not.
+    pub queued: bool,
+    /// How long until a queued job's retry time or spread window ends.
+    pub changes_in: Option<Duration>,
+}
+
 impl Store {
     /// Leases to `worker` the queued job [`placement::place`] picks among
     /// those on the offer's models whose retry time has passed. The job
@@ -108,6 +117,12 @@ impl Store {
         timeout: Duration,
     ) -> Result<Option<Lease>> {
         let started = Instant::now();
+        // An empty queue is seen without reading what placement weighs.
+        let mut first = Some(self.candidates(offer, &[], None).await?);
+        if first.as_ref().is_some_and(Vec::is_empty) {
+            self.metrics.observe_lease(started.elapsed(), None);
+            return Ok(None);
+        }
         let asker = Asker {
             loaded: offer.loaded.clone(),
             devices: offer.devices.clone(),
@@ -116,7 +131,7 @@ impl Store {
         let rivals = self.rivals(worker, &offer.models).await?;
         let mut taken = Vec::new();
         while taken.len() < MAX_CLAIMS {
-            let Some(pick) = self.pick(&asker, &rivals, offer, &taken).await? else { break };
+            let Some(pick) = self.pick(&asker, &rivals, offer, &taken, first.take()).await? else { break };
             match self.claim(worker, &pick, &taken, &asker, &rivals, timeout).await? {
                 Some((lease, queued_for)) => {
                     self.metrics.observe_lease(started.elapsed(), Some(queued_for));
@@ -130,17 +145,22 @@ impl Store {
     }
 
     /// The job placement picks, reading candidates a page at a time in the
-    /// order it prefers them, passing over `taken`.
+    /// order it prefers them, passing over `taken`; `first` is the first
+    /// page when already read (with the same `taken`).
     async fn pick(
         &self,
         asker: &Asker,
         rivals: &[Rival],
         offer: &WorkerOffer,
         taken: &[Uuid],
+        mut first: Option<Vec<Candidate>>,
     ) -> Result<Option<Candidate>> {
         let mut after: Option<Candidate> = None;
         loop {
-            let page = self.candidates(offer, taken, after.as_ref()).await?;
+            let page = match first.take() {
+                Some(page) => page,
+                None => self.candidates(offer, taken, after.as_ref()).await?,
+            };
             if let Some(pick) = placement::place(asker, rivals, &page) {
                 return Ok(Some(pick.job.clone()));
             }
@@ -151,14 +171,15 @@ impl Store {
         }
     }
 
-    /// How long until a queued job on one of `models` changes for placement
-    /// by time alone: its retry time passes, or its [`SPREAD_WINDOW`] ends
-    /// and any worker may take it. Nothing is notified then, so a lease call
-    /// waiting for work looks again at that time. `None` when no such job.
+    /// Whether any job on one of `models` is queued, leasable now or not,
+    /// and how long until one changes for placement by time alone: its
+    /// retry time passes, or its [`SPREAD_WINDOW`] ends and any worker may
+    /// take it. Nothing is notified then, so a lease call waiting for work
+    /// looks again at that time.
     #[instrument(skip_all)]
-    pub async fn next_leasable_in(&self, models: &[String]) -> Result<Option<Duration>> {
-        let secs: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(least( \
+    pub async fn queue_outlook(&self, models: &[String]) -> Result<QueueOutlook> {
+        let (queued, secs): (Option<bool>, Option<f64>) = sqlx::query_as(
+            "SELECT bool_or(true), extract(epoch FROM min(least( \
                  CASE WHEN retry_at > now() THEN retry_at END, \
                  CASE WHEN updated_at > now() - $2 * interval '1 millisecond' \
                       THEN updated_at + $2 * interval '1 millisecond' END)) - now())::float8 \
@@ -168,7 +189,10 @@ impl Store {
         .bind(millis(SPREAD_WINDOW))
         .fetch_one(&self.pool)
         .await?;
-        Ok(secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()))
+        Ok(QueueOutlook {
+            queued: queued.unwrap_or(false),
+            changes_in: secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
+        })
     }
 
     /// The jobs `worker` runs, with their estimates.

@@ -6,6 +6,7 @@
 pub mod admin;
 mod attempts;
 mod blobs;
+mod cache;
 mod checkpoints;
 mod counts;
 mod dashboard;
@@ -42,6 +43,7 @@ pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
 pub use jobs::CancelOutcome;
 pub use retention::RetentionBatch;
+pub use leasing::QueueOutlook;
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
@@ -141,7 +143,11 @@ pub struct Store {
     origin: Arc<str>,
     /// Where files' bytes go (`objects.rs`).
     files: Arc<objects::Files>,
+    /// Token rows and worker registrations kept in memory (`cache.rs`).
+    cache: Arc<Cache>,
 }
+
+type Cache = cache::StoreCache<tokens::TokenRow, workers::Registration>;
 
 impl Store {
     /// Connects a pool. Calls fail with [`StoreError::Unavailable`] after five
@@ -150,7 +156,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
-        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default() })
+        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
     }
 
     /// A pool that connects on first use, so a coordinator can start before
@@ -158,7 +164,7 @@ impl Store {
     pub fn connect_lazy(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
-        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default() })
+        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
     }
 
     fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {
@@ -170,6 +176,26 @@ impl Store {
     /// The name this handle's writes carry as the origin of their events.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// The change notifications of cached rows are heard from now on
+    /// (`relay.rs`): the cache starts serving, from empty.
+    pub(crate) fn trust_cache(&self) {
+        self.cache.trust();
+    }
+
+    /// The change notifications may be missed from now on: the cache is
+    /// emptied and every read goes to the database.
+    pub(crate) fn distrust_cache(&self) {
+        self.cache.distrust();
+    }
+
+    /// Drops the cached row a `ptune_cache` notification names; false for
+    /// a payload that names none.
+    pub(crate) fn forget_cached(&self, payload: &str) -> bool {
+        let Some((kind, id)) = cache::CacheKind::parse(payload) else { return false };
+        self.cache.forget(kind, id);
+        true
     }
 
     /// The pool, for the event listener's own connection.

@@ -44,8 +44,8 @@ pub struct AuditEntry {
     pub detail: sqlx::types::Json<serde_json::Value>,
 }
 
-#[derive(sqlx::FromRow)]
-struct TokenRow {
+#[derive(Clone, sqlx::FromRow)]
+pub(super) struct TokenRow {
     id: Uuid,
     name: String,
     role: String,
@@ -105,11 +105,23 @@ impl Store {
     }
 
     /// The identity a presented token stands for, or why it is refused.
+    /// Token rows come from the cache when it holds them (`cache.rs`), so
+    /// most calls cost the database nothing to authenticate.
     pub async fn authenticate(&self, token: &str) -> Result<std::result::Result<Identity, Refusal>> {
         let Some((id, secret)) = tokens::parse(token) else { return Ok(Err(Refusal::Unknown)) };
-        let row: Option<TokenRow> =
-            sqlx::query_as("SELECT * FROM api_tokens WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        let Some(row) = row.filter(|r| tokens::matches(secret, &r.salt, &r.hash)) else {
+        let row = match self.cache.token(id) {
+            Some(row) => Some(row),
+            None => {
+                let start = self.cache.read_start();
+                let row: Option<TokenRow> =
+                    sqlx::query_as("SELECT * FROM api_tokens WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+                if let Some(row) = &row {
+                    self.cache.put_token(start, id, row.clone());
+                }
+                row
+            }
+        };
+        let Some(mut row) = row.filter(|r| tokens::matches(secret, &r.salt, &r.hash)) else {
             return Ok(Err(Refusal::Unknown));
         };
         if let Some(at) = row.revoked_at {
@@ -122,7 +134,10 @@ impl Store {
             Utc::now().signed_duration_since(at).to_std().unwrap_or_default() >= LAST_USED_RESOLUTION
         });
         if stale {
+            let start = self.cache.read_start();
             sqlx::query("UPDATE api_tokens SET last_used_at = now() WHERE id = $1").bind(id).execute(&self.pool).await?;
+            row.last_used_at = Some(Utc::now());
+            self.cache.put_token(start, id, row.clone());
         }
         let role = row.role.parse().map_err(StoreError::Corrupt)?;
         Ok(Ok(Identity { token_id: row.id, name: row.name, role }))
@@ -148,6 +163,8 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = &row {
+            // Other coordinators hear of it through migration 0017's notification.
+            self.cache.forget(super::cache::CacheKind::Token, row.id);
             sqlx::query("DELETE FROM dashboard_sessions WHERE token_id = $1").bind(row.id).execute(&self.pool).await?;
         }
         Ok(row.as_ref().map(TokenRow::record))

@@ -43,6 +43,28 @@ fn device_rooms(devices: &[Device], memory: u64) -> Vec<DeviceRoom> {
     devices.iter().map(|d| DeviceRoom { name: d.name.clone(), memory_bytes: room(d) }).collect()
 }
 
+/// What leasing reads of a worker's registration; cached (`cache.rs`).
+#[derive(Clone, Debug)]
+pub(super) struct Registration {
+    /// The base models it can train.
+    models: Vec<String>,
+    /// Its devices as placement sees them.
+    rooms: Vec<DeviceRoom>,
+    /// The token that registered it.
+    token_id: Option<Uuid>,
+}
+
+impl Registration {
+    /// Whether `token` may speak for the worker: the one that registered
+    /// it, or any when none did.
+    fn ownership(&self, token: Uuid) -> WorkerOwnership {
+        match self.token_id {
+            Some(owner) if owner != token => WorkerOwnership::Other,
+            _ => WorkerOwnership::Mine,
+        }
+    }
+}
+
 impl Store {
     /// Inserts or replaces a worker's registration, made with token
     /// `token`, and marks it alive. False when the worker id belongs to
@@ -69,20 +91,14 @@ impl Store {
         .bind(token)
         .execute(&self.pool)
         .await?;
+        // Other coordinators hear of it through migration 0017's notification.
+        self.cache.forget(super::cache::CacheKind::Worker, id.0);
         Ok(done.rows_affected() == 1)
     }
 
     /// Whether worker `id` is registered, and by token `token`.
     pub async fn worker_token(&self, id: WorkerId, token: Uuid) -> Result<WorkerOwnership> {
-        let owner: Option<Option<Uuid>> = sqlx::query_scalar("SELECT token_id FROM workers WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match owner {
-            None => WorkerOwnership::Unknown,
-            Some(Some(owner)) if owner != token => WorkerOwnership::Other,
-            Some(_) => WorkerOwnership::Mine,
-        })
+        Ok(self.registration(id).await?.map_or(WorkerOwnership::Unknown, |r| r.ownership(token)))
     }
 
     /// Marks a worker alive and records why it takes no jobs (empty:
@@ -97,14 +113,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records a worker's lease request: it is alive, has `free_slots`
-    /// free and holds `loaded` in memory. Other workers' leases read this to
+    /// Records a worker's lease request: it is alive and healthy (a worker
+    /// asks for work only then), has `free_slots` free and holds `loaded`
+    /// in memory. Other workers' leases read this to
     /// leave it the jobs it is better placed for. False when it is not
     /// registered.
     #[instrument(skip_all, fields(worker_id = %id))]
     pub async fn record_poll(&self, id: WorkerId, free_slots: u32, loaded: &[String]) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE workers SET last_heartbeat = now(), polled_at = now(), free_slots = $2, loaded_models = $3 \
+            "UPDATE workers SET last_heartbeat = now(), polled_at = now(), free_slots = $2, loaded_models = $3, \
+                 unhealthy_reason = '' \
              WHERE id = $1",
         )
         .bind(id.0)
@@ -115,26 +133,54 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// What a worker registered that leasing needs: the base models it can
-    /// train (not those it advertised as unsupported) and its devices with
-    /// the memory each may use (one unnamed device of the worker's memory
-    /// when it registered none), or `None` for an unknown worker. `loaded`
-    /// is left empty.
+    /// Marks the workers `ids`, each waiting in a `LeaseJob` call, alive
+    /// and asking, in one statement (`workers/presence.rs`).
+    #[instrument(skip_all, fields(workers = ids.len()))]
+    pub async fn refresh_pollers(&self, ids: &[Uuid]) -> Result<()> {
+        sqlx::query(
+            "UPDATE workers SET last_heartbeat = now(), polled_at = now(), unhealthy_reason = '' WHERE id = ANY($1)",
+        )
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// What a worker registered that leasing needs, and whether `token`
+    /// speaks for it: the base models it can train (not those it advertised
+    /// as unsupported) and its devices with the memory each may use (one
+    /// unnamed device of the worker's memory when it registered none), or
+    /// `None` for an unknown worker. `loaded` is left empty.
+    pub async fn worker_offer(&self, id: WorkerId, token: Uuid) -> Result<Option<(WorkerOffer, WorkerOwnership)>> {
+        let Some(registration) = self.registration(id).await? else { return Ok(None) };
+        let ownership = registration.ownership(token);
+        let offer = WorkerOffer { models: registration.models, loaded: Vec::new(), devices: registration.rooms };
+        Ok(Some((offer, ownership)))
+    }
+
+    /// What worker `id` registered, from the cache when it holds it
+    /// (`cache.rs`); `None` for an unknown worker.
     #[instrument(skip_all, fields(worker_id = %id))]
-    pub async fn worker_offer(&self, id: WorkerId) -> Result<Option<WorkerOffer>> {
-        let row: Option<(Vec<String>, i64, Json<Vec<Device>>)> = sqlx::query_as(
+    async fn registration(&self, id: WorkerId) -> Result<Option<Registration>> {
+        if let Some(registration) = self.cache.worker(id.0) {
+            return Ok(Some(registration));
+        }
+        let start = self.cache.read_start();
+        let row: Option<(Vec<String>, i64, Json<Vec<Device>>, Option<Uuid>)> = sqlx::query_as(
             "SELECT coalesce(array_agg(m->>'name') \
                  FILTER (WHERE m IS NOT NULL AND coalesce(m->>'unsupported_reason', '') = ''), '{}'), \
-                 w.memory_bytes, w.devices \
+                 w.memory_bytes, w.devices, w.token_id \
              FROM workers w LEFT JOIN LATERAL jsonb_array_elements(w.models) m ON true \
              WHERE w.id = $1 GROUP BY w.id",
         )
         .bind(id.0)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((models, memory, Json(devices))) = row else { return Ok(None) };
+        let Some((models, memory, Json(devices), token_id)) = row else { return Ok(None) };
         let memory = to_u64(memory, "worker memory_bytes")?;
-        Ok(Some(WorkerOffer { models, loaded: Vec::new(), devices: device_rooms(&devices, memory) }))
+        let registration = Registration { models, rooms: device_rooms(&devices, memory), token_id };
+        self.cache.put_worker(start, id.0, registration.clone());
+        Ok(Some(registration))
     }
 
     /// The shape of each of `names` that some worker trains and reported in

@@ -4,6 +4,7 @@
 //! job is fenced by its lease epoch, so a worker whose lease was lost and
 //! re-leased can no longer change the job.
 
+mod presence;
 mod reaper;
 
 use std::time::Duration;
@@ -12,6 +13,7 @@ use futures::Stream;
 use ptune_core::WorkerId;
 use tracing::{info, warn};
 
+pub use presence::Presence;
 pub use reaper::spawn_reaper;
 
 use crate::auth::Identity;
@@ -51,12 +53,15 @@ pub struct Workers {
     hub: EventHub,
     /// Wakes `LeaseJob` calls waiting for work.
     work: WorkSignal,
+    /// The workers asking this coordinator for work (`presence.rs`).
+    presence: Presence,
     timing: Timing,
 }
 
 impl Workers {
     pub fn new(store: Store, hub: EventHub, work: WorkSignal, timing: Timing) -> Self {
-        Self { store, hub, work, timing }
+        let presence = Presence::new(timing.lease_timeout / 3);
+        Self { store, hub, work, presence, timing }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
@@ -76,6 +81,7 @@ impl Workers {
         let devices: Vec<&str> = reg.devices.iter().map(|d| d.name.as_str()).collect();
         info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models, ?devices,
               memory_bytes = reg.memory_bytes, "worker registered");
+        self.presence.forget(worker_id);
         memory::estimate_queued(&self.store, &shaped, &shapes_before).await?;
         Ok(Registered {
             worker_id,
@@ -96,6 +102,10 @@ impl Workers {
     ) -> Result<HeartbeatReply, Error> {
         self.check_worker(worker, caller).await?;
         let known = self.store.touch_worker(worker, unhealthy_reason).await?;
+        if !unhealthy_reason.is_empty() {
+            // Its next lease call says it is healthy again.
+            self.presence.forget(worker);
+        }
         let (stop, early_stop) = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
         if !known {
             warn!(worker_id = %worker, "heartbeat from an unregistered worker; it should register again");
@@ -110,7 +120,9 @@ impl Workers {
     /// [`MAX_LEASE_WAIT`]) for one to be queued on any coordinator, looking
     /// again each time one is ([`WorkSignal`]) and when a queued job's retry
     /// time or spread window ends (which nothing notifies); `None` if none
-    /// came.
+    /// came. The call stands for the worker's heartbeat while it waits, and
+    /// an idle worker's calls cost the database next to nothing
+    /// (`presence.rs`).
     pub async fn lease(
         &self,
         worker: WorkerId,
@@ -119,40 +131,63 @@ impl Workers {
         wait: Duration,
         caller: &Identity,
     ) -> Result<Option<Lease>, Error> {
-        self.check_worker(worker, caller).await?;
         // Subscribed before the first look, so a job queued in between wakes it.
         let mut woken = self.work.subscribe();
         let deadline = tokio::time::Instant::now() + wait.min(MAX_LEASE_WAIT);
-        let mut offer =
-            self.store.worker_offer(worker).await?.ok_or_else(|| {
-                Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"))
-            })?;
-        self.store.record_poll(worker, free_slots, &loaded).await?;
+        let not_registered = || Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"));
+        let (mut offer, ownership) =
+            self.store.worker_offer(worker, caller.token_id).await?.ok_or_else(not_registered)?;
+        if ownership == WorkerOwnership::Other {
+            return Err(other_token(worker));
+        }
+        if self.presence.must_write(worker, free_slots, &loaded) {
+            if !self.store.record_poll(worker, free_slots, &loaded).await? {
+                return Err(not_registered());
+            }
+            self.presence.written(worker, free_slots, loaded.clone());
+        }
         if free_slots == 0 || offer.models.is_empty() {
             return Ok(None);
         }
         offer.loaded = loaded;
+        let _waiting = self.presence.waiting(worker);
         loop {
-            woken.borrow_and_update();
-            if let Some(lease) = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await? {
-                info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
-                self.hub.publish(lease.job_id, HubEventKind::Changed);
-                return Ok(Some(lease));
+            let count = *woken.borrow_and_update();
+            let mut ripens = None;
+            if !self.presence.dry(worker, count) {
+                if let Some(lease) = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await? {
+                    info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
+                    self.hub.publish(lease.job_id, HubEventKind::Changed);
+                    return Ok(Some(lease));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                let outlook = self.store.queue_outlook(&offer.models).await?;
+                self.presence.set_dry(worker, count, !outlook.queued);
+                // A job whose retry time or spread window ends within the wait is looked at again then.
+                let now = tokio::time::Instant::now();
+                ripens = outlook
+                    .changes_in
+                    .map(|after| now + after.max(Duration::from_millis(5)))
+                    .filter(|at| *at < deadline);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            // A job whose retry time or spread window ends within the wait is looked at again then.
-            let ripens = match self.store.next_leasable_in(&offer.models).await? {
-                Some(after) if now + after < deadline => Some(now + after.max(Duration::from_millis(5))),
-                _ => None,
-            };
             tokio::select! {
                 changed = woken.changed() => if changed.is_err() { return Ok(None) },
                 () = tokio::time::sleep_until(ripens.unwrap_or(deadline)) => if ripens.is_none() { return Ok(None) },
             }
         }
+    }
+
+    /// Marks the workers waiting in `LeaseJob` calls alive where their rows
+    /// grew old, in one statement (the reaper's tick).
+    pub async fn refresh_waiting(&self) -> Result<(), Error> {
+        let due = self.presence.due();
+        if !due.is_empty() {
+            let ids: Vec<uuid::Uuid> = due.iter().map(|w| w.0).collect();
+            self.store.refresh_pollers(&ids).await?;
+        }
+        Ok(())
     }
 
     /// Records progress; the answer says whether and why the job should stop.
@@ -308,9 +343,7 @@ impl Workers {
     /// Refuses a caller that speaks for a worker another token registered.
     async fn check_worker(&self, worker: WorkerId, caller: &Identity) -> Result<(), Error> {
         match self.store.worker_token(worker, caller.token_id).await? {
-            WorkerOwnership::Other => Err(Error::PermissionDenied(format!(
-                "worker {worker} was registered with another token; only that token may speak for it"
-            ))),
+            WorkerOwnership::Other => Err(other_token(worker)),
             WorkerOwnership::Mine | WorkerOwnership::Unknown => Ok(()),
         }
     }
@@ -415,4 +448,11 @@ fn fenced<T>(lease: LeaseRef, result: Fenced<T>) -> Result<T, Error> {
 
 fn stale_lease(lease: LeaseRef) -> Error {
     Error::FailedPrecondition(format!("lease {lease} is no longer valid; stop working on this job"))
+}
+
+/// The refusal of a call about a worker that another token registered.
+fn other_token(worker: WorkerId) -> Error {
+    Error::PermissionDenied(format!(
+        "worker {worker} was registered with another token; only that token may speak for it"
+    ))
 }

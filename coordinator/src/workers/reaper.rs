@@ -1,5 +1,6 @@
 //! The background task that ends leases whose worker stopped heartbeating,
-//! and, on the leader only (`leader.rs`), removes checkpoints no attempt can
+//! marks the workers waiting for work alive (`presence.rs`), and, on the
+//! leader only (`leader.rs`), removes checkpoints no attempt can
 //! resume from and abandoned uploads.
 //!
 //! A lease expires when its worker stopped renewing it, but also when the
@@ -61,6 +62,9 @@ pub fn spawn_reaper(
                     }
                 }
                 Err(e) => warn!(error = %e, "reaping expired leases failed; retrying"),
+            }
+            if let Err(e) = workers.refresh_waiting().await {
+                debug!(error = %e, "marking waiting workers alive failed; retrying");
             }
             if *leader.borrow() && last_collect.elapsed() >= COLLECT_INTERVAL {
                 last_collect = Instant::now();

@@ -118,10 +118,16 @@ impl Env {
 
     /// Registers a worker serving [`MODEL`] and returns its id.
     pub async fn register(&mut self) -> String {
+        self.register_as("").await
+    }
+
+    /// Registers worker `id` (a new one when empty) serving [`MODEL`] and
+    /// returns its id.
+    pub async fn register_as(&mut self, id: &str) -> String {
         let reply = self
             .workers
             .register_worker(v1::RegisterWorkerRequest {
-                worker_id: String::new(),
+                worker_id: id.to_string(),
                 hostname: "test-host".into(),
                 devices: vec![v1::Device { name: "cpu".into(), memory_bytes: 1 << 30, ..Default::default() }],
                 slots: 2,

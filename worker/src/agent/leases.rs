@@ -127,4 +127,8 @@ impl Leases {
     pub fn len(&self) -> usize {
         self.lock().len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
 }

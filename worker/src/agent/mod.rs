@@ -141,7 +141,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         coordinators.clone(),
         worker_id.clone(),
         config.clone(),
-        advertised,
+        advertised.clone(),
         leases.clone(),
         health.clone(),
         heartbeat_every,
@@ -195,6 +195,13 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                     pause = Duration::ZERO;
                 }
                 Ok(None) => {}
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    // The idle worker's heartbeat is its lease calls, so they say it is unknown.
+                    warn!(error = %status.message(), "coordinator does not know this worker; registering again");
+                    let _ = register(&coordinators, &worker_id, &config, &advertised).await;
+                    pause = retry_in;
+                    retry_in = (retry_in * 2).min(LEASE_RETRY.1);
+                }
                 Err(status) => {
                     warn!(error = %status.message(), code = ?status.code(), retry_in_ms = retry_in.as_millis() as u64,
                           "lease request failed");
@@ -343,6 +350,9 @@ async fn register(
     }
 }
 
+/// Heartbeats every `every` while the worker holds a lease or is unhealthy,
+/// naming its leases and why it takes no work; stops the leases the
+/// coordinator names and registers again when it does not know the worker.
 async fn heartbeat_loop(
     coordinators: Coordinators,
     worker_id: String,
@@ -356,11 +366,13 @@ async fn heartbeat_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let request = v1::HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            leases: leases.refs(),
-            unhealthy_reason: health.unhealthy_reason(&config.work_dir).unwrap_or_default(),
-        };
+        let unhealthy_reason = health.unhealthy_reason(&config.work_dir).unwrap_or_default();
+        if leases.is_empty() && unhealthy_reason.is_empty() {
+            // A healthy worker without leases asks for work, and its lease
+            // calls keep it alive: idle workers cost the coordinator little.
+            continue;
+        }
+        let request = v1::HeartbeatRequest { worker_id: worker_id.clone(), leases: leases.refs(), unhealthy_reason };
         let answer = coordinators
             .call(CALL_TIMEOUT, move |mut c| {
                 let request = request.clone();
