@@ -15,7 +15,7 @@
 //! [`configure`] pins the threshold at [`MMAP_THRESHOLD`], so blocks that
 //! large go back to the system when freed, and the training loop trims the
 //! heaps ([`release_free_memory`]) every few steps and after every
-//! evaluation. Together they took the peak from 804 to 685 MiB, for about a
+//! evaluation. Together they took the peak from 777 to 680 MiB, for about a
 //! tenth more time. Returning memory has a price, the page faults of
 //! touching it again: a threshold of 1 MiB or less bounded the peak at
 //! about 520 MiB but made the steps a third to a half slower, and trimming
