@@ -10,7 +10,9 @@
 #
 # The training sets join consecutive SST-2 sentences (E2E targets) so that
 # every example fills max_seq_len: the estimate assumes full sequences, and
-# short ones would make any estimate look generous.
+# short ones would make any estimate look generous. One more run trains the
+# demo spec as it ships (real SST-2, evaluations of the whole dev set, the
+# export), the job a new user starts with.
 #
 # A process's peak also holds what the estimate leaves out (the libtorch
 # runtime, the tokenizer, the datasets). The baseline run (prompt tuning, 1
@@ -115,6 +117,7 @@ shapes=(
   "ptv2-b16-s128|P-tuning v2, 20 virtual tokens, batch 16, 128 tokens|p_tuning_v2|16|128|num_virtual_tokens = 20"
   "lora-b16-s128|LoRA r 8 (query, value), batch 16, 128 tokens|lora|16|128|"
   "full-b16-s64|full fine-tuning, batch 16, 64 tokens|full|16|64|"
+  "demo|the demo job as it ships (examples/jobs/sst2-prompt-tuning.toml: real SST-2, 125 steps, 3 evaluations of the 872 dev sentences, export)|demo|||"
   "lm-baseline|baseline: prompt tuning, 1 virtual token, batch 1, 8 tokens, 1 step|prompt_tuning|1|8|num_virtual_tokens = 1"
   "lm-pt-b8-s64|prompt tuning, 20 virtual tokens, batch 8, 64 tokens|prompt_tuning|8|64|num_virtual_tokens = 20"
   "lm-ptv2-b8-s128|P-tuning v2, 20 virtual tokens, batch 8, 128 tokens|p_tuning_v2|8|128|num_virtual_tokens = 20"
@@ -135,7 +138,11 @@ for shape in "${shapes[@]}"; do
   peft="${peft//;/$'\n'}"
   n="$steps"
   [[ $name == *baseline ]] && n=1
-  write_spec "$name" "$method" "$batch" "$seq" "$n" "$peft"
+  if [ "$method" = demo ]; then
+    sed "s#\"\.\./\.\./\.\./shared/#\"$PTUNE_ROOT/../shared/#" examples/jobs/sst2-prompt-tuning.toml >"$work/$name.toml"
+  else
+    write_spec "$name" "$method" "$batch" "$seq" "$n" "$peft"
+  fi
   "$bin/ptune-worker" --models-dir "$work/models" estimate --spec "$work/$name.toml" --json >"$work/$name.estimate.json"
   echo "bench: $label" >&2
   /usr/bin/time -f "%M %e" -o "$work/$name.time" "$bin/ptune-worker" --models-dir "$work/models" --threads 1 \

@@ -41,10 +41,27 @@
 //!   backward pass computes before adding it to the kept one, and the one
 //!   temporary AdamW's in-place step works through.
 //!
+//! - **evaluation**: an evaluation runs without gradients, one batch of
+//!   [`JobSpec::eval_batch_size`] examples at a time (at least 64, however
+//!   small the training batch; no more than `max_eval_examples`), so what
+//!   it needs does not grow with the layers: measured on MiniLM, about
+//!   `eval_batch * S * (P * 20 * hidden + 4 * heads * S)` bytes above the
+//!   process's footprint, a layer's working set and the free memory the
+//!   allocator keeps around it. The activation part of the estimate is the
+//!   larger of a training step's and an evaluation batch's, which never
+//!   coincide; the evaluation's is the larger for small training batches
+//!   (up to 8 at 64 tokens on MiniLM).
+//!
 //! Encoders pack real tokens without padding, so shorter examples need less.
 //! The estimate leaves out the process's own footprint (the libtorch
 //! runtime, the tokenizer, the datasets) and, for causal LM, the logits over
-//! the vocabulary. Against measured peaks (`docs/benchmarks.md`, "Memory
+//! the vocabulary. That footprint is about 230 MiB with MiniLM loaded, 87
+//! of it the weights the estimate counts, and 645 MiB with the 56M-parameter
+//! Llama-shaped decoder of the benchmarks; loading a model peaks about 145
+//! MiB higher for MiniLM (its weights file is read while the tensors are
+//! copied). A worker's `--memory-mib` is what training may use on top of
+//! it. The datasets the process keeps are token ids, 8 bytes a token: 2 MiB
+//! for 4,000 examples of 64 tokens. Against measured peaks (`docs/benchmarks.md`, "Memory
 //! estimate against measured peak") it is 3-11% above what training adds
 //! for the larger MiniLM jobs of the methods that train nothing inside the
 //! model (up to 29% above on a Llama-shaped decoder, whose gated MLP is
@@ -67,6 +84,11 @@ const TRAINABLE_COPIES: u64 = 4;
 const HIDDEN_ACTIVATIONS: u64 = 18;
 /// Float32 numbers kept per attention score (see the module docs).
 const SCORE_ACTIVATIONS: u64 = 3;
+
+/// Bytes per token of an evaluation batch, in hidden sizes of the base's
+/// precision, and float32 numbers per attention score (see the module docs).
+const EVAL_HIDDEN_ACTIVATIONS: u64 = 20;
+const EVAL_SCORE_ACTIVATIONS: u64 = 1;
 
 /// Temporaries of the largest trainable tensor alive at a step's peak: the
 /// backward's fresh gradient and the optimizer step's (see the module docs).
@@ -100,7 +122,8 @@ pub struct MemoryEstimate {
     pub weights_bytes: u64,
     /// The job's trainable parameters, gradients and optimizer moments.
     pub job_bytes: u64,
-    /// What one training step keeps for the backward pass.
+    /// What one training step keeps for the backward pass, or one
+    /// evaluation batch needs when that is more.
     pub activation_bytes: u64,
 }
 
@@ -213,9 +236,9 @@ fn largest_trainable_tensor(spec: &JobSpec, model: &ModelShape) -> u64 {
     }
 }
 
-/// What one training step keeps for the backward pass, plus the optimizer
-/// step's temporary (see the module docs).
-fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
+/// The longest sequence a step or an evaluation sees: `max_seq_len`, plus
+/// the virtual tokens, plus the generated tokens for causal LM.
+fn longest_sequence(spec: &JobSpec) -> u64 {
     let mut seq = u64::from(spec.data.max_seq_len);
     if spec.method.uses_virtual_tokens() {
         seq += u64::from(spec.peft.num_virtual_tokens);
@@ -223,6 +246,20 @@ fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
     if spec.task == Task::CausalLm {
         seq += u64::from(spec.generation().max_new_tokens);
     }
+    seq
+}
+
+/// What one training step keeps for the backward pass, plus the optimizer
+/// step's temporary, or what one evaluation batch needs when that is more
+/// (see the module docs).
+fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
+    training_activation_bytes(spec, model).max(evaluation_bytes(spec, model))
+}
+
+/// What one training step keeps for the backward pass, plus the optimizer
+/// step's temporary.
+fn training_activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
+    let seq = longest_sequence(spec);
     let base = spec.training.precision.bytes();
     let per_token_layer = base * HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
         + FLOAT * (SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq + method_activations(spec, model));
@@ -231,6 +268,19 @@ fn activation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
         .saturating_mul(u64::from(model.num_layers))
         .saturating_mul(per_token_layer)
         .saturating_add(TENSOR_TEMPORARIES * FLOAT * largest_trainable_tensor(spec, model))
+}
+
+/// What one evaluation batch needs: the spec's evaluation batch size, or
+/// `max_eval_examples` when fewer, of the longest sequences.
+fn evaluation_bytes(spec: &JobSpec, model: &ModelShape) -> u64 {
+    let seq = longest_sequence(spec);
+    let mut batch = u64::from(spec.eval_batch_size());
+    if spec.data.max_eval_examples > 0 {
+        batch = batch.min(spec.data.max_eval_examples);
+    }
+    let per_token = spec.training.precision.bytes() * EVAL_HIDDEN_ACTIVATIONS * u64::from(model.hidden_size)
+        + FLOAT * EVAL_SCORE_ACTIVATIONS * u64::from(model.num_attention_heads) * seq;
+    batch.saturating_mul(seq).saturating_mul(per_token)
 }
 
 /// Bytes as whole MiB (rounded to the nearest) with thousands separators: `5,120`.
@@ -287,10 +337,34 @@ mod tests {
         // 20 * 384 prompt numbers and the 770 of the head, 16 bytes each.
         assert_eq!(estimate.job_bytes, (7_680 + HEAD) * 16);
         // 8 sequences of 64 + 20 tokens, 6 layers, 4 * (18 * 384 + 3 * 12 * 84) bytes each.
-        assert_eq!(estimate.activation_bytes, 8 * 84 * 6 * 4 * (6_912 + 3_024));
-        assert_eq!(estimate.activation_bytes, 160_247_808);
-        assert_eq!(estimate.total_bytes(), 90_852_864 + 135_200 + 160_247_808);
-        assert_eq!(estimate.to_string(), "about 240 MiB (weights 87, job 0, activations 153)");
+        assert_eq!(training_activation_bytes(&spec, &MINILM), 8 * 84 * 6 * 4 * (6_912 + 3_024));
+        assert_eq!(training_activation_bytes(&spec, &MINILM), 160_247_808);
+        // An evaluation batch of 64 of them needs more.
+        assert_eq!(estimate.activation_bytes, 186_826_752);
+        assert_eq!(estimate.total_bytes(), 90_852_864 + 135_200 + 186_826_752);
+        assert_eq!(estimate.to_string(), "about 265 MiB (weights 87, job 0, activations 178)");
+    }
+
+    #[test]
+    fn an_evaluation_batch_larger_than_the_training_batch_can_need_the_most() {
+        // Training batch 1: evaluations still take 64 examples at a time, 64
+        // + 20 tokens each, 4 * (20 * 384 + 12 * 84) bytes per token.
+        let one = spec("prompt_tuning", "num_virtual_tokens = 20", 1, 64);
+        assert_eq!(estimate(&one, &MINILM).activation_bytes, 64 * 84 * 4 * (7_680 + 1_008));
+        assert_eq!(estimate(&one, &MINILM).activation_bytes, 186_826_752);
+        // A training step of 1 example keeps much less.
+        assert_eq!(training_activation_bytes(&one, &MINILM), 84 * 6 * 4 * (6_912 + 3_024));
+        // An evaluation of 16 examples never takes a larger batch.
+        let mut few = one.clone();
+        few.data.max_eval_examples = 16;
+        assert_eq!(estimate(&few, &MINILM).activation_bytes, 16 * 84 * 4 * (7_680 + 1_008));
+        // Batch 8 at 64 tokens (the benchmarks' smallest job): the evaluation's 178 MiB over the step's 153.
+        let eight = spec("prompt_tuning", "num_virtual_tokens = 20", 8, 64);
+        assert_eq!(estimate(&eight, &MINILM).activation_bytes, 186_826_752);
+        assert_eq!(training_activation_bytes(&eight, &MINILM), 160_247_808);
+        // Batch 32: the training step's, the evaluation taking 64 then.
+        let demo = spec("prompt_tuning", "num_virtual_tokens = 20", 32, 64);
+        assert_eq!(estimate(&demo, &MINILM).activation_bytes, 4 * 160_247_808);
     }
 
     #[test]
@@ -362,7 +436,9 @@ mod tests {
         let estimate = estimate(&spec, &GPT2);
         assert_eq!(estimate.job_bytes, 10 * 12 * 2 * 768 * 16, "no head");
         // 100 + 10 + 30 tokens.
-        assert_eq!(estimate.activation_bytes, 4 * 140 * 12 * 4 * (18 * 768 + 3 * 12 * 140));
+        assert_eq!(training_activation_bytes(&spec, &GPT2), 4 * 140 * 12 * 4 * (18 * 768 + 3 * 12 * 140));
+        // Evaluation batches of 64 of them.
+        assert_eq!(estimate.activation_bytes, 64 * 140 * 4 * (20 * 768 + 12 * 140));
     }
 
     const GPT2: ModelShape =

@@ -65,6 +65,9 @@ pub struct ModelLimits {
     pub max_positions: u32,
 }
 
+/// Smallest batch of an evaluation ([`JobSpec::eval_batch_size`]).
+pub const MIN_EVAL_BATCH_SIZE: u32 = 64;
+
 impl JobSpec {
     /// Parses a TOML spec. Errors name the field serde stopped at.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
@@ -90,6 +93,13 @@ impl JobSpec {
         }
         let per_epoch = train_examples.div_ceil(u64::from(self.training.batch_size.max(1)));
         ((per_epoch as f64) * self.training.epochs).ceil().max(1.0) as u64
+    }
+
+    /// Batch size of the job's evaluations: the training batch size, at
+    /// least [`MIN_EVAL_BATCH_SIZE`] (an evaluation keeps no activations
+    /// for a backward pass, so it can take larger batches than training).
+    pub fn eval_batch_size(&self) -> u32 {
+        self.training.batch_size.max(MIN_EVAL_BATCH_SIZE)
     }
 
     /// Index of a label value from the data, if it is one of the declared labels.

@@ -17,6 +17,7 @@
 //! Dependencies point down that list: tasks and methods know the models,
 //! never the reverse.
 
+mod allocator;
 mod cache;
 pub mod checkpoint;
 pub mod collective;
@@ -93,6 +94,7 @@ impl Engine {
     /// Creates an engine on `cache`'s device and models. The thread setting
     /// is applied on the thread that trains, since OpenMP keeps it per thread.
     pub fn with_cache(cache: Arc<ModelCache>, threads: usize) -> Self {
+        allocator::configure();
         let threads = match threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,

@@ -10,10 +10,6 @@ use tch::{nn, Tensor};
 use crate::engine::error::EngineError;
 use crate::engine::rng::DropoutStream;
 
-/// Smallest evaluation batch: evaluation keeps no activations for a
-/// backward pass, so it can take larger batches than training.
-const MIN_EVAL_BATCH_SIZE: usize = 64;
-
 /// What the training loop needs of a job's model and data, whatever the task.
 pub(crate) trait TaskRun {
     fn train_len(&self) -> usize;
@@ -43,10 +39,10 @@ pub struct TaskEvaluation {
     pub predictions: Vec<Value>,
 }
 
-/// Batch size of evaluations: the training batch size, at least
-/// [`MIN_EVAL_BATCH_SIZE`].
+/// Batch size of evaluations ([`JobSpec::eval_batch_size`], which the
+/// memory estimate counts too).
 pub(crate) fn eval_batch_size(spec: &JobSpec) -> usize {
-    (spec.training.batch_size as usize).max(MIN_EVAL_BATCH_SIZE)
+    spec.eval_batch_size() as usize
 }
 
 /// One step's plan: its examples, learning-rate factor, dropout stream and
