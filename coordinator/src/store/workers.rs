@@ -160,7 +160,6 @@ impl Store {
 
     /// What worker `id` registered, from the cache when it holds it
     /// (`cache.rs`); `None` for an unknown worker.
-    #[instrument(skip_all, fields(worker_id = %id))]
     async fn registration(&self, id: WorkerId) -> Result<Option<Registration>> {
         if let Some(registration) = self.cache.worker(id.0) {
             return Ok(Some(registration));

@@ -60,7 +60,7 @@ pub struct Workers {
 
 impl Workers {
     pub fn new(store: Store, hub: EventHub, work: WorkSignal, timing: Timing) -> Self {
-        let presence = Presence::new(timing.lease_timeout / 3);
+        let presence = Presence::new(timing.lease_timeout / 2);
         Self { store, hub, work, presence, timing }
     }
 

@@ -47,9 +47,10 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// A worker's row is written again when older than `refresh` (a third
-    /// of the lease timeout: a worker is online while its row is younger
-    /// than the lease timeout).
+    /// A worker's row is written again when older than `refresh` (half the
+    /// lease timeout: a worker is online while its row is younger than the
+    /// lease timeout, and the reaper's tick, 500 ms, comes well within the
+    /// other half).
     pub fn new(refresh: Duration) -> Self {
         Self { seen: Arc::default(), refresh }
     }
