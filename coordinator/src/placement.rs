@@ -32,14 +32,17 @@
 //!
 //! Candidates. The store hands [`place`] the queued jobs on the models the
 //! worker trains whose retry time has passed, in the order of rule 3 and a
-//! page at a time ([`CANDIDATES_PER_PAGE`]). Rule 3 makes the pick the first
-//! job of that order that rules 1 and 2 allow, so the first page on which
-//! [`place`] picks a job holds the job it would pick over all of them: the
-//! page size bounds each read, never which job is placed, and a job that
-//! fits is never starved by it. To keep pages few when many jobs ahead do
-//! not fit, the store sends one job per [`Candidate::class`]: jobs of one
-//! class differ in nothing [`place`] reads but their age, so the oldest of
-//! each class stands for the others. A pick is claimed under a row lock
+//! page at a time ([`CANDIDATES_PER_PAGE`]), one job per
+//! [`Candidate::class`]: jobs of one class differ in nothing [`place`] reads
+//! but their age, so the oldest of each class stands for the others. Rule 3
+//! makes the pick the first job of that order that rules 1 and 2 allow, so
+//! the first page on which [`place`] picks a job holds the job it would pick
+//! over all of them: the page size bounds each read, never which job is
+//! placed, and a job that fits is never starved by it. The first page is the
+//! classes among the oldest jobs of the queue (a class whose oldest job is
+//! later comes after all of them in that order); the pages after it, read
+//! only when placement passes over all of those, are classes of the whole
+//! queue. A pick is claimed under a row lock
 //! (`FOR UPDATE SKIP LOCKED`) and checked again; one that another worker
 //! took meanwhile is passed over, as the lock query passes over a locked row.
 

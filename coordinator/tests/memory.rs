@@ -156,17 +156,30 @@ async fn a_worker_takes_jobs_while_they_fit_next_to_the_ones_it_runs_sharing_the
 
 #[tokio::test]
 async fn a_job_that_fits_is_leased_behind_more_than_a_page_of_jobs_that_do_not() {
+    // Each too large for the worker, each of its own size: none stands for
+    // another among the candidates, so they fill more than a page of classes
+    // (and two pages of the queue's head).
+    leased_behind_jobs_too_large(|i| 20 + i % (ptune_coordinator::placement::CANDIDATES_PER_PAGE + 1)).await;
+}
+
+#[tokio::test]
+async fn a_job_that_fits_is_leased_behind_two_pages_of_one_class_that_does_not() {
+    // All of one size: one class, but two pages of the queue's head.
+    leased_behind_jobs_too_large(|_| 20).await;
+}
+
+/// Two pages of jobs too large for the worker, on the model it holds (which
+/// placement reads first), `tokens(i)` virtual tokens each, then one that
+/// fits on another model: the worker gets that one, then nothing.
+async fn leased_behind_jobs_too_large(tokens: fn(u32) -> u32) {
     let mut env = common::start(Duration::from_secs(10)).await;
     let worker = register(&mut env, vec![minilm_model(MODEL), minilm_model(OTHER_MODEL)], 100 * MIB).await;
     let spec = env.spec("too-large").await;
-    // Each too large for the worker, each of its own size: none stands for
-    // another among the candidates, so they fill more than a page. They are
-    // on the model the worker holds, which placement reads first.
-    let pages = ptune_coordinator::placement::CANDIDATES_PER_PAGE + 1;
-    for extra in 0..pages {
+    let jobs = 2 * ptune_coordinator::placement::CANDIDATES_PER_PAGE + 1;
+    for i in 0..jobs {
         let mut large = spec.clone();
-        large.name = format!("too-large-{extra}");
-        large.peft.as_mut().unwrap().num_virtual_tokens = Some(20 + extra);
+        large.name = format!("too-large-{i}");
+        large.peft.as_mut().unwrap().num_virtual_tokens = Some(tokens(i));
         assert!(env.submit(large).await.memory_estimate_bytes > 100 * MIB);
     }
     let mut small = spec.clone();

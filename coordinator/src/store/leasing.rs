@@ -1,24 +1,32 @@
 //! Taking a queued job: the SQL reads what [`crate::placement::place`]
 //! decides on (the asking worker's running jobs, the other workers asking,
-//! and the candidate jobs a page at a time), then claims its pick. The rules
-//! and why paging never changes the pick are in `placement.rs`.
+//! and the candidate jobs), then claims its pick. The rules and why the
+//! pick does not depend on how candidates are paged are in `placement.rs`.
 //!
-//! Candidates are read without locks. The claim then locks the oldest
-//! queued job of the pick's class (`Candidate::class`: the same model,
-//! estimate, device count and settledness, so placement cannot tell it from the pick but
-//! by age) that no one else holds (`FOR UPDATE SKIP LOCKED`), and reads it
-//! again: workers asking at the same moment, who all pick the same oldest
-//! job, each get a different one of its class instead of all but one coming
-//! away empty. Under such contention a worker may get a younger job of the
-//! class than the oldest of another class, so the queue's order holds per
-//! class. A class with nothing left to claim is passed over and the next
-//! pick placed: two workers never get the same job.
+//! Candidates are read without locks: first the head of the queue, a page
+//! of the oldest jobs on the worker's models read per model from the
+//! queue's index, so a lease costs the same with ten jobs queued or a
+//! hundred thousand; only when placement passes over that whole page is the
+//! queue read a page of classes at a time. The claim then locks the oldest
+//! job of the pick's class (`Candidate::class`: the same model, estimate,
+//! device count and settledness, so placement cannot tell it from the pick
+//! but by age) that is still queued and that no one else holds (`FOR
+//! UPDATE SKIP LOCKED`), first among the jobs of the class the page listed
+//! (read by id), then in the whole queue, and reads it again: workers asking
+//! at the same moment, who all pick the same oldest job, each get a
+//! different one of its class instead of all but one coming away empty.
+//! Under such contention a worker may get a younger job of the class than
+//! the oldest of another class, so the queue's order holds per class. A
+//! class with nothing left to claim is passed over and the next pick
+//! placed: two workers never get the same job.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ptune_core::{JobId, JobSpec};
 use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -79,6 +87,19 @@ impl CandidateRow {
     }
 }
 
+/// The job placement picked, and the jobs of its class on the page it was
+/// picked from, oldest first (the pick among them).
+struct Pick {
+    job: Candidate,
+    listed: Vec<Uuid>,
+}
+
+/// [`Candidate::class`] as a key of a set.
+fn class_key(c: &Candidate) -> (String, Option<(u64, u64, u64)>, u32, bool) {
+    let (model, estimate, devices, settled) = c.class();
+    (model.to_string(), estimate.map(|e| (e.weights_bytes, e.job_bytes, e.activation_bytes)), devices, settled)
+}
+
 #[derive(sqlx::FromRow)]
 struct RunningRow {
     base_model: String,
@@ -118,7 +139,7 @@ impl Store {
     ) -> Result<Option<Lease>> {
         let started = Instant::now();
         // An empty queue is seen without reading what placement weighs.
-        let mut first = Some(self.candidates(offer, &[], None).await?);
+        let mut first = Some(self.queue_head(offer, &[]).await?);
         if first.as_ref().is_some_and(Vec::is_empty) {
             self.metrics.observe_lease(started.elapsed(), None);
             return Ok(None);
@@ -137,32 +158,46 @@ impl Store {
                     self.metrics.observe_lease(started.elapsed(), Some(queued_for));
                     return Ok(Some(lease));
                 }
-                None => taken.push(pick.id.0),
+                None => taken.push(pick.job.id.0),
             }
         }
         self.metrics.observe_lease(started.elapsed(), None);
         Ok(None)
     }
 
-    /// The job placement picks, reading candidates a page at a time in the
-    /// order it prefers them, passing over `taken`; `first` is the first
-    /// page when already read (with the same `taken`).
+    /// The job placement picks, passing over `taken`. It first reads the
+    /// oldest queued jobs ([`Self::queue_head`]; `first` when already read
+    /// with the same `taken`): the pick is nearly always among them. When
+    /// placement passes over a whole page of them, it reads the queue a page
+    /// of classes at a time ([`Self::classes`]), which skips the jobs of the
+    /// classes it passed over however many they are.
     async fn pick(
         &self,
         asker: &Asker,
         rivals: &[Rival],
         offer: &WorkerOffer,
         taken: &[Uuid],
-        mut first: Option<Vec<Candidate>>,
-    ) -> Result<Option<Candidate>> {
+        first: Option<Vec<Candidate>>,
+    ) -> Result<Option<Pick>> {
+        let head = match first {
+            Some(head) => head,
+            None => self.queue_head(offer, taken).await?,
+        };
+        let mut seen = HashSet::new();
+        let oldest: Vec<Candidate> = head.iter().filter(|c| seen.insert(class_key(c))).cloned().collect();
+        if let Some(placed) = placement::place(asker, rivals, &oldest) {
+            let class = class_key(placed.job);
+            let listed = head.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
+            return Ok(Some(Pick { job: placed.job.clone(), listed }));
+        }
+        if head.len() < CANDIDATES_PER_PAGE as usize {
+            return Ok(None);
+        }
         let mut after: Option<Candidate> = None;
         loop {
-            let page = match first.take() {
-                Some(page) => page,
-                None => self.candidates(offer, taken, after.as_ref()).await?,
-            };
-            if let Some(pick) = placement::place(asker, rivals, &page) {
-                return Ok(Some(pick.job.clone()));
+            let page = self.classes(offer, taken, after.as_ref()).await?;
+            if let Some(placed) = placement::place(asker, rivals, &page) {
+                return Ok(Some(Pick { job: placed.job.clone(), listed: vec![placed.job.id.0] }));
             }
             if page.len() < CANDIDATES_PER_PAGE as usize {
                 return Ok(None);
@@ -238,11 +273,39 @@ impl Store {
             .collect())
     }
 
-    /// A page of candidates after `after`: of the queued jobs on the offer's
+    /// The first page of the queued jobs on the offer's models whose retry
+    /// time has passed (but `taken`), in the order placement prefers them
+    /// (jobs on a model the worker holds first, then by submission and id).
+    /// Each model's jobs are read from the queue's index, a page at most, so
+    /// the read costs the same whatever the queue's length.
+    async fn queue_head(&self, offer: &WorkerOffer, taken: &[Uuid]) -> Result<Vec<Candidate>> {
+        let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
+            "SELECT c.* FROM unnest($1::text[]) AS m (model) \
+             CROSS JOIN LATERAL ( \
+                 SELECT ",
+            candidate_columns!("$3"),
+            "    FROM jobs q \
+                 WHERE q.state = 'queued' AND q.base_model = m.model \
+                   AND (q.retry_at IS NULL OR q.retry_at <= now()) AND q.id <> ALL($4) \
+                 ORDER BY q.created_at, q.id LIMIT $5) c \
+             ORDER BY NOT c.base_model = ANY($2), c.created_at, c.id \
+             LIMIT $5"
+        ))
+        .bind(&offer.models)
+        .bind(&offer.loaded)
+        .bind(millis(SPREAD_WINDOW))
+        .bind(taken)
+        .bind(i64::from(CANDIDATES_PER_PAGE))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(CandidateRow::into_candidate).collect()
+    }
+
+    /// A page of classes after `after`: of the queued jobs on the offer's
     /// models whose retry time has passed (but `taken`), the oldest of each
-    /// [`Candidate::class`], in the order placement prefers them (jobs on a
-    /// model the worker holds first, then by submission and id).
-    async fn candidates(&self, offer: &WorkerOffer, taken: &[Uuid], after: Option<&Candidate>) -> Result<Vec<Candidate>> {
+    /// [`Candidate::class`], in the order placement prefers them. It reads
+    /// every such job, once per page.
+    async fn classes(&self, offer: &WorkerOffer, taken: &[Uuid], after: Option<&Candidate>) -> Result<Vec<Candidate>> {
         let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
             "SELECT * FROM ( \
                  SELECT DISTINCT ON (q.base_model, q.memory_weights_bytes, q.memory_job_bytes, \
@@ -278,39 +341,17 @@ impl Store {
     async fn claim(
         &self,
         worker: ptune_core::WorkerId,
-        pick: &Candidate,
+        pick: &Pick,
         taken: &[Uuid],
         asker: &Asker,
         rivals: &[Rival],
         timeout: Duration,
     ) -> Result<Option<(Lease, Duration)>> {
         let mut tx = self.pool.begin().await?;
-        let estimate = pick.estimate;
-        // A queued job's updated_at is when it was queued (submitted or requeued).
-        let claimed: Option<Claimed> = sqlx::query_as(concat!(
-            "SELECT ",
-            candidate_columns!("$2"),
-            ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
-             FROM jobs q \
-             WHERE q.state = 'queued' AND q.base_model = $1 AND (q.retry_at IS NULL OR q.retry_at <= now()) \
-               AND q.memory_weights_bytes IS NOT DISTINCT FROM $3 AND q.memory_job_bytes IS NOT DISTINCT FROM $4 \
-               AND q.memory_activation_bytes IS NOT DISTINCT FROM $5 \
-               AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) AND ",
-            job_devices!("q"),
-            " = $8 \
-             ORDER BY q.created_at, q.id LIMIT 1 \
-             FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&pick.base_model)
-        .bind(millis(SPREAD_WINDOW))
-        .bind(estimate.map(|e| to_i64(e.weights_bytes)))
-        .bind(estimate.map(|e| to_i64(e.job_bytes)))
-        .bind(estimate.map(|e| to_i64(e.activation_bytes)))
-        .bind(pick.settled)
-        .bind(taken)
-        .bind(i32::try_from(pick.devices).unwrap_or(i32::MAX))
-        .fetch_optional(&mut *tx)
-        .await?;
+        let claimed = match lock_listed(&mut tx, &pick.listed).await? {
+            Some(claimed) => Some(claimed),
+            None => lock_oldest_of_class(&mut tx, &pick.job, taken).await?,
+        };
         let Some(Claimed { candidate, queued_secs }) = claimed else { return Ok(None) };
         let candidate = candidate.into_candidate()?;
         let job = candidate.id;
@@ -357,4 +398,59 @@ impl Store {
         };
         Ok(Some((lease, Duration::try_from_secs_f64(queued_secs).unwrap_or_default())))
     }
+}
+
+/// Of the jobs `listed` (ids of one class, as a page read them), locks the
+/// oldest still queued and leasable that no one else holds. Reading them
+/// by id passes over none of the jobs leased since the page was read, as a
+/// walk of the queue's index would until it is vacuumed.
+async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid]) -> Result<Option<Claimed>> {
+    // A queued job's updated_at is when it was queued (submitted or requeued).
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        candidate_columns!("$2"),
+        ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
+         FROM jobs q \
+         WHERE q.id = ANY($1) AND q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+         ORDER BY q.created_at, q.id LIMIT 1 \
+         FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(listed)
+    .bind(millis(SPREAD_WINDOW))
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Locks the oldest queued and leasable job of `pick`'s class (but
+/// `taken`) that no one else holds.
+async fn lock_oldest_of_class(
+    tx: &mut Transaction<'static, Postgres>,
+    pick: &Candidate,
+    taken: &[Uuid],
+) -> Result<Option<Claimed>> {
+    let estimate = pick.estimate;
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        candidate_columns!("$2"),
+        ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
+         FROM jobs q \
+         WHERE q.state = 'queued' AND q.base_model = $1 AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+           AND q.memory_weights_bytes IS NOT DISTINCT FROM $3 AND q.memory_job_bytes IS NOT DISTINCT FROM $4 \
+           AND q.memory_activation_bytes IS NOT DISTINCT FROM $5 \
+           AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) AND ",
+        job_devices!("q"),
+        " = $8 \
+         ORDER BY q.created_at, q.id LIMIT 1 \
+         FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(&pick.base_model)
+    .bind(millis(SPREAD_WINDOW))
+    .bind(estimate.map(|e| to_i64(e.weights_bytes)))
+    .bind(estimate.map(|e| to_i64(e.job_bytes)))
+    .bind(estimate.map(|e| to_i64(e.activation_bytes)))
+    .bind(pick.settled)
+    .bind(taken)
+    .bind(i32::try_from(pick.devices).unwrap_or(i32::MAX))
+    .fetch_optional(&mut **tx)
+    .await?)
 }

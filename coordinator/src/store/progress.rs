@@ -135,8 +135,7 @@ impl Store {
         let epochs: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.lease.epoch)).collect();
         sqlx::query(
             "UPDATE jobs j SET step = r.step, \
-                 total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END, \
-                 updated_at = now() \
+                 total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END \
              FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id",
         )
         .bind(&job_ids)
