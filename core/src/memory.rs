@@ -445,6 +445,25 @@ mod tests {
         ModelShape { parameters: 124_439_808, hidden_size: 768, num_layers: 12, num_attention_heads: 12, family: ModelFamily::Gpt2 };
 
     #[test]
+    fn a_bf16_decoder_counts_its_weights_and_their_activations_at_two_bytes() {
+        let mut fp32 = spec("lora", "", 4, 100);
+        fp32.task = Task::CausalLm;
+        fp32.data.labels.clear();
+        fp32.generation = Some(crate::spec::GenerationConfig { max_new_tokens: 28, num_beams: 1 });
+        let mut bf16 = fp32.clone();
+        bf16.training.precision = crate::spec::Precision::Bf16;
+        let (full, half) = (estimate(&fp32, &GPT2), estimate(&bf16, &GPT2));
+        assert_eq!(half.weights_bytes, 124_439_808 * 2);
+        assert_eq!(full.weights_bytes, 2 * half.weights_bytes);
+        // The LoRA matrices, their gradients and AdamW's moments stay float32.
+        assert_eq!(half.job_bytes, full.job_bytes);
+        // 128 tokens: hidden activations at 2 bytes, attention scores and the
+        // low-rank path (c_attn: 768 in, 2,304 out) at 4.
+        let per_token_layer = 2 * 18 * 768 + 4 * (3 * 12 * 128 + 768 + 2_304);
+        assert_eq!(training_activation_bytes(&bf16, &GPT2), 4 * 128 * 12 * per_token_layer);
+    }
+
+    #[test]
     fn lora_on_decoders_counts_the_familys_own_linears() {
         let lora = |peft: &str, model: &ModelShape| {
             let mut spec = spec("lora", peft, 4, 100);

@@ -17,7 +17,7 @@ use ptune_worker::engine::{
 use support::engine::{data_job, device, synthetic_data_job, SERIAL};
 use support::paths::{fixtures, minilm_dir, sst2};
 use support::synthetic::dataset;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 fn spec(method: &str, peft: &str, training: &str) -> JobSpec {
     JobSpec::from_toml(&format!(
@@ -277,15 +277,25 @@ fn lm_adapter(spec: &JobSpec, base: &FrozenDecoder, vars: &nn::VarStore) -> Trai
 
 /// The decoders' logits with every method's adapter (and without one) on a
 /// bf16 or fp16 base against the same adapter on the float32 base, at the
-/// real positions of a right-padded batch: float32, and within
-/// `LM_LOGIT_TOLERANCE` of the largest |logit|. Measured here on the tiny
-/// GPT-2, Llama and Qwen2 checkpoints: at most 1.1% in bf16, 0.2% in fp16.
+/// real positions of a right-padded batch: float32, and within a tolerance
+/// of the largest |logit|. The tiny checkpoints' random weights
+/// (`initializer_range` 0.25 over 32 dimensions) make attention sharp, so
+/// rounding moves their logits far more than a trained model's: without an
+/// adapter, transformers' own bf16 forward of them (`dtype=torch.bfloat16`,
+/// the same batch, on this CPU) is 0.070, 0.131 and 0.173 off its float32
+/// logits (1.7%, 2.8%, 3.7% of the largest), and the engine's bf16 base is
+/// off by as much, which the test checks on the CPU. With adapters the engine
+/// measured at most 6.8% in bf16 and 0.6% in fp16.
 #[test]
 fn decoder_logits_in_bf16_and_fp16_stay_within_tolerance_of_fp32() {
     /// Largest logit difference allowed, relative to the largest |logit|:
-    /// bf16 keeps 8 bits of mantissa (a relative rounding of 0.4% per
-    /// number), and two layers of products and sums add up to a few of those.
-    const LM_LOGIT_TOLERANCE: f64 = 0.03;
+    /// bf16 keeps 8 bits of mantissa, fp16 11.
+    const BF16_TOLERANCE: f64 = 0.1;
+    const FP16_TOLERANCE: f64 = 0.01;
+    /// transformers' bf16 against float32 logits of the plain checkpoints
+    /// (see above), and how far the engine's gap may be from it.
+    const TRANSFORMERS_BF16_GAP: [(&str, f64); 3] = [("tiny-gpt2", 0.0698), ("tiny-llama", 0.1313), ("tiny-qwen2", 0.1728)];
+    const GAP_TOLERANCE: f64 = 0.02;
     let cache = ModelCache::new(device(), None);
     let batch = lm_batch();
     for name in ["tiny-gpt2", "tiny-llama", "tiny-qwen2"] {
@@ -316,7 +326,12 @@ fn decoder_logits_in_bf16_and_fp16_stay_within_tolerance_of_fp32() {
                 let spread = f64::try_from(reference.abs().max()).unwrap();
                 println!("{name} {method} {precision}: logits differ by {diff:.4} of {spread:.2} ({:.2}%)", 100.0 * diff / spread);
                 assert!(spread > 0.5, "{name} {method}: the logits spread ({spread})");
-                assert!(diff < LM_LOGIT_TOLERANCE * spread, "{name} {method} {precision}: logits differ by {diff} (largest |logit| {spread})");
+                let tolerance = if precision == Precision::Bf16 { BF16_TOLERANCE } else { FP16_TOLERANCE };
+                assert!(diff < tolerance * spread, "{name} {method} {precision}: logits differ by {diff} (largest |logit| {spread})");
+                if (method, precision, device()) == ("base", Precision::Bf16, Device::Cpu) {
+                    let (_, gap) = TRANSFORMERS_BF16_GAP.iter().find(|(model, _)| *model == name).unwrap();
+                    assert!((diff - gap).abs() < GAP_TOLERANCE, "{name}: bf16 moves the logits by {diff}, transformers' by {gap}");
+                }
             }
         }
     }
