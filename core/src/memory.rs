@@ -429,10 +429,7 @@ mod tests {
 
     #[test]
     fn causal_lm_sequences_include_the_generated_tokens() {
-        let mut spec = spec("prefix_tuning", "num_virtual_tokens = 10", 4, 100);
-        spec.task = Task::CausalLm;
-        spec.data.labels.clear();
-        spec.generation = Some(crate::spec::GenerationConfig { max_new_tokens: 30, num_beams: 1 });
+        let spec = causal_lm(spec("prefix_tuning", "num_virtual_tokens = 10", 4, 100), 30);
         let estimate = estimate(&spec, &GPT2);
         assert_eq!(estimate.job_bytes, 10 * 12 * 2 * 768 * 16, "no head");
         // 100 + 10 + 30 tokens.
@@ -444,12 +441,17 @@ mod tests {
     const GPT2: ModelShape =
         ModelShape { parameters: 124_439_808, hidden_size: 768, num_layers: 12, num_attention_heads: 12, family: ModelFamily::Gpt2 };
 
+    /// `spec` as a causal-LM job generating up to `max_new_tokens`.
+    fn causal_lm(mut spec: JobSpec, max_new_tokens: u32) -> JobSpec {
+        spec.task = Task::CausalLm;
+        spec.data.labels.clear();
+        spec.generation = Some(crate::spec::GenerationConfig { max_new_tokens, num_beams: 1 });
+        spec
+    }
+
     #[test]
     fn a_bf16_decoder_counts_its_weights_and_their_activations_at_two_bytes() {
-        let mut fp32 = spec("lora", "", 4, 100);
-        fp32.task = Task::CausalLm;
-        fp32.data.labels.clear();
-        fp32.generation = Some(crate::spec::GenerationConfig { max_new_tokens: 28, num_beams: 1 });
+        let fp32 = causal_lm(spec("lora", "", 4, 100), 28);
         let mut bf16 = fp32.clone();
         bf16.training.precision = crate::spec::Precision::Bf16;
         let (full, half) = (estimate(&fp32, &GPT2), estimate(&bf16, &GPT2));

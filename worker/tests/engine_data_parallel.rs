@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use ptune_core::{JobSpec, Metric, MetricKind};
 use ptune_worker::engine::{Control, Engine, Event, Resume, TrainJob, TrainOutcome, ADAPTER_WEIGHTS_FILE};
 use serde_json::{json, Value};
-use support::engine::{data_job, parse_device, shared_data_job, small_classification_data, SERIAL};
+use support::engine::{data_job, lm_spec, parse_device, shared_data_job, small_classification_data, SERIAL};
 use support::paths::{fixtures, minilm_dir};
 use support::synthetic::dataset;
 use tch::{Device, Tensor};
@@ -75,20 +75,14 @@ fn job(name: &str, method: &str, peft: Value, lr: f64, batch: u32, devices: u32,
 /// devices, evaluated (loss, and BLEU of greedy decoding) every 8 steps on
 /// 6 inputs.
 fn lm_job(name: &str, model: &str, method: &str, peft: Value, lr: f64, devices: u32, out: &Path) -> TrainJob {
-    let spec = json!({
-        "name": name, "base_model": model, "task": "causal_lm", "method": method, "peft": peft,
-        "data": {
-            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source", "label_field": "target",
-            "max_seq_len": 24, "max_train_examples": 48, "max_eval_examples": 6,
-        },
+    let overrides = json!({
+        "data": { "max_eval_examples": 6 },
         "training": {
-            "learning_rate": lr, "batch_size": 5, "max_steps": STEPS, "warmup_ratio": 0.1, "eval_every": 8,
-            "seed": 7, "devices": devices,
+            "learning_rate": lr, "batch_size": 5, "max_steps": STEPS, "eval_every": 8, "seed": 7, "devices": devices,
         },
-        "generation": { "max_new_tokens": 6, "num_beams": 1 },
+        "generation": { "max_new_tokens": 6 },
     });
-    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
-    spec.validate(None).expect("spec is valid");
+    let spec = lm_spec(name, model, method, peft, overrides);
     data_job(spec, &dataset("e2e"), out.join(format!("{name}-{devices}")), None, Resume::Never)
 }
 

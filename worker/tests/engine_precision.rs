@@ -59,6 +59,24 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     f64::try_from((a - b).abs().max()).expect("a scalar")
 }
 
+/// After a backward pass through a lower-precision base: every variable of
+/// the job (`what`) is float32 and got a finite float32 gradient, and an
+/// AdamW step keeps float32 moments.
+fn check_float32_step(vars: &nn::VarStore, spec: &JobSpec, what: &str) {
+    let mut optimizer = optimizer_for(vars, spec);
+    for (name, var) in vars.variables() {
+        assert_eq!(var.kind(), Kind::Float, "{what}: {name} is float32");
+        let grad = var.grad();
+        assert!(grad.defined(), "{what}: {name} got a gradient through the base");
+        assert_eq!(grad.kind(), Kind::Float, "{what}: the gradient of {name} is float32");
+        assert!(bool::try_from(grad.isfinite().all()).unwrap(), "{what}: the gradient of {name} is finite");
+    }
+    optimizer.step(1.0);
+    for (name, moment) in optimizer.state_tensors() {
+        assert_eq!(moment.kind(), Kind::Float, "{what}: {name} is float32");
+    }
+}
+
 const SENTENCES: [&str; 4] =
     ["a warm , funny film", "the script is dull and the cast is tired", "clever", "an ending that is moving and bright"];
 
@@ -89,18 +107,7 @@ fn under_bf16_a_jobs_parameters_gradients_and_adamw_state_stay_float32() {
             let logits = classifier.logits(&base.encoder, &ids, &mask, true);
             assert_eq!(logits.kind(), Kind::Float, "{method}: logits are float32");
             logits.cross_entropy_for_logits(&labels).backward();
-            let mut optimizer = optimizer_for(&vars, &spec);
-            for (name, var) in vars.variables() {
-                assert_eq!(var.kind(), Kind::Float, "{method} {precision}: {name} is float32");
-                let grad = var.grad();
-                assert!(grad.defined(), "{method}: {name} got a gradient through the {precision} base");
-                assert_eq!(grad.kind(), Kind::Float, "{method} {precision}: the gradient of {name} is float32");
-                assert!(bool::try_from(grad.isfinite().all()).unwrap(), "{method}: the gradient of {name} is finite");
-            }
-            optimizer.step(1.0);
-            for (name, moment) in optimizer.state_tensors() {
-                assert_eq!(moment.kind(), Kind::Float, "{method} {precision}: {name} is float32");
-            }
+            check_float32_step(&vars, &spec, &format!("{method} {precision}"));
             // The same adapter on the float32 base gives nearly the same logits.
             let (ours, reference) = tch::no_grad(|| {
                 (classifier.logits(&base.encoder, &ids, &mask, false), classifier.logits(&fp32.encoder, &ids, &mask, false))
@@ -213,24 +220,10 @@ fn minilm_bf16_logits_stay_within_tolerance_of_fp32_on_sst2_sentences() {
     assert!(agree >= AGREEMENT, "only {agree} of the predictions agree");
 }
 
-/// A causal-LM spec on made-up E2E pairs for the tiny decoder `model`.
+/// A causal-LM spec on made-up E2E pairs for the tiny decoder `model`,
+/// with `training` fields.
 fn lm_spec(model: &str, method: &str, peft: serde_json::Value, training: serde_json::Value) -> JobSpec {
-    let mut spec = serde_json::json!({
-        "name": format!("precision-{model}-{method}"), "base_model": model, "task": "causal_lm", "method": method,
-        "peft": peft,
-        "data": {
-            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source", "label_field": "target",
-            "max_seq_len": 24, "max_train_examples": 48, "max_eval_examples": 4,
-        },
-        "training": { "learning_rate": 5e-2, "batch_size": 8, "warmup_ratio": 0.1, "seed": 5 },
-        "generation": { "max_new_tokens": 4, "num_beams": 1 },
-    });
-    for (key, value) in training.as_object().expect("training fields") {
-        spec["training"][key] = value.clone();
-    }
-    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
-    spec.validate(None).unwrap_or_else(|e| panic!("{e}"));
-    spec
+    support::engine::lm_spec(&format!("precision-{model}-{method}"), model, method, peft, serde_json::json!({ "training": training }))
 }
 
 /// Every method a decoder trains on its shared base, with PEFT settings
@@ -357,18 +350,7 @@ fn under_bf16_a_decoder_jobs_parameters_gradients_and_adamw_state_stay_float32()
                 let loss = causal_lm::train_loss(base.model.as_ref(), &LmAdapter::from(&drawn), &batch, true);
                 assert_eq!(loss.kind(), Kind::Float, "{name} {method} {precision}: the loss is float32");
                 loss.backward();
-                let mut optimizer = optimizer_for(&vars, &spec);
-                for (var_name, var) in vars.variables() {
-                    assert_eq!(var.kind(), Kind::Float, "{name} {method} {precision}: {var_name} is float32");
-                    let grad = var.grad();
-                    assert!(grad.defined(), "{name} {method}: {var_name} got a gradient through the {precision} base");
-                    assert_eq!(grad.kind(), Kind::Float, "{name} {method} {precision}: the gradient of {var_name} is float32");
-                    assert!(bool::try_from(grad.isfinite().all()).unwrap(), "{name} {method}: the gradient of {var_name} is finite");
-                }
-                optimizer.step(1.0);
-                for (moment, state) in optimizer.state_tensors() {
-                    assert_eq!(state.kind(), Kind::Float, "{name} {method} {precision}: {moment} is float32");
-                }
+                check_float32_step(&vars, &spec, &format!("{name} {method} {precision}"));
             }
             assert!(before.equal(base.model.word_embeddings()), "{name} {precision}: the frozen base is unchanged");
         }
