@@ -38,7 +38,7 @@ fn minilm_without_dropout(dir: &Path) -> PathBuf {
 fn without_dropout(source: &Path, dir: &Path, fields: &[&str]) -> PathBuf {
     let target = dir.join(format!("{}-no-dropout", source.file_name().unwrap().to_string_lossy()));
     std::fs::create_dir_all(&target).unwrap();
-    for entry in std::fs::read_dir(&source).unwrap() {
+    for entry in std::fs::read_dir(source).unwrap() {
         let entry = entry.unwrap();
         if entry.file_name() != "config.json" {
             std::os::unix::fs::symlink(entry.path(), target.join(entry.file_name())).unwrap();

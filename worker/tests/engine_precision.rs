@@ -48,8 +48,8 @@ fn batch(base: &FrozenEncoder, sentences: &[&str], max_len: usize) -> (Tensor, T
     let longest = encoded.iter().map(Vec::len).max().unwrap_or(1);
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for row in &encoded {
-        ids.extend(row.iter().copied().chain(std::iter::repeat(0).take(longest - row.len())));
-        mask.extend(std::iter::repeat(1i64).take(row.len()).chain(std::iter::repeat(0).take(longest - row.len())));
+        ids.extend(row.iter().copied().chain(std::iter::repeat_n(0, longest - row.len())));
+        mask.extend(std::iter::repeat_n(1i64, row.len()).chain(std::iter::repeat_n(0, longest - row.len())));
     }
     let rows = encoded.len() as i64;
     (Tensor::from_slice(&ids).view([rows, -1]), Tensor::from_slice(&mask).view([rows, -1]))
@@ -261,7 +261,7 @@ fn lm_adapter(spec: &JobSpec, base: &FrozenDecoder, vars: &nn::VarStore) -> Trai
     tch::no_grad(|| {
         for (name, mut var) in vars.variables() {
             if name.contains("lora_B") {
-                let _ = var.copy_(&(var.randn_like() * 0.2));
+                var.copy_(&(var.randn_like() * 0.2));
             }
         }
     });
