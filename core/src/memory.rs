@@ -429,10 +429,7 @@ mod tests {
 
     #[test]
     fn causal_lm_sequences_include_the_generated_tokens() {
-        let mut spec = spec("prefix_tuning", "num_virtual_tokens = 10", 4, 100);
-        spec.task = Task::CausalLm;
-        spec.data.labels.clear();
-        spec.generation = Some(crate::spec::GenerationConfig { max_new_tokens: 30, num_beams: 1 });
+        let spec = causal_lm(spec("prefix_tuning", "num_virtual_tokens = 10", 4, 100), 30);
         let estimate = estimate(&spec, &GPT2);
         assert_eq!(estimate.job_bytes, 10 * 12 * 2 * 768 * 16, "no head");
         // 100 + 10 + 30 tokens.
@@ -443,6 +440,30 @@ mod tests {
 
     const GPT2: ModelShape =
         ModelShape { parameters: 124_439_808, hidden_size: 768, num_layers: 12, num_attention_heads: 12, family: ModelFamily::Gpt2 };
+
+    /// `spec` as a causal-LM job generating up to `max_new_tokens`.
+    fn causal_lm(mut spec: JobSpec, max_new_tokens: u32) -> JobSpec {
+        spec.task = Task::CausalLm;
+        spec.data.labels.clear();
+        spec.generation = Some(crate::spec::GenerationConfig { max_new_tokens, num_beams: 1 });
+        spec
+    }
+
+    #[test]
+    fn a_bf16_decoder_counts_its_weights_and_their_activations_at_two_bytes() {
+        let fp32 = causal_lm(spec("lora", "", 4, 100), 28);
+        let mut bf16 = fp32.clone();
+        bf16.training.precision = crate::spec::Precision::Bf16;
+        let (full, half) = (estimate(&fp32, &GPT2), estimate(&bf16, &GPT2));
+        assert_eq!(half.weights_bytes, 124_439_808 * 2);
+        assert_eq!(full.weights_bytes, 2 * half.weights_bytes);
+        // The LoRA matrices, their gradients and AdamW's moments stay float32.
+        assert_eq!(half.job_bytes, full.job_bytes);
+        // 128 tokens: hidden activations at 2 bytes, attention scores and the
+        // low-rank path (c_attn: 768 in, 2,304 out) at 4.
+        let per_token_layer = 2 * 18 * 768 + 4 * (3 * 12 * 128 + 768 + 2_304);
+        assert_eq!(training_activation_bytes(&bf16, &GPT2), 4 * 128 * 12 * per_token_layer);
+    }
 
     #[test]
     fn lora_on_decoders_counts_the_familys_own_linears() {

@@ -149,6 +149,10 @@ impl Hooks for LoraHooks {
         self.used.borrow_mut().insert(key);
         Some(xs.matmul(&a.tr()).matmul(&b.tr()) * self.scale)
     }
+
+    fn has_linear_deltas(&self) -> bool {
+        true
+    }
 }
 
 /// The one tensor of a prompt-learning PEFT export (`prompt_embeddings`).

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use support::engine::{shared_data_job, small_classification_data, synthetic_data_job, train_on, SERIAL};
+use support::engine::{lm_spec, shared_data_job, small_classification_data, synthetic_data_job, train_on, SERIAL};
 use support::paths::minilm_dir;
 use ptune_core::{JobSpec, Metric, MetricKind, Pooling};
 use ptune_worker::engine::{
@@ -74,20 +74,12 @@ fn jobs(out: &Path) -> Vec<TrainJob> {
 /// beam-searched outputs).
 #[allow(clippy::too_many_arguments)]
 fn lm_job(model: &str, name: &str, method: &str, peft: Value, lr: f64, batch: u32, steps: u64, out: &Path) -> TrainJob {
-    let spec = json!({
-        "name": name, "base_model": model, "task": "causal_lm", "method": method, "peft": peft,
-        "data": {
-            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source", "label_field": "target",
-            "max_seq_len": 24, "max_train_examples": 64, "max_eval_examples": 4,
-        },
-        "training": {
-            "learning_rate": lr, "batch_size": batch, "max_steps": steps, "warmup_ratio": 0.1, "eval_every": 4, "seed": 5,
-        },
+    let overrides = json!({
+        "data": { "max_train_examples": 64 },
+        "training": { "learning_rate": lr, "batch_size": batch, "max_steps": steps, "eval_every": 4 },
         "generation": { "max_new_tokens": 5, "num_beams": 2 },
     });
-    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
-    spec.validate(None).expect("spec is valid");
-    synthetic_data_job(spec, "e2e", out.join(name), None, Resume::Never)
+    synthetic_data_job(lm_spec(name, model, method, peft, overrides), "e2e", out.join(name), None, Resume::Never)
 }
 
 fn fixture(model: &str) -> PathBuf {

@@ -231,6 +231,16 @@ fn precision_is_named_read_back_and_refused_for_full_fine_tuning() {
     let err = full.validate(None).unwrap_err();
     assert_eq!(err.field, "training.precision");
     assert!(err.message.contains("fp16 is not supported for method full"), "{err}");
+
+    // Causal LM on a bf16 or fp16 decoder, but not its full fine-tuning.
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let mut causal = with_task("causal_lm", "").unwrap();
+        causal.training.precision = precision;
+        causal.validate(None).unwrap_or_else(|e| panic!("causal_lm in {precision}: {e}"));
+        causal.method = crate::Method::Full;
+        causal.peft = Default::default();
+        assert_eq!(causal.validate(None).unwrap_err().field, "training.precision");
+    }
 }
 
 #[test]

@@ -375,12 +375,6 @@ impl JobSpec {
                 format!("{} is not supported for method full, which trains the weights themselves; use fp32", t.precision),
             ));
         }
-        if t.precision != Precision::Fp32 && self.task == Task::CausalLm {
-            return Err(SpecError::new(
-                "training.precision",
-                format!("{} is not supported for task causal_lm yet; supported: fp32", t.precision),
-            ));
-        }
         if t.stall_timeout_seconds != 0 && !STALL_TIMEOUT_SECONDS.contains(&t.stall_timeout_seconds) {
             return Err(SpecError::new(
                 "training.stall_timeout_seconds",

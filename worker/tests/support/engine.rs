@@ -101,3 +101,28 @@ pub fn train_on(model_dir: &Path, job: &TrainJob, stop_at: Option<u64>) -> (Resu
     let outcome = engine.train(model_dir, job, &mut on_event);
     (outcome, seen)
 }
+
+/// A causal-LM spec named `name` on E2E-shaped pairs (`source` ->
+/// `target`, at most 24 tokens, 48 training and 4 evaluation examples) for
+/// the decoder `model` with `method` and `peft`: learning rate 5e-2, batch
+/// 8, warmup 0.1, seed 5, greedy decoding of 4 tokens. `overrides` sets
+/// fields of its `data`, `training` and `generation` sections.
+pub fn lm_spec(name: &str, model: &str, method: &str, peft: serde_json::Value, overrides: serde_json::Value) -> JobSpec {
+    let mut spec = serde_json::json!({
+        "name": name, "base_model": model, "task": "causal_lm", "method": method, "peft": peft,
+        "data": {
+            "train": "train.jsonl", "eval": "dev.jsonl", "text_field": "source", "label_field": "target",
+            "max_seq_len": 24, "max_train_examples": 48, "max_eval_examples": 4,
+        },
+        "training": { "learning_rate": 5e-2, "batch_size": 8, "warmup_ratio": 0.1, "seed": 5 },
+        "generation": { "max_new_tokens": 4, "num_beams": 1 },
+    });
+    for (section, fields) in overrides.as_object().expect("overrides are sections") {
+        for (field, value) in fields.as_object().expect("a section's fields") {
+            spec[section][field] = value.clone();
+        }
+    }
+    let spec: JobSpec = serde_json::from_value(spec).expect("spec deserializes");
+    spec.validate(None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    spec
+}

@@ -11,9 +11,25 @@
 //! from the mask; for batches without left padding this equals the
 //! `arange` that a plain forward uses. A query sees every earlier real key
 //! and every prefix position.
+//!
+//! A frozen decoder's weights may be bfloat16 or float16 (a base loaded
+//! for `training.precision` bf16 or fp16, [`CausalDecoder::kind`]): it then
+//! computes in that kind, while everything that crosses its edges is
+//! float32, as in the encoder. Input embeddings (a job's prompt among them)
+//! and prefixes are cast to the weights' kind as they enter, the inputs of
+//! low-rank deltas are cast to float32 before they reach a job's parameters
+//! ([`super::hooks::add_delta`]), attention probabilities in training and
+//! RMSNorm's statistics are computed in float32 (LayerNorm's are, inside
+//! libtorch's kernel), the last hidden state leaves as float32, and the
+//! logits over the vocabulary come out of the head as float32, so that the
+//! log-softmax of the loss and of decoding is float32 (as Hugging Face
+//! upcasts them). A job's parameters, gradients and optimizer state thus
+//! stay float32 whatever the base computes in.
 
+use ptune_core::Precision;
 use tch::{nn, Device, Kind, Tensor};
 
+use super::convert_frozen;
 use super::hooks::{HookSites, Hooks, Linears};
 use super::layers::dropout;
 use crate::engine::error::EngineError;
@@ -38,8 +54,14 @@ pub trait CausalDecoder: Send {
     /// Token ids that end a generated sequence (`eos_token_id` of the config).
     fn eos_token_ids(&self) -> &[i64];
 
-    /// `[vocab, hidden]` word embedding table.
+    /// `[vocab, hidden]` word embedding table, in the decoder's [`Self::kind`].
     fn word_embeddings(&self) -> &Tensor;
+
+    /// The kind the decoder's weights and inner activations have: float32,
+    /// or bfloat16 or float16 for a base loaded in that precision.
+    fn kind(&self) -> Kind {
+        self.word_embeddings().kind()
+    }
 
     /// The linears of every layer, as the layer passes them to
     /// [`Hooks::linear_delta`].
@@ -60,13 +82,15 @@ pub trait CausalDecoder: Send {
         }
     }
 
-    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings.
+    /// `[batch, seq]` token ids -> `[batch, seq, hidden]` word embeddings,
+    /// float32 whatever the decoder's kind.
     fn embed_ids(&self, input_ids: &Tensor) -> Tensor {
-        Tensor::embedding(self.word_embeddings(), input_ids, -1, false, false)
+        Tensor::embedding(self.word_embeddings(), input_ids, -1, false, false).to_kind(Kind::Float)
     }
 
-    /// Last hidden state (after the final norm) `[batch, seq, hidden]` for
-    /// `inputs_embeds` `[batch, seq, hidden]` and `attention_mask` `[batch,
+    /// Last hidden state (after the final norm), float32, `[batch, seq,
+    /// hidden]` for `inputs_embeds` `[batch, seq, hidden]` (of any floating
+    /// kind; cast to the decoder's) and `attention_mask` `[batch,
     /// seq]` (1 real, 0 padding, on either side), after the keys and values
     /// of `past` (or, without `past`, of the hooks' prefixes). Also returns
     /// the cache extended by this call's keys and values.
@@ -100,19 +124,32 @@ pub trait CausalDecoder: Send {
         self.forward_with_cache(inputs_embeds, attention_mask, hooks, None, train).0
     }
 
-    /// `[..., hidden]` hidden states -> `[..., vocab]` next-token logits.
+    /// `[..., hidden]` hidden states -> `[..., vocab]` next-token logits,
+    /// float32 (see [`head_logits`]).
     fn logits(&self, hidden: &Tensor) -> Tensor;
 }
 
-/// Runs `load_into` on a store of its own and freezes it: the model and
-/// the store that owns its tensors.
+/// `[..., hidden]` hidden states through the `[vocab, hidden]` LM head:
+/// the product in the head's kind (a bfloat16 head is not copied to
+/// float32, which for a large vocabulary would be most of a step's
+/// memory), the `[..., vocab]` logits then float32, as Hugging Face's
+/// `*ForCausalLM` upcasts them before the loss.
+pub(crate) fn head_logits(hidden: &Tensor, head: &Tensor) -> Tensor {
+    hidden.to_kind(head.kind()).matmul(&head.tr()).to_kind(Kind::Float)
+}
+
+/// Runs `load_into` on a store of its own, freezes it and converts its
+/// weights to `precision`'s kind: the model and the store that owns its
+/// tensors.
 pub(crate) fn load_frozen<M>(
     device: Device,
+    precision: Precision,
     load_into: impl FnOnce(&nn::VarStore) -> Result<M, EngineError>,
 ) -> Result<(M, nn::VarStore), EngineError> {
     let mut weights = nn::VarStore::new(device);
     let model = load_into(&weights)?;
     weights.freeze();
+    convert_frozen(&mut weights, precision);
     Ok((model, weights))
 }
 
@@ -329,20 +366,21 @@ impl AttentionContext {
     }
 }
 
-/// Prefixes of every layer, each expanded to `batch` rows, or nothing when
+/// Prefixes of every layer, each expanded to `batch` rows and cast to
+/// `kind` (the decoder's; a job's prefixes are float32), or nothing when
 /// decoding continues from a cache (which holds them already).
 pub(crate) fn layer_prefixes(
     hooks: &dyn Hooks,
     num_layers: usize,
     batch: i64,
     past: Option<&KvCache>,
+    kind: Kind,
 ) -> Vec<Option<(Tensor, Tensor)>> {
     if past.is_some() {
         return (0..num_layers).map(|_| None).collect();
     }
-    (0..num_layers)
-        .map(|layer| hooks.prefix(layer).map(|(k, v)| (expand_rows(&k, batch), expand_rows(&v, batch))))
-        .collect()
+    let enter = |xs: &Tensor| expand_rows(xs, batch).to_kind(kind);
+    (0..num_layers).map(|layer| hooks.prefix(layer).map(|(k, v)| (enter(&k), enter(&v)))).collect()
 }
 
 /// `[rows, ...]` -> `[batch, ...]`: as is, broadcast from one row, or each row
@@ -380,10 +418,13 @@ pub(crate) fn attend(
     let key = repeat_kv(key, heads);
     let value = repeat_kv(value, heads);
     let context = if train && dropout_p > 0.0 {
-        // Written out so that attention-probability dropout uses the fast mask.
-        let scores = query.matmul(&key.transpose(-1, -2)) * scale;
+        // Written out so that attention-probability dropout uses the fast
+        // mask. The scores are float32 whatever the weights' kind: the
+        // softmax of bfloat16 or float16 scores loses the small probabilities.
+        let scores = query.matmul(&key.transpose(-1, -2)).to_kind(Kind::Float) * scale;
         let scores = scores.masked_fill(&allowed.logical_not(), f64::from(f32::MIN));
-        ctx.attention_dropout(&scores.softmax(-1, scores.kind()), dropout_p, train).matmul(&value)
+        let probs = ctx.attention_dropout(&scores.softmax(-1, Kind::Float), dropout_p, train);
+        probs.to_kind(value.kind()).matmul(&value)
     } else {
         Tensor::scaled_dot_product_attention(query, &key, &value, Some(&allowed), 0.0, false, scale, false)
     };

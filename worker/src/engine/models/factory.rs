@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tch::{nn, Device};
 
-use ptune_core::{Architecture, ModelFamily, ModelType};
+use ptune_core::{Architecture, ModelFamily, ModelType, Precision};
 
 use super::config::model_type;
 use super::decoder::CausalDecoder;
@@ -21,13 +21,20 @@ pub fn architecture_of(model_type: &str) -> Option<Architecture> {
     ModelFamily::of(model_type).map(ModelFamily::architecture)
 }
 
-/// Loads the causal LM in `dir`, choosing the architecture by the config's
-/// `model_type` (`gpt2`; `llama`, `mistral`, `qwen2`).
+/// Loads the causal LM in `dir` as float32, frozen, choosing the
+/// architecture by the config's `model_type` (`gpt2`; `llama`, `mistral`,
+/// `qwen2`).
 pub fn load_causal_lm(dir: &Path, device: Device) -> Result<Box<dyn CausalDecoder>, EngineError> {
+    load_causal_lm_in(dir, device, Precision::Fp32)
+}
+
+/// Loads the causal LM in `dir` as [`load_causal_lm`] does, with its frozen
+/// weights converted to `precision`'s kind ([`super::base_kind`]).
+pub fn load_causal_lm_in(dir: &Path, device: Device, precision: Precision) -> Result<Box<dyn CausalDecoder>, EngineError> {
     load_architecture(
         dir,
-        || Ok(Box::new(Gpt2Model::load(dir, device)?)),
-        || Ok(Box::new(LlamaModel::load(dir, device)?)),
+        || Ok(Box::new(Gpt2Model::load_in(dir, device, precision)?)),
+        || Ok(Box::new(LlamaModel::load_in(dir, device, precision)?)),
     )
 }
 

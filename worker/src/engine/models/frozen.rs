@@ -14,11 +14,11 @@ use tch::{nn, Device};
 use super::bert::{BertConfig, BertModel};
 use super::config::{model_type, TOKENIZER_FILE};
 use super::decoder::CausalDecoder;
-use super::factory::{architecture_of, load_causal_lm};
+use super::factory::{architecture_of, load_causal_lm_in};
 use super::hooks::HookSites;
 use super::registry::inspect_any;
 use super::safetensors::{checkpoint_tensor_names, load_checkpoint, WEIGHTS_FILE};
-use super::ModelInfo;
+use super::{convert_frozen, ModelInfo};
 use crate::engine::data::tokenize::{LmTokenizer, TextTokenizer};
 use crate::engine::error::EngineError;
 
@@ -67,12 +67,7 @@ impl FrozenEncoder {
         let encoder = BertModel::new(&path, &config, with_pooler);
         load_checkpoint(&weights, dir, &|name: &str| name.to_string())?;
         weights.freeze();
-        // In place: the encoder's layers hold these very tensors.
-        match precision {
-            Precision::Fp32 => {}
-            Precision::Bf16 => weights.bfloat16(),
-            Precision::Fp16 => weights.half(),
-        }
+        convert_frozen(&mut weights, precision);
 
         let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
         Ok(Self { config, encoder, tokenizer, info, _weights: weights })
@@ -108,8 +103,14 @@ pub struct FrozenDecoder {
 impl FrozenDecoder {
     /// Loads the GPT-2 or Llama-family folder `dir` onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
+        Self::load_in(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the folder as [`Self::load`] does, with the weights converted
+    /// to `precision`'s kind (see [`super::base_kind`] and `decoder.rs`).
+    pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
         let info = inspect_any(dir)?;
-        let model = load_causal_lm(dir, device)?;
+        let model = load_causal_lm_in(dir, device, precision)?;
         let tokenizer = LmTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
         Ok(Self { model, tokenizer, info, dir: dir.to_path_buf() })
     }
@@ -130,16 +131,12 @@ impl FrozenBase {
         Self::load_in(dir, device, Precision::Fp32)
     }
 
-    /// Loads the folder as [`Self::load`] does, in `precision`. Decoders
-    /// are float32 only for now.
+    /// Loads the folder as [`Self::load`] does, in `precision`.
     pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
         let model_type = model_type(dir)?;
         match architecture_of(&model_type) {
             Some(Architecture::Encoder) => Ok(Self::Encoder(FrozenEncoder::load_in(dir, device, precision)?)),
-            Some(Architecture::Decoder) if precision != Precision::Fp32 => Err(EngineError::Model(format!(
-                "training.precision {precision} is not supported for decoders ({model_type}) yet; use fp32"
-            ))),
-            Some(Architecture::Decoder) => Ok(Self::Decoder(FrozenDecoder::load(dir, device)?)),
+            Some(Architecture::Decoder) => Ok(Self::Decoder(FrozenDecoder::load_in(dir, device, precision)?)),
             None => Err(EngineError::Model(format!(
                 "unsupported model_type {model_type:?}; supported: {}",
                 ptune_core::ModelType::all_names().join(", ")

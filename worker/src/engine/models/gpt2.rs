@@ -12,16 +12,17 @@
 
 use std::path::Path;
 
-use ptune_core::ModelFamily;
+use ptune_core::{ModelFamily, Precision};
 use serde::Deserialize;
 use tch::nn::{self, Module};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::config::{read_config, TokenIds};
 use super::decoder::{
-    attend, extend_kv, layer_prefixes, load_frozen, prefixed, AttentionContext, CausalDecoder, KvCache, PassLayout,
+    attend, extend_kv, head_logits, layer_prefixes, load_frozen, prefixed, AttentionContext, CausalDecoder, KvCache,
+    PassLayout,
 };
-use super::hooks::{HookedLinear, Hooks, Linears};
+use super::hooks::{add_delta, HookedLinear, Hooks, Linears};
 use super::layers::Activation;
 use super::safetensors::{checkpoint_tensor_names, load_checkpoint};
 use crate::engine::error::EngineError;
@@ -130,11 +131,7 @@ impl Conv1d {
 
     /// `[..., in]` -> `[..., out]`, plus the hooks' delta for `module` of `layer`.
     fn forward(&self, hooks: &dyn Hooks, layer: usize, module: &str, xs: &Tensor) -> Tensor {
-        let out = xs.matmul(&self.weight) + &self.bias;
-        match hooks.linear_delta(layer, module, xs) {
-            Some(delta) => out + delta,
-            None => out,
-        }
+        add_delta(xs.matmul(&self.weight) + &self.bias, hooks, layer, module, xs)
     }
 }
 
@@ -287,7 +284,13 @@ impl Gpt2Model {
     /// sharded checkpoint) onto `device` as float32, frozen. Weight names may
     /// carry the `transformer.` prefix; other heads are ignored.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
-        let (mut model, weights) = load_frozen(device, |weights| Self::load_into(dir, weights))?;
+        Self::load_in(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the folder as [`Self::load`] does, the frozen weights then
+    /// converted to `precision`'s kind (see `decoder.rs`).
+    pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
+        let (mut model, weights) = load_frozen(device, precision, |weights| Self::load_into(dir, weights))?;
         model._weights = Some(weights);
         Ok(model)
     }
@@ -387,11 +390,12 @@ impl CausalDecoder for Gpt2Model {
         train: bool,
     ) -> (Tensor, KvCache) {
         let batch = inputs_embeds.size()[0];
-        let prefixes = layer_prefixes(hooks, self.transformer.blocks.len(), batch, past);
+        let kind = self.kind();
+        let prefixes = layer_prefixes(hooks, self.transformer.blocks.len(), batch, past, kind);
         let past_mask = layout.past_mask(&prefixes, past, batch, inputs_embeds.device());
         let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), None).with_layout(layout);
-        // [batch, seq, hidden]
-        let embeds = inputs_embeds + self.transformer.wpe.forward(&ctx.positions);
+        // [batch, seq, hidden], in the weights' kind
+        let embeds = inputs_embeds.to_kind(kind) + self.transformer.wpe.forward(&ctx.positions);
         let mut hidden = ctx.dropout(&embeds, self.config.embd_pdrop, train);
         let mut layers = Vec::with_capacity(self.transformer.blocks.len());
         for (layer, block) in self.transformer.blocks.iter().enumerate() {
@@ -403,12 +407,11 @@ impl CausalDecoder for Gpt2Model {
             hidden = out;
             layers.push(Some(kv));
         }
-        let hidden = self.transformer.ln_f.forward(&hidden);
+        let hidden = self.transformer.ln_f.forward(&hidden).to_kind(Kind::Float);
         (hidden, KvCache { layers, mask: ctx.key_mask })
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        let head = self.lm_head.as_ref().unwrap_or(&self.transformer.wte.ws);
-        hidden.matmul(&head.tr())
+        head_logits(hidden, self.lm_head.as_ref().unwrap_or(&self.transformer.wte.ws))
     }
 }

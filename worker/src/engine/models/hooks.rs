@@ -31,8 +31,10 @@ pub trait Hooks {
         None
     }
 
-    /// True when [`Self::linear_delta`] may return a delta, so that a pass
-    /// shared by several jobs routes linears only to the jobs that change them.
+    /// True when [`Self::linear_delta`] may return a delta: models ask for
+    /// deltas only then (a bf16 base casts a linear's input to float32 for
+    /// them), and a pass shared by several jobs routes linears only to the
+    /// jobs that change them.
     fn has_linear_deltas(&self) -> bool {
         false
     }
@@ -52,9 +54,22 @@ pub fn linear_with_delta(
     module: &str,
     xs: &Tensor,
 ) -> Tensor {
-    let out = tch::nn::Module::forward(linear, xs);
-    match hooks.linear_delta(layer, module, xs) {
-        Some(delta) => out + delta,
+    add_delta(tch::nn::Module::forward(linear, xs), hooks, layer, module, xs)
+}
+
+/// `out`, a frozen linear's output for `xs`, plus the hooks' delta for
+/// `module` of `layer`, if [`Hooks::has_linear_deltas`]. The delta sees
+/// `xs` as float32, the kind of a job's parameters, and is added in `out`'s
+/// kind (that of a bf16 or fp16 base's weights).
+pub fn add_delta(out: Tensor, hooks: &dyn Hooks, layer: usize, module: &str, xs: &Tensor) -> Tensor {
+    if !hooks.has_linear_deltas() {
+        return out;
+    }
+    match hooks.linear_delta(layer, module, &xs.to_kind(tch::Kind::Float)) {
+        Some(delta) => {
+            let delta = delta.to_kind(out.kind());
+            out + delta
+        }
         None => out,
     }
 }

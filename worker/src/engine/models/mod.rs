@@ -34,6 +34,16 @@ pub fn base_kind(precision: ptune_core::Precision) -> tch::Kind {
     }
 }
 
+/// Converts a frozen base's weights to `precision`'s kind ([`base_kind`]),
+/// in place: the network built on `weights` holds these very tensors.
+pub(crate) fn convert_frozen(weights: &mut tch::nn::VarStore, precision: ptune_core::Precision) {
+    match precision {
+        ptune_core::Precision::Fp32 => {}
+        ptune_core::Precision::Bf16 => weights.bfloat16(),
+        ptune_core::Precision::Fp16 => weights.half(),
+    }
+}
+
 /// What a worker advertises about a base model, read without building it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelInfo {

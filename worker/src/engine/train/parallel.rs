@@ -73,6 +73,14 @@ pub(crate) fn drive_rank(
         let started = Instant::now();
         let planned = progress.begin_step();
         let mine = share(&planned.indices, rank, world);
+        // The whole batch's loss is a mean over its loss terms T (examples,
+        // or the labelled tokens of a per-token loss: a causal LM's target
+        // tokens): L = (S_0 + ... + S_{n-1}) / T, S_r the sum of rank r's
+        // terms. Each rank's task gives its own mean S_r / t_r, so weighting
+        // it by t_r / T makes the ranks' weighted losses, and their gradients,
+        // add up to L and its gradient exactly, however unevenly the shares
+        // hold the terms (a plain average of the ranks' means would weigh a
+        // rank's tokens by how few its share holds).
         let (terms, total) = (task.loss_terms(mine), task.loss_terms(&planned.indices));
         let weight = if total == 0 { 0.0 } else { terms as f64 / total as f64 };
         let loss = if mine.is_empty() {

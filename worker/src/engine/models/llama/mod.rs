@@ -18,12 +18,14 @@
 
 use std::path::Path;
 
+use ptune_core::Precision;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 pub use self::config::{LlamaConfig, RopeConfig, RopeScaling};
 use super::decoder::{
-    attend, extend_kv, layer_prefixes, load_frozen, prefixed, AttentionContext, CausalDecoder, KvCache, PassLayout,
+    attend, extend_kv, head_logits, layer_prefixes, load_frozen, prefixed, AttentionContext, CausalDecoder, KvCache,
+    PassLayout,
 };
 use super::hooks::{linear_with_delta, HookedLinear, Hooks, Linears};
 use super::layers::Activation;
@@ -32,7 +34,9 @@ use crate::engine::error::EngineError;
 
 mod config;
 
-/// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension.
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last dimension, computed
+/// in float32 and cast back to the input's kind before the weight, as Hugging
+/// Face's `LlamaRMSNorm` does.
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -44,8 +48,9 @@ impl RmsNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let variance = xs.square().mean_dim(-1, true, Kind::Float);
-        xs * (variance + self.eps).rsqrt() * &self.weight
+        let float = xs.to_kind(Kind::Float);
+        let variance = float.square().mean_dim(-1, true, Kind::Float);
+        (float * (variance + self.eps).rsqrt()).to_kind(xs.kind()) * &self.weight
     }
 }
 
@@ -56,13 +61,15 @@ struct Rotary {
 }
 
 impl Rotary {
-    /// `cos` and `sin`, each `[batch, 1, seq, head_dim]`, for `[batch, seq]` positions.
-    fn cos_sin(&self, positions: &Tensor) -> (Tensor, Tensor) {
+    /// `cos` and `sin`, each `[batch, 1, seq, head_dim]`, for `[batch, seq]`
+    /// positions: computed in float32, then cast to `kind` (the weights'),
+    /// as Hugging Face's rotary embedding returns them.
+    fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let inv_freq = self.inv_freq.to_device(positions.device());
         // [batch, seq, head_dim / 2]
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-        (emb.cos(), emb.sin())
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 
     /// Rotates `[batch, heads, seq, head_dim]` queries or keys.
@@ -218,7 +225,6 @@ pub struct LlamaModel {
     rotary: Rotary,
     /// `[vocab, hidden]` untied head (`lm_head.weight`); `None` when tied.
     lm_head: Option<Tensor>,
-    /// Owns the tensors above; frozen (no gradients, no optimizer state).
     /// Owns the tensors above when they are frozen; `None` for a trainable
     /// copy, whose job owns them.
     _weights: Option<nn::VarStore>,
@@ -231,7 +237,13 @@ impl LlamaModel {
     /// Weights may be stored under `model.` (`*ForCausalLM`) or bare
     /// (`LlamaModel`); bf16 and f16 checkpoints are converted.
     pub fn load(dir: &Path, device: Device) -> Result<Self, EngineError> {
-        let (mut model, weights) = load_frozen(device, |weights| Self::load_into(dir, weights))?;
+        Self::load_in(dir, device, Precision::Fp32)
+    }
+
+    /// Loads the folder as [`Self::load`] does, the frozen weights then
+    /// converted to `precision`'s kind (see `decoder.rs`).
+    pub fn load_in(dir: &Path, device: Device, precision: Precision) -> Result<Self, EngineError> {
+        let (mut model, weights) = load_frozen(device, precision, |weights| Self::load_into(dir, weights))?;
         model._weights = Some(weights);
         Ok(model)
     }
@@ -341,12 +353,14 @@ impl CausalDecoder for LlamaModel {
         train: bool,
     ) -> (Tensor, KvCache) {
         let batch = inputs_embeds.size()[0];
-        let prefixes = layer_prefixes(hooks, self.model.layers.len(), batch, past);
+        let kind = self.kind();
+        let prefixes = layer_prefixes(hooks, self.model.layers.len(), batch, past, kind);
         let past_mask = layout.past_mask(&prefixes, past, batch, inputs_embeds.device());
         let ctx = AttentionContext::new(attention_mask, past_mask.as_ref(), self.config.sliding_window())
             .with_layout(layout);
-        let rope = self.rotary.cos_sin(&ctx.positions);
-        let mut hidden = inputs_embeds.shallow_clone();
+        let rope = self.rotary.cos_sin(&ctx.positions, kind);
+        // [batch, seq, hidden], in the weights' kind
+        let mut hidden = inputs_embeds.to_kind(kind);
         let mut layers = Vec::with_capacity(self.model.layers.len());
         for (index, layer) in self.model.layers.iter().enumerate() {
             let layer_past = match past {
@@ -357,11 +371,10 @@ impl CausalDecoder for LlamaModel {
             hidden = out;
             layers.push(Some(kv));
         }
-        (self.model.norm.forward(&hidden), KvCache { layers, mask: ctx.key_mask })
+        (self.model.norm.forward(&hidden).to_kind(Kind::Float), KvCache { layers, mask: ctx.key_mask })
     }
 
     fn logits(&self, hidden: &Tensor) -> Tensor {
-        let head = self.lm_head.as_ref().unwrap_or(&self.model.embed_tokens.ws);
-        hidden.matmul(&head.tr())
+        head_logits(hidden, self.lm_head.as_ref().unwrap_or(&self.model.embed_tokens.ws))
     }
 }

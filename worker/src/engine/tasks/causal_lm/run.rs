@@ -163,7 +163,10 @@ impl TaskRun for LmRun<'_> {
     }
 
     /// The target tokens: every labelled position but a sequence's first,
-    /// which nothing predicts unless a prompt stands in front of it.
+    /// which nothing predicts unless a prompt stands in front of it. This is
+    /// the count [`train_loss`](super::model::train_loss) divides by, so a
+    /// data-parallel rank's mean weighted by its share of these is its part
+    /// of the whole batch's mean over target tokens.
     fn loss_terms(&self, indices: &[usize]) -> usize {
         let prompted = tch::no_grad(|| LmAdapter::from(&self.adapter.draw(1, false)).prompt_len() > 0);
         let skip = usize::from(!prompted);
