@@ -71,10 +71,10 @@ async fn listen(store: &Store, hub: &EventHub, work: &WorkSignal) {
     // Whatever happened while nobody listened is read again.
     hub.resync();
     store.trust_cache();
-    work.wake();
+    work.wake_all();
     loop {
         match listener.try_recv().await {
-            Ok(Some(notification)) if notification.channel() == WORK_CHANNEL => work.wake(),
+            Ok(Some(notification)) if notification.channel() == WORK_CHANNEL => work.queued(notification.payload()),
             Ok(Some(notification)) if notification.channel() == CACHE_CHANNEL => {
                 if !store.forget_cached(notification.payload()) {
                     warn!(payload = notification.payload(), "unreadable cache notification; emptying the cache");

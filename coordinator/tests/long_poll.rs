@@ -6,7 +6,8 @@
 //! answers at once, as before. Time alone makes a job leasable too (its
 //! retry backoff ends, or its spread window for a better placed worker),
 //! which nothing notifies: a waiting call looks again then, so the job is
-//! leased within the one call.
+//! leased within the one call. Jobs queued on models the worker does not
+//! serve wake its call without making it read the queue.
 
 mod common;
 
@@ -79,4 +80,39 @@ async fn a_waiting_lease_call_gets_a_job_held_for_a_better_placed_worker_once_it
     let job = env.submit(spec).await;
     let lease = waiting.await.unwrap().unwrap().into_inner().lease;
     assert_eq!(lease.map(|l| l.job_id), Some(job.id), "the waiting call got the job when its window ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_queued_on_another_model_do_not_make_a_waiting_call_read_the_queue() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let worker = env.register().await;
+    let mut other = env.spec("other-model").await;
+    other.base_model = "other-model".into();
+
+    let mut workers = env.workers.clone();
+    let asking = worker.clone();
+    let waiting = tokio::spawn(async move { workers.lease_job(ask(&asking, 3000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..5 {
+        env.submit(v1::JobSpec { name: format!("other-{i}"), ..other.clone() }).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiting.await.unwrap().unwrap().into_inner().lease.is_none(), "nothing on the worker's model came");
+    // Each look at the queue that found nothing is one `empty` lease observation.
+    let response = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
+    let looks = response
+        .lines()
+        .find_map(|l| l.strip_prefix("ptune_lease_duration_seconds_count{outcome=\"empty\"} "))
+        .map(|v| v.trim().parse::<f64>().unwrap());
+    assert_eq!(looks, Some(1.0), "the call looked once, when it began, not once per job on another model");
+
+    // A job on its own model still wakes it.
+    let mut workers = env.workers.clone();
+    let waiting = tokio::spawn(async move { workers.lease_job(ask(&worker, 5000)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let own = env.spec("own-model").await;
+    let job = env.submit(own).await;
+    let lease = waiting.await.unwrap().unwrap().into_inner().lease;
+    assert_eq!(lease.map(|l| l.job_id), Some(job.id));
 }

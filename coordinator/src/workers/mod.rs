@@ -151,10 +151,20 @@ impl Workers {
         }
         offer.loaded = loaded;
         let _waiting = self.presence.waiting(worker);
+        // The work count of the worker's models at its last look, and when a
+        // queued job's retry time or spread window ends within the wait.
+        let mut looked_at = None;
+        let mut ripens: Option<tokio::time::Instant> = None;
         loop {
-            let count = *woken.borrow_and_update();
-            let mut ripens = None;
-            if !self.presence.dry(worker, count) {
+            woken.borrow_and_update();
+            let count = self.work.count_for(&offer.models);
+            let ripe = ripens.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if ripe {
+                ripens = None;
+            }
+            // Woken for other models only, or with nothing queued on its own: no read.
+            if (looked_at != Some(count) || ripe) && !self.presence.dry(worker, count) {
+                looked_at = Some(count);
                 if let Some(lease) = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await? {
                     info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
                     self.hub.publish(lease.job_id, HubEventKind::Changed);
@@ -165,7 +175,6 @@ impl Workers {
                 }
                 let outlook = self.store.queue_outlook(&offer.models).await?;
                 self.presence.set_dry(worker, count, !outlook.queued);
-                // A job whose retry time or spread window ends within the wait is looked at again then.
                 let now = tokio::time::Instant::now();
                 ripens = outlook
                     .changes_in

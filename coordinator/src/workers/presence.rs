@@ -10,11 +10,11 @@
 //! online for as long as it waits, however long that is.
 //!
 //! A call that found no queued job at all on its worker's models remembers
-//! the [`WorkSignal`](crate::events::WorkSignal) count it looked at
-//! ([`Presence::dry`]). Every job that becomes queued, on any coordinator,
-//! changes that count, so the worker's next call, until it changes, waits
-//! without reading the queue; [`DRY_RECHECK`] bounds how long that trust
-//! lasts.
+//! the [`WorkSignal`](crate::events::WorkSignal) count of its models it
+//! looked at ([`Presence::dry`]). Every job that becomes queued on one of
+//! them, on any coordinator, changes that count, so the worker's next call,
+//! until it changes, waits without reading the queue; [`DRY_RECHECK`]
+//! bounds how long that trust lasts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
