@@ -94,6 +94,25 @@ struct Pick {
     listed: Vec<Uuid>,
 }
 
+/// The other workers asking for work ([`Store::rivals`]), read once
+/// placement weighs a job still in its spread window: rule 2 is all that
+/// reads them, and only for such jobs.
+struct Rivals<'o> {
+    worker: ptune_core::WorkerId,
+    models: &'o [String],
+    read: Option<Vec<Rival>>,
+}
+
+impl Rivals<'_> {
+    /// The rivals placement needs to place `jobs`.
+    async fn for_jobs(&mut self, store: &Store, jobs: &[Candidate]) -> Result<&[Rival]> {
+        if self.read.is_none() && jobs.iter().any(|c| !c.settled) {
+            self.read = Some(store.rivals(self.worker, self.models).await?);
+        }
+        Ok(self.read.as_deref().unwrap_or_default())
+    }
+}
+
 /// [`Candidate::class`] as a key of a set.
 fn class_key(c: &Candidate) -> (String, Option<(u64, u64, u64)>, u32, bool) {
     let (model, estimate, devices, settled) = c.class();
@@ -149,11 +168,11 @@ impl Store {
             devices: offer.devices.clone(),
             running: self.running_on(worker).await?,
         };
-        let rivals = self.rivals(worker, &offer.models).await?;
+        let mut rivals = Rivals { worker, models: &offer.models, read: None };
         let mut taken = Vec::new();
         while taken.len() < MAX_CLAIMS {
-            let Some(pick) = self.pick(&asker, &rivals, offer, &taken, first.take()).await? else { break };
-            match self.claim(worker, &pick, &taken, &asker, &rivals, timeout).await? {
+            let Some(pick) = self.pick(&asker, &mut rivals, offer, &taken, first.take()).await? else { break };
+            match self.claim(worker, &pick, &taken, &asker, &mut rivals, timeout).await? {
                 Some((lease, queued_for)) => {
                     self.metrics.observe_lease(started.elapsed(), Some(queued_for));
                     return Ok(Some(lease));
@@ -174,7 +193,7 @@ impl Store {
     async fn pick(
         &self,
         asker: &Asker,
-        rivals: &[Rival],
+        rivals: &mut Rivals<'_>,
         offer: &WorkerOffer,
         taken: &[Uuid],
         first: Option<Vec<Candidate>>,
@@ -185,7 +204,7 @@ impl Store {
         };
         let mut seen = HashSet::new();
         let oldest: Vec<Candidate> = head.iter().filter(|c| seen.insert(class_key(c))).cloned().collect();
-        if let Some(placed) = placement::place(asker, rivals, &oldest) {
+        if let Some(placed) = placement::place(asker, rivals.for_jobs(self, &oldest).await?, &oldest) {
             let class = class_key(placed.job);
             let listed = head.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
             return Ok(Some(Pick { job: placed.job.clone(), listed }));
@@ -196,7 +215,7 @@ impl Store {
         let mut after: Option<Candidate> = None;
         loop {
             let page = self.classes(offer, taken, after.as_ref()).await?;
-            if let Some(placed) = placement::place(asker, rivals, &page) {
+            if let Some(placed) = placement::place(asker, rivals.for_jobs(self, &page).await?, &page) {
                 return Ok(Some(Pick { job: placed.job.clone(), listed: vec![placed.job.id.0] }));
             }
             if page.len() < CANDIDATES_PER_PAGE as usize {
@@ -344,7 +363,7 @@ impl Store {
         pick: &Pick,
         taken: &[Uuid],
         asker: &Asker,
-        rivals: &[Rival],
+        rivals: &mut Rivals<'_>,
         timeout: Duration,
     ) -> Result<Option<(Lease, Duration)>> {
         let mut tx = self.pool.begin().await?;
@@ -353,9 +372,11 @@ impl Store {
             None => lock_oldest_of_class(&mut tx, &pick.job, taken).await?,
         };
         let Some(Claimed { candidate, queued_secs }) = claimed else { return Ok(None) };
-        let candidate = candidate.into_candidate()?;
-        let job = candidate.id;
-        let Some(placed) = placement::place(asker, rivals, std::slice::from_ref(&candidate)) else { return Ok(None) };
+        let candidate = [candidate.into_candidate()?];
+        let job = candidate[0].id;
+        let Some(placed) = placement::place(asker, rivals.for_jobs(self, &candidate).await?, &candidate) else {
+            return Ok(None);
+        };
         let devices = placed.devices;
         let (spec, attempts, epoch): (Json<JobSpec>, i32, i64) = sqlx::query_as(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
