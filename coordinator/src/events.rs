@@ -64,10 +64,19 @@ impl Default for EventHub {
 
 /// Jobs may have become leasable: one was queued on a base model, by this
 /// coordinator or another (migration 0013's `ptune_work` notifications,
-/// whose payload is the model, relayed by `relay.rs`). `LeaseJob` calls
-/// waiting for work wake when it changes and look at the queue again only
-/// when [`WorkSignal::count_for`] their models moved: a job queued on one
-/// model costs the workers waiting on others no read. Cheap to clone.
+/// whose payload is the model, relayed by `relay.rs`). Cheap to clone.
+///
+/// Every `LeaseJob` call waiting for work wakes on any change, but reads the
+/// queue only when it may find something: a job on one model costs the
+/// workers waiting on others no read ([`WorkSignal::counts`]), and of those
+/// waiting on the model, only as many read as can take what was queued.
+/// Each notification adds one look ([`WorkSignal::take_look`]) for the
+/// model; the call that takes it hands more on after it read the queue
+/// ([`WorkSignal::hand_on`]): two when it leased a job and saw others
+/// queued behind it (so a batch of jobs reaches waiting workers in a
+/// doubling wave), one when it could take none of the jobs it saw (another
+/// worker may fit them). A call takes a look only when its models' counts
+/// moved since it last read, so a look handed on never returns to it.
 #[derive(Clone, Debug, Default)]
 pub struct WorkSignal(std::sync::Arc<WorkState>);
 
@@ -75,43 +84,114 @@ pub struct WorkSignal(std::sync::Arc<WorkState>);
 struct WorkState {
     /// Every change, for waking.
     changes: tokio::sync::watch::Sender<u64>,
-    /// Jobs queued per model, as notified.
-    per_model: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-    /// Wakes of every waiting call (the notifications may have been missed).
+    models: std::sync::Mutex<std::collections::HashMap<String, ModelWork>>,
+    /// Wakes of every waiting call, each to read (notifications may have
+    /// been missed).
     everything: std::sync::atomic::AtomicU64,
+}
+
+/// What was notified of one model.
+#[derive(Debug, Default)]
+struct ModelWork {
+    /// Notifications so far.
+    queued: u64,
+    /// Reads of the queue that waiting calls may still make.
+    looks: u32,
+}
+
+/// Looks a model may hold at most: more than this many waiting calls
+/// reading at once gain nothing.
+const MAX_LOOKS: u32 = 256;
+
+/// Where the work of some models stands ([`WorkSignal::counts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkCounts {
+    everything: u64,
+    queued: Vec<u64>,
+}
+
+impl WorkCounts {
+    /// One number that moves whenever any of these counts does.
+    pub fn total(&self) -> u64 {
+        self.queued.iter().fold(self.everything, |sum, n| sum.wrapping_add(*n))
+    }
 }
 
 impl Default for WorkState {
     fn default() -> Self {
         Self {
             changes: tokio::sync::watch::channel(0).0,
-            per_model: Default::default(),
+            models: Default::default(),
             everything: Default::default(),
         }
     }
 }
 
 impl WorkSignal {
+    fn models(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ModelWork>> {
+        self.0.models.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        self.0.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// A job on `model` may have become leasable.
     pub fn queued(&self, model: &str) {
-        *self.0.per_model.lock().unwrap_or_else(|e| e.into_inner()).entry(model.to_string()).or_default() += 1;
-        self.0.changes.send_modify(|n| *n = n.wrapping_add(1));
+        let mut models = self.models();
+        let work = models.entry(model.to_string()).or_default();
+        work.queued += 1;
+        work.looks = (work.looks + 1).min(MAX_LOOKS);
+        drop(models);
+        self.wake();
     }
 
-    /// Any job may have become leasable (notifications may have been lost).
+    /// Any job may have become leasable (notifications may have been lost):
+    /// every waiting call reads.
     pub fn wake_all(&self) {
         self.0.everything.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.0.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.wake();
     }
 
-    /// A count that moves whenever a job on one of `models` may have become
-    /// leasable: equal counts mean nothing new for them.
-    pub fn count_for(&self, models: &[String]) -> u64 {
-        let per_model = self.0.per_model.lock().unwrap_or_else(|e| e.into_inner());
-        models
-            .iter()
-            .filter_map(|m| per_model.get(m))
-            .fold(self.0.everything.load(std::sync::atomic::Ordering::SeqCst), |sum, n| sum.wrapping_add(*n))
+    /// The counts of `models`, in their order.
+    pub fn counts(&self, models: &[String]) -> WorkCounts {
+        let work = self.models();
+        WorkCounts {
+            everything: self.0.everything.load(std::sync::atomic::Ordering::SeqCst),
+            queued: models.iter().map(|m| work.get(m).map_or(0, |w| w.queued)).collect(),
+        }
+    }
+
+    /// Whether a call that last read at `then` reads now: when every call
+    /// was woken to read, or a look is left on one of `models` whose count
+    /// moved since (taking it). The model it took a look of, if any.
+    pub fn take_look(&self, models: &[String], then: &WorkCounts, now: &WorkCounts) -> Option<Option<String>> {
+        if now.everything != then.everything {
+            return Some(None);
+        }
+        let mut work = self.models();
+        for (i, model) in models.iter().enumerate() {
+            if then.queued.get(i) == now.queued.get(i) {
+                continue;
+            }
+            if let Some(w) = work.get_mut(model).filter(|w| w.looks > 0) {
+                w.looks -= 1;
+                return Some(Some(model.clone()));
+            }
+        }
+        None
+    }
+
+    /// Hands `n` looks at `model` on to other waiting calls.
+    pub fn hand_on(&self, model: &str, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let mut models = self.models();
+        let work = models.entry(model.to_string()).or_default();
+        work.looks = (work.looks + n).min(MAX_LOOKS);
+        drop(models);
+        self.wake();
     }
 
     /// A receiver that sees the next change, for any model.
@@ -124,22 +204,42 @@ impl WorkSignal {
 mod tests {
     use super::WorkSignal;
 
+    fn models(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     #[test]
-    fn a_job_queued_on_one_model_moves_the_count_of_its_waiters_only() {
+    fn a_job_queued_on_one_model_lets_one_of_its_waiters_read() {
         let work = WorkSignal::default();
-        let (a, b, both) = (vec!["a".to_string()], vec!["b".to_string()], vec!["a".to_string(), "b".to_string()]);
+        let (a, b) = (models(&["a"]), models(&["b"]));
         let mut woken = work.subscribe();
-        let before = (work.count_for(&a), work.count_for(&b), work.count_for(&both));
+        let (then_a, then_b) = (work.counts(&a), work.counts(&b));
         work.queued("a");
         assert!(woken.has_changed().unwrap(), "every waiting call wakes");
         woken.borrow_and_update();
-        assert_ne!(work.count_for(&a), before.0);
-        assert_eq!(work.count_for(&b), before.1, "nothing new for a worker serving b alone");
-        assert_ne!(work.count_for(&both), before.2);
-        let before = (work.count_for(&a), work.count_for(&b));
+        let (now_a, now_b) = (work.counts(&a), work.counts(&b));
+        assert_eq!(then_b, now_b, "nothing new for a worker serving b alone");
+        assert_eq!(work.take_look(&b, &then_b, &now_b), None);
+        assert_ne!(then_a.total(), now_a.total());
+        assert_eq!(work.take_look(&a, &then_a, &now_a), Some(Some("a".to_string())), "the first reads");
+        assert_eq!(work.take_look(&a, &then_a, &now_a), None, "the second waits: one job, one look");
+
+        work.hand_on("a", 2);
+        assert!(woken.has_changed().unwrap(), "handing on wakes the others");
+        assert_eq!(work.take_look(&a, &then_a, &now_a), Some(Some("a".to_string())));
+        assert_eq!(work.take_look(&a, &now_a, &now_a), None, "a call that read at these counts takes no look");
+        assert_eq!(work.take_look(&a, &then_a, &now_a), Some(Some("a".to_string())));
+        assert_eq!(work.take_look(&a, &then_a, &now_a), None);
+    }
+
+    #[test]
+    fn after_lost_notifications_every_waiting_call_reads() {
+        let work = WorkSignal::default();
+        let (a, b) = (models(&["a"]), models(&["b"]));
+        let (then_a, then_b) = (work.counts(&a), work.counts(&b));
         work.wake_all();
-        assert!(woken.has_changed().unwrap());
-        assert_ne!(work.count_for(&a), before.0);
-        assert_ne!(work.count_for(&b), before.1, "after lost notifications every worker looks again");
+        assert_eq!(work.take_look(&a, &then_a, &work.counts(&a)), Some(None));
+        assert_eq!(work.take_look(&b, &then_b, &work.counts(&b)), Some(None));
+        assert_ne!(then_b.total(), work.counts(&b).total());
     }
 }

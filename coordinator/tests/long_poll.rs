@@ -7,7 +7,9 @@
 //! retry backoff ends, or its spread window for a better placed worker),
 //! which nothing notifies: a waiting call looks again then, so the job is
 //! leased within the one call. Jobs queued on models the worker does not
-//! serve wake its call without making it read the queue.
+//! serve wake its call without making it read the queue, and of the calls
+//! waiting on a model only as many read as can take what was queued, while
+//! a batch still reaches every waiting worker.
 
 mod common;
 
@@ -85,7 +87,6 @@ async fn a_waiting_lease_call_gets_a_job_held_for_a_better_placed_worker_once_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_queued_on_another_model_do_not_make_a_waiting_call_read_the_queue() {
     let mut env = common::start(Duration::from_secs(30)).await;
-    let http = env.coordinator.as_ref().unwrap().http_addr;
     let worker = env.register().await;
     let mut other = env.spec("other-model").await;
     other.base_model = "other-model".into();
@@ -99,13 +100,7 @@ async fn jobs_queued_on_another_model_do_not_make_a_waiting_call_read_the_queue(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(waiting.await.unwrap().unwrap().into_inner().lease.is_none(), "nothing on the worker's model came");
-    // Each look at the queue that found nothing is one `empty` lease observation.
-    let response = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
-    let looks = response
-        .lines()
-        .find_map(|l| l.strip_prefix("ptune_lease_duration_seconds_count{outcome=\"empty\"} "))
-        .map(|v| v.trim().parse::<f64>().unwrap());
-    assert_eq!(looks, Some(1.0), "the call looked once, when it began, not once per job on another model");
+    assert_eq!(reads(&env, "empty").await, 1.0, "the call read once, when it began, not once per job on another model");
 
     // A job on its own model still wakes it.
     let mut workers = env.workers.clone();
@@ -115,4 +110,58 @@ async fn jobs_queued_on_another_model_do_not_make_a_waiting_call_read_the_queue(
     let job = env.submit(own).await;
     let lease = waiting.await.unwrap().unwrap().into_inner().lease;
     assert_eq!(lease.map(|l| l.job_id), Some(job.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_for_several_waiting_workers_makes_one_of_them_read_the_queue() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let waiting = wait_on(&mut env, 4, 3000).await;
+    let spec = env.spec("one").await;
+    let job = env.submit(spec).await;
+    let leases: Vec<String> = futures::future::join_all(waiting).await.into_iter().filter_map(|l| l.unwrap()).collect();
+    assert_eq!(leases, vec![job.id], "one of the four got the job");
+    assert_eq!(reads(&env, "leased").await, 1.0);
+    assert_eq!(reads(&env, "empty").await, 4.0, "each call read once when it began; for the job, only the one that took it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_queued_for_waiting_workers_reaches_every_one_of_them() {
+    let mut env = common::start(Duration::from_secs(30)).await;
+    let waiting = wait_on(&mut env, 4, 5000).await;
+    let spec = env.spec("batch").await;
+    let specs = (0..6).map(|i| v1::JobSpec { name: format!("batch-{i}"), ..spec.clone() }).collect();
+    // One transaction, one notification, for six jobs.
+    env.jobs.submit_jobs(v1::SubmitJobsRequest { specs, all_or_nothing: true }).await.unwrap();
+    let leases: Vec<Option<String>> = futures::future::join_all(waiting).await.into_iter().map(|l| l.unwrap()).collect();
+    assert!(leases.iter().all(Option::is_some), "every waiting worker got a job: {leases:?}");
+}
+
+/// `n` registered workers, each waiting in a `LeaseJob` call of `wait_ms`
+/// on an empty queue; each handle ends with the leased job's id, if any.
+async fn wait_on(env: &mut common::Env, n: usize, wait_ms: u32) -> Vec<tokio::task::JoinHandle<Option<String>>> {
+    let mut waiting = Vec::new();
+    for _ in 0..n {
+        let worker = env.register().await;
+        let mut workers = env.workers.clone();
+        waiting.push(tokio::spawn(async move {
+            let reply = workers.lease_job(ask(&worker, wait_ms)).await.unwrap().into_inner();
+            reply.lease.map(|l| l.job_id)
+        }));
+    }
+    // Every call has made its first read and waits.
+    let started = Instant::now();
+    while reads(env, "empty").await < n as f64 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the calls did not all read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waiting
+}
+
+/// Reads of the queue by lease calls so far, by outcome (`leased`,
+/// `empty`), from the coordinator's `/metrics`.
+async fn reads(env: &common::Env, outcome: &str) -> f64 {
+    let http = env.coordinator.as_ref().unwrap().http_addr;
+    let response = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
+    let prefix = format!("ptune_lease_duration_seconds_count{{outcome=\"{outcome}\"}} ");
+    response.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map_or(0.0, |v| v.trim().parse().unwrap())
 }

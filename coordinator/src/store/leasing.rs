@@ -149,20 +149,33 @@ impl Store {
     /// Leases to `worker` the queued job [`placement::place`] picks among
     /// those on the offer's models whose retry time has passed. The job
     /// becomes running under a new epoch and a new attempt is opened.
-    #[instrument(skip_all, fields(worker_id = %worker))]
     pub async fn lease_next_job(
         &self,
         worker: ptune_core::WorkerId,
         offer: &WorkerOffer,
         timeout: Duration,
     ) -> Result<Option<Lease>> {
+        Ok(self.lease_seeing(worker, offer, timeout).await?.0)
+    }
+
+    /// As [`Self::lease_next_job`]; also how many leasable jobs it saw at
+    /// the head of the queue (at most a page), the one leased included.
+    #[instrument(skip_all, fields(worker_id = %worker))]
+    pub async fn lease_seeing(
+        &self,
+        worker: ptune_core::WorkerId,
+        offer: &WorkerOffer,
+        timeout: Duration,
+    ) -> Result<(Option<Lease>, usize)> {
         let started = Instant::now();
         // An empty queue is seen without reading what placement weighs.
-        let mut first = Some(self.queue_head(offer, &[]).await?);
-        if first.as_ref().is_some_and(Vec::is_empty) {
+        let head = self.queue_head(offer, &[]).await?;
+        let seen = head.len();
+        if head.is_empty() {
             self.metrics.observe_lease(started.elapsed(), None);
-            return Ok(None);
+            return Ok((None, 0));
         }
+        let mut first = Some(head);
         let asker = Asker {
             loaded: offer.loaded.clone(),
             devices: offer.devices.clone(),
@@ -175,13 +188,13 @@ impl Store {
             match self.claim(worker, &pick, &taken, &asker, &mut rivals, timeout).await? {
                 Some((lease, queued_for)) => {
                     self.metrics.observe_lease(started.elapsed(), Some(queued_for));
-                    return Ok(Some(lease));
+                    return Ok((Some(lease), seen));
                 }
                 None => taken.push(pick.job.id.0),
             }
         }
         self.metrics.observe_lease(started.elapsed(), None);
-        Ok(None)
+        Ok((None, seen))
     }
 
     /// The job placement picks, passing over `taken`. It first reads the

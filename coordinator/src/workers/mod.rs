@@ -19,7 +19,7 @@ pub use reaper::spawn_reaper;
 use crate::auth::Identity;
 use crate::blob::{self, collect_files, BlobWriter, Collected};
 use crate::error::Error;
-use crate::events::{EventHub, HubEventKind, WorkSignal};
+use crate::events::{EventHub, HubEventKind, WorkCounts, WorkSignal};
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
@@ -151,21 +151,33 @@ impl Workers {
         }
         offer.loaded = loaded;
         let _waiting = self.presence.waiting(worker);
-        // The work count of the worker's models at its last look, and when a
-        // queued job's retry time or spread window ends within the wait.
-        let mut looked_at = None;
+        // The work counts of the worker's models at its last read, and when
+        // a queued job's retry time or spread window ends within the wait.
+        let mut read_at: Option<WorkCounts> = None;
         let mut ripens: Option<tokio::time::Instant> = None;
         loop {
             woken.borrow_and_update();
-            let count = self.work.count_for(&offer.models);
+            let counts = self.work.counts(&offer.models);
             let ripe = ripens.is_some_and(|at| tokio::time::Instant::now() >= at);
             if ripe {
                 ripens = None;
             }
-            // Woken for other models only, or with nothing queued on its own: no read.
-            if (looked_at != Some(count) || ripe) && !self.presence.dry(worker, count) {
-                looked_at = Some(count);
-                if let Some(lease) = self.store.lease_next_job(worker, &offer, self.timing.lease_timeout).await? {
+            // The first read, a ripe job and lost notifications read at once; a
+            // job queued reads only with a look to take (`WorkSignal`).
+            let look = match &read_at {
+                _ if self.presence.dry(worker, counts.total()) => None,
+                Some(then) if !ripe => self.work.take_look(&offer.models, then, &counts),
+                _ => Some(None),
+            };
+            if let Some(look) = look {
+                read_at = Some(counts.clone());
+                let (lease, seen) = self.store.lease_seeing(worker, &offer, self.timing.lease_timeout).await?;
+                if let Some(model) = look {
+                    // Jobs behind the one leased go to two more; jobs it could not take, to one more.
+                    let more = if lease.is_some() { seen.saturating_sub(1).min(2) } else { seen.min(1) };
+                    self.work.hand_on(&model, more as u32);
+                }
+                if let Some(lease) = lease {
                     info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
                     self.hub.publish(lease.job_id, HubEventKind::Changed);
                     return Ok(Some(lease));
@@ -174,7 +186,7 @@ impl Workers {
                     return Ok(None);
                 }
                 let outlook = self.store.queue_outlook(&offer.models).await?;
-                self.presence.set_dry(worker, count, !outlook.queued);
+                self.presence.set_dry(worker, counts.total(), !outlook.queued);
                 let now = tokio::time::Instant::now();
                 ripens = outlook
                     .changes_in
