@@ -55,7 +55,7 @@ use ptune_proto::v1::worker_service_client::WorkerServiceClient;
 use measure::{Calls, PgLoad, RowsWritten, Rpc};
 use worker::Fleet;
 
-const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n";
+pub(crate) const TRAIN: &str = "{\"text\": \"great film\", \"label\": 1}\n{\"text\": \"dull\", \"label\": 0}\n";
 /// Registrations in flight at once before the work phase.
 pub(crate) const REGISTRATIONS_IN_FLIGHT: usize = 32;
 /// How often the PostgreSQL backends' CPU time is read during the work phase.
@@ -332,7 +332,7 @@ async fn submit(
 }
 
 /// A prompt-tuning job on [`worker::MODEL`] that trains `steps` steps.
-fn spec(dataset: &str, steps: u64) -> v1::JobSpec {
+pub(crate) fn spec(dataset: &str, steps: u64) -> v1::JobSpec {
     let mut spec = ptune_coordinator::testing::tiny_spec("", dataset, v1::Method::PromptTuning);
     spec.base_model = worker::MODEL.into();
     if let Some(training) = spec.training.as_mut() {

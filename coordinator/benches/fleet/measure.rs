@@ -208,3 +208,16 @@ impl RowsWritten {
         RowsWritten { total: self.total - before.total, tables }
     }
 }
+
+/// A plain HTTP/1.1 GET of `path` at `addr`, with `token` as a bearer token
+/// when given: the whole response, headers included.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}

@@ -164,10 +164,15 @@ impl Workers {
             }
             // The first read, a ripe job and lost notifications read at once; a
             // job queued reads only with a look to take (`WorkSignal`).
-            let look = match &read_at {
-                _ if self.presence.dry(worker, counts.total()) => None,
-                Some(then) if !ripe => self.work.take_look(&offer.models, then, &counts),
-                _ => Some(None),
+            let look = if self.presence.dry(worker, counts.total()) {
+                // As good as read at these counts (by an earlier call of the worker).
+                read_at = Some(counts.clone());
+                None
+            } else {
+                match &read_at {
+                    Some(then) if !ripe => self.work.take_look(&offer.models, then, &counts),
+                    _ => Some(None),
+                }
             };
             if let Some(look) = look {
                 read_at = Some(counts.clone());
