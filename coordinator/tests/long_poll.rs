@@ -115,19 +115,24 @@ async fn jobs_queued_on_another_model_do_not_make_a_waiting_call_read_the_queue(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_queued_for_several_waiting_workers_makes_one_of_them_read_the_queue() {
     let mut env = common::start(Duration::from_secs(30)).await;
-    let waiting = wait_on(&mut env, 4, 3000).await;
+    let (workers, waiting) = wait_on(&mut env, 4, 3000).await;
     let spec = env.spec("one").await;
     let job = env.submit(spec).await;
-    let leases: Vec<String> = futures::future::join_all(waiting).await.into_iter().filter_map(|l| l.unwrap()).collect();
-    assert_eq!(leases, vec![job.id], "one of the four got the job");
+    let leases: Vec<Option<String>> = futures::future::join_all(waiting).await.into_iter().map(|l| l.unwrap()).collect();
+    assert_eq!(leases.iter().flatten().collect::<Vec<_>>(), vec![&job.id], "one of the four got the job");
     assert_eq!(reads(&env, "leased").await, 1.0);
     assert_eq!(reads(&env, "empty").await, 4.0, "each worker read once before it waited; for the job, only the one that took it");
+    // The others wait again, as workers do when their wait ends: the job was taken, nothing to read.
+    for (worker, _) in workers.iter().zip(&leases).filter(|(_, lease)| lease.is_none()) {
+        assert!(env.workers.lease_job(ask(worker, 200)).await.unwrap().into_inner().lease.is_none());
+    }
+    assert_eq!(reads(&env, "empty").await, 4.0, "a worker waiting again reads nothing that others took");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_queued_for_waiting_workers_reaches_every_one_of_them() {
     let mut env = common::start(Duration::from_secs(30)).await;
-    let waiting = wait_on(&mut env, 4, 5000).await;
+    let (_, waiting) = wait_on(&mut env, 4, 5000).await;
     let spec = env.spec("batch").await;
     let specs = (0..6).map(|i| v1::JobSpec { name: format!("batch-{i}"), ..spec.clone() }).collect();
     // One transaction, one notification, for six jobs.
@@ -139,11 +144,12 @@ async fn a_batch_queued_for_waiting_workers_reaches_every_one_of_them() {
 /// `n` registered workers, each waiting in a `LeaseJob` call of `wait_ms`
 /// on an empty queue, as a worker does: its earlier call found the queue
 /// empty, so this one waits without reading it. Each handle ends with the
-/// leased job's id, if any.
-async fn wait_on(env: &mut common::Env, n: usize, wait_ms: u32) -> Vec<tokio::task::JoinHandle<Option<String>>> {
-    let mut waiting = Vec::new();
+/// leased job's id, if any; and the workers' ids.
+async fn wait_on(env: &mut common::Env, n: usize, wait_ms: u32) -> (Vec<String>, Vec<tokio::task::JoinHandle<Option<String>>>) {
+    let (mut workers, mut waiting) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let worker = env.register().await;
+        workers.push(worker.clone());
         assert!(env.workers.lease_job(ask(&worker, 100)).await.unwrap().into_inner().lease.is_none());
         let mut workers = env.workers.clone();
         waiting.push(tokio::spawn(async move {
@@ -153,7 +159,7 @@ async fn wait_on(env: &mut common::Env, n: usize, wait_ms: u32) -> Vec<tokio::ta
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reads(env, "empty").await, n as f64, "one read per worker, by its first call");
-    waiting
+    (workers, waiting)
 }
 
 /// Reads of the queue by lease calls so far, by outcome (`leased`,

@@ -95,14 +95,8 @@ async fn measure_mode(
     trickle: bool,
 ) -> anyhow::Result<(IdleRun, Vec<String>)> {
     let db = fresh_database().await?;
-    // The coordinator migrates the database first (`/healthz` answers once it
-    // has), so one built from an earlier commit runs on its own migrations.
     let coordinator = CoordinatorProcess::start(&settings.coordinator_bin, &db.url, &[], &[])?;
-    let migrated = Instant::now();
-    while !crate::measure::http_get(coordinator.http, "/healthz", None).await.unwrap_or_default().starts_with("HTTP/1.1 200") {
-        anyhow::ensure!(migrated.elapsed() < Duration::from_secs(20), "ptune-coordinator did not migrate its database");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    measure::migrated_by(&coordinator).await?;
     let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
     let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
     coordinator.wait_until_serving(&admin).await?;

@@ -191,11 +191,14 @@ async fn main() -> anyhow::Result<()> {
 /// One run with `n` coordinators on a fresh database, progress in batches or not.
 async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Report> {
     let db = fresh_database().await?;
-    let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
-    let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
     let binary = &settings.coordinator_bin;
     let coordinators =
         (0..n).map(|_| CoordinatorProcess::start(binary, &db.url, &[], &[])).collect::<anyhow::Result<Vec<_>>>()?;
+    for c in &coordinators {
+        measure::migrated_by(c).await?;
+    }
+    let admin = create_token(&db.url, Role::Admin, "fleet-admin").await?;
+    let worker_token = create_token(&db.url, Role::Worker, "fleet-workers").await?;
     for c in &coordinators {
         c.wait_until_serving(&admin).await?;
     }

@@ -221,3 +221,15 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str
     stream.read_to_string(&mut response).await?;
     Ok(response)
 }
+
+/// Waits until `coordinator` has migrated its database (`/healthz` answers
+/// once it has), so that one built from an earlier commit runs on its own
+/// migrations before this build's tokens are made.
+pub async fn migrated_by(coordinator: &ptune_coordinator::testing::CoordinatorProcess) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    while !http_get(coordinator.http, "/healthz", None).await.unwrap_or_default().starts_with("HTTP/1.1 200") {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(20), "ptune-coordinator did not migrate its database");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

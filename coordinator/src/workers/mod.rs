@@ -19,7 +19,7 @@ pub use reaper::spawn_reaper;
 use crate::auth::Identity;
 use crate::blob::{self, collect_files, BlobWriter, Collected};
 use crate::error::Error;
-use crate::events::{EventHub, HubEventKind, WorkCounts, WorkSignal};
+use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
@@ -151,10 +151,12 @@ impl Workers {
         }
         offer.loaded = loaded;
         let _waiting = self.presence.waiting(worker);
-        // The work counts of the worker's models at its last read, and when
-        // a queued job's retry time or spread window ends within the wait.
-        let mut read_at: Option<WorkCounts> = None;
-        let mut ripens: Option<tokio::time::Instant> = None;
+        // The work counts of the worker's models at its last read (by this
+        // call or, its offer unchanged, an earlier one), and when a queued
+        // job's retry time or spread window ends.
+        let prior = self.presence.last_read(worker, &offer.models, free_slots, &offer.loaded);
+        let mut ripens = prior.as_ref().and_then(|(_, at)| *at).map(tokio::time::Instant::from_std);
+        let mut read_at = prior.map(|(counts, _)| counts);
         loop {
             woken.borrow_and_update();
             let counts = self.work.counts(&offer.models);
@@ -162,41 +164,36 @@ impl Workers {
             if ripe {
                 ripens = None;
             }
-            // The first read, a ripe job and lost notifications read at once; a
+            // A first read, a job ripe and lost notifications read at once; a
             // job queued reads only with a look to take (`WorkSignal`).
-            let look = if self.presence.dry(worker, counts.total()) {
-                // As good as read at these counts (by an earlier call of the worker).
-                read_at = Some(counts.clone());
-                None
-            } else {
-                match &read_at {
-                    Some(then) if !ripe => self.work.take_look(&offer.models, then, &counts),
-                    _ => Some(None),
-                }
+            let look = match &read_at {
+                Some(then) if !ripe => self.work.take_look(&offer.models, then, &counts),
+                _ => Some(None),
             };
             if let Some(look) = look {
                 read_at = Some(counts.clone());
                 let (lease, seen) = self.store.lease_seeing(worker, &offer, self.timing.lease_timeout).await?;
-                if let Some(model) = look {
-                    // Jobs behind the one leased go to two more; jobs it could not take, to one more.
-                    let more = if lease.is_some() { seen.saturating_sub(1).min(2) } else { seen.min(1) };
-                    self.work.hand_on(&model, more as u32);
+                // Jobs behind the one leased go to two more; jobs it could not take, to one more.
+                let more = if lease.is_some() { seen.saturating_sub(1).min(2) } else { seen.min(1) } as u32;
+                match (&lease, look) {
+                    (Some(lease), _) => self.work.hand_on(&lease.spec.base_model, more),
+                    (None, Some(model)) => self.work.hand_on(&model, more),
+                    (None, None) => offer.models.iter().for_each(|model| self.work.hand_on(model, more)),
                 }
                 if let Some(lease) = lease {
                     info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
                     self.hub.publish(lease.job_id, HubEventKind::Changed);
                     return Ok(Some(lease));
                 }
-                if tokio::time::Instant::now() >= deadline {
+                let outlook = self.store.queue_outlook(&offer.models).await?;
+                let now = tokio::time::Instant::now();
+                ripens = outlook.changes_in.map(|after| now + after.max(Duration::from_millis(5)));
+                let offered = (&offer.models[..], free_slots, &offer.loaded[..]);
+                self.presence.read(worker, counts, offered, ripens.map(tokio::time::Instant::into_std));
+                if now >= deadline {
                     return Ok(None);
                 }
-                let outlook = self.store.queue_outlook(&offer.models).await?;
-                self.presence.set_dry(worker, counts.total(), !outlook.queued);
-                let now = tokio::time::Instant::now();
-                ripens = outlook
-                    .changes_in
-                    .map(|after| now + after.max(Duration::from_millis(5)))
-                    .filter(|at| *at < deadline);
+                ripens = ripens.filter(|at| *at < deadline);
             }
             tokio::select! {
                 changed = woken.changed() => if changed.is_err() { return Ok(None) },

@@ -9,12 +9,15 @@
 //! worker whose row is that old ([`Presence::due`]), so a worker stays
 //! online for as long as it waits, however long that is.
 //!
-//! A call that found no queued job at all on its worker's models remembers
-//! the [`WorkSignal`](crate::events::WorkSignal) count of its models it
-//! looked at ([`Presence::dry`]). Every job that becomes queued on one of
-//! them, on any coordinator, changes that count, so the worker's next call,
-//! until it changes, waits without reading the queue; [`DRY_RECHECK`]
-//! bounds how long that trust lasts.
+//! What a worker's calls last read of the queue is kept too
+//! ([`Presence::last_read`]): the [`WorkSignal`](crate::events::WorkSignal)
+//! counts of its models then, what it offered (free slots, loaded models),
+//! and when a queued job it saw becomes leasable by time alone. A worker's
+//! next call, while none of that changed, reads the queue only with a look
+//! the signal gives it (a job was queued on one of its models since, and no
+//! other waiting call took that read), so a worker renewing its wait every
+//! few seconds reads nothing while the jobs queued meanwhile went to others.
+//! [`DRY_RECHECK`] bounds how long a read is trusted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use ptune_core::WorkerId;
 
-/// How long a queue found empty is trusted without looking again, even if
+use crate::events::WorkCounts;
+
+/// How long a read of the queue is trusted without reading again, even if
 /// no notification came.
 pub const DRY_RECHECK: Duration = Duration::from_secs(30);
 /// A worker not heard of for this long is forgotten.
@@ -35,8 +40,19 @@ struct Seen {
     written_at: Instant,
     /// Its calls waiting now.
     waiting: u32,
-    /// The work count at which its models had no queued job, and when.
-    dry: Option<(u64, Instant)>,
+    /// What its calls last read of the queue.
+    read: Option<Read>,
+}
+
+/// A worker's last read of the queue; see [`Presence::last_read`].
+#[derive(Debug)]
+struct Read {
+    counts: WorkCounts,
+    models: Vec<String>,
+    free_slots: u32,
+    loaded: Vec<String>,
+    at: Instant,
+    ripens: Option<Instant>,
 }
 
 /// See the module docs. Cheap to clone.
@@ -75,7 +91,7 @@ impl Presence {
             written: None,
             written_at: Instant::now(),
             waiting: 0,
-            dry: None,
+            read: None,
         });
         entry.written = Some((free_slots, loaded));
         entry.written_at = Instant::now();
@@ -109,20 +125,41 @@ impl Presence {
             .collect()
     }
 
-    /// Whether the worker's models had no queued job at work count
-    /// `count`, looked at less than [`DRY_RECHECK`] ago.
-    pub fn dry(&self, worker: WorkerId, count: u64) -> bool {
-        self.lock()
-            .get(&worker)
-            .and_then(|s| s.dry)
-            .is_some_and(|(at_count, at)| at_count == count && at.elapsed() < DRY_RECHECK)
+    /// The work counts at the worker's last read of the queue, and when a
+    /// job it saw then becomes leasable by time alone; `None` when its
+    /// offer (`models`, `free_slots`, `loaded`) differs from that read's,
+    /// or the read is [`DRY_RECHECK`] old.
+    pub fn last_read(
+        &self,
+        worker: WorkerId,
+        models: &[String],
+        free_slots: u32,
+        loaded: &[String],
+    ) -> Option<(WorkCounts, Option<Instant>)> {
+        let seen = self.lock();
+        let read = seen.get(&worker)?.read.as_ref()?;
+        let same = read.models == models && read.free_slots == free_slots && read.loaded == loaded;
+        (same && read.at.elapsed() < DRY_RECHECK).then(|| (read.counts.clone(), read.ripens))
     }
 
-    /// Records whether the worker's models had no queued job at work count
-    /// `count`.
-    pub fn set_dry(&self, worker: WorkerId, count: u64, dry: bool) {
+    /// The worker read the queue at `counts`, offering `models`,
+    /// `free_slots` and `loaded`; a job it saw becomes leasable at `ripens`.
+    pub fn read(
+        &self,
+        worker: WorkerId,
+        counts: WorkCounts,
+        (models, free_slots, loaded): (&[String], u32, &[String]),
+        ripens: Option<Instant>,
+    ) {
         if let Some(seen) = self.lock().get_mut(&worker) {
-            seen.dry = dry.then(|| (count, Instant::now()));
+            seen.read = Some(Read {
+                counts,
+                models: models.to_vec(),
+                free_slots,
+                loaded: loaded.to_vec(),
+                at: Instant::now(),
+                ripens,
+            });
         }
     }
 }
@@ -182,16 +219,19 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_queue_is_trusted_only_at_the_work_count_it_was_seen_at() {
+    fn a_read_holds_for_the_next_call_while_the_offer_is_the_same() {
         let presence = Presence::new(Duration::from_secs(1));
         let w = worker();
-        presence.set_dry(w, 7, true);
-        assert!(!presence.dry(w, 7), "an unknown worker is never dry");
+        let work = crate::events::WorkSignal::default();
+        let models = vec!["m".to_string()];
+        let counts = work.counts(&models);
+        presence.read(w, counts.clone(), (&models, 1, &[]), None);
+        assert_eq!(presence.last_read(w, &models, 1, &[]), None, "an unknown worker has read nothing");
         presence.written(w, 1, vec![]);
-        presence.set_dry(w, 7, true);
-        assert!(presence.dry(w, 7));
-        assert!(!presence.dry(w, 8), "a job was queued since");
-        presence.set_dry(w, 8, false);
-        assert!(!presence.dry(w, 8));
+        presence.read(w, counts.clone(), (&models, 1, &[]), None);
+        assert_eq!(presence.last_read(w, &models, 1, &[]), Some((counts, None)));
+        assert_eq!(presence.last_read(w, &models, 2, &[]), None, "a slot came free");
+        assert_eq!(presence.last_read(w, &models, 1, &models), None, "it loaded a model");
+        assert_eq!(presence.last_read(w, &[], 1, &[]), None, "it serves other models");
     }
 }
