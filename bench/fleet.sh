@@ -11,7 +11,8 @@
 #   PTUNE_FLEET_STEPS               steps reported per job (default 1)
 #   PTUNE_FLEET_PACK                jobs a worker leases and trains together (default 1)
 #   PTUNE_FLEET_PROGRESS            single and/or batch, one run each (default single)
-#   PTUNE_FLEET_IDLE                idle workers measured afterwards, long-polling then polling (default 0)
+#   PTUNE_FLEET_IDLE                idle workers measured afterwards, long-polling, then polling, then
+#                                   long-polling with a job queued every second (default 0)
 #   PTUNE_FLEET_IDLE_S              seconds each idle mode is measured (default 60)
 #   PTUNE_FLEET_ADAPTER_BYTES       adapter size per CompleteJob (default 1024)
 #   PTUNE_FLEET_SUBMIT_CONCURRENCY  SubmitJob calls in flight (default 8)

@@ -25,7 +25,8 @@
 //!   PTUNE_FLEET_IDLE           then idle workers, registered and asking for work that never comes
 //!                              (default 0: none): coordinator and PostgreSQL CPU over
 //!                              PTUNE_FLEET_IDLE_S (default 60) as workers ask now, then as they asked
-//!                              before (see `idle.rs`)
+//!                              before, then as they ask now with a job queued every second, counting
+//!                              reads of the queue per job (see `idle.rs`)
 //!   PTUNE_FLEET_ADAPTER_BYTES  adapter size per CompleteJob (default 1024)
 //!   PTUNE_FLEET_LEASE_WAIT_MS  LeaseJob long-poll wait, as the worker sends it (default 5000; 0: answered
 //!                              at once, and the simulated worker polls every 250 ms, as before long-polling)
