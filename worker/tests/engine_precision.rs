@@ -82,6 +82,8 @@ const SENTENCES: [&str; 4] =
 
 #[test]
 fn under_bf16_a_jobs_parameters_gradients_and_adamw_state_stay_float32() {
+    // Random draws come from libtorch's process-wide generator: take turns.
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = fixtures().join("tiny-bert");
     let fp32 = FrozenEncoder::load(&dir, device()).expect("tiny-bert loads");
     for precision in [Precision::Bf16, Precision::Fp16] {
@@ -177,6 +179,8 @@ fn a_bf16_and_an_fp16_job_train_on_their_own_copy_and_save_float32_state() {
 #[test]
 #[cfg_attr(not(feature = "integration"), ignore = "needs all-MiniLM-L6-v2 and ../shared/data; scripts/test.sh runs it")]
 fn minilm_bf16_logits_stay_within_tolerance_of_fp32_on_sst2_sentences() {
+    // Random draws come from libtorch's process-wide generator: take turns.
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     /// Largest logit difference allowed, relative to the largest |logit|.
     const LOGIT_TOLERANCE: f64 = 0.015;
     /// Largest absolute difference of the last hidden state (values up to
@@ -281,6 +285,8 @@ fn lm_adapter(spec: &JobSpec, base: &FrozenDecoder, vars: &nn::VarStore) -> Trai
 /// measured at most 6.8% in bf16 and 0.6% in fp16.
 #[test]
 fn decoder_logits_in_bf16_and_fp16_stay_within_tolerance_of_fp32() {
+    // Random draws come from libtorch's process-wide generator: take turns.
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     /// Largest logit difference allowed, relative to the largest |logit|:
     /// bf16 keeps 8 bits of mantissa, fp16 11.
     const BF16_TOLERANCE: f64 = 0.1;
@@ -335,6 +341,8 @@ fn decoder_logits_in_bf16_and_fp16_stay_within_tolerance_of_fp32() {
 /// through the base, and the base itself is left unchanged.
 #[test]
 fn under_bf16_a_decoder_jobs_parameters_gradients_and_adamw_state_stay_float32() {
+    // Random draws come from libtorch's process-wide generator: take turns.
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cache = ModelCache::new(device(), None);
     let batch = lm_batch();
     for name in ["tiny-gpt2", "tiny-llama"] {

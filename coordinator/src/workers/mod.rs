@@ -155,7 +155,9 @@ impl Workers {
         // call or, its offer unchanged, an earlier one), and when a queued
         // job's retry time or spread window ends.
         let prior = self.presence.last_read(worker, &offer.models, free_slots, &offer.loaded);
-        let mut ripens = prior.as_ref().and_then(|(_, at)| *at).map(tokio::time::Instant::from_std);
+        // A time after this call's wait is the next call's to read at.
+        let mut ripens =
+            prior.as_ref().and_then(|(_, at)| *at).map(tokio::time::Instant::from_std).filter(|at| *at < deadline);
         let mut read_at = prior.map(|(counts, _)| counts);
         loop {
             woken.borrow_and_update();
