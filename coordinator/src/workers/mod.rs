@@ -183,6 +183,7 @@ impl Workers {
                     (None, None) => offer.models.iter().for_each(|model| self.work.hand_on(model, more)),
                 }
                 if let Some(lease) = lease {
+                    self.presence.leased(worker, lease.job_id);
                     info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
                     self.hub.publish(lease.job_id, HubEventKind::Changed);
                     return Ok(Some(lease));
@@ -190,8 +191,10 @@ impl Workers {
                 let outlook = self.store.queue_outlook(&offer.models).await?;
                 let now = tokio::time::Instant::now();
                 ripens = outlook.changes_in.map(|after| now + after.max(Duration::from_millis(5)));
+                // Only an empty queue holds for the worker's next calls: what it
+                // saw but could not take may be its to take once others change.
                 let offered = (&offer.models[..], free_slots, &offer.loaded[..]);
-                self.presence.read(worker, counts, offered, ripens.map(tokio::time::Instant::into_std));
+                self.presence.read(worker, (seen == 0).then_some(counts), offered, ripens.map(tokio::time::Instant::into_std));
                 if now >= deadline {
                     return Ok(None);
                 }
@@ -299,6 +302,7 @@ impl Workers {
             CompleteOutcome::Completed => {
                 info!(job_id = %lease.job_id, epoch = lease.epoch, adapter_sha256 = %completion.adapter_sha256,
                       size = completion.adapter_size, "job succeeded");
+                self.presence.ended(lease.job_id);
                 if !completion.metrics.is_empty() {
                     self.hub.publish(lease.job_id, HubEventKind::Metrics(completion.metrics));
                 }
@@ -317,6 +321,7 @@ impl Workers {
         let lease = failure.lease;
         match fenced(lease, self.store.fail_job(&failure, &self.timing.retry).await?)? {
             FailOutcome::Ended(state) => {
+                self.presence.ended(lease.job_id);
                 info!(job_id = %lease.job_id, epoch = lease.epoch, %state, error = %failure.error,
                       infrastructure = failure.infrastructure, "attempt ended");
                 self.hub.publish(lease.job_id, HubEventKind::Changed);
@@ -331,6 +336,7 @@ impl Workers {
         let lease = release.lease;
         match fenced(lease, self.store.release_job(&release, &self.timing.retry).await?)? {
             FailOutcome::Ended(state) => {
+                self.presence.ended(lease.job_id);
                 info!(job_id = %lease.job_id, epoch = lease.epoch, %state, reason = %release.reason, "lease released");
                 self.hub.publish(lease.job_id, HubEventKind::Changed);
             }

@@ -9,11 +9,12 @@
 //! worker whose row is that old ([`Presence::due`]), so a worker stays
 //! online for as long as it waits, however long that is.
 //!
-//! What a worker's calls last read of the queue is kept too
-//! ([`Presence::last_read`]): the [`WorkSignal`](crate::events::WorkSignal)
-//! counts of its models then, what it offered (free slots, loaded models),
-//! and when a queued job it saw becomes leasable by time alone. A worker's
-//! next call, while none of that changed, reads the queue only with a look
+//! When a worker's call last found no queued job on its models, that read
+//! is kept too ([`Presence::last_read`]): the
+//! [`WorkSignal`](crate::events::WorkSignal) counts of its models then,
+//! what it offered (free slots, loaded models), and when a queued job
+//! becomes leasable by time alone. A worker's next call, while none of that
+//! changed and none of its jobs ended, reads the queue only with a look
 //! the signal gives it (a job was queued on one of its models since, and no
 //! other waiting call took that read), so a worker renewing its wait every
 //! few seconds reads nothing while the jobs queued meanwhile went to others.
@@ -42,6 +43,8 @@ struct Seen {
     waiting: u32,
     /// What its calls last read of the queue.
     read: Option<Read>,
+    /// Jobs it leased through this coordinator that have not ended here.
+    leased: Vec<ptune_core::JobId>,
 }
 
 /// A worker's last read of the queue; see [`Presence::last_read`].
@@ -92,6 +95,7 @@ impl Presence {
             written_at: Instant::now(),
             waiting: 0,
             read: None,
+            leased: Vec::new(),
         });
         entry.written = Some((free_slots, loaded));
         entry.written_at = Instant::now();
@@ -142,17 +146,38 @@ impl Presence {
         (same && read.at.elapsed() < DRY_RECHECK).then(|| (read.counts.clone(), read.ripens))
     }
 
-    /// The worker read the queue at `counts`, offering `models`,
-    /// `free_slots` and `loaded`; a job it saw becomes leasable at `ripens`.
+    /// The worker leased `job`.
+    pub fn leased(&self, worker: WorkerId, job: ptune_core::JobId) {
+        if let Some(seen) = self.lock().get_mut(&worker) {
+            seen.leased.push(job);
+        }
+    }
+
+    /// `job` ended: the worker that leased it has room again, so its last
+    /// read no longer holds (whether or not its next call says so).
+    pub fn ended(&self, job: ptune_core::JobId) {
+        for seen in self.lock().values_mut() {
+            if let Some(i) = seen.leased.iter().position(|j| *j == job) {
+                seen.leased.swap_remove(i);
+                seen.read = None;
+                return;
+            }
+        }
+    }
+
+    /// The worker read the queue at `counts` (`None`: it found jobs it
+    /// could not take, so the read does not hold for its next calls),
+    /// offering `models`, `free_slots` and `loaded`; a job it saw becomes
+    /// leasable at `ripens`.
     pub fn read(
         &self,
         worker: WorkerId,
-        counts: WorkCounts,
+        counts: Option<WorkCounts>,
         (models, free_slots, loaded): (&[String], u32, &[String]),
         ripens: Option<Instant>,
     ) {
         if let Some(seen) = self.lock().get_mut(&worker) {
-            seen.read = Some(Read {
+            seen.read = counts.map(|counts| Read {
                 counts,
                 models: models.to_vec(),
                 free_slots,
@@ -225,13 +250,20 @@ mod tests {
         let work = crate::events::WorkSignal::default();
         let models = vec!["m".to_string()];
         let counts = work.counts(&models);
-        presence.read(w, counts.clone(), (&models, 1, &[]), None);
+        presence.read(w, Some(counts.clone()), (&models, 1, &[]), None);
         assert_eq!(presence.last_read(w, &models, 1, &[]), None, "an unknown worker has read nothing");
         presence.written(w, 1, vec![]);
-        presence.read(w, counts.clone(), (&models, 1, &[]), None);
+        presence.read(w, Some(counts.clone()), (&models, 1, &[]), None);
         assert_eq!(presence.last_read(w, &models, 1, &[]), Some((counts, None)));
         assert_eq!(presence.last_read(w, &models, 2, &[]), None, "a slot came free");
         assert_eq!(presence.last_read(w, &models, 1, &models), None, "it loaded a model");
         assert_eq!(presence.last_read(w, &[], 1, &[]), None, "it serves other models");
+        presence.read(w, None, (&models, 1, &[]), None);
+        assert_eq!(presence.last_read(w, &models, 1, &[]), None, "it saw jobs it could not take");
+        let job = ptune_core::JobId(uuid::Uuid::new_v4());
+        presence.leased(w, job);
+        presence.read(w, Some(work.counts(&models)), (&models, 1, &[]), None);
+        presence.ended(job);
+        assert_eq!(presence.last_read(w, &models, 1, &[]), None, "a job of it ended: it has room again");
     }
 }
