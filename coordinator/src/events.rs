@@ -1,12 +1,15 @@
 //! In-process fan-out of job events to `WatchJob` streams and the
-//! dashboard. What this coordinator changes is published here directly;
-//! what other coordinators on the database change arrives through
-//! PostgreSQL (`relay.rs`). The hub is a cache: a watcher that falls behind,
+//! dashboard. What this coordinator changes is published here directly,
+//! and announced to the other coordinators after it committed
+//! (`announce.rs`); what other coordinators on the database change arrives
+//! through PostgreSQL (`relay.rs`). The hub is a cache: a watcher that falls behind,
 //! or is told to resync because the relay lost its connection, re-reads the
 //! job from the database.
 
 use ptune_core::{JobId, Metric};
 use tokio::sync::broadcast;
+
+use crate::announce::Announcer;
 
 /// Something that happened to a job.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,21 +36,41 @@ pub enum HubEventKind {
 #[derive(Clone, Debug)]
 pub struct EventHub {
     tx: broadcast::Sender<HubEvent>,
+    /// Where this coordinator's own events go to the other coordinators,
+    /// when it announces them itself (`announce.rs`).
+    announcer: Option<Announcer>,
 }
 
 impl EventHub {
     pub fn new(capacity: usize) -> Self {
-        Self { tx: broadcast::channel(capacity).0 }
+        Self { tx: broadcast::channel(capacity).0, announcer: None }
     }
 
-    /// Publishes to the current subscribers; nobody listening is fine.
+    /// A hub whose published events also go to the other coordinators
+    /// through `announcer`.
+    pub fn announcing(announcer: Announcer) -> Self {
+        Self { announcer: Some(announcer), ..Self::default() }
+    }
+
+    /// Publishes an event of this coordinator's to the current subscribers
+    /// (nobody listening is fine) and, when it announces, to the other
+    /// coordinators. Call it once the change is committed.
     pub fn publish(&self, job_id: JobId, kind: HubEventKind) {
+        let event = HubEvent { job_id, kind };
+        if let Some(announcer) = &self.announcer {
+            announcer.announce(&event);
+        }
+        let _ = self.tx.send(event);
+    }
+
+    /// Hands another coordinator's event to the current subscribers only.
+    pub fn deliver(&self, job_id: JobId, kind: HubEventKind) {
         let _ = self.tx.send(HubEvent { job_id, kind });
     }
 
     /// Tells every subscriber that events may have been missed.
     pub fn resync(&self) {
-        self.publish(JobId(uuid::Uuid::nil()), HubEventKind::Resync);
+        self.deliver(JobId(uuid::Uuid::nil()), HubEventKind::Resync);
     }
 
     /// Events published from now on.

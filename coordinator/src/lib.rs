@@ -12,6 +12,7 @@
 //! background.
 
 pub mod auth;
+pub mod announce;
 pub mod blob;
 pub mod config;
 pub mod cursor;

@@ -1,10 +1,10 @@
 //! Job events from the other coordinators on the database: a listening
-//! connection receives what the triggers of migration 0011 send with
-//! `pg_notify` (a job's progress, its lifecycle, the metrics a report
-//! records), skips what this coordinator's own writes sent (it published
-//! those in process already), and publishes the rest to the local
-//! [`EventHub`], so `WatchJob` and the dashboard on any replica see work
-//! reported to any other.
+//! connection receives what they announce (`announce.rs`) or, for writers
+//! that do not, what the triggers of migration 0011 send with `pg_notify`
+//! (a job's progress, its lifecycle, the metrics a report records), skips
+//! what this coordinator sent (it published those in process already), and
+//! hands the rest to the local [`EventHub`], so `WatchJob` and the
+//! dashboard on any replica see work reported to any other.
 //!
 //! It also wakes the `LeaseJob` calls waiting for work when a job becomes
 //! leasable (`ptune_work`), and drops cached rows that changed
@@ -100,7 +100,8 @@ struct Payload {
     /// The writing connection's `application_name`.
     #[serde(rename = "o", default)]
     origin: Option<String>,
-    #[serde(rename = "j")]
+    /// Absent from a `resync`.
+    #[serde(rename = "j", default)]
     job: uuid::Uuid,
     #[serde(rename = "k")]
     kind: String,
@@ -131,6 +132,8 @@ async fn relay(store: &Store, hub: &EventHub, notification: &PgNotification) {
     }
     let job = JobId(payload.job);
     let kind = match payload.kind.as_str() {
+        // The sender may have lost events (`announce.rs`).
+        "resync" => HubEventKind::Resync,
         "changed" => HubEventKind::Changed,
         "progress" => HubEventKind::Progress { step: payload.step, total_steps: payload.total_steps },
         "metrics" => match payload.metrics {
@@ -156,5 +159,5 @@ async fn relay(store: &Store, hub: &EventHub, notification: &PgNotification) {
             return;
         }
     };
-    hub.publish(job, kind);
+    hub.deliver(job, kind);
 }

@@ -25,6 +25,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
+use crate::announce::AnnouncerTask;
 use crate::limits::StreamLimits;
 use crate::config::Config;
 use crate::dashboard::{self, Dashboard};
@@ -62,6 +63,8 @@ pub struct CoordinatorHandle {
     reaper: JoinHandle<()>,
     /// Other coordinators' job events, from PostgreSQL to the hub.
     relay: JoinHandle<()>,
+    /// This coordinator's job events, from the hub to the others.
+    announcing: AnnouncerTask,
     /// Whether this coordinator leads (`leader.rs`), and the election.
     leader: watch::Receiver<bool>,
     election: JoinHandle<()>,
@@ -82,13 +85,14 @@ impl Coordinator {
     /// extends open leases (so workers survive a coordinator restart) and
     /// starts serving.
     pub async fn start(config: Config) -> anyhow::Result<CoordinatorHandle> {
-        let store = Store::connect_lazy(&config.database_url)
+        let store = Store::connect_lazy_announcing(&config.database_url)
             .context("reading the database url")?
             .with_blob_store(config.blob_store.clone());
         let readiness = Readiness::default();
 
         let (stop, stopped) = watch::channel(false);
-        let hub = EventHub::default();
+        let (announcer, announcing) = crate::announce::spawn(store.clone());
+        let hub = EventHub::announcing(announcer);
         let timing = Timing {
             lease_timeout: config.lease_timeout,
             heartbeat_interval: config.heartbeat_interval,
@@ -197,6 +201,7 @@ impl Coordinator {
             http,
             reaper,
             relay,
+            announcing,
             leader,
             election,
             engine,
@@ -335,6 +340,10 @@ impl CoordinatorHandle {
         let _ = finish("event relay", self.relay).await;
         let _ = finish("leader election", self.election).await;
         let _ = finish("sweep engine", self.engine).await;
+        // Nothing publishes any more: what is left goes to the other coordinators.
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.announcing.finish()).await.is_err() {
+            warn!("the event announcer did not finish in time; the other coordinators resync");
+        }
         let _ = finish("database monitor", self.monitor).await;
         let _ = finish("table maintenance", self.tables).await;
         self.store.close().await;

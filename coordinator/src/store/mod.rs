@@ -136,6 +136,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Connections whose statements are planned once, not on every call
+    /// (`plan_cache_mode = force_generic_plan`), for leasing, progress and
+    /// the model lookups of admission.
+    /// Given arrays of ids, PostgreSQL planned those statements anew on each
+    /// call (a plan for the actual array looked cheaper than one for any),
+    /// which cost more than running them. The statements that page through
+    /// large tables with optional filters stay on `pool`: their plans do
+    /// depend on the values.
+    hot: PgPool,
     metrics: Arc<Metrics>,
     /// This handle's name on its connections (`application_name`): the
     /// origin of the job events its writes send (migration 0011), so that
@@ -155,16 +164,35 @@ impl Store {
     #[instrument(skip_all)]
     pub async fn connect(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
+        let hot = Self::hot_pool(&options);
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
-        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
+        Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
     }
 
     /// A pool that connects on first use, so a coordinator can start before
     /// its database; fails only for a url that cannot be parsed.
     pub fn connect_lazy(url: &str) -> Result<Self> {
+        Self::lazy_with(Self::options(url)?)
+    }
+
+    /// As [`Self::connect_lazy`], for a coordinator that announces its own
+    /// job events after commit (`announce.rs`): the triggers of its writes
+    /// send none (migration 0019).
+    pub fn connect_lazy_announcing(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
+        Self::lazy_with((options.options([("ptune.announces", "on")]), origin))
+    }
+
+    fn lazy_with((options, origin): (PgConnectOptions, Arc<str>)) -> Result<Self> {
+        let hot = Self::hot_pool(&options);
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
-        Ok(Self { pool, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
+        Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
+    }
+
+    /// The pool of [`Store::hot`], connecting on first use.
+    fn hot_pool(options: &PgConnectOptions) -> PgPool {
+        let options = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
+        PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options)
     }
 
     fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {
@@ -203,6 +231,21 @@ impl Store {
         &self.pool
     }
 
+    /// Sends `payloads` on `channel` in one statement whose transaction does
+    /// not wait for a flush to disk: it writes nothing, and notifications are
+    /// not kept across a crash anyway (`announce.rs`).
+    pub(crate) async fn notify_all(&self, channel: &str, payloads: &[String]) -> Result<()> {
+        sqlx::query(
+            "SELECT count(pg_notify($1, p)) \
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) AS s, unnest($2::text[]) AS p",
+        )
+        .bind(channel)
+        .bind(payloads)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The metrics this store's coordinator exposes.
     pub fn prometheus(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -235,6 +278,7 @@ impl Store {
     /// Waits for checked-out connections to return, then closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.hot.close().await;
     }
 }
 

@@ -75,7 +75,7 @@ impl Store {
         let mut ids: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
         ids.sort_unstable();
         ids.dedup();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.hot.begin().await?;
         let locked: Vec<LockedRow> = sqlx::query_as(
             "SELECT id, state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, \
                     interruptions, total_steps \

@@ -193,7 +193,7 @@ impl Store {
              ORDER BY e->>'name', coalesce((e->>'parameters')::bigint, 0) DESC, w.id",
         )
         .bind(names)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.hot)
         .await?;
         Ok(models
             .into_iter()
@@ -260,7 +260,7 @@ impl Store {
         )
         .bind(names)
         .bind(millis(window))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.hot)
         .await?;
         Ok(rows
             .into_iter()
