@@ -192,7 +192,7 @@ impl Store {
     /// The pool of [`Store::hot`], connecting on first use.
     fn hot_pool(options: &PgConnectOptions) -> PgPool {
         let options = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
-        PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options)
+        PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options)
     }
 
     fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {
