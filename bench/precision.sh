@@ -15,6 +15,7 @@
 #
 #   bench/precision.sh
 #   MODE=throughput STEPS=20 bench/precision.sh
+#   MODE=throughput TASK=causal_lm bench/precision.sh   # the decoder, without Hugging Face
 #
 # Environment:
 #   MODE      throughput, accuracy or both (default both)
@@ -22,6 +23,9 @@
 #   JOBS      jobs in the pack (default 8)
 #   ROUNDS    alternating rounds of the throughput runs (default 2)
 #   LOWER     the precision compared with fp32: bf16 (default) or fp16
+#   TASK      sequence_classification (default: MiniLM on SST-2) or causal_lm
+#             (throughput only: E2E on the 56M-parameter Llama-shaped decoder
+#             of bench/random_decoder.py, written under target/bench-models/)
 #   PTUNE_BENCH_BIN     folder with ptune-worker and examples/precision_bench
 #                       (default target/release, built when missing)
 #   PTUNE_BENCH_MODELS  models folder of ptune-worker (default models/, made
@@ -35,6 +39,7 @@ steps="${STEPS:-30}"
 jobs="${JOBS:-8}"
 rounds="${ROUNDS:-2}"
 lower="${LOWER:-bf16}"
+task="${TASK:-sequence_classification}"
 bin="${PTUNE_BENCH_BIN:-target/release}"
 work=target/bench/precision
 data="$PTUNE_ROOT/../shared/data/sst2"
@@ -57,6 +62,16 @@ fi
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores;" \
   "avx512_bf16: $(grep -qw avx512_bf16 /proc/cpuinfo && echo yes || echo no)" | tee -a "$report"
 echo | tee -a "$report"
+
+if [ "$task" = causal_lm ]; then
+  [ "$mode" = throughput ] || { echo "TASK=causal_lm measures throughput only: set MODE=throughput" >&2; exit 2; }
+  decoder=target/bench-models/bench-llama
+  [ -f "$decoder/model.safetensors" ] || python bench/random_decoder.py "$decoder"
+  echo "bench: ptune fp32 against $lower on the decoder, alone and packed ($steps steps, $rounds rounds)" >&2
+  "$bin/examples/precision_bench" "$decoder" "$PTUNE_ROOT/../shared/data/e2e" "$steps" "$jobs" "$rounds" "$lower" causal_lm \
+    2>"$work/ptune-decoder.log" | tee -a "$report"
+  exit 0
+fi
 
 if [ "$mode" = throughput ] || [ "$mode" = both ]; then
   echo "bench: ptune fp32 against $lower, alone and packed ($steps steps, $rounds rounds)" >&2
