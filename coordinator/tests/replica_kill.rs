@@ -35,18 +35,37 @@ struct Replica {
 }
 
 impl Replica {
+    /// Starts a coordinator on free ports. A port found free can be taken by
+    /// another process before the coordinator binds it; the coordinator then
+    /// exits at once, and is started again on other ports.
     fn start(database_url: &str) -> Replica {
         let port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (grpc, http) = (port(), port());
-        let child = Command::new(env!("CARGO_BIN_EXE_ptune-coordinator"))
-            .args(["--database-url", database_url])
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
-            .args(["--lease-timeout-ms", &LEASE.as_millis().to_string(), "--heartbeat-interval-ms", "1000"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("ptune-coordinator starts");
-        Replica { child, grpc: format!("http://127.0.0.1:{grpc}"), http: ([127, 0, 0, 1], http).into() }
+        let listens = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        for _ in 0..5 {
+            let (grpc, http) = (port(), port());
+            let mut child = Command::new(env!("CARGO_BIN_EXE_ptune-coordinator"))
+                .args(["--database-url", database_url])
+                .args(["--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+                .args(["--lease-timeout-ms", &LEASE.as_millis().to_string(), "--heartbeat-interval-ms", "1000"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("ptune-coordinator starts");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().expect("the child's status").is_none() && Instant::now() < deadline {
+                if listens(grpc) && listens(http) {
+                    // It binds both before anything else: still running now, the ports are its own.
+                    std::thread::sleep(Duration::from_millis(100));
+                    if child.try_wait().expect("the child's status").is_none() {
+                        return Replica { child, grpc: format!("http://127.0.0.1:{grpc}"), http: ([127, 0, 0, 1], http).into() };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("a coordinator could not bind free ports five times over");
     }
 
     async fn leads(&self, token: &str) -> bool {
