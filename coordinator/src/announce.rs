@@ -120,7 +120,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<HubEvent>, dropped: Arc<Atomic
         }
         let mut payloads = Vec::with_capacity(events.len() + 1);
         if dropped.swap(false, Ordering::Relaxed) {
-            payloads.push(json!({ "o": origin, "k": "resync" }).to_string());
+            payloads.push(resync(&origin));
         }
         payloads.extend(events.drain(..).map(|event| payload(&origin, &event)));
         for chunk in payloads.chunks(BATCH) {
@@ -146,9 +146,14 @@ fn payload(origin: &str, event: &HubEvent) -> String {
             json!({ "o": origin, "j": job, "k": "progress", "s": step, "t": total_steps })
         }
         HubEventKind::Metrics(metrics) => return metrics_payload(origin, job, metrics),
-        HubEventKind::Resync => json!({ "o": origin, "k": "resync" }),
+        HubEventKind::Resync => return resync(origin),
     }
     .to_string()
+}
+
+/// Tells the peers to re-read what they watch: events of `origin` may be lost.
+fn resync(origin: &str) -> String {
+    json!({ "o": origin, "k": "resync" }).to_string()
 }
 
 /// Metrics inline when they fit and JSON can carry every value (not NaN or

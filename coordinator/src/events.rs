@@ -2,9 +2,9 @@
 //! dashboard. What this coordinator changes is published here directly,
 //! and announced to the other coordinators after it committed
 //! (`announce.rs`); what other coordinators on the database change arrives
-//! through PostgreSQL (`relay.rs`). The hub is a cache: a watcher that falls behind,
-//! or is told to resync because the relay lost its connection, re-reads the
-//! job from the database.
+//! through PostgreSQL (`relay.rs`). The hub is a cache: a watcher that
+//! falls behind, or is told to resync because the relay lost its
+//! connection, re-reads the job from the database.
 
 use ptune_core::{JobId, Metric};
 use tokio::sync::broadcast;

@@ -165,7 +165,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let (options, origin) = Self::options(url)?;
         let hot = Self::hot_pool(&options);
-        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_with(options).await?;
+        let pool = Self::pool_options().connect_with(options).await?;
         Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
     }
 
@@ -185,14 +185,20 @@ impl Store {
 
     fn lazy_with((options, origin): (PgConnectOptions, Arc<str>)) -> Result<Self> {
         let hot = Self::hot_pool(&options);
-        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options);
+        let pool = Self::pool_options().connect_lazy_with(options);
         Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
     }
 
     /// The pool of [`Store::hot`], connecting on first use.
     fn hot_pool(options: &PgConnectOptions) -> PgPool {
         let options = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
-        PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5)).connect_lazy_with(options)
+        Self::pool_options().connect_lazy_with(options)
+    }
+
+    /// Each pool: 16 connections, and calls fail with
+    /// [`StoreError::Unavailable`] after five seconds without one.
+    fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(5))
     }
 
     fn options(url: &str) -> Result<(PgConnectOptions, Arc<str>)> {
