@@ -255,13 +255,7 @@ async fn large_files_are_stored_in_chunks_and_come_back_byte_for_byte() {
     let refused = env.workers.complete_job(futures::stream::iter(header_for_wrong)).await.unwrap_err();
     assert!(refused.message().starts_with("adapter_sha256:"), "{refused:?}");
     env.complete(&lease, &adapter).await.unwrap();
-    let mut stream =
-        env.jobs.download_adapter(v1::DownloadAdapterRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend(chunk.data);
-    }
-    assert!(bytes == adapter, "the downloaded adapter differs from the upload");
+    assert!(download_adapter(&mut env, &job.id).await == adapter, "the downloaded adapter differs from the upload");
     let adapter_chunks = adapter.len().div_ceil(1 << 20) as i64;
     assert_eq!(
         blobs(pool.clone()).await,
@@ -285,6 +279,79 @@ async fn large_files_are_stored_in_chunks_and_come_back_byte_for_byte() {
     common::wait_until(10, || async { blobs(pool.clone()).await == (3, 3, before) }).await;
     pool.close().await;
     env.stop().await;
+}
+
+#[tokio::test]
+async fn adapters_at_the_edges_of_a_chunk_are_stored_whole_and_refused_ones_leave_nothing() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    let blobs = |pool: sqlx::PgPool| async move {
+        let counts: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE complete AND size IS NOT NULL AND sha256 IS NOT NULL), \
+                    (SELECT count(*) FROM blob_chunks WHERE blob_id NOT IN (SELECT blob_id FROM datasets)) \
+             FROM blobs WHERE id NOT IN (SELECT blob_id FROM datasets)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        counts
+    };
+    let spec = env.spec("edges").await;
+    let worker = env.register().await;
+    let chunk = 1usize << 20;
+    // An adapter smaller than one chunk is written with the completion; a
+    // larger one as it arrives. Both come back byte for byte.
+    let mut stored = (0, 0, 0);
+    for (i, size) in [1, chunk - 1, chunk, chunk + 1].into_iter().enumerate() {
+        let job = env.submit(v1::JobSpec { name: format!("edge-{i}"), ..spec.clone() }).await;
+        let lease = env.lease(&worker).await.expect("leased");
+        assert_eq!(lease.job_id, job.id);
+        let adapter: Vec<u8> = (0..size as u32).map(|b| (b.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+
+        // Refused before the job completes: a wrong hash, and an upload cut off.
+        let mut wrong = env.complete_parts(&lease, &adapter);
+        if let Some(Part::Header(h)) = &mut wrong[0].part {
+            h.adapter_sha256 = "0".repeat(64);
+        }
+        let refused = env.workers.complete_job(futures::stream::iter(wrong)).await.unwrap_err();
+        assert!(refused.message().starts_with("adapter_sha256:"), "{size} bytes: {refused:?}");
+        let mut cut = env.complete_parts(&lease, &adapter);
+        cut.pop();
+        let refused = env.workers.complete_job(futures::stream::iter(cut)).await.unwrap_err();
+        assert!(refused.message().starts_with("adapter_size:"), "{size} bytes: {refused:?}");
+        common::wait_until(10, || async { blobs(pool.clone()).await == stored }).await;
+
+        env.complete(&lease, &adapter).await.unwrap();
+        env.complete(&lease, &adapter).await.expect("a retried completion is accepted");
+        stored = (stored.0 + 1, stored.1 + 1, stored.2 + size.div_ceil(chunk) as i64);
+        assert_eq!(blobs(pool.clone()).await, stored, "{size} bytes: one complete blob, and a retry stores nothing");
+        let bytes = download_adapter(&mut env, &job.id).await;
+        assert!(bytes == adapter, "the downloaded adapter of {size} bytes differs from the upload");
+        let got = env.jobs.get_job(v1::GetJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+        assert_eq!(state(&got), v1::JobState::Succeeded);
+    }
+
+    // A completion under a lease that is no longer the job's stores nothing.
+    let job = env.submit(v1::JobSpec { name: "stale".into(), ..spec.clone() }).await;
+    let lease = env.lease(&worker).await.expect("leased");
+    assert_eq!(lease.job_id, job.id);
+    env.fail(&lease, "lost", false, true).await.unwrap();
+    let refused = env.complete(&lease, b"late").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(blobs(pool.clone()).await, stored, "the stale completion left no blob");
+    pool.close().await;
+    env.stop().await;
+}
+
+/// The adapter of job `id`, downloaded whole.
+async fn download_adapter(env: &mut common::Env, id: &str) -> Vec<u8> {
+    let request = v1::DownloadAdapterRequest { job_id: id.to_string() };
+    let mut stream = env.jobs.download_adapter(request).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    while let Some(part) = stream.message().await.unwrap() {
+        bytes.extend(part.data);
+    }
+    bytes
 }
 
 #[tokio::test]

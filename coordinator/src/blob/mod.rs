@@ -107,8 +107,9 @@ where
 
 /// Where a [`BlobWriter`]'s bytes go.
 enum Sink {
-    /// Chunk rows of [`store::CHUNK_BYTES`], numbered from 0.
-    Database { pending: Vec<u8>, next_seq: u32 },
+    /// Chunk rows of [`store::CHUNK_BYTES`], numbered from 0. `unwritten`:
+    /// the blob whose row is inserted with the first chunk stored.
+    Database { pending: Vec<u8>, next_seq: u32, unwritten: Option<uuid::Uuid> },
     /// One object, written in parts; the upload starts with the first byte.
     Object { backend: ObjectBackend, upload: Option<WriteMultipart> },
 }
@@ -149,10 +150,32 @@ impl BlobWriter {
     /// Writes into `target` in the store `to`.
     pub fn to(store: Store, to: &BlobStore, target: ChunkTarget, limit: u64, field: &'static str) -> Self {
         let sink = match to {
-            BlobStore::Database => Sink::Database { pending: Vec::new(), next_seq: 0 },
+            BlobStore::Database => Sink::Database { pending: Vec::new(), next_seq: 0, unwritten: None },
             BlobStore::Objects(backend) => Sink::Object { backend: backend.clone(), upload: None },
         };
         Self { store, target, sink, limit, field, received: 0, hasher: Sha256::new(), finished: false }
+    }
+
+    /// Writes a new blob in the coordinator's blob store. In the database,
+    /// its row is inserted only with its first full chunk: a file smaller
+    /// than one chunk comes back whole from [`Self::finish_small`], for the
+    /// transaction that links it to write it in. In an object store, the row
+    /// is inserted now, so that the object of an upload cut off is found and
+    /// collected.
+    /// Returns the writer and the blob's id.
+    pub async fn new_blob(store: Store, limit: u64, field: &'static str) -> Result<(Self, uuid::Uuid), Error> {
+        Ok(match store.blob_store() {
+            BlobStore::Database => {
+                let blob = uuid::Uuid::new_v4();
+                let mut writer = Self::new(store, ChunkTarget::Blob(blob), limit, field);
+                writer.sink = Sink::Database { pending: Vec::new(), next_seq: 0, unwritten: Some(blob) };
+                (writer, blob)
+            }
+            BlobStore::Objects(_) => {
+                let blob = store.begin_blob().await?;
+                (Self::new(store, ChunkTarget::Blob(blob), limit, field), blob)
+            }
+        })
     }
 
     /// Where the chunks go.
@@ -176,7 +199,7 @@ impl BlobWriter {
         self.received += data.len() as u64;
         self.hasher.update(data);
         match &mut self.sink {
-            Sink::Database { pending, next_seq } => {
+            Sink::Database { pending, next_seq, unwritten } => {
                 while !data.is_empty() {
                     if pending.capacity() == 0 {
                         pending.reserve_exact(store::CHUNK_BYTES);
@@ -185,6 +208,7 @@ impl BlobWriter {
                     pending.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if pending.len() == store::CHUNK_BYTES {
+                        write_row(&self.store, unwritten).await?;
                         self.store.put_chunk(self.target, *next_seq, pending).await?;
                         *next_seq += 1;
                         pending.clear();
@@ -215,7 +239,8 @@ impl BlobWriter {
     /// unless the caller linked it first (see [`Unlinked`]).
     pub async fn finish(mut self) -> Result<(Written, Unlinked), Error> {
         match &mut self.sink {
-            Sink::Database { pending, next_seq } => {
+            Sink::Database { pending, next_seq, unwritten } => {
+                write_row(&self.store, unwritten).await?;
                 if !pending.is_empty() {
                     self.store.put_chunk(self.target, *next_seq, pending).await?;
                 }
@@ -232,6 +257,23 @@ impl BlobWriter {
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
         let unlinked = Unlinked { store: self.store.clone(), target: self.target, armed: true };
         Ok((Written { size: self.received, sha256 }, unlinked))
+    }
+
+    /// As [`Self::finish`], but a blob of [`Self::new_blob`] still held
+    /// whole in memory (less than one chunk, none stored yet) is not written:
+    /// its bytes come back for the statement that links it to write
+    /// ([`Received::Small`]).
+    pub async fn finish_small(mut self) -> Result<Received, Error> {
+        if let Sink::Database { pending, unwritten: Some(_), .. } = &mut self.sink {
+            if !pending.is_empty() {
+                self.finished = true;
+                let data = std::mem::take(pending);
+                let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+                return Ok(Received::Small { data, written: Written { size: self.received, sha256 } });
+            }
+        }
+        let (written, unlinked) = self.finish().await?;
+        Ok(Received::Stored(written, unlinked))
     }
 
     /// Drops what was written without touching the target's row: a move
@@ -255,6 +297,7 @@ impl Drop for BlobWriter {
         }
         let upload = match &mut self.sink {
             Sink::Object { upload, .. } => upload.take(),
+            Sink::Database { unwritten: Some(_), .. } => return,
             Sink::Database { .. } => None,
         };
         let (store, target) = (self.store.clone(), self.target);
@@ -269,6 +312,23 @@ impl Drop for BlobWriter {
             }
         });
     }
+}
+
+/// Inserts the row of a new blob before its first chunk is stored.
+async fn write_row(store: &Store, unwritten: &mut Option<uuid::Uuid>) -> Result<(), Error> {
+    if let Some(blob) = *unwritten {
+        store.begin_blob_as(blob).await?;
+        *unwritten = None;
+    }
+    Ok(())
+}
+
+/// What a finished [`BlobWriter::finish_small`] received.
+pub enum Received {
+    /// Stored as it arrived; the row is linked by the caller.
+    Stored(Written, Unlinked),
+    /// Held in memory: nothing is stored.
+    Small { data: Vec<u8>, written: Written },
 }
 
 /// A written file between [`BlobWriter::finish`] and the statement that

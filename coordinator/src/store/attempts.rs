@@ -40,16 +40,49 @@ impl LockedJob {
     }
 }
 
+/// The columns of a [`LockedJob`] (`jobs` columns; also used by `progress.rs`).
+macro_rules! locked_job_columns {
+    () => {
+        "state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, interruptions, total_steps"
+    };
+}
+
 pub(super) async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId) -> Result<Option<LockedJob>> {
-    let row = sqlx::query_as(
-        "SELECT state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, interruptions, \
-                total_steps \
-         FROM jobs WHERE id = $1 FOR UPDATE",
-    )
+    let row = sqlx::query_as(concat!("SELECT ", locked_job_columns!(), " FROM jobs WHERE id = $1 FOR UPDATE"))
     .bind(id.0)
     .fetch_optional(&mut **tx)
     .await?;
     Ok(row)
+}
+
+/// Locks the job of `lease` for a call of its holder, checking in the same
+/// statement that the lease carries its attempt's token: `NotFound` without
+/// the job, `Forbidden` without the token. Whether the lease still holds
+/// the job is the caller's to judge ([`LockedJob::holds`]).
+pub(super) async fn lock_leased(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef) -> Result<Fenced<LockedJob>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        job: LockedJob,
+        token_hash: Option<Vec<u8>>,
+    }
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        locked_job_columns!(),
+        ", (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = $2) AS token_hash \
+         FROM jobs j WHERE j.id = $1 FOR UPDATE OF j"
+    ))
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(match row {
+        None => Fenced::NotFound,
+        Some(Row { token_hash: Some(hash), job }) if crate::auth::tokens::same(&hash, &lease.token_hash) => {
+            Fenced::Valid(job)
+        }
+        Some(_) => Fenced::Forbidden,
+    })
 }
 
 /// Closes the open attempt of a lease and returns its worker.

@@ -47,12 +47,18 @@ impl Store {
     /// Its bytes go to the configured blob store, which the row records.
     pub async fn begin_blob(&self) -> Result<Uuid> {
         let id = Uuid::new_v4();
+        self.begin_blob_as(id).await?;
+        Ok(id)
+    }
+
+    /// As [`Self::begin_blob`], for the blob `id`.
+    pub async fn begin_blob_as(&self, id: Uuid) -> Result<()> {
         sqlx::query("INSERT INTO blobs (id, location) VALUES ($1, $2)")
             .bind(id)
             .bind(self.blob_store().location())
             .execute(&self.pool)
             .await?;
-        Ok(id)
+        Ok(())
     }
 
     /// Stores chunk `seq` of a file being written.
@@ -258,6 +264,33 @@ pub(super) async fn link_blob(db: &mut PgConnection, blob: Uuid, size: u64, sha2
         .bind(sha256)
         .execute(db)
         .await?;
+    Ok(())
+}
+
+/// Writes a blob of one chunk held in memory (`data`, of `size` bytes
+/// hashing to `sha256`) into the chunk rows, complete, and links it as the
+/// adapter of `job`: one statement, in the transaction that completes the
+/// job.
+pub(super) async fn insert_small_adapter(
+    db: &mut PgConnection,
+    job: JobId,
+    blob: Uuid,
+    data: &[u8],
+    size: u64,
+    sha256: &str,
+) -> Result<()> {
+    sqlx::query(
+        "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) VALUES ($2, true, $4, $5)), \
+              c AS (INSERT INTO blob_chunks (blob_id, seq, data) VALUES ($2, 0, $3)) \
+         INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $5, $4, $2)",
+    )
+    .bind(job.0)
+    .bind(blob)
+    .bind(data)
+    .bind(to_i64(size))
+    .bind(sha256)
+    .execute(db)
+    .await?;
     Ok(())
 }
 

@@ -28,10 +28,12 @@ pub(super) async fn latest_checkpoint<'e>(db: impl PgExecutor<'e>, job: JobId) -
     .bind(job.0)
     .fetch_optional(db)
     .await?;
-    row.map(|(step, sha256, size)| {
-        Ok(CheckpointInfo { step: to_u64(step, "checkpoint step")?, sha256, size: to_u64(size, "checkpoint size")? })
-    })
-    .transpose()
+    row.map(|(step, sha256, size)| checkpoint_info(step, sha256, size)).transpose()
+}
+
+/// A checkpoint's record from its row's step, sha256 and size.
+pub(super) fn checkpoint_info(step: i64, sha256: String, size: i64) -> Result<CheckpointInfo> {
+    Ok(CheckpointInfo { step: to_u64(step, "checkpoint step")?, sha256, size: to_u64(size, "checkpoint size")? })
 }
 
 /// What finishing an upload did.

@@ -11,8 +11,8 @@ use sqlx::{Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::attempts::{end_attempt, lock_job, set_state_after_attempt, LockedJob};
-use super::fencing::{token_matches, Fenced};
+use super::attempts::{end_attempt, lock_job, lock_leased, set_state_after_attempt, LockedJob};
+use super::fencing::Fenced;
 use super::{millis, to_i64, to_u32, to_u64, Result, Store};
 use crate::model::{Failure, LeaseRef, Release};
 use crate::retry::{AttemptEnd, Counters, Retry, RetryPolicy};
@@ -54,10 +54,10 @@ impl Store {
     pub async fn fail_job(&self, failure: &Failure, policy: &RetryPolicy) -> Result<Fenced<FailOutcome>> {
         let lease = failure.lease;
         let mut tx = self.pool.begin().await?;
-        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
-        if !token_matches(&mut *tx, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
+        let job = match lock_leased(&mut tx, lease).await?.valid() {
+            Ok(job) => job,
+            Err(refused) => return Ok(refused),
+        };
         if !job.holds(lease) {
             let wanted: &[&str] = if failure.cancelled { &["cancelled"] } else { &["failed", "interrupted"] };
             return replayed(&mut tx, &job, lease, wanted).await;
@@ -92,10 +92,10 @@ impl Store {
     pub async fn release_job(&self, release: &Release, policy: &RetryPolicy) -> Result<Fenced<FailOutcome>> {
         let lease = release.lease;
         let mut tx = self.pool.begin().await?;
-        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
-        if !token_matches(&mut *tx, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
+        let job = match lock_leased(&mut tx, lease).await?.valid() {
+            Ok(job) => job,
+            Err(refused) => return Ok(refused),
+        };
         if !job.holds(lease) {
             return replayed(&mut tx, &job, lease, &["released"]).await;
         }

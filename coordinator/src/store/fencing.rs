@@ -22,6 +22,16 @@ pub enum Fenced<T> {
 }
 
 impl<T> Fenced<T> {
+    /// The value, or the refusal as one of any other value type.
+    pub fn valid<U>(self) -> std::result::Result<T, Fenced<U>> {
+        match self {
+            Fenced::Valid(value) => Ok(value),
+            Fenced::Stale { state, epoch } => Err(Fenced::Stale { state, epoch }),
+            Fenced::NotFound => Err(Fenced::NotFound),
+            Fenced::Forbidden => Err(Fenced::Forbidden),
+        }
+    }
+
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Fenced<U> {
         match self {
             Fenced::Valid(value) => Fenced::Valid(f(value)),

@@ -12,8 +12,8 @@ use sqlx::types::Json;
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::attempts::{end_attempt, lock_job, renew_attempt, set_state_after_attempt};
-use super::fencing::{token_matches, Fenced};
+use super::attempts::{end_attempt, lock_leased, renew_attempt, set_state_after_attempt};
+use super::fencing::Fenced;
 use super::jobs::DbJobState;
 use super::metrics::insert_metrics;
 use super::{millis, to_i64, to_u64, Result, Store};
@@ -31,43 +31,63 @@ pub enum CompleteOutcome {
     },
 }
 
+/// The adapter a completion links.
+#[derive(Clone, Copy, Debug)]
+pub enum AdapterFile<'a> {
+    /// A blob written as it arrived, not yet complete.
+    Stored(Uuid),
+    /// Less than one chunk's bytes, held in memory, written as blob `blob`
+    /// with the completion.
+    Small { blob: Uuid, data: &'a [u8] },
+}
+
 impl Store {
     /// The spec of the job `lease` holds (running, with its token).
     pub async fn leased_spec(&self, lease: LeaseRef) -> Result<Fenced<JobSpec>> {
-        if !token_matches(&self.pool, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
-        let row: Option<(DbJobState, i64, Json<JobSpec>)> =
-            sqlx::query_as("SELECT state, lease_epoch, spec FROM jobs WHERE id = $1")
-                .bind(lease.job_id.0)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(match row {
-            None => Fenced::NotFound,
-            Some((DbJobState::Running, epoch, spec)) if epoch == to_i64(lease.epoch) => Fenced::Valid(spec.0),
-            Some((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+        Ok(match self.read_leased(lease, true).await?.valid() {
+            Ok((DbJobState::Running, epoch, Some(spec))) if epoch == to_i64(lease.epoch) => Fenced::Valid(spec),
+            Ok((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+            Err(refused) => refused,
         })
     }
 
-    /// Whether a lease may still complete its job: the job runs under it, or
-    /// it already completed the job (a retried completion). Takes no lock.
-    #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
+    /// Checks that `lease` still holds its job (running, or succeeded under
+    /// it: a completion retried) and carries its token.
     pub async fn check_lease(&self, lease: LeaseRef) -> Result<Fenced<()>> {
-        if !token_matches(&self.pool, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
-        let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")
-            .bind(lease.job_id.0)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            None => Fenced::NotFound,
-            Some((state, epoch))
+        Ok(match self.read_leased(lease, false).await?.valid() {
+            Ok((state, epoch, _))
                 if epoch == to_i64(lease.epoch) && matches!(state, DbJobState::Running | DbJobState::Succeeded) =>
             {
                 Fenced::Valid(())
             }
-            Some((state, epoch)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+            Ok((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+            Err(refused) => refused,
+        })
+    }
+
+    /// The state, epoch and (when `with_spec`) spec of the job of `lease`,
+    /// read with the check of its token in one statement: `Forbidden`
+    /// without the token, as without the job.
+    async fn read_leased(
+        &self,
+        lease: LeaseRef,
+        with_spec: bool,
+    ) -> Result<Fenced<(DbJobState, i64, Option<JobSpec>)>> {
+        let row: Option<(DbJobState, i64, Option<Json<JobSpec>>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT j.state, j.lease_epoch, CASE WHEN $3 THEN j.spec END, \
+                    (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = $2) \
+             FROM jobs j WHERE j.id = $1",
+        )
+        .bind(lease.job_id.0)
+        .bind(to_i64(lease.epoch))
+        .bind(with_spec)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some((state, epoch, spec, Some(hash))) if crate::auth::tokens::same(&hash, &lease.token_hash) => {
+                Fenced::Valid((state, epoch, spec.map(|s| s.0)))
+            }
+            _ => Fenced::Forbidden,
         })
     }
 
@@ -122,10 +142,10 @@ impl Store {
     pub async fn report_progress(&self, report: &ProgressReport, timeout: Duration) -> Result<Fenced<StopSignal>> {
         let lease = report.lease;
         let mut tx = self.pool.begin().await?;
-        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
-        if !token_matches(&mut *tx, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
+        let job = match lock_leased(&mut tx, lease).await?.valid() {
+            Ok(job) => job,
+            Err(refused) => return Ok(refused),
+        };
         if !job.holds(lease) {
             return job.stale();
         }
@@ -164,13 +184,13 @@ impl Store {
     /// Links the written adapter blob of a lease and marks the job
     /// succeeded, all at once. The blob is left unlinked on any other outcome.
     #[instrument(skip_all, fields(job_id = %done.lease.job_id, epoch = done.lease.epoch))]
-    pub async fn complete_job(&self, done: &Completion, adapter: Uuid) -> Result<Fenced<CompleteOutcome>> {
+    pub async fn complete_job(&self, done: &Completion, adapter: AdapterFile<'_>) -> Result<Fenced<CompleteOutcome>> {
         let lease = done.lease;
         let mut tx = self.pool.begin().await?;
-        let Some(job) = lock_job(&mut tx, lease.job_id).await? else { return Ok(Fenced::NotFound) };
-        if !token_matches(&mut *tx, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
+        let job = match lock_leased(&mut tx, lease).await?.valid() {
+            Ok(job) => job,
+            Err(refused) => return Ok(refused),
+        };
         if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) {
             let stored: String = sqlx::query_scalar("SELECT sha256 FROM adapters WHERE job_id = $1")
                 .bind(lease.job_id.0)
@@ -185,14 +205,22 @@ impl Store {
         if !job.holds(lease) {
             return job.stale();
         }
-        sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
-            .bind(lease.job_id.0)
-            .bind(&done.adapter_sha256)
-            .bind(to_i64(done.adapter_size))
-            .bind(adapter)
-            .execute(&mut *tx)
-            .await?;
-        super::blobs::link_blob(&mut tx, adapter, done.adapter_size, &done.adapter_sha256).await?;
+        let (size, sha256) = (done.adapter_size, &done.adapter_sha256);
+        match adapter {
+            AdapterFile::Stored(blob) => {
+                sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
+                    .bind(lease.job_id.0)
+                    .bind(sha256)
+                    .bind(to_i64(size))
+                    .bind(blob)
+                    .execute(&mut *tx)
+                    .await?;
+                super::blobs::link_blob(&mut tx, blob, size, sha256).await?;
+            }
+            AdapterFile::Small { blob, data } => {
+                super::blobs::insert_small_adapter(&mut tx, lease.job_id, blob, data, size, sha256).await?;
+            }
+        }
         insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
         // A job asked to stop early that completes before its planned last
         // step stopped early; one that got there anyway did not.

@@ -4,6 +4,7 @@
 //! SQLSTATE codes are mapped to [`StoreError`] variants here and nowhere else.
 
 pub mod admin;
+#[macro_use]
 mod attempts;
 mod blobs;
 mod cache;
@@ -47,7 +48,7 @@ pub use leasing::QueueOutlook;
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
-pub use leases::CompleteOutcome;
+pub use leases::{AdapterFile, CompleteOutcome};
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
 pub use tokens::{AuditEntry, Refusal, TokenRecord};
@@ -154,6 +155,8 @@ pub struct Store {
     files: Arc<objects::Files>,
     /// Token rows and worker registrations kept in memory (`cache.rs`).
     cache: Arc<Cache>,
+    /// The jobs this handle's lease calls claimed lately (`leasing.rs`).
+    claimed: Arc<leasing::Claimed>,
 }
 
 type Cache = cache::StoreCache<tokens::TokenRow, workers::Registration>;
@@ -166,7 +169,7 @@ impl Store {
         let (options, origin) = Self::options(url)?;
         let hot = Self::hot_pool(&options);
         let pool = Self::pool_options().connect_with(options).await?;
-        Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
+        Ok(Self::with_pools(pool, hot, origin))
     }
 
     /// A pool that connects on first use, so a coordinator can start before
@@ -186,7 +189,12 @@ impl Store {
     fn lazy_with((options, origin): (PgConnectOptions, Arc<str>)) -> Result<Self> {
         let hot = Self::hot_pool(&options);
         let pool = Self::pool_options().connect_lazy_with(options);
-        Ok(Self { pool, hot, metrics: Arc::default(), origin, files: Arc::default(), cache: Arc::default() })
+        Ok(Self::with_pools(pool, hot, origin))
+    }
+
+    fn with_pools(pool: PgPool, hot: PgPool, origin: Arc<str>) -> Self {
+        let (metrics, files, cache, claimed) = Default::default();
+        Self { pool, hot, metrics, origin, files, cache, claimed }
     }
 
     /// The pool of [`Store::hot`], connecting on first use.

@@ -1,8 +1,8 @@
 //! Progress of several leases in one transaction: a worker training several
 //! jobs packed in one pass, or catching up after an outage, sends the steps
 //! of all of them at once. Each statement covers every lease of the batch
-//! (`UNNEST`): one locks the job rows, one reads the lease tokens, one moves
-//! the jobs' steps, one renews the attempts and one inserts the metrics.
+//! (`UNNEST`): one locks the job rows and reads the lease tokens, one moves
+//! the jobs' steps and renews the attempts, and one inserts the metrics.
 //! Each lease is fenced on its own: a stale or unknown lease gets its own
 //! answer and changes nothing, while the others are recorded.
 //!
@@ -25,11 +25,14 @@ use super::metrics::insert_metrics_of;
 use super::{millis, to_i64, Result, Store};
 use crate::model::{ProgressReport, StopSignal};
 
+/// A locked job row of a batch, and the token of a lease's attempt on it.
 #[derive(sqlx::FromRow)]
 struct LockedRow {
     id: Uuid,
+    epoch: i64,
     #[sqlx(flatten)]
     job: LockedJob,
+    token_hash: Option<Vec<u8>>,
 }
 
 /// The reports of one batch merged per lease, in the order each lease first
@@ -72,31 +75,30 @@ impl Store {
         timeout: Duration,
     ) -> Result<Vec<(ProgressReport, Fenced<StopSignal>)>> {
         let merged = merge_reports(reports);
-        let mut ids: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut tx = self.hot.begin().await?;
-        let locked: Vec<LockedRow> = sqlx::query_as(
-            "SELECT id, state, lease_epoch, cancel_requested, early_stop_requested, failures, max_attempts, \
-                    interruptions, total_steps \
-             FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let locked: HashMap<Uuid, LockedJob> = locked.into_iter().map(|r| (r.id, r.job)).collect();
-        let epochs: Vec<i64> = merged.iter().map(|r| to_i64(r.lease.epoch)).collect();
         let leased: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
-        let hashes: Vec<(Uuid, i64, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT a.job_id, a.epoch, a.lease_token_hash FROM job_attempts a \
-             JOIN UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) ON a.job_id = l.job_id AND a.epoch = l.epoch",
-        )
+        let epochs: Vec<i64> = merged.iter().map(|r| to_i64(r.lease.epoch)).collect();
+        let mut tx = self.hot.begin().await?;
+        // The job rows, locked, with the token of each lease's attempt.
+        let rows: Vec<LockedRow> = sqlx::query_as(concat!(
+            "SELECT j.id, l.epoch, ",
+            locked_job_columns!(),
+            ", (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = l.epoch) \
+                 AS token_hash \
+             FROM jobs j JOIN UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) ON j.id = l.job_id \
+             ORDER BY j.id FOR UPDATE OF j"
+        ))
         .bind(&leased)
         .bind(&epochs)
         .fetch_all(&mut *tx)
         .await?;
-        let hashes: HashMap<(Uuid, i64), Vec<u8>> =
-            hashes.into_iter().filter_map(|(id, epoch, hash)| Some(((id, epoch), hash?))).collect();
+        let mut hashes: HashMap<(Uuid, i64), Vec<u8>> = HashMap::new();
+        let mut locked: HashMap<Uuid, LockedJob> = HashMap::new();
+        for row in rows {
+            if let Some(hash) = row.token_hash {
+                hashes.insert((row.id, row.epoch), hash);
+            }
+            locked.insert(row.id, row.job);
+        }
 
         let mut answers = Vec::with_capacity(merged.len());
         let mut valid = Vec::new();
@@ -133,22 +135,19 @@ impl Store {
         let steps: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.step)).collect();
         let totals: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.total_steps)).collect();
         let epochs: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.lease.epoch)).collect();
+        // The steps and the renewed leases, in one statement.
         sqlx::query(
-            "UPDATE jobs j SET step = r.step, \
-                 total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END \
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id",
+            "WITH j AS ( \
+                 UPDATE jobs j SET step = r.step, \
+                     total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END \
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id) \
+             UPDATE job_attempts a SET lease_expires_at = now() + $5 * interval '1 millisecond' \
+             FROM UNNEST($1::uuid[], $4::bigint[]) AS l(job_id, epoch) \
+             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
         )
         .bind(&job_ids)
         .bind(&steps)
         .bind(&totals)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE job_attempts a SET lease_expires_at = now() + $3 * interval '1 millisecond' \
-             FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
-             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
-        )
-        .bind(&job_ids)
         .bind(&epochs)
         .bind(millis(timeout))
         .execute(&mut *tx)

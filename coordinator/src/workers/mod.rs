@@ -17,7 +17,7 @@ pub use presence::Presence;
 pub use reaper::spawn_reaper;
 
 use crate::auth::Identity;
-use crate::blob::{self, collect_files, BlobWriter, Collected};
+use crate::blob::{self, collect_files, BlobWriter, Collected, Received};
 use crate::error::Error;
 use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::memory;
@@ -26,7 +26,9 @@ use crate::model::{
     ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
 use crate::retry::RetryPolicy;
-use crate::store::{CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership};
+use crate::store::{
+    AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership,
+};
 
 /// Lease timing handed to workers, and what happens after an attempt ends.
 #[derive(Clone, Copy, Debug)]
@@ -92,7 +94,8 @@ impl Workers {
     }
 
     /// Renews the worker's valid leases, records its health and names the
-    /// leases it must stop.
+    /// leases it must stop. What this coordinator keeps of the jobs the
+    /// worker leased here is pruned to those it names.
     pub async fn heartbeat(
         &self,
         worker: WorkerId,
@@ -107,6 +110,7 @@ impl Workers {
             self.presence.forget(worker);
         }
         let (stop, early_stop) = self.store.renew_leases(worker, leases, self.timing.lease_timeout).await?;
+        self.presence.holding(worker, &leases.iter().map(|l| l.job_id).collect::<Vec<_>>());
         if !known {
             warn!(worker_id = %worker, "heartbeat from an unregistered worker; it should register again");
         }
@@ -280,22 +284,28 @@ impl Workers {
             ));
         }
         fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
-        let blob = self.store.begin_blob().await?;
-        let writer = BlobWriter::new(self.store.clone(), ChunkTarget::Blob(blob), completion.adapter_size, "adapter_size");
+        let (writer, blob) = BlobWriter::new_blob(self.store.clone(), completion.adapter_size, "adapter_size").await?;
         Ok(AdapterUpload { completion, writer, blob })
     }
 
-    /// Verifies the received adapter and marks the job succeeded.
+    /// Verifies the received adapter and marks the job succeeded. An
+    /// adapter smaller than one chunk (1 MiB) is written in the transaction that
+    /// completes the job, so a completion commits once.
     pub async fn complete(&self, upload: AdapterUpload) -> Result<(), Error> {
         let AdapterUpload { completion, writer, blob } = upload;
-        // Removes the blob row if this call is cancelled before it is linked.
-        let (written, _unlinked) = writer.finish().await?;
         let lease = completion.lease;
+        // A stored blob's guard removes its row if this call is cancelled before it is linked.
+        let received = writer.finish_small().await?;
+        let (written, adapter) = match &received {
+            Received::Stored(written, _unlinked) => (written, AdapterFile::Stored(blob)),
+            Received::Small { data, written } => (written, AdapterFile::Small { blob, data }),
+        };
         let outcome = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
-            Ok(()) => self.store.complete_job(&completion, blob).await.map_err(Error::from),
+            Ok(()) => self.store.complete_job(&completion, adapter).await.map_err(Error::from),
             Err(e) => Err(e),
         };
-        if !matches!(outcome, Ok(Fenced::Valid(CompleteOutcome::Completed))) {
+        let linked = matches!(outcome, Ok(Fenced::Valid(CompleteOutcome::Completed)));
+        if matches!(received, Received::Stored(..)) && !linked {
             self.store.abandon_upload(ChunkTarget::Blob(blob)).await?;
         }
         match fenced(lease, outcome?)? {

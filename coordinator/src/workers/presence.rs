@@ -31,6 +31,9 @@ use crate::events::WorkCounts;
 /// How long a read of the queue is trusted without reading again, even if
 /// no notification came.
 pub const DRY_RECHECK: Duration = Duration::from_secs(30);
+/// A job leased this recently is not forgotten for a heartbeat that does
+/// not name it ([`Presence::holding`]).
+const HELD_GRACE: Duration = Duration::from_secs(10);
 /// A worker not heard of for this long is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
@@ -43,8 +46,9 @@ struct Seen {
     waiting: u32,
     /// What its calls last read of the queue.
     read: Option<Read>,
-    /// Jobs it leased through this coordinator that have not ended here.
-    leased: Vec<ptune_core::JobId>,
+    /// Jobs it leased through this coordinator that have not ended here,
+    /// and when.
+    leased: Vec<(ptune_core::JobId, Instant)>,
 }
 
 /// A worker's last read of the queue; see [`Presence::last_read`].
@@ -61,8 +65,26 @@ struct Read {
 /// See the module docs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Presence {
-    seen: Arc<Mutex<HashMap<WorkerId, Seen>>>,
+    seen: Arc<Mutex<Known>>,
     refresh: Duration,
+}
+
+/// The workers, and which of them leased each job that has not ended here.
+#[derive(Debug, Default)]
+struct Known {
+    workers: HashMap<WorkerId, Seen>,
+    leased_by: HashMap<ptune_core::JobId, WorkerId>,
+}
+
+impl Known {
+    /// Forgets the worker and the jobs it leased.
+    fn remove(&mut self, worker: WorkerId) {
+        if let Some(seen) = self.workers.remove(&worker) {
+            for (job, _) in seen.leased {
+                self.leased_by.remove(&job);
+            }
+        }
+    }
 }
 
 impl Presence {
@@ -74,14 +96,14 @@ impl Presence {
         Self { seen: Arc::default(), refresh }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, Seen>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether a call with `free_slots` and `loaded` must write the
     /// worker's row: something changed, or the row is old.
     pub fn must_write(&self, worker: WorkerId, free_slots: u32, loaded: &[String]) -> bool {
-        self.lock().get(&worker).is_none_or(|seen| {
+        self.lock().workers.get(&worker).is_none_or(|seen| {
             seen.written_at.elapsed() >= self.refresh
                 || seen.written.as_ref().is_none_or(|(slots, models)| *slots != free_slots || models != loaded)
         })
@@ -90,7 +112,7 @@ impl Presence {
     /// The worker's row now says `free_slots` and `loaded`.
     pub fn written(&self, worker: WorkerId, free_slots: u32, loaded: Vec<String>) {
         let mut seen = self.lock();
-        let entry = seen.entry(worker).or_insert_with(|| Seen {
+        let entry = seen.workers.entry(worker).or_insert_with(|| Seen {
             written: None,
             written_at: Instant::now(),
             waiting: 0,
@@ -104,12 +126,12 @@ impl Presence {
     /// Forgets what was written for the worker: its next call writes. For
     /// a worker that registered again or heartbeat another state.
     pub fn forget(&self, worker: WorkerId) {
-        self.lock().remove(&worker);
+        self.lock().remove(worker);
     }
 
     /// Counts a call of the worker as waiting until the guard drops.
     pub fn waiting(&self, worker: WorkerId) -> Waiting {
-        if let Some(seen) = self.lock().get_mut(&worker) {
+        if let Some(seen) = self.lock().workers.get_mut(&worker) {
             seen.waiting += 1;
         }
         Waiting { presence: self.clone(), worker }
@@ -118,9 +140,19 @@ impl Presence {
     /// The waiting workers whose rows are old, now counted as written:
     /// mark them alive. Also forgets workers not heard of for long.
     pub fn due(&self) -> Vec<WorkerId> {
-        let mut seen = self.lock();
-        seen.retain(|_, s| s.waiting > 0 || s.written_at.elapsed() < FORGET_AFTER);
-        seen.iter_mut()
+        let mut known = self.lock();
+        let forgotten: Vec<WorkerId> = known
+            .workers
+            .iter()
+            .filter(|(_, s)| s.waiting == 0 && s.written_at.elapsed() >= FORGET_AFTER)
+            .map(|(worker, _)| *worker)
+            .collect();
+        for worker in forgotten {
+            known.remove(worker);
+        }
+        known
+            .workers
+            .iter_mut()
             .filter(|(_, s)| s.waiting > 0 && s.written_at.elapsed() >= self.refresh)
             .map(|(worker, s)| {
                 s.written_at = Instant::now();
@@ -141,27 +173,46 @@ impl Presence {
         loaded: &[String],
     ) -> Option<(WorkCounts, Option<Instant>)> {
         let seen = self.lock();
-        let read = seen.get(&worker)?.read.as_ref()?;
+        let read = seen.workers.get(&worker)?.read.as_ref()?;
         let same = read.models == models && read.free_slots == free_slots && read.loaded == loaded;
         (same && read.at.elapsed() < DRY_RECHECK).then(|| (read.counts.clone(), read.ripens))
     }
 
     /// The worker leased `job`.
     pub fn leased(&self, worker: WorkerId, job: ptune_core::JobId) {
-        if let Some(seen) = self.lock().get_mut(&worker) {
-            seen.leased.push(job);
+        let mut known = self.lock();
+        if let Some(seen) = known.workers.get_mut(&worker) {
+            seen.leased.push((job, Instant::now()));
+            known.leased_by.insert(job, worker);
         }
     }
 
     /// `job` ended: the worker that leased it has room again, so its last
     /// read no longer holds (whether or not its next call says so).
     pub fn ended(&self, job: ptune_core::JobId) {
-        for seen in self.lock().values_mut() {
-            if let Some(i) = seen.leased.iter().position(|j| *j == job) {
-                seen.leased.swap_remove(i);
-                seen.read = None;
-                return;
-            }
+        let mut known = self.lock();
+        let Some(worker) = known.leased_by.remove(&job) else { return };
+        if let Some(seen) = known.workers.get_mut(&worker) {
+            seen.leased.retain(|(j, _)| *j != job);
+            seen.read = None;
+        }
+    }
+
+    /// The worker's heartbeat names the jobs it still holds: the others it
+    /// leased here ended elsewhere (through another coordinator, or the
+    /// reaper) and are forgotten, but for those leased within
+    /// [`HELD_GRACE`], which a heartbeat sent meanwhile may not name yet.
+    pub fn holding(&self, worker: WorkerId, jobs: &[ptune_core::JobId]) {
+        let mut known = self.lock();
+        let Some(seen) = known.workers.get_mut(&worker) else { return };
+        let (kept, gone): (Vec<_>, Vec<_>) =
+            seen.leased.drain(..).partition(|(j, at)| jobs.contains(j) || at.elapsed() < HELD_GRACE);
+        seen.leased = kept;
+        if !gone.is_empty() {
+            seen.read = None;
+        }
+        for (job, _) in gone {
+            known.leased_by.remove(&job);
         }
     }
 
@@ -176,7 +227,7 @@ impl Presence {
         (models, free_slots, loaded): (&[String], u32, &[String]),
         ripens: Option<Instant>,
     ) {
-        if let Some(seen) = self.lock().get_mut(&worker) {
+        if let Some(seen) = self.lock().workers.get_mut(&worker) {
             seen.read = counts.map(|counts| Read {
                 counts,
                 models: models.to_vec(),
@@ -197,7 +248,7 @@ pub struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Some(seen) = self.presence.lock().get_mut(&self.worker) {
+        if let Some(seen) = self.presence.lock().workers.get_mut(&self.worker) {
             seen.waiting = seen.waiting.saturating_sub(1);
         }
     }
@@ -265,5 +316,39 @@ mod tests {
         presence.read(w, Some(work.counts(&models)), (&models, 1, &[]), None);
         presence.ended(job);
         assert_eq!(presence.last_read(w, &models, 1, &[]), None, "a job of it ended: it has room again");
+    }
+
+    #[test]
+    fn a_heartbeat_forgets_the_jobs_that_ended_elsewhere() {
+        let presence = Presence::new(Duration::from_secs(1));
+        let (w, other) = (worker(), worker());
+        let work = crate::events::WorkSignal::default();
+        let models = vec!["m".to_string()];
+        let job = || ptune_core::JobId(uuid::Uuid::new_v4());
+        let (kept, gone, others, new) = (job(), job(), job(), job());
+        presence.written(w, 1, vec![]);
+        presence.written(other, 1, vec![]);
+        presence.leased(w, kept);
+        presence.leased(w, gone);
+        presence.leased(other, others);
+        let long_ago = Instant::now() - HELD_GRACE;
+        presence.lock().workers.get_mut(&w).unwrap().leased.iter_mut().for_each(|(_, at)| *at = long_ago);
+        presence.leased(w, new);
+        presence.read(w, Some(work.counts(&models)), (&models, 1, &[]), None);
+        presence.holding(w, &[kept]);
+        assert_eq!(presence.last_read(w, &models, 1, &[]), None, "a job of it ended elsewhere: it has room again");
+        let known = presence.lock();
+        let held: Vec<_> = known.workers[&w].leased.iter().map(|(j, _)| *j).collect();
+        assert_eq!(held, vec![kept, new], "a job leased just now is kept though the heartbeat does not name it");
+        assert_eq!(known.leased_by.len(), 3, "{:?}", known.leased_by);
+        assert!(!known.leased_by.contains_key(&gone));
+        drop(known);
+        presence.read(w, Some(work.counts(&models)), (&models, 1, &[]), None);
+        presence.holding(w, &[kept]);
+        assert!(presence.last_read(w, &models, 1, &[]).is_some(), "nothing ended: its read holds");
+        presence.ended(others);
+        assert!(presence.last_read(w, &models, 1, &[]).is_some(), "another worker's job ended");
+        presence.forget(w);
+        assert_eq!(presence.lock().leased_by.keys().collect::<Vec<_>>(), Vec::<&ptune_core::JobId>::new());
     }
 }
