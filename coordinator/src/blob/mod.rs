@@ -161,8 +161,7 @@ impl BlobWriter {
     /// than one chunk comes back whole from [`Self::finish_small`], for the
     /// transaction that links it to write it in. In an object store, the row
     /// is inserted now, so that the object of an upload cut off is found and
-    /// collected.
-    /// Returns the writer and the blob's id.
+    /// collected. Returns the writer and the blob's id.
     pub async fn new_blob(store: Store, limit: u64, field: &'static str) -> Result<(Self, uuid::Uuid), Error> {
         Ok(match store.blob_store() {
             BlobStore::Database => {

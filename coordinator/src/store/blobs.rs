@@ -267,7 +267,7 @@ pub(super) async fn link_blob(db: &mut PgConnection, blob: Uuid, size: u64, sha2
     Ok(())
 }
 
-/// Writes a blob of one chunk held in memory (`data`, of `size` bytes
+/// Writes a blob of less than one chunk held in memory (`data`, of `size` bytes
 /// hashing to `sha256`) into the chunk rows, complete, and links it as the
 /// adapter of `job`: one statement, in the transaction that completes the
 /// job.

@@ -51,8 +51,10 @@ impl Store {
         })
     }
 
-    /// Checks that `lease` still holds its job (running, or succeeded under
-    /// it: a completion retried) and carries its token.
+    /// Whether a lease may still complete its job: the job runs under it, or
+    /// it already completed the job (a retried completion), and the lease
+    /// carries its token. Takes no lock.
+    #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
     pub async fn check_lease(&self, lease: LeaseRef) -> Result<Fenced<()>> {
         Ok(match self.read_leased(lease, false).await?.valid() {
             Ok((state, epoch, _))

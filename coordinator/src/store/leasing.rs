@@ -55,26 +55,37 @@ const CLAIMED_FOR: Duration = Duration::from_secs(10);
 /// The jobs this coordinator claimed within [`CLAIMED_FOR`], which its
 /// other claims pass over (see the module docs).
 #[derive(Debug, Default)]
-pub(super) struct Claimed(std::sync::Mutex<std::collections::HashMap<Uuid, Instant>>);
+pub(super) struct Claimed(std::sync::Mutex<ClaimedJobs>);
+
+#[derive(Debug, Default)]
+struct ClaimedJobs {
+    at: std::collections::HashMap<Uuid, Instant>,
+    /// When claims older than [`CLAIMED_FOR`] were last forgotten.
+    pruned: Option<Instant>,
+}
 
 impl Claimed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClaimedJobs> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `listed` but the jobs claimed lately, in order.
     fn unclaimed(&self, listed: &[Uuid]) -> Vec<Uuid> {
         let claimed = self.lock();
-        listed.iter().filter(|id| !claimed.contains_key(id)).copied().collect()
+        listed.iter().filter(|id| !claimed.at.get(id).is_some_and(|at| at.elapsed() < CLAIMED_FOR)).copied().collect()
     }
 
-    /// `job` was claimed now; forgets the claims older than [`CLAIMED_FOR`].
+    /// `job` was claimed now. Claims older than [`CLAIMED_FOR`] are
+    /// forgotten at most once a second, so the set holds what a few seconds
+    /// of claims add, and an insert costs the same however fast jobs go.
     fn insert(&self, job: Uuid) {
         let mut claimed = self.lock();
-        if claimed.len() >= 1024 {
-            claimed.retain(|_, at| at.elapsed() < CLAIMED_FOR);
+        let now = Instant::now();
+        if claimed.pruned.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            claimed.at.retain(|_, at| now.duration_since(*at) < CLAIMED_FOR);
+            claimed.pruned = Some(now);
         }
-        claimed.insert(job, Instant::now());
+        claimed.at.insert(job, now);
     }
 }
 
@@ -546,4 +557,25 @@ async fn lock_oldest_of_class(
     .bind(i32::try_from(pick.devices).unwrap_or(i32::MAX))
     .fetch_optional(&mut **tx)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_passes_over_jobs_claimed_lately_and_forgets_old_claims() {
+        let claimed = Claimed::default();
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        claimed.insert(ids[1]);
+        claimed.insert(ids[3]);
+        assert_eq!(claimed.unclaimed(&ids), vec![ids[0], ids[2]], "the others, in the listed order");
+        let long_ago = Instant::now() - CLAIMED_FOR;
+        claimed.lock().at.insert(ids[0], long_ago);
+        assert_eq!(claimed.unclaimed(&ids), vec![ids[0], ids[2]], "a claim older than CLAIMED_FOR is not passed over");
+        claimed.lock().pruned = Some(long_ago);
+        claimed.insert(ids[2]);
+        let kept: std::collections::HashSet<Uuid> = claimed.lock().at.keys().copied().collect();
+        assert_eq!(kept, [ids[1], ids[2], ids[3]].into_iter().collect(), "the old claim is forgotten");
+    }
 }
