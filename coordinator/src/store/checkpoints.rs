@@ -16,7 +16,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::jobs::DbJobState;
-use super::fencing::{token_matches, Fenced};
+use super::fencing::{read_leased, Fenced};
 use super::{millis, to_i64, to_u64, ChunkTarget, FileRef, Result, Store};
 use crate::model::{CheckpointInfo, CheckpointUpload, LeaseRef};
 
@@ -52,17 +52,10 @@ impl Store {
     }
 
     async fn lease_holds_in(db: &mut sqlx::PgConnection, lease: LeaseRef) -> Result<Fenced<()>> {
-        if !token_matches(&mut *db, lease).await? {
-            return Ok(Fenced::Forbidden);
-        }
-        let row: Option<(DbJobState, i64)> = sqlx::query_as("SELECT state, lease_epoch FROM jobs WHERE id = $1")
-            .bind(lease.job_id.0)
-            .fetch_optional(&mut *db)
-            .await?;
-        Ok(match row {
-            None => Fenced::NotFound,
-            Some((DbJobState::Running, epoch)) if epoch == to_i64(lease.epoch) => Fenced::Valid(()),
-            Some((state, epoch)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+        Ok(match read_leased(db, lease, false).await?.valid() {
+            Ok((DbJobState::Running, epoch, _)) if epoch == to_i64(lease.epoch) => Fenced::Valid(()),
+            Ok((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
+            Err(refused) => refused,
         })
     }
 

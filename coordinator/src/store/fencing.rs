@@ -2,8 +2,10 @@
 //! the lease token it was given, may act on the job. The outcome type of
 //! such operations, and the token check shared by leases and checkpoints.
 
-use ptune_core::JobState;
+use ptune_core::{JobSpec, JobState};
+use sqlx::types::Json;
 
+use super::jobs::DbJobState;
 use super::{to_i64, Result};
 use crate::model::LeaseRef;
 
@@ -42,14 +44,28 @@ impl<T> Fenced<T> {
     }
 }
 
-/// Whether `lease` carries the token of its attempt (only the worker that
-/// took the lease was told it).
-pub(super) async fn token_matches<'e>(db: impl sqlx::PgExecutor<'e>, lease: LeaseRef) -> Result<bool> {
-    let stored: Option<Option<Vec<u8>>> =
-        sqlx::query_scalar("SELECT lease_token_hash FROM job_attempts WHERE job_id = $1 AND epoch = $2")
-            .bind(lease.job_id.0)
-            .bind(to_i64(lease.epoch))
-            .fetch_optional(db)
-            .await?;
-    Ok(stored.flatten().is_some_and(|hash| crate::auth::tokens::same(&hash, &lease.token_hash)))
+/// The state, epoch and (when `with_spec`) spec of the job of `lease`,
+/// read with the check of its token in one statement: `Forbidden` without
+/// the token, as without the job.
+pub(super) async fn read_leased<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    lease: LeaseRef,
+    with_spec: bool,
+) -> Result<Fenced<(DbJobState, i64, Option<JobSpec>)>> {
+    let row: Option<(DbJobState, i64, Option<Json<JobSpec>>, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT j.state, j.lease_epoch, CASE WHEN $3 THEN j.spec END, \
+                (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = $2) \
+         FROM jobs j WHERE j.id = $1",
+    )
+    .bind(lease.job_id.0)
+    .bind(to_i64(lease.epoch))
+    .bind(with_spec)
+    .fetch_optional(db)
+    .await?;
+    Ok(match row {
+        Some((state, epoch, spec, Some(hash))) if crate::auth::tokens::same(&hash, &lease.token_hash) => {
+            Fenced::Valid((state, epoch, spec.map(|s| s.0)))
+        }
+        _ => Fenced::Forbidden,
+    })
 }

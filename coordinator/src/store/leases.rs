@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use ptune_core::sweep::DIVERGED_PREFIX;
 use ptune_core::{JobSpec, JobState, MetricKind, WorkerId};
-use sqlx::types::Json;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::attempts::{end_attempt, lock_leased, renew_attempt, set_state_after_attempt};
-use super::fencing::Fenced;
+use super::fencing::{read_leased, Fenced};
 use super::jobs::DbJobState;
 use super::metrics::insert_metrics;
 use super::{millis, to_i64, to_u64, Result, Store};
@@ -44,7 +43,7 @@ pub enum AdapterFile<'a> {
 impl Store {
     /// The spec of the job `lease` holds (running, with its token).
     pub async fn leased_spec(&self, lease: LeaseRef) -> Result<Fenced<JobSpec>> {
-        Ok(match self.read_leased(lease, true).await?.valid() {
+        Ok(match read_leased(&self.pool, lease, true).await?.valid() {
             Ok((DbJobState::Running, epoch, Some(spec))) if epoch == to_i64(lease.epoch) => Fenced::Valid(spec),
             Ok((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
             Err(refused) => refused,
@@ -56,7 +55,7 @@ impl Store {
     /// carries its token. Takes no lock.
     #[instrument(skip_all, fields(job_id = %lease.job_id, epoch = lease.epoch))]
     pub async fn check_lease(&self, lease: LeaseRef) -> Result<Fenced<()>> {
-        Ok(match self.read_leased(lease, false).await?.valid() {
+        Ok(match read_leased(&self.pool, lease, false).await?.valid() {
             Ok((state, epoch, _))
                 if epoch == to_i64(lease.epoch) && matches!(state, DbJobState::Running | DbJobState::Succeeded) =>
             {
@@ -64,32 +63,6 @@ impl Store {
             }
             Ok((state, epoch, _)) => Fenced::Stale { state: state.into(), epoch: to_u64(epoch, "lease_epoch")? },
             Err(refused) => refused,
-        })
-    }
-
-    /// The state, epoch and (when `with_spec`) spec of the job of `lease`,
-    /// read with the check of its token in one statement: `Forbidden`
-    /// without the token, as without the job.
-    async fn read_leased(
-        &self,
-        lease: LeaseRef,
-        with_spec: bool,
-    ) -> Result<Fenced<(DbJobState, i64, Option<JobSpec>)>> {
-        let row: Option<(DbJobState, i64, Option<Json<JobSpec>>, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT j.state, j.lease_epoch, CASE WHEN $3 THEN j.spec END, \
-                    (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = $2) \
-             FROM jobs j WHERE j.id = $1",
-        )
-        .bind(lease.job_id.0)
-        .bind(to_i64(lease.epoch))
-        .bind(with_spec)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            Some((state, epoch, spec, Some(hash))) if crate::auth::tokens::same(&hash, &lease.token_hash) => {
-                Fenced::Valid((state, epoch, spec.map(|s| s.0)))
-            }
-            _ => Fenced::Forbidden,
         })
     }
 
