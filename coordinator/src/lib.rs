@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod embedded_pg;
 pub mod error;
 pub mod events;
+pub mod group;
 pub mod grpc;
 pub mod jobs;
 pub mod leader;

@@ -38,6 +38,12 @@ pub struct GrpcLabels {
     pub code: String,
 }
 
+/// What a group commit wrote (`group.rs`): `progress` or `completion`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    writes: &'static str,
+}
+
 /// Whether a lease request found a job.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LeaseLabels {
@@ -56,12 +62,18 @@ pub struct Metrics {
     lease_duration: HistogramFamily<LeaseLabels>,
     leases_expired: Counter,
     leader: Gauge,
+    group_calls: HistogramFamily<GroupLabels>,
     levels: Arc<Mutex<Option<FleetLevels>>>,
 }
 
 fn latency_buckets() -> Histogram {
     // 1 ms to about 65 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn group_buckets() -> Histogram {
+    // 1 to 512 calls.
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
 }
 
 fn queue_wait_buckets() -> Histogram {
@@ -77,6 +89,7 @@ impl Default for Metrics {
         let lease_duration = HistogramFamily::<LeaseLabels>::new_with_constructor(latency_buckets as fn() -> Histogram);
         let leases_expired = Counter::default();
         let leader = Gauge::default();
+        let group_calls = HistogramFamily::<GroupLabels>::new_with_constructor(group_buckets as fn() -> Histogram);
         let levels = Arc::new(Mutex::new(None));
 
         let mut registry = Registry::default();
@@ -110,8 +123,23 @@ impl Default for Metrics {
             "1 on the coordinator that holds the leader lock and runs singleton maintenance, 0 on the others",
             leader.clone(),
         );
+        registry.register(
+            "ptune_group_commit_calls",
+            "Worker calls written in one transaction, by what they wrote (progress or completion)",
+            group_calls.clone(),
+        );
         registry.register_collector(Box::new(LevelsCollector { levels: levels.clone() }));
-        Self { registry, grpc_requests, grpc_duration, queue_wait, lease_duration, leases_expired, leader, levels }
+        Self {
+            registry,
+            grpc_requests,
+            grpc_duration,
+            queue_wait,
+            lease_duration,
+            leases_expired,
+            leader,
+            group_calls,
+            levels,
+        }
     }
 }
 
@@ -130,6 +158,11 @@ impl Metrics {
         if let Some(wait) = queued_for {
             self.queue_wait.observe(wait.as_secs_f64());
         }
+    }
+
+    /// Records a group commit of `calls` calls that wrote `writes`.
+    pub fn observe_group(&self, writes: &'static str, calls: usize) {
+        self.group_calls.get_or_create(&GroupLabels { writes }).observe(calls as f64);
     }
 
     /// Counts leases the reaper ended.

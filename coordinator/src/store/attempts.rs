@@ -5,6 +5,7 @@
 //! Lock order is always job row, then attempt row; the reaper takes both with
 //! `SKIP LOCKED` and never waits, so these paths cannot deadlock.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ptune_core::{JobId, JobState};
@@ -18,7 +19,7 @@ use crate::model::LeaseRef;
 
 /// A job row locked for a change of one of its leases: what decides whether
 /// the lease still holds the job and how its attempt ends.
-#[derive(sqlx::FromRow)]
+#[derive(Clone, Copy, sqlx::FromRow)]
 pub(super) struct LockedJob {
     pub(super) state: DbJobState,
     pub(super) lease_epoch: i64,
@@ -60,29 +61,49 @@ pub(super) async fn lock_job(tx: &mut Transaction<'static, Postgres>, id: JobId)
 /// the job, `Forbidden` without the token. Whether the lease still holds
 /// the job is the caller's to judge ([`LockedJob::holds`]).
 pub(super) async fn lock_leased(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef) -> Result<Fenced<LockedJob>> {
+    let mut locked = lock_leased_all(tx, &[lease]).await?;
+    Ok(locked.pop().unwrap_or(Fenced::NotFound))
+}
+
+/// [`lock_leased`] for several leases in one statement, answering each in
+/// their order. Job rows are locked in id order, so two calls naming the
+/// same jobs cannot deadlock.
+pub(super) async fn lock_leased_all(
+    tx: &mut Transaction<'static, Postgres>,
+    leases: &[LeaseRef],
+) -> Result<Vec<Fenced<LockedJob>>> {
     #[derive(sqlx::FromRow)]
     struct Row {
+        id: Uuid,
+        epoch: i64,
         #[sqlx(flatten)]
         job: LockedJob,
         token_hash: Option<Vec<u8>>,
     }
-    let row: Option<Row> = sqlx::query_as(concat!(
-        "SELECT ",
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id.0).collect();
+    let epochs: Vec<i64> = leases.iter().map(|l| to_i64(l.epoch)).collect();
+    let rows: Vec<Row> = sqlx::query_as(concat!(
+        "SELECT j.id, l.epoch, ",
         locked_job_columns!(),
-        ", (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = $2) AS token_hash \
-         FROM jobs j WHERE j.id = $1 FOR UPDATE OF j"
+        ", (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = l.epoch) \
+             AS token_hash \
+         FROM jobs j JOIN UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) ON j.id = l.job_id \
+         ORDER BY j.id FOR UPDATE OF j"
     ))
-    .bind(lease.job_id.0)
-    .bind(to_i64(lease.epoch))
-    .fetch_optional(&mut **tx)
+    .bind(&ids)
+    .bind(&epochs)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(match row {
-        None => Fenced::NotFound,
-        Some(Row { token_hash: Some(hash), job }) if crate::auth::tokens::same(&hash, &lease.token_hash) => {
-            Fenced::Valid(job)
-        }
-        Some(_) => Fenced::Forbidden,
-    })
+    let found: HashMap<(Uuid, i64), (LockedJob, Option<Vec<u8>>)> =
+        rows.into_iter().map(|r| ((r.id, r.epoch), (r.job, r.token_hash))).collect();
+    Ok(leases
+        .iter()
+        .map(|lease| match found.get(&(lease.job_id.0, to_i64(lease.epoch))) {
+            None => Fenced::NotFound,
+            Some((job, Some(hash))) if crate::auth::tokens::same(hash, &lease.token_hash) => Fenced::Valid(*job),
+            Some(_) => Fenced::Forbidden,
+        })
+        .collect())
 }
 
 /// Closes the open attempt of a lease and returns its worker.
@@ -103,19 +124,6 @@ pub(super) async fn end_attempt(
     .fetch_optional(&mut **tx)
     .await?;
     Ok(worker)
-}
-
-pub(super) async fn renew_attempt(tx: &mut Transaction<'static, Postgres>, lease: LeaseRef, timeout: Duration) -> Result<()> {
-    sqlx::query(
-        "UPDATE job_attempts SET lease_expires_at = now() + $3 * interval '1 millisecond' \
-         WHERE job_id = $1 AND epoch = $2 AND ended_at IS NULL",
-    )
-    .bind(lease.job_id.0)
-    .bind(to_i64(lease.epoch))
-    .bind(millis(timeout))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Moves a job out of `running` after its attempt ended; a job queued

@@ -267,33 +267,6 @@ pub(super) async fn link_blob(db: &mut PgConnection, blob: Uuid, size: u64, sha2
     Ok(())
 }
 
-/// Writes a blob of less than one chunk held in memory (`data`, of `size` bytes
-/// hashing to `sha256`) into the chunk rows, complete, and links it as the
-/// adapter of `job`: one statement, in the transaction that completes the
-/// job.
-pub(super) async fn insert_small_adapter(
-    db: &mut PgConnection,
-    job: JobId,
-    blob: Uuid,
-    data: &[u8],
-    size: u64,
-    sha256: &str,
-) -> Result<()> {
-    sqlx::query(
-        "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) VALUES ($2, true, $4, $5)), \
-              c AS (INSERT INTO blob_chunks (blob_id, seq, data) VALUES ($2, 0, $3)) \
-         INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $5, $4, $2)",
-    )
-    .bind(job.0)
-    .bind(blob)
-    .bind(data)
-    .bind(to_i64(size))
-    .bind(sha256)
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
 /// Drops a blob the transaction decided not to link.
 pub(super) async fn drop_blob(db: &mut PgConnection, blob: Uuid) -> Result<()> {
     sqlx::query("DELETE FROM blobs WHERE id = $1 AND NOT complete").bind(blob).execute(db).await?;

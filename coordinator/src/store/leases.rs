@@ -3,20 +3,19 @@
 //! lease's epoch and token. Taking a lease is `leasing.rs`; its ends other
 //! than success are `endings.rs`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use ptune_core::sweep::DIVERGED_PREFIX;
-use ptune_core::{JobSpec, JobState, MetricKind, WorkerId};
+use ptune_core::{JobSpec, WorkerId};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::attempts::{end_attempt, lock_leased, renew_attempt, set_state_after_attempt};
+use super::attempts::lock_leased_all;
 use super::fencing::{read_leased, Fenced};
 use super::jobs::DbJobState;
-use super::metrics::insert_metrics;
+use super::metrics::insert_metrics_of;
 use super::{millis, to_i64, to_u64, Result, Store};
-use crate::model::{Completion, LeaseRef, ProgressReport, StopSignal};
+use crate::model::{Completion, LeaseRef};
 
 /// What `CompleteJob` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,13 +30,13 @@ pub enum CompleteOutcome {
 }
 
 /// The adapter a completion links.
-#[derive(Clone, Copy, Debug)]
-pub enum AdapterFile<'a> {
+#[derive(Clone, Debug)]
+pub enum AdapterFile {
     /// A blob written as it arrived, not yet complete.
     Stored(Uuid),
     /// Less than one chunk's bytes, held in memory, written as blob `blob`
     /// with the completion.
-    Small { blob: Uuid, data: &'a [u8] },
+    Small { blob: Uuid, data: Vec<u8> },
 }
 
 impl Store {
@@ -110,109 +109,139 @@ impl Store {
         Ok((stop, early_stop))
     }
 
-    /// Records progress and metrics of a lease and renews it; the answer says
-    /// whether the worker should stop. A training loss that is NaN or
-    /// infinite fails the job as diverged in the same transaction.
-    #[instrument(skip_all, fields(job_id = %report.lease.job_id, epoch = report.lease.epoch, step = report.step))]
-    pub async fn report_progress(&self, report: &ProgressReport, timeout: Duration) -> Result<Fenced<StopSignal>> {
-        let lease = report.lease;
-        let mut tx = self.pool.begin().await?;
-        let job = match lock_leased(&mut tx, lease).await?.valid() {
-            Ok(job) => job,
-            Err(refused) => return Ok(refused),
-        };
-        if !job.holds(lease) {
-            return job.stale();
+    /// Completes several leases in one transaction: links each adapter (a
+    /// stored blob, or writes a small one), records the final metrics, marks
+    /// each job succeeded and ends its attempt, and answers each in their
+    /// order. Each lease is fenced on its own: a refused one changes nothing
+    /// and leaves its blob unlinked, while the others complete. Nothing is
+    /// written when none completes.
+    #[instrument(skip_all, fields(completions = done.len()))]
+    pub async fn complete_jobs(&self, done: &[(&Completion, &AdapterFile)]) -> Result<Vec<Fenced<CompleteOutcome>>> {
+        let leases: Vec<LeaseRef> = done.iter().map(|(c, _)| c.lease).collect();
+        let mut tx = self.hot.begin().await?;
+        let locked = lock_leased_all(&mut tx, &leases).await?;
+        let mut answers = Vec::with_capacity(done.len());
+        // Leases that completed their job before (a retried completion), and those that complete it now.
+        let (mut again, mut now) = (Vec::new(), Vec::new());
+        for (i, ((completion, _), lock)) in done.iter().zip(locked).enumerate() {
+            let lease = completion.lease;
+            answers.push(match lock.valid() {
+                Err(refused) => refused,
+                Ok(job) if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) => {
+                    again.push(i);
+                    Fenced::Valid(CompleteOutcome::AlreadyCompleted)
+                }
+                Ok(job) if !job.holds(lease) => job.stale()?,
+                Ok(job) => {
+                    // A job asked to stop early that completes before its
+                    // planned last step stopped early; one that got there anyway did not.
+                    now.push((i, job.early_stop_requested && to_i64(completion.step) < job.total_steps));
+                    Fenced::Valid(CompleteOutcome::Completed)
+                }
+            });
         }
-        sqlx::query(
-            "UPDATE jobs SET step = $2, total_steps = CASE WHEN $3 > 0 THEN $3 ELSE total_steps END, \
-                 updated_at = now() WHERE id = $1",
-        )
-        .bind(lease.job_id.0)
-        .bind(to_i64(report.step))
-        .bind(to_i64(report.total_steps))
-        .execute(&mut *tx)
-        .await?;
-        renew_attempt(&mut tx, lease, timeout).await?;
-        insert_metrics(&mut *tx, lease.job_id, &report.metrics).await?;
-        let diverged = report
-            .metrics
+        if !again.is_empty() {
+            let ids: Vec<Uuid> = again.iter().map(|&i| leases[i].job_id.0).collect();
+            let stored: HashMap<Uuid, String> =
+                sqlx::query_as("SELECT job_id, sha256 FROM adapters WHERE job_id = ANY($1)")
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+            for &i in &again {
+                let stored = stored.get(&leases[i].job_id.0).cloned().unwrap_or_default();
+                if stored != done[i].0.adapter_sha256 {
+                    answers[i] = Fenced::Valid(CompleteOutcome::DifferentAdapter { stored_sha256: stored });
+                }
+            }
+        }
+        if now.is_empty() {
+            return Ok(answers);
+        }
+        let mut small = SmallAdapters::default();
+        for &(i, _) in &now {
+            let (completion, adapter) = done[i];
+            let (size, sha256) = (completion.adapter_size, &completion.adapter_sha256);
+            match adapter {
+                AdapterFile::Stored(blob) => {
+                    sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
+                        .bind(completion.lease.job_id.0)
+                        .bind(sha256)
+                        .bind(to_i64(size))
+                        .bind(blob)
+                        .execute(&mut *tx)
+                        .await?;
+                    super::blobs::link_blob(&mut tx, *blob, size, sha256).await?;
+                }
+                AdapterFile::Small { blob, data } => small.push(completion, *blob, data),
+            }
+        }
+        let metrics: Vec<_> = now
             .iter()
-            .filter(|m| m.kind == MetricKind::Train && m.name == "loss" && !m.value.is_finite())
-            .min_by_key(|m| m.step);
-        let signal = if let Some(m) = diverged {
-            let error = format!("{DIVERGED_PREFIX} loss became {} at step {}", m.value, m.step);
-            end_attempt(&mut tx, lease, "failed", &error).await?;
-            set_state_after_attempt(&mut tx, lease.job_id, JobState::Failed, &error, None).await?;
-            StopSignal::Diverged
-        } else if job.cancel_requested {
-            StopSignal::Cancel
-        } else if job.early_stop_requested {
-            StopSignal::EarlyStop
-        } else {
-            StopSignal::Continue
-        };
-        tx.commit().await?;
-        Ok(Fenced::Valid(signal))
-    }
-
-    /// Links the written adapter blob of a lease and marks the job
-    /// succeeded, all at once. The blob is left unlinked on any other outcome.
-    #[instrument(skip_all, fields(job_id = %done.lease.job_id, epoch = done.lease.epoch))]
-    pub async fn complete_job(&self, done: &Completion, adapter: AdapterFile<'_>) -> Result<Fenced<CompleteOutcome>> {
-        let lease = done.lease;
-        let mut tx = self.pool.begin().await?;
-        let job = match lock_leased(&mut tx, lease).await?.valid() {
-            Ok(job) => job,
-            Err(refused) => return Ok(refused),
-        };
-        if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) {
-            let stored: String = sqlx::query_scalar("SELECT sha256 FROM adapters WHERE job_id = $1")
-                .bind(lease.job_id.0)
-                .fetch_one(&mut *tx)
-                .await?;
-            return Ok(Fenced::Valid(if stored == done.adapter_sha256 {
-                CompleteOutcome::AlreadyCompleted
-            } else {
-                CompleteOutcome::DifferentAdapter { stored_sha256: stored }
-            }));
-        }
-        if !job.holds(lease) {
-            return job.stale();
-        }
-        let (size, sha256) = (done.adapter_size, &done.adapter_sha256);
-        match adapter {
-            AdapterFile::Stored(blob) => {
-                sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
-                    .bind(lease.job_id.0)
-                    .bind(sha256)
-                    .bind(to_i64(size))
-                    .bind(blob)
-                    .execute(&mut *tx)
-                    .await?;
-                super::blobs::link_blob(&mut tx, blob, size, sha256).await?;
-            }
-            AdapterFile::Small { blob, data } => {
-                super::blobs::insert_small_adapter(&mut tx, lease.job_id, blob, data, size, sha256).await?;
-            }
-        }
-        insert_metrics(&mut *tx, lease.job_id, &done.metrics).await?;
-        // A job asked to stop early that completes before its planned last
-        // step stopped early; one that got there anyway did not.
-        let early_stopped = job.early_stop_requested && to_i64(done.step) < job.total_steps;
+            .flat_map(|&(i, _)| {
+                let completion = done[i].0;
+                completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
+            })
+            .collect();
+        insert_metrics_of(&mut *tx, &metrics).await?;
+        let ids: Vec<Uuid> = now.iter().map(|&(i, _)| leases[i].job_id.0).collect();
+        let epochs: Vec<i64> = now.iter().map(|&(i, _)| to_i64(leases[i].epoch)).collect();
+        let steps: Vec<i64> = now.iter().map(|&(i, _)| to_i64(done[i].0.step)).collect();
+        let early: Vec<bool> = now.iter().map(|&(_, early)| early).collect();
+        let peaks: Vec<Option<i64>> = now.iter().map(|&(i, _)| done[i].0.peak_rss_bytes.map(to_i64)).collect();
+        // The small adapters, the jobs and their attempts, in one statement.
         sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', step = $2, error = '', cancel_requested = false, \
-                 early_stopped = $3, worker_peak_rss_bytes = $4, finished_at = now(), updated_at = now() \
-             WHERE id = $1",
+            "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) \
+                        SELECT id, true, size, sha256 FROM UNNEST($6::uuid[], $8::bigint[], $9::text[]) \
+                            AS s(id, size, sha256)), \
+                  c AS (INSERT INTO blob_chunks (blob_id, seq, data) \
+                        SELECT id, 0, data FROM UNNEST($6::uuid[], $7::bytea[]) AS s(id, data)), \
+                  a AS (INSERT INTO adapters (job_id, sha256, size, blob_id) \
+                        SELECT job_id, sha256, size, id \
+                        FROM UNNEST($10::uuid[], $6::uuid[], $8::bigint[], $9::text[]) AS s(job_id, id, size, sha256)), \
+                  j AS (UPDATE jobs j SET state = 'succeeded', step = d.step, error = '', cancel_requested = false, \
+                            early_stopped = d.early, worker_peak_rss_bytes = d.peak, finished_at = now(), \
+                            updated_at = now() \
+                        FROM UNNEST($1::uuid[], $3::bigint[], $4::bool[], $5::bigint[]) AS d(id, step, early, peak) \
+                        WHERE j.id = d.id) \
+             UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
+             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
         )
-        .bind(lease.job_id.0)
-        .bind(to_i64(done.step))
-        .bind(early_stopped)
-        .bind(done.peak_rss_bytes.map(to_i64))
+        .bind(&ids)
+        .bind(&epochs)
+        .bind(&steps)
+        .bind(&early)
+        .bind(&peaks)
+        .bind(&small.blobs)
+        .bind(&small.data)
+        .bind(&small.sizes)
+        .bind(&small.sha256)
+        .bind(&small.jobs)
         .execute(&mut *tx)
         .await?;
-        end_attempt(&mut tx, lease, "succeeded", "").await?;
         tx.commit().await?;
-        Ok(Fenced::Valid(CompleteOutcome::Completed))
+        Ok(answers)
+    }
+}
+
+/// The small adapters of a group of completions, as columns.
+#[derive(Default)]
+struct SmallAdapters<'a> {
+    jobs: Vec<Uuid>,
+    blobs: Vec<Uuid>,
+    data: Vec<&'a [u8]>,
+    sizes: Vec<i64>,
+    sha256: Vec<&'a str>,
+}
+
+impl<'a> SmallAdapters<'a> {
+    fn push(&mut self, completion: &'a Completion, blob: Uuid, data: &'a [u8]) {
+        self.jobs.push(completion.lease.job_id.0);
+        self.blobs.push(blob);
+        self.data.push(data);
+        self.sizes.push(to_i64(completion.adapter_size));
+        self.sha256.push(&completion.adapter_sha256);
     }
 }

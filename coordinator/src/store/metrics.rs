@@ -25,15 +25,9 @@ impl MetricRow {
     }
 }
 
-/// Inserts metrics; a value reported again for the same (kind, name, step)
-/// replaces the earlier one, so retried reports have no double effect.
-pub(super) async fn insert_metrics<'e>(db: impl PgExecutor<'e>, job: JobId, metrics: &[Metric]) -> Result<()> {
-    let rows: Vec<(JobId, &Metric)> = metrics.iter().map(|m| (job, m)).collect();
-    insert_metrics_of(db, &rows).await
-}
-
-/// Inserts the metrics of several jobs in one statement, as
-/// [`insert_metrics`] does for one.
+/// Inserts the metrics of several jobs in one statement; a value reported
+/// again for the same (job, kind, name, step) replaces the earlier one, so
+/// retried reports have no double effect.
 pub(super) async fn insert_metrics_of<'e>(db: impl PgExecutor<'e>, metrics: &[(JobId, &Metric)]) -> Result<()> {
     if metrics.is_empty() {
         return Ok(());

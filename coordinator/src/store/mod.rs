@@ -49,6 +49,7 @@ pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
 pub use leases::{AdapterFile, CompleteOutcome};
+pub use progress::merge_reports;
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};
 pub use tokens::{AuditEntry, Refusal, TokenRecord};

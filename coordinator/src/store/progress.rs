@@ -19,21 +19,11 @@ use ptune_core::{JobId, JobState, MetricKind};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::attempts::{end_attempt, set_state_after_attempt, LockedJob};
+use super::attempts::{end_attempt, lock_leased_all, set_state_after_attempt};
 use super::fencing::Fenced;
 use super::metrics::insert_metrics_of;
 use super::{millis, to_i64, Result, Store};
-use crate::model::{ProgressReport, StopSignal};
-
-/// A locked job row of a batch, and the token of a lease's attempt on it.
-#[derive(sqlx::FromRow)]
-struct LockedRow {
-    id: Uuid,
-    epoch: i64,
-    #[sqlx(flatten)]
-    job: LockedJob,
-    token_hash: Option<Vec<u8>>,
-}
+use crate::model::{LeaseRef, ProgressReport, StopSignal};
 
 /// The reports of one batch merged per lease, in the order each lease first
 /// appears: the highest step, the last planned total that is set, and every
@@ -75,46 +65,16 @@ impl Store {
         timeout: Duration,
     ) -> Result<Vec<(ProgressReport, Fenced<StopSignal>)>> {
         let merged = merge_reports(reports);
-        let leased: Vec<Uuid> = merged.iter().map(|r| r.lease.job_id.0).collect();
-        let epochs: Vec<i64> = merged.iter().map(|r| to_i64(r.lease.epoch)).collect();
+        let leases: Vec<LeaseRef> = merged.iter().map(|r| r.lease).collect();
         let mut tx = self.hot.begin().await?;
-        // The job rows, locked, with the token of each lease's attempt.
-        let rows: Vec<LockedRow> = sqlx::query_as(concat!(
-            "SELECT j.id, l.epoch, ",
-            locked_job_columns!(),
-            ", (SELECT a.lease_token_hash FROM job_attempts a WHERE a.job_id = j.id AND a.epoch = l.epoch) \
-                 AS token_hash \
-             FROM jobs j JOIN UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) ON j.id = l.job_id \
-             ORDER BY j.id FOR UPDATE OF j"
-        ))
-        .bind(&leased)
-        .bind(&epochs)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut hashes: HashMap<(Uuid, i64), Vec<u8>> = HashMap::new();
-        let mut locked: HashMap<Uuid, LockedJob> = HashMap::new();
-        for row in rows {
-            if let Some(hash) = row.token_hash {
-                hashes.insert((row.id, row.epoch), hash);
-            }
-            locked.insert(row.id, row.job);
-        }
-
+        let locked = lock_leased_all(&mut tx, &leases).await?;
         let mut answers = Vec::with_capacity(merged.len());
         let mut valid = Vec::new();
-        for report in merged {
-            let lease = report.lease;
-            let fenced = match locked.get(&lease.job_id.0) {
-                None => Fenced::NotFound,
-                Some(_)
-                    if !hashes
-                        .get(&(lease.job_id.0, to_i64(lease.epoch)))
-                        .is_some_and(|h| crate::auth::tokens::same(h, &lease.token_hash)) =>
-                {
-                    Fenced::Forbidden
-                }
-                Some(job) if !job.holds(lease) => job.stale()?,
-                Some(job) => {
+        for (report, lock) in merged.into_iter().zip(locked) {
+            let fenced = match lock.valid() {
+                Err(refused) => refused,
+                Ok(job) if !job.holds(report.lease) => job.stale()?,
+                Ok(job) => {
                     valid.push(answers.len());
                     Fenced::Valid(if job.cancel_requested {
                         StopSignal::Cancel

@@ -7,6 +7,7 @@
 mod presence;
 mod reaper;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -26,8 +27,10 @@ use crate::model::{
     ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
 use crate::retry::RetryPolicy;
+use crate::group::{together_or_alone, Group};
 use crate::store::{
-    AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store, WorkerOwnership,
+    merge_reports, AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store,
+    StoreError, WorkerOwnership,
 };
 
 /// Lease timing handed to workers, and what happens after an attempt ends.
@@ -48,6 +51,21 @@ pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(5);
 /// Most progress reports one `ReportProgressBatch` call may carry.
 pub const MAX_BATCH_REPORTS: usize = 1000;
 
+/// Transactions that write the progress reports, and those that write the
+/// completions, of many workers at once (`group.rs`): two keep both of this
+/// machine's cores and the database's busy while the next calls queue up.
+const GROUP_WRITERS: usize = 2;
+
+/// Most adapter bytes held in memory for one group of completions.
+const MAX_GROUP_ADAPTER_BYTES: usize = 8 << 20;
+
+/// What one call's progress reports got: each lease's answer.
+type Recorded = Result<Vec<(ProgressReport, Fenced<StopSignal>)>, StoreError>;
+
+/// A completion whose adapter arrived whole, and what it got.
+type Completing = (Completion, AdapterFile);
+type Completed = Result<Fenced<CompleteOutcome>, StoreError>;
+
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
 pub struct Workers {
@@ -58,12 +76,30 @@ pub struct Workers {
     /// The workers asking this coordinator for work (`presence.rs`).
     presence: Presence,
     timing: Timing,
+    /// Progress calls of many workers, written in one transaction.
+    progress: Group<Vec<ProgressReport>, Recorded>,
+    /// Completions of many workers, written in one transaction.
+    completions: Group<Completing, Completed>,
 }
 
 impl Workers {
     pub fn new(store: Store, hub: EventHub, work: WorkSignal, timing: Timing) -> Self {
         let presence = Presence::new(timing.lease_timeout / 2);
-        Self { store, hub, work, presence, timing }
+        let progress = Group::new(GROUP_WRITERS, MAX_BATCH_REPORTS, {
+            let store = store.clone();
+            Arc::new(move |calls: Vec<Vec<ProgressReport>>| {
+                let store = store.clone();
+                Box::pin(async move { write_progress(&store, &calls, timing.lease_timeout).await })
+            })
+        });
+        let completions = Group::new(GROUP_WRITERS, MAX_GROUP_ADAPTER_BYTES, {
+            let store = store.clone();
+            Arc::new(move |done: Vec<Completing>| {
+                let store = store.clone();
+                Box::pin(async move { write_completions(&store, &done).await })
+            })
+        });
+        Self { store, hub, work, presence, timing, progress, completions }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
@@ -224,7 +260,8 @@ impl Workers {
 
     /// Records progress; the answer says whether and why the job should stop.
     pub async fn report_progress(&self, report: ProgressReport) -> Result<StopSignal, Error> {
-        let signal = fenced(report.lease, self.store.report_progress(&report, self.timing.lease_timeout).await?)?;
+        let (report, outcome) = self.record(vec![report]).await?.swap_remove(0);
+        let signal = fenced(report.lease, outcome)?;
         self.published(report, signal);
         Ok(signal)
     }
@@ -243,7 +280,7 @@ impl Workers {
                 format!("at most {MAX_BATCH_REPORTS} reports per call, got {}; send them in several", reports.len()),
             ));
         }
-        let recorded = self.store.report_progress_batch(&reports, self.timing.lease_timeout).await?;
+        let recorded = self.record(reports).await?;
         Ok(recorded
             .into_iter()
             .map(|(report, outcome)| {
@@ -255,6 +292,15 @@ impl Workers {
                 (lease, signal)
             })
             .collect())
+    }
+
+    /// Writes one call's reports with those of other calls waiting at the
+    /// same time; answers each lease of [`merge_reports`]`(reports)`.
+    async fn record(&self, reports: Vec<ProgressReport>) -> Result<Vec<(ProgressReport, Fenced<StopSignal>)>, Error> {
+        let merged = merge_reports(&reports);
+        let jobs = merged.iter().map(|r| r.lease.job_id.0).collect();
+        let weight = merged.len();
+        Ok(self.progress.write(merged, jobs, weight).await.map_err(lost)??)
     }
 
     /// Publishes what a recorded report changed.
@@ -290,24 +336,32 @@ impl Workers {
 
     /// Verifies the received adapter and marks the job succeeded. An
     /// adapter smaller than one chunk (1 MiB) is written in the transaction that
-    /// completes the job, so a completion commits once.
+    /// completes the job, so a completion commits once; completions of many
+    /// workers arriving together share that transaction.
     pub async fn complete(&self, upload: AdapterUpload) -> Result<(), Error> {
         let AdapterUpload { completion, writer, blob } = upload;
         let lease = completion.lease;
         // A stored blob's guard removes its row if this call is cancelled before it is linked.
-        let received = writer.finish_small().await?;
-        let (written, adapter) = match &received {
-            Received::Stored(written, _unlinked) => (written, AdapterFile::Stored(blob)),
-            Received::Small { data, written } => (written, AdapterFile::Small { blob, data }),
+        let (written, adapter, unlinked) = match writer.finish_small().await? {
+            Received::Stored(written, unlinked) => (written, AdapterFile::Stored(blob), Some(unlinked)),
+            Received::Small { data, written } => (written, AdapterFile::Small { blob, data }, None),
+        };
+        let weight = match &adapter {
+            AdapterFile::Small { data, .. } => data.len(),
+            AdapterFile::Stored(_) => 1,
         };
         let outcome = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
-            Ok(()) => self.store.complete_job(&completion, adapter).await.map_err(Error::from),
+            Ok(()) => match self.completions.write((completion.clone(), adapter), vec![lease.job_id.0], weight).await {
+                Ok(outcome) => outcome.map_err(Error::from),
+                Err(lost) => Err(self::lost(lost)),
+            },
             Err(e) => Err(e),
         };
         let linked = matches!(outcome, Ok(Fenced::Valid(CompleteOutcome::Completed)));
-        if matches!(received, Received::Stored(..)) && !linked {
+        if unlinked.is_some() && !linked {
             self.store.abandon_upload(ChunkTarget::Blob(blob)).await?;
         }
+        drop(unlinked);
         match fenced(lease, outcome?)? {
             CompleteOutcome::Completed => {
                 info!(job_id = %lease.job_id, epoch = lease.epoch, adapter_sha256 = %completion.adapter_sha256,
@@ -496,4 +550,32 @@ fn other_token(worker: WorkerId) -> Error {
     Error::PermissionDenied(format!(
         "worker {worker} was registered with another token; only that token may speak for it"
     ))
+}
+
+/// Writes the progress calls of a group, all in one transaction where they
+/// can be; answers each call with its leases' answers.
+async fn write_progress(store: &Store, calls: &[Vec<ProgressReport>], timeout: Duration) -> Vec<Recorded> {
+    store.prometheus().observe_group("progress", calls.len());
+    together_or_alone(calls, |calls: &[Vec<ProgressReport>]| async move {
+        // Each call's reports are merged already and name jobs no other call
+        // of the group names, so the answers come call after call.
+        let mut answers = store.report_progress_batch(&calls.concat(), timeout).await?.into_iter();
+        Ok(calls.iter().map(|call| answers.by_ref().take(call.len()).collect()).collect())
+    })
+    .await
+}
+
+/// Writes the completions of a group, all in one transaction where they can be.
+async fn write_completions(store: &Store, done: &[Completing]) -> Vec<Completed> {
+    store.prometheus().observe_group("completion", done.len());
+    together_or_alone(done, |done: &[Completing]| async move {
+        let done: Vec<(&Completion, &AdapterFile)> = done.iter().map(|(c, a)| (c, a)).collect();
+        store.complete_jobs(&done).await
+    })
+    .await
+}
+
+/// A group write that answered no one: it panicked.
+fn lost(_: crate::group::Lost) -> Error {
+    Error::Internal("the write of this call's group failed; retry".into())
 }
