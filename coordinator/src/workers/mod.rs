@@ -29,7 +29,7 @@ use crate::model::{
 use crate::retry::RetryPolicy;
 use crate::group::{together_or_alone, Group};
 use crate::store::{
-    merge_reports, AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store,
+    merge_reports, AdapterFile, BlobStore, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store,
     StoreError, WorkerOwnership,
 };
 
@@ -318,8 +318,9 @@ impl Workers {
         }
     }
 
-    /// Starts receiving the adapter of a completed lease. Refuses early when
-    /// the lease is already stale, so the worker does not upload in vain.
+    /// Starts receiving the adapter of a completed lease. Refuses a large
+    /// adapter early when the lease is already stale, so the worker does not
+    /// upload it in vain.
     pub async fn begin_completion(&self, completion: Completion) -> Result<AdapterUpload, Error> {
         let max = self.timing.max_adapter_bytes;
         if completion.adapter_size == 0 || completion.adapter_size > max {
@@ -331,7 +332,14 @@ impl Workers {
                 ),
             ));
         }
-        fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
+        // An adapter smaller than one chunk is held in memory until it is
+        // whole, and the transaction that completes the job checks its lease
+        // then; a larger one is checked before any of its bytes are stored.
+        let held_whole = matches!(self.store.blob_store(), BlobStore::Database)
+            && completion.adapter_size < crate::store::CHUNK_BYTES as u64;
+        if !held_whole {
+            fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
+        }
         let (writer, blob) = BlobWriter::new_blob(self.store.clone(), completion.adapter_size, "adapter_size").await?;
         Ok(AdapterUpload { completion, writer, blob })
     }
