@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
                 total_steps: 100,
                 metrics: vec![metric("loss", 1.0 / step as f64), metric("examples_per_second", 180.0)],
             };
-            store.report_progress(&report, Duration::from_secs(600)).await?;
+            store.report_progress_batch(&[report], Duration::from_secs(600)).await?;
         }
     }
     let reported = started.elapsed();
