@@ -156,6 +156,12 @@ impl BlobWriter {
         Self { store, target, sink, limit, field, received: 0, hasher: Sha256::new(), finished: false }
     }
 
+    /// Whether a blob of `size` bytes from [`Self::new_blob`] stays whole in
+    /// memory until [`Self::finish_small`]: less than one chunk, in the database.
+    pub fn stays_in_memory(store: &Store, size: u64) -> bool {
+        matches!(store.blob_store(), BlobStore::Database) && size < store::CHUNK_BYTES as u64
+    }
+
     /// Writes a new blob in the coordinator's blob store. In the database,
     /// its row is inserted only with its first full chunk: a file smaller
     /// than one chunk comes back whole from [`Self::finish_small`], for the

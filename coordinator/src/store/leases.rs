@@ -116,7 +116,7 @@ impl Store {
     /// and leaves its blob unlinked, while the others complete. Nothing is
     /// written when none completes.
     #[instrument(skip_all, fields(completions = done.len()))]
-    pub async fn complete_jobs(&self, done: &[(&Completion, &AdapterFile)]) -> Result<Vec<Fenced<CompleteOutcome>>> {
+    pub async fn complete_jobs(&self, done: &[(Completion, AdapterFile)]) -> Result<Vec<Fenced<CompleteOutcome>>> {
         let leases: Vec<LeaseRef> = done.iter().map(|(c, _)| c.lease).collect();
         let mut tx = self.hot.begin().await?;
         let locked = lock_leased_all(&mut tx, &leases).await?;
@@ -161,7 +161,7 @@ impl Store {
         }
         let mut small = SmallAdapters::default();
         for &(i, _) in &now {
-            let (completion, adapter) = done[i];
+            let (completion, adapter) = &done[i];
             let (size, sha256) = (completion.adapter_size, &completion.adapter_sha256);
             match adapter {
                 AdapterFile::Stored(blob) => {
@@ -180,7 +180,7 @@ impl Store {
         let metrics: Vec<_> = now
             .iter()
             .flat_map(|&(i, _)| {
-                let completion = done[i].0;
+                let completion = &done[i].0;
                 completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
             })
             .collect();

@@ -29,7 +29,7 @@ use crate::model::{
 use crate::retry::RetryPolicy;
 use crate::group::{together_or_alone, Group};
 use crate::store::{
-    merge_reports, AdapterFile, BlobStore, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store,
+    merge_reports, AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, Store,
     StoreError, WorkerOwnership,
 };
 
@@ -335,9 +335,7 @@ impl Workers {
         // An adapter smaller than one chunk is held in memory until it is
         // whole, and the transaction that completes the job checks its lease
         // then; a larger one is checked before any of its bytes are stored.
-        let held_whole = matches!(self.store.blob_store(), BlobStore::Database)
-            && completion.adapter_size < crate::store::CHUNK_BYTES as u64;
-        if !held_whole {
+        if !BlobWriter::stays_in_memory(&self.store, completion.adapter_size) {
             fenced(completion.lease, self.store.check_lease(completion.lease).await?)?;
         }
         let (writer, blob) = BlobWriter::new_blob(self.store.clone(), completion.adapter_size, "adapter_size").await?;
@@ -578,11 +576,7 @@ async fn write_progress(store: &Store, calls: &[Vec<ProgressReport>], timeout: D
 /// Writes the completions of a group, all in one transaction where they can be.
 async fn write_completions(store: &Store, done: &[Completing]) -> Vec<Completed> {
     store.prometheus().observe_group("completion", done.len());
-    together_or_alone(done, |done: &[Completing]| async move {
-        let done: Vec<(&Completion, &AdapterFile)> = done.iter().map(|(c, a)| (c, a)).collect();
-        store.complete_jobs(&done).await
-    })
-    .await
+    together_or_alone(done, |done: &[Completing]| store.complete_jobs(done)).await
 }
 
 /// A group write that answered no one: it panicked.
