@@ -125,7 +125,7 @@ impl Default for Metrics {
         );
         registry.register(
             "ptune_group_commit_calls",
-            "Worker calls written in one transaction, by what they wrote (progress or completion)",
+            "Worker calls written in one transaction, by kind (progress, completion, lease: leases claimed together)",
             group_calls.clone(),
         );
         registry.register_collector(Box::new(LevelsCollector { levels: levels.clone() }));

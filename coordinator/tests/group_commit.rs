@@ -202,14 +202,8 @@ async fn calls_written_together_each_get_their_own_answer_and_store_exactly_what
     );
 
     // The calls went together: /metrics counts fewer progress transactions than calls.
-    let http = env.coordinator.as_ref().unwrap().http_addr;
-    let scraped = common::http_get(http, "/metrics", Some(&env.tokens.viewer)).await;
-    let value = |name: &str| -> f64 {
-        let line = scraped.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {scraped}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
-    let calls = value("ptune_group_commit_calls_sum{writes=\"progress\"}");
-    let transactions = value("ptune_group_commit_calls_count{writes=\"progress\"}");
+    let calls = env.metric_value("ptune_group_commit_calls_sum{writes=\"progress\"}").await;
+    let transactions = env.metric_value("ptune_group_commit_calls_count{writes=\"progress\"}").await;
     assert_eq!(calls, (2 * WORKERS) as f64, "every progress call was written");
     assert!(transactions < calls, "{calls} progress calls in {transactions} transactions");
     env.stop().await;

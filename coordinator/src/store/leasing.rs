@@ -28,14 +28,14 @@
 //! waited for it. With a hundred workers asking at once, progress reports
 //! and completions waited 2 to 5 ms on such locks on average.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ptune_core::{JobId, JobSpec};
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
-use tracing::instrument;
+use tracing::{instrument, warn};
 use uuid::Uuid;
 
 use super::checkpoints::checkpoint_info;
@@ -156,10 +156,32 @@ impl Rivals<'_> {
     /// The rivals placement needs to place `jobs`.
     async fn for_jobs(&mut self, store: &Store, jobs: &[Candidate]) -> Result<&[Rival]> {
         if self.read.is_none() && jobs.iter().any(|c| !c.settled) {
-            self.read = Some(store.rivals(self.worker, self.models).await?);
+            self.read = Some(self.among(&store.polling().await?));
         }
         Ok(self.read.as_deref().unwrap_or_default())
     }
+
+    /// Of the workers `polling`, those other than the asking one that serve
+    /// one of its models, each with the models it serves of those.
+    fn among(&self, polling: &[Polling]) -> Vec<Rival> {
+        polling
+            .iter()
+            .filter(|p| p.id != self.worker.0)
+            .filter_map(|p| {
+                let serves: Vec<String> = p.serves.iter().filter(|m| self.models.contains(m)).cloned().collect();
+                (!serves.is_empty()).then(|| Rival { serves, loaded: p.loaded.clone(), running: p.running })
+            })
+            .collect()
+    }
+}
+
+/// A worker that asked for work within [`POLL_FRESH`] with a slot free.
+struct Polling {
+    id: Uuid,
+    /// The base models it trains.
+    serves: Vec<String>,
+    loaded: Vec<String>,
+    running: u32,
 }
 
 /// [`Candidate::class`] as a key of a set.
@@ -170,6 +192,7 @@ fn class_key(c: &Candidate) -> (String, Option<(u64, u64, u64)>, u32, bool) {
 
 #[derive(sqlx::FromRow)]
 struct RunningRow {
+    worker_id: Uuid,
     base_model: String,
     memory_weights_bytes: Option<i64>,
     memory_job_bytes: Option<i64>,
@@ -188,12 +211,30 @@ struct Locked {
 /// A job as its claim leased it, and the checkpoint it resumes from.
 #[derive(sqlx::FromRow)]
 struct LeasedRow {
+    id: Uuid,
     spec: Json<JobSpec>,
     attempts: i32,
     lease_epoch: i64,
+    devices: Vec<String>,
     checkpoint_step: Option<i64>,
     checkpoint_sha256: Option<String>,
     checkpoint_size: Option<i64>,
+}
+
+/// A worker asking for a job, as [`Store::lease_group`] takes it.
+#[derive(Clone, Debug)]
+pub struct LeaseAsk {
+    pub worker: ptune_core::WorkerId,
+    pub offer: WorkerOffer,
+}
+
+/// What an ask of a group got together: a lease (with how many leasable
+/// jobs it saw and how long the job was queued), nothing it could take
+/// among the jobs it saw, or a lease call of its own to make.
+enum Together {
+    Leased(Lease, usize, Duration),
+    Seen(usize),
+    Alone,
 }
 
 /// What [`Store::queue_outlook`] sees of the queue of some models.
@@ -239,7 +280,7 @@ impl Store {
         let asker = Asker {
             loaded: offer.loaded.clone(),
             devices: offer.devices.clone(),
-            running: self.running_on(worker).await?,
+            running: self.running_on(&[worker.0]).await?.remove(&worker.0).unwrap_or_default(),
         };
         let mut rivals = Rivals { worker, models: &offer.models, read: None };
         let mut taken = Vec::new();
@@ -255,6 +296,105 @@ impl Store {
         }
         self.metrics.observe_lease(started.elapsed(), None);
         Ok((None, seen))
+    }
+
+    /// Leases to each of `asks` (of distinct workers, asking at the same
+    /// time) what [`Self::lease_seeing`] would, the picks of all of them
+    /// read and claimed together: one read of the head of the queue, one of
+    /// the jobs they run, and one transaction that locks and leases every
+    /// pick. Placement picks for each ask in turn, passing over the jobs
+    /// picked for those before it. An ask whose pick another lease took
+    /// first, or that needs more of the queue than its first page, is
+    /// leased alone afterwards, as is each ask when the group's reads or
+    /// transaction fail.
+    pub async fn lease_group(&self, asks: &[LeaseAsk], timeout: Duration) -> Vec<Result<(Option<Lease>, usize)>> {
+        let started = Instant::now();
+        let together = match asks {
+            [_] => vec![Together::Alone],
+            _ => self.lease_together(asks, timeout).await.unwrap_or_else(|error| {
+                warn!(%error, asks = asks.len(), "leasing a group together failed; leasing each alone");
+                asks.iter().map(|_| Together::Alone).collect()
+            }),
+        };
+        let each = asks.iter().zip(together).map(|(ask, together)| async move {
+            match together {
+                Together::Leased(lease, seen, queued_for) => {
+                    self.metrics.observe_lease(started.elapsed(), Some(queued_for));
+                    Ok((Some(lease), seen))
+                }
+                Together::Seen(seen) => {
+                    self.metrics.observe_lease(started.elapsed(), None);
+                    Ok((None, seen))
+                }
+                Together::Alone => self.lease_seeing(ask.worker, &ask.offer, timeout).await,
+            }
+        });
+        futures::future::join_all(each).await
+    }
+
+    /// The group part of [`Self::lease_group`]: what each ask got together.
+    async fn lease_together(&self, asks: &[LeaseAsk], timeout: Duration) -> Result<Vec<Together>> {
+        let mut models: Vec<String> = asks.iter().flat_map(|a| a.offer.models.iter().cloned()).collect();
+        models.sort();
+        models.dedup();
+        // A page of each model beyond the jobs the asks before the last may pick.
+        let queued = self.queue_heads(&models, &[], CANDIDATES_PER_PAGE as usize + asks.len()).await?;
+        if queued.is_empty() {
+            return Ok(asks.iter().map(|_| Together::Seen(0)).collect());
+        }
+        let workers: Vec<Uuid> = asks.iter().map(|a| a.worker.0).collect();
+        let mut running = self.running_on(&workers).await?;
+        let polling = if queued.iter().any(|c| !c.settled) { Some(self.polling().await?) } else { None };
+        let mut outcome: Vec<Together> = Vec::with_capacity(asks.len());
+        let mut picked = HashSet::new();
+        let mut picks = Vec::new();
+        for (index, ask) in asks.iter().enumerate() {
+            let head = head_of(&queued, &ask.offer, &picked);
+            let asker = Asker {
+                loaded: ask.offer.loaded.clone(),
+                devices: ask.offer.devices.clone(),
+                running: running.remove(&ask.worker.0).unwrap_or_default(),
+            };
+            let mut rivals = Rivals { worker: ask.worker, models: &ask.offer.models, read: None };
+            if let Some(polling) = &polling {
+                rivals.read = Some(rivals.among(polling));
+            }
+            outcome.push(match self.place_head(&asker, &mut rivals, &head).await? {
+                Some(pick) => {
+                    picked.insert(pick.job.id.0);
+                    picks.push((index, asker, rivals, pick.job, head.len()));
+                    Together::Alone
+                }
+                None if head.len() < CANDIDATES_PER_PAGE as usize => Together::Seen(head.len()),
+                None => Together::Alone,
+            });
+        }
+        if picks.is_empty() {
+            return Ok(outcome);
+        }
+        let mut tx = self.hot.begin().await?;
+        let ids: Vec<Uuid> = picks.iter().map(|(_, _, _, job, _)| job.id.0).collect();
+        let mut locked: HashMap<Uuid, Locked> =
+            lock_all(&mut tx, &ids).await?.into_iter().map(|l| (l.candidate.id, l)).collect();
+        let mut claims = Vec::new();
+        let mut seen = Vec::new();
+        for (index, asker, mut rivals, job, head) in picks {
+            // Taken by another coordinator or a lease of this one alone: leased alone.
+            let Some(Locked { candidate, queued_secs }) = locked.remove(&job.id.0) else { continue };
+            let candidate = [candidate.into_candidate()?];
+            let Some(placed) = placement::place(&asker, rivals.for_jobs(self, &candidate).await?, &candidate) else {
+                continue;
+            };
+            claims.push(Claim { job: job.id, worker: asks[index].worker, devices: placed.devices, queued_secs });
+            seen.push((index, head));
+        }
+        let leases = lease_claimed(&mut tx, &claims, timeout).await?;
+        tx.commit().await?;
+        for ((claim, lease), (index, head)) in claims.iter().zip(leases).zip(seen) {
+            self.claimed.insert(claim.job.0);
+            outcome[index] = Together::Leased(lease, head, claim.queued_for());
+        }
+        Ok(outcome)
     }
 
     /// The job placement picks, passing over `taken`. It first reads the
@@ -275,12 +415,8 @@ impl Store {
             Some(head) => head,
             None => self.queue_head(offer, taken).await?,
         };
-        let mut seen = HashSet::new();
-        let oldest: Vec<Candidate> = head.iter().filter(|c| seen.insert(class_key(c))).cloned().collect();
-        if let Some(placed) = placement::place(asker, rivals.for_jobs(self, &oldest).await?, &oldest) {
-            let class = class_key(placed.job);
-            let listed = head.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
-            return Ok(Some(Pick { job: placed.job.clone(), listed }));
+        if let Some(pick) = self.place_head(asker, rivals, &head).await? {
+            return Ok(Some(pick));
         }
         if head.len() < CANDIDATES_PER_PAGE as usize {
             return Ok(None);
@@ -296,6 +432,19 @@ impl Store {
             }
             after = page.into_iter().last();
         }
+    }
+
+    /// The job placement picks of `head`, a page of the queue's oldest jobs
+    /// ([`head_of`]), placing the oldest of each class.
+    async fn place_head(&self, asker: &Asker, rivals: &mut Rivals<'_>, head: &[Candidate]) -> Result<Option<Pick>> {
+        let mut seen = HashSet::new();
+        let oldest: Vec<Candidate> = head.iter().filter(|c| seen.insert(class_key(c))).cloned().collect();
+        let Some(placed) = placement::place(asker, rivals.for_jobs(self, &oldest).await?, &oldest) else {
+            return Ok(None);
+        };
+        let class = class_key(placed.job);
+        let listed = head.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
+        Ok(Some(Pick { job: placed.job.clone(), listed }))
     }
 
     /// Whether any job on one of `models` is queued, leasable now or not,
@@ -322,72 +471,81 @@ impl Store {
         })
     }
 
-    /// The jobs `worker` runs, with their estimates.
-    async fn running_on(&self, worker: ptune_core::WorkerId) -> Result<Vec<Running>> {
+    /// The jobs each of `workers` runs, with their estimates (none for a
+    /// worker running none).
+    async fn running_on(&self, workers: &[Uuid]) -> Result<HashMap<Uuid, Vec<Running>>> {
         let rows: Vec<RunningRow> = sqlx::query_as(
-            "SELECT j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes, a.devices \
+            "SELECT a.worker_id, j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes, \
+                    a.devices \
              FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.epoch = j.lease_epoch \
-             WHERE a.worker_id = $1 AND a.ended_at IS NULL AND j.state = 'running'",
+             WHERE a.worker_id = ANY($1) AND a.ended_at IS NULL AND j.state = 'running'",
         )
-        .bind(worker.0)
+        .bind(workers)
         .fetch_all(&self.hot)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                let estimate = memory_estimate(r.memory_weights_bytes, r.memory_job_bytes, r.memory_activation_bytes)?;
-                Ok(Running { base_model: r.base_model, estimate, devices: r.devices })
-            })
-            .collect()
+        let mut running: HashMap<Uuid, Vec<Running>> = HashMap::new();
+        for r in rows {
+            let estimate = memory_estimate(r.memory_weights_bytes, r.memory_job_bytes, r.memory_activation_bytes)?;
+            let job = Running { base_model: r.base_model, estimate, devices: r.devices };
+            running.entry(r.worker_id).or_default().push(job);
+        }
+        Ok(running)
     }
 
-    /// The other workers that asked for work within [`POLL_FRESH`] with a
-    /// slot free and serve one of `models` (those are all they say).
-    async fn rivals(&self, worker: ptune_core::WorkerId, models: &[String]) -> Result<Vec<Rival>> {
-        let rows: Vec<(Vec<String>, Vec<String>, i64)> = sqlx::query_as(
-            "SELECT serves, loaded_models, running FROM ( \
-                 SELECT o.loaded_models, \
-                        ARRAY(SELECT m->>'name' FROM jsonb_array_elements(o.models) m \
-                              WHERE coalesce(m->>'unsupported_reason', '') = '' AND m->>'name' = ANY($2)) AS serves, \
-                        (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id AND j.lease_epoch = a.epoch \
-                         WHERE a.worker_id = o.id AND a.ended_at IS NULL AND j.state = 'running') AS running \
-                 FROM workers o \
-                 WHERE o.id <> $1 AND o.free_slots > 0 AND o.polled_at > now() - $3 * interval '1 millisecond') r \
-             WHERE cardinality(serves) > 0",
+    /// The workers that asked for work within [`POLL_FRESH`] with a slot
+    /// free, with the models they train (those are all they say).
+    async fn polling(&self) -> Result<Vec<Polling>> {
+        let rows: Vec<(Uuid, Vec<String>, Vec<String>, i64)> = sqlx::query_as(
+            "SELECT o.id, \
+                    ARRAY(SELECT m->>'name' FROM jsonb_array_elements(o.models) m \
+                          WHERE coalesce(m->>'unsupported_reason', '') = '') AS serves, \
+                    o.loaded_models, \
+                    (SELECT count(*) FROM job_attempts a JOIN jobs j ON j.id = a.job_id AND j.lease_epoch = a.epoch \
+                     WHERE a.worker_id = o.id AND a.ended_at IS NULL AND j.state = 'running') AS running \
+             FROM workers o \
+             WHERE o.free_slots > 0 AND o.polled_at > now() - $1 * interval '1 millisecond'",
         )
-        .bind(worker.0)
-        .bind(models)
         .bind(millis(POLL_FRESH))
         .fetch_all(&self.hot)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(serves, loaded, running)| Rival { serves, loaded, running: u32::try_from(running).unwrap_or(u32::MAX) })
+            .map(|(id, serves, loaded, running)| Polling {
+                id,
+                serves,
+                loaded,
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+            })
             .collect())
     }
 
     /// The first page of the queued jobs on the offer's models whose retry
     /// time has passed (but `taken`), in the order placement prefers them
-    /// (jobs on a model the worker holds first, then by submission and id).
-    /// Each model's jobs are read from the queue's index, a page at most, so
-    /// the read costs the same whatever the queue's length.
+    /// ([`head_of`]).
     async fn queue_head(&self, offer: &WorkerOffer, taken: &[Uuid]) -> Result<Vec<Candidate>> {
+        let queued = self.queue_heads(&offer.models, taken, CANDIDATES_PER_PAGE as usize).await?;
+        Ok(head_of(&queued, offer, &HashSet::new()))
+    }
+
+    /// The oldest queued jobs whose retry time has passed (but `taken`) on
+    /// each of `models`, `per_model` at most of each. Each model's jobs are
+    /// read from the queue's index, so the read costs the same whatever the
+    /// queue's length.
+    async fn queue_heads(&self, models: &[String], taken: &[Uuid], per_model: usize) -> Result<Vec<Candidate>> {
         let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
             "SELECT c.* FROM unnest($1::text[]) AS m (model) \
              CROSS JOIN LATERAL ( \
                  SELECT ",
-            candidate_columns!("$3"),
+            candidate_columns!("$2"),
             "    FROM jobs q \
                  WHERE q.state = 'queued' AND q.base_model = m.model \
-                   AND (q.retry_at IS NULL OR q.retry_at <= now()) AND q.id <> ALL($4) \
-                 ORDER BY q.created_at, q.id LIMIT $5) c \
-             ORDER BY NOT c.base_model = ANY($2), c.created_at, c.id \
-             LIMIT $5"
+                   AND (q.retry_at IS NULL OR q.retry_at <= now()) AND q.id <> ALL($3) \
+                 ORDER BY q.created_at, q.id LIMIT $4) c"
         ))
-        .bind(&offer.models)
-        .bind(&offer.loaded)
+        .bind(models)
         .bind(millis(SPREAD_WINDOW))
         .bind(taken)
-        .bind(i64::from(CANDIDATES_PER_PAGE))
+        .bind(i64::try_from(per_model).unwrap_or(i64::MAX))
         .fetch_all(&self.hot)
         .await?;
         rows.into_iter().map(CandidateRow::into_candidate).collect()
@@ -450,52 +608,108 @@ impl Store {
         let Some(placed) = placement::place(asker, rivals.for_jobs(self, &candidate).await?, &candidate) else {
             return Ok(None);
         };
-        let devices = placed.devices;
+        let claim = Claim { job, worker, devices: placed.devices, queued_secs };
         self.claimed.insert(job.0);
-        let (lease_token, token_hash) = crate::auth::tokens::lease_token();
-        // The job's new lease, its attempt, the worker's slot and the
-        // checkpoint to resume from, in one statement.
-        let row: LeasedRow = sqlx::query_as(
-            "WITH j AS ( \
-                 UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
-                     cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
-                     updated_at = now(), devices = $3 \
-                 WHERE id = $1 RETURNING spec, attempts, lease_epoch), \
-             a AS ( \
-                 INSERT INTO job_attempts \
-                     (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash, devices) \
-                 SELECT $1, j.attempts, $2, j.lease_epoch, now() + $4 * interval '1 millisecond', $5, $3 FROM j), \
-             w AS (UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $2) \
-             SELECT j.spec, j.attempts, j.lease_epoch, c.step AS checkpoint_step, c.sha256 AS checkpoint_sha256, \
-                    c.size AS checkpoint_size \
-             FROM j LEFT JOIN LATERAL ( \
-                 SELECT step, sha256, size FROM job_checkpoints WHERE job_id = $1 AND complete \
-                 ORDER BY step DESC LIMIT 1) c ON true",
-        )
-        .bind(job.0)
-        .bind(worker.0)
-        .bind(&devices)
-        .bind(millis(timeout))
-        .bind(&token_hash[..])
-        .fetch_one(&mut *tx)
-        .await?;
-        let LeasedRow { spec, attempts, lease_epoch: epoch, checkpoint_step, checkpoint_sha256, checkpoint_size } = row;
-        let checkpoint = match (checkpoint_step, checkpoint_sha256, checkpoint_size) {
-            (Some(step), Some(sha256), Some(size)) => Some(checkpoint_info(step, sha256, size)?),
-            _ => None,
-        };
+        let lease = lease_claimed(&mut tx, std::slice::from_ref(&claim), timeout).await?.remove(0);
         tx.commit().await?;
-        let lease = Lease {
-            job_id: job,
-            epoch: to_u64(epoch, "lease_epoch")?,
-            spec: spec.0,
-            attempt: to_u32(attempts, "attempts")?,
-            checkpoint,
-            lease_token,
-            devices,
-        };
-        Ok(Some((lease, Duration::try_from_secs_f64(queued_secs).unwrap_or_default())))
+        Ok(Some((lease, claim.queued_for())))
     }
+}
+
+/// A job locked for a worker, and the devices placement gave it.
+struct Claim {
+    job: JobId,
+    worker: ptune_core::WorkerId,
+    devices: Vec<String>,
+    /// How long the job was queued.
+    queued_secs: f64,
+}
+
+impl Claim {
+    fn queued_for(&self) -> Duration {
+        Duration::try_from_secs_f64(self.queued_secs).unwrap_or_default()
+    }
+}
+
+/// Leases each locked job of `claims` to its worker, in one statement: the
+/// job's new lease, its attempt, the worker's slot and the checkpoint to
+/// resume from. The leases are in the order of `claims`.
+async fn lease_claimed(
+    tx: &mut Transaction<'static, Postgres>,
+    claims: &[Claim],
+    timeout: Duration,
+) -> Result<Vec<Lease>> {
+    let tokens: Vec<(String, [u8; 32])> = claims.iter().map(|_| crate::auth::tokens::lease_token()).collect();
+    let rows: Vec<LeasedRow> = sqlx::query_as(
+        "WITH l AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::bytea[]) \
+                 AS l (job_id, worker_id, devices, token_hash)), \
+         j AS ( \
+             UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
+                 cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
+                 updated_at = now(), devices = ARRAY(SELECT jsonb_array_elements_text(l.devices)) \
+             FROM l WHERE jobs.id = l.job_id \
+             RETURNING jobs.id, jobs.spec, jobs.attempts, jobs.lease_epoch, jobs.devices, l.worker_id, l.token_hash), \
+         a AS ( \
+             INSERT INTO job_attempts \
+                 (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash, devices) \
+             SELECT j.id, j.attempts, j.worker_id, j.lease_epoch, now() + $5 * interval '1 millisecond', \
+                    j.token_hash, j.devices FROM j), \
+         w AS (UPDATE workers SET free_slots = greatest(free_slots - 1, 0) FROM l WHERE workers.id = l.worker_id) \
+         SELECT j.id, j.spec, j.attempts, j.lease_epoch, j.devices, c.step AS checkpoint_step, \
+                c.sha256 AS checkpoint_sha256, c.size AS checkpoint_size \
+         FROM j LEFT JOIN LATERAL ( \
+             SELECT step, sha256, size FROM job_checkpoints WHERE job_id = j.id AND complete \
+             ORDER BY step DESC LIMIT 1) c ON true",
+    )
+    .bind(claims.iter().map(|c| c.job.0).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| c.worker.0).collect::<Vec<_>>())
+    .bind(claims.iter().map(|c| Json(&c.devices)).collect::<Vec<_>>())
+    .bind(tokens.iter().map(|(_, hash)| &hash[..]).collect::<Vec<_>>())
+    .bind(millis(timeout))
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut rows: HashMap<Uuid, LeasedRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+    claims
+        .iter()
+        .zip(tokens)
+        .map(|(claim, (lease_token, _))| {
+            let row = rows.remove(&claim.job.0).ok_or_else(|| {
+                super::StoreError::Corrupt(format!("job {} was locked for a lease but not leased", claim.job))
+            })?;
+            let LeasedRow { spec, attempts, lease_epoch, devices, checkpoint_step, checkpoint_sha256, checkpoint_size, .. } =
+                row;
+            let checkpoint = match (checkpoint_step, checkpoint_sha256, checkpoint_size) {
+                (Some(step), Some(sha256), Some(size)) => Some(checkpoint_info(step, sha256, size)?),
+                _ => None,
+            };
+            Ok(Lease {
+                job_id: claim.job,
+                epoch: to_u64(lease_epoch, "lease_epoch")?,
+                spec: spec.0,
+                attempt: to_u32(attempts, "attempts")?,
+                checkpoint,
+                lease_token,
+                devices,
+            })
+        })
+        .collect()
+}
+
+/// The first page of the jobs of `queued` on the offer's models but
+/// `passed`, in the order placement prefers them: jobs on a model the
+/// worker holds first, then by submission and id. `queued` holds the oldest
+/// of each model, at least a page of each beyond those `passed`, so this is
+/// the page a read of the whole queue would give.
+fn head_of(queued: &[Candidate], offer: &WorkerOffer, passed: &HashSet<Uuid>) -> Vec<Candidate> {
+    let mut head: Vec<Candidate> = queued
+        .iter()
+        .filter(|c| offer.models.contains(&c.base_model) && !passed.contains(&c.id.0))
+        .cloned()
+        .collect();
+    head.sort_by_key(|c| (!offer.loaded.contains(&c.base_model), c.created_at, c.id.0));
+    head.truncate(CANDIDATES_PER_PAGE as usize);
+    head
 }
 
 /// Of the jobs `listed` (ids of one class, oldest first, as a page read
@@ -522,6 +736,24 @@ async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid]) -
     .bind(listed)
     .bind(millis(SPREAD_WINDOW))
     .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Locks those of the jobs `ids` still queued and leasable that no one
+/// else holds, read by key as [`lock_listed`] reads them.
+async fn lock_all(tx: &mut Transaction<'static, Postgres>, ids: &[Uuid]) -> Result<Vec<Locked>> {
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        candidate_columns!("$2"),
+        ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
+         FROM unnest($1::uuid[]) AS l (id) \
+         CROSS JOIN LATERAL (SELECT * FROM jobs j WHERE j.id = l.id OFFSET 0) q \
+         WHERE q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+         FOR UPDATE OF q SKIP LOCKED"
+    ))
+    .bind(ids)
+    .bind(millis(SPREAD_WINDOW))
+    .fetch_all(&mut **tx)
     .await?)
 }
 

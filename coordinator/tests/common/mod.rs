@@ -283,6 +283,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str
     response
 }
 
+impl Env {
+    /// The value of the sample `name` (with its labels) on `/metrics`.
+    pub async fn metric_value(&self, name: &str) -> f64 {
+        let http = self.coordinator.as_ref().expect("a running coordinator").http_addr;
+        let scraped = http_get(http, "/metrics", Some(&self.tokens.viewer)).await;
+        let line = scraped.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {scraped}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+}
+
 /// Waits up to `secs` seconds for `done` to hold.
 pub async fn wait_until<F, Fut>(secs: u64, mut done: F)
 where
