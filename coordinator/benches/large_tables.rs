@@ -27,6 +27,9 @@ use ptune_proto::v1::job_service_client::JobServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
+mod common;
+use common::time;
+
 const DATABASE: &str = "ptune_bench_large";
 /// Jobs per statement while filling.
 const FILL_CHUNK: i64 = 100_000;
@@ -236,31 +239,6 @@ async fn fill(pool: &sqlx::PgPool, jobs: i64, metrics: i64) -> anyhow::Result<()
         sqlx::raw_sql(statement).execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// Percentiles of one read, in milliseconds.
-struct Stats {
-    p50: f64,
-    p95: f64,
-    max: f64,
-}
-
-/// Times `rounds` calls of `call` after one warm-up call.
-async fn time<F, Fut>(rounds: usize, mut call: F) -> anyhow::Result<Stats>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    call().await?;
-    let mut times = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        call().await?;
-        times.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(f64::total_cmp);
-    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    Ok(Stats { p50: at(0.5), p95: at(0.95), max: at(1.0) })
 }
 
 /// A GET with a bearer token over a fresh connection; an error unless 200.

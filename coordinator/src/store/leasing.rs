@@ -454,19 +454,29 @@ impl Store {
     /// looks again at that time.
     #[instrument(skip_all)]
     pub async fn queue_outlook(&self, models: &[String]) -> Result<QueueOutlook> {
-        let (queued, secs): (Option<bool>, Option<f64>) = sqlx::query_as(
-            "SELECT bool_or(true), extract(epoch FROM min(least( \
-                 CASE WHEN retry_at > now() THEN retry_at END, \
-                 CASE WHEN updated_at > now() - $2 * interval '1 millisecond' \
-                      THEN updated_at + $2 * interval '1 millisecond' END)) - now())::float8 \
-             FROM jobs WHERE state = 'queued' AND base_model = ANY($1)",
+        // Each part reads an index a little way: whether a model has a job
+        // queued (the queue's index, per model), the earliest retry time to
+        // come (migration 0020) and the oldest job still in its window.
+        // Aggregating over all queued jobs instead also walked the index
+        // entries of every job leased since the last vacuum.
+        let (queued, secs): (bool, Option<f64>) = sqlx::query_as(
+            "SELECT EXISTS ( \
+                 SELECT 1 FROM unnest($1::text[]) AS m (model) \
+                 WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.state = 'queued' AND q.base_model = m.model)), \
+             extract(epoch FROM least( \
+                 (SELECT min(retry_at) FROM jobs \
+                  WHERE state = 'queued' AND retry_at IS NOT NULL AND retry_at > now() AND base_model = ANY($1)), \
+                 (SELECT updated_at + $2 * interval '1 millisecond' FROM jobs \
+                  WHERE state = 'queued' AND updated_at > now() - $2 * interval '1 millisecond' \
+                    AND base_model = ANY($1) \
+                  ORDER BY updated_at LIMIT 1)) - now())::float8",
         )
         .bind(models)
         .bind(millis(SPREAD_WINDOW))
         .fetch_one(&self.pool)
         .await?;
         Ok(QueueOutlook {
-            queued: queued.unwrap_or(false),
+            queued,
             changes_in: secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
         })
     }
