@@ -128,17 +128,17 @@ async fn each_ask_of_a_group_gets_what_it_would_alone_and_a_job_another_lease_ho
     );
 
     // Another lease holds the third job (as a claim of another coordinator
-    // would): the worker that would get it gets nothing rather than a job
-    // that is not its pick's to take, and the next ask of the group gets
-    // the fourth job. The third is leased once the other lets go.
+    // would): the first ask, which picked it, gets the next job of its
+    // class, the fourth, and the second ask, which picked the fourth, finds
+    // nothing left it may take, never the held job. The third is leased once
+    // the other lets go.
     let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
     let mut other = pool.begin().await.unwrap();
     let third: uuid::Uuid = jobs[2].parse().unwrap();
     sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(third).execute(&mut *other).await.unwrap();
     let asks = [ask(&both, &[MODEL, OTHER_MODEL], &[OTHER_MODEL], 1 << 30), ask(&one, &[MODEL], &[], 1 << 30)];
     let got = lease_group(&store, &asks).await;
-    assert_eq!(got[1], (Some(jobs[3].clone()), 1), "the fourth job, the third passed over for the first ask");
-    assert_eq!(got[0].0, None, "the third job is held and the fourth leased: {got:?}");
+    assert_eq!(got, vec![(Some(jobs[3].clone()), 2), (None, 1)], "the fourth job to the first ask, none to the second");
     assert_eq!(common::state(&env.get(&jobs[2]).await), v1::JobState::Queued);
     other.rollback().await.unwrap();
     let got = lease_group(&store, &asks).await;

@@ -184,8 +184,11 @@ struct Polling {
     running: u32,
 }
 
-/// [`Candidate::class`] as a key of a set.
-fn class_key(c: &Candidate) -> (String, Option<(u64, u64, u64)>, u32, bool) {
+/// What [`Candidate::class`] reads, as a key of a map or set.
+type ClassKey = (String, Option<(u64, u64, u64)>, u32, bool);
+
+/// The class of `c`.
+fn class_key(c: &Candidate) -> ClassKey {
     let (model, estimate, devices, settled) = c.class();
     (model.to_string(), estimate.map(|e| (e.weights_bytes, e.job_bytes, e.activation_bytes)), devices, settled)
 }
@@ -303,10 +306,11 @@ impl Store {
     /// read and claimed together: one read of the head of the queue, one of
     /// the jobs they run, and one transaction that locks and leases every
     /// pick. Placement picks for each ask in turn, passing over the jobs
-    /// picked for those before it. An ask whose pick another lease took
-    /// first, or that needs more of the queue than its first page, is
-    /// leased alone afterwards, as is each ask when the group's reads or
-    /// transaction fail.
+    /// picked for those before it; the picks of a class then lock the
+    /// oldest jobs of the class that no one else holds. An ask left without
+    /// one (other coordinators' claims hold them), or that needs more of the
+    /// queue than its first page, is leased alone afterwards, as is each
+    /// ask when the group's reads or transaction fail.
     pub async fn lease_group(&self, asks: &[LeaseAsk], timeout: Duration) -> Vec<Result<(Option<Lease>, usize)>> {
         let started = Instant::now();
         let together = match asks {
@@ -372,20 +376,39 @@ impl Store {
         if picks.is_empty() {
             return Ok(outcome);
         }
+        // Jobs of one class are alike to placement but for their age, so the
+        // picks of a class lock the oldest of its listed jobs that no one
+        // else holds, as many as there are picks, and take them in the
+        // asks' order: where another coordinator's claim holds the jobs
+        // they picked, they get the next ones instead of each leasing alone.
+        let mut classes: Vec<(ClassKey, usize)> = Vec::new();
+        for (_, _, _, job, _) in &picks {
+            let class = class_key(job);
+            match classes.iter_mut().find(|(c, _)| *c == class) {
+                Some((_, n)) => *n += 1,
+                None => classes.push((class, 1)),
+            }
+        }
         let mut tx = self.hot.begin().await?;
-        let ids: Vec<Uuid> = picks.iter().map(|(_, _, _, job, _)| job.id.0).collect();
-        let mut locked: HashMap<Uuid, Locked> =
-            lock_all(&mut tx, &ids).await?.into_iter().map(|l| (l.candidate.id, l)).collect();
+        let mut locked: HashMap<ClassKey, std::vec::IntoIter<Locked>> = HashMap::new();
+        for (class, n) in classes {
+            let listed: Vec<Uuid> = queued.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
+            let rows = lock_listed(&mut tx, &self.claimed.unclaimed(&listed), n).await?;
+            locked.insert(class, rows.into_iter());
+        }
         let mut claims = Vec::new();
         let mut seen = Vec::new();
         for (index, asker, mut rivals, job, head) in picks {
-            // Taken by another coordinator or a lease of this one alone: leased alone.
-            let Some(Locked { candidate, queued_secs }) = locked.remove(&job.id.0) else { continue };
+            // None left of its class (others hold them): leased alone.
+            let Some(Locked { candidate, queued_secs }) = locked.get_mut(&class_key(&job)).and_then(Iterator::next)
+            else {
+                continue;
+            };
             let candidate = [candidate.into_candidate()?];
             let Some(placed) = placement::place(&asker, rivals.for_jobs(self, &candidate).await?, &candidate) else {
                 continue;
             };
-            claims.push(Claim { job: job.id, worker: asks[index].worker, devices: placed.devices, queued_secs });
+            claims.push(Claim { job: candidate[0].id, worker: asks[index].worker, devices: placed.devices, queued_secs });
             seen.push((index, head));
         }
         let leases = lease_claimed(&mut tx, &claims, timeout).await?;
@@ -608,7 +631,7 @@ impl Store {
         timeout: Duration,
     ) -> Result<Option<(Lease, Duration)>> {
         let mut tx = self.hot.begin().await?;
-        let claimed = match lock_listed(&mut tx, &self.claimed.unclaimed(&pick.listed)).await? {
+        let claimed = match lock_listed(&mut tx, &self.claimed.unclaimed(&pick.listed), 1).await?.pop() {
             Some(claimed) => Some(claimed),
             None => lock_oldest_of_class(&mut tx, &pick.job, taken).await?,
         };
@@ -723,11 +746,11 @@ fn head_of(queued: &[Candidate], offer: &WorkerOffer, passed: &HashSet<Uuid>) ->
 }
 
 /// Of the jobs `listed` (ids of one class, oldest first, as a page read
-/// them), locks the oldest still queued and leasable that no one else
-/// holds. Reading them by id passes over none of the jobs leased since the
+/// them), locks the `n` oldest still queued and leasable that no one else
+/// holds, oldest first. Reading them by id passes over none of the jobs leased since the
 /// page was read, as a walk of the queue's index would until it is
 /// vacuumed.
-async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid]) -> Result<Option<Locked>> {
+async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid], n: usize) -> Result<Vec<Locked>> {
     // Joined to the list in its order, each job is read by its key: asked
     // for `id = ANY(..)` ordered by age, PostgreSQL also scanned the whole
     // queue's index for `state = 'queued'` (a bitmap AND), which cost more
@@ -740,29 +763,12 @@ async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid]) -
          FROM unnest($1::uuid[]) WITH ORDINALITY AS l (id, n) \
          CROSS JOIN LATERAL (SELECT * FROM jobs j WHERE j.id = l.id OFFSET 0) q \
          WHERE q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
-         ORDER BY l.n LIMIT 1 \
+         ORDER BY l.n LIMIT $3 \
          FOR UPDATE OF q SKIP LOCKED"
     ))
     .bind(listed)
     .bind(millis(SPREAD_WINDOW))
-    .fetch_optional(&mut **tx)
-    .await?)
-}
-
-/// Locks those of the jobs `ids` still queued and leasable that no one
-/// else holds, read by key as [`lock_listed`] reads them.
-async fn lock_all(tx: &mut Transaction<'static, Postgres>, ids: &[Uuid]) -> Result<Vec<Locked>> {
-    Ok(sqlx::query_as(concat!(
-        "SELECT ",
-        candidate_columns!("$2"),
-        ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
-         FROM unnest($1::uuid[]) AS l (id) \
-         CROSS JOIN LATERAL (SELECT * FROM jobs j WHERE j.id = l.id OFFSET 0) q \
-         WHERE q.state = 'queued' AND (q.retry_at IS NULL OR q.retry_at <= now()) \
-         FOR UPDATE OF q SKIP LOCKED"
-    ))
-    .bind(ids)
-    .bind(millis(SPREAD_WINDOW))
+    .bind(i64::try_from(n).unwrap_or(i64::MAX))
     .fetch_all(&mut **tx)
     .await?)
 }
