@@ -20,6 +20,12 @@
 //! class with nothing left to claim is passed over and the next pick
 //! placed: two workers never get the same job.
 //!
+//! Lease calls of many workers arriving together ([`Store::lease_group`])
+//! share these reads and one claiming transaction: each call's pick is
+//! placed over its own first page, passing over the picks of the calls
+//! before it, and each class's picks lock that many of its oldest listed
+//! jobs at once.
+//!
 //! A claim passes over the listed jobs that another lease call of this
 //! coordinator claimed lately ([`Claimed`]). `FOR UPDATE` on a row whose
 //! claim committed while the statement ran locks the row's new version
