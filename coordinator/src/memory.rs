@@ -11,16 +11,16 @@
 //!   in between, and found no such job yet, is not missed;
 //! - when a worker registers reporting a model's shape ([`estimate_queued`]):
 //!   the queued jobs on the model that have no estimate get one, and all of
-//!   them are estimated again when the shape known for the model changed
-//!   (the first one reported, or a larger model under the name: the largest
-//!   reported counts).
+//!   them are estimated again when the shape known for the model differs
+//!   from the one they were last estimated with (kept in `model_estimates`:
+//!   the first one reported, or a larger model under the name: the largest
+//!   reported counts). Registrations of a model take turns, so a fleet
+//!   starting at once estimates a deep queue once, not once per worker.
 //!
 //! A job keeps the estimate it was leased with.
 
-use std::collections::HashMap;
-
 use ptune_core::memory::{self, mib};
-use ptune_core::{JobId, JobSpec, MemoryEstimate, ModelShape};
+use ptune_core::{JobId, JobSpec, MemoryEstimate};
 use tracing::warn;
 
 use crate::error::Error;
@@ -57,36 +57,33 @@ pub(crate) async fn estimate_new(store: &Store, jobs: &[(JobId, &JobSpec)]) {
 }
 
 /// After a worker registered reporting the shapes of `models`: estimates
-/// the queued jobs on them that have none, and again all those on a model
-/// whose shape differs from `before` (what was known before it registered).
-pub(crate) async fn estimate_queued(
-    store: &Store,
-    models: &[String],
-    before: &HashMap<String, ModelShape>,
-) -> Result<(), Error> {
-    if models.is_empty() {
-        return Ok(());
-    }
-    let shapes = store.model_shapes(models).await?;
-    let (changed, unchanged): (Vec<String>, Vec<String>) =
-        shapes.keys().cloned().partition(|name| before.get(name) != shapes.get(name));
-    for (models, all) in [(changed, true), (unchanged, false)] {
-        if models.is_empty() {
-            continue;
-        }
+/// the queued jobs on each model again when the shape known for it now (the
+/// largest reported) differs from the one they were last estimated with,
+/// and otherwise only those without an estimate. The model's marker is
+/// locked meanwhile ([`Store::lock_estimates`]), so registrations of one
+/// model on every coordinator take turns, and when a fleet registers at once
+/// the first estimates the queue and the others find it done. Callers on
+/// one coordinator take turns too (`Workers::register`): each turn holds a
+/// connection while it waits for the lock.
+pub(crate) async fn estimate_queued(store: &Store, models: &[String]) -> Result<(), Error> {
+    for model in models {
+        let lock = store.lock_estimates(model).await?;
+        // Read under the lock, so it includes the registrations that held it before.
+        let Some(shape) = store.model_shapes(std::slice::from_ref(model)).await?.remove(model) else { continue };
+        let all = lock.estimated_with != Some(shape);
         let mut after = None;
         loop {
-            let jobs = store.queued_on(&models, all, after, ESTIMATES_PER_READ).await?;
-            let estimates: Vec<(JobId, MemoryEstimate)> = jobs
-                .iter()
-                .filter_map(|(id, spec)| Some((*id, memory::estimate(spec, shapes.get(&spec.base_model)?))))
-                .collect();
+            let jobs = store.queued_on(model, all, after, ESTIMATES_PER_READ).await?;
+            let estimates: Vec<(JobId, MemoryEstimate)> =
+                jobs.iter().map(|(at, spec)| (at.id, memory::estimate(spec, &shape))).collect();
             store.set_memory_estimates(&estimates).await?;
+            store.prometheus().estimated(all, estimates.len());
             if jobs.len() < ESTIMATES_PER_READ as usize {
                 break;
             }
-            after = jobs.last().map(|(id, _)| *id);
+            after = jobs.last().map(|(at, _)| *at);
         }
+        lock.done(&shape).await?;
     }
     Ok(())
 }

@@ -50,6 +50,13 @@ struct LeaseLabels {
     outcome: &'static str,
 }
 
+/// Which queued jobs a registration estimated: `all` of a model's queue
+/// (the shape known for the model changed) or those `without` an estimate.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EstimateLabels {
+    scope: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric of one coordinator. Cheap to share behind an [`Arc`].
@@ -63,6 +70,7 @@ pub struct Metrics {
     leases_expired: Counter,
     leader: Gauge,
     group_calls: HistogramFamily<GroupLabels>,
+    estimated: Family<EstimateLabels, Counter>,
     levels: Arc<Mutex<Option<FleetLevels>>>,
 }
 
@@ -90,6 +98,7 @@ impl Default for Metrics {
         let leases_expired = Counter::default();
         let leader = Gauge::default();
         let group_calls = HistogramFamily::<GroupLabels>::new_with_constructor(group_buckets as fn() -> Histogram);
+        let estimated = Family::<EstimateLabels, Counter>::default();
         let levels = Arc::new(Mutex::new(None));
 
         let mut registry = Registry::default();
@@ -128,6 +137,12 @@ impl Default for Metrics {
             "Worker calls written in one transaction, by kind (progress, completion, lease: leases claimed together)",
             group_calls.clone(),
         );
+        registry.register(
+            "ptune_memory_estimates",
+            "Queued jobs given a memory estimate when a worker registered their base model, by scope: all (the \
+             model's shape changed, so its whole queue) or without (jobs that had none)",
+            estimated.clone(),
+        );
         registry.register_collector(Box::new(LevelsCollector { levels: levels.clone() }));
         Self {
             registry,
@@ -138,6 +153,7 @@ impl Default for Metrics {
             leases_expired,
             leader,
             group_calls,
+            estimated,
             levels,
         }
     }
@@ -163,6 +179,12 @@ impl Metrics {
     /// Records a group commit of `calls` calls that wrote `writes`.
     pub fn observe_group(&self, writes: &'static str, calls: usize) {
         self.group_calls.get_or_create(&GroupLabels { writes }).observe(calls as f64);
+    }
+
+    /// Counts queued jobs a registration estimated: all of a model's queue, or those without an estimate.
+    pub fn estimated(&self, whole_queue: bool, jobs: usize) {
+        let scope = if whole_queue { "all" } else { "without" };
+        self.estimated.get_or_create(&EstimateLabels { scope }).inc_by(jobs as u64);
     }
 
     /// Counts leases the reaper ended.

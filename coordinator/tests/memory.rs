@@ -192,3 +192,60 @@ async fn leased_behind_jobs_too_large(tokens: fn(u32) -> u32) {
     assert_eq!(lease(&mut env, &worker, &[MODEL]).await, None);
     env.stop().await;
 }
+
+/// Jobs queued before any worker reported their model, then a fleet
+/// registering at once: the first registration estimates the queue (more
+/// than one page of it), the others wait for it and find it done, whichever
+/// of them gets there first. A larger model under the same name estimates
+/// the whole queue again; the smaller one registering again does not.
+#[tokio::test]
+async fn a_fleet_registering_at_once_estimates_the_queue_once_and_a_larger_model_estimates_it_again() {
+    const QUEUED: usize = 1200;
+    const REGISTERING: usize = 24;
+    // Prompt tuning, 20 virtual tokens, batch 2 of 64 tokens (the first test's numbers).
+    const ESTIMATE: u64 = 90_852_864 + 135_200 + 40_061_952;
+    let all = "ptune_memory_estimates_total{scope=\"all\"}";
+    let without = "ptune_memory_estimates_total{scope=\"without\"}";
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("queued").await;
+    let first = env.submit(spec.clone()).await;
+    let specs = (2..QUEUED).map(|i| v1::JobSpec { name: format!("queued-{i}"), ..spec.clone() }).collect();
+    let batch = env.jobs.submit_jobs(v1::SubmitJobsRequest { specs, all_or_nothing: true }).await.expect("submit");
+    assert_eq!(batch.into_inner().submitted as usize, QUEUED - 2);
+    let last = env.submit(v1::JobSpec { name: "queued-last".into(), ..spec.clone() }).await;
+    assert_eq!((first.memory_estimate_bytes, last.memory_estimate_bytes), (0, 0), "no shape reported yet");
+
+    let registrations = (0..REGISTERING).map(|i| {
+        let mut workers = env.workers.clone();
+        async move {
+            let request = v1::RegisterWorkerRequest {
+                hostname: format!("fleet-{i}"),
+                slots: 1,
+                models: vec![minilm_model(MODEL)],
+                ..Default::default()
+            };
+            workers.register_worker(request).await
+        }
+    });
+    for registered in futures::future::join_all(registrations).await {
+        registered.expect("every registration is answered");
+    }
+    for job in [&first, &last] {
+        assert_eq!(env.get(&job.id).await.memory_estimate_bytes, ESTIMATE, "{}", job.spec.as_ref().unwrap().name);
+    }
+    assert_eq!(env.metric_value(all).await, QUEUED as f64, "the queue was estimated once");
+    assert_eq!(env.metric_value(without).await, 0.0, "the others found nothing left to estimate");
+
+    // A model twice as large under the name: the weights (4 bytes a parameter) of every queued job double.
+    let larger = v1::BaseModel { parameters: 2 * 22_713_216, ..minilm_model(MODEL) };
+    register(&mut env, vec![larger], 0).await;
+    assert_eq!(env.metric_value(all).await, 2.0 * QUEUED as f64);
+    for job in [&first, &last] {
+        assert_eq!(env.get(&job.id).await.memory_estimate_bytes, ESTIMATE + 90_852_864);
+    }
+    // The largest reported counts: the smaller one again changes nothing.
+    register(&mut env, vec![minilm_model(MODEL)], 0).await;
+    assert_eq!(env.metric_value(all).await, 2.0 * QUEUED as f64);
+    assert_eq!(env.get(&first.id).await.memory_estimate_bytes, ESTIMATE + 90_852_864);
+    env.stop().await;
+}

@@ -139,6 +139,9 @@ struct Report {
     coordinators: usize,
     batch: bool,
     submit_seconds: f64,
+    /// Registering every worker, `REGISTRATIONS_IN_FLIGHT` at a time, with the jobs queued.
+    register_seconds: f64,
+    register_pg_cpu: f64,
     work_seconds: f64,
     calls: Calls,
     empty_leases: u64,
@@ -215,17 +218,28 @@ async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Repor
         batch,
         ..Fleet::new(settings.workers, settings.jobs, settings.steps, settings.adapter_bytes, settings.lease_wait_ms)
     });
+    // The jobs are queued when the workers register: each registration
+    // estimates the queued jobs on its models whose estimate it changes.
+    let mut registering = PgLoad::start(&db.url).await?;
+    let registration = Instant::now();
     let registered: Vec<_> = futures::stream::iter(0..settings.workers)
         .map(|i| {
             let client = WorkerServiceClient::new(channel(&coordinators[i % n].url, &worker_token));
-            worker::register(client, i, settings.pack)
+            async move {
+                let started = Instant::now();
+                (started, worker::register(client, i, settings.pack).await)
+            }
         })
         .buffered(REGISTRATIONS_IN_FLIGHT)
         .collect()
         .await;
+    let register_seconds = registration.elapsed().as_secs_f64();
+    registering.sample().await?;
+    let register_pg_cpu = registering.cpu_seconds().0;
     let (start, started) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
-    for w in registered {
+    for (at, w) in registered {
+        calls.record(Rpc::RegisterWorker, at, w.is_ok());
         workers.push(tokio::spawn(worker::run(w.context("registering a worker")?, fleet.clone(), started.clone())));
     }
 
@@ -283,6 +297,8 @@ async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Repor
         coordinators: n,
         batch,
         submit_seconds,
+        register_seconds,
+        register_pg_cpu,
         work_seconds,
         calls,
         empty_leases: fleet.empty_leases.load(Ordering::Relaxed),
@@ -389,6 +405,8 @@ fn measures(settings: &Settings, r: &mut Report) -> Vec<(String, Option<f64>, us
     let jobs = settings.jobs as f64;
     let mut rows = vec![
         ("submissions/s".to_string(), Some(jobs / r.submit_seconds), 0),
+        (format!("registering {} workers, {REGISTRATIONS_IN_FLIGHT} at a time (s)", settings.workers), Some(r.register_seconds), 2),
+        ("PostgreSQL CPU while they register (s)".to_string(), Some(r.register_pg_cpu), 2),
         ("work phase (s)".to_string(), Some(r.work_seconds), 1),
         (format!("cycles/s (jobs leased, {} step(s) reported, completed)", settings.steps), Some(jobs / r.work_seconds), 0),
     ];

@@ -14,6 +14,7 @@ use sqlx::{Connection, PgConnection};
 /// The calls whose latencies are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rpc {
+    RegisterWorker,
     SubmitJob,
     LeaseJob,
     ReportProgress,
@@ -23,7 +24,8 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 6] = [
+    pub const ALL: [Rpc; 7] = [
+        Rpc::RegisterWorker,
         Rpc::SubmitJob,
         Rpc::LeaseJob,
         Rpc::ReportProgress,
@@ -34,6 +36,7 @@ impl Rpc {
 
     pub fn name(self) -> &'static str {
         match self {
+            Rpc::RegisterWorker => "RegisterWorker",
             Rpc::SubmitJob => "SubmitJob",
             Rpc::LeaseJob => "LeaseJob",
             Rpc::ReportProgress => "ReportProgress",
@@ -48,8 +51,8 @@ impl Rpc {
 /// its own and they are merged at the end, so recording takes no lock.
 #[derive(Clone, Debug, Default)]
 pub struct Calls {
-    micros: [Vec<u32>; 6],
-    errors: [u64; 6],
+    micros: [Vec<u32>; Rpc::ALL.len()],
+    errors: [u64; Rpc::ALL.len()],
 }
 
 impl Calls {

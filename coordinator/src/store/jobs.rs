@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Metric, SweepId, WorkerId};
+use ptune_core::{JobId, JobSpec, JobState, MemoryEstimate, Metric, ModelShape, SweepId, WorkerId};
 use sqlx::types::Json;
 use sqlx::{PgExecutor, Postgres, Transaction};
 use tracing::instrument;
@@ -230,29 +230,60 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` queued jobs on one of `models` after `after`, by id:
-    /// all of them, or only those without a memory estimate.
-    #[instrument(skip_all)]
+    /// Takes the lock on `model`'s estimate marker, waiting while another
+    /// registration (on any coordinator) estimates the model's queue, and
+    /// reads the shape its queued jobs were last estimated with. The lock is
+    /// held until [`EstimateLock::done`] or until it is dropped.
+    #[instrument(skip_all, fields(model))]
+    pub async fn lock_estimates(&self, model: &str) -> Result<EstimateLock> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO model_estimates (model) VALUES ($1) ON CONFLICT (model) DO NOTHING")
+            .bind(model)
+            .execute(&mut *tx)
+            .await?;
+        let shape: Option<Json<ModelShape>> =
+            sqlx::query_scalar("SELECT shape FROM model_estimates WHERE model = $1 FOR UPDATE")
+                .bind(model)
+                .fetch_one(&mut *tx)
+                .await?;
+        Ok(EstimateLock { tx, model: model.to_string(), estimated_with: shape.map(|s| s.0) })
+    }
+
+    /// Up to `limit` queued jobs on `model` after `after`, in queue order
+    /// (an index range each): all of them, or only those without a memory
+    /// estimate.
+    #[instrument(skip_all, fields(model))]
     pub async fn queued_on(
         &self,
-        models: &[String],
+        model: &str,
         all: bool,
-        after: Option<JobId>,
+        after: Option<QueuePosition>,
         limit: u32,
-    ) -> Result<Vec<(JobId, JobSpec)>> {
-        let rows: Vec<(Uuid, Json<JobSpec>)> = sqlx::query_as(
-            "SELECT id, spec FROM jobs \
-             WHERE state = 'queued' AND base_model = ANY($1) AND ($2 OR memory_weights_bytes IS NULL) \
-               AND ($3::uuid IS NULL OR id > $3) \
-             ORDER BY id LIMIT $4",
-        )
-        .bind(models)
-        .bind(all)
-        .bind(after.map(|id| id.0))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(|(id, spec)| (JobId(id), spec.0)).collect())
+    ) -> Result<Vec<(QueuePosition, JobSpec)>> {
+        // Before every job: the start of 1970 (PostgreSQL stores no time as early as chrono's least).
+        let after = after.unwrap_or(QueuePosition { created_at: DateTime::<Utc>::UNIX_EPOCH, id: JobId(Uuid::nil()) });
+        // Two statements, so that the one for jobs without an estimate reads `jobs_unestimated_idx`.
+        let statement = if all {
+            "SELECT id, created_at, spec FROM jobs \
+             WHERE state = 'queued' AND base_model = $1 AND (created_at, id) > ($2, $3) \
+             ORDER BY created_at, id LIMIT $4"
+        } else {
+            "SELECT id, created_at, spec FROM jobs \
+             WHERE state = 'queued' AND base_model = $1 AND memory_weights_bytes IS NULL \
+               AND (created_at, id) > ($2, $3) \
+             ORDER BY created_at, id LIMIT $4"
+        };
+        let rows: Vec<(Uuid, DateTime<Utc>, Json<JobSpec>)> = sqlx::query_as(statement)
+            .bind(model)
+            .bind(after.created_at)
+            .bind(after.id.0)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, created_at, spec)| (QueuePosition { created_at, id: JobId(id) }, spec.0))
+            .collect())
     }
 
     /// Records the memory estimates of jobs that are still queued (a job
@@ -409,4 +440,35 @@ async fn latest_metrics<'e>(db: impl PgExecutor<'e>, ids: &[Uuid]) -> Result<Has
         by_job.entry(job_id).or_default().push(row.into_metric()?);
     }
     Ok(by_job)
+}
+
+/// Where a queued job stands in its model's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuePosition {
+    pub created_at: DateTime<Utc>,
+    pub id: JobId,
+}
+
+/// The lock on one model's estimate marker ([`Store::lock_estimates`]):
+/// one transaction, open while the model's queued jobs are estimated
+/// through other connections.
+pub struct EstimateLock {
+    tx: Transaction<'static, Postgres>,
+    model: String,
+    /// The shape the model's queued jobs were last estimated with.
+    pub estimated_with: Option<ModelShape>,
+}
+
+impl EstimateLock {
+    /// Records that the model's queued jobs are now estimated with `shape`,
+    /// and lets the next registration of the model go on.
+    pub async fn done(mut self, shape: &ModelShape) -> Result<()> {
+        sqlx::query("UPDATE model_estimates SET shape = $2 WHERE model = $1")
+            .bind(&self.model)
+            .bind(Json(shape))
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
 }

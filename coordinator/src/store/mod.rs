@@ -42,7 +42,7 @@ pub use dashboard::{
 pub use blobs::{ChunkTarget, StoredFile, CHUNK_BYTES};
 pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
-pub use jobs::CancelOutcome;
+pub use jobs::{CancelOutcome, EstimateLock, QueuePosition};
 pub use retention::RetentionBatch;
 pub use leasing::{LeaseAsk, QueueOutlook};
 pub use workers::{Availability, WorkerOwnership};

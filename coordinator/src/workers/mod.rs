@@ -90,6 +90,8 @@ pub struct Workers {
     completions: Group<Completing, Completed>,
     /// Lease calls of many workers, placed and claimed together.
     leases: Group<LeaseAsk, Leased>,
+    /// Registrations estimating queued jobs take turns (`memory::estimate_queued`).
+    estimating: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Workers {
@@ -119,7 +121,7 @@ impl Workers {
                 })
             })
         });
-        Self { store, hub, work, presence, timing, progress, completions, leases }
+        Self { store, hub, work, presence, timing, progress, completions, leases, estimating: Arc::default() }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
@@ -129,7 +131,6 @@ impl Workers {
     pub async fn register(&self, reg: WorkerRegistration, caller: &Identity) -> Result<Registered, Error> {
         let worker_id = reg.worker_id.unwrap_or_default();
         let shaped: Vec<String> = reg.models.iter().filter(|m| m.shape().is_some()).map(|m| m.name.clone()).collect();
-        let shapes_before = self.store.model_shapes(&shaped).await?;
         if !self.store.upsert_worker(worker_id, &reg, caller.token_id).await? {
             return Err(Error::PermissionDenied(format!(
                 "worker {worker_id} was registered with another token; use that token or a new worker id"
@@ -140,7 +141,10 @@ impl Workers {
         info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models, ?devices,
               memory_bytes = reg.memory_bytes, "worker registered");
         self.presence.forget(worker_id);
-        memory::estimate_queued(&self.store, &shaped, &shapes_before).await?;
+        {
+            let _turn = self.estimating.lock().await;
+            memory::estimate_queued(&self.store, &shaped).await?;
+        }
         Ok(Registered {
             worker_id,
             heartbeat_interval: self.timing.heartbeat_interval,
