@@ -4,10 +4,12 @@
 //! serves every GPU of a machine. A lease names the devices its job got;
 //! the job runs on the engine of the first of them.
 //!
-//! Device memory is what the coordinator places jobs by: a GPU's total
-//! memory (from `nvidia-smi`, the CUDA driver's tool, since libtorch does
-//! not expose it), the machine's memory for the CPU, capped by
-//! `--memory-mib`. Builds with the `integration` feature also accept test devices
+//! Device memory is what the coordinator places jobs by: for a GPU, its
+//! memory less what other processes held on it when the worker started
+//! (from `nvidia-smi`, the CUDA driver's tool, since libtorch does not
+//! expose it), so a GPU shared with another tenant is not overcommitted;
+//! for the CPU, the machine's memory, capped by `--memory-mib` (other
+//! processes' use of RAM comes and goes, and the operator caps it). Builds with the `integration` feature also accept test devices
 //! `cpu:0`, `cpu:1`, ... (separate engines on the CPU) and take their
 //! memory from `PTUNE_TEST_DEVICE_MEMORY` (`4GiB,512MiB`), so that tests on a
 //! machine without a GPU can place jobs on several devices.
@@ -74,7 +76,12 @@ pub fn resolve(choice: &str, memory_cap: Option<u64>) -> anyhow::Result<Vec<Work
                     tracing::warn!(device = %name, "cannot read the GPU's memory (nvidia-smi); the coordinator places jobs on it regardless of memory");
                     (0, 0)
                 });
-                (tch::Device::Cuda(index), total, free)
+                let room = gpu_room(total, free);
+                if room < total {
+                    tracing::warn!(device = %name, total_bytes = total, held_by_others_bytes = total - room,
+                                   "other processes hold memory on this GPU; jobs are placed in what is left");
+                }
+                (tch::Device::Cuda(index), room, free)
             }
             other => bail!("devices: {name:?} names an unsupported device {other:?}"),
         };
@@ -140,15 +147,32 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
     n.checked_shl(shift).filter(|b| b >> shift == n).with_context(|| format!("size {text:?} is too large"))
 }
 
+/// The memory jobs may use on a GPU with `total` bytes of which `free` are
+/// free as the worker starts, before it holds any: what other processes
+/// hold is left out. With the free memory unknown (0), all of it.
+fn gpu_room(total: u64, free: u64) -> u64 {
+    if free == 0 {
+        total
+    } else {
+        free.min(total)
+    }
+}
+
 /// Total and free bytes of each GPU the process sees, by CUDA index, from
-/// `nvidia-smi`; empty when it cannot be read. `CUDA_VISIBLE_DEVICES`
-/// (indices or GPU UUIDs) maps CUDA indices to the GPUs `nvidia-smi` lists.
+/// `nvidia-smi`; empty when it cannot be read.
 fn gpu_memory() -> Vec<(u64, u64)> {
     let output = std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=index,uuid,memory.total,memory.free", "--format=csv,noheader,nounits"])
         .output();
     let Some(output) = output.ok().filter(|o| o.status.success()) else { return Vec::new() };
-    let gpus: Vec<(String, String, u64, u64)> = String::from_utf8_lossy(&output.stdout)
+    parse_gpu_memory(&String::from_utf8_lossy(&output.stdout), std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref())
+}
+
+/// Total and free bytes by CUDA index from `nvidia-smi`'s CSV lines (index,
+/// uuid, MiB total, MiB free). `visible` (`CUDA_VISIBLE_DEVICES`: indices
+/// or GPU UUIDs, or their prefixes) maps CUDA indices to the GPUs listed.
+fn parse_gpu_memory(csv: &str, visible: Option<&str>) -> Vec<(u64, u64)> {
+    let gpus: Vec<(String, String, u64, u64)> = csv
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -161,8 +185,8 @@ fn gpu_memory() -> Vec<(u64, u64)> {
             ))
         })
         .collect();
-    let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(list) if !list.trim().is_empty() => list.split(',').map(|s| s.trim().to_string()).collect(),
+    let visible: Vec<String> = match visible {
+        Some(list) if !list.trim().is_empty() => list.split(',').map(|s| s.trim().to_string()).collect(),
         _ => gpus.iter().map(|g| g.0.clone()).collect(),
     };
     visible
@@ -278,6 +302,20 @@ mod tests {
         assert_eq!(resolve("cpu", Some(1 << 30)).unwrap()[0].memory_bytes, (1 << 30).min(total_memory_bytes()));
         let err = resolve("cpu,cpu", None).unwrap_err().to_string();
         assert!(err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn a_gpu_offers_what_other_processes_leave_free_as_nvidia_smi_lists_it() {
+        let csv = "0, GPU-aaaa1111, 81559, 81000\n1, GPU-bbbb2222, 81559, 40960\n";
+        let (mib, gib) = (1u64 << 20, 1u64 << 30);
+        assert_eq!(parse_gpu_memory(csv, None), [(81559 * mib, 81000 * mib), (81559 * mib, 40 * gib)]);
+        // CUDA_VISIBLE_DEVICES renumbers: CUDA index 0 is the GPU it names first, by index or UUID prefix.
+        assert_eq!(parse_gpu_memory(csv, Some("1,0")), [(81559 * mib, 40 * gib), (81559 * mib, 81000 * mib)]);
+        assert_eq!(parse_gpu_memory(csv, Some("GPU-bbbb")), [(81559 * mib, 40 * gib)]);
+        assert_eq!(parse_gpu_memory("not csv\n", None), []);
+        // Another tenant holding 40 GiB of an 80 GiB GPU leaves 40 GiB to place jobs in.
+        assert_eq!(gpu_room(80 * gib, 40 * gib), 40 * gib);
+        assert_eq!(gpu_room(80 * gib, 0), 80 * gib, "free memory unknown: all of it");
     }
 
     #[test]
