@@ -15,7 +15,7 @@
 #
 #   bench/precision.sh
 #   MODE=throughput STEPS=20 bench/precision.sh
-#   MODE=throughput TASK=causal_lm bench/precision.sh   # the decoder, without Hugging Face
+#   MODE=throughput TASK=causal_lm bench/precision.sh   # the decoder: ptune, then Hugging Face
 #
 # Environment:
 #   MODE      throughput, accuracy or both (default both)
@@ -25,7 +25,12 @@
 #   LOWER     the precision compared with fp32: bf16 (default) or fp16
 #   TASK      sequence_classification (default: MiniLM on SST-2) or causal_lm
 #             (throughput only: E2E on the 56M-parameter Llama-shaped decoder
-#             of bench/random_decoder.py, written under target/bench-models/)
+#             of bench/random_decoder.py, written under target/bench-models/;
+#             ptune's rows, then Hugging Face PEFT prompt tuning on the same
+#             decoder and E2E train file with bench/hf_lm_throughput.py: 20
+#             virtual tokens, batch 32, 64-token rows, STEPS steps, float32
+#             and --bf16 (CPU autocast) alternating over ROUNDS rounds, the
+#             round taken as ptune's median takes it)
 #   PTUNE_BENCH_BIN     folder with ptune-worker and examples/precision_bench
 #                       (default target/release, built when missing)
 #   PTUNE_BENCH_MODELS  models folder of ptune-worker (default models/, made
@@ -69,7 +74,33 @@ if [ "$task" = causal_lm ]; then
   [ -f "$decoder/model.safetensors" ] || python bench/random_decoder.py "$decoder"
   echo "bench: ptune fp32 against $lower on the decoder, alone and packed ($steps steps, $rounds rounds)" >&2
   "$bin/examples/precision_bench" "$decoder" "$PTUNE_ROOT/../shared/data/e2e" "$steps" "$jobs" "$rounds" "$lower" causal_lm \
-    2>"$work/ptune-decoder.log" | tee -a "$report"
+    2>"$work/ptune-decoder.log" | tee "$work/ptune-decoder.md"
+  [ "$lower" = bf16 ] || { cat "$work/ptune-decoder.md" >>"$report"; exit 0; }  # autocast compares bf16 only
+  hf_lm() {
+    .venv/bin/python bench/hf_lm_throughput.py --model "$decoder" --train "$PTUNE_ROOT/../shared/data/e2e/train.jsonl" \
+      --method prompt_tuning --num-virtual-tokens 20 --batch-size 32 --max-seq-len 64 --steps "$steps" "$@" \
+      2>>"$work/hf-decoder.log" | tee -a "$work/hf-decoder.jsonl" | python3 -c 'import json, sys; print(json.load(sys.stdin)["examples_per_second"])'
+  }
+  : >"$work/hf-decoder.log"
+  : >"$work/hf-decoder.jsonl"
+  echo "bench: Hugging Face PEFT fp32 and bf16 autocast on the decoder ($steps steps, $rounds rounds)" >&2
+  hf_fp32=() hf_bf16=()
+  for _ in $(seq 1 "$rounds"); do
+    hf_fp32+=("$(hf_lm)")
+    hf_bf16+=("$(hf_lm --bf16)")
+  done
+  {
+    cat "$work/ptune-decoder.md"
+    # As precision_bench: the median round by seconds (of two, the slower).
+    python3 -c "
+import sys
+fp32, bf16 = (sorted(map(float, s.split()), reverse=True) for s in sys.argv[1:])
+a, b = fp32[len(fp32) // 2], bf16[len(bf16) // 2]
+print(f'| Hugging Face PEFT, one job, batch 32, $steps steps (bf16: CPU autocast) | {a:.1f} | {b:.1f} | {b / a:.2f}x |')" \
+      "${hf_fp32[*]}" "${hf_bf16[*]}"
+    echo
+  } >>"$report"
+  tail -n 2 "$report" | head -n 1
   exit 0
 fi
 
