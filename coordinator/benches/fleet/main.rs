@@ -2,8 +2,10 @@
 //! jobs submitted over them, and W simulated workers over real gRPC, spread
 //! round-robin over the coordinators, that lease, report and complete the
 //! jobs until every one has succeeded (see `worker.rs` for what a worker
-//! does). Measures submissions per second, lease + report + complete cycles
-//! per second, p50/p95/p99 latency per RPC, and what the work phase costs:
+//! does). Measures submissions per second, how long the workers take to
+//! register with the jobs queued (and the database's CPU meanwhile), lease
+//! + report + complete cycles per second, p50/p95/p99 latency per RPC, and
+//! what the work phase costs:
 //! CPU seconds of the PostgreSQL processes serving the database, rows
 //! written per job, each coordinator's CPU seconds and peak resident
 //! memory. Checks (not timings) that every job was leased once and
