@@ -141,10 +141,14 @@ impl Workers {
         info!(worker_id = %worker_id, hostname = %reg.hostname, slots = reg.slots, ?models, ?devices,
               memory_bytes = reg.memory_bytes, "worker registered");
         self.presence.forget(worker_id);
-        {
-            let _turn = self.estimating.lock().await;
-            memory::estimate_queued(&self.store, &shaped).await?;
-        }
+        // In a task of its own: a caller that gives up (a deep queue takes
+        // seconds) does not cut the estimate short, so its retry finds it done.
+        let (store, estimating) = (self.store.clone(), self.estimating.clone());
+        let estimated = tokio::spawn(async move {
+            let _turn = estimating.lock().await;
+            memory::estimate_queued(&store, &shaped).await
+        });
+        estimated.await.map_err(|e| Error::Internal(format!("estimating the queued jobs stopped: {e}")))??;
         Ok(Registered {
             worker_id,
             heartbeat_interval: self.timing.heartbeat_interval,

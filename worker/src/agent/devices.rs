@@ -77,7 +77,8 @@ pub fn resolve(choice: &str, memory_cap: Option<u64>) -> anyhow::Result<Vec<Work
                     (0, 0)
                 });
                 let room = gpu_room(total, free);
-                if room < total {
+                // The driver keeps a few hundred MiB of every GPU; more than a GiB is someone else's.
+                if total - room > 1 << 30 {
                     tracing::warn!(device = %name, total_bytes = total, held_by_others_bytes = total - room,
                                    "other processes hold memory on this GPU; jobs are placed in what is left");
                 }
