@@ -24,6 +24,9 @@
 //!   PTUNE_FLEET_PROGRESS       progress modes, one run each (default single): `single` (one
 //!                              ReportProgress call per job and step, as before batching), `batch`
 //!                              (one ReportProgressBatch call per step of a pack); e.g. single,batch
+//!   PTUNE_FLEET_RATE           jobs per second the whole fleet asks for, one run each (default 0: as
+//!                              fast as the workers go, which saturates the machine); e.g. 0,2000 measures
+//!                              the most cycles per second, then latencies with 2,000 cycles per second
 //!   PTUNE_FLEET_IDLE           then idle workers, registered and asking for work that never comes
 //!                              (default 0: none): coordinator and PostgreSQL CPU over
 //!                              PTUNE_FLEET_IDLE_S (default 60) as workers ask now, then as they asked
@@ -73,6 +76,8 @@ pub(crate) struct Settings {
     pack: usize,
     /// Progress in batches, per run.
     modes: Vec<bool>,
+    /// LeaseJob calls per second of the whole fleet, per run; 0: unpaced.
+    rates: Vec<u32>,
     idle: usize,
     idle_seconds: u64,
     adapter_bytes: usize,
@@ -109,8 +114,15 @@ impl Settings {
             })
             .collect::<Option<Vec<_>>>()
             .with_context(|| format!("PTUNE_FLEET_PROGRESS must list single and/or batch, got {modes:?}"))?;
+        let rates = std::env::var("PTUNE_FLEET_RATE").unwrap_or_else(|_| "0".into());
+        let rates = rates
+            .split(',')
+            .map(|r| r.trim().parse::<u32>().ok())
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| format!("PTUNE_FLEET_RATE must list jobs per second (0: unpaced), e.g. 0,2000, got {rates:?}"))?;
         let settings = Self {
             coordinators,
+            rates,
             pack: var("PTUNE_FLEET_PACK", 1)?,
             modes,
             idle: var("PTUNE_FLEET_IDLE", 0)?,
@@ -140,6 +152,8 @@ impl Settings {
 struct Report {
     coordinators: usize,
     batch: bool,
+    /// Jobs per second the fleet asked for; 0: unpaced.
+    rate: u32,
     submit_seconds: f64,
     /// Registering every worker, `REGISTRATIONS_IN_FLIGHT` at a time, with the jobs queued.
     register_seconds: f64,
@@ -173,9 +187,11 @@ async fn main() -> anyhow::Result<()> {
     // PTUNE_FLEET_JOBS=0 runs the idle phase alone.
     for &n in settings.coordinators.iter().filter(|_| settings.jobs > 0) {
         for &batch in &settings.modes {
-            let mut report = run(&settings, n, batch).await?;
-            print_run(&settings, &mut report, cores);
-            reports.push(report);
+            for &rate in &settings.rates {
+                let mut report = run(&settings, n, batch, rate).await?;
+                print_run(&settings, &mut report, cores);
+                reports.push(report);
+            }
         }
     }
     if reports.len() > 1 {
@@ -194,8 +210,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One run with `n` coordinators on a fresh database, progress in batches or not.
-async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Report> {
+/// One run with `n` coordinators on a fresh database, progress in batches
+/// or not, the fleet's lease calls paced at `rate` per second (0: unpaced).
+async fn run(settings: &Settings, n: usize, batch: bool, rate: u32) -> anyhow::Result<Report> {
     let db = fresh_database().await?;
     let binary = &settings.coordinator_bin;
     let coordinators =
@@ -218,6 +235,7 @@ async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Repor
     let fleet = Arc::new(Fleet {
         pack: settings.pack,
         batch,
+        pace: (rate > 0).then(|| worker::Pacer::new(rate)),
         ..Fleet::new(settings.workers, settings.jobs, settings.steps, settings.adapter_bytes, settings.lease_wait_ms)
     });
     // The jobs are queued when the workers register: each registration
@@ -298,6 +316,7 @@ async fn run(settings: &Settings, n: usize, batch: bool) -> anyhow::Result<Repor
     Ok(Report {
         coordinators: n,
         batch,
+        rate,
         submit_seconds,
         register_seconds,
         register_pg_cpu,
@@ -495,10 +514,12 @@ fn print_run(settings: &Settings, r: &mut Report, cores: usize) {
     }
 }
 
-/// What a run was: its coordinators and how it reported progress.
+/// What a run was: its coordinators, how it reported progress, its pace.
 fn label(r: &Report) -> String {
     let n = r.coordinators;
-    format!("{n} coordinator{}, progress {}", if n == 1 { "" } else { "s" }, if r.batch { "batched" } else { "single" })
+    let paced = if r.rate > 0 { format!(", paced at {} jobs/s", r.rate) } else { String::new() };
+    let progress = if r.batch { "batched" } else { "single" };
+    format!("{n} coordinator{}, progress {progress}{paced}", if n == 1 { "" } else { "s" })
 }
 
 fn print_side_by_side(settings: &Settings, reports: &mut [Report]) {

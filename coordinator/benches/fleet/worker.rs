@@ -10,6 +10,9 @@
 //! before long-polling. A worker holding no lease heartbeats only when
 //! `Fleet::heartbeat_when_idle` (workers that long-poll do not, as the
 //! agent). An idle worker ([`idle`]) asks for work that never comes.
+//! Paced ([`Pacer`]), the workers together ask for at most a set number of
+//! jobs per second, so latencies are measured at that load rather than at
+//! whatever rate saturates the machine.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -67,6 +70,36 @@ pub struct Fleet {
     pub first_errors: Mutex<Vec<String>>,
     /// Set once every job has completed.
     pub done: watch::Sender<bool>,
+    /// Spaces the fleet's LeaseJob calls; None: each worker asks as soon as it is free.
+    pub pace: Option<Pacer>,
+}
+
+/// Spaces the LeaseJob calls of the whole fleet evenly at `rate` per
+/// second: each call takes the next free slot and waits for it. A fleet
+/// that falls behind (its workers all busy when their slots come) takes
+/// fewer jobs per second than the rate, which the phase's cycles per second
+/// then show; missed slots are not made up later in a burst.
+pub struct Pacer {
+    interval: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Pacer {
+    pub fn new(rate: u32) -> Self {
+        Self { interval: Duration::from_secs_f64(1.0 / f64::from(rate.max(1))), next: Mutex::new(None) }
+    }
+
+    /// Waits for this call's slot.
+    async fn slot(&self) {
+        let at = {
+            let mut next = self.next.lock().unwrap();
+            let now = Instant::now();
+            let at = next.map_or(now, |n| n.max(now));
+            *next = Some(at + self.interval);
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
 }
 
 impl Fleet {
@@ -89,6 +122,7 @@ impl Fleet {
             duplicate_leases: AtomicU64::new(0),
             first_errors: Mutex::new(Vec::new()),
             done: watch::channel(false).0,
+            pace: None,
         }
     }
 
@@ -178,6 +212,12 @@ async fn work(
             // A worker that holds jobs trains them rather than wait for more.
             wait_ms: if pack.is_empty() { fleet.lease_wait_ms } else { 0 },
         };
+        if let Some(pace) = &fleet.pace {
+            tokio::select! {
+                () = pace.slot() => {}
+                _ = done.wait_for(|d| *d) => break,
+            }
+        }
         let started = Instant::now();
         let reply = tokio::select! {
             reply = client.lease_job(request) => reply,

@@ -117,6 +117,51 @@ macro_rules! candidate_columns {
     };
 }
 
+/// The oldest queued jobs whose retry time has passed (but `taken`) on
+/// each model of `$1`, `$4` at most of each, read from the queue's index
+/// (`jobs_queue_idx`, queued jobs only) so the read costs the same however
+/// many jobs are queued or finished. The model is matched as a range of one
+/// and the jobs ordered by it too, so that index is the only one that gives
+/// the order: matched with `=`, the model drops out of the order and
+/// PostgreSQL may walk `jobs_created_idx` from the oldest job instead,
+/// filtering out every job that is no longer queued. It did so with
+/// statistics taken while a large submission was all queued: every lease
+/// then read each job leased or finished since (tests/queue_plans.rs).
+pub const QUEUE_HEADS_SQL: &str = concat!(
+    "SELECT c.* FROM unnest($1::text[]) AS m (model) \
+     CROSS JOIN LATERAL ( \
+         SELECT ",
+    candidate_columns!("$2"),
+    "    FROM jobs q \
+         WHERE q.state = 'queued' AND q.base_model >= m.model AND q.base_model <= m.model \
+           AND (q.retry_at IS NULL OR q.retry_at <= now()) AND q.id <> ALL($3) \
+         ORDER BY q.base_model, q.created_at, q.id LIMIT $4) c"
+);
+
+/// For [`Store::queue_outlook`], given the models `$1` and the spread
+/// window `$2` in milliseconds: whether a job on one of them is queued, and
+/// in how many seconds a queued job's retry time passes or its window ends
+/// (NULL: none will). Each part reads an index a little way: whether a
+/// model has a job queued (the queue's index, per model, read as
+/// [`QUEUE_HEADS_SQL`] reads it, for the same reason: asked whether any row
+/// is queued with statistics that say all are, PostgreSQL scanned the whole
+/// table), the earliest retry time to come (migration 0020) and the oldest
+/// job still in its window. Aggregating over all queued jobs instead also
+/// walked the index entries of every job leased since the last vacuum.
+pub const QUEUE_OUTLOOK_SQL: &str = "SELECT EXISTS ( \
+         SELECT 1 FROM unnest($1::text[]) AS m (model) \
+         CROSS JOIN LATERAL ( \
+             SELECT 1 FROM jobs q \
+             WHERE q.state = 'queued' AND q.base_model >= m.model AND q.base_model <= m.model \
+             ORDER BY q.base_model, q.created_at, q.id LIMIT 1) q), \
+     extract(epoch FROM least( \
+         (SELECT min(retry_at) FROM jobs \
+          WHERE state = 'queued' AND retry_at IS NOT NULL AND retry_at > now() AND base_model = ANY($1)), \
+         (SELECT updated_at + $2 * interval '1 millisecond' FROM jobs \
+          WHERE state = 'queued' AND updated_at > now() - $2 * interval '1 millisecond' \
+            AND base_model = ANY($1) \
+          ORDER BY updated_at LIMIT 1)) - now())::float8";
+
 #[derive(sqlx::FromRow)]
 struct CandidateRow {
     id: Uuid,
@@ -480,30 +525,14 @@ impl Store {
     /// and how long until one changes for placement by time alone: its
     /// retry time passes, or its [`SPREAD_WINDOW`] ends and any worker may
     /// take it. Nothing is notified then, so a lease call waiting for work
-    /// looks again at that time.
+    /// looks again at that time ([`QUEUE_OUTLOOK_SQL`]).
     #[instrument(skip_all)]
     pub async fn queue_outlook(&self, models: &[String]) -> Result<QueueOutlook> {
-        // Each part reads an index a little way: whether a model has a job
-        // queued (the queue's index, per model), the earliest retry time to
-        // come (migration 0020) and the oldest job still in its window.
-        // Aggregating over all queued jobs instead also walked the index
-        // entries of every job leased since the last vacuum.
-        let (queued, secs): (bool, Option<f64>) = sqlx::query_as(
-            "SELECT EXISTS ( \
-                 SELECT 1 FROM unnest($1::text[]) AS m (model) \
-                 WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.state = 'queued' AND q.base_model = m.model)), \
-             extract(epoch FROM least( \
-                 (SELECT min(retry_at) FROM jobs \
-                  WHERE state = 'queued' AND retry_at IS NOT NULL AND retry_at > now() AND base_model = ANY($1)), \
-                 (SELECT updated_at + $2 * interval '1 millisecond' FROM jobs \
-                  WHERE state = 'queued' AND updated_at > now() - $2 * interval '1 millisecond' \
-                    AND base_model = ANY($1) \
-                  ORDER BY updated_at LIMIT 1)) - now())::float8",
-        )
-        .bind(models)
-        .bind(millis(SPREAD_WINDOW))
-        .fetch_one(&self.pool)
-        .await?;
+        let (queued, secs): (bool, Option<f64>) = sqlx::query_as(QUEUE_OUTLOOK_SQL)
+            .bind(models)
+            .bind(millis(SPREAD_WINDOW))
+            .fetch_one(&self.pool)
+            .await?;
         Ok(QueueOutlook {
             queued,
             changes_in: secs.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
@@ -567,26 +596,15 @@ impl Store {
     }
 
     /// The oldest queued jobs whose retry time has passed (but `taken`) on
-    /// each of `models`, `per_model` at most of each. Each model's jobs are
-    /// read from the queue's index, so the read costs the same whatever the
-    /// queue's length.
+    /// each of `models`, `per_model` at most of each ([`QUEUE_HEADS_SQL`]).
     async fn queue_heads(&self, models: &[String], taken: &[Uuid], per_model: usize) -> Result<Vec<Candidate>> {
-        let rows: Vec<CandidateRow> = sqlx::query_as(concat!(
-            "SELECT c.* FROM unnest($1::text[]) AS m (model) \
-             CROSS JOIN LATERAL ( \
-                 SELECT ",
-            candidate_columns!("$2"),
-            "    FROM jobs q \
-                 WHERE q.state = 'queued' AND q.base_model = m.model \
-                   AND (q.retry_at IS NULL OR q.retry_at <= now()) AND q.id <> ALL($3) \
-                 ORDER BY q.created_at, q.id LIMIT $4) c"
-        ))
-        .bind(models)
-        .bind(millis(SPREAD_WINDOW))
-        .bind(taken)
-        .bind(i64::try_from(per_model).unwrap_or(i64::MAX))
-        .fetch_all(&self.hot)
-        .await?;
+        let rows: Vec<CandidateRow> = sqlx::query_as(QUEUE_HEADS_SQL)
+            .bind(models)
+            .bind(millis(SPREAD_WINDOW))
+            .bind(taken)
+            .bind(i64::try_from(per_model).unwrap_or(i64::MAX))
+            .fetch_all(&self.hot)
+            .await?;
         rows.into_iter().map(CandidateRow::into_candidate).collect()
     }
 
@@ -780,7 +798,8 @@ async fn lock_listed(tx: &mut Transaction<'static, Postgres>, listed: &[Uuid], n
 }
 
 /// Locks the oldest queued and leasable job of `pick`'s class (but
-/// `taken`) that no one else holds.
+/// `taken`) that no one else holds, through the queue's index as
+/// [`QUEUE_HEADS_SQL`] reads it.
 async fn lock_oldest_of_class(
     tx: &mut Transaction<'static, Postgres>,
     pick: &Candidate,
@@ -792,13 +811,14 @@ async fn lock_oldest_of_class(
         candidate_columns!("$2"),
         ", extract(epoch FROM now() - q.updated_at)::float8 AS queued_secs \
          FROM jobs q \
-         WHERE q.state = 'queued' AND q.base_model = $1 AND (q.retry_at IS NULL OR q.retry_at <= now()) \
+         WHERE q.state = 'queued' AND q.base_model >= $1 AND q.base_model <= $1 \
+           AND (q.retry_at IS NULL OR q.retry_at <= now()) \
            AND q.memory_weights_bytes IS NOT DISTINCT FROM $3 AND q.memory_job_bytes IS NOT DISTINCT FROM $4 \
            AND q.memory_activation_bytes IS NOT DISTINCT FROM $5 \
            AND (q.updated_at <= now() - $2 * interval '1 millisecond') = $6 AND q.id <> ALL($7) AND ",
         job_devices!("q"),
         " = $8 \
-         ORDER BY q.created_at, q.id LIMIT 1 \
+         ORDER BY q.base_model, q.created_at, q.id LIMIT 1 \
          FOR UPDATE SKIP LOCKED"
     ))
     .bind(&pick.base_model)
