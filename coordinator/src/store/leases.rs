@@ -39,6 +39,22 @@ pub enum AdapterFile {
     Small { blob: Uuid, data: Vec<u8> },
 }
 
+/// Renews the leases (job ids `$1`, epochs `$2`, token hashes `$5`) that
+/// worker `$3` holds by `$4` milliseconds, those still valid, and returns
+/// them with whether their job is cancelled or stopped early. Each job is
+/// read by its key, one lease at a time: joined to the jobs table as a
+/// whole, PostgreSQL hashed every running job for each heartbeat when its
+/// statistics said few run (tests/hot_plans.rs), so a fleet's heartbeats
+/// cost it the square of its size.
+pub const RENEW_LEASES_SQL: &str = "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+     FROM UNNEST($1::uuid[], $2::bigint[], $5::bytea[]) AS l(job_id, epoch, token_hash) \
+     CROSS JOIN LATERAL ( \
+         SELECT j.state, j.lease_epoch, j.cancel_requested, j.early_stop_requested \
+         FROM jobs j WHERE j.id = l.job_id OFFSET 0) j \
+     WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
+       AND a.lease_token_hash = l.token_hash AND j.state = 'running' AND j.lease_epoch = a.epoch \
+     RETURNING a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested";
+
 impl Store {
     /// The spec of the job `lease` holds (running, with its token).
     pub async fn leased_spec(&self, lease: LeaseRef) -> Result<Fenced<JobSpec>> {
@@ -67,7 +83,7 @@ impl Store {
 
     /// Renews the valid leases among `leases` held by `worker` and returns
     /// those to stop (leases that are no longer valid, and cancelled jobs),
-    /// then those whose sweep stopped them early.
+    /// then those whose sweep stopped them early ([`RENEW_LEASES_SQL`]).
     #[instrument(skip_all, fields(worker_id = %worker, leases = leases.len()))]
     pub async fn renew_leases(
         &self,
@@ -81,21 +97,14 @@ impl Store {
         let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id.0).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| to_i64(l.epoch)).collect();
         let hashes: Vec<Vec<u8>> = leases.iter().map(|l| l.token_hash.to_vec()).collect();
-        let renewed: Vec<(Uuid, i64, bool, bool)> = sqlx::query_as(
-            "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
-             FROM jobs j, UNNEST($1::uuid[], $2::bigint[], $5::bytea[]) AS l(job_id, epoch, token_hash) \
-             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
-               AND a.lease_token_hash = l.token_hash \
-               AND j.id = a.job_id AND j.state = 'running' AND j.lease_epoch = a.epoch \
-             RETURNING a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested",
-        )
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(worker.0)
-        .bind(millis(timeout))
-        .bind(&hashes)
-        .fetch_all(&self.pool)
-        .await?;
+        let renewed: Vec<(Uuid, i64, bool, bool)> = sqlx::query_as(RENEW_LEASES_SQL)
+            .bind(&ids)
+            .bind(&epochs)
+            .bind(worker.0)
+            .bind(millis(timeout))
+            .bind(&hashes)
+            .fetch_all(&self.pool)
+            .await?;
         let keep: HashSet<(Uuid, i64)> =
             renewed.iter().filter(|(_, _, cancel, _)| !cancel).map(|(id, epoch, _, _)| (*id, *epoch)).collect();
         let early: HashSet<(Uuid, i64)> = renewed

@@ -126,7 +126,7 @@ macro_rules! candidate_columns {
 /// PostgreSQL may walk `jobs_created_idx` from the oldest job instead,
 /// filtering out every job that is no longer queued. It did so with
 /// statistics taken while a large submission was all queued: every lease
-/// then read each job leased or finished since (tests/queue_plans.rs).
+/// then read each job leased or finished since (tests/hot_plans.rs).
 pub const QUEUE_HEADS_SQL: &str = concat!(
     "SELECT c.* FROM unnest($1::text[]) AS m (model) \
      CROSS JOIN LATERAL ( \

@@ -48,7 +48,7 @@ pub use leasing::{LeaseAsk, QueueOutlook, QUEUE_HEADS_SQL, QUEUE_OUTLOOK_SQL};
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};
-pub use leases::{AdapterFile, CompleteOutcome};
+pub use leases::{AdapterFile, CompleteOutcome, RENEW_LEASES_SQL};
 pub use progress::merge_reports;
 pub use sweep_drive::{DriveSweep, DriveTrial, NewTrial, Recorded, RungResult, SweepDrive};
 pub use sweeps::{NewSweep, SweepChange};

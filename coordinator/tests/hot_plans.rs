@@ -1,14 +1,15 @@
-//! How PostgreSQL reads the head of the queue for a lease, after a large
-//! submission has been leased and finished in part: with the table's
-//! statistics taken while every job was queued (as autovacuum takes them
-//! after a large submission), a lease must still read the queue's own
-//! index and pass over none of the jobs leased or finished since, whether
-//! PostgreSQL plans the statement for its parameters or once for all
-//! (after a few calls on a connection it may keep a generic plan). So must
-//! the look a waiting lease call takes at whether anything is queued, once
-//! nothing is.
+//! How PostgreSQL runs the statements of every lease and heartbeat, with
+//! the table's statistics taken while every job was queued (as autovacuum
+//! takes them after a large submission), whether it plans a statement for
+//! its parameters or once for all (after a few calls on a connection it
+//! may keep a generic plan). Once much of a large submission has been
+//! leased and finished, a lease still reads the queue's own index and
+//! passes over none of the jobs leased or finished since; so does the look
+//! a waiting lease call takes at whether anything is queued, once nothing
+//! is; and a worker's heartbeat reads its own leases only, however many
+//! jobs the fleet runs.
 
-use ptune_coordinator::store::{Store, QUEUE_HEADS_SQL, QUEUE_OUTLOOK_SQL};
+use ptune_coordinator::store::{Store, QUEUE_HEADS_SQL, QUEUE_OUTLOOK_SQL, RENEW_LEASES_SQL};
 use ptune_coordinator::testing::fresh_database;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
@@ -59,8 +60,9 @@ fn passed_over(read: &Value) -> f64 {
     read["Rows Removed by Filter"].as_f64().unwrap_or(0.0)
 }
 
-#[tokio::test]
-async fn a_lease_reads_only_queued_jobs_however_stale_the_statistics() {
+/// A fresh migrated database with `jobs` queued jobs on [`MODEL`], its
+/// statistics taken while they are all queued, and a connection to it.
+async fn queued(jobs: i64) -> (ptune_coordinator::testing::TestDatabase, PgConnection) {
     let db = fresh_database().await.unwrap();
     Store::connect(&db.url).await.unwrap().migrate().await.unwrap();
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
@@ -73,11 +75,17 @@ async fn a_lease_reads_only_queued_jobs_however_stale_the_statistics() {
          FROM generate_series(1, $2) g",
     )
     .bind(MODEL)
-    .bind(JOBS)
+    .bind(jobs)
     .execute(&mut conn)
     .await
     .unwrap();
     sqlx::query("ANALYZE jobs").execute(&mut conn).await.unwrap();
+    (db, conn)
+}
+
+#[tokio::test]
+async fn a_lease_reads_only_queued_jobs_however_stale_the_statistics() {
+    let (_db, mut conn) = queued(JOBS).await;
     // What happens to a large submission next: its jobs get their memory
     // estimates, and the oldest are leased and many of those finish.
     sqlx::query("UPDATE jobs SET memory_weights_bytes = 1, memory_job_bytes = 1, memory_activation_bytes = 1")
@@ -137,4 +145,65 @@ async fn a_lease_reads_only_queued_jobs_however_stale_the_statistics() {
         .await
         .unwrap();
     assert!(!queued && changes_in.is_none(), "nothing queued, nothing to wait for: {queued} {changes_in:?}");
+}
+
+#[tokio::test]
+async fn a_heartbeat_reads_only_its_own_leases_however_stale_the_statistics() {
+    const WORKERS: i64 = 500;
+    const EACH: i64 = 20;
+    let (_db, mut conn) = queued(WORKERS * EACH).await;
+    // Every job leased, `EACH` to each worker.
+    sqlx::query(
+        "INSERT INTO workers (id, hostname, slots) \
+         SELECT ('00000000-0000-0000-0000-' || lpad(w::text, 12, '0'))::uuid, 'w' || w, $1 \
+         FROM generate_series(0, $2 - 1) w",
+    )
+    .bind(EACH as i32)
+    .bind(WORKERS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "WITH leased AS (UPDATE jobs SET state = 'running', lease_epoch = 1 RETURNING id), \
+              numbered AS (SELECT id, row_number() OVER (ORDER BY id) % $1 AS w FROM leased) \
+         INSERT INTO job_attempts (job_id, attempt, epoch, worker_id, lease_token_hash, lease_expires_at) \
+         SELECT id, 1, 1, ('00000000-0000-0000-0000-' || lpad(w::text, 12, '0'))::uuid, \
+                sha256(id::text::bytea), now() + interval '1 minute' \
+         FROM numbered",
+    )
+    .bind(WORKERS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let worker = "00000000-0000-0000-0000-000000000000";
+    let leases: Vec<(String, String)> = sqlx::query_as(
+        "SELECT job_id::text, encode(lease_token_hash, 'hex') FROM job_attempts WHERE worker_id = $1::uuid",
+    )
+    .bind(worker)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(leases.len() as i64, EACH);
+    let ids: Vec<&str> = leases.iter().map(|(id, _)| id.as_str()).collect();
+    let hashes: Vec<String> = leases.iter().map(|(_, hash)| format!("decode('{hash}', 'hex')")).collect();
+    let args = format!(
+        "'{{{}}}', '{{{}}}', '{worker}', 60000, ARRAY[{}]",
+        ids.join(","),
+        vec!["1"; ids.len()].join(","),
+        hashes.join(", ")
+    );
+    for (mode, plan) in
+        plans(&mut conn, "renew", RENEW_LEASES_SQL, "uuid[], bigint[], uuid, bigint, bytea[]", &args).await
+    {
+        assert_eq!(plan["Actual Rows"].as_f64(), Some(EACH as f64), "{mode}: every lease renewed: {plan:#}");
+        for read in nodes(&plan).into_iter().filter(|n| n["Relation Name"] == "jobs") {
+            let rows = (read["Actual Rows"].as_f64().unwrap_or(0.0) + passed_over(read))
+                * read["Actual Loops"].as_f64().unwrap_or(1.0);
+            assert!(
+                rows <= EACH as f64,
+                "{mode}: a heartbeat of {EACH} leases read {rows} jobs of the {} running: {plan:#}",
+                WORKERS * EACH
+            );
+        }
+    }
 }
