@@ -135,6 +135,36 @@ async fn one_heartbeat_renews_every_lease_of_a_worker() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_renews_its_lease_once_half_of_it_is_gone() {
+    let timeout = Duration::from_secs(20);
+    let mut env = common::start(timeout).await;
+    let spec = env.spec("renewed").await;
+    let worker = env.register().await;
+    env.submit(spec).await;
+    let lease = env.lease(&worker).await.expect("a lease");
+    let leased = lease_expiries(&env.db.url, std::slice::from_ref(&lease)).await[0];
+
+    // Most of the lease left: the report leaves it as it is (no rewrite of the attempt).
+    env.report(&lease, 1, vec![metric(1, "train", "loss", 1.0)]).await.unwrap();
+    assert_eq!(lease_expiries(&env.db.url, std::slice::from_ref(&lease)).await[0], leased);
+
+    // Less than half left: the next report renews it for a whole period.
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    sqlx::query("UPDATE job_attempts SET lease_expires_at = now() + interval '8 seconds' WHERE ended_at IS NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let waning = lease_expiries(&env.db.url, std::slice::from_ref(&lease)).await[0];
+    env.report(&lease, 2, vec![metric(2, "train", "loss", 0.5)]).await.unwrap();
+    let renewed = lease_expiries(&env.db.url, std::slice::from_ref(&lease)).await[0];
+    assert!(
+        renewed >= waning + 11_000_000,
+        "renewed to a whole period from now: {waning} -> {renewed} (microseconds)"
+    );
+    assert_eq!(loss_steps(&mut env, &lease.job_id).await, [1, 2], "both reports recorded");
+}
+
 /// When each lease expires, in microseconds since the epoch.
 async fn lease_expiries(database_url: &str, leases: &[v1::Lease]) -> Vec<i64> {
     let pool = sqlx::PgPool::connect(database_url).await.unwrap();

@@ -2,7 +2,8 @@
 //! jobs packed in one pass, or catching up after an outage, sends the steps
 //! of all of them at once. Each statement covers every lease of the batch
 //! (`UNNEST`): one locks the job rows and reads the lease tokens, one moves
-//! the jobs' steps and renews the attempts, and one inserts the metrics.
+//! the jobs' steps and renews the attempts whose lease is half gone, and
+//! one inserts the metrics.
 //! Each lease is fenced on its own: a stale or unknown lease gets its own
 //! answer and changes nothing, while the others are recorded.
 //!
@@ -54,8 +55,8 @@ pub fn merge_reports(reports: &[ProgressReport]) -> Vec<ProgressReport> {
 }
 
 impl Store {
-    /// Records the progress and metrics of several leases and renews them,
-    /// all in one transaction, and answers for each lease of
+    /// Records the progress and metrics of several leases and renews those
+    /// with less than half of `timeout` left, all in one transaction, and answers for each lease of
     /// [`merge_reports`]`(reports)` in its order whether it should stop. A
     /// training loss that is NaN or infinite fails its job as diverged.
     #[instrument(skip_all, fields(reports = reports.len()))]
@@ -95,7 +96,12 @@ impl Store {
         let steps: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.step)).collect();
         let totals: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.total_steps)).collect();
         let epochs: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.lease.epoch)).collect();
-        // The steps and the renewed leases, in one statement.
+        // The steps and the renewed leases, in one statement. A lease is
+        // renewed only once less than half of it is left (the worker's
+        // heartbeats renew it as well): renewing rewrites the attempt's row
+        // with an entry in each of its six indexes (`lease_expires_at` is
+        // one of them), so a job reporting every step rewrote it at every
+        // step; now about twice per lease period.
         sqlx::query(
             "WITH j AS ( \
                  UPDATE jobs j SET step = r.step, \
@@ -103,7 +109,8 @@ impl Store {
                  FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id) \
              UPDATE job_attempts a SET lease_expires_at = now() + $5 * interval '1 millisecond' \
              FROM UNNEST($1::uuid[], $4::bigint[]) AS l(job_id, epoch) \
-             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
+             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL \
+               AND a.lease_expires_at < now() + $5 * interval '1 millisecond' / 2",
         )
         .bind(&job_ids)
         .bind(&steps)
