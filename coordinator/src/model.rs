@@ -373,6 +373,18 @@ pub struct ProgressReport {
     pub metrics: Vec<Metric>,
 }
 
+/// A worker asking for a job (`LeaseJobRequest`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub worker: WorkerId,
+    /// Jobs it has room for now.
+    pub free_slots: u32,
+    /// Base models it holds in memory now.
+    pub loaded: Vec<String>,
+    /// How long the call may wait for a job to be queued.
+    pub wait: std::time::Duration,
+}
+
 /// The end of a successful attempt, before its adapter bytes arrive.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {

@@ -160,6 +160,7 @@ async fn complete(env: &mut Env, lease: &v1::Lease, step: u64, metrics: Vec<v1::
         step,
         peak_rss_bytes: PEAK_RSS,
         lease_token: lease.lease_token.clone(),
+        next: None,
     };
     let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
     parts.extend(adapter.chunks(100_000).map(|c| v1::CompleteJobChunk { part: Some(Part::Data(c.to_vec())) }));

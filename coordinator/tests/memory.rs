@@ -109,6 +109,7 @@ async fn a_worker_gets_jobs_on_the_model_it_holds_first_and_its_peak_memory_is_k
         step: 10,
         peak_rss_bytes: 321 * MIB,
         lease_token: first.lease_token.clone(),
+        next: None,
     };
     let parts = vec![
         v1::CompleteJobChunk { part: Some(Part::Header(header)) },

@@ -230,6 +230,27 @@ async fn jobs_in_every_slot_of_a_worker_train_as_one_pack_on_one_copy_of_the_bas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_takes_each_next_job_with_the_completion_of_the_last() {
+    let cluster = Cluster::start(Duration::from_secs(5)).await;
+    let mut client = cluster.client().await;
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        jobs.push(submit_sst2(&mut client, 3).await);
+    }
+    let _worker = cluster.spawn_worker_with_slots("busy", 1);
+    for job in &jobs {
+        let finished =
+            wait_for(&mut client, &job.id, Duration::from_secs(240), "finished", |j| state(j).is_terminal()).await;
+        assert_eq!((state(&finished), finished.attempts), (JobState::Succeeded, 1));
+    }
+    // One slot: the first job came from LeaseJob, each later one with the
+    // completion of the job before it, with no call in between.
+    let log = cluster.worker_log("busy");
+    let handed = log.lines().map(without_colours).filter(|l| l.contains("job leased with the last completion")).count();
+    assert_eq!(handed, 2, "worker log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_in_a_pack_leaves_it_and_the_others_train_to_the_end() {
     let cluster = Cluster::start(Duration::from_secs(5)).await;
     let mut client = cluster.client().await;

@@ -24,6 +24,10 @@
 //!   PTUNE_FLEET_PROGRESS       progress modes, one run each (default single): `single` (one
 //!                              ReportProgress call per job and step, as before batching), `batch`
 //!                              (one ReportProgressBatch call per step of a pack); e.g. single,batch
+//!   PTUNE_FLEET_NEXT_LEASE     how a worker takes its next job, one run each (default completion):
+//!                              `completion` (asked for with each completion, as the agent does; LeaseJob
+//!                              only when none came), `separate` (a LeaseJob call after each completion,
+//!                              as before); e.g. separate,completion
 //!   PTUNE_FLEET_RATE           jobs per second the whole fleet asks for, one run each (default 0: as
 //!                              fast as the workers go, which saturates the machine); e.g. 0,2000 measures
 //!                              the most cycles per second, then latencies with 2,000 cycles per second
@@ -76,6 +80,8 @@ pub(crate) struct Settings {
     pack: usize,
     /// Progress in batches, per run.
     modes: Vec<bool>,
+    /// The next lease asked for with each completion, per run.
+    next_modes: Vec<bool>,
     /// LeaseJob calls per second of the whole fleet, per run; 0: unpaced.
     rates: Vec<u32>,
     idle: usize,
@@ -104,16 +110,16 @@ impl Settings {
             .with_context(|| {
                 format!("PTUNE_FLEET_COORDINATORS must list counts above 0, e.g. 1,2,3, got {coordinators:?}")
             })?;
-        let modes = std::env::var("PTUNE_FLEET_PROGRESS").unwrap_or_else(|_| "single".into());
-        let modes = modes
-            .split(',')
-            .map(|m| match m.trim() {
-                "single" => Some(false),
-                "batch" => Some(true),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .with_context(|| format!("PTUNE_FLEET_PROGRESS must list single and/or batch, got {modes:?}"))?;
+        /// A comma-separated list of `off` and `on` (in that order in `names`), one run each.
+        fn either(name: &str, default: &str, names: [&str; 2]) -> anyhow::Result<Vec<bool>> {
+            let list = std::env::var(name).unwrap_or_else(|_| default.into());
+            list.split(',')
+                .map(|m| names.iter().position(|n| *n == m.trim()).map(|i| i == 1))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("{name} must list {} and/or {}, got {list:?}", names[0], names[1]))
+        }
+        let modes = either("PTUNE_FLEET_PROGRESS", "single", ["single", "batch"])?;
+        let next_modes = either("PTUNE_FLEET_NEXT_LEASE", "completion", ["separate", "completion"])?;
         let rates = std::env::var("PTUNE_FLEET_RATE").unwrap_or_else(|_| "0".into());
         let rates = rates
             .split(',')
@@ -125,6 +131,7 @@ impl Settings {
             rates,
             pack: var("PTUNE_FLEET_PACK", 1)?,
             modes,
+            next_modes,
             idle: var("PTUNE_FLEET_IDLE", 0)?,
             idle_seconds: var("PTUNE_FLEET_IDLE_S", 60)?,
             workers: var("PTUNE_FLEET_WORKERS", 50)?,
@@ -152,6 +159,8 @@ impl Settings {
 struct Report {
     coordinators: usize,
     batch: bool,
+    /// Each completion asked for the worker's next job.
+    next_with_completion: bool,
     /// Jobs per second the fleet asked for; 0: unpaced.
     rate: u32,
     submit_seconds: f64,
@@ -187,10 +196,12 @@ async fn main() -> anyhow::Result<()> {
     // PTUNE_FLEET_JOBS=0 runs the idle phase alone.
     for &n in settings.coordinators.iter().filter(|_| settings.jobs > 0) {
         for &batch in &settings.modes {
-            for &rate in &settings.rates {
-                let mut report = run(&settings, n, batch, rate).await?;
-                print_run(&settings, &mut report, cores);
-                reports.push(report);
+            for &next in &settings.next_modes {
+                for &rate in &settings.rates {
+                    let mut report = run(&settings, Mode { coordinators: n, batch, next, rate }).await?;
+                    print_run(&settings, &mut report, cores);
+                    reports.push(report);
+                }
             }
         }
     }
@@ -210,9 +221,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One run with `n` coordinators on a fresh database, progress in batches
-/// or not, the fleet's lease calls paced at `rate` per second (0: unpaced).
-async fn run(settings: &Settings, n: usize, batch: bool, rate: u32) -> anyhow::Result<Report> {
+/// What sets one run apart from the others.
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    coordinators: usize,
+    /// Progress in batches.
+    batch: bool,
+    /// The next lease asked for with each completion.
+    next: bool,
+    /// Jobs per second the fleet asks for; 0: unpaced.
+    rate: u32,
+}
+
+/// One run on a fresh database.
+async fn run(settings: &Settings, mode: Mode) -> anyhow::Result<Report> {
+    let Mode { coordinators: n, batch, next, rate } = mode;
     let db = fresh_database().await?;
     let binary = &settings.coordinator_bin;
     let coordinators =
@@ -236,6 +259,7 @@ async fn run(settings: &Settings, n: usize, batch: bool, rate: u32) -> anyhow::R
         pack: settings.pack,
         batch,
         pace: (rate > 0).then(|| worker::Pacer::new(rate)),
+        next_with_completion: next,
         ..Fleet::new(settings.workers, settings.jobs, settings.steps, settings.adapter_bytes, settings.lease_wait_ms)
     });
     // The jobs are queued when the workers register: each registration
@@ -316,6 +340,7 @@ async fn run(settings: &Settings, n: usize, batch: bool, rate: u32) -> anyhow::R
     Ok(Report {
         coordinators: n,
         batch,
+        next_with_completion: next,
         rate,
         submit_seconds,
         register_seconds,
@@ -519,7 +544,8 @@ fn label(r: &Report) -> String {
     let n = r.coordinators;
     let paced = if r.rate > 0 { format!(", paced at {} jobs/s", r.rate) } else { String::new() };
     let progress = if r.batch { "batched" } else { "single" };
-    format!("{n} coordinator{}, progress {progress}{paced}", if n == 1 { "" } else { "s" })
+    let next = if r.next_with_completion { "next lease with the completion" } else { "next lease by LeaseJob" };
+    format!("{n} coordinator{}, progress {progress}, {next}{paced}", if n == 1 { "" } else { "s" })
 }
 
 fn print_side_by_side(settings: &Settings, reports: &mut [Report]) {

@@ -21,10 +21,14 @@ pub enum Rpc {
     ReportProgressBatch,
     CompleteJob,
     Heartbeat,
+    /// Not an RPC: a call that brought a lease, a LeaseJob call or a
+    /// completion that carried the next one (`CompleteJobHeader.next`),
+    /// timed from its start to the lease in hand.
+    Leased,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 7] = [
+    pub const ALL: [Rpc; 8] = [
         Rpc::RegisterWorker,
         Rpc::SubmitJob,
         Rpc::LeaseJob,
@@ -32,6 +36,7 @@ impl Rpc {
         Rpc::ReportProgressBatch,
         Rpc::CompleteJob,
         Rpc::Heartbeat,
+        Rpc::Leased,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +48,7 @@ impl Rpc {
             Rpc::ReportProgressBatch => "ReportProgressBatch",
             Rpc::CompleteJob => "CompleteJob",
             Rpc::Heartbeat => "Heartbeat",
+            Rpc::Leased => "lease, any call that brought one",
         }
     }
 }

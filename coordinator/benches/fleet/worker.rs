@@ -10,6 +10,11 @@
 //! before long-polling. A worker holding no lease heartbeats only when
 //! `Fleet::heartbeat_when_idle` (workers that long-poll do not, as the
 //! agent). An idle worker ([`idle`]) asks for work that never comes.
+//! With `Fleet::next_with_completion`, as the agent, each completion asks
+//! for the worker's next job too (`CompleteJobHeader.next`), and the worker
+//! calls LeaseJob only when a completion brought none. Heartbeats start at
+//! a random point of the first interval, as the agent's, so a fleet
+//! registered at once does not heartbeat in step.
 //! Paced ([`Pacer`]), the workers together ask for at most a set number of
 //! jobs per second, so latencies are measured at that load rather than at
 //! whatever rate saturates the machine.
@@ -70,8 +75,10 @@ pub struct Fleet {
     pub first_errors: Mutex<Vec<String>>,
     /// Set once every job has completed.
     pub done: watch::Sender<bool>,
-    /// Spaces the fleet's LeaseJob calls; None: each worker asks as soon as it is free.
+    /// Spaces the fleet's requests for jobs; None: each worker asks as soon as it is free.
     pub pace: Option<Pacer>,
+    /// Each completion asks for the worker's next job (`CompleteJobHeader.next`).
+    pub next_with_completion: bool,
 }
 
 /// Spaces the LeaseJob calls of the whole fleet evenly at `rate` per
@@ -123,6 +130,7 @@ impl Fleet {
             first_errors: Mutex::new(Vec::new()),
             done: watch::channel(false).0,
             pace: None,
+            next_with_completion: false,
         }
     }
 
@@ -205,6 +213,11 @@ async fn work(
     let mut pack: Vec<v1::Lease> = Vec::new();
     let mut retry_in = LEASE_RETRY.0;
     while !*done.borrow() {
+        if pack.len() == fleet.pack {
+            // Its completions brought a whole pack.
+            train_pack(&mut client, id, &mut pack, holding, &mut loaded_models, fleet, &mut calls).await;
+            continue;
+        }
         let request = v1::LeaseJobRequest {
             worker_id: id.to_string(),
             free_slots: (fleet.pack - pack.len()) as u32,
@@ -224,6 +237,9 @@ async fn work(
             _ = done.wait_for(|d| *d) => break,
         };
         calls.record(Rpc::LeaseJob, started, reply.is_ok());
+        if reply.as_ref().is_ok_and(|r| r.get_ref().lease.is_some()) {
+            calls.record(Rpc::Leased, started, true);
+        }
         let lease = match reply {
             Ok(reply) => {
                 retry_in = LEASE_RETRY.0;
@@ -238,16 +254,7 @@ async fn work(
             }
         };
         if let Some(lease) = lease {
-            loaded_models = vec![MODEL.to_string()];
-            if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
-                fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
-            }
-            holding.lock().unwrap().push(v1::LeaseRef {
-                job_id: lease.job_id.clone(),
-                epoch: lease.epoch,
-                lease_token: lease.lease_token.clone(),
-            });
-            pack.push(lease);
+            took(lease, &mut pack, holding, &mut loaded_models, fleet);
             if pack.len() < fleet.pack {
                 continue;
             }
@@ -265,15 +272,52 @@ async fn work(
             }
             continue;
         }
-        let completed = train(&mut client, &pack, fleet, &mut calls).await;
-        let completed = fleet.completed.fetch_add(completed, Ordering::AcqRel) + completed;
-        if completed == fleet.jobs {
-            fleet.done.send_replace(true);
-        }
-        pack.clear();
-        holding.lock().unwrap().clear();
+        train_pack(&mut client, id, &mut pack, holding, &mut loaded_models, fleet, &mut calls).await;
     }
     calls
+}
+
+/// Holds `lease` from now on, in the pack and in the heartbeats.
+fn took(
+    lease: v1::Lease,
+    pack: &mut Vec<v1::Lease>,
+    holding: &Mutex<Vec<v1::LeaseRef>>,
+    loaded_models: &mut Vec<String>,
+    fleet: &Fleet,
+) {
+    *loaded_models = vec![MODEL.to_string()];
+    if !fleet.leased.lock().unwrap().insert(lease.job_id.clone()) {
+        fleet.duplicate_leases.fetch_add(1, Ordering::Relaxed);
+    }
+    holding.lock().unwrap().push(v1::LeaseRef {
+        job_id: lease.job_id.clone(),
+        epoch: lease.epoch,
+        lease_token: lease.lease_token.clone(),
+    });
+    pack.push(lease);
+}
+
+/// Trains and completes the pack; the pack is then the leases its
+/// completions brought.
+async fn train_pack(
+    client: &mut WorkerServiceClient<AuthChannel>,
+    id: &str,
+    pack: &mut Vec<v1::Lease>,
+    holding: &Mutex<Vec<v1::LeaseRef>>,
+    loaded_models: &mut Vec<String>,
+    fleet: &Fleet,
+    calls: &mut Calls,
+) {
+    let (completed, next) = train(client, id, pack, fleet, calls).await;
+    let completed = fleet.completed.fetch_add(completed, Ordering::AcqRel) + completed;
+    if completed == fleet.jobs {
+        fleet.done.send_replace(true);
+    }
+    pack.clear();
+    holding.lock().unwrap().clear();
+    for lease in next {
+        took(lease, pack, holding, loaded_models, fleet);
+    }
 }
 
 fn progress(lease: &v1::Lease, step: u64, fleet: &Fleet) -> v1::ReportProgressRequest {
@@ -288,13 +332,14 @@ fn progress(lease: &v1::Lease, step: u64, fleet: &Fleet) -> v1::ReportProgressRe
 }
 
 /// Reports every step of the pack and completes its jobs; returns how many
-/// completed.
+/// completed, and the leases their completions brought.
 async fn train(
     client: &mut WorkerServiceClient<AuthChannel>,
+    id: &str,
     pack: &[v1::Lease],
     fleet: &Fleet,
     calls: &mut Calls,
-) -> usize {
+) -> (usize, Vec<v1::Lease>) {
     let mut stopped = vec![false; pack.len()];
     for step in 1..=fleet.steps {
         if fleet.batch {
@@ -306,7 +351,7 @@ async fn train(
                 Err(status) => {
                     calls.record(Rpc::ReportProgressBatch, started, false);
                     fleet.error(Rpc::ReportProgressBatch, &status);
-                    return 0;
+                    return (0, Vec::new());
                 }
             };
             let refused = answers.iter().any(|a| a.error_code != 0 || a.recorded.is_none_or(|r| r.stop));
@@ -314,7 +359,7 @@ async fn train(
             if refused || answers.len() != pack.len() {
                 let status = tonic::Status::aborted(format!("told to stop or refused: {answers:?}"));
                 fleet.error(Rpc::ReportProgressBatch, &status);
-                return 0;
+                return (0, Vec::new());
             }
             continue;
         }
@@ -340,23 +385,45 @@ async fn train(
         }
     }
     let mut completed = 0;
+    let mut next = Vec::new();
+    let mut done = fleet.done.subscribe();
     for (lease, stopped) in pack.iter().zip(stopped) {
         if stopped {
             continue;
         }
+        // As the agent: each completion asks for the slot it frees to be filled.
+        let ask = fleet.next_with_completion.then(|| v1::LeaseJobRequest {
+            worker_id: id.to_string(),
+            free_slots: 1,
+            loaded_models: vec![MODEL.to_string()],
+            wait_ms: 0,
+        });
+        if let (Some(pace), Some(_)) = (&fleet.pace, &ask) {
+            tokio::select! {
+                () = pace.slot() => {}
+                _ = done.wait_for(|d| *d) => {}
+            }
+        }
         let started = Instant::now();
-        let reply = client.complete_job(futures::stream::iter(complete_parts(lease, fleet))).await;
+        let reply = client.complete_job(futures::stream::iter(complete_parts(lease, fleet, ask))).await;
         calls.record(Rpc::CompleteJob, started, reply.is_ok());
         match reply {
-            Ok(_) => completed += 1,
+            Ok(reply) => {
+                completed += 1;
+                if let Some(lease) = reply.into_inner().next {
+                    calls.record(Rpc::Leased, started, true);
+                    next.push(lease);
+                }
+            }
             Err(status) => fleet.error(Rpc::CompleteJob, &status),
         }
     }
-    completed
+    (completed, next)
 }
 
-/// A header, then an adapter of `fleet.adapter_bytes` that differs per job.
-fn complete_parts(lease: &v1::Lease, fleet: &Fleet) -> Vec<v1::CompleteJobChunk> {
+/// A header (asking for the next lease with `next`), then an adapter of
+/// `fleet.adapter_bytes` that differs per job.
+fn complete_parts(lease: &v1::Lease, fleet: &Fleet, next: Option<v1::LeaseJobRequest>) -> Vec<v1::CompleteJobChunk> {
     let mut adapter = vec![0x5a; fleet.adapter_bytes.max(1)];
     let id = lease.job_id.as_bytes();
     let n = id.len().min(adapter.len());
@@ -368,6 +435,7 @@ fn complete_parts(lease: &v1::Lease, fleet: &Fleet) -> Vec<v1::CompleteJobChunk>
         adapter_size: adapter.len() as u64,
         step: fleet.steps,
         lease_token: lease.lease_token.clone(),
+        next,
         ..Default::default()
     };
     let mut parts = vec![v1::CompleteJobChunk { part: Some(Part::Header(header)) }];
@@ -385,9 +453,13 @@ async fn heartbeat(
 ) -> Calls {
     let mut calls = Calls::default();
     let mut done = fleet.done.subscribe();
+    // As the agent: at the same point of each interval, a random one for each worker.
+    let first = tokio::time::Instant::now() + interval.mul_f64(rand::random::<f64>());
+    let mut ticker = tokio::time::interval_at(first, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = ticker.tick() => {}
             _ = done.wait_for(|d| *d) => return calls,
         }
         let leases = holding.lock().unwrap().clone();

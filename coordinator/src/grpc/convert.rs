@@ -11,7 +11,7 @@ use crate::cursor::JobCursor;
 use crate::error::Error;
 use crate::model::{
     AdvertisedModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
-    JobFilter, JobReport, Lease, LeaseRef, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
+    JobFilter, JobReport, Lease, LeaseRef, LeaseRequest, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
     TrialCounts, WorkerRegistration,
 };
 use crate::store::WorkerView;
@@ -216,15 +216,41 @@ fn known(bytes: u64) -> Option<u64> {
 }
 
 /// The worker, its free slots and the models it holds in memory.
-pub fn lease_request(req: v1::LeaseJobRequest) -> Result<(WorkerId, u32, Vec<String>, std::time::Duration), Error> {
-    let worker = worker_id(&req.worker_id)?;
+pub fn lease_request(req: v1::LeaseJobRequest) -> Result<LeaseRequest, Error> {
+    lease_ask(req, "")
+}
+
+/// What a worker asks for in a lease request, its fields named after `prefix`.
+fn lease_ask(req: v1::LeaseJobRequest, prefix: &str) -> Result<LeaseRequest, Error> {
+    let worker = req.worker_id.parse().map_err(|e| Error::invalid(format!("{prefix}worker_id"), e))?;
     if req.loaded_models.len() > 1000 {
-        return Err(Error::invalid("loaded_models", format!("at most 1000, got {}", req.loaded_models.len())));
+        return Err(Error::invalid(
+            format!("{prefix}loaded_models"),
+            format!("at most 1000, got {}", req.loaded_models.len()),
+        ));
     }
     for (i, m) in req.loaded_models.iter().enumerate() {
-        bounds::folder_name(&format!("loaded_models[{i}]"), m)?;
+        bounds::folder_name(&format!("{prefix}loaded_models[{i}]"), m)?;
     }
-    Ok((worker, req.free_slots, req.loaded_models, std::time::Duration::from_millis(u64::from(req.wait_ms))))
+    Ok(LeaseRequest {
+        worker,
+        free_slots: req.free_slots,
+        loaded: req.loaded_models,
+        wait: std::time::Duration::from_millis(u64::from(req.wait_ms)),
+    })
+}
+
+/// The next lease a completion asks for (`CompleteJobHeader.next`), which
+/// never waits.
+pub fn next_lease(next: Option<v1::LeaseJobRequest>) -> Result<Option<LeaseRequest>, Error> {
+    let Some(next) = next else { return Ok(None) };
+    if next.wait_ms != 0 {
+        return Err(Error::invalid(
+            "next.wait_ms",
+            format!("must be 0 (a completion answers at once; call LeaseJob to wait for work), got {}", next.wait_ms),
+        ));
+    }
+    lease_ask(next, "next.").map(Some)
 }
 
 /// A lease named by a worker, with the hash of the lease token it presents.

@@ -63,8 +63,8 @@ impl WorkerService for WorkerApi {
     #[instrument(skip_all, fields(worker_id = %req.get_ref().worker_id))]
     async fn lease_job(&self, req: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
         let caller = identity(&req)?;
-        let (worker, free_slots, loaded, wait) = convert::lease_request(req.into_inner())?;
-        let lease = self.workers.lease(worker, free_slots, loaded, wait, &caller).await?;
+        let ask = convert::lease_request(req.into_inner())?;
+        let lease = self.workers.lease(ask, &caller).await?;
         Ok(Response::new(v1::LeaseJobResponse { lease: lease.as_ref().map(convert::lease) }))
     }
 
@@ -95,11 +95,13 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<Streaming<v1::CompleteJobChunk>>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
+        let caller = identity(&req)?;
         let mut chunks = req.into_inner();
         let first = super::next_message(&mut chunks, self.upload_idle).await?;
         let Some(Part::Header(header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
+        let next = convert::next_lease(header.next.clone())?;
         let mut upload = self.workers.begin_completion(convert::completion(header)?).await?;
         while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(Part::Data(data)) = chunk.part else {
@@ -108,7 +110,11 @@ impl WorkerService for WorkerApi {
             upload.push(&data).await?;
         }
         self.workers.complete(upload).await?;
-        Ok(Response::new(v1::CompleteJobResponse {}))
+        let next = match next {
+            Some(ask) => self.workers.lease_after_completion(ask, &caller).await,
+            None => None,
+        };
+        Ok(Response::new(v1::CompleteJobResponse { next: next.as_ref().map(convert::lease) }))
     }
 
     #[instrument(skip_all, fields(job_id = %req.get_ref().job_id, epoch = req.get_ref().epoch))]

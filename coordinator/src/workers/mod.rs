@@ -24,7 +24,7 @@ use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
-    ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
+    LeaseRequest, ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
 };
 use crate::retry::RetryPolicy;
 use crate::group::{together_or_alone, Group};
@@ -191,14 +191,8 @@ impl Workers {
     /// came. The call stands for the worker's heartbeat while it waits, and
     /// an idle worker's calls cost the database next to nothing
     /// (`presence.rs`).
-    pub async fn lease(
-        &self,
-        worker: WorkerId,
-        free_slots: u32,
-        loaded: Vec<String>,
-        wait: Duration,
-        caller: &Identity,
-    ) -> Result<Option<Lease>, Error> {
+    pub async fn lease(&self, ask: LeaseRequest, caller: &Identity) -> Result<Option<Lease>, Error> {
+        let LeaseRequest { worker, free_slots, loaded, wait } = ask;
         // Subscribed before the first look, so a job queued in between wakes it.
         let mut woken = self.work.subscribe();
         let deadline = tokio::time::Instant::now() + wait.min(MAX_LEASE_WAIT);
@@ -272,6 +266,22 @@ impl Workers {
             tokio::select! {
                 changed = woken.changed() => if changed.is_err() { return Ok(None) },
                 () = tokio::time::sleep_until(ripens.unwrap_or(deadline)) => if ripens.is_none() { return Ok(None) },
+            }
+        }
+    }
+
+    /// The next lease a completion asked for (`CompleteJobHeader.next`),
+    /// taken once the completion is recorded. The completion stands however
+    /// this ends, so a refusal or an error is logged and answered with no
+    /// lease: the worker then asks with LeaseJob, which says what is wrong.
+    pub async fn lease_after_completion(&self, ask: LeaseRequest, caller: &Identity) -> Option<Lease> {
+        let worker = ask.worker;
+        let ask = LeaseRequest { wait: Duration::ZERO, ..ask };
+        match self.lease(ask, caller).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(worker_id = %worker, error = %e, "no next lease with the completion");
+                None
             }
         }
     }

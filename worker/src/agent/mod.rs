@@ -17,6 +17,7 @@
 
 mod archive;
 mod client;
+mod handoff;
 pub mod datasets;
 pub mod devices;
 mod health;
@@ -54,6 +55,7 @@ const LEASE_POLL: Duration = Duration::from_millis(250);
 /// failed.
 const LEASE_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 use health::Health;
+use handoff::Handoff;
 use journal::delivery::{deliver, Courier, Delivery};
 use journal::progress::ProgressSender;
 use journal::{Journal, Record};
@@ -122,12 +124,32 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     let leases = Leases::default();
     let health = Health::default();
     let (hard_stop, hard_stopped) = watch::channel(false);
+    let (handoff, mut handed) = {
+        let (worker_id, held, engines, models) = (worker_id.clone(), leases.clone(), engines.clone(), models.clone());
+        let (health, work_dir, signals) = (health.clone(), config.work_dir.clone(), signals.clone());
+        Handoff::new(
+            move || {
+                if *signals.borrow() > 0 || health.unhealthy_reason(&work_dir).is_some() {
+                    return None;
+                }
+                Some(v1::LeaseJobRequest {
+                    worker_id: worker_id.clone(),
+                    // The completion's own slot, and any other free one.
+                    free_slots: slots.saturating_sub(held.len() as u32).saturating_add(1).min(slots),
+                    loaded_models: loaded_models(&engines, &models),
+                    wait_ms: 0,
+                })
+            },
+            leases.clone(),
+        )
+    };
     let context = job::JobContext {
         coordinators: coordinators.clone(),
         courier: Courier {
             coordinators: coordinators.clone(),
             max_checkpoint_bytes: registration.max_checkpoint_bytes,
             progress: ProgressSender::start(coordinators.clone()),
+            handoff: Some(handoff),
         },
         engines: engines.clone(),
         models: Arc::new(models.clone()),
@@ -152,8 +174,11 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         running.spawn(deliver_recovered(context.clone(), journal));
     }
     let mut retry_in = LEASE_RETRY.0;
-    loop {
+    'leasing: loop {
         while running.try_join_next().is_some() {}
+        while let Ok((lease, directive)) = handed.try_recv() {
+            running.spawn(job::run(context.clone(), lease, directive));
+        }
         if *signals.borrow() > 0 {
             break;
         }
@@ -173,10 +198,17 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                 async move { c.lease_job(request).await.map(|r| r.into_inner().lease) }
             });
             // A shutdown signal ends the wait at once (a lease granted in that instant
-            // is never heard of; it expires and its job is queued again).
-            let leased_now = tokio::select! {
-                answer = call => answer,
-                Ok(()) = signals.changed() => continue,
+            // is never heard of; it expires and its job is queued again). Leases
+            // completions bring meanwhile start at once.
+            tokio::pin!(call);
+            let leased_now = loop {
+                tokio::select! {
+                    answer = &mut call => break answer,
+                    Ok(()) = signals.changed() => continue 'leasing,
+                    Some((lease, directive)) = handed.recv() => {
+                        running.spawn(job::run(context.clone(), lease, directive));
+                    }
+                }
             };
             pause = LEASE_POLL.saturating_sub(asked.elapsed());
             if leased_now.is_ok() {
@@ -214,6 +246,9 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = signals.changed() => {}
+                Some((lease, directive)) = handed.recv() => {
+                    running.spawn(job::run(context.clone(), lease, directive));
+                }
             }
         }
     }
@@ -223,8 +258,21 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
     for directive in leases.all() {
         directive.suspend();
     }
+    // A completion on its way when the signal came may still bring a lease:
+    // it is run, to be handed back at its first step.
+    let drain = async {
+        loop {
+            tokio::select! {
+                joined = running.join_next() => if joined.is_none() { break },
+                Some((lease, directive)) = handed.recv() => {
+                    directive.suspend();
+                    running.spawn(job::run(context.clone(), lease, directive));
+                }
+            }
+        }
+    };
     let drained = tokio::select! {
-        _ = async { while running.join_next().await.is_some() {} } => true,
+        _ = drain => true,
         _ = tokio::time::sleep(config.drain_timeout) => {
             warn!("drain timeout: handing the remaining leases back without a checkpoint");
             false
@@ -362,7 +410,10 @@ async fn heartbeat_loop(
     health: Health,
     every: Duration,
 ) {
-    let mut ticker = tokio::time::interval(every);
+    // Each worker at its own random point of the interval: workers started
+    // together (a rollout, a node pool scaled up) do not heartbeat in step.
+    let first = tokio::time::Instant::now() + every.mul_f64(rand::random::<f64>());
+    let mut ticker = tokio::time::interval_at(first, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;

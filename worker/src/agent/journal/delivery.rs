@@ -17,6 +17,7 @@ use super::progress::ProgressSender;
 use super::{Journal, JournalMetric, LeaseFile, Record};
 use crate::agent::archive::Archive;
 use crate::agent::client::{is_transient, Coordinators, CALL_TIMEOUT};
+use crate::agent::handoff::Handoff;
 use crate::agent::leases::{Directive, StopCause};
 
 /// Bytes per message of an archive upload.
@@ -43,6 +44,8 @@ pub struct Courier {
     pub max_checkpoint_bytes: u64,
     /// Sends progress reports together with those of the other leases.
     pub progress: ProgressSender,
+    /// Asks for the worker's next job with each completion; `None`: it does not.
+    pub handoff: Option<Handoff>,
 }
 
 /// Delivers the journal's records in order, taking new ones from
@@ -288,8 +291,14 @@ async fn send(courier: Courier, lease: LeaseFile, unit: Unit, directive: Directi
                 step,
                 peak_rss_bytes,
                 lease_token: lease.lease_token.clone(),
+                next: courier.handoff.as_ref().and_then(Handoff::ask),
             };
-            upload(coordinators.clone(), archive.path.clone(), lease.name.clone(), Upload::Completion(header)).await
+            let next = upload(coordinators.clone(), archive.path.clone(), lease.name.clone(), Upload::Completion(header))
+                .await?;
+            if let (Some(next), Some(handoff)) = (next, &courier.handoff) {
+                handoff.take(next);
+            }
+            Ok(())
         }
         Unit::Fail(request) => coordinators
             .call(CALL_TIMEOUT, move |mut c| {
@@ -316,8 +325,13 @@ enum Upload {
 }
 
 /// Streams the header, then the file at `path` in chunks, read from disk as
-/// the stream is consumed.
-async fn upload(coordinators: Coordinators, path: PathBuf, job: String, upload: Upload) -> Result<(), Refusal> {
+/// the stream is consumed. Answers the lease a completion brought.
+async fn upload(
+    coordinators: Coordinators,
+    path: PathBuf,
+    job: String,
+    upload: Upload,
+) -> Result<Option<v1::Lease>, Refusal> {
     let size = std::fs::metadata(&path).map_err(|e| Refusal::Rejected(format!("{}: {e}", path.display())))?.len();
     // A minute, plus a second per 10 MB.
     let timeout = Duration::from_secs(60 + size / 10_000_000);
@@ -330,13 +344,13 @@ async fn upload(coordinators: Coordinators, path: PathBuf, job: String, upload: 
                         use v1::checkpoint_chunk::Part;
                         let first = v1::CheckpointChunk { part: Some(Part::Header(header)) };
                         let stream = file_stream(path, first, |data| v1::CheckpointChunk { part: Some(Part::Data(data)) }, job);
-                        client.upload_checkpoint(stream).await.map(|_| ())
+                        client.upload_checkpoint(stream).await.map(|_| None)
                     }
                     Upload::Completion(header) => {
                         use v1::complete_job_chunk::Part;
                         let first = v1::CompleteJobChunk { part: Some(Part::Header(header)) };
                         let stream = file_stream(path, first, |data| v1::CompleteJobChunk { part: Some(Part::Data(data)) }, job);
-                        client.complete_job(stream).await.map(|_| ())
+                        client.complete_job(stream).await.map(|r| r.into_inner().next)
                     }
                 }
             }
