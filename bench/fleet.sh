@@ -11,6 +11,8 @@
 #   PTUNE_FLEET_STEPS               steps reported per job (default 1)
 #   PTUNE_FLEET_PACK                jobs a worker leases and trains together (default 1)
 #   PTUNE_FLEET_PROGRESS            single and/or batch, one run each (default single)
+#   PTUNE_FLEET_NEXT_LEASE          separate and/or completion, one run each (default completion: each
+#                                   completion asks for the worker's next job, as the agent does)
 #   PTUNE_FLEET_RATE                jobs per second the fleet asks for, one run each (default 0:
 #                                   unpaced); e.g. 0,2000: the most cycles/s, then latencies at 2,000/s
 #   PTUNE_FLEET_IDLE                idle workers measured afterwards, long-polling, then polling, then
