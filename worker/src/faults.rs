@@ -12,7 +12,8 @@
 //!   fails with "no space left on device", as on a full disk);
 //! - points: `step` (after an optimizer step), `checkpoint` (between the two
 //!   files of a checkpoint), `download` (after a dataset's first chunk),
-//!   `upload` (after an adapter's first chunk), `write` (any guarded write);
+//!   `upload` (after an adapter's first chunk), `write` (any guarded write),
+//!   `handoff` (a completion brought the next lease, not yet started);
 //! - filters: `job=NAME` (the spec's name), `step=N` (at step N; for `write`,
 //!   once a job reached step N), `rank=N` (on rank N of a data-parallel
 //!   run only; a rule without it fires on every rank), `ms=N` (for `pause`).
@@ -25,6 +26,8 @@ pub enum Point {
     Download,
     Upload,
     Write,
+    /// A completion brought the next lease; the worker holds it but has not started it.
+    Handoff,
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -95,6 +98,7 @@ mod hooks {
             "download" => Point::Download,
             "upload" => Point::Upload,
             "write" => Point::Write,
+            "handoff" => Point::Handoff,
             other => panic!("PTUNE_FAULTS rule {text:?}: unknown point {other:?}"),
         };
         let mut rule = Rule { action: action.to_string(), point, job: None, step: None, rank: None, ms: 0 };

@@ -53,6 +53,8 @@ impl Handoff {
         info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt, devices = ?lease.devices,
               checkpoint_step = lease.checkpoint.as_ref().map(|c| c.step), "job leased with the last completion");
         let directive = self.leases.insert(&lease.job_id, lease.epoch, &lease.lease_token);
+        let name = lease.spec.as_ref().map_or("", |s| s.name.as_str());
+        let _ = crate::faults::at(crate::faults::Point::Handoff, name, 0);
         let (job_id, epoch) = (lease.job_id.clone(), lease.epoch);
         if self.to_loop.send((lease, directive)).is_err() {
             warn!(job_id, epoch, "the worker is stopping; the lease it was given expires");

@@ -300,3 +300,37 @@ async fn a_partitioned_worker_loses_its_job_to_another_and_is_refused_when_the_l
         ),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_as_a_completion_brings_its_next_lease_loses_neither_job() {
+    let Scene { dir, db, coordinator, mut client, train, eval, models } = Scene::start(LEASE_MS, &[]).await;
+    let first = submit(&mut client, spec("handoff-first", &train, &eval, 6, "")).await.id;
+    let second = submit(&mut client, spec("handoff-second", &train, &eval, 6, "")).await.id;
+    // One slot: the completion of the first job brings the second, and the
+    // worker dies holding that lease before it starts the job.
+    let mut victim = WorkerProcess::start(dir.path(), "victim", &models, &coordinator.url(), 1, "pause@handoff,ms=120000");
+    victim.wait_log(&["fault injected", "Handoff"], Duration::from_secs(240)).await;
+    assert_eq!(held_job(&db.url, &worker_id(&victim)).await.as_deref(), Some(second.as_str()));
+    victim.kill9();
+    let killed = Instant::now();
+
+    let rescuer = WorkerProcess::start(dir.path(), "rescuer", &models, &coordinator.url(), 1, "");
+    let done = wait_for(&mut client, &first, Duration::from_secs(60), "finished", |j| state(j) as i32 >= 3).await;
+    assert_eq!((state(&done), done.attempts, done.interruptions), (JobState::Succeeded, 1, 0), "{}", done.error);
+    let done = wait_for(&mut client, &second, Duration::from_secs(300), "finished", |j| state(j) as i32 >= 3).await;
+    let recovered = killed.elapsed();
+    assert_eq!(state(&done), JobState::Succeeded, "{}", done.error);
+    assert_eq!((done.attempts, done.failures, done.interruptions), (2, 0, 1), "the lost lease is an interruption");
+    assert_eq!(completed_by(&db.url, &second).await, [worker_id(&rescuer)]);
+    let steps_seen: Vec<u64> = train_losses(&mut client, &second).await.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps_seen, (1..=6).collect::<Vec<_>>(), "every step's loss, once");
+    report(
+        "kill -9 a worker holding the lease its last completion brought",
+        1,
+        2,
+        0,
+        0,
+        "0 failures, 1 interruption (the lease expired)",
+        &format!("the second job succeeded on another worker {:.1} s after the kill", recovered.as_secs_f64()),
+    );
+}
