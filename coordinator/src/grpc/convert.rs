@@ -11,8 +11,8 @@ use crate::cursor::JobCursor;
 use crate::error::Error;
 use crate::model::{
     AdvertisedModel, CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Device, Failure, Job, JobEvent,
-    JobFilter, JobReport, Lease, LeaseRef, LeaseRequest, PageToken, ProgressReport, Release, StopSignal, Sweep, SweepReport, Trial,
-    TrialCounts, WorkerRegistration,
+    JobFilter, JobReport, Lease, LeaseRef, LeaseRequest, PageToken, ProgressReport, Release, StopSignal, Sweep,
+    SweepReport, Trial, TrialCounts, WorkerRegistration,
 };
 use crate::store::WorkerView;
 
