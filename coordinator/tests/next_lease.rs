@@ -29,6 +29,13 @@ async fn complete_asking(
     env.workers.complete_job(futures::stream::iter(parts)).await.map(tonic::Response::into_inner)
 }
 
+/// Completes `lease` asking for `next`, which must be refused naming its field.
+async fn refused(env: &mut Env, lease: &v1::Lease, next: v1::LeaseJobRequest, message_start: &str) {
+    let err = complete_asking(env, lease, next).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with(message_start), "{}", err.message());
+}
+
 #[tokio::test]
 async fn a_completion_brings_the_next_queued_job_whose_lease_works_like_any_other() {
     let mut env = common::start(Duration::from_secs(10)).await;
@@ -80,18 +87,10 @@ async fn a_next_lease_request_that_would_wait_or_names_no_worker_is_refused_befo
     let lease = env.lease(&worker).await.unwrap();
 
     let waits = v1::LeaseJobRequest { wait_ms: 1000, ..ask(&worker) };
-    let err = complete_asking(&mut env, &lease, waits).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("next.wait_ms: must be 0"), "{}", err.message());
-
-    let err = complete_asking(&mut env, &lease, ask("not-a-worker")).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("next.worker_id: "), "{}", err.message());
-
+    refused(&mut env, &lease, waits, "next.wait_ms: must be 0").await;
+    refused(&mut env, &lease, ask("not-a-worker"), "next.worker_id: ").await;
     let bad_model = v1::LeaseJobRequest { loaded_models: vec!["../etc".into()], ..ask(&worker) };
-    let err = complete_asking(&mut env, &lease, bad_model).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("next.loaded_models[0]"), "{}", err.message());
+    refused(&mut env, &lease, bad_model, "next.loaded_models[0]").await;
 
     assert_eq!(state(&env.get(&job.id).await), v1::JobState::Running, "a refused completion records nothing");
     complete_asking(&mut env, &lease, ask(&worker)).await.expect("the same completion, asked right, is recorded");

@@ -98,10 +98,10 @@ impl WorkerService for WorkerApi {
         let caller = identity(&req)?;
         let mut chunks = req.into_inner();
         let first = super::next_message(&mut chunks, self.upload_idle).await?;
-        let Some(Part::Header(header)) = first.and_then(|c| c.part) else {
+        let Some(Part::Header(mut header)) = first.and_then(|c| c.part) else {
             return Err(Error::invalid("header", "the first message must carry the header").into());
         };
-        let next = convert::next_lease(header.next.clone())?;
+        let next = convert::next_lease(header.next.take())?;
         let mut upload = self.workers.begin_completion(convert::completion(header)?).await?;
         while let Some(chunk) = super::next_message(&mut chunks, self.upload_idle).await? {
             let Some(Part::Data(data)) = chunk.part else {

@@ -173,11 +173,15 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         leases.insert(&journal.lease.job_id, journal.lease.epoch, &journal.lease.lease_token);
         running.spawn(deliver_recovered(context.clone(), journal));
     }
+    // Runs a lease a completion brought (`handoff.rs`).
+    let start = |running: &mut tokio::task::JoinSet<()>, (lease, directive): handoff::Handed| {
+        running.spawn(job::run(context.clone(), lease, directive));
+    };
     let mut retry_in = LEASE_RETRY.0;
     'leasing: loop {
         while running.try_join_next().is_some() {}
-        while let Ok((lease, directive)) = handed.try_recv() {
-            running.spawn(job::run(context.clone(), lease, directive));
+        while let Ok(lease) = handed.try_recv() {
+            start(&mut running, lease);
         }
         if *signals.borrow() > 0 {
             break;
@@ -205,9 +209,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
                 tokio::select! {
                     answer = &mut call => break answer,
                     Ok(()) = signals.changed() => continue 'leasing,
-                    Some((lease, directive)) = handed.recv() => {
-                        running.spawn(job::run(context.clone(), lease, directive));
-                    }
+                    Some(lease) = handed.recv() => start(&mut running, lease),
                 }
             };
             pause = LEASE_POLL.saturating_sub(asked.elapsed());
@@ -246,9 +248,7 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = signals.changed() => {}
-                Some((lease, directive)) = handed.recv() => {
-                    running.spawn(job::run(context.clone(), lease, directive));
-                }
+                Some(lease) = handed.recv() => start(&mut running, lease),
             }
         }
     }
@@ -264,9 +264,9 @@ pub async fn run(config: AgentConfig, mut signals: watch::Receiver<u32>) -> anyh
         loop {
             tokio::select! {
                 joined = running.join_next() => if joined.is_none() { break },
-                Some((lease, directive)) = handed.recv() => {
-                    directive.suspend();
-                    running.spawn(job::run(context.clone(), lease, directive));
+                Some(lease) = handed.recv() => {
+                    lease.1.suspend();
+                    start(&mut running, lease);
                 }
             }
         }
