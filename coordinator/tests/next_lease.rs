@@ -1,7 +1,8 @@
 //! A completion that asks for the worker's next job (`CompleteJobHeader.next`):
 //! it brings the next queued job's lease, which works as one from LeaseJob;
 //! a request that would wait is refused before anything is recorded; a next
-//! lease that cannot be taken leaves the completion recorded.
+//! lease that cannot be taken, or whose claim fails in the completion's
+//! transaction, leaves the completion recorded.
 
 mod common;
 
@@ -114,5 +115,41 @@ async fn a_next_lease_that_cannot_be_taken_leaves_the_completion_recorded_and_th
     assert_eq!(state(&env.get(&queued.id).await), v1::JobState::Queued);
     // The worker then asks with LeaseJob, as it does when a completion brings nothing.
     assert_eq!(env.lease(&worker).await.expect("LeaseJob still leases it").job_id, queued.id);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_next_lease_whose_claim_fails_in_the_completions_transaction_leaves_the_completion_recorded() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("poisoned").await;
+    let job = env.submit(spec.clone()).await;
+    let queued = env.submit(spec).await;
+    let worker = env.register().await;
+    let lease = env.lease(&worker).await.unwrap();
+
+    // Opening an attempt of the queued job fails, as a claim that breaks
+    // after the completion's writes would: the statement that leases it
+    // errors inside the transaction that completes the first job.
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'attempts of job {id} are refused'; END $$; \
+         CREATE TRIGGER refuse_attempt BEFORE INSERT ON job_attempts FOR EACH ROW \
+         WHEN (NEW.job_id = '{id}') EXECUTE FUNCTION refuse_attempt();",
+        id = queued.id
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let reply = complete_asking(&mut env, &lease, ask(&worker)).await.expect("the completion is recorded");
+    assert!(reply.next.is_none(), "no lease could be taken: {:?}", reply.next);
+    let done = env.get(&job.id).await;
+    assert_eq!((state(&done), done.attempts), (v1::JobState::Succeeded, 1));
+    let still = env.get(&queued.id).await;
+    assert_eq!((state(&still), still.attempts), (v1::JobState::Queued, 0), "the failed claim left no trace");
+
+    sqlx::raw_sql("DROP TRIGGER refuse_attempt ON job_attempts").execute(&pool).await.unwrap();
+    let next = env.lease(&worker).await.expect("LeaseJob leases it once attempts open again");
+    assert_eq!((next.job_id.as_str(), next.attempt), (queued.id.as_str(), 1));
     env.stop().await;
 }

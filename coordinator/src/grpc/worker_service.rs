@@ -109,11 +109,7 @@ impl WorkerService for WorkerApi {
             };
             upload.push(&data).await?;
         }
-        self.workers.complete(upload).await?;
-        let next = match next {
-            Some(ask) => self.workers.lease_after_completion(ask, &caller).await,
-            None => None,
-        };
+        let next = self.workers.complete(upload, next, &caller).await?;
         Ok(Response::new(v1::CompleteJobResponse { next: next.as_ref().map(convert::lease) }))
     }
 

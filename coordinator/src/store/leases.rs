@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ptune_core::{JobSpec, WorkerId};
+use sqlx::{Postgres, Transaction};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -126,113 +127,122 @@ impl Store {
     /// written when none completes.
     #[instrument(skip_all, fields(completions = done.len()))]
     pub async fn complete_jobs(&self, done: &[(Completion, AdapterFile)]) -> Result<Vec<Fenced<CompleteOutcome>>> {
-        let leases: Vec<LeaseRef> = done.iter().map(|(c, _)| c.lease).collect();
         let mut tx = self.hot.begin().await?;
-        let locked = lock_leased_all(&mut tx, &leases).await?;
-        let mut answers = Vec::with_capacity(done.len());
-        // Leases that completed their job before (a retried completion), and those that complete it now.
-        let (mut again, mut now) = (Vec::new(), Vec::new());
-        for (i, ((completion, _), lock)) in done.iter().zip(locked).enumerate() {
-            let lease = completion.lease;
-            answers.push(match lock.valid() {
-                Err(refused) => refused,
-                Ok(job) if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) => {
-                    again.push(i);
-                    Fenced::Valid(CompleteOutcome::AlreadyCompleted)
-                }
-                Ok(job) if !job.holds(lease) => job.stale()?,
-                Ok(job) => {
-                    // A job asked to stop early that completes before its
-                    // planned last step stopped early; one that got there anyway did not.
-                    now.push((i, job.early_stop_requested && to_i64(completion.step) < job.total_steps));
-                    Fenced::Valid(CompleteOutcome::Completed)
-                }
-            });
-        }
-        if !again.is_empty() {
-            let ids: Vec<Uuid> = again.iter().map(|&i| leases[i].job_id.0).collect();
-            let stored: HashMap<Uuid, String> =
-                sqlx::query_as("SELECT job_id, sha256 FROM adapters WHERE job_id = ANY($1)")
-                    .bind(&ids)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .collect();
-            for &i in &again {
-                let stored = stored.get(&leases[i].job_id.0).cloned().unwrap_or_default();
-                if stored != done[i].0.adapter_sha256 {
-                    answers[i] = Fenced::Valid(CompleteOutcome::DifferentAdapter { stored_sha256: stored });
-                }
-            }
-        }
-        if now.is_empty() {
-            return Ok(answers);
-        }
-        let mut small = SmallAdapters::default();
-        for &(i, _) in &now {
-            let (completion, adapter) = &done[i];
-            let (size, sha256) = (completion.adapter_size, &completion.adapter_sha256);
-            match adapter {
-                AdapterFile::Stored(blob) => {
-                    sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
-                        .bind(completion.lease.job_id.0)
-                        .bind(sha256)
-                        .bind(to_i64(size))
-                        .bind(blob)
-                        .execute(&mut *tx)
-                        .await?;
-                    super::blobs::link_blob(&mut tx, *blob, size, sha256).await?;
-                }
-                AdapterFile::Small { blob, data } => small.push(completion, *blob, data),
-            }
-        }
-        let metrics: Vec<_> = now
-            .iter()
-            .flat_map(|&(i, _)| {
-                let completion = &done[i].0;
-                completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
-            })
-            .collect();
-        insert_metrics_of(&mut *tx, &metrics).await?;
-        let ids: Vec<Uuid> = now.iter().map(|&(i, _)| leases[i].job_id.0).collect();
-        let epochs: Vec<i64> = now.iter().map(|&(i, _)| to_i64(leases[i].epoch)).collect();
-        let steps: Vec<i64> = now.iter().map(|&(i, _)| to_i64(done[i].0.step)).collect();
-        let early: Vec<bool> = now.iter().map(|&(_, early)| early).collect();
-        let peaks: Vec<Option<i64>> = now.iter().map(|&(i, _)| done[i].0.peak_rss_bytes.map(to_i64)).collect();
-        // The small adapters, the jobs and their attempts, in one statement.
-        sqlx::query(
-            "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) \
-                        SELECT id, true, size, sha256 FROM UNNEST($6::uuid[], $8::bigint[], $9::text[]) \
-                            AS s(id, size, sha256)), \
-                  c AS (INSERT INTO blob_chunks (blob_id, seq, data) \
-                        SELECT id, 0, data FROM UNNEST($6::uuid[], $7::bytea[]) AS s(id, data)), \
-                  a AS (INSERT INTO adapters (job_id, sha256, size, blob_id) \
-                        SELECT job_id, sha256, size, id \
-                        FROM UNNEST($10::uuid[], $6::uuid[], $8::bigint[], $9::text[]) AS s(job_id, id, size, sha256)), \
-                  j AS (UPDATE jobs j SET state = 'succeeded', step = d.step, error = '', cancel_requested = false, \
-                            early_stopped = d.early, worker_peak_rss_bytes = d.peak, finished_at = now(), \
-                            updated_at = now() \
-                        FROM UNNEST($1::uuid[], $3::bigint[], $4::bool[], $5::bigint[]) AS d(id, step, early, peak) \
-                        WHERE j.id = d.id) \
-             UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
-             FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
-             WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
-        )
-        .bind(&ids)
-        .bind(&epochs)
-        .bind(&steps)
-        .bind(&early)
-        .bind(&peaks)
-        .bind(&small.blobs)
-        .bind(&small.data)
-        .bind(&small.sizes)
-        .bind(&small.sha256)
-        .bind(&small.jobs)
-        .execute(&mut *tx)
-        .await?;
+        let answers = complete_in(&mut tx, done).await?;
         tx.commit().await?;
         Ok(answers)
     }
+}
+
+/// The writes of [`Store::complete_jobs`] in `tx`, which the caller commits.
+pub(super) async fn complete_in(
+    tx: &mut Transaction<'static, Postgres>,
+    done: &[(Completion, AdapterFile)],
+) -> Result<Vec<Fenced<CompleteOutcome>>> {
+    let leases: Vec<LeaseRef> = done.iter().map(|(c, _)| c.lease).collect();
+    let locked = lock_leased_all(tx, &leases).await?;
+    let mut answers = Vec::with_capacity(done.len());
+    // Leases that completed their job before (a retried completion), and those that complete it now.
+    let (mut again, mut now) = (Vec::new(), Vec::new());
+    for (i, ((completion, _), lock)) in done.iter().zip(locked).enumerate() {
+        let lease = completion.lease;
+        answers.push(match lock.valid() {
+            Err(refused) => refused,
+            Ok(job) if job.state == DbJobState::Succeeded && job.lease_epoch == to_i64(lease.epoch) => {
+                again.push(i);
+                Fenced::Valid(CompleteOutcome::AlreadyCompleted)
+            }
+            Ok(job) if !job.holds(lease) => job.stale()?,
+            Ok(job) => {
+                // A job asked to stop early that completes before its
+                // planned last step stopped early; one that got there anyway did not.
+                now.push((i, job.early_stop_requested && to_i64(completion.step) < job.total_steps));
+                Fenced::Valid(CompleteOutcome::Completed)
+            }
+        });
+    }
+    if !again.is_empty() {
+        let ids: Vec<Uuid> = again.iter().map(|&i| leases[i].job_id.0).collect();
+        let stored: HashMap<Uuid, String> =
+            sqlx::query_as("SELECT job_id, sha256 FROM adapters WHERE job_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .collect();
+        for &i in &again {
+            let stored = stored.get(&leases[i].job_id.0).cloned().unwrap_or_default();
+            if stored != done[i].0.adapter_sha256 {
+                answers[i] = Fenced::Valid(CompleteOutcome::DifferentAdapter { stored_sha256: stored });
+            }
+        }
+    }
+    if now.is_empty() {
+        return Ok(answers);
+    }
+    let mut small = SmallAdapters::default();
+    for &(i, _) in &now {
+        let (completion, adapter) = &done[i];
+        let (size, sha256) = (completion.adapter_size, &completion.adapter_sha256);
+        match adapter {
+            AdapterFile::Stored(blob) => {
+                sqlx::query("INSERT INTO adapters (job_id, sha256, size, blob_id) VALUES ($1, $2, $3, $4)")
+                    .bind(completion.lease.job_id.0)
+                    .bind(sha256)
+                    .bind(to_i64(size))
+                    .bind(blob)
+                    .execute(&mut **tx)
+                    .await?;
+                super::blobs::link_blob(tx, *blob, size, sha256).await?;
+            }
+            AdapterFile::Small { blob, data } => small.push(completion, *blob, data),
+        }
+    }
+    let metrics: Vec<_> = now
+        .iter()
+        .flat_map(|&(i, _)| {
+            let completion = &done[i].0;
+            completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
+        })
+        .collect();
+    insert_metrics_of(&mut **tx, &metrics).await?;
+    let ids: Vec<Uuid> = now.iter().map(|&(i, _)| leases[i].job_id.0).collect();
+    let epochs: Vec<i64> = now.iter().map(|&(i, _)| to_i64(leases[i].epoch)).collect();
+    let steps: Vec<i64> = now.iter().map(|&(i, _)| to_i64(done[i].0.step)).collect();
+    let early: Vec<bool> = now.iter().map(|&(_, early)| early).collect();
+    let peaks: Vec<Option<i64>> = now.iter().map(|&(i, _)| done[i].0.peak_rss_bytes.map(to_i64)).collect();
+    // The small adapters, the jobs and their attempts, in one statement.
+    sqlx::query(
+        "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) \
+                    SELECT id, true, size, sha256 FROM UNNEST($6::uuid[], $8::bigint[], $9::text[]) \
+                        AS s(id, size, sha256)), \
+              c AS (INSERT INTO blob_chunks (blob_id, seq, data) \
+                    SELECT id, 0, data FROM UNNEST($6::uuid[], $7::bytea[]) AS s(id, data)), \
+              a AS (INSERT INTO adapters (job_id, sha256, size, blob_id) \
+                    SELECT job_id, sha256, size, id \
+                    FROM UNNEST($10::uuid[], $6::uuid[], $8::bigint[], $9::text[]) AS s(job_id, id, size, sha256)), \
+              j AS (UPDATE jobs j SET state = 'succeeded', step = d.step, error = '', cancel_requested = false, \
+                        early_stopped = d.early, worker_peak_rss_bytes = d.peak, finished_at = now(), \
+                        updated_at = now() \
+                    FROM UNNEST($1::uuid[], $3::bigint[], $4::bool[], $5::bigint[]) AS d(id, step, early, peak) \
+                    WHERE j.id = d.id) \
+         UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
+         FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
+         WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
+    )
+    .bind(&ids)
+    .bind(&epochs)
+    .bind(&steps)
+    .bind(&early)
+    .bind(&peaks)
+    .bind(&small.blobs)
+    .bind(&small.data)
+    .bind(&small.sizes)
+    .bind(&small.sha256)
+    .bind(&small.jobs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(answers)
 }
 
 /// The small adapters of a group of completions, as columns.

@@ -45,9 +45,11 @@ use tracing::{instrument, warn};
 use uuid::Uuid;
 
 use super::checkpoints::checkpoint_info;
+use super::fencing::Fenced;
 use super::jobs::memory_estimate;
+use super::leases::{complete_in, AdapterFile, CompleteOutcome};
 use super::{millis, to_i64, to_u32, to_u64, Result, Store};
-use crate::model::{Lease, WorkerOffer};
+use crate::model::{Completion, Lease, WorkerOffer};
 use crate::placement::{self, Asker, Candidate, Rival, Running, CANDIDATES_PER_PAGE, POLL_FRESH, SPREAD_WINDOW};
 
 /// Picks that others claimed first before a lease request gives up (the
@@ -282,6 +284,36 @@ pub struct LeaseAsk {
     pub offer: WorkerOffer,
 }
 
+/// What a lease call got: the lease, if any, and how many leasable jobs it
+/// saw at the head of the queue.
+pub type Leased = Result<(Option<Lease>, usize)>;
+
+/// One call's part of [`Store::cycle`]: a completion, with the next lease
+/// its worker asks for, or a lease call of its own.
+#[derive(Clone, Debug)]
+pub enum Cycle {
+    Complete { completion: Completion, adapter: AdapterFile, next: Option<LeaseAsk> },
+    Lease(LeaseAsk),
+}
+
+/// What a [`Cycle`] got: the completion's outcome and, where it asked for
+/// one and completed, its next lease; or the lease call's.
+#[derive(Debug)]
+pub enum Cycled {
+    Complete(Fenced<CompleteOutcome>, Option<Leased>),
+    Lease(Leased),
+}
+
+/// The picks of [`Store::plan_together`], placed but not yet claimed.
+struct Planned<'a> {
+    outcome: Vec<Together>,
+    /// Each pick: the ask's index, its worker as placement saw it, the
+    /// rivals read for it, the job picked and how many jobs it saw.
+    picks: Vec<(usize, Asker, Rivals<'a>, Candidate, usize)>,
+    /// The head of the queue the picks were placed from.
+    queued: Vec<Candidate>,
+}
+
 /// What an ask of a group got together: a lease (with how many leasable
 /// jobs it saw and how long the job was queued), nothing it could take
 /// among the jobs it saw, or a lease call of its own to make.
@@ -334,7 +366,7 @@ impl Store {
         let asker = Asker {
             loaded: offer.loaded.clone(),
             devices: offer.devices.clone(),
-            running: self.running_on(&[worker.0]).await?.remove(&worker.0).unwrap_or_default(),
+            running: self.running_on(&[worker.0], &[]).await?.remove(&worker.0).unwrap_or_default(),
         };
         let mut rivals = Rivals { worker, models: &offer.models, read: None };
         let mut taken = Vec::new();
@@ -362,7 +394,7 @@ impl Store {
     /// one (other coordinators' claims hold them), or that needs more of the
     /// queue than its first page, is leased alone afterwards, as is each
     /// ask when the group's reads or transaction fail.
-    pub async fn lease_group(&self, asks: &[LeaseAsk], timeout: Duration) -> Vec<Result<(Option<Lease>, usize)>> {
+    pub async fn lease_group(&self, asks: &[LeaseAsk], timeout: Duration) -> Vec<Leased> {
         let started = Instant::now();
         let together = match asks {
             [_] => vec![Together::Alone],
@@ -371,6 +403,111 @@ impl Store {
                 asks.iter().map(|_| Together::Alone).collect()
             }),
         };
+        self.settle(asks, together, started, timeout).await
+    }
+
+    /// Completes the completions of `cycles` and leases to their asks in
+    /// one transaction, so that a worker's completion and its next lease
+    /// (`CompleteJobHeader.next`) commit together: the completions as
+    /// [`Self::complete_jobs`], then the asks of those that completed (or
+    /// had completed: a retry) and the lone lease calls as
+    /// [`Self::lease_group`] would, placed with the jobs completed here no
+    /// longer running. The leases are claimed after a savepoint: when
+    /// claiming fails, the completions still commit and each ask is leased
+    /// alone afterwards. An `Err` means nothing was written.
+    #[instrument(skip_all, fields(cycles = cycles.len()))]
+    pub async fn cycle(&self, cycles: &[Cycle], timeout: Duration) -> Result<Vec<Cycled>> {
+        let started = Instant::now();
+        let done: Vec<(Completion, AdapterFile)> = cycles
+            .iter()
+            .filter_map(|c| match c {
+                Cycle::Complete { completion, adapter, .. } => Some((completion.clone(), adapter.clone())),
+                Cycle::Lease(_) => None,
+            })
+            .collect();
+        if done.is_empty() {
+            let asks: Vec<LeaseAsk> =
+                cycles.iter().filter_map(|c| if let Cycle::Lease(a) = c { Some(a.clone()) } else { None }).collect();
+            return Ok(self.lease_group(&asks, timeout).await.into_iter().map(Cycled::Lease).collect());
+        }
+        let mut tx = self.hot.begin().await?;
+        let mut completed = complete_in(&mut tx, &done).await?.into_iter();
+        let mut outcomes = Vec::with_capacity(cycles.len());
+        // Which cycle each ask is of, and the jobs completed here.
+        let (mut asks, mut of, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, cycle) in cycles.iter().enumerate() {
+            match cycle {
+                Cycle::Complete { completion, next, .. } => {
+                    let outcome = completed.next().expect("an outcome for each completion");
+                    let finished = matches!(outcome, Fenced::Valid(CompleteOutcome::Completed));
+                    if finished {
+                        ended.push(completion.lease.job_id.0);
+                    }
+                    // A retried completion asks again: its first answer was lost.
+                    let retried = outcome == Fenced::Valid(CompleteOutcome::AlreadyCompleted);
+                    if let Some(ask) = next.as_ref().filter(|_| finished || retried) {
+                        asks.push(ask.clone());
+                        of.push(i);
+                    }
+                    outcomes.push(Some(outcome));
+                }
+                Cycle::Lease(ask) => {
+                    asks.push(ask.clone());
+                    of.push(i);
+                    outcomes.push(None);
+                }
+            }
+        }
+        let mut claimed = Vec::new();
+        let together = if asks.is_empty() {
+            Vec::new()
+        } else {
+            match self.plan_together(&asks, &ended).await {
+                Ok(planned) if planned.picks.is_empty() => planned.outcome,
+                Ok(planned) => {
+                    sqlx::query("SAVEPOINT lease").execute(&mut *tx).await?;
+                    match self.claim_together(&mut tx, &asks, planned, timeout).await {
+                        Ok((together, jobs)) => {
+                            claimed = jobs;
+                            together
+                        }
+                        Err(error) => {
+                            warn!(%error, asks = asks.len(), "leasing with the completions failed; leasing each alone");
+                            sqlx::query("ROLLBACK TO SAVEPOINT lease").execute(&mut *tx).await?;
+                            asks.iter().map(|_| Together::Alone).collect()
+                        }
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, asks = asks.len(), "placing the asks of completions failed; leasing each alone");
+                    asks.iter().map(|_| Together::Alone).collect()
+                }
+            }
+        };
+        tx.commit().await?;
+        claimed.iter().for_each(|job| self.claimed.insert(*job));
+        let mut leased: HashMap<usize, Leased> =
+            of.into_iter().zip(self.settle(&asks, together, started, timeout).await).collect();
+        Ok(cycles
+            .iter()
+            .zip(outcomes)
+            .enumerate()
+            .map(|(i, (cycle, outcome))| match (cycle, outcome) {
+                (Cycle::Complete { .. }, Some(outcome)) => Cycled::Complete(outcome, leased.remove(&i)),
+                _ => Cycled::Lease(leased.remove(&i).expect("a lone lease call is always leased")),
+            })
+            .collect())
+    }
+
+    /// What each of `asks` got from what it got together: a lease call of
+    /// its own for each [`Together::Alone`].
+    async fn settle(
+        &self,
+        asks: &[LeaseAsk],
+        together: Vec<Together>,
+        started: Instant,
+        timeout: Duration,
+    ) -> Vec<Leased> {
         let each = asks.iter().zip(together).map(|(ask, together)| async move {
             match together {
                 Together::Leased(lease, seen, queued_for) => {
@@ -389,16 +526,31 @@ impl Store {
 
     /// The group part of [`Self::lease_group`]: what each ask got together.
     async fn lease_together(&self, asks: &[LeaseAsk], timeout: Duration) -> Result<Vec<Together>> {
+        let planned = self.plan_together(asks, &[]).await?;
+        if planned.picks.is_empty() {
+            return Ok(planned.outcome);
+        }
+        let mut tx = self.hot.begin().await?;
+        let (outcome, claimed) = self.claim_together(&mut tx, asks, planned, timeout).await?;
+        tx.commit().await?;
+        claimed.iter().for_each(|job| self.claimed.insert(*job));
+        Ok(outcome)
+    }
+
+    /// Placement's pick for each of `asks` in turn, passing over the jobs
+    /// picked for those before it, from one read of the head of the queue
+    /// and one of the jobs the asking workers run (but `ended`).
+    async fn plan_together<'a>(&self, asks: &'a [LeaseAsk], ended: &[Uuid]) -> Result<Planned<'a>> {
         let mut models: Vec<String> = asks.iter().flat_map(|a| a.offer.models.iter().cloned()).collect();
         models.sort();
         models.dedup();
         // A page of each model beyond the jobs the asks before the last may pick.
         let queued = self.queue_heads(&models, &[], CANDIDATES_PER_PAGE as usize + asks.len()).await?;
         if queued.is_empty() {
-            return Ok(asks.iter().map(|_| Together::Seen(0)).collect());
+            return Ok(Planned { outcome: asks.iter().map(|_| Together::Seen(0)).collect(), picks: Vec::new(), queued });
         }
         let workers: Vec<Uuid> = asks.iter().map(|a| a.worker.0).collect();
-        let mut running = self.running_on(&workers).await?;
+        let mut running = self.running_on(&workers, ended).await?;
         let polling = if queued.iter().any(|c| !c.settled) { Some(self.polling().await?) } else { None };
         let mut outcome: Vec<Together> = Vec::with_capacity(asks.len());
         let mut picked = HashSet::new();
@@ -424,9 +576,19 @@ impl Store {
                 None => Together::Alone,
             });
         }
-        if picks.is_empty() {
-            return Ok(outcome);
-        }
+        Ok(Planned { outcome, picks, queued })
+    }
+
+    /// Locks and leases in `tx` the picks of [`Self::plan_together`]; what
+    /// each ask got, and the jobs claimed (for [`Claimed`] once committed).
+    async fn claim_together(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        asks: &[LeaseAsk],
+        planned: Planned<'_>,
+        timeout: Duration,
+    ) -> Result<(Vec<Together>, Vec<Uuid>)> {
+        let Planned { mut outcome, picks, queued } = planned;
         // Jobs of one class are alike to placement but for their age, so the
         // picks of a class lock the oldest of its listed jobs that no one
         // else holds, as many as there are picks, and take them in the
@@ -440,11 +602,10 @@ impl Store {
                 None => classes.push((class, 1)),
             }
         }
-        let mut tx = self.hot.begin().await?;
         let mut locked: HashMap<ClassKey, std::vec::IntoIter<Locked>> = HashMap::new();
         for (class, n) in classes {
             let listed: Vec<Uuid> = queued.iter().filter(|c| class_key(c) == class).map(|c| c.id.0).collect();
-            let rows = lock_listed(&mut tx, &self.claimed.unclaimed(&listed), n).await?;
+            let rows = lock_listed(tx, &self.claimed.unclaimed(&listed), n).await?;
             locked.insert(class, rows.into_iter());
         }
         let mut claims = Vec::new();
@@ -462,13 +623,11 @@ impl Store {
             claims.push(Claim { job: candidate[0].id, worker: asks[index].worker, devices: placed.devices, queued_secs });
             seen.push((index, head));
         }
-        let leases = lease_claimed(&mut tx, &claims, timeout).await?;
-        tx.commit().await?;
+        let leases = lease_claimed(tx, &claims, timeout).await?;
         for ((claim, lease), (index, head)) in claims.iter().zip(leases).zip(seen) {
-            self.claimed.insert(claim.job.0);
             outcome[index] = Together::Leased(lease, head, claim.queued_for());
         }
-        Ok(outcome)
+        Ok((outcome, claims.iter().map(|c| c.job.0).collect()))
     }
 
     /// The job placement picks, passing over `taken`. It first reads the
@@ -539,16 +698,18 @@ impl Store {
         })
     }
 
-    /// The jobs each of `workers` runs, with their estimates (none for a
+    /// The jobs each of `workers` runs but `ended` (completed in a
+    /// transaction not yet committed), with their estimates (none for a
     /// worker running none).
-    async fn running_on(&self, workers: &[Uuid]) -> Result<HashMap<Uuid, Vec<Running>>> {
+    async fn running_on(&self, workers: &[Uuid], ended: &[Uuid]) -> Result<HashMap<Uuid, Vec<Running>>> {
         let rows: Vec<RunningRow> = sqlx::query_as(
             "SELECT a.worker_id, j.base_model, j.memory_weights_bytes, j.memory_job_bytes, j.memory_activation_bytes, \
                     a.devices \
              FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.epoch = j.lease_epoch \
-             WHERE a.worker_id = ANY($1) AND a.ended_at IS NULL AND j.state = 'running'",
+             WHERE a.worker_id = ANY($1) AND a.ended_at IS NULL AND j.state = 'running' AND j.id <> ALL($2)",
         )
         .bind(workers)
+        .bind(ended)
         .fetch_all(&self.hot)
         .await?;
         let mut running: HashMap<Uuid, Vec<Running>> = HashMap::new();

@@ -44,7 +44,7 @@ pub use objects::{BlobStore, FileRef, ObjectBackend};
 pub use checkpoints::CheckpointStored;
 pub use jobs::{CancelOutcome, EstimateLock, QueuePosition};
 pub use retention::RetentionBatch;
-pub use leasing::{LeaseAsk, QueueOutlook, QUEUE_HEADS_SQL, QUEUE_OUTLOOK_SQL};
+pub use leasing::{Cycle, Cycled, LeaseAsk, Leased, QueueOutlook, QUEUE_HEADS_SQL, QUEUE_OUTLOOK_SQL};
 pub use workers::{Availability, WorkerOwnership};
 pub use fencing::Fenced;
 pub use endings::{FailOutcome, Reaped};

@@ -24,13 +24,13 @@ use crate::events::{EventHub, HubEventKind, WorkSignal};
 use crate::memory;
 use crate::model::{
     CheckpointInfo, CheckpointUpload, Completion, DatasetInfo, DatasetRef, Failure, HeartbeatReply, Lease, LeaseRef,
-    LeaseRequest, ProgressReport, Registered, Release, StopSignal, WorkerRegistration,
+    LeaseRequest, ProgressReport, Registered, Release, StopSignal, WorkerOffer, WorkerRegistration,
 };
 use crate::retry::RetryPolicy;
 use crate::group::{together_or_alone, Group};
 use crate::store::{
-    merge_reports, AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, FailOutcome, Fenced, LeaseAsk, Store,
-    StoreError, WorkerOwnership,
+    merge_reports, AdapterFile, CheckpointStored, ChunkTarget, CompleteOutcome, Cycle, Cycled, FailOutcome, Fenced,
+    LeaseAsk, Store, StoreError, WorkerOwnership,
 };
 
 /// Lease timing handed to workers, and what happens after an attempt ends.
@@ -52,27 +52,24 @@ pub const MAX_LEASE_WAIT: Duration = Duration::from_secs(5);
 pub const MAX_BATCH_REPORTS: usize = 1000;
 
 /// Transactions at once that write the progress reports, and those that
-/// write the completions, of many workers (`group.rs`). One of each: the
-/// calls that arrive while it runs go together in the next, and larger
-/// groups cost less CPU per call. In the fleet benchmark, one gave 1,330
-/// cycles a second, two 1,160 and four 1,060, at the same latencies.
+/// write the completions and leases, of many workers (`group.rs`). One of
+/// each: the calls that arrive while it runs go together in the next, and
+/// larger groups cost less CPU per call. In the fleet benchmark, one gave
+/// 1,330 cycles a second, two 1,160 and four 1,060, at the same latencies.
 const GROUP_WRITERS: usize = 1;
-
-/// Most lease calls placed and claimed together (`Store::lease_group`).
-const MAX_GROUP_LEASES: usize = 128;
 
 /// Most adapter bytes held in memory for one group of completions.
 const MAX_GROUP_ADAPTER_BYTES: usize = 8 << 20;
 
+/// What a lease counts toward a group's weight: a group takes at most 128
+/// (`Store::cycle`), fewer beside the adapters of its completions.
+const LEASE_WEIGHT: usize = MAX_GROUP_ADAPTER_BYTES / 128;
+
 /// What one call's progress reports got: each lease's answer.
 type Recorded = Result<Vec<(ProgressReport, Fenced<StopSignal>)>, StoreError>;
 
-/// A completion whose adapter arrived whole, and what it got.
-type Completing = (Completion, AdapterFile);
-type Completed = Result<Fenced<CompleteOutcome>, StoreError>;
-
-/// What a lease call got: the lease, if any, and how many leasable jobs it saw.
-type Leased = Result<(Option<Lease>, usize), StoreError>;
+/// What a completion or a lease call got (`Store::cycle`).
+type CycleAnswer = Result<Cycled, StoreError>;
 
 /// The worker-facing domain service. Cheap to clone.
 #[derive(Clone)]
@@ -86,10 +83,9 @@ pub struct Workers {
     timing: Timing,
     /// Progress calls of many workers, written in one transaction.
     progress: Group<Vec<ProgressReport>, Recorded>,
-    /// Completions of many workers, written in one transaction.
-    completions: Group<Completing, Completed>,
-    /// Lease calls of many workers, placed and claimed together.
-    leases: Group<LeaseAsk, Leased>,
+    /// Completions and lease calls of many workers, written in one
+    /// transaction: a completion's next lease commits with it.
+    cycles: Group<Cycle, CycleAnswer>,
     /// Registrations estimating queued jobs take turns (`memory::estimate_queued`).
     estimating: Arc<tokio::sync::Mutex<()>>,
 }
@@ -104,24 +100,14 @@ impl Workers {
                 Box::pin(async move { write_progress(&store, &calls, timing.lease_timeout).await })
             })
         });
-        let completions = Group::new(GROUP_WRITERS, MAX_GROUP_ADAPTER_BYTES, {
+        let cycles = Group::new(GROUP_WRITERS, MAX_GROUP_ADAPTER_BYTES, {
             let store = store.clone();
-            Arc::new(move |done: Vec<Completing>| {
+            Arc::new(move |cycles: Vec<Cycle>| {
                 let store = store.clone();
-                Box::pin(async move { write_completions(&store, &done).await })
+                Box::pin(async move { write_cycles(&store, &cycles, timing.lease_timeout).await })
             })
         });
-        let leases = Group::new(GROUP_WRITERS, MAX_GROUP_LEASES, {
-            let store = store.clone();
-            Arc::new(move |asks: Vec<LeaseAsk>| {
-                let store = store.clone();
-                Box::pin(async move {
-                    store.prometheus().observe_group("lease", asks.len());
-                    store.lease_group(&asks, timing.lease_timeout).await
-                })
-            })
-        });
-        Self { store, hub, work, presence, timing, progress, completions, leases, estimating: Arc::default() }
+        Self { store, hub, work, presence, timing, progress, cycles, estimating: Arc::default() }
     }
 
     /// Registers (or re-registers) a worker for the token `caller` and
@@ -192,26 +178,11 @@ impl Workers {
     /// an idle worker's calls cost the database next to nothing
     /// (`presence.rs`).
     pub async fn lease(&self, ask: LeaseRequest, caller: &Identity) -> Result<Option<Lease>, Error> {
-        let LeaseRequest { worker, free_slots, loaded, wait } = ask;
+        let LeaseRequest { worker, free_slots, wait, .. } = ask;
         // Subscribed before the first look, so a job queued in between wakes it.
         let mut woken = self.work.subscribe();
         let deadline = tokio::time::Instant::now() + wait.min(MAX_LEASE_WAIT);
-        let not_registered = || Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"));
-        let (mut offer, ownership) =
-            self.store.worker_offer(worker, caller.token_id).await?.ok_or_else(not_registered)?;
-        if ownership == WorkerOwnership::Other {
-            return Err(other_token(worker));
-        }
-        if self.presence.must_write(worker, free_slots, &loaded) {
-            if !self.store.record_poll(worker, free_slots, &loaded).await? {
-                return Err(not_registered());
-            }
-            self.presence.written(worker, free_slots, loaded.clone());
-        }
-        if free_slots == 0 || offer.models.is_empty() {
-            return Ok(None);
-        }
-        offer.loaded = loaded;
+        let Some(offer) = self.offer(ask, caller).await? else { return Ok(None) };
         let _waiting = self.presence.waiting(worker);
         // The work counts of the worker's models at its last read (by this
         // call or, its offer unchanged, an earlier one), and when a queued
@@ -237,18 +208,14 @@ impl Workers {
             if let Some(look) = look {
                 read_at = Some(counts.clone());
                 let ask = LeaseAsk { worker, offer: offer.clone() };
-                let (lease, seen) = self.leases.write(ask, vec![worker.0], 1).await.map_err(lost)??;
-                // Jobs behind the one leased go to two more; jobs it could not take, to one more.
-                let more = if lease.is_some() { seen.saturating_sub(1).min(2) } else { seen.min(1) } as u32;
-                match (&lease, look) {
-                    (Some(lease), _) => self.work.hand_on(&lease.spec.base_model, more),
-                    (None, Some(model)) => self.work.hand_on(&model, more),
-                    (None, None) => offer.models.iter().for_each(|model| self.work.hand_on(model, more)),
-                }
-                if let Some(lease) = lease {
-                    self.presence.leased(worker, lease.job_id);
-                    info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
-                    self.hub.publish(lease.job_id, HubEventKind::Changed);
+                let cycle = Cycle::Lease(ask);
+                let Cycled::Lease(leased) =
+                    self.cycles.write(cycle, vec![worker.0], LEASE_WEIGHT).await.map_err(lost)??
+                else {
+                    return Err(Error::Internal("a lease call was answered as a completion".into()));
+                };
+                let (lease, seen) = leased?;
+                if let Some(lease) = self.took(worker, &offer, lease, seen, look) {
                     return Ok(Some(lease));
                 }
                 let outlook = self.store.queue_outlook(&offer.models).await?;
@@ -270,15 +237,64 @@ impl Workers {
         }
     }
 
-    /// The next lease a completion asked for (`CompleteJobHeader.next`),
-    /// taken once the completion is recorded. The completion stands however
-    /// this ends, so a refusal or an error is logged and answered with no
-    /// lease: the worker then asks with LeaseJob, which says what is wrong.
-    pub async fn lease_after_completion(&self, ask: LeaseRequest, caller: &Identity) -> Option<Lease> {
-        let worker = ask.worker;
-        let ask = LeaseRequest { wait: Duration::ZERO, ..ask };
-        match self.lease(ask, caller).await {
-            Ok(lease) => lease,
+    /// What `worker` offers to lease on, once its token is checked and its
+    /// free slots and loaded models are recorded where they changed; `None`
+    /// when it has no slot free or serves no model.
+    async fn offer(&self, ask: LeaseRequest, caller: &Identity) -> Result<Option<WorkerOffer>, Error> {
+        let LeaseRequest { worker, free_slots, loaded, .. } = ask;
+        let not_registered =
+            || Error::NotFound(format!("worker {worker} is not registered; call RegisterWorker first"));
+        let (mut offer, ownership) =
+            self.store.worker_offer(worker, caller.token_id).await?.ok_or_else(not_registered)?;
+        if ownership == WorkerOwnership::Other {
+            return Err(other_token(worker));
+        }
+        if self.presence.must_write(worker, free_slots, &loaded) {
+            if !self.store.record_poll(worker, free_slots, &loaded).await? {
+                return Err(not_registered());
+            }
+            self.presence.written(worker, free_slots, loaded.clone());
+        }
+        if free_slots == 0 || offer.models.is_empty() {
+            return Ok(None);
+        }
+        offer.loaded = loaded;
+        Ok(Some(offer))
+    }
+
+    /// Hands on what a lease call of `worker` saw (`WorkSignal`), and
+    /// records the lease it took, if any. `look` is the model whose new
+    /// work the call looked for; `None`, all its models.
+    fn took(
+        &self,
+        worker: WorkerId,
+        offer: &WorkerOffer,
+        lease: Option<Lease>,
+        seen: usize,
+        look: Option<String>,
+    ) -> Option<Lease> {
+        // Jobs behind the one leased go to two more; jobs it could not take, to one more.
+        let more = if lease.is_some() { seen.saturating_sub(1).min(2) } else { seen.min(1) } as u32;
+        match (&lease, look) {
+            (Some(lease), _) => self.work.hand_on(&lease.spec.base_model, more),
+            (None, Some(model)) => self.work.hand_on(&model, more),
+            (None, None) => offer.models.iter().for_each(|model| self.work.hand_on(model, more)),
+        }
+        let lease = lease?;
+        self.presence.leased(worker, lease.job_id);
+        info!(job_id = %lease.job_id, worker_id = %worker, epoch = lease.epoch, attempt = lease.attempt, "job leased");
+        self.hub.publish(lease.job_id, HubEventKind::Changed);
+        Some(lease)
+    }
+
+    /// The ask of a completion's next lease (`CompleteJobHeader.next`),
+    /// which never waits. The completion stands however the ask ends, so a
+    /// refusal or an error is logged and the completion asks for nothing:
+    /// the worker then asks with LeaseJob, which says what is wrong.
+    async fn next_ask(&self, next: LeaseRequest, caller: &Identity) -> Option<LeaseAsk> {
+        let worker = next.worker;
+        match self.offer(next, caller).await {
+            Ok(offer) => offer.map(|offer| LeaseAsk { worker, offer }),
             Err(e) => {
                 warn!(worker_id = %worker, error = %e, "no next lease with the completion");
                 None
@@ -382,8 +398,16 @@ impl Workers {
     /// Verifies the received adapter and marks the job succeeded. An
     /// adapter smaller than one chunk (1 MiB) is written in the transaction that
     /// completes the job, so a completion commits once; completions of many
-    /// workers arriving together share that transaction.
-    pub async fn complete(&self, upload: AdapterUpload) -> Result<(), Error> {
+    /// workers arriving together share that transaction. Where the worker
+    /// asks for its `next` lease, that transaction takes it too once the
+    /// completion is recorded, as a `LeaseJob` call that does not wait
+    /// would; the completion stands however the lease ends.
+    pub async fn complete(
+        &self,
+        upload: AdapterUpload,
+        next: Option<LeaseRequest>,
+        caller: &Identity,
+    ) -> Result<Option<Lease>, Error> {
         let AdapterUpload { completion, writer, blob } = upload;
         let lease = completion.lease;
         // A stored blob's guard removes its row if this call is cancelled before it is linked.
@@ -395,12 +419,26 @@ impl Workers {
             AdapterFile::Small { data, .. } => data.len(),
             AdapterFile::Stored(_) => 1,
         };
-        let outcome = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
-            Ok(()) => match self.completions.write((completion.clone(), adapter), vec![lease.job_id.0], weight).await {
-                Ok(outcome) => outcome.map_err(Error::from),
-                Err(lost) => Err(self::lost(lost)),
-            },
-            Err(e) => Err(e),
+        let (outcome, next) = match written.matches(completion.adapter_size, &completion.adapter_sha256, "adapter") {
+            Ok(()) => {
+                let next = match next {
+                    Some(next) => self.next_ask(next, caller).await,
+                    None => None,
+                };
+                let mut keys = vec![lease.job_id.0];
+                keys.extend(next.as_ref().map(|ask| ask.worker.0));
+                let weight = weight + if next.is_some() { LEASE_WEIGHT } else { 0 };
+                let cycle = Cycle::Complete { completion: completion.clone(), adapter, next: next.clone() };
+                match self.cycles.write(cycle, keys, weight).await {
+                    Ok(Ok(Cycled::Complete(outcome, leased))) => (Ok(outcome), next.zip(leased)),
+                    Ok(Ok(Cycled::Lease(_))) => {
+                        (Err(Error::Internal("a completion was answered as a lease call".into())), None)
+                    }
+                    Ok(Err(e)) => (Err(Error::from(e)), None),
+                    Err(lost) => (Err(self::lost(lost)), None),
+                }
+            }
+            Err(e) => (Err(e), None),
         };
         let linked = matches!(outcome, Ok(Fenced::Valid(CompleteOutcome::Completed)));
         if unlinked.is_some() && !linked {
@@ -416,13 +454,22 @@ impl Workers {
                     self.hub.publish(lease.job_id, HubEventKind::Metrics(completion.metrics));
                 }
                 self.hub.publish(lease.job_id, HubEventKind::Changed);
-                Ok(())
             }
-            CompleteOutcome::AlreadyCompleted => Ok(()),
-            CompleteOutcome::DifferentAdapter { stored_sha256 } => Err(Error::FailedPrecondition(format!(
-                "lease {lease} already completed the job with adapter sha256 {stored_sha256}; a job has one adapter"
-            ))),
+            CompleteOutcome::AlreadyCompleted => {}
+            CompleteOutcome::DifferentAdapter { stored_sha256 } => {
+                return Err(Error::FailedPrecondition(format!(
+                    "lease {lease} already completed the job with adapter sha256 {stored_sha256}; a job has one adapter"
+                )))
+            }
         }
+        Ok(match next {
+            Some((ask, Ok((lease, seen)))) => self.took(ask.worker, &ask.offer, lease, seen, None),
+            Some((ask, Err(e))) => {
+                warn!(worker_id = %ask.worker, error = %e, "no next lease with the completion");
+                None
+            }
+            None => None,
+        })
     }
 
     /// Ends a lease with an error or acknowledges its cancellation.
@@ -610,10 +657,17 @@ async fn write_progress(store: &Store, calls: &[Vec<ProgressReport>], timeout: D
     .await
 }
 
-/// Writes the completions of a group, all in one transaction where they can be.
-async fn write_completions(store: &Store, done: &[Completing]) -> Vec<Completed> {
-    store.prometheus().observe_group("completion", done.len());
-    together_or_alone(done, |done: &[Completing]| store.complete_jobs(done)).await
+/// Writes the completions and lease calls of a group, all in one
+/// transaction where they can be (`Store::cycle`).
+async fn write_cycles(store: &Store, cycles: &[Cycle], timeout: Duration) -> Vec<CycleAnswer> {
+    let completions = cycles.iter().filter(|c| matches!(c, Cycle::Complete { .. })).count();
+    if completions > 0 {
+        store.prometheus().observe_group("completion", completions);
+    }
+    if cycles.len() > completions {
+        store.prometheus().observe_group("lease", cycles.len() - completions);
+    }
+    together_or_alone(cycles, |cycles: &[Cycle]| store.cycle(cycles, timeout)).await
 }
 
 /// A group write that answered no one: it panicked.
