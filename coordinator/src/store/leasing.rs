@@ -24,7 +24,9 @@
 //! share these reads and one claiming transaction: each call's pick is
 //! placed over its own first page, passing over the picks of the calls
 //! before it, and each class's picks lock that many of its oldest listed
-//! jobs at once.
+//! jobs at once. [`Store::cycle`] does the same inside the transaction
+//! that records the completions whose workers asked for their next lease,
+//! so a completion and that lease commit once.
 //!
 //! A claim passes over the listed jobs that another lease call of this
 //! coordinator claimed lately ([`Claimed`]). `FOR UPDATE` on a row whose
