@@ -37,14 +37,22 @@ async fn refused(env: &mut Env, lease: &v1::Lease, next: v1::LeaseJobRequest, me
     assert!(err.message().starts_with(message_start), "{}", err.message());
 }
 
-#[tokio::test]
-async fn a_completion_brings_the_next_queued_job_whose_lease_works_like_any_other() {
+/// Two jobs named `name` submitted and a worker registered that leased the
+/// first: the coordinator, the leased job, the queued one, the worker and
+/// its lease.
+async fn one_leased_one_queued(name: &str) -> (Env, v1::Job, v1::Job, String, v1::Lease) {
     let mut env = common::start(Duration::from_secs(10)).await;
-    let spec = env.spec("next").await;
-    let first = env.submit(spec.clone()).await;
-    let second = env.submit(spec).await;
+    let spec = env.spec(name).await;
+    let job = env.submit(spec.clone()).await;
+    let queued = env.submit(spec).await;
     let worker = env.register().await;
     let lease = env.lease(&worker).await.expect("the first job is leased");
+    (env, job, queued, worker, lease)
+}
+
+#[tokio::test]
+async fn a_completion_brings_the_next_queued_job_whose_lease_works_like_any_other() {
+    let (mut env, first, second, worker, lease) = one_leased_one_queued("next").await;
     assert_eq!(lease.job_id, first.id, "oldest first");
 
     let reply = complete_asking(&mut env, &lease, ask(&worker)).await.expect("the completion is recorded");
@@ -80,12 +88,7 @@ async fn a_completion_brings_the_next_queued_job_whose_lease_works_like_any_othe
 
 #[tokio::test]
 async fn a_next_lease_request_that_would_wait_or_names_no_worker_is_refused_before_anything_is_recorded() {
-    let mut env = common::start(Duration::from_secs(10)).await;
-    let spec = env.spec("refused").await;
-    let job = env.submit(spec.clone()).await;
-    env.submit(spec).await;
-    let worker = env.register().await;
-    let lease = env.lease(&worker).await.unwrap();
+    let (mut env, job, _, worker, lease) = one_leased_one_queued("refused").await;
 
     let waits = v1::LeaseJobRequest { wait_ms: 1000, ..ask(&worker) };
     refused(&mut env, &lease, waits, "next.wait_ms: must be 0").await;
@@ -100,12 +103,7 @@ async fn a_next_lease_request_that_would_wait_or_names_no_worker_is_refused_befo
 
 #[tokio::test]
 async fn a_next_lease_that_cannot_be_taken_leaves_the_completion_recorded_and_the_queue_as_it_was() {
-    let mut env = common::start(Duration::from_secs(10)).await;
-    let spec = env.spec("stays").await;
-    let job = env.submit(spec.clone()).await;
-    let queued = env.submit(spec).await;
-    let worker = env.register().await;
-    let lease = env.lease(&worker).await.unwrap();
+    let (mut env, job, queued, worker, lease) = one_leased_one_queued("stays").await;
 
     // A worker that never registered cannot be leased to: the completion stands.
     let stranger = ptune_core::WorkerId::new().to_string();
@@ -120,12 +118,7 @@ async fn a_next_lease_that_cannot_be_taken_leaves_the_completion_recorded_and_th
 
 #[tokio::test]
 async fn a_next_lease_whose_claim_fails_in_the_completions_transaction_leaves_the_completion_recorded() {
-    let mut env = common::start(Duration::from_secs(10)).await;
-    let spec = env.spec("poisoned").await;
-    let job = env.submit(spec.clone()).await;
-    let queued = env.submit(spec).await;
-    let worker = env.register().await;
-    let lease = env.lease(&worker).await.unwrap();
+    let (mut env, job, queued, worker, lease) = one_leased_one_queued("poisoned").await;
 
     // Opening an attempt of the queued job fails, as a claim that breaks
     // after the completion's writes would: the statement that leases it

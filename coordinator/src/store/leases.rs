@@ -118,26 +118,17 @@ impl Store {
         let early_stop = leases.iter().copied().filter(|l| early.contains(&key(l))).collect();
         Ok((stop, early_stop))
     }
-
-    /// Completes several leases in one transaction: links each adapter (a
-    /// stored blob, or writes a small one), records the final metrics, marks
-    /// each job succeeded and ends its attempt, and answers each in their
-    /// order. Each lease is fenced on its own: a refused one changes nothing
-    /// and leaves its blob unlinked, while the others complete. Nothing is
-    /// written when none completes.
-    #[instrument(skip_all, fields(completions = done.len()))]
-    pub async fn complete_jobs(&self, done: &[(Completion, AdapterFile)]) -> Result<Vec<Fenced<CompleteOutcome>>> {
-        let mut tx = self.hot.begin().await?;
-        let answers = complete_in(&mut tx, done).await?;
-        tx.commit().await?;
-        Ok(answers)
-    }
 }
 
-/// The writes of [`Store::complete_jobs`] in `tx`, which the caller commits.
+/// Completes several leases in `tx`, which the caller commits: links each
+/// adapter (a stored blob, or writes a small one), records the final
+/// metrics, marks each job succeeded and ends its attempt, and answers each
+/// in their order. Each lease is fenced on its own: a refused one changes nothing
+/// and leaves its blob unlinked, while the others complete. Nothing is
+/// written when none completes.
 pub(super) async fn complete_in(
     tx: &mut Transaction<'static, Postgres>,
-    done: &[(Completion, AdapterFile)],
+    done: &[(&Completion, &AdapterFile)],
 ) -> Result<Vec<Fenced<CompleteOutcome>>> {
     let leases: Vec<LeaseRef> = done.iter().map(|(c, _)| c.lease).collect();
     let locked = lock_leased_all(tx, &leases).await?;

@@ -411,7 +411,7 @@ impl Store {
     /// Completes the completions of `cycles` and leases to their asks in
     /// one transaction, so that a worker's completion and its next lease
     /// (`CompleteJobHeader.next`) commit together: the completions as
-    /// [`Self::complete_jobs`], then the asks of those that completed (or
+    /// [`complete_in`] writes them, then the asks of those that completed (or
     /// had completed: a retry) and the lone lease calls as
     /// [`Self::lease_group`] would, placed with the jobs completed here no
     /// longer running. The leases are claimed after a savepoint: when
@@ -420,10 +420,10 @@ impl Store {
     #[instrument(skip_all, fields(cycles = cycles.len()))]
     pub async fn cycle(&self, cycles: &[Cycle], timeout: Duration) -> Result<Vec<Cycled>> {
         let started = Instant::now();
-        let done: Vec<(Completion, AdapterFile)> = cycles
+        let done: Vec<(&Completion, &AdapterFile)> = cycles
             .iter()
             .filter_map(|c| match c {
-                Cycle::Complete { completion, adapter, .. } => Some((completion.clone(), adapter.clone())),
+                Cycle::Complete { completion, adapter, .. } => Some((completion, adapter)),
                 Cycle::Lease(_) => None,
             })
             .collect();
