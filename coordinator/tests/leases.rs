@@ -276,6 +276,52 @@ async fn a_running_job_is_cancelled_through_its_worker() {
     env.stop().await;
 }
 
+/// A heartbeat that arrives while the group commit of its worker's
+/// completion and next lease holds the lease's attempt and the worker's row
+/// answers at once, and keeps the lease without renewing it; once that
+/// transaction has ended the attempt, the next heartbeat says stop.
+#[tokio::test]
+async fn a_heartbeat_does_not_wait_for_its_workers_completion_and_next_lease() {
+    let mut env = common::start(Duration::from_secs(10)).await;
+    let spec = env.spec("completing").await;
+    let job = env.submit(spec).await;
+    let worker = env.register().await;
+    let lease = env.lease(&worker).await.unwrap();
+    let pool = sqlx::PgPool::connect(&env.db.url).await.unwrap();
+    let expires = "SELECT lease_expires_at::text FROM job_attempts WHERE job_id = $1::uuid";
+    let before: String = sqlx::query_scalar(expires).bind(&job.id).fetch_one(&pool).await.unwrap();
+
+    let mut completing = pool.begin().await.unwrap();
+    sqlx::query("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = $1::uuid")
+        .bind(&job.id)
+        .execute(&mut *completing)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE job_attempts SET ended_at = now(), outcome = 'succeeded' WHERE job_id = $1::uuid")
+        .bind(&job.id)
+        .execute(&mut *completing)
+        .await
+        .unwrap();
+    // The worker's next lease, claimed in the same transaction.
+    sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1::uuid")
+        .bind(&worker)
+        .execute(&mut *completing)
+        .await
+        .unwrap();
+    let beat = tokio::time::timeout(Duration::from_secs(3), env.heartbeat(&worker, &[&lease]))
+        .await
+        .expect("the heartbeat answers while the attempt and the worker are locked");
+    assert!(beat.known && beat.stop.is_empty(), "kept, as last committed: {beat:?}");
+    let after: String = sqlx::query_scalar(expires).bind(&job.id).fetch_one(&pool).await.unwrap();
+    assert_eq!(after, before, "a locked attempt is not renewed");
+
+    completing.commit().await.unwrap();
+    let beat = env.heartbeat(&worker, &[&lease]).await;
+    assert_eq!(beat.stop, [v1::LeaseRef { job_id: job.id.clone(), epoch: lease.epoch, ..Default::default() }]);
+    pool.close().await;
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn watching_a_job_shows_its_snapshot_progress_metrics_and_end() {
     let mut env = common::start(Duration::from_secs(10)).await;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::attempts::lock_leased_all;
 use super::fencing::{read_leased, Fenced};
 use super::jobs::DbJobState;
-use super::metrics::insert_metrics_of;
+use super::metrics::{upsert_metrics, MetricColumns};
 use super::{millis, to_i64, to_u64, Result, Store};
 use crate::model::{Completion, LeaseRef};
 
@@ -41,20 +41,36 @@ pub enum AdapterFile {
 }
 
 /// Renews the leases (job ids `$1`, epochs `$2`, token hashes `$5`) that
-/// worker `$3` holds by `$4` milliseconds, those still valid, and returns
-/// them with whether their job is cancelled or stopped early. Each job is
-/// read by its key, one lease at a time: joined to the jobs table as a
-/// whole, PostgreSQL hashed every running job for each heartbeat when its
+/// worker `$3` holds by `$4` milliseconds, and returns those still valid
+/// with whether their job is cancelled or stopped early. Each job is read
+/// by its key, one lease at a time: joined to the jobs table as a whole,
+/// PostgreSQL hashed every running job for each heartbeat when its
 /// statistics said few run (tests/hot_plans.rs), so a fleet's heartbeats
 /// cost it the square of its size.
-pub const RENEW_LEASES_SQL: &str = "UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
-     FROM UNNEST($1::uuid[], $2::bigint[], $5::bytea[]) AS l(job_id, epoch, token_hash) \
-     CROSS JOIN LATERAL ( \
-         SELECT j.state, j.lease_epoch, j.cancel_requested, j.early_stop_requested \
-         FROM jobs j WHERE j.id = l.job_id OFFSET 0) j \
-     WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL AND a.worker_id = $3 \
-       AND a.lease_token_hash = l.token_hash AND j.state = 'running' AND j.lease_epoch = a.epoch \
-     RETURNING a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested";
+///
+/// Validity is read without locks (`v`), and only the attempts no one else
+/// has locked are renewed (`SKIP LOCKED`). An attempt that is locked is
+/// being changed right then, nearly always by its own holder's completion
+/// or progress report; the heartbeat answers it as valid from what it read,
+/// unrenewed, instead of waiting for that transaction, and the next
+/// heartbeat sees how it ended. Before, a heartbeat naming a lease being
+/// completed waited for the whole group commit of the completion.
+pub const RENEW_LEASES_SQL: &str = "WITH v AS MATERIALIZED ( \
+         SELECT a.job_id, a.epoch, j.cancel_requested, j.early_stop_requested \
+         FROM UNNEST($1::uuid[], $2::bigint[], $5::bytea[]) AS l(job_id, epoch, token_hash) \
+         JOIN job_attempts a ON a.job_id = l.job_id AND a.epoch = l.epoch \
+         CROSS JOIN LATERAL ( \
+             SELECT j.state, j.lease_epoch, j.cancel_requested, j.early_stop_requested \
+             FROM jobs j WHERE j.id = l.job_id OFFSET 0) j \
+         WHERE a.ended_at IS NULL AND a.worker_id = $3 AND a.lease_token_hash = l.token_hash \
+           AND j.state = 'running' AND j.lease_epoch = a.epoch), \
+     free AS ( \
+         SELECT a.job_id, a.epoch FROM v JOIN job_attempts a ON a.job_id = v.job_id AND a.epoch = v.epoch \
+         WHERE a.ended_at IS NULL FOR UPDATE OF a SKIP LOCKED), \
+     renewed AS ( \
+         UPDATE job_attempts a SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+         FROM free f WHERE a.job_id = f.job_id AND a.epoch = f.epoch) \
+     SELECT job_id, epoch, cancel_requested, early_stop_requested FROM v";
 
 impl Store {
     /// The spec of the job `lease` holds (running, with its token).
@@ -189,21 +205,17 @@ pub(super) async fn complete_in(
             AdapterFile::Small { blob, data } => small.push(completion, *blob, data),
         }
     }
-    let metrics: Vec<_> = now
-        .iter()
-        .flat_map(|&(i, _)| {
-            let completion = &done[i].0;
-            completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
-        })
-        .collect();
-    insert_metrics_of(&mut **tx, &metrics).await?;
+    let metrics = MetricColumns::of(now.iter().flat_map(|&(i, _)| {
+        let completion = done[i].0;
+        completion.metrics.iter().map(move |m| (completion.lease.job_id, m))
+    }));
     let ids: Vec<Uuid> = now.iter().map(|&(i, _)| leases[i].job_id.0).collect();
     let epochs: Vec<i64> = now.iter().map(|&(i, _)| to_i64(leases[i].epoch)).collect();
     let steps: Vec<i64> = now.iter().map(|&(i, _)| to_i64(done[i].0.step)).collect();
     let early: Vec<bool> = now.iter().map(|&(_, early)| early).collect();
     let peaks: Vec<Option<i64>> = now.iter().map(|&(i, _)| done[i].0.peak_rss_bytes.map(to_i64)).collect();
-    // The small adapters, the jobs and their attempts, in one statement.
-    sqlx::query(
+    // The small adapters, the final metrics, the jobs and their attempts, in one statement.
+    let query = sqlx::query(concat!(
         "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) \
                     SELECT id, true, size, sha256 FROM UNNEST($6::uuid[], $8::bigint[], $9::text[]) \
                         AS s(id, size, sha256)), \
@@ -216,11 +228,12 @@ pub(super) async fn complete_in(
                         early_stopped = d.early, worker_peak_rss_bytes = d.peak, finished_at = now(), \
                         updated_at = now() \
                     FROM UNNEST($1::uuid[], $3::bigint[], $4::bool[], $5::bigint[]) AS d(id, step, early, peak) \
-                    WHERE j.id = d.id) \
-         UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
+                    WHERE j.id = d.id), ",
+        upsert_metrics!("11", "12", "13", "14", "15"),
+        " UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
          FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \
-         WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL",
-    )
+         WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL"
+    ))
     .bind(&ids)
     .bind(&epochs)
     .bind(&steps)
@@ -230,9 +243,8 @@ pub(super) async fn complete_in(
     .bind(&small.data)
     .bind(&small.sizes)
     .bind(&small.sha256)
-    .bind(&small.jobs)
-    .execute(&mut **tx)
-    .await?;
+    .bind(&small.jobs);
+    metrics.bind(query).execute(&mut **tx).await?;
     Ok(answers)
 }
 

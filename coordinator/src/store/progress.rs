@@ -1,9 +1,9 @@
 //! Progress of several leases in one transaction: a worker training several
 //! jobs packed in one pass, or catching up after an outage, sends the steps
 //! of all of them at once. Each statement covers every lease of the batch
-//! (`UNNEST`): one locks the job rows and reads the lease tokens, one moves
-//! the jobs' steps and renews the attempts whose lease is half gone, and
-//! one inserts the metrics.
+//! (`UNNEST`): one locks the job rows and reads the lease tokens, and one
+//! moves the jobs' steps, inserts the metrics and renews the attempts whose
+//! lease is half gone.
 //! Each lease is fenced on its own: a stale or unknown lease gets its own
 //! answer and changes nothing, while the others are recorded.
 //!
@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::attempts::{end_attempt, lock_leased_all, set_state_after_attempt};
 use super::fencing::Fenced;
-use super::metrics::insert_metrics_of;
+use super::metrics::{upsert_metrics, MetricColumns};
 use super::{millis, to_i64, Result, Store};
 use crate::model::{LeaseRef, ProgressReport, StopSignal};
 
@@ -96,37 +96,33 @@ impl Store {
         let steps: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.step)).collect();
         let totals: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.total_steps)).collect();
         let epochs: Vec<i64> = valid.iter().map(|&i| to_i64(answers[i].0.lease.epoch)).collect();
-        // The steps and the renewed leases, in one statement. A lease is
-        // renewed only once less than half of it is left (the worker's
-        // heartbeats renew it as well): renewing rewrites the attempt's row
-        // with an entry in each of its six indexes (`lease_expires_at` is
-        // one of them), so a job reporting every step rewrote it at every
-        // step; now about twice per lease period.
-        sqlx::query(
+        let metrics = MetricColumns::of(valid.iter().flat_map(|&i| {
+            let report = &answers[i].0;
+            report.metrics.iter().map(move |m| (report.lease.job_id, m))
+        }));
+        // The steps, the metrics and the renewed leases, in one statement.
+        // A lease is renewed only once less than half of it is left (the
+        // worker's heartbeats renew it as well): renewing rewrites the
+        // attempt's row with an entry in each of its six indexes
+        // (`lease_expires_at` is one of them), so a job reporting every
+        // step rewrote it at every step; now about twice per lease period.
+        let query = sqlx::query(concat!(
             "WITH j AS ( \
                  UPDATE jobs j SET step = r.step, \
                      total_steps = CASE WHEN r.total_steps > 0 THEN r.total_steps ELSE j.total_steps END \
-                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id) \
-             UPDATE job_attempts a SET lease_expires_at = now() + $5 * interval '1 millisecond' \
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS r(id, step, total_steps) WHERE j.id = r.id), ",
+            upsert_metrics!("6", "7", "8", "9", "10"),
+            " UPDATE job_attempts a SET lease_expires_at = now() + $5 * interval '1 millisecond' \
              FROM UNNEST($1::uuid[], $4::bigint[]) AS l(job_id, epoch) \
              WHERE a.job_id = l.job_id AND a.epoch = l.epoch AND a.ended_at IS NULL \
-               AND a.lease_expires_at < now() + $5 * interval '1 millisecond' / 2",
-        )
+               AND a.lease_expires_at < now() + $5 * interval '1 millisecond' / 2"
+        ))
         .bind(&job_ids)
         .bind(&steps)
         .bind(&totals)
         .bind(&epochs)
-        .bind(millis(timeout))
-        .execute(&mut *tx)
-        .await?;
-        let metrics: Vec<_> = valid
-            .iter()
-            .flat_map(|&i| {
-                let report = &answers[i].0;
-                report.metrics.iter().map(move |m| (report.lease.job_id, m))
-            })
-            .collect();
-        insert_metrics_of(&mut *tx, &metrics).await?;
+        .bind(millis(timeout));
+        metrics.bind(query).execute(&mut *tx).await?;
         drop(metrics);
 
         for &i in &valid {

@@ -102,15 +102,31 @@ impl Store {
     }
 
     /// Marks a worker alive and records why it takes no jobs (empty:
-    /// healthy); false when it is not registered.
+    /// healthy); false when it is not registered. A healthy worker's row
+    /// that another transaction holds (the worker's own lease being
+    /// claimed, in a group commit) is left as it is rather than waited
+    /// for: the worker is alive, and its next heartbeat writes the time. A
+    /// reason to take no jobs is always written.
     #[instrument(skip_all, fields(worker_id = %id))]
     pub async fn touch_worker(&self, id: WorkerId, unhealthy_reason: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE workers SET last_heartbeat = now(), unhealthy_reason = $2 WHERE id = $1")
-            .bind(id.0)
-            .bind(unhealthy_reason)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        if !unhealthy_reason.is_empty() {
+            let done = sqlx::query("UPDATE workers SET last_heartbeat = now(), unhealthy_reason = $2 WHERE id = $1")
+                .bind(id.0)
+                .bind(unhealthy_reason)
+                .execute(&self.pool)
+                .await?;
+            return Ok(done.rows_affected() == 1);
+        }
+        let known = sqlx::query_scalar(
+            "WITH free AS (SELECT id FROM workers WHERE id = $1 FOR NO KEY UPDATE SKIP LOCKED), \
+                  touched AS (UPDATE workers w SET last_heartbeat = now(), unhealthy_reason = '' \
+                              FROM free WHERE w.id = free.id) \
+             SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1)",
+        )
+        .bind(id.0)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(known)
     }
 
     /// Records a worker's lease request: it is alive and healthy (a worker
