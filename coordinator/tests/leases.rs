@@ -292,22 +292,17 @@ async fn a_heartbeat_does_not_wait_for_its_workers_completion_and_next_lease() {
     let before: String = sqlx::query_scalar(expires).bind(&job.id).fetch_one(&pool).await.unwrap();
 
     let mut completing = pool.begin().await.unwrap();
-    sqlx::query("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = $1::uuid")
-        .bind(&job.id)
-        .execute(&mut *completing)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE job_attempts SET ended_at = now(), outcome = 'succeeded' WHERE job_id = $1::uuid")
-        .bind(&job.id)
-        .execute(&mut *completing)
-        .await
-        .unwrap();
-    // The worker's next lease, claimed in the same transaction.
-    sqlx::query("UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $1::uuid")
-        .bind(&worker)
-        .execute(&mut *completing)
-        .await
-        .unwrap();
+    // The completion and the worker's next lease, as one cycle turn writes them.
+    sqlx::query(
+        "WITH j AS (UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = $1::uuid), \
+              a AS (UPDATE job_attempts SET ended_at = now(), outcome = 'succeeded' WHERE job_id = $1::uuid) \
+         UPDATE workers SET free_slots = greatest(free_slots - 1, 0) WHERE id = $2::uuid",
+    )
+    .bind(&job.id)
+    .bind(&worker)
+    .execute(&mut *completing)
+    .await
+    .unwrap();
     let beat = tokio::time::timeout(Duration::from_secs(3), env.heartbeat(&worker, &[&lease]))
         .await
         .expect("the heartbeat answers while the attempt and the worker are locked");
