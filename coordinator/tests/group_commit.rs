@@ -201,6 +201,14 @@ async fn calls_written_together_each_get_their_own_answer_and_store_exactly_what
         "one complete blob per adapter, none left over"
     );
 
+    // The jobs per state that the overview and /metrics read are exact: the
+    // leases and completions counted their own moves, each retried or
+    // refused completion none.
+    let (counted, actual) = env.state_counts().await;
+    let expected = vec![("failed".to_string(), 2), ("running".to_string(), 1), ("succeeded".to_string(), succeeded)];
+    assert_eq!(actual, expected, "the jobs' states");
+    assert_eq!(counted, actual, "the counts per state match the jobs");
+
     // The calls went together: /metrics counts fewer progress transactions than calls.
     let calls = env.metric_value("ptune_group_commit_calls_sum{writes=\"progress\"}").await;
     let transactions = env.metric_value("ptune_group_commit_calls_count{writes=\"progress\"}").await;

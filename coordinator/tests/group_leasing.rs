@@ -87,6 +87,10 @@ async fn lease_calls_arriving_together_each_get_a_different_job_and_every_job_is
         let job = env.get(id).await;
         assert_eq!((common::state(&job), job.attempts), (v1::JobState::Running, 1), "{id} leased once");
     }
+    // The leases counted their own moves between states, a group's together.
+    let (counted, actual) = env.state_counts().await;
+    assert_eq!(actual, vec![("running".to_string(), WORKERS as i64)], "the jobs' states");
+    assert_eq!(counted, actual, "the counts per state match the jobs");
 
     // The calls went together: /metrics counts fewer lease groups than calls.
     let calls = env.metric_value("ptune_group_commit_calls_sum{writes=\"lease\"}").await;

@@ -83,6 +83,10 @@ async fn a_completion_brings_the_next_queued_job_whose_lease_works_like_any_othe
     assert!(plain.next.is_none());
     assert_eq!(state(&env.get(&third.id).await), v1::JobState::Succeeded);
     assert_eq!(state(&env.get(&fourth.id).await), v1::JobState::Queued, "no lease was asked for");
+    // The leases and completions counted their own moves between states.
+    let (counted, actual) = env.state_counts().await;
+    assert_eq!(actual, vec![("queued".to_string(), 1), ("succeeded".to_string(), 3)], "the jobs' states");
+    assert_eq!(counted, actual, "the counts per state match the jobs");
     env.stop().await;
 }
 

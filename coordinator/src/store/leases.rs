@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::attempts::lock_leased_all;
 use super::fencing::{read_leased, Fenced};
 use super::jobs::DbJobState;
+use super::counts::count_moved;
 use super::metrics::{upsert_metrics, MetricColumns};
 use super::{millis, to_i64, to_u64, Result, Store};
 use crate::model::{Completion, LeaseRef};
@@ -136,7 +137,8 @@ impl Store {
     }
 }
 
-/// Completes several leases in `tx`, which the caller commits: links each
+/// Completes several leases in `tx` (of [`Store::begin_counting`]: it
+/// counts its own moves between states), which the caller commits: links each
 /// adapter (a stored blob, or writes a small one), records the final
 /// metrics, marks each job succeeded and ends its attempt, and answers each
 /// in their order. Each lease is fenced on its own: a refused one changes nothing
@@ -214,7 +216,7 @@ pub(super) async fn complete_in(
     let steps: Vec<i64> = now.iter().map(|&(i, _)| to_i64(done[i].0.step)).collect();
     let early: Vec<bool> = now.iter().map(|&(_, early)| early).collect();
     let peaks: Vec<Option<i64>> = now.iter().map(|&(i, _)| done[i].0.peak_rss_bytes.map(to_i64)).collect();
-    // The small adapters, the final metrics, the jobs and their attempts, in one statement.
+    // The small adapters, the final metrics, the jobs, their count per state and their attempts, in one statement.
     let query = sqlx::query(concat!(
         "WITH b AS (INSERT INTO blobs (id, complete, size, sha256) \
                     SELECT id, true, size, sha256 FROM UNNEST($6::uuid[], $8::bigint[], $9::text[]) \
@@ -228,7 +230,9 @@ pub(super) async fn complete_in(
                         early_stopped = d.early, worker_peak_rss_bytes = d.peak, finished_at = now(), \
                         updated_at = now() \
                     FROM UNNEST($1::uuid[], $3::bigint[], $4::bool[], $5::bigint[]) AS d(id, step, early, peak) \
-                    WHERE j.id = d.id), ",
+                    WHERE j.id = d.id AND j.state = 'running' RETURNING j.id), ",
+        count_moved!("j", "running", "succeeded"),
+        ", ",
         upsert_metrics!("11", "12", "13", "14", "15"),
         " UPDATE job_attempts a SET ended_at = now(), outcome = 'succeeded', reason = '' \
          FROM UNNEST($1::uuid[], $2::bigint[]) AS l(job_id, epoch) \

@@ -47,6 +47,7 @@ use tracing::{instrument, warn};
 use uuid::Uuid;
 
 use super::checkpoints::checkpoint_info;
+use super::counts::count_moved;
 use super::fencing::Fenced;
 use super::jobs::memory_estimate;
 use super::leases::{complete_in, AdapterFile, CompleteOutcome};
@@ -432,7 +433,7 @@ impl Store {
                 cycles.iter().filter_map(|c| if let Cycle::Lease(a) = c { Some(a.clone()) } else { None }).collect();
             return Ok(self.lease_group(&asks, timeout).await.into_iter().map(Cycled::Lease).collect());
         }
-        let mut tx = self.hot.begin().await?;
+        let mut tx = self.begin_counting().await?;
         let mut completed = complete_in(&mut tx, &done).await?.into_iter();
         let mut outcomes = Vec::with_capacity(cycles.len());
         // Which cycle each ask is of, and the jobs completed here.
@@ -532,7 +533,7 @@ impl Store {
         if planned.picks.is_empty() {
             return Ok(planned.outcome);
         }
-        let mut tx = self.hot.begin().await?;
+        let mut tx = self.begin_counting().await?;
         let (outcome, claimed) = self.claim_together(&mut tx, asks, planned, timeout).await?;
         tx.commit().await?;
         claimed.iter().for_each(|job| self.claimed.insert(*job));
@@ -817,7 +818,7 @@ impl Store {
         rivals: &mut Rivals<'_>,
         timeout: Duration,
     ) -> Result<Option<(Lease, Duration)>> {
-        let mut tx = self.hot.begin().await?;
+        let mut tx = self.begin_counting().await?;
         let claimed = match lock_listed(&mut tx, &self.claimed.unclaimed(&pick.listed), 1).await?.pop() {
             Some(claimed) => Some(claimed),
             None => lock_oldest_of_class(&mut tx, &pick.job, taken).await?,
@@ -852,15 +853,17 @@ impl Claim {
 }
 
 /// Leases each locked job of `claims` to its worker, in one statement: the
-/// job's new lease, its attempt, the worker's slot and the checkpoint to
-/// resume from. The leases are in the order of `claims`.
+/// job's new lease, its attempt, the worker's slot, the count of jobs per
+/// state and the checkpoint to resume from, in `tx` of
+/// [`Store::begin_counting`]. The leases are in the order of `claims`.
 async fn lease_claimed(
     tx: &mut Transaction<'static, Postgres>,
     claims: &[Claim],
     timeout: Duration,
 ) -> Result<Vec<Lease>> {
     let tokens: Vec<(String, [u8; 32])> = claims.iter().map(|_| crate::auth::tokens::lease_token()).collect();
-    let rows: Vec<LeasedRow> = sqlx::query_as(
+    // The jobs, their attempts, the workers' slots and the count of jobs per state.
+    let rows: Vec<LeasedRow> = sqlx::query_as(concat!(
         "WITH l AS ( \
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::bytea[]) \
                  AS l (job_id, worker_id, devices, token_hash)), \
@@ -868,8 +871,10 @@ async fn lease_claimed(
              UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_epoch = lease_epoch + 1, \
                  cancel_requested = false, retry_at = NULL, started_at = coalesce(started_at, now()), \
                  updated_at = now(), devices = ARRAY(SELECT jsonb_array_elements_text(l.devices)) \
-             FROM l WHERE jobs.id = l.job_id \
-             RETURNING jobs.id, jobs.spec, jobs.attempts, jobs.lease_epoch, jobs.devices, l.worker_id, l.token_hash), \
+             FROM l WHERE jobs.id = l.job_id AND jobs.state = 'queued' \
+             RETURNING jobs.id, jobs.spec, jobs.attempts, jobs.lease_epoch, jobs.devices, l.worker_id, l.token_hash), ",
+        count_moved!("j", "queued", "running"),
+        ", \
          a AS ( \
              INSERT INTO job_attempts \
                  (job_id, attempt, worker_id, epoch, lease_expires_at, lease_token_hash, devices) \
@@ -880,8 +885,8 @@ async fn lease_claimed(
                 c.sha256 AS checkpoint_sha256, c.size AS checkpoint_size \
          FROM j LEFT JOIN LATERAL ( \
              SELECT step, sha256, size FROM job_checkpoints WHERE job_id = j.id AND complete \
-             ORDER BY step DESC LIMIT 1) c ON true",
-    )
+             ORDER BY step DESC LIMIT 1) c ON true"
+    ))
     .bind(claims.iter().map(|c| c.job.0).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| c.worker.0).collect::<Vec<_>>())
     .bind(claims.iter().map(|c| Json(&c.devices)).collect::<Vec<_>>())

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
 use tracing::{info, instrument};
 
 use crate::metrics::Metrics;
@@ -202,6 +203,16 @@ impl Store {
     fn hot_pool(options: &PgConnectOptions) -> PgPool {
         let options = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
         Self::pool_options().connect_lazy_with(options)
+    }
+
+    /// A transaction on [`Self::hot`] whose statements that change a job's
+    /// state append the change to `job_state_counts` themselves
+    /// ([`counts::count_moved`]): the counting trigger skips their rows
+    /// (`ptune.counts = 'own'`, migration 0023). Only statements that count
+    /// their own moves may change a job's state in it. The setting is made
+    /// with the `BEGIN`, in its round trip.
+    async fn begin_counting(&self) -> Result<Transaction<'static, Postgres>> {
+        Ok(self.hot.begin_with("BEGIN; SET LOCAL ptune.counts = 'own'").await?)
     }
 
     /// Each pool: 16 connections, and calls fail with

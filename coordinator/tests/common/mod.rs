@@ -291,6 +291,23 @@ impl Env {
         let line = scraped.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {scraped}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     }
+
+    /// The jobs per state as counted in `job_state_counts` (what the overview
+    /// and /metrics read), and as the jobs table holds them, states with
+    /// jobs only, by state name.
+    pub async fn state_counts(&self) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+        let pool = sqlx::PgPool::connect(&self.db.url).await.unwrap();
+        let counted = sqlx::query_as(
+            "SELECT state::text, sum(n)::bigint FROM job_state_counts GROUP BY state HAVING sum(n) <> 0 ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let actual =
+            sqlx::query_as("SELECT state::text, count(*) FROM jobs GROUP BY state ORDER BY 1").fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        (counted, actual)
+    }
 }
 
 /// Waits up to `secs` seconds for `done` to hold.
