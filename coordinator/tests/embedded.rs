@@ -43,8 +43,19 @@ async fn the_embedded_database_admits_only_the_coordinator_and_the_first_admin_t
     let token = std::fs::read_to_string(&token_file).unwrap();
     let url = format!("http://127.0.0.1:{grpc}");
     let mut jobs = v1::job_service_client::JobServiceClient::new(ptune_coordinator::testing::channel(&url, token.trim()));
-    let listed = jobs.list_jobs(v1::ListJobsRequest::default()).await.expect("the bootstrapped admin token works");
-    assert!(listed.into_inner().jobs.is_empty());
+    // The token is written before the coordinator serves: while it says it
+    // is starting, ask again, as a client would.
+    let mut listed = jobs.list_jobs(v1::ListJobsRequest::default()).await;
+    for _ in 0..300 {
+        match &listed {
+            Err(status) if status.code() == tonic::Code::Unavailable && status.message().contains("is starting") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                listed = jobs.list_jobs(v1::ListJobsRequest::default()).await;
+            }
+            _ => break,
+        }
+    }
+    assert!(listed.expect("the bootstrapped admin token works").into_inner().jobs.is_empty());
 
     let socket = data.join("pg-socket").canonicalize().unwrap();
     let as_role = |role: &str| format!("postgres://{role}@localhost/postgres?host={}", socket.display());
