@@ -12,9 +12,9 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::attempts::lock_leased_all;
+use super::counts::count_moved;
 use super::fencing::{read_leased, Fenced};
 use super::jobs::DbJobState;
-use super::counts::count_moved;
 use super::metrics::{upsert_metrics, MetricColumns};
 use super::{millis, to_i64, to_u64, Result, Store};
 use crate::model::{Completion, LeaseRef};

@@ -862,7 +862,6 @@ async fn lease_claimed(
     timeout: Duration,
 ) -> Result<Vec<Lease>> {
     let tokens: Vec<(String, [u8; 32])> = claims.iter().map(|_| crate::auth::tokens::lease_token()).collect();
-    // The jobs, their attempts, the workers' slots and the count of jobs per state.
     let rows: Vec<LeasedRow> = sqlx::query_as(concat!(
         "WITH l AS ( \
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::bytea[]) \
